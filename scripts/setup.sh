@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs everything podnet uses on a fresh Debian machine (run as root):
+# the kernel tools, etcd, BIRD, the reference CNI plugins, DNS and traffic tools,
+# and a virtualenv with podnet installed in it. Safe to run again: it only does
+# what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  nftables iproute2 iptables ipset conntrack   # kernel dataplane
+  etcd-server etcd-client                      # distributed store
+  bird2                                        # BGP
+  containernetworking-plugins                  # reference CNI plugins (/usr/lib/cni)
+  bind9-dnsutils dnsperf unbound dnsmasq-base  # DNS clients, servers, load
+  iperf3 socat iputils-ping procps             # traffic and process tools
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# Re-install only when the project metadata changed.
+stamp=.venv/.podnet-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e ".[dev]"
+  touch "$stamp"
+fi
+echo "setup: ok"

@@ -1,0 +1,1 @@
+"""The `podnet` command line."""

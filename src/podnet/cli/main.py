@@ -1,0 +1,52 @@
+"""`podnet` entry point. Each command group lives in its own module with a
+`register(subparsers)` function; errors reach the user as one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from podnet.errors import PodnetError
+
+# Modules under podnet.cli that add subcommands.
+COMMAND_MODULES = ("objects", "ipam", "plan")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="podnet", description="Container networking for large Kubernetes clusters.")
+    parser.add_argument(
+        "--store",
+        help="store URL: sqlite:///PATH or etcd://HOST:PORT[,HOST:PORT...] "
+        "(default: $PODNET_STORE or sqlite:///var/lib/podnet/podnet.db)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"podnet.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"podnet.cli.{name}":
+                continue  # a command group not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PodnetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The object model: Kubernetes-shaped kinds, label selectors and manifest loading."""

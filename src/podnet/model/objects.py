@@ -1,0 +1,727 @@
+"""Kubernetes-shaped objects: the core kinds podnet reads and its own IPAM kinds.
+
+Field names are upstream's (camelCase in manifests, snake_case in Python).
+Defaulting follows the API server's, since manifests here never pass through one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from podnet.model.base import Schema
+from podnet.model.selectors import LabelSelector, check_labels
+
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+IANA_SVC_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+Protocol = Literal["TCP", "UDP", "SCTP"]
+
+
+def check_port_name(name: str) -> str:
+    if len(name) > 15 or not IANA_SVC_NAME.match(name) or "--" in name:
+        raise ValueError(
+            f"invalid port name {name!r}: expected at most 15 lowercase letters, digits and "
+            "single '-', with at least one letter"
+        )
+    return name
+
+
+def check_port(port: int, what: str = "port") -> int:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{what} {port} is out of range: expected 1-65535")
+    return port
+
+
+def check_ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+def check_cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a valid CIDR ({e})") from None
+
+
+class ObjectMeta(Schema):
+    name: str
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+    resource_version: str | None = None
+    creation_timestamp: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v) > 253 or not DNS1123_SUBDOMAIN.match(v):
+            raise ValueError(
+                f"invalid name {v!r}: expected lowercase letters, digits, '-' and '.', "
+                "starting and ending alphanumeric, at most 253 characters"
+            )
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) > 63 or not DNS1123_LABEL.match(v)):
+            raise ValueError(f"invalid namespace {v!r}: expected a DNS label (lowercase, digits, '-', at most 63)")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_labels(v)
+
+
+class KubeObject(Schema):
+    """Common envelope. Subclasses set KIND, API_VERSION, NAMESPACED, PLURAL."""
+
+    KIND: ClassVar[str]
+    API_VERSIONS: ClassVar[tuple[str, ...]]
+    NAMESPACED: ClassVar[bool] = True
+    PLURAL: ClassVar[str]
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ()
+
+    api_version: str
+    kind: str
+    metadata: ObjectMeta
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_namespace(cls, data: Any) -> Any:
+        # Namespaced objects without a namespace land in "default", as kubectl does;
+        # cluster-scoped ones must not carry one.
+        if isinstance(data, dict) and isinstance(data.get("metadata"), dict):
+            meta = data["metadata"]
+            if cls.NAMESPACED and not meta.get("namespace"):
+                data = {**data, "metadata": {**meta, "namespace": "default"}}
+            elif not cls.NAMESPACED and meta.get("namespace"):
+                raise ValueError(f"{cls.KIND} is cluster-scoped: metadata.namespace must not be set")
+        return data
+
+    @field_validator("api_version")
+    @classmethod
+    def _api_version(cls, v: str) -> str:
+        if v not in cls.API_VERSIONS:
+            raise ValueError(f"apiVersion {v!r} is not served for {cls.KIND}: expected {' or '.join(cls.API_VERSIONS)}")
+        return v
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str | None:
+        return self.metadata.namespace
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.metadata.labels
+
+    @property
+    def ref(self) -> str:
+        """`Kind/ns/name` or `Kind/name`: how errors and logs name this object."""
+        return f"{self.KIND}/{self.namespace}/{self.name}" if self.NAMESPACED else f"{self.KIND}/{self.name}"
+
+    def with_meta(self, **changes: Any) -> KubeObject:
+        return self.model_copy(update={"metadata": self.metadata.model_copy(update=changes)})
+
+
+# ---------------------------------------------------------------- core/v1
+
+
+class Namespace(KubeObject):
+    KIND = "Namespace"
+    API_VERSIONS = ("v1",)
+    NAMESPACED = False
+    PLURAL = "namespaces"
+    SHORT_NAMES = ("ns",)
+    kind: Literal["Namespace"] = "Namespace"
+    api_version: str = "v1"
+    spec: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _dns_label(cls, v: ObjectMeta) -> ObjectMeta:
+        if len(v.name) > 63 or not DNS1123_LABEL.match(v.name):
+            raise ValueError(f"invalid Namespace name {v.name!r}: expected a DNS label (lowercase, digits, '-', at most 63)")
+        return v
+
+
+class NodeAddress(Schema):
+    type: Literal["InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS"]
+    address: str
+
+
+class NodeSpec(Schema):
+    model_config = ConfigDict(extra="ignore")
+    pod_cidr: str | None = Field(default=None, alias="podCIDR")
+    pod_cidrs: list[str] | None = Field(default=None, alias="podCIDRs")
+    unschedulable: bool = False
+
+
+class NodeStatus(Schema):
+    model_config = ConfigDict(extra="ignore")
+    addresses: list[NodeAddress] = Field(default_factory=list)
+    capacity: dict[str, str] | None = None
+
+
+class Node(KubeObject):
+    KIND = "Node"
+    API_VERSIONS = ("v1",)
+    NAMESPACED = False
+    PLURAL = "nodes"
+    SHORT_NAMES = ("no",)
+    kind: Literal["Node"] = "Node"
+    api_version: str = "v1"
+    spec: NodeSpec = Field(default_factory=NodeSpec)
+    status: NodeStatus = Field(default_factory=NodeStatus)
+
+    @property
+    def internal_ip(self) -> str | None:
+        for a in self.status.addresses:
+            if a.type == "InternalIP":
+                return a.address
+        return None
+
+
+class ContainerPort(Schema):
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = None
+    container_port: int
+    protocol: Protocol = "TCP"
+    host_port: int | None = None
+    host_ip: str | None = Field(default=None, alias="hostIP")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else check_port_name(v)
+
+    @field_validator("container_port", "host_port")
+    @classmethod
+    def _port(cls, v: int | None) -> int | None:
+        return None if v is None else check_port(v)
+
+
+class Container(Schema):
+    # A pod manifest carries many fields podnet has no use for (image, command, ...).
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    image: str | None = None
+    ports: list[ContainerPort] = Field(default_factory=list)
+
+
+class PodSpec(Schema):
+    model_config = ConfigDict(extra="ignore")
+    node_name: str | None = None
+    host_network: bool = False
+    containers: list[Container] = Field(default_factory=list)
+    hostname: str | None = None
+    subdomain: str | None = None
+
+
+class PodIP(Schema):
+    ip: str
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        return check_ip(v)
+
+
+class PodStatus(Schema):
+    model_config = ConfigDict(extra="ignore")
+    phase: str | None = None
+    pod_ip: str | None = Field(default=None, alias="podIP")
+    pod_ips: list[PodIP] | None = Field(default=None, alias="podIPs")
+    host_ip: str | None = Field(default=None, alias="hostIP")
+
+
+class Pod(KubeObject):
+    KIND = "Pod"
+    API_VERSIONS = ("v1",)
+    PLURAL = "pods"
+    SHORT_NAMES = ("po",)
+    kind: Literal["Pod"] = "Pod"
+    api_version: str = "v1"
+    spec: PodSpec = Field(default_factory=PodSpec)
+    status: PodStatus = Field(default_factory=PodStatus)
+
+    def named_port(self, name: str, protocol: str) -> int | None:
+        for c in self.spec.containers:
+            for p in c.ports:
+                if p.name == name and p.protocol == protocol:
+                    return p.container_port
+        return None
+
+
+class ServicePort(Schema):
+    name: str | None = None
+    protocol: Protocol = "TCP"
+    app_protocol: str | None = None
+    port: int
+    target_port: int | str | None = None
+    node_port: int | None = None
+
+    @field_validator("port", "node_port")
+    @classmethod
+    def _port(cls, v: int | None) -> int | None:
+        return None if v is None else check_port(v)
+
+    @field_validator("target_port")
+    @classmethod
+    def _target(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int):
+            return check_port(v, "targetPort")
+        if isinstance(v, str):
+            return check_port_name(v)
+        return v
+
+    @model_validator(mode="after")
+    def _default_target(self) -> ServicePort:
+        if self.target_port is None:
+            object.__setattr__(self, "target_port", self.port)
+        return self
+
+
+class ClientIPConfig(Schema):
+    timeout_seconds: int = 10800
+
+    @field_validator("timeout_seconds")
+    @classmethod
+    def _range(cls, v: int) -> int:
+        if not 0 < v <= 86400:
+            raise ValueError(f"timeoutSeconds {v} is out of range: expected 1-86400")
+        return v
+
+
+class SessionAffinityConfig(Schema):
+    client_ip: ClientIPConfig = Field(default_factory=ClientIPConfig, alias="clientIP")
+
+
+class ServiceSpec(Schema):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
+    selector: dict[str, str] | None = None
+    cluster_ip: str | None = Field(default=None, alias="clusterIP")
+    cluster_ips: list[str] | None = Field(default=None, alias="clusterIPs")
+    ports: list[ServicePort] = Field(default_factory=list)
+    session_affinity: Literal["None", "ClientIP"] = "None"
+    session_affinity_config: SessionAffinityConfig | None = None
+    external_ips: list[str] = Field(default_factory=list, alias="externalIPs")
+    external_traffic_policy: Literal["Cluster", "Local"] | None = None
+    internal_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    health_check_node_port: int | None = None
+    load_balancer_source_ranges: list[str] = Field(default_factory=list)
+    external_name: str | None = None
+    publish_not_ready_addresses: bool = False
+
+    @field_validator("cluster_ip")
+    @classmethod
+    def _cluster_ip(cls, v: str | None) -> str | None:
+        return v if v in (None, "None", "") else check_ip(v)
+
+    @field_validator("external_ips")
+    @classmethod
+    def _external_ips(cls, v: list[str]) -> list[str]:
+        return [check_ip(x) for x in v]
+
+    @field_validator("load_balancer_source_ranges")
+    @classmethod
+    def _ranges(cls, v: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(x.strip(), strict=False)) if _is_net(x) else _bad_cidr(x) for x in v]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceSpec:
+        if self.type == "ExternalName":
+            if not self.external_name:
+                raise ValueError("type ExternalName needs spec.externalName")
+        elif not self.ports and self.cluster_ip != "None":
+            raise ValueError("spec.ports must list at least one port")
+        names = [p.name for p in self.ports]
+        if len(self.ports) > 1 and any(n is None for n in names):
+            raise ValueError("spec.ports: every port needs a name when there is more than one")
+        seen = set()
+        for p in self.ports:
+            if p.name in seen:
+                raise ValueError(f"spec.ports: duplicate port name {p.name!r}")
+            seen.add(p.name)
+        if self.external_traffic_policy is None and self.type in ("NodePort", "LoadBalancer"):
+            object.__setattr__(self, "external_traffic_policy", "Cluster")
+        if self.session_affinity == "ClientIP" and self.session_affinity_config is None:
+            object.__setattr__(self, "session_affinity_config", SessionAffinityConfig())
+        if self.type not in ("NodePort", "LoadBalancer") and any(p.node_port for p in self.ports):
+            raise ValueError(f"nodePort may not be set on a Service of type {self.type}")
+        return self
+
+    @property
+    def headless(self) -> bool:
+        return self.cluster_ip == "None"
+
+
+def _is_net(x: str) -> bool:
+    try:
+        ipaddress.ip_network(x.strip(), strict=False)
+        return True
+    except ValueError:
+        return False
+
+
+def _bad_cidr(x: str) -> str:
+    raise ValueError(f"{x!r} is not a CIDR")
+
+
+class LoadBalancerIngress(Schema):
+    model_config = ConfigDict(extra="ignore")
+    ip: str | None = None
+    hostname: str | None = None
+
+
+class LoadBalancerStatus(Schema):
+    ingress: list[LoadBalancerIngress] = Field(default_factory=list)
+
+
+class ServiceStatus(Schema):
+    model_config = ConfigDict(extra="ignore")
+    load_balancer: LoadBalancerStatus = Field(default_factory=LoadBalancerStatus)
+
+
+class Service(KubeObject):
+    KIND = "Service"
+    API_VERSIONS = ("v1",)
+    PLURAL = "services"
+    SHORT_NAMES = ("svc",)
+    kind: Literal["Service"] = "Service"
+    api_version: str = "v1"
+    spec: ServiceSpec
+    status: ServiceStatus = Field(default_factory=ServiceStatus)
+
+    @field_validator("metadata")
+    @classmethod
+    def _dns1035(cls, v: ObjectMeta) -> ObjectMeta:
+        if len(v.name) > 63 or not DNS1035_LABEL.match(v.name):
+            raise ValueError(
+                f"invalid Service name {v.name!r}: expected a DNS-1035 label "
+                "(starts with a letter; lowercase, digits, '-'; at most 63)"
+            )
+        return v
+
+
+# ---------------------------------------------------------------- discovery.k8s.io/v1
+
+
+class EndpointConditions(Schema):
+    ready: bool | None = None
+    serving: bool | None = None
+    terminating: bool | None = None
+
+    # Upstream: a nil ready/serving is read as true, a nil terminating as false.
+    @property
+    def is_ready(self) -> bool:
+        return self.ready is not False
+
+    @property
+    def is_serving(self) -> bool:
+        return self.serving if self.serving is not None else self.is_ready
+
+    @property
+    def is_terminating(self) -> bool:
+        return bool(self.terminating)
+
+
+class ObjectReference(Schema):
+    model_config = ConfigDict(extra="ignore")
+    kind: str | None = None
+    name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+
+
+class Endpoint(Schema):
+    addresses: list[str]
+    conditions: EndpointConditions = Field(default_factory=EndpointConditions)
+    hostname: str | None = None
+    node_name: str | None = None
+    zone: str | None = None
+    target_ref: ObjectReference | None = None
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        if not 1 <= len(v) <= 100:
+            raise ValueError("an endpoint needs 1 to 100 addresses")
+        return v
+
+
+class EndpointPort(Schema):
+    name: str | None = None
+    protocol: Protocol = "TCP"
+    port: int | None = None
+    app_protocol: str | None = None
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int | None) -> int | None:
+        return None if v is None else check_port(v)
+
+
+class EndpointSlice(KubeObject):
+    KIND = "EndpointSlice"
+    API_VERSIONS = ("discovery.k8s.io/v1",)
+    PLURAL = "endpointslices"
+    kind: Literal["EndpointSlice"] = "EndpointSlice"
+    api_version: str = "discovery.k8s.io/v1"
+    address_type: Literal["IPv4", "IPv6", "FQDN"]
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    ports: list[EndpointPort] | None = None
+
+    @model_validator(mode="after")
+    def _addresses_fit_type(self) -> EndpointSlice:
+        for i, ep in enumerate(self.endpoints):
+            for a in ep.addresses:
+                if self.address_type in ("IPv4", "IPv6"):
+                    try:
+                        ip = ipaddress.ip_address(a)
+                    except ValueError:
+                        raise ValueError(f"endpoints[{i}].addresses: {a!r} is not an IP address") from None
+                    if (ip.version == 4) != (self.address_type == "IPv4"):
+                        raise ValueError(f"endpoints[{i}].addresses: {a} is not {self.address_type}")
+        return self
+
+    @property
+    def service_name(self) -> str | None:
+        return self.metadata.labels.get("kubernetes.io/service-name")
+
+
+# ---------------------------------------------------------------- networking.k8s.io/v1
+
+
+class IPBlock(Schema):
+    cidr: str
+    except_: list[str] | None = Field(default=None, alias="except")
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise ValueError(f"ipBlock.cidr {v!r} is not a CIDR") from None
+
+    @model_validator(mode="after")
+    def _except_inside(self) -> IPBlock:
+        outer = ipaddress.ip_network(self.cidr)
+        for e in self.except_ or ():
+            try:
+                inner = ipaddress.ip_network(e, strict=False)
+            except ValueError:
+                raise ValueError(f"ipBlock.except {e!r} is not a CIDR") from None
+            if inner.version != outer.version or not inner.subnet_of(outer):  # type: ignore[arg-type]
+                raise ValueError(f"ipBlock.except {e} is not inside ipBlock.cidr {self.cidr}")
+            if inner.prefixlen == outer.prefixlen:
+                raise ValueError(f"ipBlock.except {e} must be strictly smaller than ipBlock.cidr {self.cidr}")
+        return self
+
+
+class NetworkPolicyPeer(Schema):
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> NetworkPolicyPeer:
+        if self.ip_block is not None and (self.pod_selector is not None or self.namespace_selector is not None):
+            raise ValueError("a peer may set ipBlock or podSelector/namespaceSelector, not both")
+        if self.ip_block is None and self.pod_selector is None and self.namespace_selector is None:
+            raise ValueError("a peer must set one of podSelector, namespaceSelector or ipBlock")
+        return self
+
+
+class NetworkPolicyPort(Schema):
+    protocol: Protocol = "TCP"
+    port: int | str | None = None
+    end_port: int | None = None
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int):
+            return check_port(v)
+        if isinstance(v, str):
+            return check_port_name(v)
+        return v
+
+    @model_validator(mode="after")
+    def _end_port(self) -> NetworkPolicyPort:
+        if self.end_port is not None:
+            if not isinstance(self.port, int):
+                raise ValueError("endPort needs a numeric port")
+            check_port(self.end_port, "endPort")
+            if self.end_port < self.port:
+                raise ValueError(f"endPort {self.end_port} is below port {self.port}")
+        return self
+
+
+class NetworkPolicyIngressRule(Schema):
+    from_: list[NetworkPolicyPeer] | None = Field(default=None, alias="from")
+    ports: list[NetworkPolicyPort] | None = None
+
+
+class NetworkPolicyEgressRule(Schema):
+    to: list[NetworkPolicyPeer] | None = None
+    ports: list[NetworkPolicyPort] | None = None
+
+
+class NetworkPolicySpec(Schema):
+    pod_selector: LabelSelector
+    policy_types: list[Literal["Ingress", "Egress"]] | None = None
+    ingress: list[NetworkPolicyIngressRule] | None = None
+    egress: list[NetworkPolicyEgressRule] | None = None
+
+    @model_validator(mode="after")
+    def _default_policy_types(self) -> NetworkPolicySpec:
+        # As the API server: Ingress always; Egress only when egress rules exist.
+        if not self.policy_types:
+            types: list[Literal["Ingress", "Egress"]] = ["Ingress"]
+            if self.egress:
+                types.append("Egress")
+            object.__setattr__(self, "policy_types", types)
+        elif len(set(self.policy_types)) != len(self.policy_types):
+            raise ValueError("policyTypes lists a type twice")
+        return self
+
+
+class NetworkPolicy(KubeObject):
+    KIND = "NetworkPolicy"
+    API_VERSIONS = ("networking.k8s.io/v1",)
+    PLURAL = "networkpolicies"
+    SHORT_NAMES = ("netpol",)
+    kind: Literal["NetworkPolicy"] = "NetworkPolicy"
+    api_version: str = "networking.k8s.io/v1"
+    spec: NetworkPolicySpec
+
+
+# ---------------------------------------------------------------- podnet.io/v1 (IPAM)
+
+ALLOWED_USES = ("Workload", "Tunnel", "LoadBalancer")
+
+
+class IPPoolSpec(Schema):
+    cidr: str
+    block_size: int | None = None
+    node_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    encapsulation: Literal["None", "VXLAN"] = "VXLAN"
+    nat_outgoing: bool = False
+    disabled: bool = False
+    allowed_uses: list[Literal["Workload", "Tunnel", "LoadBalancer"]] = Field(
+        default_factory=lambda: ["Workload", "Tunnel"]
+    )
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        return check_cidr(v)
+
+    @model_validator(mode="after")
+    def _block_size(self) -> IPPoolSpec:
+        net = ipaddress.ip_network(self.cidr)
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", 26 if net.version == 4 else 122)
+        bs = self.block_size
+        assert bs is not None
+        limit = 32 if net.version == 4 else 128
+        low = 20 if net.version == 4 else 116
+        if not low <= bs <= limit:
+            raise ValueError(f"blockSize {bs} is out of range: expected {low}-{limit} for IPv{net.version}")
+        if bs < net.prefixlen:
+            raise ValueError(f"blockSize /{bs} is larger than the pool {self.cidr}")
+        return self
+
+
+class IPPool(KubeObject):
+    KIND = "IPPool"
+    API_VERSIONS = ("podnet.io/v1",)
+    NAMESPACED = False
+    PLURAL = "ippools"
+    SHORT_NAMES = ("pool",)
+    kind: Literal["IPPool"] = "IPPool"
+    api_version: str = "podnet.io/v1"
+    spec: IPPoolSpec
+
+
+class IPReservationSpec(Schema):
+    reserved_cidrs: list[str] = Field(alias="reservedCIDRs")
+
+    @field_validator("reserved_cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        out = []
+        for c in v:
+            try:
+                out.append(str(ipaddress.ip_network(c, strict=True)))
+            except ValueError as e:
+                raise ValueError(f"reservedCIDRs: {c!r} is not a CIDR or address ({e})") from None
+        return out
+
+
+class IPReservation(KubeObject):
+    KIND = "IPReservation"
+    API_VERSIONS = ("podnet.io/v1",)
+    NAMESPACED = False
+    PLURAL = "ipreservations"
+    kind: Literal["IPReservation"] = "IPReservation"
+    api_version: str = "podnet.io/v1"
+    spec: IPReservationSpec
+
+
+class IPAMConfigSpec(Schema):
+    strict_affinity: bool = False
+    max_blocks_per_host: int = 0
+
+    @field_validator("max_blocks_per_host")
+    @classmethod
+    def _max(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("maxBlocksPerHost must be 0 (no limit) or more")
+        return v
+
+
+class IPAMConfig(KubeObject):
+    KIND = "IPAMConfig"
+    API_VERSIONS = ("podnet.io/v1",)
+    NAMESPACED = False
+    PLURAL = "ipamconfigs"
+    kind: Literal["IPAMConfig"] = "IPAMConfig"
+    api_version: str = "podnet.io/v1"
+    spec: IPAMConfigSpec = Field(default_factory=IPAMConfigSpec)
+
+
+KINDS: dict[str, type[KubeObject]] = {
+    cls.KIND: cls
+    for cls in (
+        Namespace, Node, Pod, Service, EndpointSlice, NetworkPolicy, IPPool, IPReservation, IPAMConfig,
+    )
+}
+
+
+def kind_for(name: str) -> type[KubeObject]:
+    """Resolve `pods`, `pod`, `po`, `Pod` to the Pod class (as kubectl does)."""
+    low = name.lower()
+    for cls in KINDS.values():
+        if low in (cls.KIND.lower(), cls.PLURAL, *cls.SHORT_NAMES):
+            return cls
+    raise ValueError(f"unknown kind {name!r}: expected one of {', '.join(sorted(KINDS))}")

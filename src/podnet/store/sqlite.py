@@ -1,0 +1,170 @@
+"""The embedded store: one SQLite file in WAL mode, shared safely by many processes.
+
+Every write runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's single
+writer lock before reading the revision counter, so conditional writes from
+concurrent CNI invocations serialise and none is lost. A change log (one row per
+key change, tagged with its revision) feeds watches; watchers poll it cheaply
+through `PRAGMA data_version`, which only changes when another connection
+commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+
+from podnet.store.base import (
+    Compacted,
+    Event,
+    KeyValueStore,
+    NotFound,
+    Op,
+    Record,
+    StoreUnavailable,
+    check_expect,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY, value TEXT NOT NULL,
+    create_rev INTEGER NOT NULL, mod_rev INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log (
+    rev INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL,
+    type TEXT NOT NULL, value TEXT, PRIMARY KEY (rev, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
+"""
+
+# History kept for watches; older change-log rows are dropped every COMPACT_EVERY revisions.
+HISTORY_KEPT = 200_000
+COMPACT_EVERY = 5_000
+WATCH_POLL_SECONDS = 0.02
+
+
+def prefix_end(prefix: str) -> str:
+    return prefix + "\U0010ffff"
+
+
+class SQLiteStore(KeyValueStore):
+    def __init__(self, path: str, *, history: int = HISTORY_KEPT):
+        self.path = path
+        self.url = f"sqlite://{path}"
+        self.history = history
+        self._db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=60000")
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+                # One script in one write transaction: concurrent first openers serialise.
+                db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        except (OSError, sqlite3.Error) as e:
+            raise StoreUnavailable(f"cannot open store {self.path}: {e}") from None
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    def revision(self) -> int:
+        return self._db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+
+    def get(self, key: str) -> Record | None:
+        row = self._db.execute("SELECT value, mod_rev, create_rev FROM kv WHERE key=?", (key,)).fetchone()
+        return Record(key, json.loads(row[0]), row[1], row[2]) if row else None
+
+    def list(self, prefix: str) -> tuple[list[Record], int]:
+        db = self._db
+        db.execute("BEGIN")  # one snapshot for the rows and the revision
+        try:
+            rows = db.execute(
+                "SELECT key, value, mod_rev, create_rev FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                (prefix, prefix_end(prefix)),
+            ).fetchall()
+            rev = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+        finally:
+            db.execute("COMMIT")
+        return [Record(k, json.loads(v), m, c) for k, v, m, c in rows], rev
+
+    def txn(self, ops: list[Op]) -> int:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rev = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0] + 1
+            changes = []
+            for op in ops:
+                row = db.execute("SELECT mod_rev, create_rev, value FROM kv WHERE key=?", (op.key,)).fetchone()
+                check_expect(op, row[0] if row else 0)
+                changes.append((op, row))
+            for seq, (op, row) in enumerate(changes):
+                if op.kind == "put":
+                    text = json.dumps(op.value, separators=(",", ":"))
+                    db.execute(
+                        "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?)",
+                        (op.key, text, row[1] if row else rev, rev),
+                    )
+                    db.execute("INSERT INTO log VALUES (?, ?, ?, ?, ?)",
+                               (rev, seq, op.key, "MODIFIED" if row else "ADDED", text))
+                elif row:
+                    db.execute("DELETE FROM kv WHERE key=?", (op.key,))
+                    db.execute("INSERT INTO log VALUES (?, ?, ?, 'DELETED', ?)", (rev, seq, op.key, row[2]))
+            db.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
+            if rev % COMPACT_EVERY == 0 and rev > self.history:
+                self._compact(rev - self.history)
+            db.execute("COMMIT")
+            return rev
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _compact(self, upto: int) -> None:
+        self._db.execute("DELETE FROM log WHERE rev <= ?", (upto,))
+        self._db.execute("UPDATE meta SET value=? WHERE name='compacted'", (upto,))
+
+    def compact(self, upto: int) -> None:
+        """Drop change history up to and including revision `upto`."""
+        self._db.execute("BEGIN IMMEDIATE")
+        self._compact(upto)
+        self._db.execute("COMMIT")
+
+    def watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
+        db = self._connect()  # a watch blocks: it must not share the caller's connection
+        try:
+            if start_revision <= 0:
+                start_revision = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0] + 1
+            next_rev = start_revision
+            last_version = None
+            while True:
+                version = db.execute("PRAGMA data_version").fetchone()[0]
+                if version == last_version:
+                    time.sleep(WATCH_POLL_SECONDS)
+                    continue
+                last_version = version
+                db.execute("BEGIN")
+                try:
+                    compacted = db.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
+                    if next_rev <= compacted:
+                        raise Compacted(next_rev, compacted + 1)
+                    rows = db.execute(
+                        "SELECT rev, key, type, value FROM log WHERE rev >= ? AND key >= ? AND key < ?"
+                        " ORDER BY rev, seq",
+                        (next_rev, prefix, prefix_end(prefix)),
+                    ).fetchall()
+                    head = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+                finally:
+                    db.execute("COMMIT")
+                for rev, key, typ, value in rows:
+                    yield Event(typ, key, json.loads(value) if value is not None else None, rev)
+                next_rev = max(next_rev, head + 1)
+        finally:
+            db.close()
+
+
+__all__ = ["SQLiteStore", "NotFound"]

@@ -1,0 +1,33 @@
+"""Choosing a backend from a URL: sqlite:///PATH or etcd://HOST:PORT[,HOST:PORT...]."""
+
+from __future__ import annotations
+
+import os
+
+from podnet.errors import PodnetError
+from podnet.store.base import KeyValueStore
+
+DEFAULT_STORE_URL = "sqlite:///var/lib/podnet/podnet.db"
+
+
+def store_url(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("PODNET_STORE") or DEFAULT_STORE_URL
+
+
+def open_store(url: str | None = None) -> KeyValueStore:
+    url = store_url(url)
+    if url.startswith("sqlite://"):
+        from podnet.store.sqlite import SQLiteStore
+
+        path = url[len("sqlite://"):]
+        if not path or path == "/":
+            raise PodnetError(f"store URL {url!r} has no path: expected sqlite:///PATH")
+        return SQLiteStore(path)
+    if url.startswith("etcd://"):
+        from podnet.store.etcd import EtcdStore
+
+        endpoints = [e for e in url[len("etcd://"):].rstrip("/").split(",") if e]
+        if not endpoints:
+            raise PodnetError(f"store URL {url!r} names no endpoint: expected etcd://HOST:PORT[,HOST:PORT...]")
+        return EtcdStore(endpoints)
+    raise PodnetError(f"unknown store URL {url!r}: expected sqlite:///PATH or etcd://HOST:PORT[,HOST:PORT...]")
