@@ -1,0 +1,175 @@
+"""`podnet apply`, `podnet get`, `podnet delete`: manifests in and out of the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+import yaml
+
+from podnet.cli.common import objects_from_args
+from podnet.errors import PodnetError, ValidationError
+from podnet.model.manifests import load_paths
+from podnet.model.objects import (
+    IPPool,
+    KubeObject,
+    Namespace,
+    Node,
+    Pod,
+    Service,
+    kind_for,
+)
+from podnet.model.selectors import LabelSelector
+from podnet.store.objects import ObjectStore
+
+# Namespaces that exist without a manifest, as in a fresh cluster.
+BUILTIN_NAMESPACES = {"default", "kube-system"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("apply", help="create or update objects from manifests, all or nothing")
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR",
+                   help="manifest file or directory (repeatable)")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("get", help="show objects")
+    p.add_argument("kind", help="kind, plural or short name (pods, svc, ippools, ...)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("-n", "--namespace", default=None)
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-l", "--selector", help="label selector, e.g. app=web,tier in (a,b)")
+    p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("delete", help="delete the objects named in manifests, or one object by kind and name")
+    p.add_argument("kind", nargs="?")
+    p.add_argument("name", nargs="?")
+    p.add_argument("-n", "--namespace", default=None)
+    p.add_argument("-f", "--filename", action="append", metavar="FILE|DIR")
+    p.set_defaults(func=cmd_delete)
+
+
+def load_manifests(paths: list[str]) -> list[KubeObject]:
+    return load_paths(list(paths))
+
+
+def check_namespaces(store: ObjectStore, objects: list[KubeObject]) -> None:
+    """A namespaced object needs its Namespace, in the store or in the same manifest set."""
+    wanted = {o.namespace for o in objects if o.NAMESPACED and o.namespace not in BUILTIN_NAMESPACES}
+    given = {o.name for o in objects if isinstance(o, Namespace)}
+    for ns in sorted(wanted - given):
+        if store.get(Namespace, ns) is None:
+            first = next(o for o in objects if o.NAMESPACED and o.namespace == ns)
+            raise ValidationError(f"namespace {ns!r} does not exist (add a Namespace manifest)",
+                                  where=first.ref, field="metadata.namespace")
+
+
+# Fields that cannot change once set: blocks are cut from them and may hold pods.
+IMMUTABLE: dict[type[KubeObject], tuple[str, ...]] = {IPPool: ("cidr", "block_size")}
+
+
+def check_immutable(store: ObjectStore, objects: list[KubeObject]) -> None:
+    for obj in objects:
+        fields = IMMUTABLE.get(type(obj))
+        current = store.get(type(obj), obj.name, obj.namespace) if fields else None
+        for f in fields or ():
+            old, new = getattr(current.spec, f) if current else None, getattr(obj.spec, f)
+            if current is not None and old != new:
+                alias = type(obj.spec).model_fields[f].alias or f
+                raise ValidationError(f"is immutable: stored {old}, manifest {new} (delete and recreate the object)",
+                                      where=obj.ref, field=f"spec.{alias}")
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    objects = load_manifests(args.filename)
+    store = objects_from_args(args)
+    check_namespaces(store, objects)
+    check_immutable(store, objects)
+    _, outcome = store.apply(objects)
+    for ref, what in outcome:
+        print(f"{ref} {what}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    store = objects_from_args(args)
+    if args.filename:
+        objects = load_manifests(args.filename)
+        _, outcome = store.delete_all(objects)
+    elif args.kind and args.name:
+        cls = _kind(args.kind)
+        obj = store.get(cls, args.name, args.namespace or "default")
+        if obj is None:
+            raise PodnetError(f"{cls.KIND} {args.name!r} not found")
+        _, outcome = store.delete_all([obj])
+    else:
+        raise PodnetError("delete needs -f FILE or KIND NAME")
+    for ref, what in outcome:
+        print(f"{ref} {what}")
+    return 0
+
+
+def _kind(name: str) -> type[KubeObject]:
+    try:
+        return kind_for(name)
+    except ValueError as e:
+        raise PodnetError(str(e)) from None
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    cls = _kind(args.kind)
+    store = objects_from_args(args)
+    ns = None if (args.all_namespaces or not cls.NAMESPACED) else (args.namespace or "default")
+    if args.name:
+        obj = store.get(cls, args.name, ns)
+        if obj is None:
+            raise PodnetError(f"{cls.KIND} {args.name!r} not found" + (f" in namespace {ns}" if ns else ""))
+        objs = [obj]
+    else:
+        selector = None
+        if args.selector:
+            try:
+                selector = LabelSelector.parse(args.selector)
+            except ValueError as e:
+                raise PodnetError(f"--selector: {e}") from None
+        objs = store.list(cls, ns, selector)
+    if args.output == "json":
+        data = [o.to_dict() for o in objs]
+        json.dump(data[0] if args.name else {"kind": "List", "items": data}, sys.stdout, indent=2)
+        print()
+    elif args.output == "yaml":
+        data = [o.to_dict() for o in objs]
+        yaml.safe_dump(data[0] if args.name else {"kind": "List", "items": data}, sys.stdout, sort_keys=False)
+    else:
+        print_table(cls, objs, show_namespace=cls.NAMESPACED and ns is None)
+    return 0
+
+
+def _ports(s: Service) -> str:
+    return ",".join(f"{p.port}{':' + str(p.node_port) if p.node_port else ''}/{p.protocol}" for p in s.spec.ports)
+
+
+COLUMNS: dict[type[KubeObject], list[tuple[str, Callable]]] = {
+    Pod: [("NODE", lambda o: o.spec.node_name or "<none>"), ("IP", lambda o: o.status.pod_ip or "<none>")],
+    Service: [("TYPE", lambda o: o.spec.type), ("CLUSTER-IP", lambda o: o.spec.cluster_ip or "<none>"),
+              ("PORTS", _ports)],
+    Node: [("INTERNAL-IP", lambda o: o.internal_ip or "<none>")],
+    IPPool: [("CIDR", lambda o: o.spec.cidr), ("BLOCK", lambda o: f"/{o.spec.block_size}"),
+             ("ENCAP", lambda o: o.spec.encapsulation), ("NAT", lambda o: str(o.spec.nat_outgoing).lower()),
+             ("DISABLED", lambda o: str(o.spec.disabled).lower())],
+}
+
+
+def print_table(cls: type[KubeObject], objs: list[KubeObject], show_namespace: bool) -> None:
+    if not objs:
+        print(f"No {cls.PLURAL} found.", file=sys.stderr)
+        return
+    cols = ([("NAMESPACE", lambda o: o.namespace)] if show_namespace else []) + [("NAME", lambda o: o.name)]
+    cols += COLUMNS.get(cls, [])
+    rows = [[str(f(o)) for _, f in cols] for o in objs]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (h, _) in enumerate(cols)]
+    print("   ".join(h.ljust(w) for (h, _), w in zip(cols, widths, strict=True)).rstrip())
+    for r in rows:
+        print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -1,0 +1,85 @@
+"""`podnet apply/get/delete` against the embedded store: atomic apply, one-line errors."""
+
+import json
+
+import pytest
+
+from podnet.cli.main import main
+
+NS = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n"
+SVC = ("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {app: web}}\n"
+       "spec: {ports: [{port: 80}], selector: {app: web}}\n")
+POOL = "apiVersion: podnet.io/v1\nkind: IPPool\nmetadata: {name: main}\nspec: {cidr: 10.244.0.0/16}\n"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    url = f"sqlite://{tmp_path}/podnet.db"
+    monkeypatch.setenv("PODNET_STORE", url)
+    return url
+
+
+def write(tmp_path, name, *docs):
+    f = tmp_path / name
+    f.write_text("---\n".join(docs))
+    return str(f)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_apply_get_roundtrip(store, tmp_path, capsys):
+    f = write(tmp_path, "m.yaml", NS, SVC, POOL)
+    code, out, _ = run(capsys, "apply", "-f", f)
+    assert code == 0
+    assert "Service/shop/web created" in out
+    code, out, _ = run(capsys, "apply", "-f", f)
+    assert "Service/shop/web unchanged" in out
+    code, out, _ = run(capsys, "get", "svc", "-n", "shop", "-o", "json")
+    items = json.loads(out)["items"]
+    assert [i["metadata"]["name"] for i in items] == ["web"]
+    assert int(items[0]["metadata"]["resourceVersion"]) > 0
+    code, out, _ = run(capsys, "get", "services", "-A", "-l", "app=web")
+    assert "web" in out and "shop" in out
+    code, out, err = run(capsys, "get", "services", "-A", "-l", "app=db")
+    assert "web" not in out and "No services found" in err
+
+
+def test_bad_manifest_changes_nothing(store, tmp_path, capsys):
+    good = write(tmp_path, "good.yaml", NS, POOL)
+    bad = write(tmp_path, "bad.yaml", SVC.replace("port: 80", "port: 0"))
+    code, _, err = run(capsys, "apply", "-f", good, "-f", bad)
+    assert code == 1
+    assert "bad.yaml: document 0 (Service/shop/web): field spec.ports[0].port" in err
+    assert "Traceback" not in err
+    code, out, err = run(capsys, "get", "ns")
+    assert "shop" not in out
+
+
+def test_missing_namespace_is_refused(store, tmp_path, capsys):
+    code, _, err = run(capsys, "apply", "-f", write(tmp_path, "svc.yaml", SVC))
+    assert code == 1 and "namespace 'shop' does not exist" in err
+
+
+def test_pool_cidr_is_immutable(store, tmp_path, capsys):
+    run(capsys, "apply", "-f", write(tmp_path, "p.yaml", POOL))
+    code, _, err = run(capsys, "apply", "-f", write(tmp_path, "p2.yaml", POOL.replace("10.244.0.0/16", "10.245.0.0/16")))
+    assert code == 1 and "spec.cidr: is immutable" in err
+
+
+def test_delete_from_manifest(store, tmp_path, capsys):
+    f = write(tmp_path, "m.yaml", NS, SVC)
+    run(capsys, "apply", "-f", f)
+    code, out, _ = run(capsys, "delete", "-f", f)
+    assert code == 0 and "Service/shop/web deleted" in out
+    code, _, err = run(capsys, "get", "svc", "web", "-n", "shop")
+    assert code == 1 and "not found" in err
+
+
+def test_unknown_store_url_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PODNET_STORE", "mysql://x")
+    code, _, err = run(capsys, "get", "pods")
+    assert code == 1 and err.count("\n") == 1 and "unknown store URL" in err

@@ -1,0 +1,104 @@
+"""Manifest loading: errors name file, document, object and field; nothing partial."""
+
+import pytest
+
+from podnet.errors import ValidationError
+from podnet.model.manifests import ManifestErrors, load_paths, parse_documents
+
+GOOD = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: n1
+  containers: [{name: c, image: nginx, command: [x], ports: [{name: http, containerPort: 8080}]}]
+"""
+
+
+def test_multi_document_file_loads_and_skips_empty_documents(tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text(GOOD)
+    objs = load_paths([f])
+    assert [o.ref for o in objs] == ["Namespace/shop", "Pod/shop/a"]
+    assert objs[1].named_port("http", "TCP") == 8080
+
+
+def test_directory_loads_every_manifest_in_order(tmp_path):
+    (tmp_path / "b.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n")
+    (tmp_path / "a.yml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n")
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    assert [o.name for o in load_paths([tmp_path])] == ["a", "b"]
+
+
+def test_error_names_file_document_object_and_field(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(GOOD + "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n"
+                 "spec: {ports: [{port: 99999}]}\n")
+    with pytest.raises(ManifestErrors) as err:
+        load_paths([f])
+    (e,) = err.value.errors
+    assert e.where == f"{f}: document 3 (Service/shop/web)"
+    assert e.field == "spec.ports[0].port"
+    assert "out of range" in str(e)
+
+
+def test_all_errors_are_reported_not_just_the_first(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("kind: Widget\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: A}\n")
+    with pytest.raises(ManifestErrors) as err:
+        load_paths([f])
+    msgs = [str(e) for e in err.value.errors]
+    assert len(msgs) == 2
+    assert "unknown kind 'Widget'" in msgs[0]
+    assert "document 1" in msgs[1] and "metadata.name" in msgs[1]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: [1, 2", "not valid YAML"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("apiVersion: v1\nmetadata: {name: a}\n", "missing kind"),
+        ("kind: Pod\nmetadata: {name: a}\n", "missing apiVersion"),
+        ("apiVersion: v2\nkind: Pod\nmetadata: {name: a}\n", "apiVersion 'v2' is not served"),
+        ("apiVersion: v1\nkind: Pod\n", "missing metadata"),
+        ("apiVersion: v1\nkind: Namespace\nmetadata: {name: a, colour: red}\n", "unknown field"),
+        ("apiVersion: podnet.io/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {}\n", "required field is missing"),
+    ],
+)
+def test_bad_documents(text, message):
+    objs, errs = parse_documents(text, "x.yaml")
+    assert not objs
+    assert len(errs) == 1 and message in str(errs[0])
+    assert str(errs[0]).startswith("x.yaml")
+
+
+def test_yaml_syntax_error_points_at_line():
+    _, errs = parse_documents("apiVersion: v1\nkind: [Pod\n", "x.yaml")
+    assert str(errs[0]).startswith("x.yaml:")
+
+
+def test_same_object_twice_is_an_error(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n"
+                 "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n")
+    with pytest.raises(ManifestErrors, match="appears twice"):
+        load_paths([f])
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ValidationError, match="no such file"):
+        load_paths([tmp_path / "nope.yaml"])
+
+
+def test_list_kind_is_expanded():
+    objs, errs = parse_documents(
+        "kind: List\nitems:\n- {apiVersion: v1, kind: Namespace, metadata: {name: a}}\n"
+        "- {apiVersion: v1, kind: Namespace, metadata: {name: b}}\n"
+    )
+    assert not errs and [o.name for o in objs] == ["a", "b"]
