@@ -1,0 +1,1 @@
+"""The node agent: watches the store and owns its node's dataplane."""

@@ -1,0 +1,1 @@
+"""Programming the kernel: pod interfaces, cross-node routes, VXLAN and NAT."""

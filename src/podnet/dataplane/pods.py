@@ -1,0 +1,174 @@
+"""Pod interfaces in Calico's routed model.
+
+Each pod gets a veth pair: the pod end (eth0) holds the pod's /32 and a default
+route via the link-local gateway 169.254.1.1; the host end has no address,
+answers ARP for everything by proxy ARP, and the node routes the pod's /32 to
+it. No bridge: the node routes every packet, so policy and Services see it.
+
+Host interface names are derived from (containerID, ifname) and the pair is kept
+in the link's alias, so the agent can list what it owns after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+
+from podnet.dataplane.routing import RTPROT_PODNET_POD
+from podnet.errors import PodnetError
+
+log = logging.getLogger(__name__)
+
+GATEWAY = "169.254.1.1"
+HOST_MAC = "ee:ee:ee:ee:ee:ee"  # every host-side veth: the pod only ever talks to its gateway
+HOST_PREFIX = "pn"
+NUD_PERMANENT = 0x80
+ALIAS_PREFIX = "podnet:"
+
+
+def host_ifname(container_id: str, ifname: str) -> str:
+    return HOST_PREFIX + hashlib.sha1(f"{container_id}.{ifname}".encode()).hexdigest()[:11]
+
+
+@dataclass(frozen=True)
+class PodInterfaces:
+    host_ifname: str
+    host_mac: str
+    pod_ifname: str
+    pod_mac: str
+    sandbox: str
+    mtu: int
+    address: str
+    gateway: str = GATEWAY
+
+
+class PodNetnsGone(PodnetError):
+    pass
+
+
+def _sysctl(path: str, value: str) -> None:
+    # /proc/sys/net is per network namespace: this writes the agent's own (the node's).
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class PodDataplane:
+    """Creates, checks and removes pod interfaces in the current (node) namespace."""
+
+    def __init__(self, mtu: int | Callable[[], int] = 1500):
+        self._mtu = mtu
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu() if callable(self._mtu) else self._mtu
+
+    def add(self, container_id: str, ifname: str, netns: str, address: str) -> PodInterfaces:
+        if not os.path.exists(netns):
+            raise PodNetnsGone(f"network namespace {netns} does not exist")
+        host = host_ifname(container_id, ifname)
+        mtu = self.mtu
+        with IPRoute() as ipr, NetNS(netns) as pod:
+            existing = ipr.link_lookup(ifname=host)
+            if existing and not self._check(ipr, pod, host, ifname, address, mtu):
+                return self._describe(ipr, pod, host, ifname, netns, mtu, address)  # already right: ADD again is a no-op
+            if existing:
+                ipr.link("del", index=existing[0])
+            stale = pod.link_lookup(ifname=ifname)
+            if stale:
+                pod.link("del", index=stale[0])
+            ipr.link("add", ifname=host, kind="veth", peer={"ifname": ifname, "net_ns_fd": netns})
+            hidx = ipr.link_lookup(ifname=host)[0]
+            ipr.link("set", index=hidx, address=HOST_MAC, mtu=mtu, ifalias=f"{ALIAS_PREFIX}{container_id}/{ifname}")
+            _sysctl(f"/proc/sys/net/ipv4/conf/{host}/proxy_arp", "1")
+            _sysctl(f"/proc/sys/net/ipv4/neigh/{host}/proxy_delay", "0")
+            _sysctl(f"/proc/sys/net/ipv4/conf/{host}/forwarding", "1")
+            ipr.link("set", index=hidx, state="up")
+
+            lo = pod.link_lookup(ifname="lo")
+            if lo:
+                pod.link("set", index=lo[0], state="up")
+            pidx = pod.link_lookup(ifname=ifname)[0]
+            pod.link("set", index=pidx, mtu=mtu, state="up")
+            pod.addr("replace", index=pidx, address=address, prefixlen=32)
+            pod.route("replace", dst=f"{GATEWAY}/32", oif=pidx, scope="link")
+            # The gateway's MAC is fixed, so the pod never needs to ARP for it (proxy ARP
+            # stays on for anything else, but would only answer if the node routes 169.254.1.1).
+            pod.neigh("replace", dst=GATEWAY, lladdr=HOST_MAC, ifindex=pidx, state=NUD_PERMANENT)
+            pod.route("replace", dst="0.0.0.0/0", gateway=GATEWAY, oif=pidx)
+            ipr.route("replace", dst=f"{address}/32", oif=hidx, scope="link", proto=RTPROT_PODNET_POD)
+            return self._describe(ipr, pod, host, ifname, netns, mtu, address)
+
+    def _describe(self, ipr: IPRoute, pod: NetNS, host: str, ifname: str, netns: str, mtu: int,
+                  address: str) -> PodInterfaces:
+        hlink = ipr.get_links(ipr.link_lookup(ifname=host)[0])[0]
+        plink = pod.get_links(pod.link_lookup(ifname=ifname)[0])[0]
+        return PodInterfaces(host, hlink.get_attr("IFLA_ADDRESS"), ifname, plink.get_attr("IFLA_ADDRESS"),
+                             netns, mtu, address)
+
+    def delete(self, container_id: str, ifname: str, netns: str | None) -> None:
+        host = host_ifname(container_id, ifname)
+        with IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=host):
+                try:
+                    ipr.link("del", index=idx)  # takes the peer and the /32 route with it
+                except NetlinkError as e:
+                    if e.code != 19:  # ENODEV: gone meanwhile
+                        raise
+        if netns and os.path.exists(netns):
+            try:
+                with NetNS(netns) as pod:
+                    for idx in pod.link_lookup(ifname=ifname):
+                        pod.link("del", index=idx)
+            except (OSError, NetlinkError) as e:
+                log.debug("pod side of %s in %s: %s", host, netns, e)
+
+    def check(self, container_id: str, ifname: str, netns: str, address: str) -> list[str]:
+        if not os.path.exists(netns):
+            return [f"network namespace {netns} does not exist"]
+        host = host_ifname(container_id, ifname)
+        with IPRoute() as ipr, NetNS(netns) as pod:
+            return self._check(ipr, pod, host, ifname, address, self.mtu)
+
+    def _check(self, ipr: IPRoute, pod: NetNS, host: str, ifname: str, address: str, mtu: int) -> list[str]:
+        problems = []
+        hidx = ipr.link_lookup(ifname=host)
+        if not hidx:
+            return [f"host interface {host} is missing"]
+        hlink = ipr.get_links(hidx[0])[0]
+        if not hlink["flags"] & 1:
+            problems.append(f"host interface {host} is down")
+        routes = ipr.get_routes(family=2, dst=f"{address}/32", table=254)
+        if not any(r.get_attr("RTA_OIF") == hidx[0] and r["dst_len"] == 32 for r in routes):
+            problems.append(f"host route {address}/32 dev {host} is missing")
+        pidx = pod.link_lookup(ifname=ifname)
+        if not pidx:
+            return [*problems, f"pod interface {ifname} is missing"]
+        plink = pod.get_links(pidx[0])[0]
+        if hlink.get_attr("IFLA_LINK") != pidx[0] or plink.get_attr("IFLA_LINK") != hidx[0]:
+            problems.append(f"pod interface {ifname} is not the peer of {host}")
+        if plink.get_attr("IFLA_MTU") != mtu:
+            problems.append(f"pod interface MTU is {plink.get_attr('IFLA_MTU')}, expected {mtu}")
+        addrs = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in pod.get_addr(index=pidx[0], family=2)}
+        if (address, 32) not in addrs:
+            problems.append(f"pod interface lacks {address}/32")
+        defaults = [r for r in pod.get_routes(family=2, table=254) if r["dst_len"] == 0]
+        if not any(r.get_attr("RTA_GATEWAY") == GATEWAY for r in defaults):
+            problems.append(f"pod has no default route via {GATEWAY}")
+        return problems
+
+    def attachments(self) -> list[tuple[str, str]]:
+        out = []
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                alias = link.get_attr("IFLA_IFALIAS") or ""
+                name = link.get_attr("IFLA_IFNAME") or ""
+                if name.startswith(HOST_PREFIX) and alias.startswith(ALIAS_PREFIX):
+                    cid, _, ifname = alias[len(ALIAS_PREFIX):].rpartition("/")
+                    out.append((cid, ifname))
+        return out

@@ -1,0 +1,96 @@
+"""Cross-node routing as a pure function: which routes, VTEP neighbours and FDB
+entries a node should have, given every block's owner and pool.
+
+One route per remote block (not per pod), as Calico does:
+- VXLAN pools: `<block> via <remote node IP> dev pn-vxlan onlink`, with a permanent
+  neighbour entry (remote node IP -> remote VTEP MAC) and an FDB entry (remote
+  VTEP MAC -> remote node IP) on the VXLAN device. The gateway is the remote
+  node's underlay address, so no tunnel addresses need allocating.
+- direct pools (encapsulation None): `<block> via <remote node IP>` over the
+  underlay; nodes must share an L2 segment.
+- the node's own blocks: a blackhole route, so unallocated addresses of its
+  blocks are dropped here instead of following the default route.
+- addresses a node borrowed from another node's block: a /32 towards the
+  borrower, more specific than the owner's block route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+VXLAN_IFNAME = "pn-vxlan"
+VXLAN_VNI = 4096
+VXLAN_PORT = 4789
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+RTPROT_PODNET = 88  # routing protocol id marking cross-node routes podnet owns
+RTPROT_PODNET_POD = 89  # ... and local pod /32 routes
+
+Encapsulation = Literal["None", "VXLAN"]
+
+
+def vtep_mac(node: str) -> str:
+    """A stable, locally administered unicast MAC per node: every node computes
+    every other node's VTEP MAC the same way, so nothing needs publishing."""
+    h = hashlib.sha256(node.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *h[:5]))
+
+
+@dataclass(frozen=True)
+class BlockOwner:
+    cidr: str
+    node: str | None  # affinity; None for a block with no owner
+    encapsulation: Encapsulation
+
+
+@dataclass(frozen=True)
+class Borrowed:
+    address: str  # a single address allocated to `node` from a block it does not own
+    node: str
+    encapsulation: Encapsulation
+
+
+@dataclass(frozen=True, order=True)
+class Route:
+    dst: str  # CIDR
+    kind: Literal["blackhole", "vxlan", "direct"]
+    gateway: str | None = None
+
+
+@dataclass(frozen=True)
+class DesiredRouting:
+    routes: frozenset[Route]
+    vteps: frozenset[tuple[str, str]]  # (remote node IP, remote VTEP MAC)
+    vxlan: bool  # whether this node needs its VXLAN device
+
+
+def desired_routing(
+    local_node: str,
+    blocks: list[BlockOwner],
+    borrowed: list[Borrowed],
+    node_ips: dict[str, str],
+    vxlan_in_use: bool,
+) -> DesiredRouting:
+    routes: set[Route] = set()
+    vteps: set[tuple[str, str]] = set()
+
+    def towards(dst: str, node: str, encap: Encapsulation) -> None:
+        ip = node_ips.get(node)
+        if ip is None:
+            return  # the owner's address is unknown yet: no route rather than a wrong one
+        if encap == "VXLAN":
+            routes.add(Route(dst, "vxlan", ip))
+            vteps.add((ip, vtep_mac(node)))
+        else:
+            routes.add(Route(dst, "direct", ip))
+
+    for b in blocks:
+        if b.node == local_node:
+            routes.add(Route(b.cidr, "blackhole"))
+        elif b.node is not None:
+            towards(b.cidr, b.node, b.encapsulation)
+    for a in borrowed:
+        if a.node != local_node:
+            towards(f"{a.address}/32", a.node, a.encapsulation)
+    return DesiredRouting(frozenset(routes), frozenset(vteps), vxlan_in_use)
