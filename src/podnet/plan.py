@@ -7,9 +7,9 @@ that are valid but do not fit become `PlanWarning`s on the plan.
 
 What is counted:
 
-* Every node is planned at full load: `max_pods_per_node` pods, plus one tunnel (VTEP)
-  address from its own blocks when the encapsulation is VXLAN, as IPAM hands tunnel
-  addresses out of the pool. A node claims `ceil(addresses / block size)` blocks.
+* Every node is planned at full load: `max_pods_per_node` pods. VXLAN takes no pool
+  address: podnet routes a remote block via the remote node's underlay address (onlink),
+  so there is no tunnel address per node. A node claims `ceil(pods / block size)` blocks.
 * Waste per node is what a full node's blocks hold beyond those addresses:
   `blocks_per_node * block_size - addresses_per_node`.
 * Routes per node: one route per remote block, whatever the routing mode (VXLAN routes a
@@ -116,7 +116,6 @@ class BlockPlan:
     addresses: int
     chosen_by: str  # "planner" or "user"
     pods_per_node: int
-    tunnel_addresses_per_node: int
     addresses_per_node: int
     blocks_per_node: int
     waste_per_node: int
@@ -430,8 +429,7 @@ def plan(inp: PlanInput) -> Plan:
 
     nodes = grow(inp.nodes, growth)
     services = grow(inp.services, growth)
-    tunnel = 1 if encapsulation == "vxlan" else 0
-    per_node = inp.max_pods_per_node + tunnel
+    per_node = inp.max_pods_per_node
 
     # --- block size
     prefixes = _candidates(per_node, pool_net)
@@ -450,7 +448,6 @@ def plan(inp: PlanInput) -> Plan:
         addresses=chosen.addresses,
         chosen_by="user" if inp.block_size is not None else "planner",
         pods_per_node=inp.max_pods_per_node,
-        tunnel_addresses_per_node=tunnel,
         addresses_per_node=per_node,
         blocks_per_node=chosen.blocks_per_node,
         waste_per_node=chosen.waste_per_node,
@@ -491,7 +488,7 @@ def plan(inp: PlanInput) -> Plan:
              f"--pool {pool_net} is outside the private ranges (10/8, 172.16/12, 192.168/16, 100.64/10): "
              "pods would use public addresses")
     if inp.max_blocks_per_host and chosen.blocks_per_node > inp.max_blocks_per_host:
-        holds = inp.max_blocks_per_host * chosen.addresses - tunnel
+        holds = inp.max_blocks_per_host * chosen.addresses
         warn("max_blocks_per_host",
              f"{inp.max_pods_per_node} pods per node need {chosen.blocks_per_node} /{chosen.prefix_length} blocks "
              f"but --max-blocks-per-host is {inp.max_blocks_per_host} ({holds} pods): raise maxBlocksPerHost to "

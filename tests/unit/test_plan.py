@@ -79,12 +79,11 @@ def test_equal_waste_goes_to_the_smaller_block():
     assert (p.block.prefix_length, p.routing.routes_per_node) == (27, 9998)
 
 
-def test_vxlan_counts_the_tunnel_address_fdb_and_mtu():
+def test_vxlan_takes_no_tunnel_address_and_counts_fdb_and_mtu():
     p = plan(PlanInput(nodes=5000, max_pods_per_node=110, services=10000))
     assert p.routing.mode == "vxlan" and p.routing.encapsulation == "vxlan"
-    assert p.block.tunnel_addresses_per_node == 1
-    assert p.block.addresses_per_node == 111
-    assert (p.block.prefix_length, p.block.blocks_per_node, p.block.waste_per_node) == (26, 2, 17)
+    assert p.block.addresses_per_node == 110
+    assert (p.block.prefix_length, p.block.blocks_per_node, p.block.waste_per_node) == (26, 2, 18)
     assert p.routing.routes_per_node == 9998
     assert p.routing.fdb_entries_per_node == 4999
     assert p.routing.neighbour_entries_per_node == 4999
@@ -92,9 +91,9 @@ def test_vxlan_counts_the_tunnel_address_fdb_and_mtu():
     assert p.warnings == []  # permanent VTEP neighbours do not count against gc_thresh
 
 
-def test_64_pods_with_vxlan_need_a_second_block():
+def test_64_pods_with_vxlan_fill_one_block_exactly():
     p = plan(PlanInput(nodes=10, max_pods_per_node=64, services=10, block_size=26))
-    assert (p.block.blocks_per_node, p.block.waste_per_node) == (2, 63)
+    assert (p.block.blocks_per_node, p.block.waste_per_node) == (1, 0)
     p = plan(PlanInput(nodes=10, max_pods_per_node=64, services=10, block_size=26, routing="bgp"))
     assert (p.block.blocks_per_node, p.block.waste_per_node) == (1, 0)
 

@@ -164,8 +164,7 @@ def render(p: Plan) -> str:
     out.append(f"routing {r.mode}, encapsulation {r.encapsulation}")
 
     out += ["", "Pod pool"]
-    per_node = f"{b.addresses_per_node} ({b.pods_per_node} pods"
-    per_node += f" + {b.tunnel_addresses_per_node} VXLAN tunnel address)" if b.tunnel_addresses_per_node else ")"
+    per_node = f"{b.addresses_per_node} ({b.pods_per_node} pods)"
     out += _pairs([
         ("addresses per node", per_node),
         ("block size", f"/{b.prefix_length} ({b.addresses} addresses), "
