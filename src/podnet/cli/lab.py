@@ -1,0 +1,136 @@
+"""`podnet lab up|status|exec|down|probe`: a cluster emulated in network namespaces on this host."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from podnet.errors import PodnetError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser("lab", help="emulate a cluster in network namespaces on this host (needs root)")
+    lab.add_argument("--name", dest="lab_name", help="the lab (default: the only one that is up)")
+    lsub = lab.add_subparsers(dest="lab_command", metavar="COMMAND")
+    lsub.required = True
+
+    p = lsub.add_parser("up", help="create the namespaces, start agents and pods from a lab file")
+    p.add_argument("file", metavar="FILE", help="lab file (kind: Lab)")
+    p.add_argument("--name", dest="name", help="lab name (default: metadata.name)")
+    p.add_argument("--store", dest="lab_store", help="store URL (default: a SQLite file in the lab's directory)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for agents and servers")
+    p.add_argument("--keep-on-failure", action="store_true", help="leave a failed lab in place to debug it")
+    p.set_defaults(func=cmd_up)
+
+    p = lsub.add_parser("status", help="nodes, agents and pods of a lab")
+    p.add_argument("--name", dest="name")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_status)
+
+    p = lsub.add_parser("exec", help="run a command in a pod's (or node's) network namespace")
+    p.add_argument("--name", dest="name")
+    p.add_argument("--node", action="store_true", help="TARGET is a node, not a pod")
+    p.add_argument("target", metavar="POD", help="pod as NAME or NAMESPACE/NAME (a node with --node)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    p.set_defaults(func=cmd_exec)
+
+    p = lsub.add_parser("probe", help="probe pod-to-pod and pod-to-external connectivity")
+    p.add_argument("--name", dest="name")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_probe)
+
+    p = lsub.add_parser("down", help="remove everything a lab made (a no-op when nothing is up)")
+    p.add_argument("--name", dest="name")
+    p.set_defaults(func=cmd_down)
+
+
+def _name(args: argparse.Namespace) -> str | None:
+    return getattr(args, "name", None) or getattr(args, "lab_name", None)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from podnet.lab.cluster import up
+    from podnet.lab.spec import load_lab
+
+    spec = load_lab(args.file)
+    store = args.lab_store or getattr(args, "store", None)
+    st = up(spec, name=_name(args), store_url=store, timeout=args.timeout, keep_on_failure=args.keep_on_failure,
+            say=_say)
+    print(f"lab {st.name} is up: `podnet lab status --name {st.name}`, `podnet lab down --name {st.name}`")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from podnet.lab.cluster import find_lab, status
+
+    info = status(find_lab(_name(args)))
+    if args.output == "json":
+        json.dump(info, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"lab {info['name']} (id {info['id']}): {info['phase']}")
+    if info.get("error"):
+        print(f"  error: {info['error']}")
+    print(f"  state: {info['dir']}")
+    print(f"  store: {info['store']}")
+    print(f"  underlay: {info['underlay']} (netns {info['underlayNetns']})")
+    if info.get("external"):
+        print(f"  external: {info['external']} (server {info['externalServer']})")
+    print()
+    rows = [("NODE", "ADDRESS", "NETNS", "AGENT")]
+    rows += [(n["name"], n["address"], n["netns"], n["agent"]) for n in info["nodes"]]
+    _table(rows)
+    print()
+    rows = [("POD", "NODE", "IP", "NETNS", "SERVER")]
+    rows += [(f"{p['namespace']}/{p['name']}", p["node"], ",".join(p["ips"]) or "-", p["netns"], p["server"])
+             for p in info["pods"]]
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from podnet.lab.cluster import exec_argv, find_lab, find_node, find_pod
+
+    st = find_lab(_name(args))
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    netns = find_node(st, args.target)["netns"] if args.node else find_pod(st, args.target)["netns"]
+    argv = exec_argv(netns, cmd)
+    try:
+        return subprocess.run(argv, check=False).returncode
+    except OSError as e:
+        raise PodnetError(f"cannot run {cmd[0]}: {e.strerror}") from None
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from podnet.lab.cluster import find_lab
+    from podnet.lab.connectivity import Lab, format_table, probe_all
+
+    lab = Lab(find_lab(_name(args)))
+    rows = probe_all(lab, timeout=args.timeout)
+    if args.output == "json":
+        json.dump([r.as_dict() for r in rows], sys.stdout, indent=1)
+        print()
+    else:
+        print(format_table(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from podnet.lab.cluster import down_by_name
+
+    removed = down_by_name(_name(args), say=_say)
+    print(f"lab {', '.join(removed)} is down" if removed else "no lab to take down")
+    return 0

@@ -1,0 +1,504 @@
+"""Bringing a lab up and down: topology, store objects, agents, pods and their servers.
+
+`up` plays the parts of the API server (objects, ClusterIPs), the kubelet and
+containerd (pod sandboxes, CNI ADD through a conflist, pod status) and the
+endpoint controller (EndpointSlices). `down` undoes whatever `state.json` says
+was made, even after a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from podnet.errors import PodnetError
+from podnet.lab import topology
+from podnet.lab.endpoints import allocate_service_addresses, endpoint_slices
+from podnet.lab.runtime import (
+    CniError,
+    CniRuntime,
+    RuntimeConf,
+    k8s_args,
+    max_common_version,
+    pod_capability_args,
+    result_ips,
+)
+from podnet.lab.spec import LabSpec
+from podnet.lab.state import LabState, all_labs, lab_root
+from podnet.model.objects import KINDS, KubeObject, Node, Pod, PodIP, PodStatus, Service
+from podnet.store import Conflict, open_store
+from podnet.store.objects import ObjectStore
+
+REFERENCE_CNI_DIR = "/usr/lib/cni"
+NETWORK_NAME = "podnet"
+DEFAULT_TIMEOUT = 30.0
+LOG_TAIL_LINES = 20
+
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def cni_path(st: LabState) -> list[str]:
+    extra = [d for d in os.environ.get("PODNET_LAB_CNI_PATH", "").split(os.pathsep) if d]
+    return [str(st.dir / "bin"), *extra, REFERENCE_CNI_DIR]
+
+
+def podnet_command() -> list[str]:
+    exe = Path(sys.executable).parent / "podnet"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "podnet.cli.main"]
+
+
+def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    tail = text.strip().splitlines()[-lines:]
+    return "\n".join(f"  | {line}" for line in tail) if tail else "  | (log is empty)"
+
+
+# ====================================================================== finding labs
+
+
+def find_lab(name: str | None, root: Path | None = None) -> LabState:
+    """The lab called `name`, or the only lab there is."""
+    if name is None:
+        labs = all_labs(root)
+        if not labs:
+            raise PodnetError(f"no lab is up (nothing in {root or lab_root()})")
+        if len(labs) > 1:
+            raise PodnetError(f"several labs are up ({', '.join(labs)}): choose one with --name")
+        name = labs[0]
+    st = LabState.open(name, root)
+    if st is None:
+        raise PodnetError(f"no lab named {name!r} (labs: {', '.join(all_labs(root)) or 'none'})")
+    return st
+
+
+# ====================================================================== up
+
+
+def up(spec: LabSpec, *, name: str | None = None, store_url: str | None = None, root: Path | None = None,
+       timeout: float = DEFAULT_TIMEOUT, keep_on_failure: bool = False, say: Say = _quiet) -> LabState:
+    """Bring a lab up. On failure everything made so far is removed (unless keep_on_failure)."""
+    name = name or spec.name
+    st = LabState.create(name, root, file=str(Path(spec.file).resolve()) if spec.file else None,
+                         cni=spec.cni.plugin)
+    try:
+        try:
+            _up(st, spec, store_url, timeout, say)
+        except PodnetError:
+            raise
+        except Exception as e:  # netlink, OS and subprocess errors: one line, with the lab's name
+            raise PodnetError(f"lab {name}: {type(e).__name__}: {e}") from e
+    except BaseException as e:
+        st.set(phase="failed", error=str(e))
+        st.unlock()
+        if not keep_on_failure:
+            with contextlib.suppress(Exception):
+                down(st, say=_quiet)
+        raise
+    st.set(phase="up")
+    st.unlock()
+    return st
+
+
+def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say: Say) -> None:
+    url = store_url or f"sqlite://{st.dir / 'store.db'}"
+    st.set(store=url, store_owned=store_url is None, underlay=str(spec.underlay), gateway=spec.gateway,
+           external=spec.external.address if spec.external else None)
+    say(f"lab {st.name} (id {st.id}): state in {st.dir}, store {url}")
+
+    # Topology: the underlay, then one namespace per node.
+    ul = st.netns_name("ul")
+    st.set(underlay_netns=ul)
+    st.record_netns(ul)
+    topology.create_netns(ul)
+    topology.build_underlay(ul, str(spec.underlay), spec.gateway, spec.external.address if spec.external else None)
+    for n in spec.nodes:
+        ns = st.netns_name(str(n.index))
+        sock = st.dir / f"{n.name}.sock"
+        if len(str(sock)) > 100:
+            raise PodnetError(f"agent socket path {sock} is too long for a unix socket: use a shorter "
+                              "PODNET_LAB_ROOT or lab name")
+        st.data["nodes"].append({"name": n.name, "index": n.index, "netns": ns, "address": n.address,
+                                 "socket": str(sock), "log": str(st.dir / f"{n.name}.log"),
+                                 "conflist": str(st.dir / f"{n.name}.conflist")})
+        st.record_netns(ns)
+        topology.create_netns(ns)
+        topology.attach_node(ul, ns, n.index, n.address, str(spec.underlay), spec.gateway)
+        say(f"node {n.name}: {n.address} in netns {ns}")
+
+    # The API server's part: every object, Pods still Pending.
+    store = ObjectStore(open_store(url))
+    services = allocate_service_addresses([o for o in spec.objects if isinstance(o, Service)], spec.service_cidr)
+    by_ref = {s.ref: s for s in services}
+    objects: list[KubeObject] = [by_ref.get(o.ref, o) for o in spec.objects]
+    pods = [p.with_meta(uid=str(uuid.uuid4())) for p in spec.pods]
+    pods = [p.model_copy(update={"status": PodStatus(phase="Pending")}) for p in pods]  # type: ignore[misc]
+    applied = [*objects, *spec.node_objects(), *pods]
+    st.set(objects=[_ref_key(o) for o in applied])
+    store.apply(applied)
+
+    # CNI: podnet-cni with one agent per node, or the reference bridge.
+    if spec.cni.plugin == "podnet":
+        _setup_podnet(st, spec, url, timeout, say)
+    else:
+        _setup_bridge(st, spec, say)
+
+    # The outside world.
+    if spec.external is not None:
+        ext_ip = str(ipaddress.ip_interface(spec.external.address).ip)
+        _start_server(st, "external", spec.external.name, ul,
+                      [(p.protocol.lower(), p.container_port) for p in spec.external.ports], bind=ext_ip)
+        say(f"external host {spec.external.name}: {ext_ip} in netns {ul}")
+
+    # The kubelet's part: sandbox, CNI ADD, status, and the pod's server.
+    runtimes = {n["name"]: node_runtime(st, n) for n in st.data["nodes"]}
+    servers: list[tuple[str, dict]] = []
+    for j, pod in enumerate(pods):
+        node = next(n for n in st.data["nodes"] if n["name"] == pod.spec.node_name)
+        ns = st.netns_name(f"p{j}")
+        entry = {"namespace": pod.namespace, "name": pod.name, "node": node["name"], "netns": ns,
+                 "containerId": secrets.token_hex(32), "uid": pod.metadata.uid, "ips": [], "added": False}
+        st.data["pods"].append(entry)
+        st.record_netns(ns)
+        topology.create_netns(ns)
+        rt = pod_runtime_conf(entry, pod)
+        entry["attempted"] = True
+        st.save()
+        try:
+            result = runtimes[node["name"]].add(rt)
+        except CniError as e:
+            raise PodnetError(f"pod {pod.namespace}/{pod.name} on {node['name']}: {e}"
+                              + (f"\nagent log {node['log']}:\n{log_tail(node['log'])}"
+                                 if spec.cni.plugin == "podnet" else "")) from None
+        entry["ips"] = result_ips(result)
+        entry["added"] = True
+        st.save()
+        _set_running(store, pod, entry["ips"], node["address"])
+        say(f"pod {pod.namespace}/{pod.name} on {node['name']}: {', '.join(entry['ips']) or 'no address'}"
+            f" (netns {ns})")
+        ports = [(p.protocol.lower(), p.container_port) for c in pod.spec.containers for p in c.ports]
+        if ports:
+            servers.append((pod.name, _start_server(st, f"pod-{j}", pod.name, ns, ports)))
+    _wait_servers(st, [e for _, e in servers], timeout)
+
+    # The endpoint controller's part.
+    running = store.list(Pod)
+    slices = endpoint_slices(services, running, store.list(Node))
+    if slices:
+        st.set(objects=st.data["objects"] + [_ref_key(s) for s in slices])
+        store.apply(slices)
+        say(f"endpoint slices: {', '.join(s.namespace + '/' + s.name for s in slices)}")
+
+
+def _ref_key(o: KubeObject) -> list:
+    return [o.KIND, o.name, o.namespace]
+
+
+def _set_running(store: ObjectStore, pod: Pod, ips: list[str], host_ip: str) -> None:
+    for _ in range(5):
+        current = store.get(Pod, pod.name, pod.namespace)
+        if current is None:
+            raise PodnetError(f"pod {pod.namespace}/{pod.name} vanished from the store")
+        status = PodStatus(phase="Running", pod_ip=ips[0] if ips else None,
+                           pod_ips=[PodIP(ip=i) for i in ips] or None, host_ip=host_ip)
+        try:
+            store.update(current.model_copy(update={"status": status}))
+            return
+        except Conflict:
+            continue
+    raise PodnetError(f"pod {pod.namespace}/{pod.name}: status update kept conflicting")
+
+
+def pod_runtime_conf(entry: dict, pod: Pod | None = None) -> RuntimeConf:
+    return RuntimeConf(
+        container_id=entry["containerId"], netns=f"/run/netns/{entry['netns']}", ifname="eth0",
+        args=k8s_args(entry["namespace"], entry["name"], entry["containerId"], entry["uid"]),
+        capability_args=pod_capability_args(pod) if pod is not None else {},
+    )
+
+
+def node_runtime(st: LabState, node: dict, timeout: float = 60.0) -> CniRuntime:
+    conflist = Path(node["conflist"]).read_text()
+    return CniRuntime(conflist, cni_path=cni_path(st), cache_dir=st.dir / "cni-cache",
+                      host_netns=node["netns"], timeout=timeout)
+
+
+# ---------------------------------------------------------------------- podnet-cni + agents
+
+
+def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Say) -> None:
+    try:
+        import podnet.agent  # noqa: F401
+        import podnet.cni  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise PodnetError(f"cni plugin podnet needs {e.name}, which is not installed; "
+                          "use `cni: {plugin: bridge}` for a lab with the reference plugins") from None
+    bindir = st.dir / "bin"
+    st.set(bindir=str(bindir))
+    bindir.mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "podnet.cni.install", str(bindir)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PodnetError(f"installing podnet-cni into {bindir} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    chain = spec.cni.chain_configs()
+    version = spec.cni.cni_version
+    for n in st.data["nodes"]:
+        conflist = {"cniVersion": version or "1.0.0", "name": NETWORK_NAME,
+                    "plugins": [{"type": "podnet-cni", "agentSocket": n["socket"]}, *chain]}
+        if version is None:
+            probe = CniRuntime(conflist, cni_path=cni_path(st), cache_dir=st.dir / "cni-cache")
+            version = max_common_version(probe.plugin_versions(p["type"]) for p in conflist["plugins"])
+            conflist["cniVersion"] = version
+        Path(n["conflist"]).write_text(json.dumps(conflist, indent=1) + "\n")
+
+    for n in st.data["nodes"]:
+        argv = [*podnet_command(), "--store", url, "agent", "--node", n["name"], "--socket", n["socket"]]
+        entry = st.start_process(f"agent-{n['name']}", argv, netns=n["netns"], log=Path(n["log"]),
+                                 role="agent", node=n["name"])
+        say(f"agent {n['name']}: pid {entry['pid']}, log {n['log']}")
+    for n in st.data["nodes"]:
+        wait_agent(st, n, timeout)
+
+
+def agent_status(st: LabState, node: dict, timeout: float = 5.0) -> CniError | None:
+    """None when the agent answers STATUS through podnet-cni; the error otherwise."""
+    rt = CniRuntime({"cniVersion": "1.1.0", "name": NETWORK_NAME,
+                     "plugins": [{"type": "podnet-cni", "agentSocket": node["socket"]}]},
+                    cni_path=cni_path(st), cache_dir=st.dir / "cni-cache", host_netns=node["netns"],
+                    timeout=timeout)
+    try:
+        rt.invoke({**rt.plugins[0], "name": rt.name, "cniVersion": rt.cni_version}, "STATUS", None)
+    except CniError as e:
+        return e
+    return None
+
+
+def wait_agent(st: LabState, node: dict, timeout: float) -> None:
+    entry = st.process(f"agent-{node['name']}")
+    assert entry is not None
+    deadline = time.monotonic() + timeout
+    err: CniError | None = None
+    while time.monotonic() < deadline:
+        if st.process_pid(entry) is None:
+            raise PodnetError(f"agent {node['name']} exited during start-up; log {node['log']}:\n"
+                              f"{log_tail(node['log'])}")
+        if os.path.exists(node["socket"]):
+            err = agent_status(st, node)
+            if err is None:
+                return
+        time.sleep(0.2)
+    raise PodnetError(f"agent {node['name']} did not answer STATUS within {timeout:g}s"
+                      f"{f' ({err.msg})' if err else ''}; log {node['log']}:\n{log_tail(node['log'])}")
+
+
+# ---------------------------------------------------------------------- reference bridge
+
+
+def _setup_bridge(st: LabState, spec: LabSpec, say: Say) -> None:
+    """bridge + host-local, one block of the first pool per node, direct routes between nodes."""
+    pool = spec.pools[0]
+    pool_net = ipaddress.ip_network(pool.spec.cidr)
+    size = 2 ** ((32 if pool_net.version == 4 else 128) - (pool.spec.block_size or 26))
+    blocks = {}
+    for n in st.data["nodes"]:
+        block = ipaddress.ip_network(f"{pool_net.network_address + (n['index'] - 1) * size}/{pool.spec.block_size}")
+        blocks[n["name"]] = str(block)
+        n["podCIDR"] = str(block)
+        conflist = {"cniVersion": spec.cni.cni_version or "1.0.0", "name": NETWORK_NAME, "plugins": [
+            {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": str(block)}]], "routes": [{"dst": "0.0.0.0/0"}],
+                      "dataDir": str(st.dir / "ipam" / n["name"])}},
+            *spec.cni.chain_configs()]}
+        Path(n["conflist"]).write_text(json.dumps(conflist, indent=1) + "\n")
+    st.save()
+    for n in st.data["nodes"]:
+        for m in st.data["nodes"]:
+            if m is not n:
+                topology.add_route(n["netns"], blocks[m["name"]], m["address"])
+        if pool.spec.nat_outgoing:
+            topology.nft(n["netns"], (
+                "table ip podnet-lab {\n chain postrouting {\n"
+                "  type nat hook postrouting priority srcnat; policy accept;\n"
+                f"  ip saddr {pool_net} ip daddr != {pool_net} oifname \"eth0\" masquerade\n"
+                " }\n}\n"))
+        say(f"node {n['name']}: pod block {blocks[n['name']]} (bridge cni0, host-local)")
+
+
+# ---------------------------------------------------------------------- servers
+
+
+def _start_server(st: LabState, key: str, name: str, netns: str, ports: list[tuple[str, int]],
+                  bind: str | None = None) -> dict:
+    ready = st.dir / f"{key}.ready"
+    argv = [sys.executable, "-m", "podnet.lab.podserver", "--name", name, "--ready-file", str(ready)]
+    argv += [a for proto, port in ports for a in ("--port", f"{proto}:{port}")]
+    if bind:
+        argv += ["--bind", bind]
+    return st.start_process(key, argv, netns=netns, role="server", ready=str(ready), server=name)
+
+
+def _wait_servers(st: LabState, entries: list[dict], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(entries)
+    ext = st.process("external")
+    if ext is not None:
+        pending.append(ext)
+    while pending:
+        for e in list(pending):
+            if os.path.exists(e["ready"]):
+                pending.remove(e)
+            elif st.process_pid(e) is None:
+                raise PodnetError(f"server {e['server']} exited; log {e['log']}:\n{log_tail(e['log'])}")
+        if pending and time.monotonic() > deadline:
+            raise PodnetError(f"servers not ready within {timeout:g}s: {', '.join(e['server'] for e in pending)}")
+        if pending:
+            time.sleep(0.05)
+
+
+# ====================================================================== down
+
+
+def down(st: LabState, *, say: Say = _quiet) -> None:
+    """Remove everything the state records: pods (CNI DEL), processes, namespaces, objects, the directory."""
+    with _locked(st):
+        data = st.data
+        nodes = {n["name"]: n for n in data.get("nodes", [])}
+        # CNI DEL while the agents still run, newest pod first.
+        for entry in reversed(data.get("pods", [])):
+            node = nodes.get(entry["node"])
+            if not entry.get("attempted") or node is None or not os.path.exists(node.get("conflist", "")):
+                continue
+            if data.get("cni") == "podnet":
+                agent = st.process(f"agent-{node['name']}")
+                if agent is None or st.process_pid(agent) is None:
+                    continue
+            try:
+                node_runtime(st, node, timeout=15.0).delete(pod_runtime_conf(entry))
+            except (CniError, OSError) as e:
+                say(f"pod {entry['namespace']}/{entry['name']}: CNI DEL failed ({e}); removing its namespace anyway")
+        # Processes: servers first, then agents.
+        procs = sorted(data.get("processes", []), key=lambda p: p.get("role") == "agent")
+        for p in procs:
+            if st.stop_process(p):
+                say(f"stopped {p['key']} (pid {p.get('pid')})")
+        # Namespaces, newest first: pods, nodes, underlay (their links go with them).
+        for ns in reversed(data.get("netns", [])):
+            if topology.delete_netns(ns):
+                say(f"deleted netns {ns}")
+        # Objects in a store that outlives the lab.
+        if data.get("store") and not data.get("store_owned", True):
+            _delete_objects(data["store"], data.get("objects", []), say)
+        shutil.rmtree(st.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(st: LabState):
+    st.lock()
+    try:
+        yield
+    finally:
+        st.unlock()
+
+
+def _delete_objects(url: str, refs: list[list], say: Say) -> None:
+    try:
+        store = ObjectStore(open_store(url))
+        objs = []
+        for kind, name, namespace in refs:
+            cls = KINDS.get(kind)
+            obj = store.get(cls, name, namespace) if cls else None
+            if obj is not None:
+                objs.append(obj)
+        store.delete_all(objs)
+        say(f"deleted {len(objs)} objects from {url}")
+    except Exception as e:  # the store may be gone; the lab's own resources are what matter here
+        say(f"could not delete the lab's objects from {url}: {e}")
+
+
+def down_by_name(name: str | None, root: Path | None = None, say: Say = _quiet) -> list[str]:
+    """`lab down`: one lab, or the only one; nothing to clean is a success. Returns the labs removed."""
+    if name is None:
+        labs = all_labs(root)
+        if not labs:
+            return []
+        if len(labs) > 1:
+            raise PodnetError(f"several labs are up ({', '.join(labs)}): choose one with --name")
+        name = labs[0]
+    st = LabState.open(name, root)
+    if st is None:
+        return []
+    down(st, say=say)
+    return [name]
+
+
+# ====================================================================== status / exec
+
+
+def status(st: LabState) -> dict[str, Any]:
+    data = st.data
+    nodes = []
+    for n in data.get("nodes", []):
+        agent = st.process(f"agent-{n['name']}")
+        if data.get("cni") != "podnet":
+            state = "none (reference bridge)"
+        elif agent is None:
+            state = "not started"
+        else:
+            pid = st.process_pid(agent)
+            state = f"running (pid {pid})" if pid else "dead"
+        nodes.append({"name": n["name"], "address": n["address"], "netns": n["netns"], "agent": state,
+                      "log": n.get("log"), "podCIDR": n.get("podCIDR")})
+    pods = []
+    for j, p in enumerate(data.get("pods", [])):
+        server = st.process(f"pod-{j}")
+        pods.append({"namespace": p["namespace"], "name": p["name"], "node": p["node"], "ips": p.get("ips", []),
+                     "netns": p["netns"], "ready": p.get("added", False),
+                     "server": ("running" if st.process_pid(server) else "dead") if server else "none"})
+    ext = st.process("external")
+    return {"name": st.name, "id": data.get("id"), "phase": st.phase, "dir": str(st.dir),
+            "store": data.get("store"), "underlay": data.get("underlay"),
+            "underlayNetns": data.get("underlay_netns"), "external": data.get("external"),
+            "externalServer": ("running" if st.process_pid(ext) else "dead") if ext else None,
+            "error": data.get("error"), "nodes": nodes, "pods": pods}
+
+
+def find_pod(st: LabState, ref: str) -> dict:
+    ns, _, name = ref.rpartition("/")
+    matches = [p for p in st.data.get("pods", []) if p["name"] == name and (not ns or p["namespace"] == ns)]
+    if not matches:
+        raise PodnetError(f"lab {st.name} has no pod {ref!r}")
+    if len(matches) > 1:
+        raise PodnetError(f"pod name {name!r} is in several namespaces "
+                          f"({', '.join(p['namespace'] for p in matches)}): write NAMESPACE/{name}")
+    return matches[0]
+
+
+def find_node(st: LabState, name: str) -> dict:
+    for n in st.data.get("nodes", []):
+        if n["name"] == name:
+            return n
+    raise PodnetError(f"lab {st.name} has no node {name!r}")
+
+
+def exec_argv(netns: str, argv: list[str]) -> list[str]:
+    if not argv:
+        raise PodnetError("no command given: podnet lab exec POD -- CMD...")
+    if not topology.netns_exists(netns):
+        raise PodnetError(f"network namespace {netns} does not exist (is the lab up?)")
+    return ["ip", "netns", "exec", netns, *argv]

@@ -1,0 +1,125 @@
+"""The lab's wires: an underlay namespace with a bridge, one namespace per node.
+
+    underlay ns (pnl-<id>-ul)                       node ns (pnl-<id>-<n>)
+      br0  <gateway>/<len>   <-- veth n<n> ------ eth0 <node address>/<len>
+      ext0 <external>/<len>  (dummy)                 default via <gateway>
+                                                     ip_forward=1
+
+Nothing is created in the root namespace: each veth is made inside the node's
+namespace with its peer placed directly in the underlay's, so every link goes
+away with the namespaces. The external address lives on a dummy in the underlay
+namespace, outside the underlay subnet: nodes reach it only through their
+default route, and it has no route back to pod addresses (so only NATed pod
+traffic gets answers, as from a host on the internet).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import subprocess
+from pathlib import Path
+
+from podnet.errors import PodnetError
+
+BRIDGE = "br0"
+EXTERNAL_IF = "ext0"
+NODE_IF = "eth0"
+NETNS_DIR = Path("/run/netns")
+
+
+def NetNS(name: str):  # noqa: N802 - pyroute2 takes a second to import: only when links are made
+    from pyroute2 import NetNS as _NetNS
+
+    return _NetNS(name)
+
+
+def run(argv: list[str], *, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True, input=input, check=False)
+    if check and proc.returncode != 0:
+        raise PodnetError(f"{' '.join(argv)}: {proc.stderr.strip() or f'exit status {proc.returncode}'}")
+    return proc
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
+
+
+def netns_list(prefix: str = "") -> list[str]:
+    try:
+        names = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def create_netns(name: str) -> None:
+    if len(name) > 64:
+        raise PodnetError(f"network namespace name {name!r} is too long")
+    run(["ip", "netns", "add", name])
+    # lo up: every namespace here is a host or a pod and talks to itself.
+    with NetNS(name) as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+
+
+def delete_netns(name: str) -> bool:
+    """Delete a namespace if it exists; True if it did."""
+    if not netns_exists(name):
+        return False
+    proc = run(["ip", "netns", "del", name], check=False)
+    if proc.returncode != 0 and netns_exists(name):
+        raise PodnetError(f"cannot delete network namespace {name}: {proc.stderr.strip()}")
+    return True
+
+
+def sysctl(netns: str, key: str, value: str) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    run(["nsenter", f"--net={NETNS_DIR / netns}", "--", "sh", "-c", f'echo {value} > "$0"', path])
+
+
+def build_underlay(netns: str, cidr: str, gateway: str, external: str | None = None) -> None:
+    """Bridge `br0` with the gateway address; the external address on a dummy."""
+    net = ipaddress.ip_network(cidr)
+    with NetNS(netns) as ns:
+        ns.link("add", ifname=BRIDGE, kind="bridge")
+        br = ns.link_lookup(ifname=BRIDGE)[0]
+        ns.addr("add", index=br, address=gateway, prefixlen=net.prefixlen)
+        ns.link("set", index=br, state="up")
+        if external:
+            iface = ipaddress.ip_interface(external)
+            try:
+                ns.link("add", ifname=EXTERNAL_IF, kind="dummy")
+                ext = ns.link_lookup(ifname=EXTERNAL_IF)[0]
+            except Exception as e:  # pyroute2's NetlinkError
+                if getattr(e, "code", None) != errno.EOPNOTSUPP:
+                    raise
+                ext = br  # a kernel without dummy links: the bridge carries it just as well
+            ns.addr("add", index=ext, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            ns.link("set", index=ext, state="up")
+
+
+def attach_node(underlay_netns: str, node_netns: str, index: int, address: str, cidr: str, gateway: str) -> None:
+    """veth eth0 (node) <-> n<index> (underlay, on the bridge); address, default route, forwarding."""
+    net = ipaddress.ip_network(cidr)
+    peer = f"n{index}"
+    with NetNS(node_netns) as ns:
+        ns.link("add", ifname=NODE_IF, kind="veth", peer={"ifname": peer, "net_ns_fd": underlay_netns})
+        eth0 = ns.link_lookup(ifname=NODE_IF)[0]
+        ns.addr("add", index=eth0, address=address, prefixlen=net.prefixlen)
+        ns.link("set", index=eth0, state="up")
+        ns.route("add", dst="0.0.0.0/0", gateway=gateway)
+    with NetNS(underlay_netns) as ns:
+        br = ns.link_lookup(ifname=BRIDGE)[0]
+        p = ns.link_lookup(ifname=peer)[0]
+        ns.link("set", index=p, master=br, state="up")
+    sysctl(node_netns, "net.ipv4.ip_forward", "1")
+
+
+def add_route(netns: str, dst: str, gateway: str) -> None:
+    with NetNS(netns) as ns:
+        ns.route("replace", dst=dst, gateway=gateway)
+
+
+def nft(netns: str, ruleset: str) -> None:
+    run(["nsenter", f"--net={NETNS_DIR / netns}", "--", "nft", "-f", "-"], input=ruleset)
