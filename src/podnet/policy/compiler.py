@@ -1,0 +1,516 @@
+"""NetworkPolicy -> desired nftables state, as a value.
+
+Layout of table `ip podnet-policy` (hook forward: the node routes every pod
+packet, and Service DNAT has already happened there, so policy sees the real
+pod endpoint):
+
+    chain egress   (priority filter - 1): ct established,related accept;
+                                          ip saddr vmap @egress_dispatch
+    chain ingress  (priority filter):     ct established,related accept;
+                                          ip daddr vmap @ingress_dispatch
+
+A local pod isolated in a direction has one element in that direction's
+dispatch map, pointing at a *group chain*: the chain of the exact set of
+policies selecting it (pods selected by the same policies share one). A group
+chain jumps to each policy's chain and drops what none accepted. A policy chain
+holds one rule per (peer, port) of its rules and accepts on a match. `accept`
+ends only the current base chain, so a connection must pass both the source's
+egress and the destination's ingress; `drop` is final (a timeout, not a reset).
+
+Peers are named sets: pod selectors become sets of pod addresses (one set per
+distinct selector, shared by every rule using it), ipBlocks interval sets of
+cidr-minus-except, named ports sets of `address . port` per (name, protocol)
+resolved on every pod. So a pod joining a selector is one element, a label
+change a few elements, and the number of chains is bounded by policies plus
+distinct policy combinations, never pods x peers. Names are hashes of content
+or identity: no user text reaches nft syntax.
+
+`PolicyCompiler` is incremental (it keeps indexes and recomputes only what the
+changed objects touch) but its output is a pure function of its last input:
+`compile_policy(inputs)` runs a fresh one, and tests check both agree.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from podnet.policy.model import (
+    CidrPeer,
+    Inputs,
+    PeerSelector,
+    PodInfo,
+    PolicyInfo,
+    PortSpec,
+    selector_matches,
+    short_hash,
+)
+
+TABLE = "podnet-policy"
+INGRESS, EGRESS = "ingress", "egress"
+DIRECTIONS = (INGRESS, EGRESS)
+DISPATCH = {INGRESS: "ingress_dispatch", EGRESS: "egress_dispatch"}
+BASE_PRIORITY = {INGRESS: "filter", EGRESS: "filter - 1"}
+
+
+# ------------------------------------------------------------------ state value
+
+
+@dataclass(frozen=True)
+class SetDef:
+    name: str
+    kind: str  # "addr" (ipv4_addr), "cidr" (ipv4_addr, interval), "addrport" (ipv4_addr . inet_service)
+    elements: frozenset[str]
+    describe: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class PortMatch:
+    protocol: str  # TCP, UDP or SCTP
+    lo: int | None = None  # None with named_set None: every port of the protocol
+    hi: int | None = None
+    named_set: str | None = None  # set of "address . port" for a named port
+
+
+@dataclass(frozen=True)
+class Rule:
+    peer_set: str | None  # None: any peer
+    port: PortMatch | None  # None: any port, any protocol
+    rule_index: int
+    peer_desc: str = field(default="any peer", compare=False)
+    port_desc: str = field(default="any port", compare=False)
+
+
+@dataclass(frozen=True)
+class PolicyChain:
+    name: str
+    policy: str  # "ns/name"
+    direction: str
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class GroupChain:
+    name: str
+    direction: str
+    policy_chains: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    sets: dict[str, SetDef]
+    policy_chains: dict[str, PolicyChain]
+    groups: dict[str, GroupChain]
+    dispatch: dict[str, dict[str, str]]  # direction -> pod address -> group chain
+
+    def element_count(self) -> int:
+        return sum(len(s.elements) for s in self.sets.values()) + sum(len(d) for d in self.dispatch.values())
+
+    def chain_count(self) -> int:
+        return 2 + len(self.policy_chains) + len(self.groups)
+
+    def rule_count(self) -> int:
+        return 4 + sum(len(c.rules) for c in self.policy_chains.values()) + sum(
+            len(g.policy_chains) + 1 for g in self.groups.values()
+        )
+
+
+EMPTY_STATE = PolicyState({}, {}, {}, {INGRESS: {}, EGRESS: {}})
+
+
+# ------------------------------------------------------------------ naming
+
+
+def selector_set_name(sel: PeerSelector) -> str:
+    return "s_" + short_hash("sel", sel.namespace, sel.ns_selector, sel.pod_selector)
+
+
+@lru_cache(maxsize=4096)
+def cidr_ranges(peer: CidrPeer) -> tuple[str, ...]:
+    return peer.ranges()
+
+
+def cidr_set_name(peer: CidrPeer) -> str:
+    return "c_" + short_hash("cidr", cidr_ranges(peer))
+
+
+def named_set_name(name: str, protocol: str) -> str:
+    return "n_" + short_hash("port", name, protocol)
+
+
+def policy_chain_name(policy_key: str, direction: str) -> str:
+    return ("pi_" if direction == INGRESS else "pe_") + short_hash("policy", policy_key)
+
+
+def group_chain_name(direction: str, chains: tuple[str, ...]) -> str:
+    return ("gi_" if direction == INGRESS else "ge_") + short_hash("group", chains)
+
+
+# ------------------------------------------------------------------ compiler
+
+
+def compile_policy(inputs: Inputs) -> PolicyState:
+    """The desired state for `inputs`, from scratch."""
+    return PolicyCompiler().compile(inputs)
+
+
+class PolicyCompiler:
+    def __init__(self) -> None:
+        self.inp = Inputs()
+        self.ns_pods: dict[str, set[str]] = defaultdict(set)  # namespace -> pod keys
+        self.ip_pods: dict[str, set[str]] = defaultdict(set)  # address -> pod keys
+        self.ns_policies: dict[str, set[str]] = defaultdict(set)  # namespace -> policy keys
+        # peer selectors in use: members (pod keys) and how many policy rules use them
+        self.members: dict[PeerSelector, set[str]] = {}
+        self.refs: dict[PeerSelector, int] = {}
+        self.fixed_ns_sels: dict[str, set[PeerSelector]] = defaultdict(set)
+        self.ns_sels: set[PeerSelector] = set()
+        # named ports: (name, protocol) -> pod key -> number
+        self.named: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+        # local pods and the policies selecting them
+        self.local: set[str] = set()
+        self.pod_policies: dict[str, set[str]] = {}
+        # caches of output pieces
+        self._set_cache: dict[str, SetDef] = {}
+        self._chain_cache: dict[tuple[str, str], PolicyChain] = {}
+        self._group_cache: dict[tuple[str, tuple[str, ...]], GroupChain] = {}
+        # set name -> what it is made of (a PeerSelector, a CidrPeer or a (port name, protocol))
+        self._set_sources: dict[str, object] = {}
+
+    # ---- membership
+
+    def _ns_labels(self, ns: str) -> dict[str, str]:
+        labels = self.inp.namespaces.get(ns)
+        return dict(labels) if labels is not None else {"kubernetes.io/metadata.name": ns}
+
+    def _in_selector(self, sel: PeerSelector, pod: PodInfo, ns_ok: bool | None = None) -> bool:
+        if pod.ip is None:
+            return False
+        if sel.ns_selector is None:
+            if pod.namespace != sel.namespace:
+                return False
+        elif not (ns_ok if ns_ok is not None else selector_matches(sel.ns_selector, self._ns_labels(pod.namespace))):
+            return False
+        return selector_matches(sel.pod_selector, pod.label_map)
+
+    def _compute_members(self, sel: PeerSelector) -> set[str]:
+        pods = self.inp.pods
+        if sel.ns_selector is None:
+            return {k for k in self.ns_pods.get(sel.namespace or "", ()) if self._in_selector(sel, pods[k], True)}
+        out: set[str] = set()
+        for ns, keys in self.ns_pods.items():
+            if keys and selector_matches(sel.ns_selector, self._ns_labels(ns)):
+                out.update(k for k in keys if self._in_selector(sel, pods[k], True))
+        return out
+
+    def _selectors_of(self, pol: PolicyInfo) -> list[PeerSelector]:
+        out = []
+        for rules in (pol.ingress, pol.egress):
+            for r in rules or ():
+                out.extend(p for p in r.peers or () if isinstance(p, PeerSelector))
+        return out
+
+    def _ref(self, sel: PeerSelector, delta: int, dirty: set[str]) -> None:
+        n = self.refs.get(sel, 0) + delta
+        if n > 0:
+            self.refs[sel] = n
+            if sel not in self.members:
+                self.members[sel] = self._compute_members(sel)
+                (self.ns_sels.add(sel) if sel.ns_selector is not None
+                 else self.fixed_ns_sels[sel.namespace or ""].add(sel))
+                dirty.add(selector_set_name(sel))
+        else:
+            self.refs.pop(sel, None)
+            if self.members.pop(sel, None) is not None:
+                if sel.ns_selector is not None:
+                    self.ns_sels.discard(sel)
+                else:
+                    self.fixed_ns_sels[sel.namespace or ""].discard(sel)
+                dirty.add(selector_set_name(sel))
+
+    def _policy_selects(self, pol: PolicyInfo, pod: PodInfo) -> bool:
+        return pod.namespace == pol.namespace and not pod.host_network and selector_matches(
+            pol.pod_selector, pod.label_map
+        )
+
+    # ---- the update
+
+    def compile(self, new: Inputs) -> PolicyState:
+        old = self.inp
+        dirty: set[str] = set()  # set names whose elements must be rebuilt
+        changed_pols = {k for k in old.policies.keys() | new.policies.keys()
+                        if (o := old.policies.get(k)) is not (n := new.policies.get(k)) and o != n}
+        changed_pods = {k for k in old.pods.keys() | new.pods.keys()
+                        if (o := old.pods.get(k)) is not (n := new.pods.get(k)) and o != n}
+        changed_ns = {k for k in old.namespaces.keys() | new.namespaces.keys()
+                      if old.namespaces.get(k) != new.namespaces.get(k)}
+
+        # indexes over pods and policies
+        for k in changed_pods:
+            if (o := old.pods.get(k)) is not None:
+                self.ns_pods[o.namespace].discard(k)
+                if o.ip:
+                    self.ip_pods[o.ip].discard(k)
+                    if not self.ip_pods[o.ip]:
+                        del self.ip_pods[o.ip]
+                for name, proto, _ in o.named_ports:
+                    if self.named[(name, proto)].pop(k, None) is not None:
+                        dirty.add(named_set_name(name, proto))
+            if (n := new.pods.get(k)) is not None:
+                self.ns_pods[n.namespace].add(k)
+                if n.ip:
+                    self.ip_pods[n.ip].add(k)
+                    for name, proto, num in n.named_ports:
+                        self.named[(name, proto)].setdefault(k, num)
+                        dirty.add(named_set_name(name, proto))
+        for k in changed_pols:
+            if (o := old.policies.get(k)) is not None:
+                self.ns_policies[o.namespace].discard(k)
+            if (n := new.policies.get(k)) is not None:
+                self.ns_policies[n.namespace].add(k)
+        self.inp = new
+
+        # membership of selectors already in use, for changed pods and namespaces
+        for k in changed_pods:
+            pod = new.pods.get(k)
+            ns = pod.namespace if pod else old.pods[k].namespace
+            for sel in (*self.fixed_ns_sels.get(ns, ()), *self.ns_sels):
+                was = k in self.members[sel]
+                now = pod is not None and self._in_selector(sel, pod)
+                if was != now:
+                    (self.members[sel].add if now else self.members[sel].discard)(k)
+                    dirty.add(selector_set_name(sel))
+        for ns in changed_ns:
+            for sel in self.ns_sels:
+                assert sel.ns_selector is not None
+                ns_ok = selector_matches(sel.ns_selector, self._ns_labels(ns))
+                for k in self.ns_pods.get(ns, ()):
+                    was = k in self.members[sel]
+                    now = self._in_selector(sel, new.pods[k], ns_ok)
+                    if was != now:
+                        (self.members[sel].add if now else self.members[sel].discard)(k)
+                        dirty.add(selector_set_name(sel))
+
+        # selectors referenced by changed policies (new ones computed from the indexes)
+        for k in changed_pols:
+            if (o := old.policies.get(k)) is not None:
+                for sel in self._selectors_of(o):
+                    self._ref(sel, -1, dirty)
+            if (n := new.policies.get(k)) is not None:
+                for sel in self._selectors_of(n):
+                    self._ref(sel, +1, dirty)
+            for d in DIRECTIONS:
+                self._chain_cache.pop((k, d), None)
+
+        # local pods and the policies selecting them
+        local = {k for ip in new.local_ips for k in self.ip_pods.get(ip, ())}
+        for k in self.local - local:
+            self.pod_policies.pop(k, None)
+        for k in local:
+            if k not in self.local or k in changed_pods:
+                pod = new.pods[k]
+                self.pod_policies[k] = {
+                    p for p in self.ns_policies.get(pod.namespace, ()) if self._policy_selects(new.policies[p], pod)
+                }
+        for p in changed_pols:
+            pol = new.policies.get(p)
+            ns = pol.namespace if pol else old.policies[p].namespace
+            for k in local:
+                pod = new.pods[k]
+                if pod.namespace != ns:
+                    continue
+                if pol is not None and self._policy_selects(pol, pod):
+                    self.pod_policies[k].add(p)
+                else:
+                    self.pod_policies[k].discard(p)
+        self.local = local
+
+        for name in dirty:
+            self._set_cache.pop(name, None)
+        return self._output()
+
+    # ---- output
+
+    def _output(self) -> PolicyState:
+        inp = self.inp
+        dispatch: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+        groups: dict[str, GroupChain] = {}
+        chains: dict[str, PolicyChain] = {}
+        for k in sorted(self.local):
+            pod = inp.pods[k]
+            pols = sorted(self.pod_policies.get(k, ()))
+            for d in DIRECTIONS:
+                names = tuple(policy_chain_name(p, d) for p in pols if inp.policies[p].rules(d) is not None)
+                if not names:
+                    continue
+                for p in pols:
+                    if inp.policies[p].rules(d) is not None:
+                        chains.setdefault(policy_chain_name(p, d), self._chain(p, d))
+                g = self._group_cache.get((d, names))
+                if g is None:
+                    g = self._group_cache[(d, names)] = GroupChain(group_chain_name(d, names), d, names)
+                groups[g.name] = g
+                assert pod.ip is not None
+                dispatch[d][pod.ip] = g.name
+        if len(self._group_cache) > 4 * len(groups) + 64:
+            self._group_cache = {(g.direction, g.policy_chains): g for g in groups.values()}
+        sets: dict[str, SetDef] = {}
+        for c in chains.values():
+            for r in c.rules:
+                for name in (r.peer_set, r.port.named_set if r.port else None):
+                    if name and name not in sets:
+                        sets[name] = self._set(name)
+        return PolicyState(sets, chains, groups, dispatch)
+
+    def _chain(self, policy: str, direction: str) -> PolicyChain:
+        cached = self._chain_cache.get((policy, direction))
+        if cached is not None:
+            return cached
+        pol = self.inp.policies[policy]
+        rules: list[Rule] = []
+        seen: set[tuple] = set()
+        for ri, r in enumerate(pol.rules(direction) or ()):
+            peers: list[tuple[str | None, str]] = []
+            if r.peers is None:
+                peers.append((None, "any peer"))
+            for peer in r.peers or ():
+                if isinstance(peer, PeerSelector):
+                    name = selector_set_name(peer)
+                    self._set_sources[name] = peer
+                else:
+                    name = cidr_set_name(peer)
+                    self._set_sources[name] = peer
+                peers.append((name, peer.describe()))
+            ports: list[tuple[PortMatch | None, str]] = []
+            if r.ports is None:
+                ports.append((None, "any port"))
+            for port in r.ports or ():
+                ports.append((self._port(port), port.describe()))
+            for peer_set, pdesc in peers:
+                for pm, portdesc in ports:
+                    if (peer_set, pm) in seen:
+                        continue
+                    seen.add((peer_set, pm))
+                    rules.append(Rule(peer_set, pm, ri, pdesc, portdesc))
+        chain = PolicyChain(policy_chain_name(policy, direction), policy, direction, tuple(rules))
+        self._chain_cache[(policy, direction)] = chain
+        return chain
+
+    def _port(self, p: PortSpec) -> PortMatch:
+        if p.port is None:
+            return PortMatch(p.protocol)
+        if isinstance(p.port, str):
+            name = named_set_name(p.port, p.protocol)
+            self._set_sources[name] = (p.port, p.protocol)
+            return PortMatch(p.protocol, named_set=name)
+        return PortMatch(p.protocol, p.port, p.end_port if p.end_port is not None else p.port)
+
+    def _set(self, name: str) -> SetDef:
+        cached = self._set_cache.get(name)
+        if cached is not None:
+            return cached
+        src = self._set_sources[name]
+        pods = self.inp.pods
+        if isinstance(src, PeerSelector):
+            elements = frozenset(ip for k in self.members.get(src, ()) if (ip := pods[k].ip))
+            s = SetDef(name, "addr", elements, src.describe())
+        elif isinstance(src, CidrPeer):
+            s = SetDef(name, "cidr", frozenset(cidr_ranges(src)), src.describe())
+        else:
+            pname, proto = src  # type: ignore[misc]
+            elements = frozenset(f"{pods[k].ip} . {num}" for k, num in self.named.get((pname, proto), {}).items())
+            s = SetDef(name, "addrport", elements, f"port {pname}/{proto}")
+        self._set_cache[name] = s
+        return s
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def render_set_decl(s: SetDef) -> str:
+    if s.kind == "addr":
+        return "type ipv4_addr;"
+    if s.kind == "cidr":
+        return "type ipv4_addr; flags interval;"
+    return "type ipv4_addr . inet_service;"
+
+
+def render_rule(direction: str, r: Rule) -> str:
+    parts = []
+    if r.peer_set is not None:
+        parts.append(f"ip {'saddr' if direction == INGRESS else 'daddr'} @{r.peer_set}")
+    if r.port is not None:
+        proto = r.port.protocol.lower()
+        if r.port.named_set is not None:
+            parts.append(f"meta l4proto {proto} ip daddr . {proto} dport @{r.port.named_set}")
+        elif r.port.lo is None:
+            parts.append(f"meta l4proto {proto}")
+        elif r.port.lo == r.port.hi:
+            parts.append(f"{proto} dport {r.port.lo}")
+        else:
+            parts.append(f"{proto} dport {r.port.lo}-{r.port.hi}")
+    parts.append("accept")
+    return " ".join(parts)
+
+
+def chain_rules(state: PolicyState, name: str) -> list[str]:
+    """The rules of a policy or group chain, as nft text."""
+    if name in state.policy_chains:
+        c = state.policy_chains[name]
+        return [render_rule(c.direction, r) for r in c.rules]
+    g = state.groups[name]
+    return [f"jump {c}" for c in g.policy_chains] + ["drop"]
+
+
+def base_chain_body(direction: str) -> list[str]:
+    addr = "daddr" if direction == INGRESS else "saddr"
+    return [
+        f"type filter hook forward priority {BASE_PRIORITY[direction]}; policy accept;",
+        "ct state established,related accept",
+        f"ip {addr} vmap @{DISPATCH[direction]}",
+    ]
+
+
+def chunks(items: Iterable[str], size: int = 2000) -> Iterable[list[str]]:
+    batch: list[str] = []
+    for it in items:
+        batch.append(it)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def dispatch_elements(d: dict[str, str]) -> list[str]:
+    return [f"{ip} : jump {chain}" for ip, chain in sorted(d.items())]
+
+
+def render_full(state: PolicyState) -> str:
+    """A script that replaces the whole table in one transaction."""
+    t = f"ip {TABLE}"
+    lines = [f"table {t}", f"delete table {t}", f"add table {t}"]
+    for s in state.sets.values():
+        lines.append(f"add set {t} {s.name} {{ {render_set_decl(s)} }}")
+        for batch in chunks(sorted(s.elements)):
+            lines.append(f"add element {t} {s.name} {{ {', '.join(batch)} }}")
+    for d in DIRECTIONS:
+        lines.append(f"add map {t} {DISPATCH[d]} {{ type ipv4_addr : verdict; }}")
+    # chains first (empty), so jumps can point at any of them; then rules; then dispatch
+    names = [*state.policy_chains, *state.groups]
+    for name in names:
+        lines.append(f"add chain {t} {name}")
+    for name in names:
+        for rule in chain_rules(state, name):
+            lines.append(f"add rule {t} {name} {rule}")
+    for d in DIRECTIONS:
+        for batch in chunks(dispatch_elements(state.dispatch[d])):
+            lines.append(f"add element {t} {DISPATCH[d]} {{ {', '.join(batch)} }}")
+    for d in (EGRESS, INGRESS):
+        body = base_chain_body(d)
+        lines.append(f"add chain {t} {d} {{ {body[0]} }}")
+        for rule in body[1:]:
+            lines.append(f"add rule {t} {d} {rule}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,347 @@
+"""Compact, hashable views of the objects NetworkPolicy needs.
+
+The compiler works on these instead of the pydantic objects: a pod becomes its
+namespace, name, IPv4 address, labels and named ports; a policy becomes its
+selectors in canonical form, so two selectors that mean the same thing (e.g.
+`matchLabels: {a: b}` and `a In [b]`) share one kernel set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from podnet.model.objects import IPBlock, Namespace, NetworkPolicy, NetworkPolicyPort, Pod
+from podnet.model.selectors import LabelSelector
+
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+# A canonical selector: sorted requirements (key, operator, sorted values).
+# matchLabels {k: v} is the requirement (k, "In", (v,)). The empty tuple selects everything.
+Requirement = tuple[str, str, tuple[str, ...]]
+Selector = tuple[Requirement, ...]
+
+
+def canonical_selector(sel: LabelSelector) -> Selector:
+    reqs: set[Requirement] = set()
+    for k, v in (sel.match_labels or {}).items():
+        reqs.add((k, "In", (v,)))
+    for r in sel.match_expressions or ():
+        reqs.add((r.key, r.operator, tuple(sorted(set(r.values or ())))))
+    return tuple(sorted(reqs))
+
+
+def selector_matches(sel: Selector, labels: Mapping[str, str]) -> bool:
+    for key, op, values in sel:
+        if op == "In":
+            if labels.get(key) not in values:
+                return False
+        elif op == "NotIn":
+            if key in labels and labels[key] in values:
+                return False
+        elif op == "Exists":
+            if key not in labels:
+                return False
+        elif op == "DoesNotExist":
+            if key in labels:
+                return False
+        else:  # unknown operators never match (the model rejects them anyway)
+            return False
+    return True
+
+
+def selector_text(sel: Selector) -> str:
+    """kubectl-like text for messages: `pod=a,ns in (x,y)`; `{}` for the empty selector."""
+    if not sel:
+        return "{}"
+    parts = []
+    for key, op, values in sel:
+        if op == "In" and len(values) == 1:
+            parts.append(f"{key}={values[0]}")
+        elif op in ("In", "NotIn"):
+            parts.append(f"{key} {op.lower()} ({','.join(values)})")
+        elif op == "Exists":
+            parts.append(key)
+        else:
+            parts.append(f"!{key}")
+    return ",".join(parts)
+
+
+def short_hash(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    namespace: str
+    name: str
+    ip: str | None  # IPv4 only; None = not addressable by policy (pending, hostNetwork, finished)
+    labels: tuple[tuple[str, str], ...]
+    named_ports: tuple[tuple[str, str, int], ...]  # (name, protocol, number)
+    host_network: bool = False
+    node: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+    def named_port(self, name: str, protocol: str) -> int | None:
+        for n, p, num in self.named_ports:
+            if n == name and p == protocol:
+                return num
+        return None
+
+
+def _ipv4(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    return str(ip) if ip.version == 4 else None
+
+
+def pod_info(pod: Pod) -> PodInfo:
+    ip = _ipv4(pod.status.pod_ip)
+    if ip is None:
+        for extra in pod.status.pod_ips or ():
+            if ip := _ipv4(extra.ip):
+                break
+    if pod.spec.host_network or pod.status.phase in ("Succeeded", "Failed"):
+        ip = None  # hostNetwork pods are never selected; finished pods' addresses get reused
+    ports: list[tuple[str, str, int]] = []
+    for c in pod.spec.containers:
+        for p in c.ports:
+            if p.name:
+                ports.append((p.name, p.protocol, p.container_port))
+    return PodInfo(
+        namespace=pod.namespace or "default",
+        name=pod.name,
+        ip=ip,
+        labels=tuple(sorted(pod.labels.items())),
+        named_ports=tuple(ports),
+        host_network=pod.spec.host_network,
+        node=pod.spec.node_name,
+    )
+
+
+# --------------------------------------------------------------- policies
+
+
+def interval_text(first: int, last: int) -> str:
+    a, b = ipaddress.IPv4Address(first), ipaddress.IPv4Address(last)
+    nets = list(ipaddress.summarize_address_range(a, b))
+    return str(nets[0]) if len(nets) == 1 else f"{a}-{b}"
+
+
+def interval_of(text: str) -> tuple[int, int]:
+    """(first, last) of an interval element written as a prefix, a range or an address."""
+    if "-" in text:
+        a, b = text.split("-")
+        return int(ipaddress.IPv4Address(a.strip())), int(ipaddress.IPv4Address(b.strip()))
+    n = ipaddress.ip_network(text, strict=False)
+    return int(n.network_address), int(n.broadcast_address)
+
+
+@dataclass(frozen=True)
+class PeerSelector:
+    """Pods selected by a peer: podSelector within `namespace`, or within every
+    namespace whose labels match `ns_selector` (then `namespace` is None)."""
+
+    namespace: str | None
+    ns_selector: Selector | None
+    pod_selector: Selector
+
+    def describe(self) -> str:
+        pods = f"pods {selector_text(self.pod_selector)}"
+        if self.ns_selector is None:
+            return f"{pods} in namespace {self.namespace}"
+        return f"{pods} in namespaces {selector_text(self.ns_selector)}"
+
+
+@dataclass(frozen=True)
+class CidrPeer:
+    cidr: str
+    excepts: tuple[str, ...] = ()
+
+    def ranges(self) -> tuple[str, ...]:
+        """The cidr minus its excepts as disjoint IPv4 intervals, each written `a.b.c.d/len`
+        when it is exactly one prefix and `first-last` otherwise (empty for IPv6 blocks)."""
+        outer = ipaddress.ip_network(self.cidr, strict=False)
+        if outer.version != 4:
+            return ()
+        lo, hi = int(outer.network_address), int(outer.broadcast_address)
+        holes = sorted(
+            (int(n.network_address), int(n.broadcast_address))
+            for e in self.excepts
+            if (n := ipaddress.ip_network(e, strict=False)).version == 4
+        )
+        out: list[tuple[int, int]] = []
+        cur = lo
+        for h_lo, h_hi in holes:
+            h_lo, h_hi = max(h_lo, lo), min(h_hi, hi)
+            if h_lo > h_hi:
+                continue
+            if h_lo > cur:
+                out.append((cur, h_lo - 1))
+            cur = max(cur, h_hi + 1)
+        if cur <= hi:
+            out.append((cur, hi))
+        return tuple(interval_text(a, b) for a, b in out)
+
+    def contains(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        outer = ipaddress.ip_network(self.cidr, strict=False)
+        if addr.version != outer.version or addr not in outer:
+            return False
+        return not any(
+            addr in n for e in self.excepts if (n := ipaddress.ip_network(e, strict=False)).version == addr.version
+        )
+
+    def describe(self) -> str:
+        return f"ipBlock {self.cidr}" + (f" except {', '.join(self.excepts)}" if self.excepts else "")
+
+
+Peer = PeerSelector | CidrPeer
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    protocol: str
+    port: int | str | None = None  # None: every port of the protocol
+    end_port: int | None = None
+
+    def describe(self) -> str:
+        if self.port is None:
+            return f"any/{self.protocol}"
+        if self.end_port is not None and self.end_port != self.port:
+            return f"{self.port}-{self.end_port}/{self.protocol}"
+        return f"{self.port}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    peers: tuple[Peer, ...] | None  # None: every peer
+    ports: tuple[PortSpec, ...] | None  # None: every port
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    namespace: str
+    name: str
+    pod_selector: Selector
+    ingress: tuple[RuleInfo, ...] | None  # None: the policy does not isolate for ingress
+    egress: tuple[RuleInfo, ...] | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def rules(self, direction: str) -> tuple[RuleInfo, ...] | None:
+        return self.ingress if direction == "ingress" else self.egress
+
+
+def _peer(namespace: str, p) -> Peer:
+    if p.ip_block is not None:
+        b: IPBlock = p.ip_block
+        return CidrPeer(b.cidr, tuple(sorted(b.except_ or ())))
+    pod_sel = canonical_selector(p.pod_selector) if p.pod_selector is not None else ()
+    if p.namespace_selector is None:
+        return PeerSelector(namespace, None, pod_sel)
+    return PeerSelector(None, canonical_selector(p.namespace_selector), pod_sel)
+
+
+def _port(p: NetworkPolicyPort) -> PortSpec:
+    return PortSpec(p.protocol, p.port, p.end_port)
+
+
+def _rules(namespace: str, rules, peers_attr: str) -> tuple[RuleInfo, ...]:
+    out = []
+    for r in rules or ():
+        peers = getattr(r, peers_attr)
+        out.append(
+            RuleInfo(
+                peers=tuple(_peer(namespace, p) for p in peers) if peers else None,
+                ports=tuple(_port(p) for p in r.ports) if r.ports else None,
+            )
+        )
+    return tuple(out)
+
+
+def policy_info(pol: NetworkPolicy) -> PolicyInfo:
+    ns = pol.namespace or "default"
+    types = pol.spec.policy_types or ["Ingress"]
+    return PolicyInfo(
+        namespace=ns,
+        name=pol.name,
+        pod_selector=canonical_selector(pol.spec.pod_selector),
+        ingress=_rules(ns, pol.spec.ingress, "from_") if "Ingress" in types else None,
+        egress=_rules(ns, pol.spec.egress, "to") if "Egress" in types else None,
+    )
+
+
+def namespace_labels(ns: Namespace) -> tuple[tuple[str, str], ...]:
+    # The API server sets kubernetes.io/metadata.name on every namespace.
+    labels = dict(ns.labels)
+    labels.setdefault("kubernetes.io/metadata.name", ns.name)
+    return tuple(sorted(labels.items()))
+
+
+@dataclass
+class Inputs:
+    """Everything the compiler reads, keyed by identity ("ns/name" or namespace name)."""
+
+    pods: dict[str, PodInfo] = field(default_factory=dict)
+    namespaces: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    policies: dict[str, PolicyInfo] = field(default_factory=dict)
+    local_ips: frozenset[str] = frozenset()
+
+
+class InputCache:
+    """Turns object lists into Inputs, reusing the conversion of objects that did
+    not change (same object, or same resourceVersion)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[object, str | None, object]] = {}
+
+    def _convert(self, kind: str, obj, fn):
+        key = (kind, f"{obj.namespace}/{obj.name}")
+        rv = obj.metadata.resource_version
+        old = self._seen.get(key)
+        if old is not None and (old[0] is obj or (rv is not None and old[1] == rv)):
+            return old[2]
+        info = fn(obj)
+        self._seen[key] = (obj, rv, info)
+        return info
+
+    def inputs(
+        self,
+        pods: Iterable[Pod],
+        namespaces: Iterable[Namespace],
+        policies: Iterable[NetworkPolicy],
+        local_pod_ips: Iterable[str],
+    ) -> Inputs:
+        inp = Inputs()
+        live: set[tuple[str, str]] = set()
+        for p in pods:
+            info = self._convert("Pod", p, pod_info)
+            inp.pods[info.key] = info
+            live.add(("Pod", f"{p.namespace}/{p.name}"))
+        for n in namespaces:
+            inp.namespaces[n.name] = self._convert("Namespace", n, namespace_labels)
+            live.add(("Namespace", f"{n.namespace}/{n.name}"))
+        for pol in policies:
+            info = self._convert("NetworkPolicy", pol, policy_info)
+            inp.policies[info.key] = info
+            live.add(("NetworkPolicy", f"{pol.namespace}/{pol.name}"))
+        for k in [k for k in self._seen if k not in live]:
+            del self._seen[k]
+        inp.local_ips = frozenset(ip for x in local_pod_ips if (ip := _ipv4(x)))
+        return inp
