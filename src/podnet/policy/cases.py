@@ -219,3 +219,20 @@ class CaseWorld:
 
     def policy_list(self) -> list[NetworkPolicy]:
         return list(self.policies.values())
+
+
+def predicted(world_inputs, state, probe: Probe, how: str = "walk") -> Matrix:
+    """The matrix the compiled state (`walk`) or the reference semantics (`reference`)
+    predicts for a probe. A Service probe is judged on the pod behind it (after DNAT)."""
+    from podnet.policy.evaluate import reference_allowed, walk
+
+    allowed: dict[str, dict[str, bool]] = {}
+    for s in PODS:
+        allowed[s] = {}
+        for d in PODS:
+            if how == "walk":
+                ok = walk(state, pod_ip(s), pod_ip(d), probe.protocol, probe.port).allowed
+            else:
+                ok = reference_allowed(world_inputs, pod_ip(s), pod_ip(d), probe.protocol, probe.port)
+            allowed[s][d] = ok
+    return Matrix(list(PODS), list(PODS), allowed)
