@@ -86,3 +86,34 @@ def test_cross_node_traffic_over_vxlan_and_direct_routes(lab):
 def test_cni_check_through_podnet_cni(lab):
     for entry in lab.pods:
         node_runtime(lab.state, lab.node(entry["node"])).check(pod_runtime_conf(entry))
+
+
+@pytest.mark.etcd
+@pytest.mark.skipif(not shutil.which("etcd"), reason="needs the etcd binary")
+def test_lab_on_an_etcd_store_on_the_host_loopback():
+    from podnet.store import open_store
+    from podnet.store.etcd_server import EtcdCluster
+    from podnet.store.objects import ObjectStore
+
+    root = Path(tempfile.mkdtemp(prefix="pnle-"))
+    name = f"pe-{secrets.token_hex(3)}"
+    doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
+           "spec": {"underlay": {"cidr": "10.99.0.0/24"}, "nodes": [{"name": "node-1"}, {"name": "node-2"}],
+                    "pods": [{"name": "a", "node": "node-1", "ports": [{"containerPort": 8080}]},
+                             {"name": "b", "node": "node-2", "ports": [{"containerPort": 8080}]}]}}
+    try:
+        with EtcdCluster(1) as etcd:
+            st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, store_url=etcd.url, timeout=60)
+            try:
+                lab = Lab(st)
+                assert st.data["agent_store"].startswith("etcd://10.99.0.1:")
+                rows = probe_all(lab)
+                assert rows and all(r.ok for r in rows), format_table(rows)
+                assert {p.name for p in ObjectStore(open_store(etcd.url)).list(Pod)} == {"a", "b"}
+            finally:
+                down_by_name(name, root)
+            assert topology.netns_list(f"pnl-{st.id}-") == []
+            # The lab's objects leave the shared store with it.
+            assert ObjectStore(open_store(etcd.url)).list(Pod) == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -156,7 +156,8 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
 
     # CNI: podnet-cni with one agent per node, or the reference bridge.
     if spec.cni.plugin == "podnet":
-        _setup_podnet(st, spec, url, timeout, say)
+        agent_url = _relay_store(st, url, ul, spec.gateway, timeout, say) if url.startswith("etcd://") else url
+        _setup_podnet(st, spec, agent_url, timeout, say)
     else:
         _setup_bridge(st, spec, say)
 
@@ -276,6 +277,32 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
         wait_agent(st, n, timeout)
 
 
+RELAY_FIRST_PORT = 23790
+
+
+def _relay_store(st: LabState, url: str, underlay_netns: str, gateway: str, timeout: float, say: Say) -> str:
+    """etcd endpoints as agents inside node namespaces reach them: through a relay on the gateway.
+
+    The relay's listeners live in the underlay namespace, its connections leave from this
+    one, so a store on this host's loopback serves the lab's nodes as well.
+    """
+    endpoints = [e.strip().removeprefix("http://").rstrip("/") for e in url[len("etcd://"):].split(",") if e.strip()]
+    maps, relayed = [], []
+    for i, ep in enumerate(endpoints):
+        port = RELAY_FIRST_PORT + i
+        maps += ["--map", f"{gateway}:{port}={ep}"]
+        relayed.append(f"{gateway}:{port}")
+    ready = st.dir / "store-relay.ready"
+    entry = st.start_process("store-relay", [sys.executable, "-m", "podnet.lab.forward", "--netns",
+                                             f"/run/netns/{underlay_netns}", *maps, "--ready-file", str(ready)],
+                             role="relay", ready=str(ready), server="store-relay")
+    _wait_servers(st, [entry], timeout)
+    agent_url = "etcd://" + ",".join(relayed)
+    st.set(agent_store=agent_url)
+    say(f"store relay: {agent_url} in the underlay -> {url} (pid {entry['pid']})")
+    return agent_url
+
+
 def agent_status(st: LabState, node: dict, timeout: float = 5.0) -> CniError | None:
     """None when the agent answers STATUS through podnet-cni; the error otherwise."""
     rt = CniRuntime({"cniVersion": "1.1.0", "name": NETWORK_NAME,
@@ -392,8 +419,8 @@ def down(st: LabState, *, say: Say = _quiet) -> None:
                 node_runtime(st, node, timeout=15.0).delete(pod_runtime_conf(entry))
             except (CniError, OSError) as e:
                 say(f"pod {entry['namespace']}/{entry['name']}: CNI DEL failed ({e}); removing its namespace anyway")
-        # Processes: servers first, then agents.
-        procs = sorted(data.get("processes", []), key=lambda p: p.get("role") == "agent")
+        # Processes: servers first, then agents, then the store relay they talk through.
+        procs = sorted(data.get("processes", []), key=lambda p: {"agent": 1, "relay": 2}.get(p.get("role"), 0))
         for p in procs:
             if st.stop_process(p):
                 say(f"stopped {p['key']} (pid {p.get('pid')})")
