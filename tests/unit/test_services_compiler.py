@@ -1,0 +1,190 @@
+"""Services + EndpointSlices -> desired frontends, without a kernel."""
+
+from __future__ import annotations
+
+from podnet.model.objects import EndpointSlice, Pod, Service
+from podnet.services.compiler import collapse_v4, compile_services
+from podnet.services.model import Backend, Frontend, HealthCheck, ServiceConfig
+
+NODE = "n1"
+
+
+def svc(name="web", ns="default", **spec) -> Service:
+    spec.setdefault("ports", [{"port": 80, "targetPort": 8080}])
+    spec.setdefault("clusterIP", "10.96.0.10")
+    status = spec.pop("status", {})
+    return Service.model_validate({"metadata": {"name": name, "namespace": ns}, "spec": spec, "status": status})
+
+
+def ep(ip, node=NODE, ready=None, serving=None, terminating=None, pod=None):
+    cond = {k: v for k, v in (("ready", ready), ("serving", serving), ("terminating", terminating)) if v is not None}
+    out = {"addresses": [ip], "conditions": cond, "nodeName": node}
+    if pod:
+        out["targetRef"] = {"kind": "Pod", "name": pod}
+    return out
+
+
+_SEQ = iter(range(1_000_000))
+
+
+def eps(service="web", *endpoints, ns="default", ports=None, name=None, address_type="IPv4") -> EndpointSlice:
+    body = {
+        "metadata": {"name": name or f"{service}-{next(_SEQ)}", "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": address_type,
+        "endpoints": list(endpoints),
+    }
+    if ports is not None:
+        body["ports"] = ports
+    return EndpointSlice.model_validate(body)
+
+
+def compile_(services, slices, **kw):
+    return compile_services(services, slices, NODE, kw.pop("node_ips", ["192.168.1.10"]), **kw)
+
+
+def test_clusterip_balances_over_ready_endpoints_in_a_stable_order():
+    st = compile_([svc()], [eps("web", ep("10.1.0.30"), ep("10.1.0.4"), ep("10.1.0.20", ready=False))])
+    (rule,) = st.rules
+    assert rule.frontend == Frontend("10.96.0.10", "tcp", 80)
+    assert rule.kind == "ClusterIP" and not rule.masquerade and rule.affinity_timeout is None
+    assert rule.backends == (Backend("10.1.0.4", 8080), Backend("10.1.0.30", 8080))  # numeric, not text, order
+    assert rule.service == "default/web:"
+
+
+def test_terminating_endpoints_serve_only_when_nothing_is_ready():
+    terminating = ep("10.1.0.5", ready=False, serving=True, terminating=True)
+    gone = ep("10.1.0.6", ready=False, serving=False, terminating=True)
+    st = compile_([svc()], [eps("web", terminating, gone)])
+    assert st.rules[0].backends == (Backend("10.1.0.5", 8080),)
+    st = compile_([svc()], [eps("web", terminating, ep("10.1.0.7"))])
+    assert st.rules[0].backends == (Backend("10.1.0.7", 8080),)
+    st = compile_([svc()], [eps("web", gone)])
+    assert st.rules[0].backends == () and st.rules[0].no_endpoints == "reject"
+
+
+def test_no_endpoints_rejects_and_only_matching_slices_count():
+    other_ns = eps("web", ep("10.1.0.9"), ns="other")
+    other_svc = eps("db", ep("10.1.0.8"))
+    st = compile_([svc()], [other_ns, other_svc])
+    assert st.rules[0].backends == () and st.rules[0].no_endpoints == "reject"
+
+
+def test_multiple_ports_protocols_and_named_target_ports_per_endpoint():
+    s = svc(ports=[
+        {"name": "http", "port": 80, "targetPort": "web"},
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+        {"name": "sig", "port": 9000, "protocol": "SCTP", "targetPort": 9000},
+    ])
+    # the two pods expose their "web" port on different numbers: two slices
+    a = eps("web", ep("10.1.0.1"), name="web-a", ports=[
+        {"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"},
+        {"name": "sig", "port": 9000, "protocol": "SCTP"}])
+    b = eps("web", ep("10.1.0.2"), name="web-b", ports=[
+        {"name": "http", "port": 9090}, {"name": "dns", "port": 5353, "protocol": "UDP"}])
+    st = compile_([s], [a, b])
+    by_fe = st.frontends
+    assert by_fe[Frontend("10.96.0.10", "tcp", 80)].backends == (Backend("10.1.0.1", 8080), Backend("10.1.0.2", 9090))
+    assert by_fe[Frontend("10.96.0.10", "udp", 53)].backends == (Backend("10.1.0.1", 5353), Backend("10.1.0.2", 5353))
+    # slice b does not list the SCTP port: its endpoint is not a backend of that port
+    assert by_fe[Frontend("10.96.0.10", "sctp", 9000)].backends == (Backend("10.1.0.1", 9000),)
+    assert by_fe[Frontend("10.96.0.10", "tcp", 80)].service == "default/web:http"
+
+
+def test_named_target_port_falls_back_to_the_pod_when_the_slice_has_no_ports():
+    s = svc(ports=[{"port": 80, "targetPort": "web"}])
+    pod = Pod.model_validate({"metadata": {"name": "p1"}, "spec": {"containers": [
+        {"name": "c", "ports": [{"name": "web", "containerPort": 7070}]}]}})
+    st = compile_([s], [eps("web", ep("10.1.0.1", pod="p1"), ep("10.1.0.2", pod="unknown"))], pods=[pod])
+    assert st.rules[0].backends == (Backend("10.1.0.1", 7070),)
+
+
+def test_duplicate_endpoints_across_slices_are_one_backend():
+    st = compile_([svc()], [eps("web", ep("10.1.0.1", ready=False), name="a"), eps("web", ep("10.1.0.1"), name="b")])
+    assert st.rules[0].backends == (Backend("10.1.0.1", 8080),)
+
+
+def test_nodeport_is_masqueraded_under_cluster_policy():
+    s = svc(type="NodePort", ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080}])
+    st = compile_([s], [eps("web", ep("10.1.0.1", node="n2"))])
+    np = st.rule(Frontend(None, "tcp", 30080))
+    assert np is not None and np.kind == "NodePort" and np.masquerade
+    assert np.backends == (Backend("10.1.0.1", 8080),)
+    assert st.node_ips == ("192.168.1.10",)
+
+
+def test_external_traffic_policy_local_uses_local_endpoints_keeps_source_and_drops_without():
+    s = svc(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000,
+            ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080}],
+            status={"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}, {"hostname": "lb.example"}]}})
+    local, remote = ep("10.1.0.1"), ep("10.1.0.2", node="n2")
+    st = compile_([s], [eps("web", local, remote)])
+    np = st.rule(Frontend(None, "tcp", 30080))
+    lb = st.rule(Frontend("203.0.113.7", "tcp", 80))
+    cip = st.rule(Frontend("10.96.0.10", "tcp", 80))
+    assert np.backends == lb.backends == (Backend("10.1.0.1", 8080),)
+    assert not np.masquerade and not lb.masquerade
+    assert len(cip.backends) == 2  # ClusterIP traffic still uses every endpoint
+    assert st.health_checks == (HealthCheck(32000, "default", "web", 1),)
+    # no local endpoint: external traffic is dropped (not rejected), the health check says 0
+    st = compile_([s], [eps("web", remote)])
+    np = st.rule(Frontend(None, "tcp", 30080))
+    assert np.backends == () and np.no_endpoints == "drop"
+    assert st.health_checks[0].local_endpoints == 0
+    # no endpoint anywhere: reject
+    st = compile_([s], [])
+    assert st.rule(Frontend(None, "tcp", 30080)).no_endpoints == "reject"
+
+
+def test_internal_traffic_policy_local():
+    s = svc(internalTrafficPolicy="Local")
+    st = compile_([s], [eps("web", ep("10.1.0.1"), ep("10.1.0.2", node="n2"))])
+    assert st.rules[0].backends == (Backend("10.1.0.1", 8080),)
+    st = compile_([s], [eps("web", ep("10.1.0.2", node="n2"))])
+    assert st.rules[0].backends == () and st.rules[0].no_endpoints == "drop"
+
+
+def test_external_ips_and_load_balancer_source_ranges():
+    s = svc(type="LoadBalancer", externalIPs=["198.51.100.5"],
+            loadBalancerSourceRanges=["10.0.0.0/8", "10.1.0.0/16", "192.0.2.1/32", "2001:db8::/32"],
+            ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080}],
+            status={"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}})
+    st = compile_([s], [eps("web", ep("10.1.0.1"))])
+    ext = st.rule(Frontend("198.51.100.5", "tcp", 80))
+    lb = st.rule(Frontend("203.0.113.7", "tcp", 80))
+    assert ext.kind == "ExternalIP" and ext.masquerade and ext.source_ranges == ()
+    assert lb.kind == "LoadBalancer" and lb.source_ranges == ("10.0.0.0/8", "192.0.2.1/32")
+
+
+def test_session_affinity_timeout_on_every_frontend():
+    s = svc(type="NodePort", sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+            ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080}])
+    st = compile_([s], [eps("web", ep("10.1.0.1"))])
+    assert {r.affinity_timeout for r in st.rules} == {60}
+    st = compile_([svc(sessionAffinity="ClientIP")], [eps("web", ep("10.1.0.1"))])
+    assert st.rules[0].affinity_timeout == 10800
+
+
+def test_headless_external_name_unallocated_and_ipv6_are_skipped():
+    headless = svc("h", clusterIP="None")
+    ext = Service.model_validate({"metadata": {"name": "x"}, "spec": {"type": "ExternalName", "externalName": "a.b"}})
+    unallocated = svc("u", clusterIP=None)
+    v6 = svc("v6", clusterIP="fd00::10")
+    st = compile_([headless, ext, unallocated, v6],
+                  [eps("h", ep("10.1.0.1")), eps("v6", ep("fd00::1"), address_type="IPv6")])
+    assert st.rules == ()
+
+
+def test_two_services_on_one_frontend_first_by_name_wins():
+    a, b = svc("a"), svc("b")
+    st = compile_([b, a], [eps("a", ep("10.1.0.1")), eps("b", ep("10.1.0.2"))])
+    assert len(st.rules) == 1 and st.rules[0].service == "default/a:"
+
+
+def test_config_and_state_equality():
+    cfg = ServiceConfig(service_cidrs=("10.96.0.0/16", "10.96.128.0/17", "fd00::/108"))
+    one = compile_([svc()], [eps("web", ep("10.1.0.1"))], config=cfg)
+    two = compile_([svc()], [eps("web", ep("10.1.0.1"))], config=cfg)
+    assert one == two and hash(one.rules) == hash(two.rules)
+    assert one.service_cidrs == ("10.96.0.0/16",)
+    assert collapse_v4(["10.0.0.1/32", "10.0.0.0/31", "bad"]) == ("10.0.0.0/31",)
