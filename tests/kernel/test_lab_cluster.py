@@ -37,6 +37,7 @@ def lab_doc(name: str) -> dict:
                 {"name": "web-2", "namespace": "shop", "node": "node-2", "labels": {"app": "web"},
                  "ports": [{"name": "http", "containerPort": 8081}]},
                 {"name": "client", "node": "node-1", "ports": [{"containerPort": 9000, "hostPort": 30900}]},
+                {"name": "hostnet", "node": "node-2", "hostNetwork": True, "ports": [{"containerPort": 9100}]},
             ],
             "manifests": [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
                            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}}],
@@ -62,7 +63,8 @@ def test_pods_are_running_in_the_store_with_endpoint_slices(lab):
     lab, _ = lab
     store = lab.store()
     pods = {p.name: p for p in store.list(Pod)}
-    assert set(pods) == {"web-1", "web-2", "client"}
+    assert set(pods) == {"web-1", "web-2", "client", "hostnet"}
+    assert lab.pod("hostnet")["ips"] == ["10.99.0.12"] and lab.pod("hostnet")["netns"] == lab.node("node-2")["netns"]
     for entry in lab.pods:
         pod = pods[entry["name"]]
         assert pod.status.phase == "Running" and pod.status.pod_ip == entry["ips"][0]
@@ -115,4 +117,5 @@ def test_cli_status_exec_and_cni_check(lab, capfd, monkeypatch):
     assert main(["lab", "exec", "nope", "--", "true"]) == 1
     assert "has no pod 'nope'" in capfd.readouterr().err
     for entry in lab.pods:
-        node_runtime(lab.state, lab.node(entry["node"])).check(pod_runtime_conf(entry))
+        if not entry["hostNetwork"]:
+            node_runtime(lab.state, lab.node(entry["node"])).check(pod_runtime_conf(entry))

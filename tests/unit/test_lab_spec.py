@@ -158,6 +158,11 @@ def test_manifest_pods_namespaces_and_pools_are_kept():
     assert not any(isinstance(o, Pod) for o in spec.objects)
 
 
+def test_host_network_pods():
+    spec = parse(lab(pods=[{"name": "h", "node": "node-2", "hostNetwork": True, "ports": [{"containerPort": 9100}]}]))
+    assert spec.pods[0].spec.host_network and spec.pods[0].spec.node_name == "node-2"
+
+
 def test_bridge_plugin_needs_a_block_per_node():
     pool = {"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "tiny"},
             "spec": {"cidr": "10.200.0.0/26", "blockSize": 26}}

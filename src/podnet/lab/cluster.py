@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -168,36 +169,31 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
                       [(p.protocol.lower(), p.container_port) for p in spec.external.ports], bind=ext_ip)
         say(f"external host {spec.external.name}: {ext_ip} in netns {ul}")
 
-    # The kubelet's part: sandbox, CNI ADD, status, and the pod's server.
+    # The kubelet's part: sandbox, CNI ADD, the pod's server (in parallel); status (here).
     runtimes = {n["name"]: node_runtime(st, n) for n in st.data["nodes"]}
-    servers: list[tuple[str, dict]] = []
-    for j, pod in enumerate(pods):
-        node = next(n for n in st.data["nodes"] if n["name"] == pod.spec.node_name)
-        ns = st.netns_name(f"p{j}")
-        entry = {"namespace": pod.namespace, "name": pod.name, "node": node["name"], "netns": ns,
-                 "containerId": secrets.token_hex(32), "uid": pod.metadata.uid, "ips": [], "added": False}
-        st.data["pods"].append(entry)
-        st.record_netns(ns)
-        topology.create_netns(ns)
-        rt = pod_runtime_conf(entry, pod)
-        entry["attempted"] = True
-        st.save()
-        try:
-            result = runtimes[node["name"]].add(rt)
-        except CniError as e:
-            raise PodnetError(f"pod {pod.namespace}/{pod.name} on {node['name']}: {e}"
-                              + (f"\nagent log {node['log']}:\n{log_tail(node['log'])}"
-                                 if spec.cni.plugin == "podnet" else "")) from None
-        entry["ips"] = result_ips(result)
-        entry["added"] = True
-        st.save()
-        _set_running(store, pod, entry["ips"], node["address"])
-        say(f"pod {pod.namespace}/{pod.name} on {node['name']}: {', '.join(entry['ips']) or 'no address'}"
-            f" (netns {ns})")
-        ports = [(p.protocol.lower(), p.container_port) for c in pod.spec.containers for p in c.ports]
-        if ports:
-            servers.append((pod.name, _start_server(st, f"pod-{j}", pod.name, ns, ports)))
-    _wait_servers(st, [e for _, e in servers], timeout)
+    servers: list[dict] = []
+    failures: list[BaseException] = []
+    entries = [_pod_entry(st, j, pod) for j, pod in enumerate(pods)]
+    st.set(pods=entries)  # every pod recorded, in order, before any sandbox exists
+    with ThreadPoolExecutor(max_workers=POD_WORKERS) as workers:
+        futures = {workers.submit(_start_pod, st, entry, pod, runtimes, spec.cni.plugin): pod
+                   for entry, pod in zip(entries, pods, strict=True)}
+        for fut in as_completed(futures):
+            pod = futures[fut]
+            try:
+                entry, server = fut.result()
+            except BaseException as e:
+                failures.append(e)
+                continue
+            if server is not None:
+                servers.append(server)
+            node = find_node(st, entry["node"])
+            _set_running(store, pod, entry["ips"], node["address"])
+            say(f"pod {pod.namespace}/{pod.name} on {node['name']}: {', '.join(entry['ips']) or 'no address'}"
+                f" (netns {entry['netns']})")
+    if failures:
+        raise failures[0]
+    _wait_servers(st, servers, timeout)
 
     # The endpoint controller's part.
     running = store.list(Pod)
@@ -206,6 +202,44 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
         st.set(objects=st.data["objects"] + [_ref_key(s) for s in slices])
         store.apply(slices)
         say(f"endpoint slices: {', '.join(s.namespace + '/' + s.name for s in slices)}")
+
+
+POD_WORKERS = 4
+
+
+def _pod_entry(st: LabState, j: int, pod: Pod) -> dict:
+    node = find_node(st, pod.spec.node_name or "")
+    host = pod.spec.host_network
+    return {"index": j, "namespace": pod.namespace, "name": pod.name, "node": node["name"],
+            "netns": node["netns"] if host else st.netns_name(f"p{j}"), "containerId": secrets.token_hex(32),
+            "uid": pod.metadata.uid, "ips": [], "added": False, "hostNetwork": host}
+
+
+def _start_pod(st: LabState, entry: dict, pod: Pod, runtimes: dict[str, CniRuntime],
+               plugin: str) -> tuple[dict, dict | None]:
+    node = find_node(st, entry["node"])
+    ns = entry["netns"]
+    if entry["hostNetwork"]:  # no sandbox of its own, no CNI: the node's namespace and address
+        entry["ips"] = [node["address"]]
+    else:
+        st.record_netns(ns)
+        topology.create_netns(ns)
+        with st.mutex:
+            entry["attempted"] = True
+            st.save()
+        try:
+            result = runtimes[node["name"]].add(pod_runtime_conf(entry, pod))
+        except CniError as e:
+            raise PodnetError(f"pod {pod.namespace}/{pod.name} on {node['name']}: {e}"
+                              + (f"\nagent log {node['log']}:\n{log_tail(node['log'])}"
+                                 if plugin == "podnet" else "")) from None
+        entry["ips"] = result_ips(result)
+    with st.mutex:
+        entry["added"] = True
+        st.save()
+    ports = [(p.protocol.lower(), p.container_port) for c in pod.spec.containers for p in c.ports]
+    server = _start_server(st, f"pod-{entry['index']}", pod.name, ns, ports) if ports else None
+    return entry, server
 
 
 def _ref_key(o: KubeObject) -> list:
@@ -493,7 +527,7 @@ def status(st: LabState) -> dict[str, Any]:
                       "log": n.get("log"), "podCIDR": n.get("podCIDR")})
     pods = []
     for j, p in enumerate(data.get("pods", [])):
-        server = st.process(f"pod-{j}")
+        server = st.process(f"pod-{p.get('index', j)}")
         pods.append({"namespace": p["namespace"], "name": p["name"], "node": p["node"], "ips": p.get("ips", []),
                      "netns": p["netns"], "ready": p.get("added", False),
                      "server": ("running" if st.process_pid(server) else "dead") if server else "none"})

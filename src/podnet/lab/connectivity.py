@@ -164,6 +164,8 @@ def path_kind(lab: Lab, src: dict, dst: Target, pools: list[IPPool]) -> str:
 
 def default_expect(lab: Lab, src: dict, dst: Target, kind: str, pools: list[IPPool]) -> bool:
     if kind == "external":
+        if src.get("hostNetwork"):
+            return True  # the node's own address: the outside world can answer it
         pool = pool_of(src["ips"][0], pools) if src.get("ips") else None
         return bool(pool and pool.spec.nat_outgoing)
     return True

@@ -200,6 +200,7 @@ class LabPod(Schema):
     node: str
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+    host_network: bool = False
     ports: list[LabPort] = Field(default_factory=list)
 
     @field_validator("name")
@@ -230,7 +231,8 @@ class LabPod(Schema):
         ports = [ContainerPort(name=p.name, container_port=p.container_port, protocol=p.protocol,
                                host_port=p.host_port, host_ip=p.host_ip) for p in self.ports]
         container = Container(name="server", image="podnet-lab-server", ports=ports)
-        return Pod(metadata=meta, spec=PodSpec(node_name=self.node, containers=[container]))
+        return Pod(metadata=meta, spec=PodSpec(node_name=self.node, host_network=self.host_network,
+                                                containers=[container]))
 
 
 class LabSpecBody(Schema):

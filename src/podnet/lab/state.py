@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,7 @@ class LabState:
         self.dir = directory
         self.data = data
         self._lock_fd: int | None = None
+        self.mutex = threading.RLock()  # pods are set up in parallel: one writer of data at a time
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -99,12 +101,13 @@ class LabState:
             self._lock_fd = None
 
     def save(self) -> None:
-        tmp = self.dir / (STATE_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / STATE_FILE)
+        with self.mutex:
+            tmp = self.dir / (STATE_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(self.data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / STATE_FILE)
 
     # ------------------------------------------------------------------ accessors
 
@@ -121,16 +124,18 @@ class LabState:
         return self.data.get("phase", "starting")
 
     def set(self, **fields: Any) -> None:
-        self.data.update(fields)
-        self.save()
+        with self.mutex:
+            self.data.update(fields)
+            self.save()
 
     def netns_name(self, suffix: str) -> str:
         return f"{NETNS_PREFIX}{self.id}-{suffix}"
 
     def record_netns(self, name: str) -> None:
-        if name not in self.data["netns"]:
-            self.data["netns"].append(name)
-            self.save()
+        with self.mutex:
+            if name not in self.data["netns"]:
+                self.data["netns"].append(name)
+                self.save()
 
     # ------------------------------------------------------------------ processes
 
@@ -142,18 +147,20 @@ class LabState:
         full = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
         entry: dict[str, Any] = {"key": key, "argv": full, "pidfile": str(pidfile), "log": str(log),
                                  "pid": None, "starttime": None, "netns": netns, **info}
-        self.data["processes"] = [p for p in self.data["processes"] if p["key"] != key] + [entry]
-        self.save()
+        with self.mutex:
+            self.data["processes"] = [p for p in self.data["processes"] if p["key"] != key] + [entry]
+            self.save()
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 ["sh", "-c", 'echo $$ > "$0"; exec "$@"', str(pidfile), *full],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
-        entry["pid"] = proc.pid
-        entry["starttime"] = proc_starttime(proc.pid)
-        self.save()
-        _forget(proc)
+        with self.mutex:
+            entry["pid"] = proc.pid
+            entry["starttime"] = proc_starttime(proc.pid)
+            self.save()
+            _forget(proc)
         return entry
 
     def process(self, key: str) -> dict[str, Any] | None:
