@@ -42,7 +42,7 @@ def service_ip(pod: str) -> str:
 
 
 def node_of(pod: str) -> str:
-    return "n1" if PODS.index(pod) % 2 == 0 else "n2"
+    return "n1" if pod not in PODS or PODS.index(pod) % 2 == 0 else "n2"
 
 
 def default_ports() -> list[dict[str, Any]]:
@@ -60,7 +60,7 @@ def make_pod(pod: str, labels: dict[str, str] | None = None, ports: list[dict] |
         "metadata": {"name": name, "namespace": ns, "labels": labels if labels is not None else {"pod": name}},
         "spec": {"nodeName": node_of(pod), "hostNetwork": host_network,
                  "containers": [{"name": "c", "ports": ports if ports is not None else default_ports()}]},
-        "status": {"phase": "Running", "podIP": pod_ip(pod)},
+        "status": {"phase": "Running", "podIP": pod_ip(pod) if pod in PODS else None},
     })
 
 
