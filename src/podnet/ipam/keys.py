@@ -1,0 +1,53 @@
+"""Where IPAM keeps its records in the store (values are JSON objects).
+
+  /podnet/ipam/blocks/<cidr, '/' as '-'>          block record (see block.py)
+  /podnet/ipam/affinities/<node>/<block name>     {state: "confirmed"|"pending", pool}
+  /podnet/ipam/handles/<handle, %-quoted>         {blocks: {cidr: count}}
+  /podnet/ipam/leaks/<block name>/<ordinal>       a leaked allocation seen by `release --leaked`
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, unquote
+
+from podnet.ipam.block import cidr_of_key_name, key_name
+
+ROOT = "/podnet/ipam/"
+BLOCKS = ROOT + "blocks/"
+AFFINITIES = ROOT + "affinities/"
+HANDLES = ROOT + "handles/"
+LEAKS = ROOT + "leaks/"
+
+
+def block_key(cidr: str) -> str:
+    return BLOCKS + key_name(cidr)
+
+
+def cidr_of_block_key(key: str) -> str:
+    return cidr_of_key_name(key[len(BLOCKS):])
+
+
+def node_affinities(node: str) -> str:
+    return f"{AFFINITIES}{node}/"
+
+
+def affinity_key(node: str, cidr: str) -> str:
+    return f"{AFFINITIES}{node}/{key_name(cidr)}"
+
+
+def parse_affinity_key(key: str) -> tuple[str, str]:
+    """(node, block cidr) of an affinity key."""
+    node, _, name = key[len(AFFINITIES):].partition("/")
+    return node, cidr_of_key_name(name)
+
+
+def handle_key(handle: str) -> str:
+    return HANDLES + quote(handle, safe="")
+
+
+def handle_of_key(key: str) -> str:
+    return unquote(key[len(HANDLES):])
+
+
+def leak_key(cidr: str, ordinal: int) -> str:
+    return f"{LEAKS}{key_name(cidr)}/{ordinal}"
