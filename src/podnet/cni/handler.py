@@ -9,7 +9,6 @@ an interrupted ADD left; DEL and GC release the address before they delete the r
 Error codes (CNI spec 1.1 well-known codes, then this plugin's own):
 
     1    cniVersion missing or unsupported; CHECK below 0.4.0; STATUS or GC below 1.1.0
-    3    (unused)
     4    a CNI_* variable is missing or invalid: CNI_COMMAND, CNI_CONTAINERID, CNI_IFNAME,
          CNI_NETNS, CNI_PATH, CNI_ARGS (libcni reports bad container IDs and interface
          names with this code too)
@@ -59,7 +58,6 @@ VALID_ATTACHMENTS_OLD = "cni.dev/attachments"  # the name in the first 1.1.0 tex
 
 # Well-known codes.
 E_INCOMPATIBLE_VERSION = 1
-E_UNKNOWN_CONTAINER = 3
 E_INVALID_ENV = 4
 E_IO = 5
 E_DECODING = 6
@@ -587,8 +585,10 @@ class CNIHandler:
             if existing is not None:
                 # An earlier ADD of this attachment never finished, or its DEL never came: start clean.
                 log.warning("CNI ADD %s: an earlier attachment record exists; removing what it left", req.handle)
-                self._teardown(kv, ipam, req.container_id, req.ifname, existing.value.get("netns") or None,
-                               req.handle, key)
+                old_netns = existing.value.get("netns") or None
+                if old_netns is not None and self.verify_netns(old_netns) is not None:
+                    old_netns = None
+                self._teardown(kv, ipam, req.container_id, req.ifname, old_netns, req.handle, key)
             record = {
                 "network": req.network,
                 "containerID": req.container_id,
