@@ -9,7 +9,7 @@ import sys
 from podnet.errors import PodnetError
 
 # Modules under podnet.cli that add subcommands.
-COMMAND_MODULES = ("objects", "ipam", "plan", "agent", "lab")
+COMMAND_MODULES = ("objects", "ipam", "plan", "agent", "lab", "policy")
 
 
 def build_parser() -> argparse.ArgumentParser:
