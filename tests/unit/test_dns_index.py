@@ -6,38 +6,14 @@ import pytest
 
 from podnet.dns import wire
 from podnet.dns.index import ClusterIndex
-from podnet.model.objects import EndpointSlice, Namespace, Pod, Service
+from podnet.dns.testing import make_endpoint, make_pod, make_service, make_slice
+from podnet.model.objects import Namespace
 from podnet.store.objects import ObjectEvent
 
 NOERROR, NXDOMAIN = 0, 3
 
 
-def svc(name, ns="prod", cluster_ip="10.96.0.10", ports=None, **spec):
-    spec = {"clusterIP": cluster_ip, "ports": ports if ports is not None else [{"name": "http", "port": 80}], **spec}
-    if spec.get("type") == "ExternalName":
-        spec.pop("clusterIP")
-    return Service.model_validate({"metadata": {"name": name, "namespace": ns}, "spec": spec})
-
-
-def eps(name, service, endpoints, ns="prod", ports=None, address_type="IPv4"):
-    return EndpointSlice.model_validate({
-        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": service}},
-        "addressType": address_type,
-        "endpoints": endpoints,
-        "ports": ports if ports is not None else [{"name": "http", "port": 8080, "protocol": "TCP"}],
-    })
-
-
-def ep(ip, hostname=None, ready=True):
-    out = {"addresses": [ip], "conditions": {"ready": ready}}
-    if hostname:
-        out["hostname"] = hostname
-    return out
-
-
-def pod(name, ip, ns="prod", node="n1"):
-    return Pod.model_validate({"metadata": {"name": name, "namespace": ns}, "spec": {"nodeName": node},
-                               "status": {"podIP": ip}})
+svc, eps, ep, pod = make_service, make_slice, make_endpoint, make_pod
 
 
 def values(ans, section="answer"):

@@ -268,10 +268,20 @@ class Renderer:
         self.buf += struct.pack("!HH", rtype, rclass)
         self.ttl_offsets.append(len(self.buf))
         self.buf += struct.pack("!I", ttl & 0xFFFFFFFF)
-        if rtype in _COMPRESSIBLE_RDATA:
+        if rtype in _COMPRESSIBLE_RDATA or rtype == SOA or rtype == MX:
             len_at = len(self.buf)
             self.buf += b"\x00\x00"
-            self.name(rdata)
+            if rtype == SOA:
+                mname, p = read_name(rdata, 0)
+                rname, p = read_name(rdata, p)
+                self.name(mname)
+                self.name(rname)
+                self.buf += rdata[p:]
+            elif rtype == MX:
+                self.buf += rdata[:2]
+                self.name(rdata[2:])
+            else:
+                self.name(rdata)
             struct.pack_into("!H", self.buf, len_at, len(self.buf) - len_at - 2)
             return
         self.buf += struct.pack("!H", len(rdata))
