@@ -123,6 +123,7 @@ EMPTY_STATE = PolicyState({}, {}, {}, {INGRESS: {}, EGRESS: {}})
 # ------------------------------------------------------------------ naming
 
 
+@lru_cache(maxsize=1 << 16)
 def selector_set_name(sel: PeerSelector) -> str:
     return "s_" + short_hash("sel", sel.namespace, sel.ns_selector, sel.pod_selector)
 
@@ -136,10 +137,12 @@ def cidr_set_name(peer: CidrPeer) -> str:
     return "c_" + short_hash("cidr", cidr_ranges(peer))
 
 
+@lru_cache(maxsize=1 << 16)
 def named_set_name(name: str, protocol: str) -> str:
     return "n_" + short_hash("port", name, protocol)
 
 
+@lru_cache(maxsize=1 << 16)
 def policy_chain_name(policy_key: str, direction: str) -> str:
     return ("pi_" if direction == INGRESS else "pe_") + short_hash("policy", policy_key)
 
@@ -149,6 +152,12 @@ def group_chain_name(direction: str, chains: tuple[str, ...]) -> str:
 
 
 # ------------------------------------------------------------------ compiler
+
+
+def _changed(old: dict, new: dict) -> set:
+    out = {k for k, n in new.items() if (o := old.get(k)) is not n and o != n}
+    out.update(old.keys() - new.keys())
+    return out
 
 
 def compile_policy(inputs: Inputs) -> PolicyState:
@@ -176,6 +185,8 @@ class PolicyCompiler:
         self._set_cache: dict[str, SetDef] = {}
         self._chain_cache: dict[tuple[str, str], PolicyChain] = {}
         self._group_cache: dict[tuple[str, tuple[str, ...]], GroupChain] = {}
+        self._combo_cache: dict[frozenset[str], tuple[tuple[str, GroupChain], ...]] = {}
+        self._chain_owner: dict[str, tuple[str, str]] = {}  # policy chain name -> (policy, direction)
         # set name -> what it is made of (a PeerSelector, a CidrPeer or a (port name, protocol))
         self._set_sources: dict[str, object] = {}
 
@@ -240,16 +251,17 @@ class PolicyCompiler:
     def compile(self, new: Inputs) -> PolicyState:
         old = self.inp
         dirty: set[str] = set()  # set names whose elements must be rebuilt
-        changed_pols = {k for k in old.policies.keys() | new.policies.keys()
-                        if (o := old.policies.get(k)) is not (n := new.policies.get(k)) and o != n}
-        changed_pods = {k for k in old.pods.keys() | new.pods.keys()
-                        if (o := old.pods.get(k)) is not (n := new.pods.get(k)) and o != n}
-        changed_ns = {k for k in old.namespaces.keys() | new.namespaces.keys()
-                      if old.namespaces.get(k) != new.namespaces.get(k)}
+        changed_pols = _changed(old.policies, new.policies)
+        changed_pods = _changed(old.pods, new.pods)
+        changed_ns = _changed(old.namespaces, new.namespaces)
 
         # indexes over pods and policies
         for k in changed_pods:
-            if (o := old.pods.get(k)) is not None:
+            o, n = old.pods.get(k), new.pods.get(k)
+            if o is not None and n is not None and (o.namespace, o.ip, o.named_ports) == (
+                    n.namespace, n.ip, n.named_ports):
+                continue  # only labels changed: the indexes stay
+            if o is not None:
                 self.ns_pods[o.namespace].discard(k)
                 if o.ip:
                     self.ip_pods[o.ip].discard(k)
@@ -258,7 +270,7 @@ class PolicyCompiler:
                 for name, proto, _ in o.named_ports:
                     if self.named[(name, proto)].pop(k, None) is not None:
                         dirty.add(named_set_name(name, proto))
-            if (n := new.pods.get(k)) is not None:
+            if n is not None:
                 self.ns_pods[n.namespace].add(k)
                 if n.ip:
                     self.ip_pods[n.ip].add(k)
@@ -303,6 +315,8 @@ class PolicyCompiler:
                     self._ref(sel, +1, dirty)
             for d in DIRECTIONS:
                 self._chain_cache.pop((k, d), None)
+        if changed_pols:
+            self._combo_cache.clear()
 
         # local pods and the policies selecting them
         local = {k for ip in new.local_ips for k in self.ip_pods.get(ip, ())}
@@ -340,22 +354,21 @@ class PolicyCompiler:
         chains: dict[str, PolicyChain] = {}
         for k in sorted(self.local):
             pod = inp.pods[k]
-            pols = sorted(self.pod_policies.get(k, ()))
-            for d in DIRECTIONS:
-                names = tuple(policy_chain_name(p, d) for p in pols if inp.policies[p].rules(d) is not None)
-                if not names:
-                    continue
-                for p in pols:
-                    if inp.policies[p].rules(d) is not None:
-                        chains.setdefault(policy_chain_name(p, d), self._chain(p, d))
-                g = self._group_cache.get((d, names))
-                if g is None:
-                    g = self._group_cache[(d, names)] = GroupChain(group_chain_name(d, names), d, names)
+            combo = frozenset(self.pod_policies.get(k, ()))
+            per_dir = self._combo_cache.get(combo)
+            if per_dir is None:
+                per_dir = self._combo_cache[combo] = self._combo(combo)
+            for d, g in per_dir:
+                for name in g.policy_chains:
+                    if name not in chains:
+                        chains[name] = self._chain(*self._chain_owner[name])
                 groups[g.name] = g
                 assert pod.ip is not None
                 dispatch[d][pod.ip] = g.name
         if len(self._group_cache) > 4 * len(groups) + 64:
             self._group_cache = {(g.direction, g.policy_chains): g for g in groups.values()}
+        if len(self._combo_cache) > 4 * len(self.local) + 64:
+            self._combo_cache.clear()
         sets: dict[str, SetDef] = {}
         for c in chains.values():
             for r in c.rules:
@@ -363,6 +376,26 @@ class PolicyCompiler:
                     if name and name not in sets:
                         sets[name] = self._set(name)
         return PolicyState(sets, chains, groups, dispatch)
+
+    def _combo(self, policies: frozenset[str]) -> tuple[tuple[str, GroupChain], ...]:
+        """The group chain per direction for a pod selected by exactly `policies`."""
+        out = []
+        pols = sorted(policies)
+        for d in DIRECTIONS:
+            names = []
+            for p in pols:
+                if self.inp.policies[p].rules(d) is not None:
+                    name = policy_chain_name(p, d)
+                    self._chain_owner[name] = (p, d)
+                    names.append(name)
+            if not names:
+                continue
+            key = (d, tuple(names))
+            g = self._group_cache.get(key)
+            if g is None:
+                g = self._group_cache[key] = GroupChain(group_chain_name(d, key[1]), d, key[1])
+            out.append((d, g))
+        return tuple(out)
 
     def _chain(self, policy: str, direction: str) -> PolicyChain:
         cached = self._chain_cache.get((policy, direction))

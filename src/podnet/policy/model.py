@@ -82,14 +82,12 @@ class PodInfo:
     named_ports: tuple[tuple[str, str, int], ...]  # (name, protocol, number)
     host_network: bool = False
     node: str | None = None
+    label_map: dict[str, str] = field(init=False, compare=False, repr=False)
+    key: str = field(init=False, compare=False, repr=False)  # "ns/name"
 
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def label_map(self) -> dict[str, str]:
-        return dict(self.labels)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.namespace}/{self.name}")
+        object.__setattr__(self, "label_map", dict(self.labels))
 
     def named_port(self, name: str, protocol: str) -> int | None:
         for n, p, num in self.named_ports:
@@ -306,20 +304,12 @@ class Inputs:
 
 class InputCache:
     """Turns object lists into Inputs, reusing the conversion of objects that did
-    not change (same object, or same resourceVersion)."""
+    not change: the same object (an informer's cache hands the same ones back),
+    or one with the same resourceVersion."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[str, str], tuple[object, str | None, object]] = {}
-
-    def _convert(self, kind: str, obj, fn):
-        key = (kind, f"{obj.namespace}/{obj.name}")
-        rv = obj.metadata.resource_version
-        old = self._seen.get(key)
-        if old is not None and (old[0] is obj or (rv is not None and old[1] == rv)):
-            return old[2]
-        info = fn(obj)
-        self._seen[key] = (obj, rv, info)
-        return info
+        # id(obj) -> (obj, identity key, resourceVersion, converted); the object is kept so its id stays unique
+        self._by_id: dict[int, tuple[object, tuple[str, str], str | None, object]] = {}
 
     def inputs(
         self,
@@ -328,20 +318,27 @@ class InputCache:
         policies: Iterable[NetworkPolicy],
         local_pod_ips: Iterable[str],
     ) -> Inputs:
+        old = self._by_id
+        new: dict[int, tuple[object, tuple[str, str], str | None, object]] = {}
+        by_rv: dict[tuple[str, str], tuple[object, tuple[str, str], str | None, object]] | None = None
+
+        def convert(kind: str, obj, fn):
+            nonlocal by_rv
+            e = old.get(id(obj))
+            if e is None or e[0] is not obj:
+                key = (kind, f"{obj.namespace}/{obj.name}")
+                rv = obj.metadata.resource_version
+                if by_rv is None:
+                    by_rv = {x[1]: x for x in old.values()}
+                prev = by_rv.get(key)
+                e = (obj, key, rv, prev[3] if prev is not None and rv is not None and prev[2] == rv else fn(obj))
+            new[id(obj)] = e
+            return e[3]
+
         inp = Inputs()
-        live: set[tuple[str, str]] = set()
-        for p in pods:
-            info = self._convert("Pod", p, pod_info)
-            inp.pods[info.key] = info
-            live.add(("Pod", f"{p.namespace}/{p.name}"))
-        for n in namespaces:
-            inp.namespaces[n.name] = self._convert("Namespace", n, namespace_labels)
-            live.add(("Namespace", f"{n.namespace}/{n.name}"))
-        for pol in policies:
-            info = self._convert("NetworkPolicy", pol, policy_info)
-            inp.policies[info.key] = info
-            live.add(("NetworkPolicy", f"{pol.namespace}/{pol.name}"))
-        for k in [k for k in self._seen if k not in live]:
-            del self._seen[k]
+        inp.pods = {(i := convert("Pod", p, pod_info)).key: i for p in pods}
+        inp.namespaces = {n.name: convert("Namespace", n, namespace_labels) for n in namespaces}
+        inp.policies = {(i := convert("NetworkPolicy", p, policy_info)).key: i for p in policies}
         inp.local_ips = frozenset(ip for x in local_pod_ips if (ip := _ipv4(x)))
+        self._by_id = new
         return inp

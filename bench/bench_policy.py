@@ -1,0 +1,288 @@
+"""NetworkPolicy benchmark: program size and change latency, and connect latency.
+
+    .venv/bin/python bench/bench_policy.py [--quick]
+
+Runs as root; everything happens in network namespaces it creates and deletes.
+For each (pods, policies) shape it programs a synthetic cluster into an empty
+table and times: the apply from empty, one policy change, one label change of
+a local pod (compile + the nft transaction, end to end), and counts kernel
+elements, chains and rules. Then TCP connect latency between two pods through a
+node with 0 policies and with 1000 (the server selected by many of them, the
+allowing rule in the last one). Prints a table and writes bench/results/policy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+NAMESPACES = 20
+APPS = 50
+LOCAL_PODS = 110  # a node's usual pod limit
+
+
+def synthetic(n_pods: int, n_policies: int):
+    from podnet.model.objects import Namespace, NetworkPolicy, Pod
+
+    nss = [Namespace.model_validate({"metadata": {"name": f"ns{i}", "labels": {"team": f"t{i % 5}"}}})
+           for i in range(NAMESPACES)]
+    pods = []
+    for i in range(n_pods):
+        pods.append(Pod.model_validate({
+            "metadata": {"name": f"p{i}", "namespace": f"ns{i % NAMESPACES}",
+                         "labels": {"app": f"app{i % APPS}", "tier": ("web", "api", "db")[i % 3]}},
+            "spec": {"containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8000 + i % 3}]}]},
+            "status": {"podIP": f"10.64.{i // 250}.{i % 250 + 1}"},
+        }))
+    pols = []
+    for j in range(n_policies):
+        ns = f"ns{j % NAMESPACES}"
+        spec = {
+            "podSelector": {"matchLabels": {"app": f"app{j % APPS}"}},
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": f"app{(j + 1) % APPS}"}}},
+                          {"namespaceSelector": {"matchLabels": {"team": f"t{j % 5}"}},
+                           "podSelector": {"matchLabels": {"tier": "web"}}}],
+                 "ports": [{"port": 80}, {"port": "http"}]},
+                {"from": [{"ipBlock": {"cidr": "192.168.0.0/16", "except": [f"192.168.{j % 256}.0/24"]}}]},
+            ],
+        }
+        if j % 4 == 0:
+            spec["egress"] = [{"to": [{"namespaceSelector": {"matchLabels": {"team": f"t{(j + 2) % 5}"}}}],
+                               "ports": [{"port": 443}, {"port": 53, "protocol": "UDP"}]}]
+            spec["policyTypes"] = ["Ingress", "Egress"]
+        pols.append(NetworkPolicy.model_validate({"metadata": {"name": f"pol{j}", "namespace": ns}, "spec": spec}))
+    local = [p.status.pod_ip for p in pods[:LOCAL_PODS]]
+    return pods, nss, pols, local
+
+
+def inner_shape(n_pods: int, n_policies: int) -> dict:
+    """Runs inside a fresh network namespace."""
+    from podnet.model.objects import NetworkPolicy
+    from podnet.policy.applier import PolicyProgrammer
+
+    pods, nss, pols, local = synthetic(n_pods, n_policies)
+    pp = PolicyProgrammer()
+    t = time.perf_counter()
+    ch = pp.sync(pods, nss, pols, local)
+    t_full = time.perf_counter() - t
+    st = pp.state
+
+    def cpu() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def timed(fn, repeat: int = 7) -> tuple[float, dict]:
+        times, last = [], None
+        for k in range(repeat):
+            args = fn(k)
+            u0 = cpu()
+            t0 = time.perf_counter()
+            inputs = pp.inputs.inputs(*args)
+            state = pp.compiler.compile(inputs)
+            t1 = time.perf_counter()
+            last = pp.applier.apply(state)
+            pp.state = state
+            times.append((time.perf_counter() - t0, t1 - t0, cpu() - u0))
+        return statistics.median(t[0] for t in times), {
+            "compile_ms": round(statistics.median(t[1] for t in times) * 1000, 2),
+            "nft_ms": round(statistics.median(t[0] - t[1] for t in times) * 1000, 2),
+            "cpu_ms": round(statistics.median(t[2] for t in times) * 1000, 2),
+            "commands": last.commands if last else 0, "full": bool(last and last.full)}
+
+    # one policy change: the first policy gets another peer namespace, back and forth
+    def policy_change(k: int):
+        old = pols[0]
+        spec = old.spec.model_dump(by_alias=True, exclude_none=True)
+        spec["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"] = f"app{(k + 7) % APPS}"
+        pols[0] = NetworkPolicy.model_validate({"metadata": {"name": old.name, "namespace": old.namespace},
+                                                "spec": spec})
+        return pods, nss, pols, local
+
+    t_pol, pol_info = timed(policy_change)
+
+    # one label change of a local pod: it leaves its app (selector sets, dispatch) and comes back
+    def label_change(k: int):
+        p = pods[3]
+        labels = {**p.labels, "app": f"app{(3 + (k % 2) * 11) % APPS}"}
+        pods[3] = p.with_meta(labels=labels)
+        return pods, nss, pols, local
+
+    t_lab, lab_info = timed(label_change)
+    listing = subprocess.run(["nft", "list", "table", "ip", "podnet-policy"], capture_output=True, text=True).stdout
+    return {
+        "pods": n_pods, "policies": n_policies, "local_pods": len(local),
+        "apply_from_empty_ms": round(t_full * 1000, 1),
+        "policy_change_ms": round(t_pol * 1000, 2), "policy_change": pol_info,
+        "label_change_ms": round(t_lab * 1000, 2), "label_change": lab_info,
+        "kernel_elements": st.element_count(), "sets": len(st.sets), "chains": st.chain_count(),
+        "rules": st.rule_count(), "listing_bytes": len(listing), "full_commands": ch.commands,
+    }
+
+
+# ------------------------------------------------------------------ connect latency
+
+CLIENT = r"""
+import socket, sys, time, json
+host, n = sys.argv[1], int(sys.argv[2])
+lat = []
+for i in range(n):
+    t = time.perf_counter()
+    s = socket.create_connection((host, 80), timeout=2)
+    lat.append(time.perf_counter() - t)
+    s.close()
+lat.sort()
+print(json.dumps({"mean_us": sum(lat) / n * 1e6, "p50_us": lat[n // 2] * 1e6, "p99_us": lat[int(n * .99)] * 1e6}))
+"""
+
+SERVER = r"""
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 80)); s.listen(512)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.close()
+"""
+
+
+def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=True, capture_output=True, text=True, **kw)
+
+
+def connect_latency(n_policies: int, n_pods: int, connects: int, rounds: int) -> list[dict]:
+    """Client and server pods behind one node; rounds alternate between no policy and
+    `n_policies` (so load drift on a shared machine hits both alike); median of rounds."""
+    tag = f"pnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+    node, cli, srv = f"{tag}-node", f"{tag}-cli", f"{tag}-srv"
+    made: list[str] = []
+    server = None
+    try:
+        for n in (node, cli, srv):
+            sh("ip", "netns", "add", n)
+            made.append(n)
+            sh("ip", "netns", "exec", n, "ip", "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # client = pod 0, server = pod 1 of the synthetic cluster (app0 in ns0, app1 in ns1)
+        code = f"""
+from podnet.dataplane.pods import PodDataplane
+PodDataplane(1500).add("cli", "eth0", "/run/netns/{cli}", "10.64.0.1")
+PodDataplane(1500).add("srv", "eth0", "/run/netns/{srv}", "10.64.0.2")
+"""
+        sh("ip", "netns", "exec", node, PY, "-c", code)
+        server = subprocess.Popen(["ip", "netns", "exec", srv, PY, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+        assert server.stdout and server.stdout.readline().strip() == "ready"
+
+        def program(n: int) -> dict:
+            prog = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT / 'bench')!r})
+from bench_policy import synthetic
+from podnet.model.objects import NetworkPolicy
+from podnet.policy.applier import PolicyProgrammer
+pods, nss, pols, local = synthetic({n_pods}, {n})
+if pols:
+    # the server is selected by every policy for app1 in ns1; the one admitting the client comes last
+    pols.append(NetworkPolicy.model_validate({{"metadata": {{"name": "zz-allow", "namespace": "ns1"}},
+        "spec": {{"podSelector": {{"matchLabels": {{"app": "app1"}}}},
+                 "ingress": [{{"from": [{{"namespaceSelector": {{}}, "podSelector": {{"matchLabels": {{"app": "app0"}}}}}}]}}]}}}}))
+    # and the client's own egress policies end with one that lets it out
+    pols.append(NetworkPolicy.model_validate({{"metadata": {{"name": "zz-out", "namespace": "ns0"}},
+        "spec": {{"podSelector": {{"matchLabels": {{"app": "app0"}}}}, "policyTypes": ["Egress"], "egress": [{{}}]}}}}))
+pp = PolicyProgrammer()
+pp.sync(pods, nss, pols, ["10.64.0.1", "10.64.0.2"])
+d = pp.state.dispatch
+g = pp.state.groups
+print(json.dumps({{"elements": pp.state.element_count(),
+                  "server_chains": len(g[d["ingress"]["10.64.0.2"]].policy_chains) if "10.64.0.2" in d["ingress"] else 0,
+                  "client_chains": len(g[d["egress"]["10.64.0.1"]].policy_chains) if "10.64.0.1" in d["egress"] else 0}}))
+"""
+            return json.loads(sh("ip", "netns", "exec", node, PY, "-c", prog).stdout)
+
+        samples: dict[int, list[dict]] = {0: [], n_policies: []}
+        info: dict[int, dict] = {}
+        for _ in range(rounds):
+            for n in (0, n_policies):
+                info[n] = program(n)
+                out = sh("ip", "netns", "exec", cli, PY, "-c", CLIENT, "10.64.0.2", str(connects)).stdout
+                samples[n].append(json.loads(out))
+        return [{"policies": n, "pods": n_pods, "connects": connects, "rounds": rounds, **info[n],
+                 **{k: round(statistics.median(r[k] for r in samples[n]), 1) for k in ("mean_us", "p50_us", "p99_us")}}
+                for n in (0, n_policies)]
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=5)
+        for n in reversed(made):
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+def run_shape(n_pods: int, n_policies: int) -> dict:
+    name = f"pnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+    sh("ip", "netns", "add", name)
+    try:
+        out = sh("ip", "netns", "exec", name, PY, str(Path(__file__).resolve()), "--inner",
+                 str(n_pods), str(n_policies), timeout=1200).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="three shapes and fewer connects")
+    ap.add_argument("--inner", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "policy.json"))
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    if args.inner:
+        print(json.dumps(inner_shape(*args.inner)))
+        return 0
+    if os.geteuid() != 0:
+        print("bench_policy needs root (network namespaces)", file=sys.stderr)
+        return 1
+    shapes = ([(100, 10), (1000, 100), (5000, 1000)] if args.quick
+              else [(p, q) for p in (100, 1000, 5000) for q in (10, 100, 1000)])
+    rows = []
+    print(f"{'pods':>5} {'policies':>8} {'apply':>9} {'policy chg (cpu)':>17} {'label chg (cpu)':>16} "
+          f"{'elements':>8} {'sets':>5} {'chains':>6} {'rules':>6}")
+    for n_pods, n_pol in shapes:
+        r = run_shape(n_pods, n_pol)
+        rows.append(r)
+        pc, lc = r["policy_change"], r["label_change"]
+        print(f"{n_pods:>5} {n_pol:>8} {r['apply_from_empty_ms']:>7.0f}ms "
+              f"{r['policy_change_ms']:>7.1f}ms ({pc['cpu_ms']:>4.0f}ms) "
+              f"{r['label_change_ms']:>6.1f}ms ({lc['cpu_ms']:>4.0f}ms) "
+              f"{r['kernel_elements']:>8} {r['sets']:>5} {r['chains']:>6} {r['rules']:>6}", flush=True)
+    connects, rounds = (1000, 3) if args.quick else (2000, 5)
+    lat = connect_latency(1000, 5000, connects, rounds)
+    print(f"\nTCP connect, client and server pods on one node ({connects} sequential connects, "
+          f"median of {rounds} alternating rounds):")
+    for r in lat:
+        print(f"  {r['policies']:>4} policies: mean {r['mean_us']:.0f} us, p50 {r['p50_us']:.0f} us, "
+              f"p99 {r['p99_us']:.0f} us (policy chains walked: server {r['server_chains']}, "
+              f"client {r['client_chains']})")
+    ratio = lat[1]["p50_us"] / lat[0]["p50_us"]
+    print(f"  1000 vs 0 policies: {100 * (ratio - 1):+.1f}% at p50, "
+          f"{100 * (lat[1]['mean_us'] / lat[0]['mean_us'] - 1):+.1f}% mean")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result = {"command": "bench/bench_policy.py" + (" --quick" if args.quick else ""), "shapes": rows,
+              "load_average": os.getloadavg(),
+              "connect_latency": lat, "connect_p50_ratio": round(ratio, 3),
+              "machine": {"cpus": os.cpu_count(), "nft": sh("nft", "--version").stdout.strip()}}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
