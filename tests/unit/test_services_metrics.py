@@ -1,0 +1,109 @@
+"""Sync metrics, conntrack sizing and the health check server (no root needed)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+from podnet.model.objects import EndpointSlice
+from podnet.services.conntrack import (
+    ConntrackSizing,
+    apply_conntrack_sizing,
+    conntrack_delete_command,
+    conntrack_max,
+    delete_stale_flows,
+)
+from podnet.services.health import HealthCheckServer
+from podnet.services.metrics import SYNC_BUCKETS, ServiceMetrics
+from podnet.services.model import Backend, Frontend, HealthCheck, StaleFlow
+
+
+def test_sync_histogram_has_kube_proxy_buckets_and_prometheus_text():
+    assert len(SYNC_BUCKETS) == 15 and SYNC_BUCKETS[0] == 0.001 and SYNC_BUCKETS[-1] == 0.001 * 2**14
+    m = ServiceMetrics()
+    m.record_sync(0.0015, changed=7, now=1700000000.0)
+    m.record_sync(100.0, ok=False)
+    text = m.render()
+    assert "# TYPE sync_proxy_rules_duration_seconds histogram" in text
+    assert 'sync_proxy_rules_duration_seconds_bucket{le="0.001"} 0' in text
+    assert 'sync_proxy_rules_duration_seconds_bucket{le="0.002"} 1' in text
+    assert 'sync_proxy_rules_duration_seconds_bucket{le="+Inf"} 2' in text
+    assert "sync_proxy_rules_duration_seconds_count 2" in text
+    assert "sync_proxy_rules_last_timestamp_seconds 1700000000.0" in text
+    assert "sync_proxy_rules_nftables_failures_total 1.0" in text
+    assert "sync_proxy_rules_elements_changed_total 7.0" in text
+    assert "# TYPE network_programming_duration_seconds histogram" in text
+    assert "kubeproxy_sync_proxy_rules_duration_seconds_count 0" in ServiceMetrics("kubeproxy_").render()
+
+
+def test_network_programming_latency_once_per_change():
+    sl = EndpointSlice.model_validate({
+        "metadata": {"name": "web-1", "annotations": {
+            "endpoints.kubernetes.io/last-change-trigger-time": "2024-01-01T00:00:00Z"}},
+        "addressType": "IPv4", "endpoints": []})
+    m = ServiceMetrics()
+    t0 = 1704067200.0  # 2024-01-01T00:00:00Z
+    assert m.record_network_programming([sl], now=t0 + 1.2) == 1
+    assert m.record_network_programming([sl], now=t0 + 5) == 0  # the same change is not counted twice
+    text = m.render()
+    assert 'network_programming_duration_seconds_bucket{le="1.0"} 0' in text
+    assert 'network_programming_duration_seconds_bucket{le="2.0"} 1' in text
+
+
+def test_conntrack_sizing_formula_and_never_lowering(tmp_path):
+    assert conntrack_max(2) == 131072  # the minimum wins on small nodes
+    assert conntrack_max(8) == 8 * 32768
+    assert conntrack_max(8, ConntrackSizing(max_per_core=0)) == 0
+    path = tmp_path / "nf_conntrack_max"
+    path.write_text("65536\n")
+    assert apply_conntrack_sizing(ConntrackSizing(), cores=16, path=str(path)) == 16 * 32768
+    assert path.read_text() == str(16 * 32768)
+    assert apply_conntrack_sizing(ConntrackSizing(), cores=2, path=str(path)) is None  # already larger
+
+
+def test_conntrack_commands():
+    fe = Frontend("10.96.0.10", "udp", 53)
+    assert conntrack_delete_command(StaleFlow(fe, Backend("10.1.0.5", 5353))) == [
+        "conntrack", "-D", "-p", "udp", "--orig-dst", "10.96.0.10", "--orig-port-dst", "53",
+        "--reply-src", "10.1.0.5", "--reply-port-src", "5353"]
+    assert conntrack_delete_command(StaleFlow(Frontend(None, "udp", 30053), None)) == [
+        "conntrack", "-D", "-p", "udp", "--orig-port-dst", "30053"]
+
+    class Proc:
+        returncode = 0
+        stderr = "conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.\n"
+
+    assert delete_stale_flows([StaleFlow(fe, None)] * 2, lambda cmd: Proc()) == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int) -> tuple[int, dict]:
+    try:
+        r = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3)
+        return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_health_check_server_answers_by_local_endpoint_count():
+    port = _free_port()
+    server = HealthCheckServer("127.0.0.1")
+    try:
+        server.sync([HealthCheck(port, "shop", "web", 2)])
+        assert _get(port) == (200, {"service": {"namespace": "shop", "name": "web"}, "localEndpoints": 2,
+                                    "serviceProxyHealthy": True})
+        server.sync([HealthCheck(port, "shop", "web", 0)])
+        assert _get(port)[0] == 503
+        server.sync([])
+        assert server.ports() == []
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0  # closed
+    finally:
+        server.close()
