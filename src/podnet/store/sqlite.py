@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
 HISTORY_KEPT = 200_000
 COMPACT_EVERY = 5_000
 WATCH_POLL_SECONDS = 0.02
+OPEN_TIMEOUT = 60.0
 
 
 def prefix_end(prefix: str) -> str:
@@ -57,18 +59,28 @@ class SQLiteStore(KeyValueStore):
 
     def _connect(self) -> sqlite3.Connection:
         parent = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(parent, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=60000")
-            if not db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
-                # One script in one write transaction: concurrent first openers serialise.
-                db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
-        except (OSError, sqlite3.Error) as e:
-            raise StoreUnavailable(f"cannot open store {self.path}: {e}") from None
-        return db
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while True:
+            db = None
+            try:
+                os.makedirs(parent, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA busy_timeout=60000")
+                if not db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+                    # One script in one write transaction: concurrent first openers serialise.
+                    db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+                return db
+            except (OSError, sqlite3.Error) as e:
+                if db is not None:
+                    db.close()
+                # Switching a new file to WAL needs an exclusive lock, and SQLite reports that
+                # contention at once instead of waiting: concurrent first openers try again.
+                busy = isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+                if not busy or time.monotonic() > deadline:
+                    raise StoreUnavailable(f"cannot open store {self.path}: {e}") from None
+                time.sleep(random.uniform(0.005, 0.05))
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,524 @@
+"""The cluster store: etcd v3 through its built-in gRPC-gateway (JSON over HTTP/1.1).
+
+Only the standard library is used: one keep-alive http.client connection per
+store object for unary calls, and one more per watch (a watch is a long-lived
+streaming response, so it never blocks the store's other calls).
+
+Semantics follow podnet.store.base exactly:
+
+* A transaction is one etcd Txn. Each op's `expect` becomes a compare
+  (0 = must not exist, n = mod_revision must be n); the failure branch reads
+  the compared keys in the same Txn, so the error names the first failing key
+  exactly as check_expect does against that consistent snapshot.
+* Reads are linearizable and may be retried on another endpoint. A write whose
+  connection dies after the request went out has an unknown outcome: it is
+  reported as StoreUnavailable saying so, never retried and never reported as
+  a clean failure.
+* A watch resumes after the last event it yielded when its connection drops,
+  on whichever endpoint answers, and raises Compacted when etcd no longer has
+  the history it needs.
+
+Every request carries the `hasleader` metadata, so a member cut off from its
+cluster rejects requests (and cancels watches) at once instead of hanging;
+those rejections are safe to retry elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import select
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from podnet.errors import PodnetError
+from podnet.store.base import (
+    Compacted,
+    Conflict,
+    Event,
+    KeyValueStore,
+    Op,
+    Record,
+    StoreError,
+    StoreUnavailable,
+    check_expect,
+)
+
+CONNECT_TIMEOUT = 2.0
+# Longer than etcd's own request timeout (5s + 2 election timeouts), so the server
+# normally answers with its error before the client gives up.
+REQUEST_TIMEOUT = 15.0
+# How long calls keep trying other endpoints while members answer with errors
+# (e.g. during a leader election). If no endpoint accepts a connection at all,
+# calls fail at once.
+RETRY_FOR = 10.0
+# How long a watch keeps trying to reconnect before giving up.
+WATCH_RECONNECT_FOR = 60.0
+PAGE_SIZE = 1000
+
+HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    "Grpc-Metadata-hasleader": "true",
+}
+
+# gRPC status codes the gateway reports in its JSON errors.
+_INVALID_ARGUMENT, _NOT_FOUND, _PERMISSION_DENIED, _FAILED_PRECONDITION = 3, 5, 7, 9
+_OUT_OF_RANGE, _UNIMPLEMENTED, _UNAUTHENTICATED = 11, 12, 16
+_PERMANENT_CODES = {_INVALID_ARGUMENT, _NOT_FOUND, _PERMISSION_DENIED, _FAILED_PRECONDITION,
+                    _UNIMPLEMENTED, _UNAUTHENTICATED}
+# Server errors raised before a request is proposed to raft: safe to send elsewhere.
+_NOT_PROPOSED = ("etcdserver: no leader", "etcdserver: too many requests", "etcdserver: not capable")
+
+
+class _NotSent(Exception):
+    """The request certainly had no effect (not delivered, or rejected before it was proposed)."""
+
+    def __init__(self, message: str, *, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+class _MaybeSent(Exception):
+    """The request was delivered but no answer came: it may or may not have been applied."""
+
+
+class _ServerError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with prefix (etcd's range_end)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\x00"  # empty prefix (or all 0xff): the whole keyspace
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    text = endpoint.strip()
+    if text.startswith("https://"):
+        raise PodnetError(f"etcd endpoint {endpoint!r}: TLS is not supported; use a plain http:// client URL")
+    text = text.removeprefix("http://").rstrip("/")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise PodnetError(f"etcd endpoint {endpoint!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _decode_value(key: str, raw: str | None) -> dict[str, Any]:
+    try:
+        return json.loads(_unb64(raw))
+    except ValueError:
+        raise StoreError(f"{key}: stored value is not JSON") from None
+
+
+def _record(kv: dict[str, Any]) -> Record:
+    key = _unb64(kv["key"]).decode()
+    return Record(key, _decode_value(key, kv.get("value")), int(kv["mod_revision"]), int(kv["create_revision"]))
+
+
+def _compare(op: Op) -> dict[str, Any] | None:
+    if op.expect is None:
+        return None
+    key = _b64(op.key.encode())
+    if op.expect == 0:
+        # put: must not exist; delete: must exist (any revision), as check_expect has it.
+        result = "EQUAL" if op.kind == "put" else "GREATER"
+        return {"key": key, "target": "CREATE", "result": result, "create_revision": "0"}
+    return {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(op.expect)}
+
+
+class _Connection:
+    """One keep-alive HTTP connection to one endpoint."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float, timeout: float | None):
+        self.conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
+        try:
+            self.conn.connect()
+        except OSError as e:
+            self.conn.close()
+            raise _NotSent(f"cannot connect: {e}", unreachable=True) from None
+        sock = self.conn.sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+        sock.settimeout(timeout)
+
+    @property
+    def sock(self) -> socket.socket | None:
+        return self.conn.sock
+
+    def idle_and_open(self) -> bool:
+        """False if the server closed this idle connection (it is readable: EOF or junk)."""
+        sock = self.conn.sock
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def send(self, path: str, body: bytes) -> None:
+        try:
+            self.conn.request("POST", path, body=body, headers=HEADERS)
+        except (OSError, http.client.HTTPException) as e:
+            # The request did not fully leave this host, so the server cannot have acted on it.
+            raise _NotSent(f"sending failed: {e}") from None
+
+    def response(self) -> http.client.HTTPResponse:
+        try:
+            return self.conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            raise _MaybeSent(f"no response: {e or type(e).__name__}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _read_json(resp: http.client.HTTPResponse) -> dict[str, Any]:
+    try:
+        data = resp.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise _MaybeSent(f"response cut off: {e or type(e).__name__}") from None
+    try:
+        doc = json.loads(data) if data else {}
+    except ValueError:
+        doc = None
+    if resp.status != 200:
+        if isinstance(doc, dict) and ("error" in doc or "message" in doc):
+            raise _ServerError(int(doc.get("code", 2)), str(doc.get("message") or doc.get("error")))
+        if resp.status == 404:
+            raise _ServerError(_UNIMPLEMENTED, "no etcd v3 JSON gateway at /v3/ here (etcd 3.4 or later is needed)")
+        raise _ServerError(2, f"HTTP {resp.status} {resp.reason}: {data[:200]!r}")
+    if not isinstance(doc, dict):
+        raise _MaybeSent(f"unreadable response: {data[:200]!r}")
+    return doc
+
+
+class EtcdStore(KeyValueStore):
+    def __init__(
+        self,
+        endpoints: list[str],
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        timeout: float = REQUEST_TIMEOUT,
+        retry_for: float = RETRY_FOR,
+        watch_reconnect_for: float = WATCH_RECONNECT_FOR,
+        page_size: int = PAGE_SIZE,
+    ):
+        if not endpoints:
+            raise PodnetError("etcd store needs at least one endpoint")
+        self.endpoints = [e.strip().removeprefix("http://").rstrip("/") for e in endpoints]
+        self._addrs = [parse_endpoint(e) for e in self.endpoints]
+        self.url = "etcd://" + ",".join(self.endpoints)
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self.watch_reconnect_for = watch_reconnect_for
+        self.page_size = page_size
+        self._current = 0  # index of the endpoint in use
+        self._conn: _Connection | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+        self._watch_conns: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._watch_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _endpoints_text(self) -> str:
+        return ", ".join(self.endpoints)
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _once(self, path: str, body: bytes) -> dict[str, Any]:
+        """One request on the current endpoint's connection (opened or refreshed as needed)."""
+        if self._conn is not None and not self._conn.idle_and_open():
+            self._drop()
+        if self._conn is None:
+            host, port = self._addrs[self._current]
+            self._conn = _Connection(host, port, self.connect_timeout, self.timeout)
+        self._conn.send(path, body)
+        resp = self._conn.response()
+        doc = _read_json(resp)
+        if resp.will_close:
+            self._drop()
+        return doc
+
+    def _call(self, path: str, request: dict[str, Any], *, write: bool = False) -> dict[str, Any]:
+        """POST to the current endpoint, failing over to the others.
+
+        Reads are retried anywhere. A write is only retried when it certainly was not
+        applied; if it may have been, StoreUnavailable says its outcome is unknown.
+        """
+        if self._closed:
+            raise StoreUnavailable(f"etcd store {self.url} is closed")
+        body = json.dumps(request, separators=(",", ":")).encode()
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        with self._lock:
+            while True:
+                errors: list[str] = []
+                all_unreachable = True
+                for _ in range(len(self._addrs)):
+                    endpoint = self.endpoints[self._current]
+                    try:
+                        return self._once(path, body)
+                    except _NotSent as e:
+                        all_unreachable &= e.unreachable
+                        errors.append(f"{endpoint}: {e}")
+                    except _MaybeSent as e:
+                        all_unreachable = False
+                        if write:
+                            self._drop()
+                            raise StoreUnavailable(
+                                f"etcd {endpoint}: connection lost after the transaction was sent ({e}); "
+                                "its outcome is unknown: read the keys again before retrying"
+                            ) from None
+                        errors.append(f"{endpoint}: {e}")
+                    except _ServerError as e:
+                        if e.code in _PERMANENT_CODES or e.code == _OUT_OF_RANGE:
+                            raise StoreError(f"etcd {endpoint}: {e}") from None
+                        all_unreachable = False
+                        if write and not str(e).startswith(_NOT_PROPOSED):
+                            self._drop()
+                            raise StoreUnavailable(
+                                f"etcd {endpoint}: {e}; the transaction's outcome is unknown: "
+                                "read the keys again before retrying"
+                            ) from None
+                        errors.append(f"{endpoint}: {e}")
+                    self._drop()
+                    self._current = (self._current + 1) % len(self._addrs)
+                if all_unreachable or time.monotonic() + delay > deadline:
+                    what = "no etcd endpoint answered" if all_unreachable else "no etcd endpoint could serve the request"
+                    raise StoreUnavailable(f"{what} ({self._endpoints_text()}): {'; '.join(errors)}")
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def close(self) -> None:
+        """Close the store's connection, and stop its watches (they end, as if exhausted)."""
+        with self._lock:
+            self._closed = True
+            self._drop()
+        with self._watch_lock:
+            watching = list(self._watch_conns)
+        for conn in watching:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    # ------------------------------------------------------------------ reads
+
+    def revision(self) -> int:
+        doc = self._call("/v3/kv/range", {"key": _b64(b"\x00"), "count_only": True})
+        return int(doc["header"]["revision"])
+
+    def get(self, key: str) -> Record | None:
+        doc = self._call("/v3/kv/range", {"key": _b64(key.encode())})
+        kvs = doc.get("kvs") or []
+        return _record(kvs[0]) if kvs else None
+
+    def list(self, prefix: str) -> tuple[list[Record], int]:
+        start = prefix.encode()
+        end = _b64(prefix_range_end(start))
+        for _attempt in range(5):
+            records: list[Record] = []
+            rev = 0
+            key = start
+            try:
+                while True:
+                    request: dict[str, Any] = {"key": _b64(key), "range_end": end, "limit": str(self.page_size)}
+                    if rev:
+                        request["revision"] = str(rev)  # every page from the first page's snapshot
+                    doc = self._call("/v3/kv/range", request)
+                    if not rev:
+                        rev = int(doc["header"]["revision"])
+                    kvs = doc.get("kvs") or []
+                    records.extend(_record(kv) for kv in kvs)
+                    if not doc.get("more") or not kvs:
+                        return records, rev
+                    key = _unb64(kvs[-1]["key"]) + b"\x00"
+            except StoreError as e:
+                if "compacted" not in str(e):
+                    raise
+                # The snapshot was compacted between pages: read it all again, at a newer revision.
+        raise StoreUnavailable(f"listing {prefix!r}: the store was compacted under every attempt")
+
+    # ------------------------------------------------------------------ writes
+
+    def txn(self, ops: list[Op]) -> int:
+        compares = [c for c in (_compare(op) for op in ops) if c is not None]
+        # etcd refuses one key twice in a Txn; as in the other backends, the last write wins.
+        last: dict[str, Op] = {}
+        for op in ops:
+            last.pop(op.key, None)
+            last[op.key] = op
+        success = []
+        for op in last.values():
+            key = _b64(op.key.encode())
+            if op.kind == "put":
+                value = json.dumps(op.value, separators=(",", ":")).encode()
+                success.append({"request_put": {"key": key, "value": _b64(value)}})
+            else:
+                success.append({"request_delete_range": {"key": key}})
+        checked = list(dict.fromkeys(op.key for op in ops if op.expect is not None))
+        failure = [{"request_range": {"key": _b64(k.encode()), "keys_only": True}} for k in checked]
+        doc = self._call("/v3/kv/txn", {"compare": compares, "success": success, "failure": failure}, write=True)
+        if doc.get("succeeded") or not compares:
+            return int(doc["header"]["revision"])
+        current: dict[str, int] = dict.fromkeys(checked, 0)
+        for response in doc.get("responses") or []:
+            for kv in (response.get("response_range") or {}).get("kvs") or []:
+                current[_unb64(kv["key"]).decode()] = int(kv["mod_revision"])
+        for op in ops:
+            if op.expect is not None:
+                check_expect(op, current[op.key])
+        raise Conflict(checked[0])  # not reached: some compare failed, so some check does
+
+    # ------------------------------------------------------------------ watch
+
+    def watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
+        """See KeyValueStore.watch. "From now" (start_revision <= 0) means after the
+        revision current when watch() is called, not when iteration starts."""
+        if start_revision <= 0:
+            start_revision = self.revision() + 1
+        return self._watch(prefix, start_revision)
+
+    def _open_watch(self, index: int, prefix: str, start: int) -> tuple[_Connection, http.client.HTTPResponse]:
+        host, port = self._addrs[index]
+        conn = _Connection(host, port, self.connect_timeout, self.timeout)
+        with self._watch_lock:
+            self._watch_conns.add(conn)
+        request = {"create_request": {
+            "key": _b64(prefix.encode()),
+            "range_end": _b64(prefix_range_end(prefix.encode())),
+            "start_revision": str(start),
+            "prev_kv": True,
+        }}
+        try:
+            conn.send("/v3/watch", json.dumps(request).encode())
+            resp = conn.response()
+            if resp.status != 200:
+                _read_json(resp)  # raises the server's error
+                raise _MaybeSent(f"HTTP {resp.status}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn, resp
+
+    def _watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
+        next_rev = start_revision
+        index = self._current
+        failed_since: float | None = None
+        errors: dict[str, str] = {}
+        delay = 0.05
+        failures = 0
+        while True:
+            if self._closed:
+                return
+            endpoint = self.endpoints[index]
+            conn: _Connection | None = None
+            try:
+                conn, resp = self._open_watch(index, prefix, next_rev)
+                created = False
+                while True:
+                    line = resp.readline()
+                    if not line:
+                        raise _MaybeSent("watch stream ended")
+                    if not line.strip():
+                        continue
+                    msg = json.loads(line)
+                    if "error" in msg:
+                        err = msg["error"]
+                        raise _MaybeSent(str(err.get("message") if isinstance(err, dict) else err))
+                    result = msg.get("result") or {}
+                    if int(result.get("compact_revision") or 0) > 0:
+                        raise Compacted(next_rev, int(result["compact_revision"]))
+                    if result.get("canceled"):
+                        raise _MaybeSent(f"watch canceled: {result.get('cancel_reason') or 'no reason given'}")
+                    if result.get("created") and not created:
+                        created = True
+                        conn.sock.settimeout(None)  # wait for events as long as it takes (TCP keepalive is on)
+                        failed_since, errors, delay, failures = None, {}, 0.05, 0
+                    floor = next_rev
+                    for raw in result.get("events") or []:
+                        event = self._event(raw)
+                        if event.revision < floor:
+                            continue  # already yielded before a reconnect
+                        yield event
+                        # etcd never splits one revision's events across messages, and all of
+                        # this message's events are yielded before the stream is read again.
+                        next_rev = event.revision + 1
+            except (_NotSent, _MaybeSent, _ServerError, OSError, http.client.HTTPException, ValueError) as e:
+                if self._closed:
+                    return
+                if isinstance(e, _ServerError) and e.code == _OUT_OF_RANGE:
+                    raise StoreError(f"etcd {endpoint}: {e}") from None
+                errors[endpoint] = str(e) or type(e).__name__
+                now = time.monotonic()
+                failed_since = failed_since if failed_since is not None else now
+                if now - failed_since > self.watch_reconnect_for:
+                    detail = "; ".join(f"{k}: {v}" for k, v in errors.items())
+                    raise StoreUnavailable(
+                        f"watch of {prefix!r}: no etcd endpoint answered for {self.watch_reconnect_for:.0f}s "
+                        f"({self._endpoints_text()}): {detail}"
+                    ) from None
+                index = (index + 1) % len(self._addrs)
+                failures += 1
+                if failures % len(self._addrs) == 0:  # every endpoint failed once: back off
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+    @staticmethod
+    def _event(raw: dict[str, Any]) -> Event:
+        kv = raw["kv"]
+        key = _unb64(kv["key"]).decode()
+        rev = int(kv["mod_revision"])
+        if raw.get("type") == "DELETE":
+            prev = raw.get("prev_kv")
+            return Event("DELETED", key, _decode_value(key, prev.get("value")) if prev else None, rev)
+        kind = "ADDED" if int(kv.get("create_revision") or 0) == rev else "MODIFIED"
+        return Event(kind, key, _decode_value(key, kv.get("value")), rev)
+
+    # ------------------------------------------------------------------ maintenance
+
+    def status(self) -> dict[str, Any]:
+        """The current endpoint's /v3/maintenance/status (leader, member_id, revision, ...)."""
+        return self._call("/v3/maintenance/status", {})
+
+    def compact(self, revision: int) -> None:
+        """Drop history before `revision` (etcd keeps `revision` itself watchable)."""
+        self._call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+
+__all__ = ["EtcdStore", "prefix_range_end"]
