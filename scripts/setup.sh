@@ -37,4 +37,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# The CNI plugin, where container runtimes look for plugins (next to nothing of the
+# host's: one file, whose #! line names this virtualenv's interpreter).
+.venv/bin/python -m podnet.cni.install /opt/cni/bin >/dev/null
 echo "setup: ok"
