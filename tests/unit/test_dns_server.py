@@ -446,3 +446,17 @@ def test_dnsmasq_as_upstream():
             assert d.query_log().count("files.corp.test A") == 1
         finally:
             s.stop_thread()
+
+
+def test_types_with_letter_bytes_never_share_a_fast_path_entry(plain):
+    # the fast path lower-cases the question, type included: type 65 (HTTPS, byte 'A') must not
+    # be served from an entry of type 97 (byte 'a') or the reverse
+    from podnet.dns.server import fast_safe
+
+    assert fast_safe(b"\x00\x01\x00\x01") and not fast_safe(b"\x00\x41\x00\x01") and not fast_safe(b"\x00\x61\x00\x01")
+    for rdtype in (65, 97, 65, 97):
+        r = ask(plain, "web.prod.svc.cluster.local", rdtype, use_edns=False)
+        assert r.question[0].rdtype == rdtype and r.rcode() == dns.rcode.NOERROR and not r.answer
+    fast_before = plain.stats["fast"]
+    ask(plain, "web.prod.svc.cluster.local", 65, use_edns=False)
+    assert plain.stats["fast"] == fast_before

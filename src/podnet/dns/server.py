@@ -59,7 +59,8 @@ from podnet.dns.wire import (
 
 log = logging.getLogger(__name__)
 
-FINAL, CHASE, AUTOPATH = 0, 1, 2
+# kinds of rendered zone answers; SLOW_ONLY is added for those the fast path must not serve
+FINAL, CHASE, AUTOPATH, SLOW_ONLY = 0, 1, 2, 8
 OPT_PLAIN = wire.opt_rr(False)
 OPT_DO = wire.opt_rr(True)
 MAX_CHASE = 8
@@ -146,17 +147,28 @@ class Result:
     aa: bool
 
 
-def _entry_from_answer(ans: Answer, lname: bytes) -> tuple:
+def fast_safe(typeclass: bytes) -> bool:
+    """Whether the fast path may find an entry for these type/class bytes.
+
+    The fast path lower-cases the whole question, type and class included. An
+    entry is only visible to it when those four bytes hold no ASCII letter, so
+    lower-casing cannot turn one record type into another (65 'A' -> 97 'a').
+    """
+    return typeclass.lower() == typeclass.upper()
+
+
+def _entry_from_answer(ans: Answer, lname: bytes, typeclass: bytes) -> tuple:
     body, _ = wire.render(lname, ans.answer, ans.authority, ans.additional)
     an, ns, ar = len(ans.answer), len(ans.authority), len(ans.additional)
     base = QR | AA | RA | ans.rcode
     hdrs = tuple(struct.pack("!HHHHH", base | (RD if i & 1 else 0) | (CD if i & 2 else 0), 1, an, ns,
                              ar + (1 if i & 4 else 0)) for i in range(8))
+    slow = 0 if fast_safe(typeclass) else SLOW_ONLY
     if ans.chase is not None:
-        return (CHASE, hdrs, body, ans.chase, ans)
+        return (CHASE + slow, hdrs, body, ans.chase, ans)
     if ans.rcode == NXDOMAIN and ans.autopath_ns is not None:
-        return (AUTOPATH, hdrs, body, ans.autopath_ns, ans)
-    return (FINAL, hdrs, body, None, ans)
+        return (AUTOPATH + slow, hdrs, body, ans.autopath_ns, ans)
+    return (FINAL + slow, hdrs, body, None, ans)
 
 
 def _dangling_cname(answer: list, lname: bytes, qtype: int) -> bytes | None:
@@ -351,39 +363,57 @@ class DNSServer:
                 received += 1
                 # ---- fast path: one question, no other sections but an optional OPT, answer rendered
                 try:
-                    if len(data) > 16 and not data[2] & 0xF8 and data[4:10] == b"\x00\x01\x00\x00\x00\x00":
-                        end = data.find(0, 12)
-                        qend = end + 5
-                        key = data[12:end + 1].lower() + data[end + 1:qend]
-                        e = responses.get(key)
-                        hdrs = None
-                        if e is not None:
-                            if e[0] == FINAL or (e[0] == AUTOPATH and (not autopath or local_pods.get(addr[0]) != e[3])):
-                                hdrs, body = e[1], e[2]
-                        else:
-                            x = external.get(key)
-                            if x is not None and monotonic() < x.valid_until:
-                                hdrs, body = x.hdrs, x.body
-                        if hdrs is not None:
-                            ar = data[10:12]
-                            n = len(data)
-                            if ar == b"\x00\x00":
-                                if n == qend:
-                                    resp = b"".join((data[:2], hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
-                                                     data[12:qend], body))
+                    if not data[2] & 0xF8 and data[4:10] == b"\x00\x01\x00\x00\x00\x00":
+                        if data[10:12] == b"\x00\x00":
+                            # no EDNS: the question is the rest of the packet, so it is the key
+                            # (a packet with trailing bytes matches nothing and takes the slow path)
+                            key = data[12:].lower()
+                            e = responses.get(key)
+                            if e is not None:
+                                if e[0] == FINAL or (e[0] == AUTOPATH and (not autopath
+                                                                           or local_pods.get(addr[0]) != e[3])):
+                                    resp = b"".join((data[:2], e[1][(data[2] & 1) | ((data[3] >> 3) & 2)],
+                                                     data[12:], e[2]))
                                     if len(resp) <= 512:
                                         sendto(resp, addr)
                                         served += 1
                                         continue
-                            elif (ar == b"\x00\x01" and n >= qend + 11 and data[qend:qend + 3] == b"\x00\x00\x29"
-                                  and not data[qend + 6] and n == qend + 11 + ((data[qend + 9] << 8) | data[qend + 10])):
-                                resp = b"".join((data[:2], hdrs[4 | (data[2] & 1) | ((data[3] >> 3) & 2)],
-                                                 data[12:qend], body, OPT_DO if data[qend + 7] & 0x80 else OPT_PLAIN))
-                                size = (data[qend + 3] << 8) | data[qend + 4]
-                                if len(resp) <= (512 if size < 512 else size if size < max_udp else max_udp):
-                                    sendto(resp, addr)
-                                    served += 1
-                                    continue
+                            else:
+                                x = external.get(key)
+                                if x is not None and monotonic() < x.valid_until:
+                                    resp = b"".join((data[:2], x.hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
+                                                     data[12:], x.body))
+                                    if len(resp) <= 512:
+                                        sendto(resp, addr)
+                                        served += 1
+                                        continue
+                        elif data[10:12] == b"\x00\x01":
+                            end = data.find(0, 12)
+                            qend = end + 5
+                            n = len(data)
+                            # an OPT record exactly filling the rest of the packet, EDNS version 0
+                            if (n >= qend + 11 and data[qend:qend + 3] == b"\x00\x00\x29" and not data[qend + 6]
+                                    and n == qend + 11 + ((data[qend + 9] << 8) | data[qend + 10])):
+                                key = data[12:qend].lower()
+                                e = responses.get(key)
+                                hdrs = None
+                                if e is not None:
+                                    if e[0] == FINAL or (e[0] == AUTOPATH and (not autopath
+                                                                               or local_pods.get(addr[0]) != e[3])):
+                                        hdrs, body = e[1], e[2]
+                                else:
+                                    x = external.get(key)
+                                    if x is not None and monotonic() < x.valid_until:
+                                        hdrs, body = x.hdrs, x.body
+                                if hdrs is not None:
+                                    resp = b"".join((data[:2], hdrs[4 | (data[2] & 1) | ((data[3] >> 3) & 2)],
+                                                     data[12:qend], body,
+                                                     OPT_DO if data[qend + 7] & 0x80 else OPT_PLAIN))
+                                    size = (data[qend + 3] << 8) | data[qend + 4]
+                                    if len(resp) <= (512 if size < 512 else size if size < max_udp else max_udp):
+                                        sendto(resp, addr)
+                                        served += 1
+                                        continue
                 except Exception:  # noqa: BLE001 - the slow path decides what this packet gets
                     pass
                 self._udp_slow(data, addr, sendto)
@@ -567,7 +597,7 @@ class DNSServer:
         if res is None:
             return None
         ans, group = res
-        entry = _entry_from_answer(ans, q.lname)
+        entry = _entry_from_answer(ans, q.lname, q.key[-4:])
         self.index.cache_response(q.key, group, entry, gen)
         return entry
 
@@ -580,7 +610,7 @@ class DNSServer:
             return self._error(q, FORMERR, limit)
         entry = self._zone_entry(q)
         if entry is not None:
-            kind = entry[0]
+            kind = entry[0] & 7
             if kind == FINAL:
                 return self._from_entry(q, entry, limit)
             if kind == AUTOPATH:
@@ -615,6 +645,7 @@ class DNSServer:
             resp = await self.upstream.query(lname, qtype, qclass)
             entry, cacheable = entry_from_response(resp, lname, monotonic(), self.cache.max_ttl,
                                                    self.cache.max_negative_ttl)
+            entry.fast = fast_safe(key[-4:])
             if cacheable:
                 self.cache.put(key, entry)
             fut.set_result(entry)
