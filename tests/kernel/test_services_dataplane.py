@@ -77,9 +77,12 @@ from podnet.model.objects import EndpointSlice, Pod, Service
 from podnet.services.applier import NftServiceApplier
 from podnet.services.compiler import compile_services
 from podnet.services.health import HealthCheckServer
+from podnet.services.iptables import IptablesServiceApplier
 from podnet.services.model import ServiceConfig
 
-applier = NftServiceApplier()
+backend = sys.argv[1] if len(sys.argv) > 1 else "nft"
+make = (lambda: NftServiceApplier()) if backend == "nft" else (lambda: IptablesServiceApplier(binary=backend))
+applier = make()
 health = HealthCheckServer()
 for line in sys.stdin:
     cmd = json.loads(line)
@@ -90,7 +93,7 @@ for line in sys.stdin:
         state = compile_services(services, slices, cmd.get("node", "n1"), cmd["node_ips"],
                                  ServiceConfig(service_cidrs=tuple(cmd["service_cidrs"])), pods)
         if cmd.get("fresh"):
-            applier = NftServiceApplier()
+            applier = make()
         r = applier.apply(state, resync=cmd.get("resync", False))
         health.sync(state.health_checks)
         out = {"sent": r.sent, "full": r.full, "reason": r.reason, "added": r.added, "removed": r.removed,
@@ -138,9 +141,9 @@ print(json.dumps(out))
 class Node:
     """The Service applier, alive in the node namespace between syncs."""
 
-    def __init__(self, ns: str):
-        self.ns = ns
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, "-c", DRIVER], stdin=subprocess.PIPE,
+    def __init__(self, ns: str, backend: str = "nft"):
+        self.ns, self.backend = ns, backend
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, "-c", DRIVER, backend], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def apply(self, objects: list[dict], **kw) -> dict:
@@ -166,7 +169,7 @@ class Node:
 
 
 class Topology:
-    def __init__(self, ns):
+    def __init__(self, ns, backend: str = "nft"):
         self.nsm = ns
         self.node = ns.new("node")
         self.client = ns.new("cl")
@@ -209,7 +212,7 @@ class Topology:
             self.procs.append(p)
         for p in self.procs:
             assert p.stdout and p.stdout.readline().strip() == "ready"
-        self.driver = Node(node)
+        self.driver = Node(node, backend)
 
     def _veth(self, ns: str, host_if: str, bridge: str, ip: str, gw: str, plen: int) -> None:
         in_ns(self.node, "ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)

@@ -135,6 +135,23 @@ def test_stale_udp_flows():
         StaleFlow(Frontend("10.96.0.11", "udp", 53), None),
     ]
     assert stale_udp_flows(None, new) == []
+    # the same from an element delta (what the nftables applier uses, also after a restart)
+    gone, come = nt.diff(nt.elements(old), nt.elements(new))
+    assert nt.stale_udp_flows(gone, come, new) == stale_udp_flows(old, new)
+
+
+def test_state_delta_equals_the_full_diff_and_tracks_hairpin_sharing():
+    a = state(rule("10.96.0.1", 80, "10.1.0.1", "10.1.0.2"), rule("10.96.0.2", 80, "10.1.0.2"),
+              rule(None, 30080, "10.1.0.3", kind="NodePort", masquerade=True), service_cidrs=("10.96.0.0/16",))
+    b = state(a.rules[0], rule("10.96.0.2", 80, "10.1.0.4", affinity_timeout=9),
+              rule("10.96.0.3", 53, proto="udp"), service_cidrs=("10.96.0.0/12",))
+    refs = nt.hairpin_refs(a)
+    assert nt.state_delta(a, b, refs) == nt.diff(nt.elements(a), nt.elements(b))
+    assert refs == nt.hairpin_refs(b)  # 10.1.0.2 is still used by the first frontend: its pair stays
+    applied = nt.elements(a)
+    nt.apply_delta(applied, *nt.state_delta(a, b, nt.hairpin_refs(a)))
+    assert {k: v for k, v in applied.items() if v} == {k: v for k, v in nt.elements(b).items() if v}
+    assert nt.state_delta(b, b, nt.hairpin_refs(b)) == ({}, {})
 
 
 class FakeKernel:

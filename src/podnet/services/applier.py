@@ -17,6 +17,7 @@ import json
 import logging
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -80,6 +81,7 @@ class NftServiceApplier:
         self.applied: nt.Elements | None = None
         self.applied_state: ServiceState | None = None
         self.chains: set[str] = set()  # tier/affinity chains in the kernel
+        self.refs: Counter[str] = Counter()  # endpoint address -> backends using its hairpin pair
         self.layout: nt.Layout | None = None
         self.last_script = ""
 
@@ -115,10 +117,10 @@ class NftServiceApplier:
         started = time.monotonic()
         result = SyncResult()
         layout = nt.Layout(state.masquerade_mark)
-        desired = nt.elements(state)
-        before: nt.Elements | None = None
         affinity_check = False
+        flows: list = []
         try:
+            delta: tuple[nt.Elements, nt.Elements] | None = None
             if self.applied is None or resync or layout != self.layout:
                 table, reason = self.read_kernel(layout)
                 self.layout = layout
@@ -128,46 +130,53 @@ class NftServiceApplier:
                     self.applied = {name: table.elements.get(name, {}) for name in nt.SETS}
                     self.chains = {c for c in table.chains if nt.is_dynamic_chain(c)}
                     affinity_check = True  # entries from before we knew the kernel may be stale
-            before = self.applied
-            if self.applied is not None:
+                    delta = nt.diff(self.applied, nt.elements(state))
+                    self.refs = nt.hairpin_refs(state)
+            elif state is not self.applied_state and state != self.applied_state:
+                assert self.applied_state is not None
+                delta = nt.state_delta(self.applied_state, state, self.refs)
+            if self.applied is not None and delta is not None:
+                gone, come = delta
                 try:
-                    script, result.added, result.removed = nt.delta_script(self.applied, desired, self.chains)
+                    script, result.added, result.removed = nt.render_delta(gone, come, self.chains)
                 except nt.TierMissing as e:
                     script, self.applied, result.reason = "", None, f"new endpoint-count tier {e}"
-            if self.applied is not None:
-                affinity_check = affinity_check or _affinity_touched(self.applied, desired)
-                if script:
-                    try:
-                        self._send(script, result)
-                    except NftError as e:
-                        log.warning("incremental Service sync failed (%s); rebuilding the table", e)
-                        result.errors.append(str(e))
-                        self.applied, result.reason = None, f"incremental transaction failed: {e}"
+                if self.applied is not None:
+                    affinity_check = affinity_check or _affinity_touched(gone, self.applied)
+                    if script:
+                        try:
+                            self._send(script, result)
+                        except NftError as e:
+                            log.warning("incremental Service sync failed (%s); rebuilding the table", e)
+                            result.errors.append(str(e))
+                            self.applied, result.reason = None, f"incremental transaction failed: {e}"
+                if self.applied is not None:
+                    nt.apply_delta(self.applied, gone, come)
+                    self.chains |= nt.dynamic_chains(come)
+                flows = nt.stale_udp_flows(gone, come, state)
             if self.applied is None:
-                script = nt.full_script(layout, desired)
+                desired = nt.elements(state)
+                if self.applied_state is not None and not flows:
+                    flows = nt.stale_udp_flows(*nt.diff(nt.elements(self.applied_state), desired), state)
                 result.full = True
                 result.added = sum(len(v) for v in desired.values())
-                self._send(script, result)
+                self._send(nt.full_script(layout, desired), result)
+                self.applied = desired
+                self.refs = nt.hairpin_refs(state)
+                tiers = nt.tier_limit(desired)
+                self.chains = nt.dynamic_chains(desired) | {f"{kind}_{n}" for kind in ("svc", "np")
+                                                             for n in range(1, tiers + 1)}
                 affinity_check = False  # a new table starts with an empty affinity map
         except NftError:
             self.applied = None
             if self.metrics:
                 self.metrics.record_sync(time.monotonic() - started, ok=False)
             raise
-        self.applied = desired
         self.applied_state = state
-        if result.full:
-            tiers = nt.tier_limit(desired)
-            self.chains = nt.dynamic_chains(desired) | {f"{kind}_{n}" for kind in ("svc", "np")
-                                                         for n in range(1, tiers + 1)}
-        else:
-            self.chains |= nt.dynamic_chains(desired)
         if affinity_check:
             result.affinity_cleared = self._clear_stale_affinity(state, result)
-        if self.conntrack is not None and before is not None:
-            flows = nt.stale_udp_flows(before, desired)
-            if flows:
-                result.stale_flows = delete_stale_flows(flows, self.conntrack)
+        if self.conntrack is not None and flows:
+            result.stale_flows = delete_stale_flows(flows, self.conntrack)
         result.seconds = time.monotonic() - started
         if self.metrics:
             self.metrics.record_sync(result.seconds, ok=True, changed=result.added + result.removed)
@@ -209,19 +218,14 @@ class NftServiceApplier:
         self.chains = set()
 
 
-def _affinity_touched(old: nt.Elements, new: nt.Elements) -> bool:
-    """Did a frontend with affinity lose a backend or its affinity?"""
+def _affinity_touched(gone: nt.Elements, applied: nt.Elements) -> bool:
+    """Did a frontend with affinity lose a backend or its affinity? (`applied`: before the delta)"""
+    if gone.get("affinity_ips") or gone.get("affinity_nodeports"):
+        return True
     for kind, slots in (("affinity_ips", "backends"), ("affinity_nodeports", "nodeport_backends")):
-        before = old.get(kind, {})
-        if not before:
-            continue
-        after = new.get(kind, {})
-        if any(after.get(k) != v for k, v in before.items()):
+        sticky = applied.get(kind)
+        if sticky and any(k.rsplit(" . ", 1)[0] in sticky for k in gone.get(slots, {})):
             return True
-        new_slots = new.get(slots, {})
-        for k, v in old.get(slots, {}).items():
-            if new_slots.get(k) != v and k.rsplit(" . ", 1)[0] in before:
-                return True
     return False
 
 

@@ -19,9 +19,11 @@ iptables proxiers):
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from podnet.model.objects import EndpointSlice, Pod, Service, ServicePort
 from podnet.services.model import (
@@ -45,18 +47,19 @@ class _Endpoint:
     local: bool
 
 
+@lru_cache(maxsize=1 << 20)
 def _ipv4(value: str | None) -> str | None:
-    if not value or value == "None":
+    """The canonical text of an IPv4 address, None for anything else (cached: hot at scale)."""
+    if not value or value == "None" or ":" in value:
         return None
     try:
-        ip = ipaddress.ip_address(value)
-    except ValueError:
+        return socket.inet_ntoa(socket.inet_pton(socket.AF_INET, value))
+    except OSError:
         return None
-    return str(ip) if ip.version == 4 else None
 
 
-def _ip_key(b: Backend) -> tuple[int, int]:
-    return int(ipaddress.IPv4Address(b.ip)), b.port
+def _ip_key(b: Backend) -> tuple[bytes, int]:
+    return socket.inet_aton(b.ip), b.port  # big-endian bytes sort numerically
 
 
 def collapse_v4(cidrs: Iterable[str]) -> tuple[str, ...]:
@@ -124,6 +127,87 @@ def _usable(eps: list[_Endpoint]) -> list[Backend]:
     return sorted((Backend(e.ip, e.port) for e in chosen), key=_ip_key)
 
 
+def _compile_service(
+    svc: Service, svc_slices: list[EndpointSlice], node_name: str, pods: dict[tuple[str, str], Pod]
+) -> tuple[list[FrontendRule], HealthCheck | None]:
+    """The frontends of one Service (and its health check), in port order."""
+    spec = svc.spec
+    out: list[FrontendRule] = []
+    if spec.type == "ExternalName" or spec.headless:
+        return out, None
+    cluster_ip = _ipv4(spec.cluster_ip) or next((ip for ip in map(_ipv4, spec.cluster_ips or ()) if ip), None)
+    external_local = spec.external_traffic_policy == "Local"
+    internal_local = spec.internal_traffic_policy == "Local"
+    affinity = None
+    if spec.session_affinity == "ClientIP":
+        cfg = spec.session_affinity_config
+        affinity = cfg.client_ip.timeout_seconds if cfg is not None else 10800
+    lb_ips = [ip for ing in svc.status.load_balancer.ingress if (ip := _ipv4(ing.ip))] \
+        if spec.type == "LoadBalancer" else []
+    ext_ips = [ip for x in spec.external_ips if (ip := _ipv4(x))]
+    ranges = collapse_v4(spec.load_balancer_source_ranges) if spec.load_balancer_source_ranges else ()
+    local_ready: set[str] = set()
+    for sp in spec.ports:
+        eps = _endpoints(svc, sp, svc_slices, node_name, pods)
+        local_ready.update(e.ip for e in eps if e.local and e.ready)
+        cluster = _usable(eps)
+        local = _usable([e for e in eps if e.local]) if (external_local or internal_local) else []
+        proto = sp.protocol.lower()
+        label = f"{svc.namespace}/{svc.name}:{sp.name or ''}"
+        none_verdict = "reject" if not cluster else "drop"
+
+        def rule(ip: str | None, port: int, kind: FrontendKind, backends: list[Backend], masq: bool,
+                 source_ranges: tuple[str, ...] = ()) -> FrontendRule:
+            return FrontendRule(Frontend(ip, proto, port), label, kind, tuple(backends),  # noqa: B023
+                                none_verdict, masq, affinity, source_ranges)  # noqa: B023
+
+        if cluster_ip:
+            out.append(rule(cluster_ip, sp.port, "ClusterIP", local if internal_local else cluster, False))
+        external = local if external_local else cluster
+        for ip in ext_ips:
+            out.append(rule(ip, sp.port, "ExternalIP", external, not external_local))
+        for ip in lb_ips:
+            out.append(rule(ip, sp.port, "LoadBalancer", external, not external_local, ranges))
+        if sp.node_port and spec.type in ("NodePort", "LoadBalancer"):
+            out.append(rule(None, sp.node_port, "NodePort", external, not external_local))
+    hc = None
+    if external_local and spec.health_check_node_port and spec.type in ("NodePort", "LoadBalancer"):
+        hc = HealthCheck(spec.health_check_node_port, svc.namespace or "default", svc.name, len(local_ready))
+    return out, hc
+
+
+def _slices_by_service(slices: Iterable[EndpointSlice]) -> dict[tuple[str | None, str], list[EndpointSlice]]:
+    by_service: dict[tuple[str | None, str], list[EndpointSlice]] = defaultdict(list)
+    for sl in slices:
+        name = sl.service_name
+        if name:
+            by_service[(sl.namespace, name)].append(sl)
+    return by_service
+
+
+def _assemble(per_service: Iterable[tuple[list[FrontendRule], HealthCheck | None]], node_ips: Iterable[str],
+              config: ServiceConfig) -> ServiceState:
+    rules: dict[Frontend, FrontendRule] = {}
+    health: dict[int, HealthCheck] = {}
+    for svc_rules, hc in per_service:
+        for r in svc_rules:
+            # Two Services claiming one frontend: the first in (namespace, name) order keeps it.
+            rules.setdefault(r.frontend, r)
+        if hc is not None:
+            health.setdefault(hc.port, hc)
+    return ServiceState(
+        rules=tuple(rules.values()),  # Services in (namespace, name) order, each in port order
+        service_cidrs=collapse_v4(config.service_cidrs),
+        node_ips=tuple(sorted({ip for x in node_ips if (ip := _ipv4(x))}, key=socket.inet_aton)),
+        health_checks=tuple(sorted(health.values())),
+        masquerade_mark=config.masquerade_mark,
+    )
+
+
+def _ordered(services: Iterable[Service]) -> list[Service]:
+    return sorted(services, key=lambda s: (s.namespace or "", s.name))  # linear when already sorted
+
+
 def compile_services(
     services: Iterable[Service],
     slices: Iterable[EndpointSlice],
@@ -138,72 +222,51 @@ def compile_services(
     traffic to these). pods: only needed to resolve a named targetPort for
     slices that carry no port information.
     """
-    config = config or ServiceConfig()
-    by_service: dict[tuple[str | None, str], list[EndpointSlice]] = defaultdict(list)
-    for sl in slices:
-        name = sl.service_name
-        if name:
-            by_service[(sl.namespace, name)].append(sl)
+    by_service = _slices_by_service(slices)
     pod_index = {(p.namespace or "default", p.name): p for p in pods}
+    return _assemble((_compile_service(svc, by_service.get((svc.namespace, svc.name), []), node_name, pod_index)
+                      for svc in _ordered(services)), node_ips, config or ServiceConfig())
 
-    rules: dict[Frontend, FrontendRule] = {}
-    health: dict[int, HealthCheck] = {}
 
-    def add(rule: FrontendRule) -> None:
-        # Two Services claiming one frontend: the first in (namespace, name) order keeps it.
-        rules.setdefault(rule.frontend, rule)
+def _version(obj: Service | EndpointSlice) -> object:
+    return obj.metadata.resource_version or id(obj)
 
-    for svc in sorted(services, key=lambda s: (s.namespace or "", s.name)):
-        spec = svc.spec
-        if spec.type == "ExternalName" or spec.headless:
-            continue
-        svc_slices = by_service.get((svc.namespace, svc.name), [])
-        cluster_ip = _ipv4(spec.cluster_ip) or next(
-            (ip for ip in map(_ipv4, spec.cluster_ips or ()) if ip), None)
-        external_local = spec.external_traffic_policy == "Local"
-        internal_local = spec.internal_traffic_policy == "Local"
-        affinity = None
-        if spec.session_affinity == "ClientIP":
-            cfg = spec.session_affinity_config
-            affinity = cfg.client_ip.timeout_seconds if cfg is not None else 10800
-        lb_ips = [ip for ing in svc.status.load_balancer.ingress if (ip := _ipv4(ing.ip))] \
-            if spec.type == "LoadBalancer" else []
-        ext_ips = [ip for x in spec.external_ips if (ip := _ipv4(x))]
-        ranges = collapse_v4(spec.load_balancer_source_ranges)
-        local_ready: set[str] = set()
 
-        for sp in spec.ports:
-            eps = _endpoints(svc, sp, svc_slices, node_name, pod_index)
-            local_ready.update(e.ip for e in eps if e.local and e.ready)
-            cluster = _usable(eps)
-            local = _usable([e for e in eps if e.local])
-            proto = sp.protocol.lower()
-            label = f"{svc.namespace}/{svc.name}:{sp.name or ''}"
-            none_verdict = "reject" if not cluster else "drop"
+class ServiceCompiler:
+    """compile_services with a memo per Service: a sync recompiles only the Services
+    whose object or EndpointSlices changed (by resourceVersion, or identity for
+    objects not read from a store) and reuses the very same FrontendRule objects
+    for the rest, so that the applier's comparison is mostly identity checks.
+    """
 
-            def rule(ip: str | None, port: int, kind: FrontendKind, backends: list[Backend], masq: bool,
-                     source_ranges: tuple[str, ...] = ()) -> FrontendRule:
-                return FrontendRule(Frontend(ip, proto, port), label, kind, tuple(backends),  # noqa: B023
-                                    none_verdict, masq, affinity, source_ranges)  # noqa: B023
+    def __init__(self, node_name: str, node_ips: Iterable[str] = (), config: ServiceConfig | None = None):
+        self.node_name = node_name
+        self.node_ips = tuple(node_ips)
+        self.config = config or ServiceConfig()
+        self._memo: dict[tuple[str | None, str], tuple[tuple, tuple, tuple[list[FrontendRule], HealthCheck | None]]] = {}
+        self.recompiled = 0  # Services compiled by the last call (the rest came from the memo)
 
-            if cluster_ip:
-                add(rule(cluster_ip, sp.port, "ClusterIP", local if internal_local else cluster, False))
-            external = local if external_local else cluster
-            for ip in ext_ips:
-                add(rule(ip, sp.port, "ExternalIP", external, not external_local))
-            for ip in lb_ips:
-                add(rule(ip, sp.port, "LoadBalancer", external, not external_local, ranges))
-            if sp.node_port and spec.type in ("NodePort", "LoadBalancer"):
-                add(rule(None, sp.node_port, "NodePort", external, not external_local))
-
-        if external_local and spec.health_check_node_port and spec.type in ("NodePort", "LoadBalancer"):
-            hc = HealthCheck(spec.health_check_node_port, svc.namespace or "default", svc.name, len(local_ready))
-            health.setdefault(hc.port, hc)
-
-    return ServiceState(
-        rules=tuple(sorted(rules.values(), key=lambda r: (r.frontend.ip or "", r.frontend.proto, r.frontend.port))),
-        service_cidrs=collapse_v4(config.service_cidrs),
-        node_ips=tuple(sorted({ip for x in node_ips if (ip := _ipv4(x))}, key=lambda s: ipaddress.IPv4Address(s))),
-        health_checks=tuple(sorted(health.values())),
-        masquerade_mark=config.masquerade_mark,
-    )
+    def compile(self, services: Iterable[Service], slices: Iterable[EndpointSlice],
+                pods: Iterable[Pod] = ()) -> ServiceState:
+        by_service = _slices_by_service(slices)
+        pod_index = {(p.namespace or "default", p.name): p for p in pods}
+        memo: dict = {}
+        results = []
+        self.recompiled = 0
+        for svc in _ordered(services):
+            key = (svc.namespace, svc.name)
+            svc_slices = by_service.get(key, [])
+            fingerprint = (_version(svc), *map(_version, svc_slices))
+            held = self._memo.get(key)
+            # named targetPorts resolved through Pods depend on more than the fingerprint
+            if held is not None and held[0] == fingerprint and not (pod_index and held[1]):
+                result = held[2]
+            else:
+                result = _compile_service(svc, svc_slices, self.node_name, pod_index)
+                self.recompiled += 1
+            named = tuple(p.target_port for p in svc.spec.ports if isinstance(p.target_port, str))
+            memo[key] = (fingerprint, named, result, svc, svc_slices)  # objects kept: ids stay unique
+            results.append(result)
+        self._memo = {k: (v[0], v[1], v[2]) for k, v in memo.items()}
+        self._alive = [(v[3], v[4]) for v in memo.values()]
+        return _assemble(results, self.node_ips, self.config)

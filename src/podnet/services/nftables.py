@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -224,27 +225,127 @@ def elements(state: ServiceState) -> Elements:
     return out
 
 
+def rule_elements(rule: FrontendRule) -> Elements:
+    """The elements one frontend owns (hairpin pairs aside: endpoints share them)."""
+    out: Elements = {}
+    _rule_elements(rule, out)
+    return out
+
+
 def _rule_elements(rule: FrontendRule, out: Elements) -> None:
     fe = rule.frontend
     key = fe_key(fe)
     np = fe.ip is None
+
+    def put(name: str, k: str, v: str | None) -> None:
+        m = out.get(name)
+        if m is None:
+            m = out[name] = {}
+        m[k] = v
+
     n = len(rule.backends)
     if n:
-        out["service_nodeports" if np else "service_ips"][key] = f"goto {(nodeport_tier_chain if np else tier_chain)(n)}"
-        slots = out["nodeport_backends" if np else "backends"]
+        put("service_nodeports" if np else "service_ips", key, f"goto {(nodeport_tier_chain if np else tier_chain)(n)}")
+        slots = "nodeport_backends" if np else "backends"
         for i, b in enumerate(rule.backends):
-            slots[f"{key} . {i}"] = f"{b.ip} . {b.port}"
+            put(slots, f"{key} . {i}", f"{b.ip} . {b.port}")
         if rule.masquerade:
-            out["masq_nodeports" if np else "masq_ips"][key] = None
+            put("masq_nodeports" if np else "masq_ips", key, None)
         if rule.affinity_timeout:
-            out["affinity_nodeports" if np else "affinity_ips"][key] = f"jump {affinity_chain(rule.affinity_timeout)}"
+            put("affinity_nodeports" if np else "affinity_ips", key, f"jump {affinity_chain(rule.affinity_timeout)}")
     else:
         verdict = "goto reject_chain" if rule.no_endpoints == "reject" else "drop"
-        out["no_endpoint_nodeports" if np else "no_endpoint_ips"][key] = verdict
+        put("no_endpoint_nodeports" if np else "no_endpoint_ips", key, verdict)
     if rule.source_ranges and not np:
-        out["firewall_ips"][key] = None
+        put("firewall_ips", key, None)
         for cidr in rule.source_ranges:
-            out["lb_source_ranges"][f"{key} . {_addr(cidr)}"] = None
+            put("lb_source_ranges", f"{key} . {_addr(cidr)}", None)
+
+
+def hairpin_refs(state: ServiceState) -> Counter[str]:
+    """How many backends use each endpoint address (its hairpin pair lives while > 0)."""
+    refs: Counter[str] = Counter()
+    for rule in state.rules:
+        refs.update(b.ip for b in rule.backends)
+    return refs
+
+
+def diff(applied: Elements, desired: Elements) -> tuple[Elements, Elements]:
+    """(elements to delete, elements to add) between two full element sets."""
+    gone: Elements = {}
+    come: Elements = {}
+    for name in SETS:
+        old, new = applied.get(name, {}), desired.get(name, {})
+        if old == new:
+            continue
+        g = {k: v for k, v in old.items() if new.get(k, ...) != v}
+        c = {k: v for k, v in new.items() if old.get(k, ...) != v}
+        if g:
+            gone[name] = g
+        if c:
+            come[name] = c
+    return gone, come
+
+
+def state_delta(old: ServiceState, new: ServiceState, refs: Counter[str]) -> tuple[Elements, Elements]:
+    """(gone, come) from the frontends that differ between two states: work in
+    proportion to the change (unchanged frontends cost an identity check).
+    `refs` (hairpin_refs of `old`) is updated to those of `new`."""
+    gone: Elements = {}
+    come: Elements = {}
+    delta: Counter[str] = Counter()
+    before, after = old.frontends, new.frontends
+    for fe, rule in before.items():
+        other = after.get(fe)
+        if other is rule or other == rule:
+            continue
+        for name, kv in rule_elements(rule).items():
+            gone.setdefault(name, {}).update(kv)
+        delta.subtract(b.ip for b in rule.backends)
+    for fe, rule in after.items():
+        other = before.get(fe)
+        if other is rule or other == rule:
+            continue
+        for name, kv in rule_elements(rule).items():
+            come.setdefault(name, {}).update(kv)
+        delta.update(b.ip for b in rule.backends)
+    for ip, d in delta.items():
+        if not d:
+            continue
+        was = refs[ip]
+        now = was + d
+        if was > 0 and now <= 0:
+            gone.setdefault("hairpin", {})[f"{ip} . {ip}"] = None
+        elif was <= 0 and now > 0:
+            come.setdefault("hairpin", {})[f"{ip} . {ip}"] = None
+        if now > 0:
+            refs[ip] = now
+        else:
+            del refs[ip]
+    for name, a, b in (("service_cidrs", old.service_cidrs, new.service_cidrs),
+                       ("node_ips", old.node_ips, new.node_ips)):
+        if a != b:
+            gone[name] = {_addr(x): None for x in set(a) - set(b)}
+            come[name] = {_addr(x): None for x in set(b) - set(a)}
+    # a key removed and re-added with the same value is no change at all
+    for name in list(come):
+        g = gone.get(name)
+        if not g:
+            continue
+        for k in [k for k, v in come[name].items() if k in g and g[k] == v]:
+            del come[name][k]
+            del g[k]
+    return ({k: v for k, v in gone.items() if v}, {k: v for k, v in come.items() if v})
+
+
+def apply_delta(applied: Elements, gone: Elements, come: Elements) -> None:
+    """Bring `applied` (in place) to what the kernel holds after the delta."""
+    for name, kv in gone.items():
+        m = applied.setdefault(name, {})
+        for k in kv:
+            m.pop(k, None)
+    for name, kv in come.items():
+        applied.setdefault(name, {}).update(kv)
 
 
 def dynamic_chains(els: Elements) -> set[str]:
@@ -264,30 +365,26 @@ def _frontend(text: str, nodeport: bool) -> Frontend:
     return Frontend(parts[0], parts[1], int(parts[2]))  # type: ignore[arg-type]
 
 
-def _udp_groups(els: Elements) -> dict[Frontend, set[Backend]]:
-    out: dict[Frontend, set[Backend]] = {}
-    for name, np in (("backends", False), ("nodeport_backends", True)):
-        for key, value in els.get(name, {}).items():
-            fe_text = key.rpartition(" . ")[0]
-            if " . udp . " not in f" {fe_text} . " or value is None:
-                continue
-            ip, _, port = value.partition(" . ")
-            out.setdefault(_frontend(fe_text, np), set()).add(Backend(ip, int(port)))
-    return out
-
-
-def stale_udp_flows(old: Elements, new: Elements) -> list[StaleFlow]:
-    """UDP conntrack entries to delete after going from `old` to `new` elements: flows to
-    removed endpoints, and every flow to a frontend that had no endpoints (never NATed).
-    Works from elements read back from the kernel too (after an agent restart)."""
-    before, after = _udp_groups(old), _udp_groups(new)
+def stale_udp_flows(gone: Elements, come: Elements, new: ServiceState) -> list[StaleFlow]:
+    """UDP conntrack entries to delete after a delta: flows to endpoints a frontend no
+    longer has, and every flow to a frontend that starts balancing (it had no
+    endpoints, or did not exist: such flows were never NATed). Works the same for
+    a delta against elements read back from the kernel (after an agent restart)."""
     out: set[StaleFlow] = set()
-    for fe, backends in before.items():
-        for b in backends - after.get(fe, set()):
-            out.add(StaleFlow(fe, b))
-    for fe in after:
-        if fe not in before:
-            out.add(StaleFlow(fe, None))
+    for name, np in (("backends", False), ("nodeport_backends", True)):
+        for key, value in gone.get(name, {}).items():
+            if " udp . " not in f" {key} " or value is None:
+                continue
+            fe = _frontend(key.rpartition(" . ")[0], np)
+            ip, _, port = value.partition(" . ")
+            backend = Backend(ip, int(port))
+            rule = new.rule(fe)
+            if rule is None or backend not in rule.backends:
+                out.add(StaleFlow(fe, backend))
+    for name, np in (("service_ips", False), ("service_nodeports", True)):
+        for key in come.get(name, {}):
+            if key not in gone.get(name, {}) and " udp . " in f" {key} ":
+                out.add(StaleFlow(_frontend(key, np), None))
     return sorted(out, key=lambda f: (f.frontend.ip or "", f.frontend.port, f.backend or Backend("", 0)))
 
 
@@ -321,15 +418,15 @@ def full_script(layout: Layout, els: Elements) -> str:
     return "\n".join(lines) + "\n"
 
 
-def delta_script(applied: Elements, desired: Elements, existing_chains: set[str]) -> tuple[str, int, int]:
-    """Only the element changes (and any affinity chain not yet in the kernel).
+def render_delta(gone: Elements, come: Elements, existing_chains: set[str]) -> tuple[str, int, int]:
+    """The transaction for a delta: affinity chains first, then deletions, then additions.
 
     Returns (script, elements added, elements removed); the script is empty when
     nothing changed. A key whose value changed is deleted and re-added. Raises
     TierMissing when a tier chain is needed that the table does not have.
     """
     lines: list[str] = []
-    for chain in sorted(dynamic_chains(desired) - existing_chains):
+    for chain in sorted(dynamic_chains(come) - existing_chains):
         if not chain.startswith("aff_"):
             raise TierMissing(chain)
         lines.append(f"add chain {FAMILY} {TABLE} {chain}")
@@ -337,17 +434,20 @@ def delta_script(applied: Elements, desired: Elements, existing_chains: set[str]
     adds: list[str] = []
     added = removed = 0
     for name in SETS:
-        old, new = applied.get(name, {}), desired.get(name, {})
-        if old == new:
-            continue
-        gone = [(k, None) for k, v in old.items() if new.get(k, ...) != v]
-        come = [(k, v) for k, v in new.items() if old.get(k, ...) != v]
-        lines += element_block("delete", name, sorted(gone), keys_only=True)
-        adds += element_block("add", name, sorted(come))
-        added += len(come)
-        removed += len(gone)
+        g, c = gone.get(name), come.get(name)
+        if g:
+            lines += element_block("delete", name, sorted((k, None) for k in g), keys_only=True)
+            removed += len(g)
+        if c:
+            adds += element_block("add", name, sorted(c.items()))
+            added += len(c)
     lines += adds
     return ("\n".join(lines) + "\n" if lines else ""), added, removed
+
+
+def delta_script(applied: Elements, desired: Elements, existing_chains: set[str]) -> tuple[str, int, int]:
+    """Only the element changes between two full element sets (see render_delta)."""
+    return render_delta(*diff(applied, desired), existing_chains)
 
 
 # ---------------------------------------------------------------- reading the kernel
