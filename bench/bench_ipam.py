@@ -9,6 +9,8 @@ Rows per backend:
   allocate x1           one process, one node
   allocate x20          20 processes, one node each (concurrent pods on different nodes)
   allocate x20 / 2 nodes  20 processes on 2 nodes: same-node contention on each block
+  ... + host lock       the same, with IPAM(lock_dir=...): same-node allocations queue on a
+                        per-node lock file instead of racing (as one host's CNI calls would)
 
 Every allocation is checked afterwards: duplicates (an address handed to two
 handles, from what the workers were told and from the block records) must be 0.
@@ -64,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
             kv.txn([Op.update(key, {"n": i}, rec.revision)])
             lat.append(time.perf_counter() - t)
     else:
-        ipam = IPAM(kv)
+        ipam = IPAM(kv, lock_dir=args.lock_dir or None)
         for i in range(args.ops):
             handle = f"bench.{args.id}-{i}.eth0"
             t = time.perf_counter()
@@ -103,12 +105,13 @@ def clear_ipam(url: str) -> None:
                 kv.txn([Op.delete(r.key) for r in records[i:i + 64]])
 
 
-def run(url: str, mode: str, procs: int, ops: int, nodes: int, tmp: str) -> dict:
+def run(url: str, mode: str, procs: int, ops: int, nodes: int, lock: bool, tmp: str) -> dict:
     go = os.path.join(tmp, f"go-{time.monotonic_ns()}")
+    lock_dir = os.path.join(tmp, "locks") if lock else ""
     children = [
         subprocess.Popen(
             [sys.executable, __file__, "--worker", "--url", url, "--mode", mode, "--id", f"w{i}",
-             "--node", f"node-{i % nodes}", "--ops", str(ops), "--go", go],
+             "--node", f"node-{i % nodes}", "--ops", str(ops), "--go", go, "--lock-dir", lock_dir],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(procs)
@@ -160,14 +163,15 @@ def stored_duplicates(url: str, told: dict[str, str]) -> int:
         return bad
 
 
-def scenarios(quick: bool) -> list[tuple[str, str, int, int, int]]:
+def scenarios(quick: bool) -> list[tuple[str, str, int, int, int, bool]]:
     n1, n20 = (300, 25) if quick else (3000, 150)
     return [
-        ("baseline CAS x1", "cas", 1, n1, 1),
-        ("baseline CAS x20", "cas", 20, n20, 20),
-        ("allocate x1", "allocate", 1, n1, 1),
-        ("allocate x20", "allocate", 20, n20, 20),
-        ("allocate x20 / 2 nodes", "allocate", 20, n20, 2),
+        ("baseline CAS x1", "cas", 1, n1, 1, False),
+        ("baseline CAS x20", "cas", 20, n20, 20, False),
+        ("allocate x1", "allocate", 1, n1, 1, False),
+        ("allocate x20", "allocate", 20, n20, 20, False),
+        ("allocate x20 / 2 nodes", "allocate", 20, n20, 2, False),
+        ("... + host lock", "allocate", 20, n20, 2, True),
     ]
 
 
@@ -175,11 +179,11 @@ def bench_backend(name: str, url: str, quick: bool, tmp: str, only: list[str]) -
     prepare(url)
     rows = []
     baseline: dict[int, float] = {}
-    for label, mode, procs, ops, nodes in scenarios(quick):
+    for label, mode, procs, ops, nodes, lock in scenarios(quick):
         if only and label not in only:
             continue
         clear_ipam(url)
-        r = run(url, mode, procs, ops, nodes, tmp)
+        r = run(url, mode, procs, ops, nodes, lock, tmp)
         if mode == "cas":
             baseline[procs] = r["ops_per_s"]
         ratio = r["ops_per_s"] / baseline[procs] if mode == "allocate" and baseline.get(procs) else None
@@ -219,6 +223,7 @@ def main() -> int:
     ap.add_argument("--node", help=argparse.SUPPRESS)
     ap.add_argument("--ops", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--go", help=argparse.SUPPRESS)
+    ap.add_argument("--lock-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)

@@ -14,9 +14,9 @@ from podnet.ipam import (
     AddressUnavailable,
     IPAMExhausted,
     NoPool,
+    keys,
 )
 from podnet.ipam import block as blk
-from podnet.ipam import keys
 from podnet.model.objects import IPAMConfig, IPPool, IPReservation, Namespace, Node, Pod
 from podnet.store.base import Op
 from podnet.store.objects import ObjectStore
@@ -66,6 +66,13 @@ def ipam_config(**spec):
 
 def reservation(name, *cidrs):
     return IPReservation.model_validate({"metadata": {"name": name}, "spec": {"reservedCIDRs": list(cidrs)}})
+
+
+def other_process(kv):
+    """The same store file under another URL: an IPAM on it has its own cache, as in
+    another process (instances of one process on one store share theirs)."""
+    directory, name = kv.path.rsplit("/", 1)
+    return SQLiteStore(f"{directory}/./{name}")
 
 
 def in_net(addr, cidr):
@@ -173,7 +180,7 @@ def test_each_node_claims_its_own_blocks_and_never_shares_one(kv, ipam):
 
 def test_independent_instances_share_blocks_without_duplicates(kv):
     apply(kv, pool("p", "10.0.0.0/24", block_size=26))
-    x, y = IPAM(kv), IPAM(SQLiteStore(kv.path))
+    x, y = IPAM(kv), IPAM(other_process(kv))
     got = []
     for i in range(60):
         got.append((x if i % 2 else y).allocate(f"h{i}", "n1").address)
@@ -183,13 +190,14 @@ def test_independent_instances_share_blocks_without_duplicates(kv):
 
 def test_stale_cache_is_corrected_by_compare_and_swap(kv):
     apply(kv, pool("p", "10.0.0.0/24", block_size=28))
-    x, y = IPAM(kv), IPAM(kv)
+    x, y = IPAM(kv), IPAM(other_process(kv))
     x.allocate("warm", "n1")  # x caches n1's block
     for i in range(15):  # y fills it behind x's back
         y.allocate(f"y{i}", "n1")
     a = x.allocate("late", "n1")
     assert a.address not in {y.lookup(f"y{i}").address for i in range(15)}
     assert len(all_allocated(kv)) == 17
+    assert x.conflicts >= 1  # x's cached record was stale, and its compare-and-swap said so
 
 
 def test_release_node_deletes_empty_blocks_and_unaffines_used_ones(kv, ipam):
@@ -457,3 +465,79 @@ def test_claim_block_pre_claims_empty_blocks_that_allocation_then_uses(kv, ipam)
     ipam.claim_block("n3")
     with pytest.raises(IPAMExhausted, match=r"node n4 in IPPool p: IPPool p \(10.0.0.0/26\) is full"):
         ipam.claim_block("n4")
+
+
+def test_pod_without_namespace_means_the_default_namespace(kv, ipam):
+    apply(kv, pool("a", "10.1.0.0/16"), pool("b", "10.2.0.0/16", **GLOBAL),
+          namespace("default", annotations={ANNOTATION_POOLS: '["b"]'}))
+    a = ipam.allocate("h", "n1", pod="web")
+    assert a.pool == "b"
+    attrs = blk.attributes_at(kv.get(keys.block_key(a.block)).value, blk.ordinal(a.block, a.address))
+    assert attrs["secondary"] == {"node": "n1", "namespace": "default", "pod": "web"}
+
+
+def test_ipv4_pools_are_preferred_when_both_families_are_selected(kv, ipam):
+    apply(kv, pool("a-v6", "fd00::/112"), pool("z-v4", "10.2.0.0/16"))
+    assert ipam.allocate("h", "n1").pool == "z-v4"
+    assert ipam.allocate("h6", "n1", pools=["a-v6"]).prefix_len == 128
+
+
+def test_release_through_an_instance_with_a_stale_cache(kv):
+    apply(kv, pool("p", "10.0.0.0/24", block_size=28))
+    x, y = IPAM(kv), IPAM(other_process(kv))
+    x.allocate("warm", "n1")  # x caches n1's block before y's allocation exists
+    a = y.allocate("h", "n1")
+    assert x.release("h") == [a.address]
+    assert all_allocated(kv) == {x.lookup("warm").address: "warm"}
+    b = y.allocate("h2", "n1")  # and y's now stale cache still releases correctly
+    x.allocate("h3", "n1")
+    assert y.release("h2") == [b.address]
+    assert y.release("warm") != []
+    assert set(all_allocated(kv).values()) == {"h3"}
+
+
+# ---------------------------------------------------------------- same-node serialisation
+
+
+def test_instances_in_one_process_share_their_cache(kv):
+    apply(kv, pool("p", "10.0.0.0/24", block_size=28))
+    x, y = IPAM(kv), IPAM(SQLiteStore(kv.path))
+    x.allocate("a", "n1")
+    y.allocate("b", "n1")
+    x.allocate("c", "n1")
+    assert x.conflicts == y.conflicts == 0
+
+
+def test_threads_allocating_for_one_node_do_not_fight_over_its_block(kv):
+    import threading
+
+    apply(kv, pool("p", "10.0.0.0/22", block_size=26))
+    results, instances, errors = {}, [], []
+
+    def work(t):
+        try:
+            mine = IPAM(SQLiteStore(kv.path))
+            instances.append(mine)
+            for i in range(25):
+                results[f"t{t}-{i}"] = mine.allocate(f"t{t}-{i}", "n1").address
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(results.values())) == 150
+    assert sum(i.conflicts for i in instances) == 0  # serialised per node, not retried
+    assert {v: k for k, v in all_allocated(kv).items()} == results
+
+
+def test_lock_dir_serialises_through_a_lock_file(kv, tmp_path):
+    apply(kv, pool("p", "10.0.0.0/24"))
+    locks = tmp_path / "locks"
+    a = IPAM(kv, lock_dir=str(locks)).allocate("h", "node/with-slash")
+    assert a.pool == "p"
+    assert [p.name for p in locks.iterdir()] == ["ipam-node%2Fwith-slash.lock"]
+    assert IPAM(kv, lock_dir=str(locks)).claim_block("n2").node == "n2"

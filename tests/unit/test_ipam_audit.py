@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from podnet.ipam import IPAM
+from podnet.ipam import IPAM, keys
 from podnet.ipam import block as blk
-from podnet.ipam import keys
 from podnet.ipam.audit import (
     DANGLING_AFFINITY,
     EMPTY_HANDLE,

@@ -11,20 +11,32 @@ allocation in it.
 
 The instance keeps a small cache of each node's affine blocks (their records and
 revisions), so the common case (the node already has a block with room) costs
-one store list for the pool configuration and one transaction. The cache only
-saves reads: a stale record just loses its compare-and-swap and is read again.
+one store list for the pool configuration and one transaction (plus a get of the
+Pod and of its Namespace when the request names them). The cache only saves
+reads: a stale record just loses its compare-and-swap and is read again.
 An instance is for one thread, like a store connection.
+
+Allocations for one node mostly write the same block, so concurrent ones would
+mostly lose compare-and-swaps to each other. They are serialised instead: within
+a process by a lock per (store, node), and across processes, if `lock_dir` is
+given, by a file lock per node in it (as Calico's CNI plugin takes a host-wide
+IPAM lock). The locks only avoid wasted work; correctness never depends on them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
+import os
 import random
+import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from podnet.ipam import block as blk
 from podnet.ipam import keys
@@ -111,14 +123,53 @@ def _prefix_len(cidr: str) -> int:
     return blk.host_prefix_len(cidr)
 
 
+@dataclass
+class _Cache:
+    """What the IPAM instances of one process remember about one store."""
+
+    affine: dict[str, list[str]]  # node -> cidrs of its affine blocks
+    blocks: dict[str, Record]  # cidr -> block record last seen
+    last: dict[str, str]  # node -> the block its last allocation came from
+    generations: dict[str, int]  # node -> lock file generation when this process last held it
+
+
+_caches: dict[str, _Cache] = {}
+_node_locks: dict[tuple[str, str], threading.Lock] = {}
+_node_locks_guard = threading.Lock()
+
+
+def _cache_for(url: str) -> _Cache:
+    with _node_locks_guard:
+        cache = _caches.get(url)
+        if cache is None:
+            cache = _caches[url] = _Cache({}, {}, {}, {})
+        return cache
+
+
+def _node_lock(url: str, node: str) -> threading.Lock:
+    with _node_locks_guard:
+        lock = _node_locks.get((url, node))
+        if lock is None:
+            lock = _node_locks[(url, node)] = threading.Lock()
+        return lock
+
+
 class IPAM:
-    def __init__(self, kv: KeyValueStore):
+    def __init__(self, kv: KeyValueStore, *, lock_dir: str | None = None):
+        """lock_dir: a directory for per-node lock files shared by the IPAM users of one
+        host (see the module doc); None: serialise only within this process."""
         self.kv = kv
+        self.lock_dir = lock_dir
         self.objects = ObjectStore(kv)
         self._config = SnapshotReader(kv)
-        self._affine: dict[str, list[str]] = {}  # node -> cidrs of its affine blocks
-        self._blocks: dict[str, Record] = {}  # cidr -> block record last seen
-        self._last: dict[str, str] = {}  # node -> the block its last allocation came from
+        # Shared by the instances of this process on the same store (so one thread's
+        # allocation does not leave another's cache stale); a node's entries are
+        # changed under that node's lock.
+        cache = _cache_for(kv.url)
+        self._affine = cache.affine
+        self._blocks = cache.blocks
+        self._last = cache.last
+        self._generations = cache.generations
         self._rng = random.Random()
         self.conflicts = 0  # compare-and-swaps lost (and retried) by this instance
 
@@ -136,18 +187,23 @@ class IPAM:
     ) -> Allocation:
         """One address for handle on node. Idempotent: a handle that holds an address gets it back.
 
-        `pools` and `address`, when given, replace what the pod's and namespace's
-        annotations (podnet.io/ippools, podnet.io/ip-address) would ask for.
+        Without `pools` and `address`, the pod's annotations (podnet.io/ip-address,
+        podnet.io/ippools), then its namespace's (podnet.io/ippools), then the pools'
+        selectors decide (see selection.py). When either argument is given, the
+        annotations are not consulted: `address` asks for that address (in an enabled
+        pool; among `pools` if both are given), `pools` for those pools in that order.
         """
         if not handle:
             raise IPAMError("allocate needs a handle")
         if not node:
             raise IPAMError("allocate needs a node name")
+        if pod and not namespace:
+            namespace = "default"
         snap = self._config.read()
-        pod_obj = self.objects.get(Pod, pod, namespace or "default") if pod else None
+        pod_obj = self.objects.get(Pod, pod, namespace) if pod else None
         secondary = {"node": node}
-        if namespace or pod:
-            secondary["namespace"] = namespace or "default"
+        if namespace:
+            secondary["namespace"] = namespace
         if pod:
             secondary["pod"] = pod
         req = _Request(handle, node, secondary)
@@ -155,17 +211,19 @@ class IPAM:
         explicit = pools is not None or address is not None
         fixed = fixed_address(address, None if explicit else pod_obj)
         if fixed is not None:
-            return self._allocate_fixed(req, snap, fixed, pools)
+            with self._serialised(node):
+                return self._allocate_fixed(req, snap, fixed, pools)
         choice = choose_pools(
             snap,
             node=node,
             explicit=pools,
             pod=None if explicit else pod_obj,
             namespace=_lazy(lambda: self.objects.get(Namespace, namespace) if namespace else None),
-            namespace_name=None if explicit else namespace,
+            namespace_name=namespace,
             node_labels=_lazy(lambda: self._node_labels(node)),
         )
-        return self._allocate_auto(req, snap, choice.pools)
+        with self._serialised(node):
+            return self._allocate_auto(req, snap, choice.pools)
 
     def release(self, handle: str) -> list[str]:
         """Free every address handle holds and delete its record. Returns them; [] if none."""
@@ -178,7 +236,12 @@ class IPAM:
             freed: list[str] = []
             new_blocks: dict[str, tuple[Record, blk.Block | None]] = {}
             for cidr in hrec.value.get("blocks", {}):
-                rec = self.kv.get(keys.block_key(cidr))
+                # A cached record that shows the handle saves a read: if it is stale, the
+                # compare-and-swap fails and the retry reads afresh. One that does not show
+                # it proves nothing (the allocation may be newer than the cache): read.
+                rec = self._blocks.get(cidr) if attempt == 0 else None
+                if rec is None or not blk.ordinals_of(rec.value, handle):
+                    rec = self.kv.get(keys.block_key(cidr))
                 if rec is None:
                     continue
                 ords = blk.ordinals_of(rec.value, handle)
@@ -196,6 +259,8 @@ class IPAM:
             try:
                 rev = self.kv.txn(ops)
             except (Conflict, NotFound):
+                for cidr in new_blocks:
+                    self._blocks.pop(cidr, None)
                 self._backoff(attempt)
                 continue
             for cidr, (rec, new) in new_blocks.items():
@@ -233,14 +298,18 @@ class IPAM:
         snap = self._config.read()
         choice = choose_pools(snap, node=node, explicit=pools, pod=None, namespace=lambda: None,
                               node_labels=_lazy(lambda: self._node_labels(node)))
-        names = [p.name for p in choice.pools]
+        with self._serialised(node):
+            return self._claim_block(node, snap, choice.pools)
+
+    def _claim_block(self, node: str, snap: Snapshot, pools: Sequence[IPPool]) -> BlockInfo:
+        names = [p.name for p in pools]
         cap = snap.max_blocks_per_host
         for attempt in range(RETRIES):
             owned = len(self._load_affine(node)) if cap else 0
             if cap and owned >= cap:
                 raise IPAMExhausted(node, names, [f"maxBlocksPerHost={cap} reached (node {node} has {owned} blocks)"])
             try:
-                for pool in choice.pools:
+                for pool in pools:
                     got = self._claim_in_pool(node, snap, pool, None)
                     if got is not None:
                         return self._info(got[0].value, snap)
@@ -248,7 +317,7 @@ class IPAM:
                 self._backoff(attempt)
                 continue
             raise IPAMExhausted(node, names, [f"IPPool {p.name} ({p.spec.cidr}) is full: every block is claimed"
-                                              for p in choice.pools])
+                                              for p in pools])
         raise TooManyConflicts(f"claiming a block for node {node}: gave up after {RETRIES} conflicting attempts")
 
     def blocks(self) -> list[BlockInfo]:
@@ -273,6 +342,10 @@ class IPAM:
 
         Addresses still allocated in them stay until released (by handle, or as leaks).
         """
+        with self._serialised(node):
+            return self._release_node(node)
+
+    def _release_node(self, node: str) -> NodeRelease:
         deleted: list[str] = []
         unaffined: list[str] = []
         affinities, _ = self.kv.list(keys.node_affinities(node))
@@ -551,6 +624,36 @@ class IPAM:
         raise TooManyConflicts(f"allocation of {addr}: gave up after {RETRIES} conflicting attempts")
 
     # ------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _serialised(self, node: str) -> Iterator[None]:
+        with _node_lock(self.kv.url, node):
+            if self.lock_dir is None:
+                yield
+                return
+            os.makedirs(self.lock_dir, exist_ok=True)
+            fd = os.open(os.path.join(self.lock_dir, f"ipam-{quote(node, safe='')}.lock"),
+                         os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # The file holds a generation every holder bumps: if another process
+                # held the lock since we last did, our cache of the node's blocks is stale.
+                raw = os.pread(fd, 8, 0)
+                generation = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+                if self._generations.get(node) != generation:
+                    self._forget_node(node)
+                try:
+                    yield
+                finally:
+                    os.pwrite(fd, (generation + 1).to_bytes(8, "little"), 0)
+                    self._generations[node] = generation + 1
+            finally:
+                os.close(fd)  # closing drops the lock
+
+    def _forget_node(self, node: str) -> None:
+        for cidr in self._affine.pop(node, ()):
+            self._blocks.pop(cidr, None)
+        self._last.pop(node, None)
 
     def _assign(self, req: _Request, snap: Snapshot, rec: Record, ordinal: int) -> Allocation:
         """Compare-and-swap ordinal of the block to the handle, creating the handle record with it."""

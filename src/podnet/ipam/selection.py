@@ -11,9 +11,10 @@ Selection, for one request:
   3. the namespace annotation podnet.io/ippools: any of these name the pools to
      use, in order, bypassing the selectors; each must exist, be enabled and
      allow Workload use, or the request fails naming the pool.
-  4. otherwise every pool (by name) that is enabled, allows Workload use, and
-     whose nodeSelector matches the Node's labels and namespaceSelector the
-     Namespace's labels. A Node or Namespace with no stored object has no labels
+  4. otherwise every pool that is enabled, allows Workload use, and whose
+     nodeSelector matches the Node's labels and namespaceSelector the Namespace's
+     labels; IPv4 pools first, then by name (a request gets one address: the
+     first of these pools with room gives it). A Node or Namespace with no stored object has no labels
      (so only pools without a selector, or whose selector matches empty labels,
      select it): allocation does not require the objects to exist.
 """
@@ -193,6 +194,7 @@ def choose_pools(
         p for p in snap.pools
         if not p.spec.disabled and WORKLOAD in p.spec.allowed_uses and selects(p, node_labels, ns_labels)
     ]
+    chosen.sort(key=lambda p: blk.network(p.spec.cidr).version)  # IPv4 first, then by name
     if not chosen:
         usable = [p.name for p in snap.pools if not p.spec.disabled and WORKLOAD in p.spec.allowed_uses]
         if not usable:
