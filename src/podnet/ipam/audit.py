@@ -34,7 +34,7 @@ from podnet.ipam.allocator import RETRIES
 from podnet.ipam.errors import TooManyConflicts
 from podnet.model.objects import Node, Pod
 from podnet.store.base import Conflict, KeyValueStore, NotFound, Op, Record
-from podnet.store.objects import ObjectStore
+from podnet.store.objects import kind_prefix
 
 LEAKED = "leaked-allocation"
 NO_HANDLE = "allocation-without-handle"
@@ -83,22 +83,35 @@ class LeakReport:
     forgotten: int = 0  # observations dropped: no longer leaked, or the address was reused
 
 
+@dataclass(frozen=True)
+class _Pod:
+    """The few fields of a Pod the audit needs (read from the stored JSON: a large
+    cluster has far too many pods to decode each into a model object)."""
+
+    node_name: str | None
+    host_network: bool
+
+
 @dataclass
 class _State:
     blocks: list[Record]
     handles: dict[str, Record]  # handle -> record
     affinities: list[Record]
-    pods: dict[tuple[str, str], Pod]
+    pods: dict[tuple[str, str], _Pod]
     nodes: set[str]
 
 
 def _read(kv: KeyValueStore) -> _State:
-    objects = ObjectStore(kv)
     blocks, _ = kv.list(keys.BLOCKS)
     handles, _ = kv.list(keys.HANDLES)
     affinities, _ = kv.list(keys.AFFINITIES)
-    pods = {(p.namespace or "default", p.name): p for p in objects.list(Pod)}
-    nodes = {n.name for n in objects.list(Node)}
+    pods = {}
+    for r in kv.list(kind_prefix(Pod))[0]:
+        meta = r.value.get("metadata") or {}
+        spec = r.value.get("spec") or {}
+        pods[(meta.get("namespace") or "default", meta.get("name", ""))] = _Pod(
+            spec.get("nodeName"), bool(spec.get("hostNetwork")))
+    nodes = {(r.value.get("metadata") or {}).get("name", "") for r in kv.list(kind_prefix(Node))[0]}
     return _State(blocks, {keys.handle_of_key(h.key): h for h in handles}, affinities, pods, nodes)
 
 
@@ -119,8 +132,8 @@ def _leaks(kv: KeyValueStore, state: _State) -> list[Leak]:
                 pod = state.pods.get((ns, sec["pod"]))
                 if pod is None:
                     reason = f"pod {ns}/{sec['pod']} no longer exists"
-                elif pod.spec.node_name and sec.get("node") and pod.spec.node_name != sec["node"]:
-                    reason = f"pod {ns}/{sec['pod']} now runs on node {pod.spec.node_name}, not {sec['node']}"
+                elif pod.node_name and sec.get("node") and pod.node_name != sec["node"]:
+                    reason = f"pod {ns}/{sec['pod']} now runs on node {pod.node_name}, not {sec['node']}"
             if reason:
                 out.append(Leak(kind, cidr, o, blk.address(cidr, o), handle, blk.allocation_sequence(value, o), reason))
     return out
@@ -157,10 +170,10 @@ def check(kv: KeyValueStore) -> list[Finding]:
         findings.append(Finding(EMPTY_HANDLE, f"handle {handle} holds no address in any block", handle=handle))
 
     for (ns, name), pod in sorted(state.pods.items()):
-        if pod.spec.host_network or not pod.spec.node_name or (ns, name) in allocated_pods:
+        if pod.host_network or not pod.node_name or (ns, name) in allocated_pods:
             continue
-        findings.append(Finding(POD_WITHOUT_ADDRESS, f"pod {ns}/{name} on node {pod.spec.node_name} has no address",
-                                node=pod.spec.node_name, pod=f"{ns}/{name}"))
+        findings.append(Finding(POD_WITHOUT_ADDRESS, f"pod {ns}/{name} on node {pod.node_name} has no address",
+                                node=pod.node_name, pod=f"{ns}/{name}"))
 
     by_cidr = {r.value["cidr"]: r.value for r in state.blocks}
     for aff in state.affinities:
@@ -173,8 +186,9 @@ def check(kv: KeyValueStore) -> list[Finding]:
     for cidr, value in sorted(by_cidr.items(), key=lambda kv_: blk.network(kv_[0])):
         node = blk.affinity_node(value)
         if node and node not in state.nodes:
+            n = blk.used(value)
             findings.append(Finding(MISSING_NODE, f"block {cidr} is affine to node {node}, which does not exist "
-                                    f"({blk.used(value)} addresses in use)", node=node, block=cidr))
+                                    f"({n} address{'' if n == 1 else 'es'} in use)", node=node, block=cidr))
     return findings
 
 
