@@ -14,9 +14,11 @@ Selection, for one request:
   4. otherwise every pool that is enabled, allows Workload use, and whose
      nodeSelector matches the Node's labels and namespaceSelector the Namespace's
      labels; IPv4 pools first, then by name (a request gets one address: the
-     first of these pools with room gives it). A Node or Namespace with no stored object has no labels
-     (so only pools without a selector, or whose selector matches empty labels,
-     select it): allocation does not require the objects to exist.
+     first of these pools with room gives it).
+
+A Node or Namespace with no stored object has no labels (so only pools without a
+selector, or whose selector matches empty labels, select it): allocation does
+not require the objects to exist.
 """
 
 from __future__ import annotations
