@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -12,14 +13,15 @@ from podnet.errors import PodnetError
 
 def register(sub: argparse._SubParsersAction) -> None:
     lab = sub.add_parser("lab", help="emulate a cluster in network namespaces on this host (needs root)")
-    lab.add_argument("--name", dest="lab_name", help="the lab (default: the only one that is up)")
+    lab.add_argument("--name", dest="lab_name", metavar="NAME", help="the lab (default: the only one that is up)")
     lsub = lab.add_subparsers(dest="lab_command", metavar="COMMAND")
     lsub.required = True
 
     p = lsub.add_parser("up", help="create the namespaces, start agents and pods from a lab file")
     p.add_argument("file", metavar="FILE", help="lab file (kind: Lab)")
     p.add_argument("--name", dest="name", help="lab name (default: metadata.name)")
-    p.add_argument("--store", dest="lab_store", help="store URL (default: a SQLite file in the lab's directory)")
+    p.add_argument("--store", dest="lab_store", metavar="URL",
+                   help="store URL (default: a SQLite file in the lab's directory; $PODNET_STORE is not used)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for agents and servers")
     p.add_argument("--keep-on-failure", action="store_true", help="leave a failed lab in place to debug it")
     p.set_defaults(func=cmd_up)
@@ -55,11 +57,17 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise PodnetError(f"podnet lab {what} needs root (it creates and enters network namespaces)")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from podnet.lab.cluster import up
     from podnet.lab.spec import load_lab
 
     spec = load_lab(args.file)
+    _need_root("up")
     store = args.lab_store or getattr(args, "store", None)
     st = up(spec, name=_name(args), store_url=store, timeout=args.timeout, keep_on_failure=args.keep_on_failure,
             say=_say)
@@ -104,6 +112,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 def cmd_exec(args: argparse.Namespace) -> int:
     from podnet.lab.cluster import exec_argv, find_lab, find_node, find_pod
 
+    _need_root("exec")
     st = find_lab(_name(args))
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     netns = find_node(st, args.target)["netns"] if args.node else find_pod(st, args.target)["netns"]

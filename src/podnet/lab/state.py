@@ -4,8 +4,9 @@ Each namespace, directory and process is written down *before* it is created,
 so `lab down` can remove all of it after a crash or a half-finished `up`.
 Processes are started through a shell that writes its own PID to a pidfile
 before exec'ing the real program (the PID is then the program's), and are only
-ever signalled after checking that the PID still runs a command line carrying
-this lab's directory and, once known, the recorded start time.
+ever signalled after checking that the PID still has the recorded start time or,
+for a process known only from its pidfile, a command line naming this lab's
+directory.
 """
 
 from __future__ import annotations
@@ -177,13 +178,20 @@ class LabState:
         st = proc_starttime(pid)
         if st is None or proc_state(pid) == "Z":
             return None
-        if entry.get("starttime") is not None and st != entry["starttime"]:
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            return None
-        return pid if str(self.dir) in cmdline else None
+        if entry.get("starttime") is not None:
+            # PID and start time together name one process for good (a reused PID starts later);
+            # the command line is no help here: it is briefly empty while the process execs.
+            return pid if st == entry["starttime"] else None
+        # Known only from its pidfile: it must carry this lab's directory on its command line.
+        for _ in range(50):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                return None
+            if cmdline:
+                return pid if str(self.dir) in cmdline else None
+            time.sleep(0.01)  # mid-exec
+        return None
 
     def stop_process(self, entry: dict[str, Any], timeout: float = 3.0) -> bool:
         """SIGTERM, then SIGKILL after `timeout`; True if it was running."""
