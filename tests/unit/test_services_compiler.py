@@ -188,3 +188,38 @@ def test_config_and_state_equality():
     assert one == two and hash(one.rules) == hash(two.rules)
     assert one.service_cidrs == ("10.96.0.0/16",)
     assert collapse_v4(["10.0.0.1/32", "10.0.0.0/31", "bad"]) == ("10.0.0.0/31",)
+
+
+def test_incremental_compiler_matches_the_pure_function_and_reuses_rules():
+    from podnet.services.compiler import ServiceCompiler
+
+    services = [svc(f"s{i}", clusterIP=f"10.96.0.{i + 1}") for i in range(5)]
+    slices = [eps(f"s{i}", ep(f"10.1.0.{i + 1}"), name=f"s{i}-a") for i in range(5)]
+    c = ServiceCompiler(NODE, ["192.168.1.10"])
+    for s in services:
+        c.set_service(s)
+    for sl in slices:
+        c.set_slice(sl)
+    first = c.state()
+    assert first == compile_(services, slices) and c.recompiled == 5
+    assert c.state() is first and c.recompiled == 0  # nothing changed: the same state object
+    # one endpoint change: one Service recompiled, the others' rules are the same objects
+    changed = eps("s2", ep("10.1.0.99"), name="s2-a")
+    c.set_slice(changed)
+    second = c.state()
+    assert c.recompiled == 1
+    assert second == compile_(services, [*slices[:2], changed, *slices[3:]])
+    assert second.rule(Frontend("10.96.0.1", "tcp", 80)) is first.rule(Frontend("10.96.0.1", "tcp", 80))
+    # a second Service on the same frontend waits behind the first by name, and takes over when it goes
+    clash = svc("a-first", clusterIP="10.96.0.5")
+    c.set_service(clash)
+    assert c.state().rule(Frontend("10.96.0.5", "tcp", 80)).service == "default/a-first:"
+    c.delete_service("default", "a-first")
+    assert c.state().rule(Frontend("10.96.0.5", "tcp", 80)).service == "default/s4:"
+    c.delete_slice("default", "s2-a")
+    c.delete_service("default", "s0")
+    assert c.state() == compile_(services[1:], [s for s in slices if s.name not in ("s2-a",)])
+    # whole lists work too
+    c2 = ServiceCompiler(NODE, ["192.168.1.10"])
+    assert c2.compile(services, slices) == first
+    assert c2.compile(services[:3], slices) == compile_(services[:3], slices)

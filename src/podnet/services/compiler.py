@@ -228,45 +228,164 @@ def compile_services(
                       for svc in _ordered(services)), node_ips, config or ServiceConfig())
 
 
-def _version(obj: Service | EndpointSlice) -> object:
-    return obj.metadata.resource_version or id(obj)
+Key = tuple[str, str]  # (namespace, name) of a Service
+
+
+def _key(namespace: str | None, name: str) -> Key:
+    return (namespace or "default", name)
 
 
 class ServiceCompiler:
-    """compile_services with a memo per Service: a sync recompiles only the Services
-    whose object or EndpointSlices changed (by resourceVersion, or identity for
-    objects not read from a store) and reuses the very same FrontendRule objects
-    for the rest, so that the applier's comparison is mostly identity checks.
+    """The same result as compile_services, maintained from watch events so that a
+    sync costs in proportion to what changed.
+
+        c = ServiceCompiler(node_name, node_ips, config)
+        c.set_service(svc); c.set_slice(sl); c.delete_service(ns, name); c.delete_slice(ns, name)
+        state = c.state()      # recompiles only the Services touched since the last call
+
+    Unchanged Services keep their very FrontendRule objects, so the applier's
+    comparison of two states is identity checks. The order of `state().rules` is
+    the order frontends first appeared (states compare by frontend, not order).
+    `compile(services, slices)` feeds whole lists instead (diffed by identity).
     """
 
     def __init__(self, node_name: str, node_ips: Iterable[str] = (), config: ServiceConfig | None = None):
         self.node_name = node_name
-        self.node_ips = tuple(node_ips)
         self.config = config or ServiceConfig()
-        self._memo: dict[tuple[str | None, str], tuple[tuple, tuple, tuple[list[FrontendRule], HealthCheck | None]]] = {}
-        self.recompiled = 0  # Services compiled by the last call (the rest came from the memo)
+        self._node_ips = tuple(sorted({ip for x in node_ips if (ip := _ipv4(x))}, key=socket.inet_aton))
+        self._cidrs = collapse_v4(self.config.service_cidrs)
+        self._services: dict[Key, Service] = {}
+        self._slices: dict[Key, dict[str, EndpointSlice]] = {}  # by owning Service
+        self._slice_owner: dict[Key, Key] = {}  # (namespace, slice name) -> Service
+        self._pods: dict[tuple[str, str], Pod] = {}
+        self._out: dict[Key, tuple[list[FrontendRule], HealthCheck | None]] = {}
+        self._claims: dict[Frontend, set[Key]] = {}
+        self._rules: dict[Frontend, FrontendRule] = {}
+        self._health: dict[Key, HealthCheck] = {}
+        self._dirty: set[Key] = set()
+        self._state: ServiceState | None = None
+        self.recompiled = 0  # Services compiled by the last state()
+
+    # -- events
+
+    def set_service(self, svc: Service) -> None:
+        k = _key(svc.namespace, svc.name)
+        if self._services.get(k) is not svc:
+            self._services[k] = svc
+            self._dirty.add(k)
+
+    def delete_service(self, namespace: str | None, name: str) -> None:
+        k = _key(namespace, name)
+        if self._services.pop(k, None) is not None:
+            self._dirty.add(k)
+
+    def set_slice(self, sl: EndpointSlice) -> None:
+        sk = _key(sl.namespace, sl.name)
+        owner = _key(sl.namespace, sl.service_name) if sl.service_name else None
+        old_owner = self._slice_owner.get(sk)
+        if old_owner is not None and old_owner != owner:
+            self._drop_slice(sk, old_owner)
+        if owner is None:
+            return
+        held = self._slices.setdefault(owner, {})
+        if held.get(sl.name) is not sl:
+            held[sl.name] = sl
+            self._slice_owner[sk] = owner
+            self._dirty.add(owner)
+
+    def delete_slice(self, namespace: str | None, name: str) -> None:
+        sk = _key(namespace, name)
+        owner = self._slice_owner.get(sk)
+        if owner is not None:
+            self._drop_slice(sk, owner)
+
+    def _drop_slice(self, sk: Key, owner: Key) -> None:
+        self._slice_owner.pop(sk, None)
+        held = self._slices.get(owner, {})
+        if held.pop(sk[1], None) is not None:
+            self._dirty.add(owner)
+        if not held:
+            self._slices.pop(owner, None)
+
+    def set_pods(self, pods: Iterable[Pod]) -> None:
+        """Pods only matter for named targetPorts that slices leave unresolved."""
+        self._pods = {(p.namespace or "default", p.name): p for p in pods}
+        self._dirty.update(k for k, svc in self._services.items()
+                           if any(isinstance(p.target_port, str) for p in svc.spec.ports))
 
     def compile(self, services: Iterable[Service], slices: Iterable[EndpointSlice],
-                pods: Iterable[Pod] = ()) -> ServiceState:
-        by_service = _slices_by_service(slices)
-        pod_index = {(p.namespace or "default", p.name): p for p in pods}
-        memo: dict = {}
-        results = []
+                pods: Iterable[Pod] | None = None) -> ServiceState:
+        """Feed whole lists (unchanged objects are recognised by identity or resourceVersion)."""
+        seen: set[Key] = set()
+        for svc in services:
+            k = _key(svc.namespace, svc.name)
+            seen.add(k)
+            old = self._services.get(k)
+            if old is not svc and not _same_version(old, svc):
+                self.set_service(svc)
+        for k in [k for k in self._services if k not in seen]:
+            self.delete_service(*k)
+        seen_slices: set[Key] = set()
+        for sl in slices:
+            sk = _key(sl.namespace, sl.name)
+            seen_slices.add(sk)
+            owner = self._slice_owner.get(sk)
+            old = self._slices.get(owner, {}).get(sl.name) if owner else None
+            if old is not sl and not (_same_version(old, sl) and owner == _key(sl.namespace, sl.service_name or "")):
+                self.set_slice(sl)
+        for sk in [sk for sk in self._slice_owner if sk not in seen_slices]:
+            self.delete_slice(*sk)
+        if pods is not None:
+            self.set_pods(pods)
+        return self.state()
+
+    # -- the state
+
+    def state(self) -> ServiceState:
         self.recompiled = 0
-        for svc in _ordered(services):
-            key = (svc.namespace, svc.name)
-            svc_slices = by_service.get(key, [])
-            fingerprint = (_version(svc), *map(_version, svc_slices))
-            held = self._memo.get(key)
-            # named targetPorts resolved through Pods depend on more than the fingerprint
-            if held is not None and held[0] == fingerprint and not (pod_index and held[1]):
-                result = held[2]
-            else:
-                result = _compile_service(svc, svc_slices, self.node_name, pod_index)
-                self.recompiled += 1
-            named = tuple(p.target_port for p in svc.spec.ports if isinstance(p.target_port, str))
-            memo[key] = (fingerprint, named, result, svc, svc_slices)  # objects kept: ids stay unique
-            results.append(result)
-        self._memo = {k: (v[0], v[1], v[2]) for k, v in memo.items()}
-        self._alive = [(v[3], v[4]) for v in memo.values()]
-        return _assemble(results, self.node_ips, self.config)
+        if not self._dirty and self._state is not None:
+            return self._state
+        touched: set[Frontend] = set()
+        for k in self._dirty:
+            old_rules, _ = self._out.pop(k, ([], None))
+            self._health.pop(k, None)
+            for r in old_rules:
+                claims = self._claims.get(r.frontend)
+                if claims is not None:
+                    claims.discard(k)
+                touched.add(r.frontend)
+            svc = self._services.get(k)
+            if svc is None:
+                continue
+            rules, hc = _compile_service(svc, list(self._slices.get(k, {}).values()), self.node_name, self._pods)
+            self.recompiled += 1
+            self._out[k] = (rules, hc)
+            if hc is not None:
+                self._health[k] = hc
+            for r in rules:
+                self._claims.setdefault(r.frontend, set()).add(k)
+                touched.add(r.frontend)
+        self._dirty.clear()
+        for fe in touched:
+            claims = self._claims.get(fe)
+            if not claims:
+                self._claims.pop(fe, None)
+                self._rules.pop(fe, None)
+                continue
+            owner = min(claims)  # two Services on one frontend: the first in (namespace, name) order
+            rule = next(r for r in self._out[owner][0] if r.frontend == fe)
+            if self._rules.get(fe) is not rule:
+                self._rules.pop(fe, None)  # re-inserted: the dict keeps first-appearance order otherwise
+                self._rules[fe] = rule
+        health: dict[int, HealthCheck] = {}
+        for k in sorted(self._health):
+            health.setdefault(self._health[k].port, self._health[k])
+        self._state = ServiceState.from_frontends(
+            self._rules, service_cidrs=self._cidrs, node_ips=self._node_ips,
+            health_checks=tuple(sorted(health.values())), masquerade_mark=self.config.masquerade_mark)
+        return self._state
+
+
+def _same_version(old: Service | EndpointSlice | None, new: Service | EndpointSlice) -> bool:
+    rv = new.metadata.resource_version
+    return old is not None and rv is not None and old.metadata.resource_version == rv

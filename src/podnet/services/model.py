@@ -87,15 +87,26 @@ class ServiceConfig:
 class ServiceState:
     """The whole desired Service dataplane of one node."""
 
-    rules: tuple[FrontendRule, ...] = ()  # sorted by frontend; one per frontend
+    rules: tuple[FrontendRule, ...] = field(default=(), compare=False)  # one per frontend
     service_cidrs: tuple[str, ...] = ()
     node_ips: tuple[str, ...] = ()
     health_checks: tuple[HealthCheck, ...] = ()
     masquerade_mark: int = MASQUERADE_MARK
-    _index: dict[Frontend, FrontendRule] = field(init=False, compare=False, repr=False, hash=False)
+    # what two states compare by: the rule of each frontend, whatever the order of `rules`
+    _index: dict[Frontend, FrontendRule] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {r.frontend: r for r in self.rules})
+
+    __hash__ = None  # type: ignore[assignment]  # holds a dict: compare, do not hash
+
+    @classmethod
+    def from_frontends(cls, index: dict[Frontend, FrontendRule], **fields: object) -> ServiceState:
+        """Build from a frontend -> rule dict without another pass over the rules."""
+        state = cls(**fields)  # type: ignore[arg-type]
+        object.__setattr__(state, "rules", tuple(index.values()))
+        object.__setattr__(state, "_index", dict(index))
+        return state
 
     def rule(self, frontend: Frontend) -> FrontendRule | None:
         return self._index.get(frontend)

@@ -1,0 +1,480 @@
+"""Service dataplane benchmark: podnet's nftables maps vs kube-proxy's layouts.
+
+For N Services (5 endpoints each) and each backend
+
+    nft-maps       podnet: fixed chains, Services as map elements, element deltas
+    iptables       kube-proxy iptables layout, iptables-restore full rewrite per sync
+    kp-nft         kube-proxy nftables layout: a chain per Service and per endpoint,
+                   partial syncs with a table listing each sync (as upstream)
+
+it measures, inside a fresh set of network namespaces:
+
+    apply_all   programming all N Services into an empty node
+    add/change/delete one Service on top of them (median of --reps)
+    connect latency (TCP handshake through DNAT, p50/p99) to the first and the
+                last Service, and optionally iperf3 throughput through them.
+
+Sync times are split into the Python side (compile + diff/render, the same
+compiler for every backend) and the kernel transaction (nft / iptables-restore
+process). Prints a table and writes bench/results/services.json.
+
+    .venv/bin/python bench/bench_services.py --sizes 1,1000,5000,10000,20000
+    .venv/bin/python bench/bench_services.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+BACKENDS = ("nft-maps", "iptables", "kp-nft")
+DEFAULT_CAPS = {"nft-maps": 10**9, "iptables": 5000, "kp-nft": 10000}
+REAL_EPS = [f"10.20.0.{11 + i}" for i in range(5)]
+CLUSTER_BASE = int(ipaddress.IPv4Address("10.96.0.10"))
+FAKE_EP_BASE = int(ipaddress.IPv4Address("10.128.0.1"))
+SERVICE_CIDR = "10.96.0.0/12"
+PYTHON = sys.executable
+
+
+# ---------------------------------------------------------------- worker (runs inside the node namespace)
+
+
+def _objects(n: int):
+    from podnet.model.objects import EndpointSlice, Service
+
+    def svc(i: int, name: str, ip: str, eps: list[str], iperf: bool) -> tuple:
+        ports = [{"name": "http", "port": 80, "targetPort": 8080}]
+        slice_ports = [{"name": "http", "port": 8080}]
+        if iperf:
+            ports.append({"name": "iperf", "port": 5201, "targetPort": 5201})
+            slice_ports.append({"name": "iperf", "port": 5201})
+        s = Service.model_validate({"metadata": {"name": name, "namespace": "bench", "resourceVersion": "1"},
+                                    "spec": {"clusterIP": ip, "ports": ports}})
+        sl = EndpointSlice.model_validate({
+            "metadata": {"name": f"{name}-1", "namespace": "bench", "resourceVersion": "1",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": slice_ports,
+            "endpoints": [{"addresses": [a], "nodeName": "n2"} for a in eps]})
+        return s, sl
+
+    def fake(i: int) -> list[str]:
+        return [str(ipaddress.IPv4Address(FAKE_EP_BASE + i * 5 + j)) for j in range(5)]
+
+    services, slices = [], []
+    for i in range(n):
+        real = i in (0, n - 1)
+        s, sl = svc(i, f"s{i:06d}", str(ipaddress.IPv4Address(CLUSTER_BASE + i)), REAL_EPS if real else fake(i), real)
+        services.append(s)
+        slices.append(sl)
+    return services, slices, svc, fake
+
+
+def worker(backend: str, n: int, reps: int) -> None:
+    """Reads commands on stdin, answers JSON lines; keeps the applier between them."""
+    from podnet.services.compiler import ServiceCompiler
+    from podnet.services.model import ServiceConfig
+
+    services, slices, make, fake = _objects(n)
+    compiler = ServiceCompiler("n1", ["10.10.0.1", "10.20.0.1"], ServiceConfig(service_cidrs=(SERVICE_CIDR,)))
+    if backend == "nft-maps":
+        from podnet.services.applier import NftServiceApplier
+
+        applier = NftServiceApplier(conntrack=None)
+    elif backend == "iptables":
+        from podnet.services.iptables import IptablesServiceApplier
+
+        applier = IptablesServiceApplier(binary="iptables-legacy", conntrack=None)
+    else:
+        from podnet.services.kubeproxy_nft import KubeProxyNftApplier
+
+        applier = KubeProxyNftApplier()
+
+    kernel_time = [0.0]
+    _wrap_kernel_timer(applier, kernel_time)
+
+    def sync() -> dict:
+        kernel_time[0] = 0.0
+        t0 = time.monotonic()
+        state = compiler.state()
+        t1 = time.monotonic()
+        r = applier.apply(state)
+        t2 = time.monotonic()
+        out = {"compile_s": t1 - t0, "apply_s": t2 - t1, "kernel_s": kernel_time[0], "total_s": t2 - t0,
+               "lines": r.lines, "full": r.full, "recompiled": compiler.recompiled}
+        if hasattr(applier, "last_list_seconds"):
+            out["list_s"] = applier.last_list_seconds
+        return out
+
+    # the objects arrive as watch events would; each sync compiles what changed
+    for s in services:
+        compiler.set_service(s)
+    for sl in slices:
+        compiler.set_slice(sl)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "all":
+            out = sync()
+        elif op == "ops":
+            results: dict[str, list[dict]] = {"add": [], "delete": [], "change": []}
+            mid = n // 2
+            for rep in range(reps):
+                extra, extra_sl = make(10**6 + rep, f"zz{rep:03d}",
+                                       str(ipaddress.IPv4Address(CLUSTER_BASE + n + 100 + rep)),
+                                       fake(n + 100 + rep), False)
+                compiler.set_service(extra)
+                compiler.set_slice(extra_sl)
+                results["add"].append(sync())
+                compiler.delete_service(extra.namespace, extra.name)
+                compiler.delete_slice(extra_sl.namespace, extra_sl.name)
+                results["delete"].append(sync())
+                if n > 2:
+                    eps = fake(mid)
+                    eps[0] = str(ipaddress.IPv4Address(FAKE_EP_BASE + (n + 200 + rep) * 5))
+                    _, changed = make(mid, f"s{mid:06d}", "", eps, False)
+                    compiler.set_slice(changed)
+                    results["change"].append(sync())
+                    compiler.set_slice(slices[mid])  # back to the original, not measured
+                    sync()
+            out = results
+        elif op == "remove":
+            applier.remove()
+            out = {}
+        else:
+            out = {"error": f"unknown op {op}"}
+        print(json.dumps(out), flush=True)
+
+
+def _wrap_kernel_timer(applier, acc: list[float]) -> None:
+    """Time the kernel side: the nft / iptables-restore process each applier starts."""
+    if hasattr(applier, "nft"):
+        inner = applier.nft
+
+        def timed_nft(script: str) -> None:
+            t = time.monotonic()
+            try:
+                inner(script)
+            finally:
+                acc[0] += time.monotonic() - t
+
+        applier.nft = timed_nft
+    if hasattr(applier, "run"):
+        inner_run = applier.run
+
+        def timed_run(cmd, *a, **kw):
+            t = time.monotonic()
+            try:
+                return inner_run(cmd, *a, **kw)
+            finally:
+                if cmd and str(cmd[0]).endswith("-restore"):
+                    acc[0] += time.monotonic() - t
+
+        applier.run = timed_run
+
+
+# ---------------------------------------------------------------- namespaces and traffic
+
+
+def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(list(cmd), capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {p.stderr.strip()}")
+    return p
+
+
+SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080)); s.listen(4096)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.close()
+"""
+
+PROBE = r"""
+import json, socket, sys, time
+first, last, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out = {"first": [], "last": [], "errors": 0}
+for i in range(count * 2 + 20):
+    which = "first" if i % 2 == 0 else "last"
+    ip = first if which == "first" else last
+    t0 = time.perf_counter()
+    try:
+        s = socket.create_connection((ip, 80), timeout=2)
+        dt = time.perf_counter() - t0
+        s.close()
+    except OSError:
+        out["errors"] += 1
+        continue
+    if i >= 20:  # warm-up
+        out[which].append(dt)
+print(json.dumps(out))
+"""
+
+
+class Lab:
+    """node (routes) + client + srv (the 5 real endpoints), unique names, always removed."""
+
+    def __init__(self) -> None:
+        tag = f"pnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+        self.node, self.client, self.srv = f"{tag}-node", f"{tag}-cl", f"{tag}-srv"
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Lab:
+        try:
+            for ns in (self.node, self.client, self.srv):
+                sh("ip", "netns", "add", ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "netns", "exec", self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            sh("ip", "-n", self.node, "link", "add", "vcl", "type", "veth", "peer", "name", "eth0", "netns", self.client)
+            sh("ip", "-n", self.node, "addr", "add", "10.10.0.1/24", "dev", "vcl")
+            sh("ip", "-n", self.node, "link", "set", "vcl", "up")
+            sh("ip", "-n", self.client, "addr", "add", "10.10.0.2/24", "dev", "eth0")
+            sh("ip", "-n", self.client, "link", "set", "eth0", "up")
+            sh("ip", "-n", self.client, "route", "add", "default", "via", "10.10.0.1")
+            sh("ip", "-n", self.node, "link", "add", "vsrv", "type", "veth", "peer", "name", "eth0", "netns", self.srv)
+            sh("ip", "-n", self.node, "addr", "add", "10.20.0.1/32", "dev", "vsrv")
+            sh("ip", "-n", self.node, "link", "set", "vsrv", "up")
+            sh("ip", "-n", self.node, "route", "add", "10.20.0.0/24", "dev", "vsrv")
+            for ip in REAL_EPS:
+                sh("ip", "-n", self.srv, "addr", "add", f"{ip}/24", "dev", "eth0")
+            sh("ip", "-n", self.srv, "link", "set", "eth0", "up")
+            sh("ip", "-n", self.srv, "route", "add", "default", "via", "10.20.0.1")
+            srv = subprocess.Popen(["ip", "netns", "exec", self.srv, PYTHON, "-c", SERVER], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+            self.procs.append(srv)
+            assert srv.stdout and srv.stdout.readline().strip() == "ready"
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        for ns in (self.node, self.client, self.srv):
+            sh("ip", "netns", "del", ns, check=False)
+
+    def start_worker(self, backend: str, n: int, reps: int) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", self.node, PYTHON, os.path.abspath(__file__), "--worker",
+                              "--backend", backend, "--size", str(n), "--reps", str(reps)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p
+
+    def probe(self, first: str, last: str, count: int) -> dict:
+        out = sh("ip", "netns", "exec", self.client, PYTHON, "-c", PROBE, first, last, str(count), timeout=600)
+        return json.loads(out.stdout)
+
+    def iperf(self, target: str, seconds: int) -> float | None:
+        if not shutil.which("iperf3"):
+            return None
+        server = subprocess.Popen(["ip", "netns", "exec", self.srv, "iperf3", "-s", "-p", "5201", "-1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            out = sh("ip", "netns", "exec", self.client, "iperf3", "-c", target, "-p", "5201", "-t", str(seconds),
+                     "-J", check=False, timeout=seconds + 30)
+            data = json.loads(out.stdout or "{}")
+            return data.get("end", {}).get("sum_received", {}).get("bits_per_second")
+        except (json.JSONDecodeError, subprocess.TimeoutExpired):
+            return None
+        finally:
+            server.kill()
+            server.wait()
+
+
+def ask(p: subprocess.Popen, cmd: dict, timeout_hint: str = "") -> dict:
+    assert p.stdin and p.stdout
+    p.stdin.write(json.dumps(cmd) + "\n")
+    p.stdin.flush()
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError(f"worker died {timeout_hint}: {p.stderr.read()[-3000:] if p.stderr else ''}")
+    return json.loads(line)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def run_case(backend: str, n: int, reps: int, probes: int, iperf_seconds: int) -> dict:
+    with Lab() as lab:
+        w = lab.start_worker(backend, n, reps)
+        t0 = time.monotonic()
+        full = ask(w, {"op": "all"}, f"({backend}, {n} Services)")
+        wall_all = time.monotonic() - t0
+        first = str(ipaddress.IPv4Address(CLUSTER_BASE))
+        last = str(ipaddress.IPv4Address(CLUSTER_BASE + n - 1))
+        lat = lab.probe(first, last, probes) if probes else {"first": [], "last": [], "errors": 0}
+        ops = ask(w, {"op": "ops"})
+        row: dict = {
+            "backend": backend, "services": n, "endpoints_per_service": 5,
+            "apply_all_s": full["total_s"], "apply_all_kernel_s": full["kernel_s"],
+            "apply_all_compile_s": full["compile_s"], "apply_all_lines": full["lines"], "apply_all_wall_s": wall_all,
+        }
+        for op in ("add", "change", "delete"):
+            runs = ops.get(op) or []
+            if runs:
+                row[f"{op}_one_s"] = statistics.median(r["total_s"] for r in runs)
+                row[f"{op}_one_kernel_s"] = statistics.median(r["kernel_s"] for r in runs)
+                row[f"{op}_one_python_s"] = statistics.median(r["compile_s"] + r["apply_s"] - r["kernel_s"]
+                                                              for r in runs)
+                row[f"{op}_one_lines"] = statistics.median(r["lines"] for r in runs)
+                if "list_s" in runs[0]:
+                    row[f"{op}_one_list_s"] = statistics.median(r.get("list_s", 0.0) for r in runs)
+        for which in ("first", "last"):
+            vals = lat[which]
+            row[f"connect_{which}_p50_us"] = pct(vals, 0.5) * 1e6 if vals else None
+            row[f"connect_{which}_p99_us"] = pct(vals, 0.99) * 1e6 if vals else None
+        row["connect_errors"] = lat["errors"]
+        if iperf_seconds:
+            for which, ip in (("first", first), ("last", last)):
+                bps = lab.iperf(ip, iperf_seconds)
+                row[f"iperf_{which}_gbps"] = bps / 1e9 if bps else None
+        ask(w, {"op": "remove"})
+        if w.stdin:
+            w.stdin.close()
+        w.wait(timeout=60)
+        return row
+
+
+def fmt(v, unit: str = "s") -> str:
+    if v is None:
+        return "-"
+    if unit == "s":
+        return f"{v * 1000:.1f}ms" if v < 1 else f"{v:.2f}s"
+    if unit == "us":
+        return f"{v:.0f}us"
+    if unit == "g":
+        return f"{v:.1f}G"
+    return str(v)
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [("backend", "backend", None), ("N", "services", None), ("apply all", "apply_all_s", "s"),
+            ("(kernel)", "apply_all_kernel_s", "s"), ("add one", "add_one_s", "s"), ("(kernel)", "add_one_kernel_s", "s"),
+            ("change", "change_one_s", "s"), ("delete", "delete_one_s", "s"),
+            ("conn first p50/p99", None, None), ("conn last p50/p99", None, None), ("iperf f/l", None, None)]
+    table = []
+    for r in rows:
+        line = []
+        for title, key, unit in cols:
+            if title.startswith("conn"):
+                w = "first" if "first" in title else "last"
+                line.append(f"{fmt(r.get(f'connect_{w}_p50_us'), 'us')}/{fmt(r.get(f'connect_{w}_p99_us'), 'us')}")
+            elif title.startswith("iperf"):
+                line.append(f"{fmt(r.get('iperf_first_gbps'), 'g')}/{fmt(r.get('iperf_last_gbps'), 'g')}")
+            else:
+                line.append(fmt(r.get(key), unit) if unit else str(r.get(key)))
+        table.append(line)
+    widths = [max(len(c[0]), *(len(t[i]) for t in table)) for i, c in enumerate(cols)] if table else []
+    print("  ".join(c[0].ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for t in table:
+        print("  ".join(x.ljust(w) for x, w in zip(t, widths, strict=True)))
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Other backends relative to nft-maps at the same size (>1: nft-maps is faster / better)."""
+    base = {r["services"]: r for r in rows if r["backend"] == "nft-maps"}
+    out = []
+    for r in rows:
+        b = base.get(r["services"])
+        if r["backend"] == "nft-maps" or b is None:
+            continue
+        entry = {"backend": r["backend"], "services": r["services"]}
+        for key in ("apply_all_s", "add_one_s", "change_one_s", "delete_one_s", "add_one_kernel_s",
+                    "connect_last_p50_us", "connect_last_p99_us"):
+            if r.get(key) and b.get(key):
+                entry[key] = round(r[key] / b[key], 2)
+        out.append(entry)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,1000,5000,10000,20000")
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--caps", default="", help="per-backend size caps, e.g. iptables=5000,kp-nft=10000")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--probes", type=int, default=300, help="connections per target for the latency probe")
+    ap.add_argument("--iperf", type=int, default=2, help="seconds of iperf3 per target (0: skip)")
+    ap.add_argument("--quick", action="store_true", help="sizes 1,1000; one rep; 100 probes; no iperf")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "services.json"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.backend, args.size, args.reps)
+        return 0
+    if os.geteuid() != 0:
+        print("bench_services needs root (network namespaces)", file=sys.stderr)
+        return 1
+    if args.quick:
+        args.sizes, args.reps, args.probes, args.iperf = "1,1000", 1, 100, 0
+    caps = dict(DEFAULT_CAPS)
+    for item in filter(None, args.caps.split(",")):
+        k, _, v = item.partition("=")
+        caps[k] = int(v)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    backends = [b for b in args.backends.split(",") if b]
+    rows = []
+    started = time.time()
+    for n in sizes:
+        for backend in backends:
+            if n > caps.get(backend, 10**9):
+                print(f"# {backend}: skipping {n} Services (cap {caps[backend]})", flush=True)
+                continue
+            t0 = time.monotonic()
+            row = run_case(backend, n, args.reps, args.probes, args.iperf)
+            row["case_wall_s"] = time.monotonic() - t0
+            row["loadavg_after"] = os.getloadavg()[0]
+            rows.append(row)
+            print(f"# {backend} N={n}: all {fmt(row['apply_all_s'])}, add {fmt(row.get('add_one_s'))}, "
+                  f"delete {fmt(row.get('delete_one_s'))}, connect last p50 "
+                  f"{fmt(row.get('connect_last_p50_us'), 'us')} ({row['case_wall_s']:.0f}s)", flush=True)
+    print()
+    print_table(rows)
+    rel = ratios(rows)
+    if rel:
+        print("\nrelative to nft-maps (x times slower/longer):")
+        for r in rel:
+            print("  " + ", ".join(f"{k}={v}" for k, v in r.items()))
+    result = {
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                 "nft": sh("nft", "--version", check=False).stdout.strip(),
+                 "iptables": sh("iptables-legacy", "--version", check=False).stdout.strip(),
+                 "loadavg_start": os.getloadavg()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "rows": rows,
+        "ratios_vs_nft_maps": rel,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {os.path.relpath(args.out, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
