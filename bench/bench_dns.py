@@ -111,7 +111,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def dnsperf(host: str, port: int, queries: list[str], seconds: float, tmp: str) -> dict:
+def dnsperf(host: str, port: int, queries: list[str], seconds: float, tmp: str, pid: int | None = None) -> dict:
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     qfile = os.path.join(tmp, f"queries-{uuid.uuid4().hex[:6]}.txt")
     with open(qfile, "w") as f:
         f.write("\n".join(queries) + "\n")
@@ -119,9 +120,12 @@ def dnsperf(host: str, port: int, queries: list[str], seconds: float, tmp: str) 
                           "-l", str(seconds), "-c", "4", "-q", "200", "-t", "2"],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
     res: dict = {}
+    cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
     for line in out.splitlines():
         line = line.strip()
-        if line.startswith("Queries per second:"):
+        if line.startswith("Queries completed:"):
+            res["completed"] = int(line.split(":")[1].split()[0])
+        elif line.startswith("Queries per second:"):
             res["qps"] = round(float(line.split(":")[1]))
         elif line.startswith("Average Latency (s):"):
             res["latency_avg_ms"] = round(float(line.split(":")[1].split()[0]) * 1000, 3)
@@ -131,6 +135,10 @@ def dnsperf(host: str, port: int, queries: list[str], seconds: float, tmp: str) 
             res["lost"] = int(line.split(":")[1].split()[0])
         elif line.startswith("Response codes:"):
             res["rcodes"] = line.split(":", 1)[1].strip()
+    if pid and cpu > 0:
+        # answers per CPU-second of the server: its capacity on one core, whatever else runs
+        res["server_cpu_s"] = round(cpu, 2)
+        res["qps_per_core"] = round(res.get("completed", 0) / cpu)
     return res
 
 
@@ -192,16 +200,18 @@ def bench_qps(n_services: int, n_external: int, seconds: float, runs: int) -> di
                          host="127.0.0.74", cpu=SERVER_CPU).start(timeout=60)
             servers["unbound"] = (ub, ub.address)
             try:
-                for name, (_proc, (host, p)) in servers.items():
+                for name, (proc, (host, p)) in servers.items():
                     log(f"  cluster names: {name}")
+                    pid = proc.proc.pid
                     out.setdefault("cluster", {})[name] = best_of(
-                        runs, lambda host=host, p=p: dnsperf(host, p, cluster_queries, seconds, tmp))
+                        runs, lambda host=host, p=p, pid=pid: dnsperf(host, p, cluster_queries, seconds, tmp, pid))
                     log(f"    {out['cluster'][name]}")
-                for name, (_proc, (host, p)) in servers.items():
+                for name, (proc, (host, p)) in servers.items():
                     log(f"  cached external names: {name}")
                     warm(host, p, ext_names)
+                    pid = proc.proc.pid
                     out.setdefault("external_cached", {})[name] = best_of(
-                        runs, lambda host=host, p=p: dnsperf(host, p, ext_queries, seconds, tmp))
+                        runs, lambda host=host, p=p, pid=pid: dnsperf(host, p, ext_queries, seconds, tmp, pid))
                     log(f"    {out['external_cached'][name]}")
             finally:
                 servers["podnet"][0].stop()
@@ -346,10 +356,14 @@ def memory_child(n_services: int, n_endpoints: int, headless_fraction: float) ->
         timings.append(time.perf_counter() - t0)
     timings.sort()
     st = index.stats()
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        rss_now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {"services": st["services"], "endpoints": st["endpoints"], "headless_services": n_headless,
             "ptr_records": st["ptr_cluster_ips"] + st["ptr_endpoints"],
             "index_mb": round(current / 2**20, 1),
-            "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_mb": round(rss_now / 2**20, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "build_s": round(build_s, 1),
             "apply_one_service_us_p50": round(timings[len(timings) // 2] * 1e6, 1),
             "apply_one_service_us_p99": round(timings[int(len(timings) * 0.99)] * 1e6, 1)}
@@ -376,10 +390,10 @@ def table(results: dict) -> str:
             continue
         lines.append(f"\n{title} ({q['services'] if section == 'cluster' else q['external_names']} names, "
                      "server on 1 core, dnsperf -c 4 -q 200)")
-        lines.append(f"{'server':10} {'QPS':>9} {'avg ms':>8} {'lost':>6}  runs")
+        lines.append(f"{'server':10} {'QPS':>9} {'QPS/core':>9} {'avg ms':>8} {'lost':>6}  runs")
         for name, r in q[section].items():
-            lines.append(f"{name:10} {r.get('qps', 0):>9} {r.get('latency_avg_ms', 0):>8} {r.get('lost', 0):>6}  "
-                         f"{r.get('runs_qps')}")
+            lines.append(f"{name:10} {r.get('qps', 0):>9} {r.get('qps_per_core', 0):>9} {r.get('latency_avg_ms', 0):>8} "
+                         f"{r.get('lost', 0):>6}  {r.get('runs_qps')}")
     sp = results.get("search_path")
     if sp:
         lines.append(f"\n{sp['lookups']} external lookups through glibc ({sp['resolv_conf']}, {sp['family']})")
@@ -392,11 +406,11 @@ def table(results: dict) -> str:
     mem = results.get("memory")
     if mem:
         lines.append("\nindex memory")
-        lines.append(f"{'shape':14} {'services':>9} {'endpoints':>10} {'index MB':>9} {'RSS MB':>7} {'build s':>8} "
-                     f"{'1 change us':>12}")
+        lines.append(f"{'shape':14} {'services':>9} {'endpoints':>10} {'index MB':>9} {'RSS MB':>7} {'peak RSS':>9} "
+                     f"{'build s':>8} {'1 change us':>12}")
         for label, r in mem.items():
             lines.append(f"{label:14} {r['services']:>9} {r['endpoints']:>10} {r['index_mb']:>9} {r['rss_mb']:>7} "
-                         f"{r['build_s']:>8} {r['apply_one_service_us_p50']:>12}")
+                         f"{r['peak_rss_mb']:>9} {r['build_s']:>8} {r['apply_one_service_us_p50']:>12}")
     return "\n".join(lines)
 
 

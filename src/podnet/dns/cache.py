@@ -22,7 +22,8 @@ from podnet.dns.wire import CD, NOERROR, NXDOMAIN, OPT, QR, RA, RD, SOA, TC
 
 class CacheEntry:
     __slots__ = ("rcode", "sections", "template", "ttl_offsets", "ttls", "stored", "expires", "ttl",
-                 "hits", "second", "body", "hdrs", "valid_until", "fresh_until", "prefetching", "counts")
+                 "hits", "second", "body", "hdrs", "valid_until", "fresh_until", "prefetching", "counts", "fast",
+                 "lru", "key")
 
     def __init__(self, rcode: int, sections: tuple[list, list, list], ttl: int, now: float, prefetch_window: float):
         self.rcode = rcode
@@ -41,6 +42,9 @@ class CacheEntry:
         self.ttls = [rr[3] for sec in sections for rr in sec]
         self.template, self.ttl_offsets = None, None
         self.hdrs = None
+        self.fast = True  # whether the fast path may serve it (see server.fast_safe)
+        self.lru: OrderedDict | None = None  # the cache holding it, to refresh its recency
+        self.key = b""
 
     def render(self, qname: bytes, now: float) -> bytes:
         """The sections with TTLs as of ``now``; the result is reused within the same second."""
@@ -58,8 +62,28 @@ class CacheEntry:
                 struct.pack_into("!I", buf, off, max(ttl - sec, 0))
             self.body = bytes(buf)
             self.second = sec
-            self.valid_until = min(self.stored + sec + 1, self.fresh_until)
+            self.valid_until = min(self.stored + sec + 1, self.fresh_until) if self.fast else 0.0
         return self.body
+
+    def retick(self, now: float) -> bool:
+        """Re-patch the TTLs for the current second (the fast path's once-a-second refresh).
+
+        Only for an already rendered entry that is still fresh; counts the use for
+        prefetch. Returns whether the entry may be served by the fast path now."""
+        if self.template is None or not self.fast or now >= self.fresh_until:
+            return False
+        sec = int(now - self.stored)
+        if sec != self.second:
+            buf = bytearray(self.template)
+            for off, ttl in zip(self.ttl_offsets, self.ttls, strict=True):
+                struct.pack_into("!I", buf, off, max(ttl - sec, 0))
+            self.body = bytes(buf)
+            self.second = sec
+            self.hits += 1
+            self.valid_until = min(self.stored + sec + 1, self.fresh_until)
+            if self.lru is not None and self.key in self.lru:
+                self.lru.move_to_end(self.key)
+        return now < self.valid_until
 
     def records(self, owner: bytes, now: float) -> tuple[list, list, list]:
         """The sections with absolute owners and TTLs as of now (to compose other answers)."""
@@ -137,6 +161,7 @@ class ResponseCache:
             self.entries.move_to_end(key)
 
     def put(self, key: bytes, entry: CacheEntry) -> None:
+        entry.lru, entry.key = self.entries, key
         self.entries[key] = entry
         self.entries.move_to_end(key)
         while len(self.entries) > self.max_entries:

@@ -29,6 +29,7 @@ objects behind them change.
 from __future__ import annotations
 
 import ipaddress
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -144,9 +145,12 @@ class ClusterIndex:
         # ns -> {name -> (kind, ips, ports, external_wire, publish_not_ready)}
         self._svc: dict[str, dict[str, tuple]] = {}
         self._slices: dict[tuple[str, str], _Slice] = {}
-        self._svc_slices: dict[tuple[str, str], set[str]] = {}
+        # (ns, svc) -> its slice name, or a set of names when it has several (one is the rule)
+        self._svc_slices: dict[tuple[str, str], str | set[str]] = {}
         self._cip_ptr: dict[bytes, tuple[str, str]] = {}  # ClusterIP -> (ns, svc)
-        self._ep_ptr: dict[bytes, tuple | list] = {}  # endpoint IP -> (ns, svc, host) or a list of them
+        # endpoint IP -> (ns, svc) (no hostname: shared with _svc_slices' key), (ns, svc, host), or a list
+        self._ep_ptr: dict[bytes, tuple | list] = {}
+        self._interned: dict[tuple, tuple] = {}  # port tuples, shared between objects
         self._pods: dict[tuple[str, str], tuple[bytes, ...]] = {}
         self._pod_ips: dict[str, dict[bytes, int]] = {}  # ns -> {ip: count} (verified mode)
         self._ns_objects: set[str] = set()
@@ -216,7 +220,8 @@ class ClusterIndex:
 
     def _service_record(self, svc: Service) -> tuple:
         spec = svc.spec
-        ports = tuple((p.name.lower(), p.protocol.lower(), p.port) for p in spec.ports if p.name)
+        ports = self._intern(tuple(self._intern((sys.intern(p.name.lower()), sys.intern(p.protocol.lower()), p.port))
+                                   for p in spec.ports if p.name))
         if spec.type == "ExternalName":
             target = (spec.external_name or "").strip().lower()
             try:
@@ -266,7 +271,7 @@ class ClusterIndex:
             self._cip_ptr[ip] = key
             self._invalidate(("ptr", ip))
         if rec[0] == KIND_HEADLESS:
-            for slice_name in self._svc_slices.get(key, ()):
+            for slice_name in self._slice_names(key):
                 self._slice_ptrs(ns, self._slices[(ns, slice_name)], rec, add=True)
 
     def _unindex_service(self, ns: str, name: str, rec: tuple | None) -> None:
@@ -278,7 +283,7 @@ class ClusterIndex:
                 del self._cip_ptr[ip]
             self._invalidate(("ptr", ip))
         if rec[0] == KIND_HEADLESS:
-            for slice_name in self._svc_slices.get(key, ()):
+            for slice_name in self._slice_names(key):
                 self._slice_ptrs(ns, self._slices[(ns, slice_name)], rec, add=False)
 
     # -- endpoint slices
@@ -303,8 +308,9 @@ class ClusterIndex:
                     ready |= 1 << i
                 hosts.append(host)
                 i += 1
-        ports = tuple(sorted((p.name.lower(), p.protocol.lower(), p.port) for p in es.ports or ()
-                             if p.name and p.port))
+        ports = self._intern(tuple(sorted(
+            self._intern((sys.intern(p.name.lower()), sys.intern(p.protocol.lower()), p.port))
+            for p in es.ports or () if p.name and p.port)))
         rec = _Slice(svc, width, bytes(addrs), ready,
                      tuple(hosts) if any(h is not None for h in hosts) else None, ports)
         with self.lock:
@@ -319,25 +325,45 @@ class ClusterIndex:
             svc_rec = self._svc.get(ns, {}).get(old.svc)
             if svc_rec is not None and svc_rec[0] == KIND_HEADLESS:
                 self._slice_ptrs(ns, old, svc_rec, add=False)
-            names = self._svc_slices.get((ns, old.svc))
-            if names is not None:
+            skey = (ns, old.svc)
+            names = self._svc_slices.get(skey)
+            if names == name:
+                del self._svc_slices[skey]
+            elif isinstance(names, set):
                 names.discard(name)
-                if not names:
-                    del self._svc_slices[(ns, old.svc)]
+                if len(names) == 1:
+                    self._svc_slices[skey] = next(iter(names))
             del self._slices[key]
             self._changed((ns, old.svc))
         if rec is not None:
             self._slices[key] = rec
-            self._svc_slices.setdefault((ns, rec.svc), set()).add(name)
+            skey = (ns, rec.svc)
+            names = self._svc_slices.get(skey)
+            if names is None:
+                self._svc_slices[skey] = name
+            elif isinstance(names, set):
+                names.add(name)
+            elif names != name:
+                self._svc_slices[skey] = {names, name}
             svc_rec = self._svc.get(ns, {}).get(rec.svc)
             if svc_rec is not None and svc_rec[0] == KIND_HEADLESS:
                 self._slice_ptrs(ns, rec, svc_rec, add=True)
             self._changed((ns, rec.svc))
 
+    def _slice_names(self, key: tuple[str, str]) -> Iterable[str]:
+        names = self._svc_slices.get(key)
+        if names is None:
+            return ()
+        return (names,) if isinstance(names, str) else sorted(names)
+
+    def _intern(self, value: tuple) -> tuple:
+        return self._interned.setdefault(value, value)
+
     def _slice_ptrs(self, ns: str, sl: _Slice, svc_rec: tuple, add: bool) -> None:
         table = self._ep_ptr
+        shared = (ns, sl.svc)  # one tuple for every endpoint without a hostname (compared by value)
         for packed, host in sl.endpoints(all_ready=svc_rec[4]):
-            entry = (ns, sl.svc, host)
+            entry = shared if host is None else (ns, sl.svc, host)
             cur = table.get(packed)
             if add:
                 if cur is None:
@@ -542,7 +568,7 @@ class ClusterIndex:
 
     def _ready(self, ns: str, svc: str, rec: tuple) -> list[tuple[bytes, str | None, _Slice]]:
         out = []
-        for slice_name in sorted(self._svc_slices.get((ns, svc), ())):
+        for slice_name in self._slice_names((ns, svc)):
             sl = self._slices[(ns, slice_name)]
             for packed, host in sl.endpoints(all_ready=rec[4]):
                 out.append((packed, host, sl))
@@ -630,7 +656,8 @@ class ClusterIndex:
                                                 *self.zone_labels]))
         cur = self._ep_ptr.get(packed)
         if cur is not None:
-            for ns, svc, host in (cur if type(cur) is list else [cur]):
+            for ns, svc, *rest in (cur if type(cur) is list else [cur]):
+                host = rest[0] if rest else None
                 t = wire.labels_to_wire([(host or dashed(packed)).encode(), svc.encode(), ns.encode(), b"svc",
                                          *self.zone_labels])
                 if t not in targets:

@@ -380,7 +380,7 @@ class DNSServer:
                                         continue
                             else:
                                 x = external.get(key)
-                                if x is not None and monotonic() < x.valid_until:
+                                if x is not None and (monotonic() < x.valid_until or x.retick(monotonic())):
                                     resp = b"".join((data[:2], x.hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
                                                      data[12:], x.body))
                                     if len(resp) <= 512:
@@ -403,7 +403,7 @@ class DNSServer:
                                         hdrs, body = e[1], e[2]
                                 else:
                                     x = external.get(key)
-                                    if x is not None and monotonic() < x.valid_until:
+                                    if x is not None and (monotonic() < x.valid_until or x.retick(monotonic())):
                                         hdrs, body = x.hdrs, x.body
                                 if hdrs is not None:
                                     resp = b"".join((data[:2], hdrs[4 | (data[2] & 1) | ((data[3] >> 3) & 2)],

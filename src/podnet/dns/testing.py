@@ -170,6 +170,7 @@ class Unbound(_Daemon):
             "  so-rcvbuf: 4m",
         ]
         lines.append('  local-zone: "test." nodefault')  # unbound blocks RFC 6761 names by default
+        lines.append("  do-not-query-localhost: no")  # the upstream it forwards to is on loopback
         if self.forward is None:
             lines += ['  local-zone: "." static',
                       '  local-data: ". 3600 IN SOA root.test. admin.test. 1 3600 600 86400 60"']

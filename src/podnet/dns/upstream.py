@@ -10,7 +10,6 @@ UDP conntrack races of the node's DNS path and any truncation round trip.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import struct
@@ -24,14 +23,35 @@ class UpstreamError(Exception):
     pass
 
 
-class _Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader = reader
-        self.writer = writer
+class _Conn(asyncio.Protocol):
+    """One TCP connection: length-prefixed messages, answers matched to queries by ID."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
         self.pending: dict[int, asyncio.Future] = {}
         self.next_id = random.randrange(0x10000)
         self.closed = False
-        self.task: asyncio.Task | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        while len(buf) >= 2:
+            n = (buf[0] << 8) | buf[1]
+            if len(buf) < 2 + n:
+                break
+            msg = bytes(buf[2:2 + n])
+            del buf[:2 + n]
+            if n >= 12:
+                fut = self.pending.pop((msg[0] << 8) | msg[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
 
     def new_id(self) -> int:
         for _ in range(0x10000):
@@ -39,24 +59,6 @@ class _Conn:
             if self.next_id not in self.pending:
                 return self.next_id
         raise UpstreamError("no free message ID")
-
-    async def read_loop(self) -> None:
-        try:
-            while True:
-                hdr = await self.reader.readexactly(2)
-                (n,) = struct.unpack("!H", hdr)
-                msg = await self.reader.readexactly(n)
-                if n < 12:
-                    continue
-                fut = self.pending.pop(struct.unpack_from("!H", msg)[0], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        except asyncio.CancelledError:
-            raise
-        finally:
-            self.close()
 
     def close(self) -> None:
         if self.closed:
@@ -66,8 +68,15 @@ class _Conn:
             if not fut.done():
                 fut.set_exception(UpstreamError("upstream connection closed"))
         self.pending.clear()
-        with contextlib.suppress(Exception):
-            self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(fut: asyncio.Future, conn: _Conn, qid: int) -> None:
+    if conn.pending.get(qid) is fut:
+        del conn.pending[qid]
+    if not fut.done():
+        fut.set_exception(UpstreamError("no answer in time"))
 
 
 class Upstream:
@@ -86,16 +95,20 @@ class Upstream:
         return f"{self.host}:{self.port}"
 
     async def _connect(self, timeout: float) -> _Conn:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
-        conn = _Conn(reader, writer)
-        conn.task = asyncio.get_running_loop().create_task(conn.read_loop())
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(loop.create_connection(_Conn, self.host, self.port), timeout)
         return conn
 
     async def _conn(self, timeout: float) -> _Conn:
-        self.conns = [c for c in self.conns if not c.closed]
-        live = [c for c in self.conns if len(c.pending) < self.max_inflight]
-        if live and (len(self.conns) >= self.size or min(len(c.pending) for c in live) == 0):
-            return min(live, key=lambda c: len(c.pending))
+        conns = self.conns
+        if any(c.closed for c in conns):
+            conns = self.conns = [c for c in conns if not c.closed]
+        best = None
+        for c in conns:
+            if len(c.pending) < self.max_inflight and (best is None or len(c.pending) < len(best.pending)):
+                best = c
+        if best is not None and (len(conns) >= self.size or not best.pending):
+            return best
         if self._connecting is not None:
             return await asyncio.shield(self._connecting)
         fut = asyncio.get_running_loop().create_future()
@@ -118,14 +131,16 @@ class Upstream:
         conn = await self._conn(timeout)
         qid = conn.new_id()
         msg = wire.header(qid, wire.RD, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, qclass)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         conn.pending[qid] = fut
-        conn.writer.write(struct.pack("!H", len(msg)) + msg)
+        assert conn.transport is not None
+        conn.transport.write(struct.pack("!H", len(msg)) + msg)
+        timer = loop.call_later(timeout, _expire, fut, conn, qid)
         try:
-            resp = await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            conn.pending.pop(qid, None)
-            raise UpstreamError(f"{self}: no answer in {timeout} s") from None
+            resp = await fut
+        finally:
+            timer.cancel()
         if not _matches(resp, qname, qtype, qclass):
             raise UpstreamError(f"{self}: answer does not match the question")
         return resp
@@ -133,10 +148,6 @@ class Upstream:
     async def close(self) -> None:
         for c in self.conns:
             c.close()
-            if c.task is not None:
-                c.task.cancel()
-                with contextlib.suppress(BaseException):
-                    await c.task
         self.conns.clear()
 
 
