@@ -82,7 +82,7 @@ def test_pods_are_running_in_the_store_with_endpoint_slices(lab):
 
 def test_connectivity_same_node_cross_node_and_external(lab):
     lab, _ = lab
-    rows = probe_all(lab, all_ports=True)
+    rows = probe_all(lab, all_ports=True, timeout=5)
     table = format_table(rows)
     assert all(r.ok for r in rows), table
     kinds = {r.kind for r in rows}

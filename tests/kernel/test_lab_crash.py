@@ -46,7 +46,7 @@ def test_down_after_up_was_killed_midway(root):
            "spec": {"underlay": {"cidr": "10.99.0.0/24"}, "external": {"address": "10.98.0.10/24"},
                     "nodes": [{"name": "node-1"}, {"name": "node-2"}], "cni": {"plugin": "bridge"},
                     "pods": [{"name": f"p{i}", "node": f"node-{i % 2 + 1}", "ports": [{"containerPort": 80}]}
-                             for i in range(8)]}}
+                             for i in range(12)]}}
     f = root.parent / f"{name}.yaml"
     f.write_text(yaml.safe_dump(lab))
     env = {**os.environ, "PODNET_LAB_ROOT": str(root)}

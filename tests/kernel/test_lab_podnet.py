@@ -68,7 +68,7 @@ def test_agents_answer_and_pods_get_pool_addresses(lab):
 
 
 def test_cross_node_traffic_over_vxlan_and_direct_routes(lab):
-    rows = probe_all(lab, all_ports=True)
+    rows = probe_all(lab, all_ports=True, timeout=5)
     assert all(r.ok for r in rows), format_table(rows)
     kinds = {(r.src, r.dst): r.kind for r in rows if r.target.startswith("tcp/")}
     assert kinds[("default/a-1", "default/b-1")] == "cross-node/direct"
@@ -107,7 +107,7 @@ def test_lab_on_an_etcd_store_on_the_host_loopback():
             try:
                 lab = Lab(st)
                 assert st.data["agent_store"].startswith("etcd://10.99.0.1:")
-                rows = probe_all(lab)
+                rows = probe_all(lab, timeout=5)
                 assert rows and all(r.ok for r in rows), format_table(rows)
                 assert {p.name for p in ObjectStore(open_store(etcd.url)).list(Pod)} == {"a", "b"}
             finally:

@@ -63,7 +63,7 @@ def test_topology_up_and_down_leaves_nothing_behind(root):
         assert ns_exec(n1, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
         # node -> gateway, node -> node on the bridge, node -> external via the default route
         for target in ("10.99.0.1", "10.99.0.12", "10.98.0.10"):
-            assert ns_exec(n1, "ping", "-c1", "-W2", target).returncode == 0, target
+            assert ns_exec(n1, "ping", "-c1", "-W5", target).returncode == 0, target
         probe = ns_exec(n2, sys.executable, "-m", "podnet.lab.probe", "tcp:10.98.0.10:8080")
         assert '"name": "external"' in probe.stdout and '"peer": "10.99.0.12"' in probe.stdout
         ext = st.process("external")
