@@ -651,9 +651,10 @@ class IPAM:
                 os.close(fd)  # closing drops the lock
 
     def _forget_node(self, node: str) -> None:
-        for cidr in self._affine.pop(node, ()):
+        """Drop the node's cached block records (another process changed them). The list of
+        its blocks is kept: a block claimed meanwhile is found when the known ones look full."""
+        for cidr in self._affine.get(node, ()):
             self._blocks.pop(cidr, None)
-        self._last.pop(node, None)
 
     def _assign(self, req: _Request, snap: Snapshot, rec: Record, ordinal: int) -> Allocation:
         """Compare-and-swap ordinal of the block to the handle, creating the handle record with it."""
