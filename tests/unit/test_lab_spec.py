@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 from podnet.errors import ValidationError
-from podnet.lab.endpoints import allocate_service_addresses, endpoint_slices
+from podnet.lab.endpoints import endpoint_slices
 from podnet.lab.runtime import max_common_version, pod_capability_args, result_ips
 from podnet.lab.spec import load_lab, parse_lab, parse_quantity
-from podnet.model.objects import IPPool, Namespace, Pod, PodIP, PodStatus, Service
+from podnet.model.objects import Namespace, Pod, PodIP, PodStatus, Service
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "lab"
 
@@ -232,14 +232,3 @@ def test_endpoint_slices_resolve_named_ports_per_pod():
     assert by_port[8080].endpoints[0].node_name == "node-1"
     assert by_port[8080].service_name == "web"
     assert all(e.conditions.is_ready for s in slices for e in s.endpoints)
-
-
-def test_service_addresses_are_allocated_once():
-    svcs = [Service.model_validate({"apiVersion": "v1", "kind": "Service", "metadata": {"name": n},
-                                    "spec": {**extra, "ports": [{"port": 80}]}})
-            for n, extra in (("a", {}), ("b", {"clusterIP": "10.96.0.10"}), ("c", {"type": "NodePort"}),
-                             ("h", {"clusterIP": "None"}))]
-    out = allocate_service_addresses(svcs, "10.96.0.0/16")
-    assert [s.spec.cluster_ip for s in out] == ["10.96.0.11", "10.96.0.10", "10.96.0.12", "None"]
-    assert out[2].spec.ports[0].node_port == 30000
-    assert isinstance(out[0], Service) and not isinstance(out[0], IPPool)

@@ -25,7 +25,7 @@ from typing import Any
 
 from podnet.errors import PodnetError
 from podnet.lab import topology
-from podnet.lab.endpoints import allocate_service_addresses, endpoint_slices
+from podnet.lab.endpoints import endpoint_slices
 from podnet.lab.runtime import (
     CniError,
     CniRuntime,
@@ -38,6 +38,7 @@ from podnet.lab.runtime import (
 from podnet.lab.spec import LabSpec
 from podnet.lab.state import LabState, all_labs, lab_root
 from podnet.model.objects import KINDS, KubeObject, Node, Pod, PodIP, PodStatus, Service
+from podnet.services.clusterip import allocate_cluster_ips, release_service
 from podnet.store import Conflict, open_store
 from podnet.store.objects import ObjectStore
 
@@ -146,9 +147,10 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
 
     # The API server's part: every object, Pods still Pending.
     store = ObjectStore(open_store(url))
-    services = allocate_service_addresses([o for o in spec.objects if isinstance(o, Service)], spec.service_cidr)
-    by_ref = {s.ref: s for s in services}
-    objects: list[KubeObject] = [by_ref.get(o.ref, o) for o in spec.objects]
+    # ClusterIPs and nodePorts as `podnet apply` allocates them: keys in the store, so later
+    # applies into the lab's store never hand out the same ones.
+    objects: list[KubeObject] = allocate_cluster_ips(spec.objects, store, spec.service_cidr)
+    services = [o for o in objects if isinstance(o, Service)]
     pods = [p.with_meta(uid=str(uuid.uuid4())) for p in spec.pods]
     pods = [p.model_copy(update={"status": PodStatus(phase="Pending")}) for p in pods]  # type: ignore[misc]
     applied = [*objects, *spec.node_objects(), *pods]
@@ -487,6 +489,9 @@ def _delete_objects(url: str, refs: list[list], say: Say) -> None:
             if obj is not None:
                 objs.append(obj)
         store.delete_all(objs)
+        for o in objs:
+            if isinstance(o, Service):
+                release_service(store, o)
         say(f"deleted {len(objs)} objects from {url}")
     except Exception as e:  # the store may be gone; the lab's own resources are what matter here
         say(f"could not delete the lab's objects from {url}: {e}")

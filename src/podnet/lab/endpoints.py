@@ -1,10 +1,8 @@
-"""What the API server and the endpoint controller would do for the lab's Services.
+"""What the endpoint controller would do for the lab's Services.
 
-* ClusterIPs (and nodePorts) for Services that do not name one, from the lab's
-  service CIDR, in manifest order; the first address is left for `kubernetes`.
-* EndpointSlices for Services with a selector: one endpoint per running pod
-  that matches, ready, with its named target ports resolved for that pod. Pods
-  whose named ports resolve differently land in different slices, as upstream.
+EndpointSlices for Services with a selector: one endpoint per running pod that
+matches, ready, with its named target ports resolved for that pod. Pods whose
+named ports resolve differently land in different slices, as upstream.
 """
 
 from __future__ import annotations
@@ -27,38 +25,7 @@ from podnet.model.objects import (
 )
 
 MANAGED_BY = "endpointslice-controller.k8s.io"
-NODE_PORT_RANGE = (30000, 32767)
 ZONE_LABEL = "topology.kubernetes.io/zone"
-
-
-def allocate_service_addresses(services: Iterable[Service], cidr: str) -> list[Service]:
-    services = list(services)
-    net = ipaddress.ip_network(cidr)
-    used = {s.spec.cluster_ip for s in services if s.spec.cluster_ip not in (None, "", "None")}
-    used_ports = {p.node_port for s in services for p in s.spec.ports if p.node_port}
-    hosts = (str(net.network_address + i) for i in range(10, net.num_addresses - 1))
-    next_port = NODE_PORT_RANGE[0]
-    out = []
-    for svc in services:
-        spec = svc.spec
-        changes: dict = {}
-        if spec.type != "ExternalName" and spec.cluster_ip in (None, ""):
-            ip = next(h for h in hosts if h not in used)
-            used.add(ip)
-            changes["cluster_ip"] = ip
-            changes["cluster_ips"] = [ip]
-        if spec.type in ("NodePort", "LoadBalancer") and any(not p.node_port for p in spec.ports):
-            ports: list[ServicePort] = []
-            for p in spec.ports:
-                if not p.node_port:
-                    while next_port in used_ports:
-                        next_port += 1
-                    p = p.model_copy(update={"node_port": next_port})
-                    used_ports.add(next_port)
-                ports.append(p)
-            changes["ports"] = ports
-        out.append(svc.model_copy(update={"spec": spec.model_copy(update=changes)}) if changes else svc)
-    return out
 
 
 def _resolve(svc_port: ServicePort, pod: Pod) -> int | None:
