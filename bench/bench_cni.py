@@ -201,7 +201,7 @@ def main() -> int:
     from podnet.store.objects import ObjectStore
 
     rounds, bursts = (10, 1) if args.quick else (40, 3)
-    tag = f"pnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+    tag = f"cnib{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"  # namespaces this run creates (and deletes)
     created: list[str] = []
     agent: subprocess.Popen | None = None
 
