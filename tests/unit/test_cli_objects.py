@@ -83,3 +83,15 @@ def test_unknown_store_url_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PODNET_STORE", "mysql://x")
     code, _, err = run(capsys, "get", "pods")
     assert code == 1 and err.count("\n") == 1 and "unknown store URL" in err
+
+
+def test_services_get_unique_cluster_ips_and_keep_them(store, tmp_path, capsys):
+    two = SVC + "---\n" + SVC.replace("name: web", "name: api")
+    f = write(tmp_path, "m.yaml", NS, two)
+    assert run(capsys, "apply", "-f", f, "--service-cidr", "10.97.0.0/24")[0] == 0
+    _, out, _ = run(capsys, "get", "svc", "-n", "shop", "-o", "json")
+    ips = {i["metadata"]["name"]: i["spec"]["clusterIP"] for i in json.loads(out)["items"]}
+    assert len(set(ips.values())) == 2 and all(ip.startswith("10.97.0.") for ip in ips.values())
+    run(capsys, "apply", "-f", f, "--service-cidr", "10.97.0.0/24")
+    _, out, _ = run(capsys, "get", "svc", "-n", "shop", "-o", "json")
+    assert {i["metadata"]["name"]: i["spec"]["clusterIP"] for i in json.loads(out)["items"]} == ips

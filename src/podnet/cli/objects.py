@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -22,16 +23,20 @@ from podnet.model.objects import (
     kind_for,
 )
 from podnet.model.selectors import LabelSelector
+from podnet.services.clusterip import allocate_cluster_ips, release_service
 from podnet.store.objects import ObjectStore
 
 # Namespaces that exist without a manifest, as in a fresh cluster.
 BUILTIN_NAMESPACES = {"default", "kube-system"}
+DEFAULT_SERVICE_CIDR = "10.96.0.0/12"  # the Kubernetes default
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apply", help="create or update objects from manifests, all or nothing")
     p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR",
                    help="manifest file or directory (repeatable)")
+    p.add_argument("--service-cidr", default=os.environ.get("PODNET_SERVICE_CIDR", DEFAULT_SERVICE_CIDR),
+                   help="where Services without spec.clusterIP get one (default $PODNET_SERVICE_CIDR or %(default)s)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("get", help="show objects")
@@ -87,6 +92,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     store = objects_from_args(args)
     check_namespaces(store, objects)
     check_immutable(store, objects)
+    # As the API server does: Services get their ClusterIP and nodePorts before they are stored.
+    objects = allocate_cluster_ips(objects, store, args.service_cidr)
     _, outcome = store.apply(objects)
     for ref, what in outcome:
         print(f"{ref} {what}")
@@ -97,15 +104,19 @@ def cmd_delete(args: argparse.Namespace) -> int:
     store = objects_from_args(args)
     if args.filename:
         objects = load_manifests(args.filename)
-        _, outcome = store.delete_all(objects)
     elif args.kind and args.name:
         cls = _kind(args.kind)
-        obj = store.get(cls, args.name, args.namespace or "default")
-        if obj is None:
+        found = store.get(cls, args.name, args.namespace or "default")
+        if found is None:
             raise PodnetError(f"{cls.KIND} {args.name!r} not found")
-        _, outcome = store.delete_all([obj])
+        objects = [found]
     else:
         raise PodnetError("delete needs -f FILE or KIND NAME")
+    _, outcome = store.delete_all(objects)
+    deleted = {ref for ref, what in outcome if what == "deleted"}
+    for obj in objects:
+        if isinstance(obj, Service) and obj.ref in deleted:
+            release_service(store, obj)  # its ClusterIP and nodePorts are free again
     for ref, what in outcome:
         print(f"{ref} {what}")
     return 0
