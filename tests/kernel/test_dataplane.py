@@ -146,5 +146,5 @@ try:
 except Exception as e:
     print(type(e).__name__, e)
 """)
-    assert "PodNetnsGone network namespace /run/netns/does-not-exist does not exist" in out.stdout
+    assert "NotANetns network namespace /run/netns/does-not-exist does not exist" in out.stdout
     assert not re.search(r": pn[0-9a-f]{11}[@:]", sh("ip", "-n", nodes["n1"], "-o", "link").stdout)

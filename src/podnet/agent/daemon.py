@@ -91,6 +91,7 @@ class Agent:
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.stop()
+        self.dataplane.close()
         if self.routes is not None:
             self.routes.close()
         self.kv.close()

@@ -14,20 +14,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+import queue
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute, NetNS
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from podnet.dataplane.netns import NotANetns, netlink_in
 from podnet.dataplane.routing import RTPROT_PODNET_POD
-from podnet.errors import PodnetError
 
 log = logging.getLogger(__name__)
 
 GATEWAY = "169.254.1.1"
 HOST_MAC = "ee:ee:ee:ee:ee:ee"  # every host-side veth: the pod only ever talks to its gateway
 HOST_PREFIX = "pn"
+HOST_SOCKETS = 4  # concurrent CNI requests overlap their kernel waits (a veth delete waits ~20 ms)
 NUD_PERMANENT = 0x80
 ALIAS_PREFIX = "podnet:"
 
@@ -48,10 +51,6 @@ class PodInterfaces:
     gateway: str = GATEWAY
 
 
-class PodNetnsGone(PodnetError):
-    pass
-
-
 def _sysctl(path: str, value: str) -> None:
     # /proc/sys/net is per network namespace: this writes the agent's own (the node's).
     with open(path, "w") as f:
@@ -63,6 +62,31 @@ class PodDataplane:
 
     def __init__(self, mtu: int | Callable[[], int] = 1500):
         self._mtu = mtu
+        # Node-side netlink sockets, opened once (~5 ms each) and lent to one request at a
+        # time: the CNI server calls in from many threads, and a socket is not for sharing.
+        self._idle: queue.LifoQueue[IPRoute | None] = queue.LifoQueue()
+        for _ in range(HOST_SOCKETS):
+            self._idle.put(None)  # a slot; the socket is opened on first use
+
+    @contextmanager
+    def _host_netlink(self) -> Iterator[IPRoute]:
+        ipr = self._idle.get()
+        try:
+            if ipr is None:
+                ipr = IPRoute()
+            yield ipr
+        except BaseException:
+            ipr.close() if ipr is not None else None  # a failed request may leave the socket mid-reply
+            ipr = None
+            raise
+        finally:
+            self._idle.put(ipr)
+
+    def close(self) -> None:
+        for _ in range(HOST_SOCKETS):
+            ipr = self._idle.get()
+            if ipr is not None:
+                ipr.close()
 
     @property
     def mtu(self) -> int:
@@ -70,25 +94,27 @@ class PodDataplane:
 
     def add(self, container_id: str, ifname: str, netns: str, address: str) -> PodInterfaces:
         if not os.path.exists(netns):
-            raise PodNetnsGone(f"network namespace {netns} does not exist")
+            raise NotANetns(f"network namespace {netns} does not exist")
         host = host_ifname(container_id, ifname)
         mtu = self.mtu
-        with IPRoute() as ipr, NetNS(netns) as pod:
+        with self._host_netlink() as ipr, netlink_in(netns) as pod:
             existing = ipr.link_lookup(ifname=host)
             if existing and not self._check(ipr, pod, host, ifname, address, mtu):
-                return self._describe(ipr, pod, host, ifname, netns, mtu, address)  # already right: ADD again is a no-op
+                return self._describe(pod, host, ifname, netns, mtu, address)  # already right: ADD again is a no-op
             if existing:
                 ipr.link("del", index=existing[0])
             stale = pod.link_lookup(ifname=ifname)
             if stale:
                 pod.link("del", index=stale[0])
-            ipr.link("add", ifname=host, kind="veth", peer={"ifname": ifname, "net_ns_fd": netns})
+            # Everything the host end needs in one request: fewer netlink round trips per pod.
+            ipr.link("add", ifname=host, kind="veth", address=HOST_MAC, mtu=mtu,
+                     peer={"ifname": ifname, "net_ns_fd": netns, "mtu": mtu})
             hidx = ipr.link_lookup(ifname=host)[0]
-            ipr.link("set", index=hidx, address=HOST_MAC, mtu=mtu, ifalias=f"{ALIAS_PREFIX}{container_id}/{ifname}")
             _sysctl(f"/proc/sys/net/ipv4/conf/{host}/proxy_arp", "1")
             _sysctl(f"/proc/sys/net/ipv4/neigh/{host}/proxy_delay", "0")
             _sysctl(f"/proc/sys/net/ipv4/conf/{host}/forwarding", "1")
-            ipr.link("set", index=hidx, state="up")
+            # (the kernel ignores an alias given at creation, so it goes with "up")
+            ipr.link("set", index=hidx, state="up", ifalias=f"{ALIAS_PREFIX}{container_id}/{ifname}")
 
             lo = pod.link_lookup(ifname="lo")
             if lo:
@@ -102,40 +128,38 @@ class PodDataplane:
             pod.neigh("replace", dst=GATEWAY, lladdr=HOST_MAC, ifindex=pidx, state=NUD_PERMANENT)
             pod.route("replace", dst="0.0.0.0/0", gateway=GATEWAY, oif=pidx)
             ipr.route("replace", dst=f"{address}/32", oif=hidx, scope="link", proto=RTPROT_PODNET_POD)
-            return self._describe(ipr, pod, host, ifname, netns, mtu, address)
+            return self._describe(pod, host, ifname, netns, mtu, address)
 
-    def _describe(self, ipr: IPRoute, pod: NetNS, host: str, ifname: str, netns: str, mtu: int,
-                  address: str) -> PodInterfaces:
-        hlink = ipr.get_links(ipr.link_lookup(ifname=host)[0])[0]
-        plink = pod.get_links(pod.link_lookup(ifname=ifname)[0])[0]
-        return PodInterfaces(host, hlink.get_attr("IFLA_ADDRESS"), ifname, plink.get_attr("IFLA_ADDRESS"),
-                             netns, mtu, address)
+    def _describe(self, pod: IPRoute, host: str, ifname: str, netns: str, mtu: int, address: str) -> PodInterfaces:
+        (plink,) = pod.link("get", ifname=ifname)
+        return PodInterfaces(host, HOST_MAC, ifname, plink.get_attr("IFLA_ADDRESS"), netns, mtu, address)
 
     def delete(self, container_id: str, ifname: str, netns: str | None) -> None:
         host = host_ifname(container_id, ifname)
-        with IPRoute() as ipr:
-            for idx in ipr.link_lookup(ifname=host):
+        with self._host_netlink() as ipr:
+            found = ipr.link_lookup(ifname=host)
+            for idx in found:
                 try:
                     ipr.link("del", index=idx)  # takes the peer and the /32 route with it
                 except NetlinkError as e:
                     if e.code != 19:  # ENODEV: gone meanwhile
                         raise
-        if netns and os.path.exists(netns):
+        if not found and netns and os.path.exists(netns):  # a pod end whose host end is gone
             try:
-                with NetNS(netns) as pod:
+                with netlink_in(netns) as pod:
                     for idx in pod.link_lookup(ifname=ifname):
                         pod.link("del", index=idx)
-            except (OSError, NetlinkError) as e:
+            except (OSError, NetlinkError, NotANetns) as e:
                 log.debug("pod side of %s in %s: %s", host, netns, e)
 
     def check(self, container_id: str, ifname: str, netns: str, address: str) -> list[str]:
         if not os.path.exists(netns):
             return [f"network namespace {netns} does not exist"]
         host = host_ifname(container_id, ifname)
-        with IPRoute() as ipr, NetNS(netns) as pod:
+        with self._host_netlink() as ipr, netlink_in(netns) as pod:
             return self._check(ipr, pod, host, ifname, address, self.mtu)
 
-    def _check(self, ipr: IPRoute, pod: NetNS, host: str, ifname: str, address: str, mtu: int) -> list[str]:
+    def _check(self, ipr: IPRoute, pod: IPRoute, host: str, ifname: str, address: str, mtu: int) -> list[str]:
         problems = []
         hidx = ipr.link_lookup(ifname=host)
         if not hidx:
@@ -164,7 +188,7 @@ class PodDataplane:
 
     def attachments(self) -> list[tuple[str, str]]:
         out = []
-        with IPRoute() as ipr:
+        with self._host_netlink() as ipr:
             for link in ipr.get_links():
                 alias = link.get_attr("IFLA_IFALIAS") or ""
                 name = link.get_attr("IFLA_IFNAME") or ""
