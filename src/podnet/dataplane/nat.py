@@ -4,9 +4,10 @@ rewritten as a whole, atomically (flush and refill in one transaction)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from podnet.dataplane.nft import nft_apply
+from podnet.dataplane.nft import NftError, nft_apply, nft_list
 
 NAT_TABLE = "podnet-nat"
 
@@ -34,11 +35,36 @@ table ip {NAT_TABLE} {{
 """
 
 
+def read_nat() -> NatConfig | None:
+    """What the kernel holds now, or None if the table is missing or not as podnet writes it."""
+    try:
+        doc = json.loads(nft_list(f"-j list table ip {NAT_TABLE}"))["nftables"]
+    except (NftError, ValueError, KeyError):
+        return None
+    sets: dict[str, tuple[str, ...]] = {}
+    rules = []
+    for item in doc:
+        if "set" in item:
+            elems = item["set"].get("elem", [])
+            sets[item["set"]["name"]] = tuple(sorted(
+                f"{e['prefix']['addr']}/{e['prefix']['len']}" if isinstance(e, dict) and "prefix" in e
+                else f"{e}/32" for e in elems
+            ))
+        elif "rule" in item:
+            rules.append(item["rule"]["expr"])
+    masquerades = [r for r in rules if any("masquerade" in e for e in r)]
+    if set(sets) != {"nat_pools", "all_pools"} or len(rules) != 1 or len(masquerades) != 1:
+        return None
+    return NatConfig(sets["nat_pools"], sets["all_pools"])
+
+
 class NatProgrammer:
     def __init__(self) -> None:
         self.applied: NatConfig | None = None
 
     def apply(self, cfg: NatConfig) -> bool:
+        if self.applied is None:
+            self.applied = read_nat()  # after a restart: keep a table that is already right
         if cfg == self.applied:
             return False
         nft_apply(render_nat(cfg))

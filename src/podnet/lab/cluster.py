@@ -352,6 +352,21 @@ def agent_status(st: LabState, node: dict, timeout: float = 5.0) -> CniError | N
     return None
 
 
+def restart_agent(st: LabState, node_name: str, timeout: float = 60.0) -> dict:
+    """Stop a node's agent and start it again with the same command; returns the new record."""
+    node = find_node(st, node_name)
+    key = f"agent-{node_name}"
+    entry = st.process(key)
+    if entry is None:
+        raise PodnetError(f"lab {st.name} has no agent on node {node_name!r}")
+    st.stop_process(entry)
+    prefix = ["ip", "netns", "exec", entry["netns"]] if entry.get("netns") else []
+    argv = entry["argv"][len(prefix):]
+    new = st.start_process(key, argv, netns=entry.get("netns"), log=Path(entry["log"]), role="agent", node=node_name)
+    wait_agent(st, node, timeout)
+    return new
+
+
 def wait_agent(st: LabState, node: dict, timeout: float) -> None:
     entry = st.process(f"agent-{node['name']}")
     assert entry is not None
