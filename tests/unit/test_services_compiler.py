@@ -223,3 +223,20 @@ def test_incremental_compiler_matches_the_pure_function_and_reuses_rules():
     c2 = ServiceCompiler(NODE, ["192.168.1.10"])
     assert c2.compile(services, slices) == first
     assert c2.compile(services[:3], slices) == compile_(services[:3], slices)
+
+
+def test_compiler_states_carry_what_changed_so_diffs_cost_the_change():
+    from podnet.services import nftables as nt
+    from podnet.services.compiler import ServiceCompiler
+
+    c = ServiceCompiler(NODE)
+    for i in range(50):
+        c.set_service(svc(f"s{i}", clusterIP=f"10.96.0.{i + 1}"))
+        c.set_slice(eps(f"s{i}", ep(f"10.1.0.{i + 1}"), name=f"s{i}-a"))
+    one = c.state()
+    c.set_slice(eps("s7", ep("10.1.0.200"), name="s7-a"))
+    two = c.state()
+    assert two.changed_since(one) == {Frontend("10.96.0.8", "tcp", 80)}
+    assert two.changed_since(two) is None
+    refs = nt.hairpin_refs(one)
+    assert nt.state_delta(one, two, refs) == nt.diff(nt.elements(one), nt.elements(two))

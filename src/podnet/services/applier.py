@@ -132,9 +132,9 @@ class NftServiceApplier:
                     affinity_check = True  # entries from before we knew the kernel may be stale
                     delta = nt.diff(self.applied, nt.elements(state))
                     self.refs = nt.hairpin_refs(state)
-            elif state is not self.applied_state and state != self.applied_state:
+            elif state is not self.applied_state:
                 assert self.applied_state is not None
-                delta = nt.state_delta(self.applied_state, state, self.refs)
+                delta = nt.state_delta(self.applied_state, state, self.refs)  # empty: nothing is sent
             if self.applied is not None and delta is not None:
                 gone, come = delta
                 try:

@@ -75,9 +75,12 @@ def collapse_v4(cidrs: Iterable[str]) -> tuple[str, ...]:
     return tuple(str(n) for n in ipaddress.collapse_addresses(nets))
 
 
-def _endpoint_port(
-    sp: ServicePort, slice_: EndpointSlice, target_ref: tuple[str, str] | None, pods: dict[tuple[str, str], Pod]
-) -> int | None:
+_PER_ENDPOINT = -1  # the port depends on the endpoint's Pod (named targetPort, slice without ports)
+
+
+def _slice_port(sp: ServicePort, slice_: EndpointSlice) -> int | None:
+    """The port a slice gives a ServicePort: a number, None (not a port of this
+    slice), or _PER_ENDPOINT."""
     if slice_.ports:
         for p in slice_.ports:
             if (p.name or None) == (sp.name or None) and p.protocol == sp.protocol:
@@ -85,11 +88,12 @@ def _endpoint_port(
         return None  # the slice lists its ports and this one is not among them
     if isinstance(sp.target_port, int):
         return sp.target_port
-    if isinstance(sp.target_port, str) and target_ref is not None:
-        pod = pods.get(target_ref)
-        if pod is not None:
-            return pod.named_port(sp.target_port, sp.protocol)
-    return None
+    return _PER_ENDPOINT if isinstance(sp.target_port, str) else None
+
+
+def _pod_port(sp: ServicePort, target_ref: tuple[str, str] | None, pods: dict[tuple[str, str], Pod]) -> int | None:
+    pod = pods.get(target_ref) if target_ref is not None else None
+    return pod.named_port(str(sp.target_port), sp.protocol) if pod is not None else None
 
 
 def _endpoints(
@@ -100,13 +104,18 @@ def _endpoints(
     for sl in slices:
         if sl.address_type != "IPv4":
             continue
+        slice_port = _slice_port(sp, sl)
+        if slice_port is None:
+            continue
         for ep in sl.endpoints:
-            ref = None
-            if ep.target_ref is not None and ep.target_ref.name:
-                ref = (ep.target_ref.namespace or sl.namespace or "default", ep.target_ref.name)
-            port = _endpoint_port(sp, sl, ref, pods)
-            if port is None:
-                continue
+            port: int | None = slice_port
+            if slice_port == _PER_ENDPOINT:
+                ref = None
+                if ep.target_ref is not None and ep.target_ref.name:
+                    ref = (ep.target_ref.namespace or sl.namespace or "default", ep.target_ref.name)
+                port = _pod_port(sp, ref, pods)
+                if port is None:
+                    continue
             ip = _ipv4(ep.addresses[0])  # upstream: consumers use the first address only
             if ip is None:
                 continue
@@ -381,7 +390,8 @@ class ServiceCompiler:
         for k in sorted(self._health):
             health.setdefault(self._health[k].port, self._health[k])
         self._state = ServiceState.from_frontends(
-            self._rules, service_cidrs=self._cidrs, node_ips=self._node_ips,
+            self._rules, base=self._state, changed=frozenset(touched),
+            service_cidrs=self._cidrs, node_ips=self._node_ips,
             health_checks=tuple(sorted(health.values())), masquerade_mark=self.config.masquerade_mark)
         return self._state
 

@@ -12,7 +12,7 @@ and diffs are set differences.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Proto = Literal["tcp", "udp", "sctp"]
 FrontendKind = Literal["ClusterIP", "ExternalIP", "LoadBalancer", "NodePort"]
@@ -23,9 +23,9 @@ DEFAULT_CONNTRACK_MAX_PER_CORE = 32768
 DEFAULT_CONNTRACK_MIN = 131072
 
 
-@dataclass(frozen=True, order=True)
-class Frontend:
-    """Where clients send packets: `ip` None means a NodePort, on every local address."""
+class Frontend(NamedTuple):
+    """Where clients send packets: `ip` None means a NodePort, on every local address.
+    (A NamedTuple: hashed in C, it is a dict key on every path that scales.)"""
 
     ip: str | None
     proto: Proto
@@ -35,8 +35,7 @@ class Frontend:
         return f"{self.ip or '*'}:{self.port}/{self.proto}"
 
 
-@dataclass(frozen=True, order=True)
-class Backend:
+class Backend(NamedTuple):
     ip: str
     port: int
 
@@ -94,6 +93,9 @@ class ServiceState:
     masquerade_mark: int = MASQUERADE_MARK
     # what two states compare by: the rule of each frontend, whatever the order of `rules`
     _index: dict[Frontend, FrontendRule] = field(init=False, repr=False)
+    # a hint from ServiceCompiler: this state differs from `_base` at most in `_changed`
+    _base: ServiceState | None = field(init=False, default=None, compare=False, repr=False)
+    _changed: frozenset[Frontend] = field(init=False, default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {r.frontend: r for r in self.rules})
@@ -101,12 +103,28 @@ class ServiceState:
     __hash__ = None  # type: ignore[assignment]  # holds a dict: compare, do not hash
 
     @classmethod
-    def from_frontends(cls, index: dict[Frontend, FrontendRule], **fields: object) -> ServiceState:
-        """Build from a frontend -> rule dict without another pass over the rules."""
+    def from_frontends(cls, index: dict[Frontend, FrontendRule], base: ServiceState | None = None,
+                       changed: frozenset[Frontend] = frozenset(), **fields: object) -> ServiceState:
+        """Build from a frontend -> rule dict without another pass over the rules.
+
+        base/changed: the previous state and the frontends that may differ from it,
+        so that a consumer holding `base` can diff in proportion to the change.
+        """
         state = cls(**fields)  # type: ignore[arg-type]
         object.__setattr__(state, "rules", tuple(index.values()))
-        object.__setattr__(state, "_index", dict(index))
+        object.__setattr__(state, "_index", index.copy())
+        if base is not None:
+            object.__setattr__(base, "_base", None)  # keep one link, not the whole history
+            object.__setattr__(state, "_base", base)
+            object.__setattr__(state, "_changed", frozenset(changed))
         return state
+
+    def changed_since(self, other: ServiceState) -> frozenset[Frontend] | None:
+        """The frontends that may differ from `other`, when known (else None: compare all)."""
+        if self._base is other and other is not None and self.service_cidrs == other.service_cidrs \
+                and self.node_ips == other.node_ips:
+            return self._changed
+        return None
 
     def rule(self, frontend: Frontend) -> FrontendRule | None:
         return self._index.get(frontend)

@@ -295,14 +295,19 @@ def state_delta(old: ServiceState, new: ServiceState, refs: Counter[str]) -> tup
     come: Elements = {}
     delta: Counter[str] = Counter()
     before, after = old.frontends, new.frontends
-    for fe, rule in before.items():
+    hint = new.changed_since(old)
+    candidates = before.keys() if hint is None else [fe for fe in hint if fe in before]
+    for fe in candidates:
+        rule = before[fe]
         other = after.get(fe)
         if other is rule or other == rule:
             continue
         for name, kv in rule_elements(rule).items():
             gone.setdefault(name, {}).update(kv)
         delta.subtract(b.ip for b in rule.backends)
-    for fe, rule in after.items():
+    candidates = after.keys() if hint is None else [fe for fe in hint if fe in after]
+    for fe in candidates:
+        rule = after[fe]
         other = before.get(fe)
         if other is rule or other == rule:
             continue
