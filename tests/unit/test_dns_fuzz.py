@@ -6,8 +6,11 @@ import asyncio
 import socket
 import struct
 
-import dns.message
 import pytest
+
+pytest.importorskip("dns.message", reason="needs dnspython (a podnet dependency)")
+
+import dns.message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

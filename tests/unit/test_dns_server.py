@@ -9,12 +9,15 @@ import struct
 import subprocess
 import time
 
+import pytest
+
+pytest.importorskip("dns.message", reason="needs dnspython (a podnet dependency)")
+
 import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
-import pytest
 
 from podnet.dns.index import ClusterIndex
 from podnet.dns.server import DNSServer

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("dns.message", reason="needs dnspython (a podnet dependency)")
+
 import dns.message
 import dns.rrset
-import pytest
 
 from podnet.dns import wire
 from podnet.dns.wire import CNAME, IN, SOA, SRV, A

@@ -127,7 +127,7 @@ class ClusterIndex:
     """
 
     def __init__(self, zone: str = "cluster.local", ttl: int = 5, pod_records: str = "insecure",
-                 dns_address: str | None = None, node_name: str | None = None, max_cached: int = 200_000):
+                 dns_address: str | None = None, node_name: str | None = None, max_cached: int = 100_000):
         if pod_records not in POD_MODES:
             raise ValueError(f"pod_records {pod_records!r}: expected one of {', '.join(POD_MODES)}")
         if not 0 <= ttl <= 0x7FFFFFFF:

@@ -157,18 +157,35 @@ def fast_safe(typeclass: bytes) -> bool:
     return typeclass.lower() == typeclass.upper()
 
 
+_SHARED: dict[tuple, tuple] = {}  # identical headers / counts are shared between cached entries
+
+
+def _shared(value: tuple) -> tuple:
+    if len(_SHARED) > 100_000:
+        _SHARED.clear()
+    return _SHARED.setdefault(value, value)
+
+
 def _entry_from_answer(ans: Answer, lname: bytes, typeclass: bytes) -> tuple:
+    """A rendered zone answer: (kind, header variants, sections, extra, (rcode, an, ns, ar)).
+
+    Header variant i: RD = i & 1, CD = i & 2, one more additional record (our OPT) = i & 4.
+    """
     body, _ = wire.render(lname, ans.answer, ans.authority, ans.additional)
     an, ns, ar = len(ans.answer), len(ans.authority), len(ans.additional)
     base = QR | AA | RA | ans.rcode
-    hdrs = tuple(struct.pack("!HHHHH", base | (RD if i & 1 else 0) | (CD if i & 2 else 0), 1, an, ns,
-                             ar + (1 if i & 4 else 0)) for i in range(8))
+    meta = _shared((ans.rcode, an, ns, ar))
+    hdrs = _SHARED.get(("hdrs", *meta))
+    if hdrs is None:
+        hdrs = tuple(struct.pack("!HHHHH", base | (RD if i & 1 else 0) | (CD if i & 2 else 0), 1, an, ns,
+                                 ar + (1 if i & 4 else 0)) for i in range(8))
+        _SHARED[("hdrs", *meta)] = hdrs
     slow = 0 if fast_safe(typeclass) else SLOW_ONLY
     if ans.chase is not None:
-        return (CHASE + slow, hdrs, body, ans.chase, ans)
+        return (CHASE + slow, hdrs, body, ans.chase, meta)
     if ans.rcode == NXDOMAIN and ans.autopath_ns is not None:
-        return (AUTOPATH + slow, hdrs, body, ans.autopath_ns, ans)
-    return (FINAL + slow, hdrs, body, None, ans)
+        return (AUTOPATH + slow, hdrs, body, ans.autopath_ns, meta)
+    return (FINAL + slow, hdrs, body, None, meta)
 
 
 def _dangling_cname(answer: list, lname: bytes, qtype: int) -> bytes | None:
@@ -526,15 +543,17 @@ class DNSServer:
 
     def _fallback(self, data: bytes) -> Query | bytes | None:
         """Messages our parser declines: dnspython decides between an answer and FORMERR."""
-        import dns.exception
-        import dns.flags
-        import dns.message
-        import dns.opcode
-
         self.stats["fallback"] += 1
         qid, flags = struct.unpack_from("!HH", data)
         if (flags >> 11) & 0xF != 0:
             return error_reply(data, NOTIMP)
+        try:
+            import dns.exception
+            import dns.flags
+            import dns.message
+        except ImportError:  # without dnspython, what our parser declines is a format error
+            self.stats["formerr"] += 1
+            return error_reply(data, FORMERR)
         try:
             msg = dns.message.from_wire(data)
         except dns.message.UnknownTSIGKey:
@@ -579,10 +598,8 @@ class DNSServer:
         return self._assemble(q, rcode, (0, 0, 0), b"", limit)
 
     def _from_entry(self, q: Query, entry: tuple, limit: int) -> bytes:
-        ans: Answer = entry[4]
-        flags = AA | ans.rcode
-        return self._assemble(q, flags, (len(ans.answer), len(ans.authority), len(ans.additional)),
-                              entry[2], limit)
+        rcode, an, ns, ar = entry[4]
+        return self._assemble(q, AA | rcode, (an, ns, ar), entry[2], limit)
 
     def _from_cache(self, q: Query, e: CacheEntry, limit: int) -> bytes:
         body = e.render(q.lname, monotonic())
