@@ -95,3 +95,12 @@ def test_services_get_unique_cluster_ips_and_keep_them(store, tmp_path, capsys):
     run(capsys, "apply", "-f", f, "--service-cidr", "10.97.0.0/24")
     _, out, _ = run(capsys, "get", "svc", "-n", "shop", "-o", "json")
     assert {i["metadata"]["name"]: i["spec"]["clusterIP"] for i in json.loads(out)["items"]} == ips
+
+
+@pytest.mark.parametrize("argv", [["get"], ["bogus"], ["ipam", "allocate", "--node"], ["apply"]])
+def test_usage_mistakes_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    _, err = capsys.readouterr()
+    assert ex.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: podnet")

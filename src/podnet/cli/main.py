@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from podnet.errors import PodnetError
 
@@ -12,10 +13,17 @@ from podnet.errors import PodnetError
 COMMAND_MODULES = ("objects", "ipam", "plan", "agent", "lab", "policy")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes are reported like every other error: one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="podnet", description="Container networking for large Kubernetes clusters.")
+    parser = OneLineParser(prog="podnet", description="Container networking for large Kubernetes clusters.")
     parser.add_argument(
         "--store",
         help="store URL: sqlite:///PATH or etcd://HOST:PORT[,HOST:PORT...] "
