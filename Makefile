@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test test-unit demo bench bench-ipam bench-scale bench-cni bench-services bench-policy bench-dns lint clean
+.PHONY: setup test test-unit demo bench bench-ipam bench-scale bench-cni bench-throughput bench-services bench-policy bench-dns lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,7 +19,7 @@ demo: setup
 
 # Benchmarks print a table, write bench/results/<name>.json and compare against a
 # baseline measured in the same run. BENCH_ARGS=--quick for a short run.
-bench: bench-ipam bench-scale bench-cni bench-services bench-policy bench-dns
+bench: bench-ipam bench-scale bench-cni bench-throughput bench-services bench-policy bench-dns
 
 bench-ipam: setup
 	$(PY) bench/bench_ipam.py $(BENCH_ARGS)
@@ -29,6 +29,9 @@ bench-scale: setup
 
 bench-cni: setup
 	$(PY) bench/bench_cni.py $(BENCH_ARGS)
+
+bench-throughput: setup
+	$(PY) bench/bench_throughput.py $(BENCH_ARGS)
 
 bench-services: setup
 	$(PY) bench/bench_services.py $(BENCH_ARGS)
