@@ -37,23 +37,6 @@ REFERENCE = "/usr/lib/cni"
 BURST = 30
 RESULTS = os.path.join(HERE, "results", "cni.json")
 
-AGENT = r"""
-import logging, signal, sys, threading
-from podnet.cni.handler import CNIHandler
-from podnet.cni.server import CNIServer
-from podnet.dataplane.pods import PodDataplane
-from podnet.store import open_store
-logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-socket_path, url, node = sys.argv[1:4]
-handler = CNIHandler(open_store(url), node, PodDataplane(1500))
-server = CNIServer(socket_path, handler).start()
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *a: stop.set())
-print("ready", flush=True)
-stop.wait()
-server.stop()
-handler.close()
-"""
 
 
 # ---------------------------------------------------------------- driver (runs inside a node namespace)
@@ -225,7 +208,7 @@ def main() -> int:
             "spec": {"cidr": "10.244.0.0/16", "blockSize": 26}})])
         kv.close()
         sock = os.path.join(tmp, "cni.sock")
-        agent = subprocess.Popen(["ip", "netns", "exec", node_p, sys.executable, "-c", AGENT, sock, url, "bench-node"],
+        agent = subprocess.Popen(["ip", "netns", "exec", node_p, sys.executable, "-m", "podnet.cni.serve", sock, url, "bench-node"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert agent.stdout is not None
         if agent.stdout.readline().strip() != "ready":

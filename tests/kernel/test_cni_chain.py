@@ -44,23 +44,6 @@ HOST_PORT, POD_PORT = 30080, 8080
 RATE = 4_000_000  # bits per second
 BURST = 160_000  # bits: a small bucket, so a 2 s transfer is shaped almost from the start
 
-AGENT = r"""
-import logging, signal, sys, threading
-from podnet.cni.handler import CNIHandler
-from podnet.cni.server import CNIServer
-from podnet.dataplane.pods import PodDataplane
-from podnet.store import open_store
-logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-socket_path, url, node = sys.argv[1:4]
-handler = CNIHandler(open_store(url), node, PodDataplane(1500))
-server = CNIServer(socket_path, handler).start()
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *a: stop.set())
-print("ready", flush=True)
-stop.wait()
-server.stop()
-handler.close()
-"""
 
 TOKEN_SERVER = r"""
 import socket, sys
@@ -112,7 +95,7 @@ def lab(tmp_path):
             "apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "pods"},
             "spec": {"cidr": "10.244.0.0/16", "blockSize": 26}})])
         sock = str(tmp_path / "run" / "cni.sock")
-        start(["ip", "netns", "exec", node, sys.executable, "-c", AGENT, sock, url, NODE], "ready", procs)
+        start(["ip", "netns", "exec", node, sys.executable, "-m", "podnet.cni.serve", sock, url, NODE, "--log-level", "info"], "ready", procs)
 
         bindir = tmp_path / "bin"
         install_plugin(str(bindir))

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from podnet.errors import ValidationError
 from podnet.model.base import Schema
@@ -49,10 +49,7 @@ from podnet.model.objects import (
     ObjectMeta,
     Pod,
     PodSpec,
-    Protocol,
     Service,
-    check_port,
-    check_port_name,
 )
 from podnet.model.selectors import check_labels
 
@@ -68,22 +65,10 @@ PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
 BANDWIDTH_ANNOTATIONS = ("kubernetes.io/ingress-bandwidth", "kubernetes.io/egress-bandwidth")
 
 
-class LabPort(Schema):
-    name: str | None = None
-    container_port: int
-    protocol: Protocol = "TCP"
-    host_port: int | None = None
-    host_ip: str | None = Field(default=None, alias="hostIP")
+class LabPort(ContainerPort):
+    """A pod's port in a lab file: a container port, but unknown fields are mistakes here."""
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        return None if v is None else check_port_name(v)
-
-    @field_validator("container_port", "host_port")
-    @classmethod
-    def _port(cls, v: int | None) -> int | None:
-        return None if v is None else check_port(v)
+    model_config = ConfigDict(extra="forbid")
 
 
 def _check_ports(ports: list[LabPort]) -> list[LabPort]:
