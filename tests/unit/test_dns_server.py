@@ -463,3 +463,30 @@ def test_types_with_letter_bytes_never_share_a_fast_path_entry(plain):
     fast_before = plain.stats["fast"]
     ask(plain, "web.prod.svc.cluster.local", 65, use_edns=False)
     assert plain.stats["fast"] == fast_before
+
+
+def test_composed_autopath_answers_are_reused_until_a_part_changes(server, upstream):
+    name = "web.prod.team.svc.cluster.local"
+    first = ask(server, name, src=POD, use_edns=False)
+    assert "web.prod.svc.cluster.local. A 10.96.0.10" in texts(first)
+    fast = server.stats["fast"]
+    for _ in range(3):
+        assert texts(ask(server, name, src=POD, use_edns=False)) == texts(first)
+    assert server.stats["fast"] == fast + 3  # served from the composed answer
+    # the found Service changes: the composition is not reused
+    server.index.apply(svc("web", cluster_ip="10.96.0.55"))
+    assert "web.prod.svc.cluster.local. A 10.96.0.55" in texts(ask(server, name, src=POD))
+    # the asked name itself comes to exist: a plain answer, no search
+    server.index.apply(svc("prod", ns="team", cluster_ip="None"))
+    server.index.apply(eps("prod-1", "prod", [ep("10.244.9.9", "web")], ns="team"))
+    assert texts(ask(server, name, src=POD)) == [f"{name}. A 10.244.9.9"]
+
+
+def test_composed_external_autopath_answer_costs_one_upstream_query(server, upstream):
+    name = "www.example.test.team.svc.cluster.local"
+    before = upstream.query_log().count("www.example.test. A")
+    for _ in range(5):
+        r = ask(server, name, src=POD)
+        assert texts(r) == ["www.example.test. A 192.0.2.10", f"{name}. CNAME www.example.test."]
+    assert upstream.query_log().count("www.example.test. A") == before + 1
+    assert server.stats["autopath"] == 5
