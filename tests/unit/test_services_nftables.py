@@ -211,3 +211,21 @@ def test_applier_raises_when_the_rebuild_fails_and_retries_next_time():
 class _Proc:
     returncode = 1
     stderr = "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."
+
+
+def test_applier_rebuilds_for_a_new_tier_and_verify_checks_chain_names():
+    k = FakeKernel()
+    a = NftServiceApplier(nft=k.nft, nft_read=k.read, conntrack=None)
+    assert a.verify() == "never applied"
+    a.apply(state(rule("10.96.0.10", 80, "10.1.0.1")))
+    big = state(rule("10.96.0.10", 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(70))))
+    r = a.apply(big)
+    assert r.full and r.reason == "new endpoint-count tier svc_70"
+    assert "chain svc_128 {" in k.scripts[-1] and "svc_129" not in k.scripts[-1]
+    names = [{"chain": {"table": nt.TABLE, "name": n}} for n in (*a.layout.chain_rule_counts(), *a.chains)]
+    k.listing = json.dumps({"nftables": names})
+    assert a.verify() is None
+    k.listing = json.dumps({"nftables": names[1:]})
+    assert a.verify() == f"chain {names[0]['chain']['name']} is missing"
+    k.listing = json.dumps({"nftables": []})
+    assert a.verify() == "table missing"
