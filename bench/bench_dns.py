@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SERVER_CPU, CLIENT_CPU = "0", "1"
+POD_SOURCE = "127.0.0.75"  # dnsperf's source address, registered as a local pod of "default"
 ZONE_RECORDS = [
     "example.test. 3600 IN SOA ns.example.test. admin.example.test. 1 3600 600 86400 60",
 ]
@@ -111,13 +112,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def dnsperf(host: str, port: int, queries: list[str], seconds: float, tmp: str, pid: int | None = None) -> dict:
+def dnsperf(host: str, port: int, queries: list[str], seconds: float, tmp: str, pid: int | None = None,
+            source: str | None = None) -> dict:
     cpu0 = cpu_seconds(pid) if pid else 0.0
     qfile = os.path.join(tmp, f"queries-{uuid.uuid4().hex[:6]}.txt")
     with open(qfile, "w") as f:
         f.write("\n".join(queries) + "\n")
+    src = ["-a", source] if source else []
     out = subprocess.run(["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", host, "-p", str(port), "-d", qfile,
-                          "-l", str(seconds), "-c", "4", "-q", "200", "-t", "2"],
+                          "-l", str(seconds), "-c", "4", "-q", "200", "-t", "2", *src],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
     res: dict = {}
     cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
@@ -150,13 +153,15 @@ def best_of(runs: int, fn) -> dict:
     return best
 
 
-def warm(host: str, port: int, names: list[str]) -> None:
+def warm(host: str, port: int, names: list[str], source: str | None = None) -> None:
     import socket
 
     import dns.message
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(2)
+        if source:
+            s.bind((source, 0))
         for name in names:
             s.sendto(dns.message.make_query(name, "A").to_wire(), (host, port))
             try:
@@ -187,7 +192,8 @@ def bench_qps(n_services: int, n_external: int, seconds: float, runs: int) -> di
             servers = {}
             # podnet
             port = free_port("127.0.0.72")
-            servers["podnet"] = (podnet_server(tmp, "127.0.0.72", port, manifests, upstream.address),
+            servers["podnet"] = (podnet_server(tmp, "127.0.0.72", port, manifests, upstream.address,
+                                               extra=("--local-pod", f"{POD_SOURCE}=default")),
                                  ("127.0.0.72", port))
             # dnsmasq: hosts file + forwarding
             dm = Dnsmasq(hosts=[(service_name(i), cluster_ip(i)) for i in range(n_services)],
@@ -213,6 +219,14 @@ def bench_qps(n_services: int, n_external: int, seconds: float, runs: int) -> di
                     out.setdefault("external_cached", {})[name] = best_of(
                         runs, lambda host=host, p=p, pid=pid: dnsperf(host, p, ext_queries, seconds, tmp, pid))
                     log(f"    {out['external_cached'][name]}")
+                # a pod's lookups of the same external names: the first search element, answered by autopath
+                log("  autopath (first search element of a local pod): podnet")
+                ap_queries = [f"{n}.default.svc.cluster.local A" for n in ext_names]
+                pproc, (phost, pport) = servers["podnet"]
+                warm(phost, pport, [q.split()[0] for q in ap_queries], source=POD_SOURCE)
+                out["autopath_cached"] = {"podnet": best_of(runs, lambda: dnsperf(
+                    phost, pport, ap_queries, seconds, tmp, pproc.proc.pid, source=POD_SOURCE))}
+                log(f"    {out['autopath_cached']['podnet']}")
             finally:
                 servers["podnet"][0].stop()
                 with open(servers["podnet"][0].stats_file) as f:
@@ -397,7 +411,8 @@ def bench_memory(n_services: int, n_endpoints: int) -> dict:
 def table(results: dict) -> str:
     lines = []
     q = results.get("qps", {})
-    for section, title in (("cluster", "cluster names"), ("external_cached", "cached external names")):
+    for section, title in (("cluster", "cluster names"), ("external_cached", "cached external names"),
+                           ("autopath_cached", "cached external names via autopath (<name>.default.svc.cluster.local)")):
         if section not in q:
             continue
         lines.append(f"\n{title} ({q['services'] if section == 'cluster' else q['external_names']} names, "
