@@ -1,11 +1,14 @@
 """`podnet agent`: one per node, running in the node's network namespace.
 
-    store --watch--> dirty flag --(coalesced, at most every min_interval)--> sync
-    sync = read view -> desired routing/NAT (pure) -> reconcile kernel (diff only)
+    store --one watch--> local cache --dirty flags per dataplane--> sync (coalesced)
+    sync = cache -> desired state (pure compilers) -> reconcile kernel (diff only)
 
-The CNI socket is served from the start; STATUS reports not-ready until the
-first sync has programmed the node. The agent never flushes on start or stop:
-it reconciles, so restarting it leaves established connections alone.
+Dataplanes: cross-node routing and NAT, Services (nftables maps), NetworkPolicy
+(nftables sets), and a DNS server fed straight from the watch. A change marks only
+the dataplanes it can affect. The CNI socket is served from the start; STATUS
+reports not-ready until the first sync has programmed the node. The agent never
+flushes on start or stop: it reconciles, so restarting it leaves established
+connections alone.
 """
 
 from __future__ import annotations
@@ -14,24 +17,37 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from podnet.agent.cache import ObjectCache, kind_of_key
 from podnet.agent.view import BLOCKS_PREFIX, routing_inputs
+from podnet.dataplane.localdns import DnsAddress
 from podnet.dataplane.nat import NatProgrammer
 from podnet.dataplane.pods import PodDataplane
 from podnet.dataplane.routes import RouteProgrammer
 from podnet.dataplane.routing import VXLAN_OVERHEAD, desired_routing
+from podnet.dns.resolvconf import NODE_DNS_ADDRESS
 from podnet.errors import PodnetError
-from podnet.model.objects import IPPool, Node
+from podnet.model.objects import EndpointSlice, IPPool, Namespace, NetworkPolicy, Node, Pod, Service
 from podnet.store import open_store
 from podnet.store.base import Compacted, KeyValueStore
-from podnet.store.objects import OBJECTS_PREFIX, ObjectStore
+from podnet.store.objects import ObjectStore
 
 log = logging.getLogger("podnet.agent")
 
 DEFAULT_SOCKET = "/run/podnet/cni.sock"
-# Keys whose changes can change this node's routing.
-ROUTING_PREFIXES = (BLOCKS_PREFIX, f"{OBJECTS_PREFIX}Node/", f"{OBJECTS_PREFIX}IPPool/")
+
+# Which dataplanes a change of each kind can affect.
+AFFECTS: dict[str, tuple[str, ...]] = {
+    "Node": ("routing", "services"),
+    "IPPool": ("routing",),
+    "Service": ("services",),
+    "EndpointSlice": ("services",),
+    "Pod": ("policy",),
+    "Namespace": ("policy",),
+    "NetworkPolicy": ("policy",),
+}
+DATAPLANES = ("routing", "services", "policy")
 
 
 @dataclass
@@ -40,6 +56,11 @@ class AgentConfig:
     store_url: str | None = None
     socket: str = DEFAULT_SOCKET
     node_ip: str | None = None
+    service_cidrs: tuple[str, ...] = ("10.96.0.0/12",)
+    dns_address: str | None = NODE_DNS_ADDRESS  # None: no node DNS server
+    dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
+    cluster_domain: str = "cluster.local"
+    metrics_port: int | None = None
     min_sync_interval: float = 0.05  # coalesce bursts of changes, like kube-proxy's minSyncPeriod
     resync_interval: float = 60.0  # full reconcile even without changes: heals drift
     node_wait: float = 30.0
@@ -50,16 +71,24 @@ class Agent:
         self.cfg = cfg
         self.kv: KeyValueStore = open_store(cfg.store_url)
         self.objects = ObjectStore(self.kv)
+        self.cache = ObjectCache()
         self.stopping = threading.Event()
-        self.dirty = threading.Event()
+        self.wake = threading.Event()
+        self._dirty: set[str] = set(DATAPLANES)
+        self._dirty_lock = threading.Lock()
         self.synced = threading.Event()
+        self.errors: dict[str, str] = {}
         self.mtu = 1500
         self.node_ip = cfg.node_ip
         self.routes: RouteProgrammer | None = None
         self.nat = NatProgrammer()
         self.dataplane = PodDataplane(lambda: self.mtu)
         self.server = None
-        self.last_sync_error: str | None = None
+        self.services = None
+        self.policy = None
+        self.dns = None
+        self.dns_index = None
+        self.metrics_server = None
 
     # -- lifecycle
 
@@ -67,30 +96,51 @@ class Agent:
         self._enable_forwarding()
         self.node_ip = self.node_ip or self._wait_for_node_ip()
         self.routes = RouteProgrammer(self.cfg.node, self.node_ip)
+        records, rev = self.kv.list("/podnet/")
+        loaded = self.cache.load(records)
+        self._start_services()
+        self._start_policy()
+        self._start_dns(loaded)
         self._start_cni_server()
-        start_rev = self.kv.revision() + 1
-        self.sync()
-        watcher = threading.Thread(target=self._watch, args=(start_rev,), name="watch", daemon=True)
+        self._start_metrics()
+        self.sync(set(DATAPLANES), full=True)
+        watcher = threading.Thread(target=self._watch, args=(rev + 1,), name="watch", daemon=True)
         watcher.start()
-        last = time.monotonic()
+        last_full = time.monotonic()
         while not self.stopping.is_set():
-            woke = self.dirty.wait(timeout=max(0.0, self.cfg.resync_interval - (time.monotonic() - last)))
+            woke = self.wake.wait(timeout=max(0.0, self.cfg.resync_interval - (time.monotonic() - last_full)))
             if self.stopping.is_set():
                 break
             if woke:
                 time.sleep(self.cfg.min_sync_interval)  # let a burst of changes land first
-            self.dirty.clear()
-            self.sync()
-            last = time.monotonic()
+            self.wake.clear()
+            with self._dirty_lock:
+                dirty, self._dirty = self._dirty, set()
+            full = time.monotonic() - last_full >= self.cfg.resync_interval
+            if full:
+                dirty, last_full = set(DATAPLANES), time.monotonic()
+            self.sync(dirty, full=full)
         self.shutdown()
 
     def stop(self, *_: object) -> None:
         self.stopping.set()
-        self.dirty.set()
+        self.wake.set()
+
+    def mark(self, *dataplanes: str) -> None:
+        with self._dirty_lock:
+            self._dirty.update(dataplanes)
+        self.wake.set()
 
     def shutdown(self) -> None:
-        if self.server is not None:
-            self.server.stop()
+        for closer in (self.server and self.server.stop, self.dns and self.dns.stop_thread,
+                       self.metrics_server and self.metrics_server.shutdown):
+            if closer:
+                try:
+                    closer()
+                except Exception as e:  # shutting down: report, carry on
+                    log.warning("shutdown: %s", e)
+        if self.services is not None:
+            self.services.close()
         self.dataplane.close()
         if self.routes is not None:
             self.routes.close()
@@ -123,11 +173,45 @@ class Agent:
         self.server.start()
         log.info("serving CNI on %s", self.cfg.socket)
 
+    def _start_services(self) -> None:
+        from podnet.agent.services import ServiceDataplane
+
+        self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs)
+
+    def _start_policy(self) -> None:
+        from podnet.policy.applier import PolicyProgrammer
+
+        self.policy = PolicyProgrammer()
+
+    def _start_dns(self, loaded: list) -> None:
+        if not self.cfg.dns_address:
+            return
+        from podnet.dns import resolvconf
+        from podnet.dns.index import ClusterIndex
+        from podnet.dns.server import DNSServer
+
+        DnsAddress(self.cfg.dns_address).ensure()
+        self.dns_index = ClusterIndex(zone=self.cfg.cluster_domain, node_name=self.cfg.node)
+        for ev in loaded:
+            self.dns_index.apply_event(ev)
+        self.dns = DNSServer(self.dns_index, listen=[(self.cfg.dns_address, 53)], upstreams=self.cfg.dns_upstreams,
+                             host_search=resolvconf.host_search_domains())
+        self.dns.start_thread()
+        log.info("serving DNS for %s on %s:53", self.cfg.cluster_domain, self.cfg.dns_address)
+
+    def _start_metrics(self) -> None:
+        if self.cfg.metrics_port is None or self.services is None:
+            return
+        from podnet.agent.metrics import serve_metrics
+
+        self.metrics_server = serve_metrics(self.cfg.metrics_port, self.services.metrics.render)
+
     def ready(self) -> tuple[int, str] | None:
         if not self.synced.is_set():
             return 50, f"podnet agent on {self.cfg.node} has not programmed the node yet"
-        if self.last_sync_error:
-            return 51, f"podnet agent on {self.cfg.node}: last sync failed: {self.last_sync_error}"
+        if self.errors:
+            return 51, f"podnet agent on {self.cfg.node}: last sync failed: " + "; ".join(
+                f"{k}: {v}" for k, v in sorted(self.errors.items()))
         return None
 
     # -- watch and sync
@@ -139,49 +223,85 @@ class Agent:
             try:
                 for ev in kv.watch("/podnet/", rev):
                     rev = ev.revision + 1
-                    if ev.key.startswith(ROUTING_PREFIXES):
-                        self.dirty.set()
+                    typed = self.cache.apply(ev)
+                    if ev.key.startswith(BLOCKS_PREFIX):
+                        self.mark("routing")
+                    elif typed is not None:
+                        self.mark(*AFFECTS.get(kind_of_key(ev.key) or "", ()))
+                        if self.dns_index is not None:
+                            self.dns_index.apply_event(typed)
                     if self.stopping.is_set():
                         break
             except Compacted:
-                log.warning("watch history compacted; resyncing from the current state")
-                rev = kv.revision() + 1
-                self.dirty.set()
+                log.warning("watch history compacted; reloading the cache")
+                records, head = kv.list("/podnet/")
+                self.cache = self._reloaded(records)
+                rev = head + 1
+                self.mark(*DATAPLANES)
             except Exception as e:  # the store went away: retry, then catch up by resync
                 log.warning("watch failed (%s); retrying", e)
                 time.sleep(1)
-                self.dirty.set()
+                self.mark(*DATAPLANES)
 
-    def sync(self) -> None:
-        assert self.routes is not None
-        started = time.monotonic()
-        try:
-            pools = self.objects.list(IPPool)
-            nodes = self.objects.list(Node)
-            records, _ = self.kv.list(BLOCKS_PREFIX)
-            view = routing_inputs([r.value for r in records], pools, nodes)
-            _, underlay_mtu = self.routes.underlay()
-            self.mtu = underlay_mtu - VXLAN_OVERHEAD if view.vxlan_in_use else underlay_mtu
-            desired = desired_routing(self.cfg.node, view.blocks, view.borrowed, view.node_ips, view.vxlan_in_use)
-            changes = self.routes.apply(desired)
-            nat_changed = self.nat.apply(view.nat)
-        except Exception as e:
-            self.last_sync_error = str(e)
-            log.error("sync failed: %s (will retry)", e)
-            threading.Timer(1.0, self.dirty.set).start()
-            return
-        self.last_sync_error = "; ".join(changes.errors) or None
-        if changes.errors:
-            log.error("sync: %s", self.last_sync_error)
-            threading.Timer(1.0, self.dirty.set).start()
-        if changes.count or nat_changed:
-            log.info("sync: +%d -%d routing entries%s in %.1f ms", len(changes.added), len(changes.removed),
-                     ", NAT updated" if nat_changed else "", (time.monotonic() - started) * 1000)
-            for line in changes.added:
-                log.debug("added %s", line)
-            for line in changes.removed:
-                log.debug("removed %s", line)
+    def _reloaded(self, records: list) -> ObjectCache:
+        cache = ObjectCache()
+        for ev in cache.load(records):
+            if self.dns_index is not None:
+                self.dns_index.apply_event(ev)
+        return cache
+
+    def sync(self, dirty: set[str], full: bool = False) -> None:
+        for name in DATAPLANES:
+            if name not in dirty:
+                continue
+            started = time.monotonic()
+            try:
+                summary = getattr(self, f"_sync_{name}")(full)
+            except Exception as e:
+                self.errors[name] = str(e)
+                log.error("%s sync failed: %s (will retry)", name, e)
+                threading.Timer(1.0, self.mark, args=(name,)).start()
+                continue
+            self.errors.pop(name, None)
+            if summary:
+                log.info("%s: %s in %.1f ms", name, summary, (time.monotonic() - started) * 1000)
         self.synced.set()
+
+    def _sync_routing(self, full: bool) -> str:
+        assert self.routes is not None
+        view = routing_inputs(self.cache.blocks(), self.cache.list(IPPool), self.cache.list(Node))
+        _, underlay_mtu = self.routes.underlay()
+        self.mtu = underlay_mtu - VXLAN_OVERHEAD if view.vxlan_in_use else underlay_mtu
+        desired = desired_routing(self.cfg.node, view.blocks, view.borrowed, view.node_ips, view.vxlan_in_use)
+        changes = self.routes.apply(desired)
+        nat_changed = self.nat.apply(view.nat)
+        if changes.errors:
+            raise PodnetError("; ".join(changes.errors))
+        for line in changes.added:
+            log.debug("added %s", line)
+        for line in changes.removed:
+            log.debug("removed %s", line)
+        if changes.count or nat_changed:
+            return f"+{len(changes.added)} -{len(changes.removed)} routing entries" + (
+                ", NAT updated" if nat_changed else "")
+        return ""
+
+    def _sync_services(self, full: bool) -> str:
+        assert self.services is not None
+        return self.services.sync(self.cache.list(Service), self.cache.list(EndpointSlice), full)
+
+    def _sync_policy(self, full: bool) -> str:
+        assert self.policy is not None
+        pods = self.cache.list(Pod)
+        local = [p.status.pod_ip for p in pods
+                 if p.spec.node_name == self.cfg.node and p.status.pod_ip and not p.spec.host_network]
+        ch = self.policy.sync(pods, self.cache.list(Namespace), self.cache.list(NetworkPolicy), local)
+        if ch.errors:
+            raise PodnetError("; ".join(ch.errors))
+        if ch.empty:
+            return ""
+        return (f"table {'rebuilt' if ch.full else 'updated'}: +{ch.elements_added} -{ch.elements_removed} "
+                f"elements, {ch.chains_added + ch.chains_rewritten + ch.chains_removed} chains changed")
 
 
 def run_agent(cfg: AgentConfig) -> int:

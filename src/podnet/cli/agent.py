@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 
+from podnet.dns.resolvconf import NODE_DNS_ADDRESS
+from podnet.errors import PodnetError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("agent", help="run the node agent (in the node's network namespace)")
@@ -13,8 +16,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--socket", default="/run/podnet/cni.sock", help="CNI socket path (default %(default)s)")
     p.add_argument("--node-ip", help="underlay address (default: the Node's InternalIP)")
     p.add_argument("--resync", type=float, default=60.0, help="seconds between full reconciles (default %(default)s)")
+    p.add_argument("--service-cidr", action="append", metavar="CIDR",
+                   help="Service CIDR; unused addresses in it are dropped (repeatable; default 10.96.0.0/12)")
+    p.add_argument("--dns-address", default=NODE_DNS_ADDRESS,
+                   help="node-local DNS address (default %(default)s; empty to run no DNS server)")
+    p.add_argument("--dns-upstream", action="append", default=[], metavar="IP[:PORT]",
+                   help="resolver for names outside the cluster domain (repeatable)")
+    p.add_argument("--cluster-domain", default="cluster.local")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_agent)
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    try:
+        return host, int(port) if port else default_port
+    except ValueError:
+        raise PodnetError(f"--dns-upstream {text!r}: expected IP or IP:PORT") from None
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -25,5 +44,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s",
     )
     cfg = AgentConfig(node=args.node, store_url=args.store, socket=args.socket, node_ip=args.node_ip,
-                      resync_interval=args.resync)
+                      resync_interval=args.resync,
+                      service_cidrs=tuple(args.service_cidr or ["10.96.0.0/12"]),
+                      dns_address=args.dns_address or None,
+                      dns_upstreams=[_host_port(u, 53) for u in args.dns_upstream],
+                      cluster_domain=args.cluster_domain, metrics_port=args.metrics_port)
     return run_agent(cfg)

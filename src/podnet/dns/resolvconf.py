@@ -26,6 +26,9 @@ def search_path(namespace: str, zone: str = "cluster.local", host_search: list[s
     return out
 
 
+
+NODE_DNS_ADDRESS = "169.254.20.10"  # NodeLocal DNSCache's link-local address, served by the agent
+
 def render(namespace: str, nameservers: list[str] | str, zone: str = "cluster.local",
            host_search: list[str] | tuple[str, ...] = (), ndots: int = 5, options: list[str] | tuple[str, ...] = ()) -> str:
     """resolv.conf text for a pod in ``namespace``; ``nameservers`` is the node DNS address(es)."""

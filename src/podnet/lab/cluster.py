@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from podnet.dns import resolvconf
 from podnet.errors import PodnetError
 from podnet.lab import topology
 from podnet.lab.endpoints import endpoint_slices
@@ -226,6 +227,9 @@ def _start_pod(st: LabState, entry: dict, pod: Pod, runtimes: dict[str, CniRunti
     else:
         st.record_netns(ns)
         topology.create_netns(ns)
+        if plugin == "podnet":  # the node's DNS server answers; the pod's resolver searches as in Kubernetes
+            topology.write_netns_file(ns, "resolv.conf", resolvconf.render(pod.namespace or "default",
+                                                                           resolvconf.NODE_DNS_ADDRESS))
         with st.mutex:
             entry["attempted"] = True
             st.save()
@@ -305,7 +309,8 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
         Path(n["conflist"]).write_text(json.dumps(conflist, indent=1) + "\n")
 
     for n in st.data["nodes"]:
-        argv = [*podnet_command(), "--store", url, "agent", "--node", n["name"], "--socket", n["socket"]]
+        argv = [*podnet_command(), "--store", url, "agent", "--node", n["name"], "--socket", n["socket"],
+                "--service-cidr", spec.service_cidr]
         entry = st.start_process(f"agent-{n['name']}", argv, netns=n["netns"], log=Path(n["log"]),
                                  role="agent", node=n["name"])
         say(f"agent {n['name']}: pid {entry['pid']}, log {n['log']}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -63,8 +64,19 @@ def create_netns(name: str) -> None:
         ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
 
 
+ETC_NETNS = Path("/etc/netns")  # `ip netns exec NAME` binds files here over /etc
+
+
+def write_netns_file(name: str, filename: str, text: str) -> None:
+    """A file `ip netns exec NAME` shows at /etc/FILENAME (e.g. a pod's resolv.conf)."""
+    d = ETC_NETNS / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / filename).write_text(text)
+
+
 def delete_netns(name: str) -> bool:
-    """Delete a namespace if it exists; True if it did."""
+    """Delete a namespace (and its /etc/netns files) if it exists; True if it did."""
+    shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
     if not netns_exists(name):
         return False
     proc = run(["ip", "netns", "del", name], check=False)
