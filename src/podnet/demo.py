@@ -47,15 +47,50 @@ def run_demo(lab_file: Path = DEMO_LAB) -> int:
         section("IPAM")
         podnet_main(["--store", st.data["store"], "ipam", "show"])
         section("connectivity: real TCP/UDP connections between pods and to the outside host")
+        say("  (expected: routing as configured, and the NetworkPolicy web-from-clients as upstream defines it)")
         rows = probe_all(lab)
         say(format_table(rows))
         failed = [r for r in rows if not r.ok]
+        failed += services_and_dns(lab)
         say("\nresult: " + ("every probe behaved as the manifests say" if not failed
                             else f"{len(failed)} probes did not behave as expected"))
         return 1 if failed else 0
     finally:
         section("taking the lab down")
         down(st, say=lambda line: say(f"  {line}"))
+
+
+def services_and_dns(lab) -> list[str]:
+    """The Service shop/web through its ClusterIP, policy behind it, and names via the node's DNS."""
+    from collections import Counter
+
+    from podnet.model.objects import Service
+
+    problems: list[str] = []
+
+    def check(ok: bool, what: str) -> None:
+        say(f"  {'ok  ' if ok else 'FAIL'} {what}")
+        if not ok:
+            problems.append(what)
+
+    svc = lab.store().get(Service, "web", "shop")
+    ip = svc.spec.cluster_ip if svc else None
+    section(f"Service shop/web (ClusterIP {ip}, port 80 -> named port http on every app=web pod)")
+    webs = {p["name"] for p in lab.pods if p["namespace"] == "shop" and p["name"].startswith("web-")}
+    got = Counter(r.get("name") if r.get("ok") else "timeout"
+                  for r in lab.probe("shop/client-1", [f"tcp:{ip}:80"] * 30, timeout=3))
+    say(f"  30 connections from shop/client-1: {dict(sorted(got.items()))}")
+    check(set(got) == webs, "every web pod, on all three nodes, serves the Service")
+    blocked = lab.probe("default/batch-3", [f"tcp:{ip}:80"], timeout=3)[0]
+    check(not blocked.get("ok"), "default/batch-3 (not a client) is dropped by the policy behind the Service")
+
+    section("DNS from inside pods (glibc resolver, ndots:5, the node's server at 169.254.20.10)")
+    for pod, name in (("default/client-2", "web.shop"), ("shop/client-1", "web"),
+                      ("shop/client-1", "web.shop.svc.cluster.local")):
+        out = lab.exec(pod, ["getent", "hosts", name])
+        answer = out.stdout.split()[0] if out.returncode == 0 and out.stdout else "no answer"
+        check(answer == ip, f"{pod}: getent hosts {name} -> {answer}")
+    return problems
 
 
 def main() -> int:

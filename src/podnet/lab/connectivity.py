@@ -174,9 +174,34 @@ def default_expect(lab: Lab, src: dict, dst: Target, kind: str, pools: list[IPPo
 Expect = Callable[[Lab, dict, Target, str, list[IPPool]], bool]
 
 
+def policy_expect(lab: Lab) -> Expect:
+    """default_expect, and NetworkPolicy as upstream defines it (the reference evaluator,
+    written apart from the nftables compiler, so the kernel is checked against the spec)."""
+    from podnet.model.objects import Namespace, NetworkPolicy
+    from podnet.policy.evaluate import reference_allowed
+    from podnet.policy.model import InputCache
+
+    store = lab.store()
+    pods = store.list(Pod)
+    policies = store.list(NetworkPolicy)
+    inputs = InputCache().inputs(pods, store.list(Namespace), policies,
+                                 [p.status.pod_ip for p in pods if p.status.pod_ip and not p.spec.host_network])
+
+    def expect(lab: Lab, src: dict, dst: Target, kind: str, pools: list[IPPool]) -> bool:
+        if not default_expect(lab, src, dst, kind, pools):
+            return False
+        if not policies or src.get("hostNetwork") or not src.get("ips"):
+            return True
+        return reference_allowed(inputs, src["ips"][0], dst.ip, dst.proto.upper(), dst.port)
+
+    return expect
+
+
 def probe_all(lab: Lab, *, timeout: float = 2.0, include_external: bool = True, all_ports: bool = False,
-              sources: Iterable[str] | None = None, expect: Expect = default_expect) -> list[Row]:
-    """Probe every source pod against every other pod (and the external host); one Row per pair."""
+              sources: Iterable[str] | None = None, expect: Expect | None = None) -> list[Row]:
+    """Probe every source pod against every other pod (and the external host); one Row per pair.
+    Expected outcomes follow the routing setup and the NetworkPolicies in the store."""
+    expect = expect or policy_expect(lab)
     pools = _pools(lab)
     all_targets = [t for t in targets(lab, all_ports) if include_external or t.ref != "external"]
     srcs = [p for p in lab.pods if p.get("ips")]
