@@ -1,0 +1,114 @@
+"""Restarting the node agents while a client talks to a Service: the connection
+through the ClusterIP keeps flowing, and the Service table is adopted as it is
+(same rule handles, same elements, no rebuild logged)."""
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from podnet.lab import topology
+from podnet.lab.cluster import down_by_name, restart_agent, up
+from podnet.lab.connectivity import Lab
+from podnet.lab.spec import parse_lab
+from podnet.model.objects import Service
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
+
+ECHO_PORT = 7000
+NODES = ("node-1", "node-2")
+MANIFESTS = [
+    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "default"},
+     "spec": {"selector": {"app": "echo"}, "ports": [{"name": "echo", "port": 80, "targetPort": ECHO_PORT}]}},
+]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    root = Path(tempfile.mkdtemp(prefix="pnrs-"))
+    name = f"rs-{secrets.token_hex(3)}"
+    doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
+           "spec": {"underlay": {"cidr": "10.99.0.0/24"},
+                    "nodes": [{"name": n} for n in NODES],
+                    "pods": [{"name": "client", "node": "node-1", "ports": [{"containerPort": 8080}]},
+                             {"name": "echo", "node": "node-2", "labels": {"app": "echo"},
+                              "ports": [{"containerPort": 8080}]}],
+                    "manifests": MANIFESTS}}
+    st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, timeout=90)
+    try:
+        yield Lab(st)
+    finally:
+        down_by_name(name, root)
+        assert topology.netns_list(f"pnl-{st.id}-") == []
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def svc_table(lab: Lab, node: str) -> str:
+    out = lab.exec_node(node, ["nft", "-a", "list", "table", "ip", "podnet-svc"])
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def rule_handles(listing: str) -> list[str]:
+    return re.findall(r"# handle (\d+)", listing)
+
+
+def test_connection_through_service_survives_agent_restart(lab):
+    svc = lab.store().get(Service, "echo", "default")
+    assert svc is not None and svc.spec.cluster_ip
+    vip = svc.spec.cluster_ip
+    client_ns, echo_ns = lab.pod("client")["netns"], lab.pod("echo")["netns"]
+    server = subprocess.Popen(["ip", "netns", "exec", echo_ns, "socat", f"TCP-LISTEN:{ECHO_PORT},reuseaddr,fork",
+                               "EXEC:cat"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    client = None
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the listener, and the Service programmed on node-1
+            probe = subprocess.run(["ip", "netns", "exec", echo_ns, "ss", "-ltn", f"sport = :{ECHO_PORT}"],
+                                   capture_output=True, text=True)
+            if str(ECHO_PORT) in probe.stdout and vip in svc_table(lab, "node-1"):
+                break
+            time.sleep(0.2)
+        client = subprocess.Popen(["ip", "netns", "exec", client_ns, "socat", "-", f"TCP:{vip}:80"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+        def roundtrip(word: str) -> str:
+            client.stdin.write(word + "\n")
+            client.stdin.flush()
+            return client.stdout.readline().strip()
+
+        assert roundtrip("before") == "before"
+        before = {n: svc_table(lab, n) for n in NODES}
+        assert all(rule_handles(t) for t in before.values())
+        logs = {n["name"]: Path(n["log"]) for n in lab.nodes}
+        sizes = {n: p.stat().st_size for n, p in logs.items()}
+        for node, path in logs.items():  # the first start did program the table, and said so
+            assert "services: table rebuilt" in path.read_text(errors="replace"), node
+
+        for node in NODES:
+            restart_agent(lab.state, node)
+
+        assert roundtrip("after") == "after"  # the same TCP connection, through the same DNAT entry
+        time.sleep(1.0)  # a late first sync would show up in the table and the log
+        after = {n: svc_table(lab, n) for n in NODES}
+        for node in NODES:
+            assert rule_handles(after[node]) == rule_handles(before[node]), f"{node}: table rebuilt"
+            assert after[node] == before[node], f"{node}: Service table changed on restart"
+            fresh = logs[node].read_bytes()[sizes[node]:].decode(errors="replace")
+            assert "serving CNI" in fresh, f"agent {node} did not start again:\n{fresh}"
+            assert "services: table" not in fresh, f"agent {node} changed the Service table on restart:\n{fresh}"
+            assert "services: rebuilt" not in fresh and "services: synced" not in fresh, fresh
+        assert roundtrip("again") == "again"
+    finally:
+        for proc in (client, server):
+            if proc is not None:
+                proc.kill()  # by the handle we started it with
+                proc.wait(timeout=10)
