@@ -75,6 +75,16 @@ def test_error_names_file_lab_and_field():
     ({"nodes": [{"name": "a"}, {"name": "a"}]}, "spec.nodes[1].name", "listed twice"),
     ({"external": {"address": "10.99.0.200/24"}}, "spec.external.address", "overlaps the underlay"),
     ({"external": {"address": "10.98.0.10"}}, "spec.external.address", "prefix length"),
+    ({"external": {"address": "10.98.0.10/24", "dns": "yes"}}, "spec.external.dns", "expected true or a mapping"),
+    ({"external": {"address": "10.98.0.10/24", "dns": {"zone": "a..test"}}}, "spec.external.dns.zone",
+     "not a domain name"),
+    ({"external": {"address": "10.98.0.10/24", "dns": {"zone": "cluster.local"}}}, "spec.external.dns.zone",
+     "overlaps the cluster domain"),
+    ({"external": {"address": "10.98.0.10/24", "dns": {"records": {"www": "10.98.0"}}}},
+     "spec.external.dns.records", "not an IP address"),
+    ({"external": {"address": "10.98.0.10/24", "dns": {"records": {"Web_1": "10.98.0.1"}}}},
+     "spec.external.dns.records", "relative to the zone"),
+    ({"external": {"address": "10.98.0.10/24", "dns": {"ttl": 5}}}, "spec.external.dns.ttl", "unknown field"),
     ({"pods": [{"name": "p", "node": "node-1", "ports": [{"containerPort": 70000}]}]},
      "spec.pods[0].ports[0].containerPort", "out of range"),
     ({"pods": [{"name": "p", "node": "node-1", "ports": [{"containerPort": 80}, {"containerPort": 80}]}]},
@@ -90,6 +100,18 @@ def test_spec_errors_name_the_field(change, field, text):
     e = error(lab(**change))
     assert e.field == field, str(e)
     assert text in str(e)
+
+
+def test_external_dns():
+    assert parse(lab(external={"address": "10.98.0.10/24"})).external.dns is None
+    assert parse(lab(external={"address": "10.98.0.10/24", "dns": False})).external.dns is None
+    ext = parse(lab(external={"address": "10.98.0.10/24", "dns": True})).external
+    assert ext.dns.zone == "example.test"
+    assert ext.dns_hosts() == [("www.example.test", "10.98.0.10")]  # the external host itself
+    ext = parse(lab(external={"address": "10.98.0.10/24", "dns": {
+        "zone": "Corp.Test.", "records": {"@": "192.0.2.1", "api.v1": "192.0.2.2", "v6": "2001:db8::1"}}})).external
+    assert ext.dns_hosts() == [("corp.test", "192.0.2.1"), ("api.v1.corp.test", "192.0.2.2"),
+                               ("v6.corp.test", "2001:db8::1")]
 
 
 def test_too_many_nodes_for_the_underlay():

@@ -90,7 +90,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  store: {info['store']}")
     print(f"  underlay: {info['underlay']} (netns {info['underlayNetns']})")
     if info.get("external"):
-        print(f"  external: {info['external']} (server {info['externalServer']})")
+        dns = f", dns {info['externalDns']}" if info.get("externalDns") else ""
+        print(f"  external: {info['external']} (server {info['externalServer']}{dns})")
     print()
     rows = [("NODE", "ADDRESS", "NETNS", "AGENT")]
     rows += [(n["name"], n["address"], n["netns"], n["agent"]) for n in info["nodes"]]

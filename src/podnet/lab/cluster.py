@@ -145,6 +145,8 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
         topology.create_netns(ns)
         topology.attach_node(ul, ns, n.index, n.address, str(spec.underlay), spec.gateway)
         say(f"node {n.name}: {n.address} in netns {ns}")
+    if spec.external is not None and spec.external.dns is not None:
+        _start_external_dns(st, spec, ul, timeout, say)
 
     # The API server's part: every object, Pods still Pending.
     store = ObjectStore(open_store(url))
@@ -311,6 +313,8 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
     for n in st.data["nodes"]:
         argv = [*podnet_command(), "--store", url, "agent", "--node", n["name"], "--socket", n["socket"],
                 "--service-cidr", spec.service_cidr]
+        if spec.external is not None and spec.external.dns is not None:
+            argv += ["--dns-upstream", str(ipaddress.ip_interface(spec.external.address).ip)]
         entry = st.start_process(f"agent-{n['name']}", argv, netns=n["netns"], log=Path(n["log"]),
                                  role="agent", node=n["name"])
         say(f"agent {n['name']}: pid {entry['pid']}, log {n['log']}")
@@ -436,6 +440,41 @@ def _start_server(st: LabState, key: str, name: str, netns: str, ports: list[tup
     return st.start_process(key, argv, netns=netns, role="server", ready=str(ready), server=name)
 
 
+def _start_external_dns(st: LabState, spec: LabSpec, netns: str, timeout: float, say: Say) -> None:
+    """dnsmasq on the external address: the test zone's records, NXDOMAIN for every other name,
+    each query logged to its log. The nodes' resolv.conf names it (the agents read their host
+    search domains there: none)."""
+    assert spec.external is not None and spec.external.dns is not None
+    ip = str(ipaddress.ip_interface(spec.external.address).ip)
+    hosts = st.dir / "external-dns.hosts"
+    hosts.write_text("".join(f"{address} {name}\n" for name, address in spec.external.dns_hosts()))
+    argv = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--bind-interfaces",
+            f"--listen-address={ip}", "--port=53", f"--addn-hosts={hosts}", "--local=/#/", "--local-ttl=30",
+            "--cache-size=0", "--user=root", f"--pid-file={st.dir / 'external-dns.dnsmasq.pid'}",
+            "--log-queries", "--log-facility=-"]
+    entry = st.start_process("external-dns", argv, netns=netns, role="dns", server="external-dns")
+    deadline = time.monotonic() + timeout
+    while not _udp_bound(entry, ip, 53):
+        if st.process_pid(entry) is None:
+            raise PodnetError(f"external DNS server (dnsmasq) exited; log {entry['log']}:\n{log_tail(entry['log'])}")
+        if time.monotonic() > deadline:
+            raise PodnetError(f"external DNS server did not bind {ip}:53 within {timeout:g}s")
+        time.sleep(0.05)
+    for n in st.data["nodes"]:
+        topology.write_netns_file(n["netns"], "resolv.conf", f"nameserver {ip}\n")
+    say(f"external DNS: zone {spec.external.dns.zone} on {ip}:53 (pid {entry['pid']})")
+
+
+def _udp_bound(entry: dict, ip: str, port: int) -> bool:
+    """Whether the process's namespace has a UDP socket bound to ip:port (from /proc, no tools)."""
+    local = f"{int.from_bytes(ipaddress.IPv4Address(ip).packed, 'little'):08X}:{port:04X}"
+    try:
+        with open(f"/proc/{entry['pid']}/net/udp") as f:
+            return any(line.split()[1] == local for line in list(f)[1:])
+    except (OSError, IndexError):
+        return False
+
+
 def _wait_servers(st: LabState, entries: list[dict], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = list(entries)
@@ -557,10 +596,12 @@ def status(st: LabState) -> dict[str, Any]:
                      "netns": p["netns"], "ready": p.get("added", False),
                      "server": ("running" if st.process_pid(server) else "dead") if server else "none"})
     ext = st.process("external")
+    dns = st.process("external-dns")
     return {"name": st.name, "id": data.get("id"), "phase": st.phase, "dir": str(st.dir),
             "store": data.get("store"), "underlay": data.get("underlay"),
             "underlayNetns": data.get("underlay_netns"), "external": data.get("external"),
             "externalServer": ("running" if st.process_pid(ext) else "dead") if ext else None,
+            "externalDns": ("running" if st.process_pid(dns) else "dead") if dns else None,
             "error": data.get("error"), "nodes": nodes, "pods": pods}
 
 

@@ -6,6 +6,9 @@
     spec:
       underlay: {cidr: 10.99.0.0/24}        # gateway .1, nodes .11, .12, ...
       external: {address: 10.98.0.10/24}   # optional host outside the cluster
+        # dns: true, or {zone: example.test, records: {www: 10.98.0.10}}: a DNS server (dnsmasq)
+        # on the external address serving that zone (NXDOMAIN for every other name); the
+        # agents forward to it and the nodes' resolv.conf names it
       serviceCIDR: 10.96.0.0/16            # optional; ClusterIPs are allocated from it
       nodes:
         - {name: node-1, labels: {zone: a}}
@@ -37,6 +40,7 @@ from podnet.model.base import Schema
 from podnet.model.manifests import ManifestErrors, Source, explain, field_path, parse_object
 from podnet.model.objects import (
     DNS1123_LABEL,
+    DNS1123_SUBDOMAIN,
     Container,
     ContainerPort,
     IPPool,
@@ -63,6 +67,8 @@ DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 CHAIN_CAPABILITIES = {"portmap": {"portMappings": True}, "bandwidth": {"bandwidth": True}}
 PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
 BANDWIDTH_ANNOTATIONS = ("kubernetes.io/ingress-bandwidth", "kubernetes.io/egress-bandwidth")
+DEFAULT_DNS_ZONE = "example.test"
+CLUSTER_DOMAIN = "cluster.local"  # what the lab's agents serve
 
 
 class LabPort(ContainerPort):
@@ -101,11 +107,70 @@ class UnderlaySpec(Schema):
         return str(net)
 
 
+class ExternalDnsSpec(Schema):
+    """The outside world's DNS: one zone of A/AAAA records, NXDOMAIN for everything else."""
+
+    zone: str = DEFAULT_DNS_ZONE
+    # relative name (or "@" for the zone itself) -> address; empty: www -> the external address
+    records: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("zone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        zone = v.strip(".").lower()
+        if not zone or len(zone) > 253 or not DNS1123_SUBDOMAIN.match(zone) or any(
+                len(label) > 63 for label in zone.split(".")):
+            raise ValueError(f"{v!r} is not a domain name, e.g. {DEFAULT_DNS_ZONE}")
+        if zone == CLUSTER_DOMAIN or zone.endswith("." + CLUSTER_DOMAIN) or CLUSTER_DOMAIN.endswith("." + zone):
+            raise ValueError(f"zone {zone} overlaps the cluster domain {CLUSTER_DOMAIN}, which the nodes serve")
+        return zone
+
+    @field_validator("records")
+    @classmethod
+    def _records(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, address in v.items():
+            if name != "@" and (len(name) > 190 or not DNS1123_SUBDOMAIN.match(name)
+                                or any(len(label) > 63 for label in name.split("."))):
+                raise ValueError(f"record {name!r}: expected a name relative to the zone (e.g. www) or '@'")
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"record {name!r}: {address!r} is not an IP address") from None
+        return v
+
+
 class ExternalSpec(Schema):
     address: str
     name: str = "external"
     ports: list[LabPort] = Field(default_factory=lambda: [
         LabPort(container_port=8080, protocol="TCP"), LabPort(container_port=8080, protocol="UDP")])
+    dns: ExternalDnsSpec | None = None
+
+    @field_validator("dns", mode="before")
+    @classmethod
+    def _dns(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        if v is False:
+            return None
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"expected true or a mapping with zone and records, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _dns_default_records(self) -> ExternalSpec:
+        if self.dns is not None and not self.dns.records:
+            ip = str(ipaddress.ip_interface(self.address).ip)
+            object.__setattr__(self, "dns", self.dns.model_copy(update={"records": {"www": ip}}))
+        return self
+
+    def dns_hosts(self) -> list[tuple[str, str]]:
+        """(fully qualified name, address) for every record of spec.external.dns."""
+        if self.dns is None:
+            return []
+        zone = self.dns.zone
+        return [(zone if name == "@" else f"{name.lower()}.{zone}", address)
+                for name, address in self.dns.records.items()]
 
     @field_validator("address")
     @classmethod
