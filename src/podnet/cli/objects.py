@@ -12,7 +12,7 @@ import yaml
 
 from podnet.cli.common import objects_from_args
 from podnet.errors import PodnetError, ValidationError
-from podnet.model.manifests import load_paths
+from podnet.model.manifests import Source, load_paths, locate
 from podnet.model.objects import (
     IPPool,
     KubeObject,
@@ -88,12 +88,16 @@ def check_immutable(store: ObjectStore, objects: list[KubeObject]) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    objects = load_manifests(args.filename)
+    sources: dict[str, Source] = {}
+    objects = load_paths(list(args.filename), sources)
     store = objects_from_args(args)
-    check_namespaces(store, objects)
-    check_immutable(store, objects)
-    # As the API server does: Services get their ClusterIP and nodePorts before they are stored.
-    objects = allocate_cluster_ips(objects, store, args.service_cidr)
+    try:
+        check_namespaces(store, objects)
+        check_immutable(store, objects)
+        # As the API server does: Services get their ClusterIP and nodePorts before they are stored.
+        objects = allocate_cluster_ips(objects, store, args.service_cidr)
+    except ValidationError as e:
+        raise locate(e, sources) from None
     _, outcome = store.apply(objects)
     for ref, what in outcome:
         print(f"{ref} {what}")

@@ -36,6 +36,14 @@ class Source:
         return text
 
 
+def locate(err: ValidationError, sources: dict[str, Source]) -> ValidationError:
+    """The same error, naming the file and document of the object it is about."""
+    src = sources.get(err.where)
+    if src is None:
+        return err
+    return ValidationError(err.detail, where=f"{src.file}: document {src.index} ({err.where})", field=err.field)
+
+
 class ManifestErrors(ValidationError):
     """Several validation errors at once; str() gives one line per error."""
 
@@ -56,8 +64,11 @@ def manifest_files(path: str | Path) -> list[Path]:
     return [p]
 
 
-def load_paths(paths: list[str | Path]) -> list[KubeObject]:
-    """Load every document of every file; raise ManifestErrors listing all problems."""
+def load_paths(paths: list[str | Path], sources: dict[str, Source] | None = None) -> list[KubeObject]:
+    """Load every document of every file; raise ManifestErrors listing all problems.
+
+    sources: if given, filled with object ref -> Source (file and document index),
+    so that later checks can name the file of the object they reject."""
     objects: list[KubeObject] = []
     errors: list[ValidationError] = []
     for path in paths:
@@ -67,7 +78,7 @@ def load_paths(paths: list[str | Path]) -> list[KubeObject]:
             except OSError as e:
                 errors.append(ValidationError(f"cannot read: {e.strerror}", where=str(f)))
                 continue
-            objs, errs = parse_documents(text, str(f))
+            objs, errs = parse_documents(text, str(f), sources)
             objects.extend(objs)
             errors.extend(errs)
     if not errors:
@@ -77,7 +88,8 @@ def load_paths(paths: list[str | Path]) -> list[KubeObject]:
     return objects
 
 
-def parse_documents(text: str, file: str = "<stdin>") -> tuple[list[KubeObject], list[ValidationError]]:
+def parse_documents(text: str, file: str = "<stdin>", sources: dict[str, Source] | None = None,
+                    ) -> tuple[list[KubeObject], list[ValidationError]]:
     objects: list[KubeObject] = []
     errors: list[ValidationError] = []
     try:
@@ -95,7 +107,10 @@ def parse_documents(text: str, file: str = "<stdin>") -> tuple[list[KubeObject],
         src = Source(file, index)
         for item in _expand_lists(doc):
             try:
-                objects.append(parse_object(item, src))
+                obj = parse_object(item, src)
+                objects.append(obj)
+                if sources is not None:
+                    sources.setdefault(obj.ref, src)
             except ValidationError as e:
                 errors.append(e)
     return objects, errors

@@ -359,6 +359,17 @@ class ServiceSpec(Schema):
             if p.name in seen:
                 raise ValueError(f"spec.ports: duplicate port name {p.name!r}")
             seen.add(p.name)
+        first_port: dict[tuple[str, int], int] = {}
+        first_node_port: dict[tuple[str, int], int] = {}
+        for i, p in enumerate(self.ports):
+            j = first_port.setdefault((p.protocol, p.port), i)
+            if j != i:
+                raise ValueError(f"spec.ports[{i}]: duplicate port {p.port}/{p.protocol} (also spec.ports[{j}])")
+            if p.node_port:
+                j = first_node_port.setdefault((p.protocol, p.node_port), i)
+                if j != i:
+                    raise ValueError(f"spec.ports[{i}].nodePort: duplicate nodePort {p.node_port}/{p.protocol} "
+                                     f"(also spec.ports[{j}])")
         if self.external_traffic_policy is None and self.type in ("NodePort", "LoadBalancer"):
             object.__setattr__(self, "external_traffic_policy", "Cluster")
         if self.session_affinity == "ClientIP" and self.session_affinity_config is None:

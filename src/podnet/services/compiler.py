@@ -19,6 +19,7 @@ iptables proxiers):
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from collections import defaultdict
 from collections.abc import Iterable
@@ -35,6 +36,40 @@ from podnet.services.model import (
     ServiceConfig,
     ServiceState,
 )
+
+log = logging.getLogger("podnet.services")
+
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+
+def _valid_port(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535
+
+
+def check_service(svc: Service) -> None:
+    """Raise ValueError naming the field for what the dataplane cannot take. Objects
+    from the store were validated already; this guards what reaches nftables text
+    (numbers must be numbers) whatever produced the object."""
+    seen: dict[tuple[str, int], int] = {}
+    for i, sp in enumerate(svc.spec.ports):
+        if sp.protocol not in PROTOCOLS:
+            raise ValueError(f"spec.ports[{i}].protocol: {sp.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if not _valid_port(sp.port):
+            raise ValueError(f"spec.ports[{i}].port: {sp.port!r} is not a port number (1-65535)")
+        if sp.node_port is not None and not _valid_port(sp.node_port):
+            raise ValueError(f"spec.ports[{i}].nodePort: {sp.node_port!r} is not a port number (1-65535)")
+        if isinstance(sp.target_port, int) and not _valid_port(sp.target_port):
+            raise ValueError(f"spec.ports[{i}].targetPort: {sp.target_port!r} is not a port number (1-65535)")
+        first = seen.setdefault((sp.protocol, sp.port), i)
+        if first != i:
+            raise ValueError(f"spec.ports[{i}]: duplicate port {sp.port}/{sp.protocol} (also spec.ports[{first}])")
+    hc = svc.spec.health_check_node_port
+    if hc is not None and not _valid_port(hc):
+        raise ValueError(f"spec.healthCheckNodePort: {hc!r} is not a port number (1-65535)")
+
+
+def _svc_ref(svc: Service) -> str:
+    return f"{svc.namespace or 'default'}/{svc.name}"
 
 
 @dataclass(frozen=True)
@@ -105,7 +140,7 @@ def _endpoints(
         if sl.address_type != "IPv4":
             continue
         slice_port = _slice_port(sp, sl)
-        if slice_port is None:
+        if slice_port is None or (slice_port != _PER_ENDPOINT and not _valid_port(slice_port)):
             continue
         for ep in sl.endpoints:
             port: int | None = slice_port
@@ -114,7 +149,7 @@ def _endpoints(
                 if ep.target_ref is not None and ep.target_ref.name:
                     ref = (ep.target_ref.namespace or sl.namespace or "default", ep.target_ref.name)
                 port = _pod_port(sp, ref, pods)
-                if port is None:
+                if port is None or not _valid_port(port):
                     continue
             ip = _ipv4(ep.addresses[0])  # upstream: consumers use the first address only
             if ip is None:
@@ -137,14 +172,26 @@ def _usable(eps: list[_Endpoint]) -> list[Backend]:
 
 
 def _compile_service(
-    svc: Service, svc_slices: list[EndpointSlice], node_name: str, pods: dict[tuple[str, str], Pod]
+    svc: Service, svc_slices: list[EndpointSlice], node_name: str, pods: dict[tuple[str, str], Pod],
+    service_cidrs: tuple[str, ...] = (),
 ) -> tuple[list[FrontendRule], HealthCheck | None]:
-    """The frontends of one Service (and its health check), in port order."""
+    """The frontends of one Service (and its health check), in port order.
+
+    Raises ValueError for a Service the dataplane cannot take (see check_service)."""
     spec = svc.spec
     out: list[FrontendRule] = []
     if spec.type == "ExternalName" or spec.headless:
         return out, None
+    check_service(svc)
     cluster_ip = _ipv4(spec.cluster_ip) or next((ip for ip in map(_ipv4, spec.cluster_ips or ()) if ip), None)
+    if cluster_ip and service_cidrs and not _in_cidrs(cluster_ip, service_cidrs):
+        log.warning("services: %s: clusterIP %s is outside the service CIDRs %s; its ClusterIP frontends are "
+                    "ignored", _svc_ref(svc), cluster_ip, ",".join(service_cidrs))
+        cluster_ip = None
+    for sl in svc_slices:
+        if sl.ports and sl.address_type == "IPv4" and all(_slice_port(sp, sl) is None for sp in spec.ports):
+            log.warning("services: %s: EndpointSlice %s has no port matching the Service's ports (name and "
+                        "protocol); it is ignored", _svc_ref(svc), sl.name)
     external_local = spec.external_traffic_policy == "Local"
     internal_local = spec.internal_traffic_policy == "Local"
     affinity = None
@@ -183,6 +230,26 @@ def _compile_service(
     if external_local and spec.health_check_node_port and spec.type in ("NodePort", "LoadBalancer"):
         hc = HealthCheck(spec.health_check_node_port, svc.namespace or "default", svc.name, len(local_ready))
     return out, hc
+
+
+@lru_cache(maxsize=1 << 16)
+def _in_cidrs(ip: str, cidrs: tuple[str, ...]) -> bool:
+    addr = ipaddress.IPv4Address(ip)
+    return any(addr in ipaddress.IPv4Network(c) for c in cidrs)
+
+
+def _compile_or_skip(svc: Service, svc_slices: list[EndpointSlice], node_name: str,
+                     pods: dict[tuple[str, str], Pod], service_cidrs: tuple[str, ...],
+                     ) -> tuple[list[FrontendRule], HealthCheck | None, str | None]:
+    """One Service; a Service that cannot be compiled is skipped with a logged
+    reason (the third item) so that it never blocks the others."""
+    try:
+        rules, hc = _compile_service(svc, svc_slices, node_name, pods, service_cidrs)
+        return rules, hc, None
+    except Exception as e:  # one bad object must not stop the sync of the rest
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+        log.warning("services: skipping Service %s: %s", _svc_ref(svc), reason)
+        return [], None, reason
 
 
 def _slices_by_service(slices: Iterable[EndpointSlice]) -> dict[tuple[str | None, str], list[EndpointSlice]]:
@@ -233,8 +300,11 @@ def compile_services(
     """
     by_service = _slices_by_service(slices)
     pod_index = {(p.namespace or "default", p.name): p for p in pods}
-    return _assemble((_compile_service(svc, by_service.get((svc.namespace, svc.name), []), node_name, pod_index)
-                      for svc in _ordered(services)), node_ips, config or ServiceConfig())
+    config = config or ServiceConfig()
+    cidrs = collapse_v4(config.service_cidrs)
+    return _assemble((_compile_or_skip(svc, by_service.get((svc.namespace, svc.name), []), node_name, pod_index,
+                                       cidrs)[:2]
+                      for svc in _ordered(services)), node_ips, config)
 
 
 Key = tuple[str, str]  # (namespace, name) of a Service
@@ -274,6 +344,7 @@ class ServiceCompiler:
         self._dirty: set[Key] = set()
         self._state: ServiceState | None = None
         self.recompiled = 0  # Services compiled by the last state()
+        self.skipped: dict[Key, str] = {}  # Services that could not be compiled, and why
 
     # -- events
 
@@ -365,8 +436,14 @@ class ServiceCompiler:
                 touched.add(r.frontend)
             svc = self._services.get(k)
             if svc is None:
+                self.skipped.pop(k, None)
                 continue
-            rules, hc = _compile_service(svc, list(self._slices.get(k, {}).values()), self.node_name, self._pods)
+            rules, hc, problem = _compile_or_skip(svc, list(self._slices.get(k, {}).values()), self.node_name,
+                                                  self._pods, self._cidrs)
+            if problem is None:
+                self.skipped.pop(k, None)
+            else:
+                self.skipped[k] = problem
             self.recompiled += 1
             self._out[k] = (rules, hc)
             if hc is not None:
