@@ -49,6 +49,11 @@ MANIFESTS = [
               "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}},
     {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "docs", "namespace": "shop"},
      "spec": {"type": "ExternalName", "externalName": f"docs.{ZONE}"}},
+    # a StatefulSet's pod: hostname + subdomain naming its headless Service
+    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop"},
+     "spec": {"clusterIP": "None", "selector": {"app": "db"}, "ports": [{"name": "pg", "port": 5432}]}},
+    {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "db-0", "namespace": "shop", "labels": {"app": "db"}},
+     "spec": {"nodeName": "node-2", "hostname": "db-0", "subdomain": "db", "containers": [{"name": "db"}]}},
 ]
 
 
@@ -73,7 +78,7 @@ def lab():
     finally:
         down_by_name(name, root)
         assert topology.netns_list(f"pnl-{st.id}-") == []
-        assert not any((topology.ETC_NETNS / f"pnl-{st.id}-{s}").exists() for s in ("1", "2", "p0", "p1", "p2", "p3"))
+        assert not any((topology.ETC_NETNS / f"pnl-{st.id}-{s}").exists() for s in ("1", "2", "p0", "p1", "p2", "p3", "p4"))
         assert st.process_pid(st.process("external-dns")) is None
         shutil.rmtree(root, ignore_errors=True)
 
@@ -214,6 +219,15 @@ def test_headless_service_has_one_address_per_ready_endpoint(lab):
     # each endpoint by its dashed address, under the Service
     host = pod_ip(lab, "shop/web-2").replace(".", "-")
     assert short(lab, "client", f"{host}.web-pods.shop.svc.cluster.local") == [pod_ip(lab, "shop/web-2")]
+
+
+def test_headless_endpoint_named_by_the_pods_hostname(lab):
+    ip = pod_ip(lab, "shop/db-0")
+    assert short(lab, "client", "db-0.db.shop.svc.cluster.local") == [ip]
+    assert getent(lab, "shop/web-1", "ahostsv4", "db-0.db")[0][0] == ip  # via the search path
+    assert short(lab, "client", "SRV", "_pg._tcp.db.shop.svc.cluster.local") == [
+        "0 100 5432 db-0.db.shop.svc.cluster.local."]
+    assert short(lab, "client", "-x", ip) == ["db-0.db.shop.svc.cluster.local."]
 
 
 def test_srv_for_a_named_port(lab):

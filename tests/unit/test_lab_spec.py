@@ -254,3 +254,13 @@ def test_endpoint_slices_resolve_named_ports_per_pod():
     assert by_port[8080].endpoints[0].node_name == "node-1"
     assert by_port[8080].service_name == "web"
     assert all(e.conditions.is_ready for s in slices for e in s.endpoints)
+
+
+def test_endpoint_hostname_from_a_pod_whose_subdomain_is_the_service():
+    svc = Service.model_validate({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db"},
+                                  "spec": {"clusterIP": "None", "selector": {"app": "db"}, "ports": [{"port": 5432}]}})
+    pods = [Pod.model_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": n, "labels": {"app": "db"}},
+                                "spec": {"nodeName": "node-1", "hostname": n, "subdomain": sub}})
+            for n, sub in (("db-0", "db"), ("db-1", "other"), ("db-2", None))]
+    (s,) = endpoint_slices([svc], [_running(p, f"10.244.0.{i + 2}") for i, p in enumerate(pods)])
+    assert [(e.target_ref.name, e.hostname) for e in s.endpoints] == [("db-0", "db-0"), ("db-1", None), ("db-2", None)]

@@ -445,6 +445,8 @@ def _start_external_dns(st: LabState, spec: LabSpec, netns: str, timeout: float,
     each query logged to its log. The nodes' resolv.conf names it (the agents read their host
     search domains there: none)."""
     assert spec.external is not None and spec.external.dns is not None
+    if shutil.which("dnsmasq") is None:
+        raise PodnetError("spec.external.dns needs dnsmasq, which is not installed (Debian: dnsmasq-base)")
     ip = str(ipaddress.ip_interface(spec.external.address).ip)
     hosts = st.dir / "external-dns.hosts"
     hosts.write_text("".join(f"{address} {name}\n" for name, address in spec.external.dns_hosts()))

@@ -2,7 +2,9 @@
 
 EndpointSlices for Services with a selector: one endpoint per running pod that
 matches, ready, with its named target ports resolved for that pod. Pods whose
-named ports resolve differently land in different slices, as upstream.
+named ports resolve differently land in different slices, as upstream. A pod with
+`spec.hostname` whose `spec.subdomain` names the Service gives its endpoint that
+hostname (the DNS name `<hostname>.<service>.<ns>.svc.<zone>`), as upstream.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def endpoint_slices(services: Iterable[Service], pods: Iterable[Pod], nodes: Ite
             endpoints = [
                 Endpoint(
                     addresses=[p.status.pod_ip],  # type: ignore[list-item]
+                    hostname=p.spec.hostname if p.spec.hostname and p.spec.subdomain == svc.name else None,
                     conditions=EndpointConditions(ready=True, serving=True, terminating=False),
                     node_name=p.spec.node_name, zone=zones.get(p.spec.node_name or ""),
                     target_ref=ObjectReference(kind="Pod", name=p.name, namespace=p.namespace, uid=p.metadata.uid),
