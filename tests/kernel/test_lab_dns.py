@@ -76,11 +76,14 @@ def lab():
     try:
         yield Lab(st)
     finally:
-        down_by_name(name, root)
-        assert topology.netns_list(f"pnl-{st.id}-") == []
-        assert not any((topology.ETC_NETNS / f"pnl-{st.id}-{s}").exists() for s in ("1", "2", "p0", "p1", "p2", "p3", "p4"))
-        assert st.process_pid(st.process("external-dns")) is None
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            down_by_name(name, root)
+            assert topology.netns_list(f"pnl-{st.id}-") == []
+            assert not any((topology.ETC_NETNS / f"pnl-{st.id}-{suffix}").exists()
+                           for suffix in ("1", "2", "p0", "p1", "p2", "p3", "p4"))
+            assert st.process_pid(st.process("external-dns")) is None
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- helpers
