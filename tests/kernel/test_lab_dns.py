@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from podnet.dns.resolvconf import NODE_DNS_ADDRESS, render
+from podnet.errors import PodnetError
 from podnet.lab import topology
 from podnet.lab.cluster import down_by_name, up
 from podnet.lab.connectivity import Lab
@@ -339,3 +340,20 @@ def test_the_external_dns_is_a_real_server_in_the_underlay(lab):
     assert header(proc.stdout)[0] == "NXDOMAIN"
     agents = [p["argv"] for p in lab.state.data["processes"] if p.get("role") == "agent"]
     assert agents and all(a[a.index("--dns-upstream") + 1] == EXTERNAL_IP for a in agents)
+
+
+def test_up_fails_cleanly_when_the_dns_server_does_not_start(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "dnsmasq"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'dnsmasq: failed to create listening socket for port 53' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ.get('PATH', '')}")
+    name = f"dnsfail-{secrets.token_hex(2)}"
+    doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
+           "spec": {"underlay": {"cidr": "10.99.0.0/24"}, "external": {"address": "10.98.0.10/24", "dns": True},
+                    "nodes": [{"name": "node-1"}]}}
+    before = set(topology.netns_list("pnl-"))
+    with pytest.raises(PodnetError, match="external DNS server \\(dnsmasq\\) exited(.|\\n)*failed to create listening"):
+        up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=tmp_path / "labs", timeout=20)
+    assert set(topology.netns_list("pnl-")) <= before  # everything it made is gone
+    assert not (tmp_path / "labs" / name).exists()
