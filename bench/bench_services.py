@@ -29,6 +29,7 @@ import ipaddress
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -87,7 +88,9 @@ def worker(backend: str, n: int, reps: int) -> None:
     from podnet.services.compiler import ServiceCompiler
     from podnet.services.model import ServiceConfig
 
+    rss_start = _rss_bytes()
     services, slices, make, fake = _objects(n)
+    rss_objects = _rss_bytes()
     compiler = ServiceCompiler("n1", ["10.10.0.1", "10.20.0.1"], ServiceConfig(service_cidrs=(SERVICE_CIDR,)))
     if backend == "nft-maps":
         from podnet.services.applier import NftServiceApplier
@@ -128,6 +131,11 @@ def worker(backend: str, n: int, reps: int) -> None:
         op = cmd["op"]
         if op == "all":
             out = sync()
+            # memory of the process holding the objects, the compiled state and the applied index
+            out["rss_start_bytes"] = rss_start
+            out["rss_objects_bytes"] = rss_objects
+            out["rss_bytes"] = _rss_bytes()
+            out["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         elif op == "ops":
             results: dict[str, list[dict]] = {"add": [], "delete": [], "change": []}
             mid = n // 2
@@ -156,6 +164,14 @@ def worker(backend: str, n: int, reps: int) -> None:
         else:
             out = {"error": f"unknown op {op}"}
         print(json.dumps(out), flush=True)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _wrap_kernel_timer(applier, acc: list[float]) -> None:
@@ -329,6 +345,8 @@ def run_case(backend: str, n: int, reps: int, probes: int, iperf_seconds: int) -
             "backend": backend, "services": n, "endpoints_per_service": 5,
             "apply_all_s": full["total_s"], "apply_all_kernel_s": full["kernel_s"],
             "apply_all_compile_s": full["compile_s"], "apply_all_lines": full["lines"], "apply_all_wall_s": wall_all,
+            "rss_start_mb": full["rss_start_bytes"] / 2**20, "rss_objects_mb": full["rss_objects_bytes"] / 2**20,
+            "rss_mb": full["rss_bytes"] / 2**20, "maxrss_mb": full["maxrss_bytes"] / 2**20,
         }
         for op in ("add", "change", "delete"):
             runs = ops.get(op) or []
@@ -363,6 +381,8 @@ def fmt(v, unit: str = "s") -> str:
         return f"{v * 1000:.1f}ms" if v < 1 else f"{v:.2f}s"
     if unit == "us":
         return f"{v:.0f}us"
+    if unit == "mb":
+        return f"{v:.0f}"
     if unit == "g":
         return f"{v:.1f}G"
     return str(v)
@@ -371,7 +391,7 @@ def fmt(v, unit: str = "s") -> str:
 def print_table(rows: list[dict]) -> None:
     cols = [("backend", "backend", None), ("N", "services", None), ("apply all", "apply_all_s", "s"),
             ("(kernel)", "apply_all_kernel_s", "s"), ("add one", "add_one_s", "s"), ("(kernel)", "add_one_kernel_s", "s"),
-            ("change", "change_one_s", "s"), ("delete", "delete_one_s", "s"),
+            ("change", "change_one_s", "s"), ("delete", "delete_one_s", "s"), ("RSS MiB", "rss_mb", "mb"),
             ("conn first p50/p99", None, None), ("conn last p50/p99", None, None), ("iperf f/l", None, None)]
     table = []
     for r in rows:
@@ -408,6 +428,52 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+PLOTS = (
+    ("services-apply-all.png", "time to apply all Services", "apply_all_s", "seconds"),
+    ("services-add-one.png", "time to add one Service on top of N", "add_one_s", "seconds"),
+    ("services-per-backend.png", "apply all: time per backend (endpoint)", "per_backend", "seconds per backend"),
+    ("services-rss.png", "worker RSS (objects + compiled state + applied index)", "rss_mb", "MiB"),
+)
+
+
+def plot(rows: list[dict], outdir: str) -> list[str]:
+    """Log-log plots against the number of Services, one line per backend. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(outdir, exist_ok=True)
+    written = []
+    for fname, title, key, ylabel in PLOTS:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for backend in BACKENDS:
+            pts = []
+            for r in rows:
+                if r["backend"] != backend:
+                    continue
+                v = r.get("apply_all_s") / (r["services"] * r["endpoints_per_service"]) if key == "per_backend" \
+                    else r.get(key)
+                if v:
+                    pts.append((r["services"], v))
+            if pts:
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("Services (5 endpoints each)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(outdir, fname)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,1000,5000,10000,20000")
@@ -418,12 +484,20 @@ def main() -> int:
     ap.add_argument("--iperf", type=int, default=2, help="seconds of iperf3 per target (0: skip)")
     ap.add_argument("--quick", action="store_true", help="sizes 1,1000; one rep; 100 probes; no iperf")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "services.json"))
+    ap.add_argument("--plots", default=os.path.join(ROOT, "docs", "img"),
+                    help="directory for the PNG plots (needs matplotlib; empty: no plots)")
+    ap.add_argument("--plot-only", metavar="JSON", help="only draw the plots from an earlier result file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.backend, args.size, args.reps)
+        return 0
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            for path in plot(json.load(f)["rows"], args.plots):
+                print(f"wrote {os.path.relpath(path, ROOT)}")
         return 0
     if os.geteuid() != 0:
         print("bench_services needs root (network namespaces)", file=sys.stderr)
@@ -449,7 +523,7 @@ def main() -> int:
             row["loadavg_after"] = os.getloadavg()[0]
             rows.append(row)
             print(f"# {backend} N={n}: all {fmt(row['apply_all_s'])}, add {fmt(row.get('add_one_s'))}, "
-                  f"delete {fmt(row.get('delete_one_s'))}, connect last p50 "
+                  f"delete {fmt(row.get('delete_one_s'))}, rss {row['rss_mb']:.0f} MiB, connect last p50 "
                   f"{fmt(row.get('connect_last_p50_us'), 'us')} ({row['case_wall_s']:.0f}s)", flush=True)
     print()
     print_table(rows)
@@ -473,6 +547,12 @@ def main() -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nwrote {os.path.relpath(args.out, ROOT)}")
+    if args.plots:
+        try:
+            for path in plot(rows, args.plots):
+                print(f"wrote {os.path.relpath(path, ROOT)}")
+        except ImportError:
+            print("matplotlib not installed: no plots (pip install matplotlib)", file=sys.stderr)
     return 0
 
 
