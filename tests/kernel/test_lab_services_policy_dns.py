@@ -91,3 +91,14 @@ def test_pods_resolve_services_through_the_node_dns_with_search_paths(lab):
     assert same_ns.returncode == 0 and same_ns.stdout.split()[0] == ip, same_ns
     missing = lab.exec("client", ["getent", "hosts", "nothing.shop.svc.cluster.local"])
     assert missing.returncode == 2, missing  # not found
+
+
+def test_the_kube_dns_cluster_ip_is_answered_on_every_node(lab):
+    from podnet.dns.resolvconf import NODE_DNS_ADDRESS
+
+    dns = lab.store().get(Service, "kube-dns", "kube-system")
+    assert dns is not None and dns.spec.cluster_ip
+    for pod in ("client", "intruder"):  # one on each node
+        for server in (dns.spec.cluster_ip, NODE_DNS_ADDRESS):
+            out = lab.exec(pod, ["dig", "+short", "+time=2", "+tries=1", f"@{server}", "web.shop.svc.cluster.local"])
+            assert out.stdout.split() == [cluster_ip(lab)], (pod, server, out)

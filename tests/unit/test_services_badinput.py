@@ -3,6 +3,7 @@ file, object and field; the compiler ignores or skips what it cannot take with a
 logged reason, nothing of it reaches nftables text, and one bad object never
 blocks the others."""
 
+import ipaddress
 import logging
 
 import pytest
@@ -211,3 +212,16 @@ def test_endpoint_port_out_of_range_in_a_slice_is_not_rendered():
     good_rule(state)
     assert state.rule(Frontend("10.96.0.15", "tcp", 80)).backends == ()
     assert "123456" not in script(state)
+
+
+def test_addresses_the_node_dns_answers_are_neither_dropped_nor_balanced():
+    from podnet.services.compiler import balanced_cidrs
+
+    cfg = ServiceConfig(service_cidrs=("10.96.0.0/16",), local_dns=("10.96.0.10",))
+    cidrs = balanced_cidrs(cfg)
+    assert not any(ipaddress.ip_address("10.96.0.10") in ipaddress.ip_network(c) for c in cidrs)
+    assert all(any(ipaddress.ip_address(a) in ipaddress.ip_network(c) for c in cidrs)
+               for a in ("10.96.0.9", "10.96.0.11", "10.96.255.254"))
+    dns = svc("kube-dns", "10.96.0.10")
+    state = ServiceCompiler("node-1", ["10.99.0.11"], cfg).compile([dns], [eps("kube-dns-1", "kube-dns", ["10.1.3.1"])])
+    assert "10.96.0.10" not in script(state)

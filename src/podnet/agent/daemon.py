@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from podnet.agent.cache import ObjectCache, kind_of_key
 from podnet.agent.view import BLOCKS_PREFIX, routing_inputs
-from podnet.dataplane.localdns import DnsAddress
+from podnet.dataplane.localdns import DnsAddresses
 from podnet.dataplane.nat import NatProgrammer
 from podnet.dataplane.pods import PodDataplane
 from podnet.dataplane.routes import RouteProgrammer
@@ -58,6 +58,7 @@ class AgentConfig:
     node_ip: str | None = None
     service_cidrs: tuple[str, ...] = ("10.96.0.0/12",)
     dns_address: str | None = NODE_DNS_ADDRESS  # None: no node DNS server
+    cluster_dns_ips: tuple[str, ...] = ()  # also answered here, e.g. the kube-dns ClusterIP
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
     cluster_domain: str = "cluster.local"
     metrics_port: int | None = None
@@ -176,28 +177,35 @@ class Agent:
     def _start_services(self) -> None:
         from podnet.agent.services import ServiceDataplane
 
-        self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs)
+        local_dns = self.dns_addresses()
+        self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs, tuple(local_dns))
 
     def _start_policy(self) -> None:
         from podnet.policy.applier import PolicyProgrammer
 
         self.policy = PolicyProgrammer()
 
-    def _start_dns(self, loaded: list) -> None:
+    def dns_addresses(self) -> list[str]:
         if not self.cfg.dns_address:
+            return []
+        return [self.cfg.dns_address, *self.cfg.cluster_dns_ips]
+
+    def _start_dns(self, loaded: list) -> None:
+        addresses = self.dns_addresses()
+        if not addresses:
             return
         from podnet.dns import resolvconf
         from podnet.dns.index import ClusterIndex
         from podnet.dns.server import DNSServer
 
-        DnsAddress(self.cfg.dns_address).ensure()
+        DnsAddresses(addresses).ensure()
         self.dns_index = ClusterIndex(zone=self.cfg.cluster_domain, node_name=self.cfg.node)
         for ev in loaded:
             self.dns_index.apply_event(ev)
-        self.dns = DNSServer(self.dns_index, listen=[(self.cfg.dns_address, 53)], upstreams=self.cfg.dns_upstreams,
+        self.dns = DNSServer(self.dns_index, listen=[(a, 53) for a in addresses], upstreams=self.cfg.dns_upstreams,
                              host_search=resolvconf.host_search_domains())
         self.dns.start_thread()
-        log.info("serving DNS for %s on %s:53", self.cfg.cluster_domain, self.cfg.dns_address)
+        log.info("serving DNS for %s on %s port 53", self.cfg.cluster_domain, ", ".join(addresses))
 
     def _start_metrics(self) -> None:
         if self.cfg.metrics_port is None or self.services is None:

@@ -13,9 +13,10 @@ from podnet.services.model import ServiceConfig
 
 
 class ServiceDataplane:
-    def __init__(self, node: str, node_ip: str, service_cidrs: tuple[str, ...]):
+    def __init__(self, node: str, node_ip: str, service_cidrs: tuple[str, ...], local_dns: tuple[str, ...] = ()):
         self.metrics = ServiceMetrics()
-        self.compiler = ServiceCompiler(node, [node_ip], ServiceConfig(service_cidrs=service_cidrs))
+        self.compiler = ServiceCompiler(node, [node_ip], ServiceConfig(service_cidrs=service_cidrs,
+                                                                       local_dns=local_dns))
         self.applier = NftServiceApplier(metrics=self.metrics)
         self.health = HealthCheckServer()
 

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Service CIDR; unused addresses in it are dropped (repeatable; default 10.96.0.0/12)")
     p.add_argument("--dns-address", default=NODE_DNS_ADDRESS,
                    help="node-local DNS address (default %(default)s; empty to run no DNS server)")
+    p.add_argument("--cluster-dns-ip", action="append", default=[], metavar="IP",
+                   help="also answer DNS on this address, e.g. the kube-dns ClusterIP (repeatable)")
     p.add_argument("--dns-upstream", action="append", default=[], metavar="IP[:PORT]",
                    help="resolver for names outside the cluster domain (repeatable)")
     p.add_argument("--cluster-domain", default="cluster.local")
@@ -46,7 +48,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     cfg = AgentConfig(node=args.node, store_url=args.store, socket=args.socket, node_ip=args.node_ip,
                       resync_interval=args.resync,
                       service_cidrs=tuple(args.service_cidr or ["10.96.0.0/12"]),
-                      dns_address=args.dns_address or None,
+                      dns_address=args.dns_address or None, cluster_dns_ips=tuple(args.cluster_dns_ip),
                       dns_upstreams=[_host_port(u, 53) for u in args.dns_upstream],
                       cluster_domain=args.cluster_domain, metrics_port=args.metrics_port)
     return run_agent(cfg)

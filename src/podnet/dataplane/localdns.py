@@ -1,6 +1,8 @@
-"""The node-local DNS address: a link-local /32 on the node's loopback, and NOTRACK
-rules so DNS packets to and from it skip conntrack (no insertion races, no
-5-second timeouts). Pods reach it through their default route to the node."""
+"""The node-local DNS addresses: /32s on the node's loopback (the link-local
+169.254.20.10, and optionally the cluster DNS Service IP), and NOTRACK rules so DNS
+packets to and from them skip conntrack: no insertion races, no 5-second timeouts,
+and no Service DNAT (NAT needs conntrack), so the node answers them itself. Pods
+reach them through their default route to the node."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from podnet.dataplane.nft import nft_apply
 DNS_TABLE = "podnet-dns"
 
 
-def render_notrack(address: str) -> str:
+def render_notrack(addresses: list[str]) -> str:
+    address = "{ " + ", ".join(addresses) + " }"
     return f"""table ip {DNS_TABLE}
 delete table ip {DNS_TABLE}
 table ip {DNS_TABLE} {{
@@ -28,14 +31,15 @@ table ip {DNS_TABLE} {{
 """
 
 
-class DnsAddress:
-    def __init__(self, address: str):
-        self.address = address
+class DnsAddresses:
+    def __init__(self, addresses: list[str]):
+        self.addresses = addresses
 
     def ensure(self) -> None:
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
             have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=lo, family=2)}
-            if self.address not in have:
-                ipr.addr("add", index=lo, address=self.address, prefixlen=32)
-        nft_apply(render_notrack(self.address))
+            for address in self.addresses:
+                if address not in have:
+                    ipr.addr("add", index=lo, address=address, prefixlen=32)
+        nft_apply(render_notrack(self.addresses))

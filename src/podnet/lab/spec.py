@@ -62,6 +62,7 @@ LAB_NAME_MAX = 32
 # The first node address is the underlay's .11; .1 is the gateway.
 FIRST_NODE_OFFSET = 11
 DEFAULT_POOL = {"name": "default-ipv4-ippool", "cidr": "10.244.0.0/16"}
+KUBE_DNS = "kube-dns"
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 # Reference plugins that take a capability from the runtime when chained.
 CHAIN_CAPABILITIES = {"portmap": {"portMappings": True}, "bandwidth": {"bandwidth": True}}
@@ -379,6 +380,14 @@ class LabSpec:
     raw: dict[str, Any]
 
     @property
+    def cluster_dns_ip(self) -> str | None:
+        """The kube-system/kube-dns ClusterIP: every node's agent answers DNS there too."""
+        for o in self.objects:
+            if isinstance(o, Service) and o.namespace == "kube-system" and o.name == KUBE_DNS:
+                return o.spec.cluster_ip
+        return None
+
+    @property
     def pools(self) -> list[IPPool]:
         return [o for o in self.objects if isinstance(o, IPPool)]
 
@@ -550,6 +559,14 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
     auto: list[KubeObject] = [Namespace(metadata=ObjectMeta(name=ns, labels={"kubernetes.io/metadata.name": ns}))
                               for ns in sorted(used - declared)]
     objects = auto + objects
+    if not any(isinstance(o, Service) and o.namespace == "kube-system" and o.name == KUBE_DNS
+               for o in objects):
+        # As in a cluster: the DNS Service at the tenth address, answered on every node by its agent.
+        objects.append(Service.model_validate({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": KUBE_DNS, "namespace": "kube-system"},
+            "spec": {"clusterIP": str(service_net.network_address + 10),
+                     "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                               {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}}))
 
     for o in objects:
         if isinstance(o, Service) and o.spec.cluster_ip not in (None, "", "None"):

@@ -97,6 +97,16 @@ def _ip_key(b: Backend) -> tuple[bytes, int]:
     return socket.inet_aton(b.ip), b.port  # big-endian bytes sort numerically
 
 
+def balanced_cidrs(config: ServiceConfig) -> tuple[str, ...]:
+    """The service CIDRs less the addresses the node's DNS server answers itself."""
+    nets = [ipaddress.ip_network(c) for c in collapse_v4(config.service_cidrs)]
+    for addr in config.local_dns:
+        host = ipaddress.ip_network(f"{addr}/32")
+        nets = [part for n in nets
+                for part in (n.address_exclude(host) if host.subnet_of(n) else [n])]  # type: ignore[arg-type]
+    return tuple(str(n) for n in ipaddress.collapse_addresses(nets))
+
+
 def collapse_v4(cidrs: Iterable[str]) -> tuple[str, ...]:
     """IPv4 CIDRs merged so that none overlaps (nftables interval sets refuse overlaps)."""
     nets = []
@@ -173,7 +183,7 @@ def _usable(eps: list[_Endpoint]) -> list[Backend]:
 
 def _compile_service(
     svc: Service, svc_slices: list[EndpointSlice], node_name: str, pods: dict[tuple[str, str], Pod],
-    service_cidrs: tuple[str, ...] = (),
+    service_cidrs: tuple[str, ...] = (), local_dns: tuple[str, ...] = (),
 ) -> tuple[list[FrontendRule], HealthCheck | None]:
     """The frontends of one Service (and its health check), in port order.
 
@@ -184,7 +194,10 @@ def _compile_service(
         return out, None
     check_service(svc)
     cluster_ip = _ipv4(spec.cluster_ip) or next((ip for ip in map(_ipv4, spec.cluster_ips or ()) if ip), None)
-    if cluster_ip and service_cidrs and not _in_cidrs(cluster_ip, service_cidrs):
+    if cluster_ip in local_dns:
+        log.debug("services: %s: clusterIP %s is answered by this node's DNS server", _svc_ref(svc), cluster_ip)
+        cluster_ip = None
+    elif cluster_ip and service_cidrs and not _in_cidrs(cluster_ip, service_cidrs):
         log.warning("services: %s: clusterIP %s is outside the service CIDRs %s; its ClusterIP frontends are "
                     "ignored", _svc_ref(svc), cluster_ip, ",".join(service_cidrs))
         cluster_ip = None
@@ -240,11 +253,12 @@ def _in_cidrs(ip: str, cidrs: tuple[str, ...]) -> bool:
 
 def _compile_or_skip(svc: Service, svc_slices: list[EndpointSlice], node_name: str,
                      pods: dict[tuple[str, str], Pod], service_cidrs: tuple[str, ...],
+                     local_dns: tuple[str, ...] = (),
                      ) -> tuple[list[FrontendRule], HealthCheck | None, str | None]:
     """One Service; a Service that cannot be compiled is skipped with a logged
     reason (the third item) so that it never blocks the others."""
     try:
-        rules, hc = _compile_service(svc, svc_slices, node_name, pods, service_cidrs)
+        rules, hc = _compile_service(svc, svc_slices, node_name, pods, service_cidrs, local_dns)
         return rules, hc, None
     except Exception as e:  # one bad object must not stop the sync of the rest
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
@@ -273,7 +287,7 @@ def _assemble(per_service: Iterable[tuple[list[FrontendRule], HealthCheck | None
             health.setdefault(hc.port, hc)
     return ServiceState(
         rules=tuple(rules.values()),  # Services in (namespace, name) order, each in port order
-        service_cidrs=collapse_v4(config.service_cidrs),
+        service_cidrs=balanced_cidrs(config),
         node_ips=tuple(sorted({ip for x in node_ips if (ip := _ipv4(x))}, key=socket.inet_aton)),
         health_checks=tuple(sorted(health.values())),
         masquerade_mark=config.masquerade_mark,
@@ -301,9 +315,9 @@ def compile_services(
     by_service = _slices_by_service(slices)
     pod_index = {(p.namespace or "default", p.name): p for p in pods}
     config = config or ServiceConfig()
-    cidrs = collapse_v4(config.service_cidrs)
+    cidrs = balanced_cidrs(config)
     return _assemble((_compile_or_skip(svc, by_service.get((svc.namespace, svc.name), []), node_name, pod_index,
-                                       cidrs)[:2]
+                                       cidrs, config.local_dns)[:2]
                       for svc in _ordered(services)), node_ips, config)
 
 
@@ -332,7 +346,7 @@ class ServiceCompiler:
         self.node_name = node_name
         self.config = config or ServiceConfig()
         self._node_ips = tuple(sorted({ip for x in node_ips if (ip := _ipv4(x))}, key=socket.inet_aton))
-        self._cidrs = collapse_v4(self.config.service_cidrs)
+        self._cidrs = balanced_cidrs(self.config)
         self._services: dict[Key, Service] = {}
         self._slices: dict[Key, dict[str, EndpointSlice]] = {}  # by owning Service
         self._slice_owner: dict[Key, Key] = {}  # (namespace, slice name) -> Service
@@ -439,7 +453,7 @@ class ServiceCompiler:
                 self.skipped.pop(k, None)
                 continue
             rules, hc, problem = _compile_or_skip(svc, list(self._slices.get(k, {}).values()), self.node_name,
-                                                  self._pods, self._cidrs)
+                                                  self._pods, self._cidrs, self.config.local_dns)
             if problem is None:
                 self.skipped.pop(k, None)
             else:

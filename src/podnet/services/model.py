@@ -80,6 +80,10 @@ class ServiceConfig:
 
     service_cidrs: tuple[str, ...] = ()  # traffic to unused addresses here is dropped
     masquerade_mark: int = MASQUERADE_MARK
+    # Addresses the node's own DNS server answers (NodeLocal DNSCache style, e.g. the
+    # kube-dns ClusterIP): its NOTRACK rules keep them out of DNAT, so they are neither
+    # dropped as unused nor load-balanced here.
+    local_dns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
