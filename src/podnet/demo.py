@@ -3,6 +3,7 @@ check that traffic flows as the manifests say, and take the lab down again."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import time
@@ -85,11 +86,16 @@ def services_and_dns(lab) -> list[str]:
     check(not blocked.get("ok"), "default/batch-3 (not a client) is dropped by the policy behind the Service")
 
     section("DNS from inside pods (glibc resolver, ndots:5, the node's server at 169.254.20.10)")
-    for pod, name in (("default/client-2", "web.shop"), ("shop/client-1", "web"),
-                      ("shop/client-1", "web.shop.svc.cluster.local")):
+    lookups = [("default/client-2", "web.shop", ip), ("shop/client-1", "web", ip),
+               ("shop/client-1", "web.shop.svc.cluster.local", ip)]
+    if lab.state.process("external-dns") and lab.state.data.get("external"):
+        # Outside the cluster: the node walks the search path itself (autopath), one query from the pod.
+        outside = str(ipaddress.ip_interface(lab.state.data["external"]).ip)
+        lookups.append(("default/batch-3", "www.example.test", outside))
+    for pod, name, want in lookups:
         out = lab.exec(pod, ["getent", "hosts", name])
         answer = out.stdout.split()[0] if out.returncode == 0 and out.stdout else "no answer"
-        check(answer == ip, f"{pod}: getent hosts {name} -> {answer}")
+        check(answer == want, f"{pod}: getent hosts {name} -> {answer}")
     return problems
 
 
