@@ -71,7 +71,10 @@ def test_pods_are_running_in_the_store_with_endpoint_slices(lab):
         assert pod.status.host_ip == lab.node(entry["node"])["address"]
         assert pod.metadata.uid
     assert {n.name: n.internal_ip for n in store.list(Node)} == {"node-1": "10.99.0.11", "node-2": "10.99.0.12"}
-    (svc,) = store.list(Service)
+    (svc,) = store.list(Service, "shop")
+    # as in a cluster, the lab adds the DNS Service at the tenth address of its Service CIDR
+    (dns,) = store.list(Service, "kube-system")
+    assert (dns.name, dns.spec.cluster_ip) == ("kube-dns", "10.96.0.10")
     assert svc.spec.cluster_ip and svc.spec.cluster_ip.startswith("10.96.")
     slices = store.list(EndpointSlice, "shop")
     ports = sorted(s.ports[0].port for s in slices)
