@@ -74,7 +74,8 @@ def test_connection_through_service_survives_agent_restart(lab):
         while time.monotonic() < deadline:  # the listener, and the Service programmed on node-1
             probe = subprocess.run(["ip", "netns", "exec", echo_ns, "ss", "-ltn", f"sport = :{ECHO_PORT}"],
                                    capture_output=True, text=True)
-            if str(ECHO_PORT) in probe.stdout and vip in svc_table(lab, "node-1"):
+            # the backend's address, not just the VIP: a VIP without endpoints is there too, to be rejected
+            if str(ECHO_PORT) in probe.stdout and lab.pod("echo")["ips"][0] in svc_table(lab, "node-1"):
                 break
             time.sleep(0.2)
         client = subprocess.Popen(["ip", "netns", "exec", client_ns, "socat", "-", f"TCP:{vip}:80"],
