@@ -14,6 +14,7 @@ connections alone.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -78,6 +79,7 @@ class Agent:
         self._dirty: set[str] = set(DATAPLANES)
         self._dirty_lock = threading.Lock()
         self.synced = threading.Event()
+        self.seen_rev = 0
         self.errors: dict[str, str] = {}
         self.mtu = 1500
         self.node_ip = cfg.node_ip
@@ -104,7 +106,9 @@ class Agent:
         self._start_dns(loaded)
         self._start_cni_server()
         self._start_metrics()
+        self.seen_rev = rev  # the newest store revision applied to the cache
         self.sync(set(DATAPLANES), full=True)
+        self._record_synced(rev)
         watcher = threading.Thread(target=self._watch, args=(rev + 1,), name="watch", daemon=True)
         watcher.start()
         last_full = time.monotonic()
@@ -117,15 +121,29 @@ class Agent:
             self.wake.clear()
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
+                seen = self.seen_rev
             full = time.monotonic() - last_full >= self.cfg.resync_interval
             if full:
                 dirty, last_full = set(DATAPLANES), time.monotonic()
             self.sync(dirty, full=full)
+            if not self.errors:
+                self._record_synced(seen)
         self.shutdown()
 
     def stop(self, *_: object) -> None:
         self.stopping.set()
         self.wake.set()
+
+    def _record_synced(self, rev: int) -> None:
+        """Say, next to the CNI socket, up to which store revision this node is programmed,
+        so that tools (the lab, tests) can wait for a change to reach every node."""
+        path = self.cfg.socket + ".synced"
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(f"{rev}\n")
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            log.debug("cannot write %s: %s", path, e)
 
     def mark(self, *dataplanes: str) -> None:
         with self._dirty_lock:
@@ -232,6 +250,9 @@ class Agent:
                 for ev in kv.watch("/podnet/", rev):
                     rev = ev.revision + 1
                     typed = self.cache.apply(ev)
+                    with self._dirty_lock:
+                        self.seen_rev = ev.revision
+                    self.wake.set()  # even a change no dataplane cares about advances the synced revision
                     if ev.key.startswith(BLOCKS_PREFIX):
                         self.mark("routing")
                     elif typed is not None:
@@ -245,6 +266,8 @@ class Agent:
                 records, head = kv.list("/podnet/")
                 self.cache = self._reloaded(records)
                 rev = head + 1
+                with self._dirty_lock:
+                    self.seen_rev = head
                 self.mark(*DATAPLANES)
             except Exception as e:  # the store went away: retry, then catch up by resync
                 log.warning("watch failed (%s); retrying", e)

@@ -207,6 +207,26 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
         st.set(objects=st.data["objects"] + [_ref_key(s) for s in slices])
         store.apply(slices)
         say(f"endpoint slices: {', '.join(s.namespace + '/' + s.name for s in slices)}")
+    if spec.cni.plugin == "podnet":
+        wait_programmed(st, store.kv.revision(), timeout)
+
+
+def wait_programmed(st: LabState, revision: int, timeout: float) -> None:
+    """Wait until every node's agent has programmed the store up to `revision`
+    (each agent writes the revision it has synced next to its CNI socket)."""
+    deadline = time.monotonic() + timeout
+    for node in st.data["nodes"]:
+        path = Path(node["socket"] + ".synced")
+        while True:
+            try:
+                if int(path.read_text().strip() or 0) >= revision:
+                    break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise PodnetError(f"agent {node['name']} has not programmed store revision {revision} within "
+                                  f"{timeout:g}s; log {node['log']}:\n{log_tail(node['log'])}")
+            time.sleep(0.05)
 
 
 POD_WORKERS = 4
