@@ -2,19 +2,14 @@
 connection across nodes keeps flowing, and routes and pod links stay as they were."""
 
 import os
-import secrets
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 
-from podnet.lab import topology
-from podnet.lab.cluster import down_by_name, restart_agent, up
+from podnet.lab.cluster import restart_agent
 from podnet.lab.connectivity import Lab
-from podnet.lab.spec import parse_lab
+from tests.kernel.labs import running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -23,20 +18,12 @@ ECHO_PORT = 7000
 
 @pytest.fixture(scope="module")
 def lab():
-    root = Path(tempfile.mkdtemp(prefix="pnar-"))
-    name = f"ar-{secrets.token_hex(3)}"
-    doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
-           "spec": {"underlay": {"cidr": "10.99.0.0/24"},
-                    "nodes": [{"name": "node-1"}, {"name": "node-2"}],
-                    "pods": [{"name": "a", "node": "node-1", "ports": [{"containerPort": 8080}]},
-                             {"name": "b", "node": "node-2", "ports": [{"containerPort": 8080}]}]}}
-    st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, timeout=90)
-    try:
-        yield Lab(st)
-    finally:
-        down_by_name(name, root)
-        assert topology.netns_list(f"pnl-{st.id}-") == []
-        shutil.rmtree(root, ignore_errors=True)
+    spec = {"underlay": {"cidr": "10.99.0.0/24"},
+            "nodes": [{"name": "node-1"}, {"name": "node-2"}],
+            "pods": [{"name": "a", "node": "node-1", "ports": [{"containerPort": 8080}]},
+                     {"name": "b", "node": "node-2", "ports": [{"containerPort": 8080}]}]}
+    with running_lab(spec, "ar") as lab:
+        yield lab
 
 
 def node_state(lab: Lab, node: str) -> tuple[str, str, str]:

@@ -4,21 +4,16 @@ through the ClusterIP keeps flowing, and the Service table is adopted as it is
 
 import os
 import re
-import secrets
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from podnet.lab import topology
-from podnet.lab.cluster import down_by_name, restart_agent, up
+from podnet.lab.cluster import restart_agent
 from podnet.lab.connectivity import Lab
-from podnet.lab.spec import parse_lab
 from podnet.model.objects import Service
+from tests.kernel.labs import running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -32,22 +27,14 @@ MANIFESTS = [
 
 @pytest.fixture(scope="module")
 def lab():
-    root = Path(tempfile.mkdtemp(prefix="pnrs-"))
-    name = f"rs-{secrets.token_hex(3)}"
-    doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
-           "spec": {"underlay": {"cidr": "10.99.0.0/24"},
-                    "nodes": [{"name": n} for n in NODES],
-                    "pods": [{"name": "client", "node": "node-1", "ports": [{"containerPort": 8080}]},
-                             {"name": "echo", "node": "node-2", "labels": {"app": "echo"},
-                              "ports": [{"containerPort": 8080}]}],
-                    "manifests": MANIFESTS}}
-    st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, timeout=90)
-    try:
-        yield Lab(st)
-    finally:
-        down_by_name(name, root)
-        assert topology.netns_list(f"pnl-{st.id}-") == []
-        shutil.rmtree(root, ignore_errors=True)
+    spec = {"underlay": {"cidr": "10.99.0.0/24"},
+            "nodes": [{"name": n} for n in NODES],
+            "pods": [{"name": "client", "node": "node-1", "ports": [{"containerPort": 8080}]},
+                     {"name": "echo", "node": "node-2", "labels": {"app": "echo"},
+                      "ports": [{"containerPort": 8080}]}],
+            "manifests": MANIFESTS}
+    with running_lab(spec, "rs") as lab:
+        yield lab
 
 
 def svc_table(lab: Lab, node: str) -> str:

@@ -15,6 +15,7 @@ from podnet.lab.cluster import agent_status, down_by_name, node_runtime, pod_run
 from podnet.lab.connectivity import Lab, format_table, probe_all
 from podnet.lab.spec import parse_lab
 from podnet.model.objects import Pod
+from tests.kernel.labs import running_lab
 
 HAVE_PODNET = all(importlib.util.find_spec(m) is not None for m in ("podnet.agent", "podnet.cni"))
 
@@ -37,24 +38,16 @@ POOLS = [
 
 @pytest.fixture(scope="module")
 def lab():
-    root = Path(tempfile.mkdtemp(prefix="pnlp-"))
-    name = f"pn-{secrets.token_hex(3)}"
-    doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
-           "spec": {"underlay": {"cidr": "10.99.0.0/24"}, "external": {"address": "10.98.0.10/24"},
-                    "nodes": [{"name": "node-1", "labels": {"routing": "vxlan"}},
-                              {"name": "node-2", "labels": {"routing": "direct"}}],
-                    "pods": [{"name": "a-1", "node": "node-1", "ports": [{"containerPort": 8080}]},
-                             {"name": "a-2", "node": "node-1", "ports": [{"containerPort": 8080}]},
-                             {"name": "b-1", "node": "node-2", "ports": [{"containerPort": 8080},
-                                                                         {"containerPort": 53, "protocol": "UDP"}]}],
-                    "manifests": POOLS}}
-    st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, timeout=60)
-    try:
-        yield Lab(st)
-    finally:
-        down_by_name(name, root)
-        assert topology.netns_list(f"pnl-{st.id}-") == []
-        shutil.rmtree(root, ignore_errors=True)
+    spec = {"underlay": {"cidr": "10.99.0.0/24"}, "external": {"address": "10.98.0.10/24"},
+            "nodes": [{"name": "node-1", "labels": {"routing": "vxlan"}},
+                      {"name": "node-2", "labels": {"routing": "direct"}}],
+            "pods": [{"name": "a-1", "node": "node-1", "ports": [{"containerPort": 8080}]},
+                     {"name": "a-2", "node": "node-1", "ports": [{"containerPort": 8080}]},
+                     {"name": "b-1", "node": "node-2", "ports": [{"containerPort": 8080},
+                                                                 {"containerPort": 53, "protocol": "UDP"}]}],
+            "manifests": POOLS}
+    with running_lab(spec, "pn", timeout=60) as lab:
+        yield lab
 
 
 def test_agents_answer_and_pods_get_pool_addresses(lab):

@@ -3,20 +3,13 @@ judged on the real endpoint after DNAT, and the node's DNS server answering the
 glibc resolver inside pods with the Kubernetes search path."""
 
 import os
-import secrets
-import shutil
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import yaml
 
-from podnet.lab import topology
-from podnet.lab.cluster import down_by_name, up
 from podnet.lab.connectivity import Lab
-from podnet.lab.spec import parse_lab
 from podnet.model.objects import Service
+from tests.kernel.labs import running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -34,28 +27,19 @@ MANIFESTS = [
 
 @pytest.fixture(scope="module")
 def lab():
-    root = Path(tempfile.mkdtemp(prefix="pnsp-"))
-    name = f"sp-{secrets.token_hex(3)}"
     web_port = [{"name": "http", "containerPort": 8080}]
-    doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
-           "spec": {"underlay": {"cidr": "10.99.0.0/24"}, "nodes": [{"name": "node-1"}, {"name": "node-2"}],
-                    "pods": [{"name": "web-1", "namespace": "shop", "node": "node-1", "labels": {"app": "web"},
-                              "ports": web_port},
-                             {"name": "web-2", "namespace": "shop", "node": "node-2", "labels": {"app": "web"},
-                              "ports": web_port},
-                             {"name": "client", "node": "node-1", "labels": {"app": "client"},
-                              "ports": [{"containerPort": 9000}]},
-                             {"name": "intruder", "node": "node-2", "labels": {"app": "intruder"},
-                              "ports": [{"containerPort": 9000}]}],
-                    "manifests": MANIFESTS}}
-    st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, timeout=90)
-    try:
-        yield Lab(st)
-    finally:
-        down_by_name(name, root)
-        assert topology.netns_list(f"pnl-{st.id}-") == []
-        assert not any((topology.ETC_NETNS / f"pnl-{st.id}-p{i}").exists() for i in range(4))
-        shutil.rmtree(root, ignore_errors=True)
+    spec = {"underlay": {"cidr": "10.99.0.0/24"}, "nodes": [{"name": "node-1"}, {"name": "node-2"}],
+            "pods": [{"name": "web-1", "namespace": "shop", "node": "node-1", "labels": {"app": "web"},
+                      "ports": web_port},
+                     {"name": "web-2", "namespace": "shop", "node": "node-2", "labels": {"app": "web"},
+                      "ports": web_port},
+                     {"name": "client", "node": "node-1", "labels": {"app": "client"},
+                      "ports": [{"containerPort": 9000}]},
+                     {"name": "intruder", "node": "node-2", "labels": {"app": "intruder"},
+                      "ports": [{"containerPort": 9000}]}],
+            "manifests": MANIFESTS}
+    with running_lab(spec, "sp") as lab:
+        yield lab
 
 
 def cluster_ip(lab: Lab) -> str:
