@@ -43,9 +43,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from podnet.store.base import AlreadyExists, Conflict, KeyValueStore, NotFound, StoreUnavailable
+
+if TYPE_CHECKING:  # the agent hands in the real one; tests may hand in a stand-in
+    from podnet.dataplane.pods import PodInterfaces
 
 log = logging.getLogger(__name__)
 
@@ -125,19 +128,8 @@ def attachment_key(node: str, handle: str) -> str:
     return f"{ATTACHMENTS_PREFIX}{node}/{handle}"
 
 
-class PodInterfacesLike(Protocol):
-    host_ifname: str
-    host_mac: str
-    pod_ifname: str
-    pod_mac: str
-    sandbox: str
-    mtu: int
-    address: str
-    gateway: str
-
-
 class Dataplane(Protocol):
-    def add(self, container_id: str, ifname: str, netns: str, address: str) -> PodInterfacesLike: ...
+    def add(self, container_id: str, ifname: str, netns: str, address: str) -> PodInterfaces: ...
     def delete(self, container_id: str, ifname: str, netns: str | None) -> None: ...
     def check(self, container_id: str, ifname: str, netns: str, address: str) -> list[str]: ...
     def attachments(self) -> list[tuple[str, str]]: ...
@@ -308,7 +300,7 @@ def _requested_version(stdin: str) -> str:
 # ---------------------------------------------------------------- results
 
 
-def add_result(version: str, ifs: PodInterfacesLike, address: str, prefix_len: int, netns: str) -> dict[str, Any]:
+def add_result(version: str, ifs: PodInterfaces, address: str, prefix_len: int, netns: str) -> dict[str, Any]:
     """The ADD result in the shape the requested spec version defines.
 
     0.3.x/0.4.0 carry ips[].version; 1.0.0 dropped it; 1.1.0 added interfaces[].mtu.
