@@ -11,10 +11,10 @@ import socket
 import stat
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cni_doubles import RecordingDataplane
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -43,43 +43,6 @@ def cni_error(proc) -> dict:
     assert isinstance(doc, dict) and isinstance(doc["code"], int) and not isinstance(doc["code"], bool), doc
     assert isinstance(doc["msg"], str) and doc["msg"] and doc["cniVersion"] in SUPPORTED
     return doc
-
-
-@dataclass(frozen=True)
-class FakeInterfaces:
-    host_ifname: str
-    host_mac: str
-    pod_ifname: str
-    pod_mac: str
-    sandbox: str
-    mtu: int
-    address: str
-    gateway: str = "169.254.1.1"
-
-
-class RecordingDataplane:
-    """Test double for podnet.dataplane.pods.PodDataplane: keeps the interfaces it "made";
-    ADDs of container IDs in fail_add raise."""
-
-    def __init__(self) -> None:
-        self.live: dict[tuple[str, str], str] = {}
-        self.fail_add: set[str] = set()
-
-    def add(self, container_id, ifname, netns, address):
-        if container_id in self.fail_add:
-            raise RuntimeError("cannot create veth")
-        self.live[(container_id, ifname)] = address
-        return FakeInterfaces("pn" + container_id[:11], "ee:ee:ee:ee:ee:ee", ifname, "0a:58:00:00:00:01",
-                              netns, 1500, address)
-
-    def delete(self, container_id, ifname, netns):
-        self.live.pop((container_id, ifname), None)
-
-    def check(self, container_id, ifname, netns, address):
-        return [] if self.live.get((container_id, ifname)) == address else ["pod interface missing"]
-
-    def attachments(self):
-        return list(self.live)
 
 
 @pytest.fixture(scope="module")
