@@ -38,26 +38,24 @@ needs_etcd = pytest.mark.skipif(not HAVE_ETCD, reason="etcd binary not installed
 # ---------------------------------------------------------------- clusters
 
 
-@pytest.fixture(scope="session")
-def etcd1_cluster() -> Iterator[EtcdCluster]:
+def _etcd(size: int) -> Iterator[EtcdCluster]:
     if not HAVE_ETCD:
         pytest.skip("etcd binary not installed")
-    cluster = EtcdCluster(1, die_with_parent=True)
+    cluster = EtcdCluster(size, die_with_parent=True)
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd1_cluster() -> Iterator[EtcdCluster]:
+    yield from _etcd(1)
 
 
 @pytest.fixture(scope="session")
 def etcd3_cluster() -> Iterator[EtcdCluster]:
-    if not HAVE_ETCD:
-        pytest.skip("etcd binary not installed")
-    cluster = EtcdCluster(3, die_with_parent=True)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from _etcd(3)
 
 
 # ---------------------------------------------------------------- backends
