@@ -347,6 +347,12 @@ def place(
     return None
 
 
+def propose(prefix: int, preferred: ipaddress.IPv4Address, avoid: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """`place`, or when no private range has room, the /prefix holding `preferred` (warnings say the rest)."""
+    return place(prefix, preferred, avoid) or ipaddress.IPv4Network(
+        (int(preferred) >> (32 - prefix) << (32 - prefix), prefix))
+
+
 def _is_private(net: ipaddress.IPv4Network) -> bool:
     return any(net.subnet_of(r) for r in (*PRIVATE_RANGES, SHARED_RANGE))
 
@@ -459,9 +465,7 @@ def plan(inp: PlanInput) -> Plan:
     prefix_needed = chosen.pool_prefix_needed
     if pool_net is None:
         prefix = max(prefix_needed, PRIVATE_RANGES[0].prefixlen)
-        pool_net = place(prefix, DEFAULT_POOL_START, [svc_net] if svc_net else []) or ipaddress.IPv4Network(
-            (int(DEFAULT_POOL_START) >> (32 - prefix) << (32 - prefix), prefix)
-        )
+        pool_net = propose(prefix, DEFAULT_POOL_START, [svc_net] if svc_net else [])
         pool_proposed = True
     else:
         pool_proposed = False
@@ -568,9 +572,7 @@ def plan(inp: PlanInput) -> Plan:
     svc_prefix_needed = prefix_for(with_headroom + 2)
     if svc_net is None:
         prefix = min(max(svc_prefix_needed, SERVICE_PREFIX_LIMIT), SERVICE_SMALLEST_PROPOSED)
-        svc_net = place(prefix, DEFAULT_SERVICE_START, [pool_net]) or ipaddress.IPv4Network(
-            (int(DEFAULT_SERVICE_START) >> (32 - prefix) << (32 - prefix), prefix)
-        )
+        svc_net = propose(prefix, DEFAULT_SERVICE_START, [pool_net])
         svc_proposed = True
     else:
         svc_proposed = False
