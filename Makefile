@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test test-unit demo bench bench-ipam bench-scale bench-cni bench-throughput bench-services bench-policy bench-dns lint clean
+.PHONY: setup test test-unit demo bench lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,26 +21,8 @@ demo: setup
 # baseline measured in the same run. BENCH_ARGS=--quick for a short run.
 bench: bench-ipam bench-scale bench-cni bench-throughput bench-services bench-policy bench-dns
 
-bench-ipam: setup
-	$(PY) bench/bench_ipam.py $(BENCH_ARGS)
-
-bench-scale: setup
-	$(PY) bench/bench_scale.py $(BENCH_ARGS)
-
-bench-cni: setup
-	$(PY) bench/bench_cni.py $(BENCH_ARGS)
-
-bench-throughput: setup
-	$(PY) bench/bench_throughput.py $(BENCH_ARGS)
-
-bench-services: setup
-	$(PY) bench/bench_services.py $(BENCH_ARGS)
-
-bench-policy: setup
-	$(PY) bench/bench_policy.py $(BENCH_ARGS)
-
-bench-dns: setup
-	$(PY) bench/bench_dns.py $(BENCH_ARGS)
+bench-%: setup
+	$(PY) bench/bench_$*.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
