@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import TypeVar
 
-from podnet.agent.view import BLOCKS_PREFIX
+from podnet.ipam.keys import BLOCKS
 from podnet.model.objects import KubeObject
 from podnet.store.base import Event, Record
 from podnet.store.objects import OBJECTS_PREFIX, ObjectEvent, decode
@@ -37,7 +37,7 @@ class ObjectCache:
 
     def apply(self, ev: Event) -> ObjectEvent | None:
         """Apply one store event; returns it typed if it concerned a Kubernetes-shaped object."""
-        if ev.key.startswith(BLOCKS_PREFIX):
+        if ev.key.startswith(BLOCKS):
             with self._lock:
                 if ev.type == "DELETED":
                     self._blocks.pop(ev.key, None)

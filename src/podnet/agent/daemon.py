@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from podnet.agent.cache import ObjectCache, kind_of_key
-from podnet.agent.view import BLOCKS_PREFIX, routing_inputs
+from podnet.agent.view import routing_inputs
 from podnet.dataplane.localdns import DnsAddresses
 from podnet.dataplane.nat import NatProgrammer
 from podnet.dataplane.pods import PodDataplane
@@ -29,6 +29,7 @@ from podnet.dataplane.routes import RouteProgrammer
 from podnet.dataplane.routing import VXLAN_OVERHEAD, desired_routing
 from podnet.dns.resolvconf import NODE_DNS_ADDRESS
 from podnet.errors import PodnetError
+from podnet.ipam.keys import BLOCKS
 from podnet.model.objects import EndpointSlice, IPPool, Namespace, NetworkPolicy, Node, Pod, Service
 from podnet.store import open_store
 from podnet.store.base import Compacted, KeyValueStore
@@ -253,7 +254,7 @@ class Agent:
                     with self._dirty_lock:
                         self.seen_rev = ev.revision
                     self.wake.set()  # even a change no dataplane cares about advances the synced revision
-                    if ev.key.startswith(BLOCKS_PREFIX):
+                    if ev.key.startswith(BLOCKS):
                         self.mark("routing")
                     elif typed is not None:
                         self.mark(*AFFECTS.get(kind_of_key(ev.key) or "", ()))

@@ -11,10 +11,7 @@ from dataclasses import dataclass
 
 from podnet.dataplane.nat import NatConfig
 from podnet.dataplane.routing import BlockOwner, Borrowed
-from podnet.ipam.keys import BLOCKS
 from podnet.model.objects import IPPool, Node
-
-BLOCKS_PREFIX = BLOCKS  # IPAM block records, read raw: routing needs only owners and borrowed addresses
 
 
 @dataclass(frozen=True)

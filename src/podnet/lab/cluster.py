@@ -390,9 +390,8 @@ def restart_agent(st: LabState, node_name: str, timeout: float = 60.0) -> dict:
     if entry is None:
         raise PodnetError(f"lab {st.name} has no agent on node {node_name!r}")
     st.stop_process(entry)
-    prefix = ["ip", "netns", "exec", entry["netns"]] if entry.get("netns") else []
-    argv = entry["argv"][len(prefix):]
-    new = st.start_process(key, argv, netns=entry.get("netns"), log=Path(entry["log"]), role="agent", node=node_name)
+    new = st.start_process(key, entry["command"], netns=entry.get("netns"), log=Path(entry["log"]), role="agent",
+                           node=node_name)
     wait_agent(st, node, timeout)
     return new
 

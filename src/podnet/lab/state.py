@@ -146,7 +146,7 @@ class LabState:
         pidfile = self.dir / f"{key}.pid"
         log = log or self.dir / f"{key}.log"
         full = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
-        entry: dict[str, Any] = {"key": key, "argv": full, "pidfile": str(pidfile), "log": str(log),
+        entry: dict[str, Any] = {"key": key, "argv": full, "command": list(argv), "pidfile": str(pidfile), "log": str(log),
                                  "pid": None, "starttime": None, "netns": netns, **info}
         with self.mutex:
             self.data["processes"] = [p for p in self.data["processes"] if p["key"] != key] + [entry]
