@@ -84,6 +84,18 @@ def plain():
     s.stop_thread()
 
 
+def settled(server, key: str) -> int:
+    """A counter once it has stopped moving: the server adds its counters after each
+    receive batch, so they can trail the answers a client already has."""
+    value, deadline = server.stats[key], time.monotonic() + 2
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if server.stats[key] == value:
+            return value
+        value = server.stats[key]
+    return value
+
+
 def ask(server, name, rdtype="A", tcp=False, src=None, **kw):
     q = dns.message.make_query(name, rdtype, **kw)
     fn = dns.query.tcp if tcp else dns.query.udp
@@ -121,7 +133,7 @@ def test_repeated_queries_take_the_fast_path(plain):
     for _ in range(5):
         r = ask(plain, "web.prod.svc.cluster.local", use_edns=0)
         assert texts(r) == ["web.prod.svc.cluster.local. A 10.96.0.10"]
-    assert plain.stats["fast"] >= 4
+    assert settled(plain, "fast") >= 4
 
 
 def test_question_case_is_echoed(plain):
@@ -460,19 +472,19 @@ def test_types_with_letter_bytes_never_share_a_fast_path_entry(plain):
     for rdtype in (65, 97, 65, 97):
         r = ask(plain, "web.prod.svc.cluster.local", rdtype, use_edns=False)
         assert r.question[0].rdtype == rdtype and r.rcode() == dns.rcode.NOERROR and not r.answer
-    fast_before = plain.stats["fast"]
+    fast_before = settled(plain, "fast")
     ask(plain, "web.prod.svc.cluster.local", 65, use_edns=False)
-    assert plain.stats["fast"] == fast_before
+    assert settled(plain, "fast") == fast_before
 
 
 def test_composed_autopath_answers_are_reused_until_a_part_changes(server, upstream):
     name = "web.prod.team.svc.cluster.local"
     first = ask(server, name, src=POD, use_edns=False)
     assert "web.prod.svc.cluster.local. A 10.96.0.10" in texts(first)
-    fast = server.stats["fast"]
+    fast = settled(server, "fast")
     for _ in range(3):
         assert texts(ask(server, name, src=POD, use_edns=False)) == texts(first)
-    assert server.stats["fast"] == fast + 3  # served from the composed answer
+    assert settled(server, "fast") == fast + 3  # served from the composed answer
     # the found Service changes: the composition is not reused
     server.index.apply(svc("web", cluster_ip="10.96.0.55"))
     assert "web.prod.svc.cluster.local. A 10.96.0.55" in texts(ask(server, name, src=POD))
