@@ -79,6 +79,7 @@ from podnet.services.compiler import compile_services
 from podnet.services.health import HealthCheckServer
 from podnet.services.iptables import IptablesServiceApplier
 from podnet.services.model import ServiceConfig
+from podnet.services.nftables import describe_delta
 
 backend = sys.argv[1] if len(sys.argv) > 1 else "nft"
 make = (lambda: NftServiceApplier()) if backend == "nft" else (lambda: IptablesServiceApplier(binary=backend))
@@ -98,7 +99,7 @@ for line in sys.stdin:
         health.sync(state.health_checks)
         out = {"sent": r.sent, "full": r.full, "reason": r.reason, "added": r.added, "removed": r.removed,
                "lines": r.lines, "stale_flows": r.stale_flows, "affinity_cleared": r.affinity_cleared,
-               "errors": r.errors, "script": applier.last_script if r.sent and r.lines < 400 else "",
+               "errors": r.errors, "script": describe_delta(*applier.last_delta) if r.sent and not r.full else "",
                "seconds": r.seconds, "health_ports": health.ports()}
     except Exception as e:
         out = {"error": f"{type(e).__name__}: {e}"}
@@ -405,7 +406,7 @@ def test_external_ips_and_load_balancer_source_ranges(topo):
     assert names(topo.probe("198.51.100.5", 80, src=topo.client2)) == ["b3"]  # ranges are for LB IPs only
     lb["spec"]["loadBalancerSourceRanges"] = ["10.10.0.0/24"]
     r = topo.driver.apply(objs)
-    assert not r["full"] and r["lines"] < 10
+    assert not r["full"] and 0 < len(r["script"].splitlines()) < 10, r["script"]
     assert names(topo.probe("203.0.113.7", 80, src=topo.client2)) == ["b3"]
 
 
@@ -539,13 +540,13 @@ def test_incremental_apply_sends_only_the_new_service(topo):
     assert r["sent"] and not r["full"]
     script = r["script"]
     assert "10.96.1." not in script and "delete" not in script
-    # one service_ips element, two slots, two hairpin pairs (b3, b4 are new endpoints)
-    assert (r["added"], r["removed"]) == (5, 0)
-    assert r["lines"] <= 12, script
+    # one service_ips element, one tier bit (2 endpoints: N-1 = 0b1), two slots
+    assert (r["added"], r["removed"]) == (4, 0)
+    assert len(script.splitlines()) <= 10, script
     assert set(names(topo.probe("10.96.2.1", 80, count=10))) == {"b3", "b4"}
     assert set(names(topo.probe("10.96.1.40", 80, count=10))) == {"b1", "b2"}
     r = topo.driver.apply(base)
-    assert (r["added"], r["removed"]) == (0, 5)
+    assert (r["added"], r["removed"]) == (0, 4)
 
 
 def test_restart_adopts_the_kernel_and_garbled_tables_are_rebuilt(topo):

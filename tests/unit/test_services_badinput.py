@@ -98,7 +98,9 @@ def good_rule(state):
 
 
 def script(state) -> str:
-    return nt.full_script(nt.Layout(state.masquerade_mark), nt.elements(state))
+    """Everything that reaches nft as text: the structure, and the elements as nft would read them."""
+    els = nt.elements(state)
+    return nt.structure_script(nt.Layout(state.masquerade_mark), els) + nt.describe_delta({}, els)
 
 
 def both(services, slices):

@@ -238,5 +238,4 @@ def test_compiler_states_carry_what_changed_so_diffs_cost_the_change():
     two = c.state()
     assert two.changed_since(one) == {Frontend("10.96.0.8", "tcp", 80)}
     assert two.changed_since(two) is None
-    refs = nt.hairpin_refs(one)
-    assert nt.state_delta(one, two, refs) == nt.diff(nt.elements(one), nt.elements(two))
+    assert nt.state_delta(one, two) == nt.diff(nt.elements(one), nt.elements(two))

@@ -1,14 +1,14 @@
 """Keeping the kernel's Service dataplane equal to a desired ServiceState.
 
     applier = NftServiceApplier()
-    result = applier.apply(state)          # only the element changes, one `nft -f -`
+    result = applier.apply(state)          # only the element changes, one netlink transaction
     result = applier.apply(state, resync=True)   # re-read the kernel first (periodic healing)
 
-The applier remembers what it applied. On first use (or with resync=True) it
+The applier remembers the state it applied. On first use (or with resync=True) it
 reads the table back from the kernel: if the layout is ours and intact, only the
 difference is sent (an agent restart changes nothing that is right); if the table
-is missing or garbled, it is rebuilt whole, in one transaction. A sync where
-nothing changed sends nothing.
+is missing or garbled, it is rebuilt: its structure by `nft -f`, then every element
+in one netlink batch. A sync where nothing changed sends nothing.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import json
 import logging
 import subprocess
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import NftError, nft_apply
 from podnet.services import nftables as nt
 from podnet.services.conntrack import Runner, delete_stale_flows, run_command
@@ -38,7 +38,8 @@ class SyncResult:
     reason: str = ""  # why it was rebuilt
     added: int = 0  # elements (or, for iptables, rules) added
     removed: int = 0
-    lines: int = 0  # lines of the transaction
+    lines: int = 0  # lines of nft text sent (structure, affinity chains)
+    messages: int = 0  # netlink messages sent (elements)
     seconds: float = 0.0
     stale_flows: int = 0  # UDP conntrack entries deleted
     affinity_cleared: int = 0  # affinity entries pointing at removed endpoints, deleted
@@ -71,6 +72,7 @@ class NftServiceApplier:
         *,
         nft: Callable[[str], None] = nft_apply,
         nft_read: Callable[..., str | None] = nft_json,
+        commit: Callable[[nl.Batch], None] | None = None,
         conntrack: Runner | None = run_command,
         metrics: ServiceMetrics | None = None,
     ):
@@ -78,12 +80,13 @@ class NftServiceApplier:
         self.nft_read = nft_read
         self.conntrack = conntrack  # None: leave conntrack alone
         self.metrics = metrics
-        self.applied: nt.Elements | None = None
+        self.commit = commit or self._netlink_commit
+        self._netlink: nl.Netlink | None = None
         self.applied_state: ServiceState | None = None
-        self.chains: set[str] = set()  # tier/affinity chains in the kernel
-        self.refs: Counter[str] = Counter()  # endpoint address -> backends using its hairpin pair
+        self.chains: set[str] = set()  # affinity chains in the kernel
         self.layout: nt.Layout | None = None
-        self.last_script = ""
+        self.last_script = ""  # the last nft text sent (structure, affinity chains)
+        self.last_delta: tuple[nt.Elements, nt.Elements] = ({}, {})  # the last incremental element delta
 
     # -- reading the kernel
 
@@ -116,59 +119,63 @@ class NftServiceApplier:
     def apply(self, state: ServiceState, resync: bool = False) -> SyncResult:
         started = time.monotonic()
         result = SyncResult()
-        layout = nt.Layout(state.masquerade_mark)
+        layout = nt.Layout(state.masquerade_mark, nt.rule_bits(state.rules))
         affinity_check = False
         flows: list = []
+        rebuild = ""
         try:
             delta: tuple[nt.Elements, nt.Elements] | None = None
-            if self.applied is None or resync or layout != self.layout:
+            old = self.applied_state
+            if old is None or resync or layout != self.layout:
                 table, reason = self.read_kernel(layout)
                 self.layout = layout
                 if table is None:
-                    self.applied, result.reason = None, reason
+                    rebuild = reason
                 else:
-                    self.applied = {name: table.elements.get(name, {}) for name in nt.SETS}
-                    self.chains = {c for c in table.chains if nt.is_dynamic_chain(c)}
+                    applied = {name: table.elements.get(name, {}) for name in nt.SETS}
+                    self.chains = {c for c in table.chains if nt.is_affinity_chain(c)}
                     affinity_check = True  # entries from before we knew the kernel may be stale
-                    delta = nt.diff(self.applied, nt.elements(state))
-                    self.refs = nt.hairpin_refs(state)
-            elif state is not self.applied_state:
-                assert self.applied_state is not None
-                delta = nt.state_delta(self.applied_state, state, self.refs)  # empty: nothing is sent
-            if self.applied is not None and delta is not None:
+                    delta = nt.diff(applied, nt.elements(state))
+            elif state is not old:
+                delta = nt.state_delta(old, state)  # empty: nothing is sent
+                affinity_check = _affinity_touched(delta[0], old)
+            if delta is not None and not rebuild:
                 gone, come = delta
-                try:
-                    script, result.added, result.removed = nt.render_delta(gone, come, self.chains)
-                except nt.TierMissing as e:
-                    script, self.applied, result.reason = "", None, f"new endpoint-count tier {e}"
-                if self.applied is not None:
-                    affinity_check = affinity_check or _affinity_touched(gone, self.applied)
-                    if script:
-                        try:
-                            self._send(script, result)
-                        except NftError as e:
-                            log.warning("incremental Service sync failed (%s); rebuilding the table", e)
-                            result.errors.append(str(e))
-                            self.applied, result.reason = None, f"incremental transaction failed: {e}"
-                if self.applied is not None:
-                    nt.apply_delta(self.applied, gone, come)
-                    self.chains |= nt.dynamic_chains(come)
-                flows = nt.stale_udp_flows(gone, come, state)
-            if self.applied is None:
+                if any(name in gone or name in come for name in nt.TEXT_ONLY):
+                    rebuild = "service CIDRs or node addresses changed"
+                else:
+                    try:
+                        chains = nt.affinity_chain_script(come, self.chains)
+                        if chains:
+                            self._send(chains, result)
+                        batch = nt.element_batch(gone, come)
+                        self.last_delta = (gone, come)
+                        result.added, result.removed = _count(come), _count(gone)
+                        self._commit(batch, result)
+                        self.chains |= nt.affinity_chains(come)
+                    except NftError as e:
+                        log.warning("incremental Service sync failed (%s); rebuilding the table", e)
+                        result.errors.append(str(e))
+                        rebuild = f"incremental transaction failed: {e}"
+                    flows = nt.stale_udp_flows(gone, come, state)
+            if rebuild:
+                result.reason = rebuild
                 desired = nt.elements(state)
-                if self.applied_state is not None and not flows:
-                    flows = nt.stale_udp_flows(*nt.diff(nt.elements(self.applied_state), desired), state)
+                if old is not None and not flows:
+                    flows = nt.stale_udp_flows(*nt.diff(nt.elements(old), desired), state)
                 result.full = True
-                result.added = sum(len(v) for v in desired.values())
-                self._send(nt.full_script(layout, desired), result)
-                self.applied = desired
-                self.refs = nt.hairpin_refs(state)
-                tiers = nt.tier_limit(desired)
-                self.chains = nt.dynamic_chains(desired) | {f"{kind}_{n}" for kind in ("svc", "np")
-                                                             for n in range(1, tiers + 1)}
+                result.added = _count(desired)
+                # two transactions: the structure (nft), then every element (netlink). Until the
+                # second lands, new connections to Service addresses are dropped, not misrouted.
+                self._send(nt.structure_script(layout, desired), result)
+                batch = nt.element_batch({}, desired)
+                del desired
+                self._commit(batch, result)
+                self.chains = {nt.affinity_chain(r.affinity_timeout) for r in state.rules
+                               if r.affinity_timeout and r.backends}
                 affinity_check = False  # a new table starts with an empty affinity map
         except NftError:
-            self.applied = None
+            self.applied_state = None
             if self.metrics:
                 self.metrics.record_sync(time.monotonic() - started, ok=False)
             raise
@@ -190,7 +197,19 @@ class NftServiceApplier:
         self.last_script = script
         self.nft(script)
         result.sent = True
-        result.lines = script.count("\n")
+        result.lines += script.count("\n")
+
+    def _commit(self, batch: nl.Batch, result: SyncResult) -> None:
+        if not len(batch):
+            return
+        self.commit(batch)
+        result.sent = True
+        result.messages += len(batch)
+
+    def _netlink_commit(self, batch: nl.Batch) -> None:
+        if self._netlink is None:
+            self._netlink = nl.Netlink()  # in the network namespace of the first sync
+        self._netlink.commit(batch)
 
     # -- session affinity entries that point at endpoints no longer there
 
@@ -214,18 +233,23 @@ class NftServiceApplier:
     def remove(self) -> None:
         """Delete the whole table (podnet uninstall; never done on agent stop)."""
         self.nft(f"table {nt.FAMILY} {nt.TABLE}\ndelete table {nt.FAMILY} {nt.TABLE}\n")
-        self.applied = self.applied_state = self.layout = None
+        self.applied_state = self.layout = None
         self.chains = set()
 
 
-def _affinity_touched(gone: nt.Elements, applied: nt.Elements) -> bool:
-    """Did a frontend with affinity lose a backend or its affinity? (`applied`: before the delta)"""
+def _count(els: nt.Elements) -> int:
+    return sum(len(v) for name, v in els.items() if name not in nt.TEXT_ONLY)
+
+
+def _affinity_touched(gone: nt.Elements, old: ServiceState) -> bool:
+    """Did a frontend with affinity lose a backend or its affinity? (`old`: before the delta)"""
     if gone.get("affinity_ips") or gone.get("affinity_nodeports"):
         return True
-    for kind, slots in (("affinity_ips", "backends"), ("affinity_nodeports", "nodeport_backends")):
-        sticky = applied.get(kind)
-        if sticky and any(k.rsplit(" . ", 1)[0] in sticky for k in gone.get(slots, {})):
-            return True
+    for slots, nodeport in (("backends", False), ("nodeport_backends", True)):
+        for k in gone.get(slots, {}):
+            rule = old.rule(nt.frontend_of(k.rpartition(" . ")[0], nodeport))
+            if rule is not None and rule.affinity_timeout:
+                return True
     return False
 
 

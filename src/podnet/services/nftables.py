@@ -1,73 +1,95 @@
-"""podnet's nftables layout for Services: a fixed set of chains, everything else map elements.
+"""podnet's nftables layout for Services: a fixed set of chains, everything else set elements.
 
     table ip podnet-svc
       nat prerouting/output -> services:
         ip daddr . meta l4proto . th dport @masq_ips               -> mark for masquerade
         fib daddr local, meta l4proto . th dport @masq_nodeports   -> mark for masquerade
         dnat to (ip saddr . ip daddr . l4proto . dport) @affinity   (ClientIP affinity hits)
-        ip daddr . meta l4proto . th dport vmap @service_ips       -> goto svc_<N>
-        fib daddr local, meta l4proto . th dport vmap @service_nodeports -> goto np_<N>
+        ip daddr . meta l4proto . th dport @service_ips            -> goto svc_t (tier tree)
+        fib daddr local, meta l4proto . th dport @service_nodeports -> goto np_t
+      svc_t...: a binary tree of chains that finds the endpoint count N of the frontend,
+        one bit per level (@svc_bit<i> holds the frontends whose N-1 has bit i set)
       svc_<N>: dnat to (ip daddr . l4proto . dport . numgen random mod N) @backends
       np_<N>:  dnat to (l4proto . dport . numgen random mod N) @nodeport_backends
       nat postrouting: record affinity (@affinity_ips/@affinity_nodeports -> jump aff_t<T>,
-        which updates @affinity with the chosen backend), masquerade marked traffic and
-        hairpin traffic (ip saddr . ip daddr @hairpin, i.e. a pod reaching itself)
+        which updates @affinity with the chosen backend), masquerade marked traffic
+      filter forward: a DNATed packet that leaves by the interface it came in (a pod
+        reaching itself through its Service: hairpin) is marked for masquerade
       filter prerouting/output (before DNAT): LoadBalancer source ranges
         (@firewall_ips, @lb_source_ranges)
       filter input/forward/output (after DNAT): no endpoints -> reject or drop
-        (@no_endpoint_ips, @no_endpoint_nodeports), unused service CIDR addresses -> drop
+        (@reject_*, @drop_*), unused service CIDR addresses -> drop
 
-A Service port with N endpoints is one @service_ips element plus N @backends slot
-elements. The tier chains svc_1..svc_T and np_1..np_T are created with the table
-(T = 64, or the largest endpoint count in use rounded up to 64; nft 1.0.6 cannot
-add a rule that looks up @backends to an existing table, so a Service growing past
-T endpoints rebuilds the table once). aff_t<T> exists once per distinct affinity
-timeout. Nothing grows with the number of Services except elements.
+Why a tree and not a verdict map `frontend : goto svc_<N>`: the kernel validates the
+whole table for loops whenever a jump/goto element is added, walking every element
+of every verdict map (12-40 ms per change at 50 000 Services). Plain set elements
+are not validated: a change costs the same at any size. The tree costs a fixed
+number of set lookups per new connection (TIER_BITS), whatever the number of Services.
+
+A Service port with N endpoints is one @service_ips element, one @svc_bit<i> element
+per bit set in N-1, and N @backends slot elements. The tree has 2^bits leaves
+(bits = TIER_BITS, more if a Service has more endpoints: the table is rebuilt once
+for it). aff_t<T> exists once per distinct affinity timeout. Nothing grows with
+the number of Services except elements.
+
+The table's structure is created by `nft -f`; elements travel as netlink batches
+(podnet.dataplane.nfnetlink): `encode_elements` turns the text form used here
+into the kernel's binary layout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from podnet.dataplane import nfnetlink as nl
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState, StaleFlow
 
 TABLE = "podnet-svc"
 FAMILY = "ip"
 PROTOS = ("tcp", "udp", "sctp")
 AFFINITY_MAX = 1048576  # entries in the dynamic affinity map
-TIER_STEP = 64  # tier chains are created in blocks of this many endpoint counts
+TIER_BITS = 8  # the tier tree covers 1..256 endpoints per frontend unless a Service needs more
+MAX_TIER_BITS = 16
 
-# name -> (type declaration, is map)
+K3 = "ipv4_addr . inet_proto . inet_service"
+K2 = "inet_proto . inet_service"
+# name -> declaration; the text-only sets are written with the table's structure (a change rebuilds)
 SETS: dict[str, str] = {
     "service_cidrs": "type ipv4_addr; flags interval;",
     "node_ips": "type ipv4_addr;",
-    "service_ips": "type ipv4_addr . inet_proto . inet_service : verdict;",
-    "service_nodeports": "type inet_proto . inet_service : verdict;",
+    "service_ips": f"type {K3};",
+    "service_nodeports": f"type {K2};",
+    **{f"svc_bit{i}": f"type {K3};" for i in range(MAX_TIER_BITS)},
+    **{f"np_bit{i}": f"type {K2};" for i in range(MAX_TIER_BITS)},
     "backends": "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;",
     "nodeport_backends": "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;",
-    "masq_ips": "type ipv4_addr . inet_proto . inet_service;",
-    "masq_nodeports": "type inet_proto . inet_service;",
-    "no_endpoint_ips": "type ipv4_addr . inet_proto . inet_service : verdict;",
-    "no_endpoint_nodeports": "type inet_proto . inet_service : verdict;",
-    "firewall_ips": "type ipv4_addr . inet_proto . inet_service;",
-    "lb_source_ranges": "type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval;",
-    "affinity_ips": "type ipv4_addr . inet_proto . inet_service : verdict;",
-    "affinity_nodeports": "type inet_proto . inet_service : verdict;",
-    "hairpin": "type ipv4_addr . ipv4_addr;",
+    "masq_ips": f"type {K3};",
+    "masq_nodeports": f"type {K2};",
+    "reject_ips": f"type {K3};",
+    "reject_nodeports": f"type {K2};",
+    "drop_ips": f"type {K3};",
+    "drop_nodeports": f"type {K2};",
+    "firewall_ips": f"type {K3};",
+    "lb_source_ranges": f"type {K3} . ipv4_addr; flags interval;",
+    "affinity_ips": f"type {K3} : verdict;",
+    "affinity_nodeports": f"type {K2} : verdict;",
 }
 MAPS = {name for name, decl in SETS.items() if " : " in decl}
+TEXT_ONLY = ("service_cidrs", "node_ips")
 DYNAMIC = "affinity"  # filled by the kernel, never by the applier
 
 Elements = dict[str, dict[str, str | None]]  # set/map name -> element key -> value (None for sets)
 
+LOCAL_NODEPORT = "fib daddr type local ip daddr != 127.0.0.0/8"
+
 
 def _fixed_chains(mark: int) -> dict[str, list[str]]:
     m = f"{mark:#x}"
-    local_np = "fib daddr type local ip daddr != 127.0.0.0/8"
     rec = []
     for p in PROTOS:
         rec.append(f"meta l4proto {p} ct original ip daddr . meta l4proto . ct original proto-dst vmap @affinity_ips")
@@ -76,8 +98,10 @@ def _fixed_chains(mark: int) -> dict[str, list[str]]:
     return {
         "reject_chain": ["meta l4proto tcp reject with tcp reset", "reject"],
         "endpoints_check": [
-            "ip daddr . meta l4proto . th dport vmap @no_endpoint_ips",
-            f"{local_np} meta l4proto . th dport vmap @no_endpoint_nodeports",
+            "ip daddr . meta l4proto . th dport @reject_ips goto reject_chain",
+            "ip daddr . meta l4proto . th dport @drop_ips drop",
+            f"{LOCAL_NODEPORT} meta l4proto . th dport @reject_nodeports goto reject_chain",
+            f"{LOCAL_NODEPORT} meta l4proto . th dport @drop_nodeports drop",
             "ip daddr @service_cidrs drop",
         ],
         "firewall_check": [
@@ -86,16 +110,14 @@ def _fixed_chains(mark: int) -> dict[str, list[str]]:
         ],
         "services": [
             f"ip daddr . meta l4proto . th dport @masq_ips meta mark set meta mark | {m}",
-            f"{local_np} meta l4proto . th dport @masq_nodeports meta mark set meta mark | {m}",
+            f"{LOCAL_NODEPORT} meta l4proto . th dport @masq_nodeports meta mark set meta mark | {m}",
             "dnat ip to ip saddr . ip daddr . meta l4proto . th dport map @affinity",
-            "ip daddr . meta l4proto . th dport vmap @service_ips",
-            f"{local_np} meta l4proto . th dport vmap @service_nodeports",
+            "ip daddr . meta l4proto . th dport @service_ips goto svc_t",
+            f"{LOCAL_NODEPORT} meta l4proto . th dport @service_nodeports goto np_t",
         ],
         "affinity_record": rec,
-        "masquerading": [
-            f"meta mark & {m} == {m} meta mark set meta mark ^ {m} masquerade fully-random",
-            "ct status dnat ip saddr . ip daddr @hairpin masquerade fully-random",
-        ],
+        "hairpin": [f"ct status dnat fib daddr . iif oif exists meta mark set meta mark | {m}"],
+        "masquerading": [f"meta mark & {m} == {m} meta mark set meta mark ^ {m} masquerade fully-random"],
     }
 
 
@@ -105,7 +127,8 @@ def _base_chains() -> dict[str, tuple[str, str, str, list[str]]]:
         "filter_prerouting": ("filter", "prerouting", "-110", ["ct state new jump firewall_check"]),
         "filter_output_pre": ("filter", "output", "-110", ["ct state new jump firewall_check"]),
         "filter_input": ("filter", "input", "0", ["ct state new jump endpoints_check"]),
-        "filter_forward": ("filter", "forward", "0", ["ct state new jump endpoints_check"]),
+        "filter_forward": ("filter", "forward", "0", ["ct state new jump endpoints_check",
+                                                      "ct state new jump hairpin"]),
         "filter_output": ("filter", "output", "0", ["ct state new jump endpoints_check"]),
         "nat_prerouting": ("nat", "prerouting", "-100", ["jump services"]),
         "nat_output": ("nat", "output", "-100", ["jump services"]),
@@ -114,11 +137,44 @@ def _base_chains() -> dict[str, tuple[str, str, str, list[str]]]:
     }
 
 
+def _tree_chains(bits: int) -> dict[str, list[str]]:
+    """The tier tree and its leaves, for frontends (svc) and node ports (np).
+
+    Node `<kind>_t<prefix>` tests bit (bits-1-len(prefix)) of N-1, most significant
+    first; the leaf for N-1 = v is `<kind>_<v+1>`, which picks one of N slots."""
+    out: dict[str, list[str]] = {}
+    for kind, key, slots, match in (
+        ("svc", "ip daddr . meta l4proto . th dport", "backends", "ip daddr . meta l4proto . th dport"),
+        ("np", "meta l4proto . th dport", "nodeport_backends", "meta l4proto . th dport"),
+    ):
+        def node(prefix: str, kind: str = kind) -> str:
+            if len(prefix) == bits:
+                return f"{kind}_{int(prefix, 2) + 1}"
+            return f"{kind}_t{prefix}"
+
+        frontier = [""]
+        while frontier:
+            nxt = []
+            for prefix in frontier:
+                bit = bits - 1 - len(prefix)
+                out[node(prefix)] = [f"{match} @{kind}_bit{bit} goto {node(prefix + '1')}", f"goto {node(prefix + '0')}"]
+                if len(prefix) + 1 < bits:
+                    nxt += [prefix + "0", prefix + "1"]
+            frontier = nxt
+        for v in range(2 ** bits):
+            out[f"{kind}_{v + 1}"] = [f"dnat ip to {key} . numgen random mod {v + 1} map @{slots}"]
+    return out
+
+
 @dataclass(frozen=True)
 class Layout:
-    """The fixed part of the table for one masquerade mark."""
+    """The fixed part of the table for one masquerade mark and tier tree depth."""
 
     mark: int
+    bits: int = TIER_BITS
+
+    def chains(self) -> dict[str, list[str]]:
+        return {**_fixed_chains(self.mark), **_tree_chains(self.bits)}
 
     @property
     def body(self) -> str:
@@ -127,7 +183,7 @@ class Layout:
             lines.append(f"  {'map' if name in MAPS else 'set'} {name} {{ {decl} }}")
         lines.append(f"  map {DYNAMIC} {{ typeof ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport; "
                      f"size {AFFINITY_MAX}; flags dynamic,timeout; timeout 3h; }}")
-        for name, rules in _fixed_chains(self.mark).items():
+        for name, rules in self.chains().items():
             lines.append(f"  chain {name} {{")
             lines += [f"    {r}" for r in rules]
             lines.append("  }")
@@ -144,58 +200,47 @@ class Layout:
         return "layout_" + hashlib.sha256(self.body.encode()).hexdigest()[:12]
 
     def chain_rule_counts(self) -> dict[str, int]:
-        counts = {name: len(rules) for name, rules in _fixed_chains(self.mark).items()}
+        counts = {name: len(rules) for name, rules in self.chains().items()}
         counts.update({name: len(spec[3]) for name, spec in _base_chains().items()})
         counts[self.marker] = 0
         return counts
-
-
-def tier_chain(n: int) -> str:
-    return f"svc_{n}"
-
-
-def nodeport_tier_chain(n: int) -> str:
-    return f"np_{n}"
 
 
 def affinity_chain(timeout: int) -> str:
     return f"aff_t{timeout}"
 
 
-def dynamic_chain_rules(name: str) -> list[str]:
-    """Rules of a tier or affinity chain, from its name."""
+def affinity_chain_rules(name: str) -> list[str]:
+    """Rules of an affinity chain, from its name."""
     kind, _, arg = name.partition("_")
-    if kind == "svc":
-        return [f"dnat ip to ip daddr . meta l4proto . th dport . numgen random mod {int(arg)} map @backends"]
-    if kind == "np":
-        return [f"dnat ip to meta l4proto . th dport . numgen random mod {int(arg)} map @nodeport_backends"]
-    if kind == "aff" and arg.startswith("t"):
+    if kind == "aff" and arg.startswith("t") and arg[1:].isdigit():
         t = int(arg[1:])
         return [f"meta l4proto {p} update @{DYNAMIC} {{ ct original ip saddr . ct original ip daddr . meta l4proto "
                 f". ct original proto-dst timeout {t}s : ip daddr . th dport }}" for p in PROTOS]
-    raise ValueError(f"not a podnet-svc dynamic chain: {name}")
+    raise ValueError(f"not a podnet-svc affinity chain: {name}")
 
 
-def tier_limit(els: Elements) -> int:
-    """How many tier chains of each kind the table needs for these elements."""
-    most = 0
-    for chain in dynamic_chains(els):
-        kind, _, n = chain.partition("_")
-        if kind in ("svc", "np"):
-            most = max(most, int(n))
-    return max(1, -(-most // TIER_STEP)) * TIER_STEP
-
-
-class TierMissing(Exception):
-    """An incremental sync needs a tier chain the table lacks: rebuild it."""
-
-
-def is_dynamic_chain(name: str) -> bool:
+def is_affinity_chain(name: str) -> bool:
     try:
-        dynamic_chain_rules(name)
+        affinity_chain_rules(name)
         return True
     except ValueError:
         return False
+
+
+def tier_bits(els: Elements) -> int:
+    """The tree depth these elements need: TIER_BITS, or enough bits for the largest endpoint count."""
+    most = 0
+    for name in ("backends", "nodeport_backends"):
+        for k in els.get(name, {}):
+            most = max(most, int(k.rpartition(" . ")[2]) + 1)
+    return max(TIER_BITS, (most - 1).bit_length())
+
+
+def rule_bits(rules: Iterable[FrontendRule]) -> int:
+    """tier_bits from compiled rules (without rendering elements)."""
+    most = max((len(r.backends) for r in rules), default=0)
+    return max(TIER_BITS, (most - 1).bit_length())
 
 
 # ---------------------------------------------------------------- elements
@@ -213,11 +258,8 @@ def fe_key(fe: Frontend) -> str:
 def elements(state: ServiceState) -> Elements:
     """Every set/map element of the desired state, as nft text (what the applier diffs)."""
     out: Elements = {name: {} for name in SETS}
-    hairpin = out["hairpin"]
     for rule in state.rules:
         _rule_elements(rule, out)
-        for b in rule.backends:
-            hairpin[f"{b.ip} . {b.ip}"] = None
     for c in state.service_cidrs:
         out["service_cidrs"][_addr(c)] = None
     for ip in state.node_ips:
@@ -226,7 +268,7 @@ def elements(state: ServiceState) -> Elements:
 
 
 def rule_elements(rule: FrontendRule) -> Elements:
-    """The elements one frontend owns (hairpin pairs aside: endpoints share them)."""
+    """The elements one frontend owns."""
     out: Elements = {}
     _rule_elements(rule, out)
     return out
@@ -245,7 +287,14 @@ def _rule_elements(rule: FrontendRule, out: Elements) -> None:
 
     n = len(rule.backends)
     if n:
-        put("service_nodeports" if np else "service_ips", key, f"goto {(nodeport_tier_chain if np else tier_chain)(n)}")
+        put("service_nodeports" if np else "service_ips", key, None)
+        bit_set = "np_bit" if np else "svc_bit"
+        v, i = n - 1, 0
+        while v:
+            if v & 1:
+                put(f"{bit_set}{i}", key, None)
+            v >>= 1
+            i += 1
         slots = "nodeport_backends" if np else "backends"
         for i, b in enumerate(rule.backends):
             put(slots, f"{key} . {i}", f"{b.ip} . {b.port}")
@@ -254,20 +303,12 @@ def _rule_elements(rule: FrontendRule, out: Elements) -> None:
         if rule.affinity_timeout:
             put("affinity_nodeports" if np else "affinity_ips", key, f"jump {affinity_chain(rule.affinity_timeout)}")
     else:
-        verdict = "goto reject_chain" if rule.no_endpoints == "reject" else "drop"
-        put("no_endpoint_nodeports" if np else "no_endpoint_ips", key, verdict)
+        verdict = "reject" if rule.no_endpoints == "reject" else "drop"
+        put(f"{verdict}_nodeports" if np else f"{verdict}_ips", key, None)
     if rule.source_ranges and not np:
         put("firewall_ips", key, None)
         for cidr in rule.source_ranges:
             put("lb_source_ranges", f"{key} . {_addr(cidr)}", None)
-
-
-def hairpin_refs(state: ServiceState) -> Counter[str]:
-    """How many backends use each endpoint address (its hairpin pair lives while > 0)."""
-    refs: Counter[str] = Counter()
-    for rule in state.rules:
-        refs.update(b.ip for b in rule.backends)
-    return refs
 
 
 def diff(applied: Elements, desired: Elements) -> tuple[Elements, Elements]:
@@ -287,13 +328,11 @@ def diff(applied: Elements, desired: Elements) -> tuple[Elements, Elements]:
     return gone, come
 
 
-def state_delta(old: ServiceState, new: ServiceState, refs: Counter[str]) -> tuple[Elements, Elements]:
+def state_delta(old: ServiceState, new: ServiceState) -> tuple[Elements, Elements]:
     """(gone, come) from the frontends that differ between two states: work in
-    proportion to the change (unchanged frontends cost an identity check).
-    `refs` (hairpin_refs of `old`) is updated to those of `new`."""
+    proportion to the change (unchanged frontends cost an identity check)."""
     gone: Elements = {}
     come: Elements = {}
-    delta: Counter[str] = Counter()
     before, after = old.frontends, new.frontends
     hint = new.changed_since(old)
     candidates = before.keys() if hint is None else [fe for fe in hint if fe in before]
@@ -304,7 +343,6 @@ def state_delta(old: ServiceState, new: ServiceState, refs: Counter[str]) -> tup
             continue
         for name, kv in rule_elements(rule).items():
             gone.setdefault(name, {}).update(kv)
-        delta.subtract(b.ip for b in rule.backends)
     candidates = after.keys() if hint is None else [fe for fe in hint if fe in after]
     for fe in candidates:
         rule = after[fe]
@@ -313,20 +351,6 @@ def state_delta(old: ServiceState, new: ServiceState, refs: Counter[str]) -> tup
             continue
         for name, kv in rule_elements(rule).items():
             come.setdefault(name, {}).update(kv)
-        delta.update(b.ip for b in rule.backends)
-    for ip, d in delta.items():
-        if not d:
-            continue
-        was = refs[ip]
-        now = was + d
-        if was > 0 and now <= 0:
-            gone.setdefault("hairpin", {})[f"{ip} . {ip}"] = None
-        elif was <= 0 and now > 0:
-            come.setdefault("hairpin", {})[f"{ip} . {ip}"] = None
-        if now > 0:
-            refs[ip] = now
-        else:
-            del refs[ip]
     for name, a, b in (("service_cidrs", old.service_cidrs, new.service_cidrs),
                        ("node_ips", old.node_ips, new.node_ips)):
         if a != b:
@@ -343,27 +367,17 @@ def state_delta(old: ServiceState, new: ServiceState, refs: Counter[str]) -> tup
     return ({k: v for k, v in gone.items() if v}, {k: v for k, v in come.items() if v})
 
 
-def apply_delta(applied: Elements, gone: Elements, come: Elements) -> None:
-    """Bring `applied` (in place) to what the kernel holds after the delta."""
-    for name, kv in gone.items():
-        m = applied.setdefault(name, {})
-        for k in kv:
-            m.pop(k, None)
-    for name, kv in come.items():
-        applied.setdefault(name, {}).update(kv)
-
-
-def dynamic_chains(els: Elements) -> set[str]:
-    """The tier and affinity chains the elements point to."""
+def affinity_chains(els: Elements) -> set[str]:
+    """The affinity chains the elements point to."""
     out = set()
-    for name in ("service_ips", "service_nodeports", "affinity_ips", "affinity_nodeports"):
+    for name in ("affinity_ips", "affinity_nodeports"):
         for v in els.get(name, {}).values():
             if v:
                 out.add(v.split()[-1])
     return out
 
 
-def _frontend(text: str, nodeport: bool) -> Frontend:
+def frontend_of(text: str, nodeport: bool) -> Frontend:
     parts = text.split(" . ")
     if nodeport:
         return Frontend(None, parts[0], int(parts[1]))  # type: ignore[arg-type]
@@ -380,7 +394,7 @@ def stale_udp_flows(gone: Elements, come: Elements, new: ServiceState) -> list[S
         for key, value in gone.get(name, {}).items():
             if " udp . " not in f" {key} " or value is None:
                 continue
-            fe = _frontend(key.rpartition(" . ")[0], np)
+            fe = frontend_of(key.rpartition(" . ")[0], np)
             ip, _, port = value.partition(" . ")
             backend = Backend(ip, int(port))
             rule = new.rule(fe)
@@ -389,11 +403,11 @@ def stale_udp_flows(gone: Elements, come: Elements, new: ServiceState) -> list[S
     for name, np in (("service_ips", False), ("service_nodeports", True)):
         for key in come.get(name, {}):
             if key not in gone.get(name, {}) and " udp . " in f" {key} ":
-                out.add(StaleFlow(_frontend(key, np), None))
+                out.add(StaleFlow(frontend_of(key, np), None))
     return sorted(out, key=lambda f: (f.frontend.ip or "", f.frontend.port, f.backend or Backend("", 0)))
 
 
-# ---------------------------------------------------------------- scripts
+# ---------------------------------------------------------------- text scripts (structure)
 
 
 def element_block(verb: str, name: str, items: Iterable[tuple[str, str | None]], keys_only: bool = False) -> list[str]:
@@ -405,54 +419,100 @@ def element_block(verb: str, name: str, items: Iterable[tuple[str, str | None]],
     return [f"{verb} element {FAMILY} {TABLE} {name} {{", *(f"  {b}," for b in body[:-1]), f"  {body[-1]}", "}"]
 
 
-def _chain_block(name: str) -> list[str]:
-    return [f"  chain {name} {{", *(f"    {r}" for r in dynamic_chain_rules(name)), "  }"]
-
-
-def full_script(layout: Layout, els: Elements) -> str:
-    """Create (or replace) the whole table in one transaction."""
+def structure_script(layout: Layout, els: Elements) -> str:
+    """Create (or replace) the table with its chains and the text-only sets; every other
+    element follows as one netlink batch (`element_batch`)."""
     lines = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}", f"table {FAMILY} {TABLE} {{",
              layout.body, f"  chain {layout.marker} {{", "  }"]
-    tiers = tier_limit(els)
-    chains = {tier_chain(n) for n in range(1, tiers + 1)} | {nodeport_tier_chain(n) for n in range(1, tiers + 1)}
-    for chain in sorted(chains | dynamic_chains(els)):
-        lines += _chain_block(chain)
+    for chain in sorted(affinity_chains(els)):
+        lines += [f"  chain {chain} {{", *(f"    {r}" for r in affinity_chain_rules(chain)), "  }"]
     lines.append("}")
-    for name in SETS:
+    for name in TEXT_ONLY:
         lines += element_block("add", name, sorted(els.get(name, {}).items()))
     return "\n".join(lines) + "\n"
 
 
-def render_delta(gone: Elements, come: Elements, existing_chains: set[str]) -> tuple[str, int, int]:
-    """The transaction for a delta: affinity chains first, then deletions, then additions.
-
-    Returns (script, elements added, elements removed); the script is empty when
-    nothing changed. A key whose value changed is deleted and re-added. Raises
-    TierMissing when a tier chain is needed that the table does not have.
-    """
+def describe_delta(gone: Elements, come: Elements) -> str:
+    """A delta as the nft commands that would make it (for logs and tests; it is sent as netlink)."""
     lines: list[str] = []
-    for chain in sorted(dynamic_chains(come) - existing_chains):
-        if not chain.startswith("aff_"):
-            raise TierMissing(chain)
+    for verb, part in (("delete", gone), ("add", come)):
+        for name in SETS:
+            if part.get(name):
+                lines += element_block(verb, name, sorted(part[name].items()), keys_only=verb == "delete")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def affinity_chain_script(come: Elements, existing: set[str]) -> str:
+    """Affinity chains the new elements need and the table lacks ("" if none)."""
+    lines = []
+    for chain in sorted(affinity_chains(come) - existing):
         lines.append(f"add chain {FAMILY} {TABLE} {chain}")
-        lines += [f"add rule {FAMILY} {TABLE} {chain} {r}" for r in dynamic_chain_rules(chain)]
-    adds: list[str] = []
-    added = removed = 0
-    for name in SETS:
-        g, c = gone.get(name), come.get(name)
-        if g:
-            lines += element_block("delete", name, sorted((k, None) for k in g), keys_only=True)
-            removed += len(g)
-        if c:
-            adds += element_block("add", name, sorted(c.items()))
-            added += len(c)
-    lines += adds
-    return ("\n".join(lines) + "\n" if lines else ""), added, removed
+        lines += [f"add rule {FAMILY} {TABLE} {chain} {r}" for r in affinity_chain_rules(chain)]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
-def delta_script(applied: Elements, desired: Elements, existing_chains: set[str]) -> tuple[str, int, int]:
-    """Only the element changes between two full element sets (see render_delta)."""
-    return render_delta(*diff(applied, desired), existing_chains)
+# ---------------------------------------------------------------- binary elements (netlink)
+
+_PROTO = {"tcp": bytes((6, 0, 0, 0)), "udp": bytes((17, 0, 0, 0)), "sctp": bytes((132, 0, 0, 0))}
+_PORT = struct.Struct("!H2x")  # inet_service, padded to a 32-bit register
+_SLOT = struct.Struct("=I")  # numgen's result: host byte order
+
+
+def _k3(parts: list[str]) -> bytes:
+    return socket.inet_aton(parts[0]) + _PROTO[parts[1]] + _PORT.pack(int(parts[2]))
+
+
+def _k2(parts: list[str]) -> bytes:
+    return _PROTO[parts[0]] + _PORT.pack(int(parts[1]))
+
+
+def _ip_port(text: str) -> bytes:
+    ip, _, port = text.partition(" . ")
+    return socket.inet_aton(ip) + _PORT.pack(int(port))
+
+
+def encode_element(name: str, key: str, value: str | None) -> bytes:
+    """One element in the text form of `elements()` -> its netlink encoding (value None:
+    the key alone, as a deletion needs)."""
+    parts = key.split(" . ")
+    if name == "backends":
+        return nl.element(_k3(parts) + _SLOT.pack(int(parts[3])), value and nl.value(_ip_port(value)))
+    if name == "nodeport_backends":
+        return nl.element(_k2(parts) + _SLOT.pack(int(parts[2])), value and nl.value(_ip_port(value)))
+    if name == "lb_source_ranges":
+        net, _, plen = parts[3].partition("/")
+        first = int.from_bytes(socket.inet_aton(net), "big")
+        last = first | ((1 << (32 - int(plen or 32))) - 1)
+        head = _k3(parts)
+        return nl.element(head + first.to_bytes(4, "big"), key_end=head + last.to_bytes(4, "big"))
+    k = _k2(parts) if len(parts) == 2 else _k3(parts)
+    if name in MAPS and value is not None:
+        return nl.element(k, nl.verdict(value))
+    return nl.element(k)
+
+
+def _encode_checked(name: str, key: str, value: str | None) -> bytes:
+    try:
+        return encode_element(name, key, value)
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        raise ValueError(f"set {name}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
+
+
+def element_batch(gone: Elements, come: Elements, batch: nl.Batch | None = None) -> nl.Batch:
+    """The delta as one netlink transaction: deletions, then additions (a changed
+    value is a deletion and an addition). The text-only sets are not included."""
+    batch = batch or nl.Batch()
+    for verb, part in (("delete", gone), ("add", come)):
+        for name in SETS:
+            kv = part.get(name)
+            if not kv or name in TEXT_ONLY:
+                continue
+            encoded = (_encode_checked(name, k, None if verb == "delete" else v) for k, v in kv.items())
+            if verb == "delete":
+                batch.delete_elements(TABLE, name, encoded)
+            else:
+                batch.add_elements(TABLE, name, encoded)
+    return batch
 
 
 # ---------------------------------------------------------------- reading the kernel
@@ -518,16 +578,21 @@ def check_layout(layout: Layout, table: KernelTable) -> str | None:
     for name in (*SETS, DYNAMIC):
         if name not in table.sets:
             return f"set/map {name} is missing"
-    for name, count in layout.chain_rule_counts().items():
+    expected = layout.chain_rule_counts()
+    for name, count in expected.items():
         if name not in table.chains:
             return f"chain {name} is missing"
         if table.chains[name] != count:
             return f"chain {name} has {table.chains[name]} rules, expected {count}"
     for name, count in table.chains.items():
-        if name.startswith("layout_") and name != layout.marker:
+        if name in expected:
+            continue
+        if name.startswith("layout_"):
             return f"layout marker {name} is from another version"
-        if is_dynamic_chain(name) and count != len(dynamic_chain_rules(name)):
-            return f"chain {name} has {count} rules, expected {len(dynamic_chain_rules(name))}"
+        if not is_affinity_chain(name):
+            return f"chain {name} is not part of the layout"
+        if count != len(affinity_chain_rules(name)):
+            return f"chain {name} has {count} rules, expected {len(affinity_chain_rules(name))}"
     return None
 
 

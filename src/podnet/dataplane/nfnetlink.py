@@ -1,0 +1,254 @@
+"""nf_tables transactions over netlink, without the `nft` process.
+
+`nft -f` parses and evaluates every element as text (~20 us each) and costs a
+process start (~13 ms) per transaction: too slow for a 250 000-element load
+and for a 10 ms change. This module writes the binary form directly: a batch
+(NFNL_MSG_BATCH_BEGIN ... END, one atomic kernel transaction) of set-element
+additions and deletions and, for the one rule nft's grammar cannot express,
+raw rule expressions. The table, its sets and chains are still created by nft.
+
+Element keys and values are given as bytes in the kernel's layout: every
+field of a concatenation padded to 4 bytes; addresses and ports in network
+byte order, marks and integers in host order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterable
+
+from podnet.dataplane.nft import NftError
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_NEWRULE = 6
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_DELSETELEM = 14
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
+NLA_F_NESTED = 0x8000
+NFPROTO_IPV4 = 2
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+# attribute numbers (linux/netfilter/nf_tables.h)
+SET_ELEM_LIST_TABLE, SET_ELEM_LIST_SET, SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+LIST_ELEM = 1
+SET_ELEM_KEY, SET_ELEM_DATA, SET_ELEM_FLAGS, SET_ELEM_KEY_END = 1, 2, 3, 10
+DATA_VALUE, DATA_VERDICT = 1, 2
+VERDICT_CODE, VERDICT_CHAIN = 1, 2
+RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
+EXPR_NAME, EXPR_DATA = 1, 2
+SET_ELEM_INTERVAL_END = 1
+
+VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
+MAX_ATTR = 0xFFFF - 512  # a nested attribute's length is 16 bits: split element lists below it
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, kind) + payload + b"\0" * (-n & 3)
+
+
+def nested(kind: int, payload: bytes) -> bytes:
+    return attr(kind | NLA_F_NESTED, payload)
+
+
+def strz(kind: int, text: str) -> bytes:
+    return attr(kind, text.encode() + b"\0")
+
+
+def u32be(kind: int, value: int) -> bytes:
+    return attr(kind, struct.pack("!i" if value < 0 else "!I", value))
+
+
+def verdict(text: str) -> bytes:
+    """`goto chain`, `jump chain`, `drop`, `accept` -> NFTA_SET_ELEM_DATA payload."""
+    word, _, chain = text.partition(" ")
+    body = u32be(VERDICT_CODE, VERDICTS[word])
+    if chain:
+        body += strz(VERDICT_CHAIN, chain)
+    return nested(DATA_VERDICT, body)
+
+
+def element(key: bytes, data: bytes | None = None, *, key_end: bytes | None = None, flags: int = 0) -> bytes:
+    """One set element; `data` is a value (bytes) or, for verdict maps, verdict(...)'s output
+    passed through as is (it starts with the nested verdict attribute)."""
+    body = nested(SET_ELEM_KEY, attr(DATA_VALUE, key))
+    if key_end is not None:
+        body += nested(SET_ELEM_KEY_END, attr(DATA_VALUE, key_end))
+    if data is not None:
+        body += nested(SET_ELEM_DATA, data)
+    if flags:
+        body += u32be(SET_ELEM_FLAGS, flags)
+    return nested(LIST_ELEM, body)
+
+
+def value(data: bytes) -> bytes:
+    return attr(DATA_VALUE, data)
+
+
+class Batch:
+    """One kernel transaction: everything added here commits together or not at all."""
+
+    def __init__(self, family: int = NFPROTO_IPV4):
+        self.family = family
+        self.messages: list[tuple[int, int, bytes, str]] = []  # (type, flags, payload, what)
+        self.elements = 0
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def add_elements(self, table: str, set_name: str, elements: Iterable[bytes]) -> None:
+        self._elements(NFT_MSG_NEWSETELEM, NLM_F_CREATE, table, set_name, elements, "adding to")
+
+    def delete_elements(self, table: str, set_name: str, elements: Iterable[bytes]) -> None:
+        self._elements(NFT_MSG_DELSETELEM, 0, table, set_name, elements, "deleting from")
+
+    def _elements(self, msg: int, flags: int, table: str, set_name: str, elements: Iterable[bytes],
+                  verb: str) -> None:
+        head = strz(SET_ELEM_LIST_TABLE, table) + strz(SET_ELEM_LIST_SET, set_name)
+        chunk: list[bytes] = []
+        size = 0
+        what = f"{verb} set {table} {set_name}"
+        for e in elements:
+            if size + len(e) > MAX_ATTR and chunk:
+                self.messages.append((msg, flags, head + nested(SET_ELEM_LIST_ELEMENTS, b"".join(chunk)), what))
+                chunk, size = [], 0
+            chunk.append(e)
+            size += len(e)
+            self.elements += 1
+        if chunk:
+            self.messages.append((msg, flags, head + nested(SET_ELEM_LIST_ELEMENTS, b"".join(chunk)), what))
+
+    def append_rule(self, table: str, chain: str, expressions: list[bytes]) -> None:
+        payload = (strz(RULE_TABLE, table) + strz(RULE_CHAIN, chain)
+                   + nested(RULE_EXPRESSIONS, b"".join(expressions)))
+        self.messages.append((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, payload, f"adding a rule to {chain}"))
+
+    def encode(self, seq0: int) -> bytes:
+        parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq0, _nfgen(0, NFNL_SUBSYS_NFTABLES))]
+        last = len(self.messages) - 1
+        for i, (kind, flags, payload, _) in enumerate(self.messages):
+            # an ack for the last message only: errors are reported for every message anyway
+            flags |= NLM_F_REQUEST | (NLM_F_ACK if i == last else 0)
+            parts.append(_message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq0 + 1 + i,
+                                  _nfgen(self.family, 0) + payload))
+        parts.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq0 + 1 + len(self.messages),
+                              _nfgen(0, NFNL_SUBSYS_NFTABLES)))
+        return b"".join(parts)
+
+
+def _nfgen(family: int, res_id: int) -> bytes:
+    return struct.pack("!BBH", family, 0, res_id)
+
+
+def _message(kind: int, flags: int, seq: int, payload: bytes) -> bytes:
+    n = 16 + len(payload)
+    return struct.pack("=IHHII", n, kind, flags, seq, 0) + payload
+
+
+class Netlink:
+    """A NETLINK_NETFILTER socket in the network namespace of the calling thread."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+        self.sndbuf = 0
+        self.seq = int.from_bytes(os.urandom(2), "big") << 8
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def commit(self, batch: Batch) -> None:
+        """Send the batch as one transaction; raise NftError naming what the kernel refused."""
+        if not batch.messages:
+            return
+        seq0 = self.seq
+        self.seq += len(batch.messages) + 2
+        data = batch.encode(seq0)
+        if len(data) + 4096 > self.sndbuf:
+            self.sndbuf = len(data) + (1 << 16)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.sndbuf)
+        try:
+            self.sock.send(data)
+        except OSError as e:
+            raise NftError(f"nf_tables transaction of {batch.elements} elements not sent: {e.strerror}") from e
+        last = seq0 + len(batch.messages)
+        errors: list[str] = []
+        self.sock.settimeout(10)
+        try:
+            while True:
+                reply = self.sock.recv(1 << 20)
+                done = False
+                for kind, seq, code in _acks(reply):
+                    if kind != NLMSG_ERROR:
+                        continue
+                    if code:
+                        i = seq - seq0 - 1
+                        what = batch.messages[i][3] if 0 <= i < len(batch.messages) else "the batch"
+                        errors.append(f"{what}: {os.strerror(-code)} ({errno.errorcode.get(-code, code)})")
+                    if seq == last:
+                        done = True
+                if done:
+                    break
+        except TimeoutError as e:
+            raise NftError("nf_tables transaction: no answer from the kernel") from e
+        finally:
+            self.sock.settimeout(None)
+        if errors:
+            raise NftError("nf_tables refused the transaction (nothing applied): " + "; ".join(errors[:5]))
+
+
+def _acks(data: bytes) -> Iterable[tuple[int, int, int]]:
+    """(message type, sequence number, error code) of each message in a reply."""
+    off = 0
+    while off + 16 <= len(data):
+        n, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+        if n < 16:
+            break
+        code = struct.unpack_from("=i", data, off + 16)[0] if kind == NLMSG_ERROR else 0
+        if kind == NLMSG_ERROR and code:
+            seq = struct.unpack_from("=I", data, off + 16 + 4 + 8)[0]  # the failed request's own header
+        yield kind, seq, code
+        off += (n + 3) & ~3
+
+
+# ---------------------------------------------------------------- rule expressions
+
+NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 1, 2
+NFT_META_L4PROTO = 16
+NFT_REG_VERDICT = 0
+NFT_REG_1, NFT_REG_2 = 1, 2
+NFT_REG32_01, NFT_REG32_02 = 9, 10
+
+
+def _expr(name: str, data: bytes) -> bytes:
+    return nested(LIST_ELEM, strz(EXPR_NAME, name) + nested(EXPR_DATA, data))
+
+
+def payload_load(base: int, offset: int, length: int, dreg: int) -> bytes:
+    return _expr("payload", u32be(1, dreg) + u32be(2, base) + u32be(3, offset) + u32be(4, length))
+
+
+def meta_load(key: int, dreg: int) -> bytes:
+    return _expr("meta", u32be(1, dreg) + u32be(2, key))
+
+
+def lookup(set_name: str, sreg: int, dreg: int | None = None) -> bytes:
+    body = strz(1, set_name) + u32be(2, sreg)
+    if dreg is not None:
+        body += u32be(3, dreg)
+    return _expr("lookup", body)
+
+
+def daddr_proto_dport(dreg_first: int = NFT_REG_1) -> list[bytes]:
+    """`ip daddr . meta l4proto . th dport` loaded as a concatenation starting at reg 1."""
+    return [payload_load(NFT_PAYLOAD_NETWORK_HEADER, 16, 4, dreg_first),
+            meta_load(NFT_META_L4PROTO, NFT_REG32_01),
+            payload_load(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_02)]
