@@ -175,18 +175,11 @@ def _rss_bytes() -> int:
 
 
 def _wrap_kernel_timer(applier, acc: list[float]) -> None:
-    """Time the kernel side: the nft / iptables-restore process each applier starts."""
-    if hasattr(applier, "nft"):
-        inner = applier.nft
-
-        def timed_nft(script: str) -> None:
-            t = time.monotonic()
-            try:
-                inner(script)
-            finally:
-                acc[0] += time.monotonic() - t
-
-        applier.nft = timed_nft
+    """Time the kernel side: the nft / iptables-restore process each applier starts, and
+    the netlink transactions (send and the kernel's answer)."""
+    for attr in ("nft", "commit"):
+        if hasattr(applier, attr):
+            setattr(applier, attr, _timed(getattr(applier, attr), acc))
     if hasattr(applier, "run"):
         inner_run = applier.run
 
@@ -199,6 +192,17 @@ def _wrap_kernel_timer(applier, acc: list[float]) -> None:
                     acc[0] += time.monotonic() - t
 
         applier.run = timed_run
+
+
+def _timed(inner, acc: list[float]):
+    def timed(arg) -> None:
+        t = time.monotonic()
+        try:
+            inner(arg)
+        finally:
+            acc[0] += time.monotonic() - t
+
+    return timed
 
 
 # ---------------------------------------------------------------- namespaces and traffic

@@ -75,9 +75,31 @@ def verdict(text: str) -> bytes:
     return nested(DATA_VERDICT, body)
 
 
+_HEADS: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+
+
+def _heads(key_len: int, data_len: int) -> tuple[bytes, bytes]:
+    """The attribute headers around a key and its data (data_len: the length of the encoded
+    data attribute, -1 for none); they depend on the lengths only."""
+    ka = 4 + 4 + key_len  # NFTA_SET_ELEM_KEY > NFTA_DATA_VALUE > key
+    da = 0 if data_len < 0 else 4 + data_len
+    total = 4 + ka + da
+    before_key = struct.pack("=HHHHHH", total, LIST_ELEM | NLA_F_NESTED, ka, SET_ELEM_KEY | NLA_F_NESTED,
+                             4 + key_len, DATA_VALUE)
+    before_data = b"" if data_len < 0 else struct.pack("=HH", da, SET_ELEM_DATA | NLA_F_NESTED)
+    return before_key, before_data
+
+
 def element(key: bytes, data: bytes | None = None, *, key_end: bytes | None = None, flags: int = 0) -> bytes:
     """One set element; `data` is a value (bytes) or, for verdict maps, verdict(...)'s output
     passed through as is (it starts with the nested verdict attribute)."""
+    if key_end is None and not flags and not len(key) & 3 and (data is None or not len(data) & 3):
+        # the common case, without building each attribute: headers cached by length
+        shape = (len(key), -1 if data is None else len(data))
+        heads = _HEADS.get(shape)
+        if heads is None:
+            heads = _HEADS[shape] = _heads(*shape)
+        return heads[0] + key + heads[1] + data if data is not None else heads[0] + key
     body = nested(SET_ELEM_KEY, attr(DATA_VALUE, key))
     if key_end is not None:
         body += nested(SET_ELEM_KEY_END, attr(DATA_VALUE, key_end))
