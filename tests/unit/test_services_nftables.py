@@ -72,13 +72,24 @@ def test_the_tier_tree_leads_every_endpoint_count_to_its_own_chain(kind, ip):
 def test_chains_do_not_grow_with_services_and_a_larger_service_deepens_the_tree():
     many = state(*(rule(f"10.96.{i // 250}.{i % 250 + 1}", 80, "10.1.0.1", "10.1.0.2", "10.1.0.3")
                    for i in range(2000)))
-    assert nt.rule_bits(many.rules) == nt.TIER_BITS == 8
+    assert nt.Layout.for_state(many) == nt.Layout(0x4000, nt.TIER_BITS, nt.MIN_CAPACITY) and nt.TIER_BITS == 8
     script = nt.structure_script(nt.Layout(0x4000), nt.elements(many))
     assert len(re.findall(r"^\s*chain ", script, re.M)) == len(nt.Layout(0x4000).chain_rule_counts())
     assert "10.96.0.1" not in script  # elements travel by netlink
     big = state(rule("10.96.0.1", 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(300))))
-    assert nt.rule_bits(big.rules) == nt.tier_bits(nt.elements(big)) == 9
+    assert nt.Layout.for_state(big).bits == (nt.most_backends(nt.elements(big)) - 1).bit_length() == 9
     assert walk_tree(nt.Layout(0x4000, 9), nt.elements(big), "svc", "10.96.0.1 . tcp . 80") == "svc_300"
+
+
+def test_the_big_sets_have_a_capacity_that_grows_with_need_and_never_shrinks():
+    small = nt.Layout(0x4000)
+    assert "map backends { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; " \
+        f"size {nt.MIN_CAPACITY}; }}" in small.body
+    assert small.fit(5, nt.MIN_CAPACITY) is small
+    grown = small.fit(5, nt.MIN_CAPACITY + 1)
+    assert grown.capacity == 4 * nt.MIN_CAPACITY and grown.bits == small.bits and grown.marker != small.marker
+    assert grown.fit(5, 10) is grown  # fewer elements later: the same table
+    assert small.fit(257, 10) == nt.Layout(0x4000, 9, nt.MIN_CAPACITY)
 
 
 def test_affinity_chain_rules():
@@ -254,7 +265,7 @@ def test_applier_rebuilds_for_a_deeper_tree_and_verify_checks_chain_names():
     a.apply(state(rule("10.96.0.10", 80, "10.1.0.1")))
     big = state(rule("10.96.0.10", 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(300))))
     r = a.apply(big)
-    assert r.full and r.reason == "table missing"  # a new layout: read back (the fake has none), rebuilt
+    assert r.full and r.reason == "the table grows to 16384 slots and 512 tiers"
     assert "chain svc_512 {" in k.scripts[-1] and "svc_513" not in k.scripts[-1]
     names = [{"chain": {"table": nt.TABLE, "name": n}} for n in (*a.layout.chain_rule_counts(), *a.chains)]
     k.listing = json.dumps({"nftables": names})

@@ -85,18 +85,23 @@ class NftServiceApplier:
         self.applied_state: ServiceState | None = None
         self.chains: set[str] = set()  # affinity chains in the kernel
         self.layout: nt.Layout | None = None
+        self.slots = 0  # @backends elements in the kernel (the capacity of the layout bounds them)
         self.last_script = ""  # the last nft text sent (structure, affinity chains)
         self.last_delta: tuple[nt.Elements, nt.Elements] = ({}, {})  # the last incremental element delta
 
     # -- reading the kernel
 
-    def read_kernel(self, layout: nt.Layout) -> tuple[nt.KernelTable | None, str]:
+    def read_kernel(self, state: ServiceState) -> tuple[nt.Layout, nt.KernelTable | None, str]:
+        """The layout for `state` (the kernel's own tree depth and capacity when they suffice),
+        and the kernel's table if it is that layout, intact (else None and why)."""
+        most, slots = nt.state_size(state)
         listing = self.nft_read("list", "table", nt.FAMILY, nt.TABLE)
         if listing is None:
-            return None, "table missing"
+            return nt.Layout(state.masquerade_mark).fit(most, slots), None, "table missing"
         table = nt.parse_table(listing)
+        layout = nt.kernel_layout(state.masquerade_mark, table).fit(most, slots)
         problem = nt.check_layout(layout, table)
-        return (None, problem) if problem else (table, "")
+        return (layout, None, problem) if problem else (layout, table, "")
 
     def verify(self) -> str | None:
         """Cheap check (chain names only, no elements): why the table needs a rebuild, or None."""
@@ -119,16 +124,16 @@ class NftServiceApplier:
     def apply(self, state: ServiceState, resync: bool = False) -> SyncResult:
         started = time.monotonic()
         result = SyncResult()
-        layout = nt.Layout(state.masquerade_mark, nt.rule_bits(state.rules))
         affinity_check = False
         flows: list = []
         rebuild = ""
         try:
             delta: tuple[nt.Elements, nt.Elements] | None = None
             old = self.applied_state
-            if old is None or resync or layout != self.layout:
-                table, reason = self.read_kernel(layout)
-                self.layout = layout
+            layout = self.layout
+            if old is None or layout is None or resync or state.masquerade_mark != layout.mark:
+                layout, table, reason = self.read_kernel(state)
+                self.slots = nt.state_size(state)[1]
                 if table is None:
                     rebuild = reason
                 else:
@@ -139,6 +144,12 @@ class NftServiceApplier:
             elif state is not old:
                 delta = nt.state_delta(old, state)  # empty: nothing is sent
                 affinity_check = _affinity_touched(delta[0], old)
+                gone, come = delta
+                self.slots += len(come.get("backends", ())) - len(gone.get("backends", ()))
+                layout = layout.fit(nt.most_backends(come), self.slots)
+                if layout != self.layout:
+                    rebuild = f"the table grows to {layout.capacity} slots and {2 ** layout.bits} tiers"
+            self.layout = layout
             if delta is not None and not rebuild:
                 gone, come = delta
                 if any(name in gone or name in come for name in nt.TEXT_ONLY):
@@ -160,6 +171,8 @@ class NftServiceApplier:
                     flows = nt.stale_udp_flows(gone, come, state)
             if rebuild:
                 result.reason = rebuild
+                most, self.slots = nt.state_size(state)
+                layout = self.layout = layout.fit(most, self.slots)
                 desired = nt.elements(state)
                 if old is not None and not flows:
                     flows = nt.stale_udp_flows(*nt.diff(nt.elements(old), desired), state)

@@ -55,6 +55,11 @@ PROTOS = ("tcp", "udp", "sctp")
 AFFINITY_MAX = 1048576  # entries in the dynamic affinity map
 TIER_BITS = 8  # the tier tree covers 1..256 endpoints per frontend unless a Service needs more
 MAX_TIER_BITS = 16
+# The two big sets get a fixed capacity: the kernel then uses a fixed-size hash, which
+# loads about 3x faster than the resizable one. The capacity is a hard limit; the
+# table is rebuilt with twice the need when it is reached (and never shrinks).
+SIZED = ("service_ips", "backends")
+MIN_CAPACITY = 16384
 
 K3 = "ipv4_addr . inet_proto . inet_service"
 K2 = "inet_proto . inet_service"
@@ -172,6 +177,21 @@ class Layout:
 
     mark: int
     bits: int = TIER_BITS
+    capacity: int = MIN_CAPACITY  # elements of each SIZED set
+
+    def fit(self, most_backends: int, slots: int) -> Layout:
+        """This layout if it holds a frontend with `most_backends` endpoints and `slots`
+        @backends elements; otherwise a larger one (the table must be rebuilt)."""
+        bits = max(self.bits, (most_backends - 1).bit_length())
+        capacity = self.capacity
+        if slots > capacity:
+            capacity = max(MIN_CAPACITY, 1 << (2 * slots - 1).bit_length())
+        return self if (bits, capacity) == (self.bits, self.capacity) else Layout(self.mark, bits, capacity)
+
+    @classmethod
+    def for_state(cls, state: ServiceState) -> Layout:
+        most, slots = state_size(state)
+        return cls(state.masquerade_mark).fit(most, slots)
 
     def chains(self) -> dict[str, list[str]]:
         return {**_fixed_chains(self.mark), **_tree_chains(self.bits)}
@@ -180,7 +200,8 @@ class Layout:
     def body(self) -> str:
         lines = []
         for name, decl in SETS.items():
-            lines.append(f"  {'map' if name in MAPS else 'set'} {name} {{ {decl} }}")
+            size = f" size {self.capacity};" if name in SIZED else ""
+            lines.append(f"  {'map' if name in MAPS else 'set'} {name} {{ {decl}{size} }}")
         lines.append(f"  map {DYNAMIC} {{ typeof ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport; "
                      f"size {AFFINITY_MAX}; flags dynamic,timeout; timeout 3h; }}")
         for name, rules in self.chains().items():
@@ -228,19 +249,31 @@ def is_affinity_chain(name: str) -> bool:
         return False
 
 
-def tier_bits(els: Elements) -> int:
-    """The tree depth these elements need: TIER_BITS, or enough bits for the largest endpoint count."""
+def most_backends(els: Elements) -> int:
+    """The largest endpoint count among these elements' frontends (from their slot numbers)."""
     most = 0
     for name in ("backends", "nodeport_backends"):
         for k in els.get(name, {}):
             most = max(most, int(k.rpartition(" . ")[2]) + 1)
-    return max(TIER_BITS, (most - 1).bit_length())
+    return most
 
 
-def rule_bits(rules: Iterable[FrontendRule]) -> int:
-    """tier_bits from compiled rules (without rendering elements)."""
-    most = max((len(r.backends) for r in rules), default=0)
-    return max(TIER_BITS, (most - 1).bit_length())
+def state_size(state: ServiceState) -> tuple[int, int]:
+    """(largest endpoint count of a frontend, @backends elements) of a state: O(frontends)."""
+    most = slots = 0
+    for r in state.rules:
+        n = len(r.backends)
+        most = max(most, n)
+        if r.frontend.ip is not None:
+            slots += n
+    return most, slots
+
+
+def kernel_layout(mark: int, table: KernelTable) -> Layout:
+    """The tree depth and capacity of a table read back (to adopt them when they fit)."""
+    leaves = sum(1 for name in table.chains if name.startswith("svc_") and name[4:].isdigit())
+    bits = max(leaves.bit_length() - 1, 1)
+    return Layout(mark, bits, table.sizes.get("backends", MIN_CAPACITY))
 
 
 # ---------------------------------------------------------------- elements
@@ -546,6 +579,7 @@ class KernelTable:
     chains: dict[str, int]  # chain -> number of rules
     sets: set[str]
     elements: Elements
+    sizes: dict[str, int]  # set -> declared capacity (sets that have one)
 
 
 def parse_table(listing: str) -> KernelTable:
@@ -554,6 +588,7 @@ def parse_table(listing: str) -> KernelTable:
     chains: dict[str, int] = {}
     sets: set[str] = set()
     els: Elements = {}
+    sizes: dict[str, int] = {}
     for item in data:
         if "chain" in item:
             chains.setdefault(item["chain"]["name"], 0)
@@ -562,6 +597,8 @@ def parse_table(listing: str) -> KernelTable:
         elif "set" in item or "map" in item:
             s = item.get("set") or item["map"]
             sets.add(s["name"])
+            if "size" in s:
+                sizes[s["name"]] = int(s["size"])
             if s["name"] == DYNAMIC:
                 continue
             out = els.setdefault(s["name"], {})
@@ -570,7 +607,7 @@ def parse_table(listing: str) -> KernelTable:
                     out[_text(e[0])] = _text(e[1])
                 else:
                     out[_text(e)] = None
-    return KernelTable(chains, sets, els)
+    return KernelTable(chains, sets, els, sizes)
 
 
 def check_layout(layout: Layout, table: KernelTable) -> str | None:
