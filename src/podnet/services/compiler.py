@@ -14,23 +14,27 @@ iptables proxiers):
   drop. NodePort/externalIP/LoadBalancer traffic under externalTrafficPolicy
   Cluster is masqueraded; under Local it keeps the client address.
 - only IPv4: the dataplane table is `ip` family.
+
+Objects are read once, when they arrive, into compact records (`ServiceInfo`,
+`SliceInfo`) holding only what compiling needs; the compiler keeps those, not
+the objects.
 """
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import socket
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import lru_cache
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
 
-from podnet.model.objects import EndpointSlice, Pod, Service, ServicePort
+from podnet.model.objects import EndpointSlice, Pod, Service
 from podnet.services.model import (
     Backend,
     Frontend,
-    FrontendKind,
     FrontendRule,
     HealthCheck,
     ServiceConfig,
@@ -40,6 +44,9 @@ from podnet.services.model import (
 log = logging.getLogger("podnet.services")
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
+TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+_NODE_TYPES = ("NodePort", "LoadBalancer")
+_PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 
 
 def _valid_port(v: object) -> bool:
@@ -68,29 +75,15 @@ def check_service(svc: Service) -> None:
         raise ValueError(f"spec.healthCheckNodePort: {hc!r} is not a port number (1-65535)")
 
 
-def _svc_ref(svc: Service) -> str:
-    return f"{svc.namespace or 'default'}/{svc.name}"
-
-
-@dataclass(frozen=True)
-class _Endpoint:
-    ip: str
-    port: int
-    ready: bool
-    serving: bool
-    terminating: bool
-    local: bool
-
-
-@lru_cache(maxsize=1 << 20)
 def _ipv4(value: str | None) -> str | None:
-    """The canonical text of an IPv4 address, None for anything else (cached: hot at scale)."""
+    """The canonical text of an IPv4 address, None for anything else."""
     if not value or value == "None" or ":" in value:
         return None
     try:
-        return socket.inet_ntoa(socket.inet_pton(socket.AF_INET, value))
-    except OSError:
+        canonical = socket.inet_ntoa(socket.inet_pton(socket.AF_INET, value))
+    except (OSError, TypeError):
         return None
+    return value if canonical == value else canonical  # the object's own string: no copy
 
 
 def _ip_key(b: Backend) -> tuple[bytes, int]:
@@ -120,182 +113,342 @@ def collapse_v4(cidrs: Iterable[str]) -> tuple[str, ...]:
     return tuple(str(n) for n in ipaddress.collapse_addresses(nets))
 
 
+class _Cidrs:
+    """Membership of IPv4 addresses in a few CIDRs, as integer masks."""
+
+    __slots__ = ("text", "_nets")
+
+    def __init__(self, cidrs: tuple[str, ...]):
+        self.text = cidrs
+        self._nets = [(int(n.network_address), int(n.netmask))
+                      for n in map(ipaddress.IPv4Network, cidrs)]
+
+    def __contains__(self, ip: str) -> bool:
+        addr = int.from_bytes(socket.inet_aton(ip), "big")
+        for net, mask in self._nets:
+            if addr & mask == net:
+                return True
+        return False
+
+
+# ---------------------------------------------------------------- compact records
+
+
+class _Interner:
+    """Shares equal small tuples and strings between records (ports, node names)."""
+
+    __slots__ = ("_seen",)
+    LIMIT = 1 << 16
+
+    def __init__(self) -> None:
+        self._seen: dict = {}
+
+    def __call__(self, value):  # type: ignore[no-untyped-def]
+        seen = self._seen
+        try:
+            v = seen.get(value)
+        except TypeError:  # unhashable (an object made in code with odd values): not shared
+            return value
+        if v is None:
+            if len(seen) >= self.LIMIT:
+                seen.clear()  # what was shared stays shared; only later records stop sharing with it
+            v = seen[value] = value
+        return v
+
+
+_STRINGS = _Interner()
+
+
+class ServiceInfo:
+    """What compiling needs of one Service (ports: (name|None, protocol, port,
+    nodePort, targetPort) each). `problem`: why it cannot be compiled (check_service);
+    `active` False: it produces nothing (headless, ExternalName)."""
+
+    __slots__ = ("key", "namespace", "name", "version", "active", "problem", "cluster_ip", "node_ports", "ports",
+                 "external_ips", "lb_ips", "source_ranges", "external_local", "internal_local", "publish_all",
+                 "affinity", "health_port", "named_target")
+
+    def __init__(self, svc: Service, intern: _Interner = _STRINGS):
+        meta, spec = svc.metadata, svc.spec
+        self.namespace = meta.namespace
+        self.name = meta.name
+        self.key: Key = (intern(meta.namespace or "default"), meta.name)
+        self.version = meta.resource_version
+        self.active = not (spec.type == "ExternalName" or spec.headless)
+        self.problem: str | None = None
+        self.cluster_ip: str | None = None
+        self.node_ports = False
+        self.ports: tuple[tuple, ...] = ()
+        self.external_ips: tuple[str, ...] = ()
+        self.lb_ips: tuple[str, ...] = ()
+        self.source_ranges: tuple[str, ...] = ()
+        self.external_local = self.internal_local = self.publish_all = self.named_target = False
+        self.affinity: int | None = None
+        self.health_port: int | None = None
+        if not self.active:
+            return
+        try:
+            check_service(svc)
+            self.cluster_ip = _ipv4(spec.cluster_ip) or next(
+                (ip for ip in map(_ipv4, spec.cluster_ips or ()) if ip), None)
+            self.node_ports = spec.type in _NODE_TYPES
+            self.ports = intern(tuple(
+                intern((intern(p.name) if p.name else None, p.protocol, p.port, p.node_port, p.target_port))
+                for p in spec.ports))
+            self.named_target = any(isinstance(p[4], str) for p in self.ports)
+            self.external_ips = tuple(ip for x in spec.external_ips if (ip := _ipv4(x)))
+            if spec.type == "LoadBalancer":
+                self.lb_ips = tuple(ip for ing in svc.status.load_balancer.ingress if (ip := _ipv4(ing.ip)))
+            if spec.load_balancer_source_ranges:
+                self.source_ranges = intern(collapse_v4(spec.load_balancer_source_ranges))
+            self.external_local = spec.external_traffic_policy == "Local"
+            self.internal_local = spec.internal_traffic_policy == "Local"
+            self.publish_all = bool(spec.publish_not_ready_addresses)
+            if spec.session_affinity == "ClientIP":
+                cfg = spec.session_affinity_config
+                self.affinity = cfg.client_ip.timeout_seconds if cfg is not None else 10800
+            if self.external_local and spec.health_check_node_port and self.node_ports:
+                self.health_port = spec.health_check_node_port
+        except Exception as e:  # one bad object must not stop the sync of the rest
+            self.problem = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace or 'default'}/{self.name}"
+
+
+# endpoint flags (LOCAL: on the compiler's node)
+READY, SERVING, TERMINATING, LOCAL = 1, 2, 4, 8
+
+
+class SliceInfo:
+    """What compiling needs of one EndpointSlice, as seen from node `node_name`: its
+    Service, ports ((name|None, protocol, port) each; empty: the slice lists none)
+    and, IPv4 slices only, its endpoints in address order: `backends` (first
+    address, the slice's first port or 0), `flags` (one byte each: READY, SERVING,
+    TERMINATING, LOCAL), `refs` (Pod (namespace, name) each, only for a slice without
+    ports). `plain`: every endpoint ready, no address twice. `trigger`: the
+    last-change-trigger-time annotation, as epoch seconds."""
+
+    __slots__ = ("namespace", "name", "version", "service", "ipv4", "ports", "backends", "flags", "refs", "plain",
+                 "trigger")
+
+    def __init__(self, sl: EndpointSlice, node_name: str | None, intern: _Interner = _STRINGS):
+        meta = sl.metadata
+        self.namespace = meta.namespace
+        self.name = meta.name
+        self.version = meta.resource_version
+        self.service = meta.labels.get("kubernetes.io/service-name") or None
+        self.ipv4 = sl.address_type == "IPv4"
+        self.trigger = _trigger_time(meta.annotations.get(TRIGGER_ANNOTATION))
+        self.ports: tuple[tuple, ...] = intern(tuple(
+            intern((intern(p.name) if p.name else None, p.protocol, p.port)) for p in sl.ports or ()))
+        endpoints = []
+        if self.ipv4:
+            port = self.ports[0][2] if self.ports and _valid_port(self.ports[0][2]) else 0
+            with_refs = not self.ports  # a Pod reference only matters for a slice without ports
+            default_ns = sl.namespace or "default"
+            for ep in sl.endpoints:
+                ip = _ipv4(ep.addresses[0])  # upstream: consumers use the first address only
+                if ip is None:
+                    continue
+                c = ep.conditions
+                ready = c.ready is not False
+                serving = c.serving if c.serving is not None else ready
+                flags = (READY if ready else 0) | (SERVING if serving else 0) | (TERMINATING if c.terminating else 0)
+                if node_name is not None and ep.node_name == node_name:
+                    flags |= LOCAL
+                ref = None
+                if with_refs and ep.target_ref is not None and ep.target_ref.name:
+                    ref = (ep.target_ref.namespace or default_ns, ep.target_ref.name)
+                endpoints.append((socket.inet_aton(ip), Backend(ip, port), flags, ref))
+            if len(endpoints) > 1:
+                endpoints.sort(key=_first)  # stable: duplicates keep their order
+        self.backends: tuple[Backend, ...] = tuple(e[1] for e in endpoints)
+        self.flags = bytes(e[2] for e in endpoints)
+        self.refs: tuple[tuple[str, str] | None, ...] | None = \
+            tuple(e[3] for e in endpoints) if any(e[3] for e in endpoints) else None
+        self.plain = all(e[2] & READY for e in endpoints) and all(
+            endpoints[i][0] != endpoints[i + 1][0] for i in range(len(endpoints) - 1))
+
+
+def _first(e: tuple) -> bytes:
+    return e[0]
+
+
+def _trigger_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- compiling one Service
+
+
 _PER_ENDPOINT = -1  # the port depends on the endpoint's Pod (named targetPort, slice without ports)
 
 
-def _slice_port(sp: ServicePort, slice_: EndpointSlice) -> int | None:
+def _slice_port(sp: tuple, sl: SliceInfo) -> int | None:
     """The port a slice gives a ServicePort: a number, None (not a port of this
     slice), or _PER_ENDPOINT."""
-    if slice_.ports:
-        for p in slice_.ports:
-            if (p.name or None) == (sp.name or None) and p.protocol == sp.protocol:
-                return p.port
+    if sl.ports:
+        name, proto = sp[0], sp[1]
+        for p in sl.ports:
+            if p[0] == name and p[1] == proto:
+                return p[2]
         return None  # the slice lists its ports and this one is not among them
-    if isinstance(sp.target_port, int):
-        return sp.target_port
-    return _PER_ENDPOINT if isinstance(sp.target_port, str) else None
+    target = sp[4]
+    if isinstance(target, int):
+        return target
+    return _PER_ENDPOINT if isinstance(target, str) else None
 
 
-def _pod_port(sp: ServicePort, target_ref: tuple[str, str] | None, pods: dict[tuple[str, str], Pod]) -> int | None:
-    pod = pods.get(target_ref) if target_ref is not None else None
-    return pod.named_port(str(sp.target_port), sp.protocol) if pod is not None else None
-
-
-def _endpoints(
-    svc: Service, sp: ServicePort, slices: list[EndpointSlice], node_name: str, pods: dict[tuple[str, str], Pod]
-) -> list[_Endpoint]:
-    publish_all = svc.spec.publish_not_ready_addresses
-    seen: dict[tuple[str, int], _Endpoint] = {}
+def _endpoints(sp: tuple, slices: tuple[SliceInfo, ...], pods: dict[tuple[str, str], Pod], publish_all: int,
+               ) -> tuple[dict[Backend, int], bool]:
+    """Backend -> flags, duplicates merged (a ready one wins), and whether they are in
+    address order already (they came from one slice, with one port)."""
+    seen: dict[Backend, int] = {}
+    sources = 0
     for sl in slices:
-        if sl.address_type != "IPv4":
+        if not sl.ipv4:
             continue
         slice_port = _slice_port(sp, sl)
-        if slice_port is None or (slice_port != _PER_ENDPOINT and not _valid_port(slice_port)):
+        if slice_port is None:
             continue
-        for ep in sl.endpoints:
-            port: int | None = slice_port
-            if slice_port == _PER_ENDPOINT:
-                ref = None
-                if ep.target_ref is not None and ep.target_ref.name:
-                    ref = (ep.target_ref.namespace or sl.namespace or "default", ep.target_ref.name)
-                port = _pod_port(sp, ref, pods)
+        if slice_port == _PER_ENDPOINT:
+            sources += 2
+            refs = sl.refs or (None,) * len(sl.backends)
+            for b, flags, ref in zip(sl.backends, sl.flags, refs, strict=True):
+                pod = pods.get(ref) if ref is not None else None
+                port = pod.named_port(str(sp[4]), sp[1]) if pod is not None else None
                 if port is None or not _valid_port(port):
                     continue
-            ip = _ipv4(ep.addresses[0])  # upstream: consumers use the first address only
-            if ip is None:
-                continue
-            c = ep.conditions
-            e = _Endpoint(ip, port, c.is_ready or publish_all, c.is_serving or publish_all, c.is_terminating,
-                          ep.node_name == node_name)
-            old = seen.get((ip, port))
-            if old is None or (e.ready and not old.ready):
-                seen[(ip, port)] = e
-    return list(seen.values())
+                b = Backend(b[0], port)
+                flags |= publish_all
+                old = seen.get(b)
+                if old is None or (flags & READY and not old & READY):
+                    seen[b] = flags
+            continue
+        if not _valid_port(slice_port):
+            continue
+        sources += 1
+        for b, flags in zip(sl.backends, sl.flags, strict=True):
+            if b[1] != slice_port:
+                b = Backend(b[0], slice_port)
+            flags |= publish_all
+            old = seen.get(b)
+            if old is None or (flags & READY and not old & READY):
+                seen[b] = flags
+    return seen, sources <= 1
 
 
-def _usable(eps: list[_Endpoint]) -> list[Backend]:
-    """Ready endpoints; if there are none, serving-and-terminating ones (as kube-proxy)."""
-    chosen = [e for e in eps if e.ready]
+def _plain_backends(sp: tuple, slices: tuple[SliceInfo, ...]) -> tuple[Backend, ...] | None:
+    """The common case at no cost: one slice, every endpoint ready, on the slice's
+    first port. None: take the long way."""
+    if len(slices) != 1:
+        return None
+    sl = slices[0]
+    if not (sl.plain and sl.ipv4 and sl.ports and sl.backends):
+        return None
+    port = _slice_port(sp, sl)
+    return sl.backends if port == sl.backends[0][1] and port else None
+
+
+def _usable(eps: dict[Backend, int], ordered: bool, mask: int = 0) -> tuple[Backend, ...]:
+    """Ready endpoints; if there are none, serving-and-terminating ones (as kube-proxy),
+    in address order. mask LOCAL: this node's only."""
+    want = READY | mask
+    chosen = [b for b, f in eps.items() if f & want == want]
     if not chosen:
-        chosen = [e for e in eps if e.serving and e.terminating]
-    return sorted((Backend(e.ip, e.port) for e in chosen), key=_ip_key)
+        want = SERVING | TERMINATING | mask
+        chosen = [b for b, f in eps.items() if f & want == want]
+    if not ordered and len(chosen) > 1:
+        chosen.sort(key=_ip_key)
+    return tuple(chosen)
 
 
-def _compile_service(
-    svc: Service, svc_slices: list[EndpointSlice], node_name: str, pods: dict[tuple[str, str], Pod],
-    service_cidrs: tuple[str, ...] = (), local_dns: tuple[str, ...] = (),
-) -> tuple[list[FrontendRule], HealthCheck | None]:
-    """The frontends of one Service (and its health check), in port order.
-
-    Raises ValueError for a Service the dataplane cannot take (see check_service)."""
-    spec = svc.spec
+def _compile_service(svc: ServiceInfo, slices: tuple[SliceInfo, ...], pods: dict[tuple[str, str], Pod],
+                     cidrs: _Cidrs | None = None, local_dns: tuple[str, ...] = (),
+                     ) -> tuple[list[FrontendRule], HealthCheck | None]:
+    """The frontends of one Service (and its health check), in port order."""
     out: list[FrontendRule] = []
-    if spec.type == "ExternalName" or spec.headless:
+    if not svc.active:
         return out, None
-    check_service(svc)
-    cluster_ip = _ipv4(spec.cluster_ip) or next((ip for ip in map(_ipv4, spec.cluster_ips or ()) if ip), None)
+    if svc.problem is not None:
+        raise ValueError(svc.problem)
+    cluster_ip = svc.cluster_ip
     if cluster_ip in local_dns:
-        log.debug("services: %s: clusterIP %s is answered by this node's DNS server", _svc_ref(svc), cluster_ip)
+        log.debug("services: %s: clusterIP %s is answered by this node's DNS server", svc.ref, cluster_ip)
         cluster_ip = None
-    elif cluster_ip and service_cidrs and not _in_cidrs(cluster_ip, service_cidrs):
+    elif cluster_ip and cidrs is not None and cidrs.text and cluster_ip not in cidrs:
         log.warning("services: %s: clusterIP %s is outside the service CIDRs %s; its ClusterIP frontends are "
-                    "ignored", _svc_ref(svc), cluster_ip, ",".join(service_cidrs))
+                    "ignored", svc.ref, cluster_ip, ",".join(cidrs.text))
         cluster_ip = None
-    for sl in svc_slices:
-        if sl.ports and sl.address_type == "IPv4" and all(_slice_port(sp, sl) is None for sp in spec.ports):
+    for sl in slices:
+        if sl.ports and sl.ipv4 and not any(_slice_port(sp, sl) is not None for sp in svc.ports):
             log.warning("services: %s: EndpointSlice %s has no port matching the Service's ports (name and "
-                        "protocol); it is ignored", _svc_ref(svc), sl.name)
-    external_local = spec.external_traffic_policy == "Local"
-    internal_local = spec.internal_traffic_policy == "Local"
-    affinity = None
-    if spec.session_affinity == "ClientIP":
-        cfg = spec.session_affinity_config
-        affinity = cfg.client_ip.timeout_seconds if cfg is not None else 10800
-    lb_ips = [ip for ing in svc.status.load_balancer.ingress if (ip := _ipv4(ing.ip))] \
-        if spec.type == "LoadBalancer" else []
-    ext_ips = [ip for x in spec.external_ips if (ip := _ipv4(x))]
-    ranges = collapse_v4(spec.load_balancer_source_ranges) if spec.load_balancer_source_ranges else ()
+                        "protocol); it is ignored", svc.ref, sl.name)
+    external_local, internal_local = svc.external_local, svc.internal_local
+    affinity = svc.affinity
+    publish_all = READY | SERVING if svc.publish_all else 0
+    external_ips, lb_ips, node_ports = svc.external_ips, svc.lb_ips, svc.node_ports
     local_ready: set[str] = set()
-    for sp in spec.ports:
-        eps = _endpoints(svc, sp, svc_slices, node_name, pods)
-        local_ready.update(e.ip for e in eps if e.local and e.ready)
-        cluster = _usable(eps)
-        local = _usable([e for e in eps if e.local]) if (external_local or internal_local) else []
-        proto = sp.protocol.lower()
-        label = f"{svc.namespace}/{svc.name}:{sp.name or ''}"
+    prefix = f"{svc.namespace}/{svc.name}:"
+    any_local = external_local or internal_local
+    for sp in svc.ports:
+        cluster = None if any_local else _plain_backends(sp, slices)  # type: ignore[assignment]
+        local: tuple[Backend, ...] = ()
+        if cluster is None:
+            eps, ordered = _endpoints(sp, slices, pods, publish_all)
+            if svc.health_port:
+                local_ready.update(b[0] for b, f in eps.items() if f & (LOCAL | READY) == LOCAL | READY)
+            cluster = _usable(eps, ordered)
+            if any_local:
+                local = _usable(eps, ordered, LOCAL)
+        proto = _PROTO[sp[1]]
+        label = prefix + (sp[0] or "")
         none_verdict = "reject" if not cluster else "drop"
-
-        def rule(ip: str | None, port: int, kind: FrontendKind, backends: list[Backend], masq: bool,
-                 source_ranges: tuple[str, ...] = ()) -> FrontendRule:
-            return FrontendRule(Frontend(ip, proto, port), label, kind, tuple(backends),  # noqa: B023
-                                none_verdict, masq, affinity, source_ranges)  # noqa: B023
-
+        port, node_port = sp[2], sp[3] if node_ports else None
         if cluster_ip:
-            out.append(rule(cluster_ip, sp.port, "ClusterIP", local if internal_local else cluster, False))
-        external = local if external_local else cluster
-        for ip in ext_ips:
-            out.append(rule(ip, sp.port, "ExternalIP", external, not external_local))
-        for ip in lb_ips:
-            out.append(rule(ip, sp.port, "LoadBalancer", external, not external_local, ranges))
-        if sp.node_port and spec.type in ("NodePort", "LoadBalancer"):
-            out.append(rule(None, sp.node_port, "NodePort", external, not external_local))
+            out.append(FrontendRule(Frontend(cluster_ip, proto, port), label, "ClusterIP",
+                                    local if internal_local else cluster, none_verdict, False, affinity))
+        if external_ips or lb_ips or node_port:
+            external = local if external_local else cluster
+            masq = not external_local
+            for ip in external_ips:
+                out.append(FrontendRule(Frontend(ip, proto, port), label, "ExternalIP", external, none_verdict,
+                                        masq, affinity))
+            for ip in lb_ips:
+                out.append(FrontendRule(Frontend(ip, proto, port), label, "LoadBalancer", external, none_verdict,
+                                        masq, affinity, svc.source_ranges))
+            if node_port:
+                out.append(FrontendRule(Frontend(None, proto, node_port), label, "NodePort", external,
+                                        none_verdict, masq, affinity))
     hc = None
-    if external_local and spec.health_check_node_port and spec.type in ("NodePort", "LoadBalancer"):
-        hc = HealthCheck(spec.health_check_node_port, svc.namespace or "default", svc.name, len(local_ready))
+    if svc.health_port:
+        hc = HealthCheck(svc.health_port, svc.namespace or "default", svc.name, len(local_ready))
     return out, hc
 
 
-@lru_cache(maxsize=1 << 16)
-def _in_cidrs(ip: str, cidrs: tuple[str, ...]) -> bool:
-    addr = ipaddress.IPv4Address(ip)
-    return any(addr in ipaddress.IPv4Network(c) for c in cidrs)
-
-
-def _compile_or_skip(svc: Service, svc_slices: list[EndpointSlice], node_name: str,
-                     pods: dict[tuple[str, str], Pod], service_cidrs: tuple[str, ...],
-                     local_dns: tuple[str, ...] = (),
+def _compile_or_skip(svc: ServiceInfo, slices: tuple[SliceInfo, ...], pods: dict[tuple[str, str], Pod],
+                     cidrs: _Cidrs | None, local_dns: tuple[str, ...] = (),
                      ) -> tuple[list[FrontendRule], HealthCheck | None, str | None]:
     """One Service; a Service that cannot be compiled is skipped with a logged
     reason (the third item) so that it never blocks the others."""
     try:
-        rules, hc = _compile_service(svc, svc_slices, node_name, pods, service_cidrs, local_dns)
+        rules, hc = _compile_service(svc, slices, pods, cidrs, local_dns)
         return rules, hc, None
     except Exception as e:  # one bad object must not stop the sync of the rest
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
-        log.warning("services: skipping Service %s: %s", _svc_ref(svc), reason)
+        log.warning("services: skipping Service %s: %s", svc.ref, reason)
         return [], None, reason
 
 
-def _slices_by_service(slices: Iterable[EndpointSlice]) -> dict[tuple[str | None, str], list[EndpointSlice]]:
-    by_service: dict[tuple[str | None, str], list[EndpointSlice]] = defaultdict(list)
-    for sl in slices:
-        name = sl.service_name
-        if name:
-            by_service[(sl.namespace, name)].append(sl)
-    return by_service
-
-
-def _assemble(per_service: Iterable[tuple[list[FrontendRule], HealthCheck | None]], node_ips: Iterable[str],
-              config: ServiceConfig) -> ServiceState:
-    rules: dict[Frontend, FrontendRule] = {}
-    health: dict[int, HealthCheck] = {}
-    for svc_rules, hc in per_service:
-        for r in svc_rules:
-            # Two Services claiming one frontend: the first in (namespace, name) order keeps it.
-            rules.setdefault(r.frontend, r)
-        if hc is not None:
-            health.setdefault(hc.port, hc)
-    return ServiceState(
-        rules=tuple(rules.values()),  # Services in (namespace, name) order, each in port order
-        service_cidrs=balanced_cidrs(config),
-        node_ips=tuple(sorted({ip for x in node_ips if (ip := _ipv4(x))}, key=socket.inet_aton)),
-        health_checks=tuple(sorted(health.values())),
-        masquerade_mark=config.masquerade_mark,
-    )
-
-
-def _ordered(services: Iterable[Service]) -> list[Service]:
-    return sorted(services, key=lambda s: (s.namespace or "", s.name))  # linear when already sorted
+def _node_ips(node_ips: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted({ip for x in node_ips if (ip := _ipv4(x))}, key=socket.inet_aton))
 
 
 def compile_services(
@@ -312,13 +465,35 @@ def compile_services(
     traffic to these). pods: only needed to resolve a named targetPort for
     slices that carry no port information.
     """
-    by_service = _slices_by_service(slices)
+    by_service: dict[Key, list[SliceInfo]] = {}
+    for sl in slices:
+        info = SliceInfo(sl, node_name)
+        if info.service:
+            by_service.setdefault((sl.namespace, info.service), []).append(info)  # type: ignore[arg-type]
     pod_index = {(p.namespace or "default", p.name): p for p in pods}
     config = config or ServiceConfig()
-    cidrs = balanced_cidrs(config)
-    return _assemble((_compile_or_skip(svc, by_service.get((svc.namespace, svc.name), []), node_name, pod_index,
-                                       cidrs, config.local_dns)[:2]
-                      for svc in _ordered(services)), node_ips, config)
+    cidrs = _Cidrs(balanced_cidrs(config))
+    infos = sorted(map(ServiceInfo, services), key=lambda s: (s.namespace or "", s.name))
+    rules: dict[Frontend, FrontendRule] = {}
+    health: dict[int, HealthCheck] = {}
+    for svc in infos:
+        svc_rules, hc, _ = _compile_or_skip(svc, by_service.get((svc.namespace, svc.name), ()),  # type: ignore[arg-type]
+                                            pod_index, cidrs, config.local_dns)
+        for r in svc_rules:
+            # Two Services claiming one frontend: the first in (namespace, name) order keeps it.
+            rules.setdefault(r.frontend, r)
+        if hc is not None:
+            health.setdefault(hc.port, hc)
+    return ServiceState(
+        rules=tuple(rules.values()),  # Services in (namespace, name) order, each in port order
+        service_cidrs=cidrs.text,
+        node_ips=_node_ips(node_ips),
+        health_checks=tuple(sorted(health.values())),
+        masquerade_mark=config.masquerade_mark,
+    )
+
+
+# ---------------------------------------------------------------- the event-fed compiler
 
 
 Key = tuple[str, str]  # (namespace, name) of a Service
@@ -336,86 +511,120 @@ class ServiceCompiler:
         c.set_service(svc); c.set_slice(sl); c.delete_service(ns, name); c.delete_slice(ns, name)
         state = c.state()      # recompiles only the Services touched since the last call
 
-    Unchanged Services keep their very FrontendRule objects, so the applier's
-    comparison of two states is identity checks. The order of `state().rules` is
-    the order frontends first appeared (states compare by frontend, not order).
-    `compile(services, slices)` feeds whole lists instead (diffed by identity).
+    Objects are turned into compact records at once and not kept. Unchanged
+    Services keep their very FrontendRule objects (a recompiled rule equal to the
+    old one is the old one), so the applier's comparison of two states is identity
+    checks. States share the compiler's frontend index (see ServiceState): state()
+    costs the change, not the number of Services. `compile(services, slices)`
+    feeds whole lists instead (unchanged objects recognised by resourceVersion).
+
+    Not thread-safe: feed and call state() from one thread, or under one lock.
     """
 
     def __init__(self, node_name: str, node_ips: Iterable[str] = (), config: ServiceConfig | None = None):
         self.node_name = node_name
         self.config = config or ServiceConfig()
-        self._node_ips = tuple(sorted({ip for x in node_ips if (ip := _ipv4(x))}, key=socket.inet_aton))
-        self._cidrs = balanced_cidrs(self.config)
-        self._services: dict[Key, Service] = {}
-        self._slices: dict[Key, dict[str, EndpointSlice]] = {}  # by owning Service
-        self._slice_owner: dict[Key, Key] = {}  # (namespace, slice name) -> Service
+        self._node_ips = _node_ips(node_ips)
+        self._cidrs = _Cidrs(balanced_cidrs(self.config))
+        self._intern = _Interner()
+        self._services: dict[Key, ServiceInfo] = {}
+        self._slices: dict[Key, tuple[SliceInfo, ...]] = {}  # by owning Service, in arrival order
+        self._slice_index: dict[Key, SliceInfo] = {}  # (namespace, slice name) -> slice
         self._pods: dict[tuple[str, str], Pod] = {}
-        self._out: dict[Key, tuple[list[FrontendRule], HealthCheck | None]] = {}
-        self._claims: dict[Frontend, set[Key]] = {}
-        self._rules: dict[Frontend, FrontendRule] = {}
+        self._outs: dict[Key, tuple[FrontendRule, ...]] = {}  # compiled rules of each Service
+        self._claims: dict[Frontend, Key | set[Key]] = {}  # the Service(s) whose rules have the frontend
+        self._rules: dict[Frontend, FrontendRule] = {}  # the live index the states share
         self._health: dict[Key, HealthCheck] = {}
         self._dirty: set[Key] = set()
         self._state: ServiceState | None = None
+        self._states: list[weakref.ref[ServiceState]] = []  # states made here (over _rules), maybe still in use
+        self._seq = 0
         self.recompiled = 0  # Services compiled by the last state()
         self.skipped: dict[Key, str] = {}  # Services that could not be compiled, and why
 
+    def __len__(self) -> int:
+        return len(self._services)
+
     # -- events
 
-    def set_service(self, svc: Service) -> None:
-        k = _key(svc.namespace, svc.name)
-        if self._services.get(k) is not svc:
-            self._services[k] = svc
-            self._dirty.add(k)
+    def set_service(self, svc: Service | ServiceInfo) -> None:
+        info = svc if isinstance(svc, ServiceInfo) else ServiceInfo(svc, self._intern)
+        k = info.key
+        old = self._services.get(k)
+        if old is not None:
+            k = old.key  # one key object per Service
+            info.key = k
+        self._services[k] = info
+        self._dirty.add(k)
 
     def delete_service(self, namespace: str | None, name: str) -> None:
         k = _key(namespace, name)
         if self._services.pop(k, None) is not None:
             self._dirty.add(k)
 
-    def set_slice(self, sl: EndpointSlice) -> None:
-        sk = _key(sl.namespace, sl.name)
-        owner = _key(sl.namespace, sl.service_name) if sl.service_name else None
-        old_owner = self._slice_owner.get(sk)
-        if old_owner is not None and old_owner != owner:
-            self._drop_slice(sk, old_owner)
+    def set_slice(self, sl: EndpointSlice | SliceInfo) -> None:
+        info = sl if isinstance(sl, SliceInfo) else SliceInfo(sl, self.node_name, self._intern)
+        sk = _key(info.namespace, info.name)
+        owner = _key(info.namespace, info.service) if info.service else None
+        old = self._slice_index.get(sk)
+        if old is not None:
+            old_owner = _key(old.namespace, old.service)  # type: ignore[arg-type]
+            if old_owner != owner:
+                self._drop_slice(sk, old, old_owner)
+                old = None
         if owner is None:
             return
-        held = self._slices.setdefault(owner, {})
-        if held.get(sl.name) is not sl:
-            held[sl.name] = sl
-            self._slice_owner[sk] = owner
-            self._dirty.add(owner)
+        self._slice_index[sk] = info
+        held = self._slices.get(owner, ())
+        if old is not None:
+            self._slices[owner] = tuple(info if s is old else s for s in held)
+        else:
+            self._slices[owner] = (*held, info)
+        self._dirty.add(self._services[owner].key if owner in self._services else owner)
 
     def delete_slice(self, namespace: str | None, name: str) -> None:
         sk = _key(namespace, name)
-        owner = self._slice_owner.get(sk)
-        if owner is not None:
-            self._drop_slice(sk, owner)
+        old = self._slice_index.get(sk)
+        if old is not None:
+            self._drop_slice(sk, old, _key(old.namespace, old.service))  # type: ignore[arg-type]
 
-    def _drop_slice(self, sk: Key, owner: Key) -> None:
-        self._slice_owner.pop(sk, None)
-        held = self._slices.get(owner, {})
-        if held.pop(sk[1], None) is not None:
-            self._dirty.add(owner)
-        if not held:
+    def _drop_slice(self, sk: Key, old: SliceInfo, owner: Key) -> None:
+        del self._slice_index[sk]
+        held = tuple(s for s in self._slices.get(owner, ()) if s is not old)
+        if held:
+            self._slices[owner] = held
+        else:
             self._slices.pop(owner, None)
+        self._dirty.add(owner)
+
+    def slice_info(self, namespace: str | None, name: str) -> SliceInfo | None:
+        """The record held for an EndpointSlice (e.g. to tell a new change from a replay)."""
+        return self._slice_index.get(_key(namespace, name))
+
+    def service_info(self, namespace: str | None, name: str) -> ServiceInfo | None:
+        return self._services.get(_key(namespace, name))
 
     def set_pods(self, pods: Iterable[Pod]) -> None:
         """Pods only matter for named targetPorts that slices leave unresolved."""
         self._pods = {(p.namespace or "default", p.name): p for p in pods}
-        self._dirty.update(k for k, svc in self._services.items()
-                           if any(isinstance(p.target_port, str) for p in svc.spec.ports))
+        self._dirty.update(k for k, svc in self._services.items() if svc.named_target)
 
     def compile(self, services: Iterable[Service], slices: Iterable[EndpointSlice],
                 pods: Iterable[Pod] | None = None) -> ServiceState:
-        """Feed whole lists (unchanged objects are recognised by identity or resourceVersion)."""
+        """Feed whole lists (unchanged objects are recognised by resourceVersion)."""
+        self.replace(services, slices)
+        if pods is not None:
+            self.set_pods(pods)
+        return self.state()
+
+    def replace(self, services: Iterable[Service], slices: Iterable[EndpointSlice]) -> None:
+        """Make the inputs exactly these objects: feed what is new or changed, delete what is gone."""
         seen: set[Key] = set()
         for svc in services:
             k = _key(svc.namespace, svc.name)
             seen.add(k)
             old = self._services.get(k)
-            if old is not svc and not _same_version(old, svc):
+            if not _same_version(old, svc):
                 self.set_service(svc)
         for k in [k for k in self._services if k not in seen]:
             self.delete_service(*k)
@@ -423,15 +632,11 @@ class ServiceCompiler:
         for sl in slices:
             sk = _key(sl.namespace, sl.name)
             seen_slices.add(sk)
-            owner = self._slice_owner.get(sk)
-            old = self._slices.get(owner, {}).get(sl.name) if owner else None
-            if old is not sl and not (_same_version(old, sl) and owner == _key(sl.namespace, sl.service_name or "")):
+            old_sl = self._slice_index.get(sk)
+            if not (_same_version(old_sl, sl) and old_sl.service == (sl.service_name or None)):  # type: ignore[union-attr]
                 self.set_slice(sl)
-        for sk in [sk for sk in self._slice_owner if sk not in seen_slices]:
+        for sk in [sk for sk in self._slice_index if sk not in seen_slices]:
             self.delete_slice(*sk)
-        if pods is not None:
-            self.set_pods(pods)
-        return self.state()
 
     # -- the state
 
@@ -439,54 +644,134 @@ class ServiceCompiler:
         self.recompiled = 0
         if not self._dirty and self._state is not None:
             return self._state
-        touched: set[Frontend] = set()
+        with _gc_paused(len(self._dirty) >= _GC_PAUSE_FROM):
+            return self._update()
+
+    def _update(self) -> ServiceState:
+        live, claims, outs, services, slices = self._rules, self._claims, self._outs, self._services, self._slices
+        health_checks, skipped = self._health, self.skipped
+        pods, cidrs, local_dns = self._pods, self._cidrs, self.config.local_dns
+        touched: list[Frontend] = []  # frontends whose claims changed (may repeat)
+        fresh: dict[Frontend, FrontendRule] = {}  # rules made now, by frontend
+        health_changed = False
+        recompiled = 0
         for k in self._dirty:
-            old_rules, _ = self._out.pop(k, ([], None))
-            self._health.pop(k, None)
-            for r in old_rules:
-                claims = self._claims.get(r.frontend)
-                if claims is not None:
-                    claims.discard(k)
-                touched.add(r.frontend)
-            svc = self._services.get(k)
+            old_rules = outs.pop(k, None)
+            if old_rules:
+                for r in old_rules:
+                    fe = r.frontend
+                    c = claims.get(fe)
+                    if c == k:
+                        del claims[fe]
+                    elif type(c) is set:
+                        c.discard(k)
+                        if len(c) == 1:
+                            claims[fe] = next(iter(c))
+                    touched.append(fe)
+            if health_checks.pop(k, None) is not None:
+                health_changed = True
+            svc = services.get(k)
             if svc is None:
-                self.skipped.pop(k, None)
+                skipped.pop(k, None)
                 continue
-            rules, hc, problem = _compile_or_skip(svc, list(self._slices.get(k, {}).values()), self.node_name,
-                                                  self._pods, self._cidrs, self.config.local_dns)
+            rules, hc, problem = _compile_or_skip(svc, slices.get(k, ()), pods, cidrs, local_dns)
             if problem is None:
-                self.skipped.pop(k, None)
+                if skipped:
+                    skipped.pop(k, None)
             else:
-                self.skipped[k] = problem
-            self.recompiled += 1
-            self._out[k] = (rules, hc)
+                skipped[k] = problem
+            recompiled += 1
             if hc is not None:
-                self._health[k] = hc
-            for r in rules:
-                self._claims.setdefault(r.frontend, set()).add(k)
-                touched.add(r.frontend)
-        self._dirty.clear()
-        for fe in touched:
-            claims = self._claims.get(fe)
-            if not claims:
-                self._claims.pop(fe, None)
-                self._rules.pop(fe, None)
+                health_checks[k] = hc
+                health_changed = True
+            if not rules:
                 continue
-            owner = min(claims)  # two Services on one frontend: the first in (namespace, name) order
-            rule = next(r for r in self._out[owner][0] if r.frontend == fe)
-            if self._rules.get(fe) is not rule:
-                self._rules.pop(fe, None)  # re-inserted: the dict keeps first-appearance order otherwise
-                self._rules[fe] = rule
-        health: dict[int, HealthCheck] = {}
-        for k in sorted(self._health):
-            health.setdefault(self._health[k].port, self._health[k])
-        self._state = ServiceState.from_frontends(
-            self._rules, base=self._state, changed=frozenset(touched),
-            service_cidrs=self._cidrs, node_ips=self._node_ips,
-            health_checks=tuple(sorted(health.values())), masquerade_mark=self.config.masquerade_mark)
+            if old_rules:  # an equal rule stays the very same object
+                before = {r.frontend: r for r in old_rules}
+                rules = [r if (o := before.get(r.frontend)) is None or o != r else o for r in rules]
+            outs[k] = tuple(rules)
+            for r in rules:
+                fe = r.frontend
+                c = claims.get(fe)
+                if c is None:
+                    claims[fe] = k
+                elif type(c) is set:
+                    c.add(k)
+                elif c != k:
+                    claims[fe] = {c, k}
+                fresh[fe] = r
+                touched.append(fe)
+        self._dirty.clear()
+        self.recompiled = recompiled
+        track = self._state is not None  # states share `live`: say what each frontend had
+        previous: dict[Frontend, FrontendRule | None] = {}
+        for fe in touched:
+            c = claims.get(fe)
+            if c is None:
+                rule = None
+            elif type(c) is tuple:  # one claimant: made now, or (its rival gone) made before
+                rule = fresh.get(fe) or _rule_of(outs[c], fe)  # type: ignore[index]
+            else:  # the first claimant in (namespace, name) order
+                rule = _rule_of(outs[min(c)], fe)  # type: ignore[type-var]
+            was = live.get(fe)
+            if was is rule:
+                continue
+            if track and fe not in previous:
+                previous[fe] = was
+            if rule is None:
+                del live[fe]
+            else:
+                live[fe] = rule
+        old = self._state
+        health = old.health_checks if old is not None else ()
+        if health_changed:
+            by_port: dict[int, HealthCheck] = {}
+            for k in sorted(health_checks):
+                by_port.setdefault(health_checks[k].port, health_checks[k])
+            health = tuple(sorted(by_port.values()))
+        if old is not None and not previous and health == old.health_checks:
+            return old  # recompiled to the same rules
+        alive = []
+        for ref in self._states:
+            st = ref()
+            if st is not None:
+                st._moved_on(previous)
+                alive.append(ref)
+        self._seq += 1
+        self._state = ServiceState.shared(
+            live, self._seq, old, previous,
+            service_cidrs=self._cidrs.text, node_ips=self._node_ips,
+            health_checks=health, masquerade_mark=self.config.masquerade_mark)
+        alive.append(weakref.ref(self._state))
+        self._states = alive
         return self._state
 
 
-def _same_version(old: Service | EndpointSlice | None, new: Service | EndpointSlice) -> bool:
+_GC_PAUSE_FROM = 1000  # Services recompiled at once
+
+
+@contextmanager
+def _gc_paused(pause: bool) -> Iterator[None]:
+    """Compiling many Services allocates many objects and no reference cycles: the
+    cyclic collector would only walk every live object, again and again."""
+    if not pause or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _rule_of(rules: tuple[FrontendRule, ...], fe: Frontend) -> FrontendRule:
+    for r in rules:
+        if r.frontend == fe:
+            return r
+    raise KeyError(fe)
+
+
+def _same_version(old: ServiceInfo | SliceInfo | None, new: Service | EndpointSlice) -> bool:
     rv = new.metadata.resource_version
-    return old is not None and rv is not None and old.metadata.resource_version == rv
+    return old is not None and rv is not None and old.version == rv
+

@@ -11,8 +11,9 @@ and diffs are set differences.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 Proto = Literal["tcp", "udp", "sctp"]
 FrontendKind = Literal["ClusterIP", "ExternalIP", "LoadBalancer", "NodePort"]
@@ -43,7 +44,7 @@ class Backend(NamedTuple):
         return f"{self.ip}:{self.port}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class FrontendRule:
     """One frontend of one Service port, as this node must program it.
 
@@ -64,7 +65,7 @@ class FrontendRule:
     source_ranges: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class HealthCheck:
     """A healthCheckNodePort this node answers: 200 with local endpoints, else 503."""
 
@@ -86,59 +87,193 @@ class ServiceConfig:
     local_dns: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+class _Frontends(Mapping[Frontend, FrontendRule]):
+    """A read-only frontend -> rule mapping of one state (see ServiceState.frontends)."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: ServiceState):
+        self._state = state
+
+    def __getitem__(self, fe: Frontend) -> FrontendRule:
+        r = self._state.rule(fe)
+        if r is None:
+            raise KeyError(fe)
+        return r
+
+    def get(self, fe: Frontend, default: Any = None) -> Any:  # type: ignore[override]
+        r = self._state.rule(fe)
+        return default if r is None else r
+
+    def __contains__(self, fe: object) -> bool:
+        return self._state.rule(fe) is not None  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Frontend]:
+        live, over = self._state._live, self._state._over
+        if not over:
+            return iter(live)
+        return self._merged(live, over)
+
+    @staticmethod
+    def _merged(live: dict[Frontend, FrontendRule], over: dict[Frontend, FrontendRule | None]) -> Iterator[Frontend]:
+        for fe in live:
+            if fe not in over:
+                yield fe
+        for fe, r in over.items():
+            if r is not None:
+                yield fe
+
+    def __len__(self) -> int:
+        live, over = self._state._live, self._state._over
+        if not over:
+            return len(live)
+        return len(live) + sum((r is not None) - (fe in live) for fe, r in over.items())
+
+    def keys(self):  # type: ignore[override]
+        return self._state._live.keys() if not self._state._over else super().keys()
+
+    def values(self):  # type: ignore[override]
+        return self._state._live.values() if not self._state._over else super().values()
+
+    def items(self):  # type: ignore[override]
+        return self._state._live.items() if not self._state._over else super().items()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return len(self) == len(other) and all(other.get(fe) == r for fe, r in self.items())
+
+    def __repr__(self) -> str:
+        return f"<frontends of a ServiceState: {len(self)}>"
+
+
 class ServiceState:
-    """The whole desired Service dataplane of one node."""
+    """The whole desired Service dataplane of one node: a value.
 
-    rules: tuple[FrontendRule, ...] = field(default=(), compare=False)  # one per frontend
-    service_cidrs: tuple[str, ...] = ()
-    node_ips: tuple[str, ...] = ()
-    health_checks: tuple[HealthCheck, ...] = ()
-    masquerade_mark: int = MASQUERADE_MARK
-    # what two states compare by: the rule of each frontend, whatever the order of `rules`
-    _index: dict[Frontend, FrontendRule] = field(init=False, repr=False)
-    # a hint from ServiceCompiler: this state differs from `_base` at most in `_changed`
-    _base: ServiceState | None = field(init=False, default=None, compare=False, repr=False)
-    _changed: frozenset[Frontend] = field(init=False, default=frozenset(), compare=False, repr=False)
+    Built directly (`ServiceState(rules=...)`, what compile_services returns) it
+    owns its frontend index. Built by ServiceCompiler it shares the compiler's
+    live index instead of copying it (a sync costs the change, not the cluster):
+    when the compiler moves on, every older state still alive is given the rules
+    it had for the frontends that changed, so each state keeps reading as the
+    snapshot it was when made. `frontends` is then a read-only mapping (use it at
+    once; do not keep its dict views across compiler syncs).
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_index", {r.frontend: r for r in self.rules})
+    `previous` (compiler states): the frontends that changed since the state before
+    (`base`), each with its rule there (None: it had none).
+    """
 
-    __hash__ = None  # type: ignore[assignment]  # holds a dict: compare, do not hash
+    __slots__ = ("service_cidrs", "node_ips", "health_checks", "masquerade_mark", "previous",
+                 "_live", "_over", "_shared", "_seq", "_base", "_rules", "__weakref__")
+
+    def __init__(self, rules: Iterable[FrontendRule] = (), service_cidrs: tuple[str, ...] = (),
+                 node_ips: tuple[str, ...] = (), health_checks: tuple[HealthCheck, ...] = (),
+                 masquerade_mark: int = MASQUERADE_MARK):
+        rules = tuple(rules)
+        self.service_cidrs = service_cidrs
+        self.node_ips = node_ips
+        self.health_checks = health_checks
+        self.masquerade_mark = masquerade_mark
+        self.previous: dict[Frontend, FrontendRule | None] = {}
+        self._rules: tuple[FrontendRule, ...] | None = rules
+        self._live: dict[Frontend, FrontendRule] = {r.frontend: r for r in rules}
+        # rules this state had where the live index moved on (None: no rule); None while current
+        self._over: dict[Frontend, FrontendRule | None] | None = None
+        self._shared = False  # _live is a compiler's, mutated after this state was made
+        self._seq = 0  # order of the states sharing one live index
+        self._base: ServiceState | None = None
 
     @classmethod
-    def from_frontends(cls, index: dict[Frontend, FrontendRule], base: ServiceState | None = None,
-                       changed: frozenset[Frontend] = frozenset(), **fields: object) -> ServiceState:
-        """Build from a frontend -> rule dict without another pass over the rules.
-
-        base/changed: the previous state and the frontends that may differ from it,
-        so that a consumer holding `base` can diff in proportion to the change.
-        """
-        state = cls(**fields)  # type: ignore[arg-type]
-        object.__setattr__(state, "rules", tuple(index.values()))
-        object.__setattr__(state, "_index", index.copy())
+    def shared(cls, live: dict[Frontend, FrontendRule], seq: int, base: ServiceState | None,
+               previous: dict[Frontend, FrontendRule | None], **fields: Any) -> ServiceState:
+        """A state over a compiler's live index (ServiceCompiler only): `live` is not
+        copied; the compiler must call `_moved_on` on every state still alive before
+        it changes `live` again."""
+        state = cls(**fields)
+        state._rules = None  # made on first use
+        state._live = live
+        state._shared = True
+        state._seq = seq
+        state.previous = previous
         if base is not None:
-            object.__setattr__(base, "_base", None)  # keep one link, not the whole history
-            object.__setattr__(state, "_base", base)
-            object.__setattr__(state, "_changed", frozenset(changed))
+            base._base = None  # keep one link, not the whole history
+            state._base = base
         return state
 
-    def changed_since(self, other: ServiceState) -> frozenset[Frontend] | None:
-        """The frontends that may differ from `other`, when known (else None: compare all)."""
-        if self._base is other and other is not None and self.service_cidrs == other.service_cidrs \
-                and self.node_ips == other.node_ips:
-            return self._changed
-        return None
+    def _moved_on(self, previous: dict[Frontend, FrontendRule | None]) -> None:
+        """The live index is about to hold new rules for `previous`'s frontends
+        (each with its rule so far): keep this state's view of them."""
+        over = self._over
+        if over is None:
+            self._over = dict(previous)
+            return
+        for fe, r in previous.items():
+            if fe not in over:
+                over[fe] = r
 
-    def rule(self, frontend: Frontend) -> FrontendRule | None:
-        return self._index.get(frontend)
+    # -- reading
 
     @property
-    def frontends(self) -> dict[Frontend, FrontendRule]:
-        return self._index
+    def rules(self) -> tuple[FrontendRule, ...]:
+        """One rule per frontend (compiler states: in the order frontends first appeared)."""
+        r = self._rules
+        if r is None:
+            r = self._rules = tuple(self.frontends.values())
+        return r
+
+    def rule(self, frontend: Frontend) -> FrontendRule | None:
+        over = self._over
+        if over and frontend in over:
+            return over[frontend]
+        return self._live.get(frontend)
+
+    @property
+    def frontends(self) -> Mapping[Frontend, FrontendRule]:
+        return _Frontends(self) if self._shared else self._live
 
     def services(self) -> set[str]:
         return {r.service for r in self.rules}
+
+    @property
+    def base(self) -> ServiceState | None:
+        return self._base
+
+    def changed_since(self, other: ServiceState | None) -> frozenset[Frontend] | None:
+        """The frontends that may differ from `other`, when known (else None: compare all)."""
+        if other is None or other is self or self.service_cidrs != other.service_cidrs \
+                or self.node_ips != other.node_ips:
+            return None
+        if self._base is other:
+            return frozenset(self.previous)
+        if self._shared and other._shared and other._live is self._live and other._seq < self._seq \
+                and other._over is not None:
+            return frozenset(other._over)  # every frontend that changed since `other` (a superset)
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ServiceState):
+            return NotImplemented
+        if other is self:
+            return True
+        if (self.service_cidrs, self.node_ips, self.health_checks, self.masquerade_mark) != \
+                (other.service_cidrs, other.node_ips, other.health_checks, other.masquerade_mark):
+            return False
+        if self._live is other._live:  # two states of one compiler: they differ at most where one moved on
+            return all(self.rule(fe) == other.rule(fe) for fe in {*(self._over or ()), *(other._over or ())})
+        a, b = self.frontends, other.frontends
+        if len(a) != len(b):
+            return False
+        for fe, r in a.items():
+            o = b.get(fe)
+            if o is not r and o != r:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  # holds a dict: compare, do not hash
+
+    def __repr__(self) -> str:
+        return (f"ServiceState({len(self.frontends)} frontends, service_cidrs={self.service_cidrs!r}, "
+                f"node_ips={self.node_ips!r}, health_checks={self.health_checks!r}, "
+                f"masquerade_mark={self.masquerade_mark:#x})")
 
 
 @dataclass(frozen=True)
