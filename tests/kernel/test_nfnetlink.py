@@ -19,7 +19,7 @@ from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import NftError
 from podnet.services import nftables as nt
 
-good = nt.encode_element("backends", "10.96.0.1 . tcp . 80 . 0", "10.1.0.5 . 8080")
+good = nt.encode_element("backends_1", "10.96.0.1 . tcp . 80 . 0", "10.1.0.5 . 8080")
 plain = nt.encode_element("service_ips", "10.96.0.1 . udp . 53", None)
 link = nl.Netlink()
 b = nl.Batch()

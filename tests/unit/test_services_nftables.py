@@ -33,10 +33,10 @@ def test_elements_of_a_clusterip_and_a_nodeport():
     els = nt.elements(st)
     assert els["service_ips"] == {"10.96.0.10 . tcp . 80": None}
     assert els["svc_bit0"] == {"10.96.0.10 . tcp . 80": None}  # 2 endpoints: N-1 = 0b1
-    assert els["backends"] == {"10.96.0.10 . tcp . 80 . 0": "10.1.0.1 . 8080",
-                               "10.96.0.10 . tcp . 80 . 1": "10.1.0.2 . 8080"}
+    assert els["backends_2"] == {"10.96.0.10 . tcp . 80 . 0": "10.1.0.1 . 8080",
+                                 "10.96.0.10 . tcp . 80 . 1": "10.1.0.2 . 8080"}
     assert els["service_nodeports"] == {"tcp . 30080": None} and not any(els[f"np_bit{i}"] for i in range(16))
-    assert els["nodeport_backends"] == {"tcp . 30080 . 0": "10.1.0.1 . 8080"}
+    assert els["nodeport_backends_1"] == {"tcp . 30080 . 0": "10.1.0.1 . 8080"}
     assert els["masq_nodeports"] == {"tcp . 30080": None} and els["masq_ips"] == {}
     assert els["affinity_ips"] == {"10.96.0.10 . tcp . 80": "jump aff_t30"}
     assert els["reject_ips"] == {"10.96.0.11 . udp . 53": None}
@@ -66,7 +66,7 @@ def test_the_tier_tree_leads_every_endpoint_count_to_its_own_chain(kind, ip):
         leaf = walk_tree(layout, nt.elements(state(r)), kind, nt.fe_key(r.frontend))
         assert leaf == f"{kind}_{n}"
         assert layout.chains()[leaf] == [f"dnat ip to {'ip daddr . ' if ip else ''}meta l4proto . th dport . "
-                                         f"numgen random mod {n} map @{'backends' if ip else 'nodeport_backends'}"]
+                                         f"numgen random mod {n} map @{'backends' if ip else 'nodeport_backends'}_{n}"]
 
 
 def test_chains_do_not_grow_with_services_and_a_larger_service_deepens_the_tree():
@@ -83,8 +83,9 @@ def test_chains_do_not_grow_with_services_and_a_larger_service_deepens_the_tree(
 
 def test_the_big_sets_have_a_capacity_that_grows_with_need_and_never_shrinks():
     small = nt.Layout(0x4000)
-    assert "map backends { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; " \
-        f"size {nt.MIN_CAPACITY}; }}" in small.body
+    assert f"set service_ips {{ type ipv4_addr . inet_proto . inet_service; size {nt.MIN_CAPACITY}; }}" in small.body
+    assert "map backends_256 { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; }" \
+        in small.body and "backends_257" not in small.body
     assert small.fit(5, nt.MIN_CAPACITY) is small
     grown = small.fit(5, nt.MIN_CAPACITY + 1)
     assert grown.capacity == 4 * nt.MIN_CAPACITY and grown.bits == small.bits and grown.marker != small.marker
@@ -99,15 +100,15 @@ def test_affinity_chain_rules():
 
 def test_elements_encode_in_the_kernel_layout():
     # what `nft --debug=netlink` shows for the same elements (32-bit words, fields padded to 4 bytes)
-    backend = nt.encode_element("backends", "10.96.0.1 . tcp . 80 . 2", "10.1.0.5 . 8080")
+    backend = nt.encode_element("backends_3", "10.96.0.1 . tcp . 80 . 2", "10.1.0.5 . 8080")
     key = bytes.fromhex("0a600001" "06000000" "00500000") + (2).to_bytes(4, "little")
     assert key in backend and bytes.fromhex("0a010005" "1f900000") in backend
     ranges = nt.encode_element("lb_source_ranges", "10.96.0.1 . tcp . 80 . 192.168.0.0/16", None)
     head = bytes.fromhex("0a600001" "06000000" "00500000")
     assert head + bytes.fromhex("c0a80000") in ranges and head + bytes.fromhex("c0a8ffff") in ranges
     assert nt.encode_element("service_nodeports", "udp . 53", None).endswith(bytes.fromhex("11000000" "00350000"))
-    with pytest.raises(ValueError, match="set backends: element 'x . tcp . 80 . 0'"):
-        nt.element_batch({}, {"backends": {"x . tcp . 80 . 0": "10.1.0.1 . 80"}})
+    with pytest.raises(ValueError, match="set backends_1: element 'x . tcp . 80 . 0'"):
+        nt.element_batch({}, {"backends_1": {"x . tcp . 80 . 0": "10.1.0.1 . 80"}})
 
 
 def test_delta_is_empty_without_changes_and_only_the_new_service_otherwise():
@@ -125,17 +126,22 @@ def test_delta_replaces_changed_values_delete_first():
     a = state(rule("10.96.0.1", 80, "10.1.0.1", "10.1.0.2"))
     b = state(rule("10.96.0.1", 80, "10.1.0.3"))
     gone, come = nt.state_delta(a, b)
+    # two endpoints -> one: the slots move to the one-endpoint map, the tier bit goes
     assert gone == {"svc_bit0": {"10.96.0.1 . tcp . 80": None},
-                    "backends": {"10.96.0.1 . tcp . 80 . 0": "10.1.0.1 . 8080",
-                                 "10.96.0.1 . tcp . 80 . 1": "10.1.0.2 . 8080"}}
-    assert come == {"backends": {"10.96.0.1 . tcp . 80 . 0": "10.1.0.3 . 8080"}}
+                    "backends_2": {"10.96.0.1 . tcp . 80 . 0": "10.1.0.1 . 8080",
+                                   "10.96.0.1 . tcp . 80 . 1": "10.1.0.2 . 8080"}}
+    assert come == {"backends_1": {"10.96.0.1 . tcp . 80 . 0": "10.1.0.3 . 8080"}}
     lines = nt.describe_delta(gone, come).splitlines()
-    assert lines.index("add element ip podnet-svc backends { 10.96.0.1 . tcp . 80 . 0 : 10.1.0.3 . 8080 }") > \
-        lines.index("delete element ip podnet-svc backends {")
+    assert lines.index("add element ip podnet-svc backends_1 { 10.96.0.1 . tcp . 80 . 0 : 10.1.0.3 . 8080 }") > \
+        lines.index("delete element ip podnet-svc backends_2 {")
     batch = nt.element_batch(gone, come)
     assert [m[3] for m in batch.messages] == ["deleting from set podnet-svc svc_bit0",
-                                              "deleting from set podnet-svc backends",
-                                              "adding to set podnet-svc backends"]
+                                              "deleting from set podnet-svc backends_2",
+                                              "adding to set podnet-svc backends_1"]
+    # same count, another endpoint: only that slot's value changes
+    gone, come = nt.state_delta(b, state(rule("10.96.0.1", 80, "10.1.0.4")))
+    assert gone == {"backends_1": {"10.96.0.1 . tcp . 80 . 0": "10.1.0.3 . 8080"}}
+    assert come == {"backends_1": {"10.96.0.1 . tcp . 80 . 0": "10.1.0.4 . 8080"}}
 
 
 def test_parse_table_reads_back_what_we_render():
@@ -145,7 +151,7 @@ def test_parse_table_reads_back_what_we_render():
         {"table": {"family": "ip", "name": "podnet-svc"}},
         {"set": {"name": "service_ips", "elem": [{"concat": ["10.96.0.10", "tcp", 80]},
                                                  {"concat": ["203.0.113.7", "tcp", 80]}]}},
-        {"map": {"name": "backends", "elem": [[{"concat": ["10.96.0.10", "tcp", 80, 0]}, {"concat": ["10.1.0.1", 8080]}],
+        {"map": {"name": "backends_1", "elem": [[{"concat": ["10.96.0.10", "tcp", 80, 0]}, {"concat": ["10.1.0.1", 8080]}],
                                               [{"concat": ["203.0.113.7", "tcp", 80, 0]},
                                                {"concat": ["10.1.0.1", 8080]}]]}},
         {"set": {"name": "firewall_ips", "elem": [{"concat": ["203.0.113.7", "tcp", 80]}]}},
@@ -265,7 +271,7 @@ def test_applier_rebuilds_for_a_deeper_tree_and_verify_checks_chain_names():
     a.apply(state(rule("10.96.0.10", 80, "10.1.0.1")))
     big = state(rule("10.96.0.10", 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(300))))
     r = a.apply(big)
-    assert r.full and r.reason == "the table grows to 16384 slots and 512 tiers"
+    assert r.full and r.reason == "the table grows to 16384 frontends and 512 endpoint counts"
     assert "chain svc_512 {" in k.scripts[-1] and "svc_513" not in k.scripts[-1]
     names = [{"chain": {"table": nt.TABLE, "name": n}} for n in (*a.layout.chain_rule_counts(), *a.chains)]
     k.listing = json.dumps({"nftables": names})

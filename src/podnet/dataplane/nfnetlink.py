@@ -4,8 +4,7 @@
 process start (~13 ms) per transaction: too slow for a 250 000-element load
 and for a 10 ms change. This module writes the binary form directly: a batch
 (NFNL_MSG_BATCH_BEGIN ... END, one atomic kernel transaction) of set-element
-additions and deletions and, for the one rule nft's grammar cannot express,
-raw rule expressions. The table, its sets and chains are still created by nft.
+additions and deletions. The table, its sets and chains are created by nft.
 
 Element keys and values are given as bytes in the kernel's layout: every
 field of a concatenation padded to 4 bytes; addresses and ports in network
@@ -26,7 +25,6 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
-NFT_MSG_NEWRULE = 6
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
 NLMSG_ERROR = 2
@@ -41,8 +39,6 @@ LIST_ELEM = 1
 SET_ELEM_KEY, SET_ELEM_DATA, SET_ELEM_FLAGS, SET_ELEM_KEY_END = 1, 2, 3, 10
 DATA_VALUE, DATA_VERDICT = 1, 2
 VERDICT_CODE, VERDICT_CHAIN = 1, 2
-RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
-EXPR_NAME, EXPR_DATA = 1, 2
 SET_ELEM_INTERVAL_END = 1
 
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
@@ -147,11 +143,6 @@ class Batch:
         if chunk:
             self.messages.append((msg, flags, head + nested(SET_ELEM_LIST_ELEMENTS, b"".join(chunk)), what))
 
-    def append_rule(self, table: str, chain: str, expressions: list[bytes]) -> None:
-        payload = (strz(RULE_TABLE, table) + strz(RULE_CHAIN, chain)
-                   + nested(RULE_EXPRESSIONS, b"".join(expressions)))
-        self.messages.append((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, payload, f"adding a rule to {chain}"))
-
     def encode(self, seq0: int) -> bytes:
         parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq0, _nfgen(0, NFNL_SUBSYS_NFTABLES))]
         last = len(self.messages) - 1
@@ -239,38 +230,3 @@ def _acks(data: bytes) -> Iterable[tuple[int, int, int]]:
             seq = struct.unpack_from("=I", data, off + 16 + 4 + 8)[0]  # the failed request's own header
         yield kind, seq, code
         off += (n + 3) & ~3
-
-
-# ---------------------------------------------------------------- rule expressions
-
-NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 1, 2
-NFT_META_L4PROTO = 16
-NFT_REG_VERDICT = 0
-NFT_REG_1, NFT_REG_2 = 1, 2
-NFT_REG32_01, NFT_REG32_02 = 9, 10
-
-
-def _expr(name: str, data: bytes) -> bytes:
-    return nested(LIST_ELEM, strz(EXPR_NAME, name) + nested(EXPR_DATA, data))
-
-
-def payload_load(base: int, offset: int, length: int, dreg: int) -> bytes:
-    return _expr("payload", u32be(1, dreg) + u32be(2, base) + u32be(3, offset) + u32be(4, length))
-
-
-def meta_load(key: int, dreg: int) -> bytes:
-    return _expr("meta", u32be(1, dreg) + u32be(2, key))
-
-
-def lookup(set_name: str, sreg: int, dreg: int | None = None) -> bytes:
-    body = strz(1, set_name) + u32be(2, sreg)
-    if dreg is not None:
-        body += u32be(3, dreg)
-    return _expr("lookup", body)
-
-
-def daddr_proto_dport(dreg_first: int = NFT_REG_1) -> list[bytes]:
-    """`ip daddr . meta l4proto . th dport` loaded as a concatenation starting at reg 1."""
-    return [payload_load(NFT_PAYLOAD_NETWORK_HEADER, 16, 4, dreg_first),
-            meta_load(NFT_META_L4PROTO, NFT_REG32_01),
-            payload_load(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_02)]

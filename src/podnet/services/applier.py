@@ -85,7 +85,7 @@ class NftServiceApplier:
         self.applied_state: ServiceState | None = None
         self.chains: set[str] = set()  # affinity chains in the kernel
         self.layout: nt.Layout | None = None
-        self.slots = 0  # @backends elements in the kernel (the capacity of the layout bounds them)
+        self.frontends = 0  # @service_ips elements in the kernel (the layout's capacity bounds them)
         self.last_script = ""  # the last nft text sent (structure, affinity chains)
         self.last_delta: tuple[nt.Elements, nt.Elements] = ({}, {})  # the last incremental element delta
 
@@ -133,11 +133,11 @@ class NftServiceApplier:
             layout = self.layout
             if old is None or layout is None or resync or state.masquerade_mark != layout.mark:
                 layout, table, reason = self.read_kernel(state)
-                self.slots = nt.state_size(state)[1]
+                self.frontends = nt.state_size(state)[1]
                 if table is None:
                     rebuild = reason
                 else:
-                    applied = {name: table.elements.get(name, {}) for name in nt.SETS}
+                    applied = table.elements
                     self.chains = {c for c in table.chains if nt.is_affinity_chain(c)}
                     affinity_check = True  # entries from before we knew the kernel may be stale
                     delta = nt.diff(applied, nt.elements(state))
@@ -145,10 +145,10 @@ class NftServiceApplier:
                 delta = nt.state_delta(old, state)  # empty: nothing is sent
                 affinity_check = _affinity_touched(delta[0], old)
                 gone, come = delta
-                self.slots += len(come.get("backends", ())) - len(gone.get("backends", ()))
-                layout = layout.fit(nt.most_backends(come), self.slots)
+                self.frontends += len(come.get("service_ips", ())) - len(gone.get("service_ips", ()))
+                layout = layout.fit(nt.most_backends(come), self.frontends)
                 if layout != self.layout:
-                    rebuild = f"the table grows to {layout.capacity} slots and {2 ** layout.bits} tiers"
+                    rebuild = f"the table grows to {layout.capacity} frontends and {2 ** layout.bits} endpoint counts"
             self.layout = layout
             if delta is not None and not rebuild:
                 gone, come = delta
@@ -171,8 +171,8 @@ class NftServiceApplier:
                     flows = nt.stale_udp_flows(gone, come, state)
             if rebuild:
                 result.reason = rebuild
-                most, self.slots = nt.state_size(state)
-                layout = self.layout = layout.fit(most, self.slots)
+                most, self.frontends = nt.state_size(state)
+                layout = self.layout = layout.fit(most, self.frontends)
                 desired = nt.elements(state)
                 if old is not None and not flows:
                     flows = nt.stale_udp_flows(*nt.diff(nt.elements(old), desired), state)
@@ -258,9 +258,10 @@ def _affinity_touched(gone: nt.Elements, old: ServiceState) -> bool:
     """Did a frontend with affinity lose a backend or its affinity? (`old`: before the delta)"""
     if gone.get("affinity_ips") or gone.get("affinity_nodeports"):
         return True
-    for slots, nodeport in (("backends", False), ("nodeport_backends", True)):
-        for k in gone.get(slots, {}):
-            rule = old.rule(nt.frontend_of(k.rpartition(" . ")[0], nodeport))
+    for name, kv in gone.items():
+        which = nt.slot_map_of(name)
+        for k in kv if which else ():
+            rule = old.rule(nt.frontend_of(k.rpartition(" . ")[0], which[0]))
             if rule is not None and rule.affinity_timeout:
                 return True
     return False

@@ -9,8 +9,8 @@
         fib daddr local, meta l4proto . th dport @service_nodeports -> goto np_t
       svc_t...: a binary tree of chains that finds the endpoint count N of the frontend,
         one bit per level (@svc_bit<i> holds the frontends whose N-1 has bit i set)
-      svc_<N>: dnat to (ip daddr . l4proto . dport . numgen random mod N) @backends
-      np_<N>:  dnat to (l4proto . dport . numgen random mod N) @nodeport_backends
+      svc_<N>: dnat to (ip daddr . l4proto . dport . numgen random mod N) @backends_<N>
+      np_<N>:  dnat to (l4proto . dport . numgen random mod N) @nodeport_backends_<N>
       nat postrouting: record affinity (@affinity_ips/@affinity_nodeports -> jump aff_t<T>,
         which updates @affinity with the chosen backend), masquerade marked traffic
       filter forward: a DNATed packet that leaves by the interface it came in (a pod
@@ -27,7 +27,7 @@ are not validated: a change costs the same at any size. The tree costs a fixed
 number of set lookups per new connection (TIER_BITS), whatever the number of Services.
 
 A Service port with N endpoints is one @service_ips element, one @svc_bit<i> element
-per bit set in N-1, and N @backends slot elements. The tree has 2^bits leaves
+per bit set in N-1, and N @backends_<N> slot elements. The tree has 2^bits leaves
 (bits = TIER_BITS, more if a Service has more endpoints: the table is rebuilt once
 for it). aff_t<T> exists once per distinct affinity timeout. Nothing grows with
 the number of Services except elements.
@@ -55,10 +55,18 @@ PROTOS = ("tcp", "udp", "sctp")
 AFFINITY_MAX = 1048576  # entries in the dynamic affinity map
 TIER_BITS = 8  # the tier tree covers 1..256 endpoints per frontend unless a Service needs more
 MAX_TIER_BITS = 16
-# The two big sets get a fixed capacity: the kernel then uses a fixed-size hash, which
+# One slot map per endpoint count: the kernel checks every element of a map against
+# every rule bound to it (on insert, and for every element when a rule binds), so a
+# single slot map used by all leaf chains would cost 256 checks per element.
+# @service_ips gets a fixed capacity: the kernel then uses a fixed-size hash, which
 # loads about 3x faster than the resizable one. The capacity is a hard limit; the
 # table is rebuilt with twice the need when it is reached (and never shrinks).
-SIZED = ("service_ips", "backends")
+SIZED = ("service_ips",)
+SLOT_MAPS = {False: "backends", True: "nodeport_backends"}  # nodeport? -> slot map name prefix
+SLOT_DECL = {
+    False: "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;",
+    True: "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;",
+}
 MIN_CAPACITY = 16384
 
 K3 = "ipv4_addr . inet_proto . inet_service"
@@ -71,8 +79,6 @@ SETS: dict[str, str] = {
     "service_nodeports": f"type {K2};",
     **{f"svc_bit{i}": f"type {K3};" for i in range(MAX_TIER_BITS)},
     **{f"np_bit{i}": f"type {K2};" for i in range(MAX_TIER_BITS)},
-    "backends": "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;",
-    "nodeport_backends": "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;",
     "masq_ips": f"type {K3};",
     "masq_nodeports": f"type {K2};",
     "reject_ips": f"type {K3};",
@@ -84,7 +90,7 @@ SETS: dict[str, str] = {
     "affinity_ips": f"type {K3} : verdict;",
     "affinity_nodeports": f"type {K2} : verdict;",
 }
-MAPS = {name for name, decl in SETS.items() if " : " in decl}
+VERDICT_MAPS = {name for name, decl in SETS.items() if decl.endswith(": verdict;")}
 TEXT_ONLY = ("service_cidrs", "node_ips")
 DYNAMIC = "affinity"  # filled by the kernel, never by the applier
 
@@ -148,10 +154,8 @@ def _tree_chains(bits: int) -> dict[str, list[str]]:
     Node `<kind>_t<prefix>` tests bit (bits-1-len(prefix)) of N-1, most significant
     first; the leaf for N-1 = v is `<kind>_<v+1>`, which picks one of N slots."""
     out: dict[str, list[str]] = {}
-    for kind, key, slots, match in (
-        ("svc", "ip daddr . meta l4proto . th dport", "backends", "ip daddr . meta l4proto . th dport"),
-        ("np", "meta l4proto . th dport", "nodeport_backends", "meta l4proto . th dport"),
-    ):
+    for kind, key, nodeport in (("svc", "ip daddr . meta l4proto . th dport", False),
+                                ("np", "meta l4proto . th dport", True)):
         def node(prefix: str, kind: str = kind) -> str:
             if len(prefix) == bits:
                 return f"{kind}_{int(prefix, 2) + 1}"
@@ -162,12 +166,12 @@ def _tree_chains(bits: int) -> dict[str, list[str]]:
             nxt = []
             for prefix in frontier:
                 bit = bits - 1 - len(prefix)
-                out[node(prefix)] = [f"{match} @{kind}_bit{bit} goto {node(prefix + '1')}", f"goto {node(prefix + '0')}"]
+                out[node(prefix)] = [f"{key} @{kind}_bit{bit} goto {node(prefix + '1')}", f"goto {node(prefix + '0')}"]
                 if len(prefix) + 1 < bits:
                     nxt += [prefix + "0", prefix + "1"]
             frontier = nxt
         for v in range(2 ** bits):
-            out[f"{kind}_{v + 1}"] = [f"dnat ip to {key} . numgen random mod {v + 1} map @{slots}"]
+            out[f"{kind}_{v + 1}"] = [f"dnat ip to {key} . numgen random mod {v + 1} map @{slot_map(nodeport, v + 1)}"]
     return out
 
 
@@ -179,19 +183,26 @@ class Layout:
     bits: int = TIER_BITS
     capacity: int = MIN_CAPACITY  # elements of each SIZED set
 
-    def fit(self, most_backends: int, slots: int) -> Layout:
-        """This layout if it holds a frontend with `most_backends` endpoints and `slots`
-        @backends elements; otherwise a larger one (the table must be rebuilt)."""
+    def fit(self, most_backends: int, frontends: int) -> Layout:
+        """This layout if it holds a frontend with `most_backends` endpoints and `frontends`
+        @service_ips elements; otherwise a larger one (the table must be rebuilt)."""
         bits = max(self.bits, (most_backends - 1).bit_length())
         capacity = self.capacity
-        if slots > capacity:
-            capacity = max(MIN_CAPACITY, 1 << (2 * slots - 1).bit_length())
+        if frontends > capacity:
+            capacity = max(MIN_CAPACITY, 1 << (2 * frontends - 1).bit_length())
         return self if (bits, capacity) == (self.bits, self.capacity) else Layout(self.mark, bits, capacity)
 
     @classmethod
     def for_state(cls, state: ServiceState) -> Layout:
-        most, slots = state_size(state)
-        return cls(state.masquerade_mark).fit(most, slots)
+        return cls(state.masquerade_mark).fit(*state_size(state))
+
+    def sets(self) -> dict[str, str]:
+        """Every set and map of the table (name -> declaration), the slot maps included."""
+        out = dict(SETS)
+        for nodeport in (False, True):
+            for n in range(1, 2 ** self.bits + 1):
+                out[slot_map(nodeport, n)] = SLOT_DECL[nodeport]
+        return out
 
     def chains(self) -> dict[str, list[str]]:
         return {**_fixed_chains(self.mark), **_tree_chains(self.bits)}
@@ -199,9 +210,9 @@ class Layout:
     @property
     def body(self) -> str:
         lines = []
-        for name, decl in SETS.items():
+        for name, decl in self.sets().items():
             size = f" size {self.capacity};" if name in SIZED else ""
-            lines.append(f"  {'map' if name in MAPS else 'set'} {name} {{ {decl}{size} }}")
+            lines.append(f"  {'map' if ' : ' in decl else 'set'} {name} {{ {decl}{size} }}")
         lines.append(f"  map {DYNAMIC} {{ typeof ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport; "
                      f"size {AFFINITY_MAX}; flags dynamic,timeout; timeout 3h; }}")
         for name, rules in self.chains().items():
@@ -227,6 +238,22 @@ class Layout:
         return counts
 
 
+def slot_map(nodeport: bool, n: int) -> str:
+    """The map holding the slots of frontends with n endpoints."""
+    return f"{SLOT_MAPS[nodeport]}_{n}"
+
+
+def slot_map_of(name: str) -> tuple[bool, int] | None:
+    """(nodeport?, endpoint count) of a slot map's name; None for other sets."""
+    prefix, _, n = name.rpartition("_")
+    if not n.isdigit():
+        return None
+    for nodeport, p in SLOT_MAPS.items():
+        if prefix == p:
+            return nodeport, int(n)
+    return None
+
+
 def affinity_chain(timeout: int) -> str:
     return f"aff_t{timeout}"
 
@@ -250,30 +277,26 @@ def is_affinity_chain(name: str) -> bool:
 
 
 def most_backends(els: Elements) -> int:
-    """The largest endpoint count among these elements' frontends (from their slot numbers)."""
-    most = 0
-    for name in ("backends", "nodeport_backends"):
-        for k in els.get(name, {}):
-            most = max(most, int(k.rpartition(" . ")[2]) + 1)
-    return most
+    """The largest endpoint count among these elements' frontends (from their slot maps)."""
+    return max((s[1] for name, kv in els.items() if kv and (s := slot_map_of(name))), default=0)
 
 
 def state_size(state: ServiceState) -> tuple[int, int]:
-    """(largest endpoint count of a frontend, @backends elements) of a state: O(frontends)."""
-    most = slots = 0
+    """(largest endpoint count of a frontend, @service_ips elements) of a state: O(frontends)."""
+    most = frontends = 0
     for r in state.rules:
         n = len(r.backends)
         most = max(most, n)
-        if r.frontend.ip is not None:
-            slots += n
-    return most, slots
+        if n and r.frontend.ip is not None:
+            frontends += 1
+    return most, frontends
 
 
 def kernel_layout(mark: int, table: KernelTable) -> Layout:
     """The tree depth and capacity of a table read back (to adopt them when they fit)."""
     leaves = sum(1 for name in table.chains if name.startswith("svc_") and name[4:].isdigit())
     bits = max(leaves.bit_length() - 1, 1)
-    return Layout(mark, bits, table.sizes.get("backends", MIN_CAPACITY))
+    return Layout(mark, bits, table.sizes.get("service_ips", MIN_CAPACITY))
 
 
 # ---------------------------------------------------------------- elements
@@ -328,7 +351,7 @@ def _rule_elements(rule: FrontendRule, out: Elements) -> None:
                 put(f"{bit_set}{i}", key, None)
             v >>= 1
             i += 1
-        slots = "nodeport_backends" if np else "backends"
+        slots = slot_map(np, n)
         for i, b in enumerate(rule.backends):
             put(slots, f"{key} . {i}", f"{b.ip} . {b.port}")
         if rule.masquerade:
@@ -348,7 +371,7 @@ def diff(applied: Elements, desired: Elements) -> tuple[Elements, Elements]:
     """(elements to delete, elements to add) between two full element sets."""
     gone: Elements = {}
     come: Elements = {}
-    for name in SETS:
+    for name in {**applied, **desired}:
         old, new = applied.get(name, {}), desired.get(name, {})
         if old == new:
             continue
@@ -423,8 +446,12 @@ def stale_udp_flows(gone: Elements, come: Elements, new: ServiceState) -> list[S
     endpoints, or did not exist: such flows were never NATed). Works the same for
     a delta against elements read back from the kernel (after an agent restart)."""
     out: set[StaleFlow] = set()
-    for name, np in (("backends", False), ("nodeport_backends", True)):
-        for key, value in gone.get(name, {}).items():
+    for name, kv in gone.items():
+        which = slot_map_of(name)
+        if which is None:
+            continue
+        np = which[0]
+        for key, value in kv.items():
             if " udp . " not in f" {key} " or value is None:
                 continue
             fe = frontend_of(key.rpartition(" . ")[0], np)
@@ -469,8 +496,8 @@ def describe_delta(gone: Elements, come: Elements) -> str:
     """A delta as the nft commands that would make it (for logs and tests; it is sent as netlink)."""
     lines: list[str] = []
     for verb, part in (("delete", gone), ("add", come)):
-        for name in SETS:
-            if part.get(name):
+        for name in part:
+            if part[name]:
                 lines += element_block(verb, name, sorted(part[name].items()), keys_only=verb == "delete")
     return "\n".join(lines) + "\n" if lines else ""
 
@@ -508,9 +535,9 @@ def encode_element(name: str, key: str, value: str | None) -> bytes:
     """One element in the text form of `elements()` -> its netlink encoding (value None:
     the key alone, as a deletion needs)."""
     parts = key.split(" . ")
-    if name == "backends":
+    if len(parts) == 4 and name.startswith("backends_"):
         return nl.element(_k3(parts) + _SLOT.pack(int(parts[3])), value and nl.value(_ip_port(value)))
-    if name == "nodeport_backends":
+    if len(parts) == 3 and name.startswith("nodeport_backends_"):
         return nl.element(_k2(parts) + _SLOT.pack(int(parts[2])), value and nl.value(_ip_port(value)))
     if name == "lb_source_ranges":
         net, _, plen = parts[3].partition("/")
@@ -519,7 +546,7 @@ def encode_element(name: str, key: str, value: str | None) -> bytes:
         head = _k3(parts)
         return nl.element(head + first.to_bytes(4, "big"), key_end=head + last.to_bytes(4, "big"))
     k = _k2(parts) if len(parts) == 2 else _k3(parts)
-    if name in MAPS and value is not None:
+    if name in VERDICT_MAPS and value is not None:
         return nl.element(k, nl.verdict(value))
     return nl.element(k)
 
@@ -536,8 +563,8 @@ def element_batch(gone: Elements, come: Elements, batch: nl.Batch | None = None)
     value is a deletion and an addition). The text-only sets are not included."""
     batch = batch or nl.Batch()
     for verb, part in (("delete", gone), ("add", come)):
-        for name in SETS:
-            kv = part.get(name)
+        for name in part:
+            kv = part[name]
             if not kv or name in TEXT_ONLY:
                 continue
             encoded = (_encode_checked(name, k, None if verb == "delete" else v) for k, v in kv.items())
@@ -612,7 +639,7 @@ def parse_table(listing: str) -> KernelTable:
 
 def check_layout(layout: Layout, table: KernelTable) -> str | None:
     """Why the kernel table is not ours as expected (None: it is)."""
-    for name in (*SETS, DYNAMIC):
+    for name in (*layout.sets(), DYNAMIC):
         if name not in table.sets:
             return f"set/map {name} is missing"
     expected = layout.chain_rule_counts()
