@@ -89,9 +89,23 @@ def worker(backend: str, n: int, reps: int) -> None:
     from podnet.services.model import ServiceConfig
 
     rss_start = _rss_bytes()
-    services, slices, make, fake = _objects(n)
-    rss_objects = _rss_bytes()
+    _, _, make, fake = _objects(0)
     compiler = ServiceCompiler("n1", ["10.10.0.1", "10.20.0.1"], ServiceConfig(service_cidrs=(SERVICE_CIDR,)))
+    # The objects arrive as watch events would, and as in the agent each is fed to the
+    # compiler (which keeps a compact record) and dropped; each sync compiles what changed.
+    # Kept: the one slice the "change" measurement restores.
+    mid = n // 2
+    original_mid = s = sl = None
+    for i in range(n):
+        real = i in (0, n - 1)
+        s, sl = make(i, f"s{i:06d}", str(ipaddress.IPv4Address(CLUSTER_BASE + i)), REAL_EPS if real else fake(i),
+                     real)
+        compiler.set_service(s)
+        compiler.set_slice(sl)
+        if i == mid:
+            original_mid = sl
+    del s, sl
+    rss_objects = _rss_bytes()  # the compiler's records of every object
     if backend == "nft-maps":
         from podnet.services.applier import NftServiceApplier
 
@@ -121,11 +135,6 @@ def worker(backend: str, n: int, reps: int) -> None:
             out["list_s"] = applier.last_list_seconds
         return out
 
-    # the objects arrive as watch events would; each sync compiles what changed
-    for s in services:
-        compiler.set_service(s)
-    for sl in slices:
-        compiler.set_slice(sl)
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
@@ -138,7 +147,6 @@ def worker(backend: str, n: int, reps: int) -> None:
             out["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         elif op == "ops":
             results: dict[str, list[dict]] = {"add": [], "delete": [], "change": []}
-            mid = n // 2
             for rep in range(reps):
                 extra, extra_sl = make(10**6 + rep, f"zz{rep:03d}",
                                        str(ipaddress.IPv4Address(CLUSTER_BASE + n + 100 + rep)),
@@ -155,7 +163,7 @@ def worker(backend: str, n: int, reps: int) -> None:
                     _, changed = make(mid, f"s{mid:06d}", "", eps, False)
                     compiler.set_slice(changed)
                     results["change"].append(sync())
-                    compiler.set_slice(slices[mid])  # back to the original, not measured
+                    compiler.set_slice(original_mid)  # back to the original, not measured
                     sync()
             out = results
         elif op == "remove":

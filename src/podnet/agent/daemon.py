@@ -4,7 +4,9 @@
     sync = cache -> desired state (pure compilers) -> reconcile kernel (diff only)
 
 Dataplanes: cross-node routing and NAT, Services (nftables maps), NetworkPolicy
-(nftables sets), and a DNS server fed straight from the watch. A change marks only
+(nftables sets), and a DNS server fed straight from the watch. Services and
+EndpointSlices are not kept in the cache: the Service compiler and the DNS index
+take them from the watch events, each in its own compact form. A change marks only
 the dataplanes it can affect. The CNI socket is served from the start; STATUS
 reports not-ready until the first sync has programmed the node. The agent never
 flushes on start or stop: it reconciles, so restarting it leaves established
@@ -30,10 +32,10 @@ from podnet.dataplane.routing import VXLAN_OVERHEAD, desired_routing
 from podnet.dns.resolvconf import NODE_DNS_ADDRESS
 from podnet.errors import PodnetError
 from podnet.ipam.keys import BLOCKS
-from podnet.model.objects import EndpointSlice, IPPool, Namespace, NetworkPolicy, Node, Pod, Service
+from podnet.model.objects import IPPool, Namespace, NetworkPolicy, Node, Pod
 from podnet.store import open_store
 from podnet.store.base import Compacted, KeyValueStore
-from podnet.store.objects import ObjectStore
+from podnet.store.objects import ObjectEvent, ObjectStore
 
 log = logging.getLogger("podnet.agent")
 
@@ -50,6 +52,8 @@ AFFECTS: dict[str, tuple[str, ...]] = {
     "NetworkPolicy": ("policy",),
 }
 DATAPLANES = ("routing", "services", "policy")
+# Kinds the cache does not keep: event-fed indexes hold them (Service compiler, DNS index).
+EVENT_FED = ("Service", "EndpointSlice")
 
 
 @dataclass
@@ -74,7 +78,7 @@ class Agent:
         self.cfg = cfg
         self.kv: KeyValueStore = open_store(cfg.store_url)
         self.objects = ObjectStore(self.kv)
-        self.cache = ObjectCache()
+        self.cache = ObjectCache(unkept=EVENT_FED)
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self._dirty: set[str] = set(DATAPLANES)
@@ -101,10 +105,12 @@ class Agent:
         self.node_ip = self.node_ip or self._wait_for_node_ip()
         self.routes = RouteProgrammer(self.cfg.node, self.node_ip)
         records, rev = self.kv.list("/podnet/")
-        loaded = self.cache.load(records)
         self._start_services()
+        self._make_dns_index()
+        self.cache.load(records, self._feed)  # each object goes to its indexes as it is decoded
+        del records
         self._start_policy()
-        self._start_dns(loaded)
+        self._start_dns()
         self._start_cni_server()
         self._start_metrics()
         self.seen_rev = rev  # the newest store revision applied to the cache
@@ -209,18 +215,21 @@ class Agent:
             return []
         return [self.cfg.dns_address, *self.cfg.cluster_dns_ips]
 
-    def _start_dns(self, loaded: list) -> None:
+    def _make_dns_index(self) -> None:
+        if not self.dns_addresses():
+            return
+        from podnet.dns.index import ClusterIndex
+
+        self.dns_index = ClusterIndex(zone=self.cfg.cluster_domain, node_name=self.cfg.node)
+
+    def _start_dns(self) -> None:
         addresses = self.dns_addresses()
-        if not addresses:
+        if not addresses or self.dns_index is None:
             return
         from podnet.dns import resolvconf
-        from podnet.dns.index import ClusterIndex
         from podnet.dns.server import DNSServer
 
         DnsAddresses(addresses).ensure()
-        self.dns_index = ClusterIndex(zone=self.cfg.cluster_domain, node_name=self.cfg.node)
-        for ev in loaded:
-            self.dns_index.apply_event(ev)
         self.dns = DNSServer(self.dns_index, listen=[(a, 53) for a in addresses], upstreams=self.cfg.dns_upstreams,
                              host_search=resolvconf.host_search_domains())
         self.dns.start_thread()
@@ -251,6 +260,8 @@ class Agent:
                 for ev in kv.watch("/podnet/", rev):
                     rev = ev.revision + 1
                     typed = self.cache.apply(ev)
+                    if typed is not None:
+                        self._feed(typed)  # before marking: the sync that follows must see it
                     with self._dirty_lock:
                         self.seen_rev = ev.revision
                     self.wake.set()  # even a change no dataplane cares about advances the synced revision
@@ -258,14 +269,17 @@ class Agent:
                         self.mark("routing")
                     elif typed is not None:
                         self.mark(*AFFECTS.get(kind_of_key(ev.key) or "", ()))
-                        if self.dns_index is not None:
-                            self.dns_index.apply_event(typed)
                     if self.stopping.is_set():
                         break
             except Compacted:
                 log.warning("watch history compacted; reloading the cache")
                 records, head = kv.list("/podnet/")
+                if self.services is not None:
+                    self.services.start_reload()  # what the list does not name is deleted after it
                 self.cache = self._reloaded(records)
+                del records
+                if self.services is not None:
+                    self.services.finish_reload()
                 rev = head + 1
                 with self._dirty_lock:
                     self.seen_rev = head
@@ -276,11 +290,16 @@ class Agent:
                 self.mark(*DATAPLANES)
 
     def _reloaded(self, records: list) -> ObjectCache:
-        cache = ObjectCache()
-        for ev in cache.load(records):
-            if self.dns_index is not None:
-                self.dns_index.apply_event(ev)
+        cache = ObjectCache(unkept=EVENT_FED)
+        cache.load(records, self._feed)
         return cache
+
+    def _feed(self, ev: ObjectEvent) -> None:
+        """One object event to the indexes fed by events (the Service compiler, DNS)."""
+        if self.services is not None:
+            self.services.on_event(ev)
+        if self.dns_index is not None:
+            self.dns_index.apply_event(ev)
 
     def sync(self, dirty: set[str], full: bool = False) -> None:
         for name in DATAPLANES:
@@ -320,7 +339,7 @@ class Agent:
 
     def _sync_services(self, full: bool) -> str:
         assert self.services is not None
-        return self.services.sync(self.cache.list(Service), self.cache.list(EndpointSlice), full)
+        return self.services.sync(full)
 
     def _sync_policy(self, full: bool) -> str:
         assert self.policy is not None

@@ -1,38 +1,158 @@
-"""The agent's Service dataplane: compiler, nftables applier, health checks, metrics."""
+"""The agent's Service dataplane: compiler, nftables applier, health checks, metrics.
+
+Fed by the watch, one event at a time (`on_event`): Services and EndpointSlices go
+straight into the compiler, which keeps them in compact form, so that a sync
+costs what changed and the agent holds no copy of those objects. `replace` makes
+the inputs a whole list (after the watch history was compacted).
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 from podnet.model.objects import EndpointSlice, Service
 from podnet.services.applier import NftServiceApplier
-from podnet.services.compiler import ServiceCompiler
+from podnet.services.compiler import ServiceCompiler, SliceInfo
 from podnet.services.health import HealthCheckServer
 from podnet.services.metrics import ServiceMetrics
 from podnet.services.model import ServiceConfig
+from podnet.store.objects import OBJECTS_PREFIX, ObjectEvent
+
+KINDS = ("Service", "EndpointSlice")
+
+
+def key_parts(key: str) -> tuple[str, str | None, str] | None:
+    """(kind, namespace, name) of an object key: /podnet/objects/<Kind>/<ns>/<name>."""
+    if not key.startswith(OBJECTS_PREFIX):
+        return None
+    parts = key[len(OBJECTS_PREFIX):].split("/")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    if len(parts) == 2:
+        return parts[0], None, parts[1]
+    return None
 
 
 class ServiceDataplane:
-    def __init__(self, node: str, node_ip: str, service_cidrs: tuple[str, ...], local_dns: tuple[str, ...] = ()):
+    def __init__(self, node: str, node_ip: str, service_cidrs: tuple[str, ...], local_dns: tuple[str, ...] = (),
+                 applier: NftServiceApplier | None = None, health: HealthCheckServer | None = None):
         self.metrics = ServiceMetrics()
         self.compiler = ServiceCompiler(node, [node_ip], ServiceConfig(service_cidrs=service_cidrs,
                                                                        local_dns=local_dns))
-        self.applier = NftServiceApplier(metrics=self.metrics)
-        self.health = HealthCheckServer()
+        self.applier = applier if applier is not None else NftServiceApplier(metrics=self.metrics)
+        self.health = health if health is not None else HealthCheckServer()
+        self._lock = threading.Lock()  # the watch feeds, the sync loop compiles
+        self._triggers: dict[str, float] = {}  # slice -> trigger time of a change not yet programmed
+        self._reload: tuple[set[tuple[str, str]], set[tuple[str, str]]] | None = None  # seen while reloading
 
-    def sync(self, services: Iterable[Service], slices: Iterable[EndpointSlice], full: bool) -> str:
-        slices = list(slices)
-        state = self.compiler.compile(services, slices)
-        result = self.applier.apply(state, resync=full)
-        self.health.sync(state.health_checks)
-        self.metrics.record_network_programming(slices)
+    # -- inputs
+
+    def on_event(self, ev: ObjectEvent) -> bool:
+        """Apply one watch event; False if it was not about Services or EndpointSlices.
+        An object at the resourceVersion already held costs nothing (a replayed list)."""
+        obj = ev.object
+        if isinstance(obj, Service):
+            with self._lock:
+                if self._reload is not None:
+                    self._reload[0].add((obj.namespace or "default", obj.name))
+                old = self.compiler.service_info(obj.namespace, obj.name)
+                if not _same_version(old, obj):
+                    self.compiler.set_service(obj)
+            return True
+        if isinstance(obj, EndpointSlice):
+            self._set_slice(obj)
+            return True
+        if ev.type != "DELETED":
+            return False
+        parts = key_parts(ev.key)
+        if parts is None or parts[0] not in KINDS:
+            return False
+        kind, namespace, name = parts
+        with self._lock:
+            if kind == "Service":
+                self.compiler.delete_service(namespace, name)
+            else:
+                self.compiler.delete_slice(namespace, name)
+                self._triggers.pop(f"{namespace or 'default'}/{name}", None)
+        return True
+
+    def _set_slice(self, sl: EndpointSlice) -> None:
+        with self._lock:
+            if self._reload is not None:
+                self._reload[1].add((sl.namespace or "default", sl.name))
+            old = self.compiler.slice_info(sl.namespace, sl.name)
+            if _same_version(old, sl) and old.service == (sl.service_name or None):  # type: ignore[union-attr]
+                return
+        info = SliceInfo(sl, self.compiler.node_name)
+        with self._lock:
+            old = self.compiler.slice_info(sl.namespace, sl.name)
+            self.compiler.set_slice(info)
+            if info.trigger is not None and (old is None or old.trigger != info.trigger):
+                self._triggers[f"{sl.namespace or 'default'}/{sl.name}"] = info.trigger
+
+    def start_reload(self) -> None:
+        """A whole list follows (as events): what it does not name is deleted by finish_reload."""
+        with self._lock:
+            self._reload = (set(), set())
+
+    def finish_reload(self) -> None:
+        with self._lock:
+            if self._reload is None:
+                return
+            services, slices = self._reload
+            self._reload = None
+            for k in [k for k in self.compiler.service_keys() if k not in services]:
+                self.compiler.delete_service(*k)
+            for k in [k for k in self.compiler.slice_keys() if k not in slices]:
+                self.compiler.delete_slice(*k)
+                self._triggers.pop(f"{k[0]}/{k[1]}", None)
+
+    def replace(self, services: Iterable[Service], slices: Iterable[EndpointSlice]) -> None:
+        """Make the inputs exactly these objects (unchanged resourceVersions cost nothing)."""
+        self.start_reload()
+        try:
+            for svc in services:
+                self.on_event(ObjectEvent("ADDED", svc, "", 0))
+            for sl in slices:
+                self._set_slice(sl)
+        except BaseException:
+            with self._lock:
+                self._reload = None
+            raise
+        self.finish_reload()
+
+    # -- sync
+
+    def sync(self, full: bool = False) -> str:
+        with self._lock:
+            state = self.compiler.state()
+            triggers, self._triggers = self._triggers, {}
+        try:
+            result = self.applier.apply(state, resync=full)
+            self.health.sync(state.health_checks)
+        except BaseException:
+            self._retry_triggers(triggers)
+            raise
         if result.errors:
+            self._retry_triggers(triggers)
             raise RuntimeError("; ".join(result.errors))
+        self.metrics.observe_programming(triggers)
         if not result.sent:
             return ""
         how = f"rebuilt ({result.reason})" if result.full else "updated"
         return (f"table {how}: +{result.added} -{result.removed} elements"
                 + (f", {result.stale_flows} stale UDP flows cleared" if result.stale_flows else ""))
 
+    def _retry_triggers(self, triggers: dict[str, float]) -> None:
+        with self._lock:
+            for k, t in triggers.items():
+                self._triggers.setdefault(k, t)  # a newer change of the slice wins
+
     def close(self) -> None:
         self.health.close()  # the table stays: a restart must not interrupt Services
+
+
+def _same_version(old: object, new: Service | EndpointSlice) -> bool:
+    rv = new.metadata.resource_version
+    return old is not None and rv is not None and getattr(old, "version", None) == rv

@@ -604,6 +604,13 @@ class ServiceCompiler:
     def service_info(self, namespace: str | None, name: str) -> ServiceInfo | None:
         return self._services.get(_key(namespace, name))
 
+    def service_keys(self) -> list[Key]:
+        return list(self._services)
+
+    def slice_keys(self) -> list[Key]:
+        """(namespace, name) of every EndpointSlice held (those of a Service)."""
+        return list(self._slice_index)
+
     def set_pods(self, pods: Iterable[Pod]) -> None:
         """Pods only matter for named targetPorts that slices leave unresolved."""
         self._pods = {(p.namespace or "default", p.name): p for p in pods}

@@ -3,6 +3,7 @@
     metrics = ServiceMetrics()
     metrics.record_sync(seconds)                       # each sync that ran
     metrics.record_network_programming(slices, now)    # after a sync that applied changes
+    metrics.observe_programming({slice: trigger_time}) # the same, for changes already known to be new
     text = metrics.render()                            # serve as text/plain; version=0.0.4
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from podnet.model.objects import EndpointSlice
@@ -125,6 +126,17 @@ class ServiceMetrics:
             self.programming.observe(max(0.0, now - times[0]))
             n += 1
         return n
+
+    def observe_programming(self, triggers: Mapping[str, float], now: float | None = None) -> int:
+        """Observe now - trigger time for each EndpointSlice change just programmed
+        (slice -> its last-change-trigger-time, as epoch seconds); returns how many.
+        The caller passes each change once: only slices whose trigger time changed."""
+        if not triggers:
+            return 0
+        now = now if now is not None else time.time()
+        for t in triggers.values():
+            self.programming.observe(max(0.0, now - t))
+        return len(triggers)
 
     def render(self) -> str:
         return "".join(m.render() for m in (self.sync_duration, self.programming, self.last_sync,

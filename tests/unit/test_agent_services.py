@@ -1,0 +1,143 @@
+"""The agent's Service dataplane fed by watch events (no kernel: a recording applier)."""
+
+from __future__ import annotations
+
+import pytest
+
+from podnet.agent.cache import ObjectCache
+from podnet.agent.services import ServiceDataplane, key_parts
+from podnet.model.objects import EndpointSlice, Service
+from podnet.services.applier import SyncResult
+from podnet.services.model import Backend, Frontend
+from podnet.store.base import Record
+from podnet.store.objects import ObjectEvent, key_of, stored_form
+
+TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+class Applier:
+    def __init__(self) -> None:
+        self.states: list = []
+        self.fail = False
+
+    def apply(self, state, resync=False):
+        if self.fail:
+            return SyncResult(errors=["nft: boom"])
+        self.states.append(state)
+        return SyncResult(sent=True, added=1)
+
+
+class Health:
+    def sync(self, checks) -> None:
+        self.checks = list(checks)
+
+    def close(self) -> None:
+        pass
+
+
+def svc(name: str, ip: str, rv: str = "1") -> Service:
+    return Service.model_validate({"metadata": {"name": name, "namespace": "default", "resourceVersion": rv},
+                                   "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80,
+                                                                        "targetPort": 8080}]}})
+
+
+def eps(name: str, service: str, addrs: list[str], rv: str = "1", trigger: str | None = None) -> EndpointSlice:
+    meta = {"name": name, "namespace": "default", "resourceVersion": rv,
+            "labels": {"kubernetes.io/service-name": service}}
+    if trigger:
+        meta["annotations"] = {TRIGGER: trigger}
+    return EndpointSlice.model_validate({"metadata": meta, "addressType": "IPv4",
+                                         "ports": [{"name": "http", "port": 8080}],
+                                         "endpoints": [{"addresses": [a]} for a in addrs]})
+
+
+def added(obj) -> ObjectEvent:
+    return ObjectEvent("ADDED", obj, key_of(obj), int(obj.metadata.resource_version or 0))
+
+
+def deleted(obj) -> ObjectEvent:
+    return ObjectEvent("DELETED", None, key_of(obj), 0)
+
+
+def dataplane() -> tuple[ServiceDataplane, Applier]:
+    applier = Applier()
+    return ServiceDataplane("n1", "192.168.1.10", ("10.96.0.0/16",), applier=applier, health=Health()), applier
+
+
+def programmed(dp: ServiceDataplane) -> int:
+    return dp.metrics.programming.count
+
+
+def test_events_feed_the_compiler_and_a_sync_costs_the_change():
+    dp, applier = dataplane()
+    for i in range(1, 11):
+        assert dp.on_event(added(svc(f"s{i}", f"10.96.0.{i}")))
+        assert dp.on_event(added(eps(f"s{i}-a", f"s{i}", [f"10.1.0.{i}"])))
+    assert not dp.on_event(ObjectEvent("DELETED", None, "/podnet/objects/Pod/default/p", 3))
+    assert dp.sync() != ""
+    one = applier.states[-1]
+    assert len(one.frontends) == 10 and dp.compiler.recompiled == 10
+    dp.on_event(added(eps("s3-a", "s3", ["10.1.0.33"], rv="2")))
+    dp.on_event(deleted(svc("s4", "10.96.0.4")))
+    dp.sync()
+    two = applier.states[-1]
+    assert dp.compiler.recompiled == 1  # s3; s4 is gone
+    assert two.changed_since(one) == {Frontend("10.96.0.3", "tcp", 80), Frontend("10.96.0.4", "tcp", 80)}
+    assert two.rule(Frontend("10.96.0.3", "tcp", 80)).backends == (Backend("10.1.0.33", 8080),)
+    dp.on_event(deleted(eps("s3-a", "s3", [])))
+    dp.sync()
+    assert applier.states[-1].rule(Frontend("10.96.0.3", "tcp", 80)).backends == ()
+    # a replayed object at the version held costs nothing
+    dp.on_event(added(svc("s5", "10.96.0.5")))
+    dp.on_event(added(eps("s5-a", "s5", ["10.1.0.5"])))
+    dp.sync()
+    assert dp.compiler.recompiled == 0
+
+
+def test_network_programming_latency_only_for_slices_that_changed():
+    dp, applier = dataplane()
+    dp.on_event(added(svc("web", "10.96.0.10")))
+    dp.on_event(added(eps("web-1", "web", ["10.1.0.1"], trigger="2024-01-01T00:00:00Z")))
+    dp.on_event(added(eps("web-2", "web", ["10.1.0.2"])))  # no trigger time: nothing to observe
+    dp.sync()
+    assert programmed(dp) == 1
+    dp.on_event(added(eps("web-1", "web", ["10.1.0.1"], rv="5", trigger="2024-01-01T00:00:00Z")))
+    dp.sync()
+    assert programmed(dp) == 1  # a new version with the same trigger time is not a new change
+    dp.on_event(added(eps("web-1", "web", ["10.1.0.3"], rv="6", trigger="2024-01-01T00:00:09Z")))
+    applier.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        dp.sync()
+    assert programmed(dp) == 1  # not programmed yet
+    applier.fail = False
+    dp.sync()
+    assert programmed(dp) == 2
+
+
+def test_a_reload_deletes_what_the_new_list_does_not_name():
+    dp, applier = dataplane()
+    dp.on_event(added(svc("a", "10.96.0.1")))
+    dp.on_event(added(svc("b", "10.96.0.2")))
+    dp.on_event(added(eps("a-1", "a", ["10.1.0.1"])))
+    dp.on_event(added(eps("b-1", "b", ["10.1.0.2"])))
+    dp.sync()
+    dp.replace([svc("a", "10.96.0.1")], [eps("a-1", "a", ["10.1.0.9"], rv="7")])
+    dp.sync()
+    state = applier.states[-1]
+    assert set(state.frontends) == {Frontend("10.96.0.1", "tcp", 80)}
+    assert state.rule(Frontend("10.96.0.1", "tcp", 80)).backends == (Backend("10.1.0.9", 8080),)
+    assert dp.compiler.slice_keys() == [("default", "a-1")]
+
+
+def test_the_cache_hands_on_unkept_kinds_without_storing_them():
+    cache = ObjectCache(unkept=("Service", "EndpointSlice"))
+    s = svc("web", "10.96.0.10")
+    records = [Record(key_of(s), stored_form(s), 4, 4)]
+    seen: list[ObjectEvent] = []
+    assert cache.load(records, seen.append) == []
+    assert records == []  # consumed
+    assert [e.object.name for e in seen] == ["web"] and seen[0].object.metadata.resource_version == "4"
+    with pytest.raises(LookupError):
+        cache.list(Service)
+    assert key_parts(key_of(s)) == ("Service", "default", "web")
+    assert key_parts("/podnet/objects/Node/n1") == ("Node", None, "n1")
