@@ -43,8 +43,9 @@ import hashlib
 import json
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache, partial
 
 from podnet.dataplane import nfnetlink as nl
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState, StaleFlow
@@ -526,34 +527,47 @@ def _k2(parts: list[str]) -> bytes:
     return _PROTO[parts[0]] + _PORT.pack(int(parts[1]))
 
 
-def _ip_port(text: str) -> bytes:
-    ip, _, port = text.partition(" . ")
-    return socket.inet_aton(ip) + _PORT.pack(int(port))
+@lru_cache(maxsize=1 << 16)
+def _frontend_bytes(text: str) -> bytes:
+    """`ip . proto . port` or `proto . port` -> key bytes (cached: a frontend's slots share it)."""
+    parts = text.split(" . ")
+    return _k2(parts) if len(parts) == 2 else _k3(parts)
+
+
+_SLOT_VALUE = nl.attr(nl.DATA_VALUE, bytes(8))[:4]  # the header of an 8-byte value: address, port
+
+
+def _slot_element(key: str, value: str | None) -> bytes:
+    """A slot map element: `frontend . slot : address . port`, on the hot path of a full load."""
+    fe, _, slot = key.rpartition(" . ")
+    k = _frontend_bytes(fe) + _SLOT.pack(int(slot))
+    if value is None:
+        return nl.element(k)
+    ip, _, port = value.partition(" . ")
+    return nl.element(k, _SLOT_VALUE + socket.inet_aton(ip) + _PORT.pack(int(port)))
 
 
 def encode_element(name: str, key: str, value: str | None) -> bytes:
     """One element in the text form of `elements()` -> its netlink encoding (value None:
     the key alone, as a deletion needs)."""
+    if slot_map_of(name) is not None:
+        return _slot_element(key, value)
     parts = key.split(" . ")
-    if len(parts) == 4 and name.startswith("backends_"):
-        return nl.element(_k3(parts) + _SLOT.pack(int(parts[3])), value and nl.value(_ip_port(value)))
-    if len(parts) == 3 and name.startswith("nodeport_backends_"):
-        return nl.element(_k2(parts) + _SLOT.pack(int(parts[2])), value and nl.value(_ip_port(value)))
     if name == "lb_source_ranges":
         net, _, plen = parts[3].partition("/")
         first = int.from_bytes(socket.inet_aton(net), "big")
         last = first | ((1 << (32 - int(plen or 32))) - 1)
         head = _k3(parts)
         return nl.element(head + first.to_bytes(4, "big"), key_end=head + last.to_bytes(4, "big"))
-    k = _k2(parts) if len(parts) == 2 else _k3(parts)
+    k = _frontend_bytes(key)
     if name in VERDICT_MAPS and value is not None:
         return nl.element(k, nl.verdict(value))
     return nl.element(k)
 
 
-def _encode_checked(name: str, key: str, value: str | None) -> bytes:
+def _checked(encode: Callable[[str, str | None], bytes], name: str, key: str, value: str | None) -> bytes:
     try:
-        return encode_element(name, key, value)
+        return encode(key, value)
     except (ValueError, KeyError, IndexError, OSError) as e:
         raise ValueError(f"set {name}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
 
@@ -567,7 +581,8 @@ def element_batch(gone: Elements, come: Elements, batch: nl.Batch | None = None)
             kv = part[name]
             if not kv or name in TEXT_ONLY:
                 continue
-            encoded = (_encode_checked(name, k, None if verb == "delete" else v) for k, v in kv.items())
+            encode = _slot_element if slot_map_of(name) else partial(encode_element, name)
+            encoded = (_checked(encode, name, k, None if verb == "delete" else v) for k, v in kv.items())
             if verb == "delete":
                 batch.delete_elements(TABLE, name, encoded)
             else:
