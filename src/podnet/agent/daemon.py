@@ -15,6 +15,7 @@ connections alone.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -116,6 +117,10 @@ class Agent:
         self.seen_rev = rev  # the newest store revision applied to the cache
         self.sync(set(DATAPLANES), full=True)
         self._record_synced(rev)
+        # What the first sync built lives as long as the agent and holds no cycles: keep the
+        # cyclic collector from walking it all again on every full collection (at 50k
+        # Services, ~0.3 s each).
+        gc.freeze()
         watcher = threading.Thread(target=self._watch, args=(rev + 1,), name="watch", daemon=True)
         watcher.start()
         last_full = time.monotonic()
@@ -295,11 +300,15 @@ class Agent:
         return cache
 
     def _feed(self, ev: ObjectEvent) -> None:
-        """One object event to the indexes fed by events (the Service compiler, DNS)."""
-        if self.services is not None:
-            self.services.on_event(ev)
-        if self.dns_index is not None:
-            self.dns_index.apply_event(ev)
+        """One object event to the indexes fed by events (the Service compiler, DNS); one
+        failing does not keep the event from the other."""
+        for index in (self.services and self.services.on_event, self.dns_index and self.dns_index.apply_event):
+            if not index:
+                continue
+            try:
+                index(ev)
+            except Exception as e:  # a bug or an odd object: report it, keep the watch going
+                log.error("%s: %s failed: %s", ev.key, getattr(index, "__qualname__", index), e)
 
     def sync(self, dirty: set[str], full: bool = False) -> None:
         for name in DATAPLANES:
