@@ -141,3 +141,50 @@ def test_the_cache_hands_on_unkept_kinds_without_storing_them():
         cache.list(Service)
     assert key_parts(key_of(s)) == ("Service", "default", "web")
     assert key_parts("/podnet/objects/Node/n1") == ("Node", None, "n1")
+
+
+def test_after_a_compacted_watch_the_agent_reloads_services_and_deletes_what_is_gone(tmp_path):
+    import threading
+    import time
+
+    from podnet.agent.daemon import EVENT_FED, Agent, AgentConfig
+    from podnet.store import open_store
+    from podnet.store.objects import ObjectStore
+
+    url = f"sqlite://{tmp_path}/podnet.db"
+    kv = open_store(url)
+    store = ObjectStore(kv)
+    store.apply([svc("a", "10.96.0.1"), svc("b", "10.96.0.2"), eps("a-1", "a", ["10.1.0.1"]),
+                 eps("b-1", "b", ["10.1.0.2"])])
+    records, rev = kv.list("/podnet/")
+
+    agent = Agent.__new__(Agent)  # just what the watch loop uses: no kernel, no servers
+    agent.cfg = AgentConfig(node="n1", store_url=url)
+    agent.stopping, agent.wake = threading.Event(), threading.Event()
+    agent._dirty, agent._dirty_lock, agent.seen_rev = set(), threading.Lock(), rev
+    agent.dns_index = None
+    agent.services, applier = dataplane()
+    agent.cache = ObjectCache(unkept=EVENT_FED)
+    agent.cache.load(records, agent._feed)
+    agent.services.sync()
+    assert {fe.ip for fe in applier.states[-1].frontends} == {"10.96.0.1", "10.96.0.2"}
+
+    # while the agent is away: b goes, a's endpoints change, and the history is compacted
+    store.delete(Service, "b", "default")
+    store.delete(EndpointSlice, "b-1", "default")
+    store.apply([eps("a-1", "a", ["10.1.0.9"])])
+    kv.compact(kv.list("/podnet/")[1])
+
+    watcher = threading.Thread(target=agent._watch, args=(rev + 1,), daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 10
+    while "services" not in agent._dirty and time.monotonic() < deadline:
+        time.sleep(0.05)
+    agent.stopping.set()
+    store.apply([svc("c", "10.96.0.3")])  # an event, so that the watch notices it should stop
+    watcher.join(10)
+    agent.services.sync()
+    state = applier.states[-1]
+    assert Frontend("10.96.0.2", "tcp", 80) not in state.frontends
+    assert state.rule(Frontend("10.96.0.1", "tcp", 80)).backends == (Backend("10.1.0.9", 8080),)
+    assert ("default", "b-1") not in agent.services.compiler.slice_keys()
