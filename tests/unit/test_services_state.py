@@ -145,3 +145,78 @@ def test_local_policy_and_publish_not_ready_take_the_long_way_with_the_same_resu
     assert st.rule(Frontend("10.96.0.10", "tcp", 80)).backends == (Backend("10.1.0.1", 8080),
                                                                   Backend("10.1.0.3", 8080))
     assert st.health_checks[0].local_endpoints == 1
+
+
+def test_random_changes_agree_with_the_pure_function_and_old_states_stay_snapshots():
+    import random
+
+    rnd = random.Random(7)
+    c = ServiceCompiler(NODE, ["192.168.1.10"], CONFIG)
+    services: dict[str, Service] = {}
+    slices: dict[str, EndpointSlice] = {}
+    held: list[tuple[ServiceState, dict]] = []  # states kept by someone, with what they read as when made
+    rv = iter(range(2, 1_000_000))
+
+    def random_service(name: str) -> Service:
+        kind = rnd.choice(["ClusterIP", "NodePort", "LoadBalancer"])
+        ports = [{"name": "http", "port": 80, "targetPort": 8080}]
+        if rnd.random() < 0.3:
+            ports.append({"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353})
+        spec: dict = {"type": kind, "ports": ports}
+        if kind != "ClusterIP":
+            for i, p in enumerate(ports):
+                p["nodePort"] = 30000 + rnd.randrange(5) * 2 + i  # NodePorts clash across Services
+            if rnd.random() < 0.4:
+                spec["externalTrafficPolicy"] = "Local"
+                spec["healthCheckNodePort"] = 32000 + rnd.randrange(3)
+        if rnd.random() < 0.2:
+            spec["internalTrafficPolicy"] = "Local"
+        if rnd.random() < 0.2:
+            spec["externalIPs"] = [f"198.51.100.{rnd.randrange(3)}"]
+        return svc(name, f"10.96.0.{rnd.randrange(1, 12)}", rv=str(next(rv)), **spec)  # ClusterIPs clash too
+
+    def random_slice(name: str, service: str) -> EndpointSlice:
+        endpoints = []
+        for _ in range(rnd.randrange(0, 4)):
+            cond = rnd.choice([{}, {"ready": False}, {"ready": False, "serving": True, "terminating": True}])
+            endpoints.append({"addresses": [f"10.1.0.{rnd.randrange(1, 9)}"], "conditions": cond,
+                              "nodeName": rnd.choice([NODE, "n2"])})
+        ports = [{"name": "http", "port": rnd.choice([8080, 8081])}, {"name": "dns", "port": 5353,
+                                                                     "protocol": "UDP"}]
+        return EndpointSlice.model_validate({
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": str(next(rv)),
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4", "ports": ports, "endpoints": endpoints})
+
+    for step in range(300):
+        for _ in range(rnd.randrange(1, 4)):
+            op = rnd.random()
+            name = f"s{rnd.randrange(8)}"
+            if op < 0.35:
+                services[name] = random_service(name)
+                c.set_service(services[name])
+            elif op < 0.45 and name in services:
+                del services[name]
+                c.delete_service("default", name)
+            elif op < 0.85:
+                sl_name = f"{name}-{rnd.randrange(2)}"
+                slices[sl_name] = random_slice(sl_name, name)
+                c.set_slice(slices[sl_name])
+            else:
+                sl_name = f"{name}-{rnd.randrange(2)}"
+                slices.pop(sl_name, None)
+                c.delete_slice("default", sl_name)
+        state = c.state()
+        assert state == pure(services.values(), slices.values()), step
+        snapshot = dict(state.frontends.items())
+        for old, seen in held:
+            assert dict(old.frontends.items()) == seen and len(old.frontends) == len(seen), step
+            assert {r.frontend for r in old.rules} == set(seen)
+            hint = state.changed_since(old)
+            if hint is not None:
+                differ = {fe for fe in {*seen, *snapshot} if seen.get(fe) != snapshot.get(fe)}
+                assert differ <= hint, step
+        if rnd.random() < 0.3:
+            held.append((state, snapshot))
+        if len(held) > 4:
+            held.pop(rnd.randrange(len(held)))
