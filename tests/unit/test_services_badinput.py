@@ -100,7 +100,7 @@ def good_rule(state):
 def script(state) -> str:
     """Everything that reaches nft as text: the structure, and the elements as nft would read them."""
     els = nt.elements(state)
-    return nt.structure_script(nt.Layout(state.masquerade_mark), els) + nt.describe_delta({}, els)
+    return nt.structure_script(nt.Layout(state.masquerade_mark), state) + nt.describe_delta({}, els)
 
 
 def both(services, slices):

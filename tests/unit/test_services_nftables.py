@@ -73,7 +73,7 @@ def test_chains_do_not_grow_with_services_and_a_larger_service_deepens_the_tree(
     many = state(*(rule(f"10.96.{i // 250}.{i % 250 + 1}", 80, "10.1.0.1", "10.1.0.2", "10.1.0.3")
                    for i in range(2000)))
     assert nt.Layout.for_state(many) == nt.Layout(0x4000, nt.TIER_BITS, nt.MIN_CAPACITY) and nt.TIER_BITS == 8
-    script = nt.structure_script(nt.Layout(0x4000), nt.elements(many))
+    script = nt.structure_script(nt.Layout(0x4000), many)
     assert len(re.findall(r"^\s*chain ", script, re.M)) == len(nt.Layout(0x4000).chain_rule_counts())
     assert "10.96.0.1" not in script  # elements travel by netlink
     big = state(rule("10.96.0.1", 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(300))))
@@ -109,6 +109,26 @@ def test_elements_encode_in_the_kernel_layout():
     assert nt.encode_element("service_nodeports", "udp . 53", None).endswith(bytes.fromhex("11000000" "00350000"))
     with pytest.raises(ValueError, match="set backends_1: element 'x . tcp . 80 . 0'"):
         nt.element_batch({}, {"backends_1": {"x . tcp . 80 . 0": "10.1.0.1 . 80"}})
+
+
+RICH = state(rule("10.96.0.10", 80, "10.1.0.1", "10.1.0.2", "10.1.0.3", affinity_timeout=30, masquerade=True),
+             rule(None, 30080, "10.1.0.1", kind="NodePort", masquerade=True, affinity_timeout=30),
+             rule("10.96.0.11", 53, proto="udp"), rule(None, 30053, proto="udp", kind="NodePort", no_endpoints="drop"),
+             rule("203.0.113.7", 80, "10.1.0.9", kind="LoadBalancer", source_ranges=("10.0.0.0/8", "192.0.2.1/32")),
+             service_cidrs=("10.96.0.0/16",), node_ips=("192.168.1.10",))
+
+
+def test_the_text_form_encodes_to_the_same_bytes_as_the_rules():
+    for r in RICH.rules:
+        for item in nt.rule_items(r):
+            key, value = nt.item_text(item)
+            assert nt.item_of(item[0], key, value) == item
+            assert nt.encode_element(item[0], key, value) == nt.encode_item(item)
+    # a full load made from the rules carries exactly the elements of the text form
+    full = nt.state_batch(RICH)
+    from_text = nt.element_batch({}, {k: v for k, v in nt.elements(RICH).items() if k not in nt.TEXT_ONLY})
+    assert sorted(m[2] for m in full.messages) == sorted(m[2] for m in from_text.messages)
+    assert full.elements == sum(len(v) for k, v in nt.elements(RICH).items() if k not in nt.TEXT_ONLY)
 
 
 def test_delta_is_empty_without_changes_and_only_the_new_service_otherwise():

@@ -95,6 +95,7 @@ class NftServiceApplier:
         """The layout for `state` (the kernel's own tree depth and capacity when they suffice),
         and the kernel's table if it is that layout, intact (else None and why)."""
         most, slots = nt.state_size(state)
+        self.frontends = slots
         listing = self.nft_read("list", "table", nt.FAMILY, nt.TABLE)
         if listing is None:
             return nt.Layout(state.masquerade_mark).fit(most, slots), None, "table missing"
@@ -133,7 +134,6 @@ class NftServiceApplier:
             layout = self.layout
             if old is None or layout is None or resync or state.masquerade_mark != layout.mark:
                 layout, table, reason = self.read_kernel(state)
-                self.frontends = nt.state_size(state)[1]
                 if table is None:
                     rebuild = reason
                 else:
@@ -171,18 +171,17 @@ class NftServiceApplier:
                     flows = nt.stale_udp_flows(gone, come, state)
             if rebuild:
                 result.reason = rebuild
-                most, self.frontends = nt.state_size(state)
-                layout = self.layout = layout.fit(most, self.frontends)
-                desired = nt.elements(state)
+                if delta is not None:  # the layout was fitted to the delta only: fit it to the whole state
+                    most, self.frontends = nt.state_size(state)
+                    layout = self.layout = layout.fit(most, self.frontends)
                 if old is not None and not flows:
-                    flows = nt.stale_udp_flows(*nt.diff(nt.elements(old), desired), state)
+                    flows = nt.stale_udp_flows(*nt.diff(nt.elements(old), nt.elements(state)), state)
                 result.full = True
-                result.added = _count(desired)
                 # two transactions: the structure (nft), then every element (netlink). Until the
                 # second lands, new connections to Service addresses are dropped, not misrouted.
-                self._send(nt.structure_script(layout, desired), result)
-                batch = nt.element_batch({}, desired)
-                del desired
+                self._send(nt.structure_script(layout, state), result)
+                batch = nt.state_batch(state)
+                result.added = batch.elements
                 self._commit(batch, result)
                 self.chains = {nt.affinity_chain(r.affinity_timeout) for r in state.rules
                                if r.affinity_timeout and r.backends}

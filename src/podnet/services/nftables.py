@@ -43,9 +43,9 @@ import hashlib
 import json
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache
 
 from podnet.dataplane import nfnetlink as nl
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState, StaleFlow
@@ -149,6 +149,7 @@ def _base_chains() -> dict[str, tuple[str, str, str, list[str]]]:
     }
 
 
+@lru_cache(maxsize=4)
 def _tree_chains(bits: int) -> dict[str, list[str]]:
     """The tier tree and its leaves, for frontends (svc) and node ports (np).
 
@@ -208,7 +209,7 @@ class Layout:
     def chains(self) -> dict[str, list[str]]:
         return {**_fixed_chains(self.mark), **_tree_chains(self.bits)}
 
-    @property
+    @cached_property
     def body(self) -> str:
         lines = []
         for name, decl in self.sets().items():
@@ -227,7 +228,7 @@ class Layout:
             lines.append("  }")
         return "\n".join(lines)
 
-    @property
+    @cached_property
     def marker(self) -> str:
         """An empty chain whose name stamps the layout version (cheap to check: `nft list chains`)."""
         return "layout_" + hashlib.sha256(self.body.encode()).hexdigest()[:12]
@@ -331,41 +332,57 @@ def rule_elements(rule: FrontendRule) -> Elements:
     return out
 
 
-def _rule_elements(rule: FrontendRule, out: Elements) -> None:
+# An element as the layout sees it: (set, frontend, key extra, value). The key is the
+# frontend's, plus a slot number (slot maps) or a CIDR (source ranges); the value is a
+# backend (slot maps), a verdict (affinity maps) or None (sets). Text and netlink
+# encodings are both made from these.
+Item = tuple[str, Frontend, int | str | None, Backend | str | None]
+
+
+def rule_items(rule: FrontendRule) -> Iterator[Item]:
+    """The elements one frontend owns: the one definition of what goes where."""
     fe = rule.frontend
-    key = fe_key(fe)
     np = fe.ip is None
-
-    def put(name: str, k: str, v: str | None) -> None:
-        m = out.get(name)
-        if m is None:
-            m = out[name] = {}
-        m[k] = v
-
     n = len(rule.backends)
     if n:
-        put("service_nodeports" if np else "service_ips", key, None)
+        yield ("service_nodeports" if np else "service_ips"), fe, None, None
         bit_set = "np_bit" if np else "svc_bit"
         v, i = n - 1, 0
         while v:
             if v & 1:
-                put(f"{bit_set}{i}", key, None)
+                yield f"{bit_set}{i}", fe, None, None
             v >>= 1
             i += 1
         slots = slot_map(np, n)
         for i, b in enumerate(rule.backends):
-            put(slots, f"{key} . {i}", f"{b.ip} . {b.port}")
+            yield slots, fe, i, b
         if rule.masquerade:
-            put("masq_nodeports" if np else "masq_ips", key, None)
+            yield ("masq_nodeports" if np else "masq_ips"), fe, None, None
         if rule.affinity_timeout:
-            put("affinity_nodeports" if np else "affinity_ips", key, f"jump {affinity_chain(rule.affinity_timeout)}")
+            yield ("affinity_nodeports" if np else "affinity_ips"), fe, None, f"jump {affinity_chain(rule.affinity_timeout)}"
     else:
         verdict = "reject" if rule.no_endpoints == "reject" else "drop"
-        put(f"{verdict}_nodeports" if np else f"{verdict}_ips", key, None)
+        yield (f"{verdict}_nodeports" if np else f"{verdict}_ips"), fe, None, None
     if rule.source_ranges and not np:
-        put("firewall_ips", key, None)
+        yield "firewall_ips", fe, None, None
         for cidr in rule.source_ranges:
-            put("lb_source_ranges", f"{key} . {_addr(cidr)}", None)
+            yield "lb_source_ranges", fe, _addr(cidr), None
+
+
+def item_text(item: Item) -> tuple[str, str | None]:
+    """An item's text form: (key, value) as nft prints them."""
+    _, fe, extra, value = item
+    key = fe_key(fe) if extra is None else f"{fe_key(fe)} . {extra}"
+    return key, (value if value is None or isinstance(value, str) else f"{value.ip} . {value.port}")
+
+
+def _rule_elements(rule: FrontendRule, out: Elements) -> None:
+    for item in rule_items(rule):
+        m = out.get(item[0])
+        if m is None:
+            m = out[item[0]] = {}
+        key, value = item_text(item)
+        m[key] = value
 
 
 def diff(applied: Elements, desired: Elements) -> tuple[Elements, Elements]:
@@ -480,16 +497,17 @@ def element_block(verb: str, name: str, items: Iterable[tuple[str, str | None]],
     return [f"{verb} element {FAMILY} {TABLE} {name} {{", *(f"  {b}," for b in body[:-1]), f"  {body[-1]}", "}"]
 
 
-def structure_script(layout: Layout, els: Elements) -> str:
+def structure_script(layout: Layout, state: ServiceState) -> str:
     """Create (or replace) the table with its chains and the text-only sets; every other
-    element follows as one netlink batch (`element_batch`)."""
+    element follows as one netlink batch (`state_batch`)."""
     lines = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}", f"table {FAMILY} {TABLE} {{",
              layout.body, f"  chain {layout.marker} {{", "  }"]
-    for chain in sorted(affinity_chains(els)):
+    timeouts = {r.affinity_timeout for r in state.rules if r.affinity_timeout and r.backends}
+    for chain in sorted(affinity_chain(t) for t in timeouts):
         lines += [f"  chain {chain} {{", *(f"    {r}" for r in affinity_chain_rules(chain)), "  }"]
     lines.append("}")
-    for name in TEXT_ONLY:
-        lines += element_block("add", name, sorted(els.get(name, {}).items()))
+    lines += element_block("add", "service_cidrs", sorted((_addr(c), None) for c in state.service_cidrs))
+    lines += element_block("add", "node_ips", sorted((ip, None) for ip in state.node_ips))
     return "\n".join(lines) + "\n"
 
 
@@ -519,56 +537,85 @@ _PORT = struct.Struct("!H2x")  # inet_service, padded to a 32-bit register
 _SLOT = struct.Struct("=I")  # numgen's result: host byte order
 
 
-def _k3(parts: list[str]) -> bytes:
-    return socket.inet_aton(parts[0]) + _PROTO[parts[1]] + _PORT.pack(int(parts[2]))
-
-
-def _k2(parts: list[str]) -> bytes:
-    return _PROTO[parts[0]] + _PORT.pack(int(parts[1]))
-
-
 @lru_cache(maxsize=1 << 16)
-def _frontend_bytes(text: str) -> bytes:
-    """`ip . proto . port` or `proto . port` -> key bytes (cached: a frontend's slots share it)."""
-    parts = text.split(" . ")
-    return _k2(parts) if len(parts) == 2 else _k3(parts)
+def _frontend_bytes(fe: Frontend) -> bytes:
+    """A frontend's key bytes (cached: its slots and sets share them)."""
+    port = _PORT.pack(fe.port)
+    return _PROTO[fe.proto] + port if fe.ip is None else socket.inet_aton(fe.ip) + _PROTO[fe.proto] + port
 
 
 _SLOT_VALUE = nl.attr(nl.DATA_VALUE, bytes(8))[:4]  # the header of an 8-byte value: address, port
 
 
-def _slot_element(key: str, value: str | None) -> bytes:
-    """A slot map element: `frontend . slot : address . port`, on the hot path of a full load."""
-    fe, _, slot = key.rpartition(" . ")
-    k = _frontend_bytes(fe) + _SLOT.pack(int(slot))
-    if value is None:
-        return nl.element(k)
-    ip, _, port = value.partition(" . ")
-    return nl.element(k, _SLOT_VALUE + socket.inet_aton(ip) + _PORT.pack(int(port)))
+def encode_item(item: Item, with_value: bool = True) -> bytes:
+    """One element's netlink encoding (with_value False: the key alone, as a deletion needs)."""
+    _, fe, extra, value = item
+    key = _frontend_bytes(fe)
+    if extra is not None:
+        if isinstance(extra, int):
+            key += _SLOT.pack(extra)
+        else:  # a source range: the interval of a concatenation is a key and a key end
+            net, _, plen = extra.partition("/")
+            first = int.from_bytes(socket.inet_aton(net), "big")
+            last = first | ((1 << (32 - int(plen or 32))) - 1)
+            return nl.element(key + first.to_bytes(4, "big"), key_end=key + last.to_bytes(4, "big"))
+    if value is None or not with_value:
+        return nl.element(key)
+    if isinstance(value, str):
+        return nl.element(key, nl.verdict(value))
+    return nl.element(key, _SLOT_VALUE + socket.inet_aton(value.ip) + _PORT.pack(value.port))
+
+
+def item_of(name: str, key: str, value: str | None) -> Item:
+    """An element's text form (as in Elements) -> the item it encodes."""
+    parts = key.split(" . ")
+    nodeport = name.endswith("_nodeports") or name.startswith(("np_bit", SLOT_MAPS[True]))
+    width = 2 if nodeport else 3
+    fe = frontend_of(" . ".join(parts[:width]), nodeport)
+    extra: int | str | None = None
+    if len(parts) > width:
+        extra = int(parts[width]) if slot_map_of(name) else parts[width]
+    backend: Backend | str | None = value
+    if value is not None and slot_map_of(name):
+        ip, _, port = value.partition(" . ")
+        backend = Backend(ip, int(port))
+    return name, fe, extra, backend
 
 
 def encode_element(name: str, key: str, value: str | None) -> bytes:
     """One element in the text form of `elements()` -> its netlink encoding (value None:
     the key alone, as a deletion needs)."""
-    if slot_map_of(name) is not None:
-        return _slot_element(key, value)
-    parts = key.split(" . ")
-    if name == "lb_source_ranges":
-        net, _, plen = parts[3].partition("/")
-        first = int.from_bytes(socket.inet_aton(net), "big")
-        last = first | ((1 << (32 - int(plen or 32))) - 1)
-        head = _k3(parts)
-        return nl.element(head + first.to_bytes(4, "big"), key_end=head + last.to_bytes(4, "big"))
-    k = _frontend_bytes(key)
-    if name in VERDICT_MAPS and value is not None:
-        return nl.element(k, nl.verdict(value))
-    return nl.element(k)
+    return encode_item(item_of(name, key, value))
 
 
-def _checked(encode: Callable[[str, str | None], bytes], name: str, key: str, value: str | None) -> bytes:
+def _checked(item: Item, with_value: bool) -> bytes:
     try:
-        return encode(key, value)
-    except (ValueError, KeyError, IndexError, OSError) as e:
+        return encode_item(item, with_value)
+    except (ValueError, KeyError, IndexError, OSError, struct.error) as e:
+        key, value = item_text(item)
+        raise ValueError(f"set {item[0]}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
+
+
+def state_batch(state: ServiceState, batch: nl.Batch | None = None) -> nl.Batch:
+    """Every element of a state (the text-only sets aside) as one netlink batch, made
+    from the rules directly: what a full load sends."""
+    batch = batch or nl.Batch()
+    per_set: dict[str, list[bytes]] = {}
+    for rule in state.rules:
+        for item in rule_items(rule):
+            encoded = per_set.get(item[0])
+            if encoded is None:
+                encoded = per_set[item[0]] = []
+            encoded.append(_checked(item, True))
+    for name, encoded in per_set.items():
+        batch.add_elements(TABLE, name, encoded)
+    return batch
+
+
+def _parsed(name: str, key: str, value: str | None) -> Item:
+    try:
+        return item_of(name, key, value)
+    except (ValueError, KeyError, IndexError) as e:
         raise ValueError(f"set {name}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
 
 
@@ -581,8 +628,7 @@ def element_batch(gone: Elements, come: Elements, batch: nl.Batch | None = None)
             kv = part[name]
             if not kv or name in TEXT_ONLY:
                 continue
-            encode = _slot_element if slot_map_of(name) else partial(encode_element, name)
-            encoded = (_checked(encode, name, k, None if verb == "delete" else v) for k, v in kv.items())
+            encoded = (_checked(_parsed(name, k, v), verb == "add") for k, v in kv.items())
             if verb == "delete":
                 batch.delete_elements(TABLE, name, encoded)
             else:
