@@ -44,8 +44,7 @@ class Backend(NamedTuple):
         return f"{self.ip}:{self.port}"
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class FrontendRule:
+class FrontendRule(NamedTuple):
     """One frontend of one Service port, as this node must program it.
 
     backends: the endpoints in slot order (empty: nothing to balance to, see
@@ -53,6 +52,9 @@ class FrontendRule:
     (NodePort/external traffic under externalTrafficPolicy Cluster).
     affinity_timeout: seconds of ClientIP stickiness, or None.
     source_ranges: LoadBalancer source CIDRs allowed (empty: everyone).
+
+    A NamedTuple (made, hashed and compared in C: there is one per frontend, and
+    states compare by them).
     """
 
     frontend: Frontend
