@@ -170,9 +170,9 @@ class ServiceInfo:
 
     def __init__(self, svc: Service, intern: _Interner = _STRINGS):
         meta, spec = svc.metadata, svc.spec
-        self.namespace = meta.namespace
+        self.namespace = intern(meta.namespace) if meta.namespace else meta.namespace
         self.name = meta.name
-        self.key: Key = (intern(meta.namespace or "default"), meta.name)
+        self.key: Key = (self.namespace or "default", meta.name)
         self.version = meta.resource_version
         self.active = not (spec.type == "ExternalName" or spec.headless)
         self.problem: str | None = None
@@ -235,7 +235,7 @@ class SliceInfo:
 
     def __init__(self, sl: EndpointSlice, node_name: str | None, intern: _Interner = _STRINGS):
         meta = sl.metadata
-        self.namespace = meta.namespace
+        self.namespace = intern(meta.namespace) if meta.namespace else meta.namespace
         self.name = meta.name
         self.version = meta.resource_version
         self.service = meta.labels.get("kubernetes.io/service-name") or None
