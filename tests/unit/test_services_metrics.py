@@ -52,6 +52,18 @@ def test_network_programming_latency_once_per_change():
     assert 'network_programming_duration_seconds_bucket{le="2.0"} 1' in text
 
 
+def test_network_programming_latency_of_changes_known_to_be_new():
+    m = ServiceMetrics()
+    t0 = 1704067200.0
+    assert m.observe_programming({}, now=t0) == 0
+    assert m.observe_programming({"default/web-1": t0, "default/web-2": t0 + 1}, now=t0 + 1.5) == 2
+    text = m.render()
+    assert 'network_programming_duration_seconds_bucket{le="0.5"} 1' in text
+    assert 'network_programming_duration_seconds_bucket{le="2.0"} 2' in text
+    assert m.observe_programming({"default/web-3": t0 + 10}, now=t0) == 1  # clock skew: never negative
+    assert m.programming.sum == 1.5 + 0.5 + 0.0
+
+
 def test_conntrack_sizing_formula_and_never_lowering(tmp_path):
     assert conntrack_max(2) == 131072  # the minimum wins on small nodes
     assert conntrack_max(8) == 8 * 32768
