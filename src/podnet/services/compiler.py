@@ -388,7 +388,12 @@ def _compile_service(svc: ServiceInfo, slices: tuple[SliceInfo, ...], pods: dict
                     "ignored", svc.ref, cluster_ip, ",".join(cidrs.text))
         cluster_ip = None
     for sl in slices:
-        if sl.ports and sl.ipv4 and not any(_slice_port(sp, sl) is not None for sp in svc.ports):
+        if not (sl.ports and sl.ipv4):
+            continue
+        for sp in svc.ports:
+            if _slice_port(sp, sl) is not None:
+                break
+        else:
             log.warning("services: %s: EndpointSlice %s has no port matching the Service's ports (name and "
                         "protocol); it is ignored", svc.ref, sl.name)
     external_local, internal_local = svc.external_local, svc.internal_local
