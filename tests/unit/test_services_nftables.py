@@ -3,11 +3,11 @@ bookkeeping with a fake `nft` (the kernel side is in tests/kernel/test_services_
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
+from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import NftError
 from podnet.services import nftables as nt
 from podnet.services.applier import NftServiceApplier
@@ -164,31 +164,38 @@ def test_delta_replaces_changed_values_delete_first():
     assert come == {"backends_1": {"10.96.0.1 . tcp . 80 . 0": "10.1.0.4 . 8080"}}
 
 
-def test_parse_table_reads_back_what_we_render():
-    st = state(rule("10.96.0.10", 80, "10.1.0.1"), rule("203.0.113.7", 80, "10.1.0.1", source_ranges=("10.0.0.0/8",)))
-    listing = {"nftables": [
-        {"metainfo": {}},
-        {"table": {"family": "ip", "name": "podnet-svc"}},
-        {"set": {"name": "service_ips", "elem": [{"concat": ["10.96.0.10", "tcp", 80]},
-                                                 {"concat": ["203.0.113.7", "tcp", 80]}]}},
-        {"map": {"name": "backends_1", "elem": [[{"concat": ["10.96.0.10", "tcp", 80, 0]}, {"concat": ["10.1.0.1", 8080]}],
-                                              [{"concat": ["203.0.113.7", "tcp", 80, 0]},
-                                               {"concat": ["10.1.0.1", 8080]}]]}},
-        {"set": {"name": "firewall_ips", "elem": [{"concat": ["203.0.113.7", "tcp", 80]}]}},
-        {"set": {"name": "lb_source_ranges", "elem": [
-            {"concat": ["203.0.113.7", "tcp", 80, {"prefix": {"addr": "10.0.0.0", "len": 8}}]}]}},
-        {"map": {"name": "affinity", "elem": [[{"concat": ["1.1.1.1", "10.96.0.10", "tcp", 80]},
-                                               {"concat": ["10.1.0.1", 8080]}]]}},
-        {"chain": {"name": "svc_1"}},
-        {"rule": {"chain": "svc_1"}},
-        {"chain": {"name": "aff_t5"}},
-    ]}
-    table = nt.parse_table(json.dumps(listing))
-    want = {k: v for k, v in nt.elements(st).items() if v}
-    assert {k: v for k, v in table.elements.items() if v} == want
-    assert "affinity" not in table.elements and "affinity" in table.sets
-    assert table.chains == {"svc_1": 1, "aff_t5": 0}
-    assert nt.check_layout(nt.Layout(0x4000), table) == "set/map service_cidrs is missing"
+def dumped(encoded: bytes) -> nl.DumpedElement:
+    """What a dump of the kernel returns for an element we encoded."""
+    return nl.decode_element(nl.attrs(encoded)[nl.LIST_ELEM])
+
+
+def test_elements_read_back_from_the_kernel_decode_to_their_text_form():
+    for r in RICH.rules:
+        for item in nt.rule_items(r):
+            assert nt.decode_element(item[0], dumped(nt.encode_item(item))) == nt.item_text(item)
+    assert nt.decode_element("node_ips", dumped(nl.element(bytes([192, 168, 1, 10])))) == ("192.168.1.10", None)
+    # an interval set: starts, and ends flagged at the next address (nft adds an end at 0)
+    points = [(b"\0\0\0\0", 1), (bytes([10, 96, 0, 0]), 0), (bytes([10, 112, 0, 0]), 1), (bytes([192, 0, 2, 7]), 0),
+              (bytes([192, 0, 2, 8]), 1)]
+    assert nt.decode_intervals([nl.DumpedElement(k, None, None, f) for k, f in points]) == \
+        ["10.96.0.0/12", "192.0.2.7"]
+    adjacent = [(bytes([10, 96, 0, 0]), 0), (bytes([10, 96, 0, 10]), 1), (bytes([10, 96, 0, 10]), 0),
+                (bytes([10, 96, 0, 11]), 1)]
+    assert nt.decode_intervals([nl.DumpedElement(k, None, None, f) for k, f in adjacent]) == \
+        ["10.96.0.0/29", "10.96.0.8/31", "10.96.0.10"]
+
+
+def test_check_layout_names_what_is_wrong():
+    layout = nt.Layout(0x4000)
+    table = nt.KernelTable(layout.chain_rule_counts(), {*layout.sets(), nt.DYNAMIC}, {}, {"service_ips": 16384})
+    assert nt.check_layout(layout, table) is None and nt.kernel_layout(0x4000, table) == layout
+    assert nt.check_layout(layout, nt.KernelTable({**table.chains, "svc_1": 0}, table.sets, {}, {})) == \
+        "chain svc_1 has 0 rules, expected 1"
+    assert nt.check_layout(layout, nt.KernelTable(table.chains, table.sets - {"backends_7"}, {}, {})) == \
+        "set/map backends_7 is missing"
+    other = nt.Layout(0x8000)
+    assert nt.check_layout(layout, nt.KernelTable({**table.chains, other.marker: 0}, table.sets, {}, {})) == \
+        f"layout marker {other.marker} is from another version"
 
 
 def test_stale_udp_flows():
@@ -221,7 +228,7 @@ class FakeKernel:
         self.scripts: list[str] = []
         self.batches: list = []
         self.fail_next = False
-        self.listing: str | None = None
+        self.chain_names: list[str] = []
 
     def nft(self, script: str) -> None:
         if self.fail_next:
@@ -235,11 +242,17 @@ class FakeKernel:
             raise NftError("boom")
         self.batches.append(batch)
 
-    def applier(self, **kw) -> NftServiceApplier:
-        return NftServiceApplier(nft=self.nft, nft_read=self.read, commit=self.commit, **kw)
+    def table(self):
+        return None
 
-    def read(self, *args: str) -> str | None:
-        return None if args[0] == "list" and args[1] == "table" else self.listing
+    def chains(self) -> list[str]:
+        return self.chain_names
+
+    def affinity(self) -> list:
+        return []
+
+    def applier(self, **kw) -> NftServiceApplier:
+        return NftServiceApplier(nft=self.nft, kernel=self, **kw)
 
 
 def test_applier_builds_once_then_sends_only_changes_and_nothing_when_unchanged():
@@ -293,10 +306,9 @@ def test_applier_rebuilds_for_a_deeper_tree_and_verify_checks_chain_names():
     r = a.apply(big)
     assert r.full and r.reason == "the table grows to 16384 frontends and 512 endpoint counts"
     assert "chain svc_512 {" in k.scripts[-1] and "svc_513" not in k.scripts[-1]
-    names = [{"chain": {"table": nt.TABLE, "name": n}} for n in (*a.layout.chain_rule_counts(), *a.chains)]
-    k.listing = json.dumps({"nftables": names})
+    k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
     assert a.verify() is None
-    k.listing = json.dumps({"nftables": names[1:]})
-    assert a.verify() == f"chain {names[0]['chain']['name']} is missing"
-    k.listing = json.dumps({"nftables": []})
+    missing = k.chain_names.pop(0)
+    assert a.verify() == f"chain {missing} is missing"
+    k.chain_names = []
     assert a.verify() == "table missing"

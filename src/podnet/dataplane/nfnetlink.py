@@ -17,7 +17,8 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from podnet.dataplane.nft import NftError
 
@@ -25,10 +26,15 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_GETCHAIN = 4
+NFT_MSG_GETRULE = 7
+NFT_MSG_GETSET = 10
 NFT_MSG_NEWSETELEM = 12
+NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
-NLMSG_ERROR = 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
+NLM_F_DUMP = 0x300
 NLA_F_NESTED = 0x8000
 NFPROTO_IPV4 = 2
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
@@ -41,7 +47,12 @@ DATA_VALUE, DATA_VERDICT = 1, 2
 VERDICT_CODE, VERDICT_CHAIN = 1, 2
 SET_ELEM_INTERVAL_END = 1
 
+CHAIN_TABLE, CHAIN_NAME = 1, 3
+SET_TABLE, SET_NAME, SET_DESC, SET_DESC_SIZE = 1, 2, 9, 1
+RULE_TABLE, RULE_CHAIN = 1, 2
+
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
+VERDICT_NAMES = {v: k for k, v in VERDICTS.items()}
 MAX_ATTR = 0xFFFF - 512  # a nested attribute's length is 16 bits: split element lists below it
 
 
@@ -218,6 +229,78 @@ class Netlink:
             raise NftError("nf_tables refused the transaction (nothing applied): " + "; ".join(errors[:5]))
 
 
+    # -- reading (dumps): what `nft list` would fetch, without its whole-table cache
+
+    def dump(self, kind: int, payload: bytes) -> Iterator[bytes]:
+        """The payloads (after the nfgenmsg header) of every reply to a dump request."""
+        seq = self.seq
+        self.seq += 1
+        self.sock.send(_message((NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | NLM_F_DUMP, seq,
+                                _nfgen(NFPROTO_IPV4, 0) + payload))
+        self.sock.settimeout(10)
+        try:
+            while True:
+                data = self.sock.recv(1 << 20)
+                off = 0
+                while off + 16 <= len(data):
+                    n, msg, _flags, mseq, _pid = struct.unpack_from("=IHHII", data, off)
+                    body = data[off + 16:off + n]
+                    off += (n + 3) & ~3
+                    if mseq != seq:
+                        continue
+                    if msg == NLMSG_DONE:
+                        return
+                    if msg == NLMSG_ERROR:
+                        code = struct.unpack_from("=i", body)[0]
+                        if code:
+                            raise OSError(-code, os.strerror(-code))
+                        return
+                    yield body[4:]
+        except TimeoutError as e:
+            raise NftError("nf_tables dump: no answer from the kernel") from e
+        finally:
+            self.sock.settimeout(None)
+
+    def chains(self, table: str) -> list[str]:
+        out = []
+        for body in self.dump(NFT_MSG_GETCHAIN, strz(CHAIN_TABLE, table)):
+            a = attrs(body)
+            if _str(a.get(CHAIN_TABLE)) == table:
+                out.append(_str(a.get(CHAIN_NAME)))
+        return out
+
+    def rule_counts(self, table: str) -> dict[str, int]:
+        """chain -> number of rules, for one table."""
+        counts: dict[str, int] = {}
+        for body in self.dump(NFT_MSG_GETRULE, strz(RULE_TABLE, table)):
+            a = attrs(body)
+            if _str(a.get(RULE_TABLE)) == table:
+                chain = _str(a.get(RULE_CHAIN))
+                counts[chain] = counts.get(chain, 0) + 1
+        return counts
+
+    def sets(self, table: str) -> dict[str, int | None]:
+        """set name -> declared size (None: no size), for one table."""
+        out: dict[str, int | None] = {}
+        for body in self.dump(NFT_MSG_GETSET, strz(SET_TABLE, table)):
+            a = attrs(body)
+            if _str(a.get(SET_TABLE)) != table:
+                continue
+            desc = attrs(a.get(SET_DESC, b""))
+            size = struct.unpack("!I", desc[SET_DESC_SIZE])[0] if SET_DESC_SIZE in desc else None
+            out[_str(a.get(SET_NAME))] = size
+        return out
+
+    def elements(self, table: str, set_name: str) -> list[DumpedElement]:
+        """Every element of one set or map; raises OSError(ENOENT) if it does not exist."""
+        out = []
+        head = strz(SET_ELEM_LIST_TABLE, table) + strz(SET_ELEM_LIST_SET, set_name)
+        for body in self.dump(NFT_MSG_GETSETELEM, head):
+            listing = attrs(body).get(SET_ELEM_LIST_ELEMENTS)
+            out += [decode_element(elem) for kind, elem in _attr_list(listing or b"") if kind == LIST_ELEM]
+        return out
+
+
 def _acks(data: bytes) -> Iterable[tuple[int, int, int]]:
     """(message type, sequence number, error code) of each message in a reply."""
     off = 0
@@ -230,3 +313,48 @@ def _acks(data: bytes) -> Iterable[tuple[int, int, int]]:
             seq = struct.unpack_from("=I", data, off + 16 + 4 + 8)[0]  # the failed request's own header
         yield kind, seq, code
         off += (n + 3) & ~3
+
+
+class DumpedElement(NamedTuple):
+    key: bytes
+    key_end: bytes | None
+    data: bytes | str | None  # a value, or a verdict as text ("goto chain", "drop")
+    flags: int
+
+
+def decode_element(payload: bytes) -> DumpedElement:
+    """The payload of one NFTA_LIST_ELEM attribute -> its parts (the inverse of element())."""
+    a = attrs(payload)
+    key = attrs(a[SET_ELEM_KEY])[DATA_VALUE] if SET_ELEM_KEY in a else b""
+    key_end = attrs(a[SET_ELEM_KEY_END])[DATA_VALUE] if SET_ELEM_KEY_END in a else None
+    flags = struct.unpack("!I", a[SET_ELEM_FLAGS])[0] if SET_ELEM_FLAGS in a else 0
+    data: bytes | str | None = None
+    if SET_ELEM_DATA in a:
+        d = attrs(a[SET_ELEM_DATA])
+        data = d[DATA_VALUE] if DATA_VALUE in d else _verdict_text(d.get(DATA_VERDICT, b""))
+    return DumpedElement(key, key_end, data, flags)
+
+
+def _attr_list(data: bytes) -> Iterator[tuple[int, bytes]]:
+    off = 0
+    while off + 4 <= len(data):
+        n, kind = struct.unpack_from("=HH", data, off)
+        if n < 4:
+            return
+        yield kind & 0x3FFF, data[off + 4:off + n]  # without the nested / byte-order flags
+        off += (n + 3) & ~3
+
+
+def attrs(data: bytes) -> dict[int, bytes]:
+    return dict(_attr_list(data))
+
+
+def _str(raw: bytes | None) -> str:
+    return (raw or b"").split(b"\0", 1)[0].decode()
+
+
+def _verdict_text(raw: bytes) -> str:
+    a = attrs(raw)
+    code = struct.unpack("!i", a[VERDICT_CODE])[0] if VERDICT_CODE in a else 0
+    word = VERDICT_NAMES.get(code, str(code))
+    return f"{word} {_str(a[VERDICT_CHAIN])}" if VERDICT_CHAIN in a else word

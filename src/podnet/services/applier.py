@@ -13,9 +13,7 @@ in one netlink batch. A sync where nothing changed sends nothing.
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,14 +52,36 @@ class ServiceApplier(Protocol):
     def remove(self) -> None: ...
 
 
-def nft_json(*args: str) -> str | None:
-    """`nft -j ARGS`; None when the object does not exist."""
-    proc = subprocess.run(["nft", "-j", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        if "No such file or directory" in proc.stderr:
-            return None
-        raise NftError(f"nft -j {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
+class NetlinkKernel:
+    """The applier's view of the kernel: one netlink socket, opened in the network
+    namespace of its first use. Reads use dumps of single objects: `nft list` would
+    load every element of the table first (seconds at tens of thousands of Services)."""
+
+    def __init__(self) -> None:
+        self._link: nl.Netlink | None = None
+
+    def link(self) -> nl.Netlink:
+        if self._link is None:
+            self._link = nl.Netlink()
+        return self._link
+
+    def commit(self, batch: nl.Batch) -> None:
+        self.link().commit(batch)
+
+    def table(self) -> nt.KernelTable | None:
+        return nt.read_table(self.link())
+
+    def chains(self) -> list[str]:
+        try:
+            return self.link().chains(nt.TABLE)
+        except OSError:
+            return []
+
+    def affinity(self) -> list[tuple[str, str]]:
+        try:
+            return nt.read_affinity(self.link())
+        except OSError:
+            return []
 
 
 class NftServiceApplier:
@@ -71,17 +91,15 @@ class NftServiceApplier:
         self,
         *,
         nft: Callable[[str], None] = nft_apply,
-        nft_read: Callable[..., str | None] = nft_json,
-        commit: Callable[[nl.Batch], None] | None = None,
+        kernel: NetlinkKernel | None = None,
         conntrack: Runner | None = run_command,
         metrics: ServiceMetrics | None = None,
     ):
         self.nft = nft
-        self.nft_read = nft_read
+        self.kernel = kernel or NetlinkKernel()
         self.conntrack = conntrack  # None: leave conntrack alone
         self.metrics = metrics
-        self.commit = commit or self._netlink_commit
-        self._netlink: nl.Netlink | None = None
+        self.commit = self.kernel.commit  # element batches (an attribute: benchmarks time it)
         self.applied_state: ServiceState | None = None
         self.chains: set[str] = set()  # affinity chains in the kernel
         self.layout: nt.Layout | None = None
@@ -96,10 +114,9 @@ class NftServiceApplier:
         and the kernel's table if it is that layout, intact (else None and why)."""
         most, slots = nt.state_size(state)
         self.frontends = slots
-        listing = self.nft_read("list", "table", nt.FAMILY, nt.TABLE)
-        if listing is None:
+        table = self.kernel.table()
+        if table is None:
             return nt.Layout(state.masquerade_mark).fit(most, slots), None, "table missing"
-        table = nt.parse_table(listing)
         layout = nt.kernel_layout(state.masquerade_mark, table).fit(most, slots)
         problem = nt.check_layout(layout, table)
         return (layout, None, problem) if problem else (layout, table, "")
@@ -108,11 +125,7 @@ class NftServiceApplier:
         """Cheap check (chain names only, no elements): why the table needs a rebuild, or None."""
         if self.layout is None:
             return "never applied"
-        listing = self.nft_read("list", "chains", nt.FAMILY)
-        if listing is None:
-            return "table missing"
-        names = {c["chain"]["name"] for c in json.loads(listing)["nftables"]
-                 if "chain" in c and c["chain"].get("table") == nt.TABLE}
+        names = set(self.kernel.chains())
         if not names:
             return "table missing"
         for name in [*self.layout.chain_rule_counts(), *self.chains]:
@@ -218,25 +231,16 @@ class NftServiceApplier:
         result.sent = True
         result.messages += len(batch)
 
-    def _netlink_commit(self, batch: nl.Batch) -> None:
-        if self._netlink is None:
-            self._netlink = nl.Netlink()  # in the network namespace of the first sync
-        self._netlink.commit(batch)
-
     # -- session affinity entries that point at endpoints no longer there
 
     def _clear_stale_affinity(self, state: ServiceState, result: SyncResult) -> int:
         cleared = 0
         for _ in range(3):  # an entry may time out between listing and deleting: list again
-            listing = self.nft_read("list", "map", nt.FAMILY, nt.TABLE, nt.DYNAMIC)
-            if listing is None:
-                return cleared
-            stale = [k for k, v in nt.affinity_entries(listing) if not _affinity_valid(state, k, v)]
+            stale = [k for k, v in self.kernel.affinity() if not _affinity_valid(state, k, v)]
             if not stale:
                 return cleared
-            lines = nt.element_block("delete", nt.DYNAMIC, [(k, None) for k in stale], keys_only=True)
             try:
-                self.nft("\n".join(lines) + "\n")
+                self.commit(nt.affinity_delete_batch(stale))
                 return cleared + len(stale)
             except NftError as e:
                 result.errors.append(f"clearing affinity entries: {e}")
