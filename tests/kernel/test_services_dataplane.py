@@ -99,7 +99,7 @@ for line in sys.stdin:
         health.sync(state.health_checks)
         out = {"sent": r.sent, "full": r.full, "reason": r.reason, "added": r.added, "removed": r.removed,
                "lines": r.lines, "stale_flows": r.stale_flows, "affinity_cleared": r.affinity_cleared,
-               "errors": r.errors, "script": describe_delta(*applier.last_delta) if r.sent and not r.full else "",
+               "errors": r.errors, "script": describe_delta(*applier.last_delta) if backend == "nft" and r.sent and not r.full else "",
                "seconds": r.seconds, "health_ports": health.ports()}
     except Exception as e:
         out = {"error": f"{type(e).__name__}: {e}"}
