@@ -18,13 +18,19 @@ TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
 class Applier:
     def __init__(self) -> None:
         self.states: list = []
+        self.resyncs: list[bool] = []
         self.fail = False
+        self.problem: str | None = None
 
     def apply(self, state, resync=False):
         if self.fail:
             return SyncResult(errors=["nft: boom"])
         self.states.append(state)
+        self.resyncs.append(resync)
         return SyncResult(sent=True, added=1)
+
+    def verify(self) -> str | None:
+        return self.problem
 
 
 class Health:
@@ -188,3 +194,20 @@ def test_after_a_compacted_watch_the_agent_reloads_services_and_deletes_what_is_
     assert Frontend("10.96.0.2", "tcp", 80) not in state.frontends
     assert state.rule(Frontend("10.96.0.1", "tcp", 80)).backends == (Backend("10.1.0.9", 8080),)
     assert ("default", "b-1") not in agent.services.compiler.slice_keys()
+
+
+def test_periodic_full_syncs_reread_the_kernel_only_when_the_layout_check_fails_or_rarely():
+    from podnet.agent.services import DEEP_RESYNC_EVERY
+
+    applier = Applier()
+    dp = ServiceDataplane("n1", "10.0.0.1", ("10.96.0.0/16",), applier=applier, health=Health())
+    dp.sync(full=False)
+    dp.sync(full=True)
+    assert applier.resyncs == [False, False]  # the table's chains are all there: no element read-back
+    applier.problem = "chain svc_t is missing"
+    dp.sync(full=True)
+    assert applier.resyncs[-1] is True
+    applier.problem = None
+    for _ in range(DEEP_RESYNC_EVERY):
+        dp.sync(full=True)
+    assert applier.resyncs[-DEEP_RESYNC_EVERY:].count(True) == 1  # a deep read-back now and then

@@ -64,6 +64,7 @@ class AgentConfig:
     socket: str = DEFAULT_SOCKET
     node_ip: str | None = None
     service_cidrs: tuple[str, ...] = ("10.96.0.0/12",)
+    service_proxy: str = "nftables"  # or "iptables" (kube-proxy's layout)
     dns_address: str | None = NODE_DNS_ADDRESS  # None: no node DNS server
     cluster_dns_ips: tuple[str, ...] = ()  # also answered here, e.g. the kube-dns ClusterIP
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
@@ -208,7 +209,8 @@ class Agent:
         from podnet.agent.services import ServiceDataplane
 
         local_dns = self.dns_addresses()
-        self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs, tuple(local_dns))
+        self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs, tuple(local_dns),
+                                         proxy=self.cfg.service_proxy)
 
     def _start_policy(self) -> None:
         from podnet.policy.applier import PolicyProgrammer

@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resync", type=float, default=60.0, help="seconds between full reconciles (default %(default)s)")
     p.add_argument("--service-cidr", action="append", metavar="CIDR",
                    help="Service CIDR; unused addresses in it are dropped (repeatable; default 10.96.0.0/12)")
+    p.add_argument("--service-proxy", choices=("nftables", "iptables"), default="nftables",
+                   help="Service dataplane: podnet's nftables maps, or kube-proxy's iptables layout for hosts "
+                        "without nftables (default %(default)s)")
     p.add_argument("--dns-address", default=NODE_DNS_ADDRESS,
                    help="node-local DNS address (default %(default)s; empty to run no DNS server)")
     p.add_argument("--cluster-dns-ip", action="append", default=[], metavar="IP",
@@ -47,7 +50,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
     cfg = AgentConfig(node=args.node, store_url=args.store, socket=args.socket, node_ip=args.node_ip,
                       resync_interval=args.resync,
-                      service_cidrs=tuple(args.service_cidr or ["10.96.0.0/12"]),
+                      service_cidrs=tuple(args.service_cidr or ["10.96.0.0/12"]), service_proxy=args.service_proxy,
                       dns_address=args.dns_address or None, cluster_dns_ips=tuple(args.cluster_dns_ip),
                       dns_upstreams=[_host_port(u, 53) for u in args.dns_upstream],
                       cluster_domain=args.cluster_domain, metrics_port=args.metrics_port)

@@ -139,6 +139,7 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
             raise PodnetError(f"agent socket path {sock} is too long for a unix socket: use a shorter "
                               "PODNET_LAB_ROOT or lab name")
         st.data["nodes"].append({"name": n.name, "index": n.index, "netns": ns, "address": n.address,
+                                 "service_proxy": n.service_proxy,
                                  "socket": str(sock), "log": str(st.dir / f"{n.name}.log"),
                                  "conflist": str(st.dir / f"{n.name}.conflist")})
         st.record_netns(ns)
@@ -332,7 +333,7 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
 
     for n in st.data["nodes"]:
         argv = [*podnet_command(), "--store", url, "agent", "--node", n["name"], "--socket", n["socket"],
-                "--service-cidr", spec.service_cidr,
+                "--service-cidr", spec.service_cidr, "--service-proxy", n.get("service_proxy", "nftables"),
                 *(["--cluster-dns-ip", spec.cluster_dns_ip] if spec.cluster_dns_ip else [])]
         if spec.external is not None and spec.external.dns is not None:
             argv += ["--dns-upstream", str(ipaddress.ip_interface(spec.external.address).ip)]

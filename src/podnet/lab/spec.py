@@ -11,7 +11,7 @@
         # agents forward to it and the nodes' resolv.conf names it
       serviceCIDR: 10.96.0.0/16            # optional; ClusterIPs are allocated from it
       nodes:
-        - {name: node-1, labels: {zone: a}}
+        - {name: node-1, labels: {zone: a}}     # serviceProxy: nftables (default) | iptables
       cni: {plugin: podnet, chain: [portmap, tuning]}
       pods:
         - {name: web-1, namespace: default, node: node-1, labels: {app: web},
@@ -197,6 +197,8 @@ class ExternalSpec(Schema):
 class LabNode(Schema):
     name: str
     labels: dict[str, str] = Field(default_factory=dict)
+    # the agent's Service dataplane: podnet's nftables maps, or kube-proxy's iptables layout
+    service_proxy: Literal["nftables", "iptables"] = "nftables"
 
     @field_validator("name")
     @classmethod
@@ -356,6 +358,7 @@ class LabNodeInfo:
     name: str
     labels: dict[str, str]
     address: str  # without prefix length
+    service_proxy: str = "nftables"
 
     def to_node(self, prefixlen: int) -> Node:
         return Node(metadata=ObjectMeta(name=self.name, labels=self.labels),
@@ -461,7 +464,8 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
         raise _fail(where, "spec.nodes", f"{len(spec.nodes)} nodes do not fit underlay {underlay}: "
                     f"addresses start at .{FIRST_NODE_OFFSET}, room for {room}")
     nodes = tuple(
-        LabNodeInfo(i + 1, n.name, dict(n.labels), str(underlay.network_address + FIRST_NODE_OFFSET + i))
+        LabNodeInfo(i + 1, n.name, dict(n.labels), str(underlay.network_address + FIRST_NODE_OFFSET + i),
+                    n.service_proxy)
         for i, n in enumerate(spec.nodes)
     )
 

@@ -182,6 +182,13 @@ class IptablesServiceApplier:
                 self.run([self.binary, "-w", "-t", table, "-I", chain, "1", *spec], capture_output=True,
                          text=True, check=True)
 
+    def verify(self) -> str | None:
+        """Cheap check: why the next apply should re-read the kernel, or None."""
+        if self.chains is None:
+            return "never applied"
+        missing = sorted(set(FIXED_NAT) - self._existing_chains())
+        return f"chain {missing[0]} is missing" if missing else None
+
     def apply(self, state: ServiceState, resync: bool = False) -> SyncResult:
         started = time.monotonic()
         result = SyncResult()
