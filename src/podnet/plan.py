@@ -32,6 +32,12 @@ from fractions import Fraction
 from typing import Any
 
 from podnet.errors import PodnetError
+from podnet.services.conntrack import (
+    DEFAULT_CONNTRACK_MAX_PER_CORE,
+    DEFAULT_CONNTRACK_MIN,
+    ConntrackSizing,
+    conntrack_max,
+)
 
 ROUTING_MODES = ("vxlan", "direct", "bgp")
 ENCAPSULATIONS = ("none", "vxlan")
@@ -60,8 +66,6 @@ PRIVATE_RANGES = tuple(
 )
 SHARED_RANGE = ipaddress.IPv4Network("100.64.0.0/10")  # RFC 6598, also fine for pods
 
-DEFAULT_CONNTRACK_MAX_PER_CORE = 32768  # kube-proxy defaults
-DEFAULT_CONNTRACK_MIN = 131072
 
 
 class PlanInputError(PodnetError):
@@ -244,11 +248,6 @@ def full_mesh_sessions(n: int) -> int:
 def reflector_sessions(n: int, k: int) -> int:
     """Every node peers with each of K reflectors; the reflectors mesh among themselves."""
     return n * k + k * (k - 1) // 2
-
-
-def conntrack_max(max_per_core: int, cpus: int, minimum: int) -> int:
-    """nf_conntrack_max as kube-proxy computes it."""
-    return max(max_per_core * cpus, minimum)
 
 
 def _percent(part: int, whole: int) -> float:
@@ -610,7 +609,7 @@ def plan(inp: PlanInput) -> Plan:
     cpus = inp.node_cpus
     if inp.conntrack_max is not None:
         per_core = -(-inp.conntrack_max // cpus)
-        total = conntrack_max(per_core, cpus, inp.conntrack_min)
+        total = conntrack_max(cpus, ConntrackSizing(per_core, inp.conntrack_min))
         if total != inp.conntrack_max:
             reason = (f"--conntrack-min {inp.conntrack_min} is higher" if total == inp.conntrack_min
                       else f"it is not a multiple of {cpus} cores")
@@ -619,7 +618,7 @@ def plan(inp: PlanInput) -> Plan:
                  f"would set {total} ({reason})")
     else:
         per_core = inp.conntrack_max_per_core or DEFAULT_CONNTRACK_MAX_PER_CORE
-        total = conntrack_max(per_core, cpus, inp.conntrack_min)
+        total = conntrack_max(cpus, ConntrackSizing(per_core, inp.conntrack_min))
     conntrack = ConntrackPlan(
         cpus=cpus,
         max_per_core=per_core,

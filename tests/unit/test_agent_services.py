@@ -211,3 +211,18 @@ def test_periodic_full_syncs_reread_the_kernel_only_when_the_layout_check_fails_
     for _ in range(DEEP_RESYNC_EVERY):
         dp.sync(full=True)
     assert applier.resyncs[-DEEP_RESYNC_EVERY:].count(True) == 1  # a deep read-back now and then
+
+
+def test_conntrack_sizing_is_applied_when_configured_and_a_read_only_value_is_only_logged(tmp_path, caplog):
+    from podnet.agent.services import size_conntrack
+    from podnet.services.conntrack import ConntrackSizing
+
+    path = tmp_path / "nf_conntrack_max"
+    path.write_text("65536\n")
+    assert size_conntrack(ConntrackSizing(max_per_core=0), str(path)) is None  # not configured: untouched
+    assert path.read_text() == "65536\n"
+    assert size_conntrack(ConntrackSizing(max_per_core=32768, minimum=131072), str(path)) == 131072
+    assert path.read_text().strip() == "131072"
+    missing = str(tmp_path / "absent" / "nf_conntrack_max")
+    assert size_conntrack(ConntrackSizing(max_per_core=32768), missing) is None
+    assert "cannot raise nf_conntrack_max" in caplog.text

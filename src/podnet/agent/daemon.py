@@ -34,6 +34,7 @@ from podnet.dns.resolvconf import NODE_DNS_ADDRESS
 from podnet.errors import PodnetError
 from podnet.ipam.keys import BLOCKS
 from podnet.model.objects import IPPool, Namespace, NetworkPolicy, Node, Pod
+from podnet.services.conntrack import ConntrackSizing
 from podnet.store import open_store
 from podnet.store.base import Compacted, KeyValueStore
 from podnet.store.objects import ObjectEvent, ObjectStore
@@ -65,6 +66,7 @@ class AgentConfig:
     node_ip: str | None = None
     service_cidrs: tuple[str, ...] = ("10.96.0.0/12",)
     service_proxy: str = "nftables"  # or "iptables" (kube-proxy's layout)
+    conntrack: ConntrackSizing = field(default_factory=lambda: ConntrackSizing(max_per_core=0))  # 0: leave alone
     dns_address: str | None = NODE_DNS_ADDRESS  # None: no node DNS server
     cluster_dns_ips: tuple[str, ...] = ()  # also answered here, e.g. the kube-dns ClusterIP
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
@@ -206,9 +208,10 @@ class Agent:
         log.info("serving CNI on %s", self.cfg.socket)
 
     def _start_services(self) -> None:
-        from podnet.agent.services import ServiceDataplane
+        from podnet.agent.services import ServiceDataplane, size_conntrack
 
         local_dns = self.dns_addresses()
+        size_conntrack(self.cfg.conntrack)
         self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs, tuple(local_dns),
                                          proxy=self.cfg.service_proxy)
 

@@ -8,12 +8,14 @@ the inputs a whole list (after the watch history was compacted).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 
 from podnet.model.objects import EndpointSlice, Service
 from podnet.services.applier import NftServiceApplier, ServiceApplier
 from podnet.services.compiler import ServiceCompiler, SliceInfo
+from podnet.services.conntrack import ConntrackSizing, apply_conntrack_sizing
 from podnet.services.health import HealthCheckServer
 from podnet.services.iptables import IptablesServiceApplier
 from podnet.services.metrics import ServiceMetrics
@@ -21,6 +23,8 @@ from podnet.services.model import ServiceConfig
 from podnet.store.objects import OBJECTS_PREFIX, ObjectEvent
 
 KINDS = ("Service", "EndpointSlice")
+CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+log = logging.getLogger("podnet.agent")
 DEEP_RESYNC_EVERY = 60  # full syncs between element read-backs (an hour at the default 60 s resync)
 
 
@@ -34,6 +38,21 @@ def key_parts(key: str) -> tuple[str, str | None, str] | None:
     if len(parts) == 2:
         return parts[0], None, parts[1]
     return None
+
+
+def size_conntrack(sizing: ConntrackSizing, path: str = CONNTRACK_MAX) -> int | None:
+    """Raise nf_conntrack_max as configured (kube-proxy's formula, as `podnet plan` shows it);
+    a failure is logged, not fatal (the value is read-only inside a network namespace)."""
+    if sizing.max_per_core <= 0:
+        return None
+    try:
+        written = apply_conntrack_sizing(sizing, path=path)
+    except OSError as e:
+        log.warning("services: cannot raise nf_conntrack_max (%s): %s", path, e.strerror or e)
+        return None
+    if written:
+        log.info("services: nf_conntrack_max set to %d", written)
+    return written
 
 
 class ServiceDataplane:

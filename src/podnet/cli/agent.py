@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--service-proxy", choices=("nftables", "iptables"), default="nftables",
                    help="Service dataplane: podnet's nftables maps, or kube-proxy's iptables layout for hosts "
                         "without nftables (default %(default)s)")
+    p.add_argument("--conntrack-max-per-core", type=int, default=0, metavar="N",
+                   help="raise nf_conntrack_max to max(N x cores, --conntrack-min) at start, as kube-proxy "
+                        "(0: leave it alone; default %(default)s)")
+    p.add_argument("--conntrack-min", type=int, default=131072, metavar="N", help="(default %(default)s)")
     p.add_argument("--dns-address", default=NODE_DNS_ADDRESS,
                    help="node-local DNS address (default %(default)s; empty to run no DNS server)")
     p.add_argument("--cluster-dns-ip", action="append", default=[], metavar="IP",
@@ -43,6 +47,7 @@ def _host_port(text: str, default_port: int) -> tuple[str, int]:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from podnet.agent.daemon import AgentConfig, run_agent
+    from podnet.services.conntrack import ConntrackSizing
 
     logging.basicConfig(
         stream=sys.stderr, level=args.log_level.upper(),
@@ -51,6 +56,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     cfg = AgentConfig(node=args.node, store_url=args.store, socket=args.socket, node_ip=args.node_ip,
                       resync_interval=args.resync,
                       service_cidrs=tuple(args.service_cidr or ["10.96.0.0/12"]), service_proxy=args.service_proxy,
+                      conntrack=ConntrackSizing(args.conntrack_max_per_core, args.conntrack_min),
                       dns_address=args.dns_address or None, cluster_dns_ips=tuple(args.cluster_dns_ip),
                       dns_upstreams=[_host_port(u, 53) for u in args.dns_upstream],
                       cluster_domain=args.cluster_domain, metrics_port=args.metrics_port)

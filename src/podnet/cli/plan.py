@@ -10,7 +10,6 @@ from typing import Any
 
 from podnet.errors import PodnetError
 from podnet.plan import (
-    DEFAULT_CONNTRACK_MIN,
     ENCAPSULATIONS,
     ROUTING_MODES,
     SERVICE_HEADROOM,
@@ -19,6 +18,7 @@ from podnet.plan import (
     PlanInput,
     plan,
 )
+from podnet.services.conntrack import DEFAULT_CONNTRACK_MIN
 
 # Exit status of `--strict` when the plan has warnings (invalid input exits 1).
 EXIT_WARNINGS = 2

@@ -14,7 +14,10 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from podnet.services.model import DEFAULT_CONNTRACK_MAX_PER_CORE, DEFAULT_CONNTRACK_MIN, StaleFlow
+from podnet.services.model import StaleFlow
+
+DEFAULT_CONNTRACK_MAX_PER_CORE = 32768  # kube-proxy's defaults (podnet plan uses the same formula)
+DEFAULT_CONNTRACK_MIN = 131072
 
 log = logging.getLogger("podnet.services")
 

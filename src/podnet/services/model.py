@@ -20,8 +20,6 @@ FrontendKind = Literal["ClusterIP", "ExternalIP", "LoadBalancer", "NodePort"]
 NoEndpoints = Literal["reject", "drop"]
 
 MASQUERADE_MARK = 0x4000  # the bit kube-proxy uses (KUBE-MARK-MASQ)
-DEFAULT_CONNTRACK_MAX_PER_CORE = 32768
-DEFAULT_CONNTRACK_MIN = 131072
 
 
 class Frontend(NamedTuple):
