@@ -95,7 +95,7 @@ for step in range(25):
     whole.applier.applied = None
     whole.sync(*args)
     a, b = list_in(None), list_in(OTHER)
-    report.append({"step": step, "what": what, "full": ch.full, "commands": ch.commands,
+    report.append({"step": step, "what": what, "full": ch.full, "commands": ch.commands, "netlink": ch.netlink,
                    "verify": inc.verify(), "same_view": kernel_view(a) == kernel_view(b), "same_rules": rules(a) == rules(b)})
 print(json.dumps(report))
 """
@@ -109,6 +109,8 @@ def test_random_changes_applied_as_diffs_equal_a_full_rewrite(seed):
                                   timeout=120).stdout)
         assert report[0]["full"]
         assert any(not r["full"] and r["commands"] for r in report[1:]), "no step was applied as a diff"
+        # element-only steps went as netlink batches, the others as nft text: both checked below
+        assert any(r["netlink"] for r in report) and any(r["commands"] and not r["netlink"] for r in report[1:])
         for r in report:
             assert not r["full"] or r["step"] == 0, r
             assert r["verify"] == [] and r["same_view"] and r["same_rules"], r

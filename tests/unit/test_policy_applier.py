@@ -146,3 +146,27 @@ def test_kernel_view_reads_nft_json():
     assert compare_with_kernel(st, kernel_view(json.dumps(doc))) == []
     doc["nftables"].pop()
     assert compare_with_kernel(st, kernel_view(json.dumps(doc)))
+
+
+def test_a_label_change_is_an_element_only_diff_sent_as_one_batch():
+    from podnet.policy.applier import element_batch, element_changes, structure_changes
+
+    before = state(FROM_Y)
+    relabelled = [p.with_meta(labels={**p.labels, "pod": "a"}) if p.status.pod_ip == LOCAL[1] else p for p in PODS_]
+    after = compile_policy(InputCache().inputs(relabelled, NSS, [FROM_Y], LOCAL))
+    assert not structure_changes(before, after)
+    changes = element_changes(before, after)
+    assert changes and all(c.kind in ("addr", "addrport", "dispatch") for c in changes)
+    batches: list = []
+    nft = FakeNft()
+    a = PolicyApplier(nft, commit=batches.append)
+    a.apply(before)
+    ch = a.apply(after)
+    assert ch.netlink and not ch.full and len(nft.scripts) == 1 and len(batches) == 1
+    assert batches[0].elements == sum(len(c.add) + len(c.remove) for c in changes)
+    # the dispatch verdicts travel as verdict data: jump to the pod's group chain
+    dispatch = [c for c in changes if c.kind == "dispatch"]
+    assert dispatch and all(" : jump " in e for c in dispatch for e in c.add)
+    assert element_batch([*changes, type(changes[0])("cidrs", "cidr", [], ["10.0.0.0/8"])]) is None
+    assert structure_changes(before, state(FROM_Y, DENY_X))  # a new policy is structure: text through nft
+    assert not a.apply(state(FROM_Y, DENY_X)).netlink and len(nft.scripts) == 2

@@ -1,7 +1,9 @@
 """Programming a `PolicyState` into the kernel, incrementally and atomically.
 
-Every change is ONE `nft -f -` transaction: either the whole diff lands or none
-of it does. The first apply, and any apply after the kernel refused a diff
+Every change is ONE transaction: either the whole diff lands or none of it
+does. A diff of elements only (a pod's labels or address, the common case) goes
+as a netlink batch; anything that adds, rewrites or removes sets or chains as
+`nft -f -`. The first apply, and any apply after the kernel refused a diff
 (state missing or changed behind our back), replaces the whole table in one
 transaction (`delete table` + the full table), so there is never a moment when
 an isolated pod is open. If even that fails, the old ruleset stays in the
@@ -18,10 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import NftError, nft_apply, nft_list
 from podnet.errors import PodnetError
 from podnet.model.objects import Namespace, NetworkPolicy, Pod
@@ -60,6 +65,7 @@ class PolicyChanges:
     chains_removed: int = 0
     dispatch_changed: int = 0
     commands: int = 0
+    netlink: bool = False  # an element-only diff, sent as a netlink batch
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -68,10 +74,52 @@ class PolicyChanges:
         return self.commands == 0
 
 
+@dataclass
+class ElementChange:
+    """Elements of one existing set or dispatch map to remove and to add."""
+
+    name: str
+    kind: str  # a set kind ("addr", "cidr", "addrport") or "dispatch"
+    remove: list[str]  # keys
+    add: list[str]  # elements as nft text ("ip" or "ip : jump chain")
+
+
+def element_changes(old: PolicyState, new: PolicyState) -> list[ElementChange]:
+    """The element part of a diff: sets present in both states, then the dispatch maps."""
+    out = []
+    for name, s in new.sets.items():
+        o = old.sets.get(name)
+        if o is None or o is s or o.kind != s.kind:
+            continue
+        add, rem = s.elements - o.elements, o.elements - s.elements
+        if add or rem:
+            out.append(ElementChange(name, s.kind, sorted(rem), sorted(add)))
+    for d in DIRECTIONS:
+        o, n = old.dispatch[d], new.dispatch[d]
+        gone = sorted(ip for ip, g in o.items() if n.get(ip) != g)
+        came = {ip: g for ip, g in n.items() if o.get(ip) != g}
+        if gone or came:
+            out.append(ElementChange(DISPATCH[d], "dispatch", gone, dispatch_elements(came)))
+    return out
+
+
+def structure_changes(old: PolicyState, new: PolicyState) -> bool:
+    """Does the diff add, rewrite or remove sets or chains (not only elements)?"""
+    if any(n not in old.sets or old.sets[n].kind != s.kind for n, s in new.sets.items()):
+        return True
+    if any(n not in new.sets for n in old.sets) or old.groups.keys() != new.groups.keys():
+        return True
+    if old.policy_chains.keys() != new.policy_chains.keys():
+        return True
+    return any(c is not old.policy_chains[n] and c.rules != old.policy_chains[n].rules
+               for n, c in new.policy_chains.items())
+
+
 def render_diff(old: PolicyState, new: PolicyState, ch: PolicyChanges | None = None) -> str:
     """Commands turning `old` into `new` ("" if they are the same)."""
     ch = ch if ch is not None else PolicyChanges()
     lines: list[str] = []
+    changed = {c.name: c for c in element_changes(old, new)}
     # 1. sets and their elements
     for name, s in new.sets.items():
         o = old.sets.get(name)
@@ -82,12 +130,13 @@ def render_diff(old: PolicyState, new: PolicyState, ch: PolicyChanges | None = N
                 raise PolicyApplyError(f"set {name} changed type")
             lines.append(f"add set {T} {name} {{ {render_set_decl(s)} }}")
             ch.sets_added += 1
-            add, rem = s.elements, frozenset()
+            add, rem = sorted(s.elements), []
         else:
-            add, rem = s.elements - o.elements, o.elements - s.elements
-        for batch in chunks(sorted(rem)):
+            c = changed.get(name)
+            add, rem = (c.add, c.remove) if c else ([], [])
+        for batch in chunks(rem):
             lines.append(f"delete element {T} {name} {{ {', '.join(batch)} }}")
-        for batch in chunks(sorted(add)):
+        for batch in chunks(add):
             lines.append(f"add element {T} {name} {{ {', '.join(batch)} }}")
         ch.elements_added += len(add)
         ch.elements_removed += len(rem)
@@ -109,14 +158,14 @@ def render_diff(old: PolicyState, new: PolicyState, ch: PolicyChanges | None = N
             ch.chains_rewritten += 1
     # 4. dispatch: a changed pod is deleted and added again (one transaction: never open)
     for d in DIRECTIONS:
-        o, n = old.dispatch[d], new.dispatch[d]
-        gone = sorted(ip for ip, g in o.items() if n.get(ip) != g)
-        came = {ip: g for ip, g in n.items() if o.get(ip) != g}
-        for batch in chunks(gone):
+        c = changed.get(DISPATCH[d])
+        if c is None:
+            continue
+        for batch in chunks(c.remove):
             lines.append(f"delete element {T} {DISPATCH[d]} {{ {', '.join(batch)} }}")
-        for batch in chunks(dispatch_elements(came)):
+        for batch in chunks(c.add):
             lines.append(f"add element {T} {DISPATCH[d]} {{ {', '.join(batch)} }}")
-        ch.dispatch_changed += len(set(gone) | set(came))
+        ch.dispatch_changed += len(set(c.remove) | {e.split(" : ")[0] for e in c.add})
     # 5. what nothing refers to any more: group chains, then policy chains, then sets
     for group in (g for g in old.groups if g not in new.groups):
         lines += [f"flush chain {T} {group}", f"delete chain {T} {group}"]
@@ -131,12 +180,48 @@ def render_diff(old: PolicyState, new: PolicyState, ch: PolicyChanges | None = N
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def element_batch(changes: list[ElementChange]) -> nl.Batch | None:
+    """The element-only diff as one netlink transaction (deletions, then additions);
+    None when an interval set changes (its elements are ranges: left to nft)."""
+    if any(c.kind == "cidr" for c in changes):
+        return None
+    batch = nl.Batch()
+    for c in changes:
+        if c.remove:
+            batch.delete_elements(TABLE, c.name, [nl.element(_key(c.kind, k)) for k in c.remove])
+    for c in changes:
+        if c.add:
+            if c.kind == "dispatch":
+                items = [e.split(" : ", 1) for e in c.add]
+                batch.add_elements(TABLE, c.name, [nl.element(_key("addr", ip), nl.verdict(v)) for ip, v in items])
+            else:
+                batch.add_elements(TABLE, c.name, [nl.element(_key(c.kind, e)) for e in c.add])
+    return batch
+
+
+def _key(kind: str, text: str) -> bytes:
+    """`ip` or `ip . port` -> the kernel's key bytes (a port is padded to 32 bits)."""
+    if kind == "addrport":
+        ip, _, port = text.partition(" . ")
+        return socket.inet_aton(ip) + struct.pack("!H2x", int(port))
+    return socket.inet_aton(text.partition(" : ")[0])
+
+
 class PolicyApplier:
     """Keeps the kernel's table equal to the last state applied."""
 
-    def __init__(self, run: Callable[[str], None] = nft_apply):
+    def __init__(self, run: Callable[[str], None] = nft_apply, commit: Callable[[nl.Batch], None] | None = None):
         self.run = run
+        # element-only diffs go by netlink, without an nft process; a substituted `run`
+        # (tests, dry runs) gets every diff as text unless `commit` is given too
+        self.commit = commit or (self._netlink_commit if run is nft_apply else None)
+        self._netlink: nl.Netlink | None = None
         self.applied: PolicyState | None = None  # None: unknown, the next apply rewrites the table
+
+    def _netlink_commit(self, batch: nl.Batch) -> None:
+        if self._netlink is None:
+            self._netlink = nl.Netlink()  # in the network namespace of the first use
+        self._netlink.commit(batch)
 
     def apply(self, desired: PolicyState) -> PolicyChanges:
         start = time.perf_counter()
@@ -147,7 +232,13 @@ class PolicyApplier:
                 self.applied = desired
                 return ch
             try:
-                self.run(script)
+                batch = None if self.commit is None or structure_changes(self.applied, desired) else \
+                    element_batch(element_changes(self.applied, desired))
+                if batch is not None and self.commit is not None:
+                    self.commit(batch)
+                    ch.netlink = True
+                else:
+                    self.run(script)
                 self.applied = desired
                 ch.seconds = time.perf_counter() - start
                 return ch
