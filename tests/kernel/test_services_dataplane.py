@@ -99,6 +99,7 @@ for line in sys.stdin:
         health.sync(state.health_checks)
         out = {"sent": r.sent, "full": r.full, "reason": r.reason, "added": r.added, "removed": r.removed,
                "lines": r.lines, "stale_flows": r.stale_flows, "affinity_cleared": r.affinity_cleared,
+               "read_back": getattr(r, "read_back", None),
                "errors": r.errors, "script": describe_delta(*applier.last_delta) if backend == "nft" and r.sent and not r.full else "",
                "seconds": r.seconds, "health_ports": health.ports()}
     except Exception as e:
@@ -553,7 +554,18 @@ def test_restart_adopts_the_kernel_and_garbled_tables_are_rebuilt(topo):
     objs = [service("keep", "10.96.0.22"), slice_("keep", [endpoint("b1")], ports=[{"port": 8080}])]
     topo.driver.apply(objs)
     r = topo.driver.apply(objs, fresh=True)  # a new applier, as after an agent restart
-    assert not r["sent"] and not r["full"], r
+    assert not r["sent"] and not r["full"] and not r["read_back"], r  # the digest vouched for the elements
+    # a Service added while the agent was down: the digest differs, the elements are read, the diff sent
+    more = [*objs, service("late", "10.96.0.24"), slice_("late", [endpoint("b2")], ports=[{"port": 8080}])]
+    r = topo.driver.apply(more, fresh=True)
+    assert r["sent"] and not r["full"] and r["read_back"] and r["added"] == 2, r
+    assert names(topo.probe("10.96.0.24", 80)) == ["b2"]
+    # an element deleted behind podnet's back: a restart trusts the digest, a resync reads and repairs
+    in_ns(topo.node, "nft", "delete", "element", "ip", "podnet-svc", "backends_1", "{ 10.96.0.24 . tcp . 80 . 0 }")
+    assert topo.probe("10.96.0.24", 80, timeout=0.5) == ["timeout"]
+    r = topo.driver.apply(more, resync=True)
+    assert r["sent"] and not r["full"] and r["read_back"] and (r["added"], r["removed"]) == (1, 0), r
+    assert names(topo.probe("10.96.0.24", 80)) == ["b2"]
     in_ns(topo.node, "nft", "flush", "chain", "ip", "podnet-svc", "services")
     assert topo.probe("10.96.0.22", 80, timeout=0.5) == ["timeout"]
     r = topo.driver.apply(objs, resync=True)

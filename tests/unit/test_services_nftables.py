@@ -125,10 +125,25 @@ def test_the_text_form_encodes_to_the_same_bytes_as_the_rules():
             assert nt.item_of(item[0], key, value) == item
             assert nt.encode_element(item[0], key, value) == nt.encode_item(item)
     # a full load made from the rules carries exactly the elements of the text form
-    full = nt.state_batch(RICH)
-    from_text = nt.element_batch({}, {k: v for k, v in nt.elements(RICH).items() if k not in nt.TEXT_ONLY})
+    full, digest = nt.state_batch(RICH)
+    text = {k: v for k, v in nt.elements(RICH).items() if k not in nt.TEXT_ONLY}
+    from_text = nt.element_batch({}, text, digest=(None, digest))
     assert sorted(m[2] for m in full.messages) == sorted(m[2] for m in from_text.messages)
-    assert full.elements == sum(len(v) for k, v in nt.elements(RICH).items() if k not in nt.TEXT_ONLY)
+    assert full.elements == sum(len(v) for v in text.values()) + 1  # and the digest
+
+
+def test_the_digest_follows_deltas_and_sees_any_difference():
+    a = state(rule("10.96.0.1", 80, "10.1.0.1", "10.1.0.2"), rule(None, 30080, "10.1.0.3", kind="NodePort"))
+    b = state(rule("10.96.0.1", 80, "10.1.0.1", "10.1.0.9"), rule("10.96.0.2", 53, proto="udp"))
+    da, db = nt.state_digest(a), nt.state_digest(b)
+    assert da == nt.state_batch(a)[1] and da != db
+    assert nt.delta_digest(da, *nt.state_delta(a, b)) == db  # incremental = recomputed
+    assert nt.delta_digest(db, *nt.state_delta(b, a)) == da
+    # one slot's value differs: another digest
+    c = state(rule("10.96.0.1", 80, "10.1.0.1", "10.1.0.8"), rule("10.96.0.2", 53, proto="udp"))
+    assert nt.state_digest(c) != db
+    batch = nt.element_batch(*nt.state_delta(b, c), digest=(db, nt.state_digest(c)))
+    assert [m[3] for m in batch.messages][:2] == ["deleting from set podnet-svc digest", "adding to set podnet-svc digest"]
 
 
 def test_delta_is_empty_without_changes_and_only_the_new_service_otherwise():
@@ -242,7 +257,7 @@ class FakeKernel:
             raise NftError("boom")
         self.batches.append(batch)
 
-    def table(self):
+    def table(self, elements: bool = True):
         return None
 
     def chains(self) -> list[str]:
@@ -262,7 +277,7 @@ def test_applier_builds_once_then_sends_only_changes_and_nothing_when_unchanged(
     st = state(rule("10.96.0.10", 80, "10.1.0.1", "10.1.0.2"))
     r = a.apply(st)
     assert r.full and r.sent and r.reason == "table missing" and "delete table ip podnet-svc" in k.scripts[-1]
-    assert k.batches[-1].elements == 1 + 1 + 2  # service, tier bit, two slots
+    assert k.batches[-1].elements == 1 + 1 + 2 + 1  # service, tier bit, two slots; the digest
     r = a.apply(st)
     assert not r.sent and len(k.scripts) == 1 and len(k.batches) == 1
     st2 = state(rule("10.96.0.10", 80, "10.1.0.1"), rule("10.96.0.20", 53, "10.1.0.5", proto="udp"))

@@ -41,6 +41,7 @@ class SyncResult:
     seconds: float = 0.0
     stale_flows: int = 0  # UDP conntrack entries deleted
     affinity_cleared: int = 0  # affinity entries pointing at removed endpoints, deleted
+    read_back: bool = False  # the kernel's elements were read (not vouched for by the digest)
     errors: list[str] = field(default_factory=list)
 
 
@@ -70,8 +71,8 @@ class NetlinkKernel:
     def commit(self, batch: nl.Batch) -> None:
         self.link().commit(batch)
 
-    def table(self) -> nt.KernelTable | None:
-        return nt.read_table(self.link())
+    def table(self, elements: bool = True) -> nt.KernelTable | None:
+        return nt.read_table(self.link(), elements)
 
     def chains(self) -> list[str]:
         try:
@@ -106,22 +107,31 @@ class NftServiceApplier:
         self.chains: set[str] = set()  # affinity chains in the kernel
         self.layout: nt.Layout | None = None
         self.frontends = 0  # @service_ips elements in the kernel (the layout's capacity bounds them)
+        self.digest: int | None = None  # the digest element in the kernel (see nftables.DIGEST)
         self.last_script = ""  # the last nft text sent (structure, affinity chains)
         self.last_delta: tuple[nt.Elements, nt.Elements] = ({}, {})  # the last incremental element delta
 
     # -- reading the kernel
 
-    def read_kernel(self, state: ServiceState) -> tuple[nt.Layout, nt.KernelTable | None, str]:
+    def read_kernel(self, state: ServiceState, trust_digest: bool) -> tuple[nt.Layout, nt.KernelTable | None, str]:
         """The layout for `state` (the kernel's own tree depth and capacity when they suffice),
-        and the kernel's table if it is that layout, intact (else None and why)."""
+        and the kernel's table if it is that layout, intact (else None and why). The
+        elements are read only if the kernel's digest differs from the state's (or
+        trust_digest is False); table.elements None means they are exactly the state's."""
         most, slots = nt.state_size(state)
         self.frontends = slots
-        table = self.kernel.table()
+        table = self.kernel.table(elements=False)
         if table is None:
             return nt.Layout(state.masquerade_mark).fit(most, slots), None, "table missing"
         layout = nt.kernel_layout(state.masquerade_mark, table).fit(most, slots)
         problem = nt.check_layout(layout, table)
-        return (layout, None, problem) if problem else (layout, table, "")
+        if problem:
+            return layout, None, problem
+        if not (trust_digest and table.digest is not None and table.digest == nt.state_digest(state)):
+            table = self.kernel.table(elements=True)
+            if table is None:
+                return layout, None, "table missing"
+        return layout, table, ""
 
     def verify(self) -> str | None:
         """Cheap check (chain names only, no elements): why the table needs a rebuild, or None."""
@@ -147,15 +157,21 @@ class NftServiceApplier:
             delta: tuple[nt.Elements, nt.Elements] | None = None
             old = self.applied_state
             layout = self.layout
+            target: int | None = None  # the digest after this sync
             if old is None or layout is None or resync or state.masquerade_mark != layout.mark:
-                layout, table, reason = self.read_kernel(state)
+                # a first apply (agent start) trusts the digest; an explicit resync reads everything
+                layout, table, reason = self.read_kernel(state, trust_digest=old is None)
                 if table is None:
                     rebuild = reason
                 else:
-                    applied = table.elements
                     self.chains = {c for c in table.chains if nt.is_affinity_chain(c)}
+                    self.digest = table.digest
                     affinity_check = True  # entries from before we knew the kernel may be stale
-                    delta = nt.diff(applied, nt.elements(state))
+                    if table.elements is None:  # the digest says: exactly the desired elements
+                        delta, target = ({}, {}), table.digest
+                    else:
+                        result.read_back = True
+                        delta, target = nt.diff(table.elements, nt.elements(state)), nt.state_digest(state)
             elif state is not old:
                 delta = nt.state_delta(old, state)  # empty: nothing is sent
                 affinity_check = _affinity_touched(delta[0], old)
@@ -174,10 +190,13 @@ class NftServiceApplier:
                         chains = nt.affinity_chain_script(come, self.chains)
                         if chains:
                             self._send(chains, result)
-                        batch = nt.element_batch(gone, come)
+                        if target is None:
+                            target = nt.delta_digest(self.digest or 0, gone, come)
+                        batch = nt.element_batch(gone, come, digest=(self.digest, target))
                         self.last_delta = (gone, come)
                         result.added, result.removed = _count(come), _count(gone)
                         self._commit(batch, result)
+                        self.digest = target
                         self.chains |= nt.affinity_chains(come)
                     except NftError as e:
                         log.warning("incremental Service sync failed (%s); rebuilding the table", e)
@@ -195,9 +214,10 @@ class NftServiceApplier:
                 # two transactions: the structure (nft), then every element (netlink). Until the
                 # second lands, new connections to Service addresses are dropped, not misrouted.
                 self._send(nt.structure_script(layout, state), result)
-                batch = nt.state_batch(state)
-                result.added = batch.elements
+                batch, digest = nt.state_batch(state)
+                result.added = batch.elements - 1  # the digest is not a Service element
                 self._commit(batch, result)
+                self.digest = digest
                 self.chains = {nt.affinity_chain(r.affinity_timeout) for r in state.rules
                                if r.affinity_timeout and r.backends}
                 affinity_check = False  # a new table starts with an empty affinity map

@@ -90,10 +90,17 @@ SETS: dict[str, str] = {
     "lb_source_ranges": f"type {K3} . ipv4_addr; flags interval;",
     "affinity_ips": f"type {K3} : verdict;",
     "affinity_nodeports": f"type {K2} : verdict;",
+    "digest": "type mark . mark;",
 }
 VERDICT_MAPS = {name for name, decl in SETS.items() if decl.endswith(": verdict;")}
 TEXT_ONLY = ("service_cidrs", "node_ips")
 DYNAMIC = "affinity"  # filled by the kernel, never by the applier
+# One element: a 64-bit XOR of a hash of every element the applier sent (text-only sets
+# aside), updated in the same transaction as each change. After an agent restart an
+# equal digest of the desired state means the elements are right without reading them
+# back (a read-back costs ~10 s at 50 000 Services; the digest ~1 s).
+DIGEST = "digest"
+NOT_ELEMENTS = (DYNAMIC, DIGEST)  # sets whose contents are not Service elements
 
 Elements = dict[str, dict[str, str | None]]  # set/map name -> element key -> value (None for sets)
 
@@ -596,20 +603,52 @@ def _checked(item: Item, with_value: bool) -> bytes:
         raise ValueError(f"set {item[0]}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
 
 
-def state_batch(state: ServiceState, batch: nl.Batch | None = None) -> nl.Batch:
+def element_hash(name: str, encoded: bytes) -> int:
+    """An element's share of the digest (its set, and its encoding with the value)."""
+    return int.from_bytes(hashlib.blake2b(name.encode() + b"\0" + encoded, digest_size=8).digest(), "little")
+
+
+def digest_element(digest: int) -> bytes:
+    return nl.element(digest.to_bytes(8, "little"))
+
+
+def state_batch(state: ServiceState) -> tuple[nl.Batch, int]:
     """Every element of a state (the text-only sets aside) as one netlink batch, made
-    from the rules directly: what a full load sends."""
-    batch = batch or nl.Batch()
+    from the rules directly (what a full load sends), and the state's digest."""
+    batch = nl.Batch()
     per_set: dict[str, list[bytes]] = {}
+    digest = 0
     for rule in state.rules:
         for item in rule_items(rule):
             encoded = per_set.get(item[0])
             if encoded is None:
                 encoded = per_set[item[0]] = []
-            encoded.append(_checked(item, True))
+            e = _checked(item, True)
+            encoded.append(e)
+            digest ^= element_hash(item[0], e)
     for name, encoded in per_set.items():
         batch.add_elements(TABLE, name, encoded)
-    return batch
+    batch.add_elements(TABLE, DIGEST, [digest_element(digest)])
+    return batch, digest
+
+
+def state_digest(state: ServiceState) -> int:
+    digest = 0
+    for rule in state.rules:
+        for item in rule_items(rule):
+            digest ^= element_hash(item[0], _checked(item, True))
+    return digest
+
+
+def delta_digest(digest: int, gone: Elements, come: Elements) -> int:
+    """The digest after a delta (a changed value is in both: the old one leaves, the new comes)."""
+    for part in (gone, come):
+        for name, kv in part.items():
+            if name in TEXT_ONLY:
+                continue
+            for k, v in kv.items():
+                digest ^= element_hash(name, _checked(_parsed(name, k, v), True))
+    return digest
 
 
 def _parsed(name: str, key: str, value: str | None) -> Item:
@@ -619,10 +658,15 @@ def _parsed(name: str, key: str, value: str | None) -> Item:
         raise ValueError(f"set {name}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
 
 
-def element_batch(gone: Elements, come: Elements, batch: nl.Batch | None = None) -> nl.Batch:
+def element_batch(gone: Elements, come: Elements, digest: tuple[int | None, int] | None = None) -> nl.Batch:
     """The delta as one netlink transaction: deletions, then additions (a changed
-    value is a deletion and an addition). The text-only sets are not included."""
-    batch = batch or nl.Batch()
+    value is a deletion and an addition), and the digest replaced (old, new) if
+    given. The text-only sets are not included."""
+    batch = nl.Batch()
+    if digest is not None and digest[0] != digest[1]:
+        if digest[0] is not None:
+            batch.delete_elements(TABLE, DIGEST, [digest_element(digest[0])])
+        batch.add_elements(TABLE, DIGEST, [digest_element(digest[1])])
     for verb, part in (("delete", gone), ("add", come)):
         for name in part:
             kv = part[name]
@@ -692,13 +736,15 @@ def decode_intervals(els: list[nl.DumpedElement]) -> list[str]:
 class KernelTable:
     chains: dict[str, int]  # chain -> number of rules
     sets: set[str]
-    elements: Elements
+    elements: Elements | None  # None: not read
     sizes: dict[str, int]  # set -> declared capacity (sets that have one)
+    digest: int | None = None  # the digest element, if there is one
 
 
-def read_table(link: nl.Netlink) -> KernelTable | None:
+def read_table(link: nl.Netlink, elements: bool = True) -> KernelTable | None:
     """The table as the kernel holds it (None: there is none), read with netlink dumps: `nft
-    list` would load every element of the table into its cache first (26 s at 50 000 Services)."""
+    list` would load every element of the table into its cache first (26 s at 50 000 Services).
+    elements=False: the structure and the digest only."""
     try:
         declared = link.sets(TABLE)
         names = link.chains(TABLE)
@@ -708,16 +754,24 @@ def read_table(link: nl.Netlink) -> KernelTable | None:
         return None
     chains = {name: 0 for name in names}
     chains.update(link.rule_counts(TABLE))
+    digest = None
+    if DIGEST in declared:
+        found = link.elements(TABLE, DIGEST)
+        if len(found) == 1 and len(found[0].key) == 8:
+            digest = int.from_bytes(found[0].key, "little")
+    sizes = {k: v for k, v in declared.items() if v is not None}
+    if not elements:
+        return KernelTable(chains, set(declared), None, sizes, digest)
     els: Elements = {}
     for name in declared:
-        if name == DYNAMIC:
+        if name in NOT_ELEMENTS:
             continue
         dumped = link.elements(TABLE, name)
         if name == "service_cidrs":
             els[name] = {c: None for c in decode_intervals(dumped)}
         else:
             els[name] = dict(decode_element(name, e) for e in dumped)
-    return KernelTable(chains, set(declared), els, {k: v for k, v in declared.items() if v is not None})
+    return KernelTable(chains, set(declared), els, sizes, digest)
 
 
 def check_layout(layout: Layout, table: KernelTable) -> str | None:
