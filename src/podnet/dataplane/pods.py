@@ -32,6 +32,7 @@ HOST_MAC = "ee:ee:ee:ee:ee:ee"  # every host-side veth: the pod only ever talks 
 HOST_PREFIX = "pn"
 HOST_SOCKETS = 4  # concurrent CNI requests overlap their kernel waits (a veth delete waits ~20 ms)
 NUD_PERMANENT = 0x80
+LOOPBACK_IFINDEX = 1  # the kernel gives every namespace's loopback this index
 ALIAS_PREFIX = "podnet:"
 
 
@@ -116,10 +117,9 @@ class PodDataplane:
             # (the kernel ignores an alias given at creation, so it goes with "up")
             ipr.link("set", index=hidx, state="up", ifalias=f"{ALIAS_PREFIX}{container_id}/{ifname}")
 
-            lo = pod.link_lookup(ifname="lo")
-            if lo:
-                pod.link("set", index=lo[0], state="up")
-            pidx = pod.link_lookup(ifname=ifname)[0]
+            pod.link("set", index=LOOPBACK_IFINDEX, state="up")
+            (plink,) = pod.link("get", ifname=ifname)  # its index and MAC in one request
+            pidx = plink["index"]
             pod.link("set", index=pidx, mtu=mtu, state="up")
             pod.addr("replace", index=pidx, address=address, prefixlen=32)
             pod.route("replace", dst=f"{GATEWAY}/32", oif=pidx, scope="link")
@@ -128,7 +128,7 @@ class PodDataplane:
             pod.neigh("replace", dst=GATEWAY, lladdr=HOST_MAC, ifindex=pidx, state=NUD_PERMANENT)
             pod.route("replace", dst="0.0.0.0/0", gateway=GATEWAY, oif=pidx)
             ipr.route("replace", dst=f"{address}/32", oif=hidx, scope="link", proto=RTPROT_PODNET_POD)
-            return self._describe(pod, host, ifname, netns, mtu, address)
+            return PodInterfaces(host, HOST_MAC, ifname, plink.get_attr("IFLA_ADDRESS"), netns, mtu, address)
 
     def _describe(self, pod: IPRoute, host: str, ifname: str, netns: str, mtu: int, address: str) -> PodInterfaces:
         (plink,) = pod.link("get", ifname=ifname)
