@@ -11,14 +11,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 
 from podnet.errors import PodnetError
 
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -32,8 +34,9 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def open_netlink(netns_path: str) -> IPRoute:
-    """An IPRoute socket in the namespace at netns_path (e.g. /run/netns/NAME)."""
+def in_netns(netns_path: str, factory: Callable[[], T]) -> T:
+    """factory() called inside the namespace at netns_path (e.g. /run/netns/NAME): a
+    socket it opens stays in that namespace."""
     try:
         target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -47,12 +50,17 @@ def open_netlink(netns_path: str) -> IPRoute:
                 raise NotANetns(f"{netns_path} is not a network namespace") from None
             raise
         try:
-            return IPRoute()
+            return factory()
         finally:
             _setns(own)  # back to the node's namespace before anything else runs on this thread
     finally:
         os.close(target)
         os.close(own)
+
+
+def open_netlink(netns_path: str) -> IPRoute:
+    """An IPRoute socket in the namespace at netns_path."""
+    return in_netns(netns_path, IPRoute)
 
 
 @contextmanager

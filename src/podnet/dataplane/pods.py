@@ -24,6 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from podnet.dataplane.netns import NotANetns, netlink_in
 from podnet.dataplane.routing import RTPROT_PODNET_POD
+from podnet.dataplane.rtnl import RT_SCOPE_LINK, rtnl_in
 
 log = logging.getLogger(__name__)
 
@@ -98,37 +99,50 @@ class PodDataplane:
             raise NotANetns(f"network namespace {netns} does not exist")
         host = host_ifname(container_id, ifname)
         mtu = self.mtu
-        with self._host_netlink() as ipr, netlink_in(netns) as pod:
-            existing = ipr.link_lookup(ifname=host)
-            if existing and not self._check(ipr, pod, host, ifname, address, mtu):
-                return self._describe(pod, host, ifname, netns, mtu, address)  # already right: ADD again is a no-op
-            if existing:
-                ipr.link("del", index=existing[0])
-            stale = pod.link_lookup(ifname=ifname)
-            if stale:
-                pod.link("del", index=stale[0])
-            # Everything the host end needs in one request: fewer netlink round trips per pod.
-            ipr.link("add", ifname=host, kind="veth", address=HOST_MAC, mtu=mtu,
-                     peer={"ifname": ifname, "net_ns_fd": netns, "mtu": mtu})
-            hidx = ipr.link_lookup(ifname=host)[0]
+        # The common path with raw rtnetlink (rtnl.py): about a dozen requests per pod,
+        # each ~30 us of Python instead of pyroute2's ~0.7 ms.
+        with rtnl_in() as node, rtnl_in(netns) as pod:
+            existing = node.link_index(host)
+            if existing is not None:
+                with self._host_netlink() as ipr, netlink_in(netns) as pod_ipr:
+                    if not self._check(ipr, pod_ipr, host, ifname, address, mtu):
+                        return self._describe(pod_ipr, host, ifname, netns, mtu, address)  # ADD again: a no-op
+                    ipr.link("del", index=existing)
+                    for stale in pod_ipr.link_lookup(ifname=ifname):
+                        pod_ipr.link("del", index=stale)
+            else:
+                stale = pod.link_index(ifname)
+                if stale is not None:
+                    with netlink_in(netns) as pod_ipr:
+                        pod_ipr.link("del", index=stale)
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                node.add_veth(host, HOST_MAC, mtu, ifname, fd)
+            finally:
+                os.close(fd)
+            hidx = node.link_index(host)
+            if hidx is None:
+                raise NetlinkError(19, f"{host} vanished right after it was created")
             _sysctl(f"/proc/sys/net/ipv4/conf/{host}/proxy_arp", "1")
             _sysctl(f"/proc/sys/net/ipv4/neigh/{host}/proxy_delay", "0")
             _sysctl(f"/proc/sys/net/ipv4/conf/{host}/forwarding", "1")
             # (the kernel ignores an alias given at creation, so it goes with "up")
-            ipr.link("set", index=hidx, state="up", ifalias=f"{ALIAS_PREFIX}{container_id}/{ifname}")
+            node.set_link(hidx, up=True, alias=f"{ALIAS_PREFIX}{container_id}/{ifname}")
 
-            pod.link("set", index=LOOPBACK_IFINDEX, state="up")
-            (plink,) = pod.link("get", ifname=ifname)  # its index and MAC in one request
-            pidx = plink["index"]
-            pod.link("set", index=pidx, mtu=mtu, state="up")
-            pod.addr("replace", index=pidx, address=address, prefixlen=32)
-            pod.route("replace", dst=f"{GATEWAY}/32", oif=pidx, scope="link")
+            pod.set_link(LOOPBACK_IFINDEX, up=True)
+            found = pod.link(ifname)  # its index and MAC in one request
+            if found is None:
+                raise NetlinkError(19, f"{ifname} did not arrive in {netns}")
+            pidx, pod_mac = found
+            pod.set_link(pidx, up=True, mtu=mtu)
+            pod.replace_address(pidx, address, 32)
+            pod.replace_route(GATEWAY, 32, pidx, scope=RT_SCOPE_LINK)
             # The gateway's MAC is fixed, so the pod never needs to ARP for it (proxy ARP
             # stays on for anything else, but would only answer if the node routes 169.254.1.1).
-            pod.neigh("replace", dst=GATEWAY, lladdr=HOST_MAC, ifindex=pidx, state=NUD_PERMANENT)
-            pod.route("replace", dst="0.0.0.0/0", gateway=GATEWAY, oif=pidx)
-            ipr.route("replace", dst=f"{address}/32", oif=hidx, scope="link", proto=RTPROT_PODNET_POD)
-            return PodInterfaces(host, HOST_MAC, ifname, plink.get_attr("IFLA_ADDRESS"), netns, mtu, address)
+            pod.replace_neighbour(pidx, GATEWAY, HOST_MAC, NUD_PERMANENT)
+            pod.replace_route("0.0.0.0", 0, pidx, gateway=GATEWAY)
+            node.replace_route(address, 32, hidx, scope=RT_SCOPE_LINK, protocol=RTPROT_PODNET_POD)
+            return PodInterfaces(host, HOST_MAC, ifname, pod_mac, netns, mtu, address)
 
     def _describe(self, pod: IPRoute, host: str, ifname: str, netns: str, mtu: int, address: str) -> PodInterfaces:
         (plink,) = pod.link("get", ifname=ifname)
