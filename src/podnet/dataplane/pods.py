@@ -150,19 +150,20 @@ class PodDataplane:
 
     def delete(self, container_id: str, ifname: str, netns: str | None) -> None:
         host = host_ifname(container_id, ifname)
-        with self._host_netlink() as ipr:
-            found = ipr.link_lookup(ifname=host)
-            for idx in found:
+        with rtnl_in() as node:
+            found = node.link_index(host)
+            if found is not None:
                 try:
-                    ipr.link("del", index=idx)  # takes the peer and the /32 route with it
+                    node.delete_link(found)  # takes the peer and the /32 route with it
                 except NetlinkError as e:
                     if e.code != 19:  # ENODEV: gone meanwhile
                         raise
-        if not found and netns and os.path.exists(netns):  # a pod end whose host end is gone
+        if found is None and netns and os.path.exists(netns):  # a pod end whose host end is gone
             try:
-                with netlink_in(netns) as pod:
-                    for idx in pod.link_lookup(ifname=ifname):
-                        pod.link("del", index=idx)
+                with rtnl_in(netns) as pod:
+                    idx = pod.link_index(ifname)
+                    if idx is not None:
+                        pod.delete_link(idx)
             except (OSError, NetlinkError, NotANetns) as e:
                 log.debug("pod side of %s in %s: %s", host, netns, e)
 

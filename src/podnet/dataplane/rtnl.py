@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from podnet.dataplane.netns import in_netns
 
 NETLINK_ROUTE = 0
-RTM_NEWLINK, RTM_GETLINK = 16, 18
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
 RTM_NEWNEIGH = 28
@@ -142,6 +142,9 @@ class Rtnl:
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
                      _IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, host) + _attr(IFLA_ADDRESS, _mac(host_mac))
                      + _u32(IFLA_MTU, mtu) + _attr(IFLA_LINKINFO | NLA_F_NESTED, info))
+
+    def delete_link(self, index: int) -> None:
+        self.request(RTM_DELLINK, 0, _IFINFO.pack(0, 0, index, 0, 0))
 
     def set_link(self, index: int, up: bool = True, mtu: int | None = None, alias: str | None = None) -> None:
         attrs = b""
