@@ -14,6 +14,7 @@ import json
 import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 
@@ -46,6 +47,24 @@ WATCH_POLL_SECONDS = 0.02
 OPEN_TIMEOUT = 60.0
 
 
+# One writer lock per database file and process. SQLite admits one writer at a time;
+# a connection that finds the lock taken sleeps in its busy handler (1, 2, 5, 10, ...
+# ms), so threads of one process writing through their own connections (the CNI
+# server's requests) would wait far longer than the writes take. They queue here
+# instead; other processes still meet SQLite's own lock.
+_WRITERS: dict[str, threading.Lock] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def _writer_lock(path: str) -> threading.Lock:
+    key = os.path.realpath(path)
+    with _WRITERS_LOCK:
+        lock = _WRITERS.get(key)
+        if lock is None:
+            lock = _WRITERS[key] = threading.Lock()
+        return lock
+
+
 def prefix_end(prefix: str) -> str:
     return prefix + "\U0010ffff"
 
@@ -56,6 +75,7 @@ class SQLiteStore(KeyValueStore):
         self.url = f"sqlite://{path}"
         self.history = history
         self._db = self._connect()
+        self._writer = _writer_lock(path)
 
     def _connect(self) -> sqlite3.Connection:
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -106,6 +126,10 @@ class SQLiteStore(KeyValueStore):
         return [Record(k, json.loads(v), m, c) for k, v, m, c in rows], rev
 
     def txn(self, ops: list[Op]) -> int:
+        with self._writer:
+            return self._txn(ops)
+
+    def _txn(self, ops: list[Op]) -> int:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -142,9 +166,10 @@ class SQLiteStore(KeyValueStore):
 
     def compact(self, upto: int) -> None:
         """Drop change history up to and including revision `upto`."""
-        self._db.execute("BEGIN IMMEDIATE")
-        self._compact(upto)
-        self._db.execute("COMMIT")
+        with self._writer:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._compact(upto)
+            self._db.execute("COMMIT")
 
     def watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
         db = self._connect()  # a watch blocks: it must not share the caller's connection
