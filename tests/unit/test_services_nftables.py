@@ -102,6 +102,7 @@ def test_elements_encode_in_the_kernel_layout():
     # what `nft --debug=netlink` shows for the same elements (32-bit words, fields padded to 4 bytes)
     backend = nt.encode_element("backends_3", "10.96.0.1 . tcp . 80 . 2", "10.1.0.5 . 8080")
     key = bytes.fromhex("0a600001" "06000000" "00500000") + (2).to_bytes(4, "little")
+    assert backend == nl.element(key, nl.value(bytes.fromhex("0a010005" "1f900000")))  # the short path = generic
     assert key in backend and bytes.fromhex("0a010005" "1f900000") in backend
     ranges = nt.encode_element("lb_source_ranges", "10.96.0.1 . tcp . 80 . 192.168.0.0/16", None)
     head = bytes.fromhex("0a600001" "06000000" "00500000")
@@ -137,11 +138,14 @@ def test_the_digest_follows_deltas_and_sees_any_difference():
     b = state(rule("10.96.0.1", 80, "10.1.0.1", "10.1.0.9"), rule("10.96.0.2", 53, proto="udp"))
     da, db = nt.state_digest(a), nt.state_digest(b)
     assert da == nt.state_batch(a)[1] and da != db
-    assert nt.delta_digest(da, *nt.state_delta(a, b)) == db  # incremental = recomputed
-    assert nt.delta_digest(db, *nt.state_delta(b, a)) == da
+    assert nt.digest_delta(da, a, b) == db  # incremental = recomputed
+    assert nt.digest_delta(db, b, a) == da
     # one slot's value differs: another digest
     c = state(rule("10.96.0.1", 80, "10.1.0.1", "10.1.0.8"), rule("10.96.0.2", 53, proto="udp"))
     assert nt.state_digest(c) != db
+    # the same key bytes in another set (reject -> drop) count as a difference too
+    assert nt.state_digest(state(rule("10.96.0.2", 53, proto="udp"))) != \
+        nt.state_digest(state(rule("10.96.0.2", 53, proto="udp", no_endpoints="drop")))
     batch = nt.element_batch(*nt.state_delta(b, c), digest=(db, nt.state_digest(c)))
     assert [m[3] for m in batch.messages][:2] == ["deleting from set podnet-svc digest", "adding to set podnet-svc digest"]
 

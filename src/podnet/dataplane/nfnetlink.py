@@ -97,6 +97,15 @@ def _heads(key_len: int, data_len: int) -> tuple[bytes, bytes]:
     return before_key, before_data
 
 
+def element_heads(key_len: int, data_len: int) -> tuple[bytes, bytes]:
+    """The headers element() puts before a key of key_len bytes and before a data
+    attribute of data_len bytes: element(k, d) == heads[0] + k + heads[1] + d."""
+    heads = _HEADS.get((key_len, data_len))
+    if heads is None:
+        heads = _HEADS[key_len, data_len] = _heads(key_len, data_len)
+    return heads
+
+
 def element(key: bytes, data: bytes | None = None, *, key_end: bytes | None = None, flags: int = 0) -> bytes:
     """One set element; `data` is a value (bytes) or, for verdict maps, verdict(...)'s output
     passed through as is (it starts with the nested verdict attribute)."""

@@ -191,7 +191,7 @@ class NftServiceApplier:
                         if chains:
                             self._send(chains, result)
                         if target is None:
-                            target = nt.delta_digest(self.digest or 0, gone, come)
+                            target = nt.digest_delta(self.digest or 0, old, state)
                         batch = nt.element_batch(gone, come, digest=(self.digest, target))
                         self.last_delta = (gone, come)
                         result.added, result.removed = _count(come), _count(gone)

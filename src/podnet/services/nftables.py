@@ -95,8 +95,8 @@ SETS: dict[str, str] = {
 VERDICT_MAPS = {name for name, decl in SETS.items() if decl.endswith(": verdict;")}
 TEXT_ONLY = ("service_cidrs", "node_ips")
 DYNAMIC = "affinity"  # filled by the kernel, never by the applier
-# One element: a 64-bit XOR of a hash of every element the applier sent (text-only sets
-# aside), updated in the same transaction as each change. After an agent restart an
+# One element: a 64-bit XOR over frontends of a hash of each frontend's elements (the
+# text-only sets aside), updated in the same transaction as each change. After an agent restart an
 # equal digest of the desired state means the elements are right without reading them
 # back (a read-back costs ~10 s at 50 000 Services; the digest ~1 s).
 DIGEST = "digest"
@@ -554,12 +554,19 @@ def _frontend_bytes(fe: Frontend) -> bytes:
 _SLOT_VALUE = nl.attr(nl.DATA_VALUE, bytes(8))[:4]  # the header of an 8-byte value: address, port
 
 
+_SLOT_HEADS = {width: nl.element_heads(width + 4, 12) for width in (8, 12)}  # slot element: key, value attr
+
+
 def encode_item(item: Item, with_value: bool = True) -> bytes:
     """One element's netlink encoding (with_value False: the key alone, as a deletion needs)."""
     _, fe, extra, value = item
     key = _frontend_bytes(fe)
     if extra is not None:
-        if isinstance(extra, int):
+        if type(extra) is int:
+            if with_value and type(value) is Backend:  # a slot with its backend: most of a full load
+                head_key, head_data = _SLOT_HEADS[len(key)]
+                return b"".join((head_key, key, _SLOT.pack(extra), head_data, _SLOT_VALUE,
+                                 socket.inet_aton(value.ip), _PORT.pack(value.port)))
             key += _SLOT.pack(extra)
         else:  # a source range: the interval of a concatenation is a key and a key end
             net, _, plen = extra.partition("/")
@@ -603,9 +610,21 @@ def _checked(item: Item, with_value: bool) -> bytes:
         raise ValueError(f"set {item[0]}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
 
 
-def element_hash(name: str, encoded: bytes) -> int:
-    """An element's share of the digest (its set, and its encoding with the value)."""
-    return int.from_bytes(hashlib.blake2b(name.encode() + b"\0" + encoded, digest_size=8).digest(), "little")
+def _rule_encoded(rule: FrontendRule) -> list[tuple[str, bytes]]:
+    try:
+        return [(item[0], encode_item(item)) for item in rule_items(rule)]
+    except (ValueError, KeyError, IndexError, OSError, struct.error):
+        for item in rule_items(rule):
+            _checked(item, True)  # raises, naming the element
+        raise
+
+
+def rule_hash(encoded: list[tuple[str, bytes]]) -> int:
+    """A frontend's share of the digest: one hash over its elements (sets and encodings)."""
+    h = hashlib.blake2b("\0".join(name for name, _ in encoded).encode(), digest_size=8)
+    for _, e in encoded:
+        h.update(e)
+    return int.from_bytes(h.digest(), "little")
 
 
 def digest_element(digest: int) -> bytes:
@@ -619,15 +638,15 @@ def state_batch(state: ServiceState) -> tuple[nl.Batch, int]:
     per_set: dict[str, list[bytes]] = {}
     digest = 0
     for rule in state.rules:
-        for item in rule_items(rule):
-            encoded = per_set.get(item[0])
-            if encoded is None:
-                encoded = per_set[item[0]] = []
-            e = _checked(item, True)
-            encoded.append(e)
-            digest ^= element_hash(item[0], e)
-    for name, encoded in per_set.items():
-        batch.add_elements(TABLE, name, encoded)
+        encoded = _rule_encoded(rule)
+        digest ^= rule_hash(encoded)
+        for name, e in encoded:
+            into = per_set.get(name)
+            if into is None:
+                into = per_set[name] = []
+            into.append(e)
+    for name, elements in per_set.items():
+        batch.add_elements(TABLE, name, elements)
     batch.add_elements(TABLE, DIGEST, [digest_element(digest)])
     return batch, digest
 
@@ -635,19 +654,23 @@ def state_batch(state: ServiceState) -> tuple[nl.Batch, int]:
 def state_digest(state: ServiceState) -> int:
     digest = 0
     for rule in state.rules:
-        for item in rule_items(rule):
-            digest ^= element_hash(item[0], _checked(item, True))
+        digest ^= rule_hash(_rule_encoded(rule))
     return digest
 
 
-def delta_digest(digest: int, gone: Elements, come: Elements) -> int:
-    """The digest after a delta (a changed value is in both: the old one leaves, the new comes)."""
-    for part in (gone, come):
-        for name, kv in part.items():
-            if name in TEXT_ONLY:
-                continue
-            for k, v in kv.items():
-                digest ^= element_hash(name, _checked(_parsed(name, k, v), True))
+def digest_delta(digest: int, old: ServiceState, new: ServiceState) -> int:
+    """The digest after going from `old` to `new`: the changed frontends' old shares leave,
+    their new ones come (the same frontends as state_delta looks at)."""
+    before, after = old.frontends, new.frontends
+    hint = new.changed_since(old)
+    for fe in (before.keys() | after.keys()) if hint is None else hint:
+        b, a = before.get(fe), after.get(fe)
+        if a is b or a == b:
+            continue
+        if b is not None:
+            digest ^= rule_hash(_rule_encoded(b))
+        if a is not None:
+            digest ^= rule_hash(_rule_encoded(a))
     return digest
 
 
