@@ -20,6 +20,23 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
+from podnet.dataplane.netlink import (
+    HEADER,
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    attr,
+    attr_list,
+    attrs,
+    error_code,
+    message,
+    messages,
+    nested,
+    strz,
+    text,
+)
 from podnet.dataplane.nft import NftError
 
 NETLINK_NETFILTER = 12
@@ -32,10 +49,8 @@ NFT_MSG_GETSET = 10
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
+NLM_F_CREATE = 0x400
 NLM_F_DUMP = 0x300
-NLA_F_NESTED = 0x8000
 NFPROTO_IPV4 = 2
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
@@ -54,19 +69,6 @@ RULE_TABLE, RULE_CHAIN = 1, 2
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
 VERDICT_NAMES = {v: k for k, v in VERDICTS.items()}
 MAX_ATTR = 0xFFFF - 512  # a nested attribute's length is 16 bits: split element lists below it
-
-
-def attr(kind: int, payload: bytes) -> bytes:
-    n = 4 + len(payload)
-    return struct.pack("=HH", n, kind) + payload + b"\0" * (-n & 3)
-
-
-def nested(kind: int, payload: bytes) -> bytes:
-    return attr(kind | NLA_F_NESTED, payload)
-
-
-def strz(kind: int, text: str) -> bytes:
-    return attr(kind, text.encode() + b"\0")
 
 
 def u32be(kind: int, value: int) -> bytes:
@@ -164,25 +166,20 @@ class Batch:
             self.messages.append((msg, flags, head + nested(SET_ELEM_LIST_ELEMENTS, b"".join(chunk)), what))
 
     def encode(self, seq0: int) -> bytes:
-        parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq0, _nfgen(0, NFNL_SUBSYS_NFTABLES))]
+        parts = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq0, _nfgen(0, NFNL_SUBSYS_NFTABLES))]
         last = len(self.messages) - 1
         for i, (kind, flags, payload, _) in enumerate(self.messages):
             # an ack for the last message only: errors are reported for every message anyway
             flags |= NLM_F_REQUEST | (NLM_F_ACK if i == last else 0)
-            parts.append(_message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq0 + 1 + i,
+            parts.append(message((NFNL_SUBSYS_NFTABLES << 8) | kind, flags, seq0 + 1 + i,
                                   _nfgen(self.family, 0) + payload))
-        parts.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq0 + 1 + len(self.messages),
+        parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq0 + 1 + len(self.messages),
                               _nfgen(0, NFNL_SUBSYS_NFTABLES)))
         return b"".join(parts)
 
 
 def _nfgen(family: int, res_id: int) -> bytes:
     return struct.pack("!BBH", family, 0, res_id)
-
-
-def _message(kind: int, flags: int, seq: int, payload: bytes) -> bytes:
-    n = 16 + len(payload)
-    return struct.pack("=IHHII", n, kind, flags, seq, 0) + payload
 
 
 class Netlink:
@@ -219,10 +216,12 @@ class Netlink:
             while True:
                 reply = self.sock.recv(1 << 20)
                 done = False
-                for kind, seq, code in _acks(reply):
+                for kind, _, seq, body in messages(reply):
                     if kind != NLMSG_ERROR:
                         continue
+                    code = error_code(body)
                     if code:
+                        seq = HEADER.unpack_from(body, 4)[3]  # the failed request's own number
                         i = seq - seq0 - 1
                         what = batch.messages[i][3] if 0 <= i < len(batch.messages) else "the batch"
                         errors.append(f"{what}: {os.strerror(-code)} ({errno.errorcode.get(-code, code)})")
@@ -244,23 +243,18 @@ class Netlink:
         """The payloads (after the nfgenmsg header) of every reply to a dump request."""
         seq = self.seq
         self.seq += 1
-        self.sock.send(_message((NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | NLM_F_DUMP, seq,
+        self.sock.send(message((NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | NLM_F_DUMP, seq,
                                 _nfgen(NFPROTO_IPV4, 0) + payload))
         self.sock.settimeout(10)
         try:
             while True:
-                data = self.sock.recv(1 << 20)
-                off = 0
-                while off + 16 <= len(data):
-                    n, msg, _flags, mseq, _pid = struct.unpack_from("=IHHII", data, off)
-                    body = data[off + 16:off + n]
-                    off += (n + 3) & ~3
+                for msg, _, mseq, body in messages(self.sock.recv(1 << 20)):
                     if mseq != seq:
                         continue
                     if msg == NLMSG_DONE:
                         return
                     if msg == NLMSG_ERROR:
-                        code = struct.unpack_from("=i", body)[0]
+                        code = error_code(body)
                         if code:
                             raise OSError(-code, os.strerror(-code))
                         return
@@ -274,8 +268,8 @@ class Netlink:
         out = []
         for body in self.dump(NFT_MSG_GETCHAIN, strz(CHAIN_TABLE, table)):
             a = attrs(body)
-            if _str(a.get(CHAIN_TABLE)) == table:
-                out.append(_str(a.get(CHAIN_NAME)))
+            if text(a.get(CHAIN_TABLE)) == table:
+                out.append(text(a.get(CHAIN_NAME)))
         return out
 
     def rule_counts(self, table: str) -> dict[str, int]:
@@ -283,8 +277,8 @@ class Netlink:
         counts: dict[str, int] = {}
         for body in self.dump(NFT_MSG_GETRULE, strz(RULE_TABLE, table)):
             a = attrs(body)
-            if _str(a.get(RULE_TABLE)) == table:
-                chain = _str(a.get(RULE_CHAIN))
+            if text(a.get(RULE_TABLE)) == table:
+                chain = text(a.get(RULE_CHAIN))
                 counts[chain] = counts.get(chain, 0) + 1
         return counts
 
@@ -293,11 +287,11 @@ class Netlink:
         out: dict[str, int | None] = {}
         for body in self.dump(NFT_MSG_GETSET, strz(SET_TABLE, table)):
             a = attrs(body)
-            if _str(a.get(SET_TABLE)) != table:
+            if text(a.get(SET_TABLE)) != table:
                 continue
             desc = attrs(a.get(SET_DESC, b""))
             size = struct.unpack("!I", desc[SET_DESC_SIZE])[0] if SET_DESC_SIZE in desc else None
-            out[_str(a.get(SET_NAME))] = size
+            out[text(a.get(SET_NAME))] = size
         return out
 
     def elements(self, table: str, set_name: str) -> list[DumpedElement]:
@@ -306,22 +300,8 @@ class Netlink:
         head = strz(SET_ELEM_LIST_TABLE, table) + strz(SET_ELEM_LIST_SET, set_name)
         for body in self.dump(NFT_MSG_GETSETELEM, head):
             listing = attrs(body).get(SET_ELEM_LIST_ELEMENTS)
-            out += [decode_element(elem) for kind, elem in _attr_list(listing or b"") if kind == LIST_ELEM]
+            out += [decode_element(elem) for kind, elem in attr_list(listing or b"") if kind == LIST_ELEM]
         return out
-
-
-def _acks(data: bytes) -> Iterable[tuple[int, int, int]]:
-    """(message type, sequence number, error code) of each message in a reply."""
-    off = 0
-    while off + 16 <= len(data):
-        n, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
-        if n < 16:
-            break
-        code = struct.unpack_from("=i", data, off + 16)[0] if kind == NLMSG_ERROR else 0
-        if kind == NLMSG_ERROR and code:
-            seq = struct.unpack_from("=I", data, off + 16 + 4 + 8)[0]  # the failed request's own header
-        yield kind, seq, code
-        off += (n + 3) & ~3
 
 
 class DumpedElement(NamedTuple):
@@ -344,26 +324,8 @@ def decode_element(payload: bytes) -> DumpedElement:
     return DumpedElement(key, key_end, data, flags)
 
 
-def _attr_list(data: bytes) -> Iterator[tuple[int, bytes]]:
-    off = 0
-    while off + 4 <= len(data):
-        n, kind = struct.unpack_from("=HH", data, off)
-        if n < 4:
-            return
-        yield kind & 0x3FFF, data[off + 4:off + n]  # without the nested / byte-order flags
-        off += (n + 3) & ~3
-
-
-def attrs(data: bytes) -> dict[int, bytes]:
-    return dict(_attr_list(data))
-
-
-def _str(raw: bytes | None) -> str:
-    return (raw or b"").split(b"\0", 1)[0].decode()
-
-
 def _verdict_text(raw: bytes) -> str:
     a = attrs(raw)
     code = struct.unpack("!i", a[VERDICT_CODE])[0] if VERDICT_CODE in a else 0
     word = VERDICT_NAMES.get(code, str(code))
-    return f"{word} {_str(a[VERDICT_CHAIN])}" if VERDICT_CHAIN in a else word
+    return f"{word} {text(a[VERDICT_CHAIN])}" if VERDICT_CHAIN in a else word

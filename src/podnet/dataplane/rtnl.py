@@ -20,6 +20,18 @@ from contextlib import contextmanager
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from podnet.dataplane.netlink import (
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    attr,
+    attrs,
+    error_code,
+    message,
+    messages,
+    strz,
+)
 from podnet.dataplane.netns import in_netns
 
 NETLINK_ROUTE = 0
@@ -27,9 +39,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
 RTM_NEWNEIGH = 28
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_REPLACE = 0x1, 0x4, 0x200, 0x400, 0x100
-NLA_F_NESTED = 0x8000
+NLM_F_EXCL, NLM_F_CREATE, NLM_F_REPLACE = 0x200, 0x400, 0x100
 IFF_UP = 0x1
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_NET_NS_FD = 1, 3, 4, 18, 20, 28
@@ -49,17 +59,8 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, pr
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    n = 4 + len(payload)
-    return struct.pack("=HH", n, kind) + payload + b"\0" * (-n & 3)
-
-
-def _str(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
-
-
 def _u32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack("=I", value))
+    return attr(kind, struct.pack("=I", value))
 
 
 def _mac(text: str) -> bytes:
@@ -86,22 +87,16 @@ class Rtnl:
         a bare acknowledgement). Raises NetlinkError with the kernel's errno."""
         self.seq += 1
         seq = self.seq
-        self.sock.send(struct.pack("=IHHII", 16 + len(payload), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0)
-                       + payload)
+        self.sock.send(message(kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, payload))
         answer = b""
         while True:
-            data = self.sock.recv(65536)
-            off = 0
-            while off + 16 <= len(data):
-                n, mtype, _, mseq, _ = struct.unpack_from("=IHHII", data, off)
-                body = data[off + 16:off + n]
-                off += (n + 3) & ~3
+            for mtype, _, mseq, body in messages(self.sock.recv(65536)):
                 if mseq != seq:
                     continue
                 if mtype != NLMSG_ERROR:
                     answer = body  # the data reply of a GET comes before its acknowledgement
                     continue
-                code = struct.unpack_from("=i", body)[0]
+                code = error_code(body)
                 if code:
                     raise NetlinkError(-code, os.strerror(-code))
                 return answer
@@ -116,32 +111,24 @@ class Rtnl:
     def link(self, ifname: str) -> tuple[int, str] | None:
         """(index, MAC address) of an interface by name; None if there is none."""
         try:
-            body = self.request(RTM_GETLINK, 0, _IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, ifname))
+            body = self.request(RTM_GETLINK, 0, _IFINFO.pack(0, 0, 0, 0, 0) + strz(IFLA_IFNAME, ifname))
         except NetlinkError as e:
             if e.code == 19:  # ENODEV
                 return None
             raise
         index = _IFINFO.unpack_from(body)[2]
-        mac = ""
-        off = _IFINFO.size
-        while off + 4 <= len(body):
-            n, kind = struct.unpack_from("=HH", body, off)
-            if n < 4:
-                break
-            if kind & 0x3FFF == IFLA_ADDRESS:
-                mac = ":".join(f"{b:02x}" for b in body[off + 4:off + n])
-            off += (n + 3) & ~3
-        return index, mac
+        mac = attrs(body[_IFINFO.size:]).get(IFLA_ADDRESS, b"")
+        return index, ":".join(f"{b:02x}" for b in mac)
 
     def add_veth(self, host: str, host_mac: str, mtu: int, peer: str, peer_netns_fd: int) -> None:
         """A veth pair: `host` here, `peer` moved into the namespace of peer_netns_fd."""
-        peer_info = _IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, peer) + _u32(IFLA_MTU, mtu) \
+        peer_info = _IFINFO.pack(0, 0, 0, 0, 0) + strz(IFLA_IFNAME, peer) + _u32(IFLA_MTU, mtu) \
             + _u32(IFLA_NET_NS_FD, peer_netns_fd)
-        info = _str(IFLA_INFO_KIND, "veth") + _attr(IFLA_INFO_DATA | NLA_F_NESTED,
-                                                   _attr(VETH_INFO_PEER | NLA_F_NESTED, peer_info))
+        info = strz(IFLA_INFO_KIND, "veth") + attr(IFLA_INFO_DATA | NLA_F_NESTED,
+                                                   attr(VETH_INFO_PEER | NLA_F_NESTED, peer_info))
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-                     _IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, host) + _attr(IFLA_ADDRESS, _mac(host_mac))
-                     + _u32(IFLA_MTU, mtu) + _attr(IFLA_LINKINFO | NLA_F_NESTED, info))
+                     _IFINFO.pack(0, 0, 0, 0, 0) + strz(IFLA_IFNAME, host) + attr(IFLA_ADDRESS, _mac(host_mac))
+                     + _u32(IFLA_MTU, mtu) + attr(IFLA_LINKINFO | NLA_F_NESTED, info))
 
     def delete_link(self, index: int) -> None:
         self.request(RTM_DELLINK, 0, _IFINFO.pack(0, 0, index, 0, 0))
@@ -151,7 +138,7 @@ class Rtnl:
         if mtu is not None:
             attrs += _u32(IFLA_MTU, mtu)
         if alias is not None:
-            attrs += _str(IFLA_IFALIAS, alias)
+            attrs += strz(IFLA_IFALIAS, alias)
         self.request(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, IFF_UP if up else 0, IFF_UP) + attrs)
 
     # -- addresses, routes, neighbours (all "replace": idempotent)
@@ -159,15 +146,15 @@ class Rtnl:
     def replace_address(self, index: int, address: str, prefixlen: int) -> None:
         self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE,
                      _IFADDR.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-                     + _attr(IFA_LOCAL, _ip(address)) + _attr(IFA_ADDRESS, _ip(address)))
+                     + attr(IFA_LOCAL, _ip(address)) + attr(IFA_ADDRESS, _ip(address)))
 
     def replace_route(self, dst: str, dst_len: int, oif: int, gateway: str | None = None,
                       scope: int = RT_SCOPE_UNIVERSE, protocol: int = RTPROT_BOOT) -> None:
         attrs = _u32(RTA_OIF, oif)
         if dst_len:
-            attrs = _attr(RTA_DST, _ip(dst)) + attrs
+            attrs = attr(RTA_DST, _ip(dst)) + attrs
         if gateway is not None:
-            attrs += _attr(RTA_GATEWAY, _ip(gateway))
+            attrs += attr(RTA_GATEWAY, _ip(gateway))
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE,
                      _RTMSG.pack(socket.AF_INET, dst_len, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, 0)
                      + attrs)
@@ -175,7 +162,7 @@ class Rtnl:
     def replace_neighbour(self, index: int, address: str, lladdr: str, state: int) -> None:
         self.request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE,
                      _NDMSG.pack(socket.AF_INET, index, state, 0, 0)
-                     + _attr(NDA_DST, _ip(address)) + _attr(NDA_LLADDR, _mac(lladdr)))
+                     + attr(NDA_DST, _ip(address)) + attr(NDA_LLADDR, _mac(lladdr)))
 
 
 @contextmanager
