@@ -409,29 +409,27 @@ def diff(applied: Elements, desired: Elements) -> tuple[Elements, Elements]:
     return gone, come
 
 
-def state_delta(old: ServiceState, new: ServiceState) -> tuple[Elements, Elements]:
-    """(gone, come) from the frontends that differ between two states: work in
-    proportion to the change (unchanged frontends cost an identity check)."""
-    gone: Elements = {}
-    come: Elements = {}
+def changed_rules(old: ServiceState, new: ServiceState) -> Iterator[tuple[FrontendRule | None, FrontendRule | None]]:
+    """(rule before, rule after) of every frontend that differs between two states (None:
+    absent), from the frontends the compiler says it touched: work in proportion to the
+    change (an unchanged frontend costs an identity check)."""
     before, after = old.frontends, new.frontends
     hint = new.changed_since(old)
-    candidates = before.keys() if hint is None else [fe for fe in hint if fe in before]
-    for fe in candidates:
-        rule = before[fe]
-        other = after.get(fe)
-        if other is rule or other == rule:
-            continue
-        for name, kv in rule_elements(rule).items():
-            gone.setdefault(name, {}).update(kv)
-    candidates = after.keys() if hint is None else [fe for fe in hint if fe in after]
-    for fe in candidates:
-        rule = after[fe]
-        other = before.get(fe)
-        if other is rule or other == rule:
-            continue
-        for name, kv in rule_elements(rule).items():
-            come.setdefault(name, {}).update(kv)
+    for fe in (before.keys() | after.keys()) if hint is None else hint:
+        b, a = before.get(fe), after.get(fe)
+        if a is not b and a != b:
+            yield b, a
+
+
+def state_delta(old: ServiceState, new: ServiceState) -> tuple[Elements, Elements]:
+    """(gone, come): the elements of the frontends that differ between two states."""
+    gone: Elements = {}
+    come: Elements = {}
+    for b, a in changed_rules(old, new):
+        for rule, into in ((b, gone), (a, come)):
+            if rule is not None:
+                for name, kv in rule_elements(rule).items():
+                    into.setdefault(name, {}).update(kv)
     for name, a, b in (("service_cidrs", old.service_cidrs, new.service_cidrs),
                        ("node_ips", old.node_ips, new.node_ips)):
         if a != b:
@@ -660,17 +658,11 @@ def state_digest(state: ServiceState) -> int:
 
 def digest_delta(digest: int, old: ServiceState, new: ServiceState) -> int:
     """The digest after going from `old` to `new`: the changed frontends' old shares leave,
-    their new ones come (the same frontends as state_delta looks at)."""
-    before, after = old.frontends, new.frontends
-    hint = new.changed_since(old)
-    for fe in (before.keys() | after.keys()) if hint is None else hint:
-        b, a = before.get(fe), after.get(fe)
-        if a is b or a == b:
-            continue
-        if b is not None:
-            digest ^= rule_hash(_rule_encoded(b))
-        if a is not None:
-            digest ^= rule_hash(_rule_encoded(a))
+    their new ones come."""
+    for b, a in changed_rules(old, new):
+        for rule in (b, a):
+            if rule is not None:
+                digest ^= rule_hash(_rule_encoded(rule))
     return digest
 
 
