@@ -218,8 +218,7 @@ class NftServiceApplier:
                 result.added = batch.elements - 1  # the digest is not a Service element
                 self._commit(batch, result)
                 self.digest = digest
-                self.chains = {nt.affinity_chain(r.affinity_timeout) for r in state.rules
-                               if r.affinity_timeout and r.backends}
+                self.chains = nt.state_affinity_chains(state)
                 affinity_check = False  # a new table starts with an empty affinity map
         except NftError:
             self.applied_state = None

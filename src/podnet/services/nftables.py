@@ -446,6 +446,11 @@ def state_delta(old: ServiceState, new: ServiceState) -> tuple[Elements, Element
     return ({k: v for k, v in gone.items() if v}, {k: v for k, v in come.items() if v})
 
 
+def state_affinity_chains(state: ServiceState) -> set[str]:
+    """The affinity chains a state's frontends jump to."""
+    return {affinity_chain(r.affinity_timeout) for r in state.rules if r.affinity_timeout and r.backends}
+
+
 def affinity_chains(els: Elements) -> set[str]:
     """The affinity chains the elements point to."""
     out = set()
@@ -507,8 +512,7 @@ def structure_script(layout: Layout, state: ServiceState) -> str:
     element follows as one netlink batch (`state_batch`)."""
     lines = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}", f"table {FAMILY} {TABLE} {{",
              layout.body, f"  chain {layout.marker} {{", "  }"]
-    timeouts = {r.affinity_timeout for r in state.rules if r.affinity_timeout and r.backends}
-    for chain in sorted(affinity_chain(t) for t in timeouts):
+    for chain in sorted(state_affinity_chains(state)):
         lines += [f"  chain {chain} {{", *(f"    {r}" for r in affinity_chain_rules(chain)), "  }"]
     lines.append("}")
     lines += element_block("add", "service_cidrs", sorted((_addr(c), None) for c in state.service_cidrs))
