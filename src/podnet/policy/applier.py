@@ -115,11 +115,13 @@ def structure_changes(old: PolicyState, new: PolicyState) -> bool:
                for n, c in new.policy_chains.items())
 
 
-def render_diff(old: PolicyState, new: PolicyState, ch: PolicyChanges | None = None) -> str:
-    """Commands turning `old` into `new` ("" if they are the same)."""
+def render_diff(old: PolicyState, new: PolicyState, ch: PolicyChanges | None = None,
+                changes: list[ElementChange] | None = None) -> str:
+    """Commands turning `old` into `new` ("" if they are the same); `changes`: their
+    element_changes, if already known."""
     ch = ch if ch is not None else PolicyChanges()
     lines: list[str] = []
-    changed = {c.name: c for c in element_changes(old, new)}
+    changed = {c.name: c for c in (element_changes(old, new) if changes is None else changes)}
     # 1. sets and their elements
     for name, s in new.sets.items():
         o = old.sets.get(name)
@@ -227,13 +229,14 @@ class PolicyApplier:
         start = time.perf_counter()
         ch = PolicyChanges()
         if self.applied is not None:
-            script = render_diff(self.applied, desired, ch)
+            changes = element_changes(self.applied, desired)
+            script = render_diff(self.applied, desired, ch, changes)
             if not script:
                 self.applied = desired
                 return ch
             try:
                 batch = None if self.commit is None or structure_changes(self.applied, desired) else \
-                    element_batch(element_changes(self.applied, desired))
+                    element_batch(changes)
                 if batch is not None and self.commit is not None:
                     self.commit(batch)
                     ch.netlink = True
