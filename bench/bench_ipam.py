@@ -38,6 +38,7 @@ from podnet.model.objects import IPPool  # noqa: E402
 from podnet.store import open_store  # noqa: E402
 from podnet.store.base import Op  # noqa: E402
 from podnet.store.objects import ObjectStore  # noqa: E402
+from workers import start_together  # noqa: E402
 
 TARGETS = {("sqlite", "allocate x1"): 2000, ("etcd", "allocate x20"): 500}
 
@@ -116,13 +117,7 @@ def run(url: str, mode: str, procs: int, ops: int, nodes: int, lock: bool, tmp: 
         )
         for i in range(procs)
     ]
-    for c in children:  # imports and connections stay outside the measurement
-        assert c.stdout is not None
-        if c.stdout.readline().strip() != "ready":
-            raise SystemExit(f"worker failed to start:\n{c.communicate()[1][-3000:]}")
-    t0 = time.time()
-    with open(go, "w"):
-        pass
+    t0 = start_together(children, go)
     results = []
     for c in children:
         out, err = c.communicate(timeout=900)

@@ -37,6 +37,7 @@ from podnet.ipam import IPAM, keys  # noqa: E402
 from podnet.model.objects import IPPool  # noqa: E402
 from podnet.store import open_store  # noqa: E402
 from podnet.store.objects import ObjectStore  # noqa: E402
+from workers import start_together  # noqa: E402
 
 POOL_CIDR = "10.0.0.0/12"
 BLOCK_SIZE = 26
@@ -84,13 +85,7 @@ def claim_all(url: str, nodes: int, blocks: int, workers: int, tmp: str) -> tupl
             [sys.executable, __file__, "--worker", "--url", url, "--first", str(first), "--last", str(last),
              "--blocks", str(blocks), "--go", go],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for c in children:
-        assert c.stdout is not None
-        if c.stdout.readline().strip() != "ready":
-            raise SystemExit(f"worker failed to start:\n{c.communicate()[1][-3000:]}")
-    t0 = time.time()
-    with open(go, "w"):
-        pass
+    t0 = start_together(children, go)
     claimed = conflicts = 0
     end = t0
     for c in children:

@@ -408,10 +408,9 @@ class IPAM:
                 fresh = False
                 self._backoff(attempt)
             except _HandleTaken:
-                existing, hrec = self._existing(req.handle)
+                existing = self._after_handle_taken(req)
                 if existing is not None:
                     return existing
-                req.handle_rec = hrec
         raise TooManyConflicts(
             f"allocation for handle {req.handle} on node {req.node}: gave up after {RETRIES} conflicting attempts"
         )
@@ -617,10 +616,9 @@ class IPAM:
             except _Lost:
                 self._backoff(attempt)
             except _HandleTaken:
-                existing, hrec = self._existing(req.handle)
+                existing = self._after_handle_taken(req)
                 if existing is not None:
                     return existing
-                req.handle_rec = hrec
         raise TooManyConflicts(f"allocation of {addr}: gave up after {RETRIES} conflicting attempts")
 
     # ------------------------------------------------------------ helpers
@@ -678,6 +676,14 @@ class IPAM:
 
     def _allocation(self, req: _Request, pool: str, cidr: str, ordinal: int) -> Allocation:
         return Allocation(blk.address(cidr, ordinal), _prefix_len(cidr), pool, cidr, req.handle)
+
+    def _after_handle_taken(self, req: _Request) -> Allocation | None:
+        """Another writer took the handle meanwhile: its allocation if it has one (an ADD
+        retried), else the handle record to build on in the next attempt."""
+        existing, hrec = self._existing(req.handle)
+        if existing is None:
+            req.handle_rec = hrec
+        return existing
 
     def _existing(self, handle: str) -> tuple[Allocation | None, Record | None]:
         """(the handle's allocation, its record): (None, None) when there is no record."""
