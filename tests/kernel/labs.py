@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,3 +37,51 @@ def running_lab(spec: dict, prefix: str, timeout: float = 90) -> Iterator[Lab]:
             assert not list(topology.ETC_NETNS.glob(f"{prefix_ns}*"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def echo_connection(server_netns: str, port: int, client_netns: str, target: str,
+                    ready: Callable[[], bool] = lambda: True, timeout: float = 10) -> Iterator[Callable[[str], str]]:
+    """A socat echo server on `port` in server_netns and one TCP connection to it from
+    client_netns through `target` (host:port), opened once the server listens and
+    ready() holds. Yields roundtrip(word) -> what came back. Both processes are ended
+    by their handles."""
+    server = subprocess.Popen(["ip", "netns", "exec", server_netns, "socat", f"TCP-LISTEN:{port},reuseaddr,fork",
+                               "EXEC:cat"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    client = None
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["ip", "netns", "exec", server_netns, "ss", "-ltn", f"sport = :{port}"],
+                                   capture_output=True, text=True)
+            if str(port) in probe.stdout and ready():
+                break
+            time.sleep(0.2)
+        client = subprocess.Popen(["ip", "netns", "exec", client_netns, "socat", "-", f"TCP:{target}"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        pipe_in, pipe_out = client.stdin, client.stdout
+        assert pipe_in is not None and pipe_out is not None
+
+        def roundtrip(word: str) -> str:
+            pipe_in.write(word + "\n")
+            pipe_in.flush()
+            return pipe_out.readline().strip()
+
+        yield roundtrip
+    finally:
+        for proc in (client, server):
+            if proc is not None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def log_offsets(lab: Lab) -> dict[str, int]:
+    """Where each agent's log ends now (see log_since)."""
+    return {n["name"]: Path(n["log"]).stat().st_size for n in lab.nodes}
+
+
+def log_since(lab: Lab, node: str, offsets: dict[str, int]) -> str:
+    """What the agent of `node` logged after log_offsets was taken."""
+    path = Path(next(n["log"] for n in lab.nodes if n["name"] == node))
+    return path.read_bytes()[offsets[node]:].decode(errors="replace")

@@ -4,7 +4,6 @@ through the ClusterIP keeps flowing, and the Service table is adopted as it is
 
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from podnet.lab.cluster import restart_agent
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
-from tests.kernel.labs import running_lab
+from tests.kernel.labs import echo_connection, log_offsets, log_since, running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -50,36 +49,19 @@ def rule_handles(listing: str) -> list[str]:
 def test_connection_through_service_survives_agent_restart(lab):
     svc = lab.store().get(Service, "echo", "default")
     assert svc is not None and svc.spec.cluster_ip
-    vip = svc.spec.cluster_ip
     client_ns, echo_ns = lab.pod("client")["netns"], lab.pod("echo")["netns"]
-    server = subprocess.Popen(["ip", "netns", "exec", echo_ns, "socat", f"TCP-LISTEN:{ECHO_PORT},reuseaddr,fork",
-                               "EXEC:cat"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    client = None
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the listener, and the Service programmed on node-1
-            probe = subprocess.run(["ip", "netns", "exec", echo_ns, "ss", "-ltn", f"sport = :{ECHO_PORT}"],
-                                   capture_output=True, text=True)
-            # the backend's address, not just the VIP: a VIP without endpoints is there too, to be rejected
-            if str(ECHO_PORT) in probe.stdout and lab.pod("echo")["ips"][0] in svc_table(lab, "node-1"):
-                break
-            time.sleep(0.2)
-        client = subprocess.Popen(["ip", "netns", "exec", client_ns, "socat", "-", f"TCP:{vip}:80"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
-        def roundtrip(word: str) -> str:
-            client.stdin.write(word + "\n")
-            client.stdin.flush()
-            return client.stdout.readline().strip()
+    def programmed() -> bool:
+        # the backend's address, not just the VIP: a VIP without endpoints is there too, to be rejected
+        return lab.pod("echo")["ips"][0] in svc_table(lab, "node-1")
 
+    with echo_connection(echo_ns, ECHO_PORT, client_ns, f"{svc.spec.cluster_ip}:80", ready=programmed) as roundtrip:
         assert roundtrip("before") == "before"
         before = {n: svc_table(lab, n) for n in NODES}
         assert all(rule_handles(t) for t in before.values())
-        logs = {n["name"]: Path(n["log"]) for n in lab.nodes}
-        sizes = {n: p.stat().st_size for n, p in logs.items()}
-        for node, path in logs.items():  # the first start did program the table, and said so
-            assert "services: table rebuilt" in path.read_text(errors="replace"), node
+        for n in lab.nodes:  # the first start did program the table, and said so
+            assert "services: table rebuilt" in Path(n["log"]).read_text(errors="replace"), n["name"]
+        offsets = log_offsets(lab)
 
         for node in NODES:
             restart_agent(lab.state, node)
@@ -90,13 +72,8 @@ def test_connection_through_service_survives_agent_restart(lab):
         for node in NODES:
             assert rule_handles(after[node]) == rule_handles(before[node]), f"{node}: table rebuilt"
             assert after[node] == before[node], f"{node}: Service table changed on restart"
-            fresh = logs[node].read_bytes()[sizes[node]:].decode(errors="replace")
+            fresh = log_since(lab, node, offsets)
             assert "serving CNI" in fresh, f"agent {node} did not start again:\n{fresh}"
             assert "services: table" not in fresh, f"agent {node} changed the Service table on restart:\n{fresh}"
             assert "services: rebuilt" not in fresh and "services: synced" not in fresh, fresh
         assert roundtrip("again") == "again"
-    finally:
-        for proc in (client, server):
-            if proc is not None:
-                proc.kill()  # by the handle we started it with
-                proc.wait(timeout=10)
