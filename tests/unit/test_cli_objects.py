@@ -104,3 +104,41 @@ def test_usage_mistakes_are_one_line(argv, capsys):
     _, err = capsys.readouterr()
     assert ex.value.code == 2
     assert err.count("\n") == 1 and err.startswith("error: podnet")
+
+
+WIDE = ("apiVersion: podnet.io/v1\nkind: IPPool\nmetadata: {name: wide}\n"
+        "spec: {cidr: 10.50.0.0/23, blockSize: 24}\n")
+NARROW = ("apiVersion: podnet.io/v1\nkind: IPPool\nmetadata: {name: narrow}\n"
+          "spec: {cidr: 10.50.0.0/24, blockSize: 26}\n")
+
+
+def test_overlapping_pools_in_one_apply_are_refused_naming_both(store, tmp_path, capsys):
+    f = write(tmp_path, "pools.yaml", NARROW, WIDE)
+    code, _, err = run(capsys, "apply", "-f", f)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == (f"error: {f}: document 1 (IPPool/wide): field spec.cidr: 10.50.0.0/23 overlaps "
+                           f"IPPool/narrow field spec.cidr 10.50.0.0/24 ({f}: document 0): "
+                           "pools must not share addresses")
+    code, out, _ = run(capsys, "get", "ippools")
+    assert "narrow" not in out and "wide" not in out
+
+
+def test_pool_overlapping_a_stored_pool_is_refused(store, tmp_path, capsys):
+    assert run(capsys, "apply", "-f", write(tmp_path, "narrow.yaml", NARROW))[0] == 0
+    f = write(tmp_path, "wide.yaml", WIDE)
+    code, _, err = run(capsys, "apply", "-f", f)
+    assert code == 1
+    assert (f"{f}: document 0 (IPPool/wide): field spec.cidr: 10.50.0.0/23 overlaps IPPool/narrow field "
+            "spec.cidr 10.50.0.0/24 (in the store)") in err
+    # Re-applying a pool does not collide with its stored self, and disjoint pools are fine.
+    assert run(capsys, "apply", "-f", write(tmp_path, "again.yaml", NARROW, POOL))[0] == 0
+
+
+def test_pool_overlapping_the_service_cidr_is_refused(store, tmp_path, capsys):
+    f = write(tmp_path, "p.yaml", POOL.replace("10.244.0.0/16", "10.96.0.0/12"))
+    code, _, err = run(capsys, "apply", "-f", f)
+    assert code == 1
+    assert (f"{f}: document 0 (IPPool/main): field spec.cidr: 10.96.0.0/12 overlaps the Service CIDR "
+            "10.96.0.0/12") in err
+    code, _, err = run(capsys, "apply", "--service-cidr", "10.244.128.0/20", "-f", write(tmp_path, "q.yaml", POOL))
+    assert code == 1 and "overlaps the Service CIDR 10.244.128.0/20" in err

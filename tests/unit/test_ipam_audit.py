@@ -8,10 +8,12 @@ from podnet.ipam import IPAM, keys
 from podnet.ipam import block as blk
 from podnet.ipam.audit import (
     DANGLING_AFFINITY,
+    DUPLICATE_ADDRESS,
     EMPTY_HANDLE,
     LEAKED,
     MISSING_NODE,
     NO_HANDLE,
+    OVERLAPPING_BLOCKS,
     POD_WITHOUT_ADDRESS,
     check,
     release_leaked,
@@ -210,3 +212,41 @@ def test_released_leak_address_is_allocatable_again_without_duplicates(kv, ipam)
     got = [fresh.allocate(f"new{i}", "n1").address for i in range(16)]
     assert len(set(got)) == 16
     assert {x.address for x in leaks} <= set(got)
+
+
+# ---------------------------------------------------------------- overlapping pools
+
+
+def test_address_held_twice_across_overlapping_blocks_is_reported(kv, ipam):
+    # Pools stored without `podnet apply` (which refuses them), as an older store may hold them.
+    ObjectStore(kv).apply([
+        IPPool.model_validate({"metadata": {"name": "wide"}, "spec": {"cidr": "10.50.0.0/23", "blockSize": 24}}),
+        IPPool.model_validate({"metadata": {"name": "narrow"}, "spec": {"cidr": "10.50.0.0/24", "blockSize": 26}}),
+    ])
+    # n1 fills 10.50.0.0/24 from its start; n2's /26 of the narrow pool lies inside it.
+    on_n1 = [ipam.allocate(f"a{i}", "n1", pools=["wide"]) for i in range(136)]
+    on_n2 = [ipam.allocate(f"b{i}", "n2", pools=["narrow"]) for i in range(4)]
+    twice = sorted({a.address for a in on_n1} & {b.address for b in on_n2})
+    assert twice, "the two pools should have handed out one address twice"
+    wide_block, narrow_block = on_n1[0].block, on_n2[0].block
+    found = check(kv)
+    dups = [f for f in found if f.kind == DUPLICATE_ADDRESS]
+    assert sorted(f.address for f in dups) == twice
+    first = next(f for f in dups if f.address == twice[0])
+    a = next(x for x in on_n1 if x.address == twice[0])
+    b = next(x for x in on_n2 if x.address == twice[0])
+    assert f"handle {a.handle} in block {wide_block} (pool wide, node n1)" in first.message
+    assert f"handle {b.handle} in block {narrow_block} (pool narrow, node n2)" in first.message
+    [over] = [f for f in found if f.kind == OVERLAPPING_BLOCKS]
+    assert over.message == (f"block {wide_block} (pool wide, node n1) overlaps block {narrow_block} "
+                            "(pool narrow, node n2)")
+    assert kinds(found) == [DUPLICATE_ADDRESS] * len(twice) + [OVERLAPPING_BLOCKS]
+
+
+def test_blocks_of_disjoint_pools_do_not_overlap(kv, ipam):
+    ObjectStore(kv).apply([
+        IPPool.model_validate({"metadata": {"name": "q"}, "spec": {"cidr": "10.0.1.0/24", "blockSize": 26}}),
+    ])
+    ipam.allocate("a", "n1", pools=["p"])
+    ipam.allocate("b", "n1", pools=["q"])
+    assert check(kv) == []

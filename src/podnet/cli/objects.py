@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ import yaml
 
 from podnet.cli.common import objects_from_args
 from podnet.errors import PodnetError, ValidationError
+from podnet.ipam.overlap import overlapping_pairs
 from podnet.model.manifests import Source, load_paths, locate
 from podnet.model.objects import (
     IPPool,
@@ -87,6 +89,46 @@ def check_immutable(store: ObjectStore, objects: list[KubeObject]) -> None:
                                       where=obj.ref, field=f"spec.{alias}")
 
 
+def check_pool_overlaps(store: ObjectStore, objects: list[KubeObject], service_cidr: str,
+                        sources: dict[str, Source]) -> None:
+    """No two IPPools may share an address, nor a pool and the Service CIDR: blocks cut
+    from both would hand one address to two pods (or a pod a Service's address)."""
+    applied = [o for o in objects if isinstance(o, IPPool)]
+    if not applied:
+        return
+    names = {p.name for p in applied}
+    stored = [p for p in store.list(IPPool) if p.name not in names]
+    # Keys: an index into `applied`, a stored pool's ref, or None for the Service CIDR.
+    ranges: list[tuple[int | str | None, str]] = [(i, p.spec.cidr) for i, p in enumerate(applied)]
+    ranges += [(p.ref, p.spec.cidr) for p in stored]
+    ranges.append((None, _service_network(service_cidr)))
+    by_ref = {p.ref: p for p in stored}
+    for a, b in overlapping_pairs(ranges):
+        if isinstance(b, int) and (not isinstance(a, int) or b > a):
+            a, b = b, a  # blame the pool being applied, the later one if both are
+        if not isinstance(a, int):
+            continue  # two stored pools: `podnet ipam check` reports what they did
+        pool = applied[a]
+        if b is None:
+            what = f"the Service CIDR {service_cidr} (--service-cidr or $PODNET_SERVICE_CIDR)"
+        elif isinstance(b, int):
+            other = applied[b]
+            src = sources.get(other.ref)
+            at = f"{src.file}: document {src.index}" if src else "in this apply"
+            what = f"{other.ref} field spec.cidr {other.spec.cidr} ({at})"
+        else:
+            what = f"{b} field spec.cidr {by_ref[b].spec.cidr} (in the store)"
+        raise ValidationError(f"{pool.spec.cidr} overlaps {what}: pools must not share addresses",
+                              where=pool.ref, field="spec.cidr")
+
+
+def _service_network(cidr: str) -> str:
+    try:
+        return str(ipaddress.ip_network(cidr, strict=True))
+    except ValueError as e:
+        raise PodnetError(f"--service-cidr {cidr!r} is not a valid CIDR ({e})") from None
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     sources: dict[str, Source] = {}
     objects = load_paths(list(args.filename), sources)
@@ -94,6 +136,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     try:
         check_namespaces(store, objects)
         check_immutable(store, objects)
+        check_pool_overlaps(store, objects, args.service_cidr, sources)
         # As the API server does: Services get their ClusterIP and nodePorts before they are stored.
         objects = allocate_cluster_ips(objects, store, args.service_cidr)
     except ValidationError as e:

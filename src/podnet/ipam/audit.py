@@ -12,6 +12,9 @@ check() reports:
                              (`release_node` / a node controller cleans it up)
   dangling-affinity          an affinity record whose block is missing or owned by
                              another node
+  overlapping-blocks         two blocks that share addresses (cut from overlapping pools)
+  duplicate-address          an address allocated in two overlapping blocks: two
+                             holders of one address
 
 release_leaked() frees leaked allocations (the first two kinds) only when they
 have been seen leaked before: each run records an observation per leaked
@@ -32,6 +35,7 @@ from podnet.ipam import block as blk
 from podnet.ipam import keys
 from podnet.ipam.allocator import RETRIES
 from podnet.ipam.errors import TooManyConflicts
+from podnet.ipam.overlap import overlapping_pairs, shared
 from podnet.model.objects import Node, Pod
 from podnet.store.base import Conflict, KeyValueStore, NotFound, Op, Record
 from podnet.store.objects import kind_prefix
@@ -42,6 +46,8 @@ EMPTY_HANDLE = "handle-without-address"
 POD_WITHOUT_ADDRESS = "pod-without-address"
 MISSING_NODE = "block-of-missing-node"
 DANGLING_AFFINITY = "dangling-affinity"
+OVERLAPPING_BLOCKS = "overlapping-blocks"
+DUPLICATE_ADDRESS = "duplicate-address"
 
 TXN_CHUNK = 64  # ops per transaction (etcd refuses more than 128 by default)
 
@@ -189,7 +195,34 @@ def check(kv: KeyValueStore) -> list[Finding]:
             n = blk.used(value)
             findings.append(Finding(MISSING_NODE, f"block {cidr} is affine to node {node}, which does not exist "
                                     f"({n} address{'' if n == 1 else 'es'} in use)", node=node, block=cidr))
+    findings.extend(_overlaps(by_cidr))
     return findings
+
+
+def _overlaps(by_cidr: dict[str, blk.Block]) -> list[Finding]:
+    """Blocks that share addresses, and every address allocated in both of two such blocks."""
+    out = []
+    for a, b in overlapping_pairs((cidr, cidr) for cidr in by_cidr):
+        va, vb = by_cidr[a], by_cidr[b]
+        out.append(Finding(OVERLAPPING_BLOCKS, f"block {a} ({_owner(va)}) overlaps block {b} ({_owner(vb)})",
+                           block=a))
+        common = shared(a, b)
+        first = int(common.network_address)
+        off_a = first - int(blk.network(a).network_address)
+        off_b = first - int(blk.network(b).network_address)
+        for i in range(common.num_addresses):
+            ha, hb = blk.attributes_at(va, off_a + i), blk.attributes_at(vb, off_b + i)
+            if ha is None or hb is None:
+                continue
+            addr = blk.address(a, off_a + i)
+            out.append(Finding(DUPLICATE_ADDRESS, f"{addr} is held twice: handle {ha.get('handle_id')} in block {a} "
+                               f"({_owner(va)}) and handle {hb.get('handle_id')} in block {b} ({_owner(vb)})",
+                               address=addr, block=a, handle=ha.get("handle_id")))
+    return out
+
+
+def _owner(block: blk.Block) -> str:
+    return f"pool {block.get('pool') or '?'}, node {blk.affinity_node(block) or '<none>'}"
 
 
 def _still_allocated(kv: KeyValueStore, leak: Leak) -> bool:
