@@ -7,18 +7,24 @@ sees one watch per node, not a list per sync.
 Kinds that event-fed indexes keep in their own compact form (Services and
 EndpointSlices: the Service compiler and the DNS index) can be left out
 (`unkept`): they are decoded and handed on as events, not stored here.
+
+An object of a kind this version does not know is ignored (logged once per kind),
+and one that does not decode is logged and read as deleted: neither stops the agent.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from podnet.ipam.keys import BLOCKS
-from podnet.model.objects import KubeObject
+from podnet.model.objects import KINDS, KubeObject
 from podnet.store.base import Event, Record
-from podnet.store.objects import OBJECTS_PREFIX, ObjectEvent, decode
+from podnet.store.objects import OBJECTS_PREFIX, ObjectEvent, object_event
+
+log = logging.getLogger("podnet.agent")
 
 T = TypeVar("T", bound=KubeObject)
 
@@ -35,6 +41,7 @@ class ObjectCache:
         self._objects: dict[str, dict[str, KubeObject]] = {}  # kind -> key -> object
         self._blocks: dict[str, dict] = {}  # IPAM block records, raw
         self.unkept = frozenset(unkept)  # kinds decoded and handed on, not stored
+        self._unknown_kinds: set[str] = set()  # already logged
 
     def load(self, records: list[Record], sink: Callable[[ObjectEvent], None] | None = None,
              ) -> list[ObjectEvent]:
@@ -66,18 +73,21 @@ class ObjectCache:
         kind = kind_of_key(ev.key)
         if kind is None:
             return None
-        obj = None
-        if ev.type != "DELETED" and ev.value is not None:
-            obj = decode(Record(ev.key, ev.value, ev.revision, 0))
+        if kind not in KINDS:
+            if kind not in self._unknown_kinds:
+                self._unknown_kinds.add(kind)
+                log.warning("ignoring stored objects of unknown kind %r (first: %s)", kind, ev.key)
+            return None
+        typed = object_event(ev if ev.type != "DELETED" else Event("DELETED", ev.key, None, ev.revision))
         if kind in self.unkept:
-            return ObjectEvent(ev.type, obj, ev.key, ev.revision)
+            return typed
         with self._lock:
             bucket = self._objects.setdefault(kind, {})
-            if obj is None:
+            if typed.object is None:
                 bucket.pop(ev.key, None)
             else:
-                bucket[ev.key] = obj
-        return ObjectEvent(ev.type, obj, ev.key, ev.revision)
+                bucket[ev.key] = typed.object
+        return typed
 
     def list(self, cls: type[T]) -> list[T]:
         if cls.KIND in self.unkept:

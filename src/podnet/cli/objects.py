@@ -25,8 +25,8 @@ from podnet.model.objects import (
     kind_for,
 )
 from podnet.model.selectors import LabelSelector
-from podnet.services.clusterip import allocate_cluster_ips, release_service
-from podnet.store.objects import ObjectStore
+from podnet.services.clusterip import allocate_cluster_ips, release_service, release_service_named
+from podnet.store.objects import OBJECTS_PREFIX, ObjectStore, UndecodableObject, object_key
 
 # Namespaces that exist without a manifest, as in a fresh cluster.
 BUILTIN_NAMESPACES = {"default", "kube-system"}
@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", nargs="?")
     p.add_argument("-n", "--namespace", default=None)
     p.add_argument("-f", "--filename", action="append", metavar="FILE|DIR")
+    p.add_argument("--key", metavar="KEY",
+                   help="delete the stored value at this object key, even one that cannot be read "
+                        "(as `podnet get` names it)")
     p.set_defaults(func=cmd_delete)
 
 
@@ -67,7 +70,7 @@ def check_namespaces(store: ObjectStore, objects: list[KubeObject]) -> None:
     wanted = {o.namespace for o in objects if o.NAMESPACED and o.namespace not in BUILTIN_NAMESPACES}
     given = {o.name for o in objects if isinstance(o, Namespace)}
     for ns in sorted(wanted - given):
-        if store.get(Namespace, ns) is None:
+        if store.kv.get(object_key(Namespace, ns)) is None:
             first = next(o for o in objects if o.NAMESPACED and o.namespace == ns)
             raise ValidationError(f"namespace {ns!r} does not exist (add a Namespace manifest)",
                                   where=first.ref, field="metadata.namespace")
@@ -80,7 +83,7 @@ IMMUTABLE: dict[type[KubeObject], tuple[str, ...]] = {IPPool: ("cidr", "block_si
 def check_immutable(store: ObjectStore, objects: list[KubeObject]) -> None:
     for obj in objects:
         fields = IMMUTABLE.get(type(obj))
-        current = store.get(type(obj), obj.name, obj.namespace) if fields else None
+        current = store.readable(type(obj), obj.name, obj.namespace) if fields else None
         for f in fields or ():
             old, new = getattr(current.spec, f) if current else None, getattr(obj.spec, f)
             if current is not None and old != new:
@@ -149,16 +152,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     store = objects_from_args(args)
+    if args.key:
+        return _delete_key(store, args.key)
     if args.filename:
         objects = load_manifests(args.filename)
     elif args.kind and args.name:
         cls = _kind(args.kind)
-        found = store.get(cls, args.name, args.namespace or "default")
+        try:
+            found = store.get(cls, args.name, args.namespace or "default")
+        except UndecodableObject as e:  # remove it all the same: that is how it gets fixed
+            return _delete_key(store, e.key)
         if found is None:
             raise PodnetError(f"{cls.KIND} {args.name!r} not found")
         objects = [found]
     else:
-        raise PodnetError("delete needs -f FILE or KIND NAME")
+        raise PodnetError("delete needs -f FILE, KIND NAME or --key KEY")
     _, outcome = store.delete_all(objects)
     deleted = {ref for ref, what in outcome if what == "deleted"}
     for obj in objects:
@@ -166,6 +174,24 @@ def cmd_delete(args: argparse.Namespace) -> int:
             release_service(store, obj)  # its ClusterIP and nodePorts are free again
     for ref, what in outcome:
         print(f"{ref} {what}")
+    return 0
+
+
+def _delete_key(store: ObjectStore, key: str) -> int:
+    """Delete one stored object by key, readable or not, and free what a Service held."""
+    gone = store.delete_key(key)
+    if gone is None:
+        raise PodnetError(f"{key}: not found")
+    if isinstance(gone, UndecodableObject):
+        kind, _, rest = key[len(OBJECTS_PREFIX):].partition("/")
+        namespace, _, name = rest.rpartition("/")
+        if kind == Service.KIND and namespace:
+            release_service_named(store, namespace, name)
+        print(f"{key} deleted (it could not be read: {gone.reason})")
+        return 0
+    if isinstance(gone, Service):
+        release_service(store, gone)
+    print(f"{gone.ref} deleted")
     return 0
 
 
@@ -181,7 +207,10 @@ def cmd_get(args: argparse.Namespace) -> int:
     store = objects_from_args(args)
     ns = None if (args.all_namespaces or not cls.NAMESPACED) else (args.namespace or "default")
     if args.name:
-        obj = store.get(cls, args.name, ns)
+        try:
+            obj = store.get(cls, args.name, ns)
+        except UndecodableObject as e:
+            raise PodnetError(f"{e} (remove it with `podnet delete --key {e.key}`)") from None
         if obj is None:
             raise PodnetError(f"{cls.KIND} {args.name!r} not found" + (f" in namespace {ns}" if ns else ""))
         objs = [obj]
@@ -192,7 +221,10 @@ def cmd_get(args: argparse.Namespace) -> int:
                 selector = LabelSelector.parse(args.selector)
             except ValueError as e:
                 raise PodnetError(f"--selector: {e}") from None
-        objs = store.list(cls, ns, selector)
+        found = store.scan(cls, ns, selector)
+        for bad in found.undecodable:
+            print(f"warning: skipped {bad} (remove it with `podnet delete --key {bad.key}`)", file=sys.stderr)
+        objs = found.objects
     if args.output == "json":
         data = [o.to_dict() for o in objs]
         json.dump(data[0] if args.name else {"kind": "List", "items": data}, sys.stdout, indent=2)

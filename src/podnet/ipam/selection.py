@@ -3,7 +3,7 @@
 Pools, reservations and the IPAMConfig are read together with one store list
 (their keys share the prefix /podnet/objects/IP), and decoded objects are kept
 per (key, revision), so a read is always fresh but only changed objects are
-decoded again.
+decoded again. A stored object that does not decode is logged and left out.
 
 Selection, for one request:
   1. explicit pools (the `pools` argument) if given, else
@@ -32,7 +32,7 @@ from podnet.ipam import block as blk
 from podnet.ipam.errors import AddressUnavailable, NoPool
 from podnet.model.objects import IPAMConfig, IPPool, IPReservation, Namespace, Pod
 from podnet.store.base import KeyValueStore
-from podnet.store.objects import OBJECTS_PREFIX, decode
+from podnet.store.objects import OBJECTS_PREFIX, UndecodableObject, decode_or_report
 
 ANNOTATION_POOLS = "podnet.io/ippools"
 ANNOTATION_ADDRESS = "podnet.io/ip-address"
@@ -106,9 +106,9 @@ class SnapshotReader:
         decoded: dict[str, tuple[int, object]] = {}
         for r in records:
             hit = self._decoded.get(r.key)
-            decoded[r.key] = hit if hit and hit[0] == r.revision else (r.revision, decode(r))
+            decoded[r.key] = hit if hit and hit[0] == r.revision else (r.revision, decode_or_report(r))
         self._decoded = decoded
-        objs = [o for _, o in decoded.values()]
+        objs = [o for _, o in decoded.values() if not isinstance(o, UndecodableObject)]
         pools = sorted((o for o in objs if isinstance(o, IPPool)), key=lambda p: p.name)
         reservations = tuple(
             blk.network(c) for o in objs if isinstance(o, IPReservation) for c in o.spec.reserved_cidrs

@@ -113,7 +113,7 @@ def allocate_cluster_ips(
     out: list[KubeObject] = []
     for obj in objects:
         if isinstance(obj, Service):
-            obj = _complete(obj, current.get(Service, obj.name, obj.namespace), net, ips, ports, node_port_range)
+            obj = _complete(obj, current.readable(Service, obj.name, obj.namespace), net, ips, ports, node_port_range)
         out.append(obj)
     return out
 
@@ -185,8 +185,13 @@ def _uses(svc: Service) -> tuple[set[str], set[str]]:
 
 def release_service(store: KeyValueStore | ObjectStore, svc: Service) -> int:
     """Free the keys a (deleted) Service holds; returns how many."""
+    return release_service_named(store, svc.namespace or "default", svc.name)
+
+
+def release_service_named(store: KeyValueStore | ObjectStore, namespace: str, name: str) -> int:
+    """Free the keys held by the Service of that name (one deleted, or one that could not be read)."""
     kv = _kv(store)
-    owner = _ref(svc)
+    owner = f"{namespace}/{name}"
     freed = 0
     for prefix in (CLUSTERIP_PREFIX, NODEPORT_PREFIX):
         records, _ = kv.list(prefix)

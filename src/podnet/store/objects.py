@@ -3,22 +3,30 @@
 Keys: /podnet/objects/<Kind>/<namespace>/<name> (namespaced) or
 /podnet/objects/<Kind>/<name> (cluster-scoped). metadata.resourceVersion is the
 key's store revision, so an update carries its own compare-and-swap condition.
+
+A stored value that does not decode (a kind this version does not know, or one
+that fails validation) never stops a reader: lists and watches skip it and log
+it; `undecodable` names what a list skipped, and `delete_key` removes it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 import pydantic
 
 from podnet.errors import PodnetError
+from podnet.model.manifests import explain, field_path
 from podnet.model.objects import KINDS, KubeObject
 from podnet.model.selectors import LabelSelector
 from podnet.store.base import Event, KeyValueStore, Op, Record
 
 OBJECTS_PREFIX = "/podnet/objects/"
+
+log = logging.getLogger("podnet.store")
 
 T = TypeVar("T", bound=KubeObject)
 
@@ -45,16 +53,54 @@ def stored_form(obj: KubeObject) -> dict:
     return data
 
 
+class UndecodableObject(PodnetError):
+    """A stored value that is not an object this version can read."""
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
+
+
 def decode(record: Record) -> KubeObject:
+    """The typed object of a record; UndecodableObject if it is not one."""
     data = record.value
-    cls = KINDS.get(data.get("kind", ""))
+    kind = data.get("kind", "") if isinstance(data, dict) else None
+    if kind is None:
+        raise UndecodableObject(record.key, f"stored value is a {type(data).__name__}, not an object")
+    cls = KINDS.get(kind)
     if cls is None:
-        raise PodnetError(f"{record.key}: stored object has unknown kind {data.get('kind')!r}")
-    meta = {**data.get("metadata", {}), "resourceVersion": str(record.revision)}
+        raise UndecodableObject(record.key, f"stored object has unknown kind {kind!r}")
+    under = record.key[len(OBJECTS_PREFIX):].split("/", 1)[0] if record.key.startswith(OBJECTS_PREFIX) else kind
+    if under != kind:
+        raise UndecodableObject(record.key, f"stored object of kind {kind!r} under the keys of kind {under!r}")
+    meta = data.get("metadata")
+    meta = {**meta, "resourceVersion": str(record.revision)} if isinstance(meta, dict) else meta
     try:
         return cls.model_validate({**data, "metadata": meta})
     except pydantic.ValidationError as e:
-        raise PodnetError(f"{record.key}: stored object does not validate: {e.errors()[0]['msg']}") from None
+        err = e.errors()[0]
+        where = field_path(err["loc"])
+        raise UndecodableObject(record.key, "stored object does not validate: "
+                                + (f"field {where}: " if where else "") + explain(err)) from None
+    except ValueError as e:
+        raise UndecodableObject(record.key, f"stored object does not validate: {e}") from None
+
+
+def decode_or_report(record: Record) -> KubeObject | UndecodableObject:
+    """The object, or (logged) why it cannot be read: for readers that skip bad objects."""
+    try:
+        return decode(record)
+    except UndecodableObject as e:
+        log.warning("skipping %s", e)
+        return e
+
+
+@dataclass
+class Listing:
+    objects: list = field(default_factory=list)
+    revision: int = 0
+    undecodable: list[UndecodableObject] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -73,6 +119,13 @@ class ObjectStore:
         rec = self.kv.get(object_key(cls, name, namespace))
         return decode(rec) if rec else None  # type: ignore[return-value]
 
+    def readable(self, cls: type[T], name: str, namespace: str | None = None) -> T | None:
+        """The object, or None if it is absent or does not decode (logged): for writers
+        that replace what is stored, a value that cannot be read is as good as none."""
+        rec = self.kv.get(object_key(cls, name, namespace))
+        got = decode_or_report(rec) if rec else None
+        return None if isinstance(got, UndecodableObject) else got  # type: ignore[return-value]
+
     def list(
         self,
         cls: type[T],
@@ -85,11 +138,26 @@ class ObjectStore:
         self, cls: type[T], namespace: str | None = None, selector: LabelSelector | None = None
     ) -> tuple[list[T], int]:
         """Objects and the store revision they were read at (to start a watch from)."""
+        found = self.scan(cls, namespace, selector)
+        for bad in found.undecodable:
+            log.warning("skipping %s", bad)
+        return found.objects, found.revision
+
+    def scan(self, cls: type[KubeObject], namespace: str | None = None,
+             selector: LabelSelector | None = None) -> Listing:
+        """The objects of a kind, and (not logged: the caller reports them) the stored
+        values under its keys that do not decode."""
         records, rev = self.kv.list(kind_prefix(cls, namespace))
-        objs = [decode(r) for r in records]
-        if selector is not None:
-            objs = [o for o in objs if selector.matches(o.labels)]
-        return objs, rev  # type: ignore[return-value]
+        out = Listing(revision=rev)
+        for r in records:
+            try:
+                obj = decode(r)
+            except UndecodableObject as e:
+                out.undecodable.append(e)
+                continue
+            if selector is None or selector.matches(obj.labels):
+                out.objects.append(obj)
+        return out
 
     def create(self, obj: KubeObject) -> int:
         return self.kv.create(key_of(obj), stored_form(obj))
@@ -104,6 +172,23 @@ class ObjectStore:
     def delete(self, cls: type[KubeObject], name: str, namespace: str | None = None,
                revision: int | None = None) -> int:
         return self.kv.delete(object_key(cls, name, namespace), revision)
+
+    def delete_key(self, key: str) -> KubeObject | UndecodableObject | None:
+        """Delete the stored value at an object key, whether or not it decodes.
+
+        Returns what was deleted (the object, or why it could not be read), None if
+        nothing was there."""
+        if not key.startswith(OBJECTS_PREFIX) or key == OBJECTS_PREFIX:
+            raise PodnetError(f"{key!r} is not an object key: expected {OBJECTS_PREFIX}<Kind>/[<namespace>/]<name>")
+        rec = self.kv.get(key)
+        if rec is None:
+            return None
+        try:
+            gone: KubeObject | UndecodableObject = decode(rec)
+        except UndecodableObject as e:
+            gone = e
+        self.kv.delete(key, rec.revision)
+        return gone
 
     def apply(self, objects: Iterable[KubeObject]) -> tuple[int, list[tuple[str, str]]]:
         """Create or replace every object in one transaction: all land or none does.
@@ -145,11 +230,17 @@ class ObjectStore:
     def watch(self, cls: type[KubeObject] | None, start_revision: int) -> Iterator[ObjectEvent]:
         prefix = kind_prefix(cls) if cls else OBJECTS_PREFIX
         for ev in self.kv.watch(prefix, start_revision):
-            yield _object_event(ev)
+            yield object_event(ev)
 
 
-def _object_event(ev: Event) -> ObjectEvent:
-    obj = decode(Record(ev.key, ev.value, ev.revision, 0)) if ev.value is not None else None
+def object_event(ev: Event) -> ObjectEvent:
+    """The typed event. A value that does not decode (logged) reads as the object going
+    away: a list at the same revision would not show it either."""
+    if ev.value is None:
+        return ObjectEvent(ev.type, None, ev.key, ev.revision)
+    obj = decode_or_report(Record(ev.key, ev.value, ev.revision, 0))
+    if isinstance(obj, UndecodableObject):
+        return ObjectEvent("DELETED", None, ev.key, ev.revision)
     return ObjectEvent(ev.type, obj, ev.key, ev.revision)
 
 
