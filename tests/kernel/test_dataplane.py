@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 
 import pytest
 
@@ -106,7 +107,44 @@ def test_reapplying_changes_nothing_and_stale_routes_go(cluster):
     # switching the pool to direct routing removes the VXLAN device and its routes
     out = apply_routes(nodes["n1"], "n1", "None")
     assert "link pn-vxlan" in out["removed"]
-    assert "10.244.0.64/26 via 10.99.0.12" in out["added"]
+    assert "10.244.0.64/26 via 10.99.0.12 src 10.99.0.11" in out["added"]
+
+
+@pytest.mark.parametrize("encap", ["VXLAN", "None"])
+def test_routes_without_the_node_source_are_replaced_in_place(cluster, encap):
+    """Routes towards other nodes carry src <node address>; one written without it (by an
+    agent of before) or with another source is replaced, not deleted and re-added."""
+    nodes, _ = cluster
+    n1 = nodes["n1"]
+    dev = ["dev", "pn-vxlan", "onlink"] if encap == "VXLAN" else []
+    assert not apply_routes(n1, "n1", encap)["errors"]
+    assert "src 10.99.0.11" in in_ns(n1, "ip", "route", "get", POD_IPS["n2"]).stdout
+    in_ns(n1, "ip", "addr", "add", "169.254.20.10/32", "dev", "lo")  # as the node's DNS address was
+    # VXLAN: a route without a source, as before (pn-vxlan has no address: lo's is taken);
+    # direct: one with another source (eth0's address would be taken without one)
+    src = [] if encap == "VXLAN" else ["src", "169.254.20.10"]
+    in_ns(n1, "ip", "route", "replace", BLOCKS["n2"], "via", NODE_IPS["n2"], *dev, "proto", "88", *src)
+    assert "src 169.254.20.10" in in_ns(n1, "ip", "route", "get", POD_IPS["n2"]).stdout
+    monitor = subprocess.Popen(["ip", "netns", "exec", n1, "ip", "-o", "monitor", "route"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        out = apply_routes(n1, "n1", encap)
+        in_ns(n1, "ip", "route", "add", "10.252.0.0/24", "via", NODE_IPS["n2"])  # a marker: events so far seen
+        seen = []
+        assert monitor.stdout is not None
+        for line in monitor.stdout:
+            if line.startswith("10.252.0.0/24"):
+                break
+            seen.append(line)
+    finally:
+        monitor.kill()
+        monitor.wait(timeout=10)
+    via = f"{BLOCKS['n2']} via {NODE_IPS['n2']}" + (" dev pn-vxlan onlink" if encap == "VXLAN" else "")
+    before = via if encap == "VXLAN" else f"{via} src 169.254.20.10"
+    assert out == {"added": [f"{via} src 10.99.0.11"], "removed": [before], "errors": []}
+    assert not any(line.startswith("Deleted") for line in seen), seen
+    assert "src 10.99.0.11" in in_ns(n1, "ip", "route", "get", POD_IPS["n2"]).stdout
+    assert apply_routes(n1, "n1", encap) == {"added": [], "removed": [], "errors": []}
 
 
 def test_pod_interface_add_is_idempotent_check_and_delete(cluster):
@@ -148,3 +186,34 @@ except Exception as e:
 """)
     assert "NotANetns network namespace /run/netns/does-not-exist does not exist" in out.stdout
     assert not re.search(r": pn[0-9a-f]{11}[@:]", sh("ip", "-n", nodes["n1"], "-o", "link").stdout)
+
+
+def test_node_dns_addresses_on_lo_have_scope_host_and_are_never_a_source(cluster):
+    """The node-local DNS addresses on lo are /32s of scope host (an address of scope
+    global there, as written before, is re-added so): the kernel then never takes them
+    as the source of a packet leaving the node, on a route without a source or when
+    masquerading out of a device without an address of its own."""
+    nodes, _ = cluster
+    n1 = nodes["n1"]
+    in_ns(n1, "ip", "addr", "add", "169.254.20.10/32", "dev", "lo")
+    in_ns(n1, "ip", "link", "add", "pv0", "type", "veth", "peer", "name", "pv1")  # a device with no address
+    in_ns(n1, "ip", "link", "set", "pv0", "up")
+    in_ns(n1, "ip", "route", "add", "10.250.0.0/24", "dev", "pv0")
+    assert "src 169.254.20.10" in in_ns(n1, "ip", "route", "get", "10.250.0.1").stdout
+    code = """
+import json
+from podnet.dataplane.localdns import DnsAddresses
+d = DnsAddresses(["169.254.20.10", "10.96.0.10"])
+before = d.drift()
+d.ensure()
+print(json.dumps([before, d.drift()]))
+"""
+    before, after = json.loads(py_in(n1, code).stdout)
+    assert before == ["address 10.96.0.10 missing from lo", "address 169.254.20.10 on lo is not a /32 of scope host"]
+    assert after == []
+    addrs = in_ns(n1, "ip", "-4", "-o", "addr", "show", "dev", "lo").stdout
+    assert re.search(r"169\.254\.20\.10/32 scope host", addrs) and re.search(r"10\.96\.0\.10/32 scope host", addrs)
+    assert "src 10.99.0.11" in in_ns(n1, "ip", "route", "get", "10.250.0.1").stdout
+    # still an address of the node: the other node reaches it
+    in_ns(nodes["n2"], "ip", "route", "add", "169.254.20.10/32", "via", NODE_IPS["n1"])
+    assert ping(nodes["n2"], "169.254.20.10")

@@ -17,9 +17,9 @@ def test_one_route_per_remote_block_and_blackhole_for_own_blocks():
     d = desired_routing("n1", blocks, [], IPS, vxlan_in_use=True)
     assert d.routes == {
         Route("10.244.0.0/26", "blackhole"),
-        Route("10.244.0.64/26", "vxlan", "10.99.0.12"),
-        Route("10.244.0.128/26", "vxlan", "10.99.0.12"),
-        Route("10.245.0.0/26", "direct", "10.99.0.13"),
+        Route("10.244.0.64/26", "vxlan", "10.99.0.12", "10.99.0.11"),
+        Route("10.244.0.128/26", "vxlan", "10.99.0.12", "10.99.0.11"),
+        Route("10.245.0.0/26", "direct", "10.99.0.13", "10.99.0.11"),
     }
     # one VTEP per remote node with VXLAN blocks, none for direct-only nodes
     assert d.vteps == {("10.99.0.12", vtep_mac("n2"))}
@@ -29,11 +29,20 @@ def test_borrowed_addresses_get_a_host_route_except_on_the_borrower():
     blocks = [BlockOwner("10.244.0.0/26", "n1", "VXLAN")]
     borrowed = [Borrowed("10.244.0.5", "n2", "VXLAN")]
     on_n3 = desired_routing("n3", blocks, borrowed, IPS, True)
-    assert Route("10.244.0.5/32", "vxlan", "10.99.0.12") in on_n3.routes
+    assert Route("10.244.0.5/32", "vxlan", "10.99.0.12", "10.99.0.13") in on_n3.routes
     on_n1 = desired_routing("n1", blocks, borrowed, IPS, True)
-    assert Route("10.244.0.5/32", "vxlan", "10.99.0.12") in on_n1.routes  # more specific than its blackhole
+    assert Route("10.244.0.5/32", "vxlan", "10.99.0.12", "10.99.0.11") in on_n1.routes  # more specific than its blackhole
     on_n2 = desired_routing("n2", blocks, borrowed, IPS, True)
     assert all(r.dst != "10.244.0.5/32" for r in on_n2.routes)
+
+
+def test_routes_to_other_nodes_leave_from_this_nodes_address():
+    blocks = [BlockOwner("10.244.0.64/26", "n2", "VXLAN"), BlockOwner("10.245.0.0/26", "n3", "None")]
+    d = desired_routing("n1", blocks, [], IPS, True)
+    assert {r.src for r in d.routes} == {"10.99.0.11"}
+    # an address given by the agent (--node-ip) wins over the Node's InternalIP
+    d = desired_routing("n1", blocks, [], IPS, True, local_ip="10.99.0.111")
+    assert {r.src for r in d.routes} == {"10.99.0.111"}
 
 
 def test_unknown_node_address_gives_no_route_rather_than_a_wrong_one():

@@ -2,7 +2,15 @@
 169.254.20.10, and optionally the cluster DNS Service IP), and NOTRACK rules so DNS
 packets to and from them skip conntrack: no insertion races, no 5-second timeouts,
 and no Service DNAT (NAT needs conntrack), so the node answers them itself. Pods
-reach them through their default route to the node."""
+reach them through their default route to the node.
+
+The addresses have scope host. The kernel never picks a scope-host address as the
+source of a packet that leaves the node, and `lo` comes first when it looks for one
+on another device: with scope global, every masquerade out of a device without an
+address of its own (`pn-vxlan`, a pod's veth) and every node-originated packet on a
+route without a source took 169.254.20.10, an address every node owns, so answers
+from other nodes never came back. Packets addressed to them are still delivered:
+scope limits source selection, not what the node accepts."""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ from pyroute2 import IPRoute
 from podnet.dataplane.nft import nft_apply
 
 DNS_TABLE = "podnet-dns"
+RT_SCOPE_HOST = 254
 
 
 def render_notrack(addresses: list[str]) -> str:
@@ -38,8 +47,24 @@ class DnsAddresses:
     def ensure(self) -> None:
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
-            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=lo, family=2)}
+            have = _on_lo(ipr, lo)
             for address in self.addresses:
+                if address in have and have[address] != (32, RT_SCOPE_HOST):
+                    # as written before addresses had scope host: re-add (the scope cannot be changed)
+                    ipr.addr("del", index=lo, address=address, prefixlen=have.pop(address)[0])
                 if address not in have:
-                    ipr.addr("add", index=lo, address=address, prefixlen=32)
+                    ipr.addr("add", index=lo, address=address, prefixlen=32, scope=RT_SCOPE_HOST)
         nft_apply(render_notrack(self.addresses))
+
+    def drift(self) -> list[str]:
+        """What differs on `lo` from what ensure() writes (the NOTRACK table aside)."""
+        with IPRoute() as ipr:
+            have = _on_lo(ipr, ipr.link_lookup(ifname="lo")[0])
+        out = [f"address {a} missing from lo" for a in self.addresses if a not in have]
+        return out + [f"address {a} on lo is not a /32 of scope host" for a in self.addresses
+                      if a in have and have[a] != (32, RT_SCOPE_HOST)]
+
+
+def _on_lo(ipr: IPRoute, lo: int) -> dict[str, tuple[int, int]]:
+    """address -> (prefix length, scope) of lo's IPv4 addresses."""
+    return {a.get_attr("IFA_ADDRESS"): (a["prefixlen"], a["scope"]) for a in ipr.get_addr(index=lo, family=2)}

@@ -2,7 +2,10 @@
 
 Reconciles instead of flushing: it reads the routes podnet owns (marked with
 RTPROT_PODNET), the VXLAN device, its neighbour and FDB entries, and changes only
-what differs, so a restart with everything already right changes nothing.
+what differs, so a restart with everything already right changes nothing. A route
+is compared whole (kind, gateway, device and source): one that differs in any of
+them, such as a route written before routes carried a source, is replaced in place
+(RTM_NEWROUTE with NLM_F_REPLACE), never deleted first.
 """
 
 from __future__ import annotations
@@ -106,12 +109,13 @@ class RouteProgrammer:
         out = {}
         for r in self.ipr.get_routes(family=2, table=MAIN_TABLE, proto=RTPROT_PODNET):
             dst = f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"
+            src = r.get_attr("RTA_PREFSRC")
             if r["type"] == RTN_BLACKHOLE:
-                route = Route(dst, "blackhole")
+                route = Route(dst, "blackhole", None, src)
             elif vxlan_index is not None and r.get_attr("RTA_OIF") == vxlan_index:
-                route = Route(dst, "vxlan", r.get_attr("RTA_GATEWAY"))
+                route = Route(dst, "vxlan", r.get_attr("RTA_GATEWAY"), src)
             else:
-                route = Route(dst, "direct", r.get_attr("RTA_GATEWAY"))
+                route = Route(dst, "direct", r.get_attr("RTA_GATEWAY"), src)
             out[route] = r
         return out
 
@@ -125,17 +129,23 @@ class RouteProgrammer:
             self._apply_vteps(vx, desired.vteps, changes)
 
         current = self.current_routes(vx)
-        for route in sorted(set(current) - desired.routes):
+        wanted = {r.dst for r in desired.routes}
+        # A route whose destination stays but whose kind, gateway or source differs is
+        # replaced below, in place: deleting it first would cut its traffic meanwhile.
+        for route in sorted(r for r in set(current) - desired.routes if r.dst not in wanted):
             try:
                 self.ipr.route("del", dst=route.dst, table=MAIN_TABLE, proto=RTPROT_PODNET,
                                type=current[route]["type"])
                 changes.removed.append(_describe(route))
             except NetlinkError as e:
                 changes.errors.append(f"remove {_describe(route)}: {e.args[1]}")
+        stale = {r.dst: r for r in set(current) - desired.routes}
         for route in sorted(desired.routes - set(current)):
             try:
                 self.ipr.route("replace", **self._route_args(route, vx))
                 changes.added.append(_describe(route))
+                if route.dst in stale:
+                    changes.removed.append(_describe(stale[route.dst]))
             except NetlinkError as e:
                 changes.errors.append(f"add {_describe(route)}: {e.args[1]}")
         return changes
@@ -148,6 +158,8 @@ class RouteProgrammer:
             args.update(gateway=route.gateway, oif=vx, flags=RTNH_F_ONLINK)
         else:
             args["gateway"] = route.gateway
+        if route.src is not None:
+            args["prefsrc"] = route.src
         return args
 
     def _apply_vteps(self, vx: int, vteps: frozenset[tuple[str, str]], changes: RoutingChanges) -> None:
@@ -179,7 +191,8 @@ def _describe(route: Route) -> str:
     if route.kind == "blackhole":
         return f"blackhole {route.dst}"
     via = f"{route.dst} via {route.gateway}"
-    return f"{via} dev {VXLAN_IFNAME} onlink" if route.kind == "vxlan" else via
+    via = f"{via} dev {VXLAN_IFNAME} onlink" if route.kind == "vxlan" else via
+    return f"{via} src {route.src}" if route.src else via
 
 
 def is_ipv4(cidr: str) -> bool:

@@ -12,6 +12,16 @@ One route per remote block (not per pod), as Calico does:
   blocks are dropped here instead of following the default route.
 - addresses a node borrowed from another node's block: a /32 towards the
   borrower, more specific than the owner's block route.
+
+Every route towards another node carries `src <this node's address>` (prefsrc).
+Without it the kernel picks the source of traffic the node itself sends to a remote
+pod (kubelet probes, hostNetwork pods) from the outgoing device, and `pn-vxlan` has
+no address: the choice then falls back to the first address of the namespace, on
+`lo`, where the node-local DNS addresses live (169.254.20.10 is on every node, so
+the answer never comes back). The node's underlay address is what kube-proxy users
+expect backends to see, it exists on every routing mode (VXLAN, direct, BGP) and it
+needs no tunnel addresses allocated; see docs/architecture.md ("Node-originated
+traffic").
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ class Route:
     dst: str  # CIDR
     kind: Literal["blackhole", "vxlan", "direct"]
     gateway: str | None = None
+    src: str | None = None  # prefsrc: the source of traffic this node sends along the route
 
 
 @dataclass(frozen=True)
@@ -71,19 +82,23 @@ def desired_routing(
     borrowed: list[Borrowed],
     node_ips: dict[str, str],
     vxlan_in_use: bool,
+    local_ip: str | None = None,
 ) -> DesiredRouting:
+    """`local_ip`: this node's underlay address, the routes' source (by default its
+    InternalIP in `node_ips`)."""
     routes: set[Route] = set()
     vteps: set[tuple[str, str]] = set()
+    src = local_ip or node_ips.get(local_node)
 
     def towards(dst: str, node: str, encap: Encapsulation) -> None:
         ip = node_ips.get(node)
         if ip is None:
             return  # the owner's address is unknown yet: no route rather than a wrong one
         if encap == "VXLAN":
-            routes.add(Route(dst, "vxlan", ip))
+            routes.add(Route(dst, "vxlan", ip, src))
             vteps.add((ip, vtep_mac(node)))
         else:
-            routes.add(Route(dst, "direct", ip))
+            routes.add(Route(dst, "direct", ip, src))
 
     for b in blocks:
         if b.node == local_node:

@@ -94,13 +94,35 @@ class Lab:
         kwargs.setdefault("text", True)
         return subprocess.run(cluster.exec_argv(self.node(node)["netns"], argv), check=False, **kwargs)
 
+    @property
+    def external_ip(self) -> str | None:
+        """The external host's address, if the lab has one."""
+        ext = self.state.data.get("external")
+        return str(ipaddress.ip_interface(ext).ip) if ext else None
+
     def probe(self, pod: str, targets: Iterable[str], timeout: float = 2.0) -> list[dict]:
         """Run the probe client in a pod against PROTO:HOST:PORT targets; one dict per target."""
-        targets = list(targets)
-        proc = self.exec(pod, [sys.executable, "-m", "podnet.lab.probe", "--timeout", str(timeout), *targets],
-                         timeout=timeout * 3 + 10)
+        return self._probe(pod, self.pod(pod)["netns"], targets, timeout)
+
+    def probe_node(self, node: str, targets: Iterable[str], timeout: float = 2.0) -> list[dict]:
+        """The same from a node's own namespace (as the node itself or a hostNetwork pod)."""
+        return self._probe(f"node {node}", self.node(node)["netns"], targets, timeout)
+
+    def probe_external(self, targets: Iterable[str], timeout: float = 2.0) -> list[dict]:
+        """The same from the external host (its address, in the underlay's namespace)."""
+        netns, ip = self.state.data.get("underlay_netns"), self.external_ip
+        if not netns or not ip:
+            raise PodnetError(f"lab {self.name} has no external host")
+        return self._probe("the external host", netns, targets, timeout, bind=ip)
+
+    def _probe(self, who: str, netns: str, targets: Iterable[str], timeout: float,
+               bind: str | None = None) -> list[dict]:
+        argv = [sys.executable, "-m", "podnet.lab.probe", "--timeout", str(timeout),
+                *(["--bind", bind] if bind else []), *targets]
+        proc = subprocess.run(cluster.exec_argv(netns, argv), capture_output=True, text=True, check=False,
+                              timeout=timeout * 3 + 10)
         if proc.returncode != 0:
-            raise PodnetError(f"probe from {pod} failed: {proc.stderr.strip()[-500:]}")
+            raise PodnetError(f"probe from {who} failed: {proc.stderr.strip()[-500:]}")
         return json.loads(proc.stdout)
 
 

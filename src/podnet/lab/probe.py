@@ -1,10 +1,12 @@
 """The client side of a connectivity probe, run inside a pod's namespace.
 
-    python -m podnet.lab.probe [--timeout S] PROTO:HOST:PORT ...
+    python -m podnet.lab.probe [--timeout S] [--bind ADDR] PROTO:HOST:PORT ...
 
 Connects to every target at once and prints one JSON list: per target the
 name of whoever answered (a lab pod server says its name), the source address
-the server saw ("peer", to show NAT) and an error if nothing answered.
+the server saw ("peer", to show NAT) and an error if nothing answered. --bind
+sends from one of the namespace's addresses (the external host shares its
+namespace with the underlay's gateway).
 Standard library only, so it starts fast.
 """
 
@@ -19,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
-def probe(proto: str, host: str, port: int, timeout: float) -> dict[str, Any]:
+def probe(proto: str, host: str, port: int, timeout: float, bind: str | None = None) -> dict[str, Any]:
     target = f"{proto}:{host}:{port}"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     start = time.monotonic()
@@ -27,6 +29,8 @@ def probe(proto: str, host: str, port: int, timeout: float) -> dict[str, Any]:
     try:
         if proto == "udp":
             with socket.socket(family, socket.SOCK_DGRAM) as s:
+                if bind:
+                    s.bind((bind, 0))
                 s.settimeout(timeout / 3)
                 data = b""
                 for _ in range(3):  # datagrams get lost: ask up to three times
@@ -42,6 +46,8 @@ def probe(proto: str, host: str, port: int, timeout: float) -> dict[str, Any]:
         else:
             ipproto = socket.IPPROTO_SCTP if proto == "sctp" else 0
             with socket.socket(family, socket.SOCK_STREAM, ipproto) as s:
+                if bind:
+                    s.bind((bind, 0))
                 s.settimeout(timeout)
                 s.connect((host, port))
                 s.sendall(b"peer\n")
@@ -77,10 +83,11 @@ def parse_target(text: str) -> tuple[str, str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="podnet.lab.probe")
     p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--bind", help="the source address to send from")
     p.add_argument("targets", nargs="+", type=parse_target)
     args = p.parse_args(argv)
     with ThreadPoolExecutor(max_workers=min(32, len(args.targets))) as pool:
-        results = list(pool.map(lambda t: probe(*t, args.timeout), args.targets))
+        results = list(pool.map(lambda t: probe(*t, args.timeout, args.bind), args.targets))
     json.dump(results, sys.stdout)
     sys.stdout.write("\n")
     return 0

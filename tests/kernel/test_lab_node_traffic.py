@@ -1,0 +1,73 @@
+"""Traffic the node itself sends or masquerades, on VXLAN and direct pools: the node
+reaches pods on other nodes, and NodePorts (externalTrafficPolicy Cluster) reach
+endpoints on every node from another node, from the receiving node itself and from
+outside. Backends see the receiving node's address, never the node-local DNS address
+that sits on the node's loopback."""
+
+import os
+
+import pytest
+
+from tests.kernel.labs import running_lab
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
+
+NODES = ("node-1", "node-2")
+NODE_PORTS = {"web-1": 30101, "web-2": 30102}  # one NodePort Service per pod: its only endpoint
+
+
+def lab_spec(encapsulation: str) -> dict:
+    web = [{"name": "http", "containerPort": 8080}, {"name": "dns", "containerPort": 5353, "protocol": "UDP"}]
+    services = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"np-{pod}", "namespace": "default"},
+         "spec": {"type": "NodePort", "selector": {"np": pod},
+                  "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": port},
+                            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns", "nodePort": port}]}}
+        for pod, port in NODE_PORTS.items()]
+    pool = {"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "pods"},
+            "spec": {"cidr": "10.244.0.0/16", "encapsulation": encapsulation, "natOutgoing": True}}
+    return {"underlay": {"cidr": "10.97.0.0/24"}, "external": {"address": "10.98.0.10/24"},
+            "nodes": [{"name": n} for n in NODES],
+            "pods": [{"name": f"web-{i}", "node": f"node-{i}", "labels": {"np": f"web-{i}"}, "ports": web}
+                     for i in (1, 2)],
+            "manifests": [pool, *services]}
+
+
+@pytest.fixture(scope="module", params=["VXLAN", "None"], ids=["vxlan", "direct"])
+def lab(request):
+    with running_lab(lab_spec(request.param), "nt") as lab:
+        yield lab
+
+
+def addresses(lab) -> dict[str, str]:
+    return {n["name"]: n["address"] for n in lab.nodes}
+
+
+def test_each_node_reaches_pods_on_the_other_nodes_from_its_own_address(lab):
+    node_ip = addresses(lab)
+    pods = {p["name"]: p for p in lab.pods}
+    for node in NODES:
+        remote = [p for p in pods.values() if p["node"] != node]
+        targets = [f"{proto}:{p['ips'][0]}:{port}" for p in remote for proto, port in (("tcp", 8080), ("udp", 5353))]
+        results = lab.probe_node(node, targets, timeout=3)
+        for target, r in zip(targets, results, strict=True):
+            assert r["ok"], (node, target, r)
+            assert r["peer"] == node_ip[node], (node, target, r)
+        route = lab.exec_node(node, ["ip", "route", "get", remote[0]["ips"][0]])
+        assert f"src {node_ip[node]}" in route.stdout, route.stdout
+
+
+def test_node_ports_reach_endpoints_on_every_node_from_every_kind_of_client(lab):
+    node_ip = addresses(lab)
+    failures = []
+    for pod, port in NODE_PORTS.items():
+        for receiver in NODES:
+            targets = [f"{proto}:{node_ip[receiver]}:{port}" for proto in ("tcp", "udp")]
+            clients = {f"node {n}": lambda t, n=n: lab.probe_node(n, t, timeout=3) for n in NODES}
+            clients["external"] = lambda t: lab.probe_external(t, timeout=3)
+            for client, run in clients.items():
+                for target, r in zip(targets, run(targets), strict=True):
+                    # Cluster policy: masqueraded to the receiving node's own address.
+                    if not (r["ok"] and r["name"] == pod and r["peer"] == node_ip[receiver]):
+                        failures.append(f"{client} -> {target} (endpoint {pod}): {r}")
+    assert not failures, "\n".join(failures)
