@@ -149,11 +149,13 @@ def test_the_cache_hands_on_unkept_kinds_without_storing_them():
     assert key_parts("/podnet/objects/Node/n1") == ("Node", None, "n1")
 
 
-def test_after_a_compacted_watch_the_agent_reloads_services_and_deletes_what_is_gone(tmp_path):
+def test_after_a_compacted_watch_services_and_dns_reload_and_forget_what_is_gone(tmp_path):
     import threading
-    import time
 
-    from podnet.agent.daemon import EVENT_FED, Agent, AgentConfig
+    from podnet.agent.daemon import EVENT_FED
+    from podnet.agent.dataplanes import DnsDataplane
+    from podnet.agent.follow import StoreFollower
+    from podnet.dns.index import ClusterIndex
     from podnet.store import open_store
     from podnet.store.objects import ObjectStore
 
@@ -162,38 +164,43 @@ def test_after_a_compacted_watch_the_agent_reloads_services_and_deletes_what_is_
     store = ObjectStore(kv)
     store.apply([svc("a", "10.96.0.1"), svc("b", "10.96.0.2"), eps("a-1", "a", ["10.1.0.1"]),
                  eps("b-1", "b", ["10.1.0.2"])])
-    records, rev = kv.list("/podnet/")
+    services, applier = dataplane()
+    index = ClusterIndex(node_name="n1")
+    dns = DnsDataplane(index)  # no node addresses: the index alone
+    reloads: list[int] = []
+    reloaded = threading.Event()
 
-    agent = Agent.__new__(Agent)  # just what the watch loop uses: no kernel, no servers
-    agent.cfg = AgentConfig(node="n1", store_url=url)
-    agent.stopping, agent.wake = threading.Event(), threading.Event()
-    agent._dirty, agent._dirty_lock, agent.seen_rev = set(), threading.Lock(), rev
-    agent.dns_index = None
-    agent.services, applier = dataplane()
-    agent.cache = ObjectCache(unkept=EVENT_FED)
-    agent.cache.load(records, agent._feed)
-    agent.services.sync()
+    def on_change(rev, dirty):
+        if len(dirty) == 2:  # every dataplane: a (re)list
+            reloads.append(rev)
+            if len(reloads) == 2:
+                reloaded.set()
+
+    follower = StoreFollower(ObjectCache(unkept=EVENT_FED), [services, dns], on_change)
+    rev = follower.relist(kv)
+    services.sync()
     assert {fe.ip for fe in applier.states[-1].frontends} == {"10.96.0.1", "10.96.0.2"}
+    assert index.lookup("b.default.svc.cluster.local").records()[0][3] == "10.96.0.2"
 
-    # while the agent is away: b goes, a's endpoints change, and the history is compacted
+    # while the follower is away: b goes, a's endpoints change, and the history is compacted
     store.delete(Service, "b", "default")
     store.delete(EndpointSlice, "b-1", "default")
     store.apply([eps("a-1", "a", ["10.1.0.9"])])
     kv.compact(kv.list("/podnet/")[1])
 
-    watcher = threading.Thread(target=agent._watch, args=(rev + 1,), daemon=True)
+    watcher = threading.Thread(target=follower.watch, args=(lambda: open_store(url), rev + 1), daemon=True)
     watcher.start()
-    deadline = time.monotonic() + 10
-    while "services" not in agent._dirty and time.monotonic() < deadline:
-        time.sleep(0.05)
-    agent.stopping.set()
+    assert reloaded.wait(10), "the compacted watch was not reloaded"
+    follower.stop()
     store.apply([svc("c", "10.96.0.3")])  # an event, so that the watch notices it should stop
     watcher.join(10)
-    agent.services.sync()
+    services.sync()
     state = applier.states[-1]
     assert Frontend("10.96.0.2", "tcp", 80) not in state.frontends
     assert state.rule(Frontend("10.96.0.1", "tcp", 80)).backends == (Backend("10.1.0.9", 8080),)
-    assert ("default", "b-1") not in agent.services.compiler.slice_keys()
+    assert ("default", "b-1") not in services.compiler.slice_keys()
+    assert index.lookup("b.default.svc.cluster.local").rcode == 3  # NXDOMAIN: deleted during the gap
+    assert index.lookup("a.default.svc.cluster.local").records()[0][3] == "10.96.0.1"
 
 
 def test_periodic_full_syncs_reread_the_kernel_only_when_the_layout_check_fails_or_rarely():
@@ -205,6 +212,7 @@ def test_periodic_full_syncs_reread_the_kernel_only_when_the_layout_check_fails_
     dp.sync(full=True)
     assert applier.resyncs == [False, False]  # the table's chains are all there: no element read-back
     applier.problem = "chain svc_t is missing"
+    assert dp.verify() == ["chain svc_t is missing"]  # the agent verifies before each full sync
     dp.sync(full=True)
     assert applier.resyncs[-1] is True
     applier.problem = None

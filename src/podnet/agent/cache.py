@@ -61,6 +61,14 @@ class ObjectCache:
         records.clear()
         return events
 
+    def reload(self, records: list[Record], sink: Callable[[ObjectEvent], None]) -> None:
+        """Become exactly what a fresh list holds (after a compacted watch), in place, so
+        that every dataplane holding this cache sees the new contents."""
+        fresh = ObjectCache(self.unkept)
+        fresh.load(records, sink)
+        with self._lock:
+            self._objects, self._blocks = fresh._objects, fresh._blocks
+
     def apply(self, ev: Event) -> ObjectEvent | None:
         """Apply one store event; returns it typed if it concerned a Kubernetes-shaped object."""
         if ev.key.startswith(BLOCKS):

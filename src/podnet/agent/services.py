@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Iterable
 
+from podnet.agent.contract import Dataplane
 from podnet.model.objects import EndpointSlice, Service
 from podnet.services.applier import NftServiceApplier, ServiceApplier
 from podnet.services.compiler import ServiceCompiler, SliceInfo
@@ -55,7 +56,7 @@ def size_conntrack(sizing: ConntrackSizing, path: str = CONNTRACK_MAX) -> int | 
     return written
 
 
-class ServiceDataplane:
+class ServiceDataplane(Dataplane):
     def __init__(self, node: str, node_ip: str, service_cidrs: tuple[str, ...], local_dns: tuple[str, ...] = (),
                  applier: ServiceApplier | None = None, health: HealthCheckServer | None = None,
                  proxy: str = "nftables"):
@@ -71,6 +72,7 @@ class ServiceDataplane:
         self._triggers: dict[str, float] = {}  # slice -> trigger time of a change not yet programmed
         self._reload: tuple[set[tuple[str, str]], set[tuple[str, str]]] | None = None  # seen while reloading
         self._full_syncs = 0
+        self._drifted = False  # verify() found a problem: the next sync re-reads the kernel
 
     # -- inputs
 
@@ -117,6 +119,14 @@ class ServiceDataplane:
             if info.trigger is not None and (old is None or old.trigger != info.trigger):
                 self._triggers[f"{sl.namespace or 'default'}/{sl.name}"] = info.trigger
 
+    name = "services"
+
+    def begin_reload(self) -> None:
+        self.start_reload()
+
+    def end_reload(self) -> None:
+        self.finish_reload()
+
     def start_reload(self) -> None:
         """A whole list follows (as events): what it does not name is deleted by finish_reload."""
         with self._lock:
@@ -150,15 +160,23 @@ class ServiceDataplane:
 
     # -- sync
 
+    def verify(self) -> list[str]:
+        """The cheap check (chain names, no elements): what is wrong with the table, if
+        anything; the next sync then re-reads the kernel and repairs it."""
+        problem = self.applier.verify()
+        if problem is None or problem == "never applied":
+            return []
+        self._drifted = True
+        return [problem]
+
     def sync(self, full: bool = False) -> str:
-        """Program what changed. `full` (the agent's periodic resync): check the table's
-        layout (chain names: cheap) and re-read every element only when that check fails
-        or every DEEP_RESYNC_EVERY full syncs; a read-back costs seconds at 50 000 Services."""
-        resync = False
+        """Program what changed. `full` (the agent's periodic resync, after verify()):
+        re-read every element only when verify() found a problem or every
+        DEEP_RESYNC_EVERY full syncs; a read-back costs seconds at 50 000 Services."""
+        resync, self._drifted = self._drifted, False
         if full:
             self._full_syncs += 1
-            problem = self.applier.verify()
-            resync = problem is not None or self._full_syncs % DEEP_RESYNC_EVERY == 0
+            resync = resync or self._full_syncs % DEEP_RESYNC_EVERY == 0
         with self._lock:
             state = self.compiler.state()
             triggers, self._triggers = self._triggers, {}
@@ -167,9 +185,11 @@ class ServiceDataplane:
             self.health.sync(state.health_checks)
         except BaseException:
             self._retry_triggers(triggers)
+            self._drifted = self._drifted or resync
             raise
         if result.errors:
             self._retry_triggers(triggers)
+            self._drifted = self._drifted or resync
             raise RuntimeError("; ".join(result.errors))
         self.metrics.observe_programming(triggers)
         if not result.sent:

@@ -216,6 +216,17 @@ class ClusterIndex:
         for obj in objects:
             self.apply(obj)
 
+    def keys(self) -> list[tuple[str, str | None, str]]:
+        """(kind, namespace, name) of every object held ("default" for an empty namespace,
+        None for Namespaces): what a reload compares with a fresh list."""
+        with self.lock:
+            out: list[tuple[str, str | None, str]] = [
+                ("Service", ns, name) for ns, names in self._svc.items() for name in names]
+            out += [("EndpointSlice", ns, name) for ns, name in self._slices]
+            out += [("Pod", ns, name) for ns, name in self._pods]
+            out += [("Namespace", None, name) for name in self._ns_objects]
+        return out
+
     # -- services
 
     def _service_record(self, svc: Service) -> tuple:

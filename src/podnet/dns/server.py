@@ -962,21 +962,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _watch_store(url: str, server: DNSServer) -> None:
-    """List then watch the store, feeding the index on the server's loop."""
-    from podnet.model.objects import EndpointSlice, Namespace, Pod, Service
-    from podnet.store.objects import ObjectStore
+    """List then watch the store with the agent's follower: a compacted history reloads
+    the index (what was deleted meanwhile goes), a failed watch is retried."""
+    from podnet.agent.cache import ObjectCache
+    from podnet.agent.dataplanes import DnsDataplane
+    from podnet.agent.follow import StoreFollower
     from podnet.store.url import open_store
 
-    store = ObjectStore(open_store(url))
-    revs = []
-    for cls in (Namespace, Service, EndpointSlice, Pod):
-        objs, rev_cls = store.list_at(cls)
-        revs.append(rev_cls)
-        for o in objs:
-            server.call(server.index.apply, o)
-    # applying an object twice is a no-op, so watching from the oldest list loses nothing
-    for ev in store.watch(None, min(revs) + 1):
-        server.call(server.index.apply_event, ev)
+    dns = DnsDataplane(server.index)
+    follower = StoreFollower(ObjectCache(unkept=dns.kinds), [dns], prefix="/podnet/objects/")
+    kv = open_store(url)
+    try:
+        rev = follower.relist(kv)
+    finally:
+        kv.close()
+    follower.watch(lambda: open_store(url), rev + 1)
 
 
 if __name__ == "__main__":

@@ -334,6 +334,7 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
     for n in st.data["nodes"]:
         argv = [*podnet_command(), "--store", url, "agent", "--node", n["name"], "--socket", n["socket"],
                 "--service-cidr", spec.service_cidr, "--service-proxy", n.get("service_proxy", "nftables"),
+                "--resync", str(spec.resync_seconds),
                 *(["--cluster-dns-ip", spec.cluster_dns_ip] if spec.cluster_dns_ip else [])]
         if spec.external is not None and spec.external.dns is not None:
             argv += ["--dns-upstream", str(ipaddress.ip_interface(spec.external.address).ip)]

@@ -10,6 +10,7 @@
         # on the external address serving that zone (NXDOMAIN for every other name); the
         # agents forward to it and the nodes' resolv.conf names it
       serviceCIDR: 10.96.0.0/16            # optional; ClusterIPs are allocated from it
+      resyncSeconds: 60                    # optional; the agents' full reconcile period
       nodes:
         - {name: node-1, labels: {zone: a}}     # serviceProxy: nftables (default) | iptables
       cni: {plugin: podnet, chain: [portmap, tuning]}
@@ -66,7 +67,7 @@ KUBE_DNS = "kube-dns"
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 # Reference plugins that take a capability from the runtime when chained.
 CHAIN_CAPABILITIES = {"portmap": {"portMappings": True}, "bandwidth": {"bandwidth": True}}
-PLUGIN_TYPE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
+PLUGIN_TYPE = re.compile(r"\A[A-Za-z0-9][-A-Za-z0-9_.]*\Z")
 BANDWIDTH_ANNOTATIONS = ("kubernetes.io/ingress-bandwidth", "kubernetes.io/egress-bandwidth")
 DEFAULT_DNS_ZONE = "example.test"
 CLUSTER_DOMAIN = "cluster.local"  # what the lab's agents serve
@@ -119,7 +120,7 @@ class ExternalDnsSpec(Schema):
     @classmethod
     def _zone(cls, v: str) -> str:
         zone = v.strip(".").lower()
-        if not zone or len(zone) > 253 or not DNS1123_SUBDOMAIN.match(zone) or any(
+        if not zone or len(zone) > 253 or not DNS1123_SUBDOMAIN.fullmatch(zone) or any(
                 len(label) > 63 for label in zone.split(".")):
             raise ValueError(f"{v!r} is not a domain name, e.g. {DEFAULT_DNS_ZONE}")
         if zone == CLUSTER_DOMAIN or zone.endswith("." + CLUSTER_DOMAIN) or CLUSTER_DOMAIN.endswith("." + zone):
@@ -130,7 +131,7 @@ class ExternalDnsSpec(Schema):
     @classmethod
     def _records(cls, v: dict[str, str]) -> dict[str, str]:
         for name, address in v.items():
-            if name != "@" and (len(name) > 190 or not DNS1123_SUBDOMAIN.match(name)
+            if name != "@" and (len(name) > 190 or not DNS1123_SUBDOMAIN.fullmatch(name)
                                 or any(len(label) > 63 for label in name.split("."))):
                 raise ValueError(f"record {name!r}: expected a name relative to the zone (e.g. www) or '@'")
             try:
@@ -203,7 +204,7 @@ class LabNode(Schema):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if len(v) > 63 or not DNS1123_LABEL.match(v):
+        if len(v) > 63 or not DNS1123_LABEL.fullmatch(v):
             raise ValueError(f"invalid node name {v!r}: expected a DNS label (lowercase, digits, '-', at most 63)")
         return v
 
@@ -226,7 +227,7 @@ class CniSpec(Schema):
     def _chain(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
         for i, entry in enumerate(v):
             kind = entry if isinstance(entry, str) else entry.get("type")
-            if not isinstance(kind, str) or not PLUGIN_TYPE.match(kind):
+            if not isinstance(kind, str) or not PLUGIN_TYPE.fullmatch(kind):
                 raise ValueError(f"chain[{i}]: expected a plugin name or a mapping with a 'type' (got {kind!r})")
             if kind == "podnet-cni":
                 raise ValueError(f"chain[{i}]: podnet-cni is always first; list only the plugins chained after it")
@@ -292,6 +293,8 @@ class LabSpecBody(Schema):
     underlay: UnderlaySpec
     external: ExternalSpec | None = None
     service_cidr: str = Field(default=DEFAULT_SERVICE_CIDR, alias="serviceCIDR")
+    # the agents' full reconcile period (podnet agent --resync): drift heals within it
+    resync_seconds: float = Field(default=60.0, alias="resyncSeconds", gt=0, le=3600)
     nodes: list[LabNode]
     cni: CniSpec = Field(default_factory=CniSpec)
     pods: list[LabPod] = Field(default_factory=list)
@@ -319,7 +322,7 @@ class LabMeta(Schema):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if len(v) > LAB_NAME_MAX or not DNS1123_LABEL.match(v):
+        if len(v) > LAB_NAME_MAX or not DNS1123_LABEL.fullmatch(v):
             raise ValueError(f"invalid lab name {v!r}: expected a DNS label of at most {LAB_NAME_MAX} characters")
         return v
 
@@ -381,6 +384,7 @@ class LabSpec:
     pods: tuple[Pod, ...]
     objects: tuple[KubeObject, ...]  # manifests (without Pods), defaults and auto Namespaces
     raw: dict[str, Any]
+    resync_seconds: float = 60.0
 
     @property
     def cluster_dns_ip(self) -> str | None:
@@ -581,18 +585,18 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
     return LabSpec(
         file=file, name=lab.metadata.name, underlay=underlay, gateway=str(gateway), nodes=nodes,
         external=spec.external, service_cidr=str(service_net), cni=spec.cni, pods=tuple(pods),
-        objects=tuple(objects), raw=raw,
+        objects=tuple(objects), raw=raw, resync_seconds=spec.resync_seconds,
     )
 
 
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([kMGTPE]i?|m)?$")
+_QUANTITY = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)([kMGTPE]i?|m)?\Z")
 _FACTORS = {None: 1, "m": 0.001, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 
 
 def parse_quantity(value: str) -> int:
     """A Kubernetes quantity (`10M`, `1Gi`, `500k`) as an integer: bits per second for bandwidth."""
-    m = _QUANTITY.match(value.strip())
+    m = _QUANTITY.fullmatch(value.strip())
     if not m:
         raise ValueError(f"{value!r} is not a quantity like 10M or 1Gi")
     n = int(float(m.group(1)) * _FACTORS[m.group(2)])

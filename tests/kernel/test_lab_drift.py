@@ -1,0 +1,124 @@
+"""Every dataplane heals when its kernel state is changed behind the agent's back,
+within one resync period, shown with real packets: policy (and isolated pods stay
+isolated once it is repaired), routes, NAT, Services and node DNS."""
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import pytest
+
+from podnet.lab.connectivity import Lab
+from podnet.model.objects import Service
+from tests.kernel.labs import running_lab
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
+
+RESYNC = 2.0  # seconds: the agents' full reconcile period in this lab
+WEB = [{"name": "http", "containerPort": 8080}]
+MANIFESTS = [
+    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+     "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}},
+    {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "web-from-clients"},
+     "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+              "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                           "ports": [{"port": "http"}]}]}},
+]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    spec = {"underlay": {"cidr": "10.99.0.0/24"}, "resyncSeconds": RESYNC,
+            "nodes": [{"name": "node-1"}, {"name": "node-2"}],
+            "pods": [{"name": "web", "node": "node-1", "labels": {"app": "web"}, "ports": WEB},
+                     {"name": "client", "node": "node-2", "labels": {"app": "client"},
+                      "ports": [{"containerPort": 9000}]},
+                     {"name": "intruder", "node": "node-2", "labels": {"app": "intruder"},
+                      "ports": [{"containerPort": 9000}]}],
+            "manifests": MANIFESTS}
+    with running_lab(spec, "dr") as lab:
+        yield lab
+
+
+def ip_of(lab: Lab, pod: str) -> str:
+    return lab.pod(pod)["ips"][0]
+
+
+def reaches(lab: Lab, pod: str, target: str) -> bool:
+    return bool(lab.probe(pod, [target], timeout=1)[0].get("ok"))
+
+
+def node_sh(lab: Lab, node: str, *argv: str) -> str:
+    proc = lab.exec_node(node, list(argv))
+    assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr}"
+    return proc.stdout
+
+
+def wait_for(condition: Callable[[], bool], what: str, within: float = RESYNC * 3 + 10) -> float:
+    """Poll until the condition holds; how long it took."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < within, f"not repaired within {within:g}s: {what}"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def test_a_flushed_policy_table_is_rebuilt_and_the_isolated_pod_is_isolated_again(lab):
+    web = f"tcp:{ip_of(lab, 'web')}:8080"
+    assert reaches(lab, "client", web) and not reaches(lab, "intruder", web)
+    node_sh(lab, "node-1", "nft", "flush", "table", "ip", "podnet-policy")
+    assert reaches(lab, "intruder", web)  # the drift really opened it
+    wait_for(lambda: not reaches(lab, "intruder", web), "intruder isolated again")
+    for _ in range(3):  # and it stays so, across further resyncs, while the client keeps working
+        assert reaches(lab, "client", web) and not reaches(lab, "intruder", web)
+    log = open(lab.node("node-1")["log"]).read()
+    assert "policy: kernel state changed behind podnet's back" in log
+
+
+def test_a_deleted_allow_element_is_restored_and_the_pod_stays_isolated_meanwhile(lab):
+    web = f"tcp:{ip_of(lab, 'web')}:8080"
+    client = ip_of(lab, "client")
+    doc = json.loads(node_sh(lab, "node-1", "nft", "-j", "list", "table", "ip", "podnet-policy"))
+    holder = next(item["set"]["name"] for item in doc["nftables"]
+                  if "set" in item and client in item["set"].get("elem", []))
+    node_sh(lab, "node-1", "nft", "delete", "element", "ip", "podnet-policy", holder, f"{{ {client} }}")
+    assert not reaches(lab, "client", web)  # fails closed
+    # while it is repaired (a rewrite of the whole table, one transaction), never open
+    deadline = time.monotonic() + RESYNC * 3 + 10
+    while not reaches(lab, "client", web):
+        assert not reaches(lab, "intruder", web)
+        assert time.monotonic() < deadline, "the allow element was not restored"
+    assert not reaches(lab, "intruder", web)
+
+
+def test_a_deleted_route_to_another_nodes_block_comes_back(lab):
+    web = f"tcp:{ip_of(lab, 'web')}:8080"
+    routes = node_sh(lab, "node-2", "ip", "route", "show", "proto", "88")
+    block = next(line.split()[0] for line in routes.splitlines() if "via" in line)
+    node_sh(lab, "node-2", "ip", "route", "del", block)
+    wait_for(lambda: block in node_sh(lab, "node-2", "ip", "route", "show", "proto", "88"), f"route {block}")
+    assert reaches(lab, "client", web)
+
+
+def test_a_deleted_nat_table_comes_back(lab):
+    node_sh(lab, "node-1", "nft", "delete", "table", "ip", "podnet-nat")
+    wait_for(lambda: lab.exec_node("node-1", ["nft", "list", "table", "ip", "podnet-nat"]).returncode == 0,
+             "table podnet-nat")
+    assert "masquerade" in node_sh(lab, "node-1", "nft", "list", "table", "ip", "podnet-nat")
+
+
+def test_a_deleted_service_table_comes_back(lab):
+    svc = lab.store().get(Service, "web", "default")
+    assert svc is not None and svc.spec.cluster_ip
+    target = f"tcp:{svc.spec.cluster_ip}:80"
+    assert reaches(lab, "client", target)
+    node_sh(lab, "node-2", "nft", "delete", "table", "ip", "podnet-svc")
+    assert not reaches(lab, "client", target)
+    wait_for(lambda: reaches(lab, "client", target), "the Service through node-2")
+
+
+def test_a_removed_node_dns_address_comes_back(lab):
+    node_sh(lab, "node-2", "ip", "addr", "del", "169.254.20.10/32", "dev", "lo")
+    query = ["dig", "+short", "+time=1", "+tries=1", "@169.254.20.10", "web.default.svc.cluster.local"]
+    wait_for(lambda: lab.exec("client", query).stdout.strip() != "", "node DNS on 169.254.20.10")
