@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from podnet.model.names import is_dns1123_label, is_dns1123_subdomain
 from podnet.store.base import AlreadyExists, Conflict, KeyValueStore, NotFound, StoreUnavailable
 
 if TYPE_CHECKING:  # the agent hands in the real one; tests may hand in a stand-in
@@ -86,13 +87,11 @@ REQUIRED_ENV = {
     "VERSION": (),
 }
 # libcni's pattern for container IDs and network names.
-ID_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+ID_PATTERN = re.compile(r"\A[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")
 # Longer IDs would not fit the kernel's 255-byte interface alias the dataplane keeps them in.
 MAX_ID_LENGTH = 200
 MAX_IFNAME_LENGTH = 15
 KNOWN_ARGS = ("IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID", "K8S_POD_INFRA_CONTAINER_ID")
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type
@@ -235,18 +234,18 @@ def parse_cni_args(text: str) -> dict[str, str]:
             raise CNIError(E_INVALID_ENV, f"CNI_ARGS: unknown argument {unknown[0]!r}",
                            f"known: {', '.join(KNOWN_ARGS)}; add IgnoreUnknown=1 to pass others")
     ns = pairs.get("K8S_POD_NAMESPACE")
-    if ns and (len(ns) > 63 or not DNS1123_LABEL.match(ns)):
+    if ns and not is_dns1123_label(ns):
         raise CNIError(E_INVALID_ENV, f"CNI_ARGS: K8S_POD_NAMESPACE {ns!r} is not a namespace name",
                        "expected a DNS label: lowercase letters, digits and '-', at most 63")
     name = pairs.get("K8S_POD_NAME")
-    if name and (len(name) > 253 or not DNS1123_SUBDOMAIN.match(name)):
+    if name and not is_dns1123_subdomain(name):
         raise CNIError(E_INVALID_ENV, f"CNI_ARGS: K8S_POD_NAME {name!r} is not a pod name",
                        "expected lowercase letters, digits, '-' and '.', at most 253")
     return pairs
 
 
 def check_container_id(cid: str) -> None:
-    if not ID_PATTERN.match(cid) or len(cid) > MAX_ID_LENGTH:
+    if not ID_PATTERN.fullmatch(cid) or len(cid) > MAX_ID_LENGTH:
         raise CNIError(E_INVALID_ENV, f"CNI_CONTAINERID {cid[:80]!r} is invalid",
                        "expected a letter or digit, then letters, digits, '_', '.' or '-', "
                        f"at most {MAX_ID_LENGTH} characters")
@@ -268,7 +267,7 @@ def check_network_name(conf: dict[str, Any]) -> str:
     name = conf.get("name")
     if name is None or name == "":
         raise CNIError(E_INVALID_CONFIG, "invalid network configuration: field name is missing")
-    if not isinstance(name, str) or not ID_PATTERN.match(name) or len(name) > MAX_ID_LENGTH:
+    if not isinstance(name, str) or not ID_PATTERN.fullmatch(name) or len(name) > MAX_ID_LENGTH:
         raise CNIError(E_INVALID_CONFIG, f"invalid network configuration: field name {str(name)[:80]!r} is not a "
                        "valid network name", "expected a letter or digit, then letters, digits, '_', '.' or '-'")
     kind = conf.get("type")

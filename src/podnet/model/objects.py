@@ -7,24 +7,28 @@ Defaulting follows the API server's, since manifests here never pass through one
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from podnet.model.base import Schema
+from podnet.model.names import (  # noqa: F401 - the patterns, for modules that import them from here
+    DNS1035_LABEL,
+    DNS1123_LABEL,
+    DNS1123_SUBDOMAIN,
+    IANA_SVC_NAME,
+    is_dns1035_label,
+    is_dns1123_label,
+    is_dns1123_subdomain,
+    is_iana_svc_name,
+)
 from podnet.model.selectors import LabelSelector, check_labels
-
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-IANA_SVC_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 
 
 def check_port_name(name: str) -> str:
-    if len(name) > 15 or not IANA_SVC_NAME.match(name) or "--" in name:
+    if not is_iana_svc_name(name):
         raise ValueError(
             f"invalid port name {name!r}: expected at most 15 lowercase letters, digits and "
             "single '-', with at least one letter"
@@ -64,7 +68,7 @@ class ObjectMeta(Schema):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if len(v) > 253 or not DNS1123_SUBDOMAIN.match(v):
+        if not is_dns1123_subdomain(v):
             raise ValueError(
                 f"invalid name {v!r}: expected lowercase letters, digits, '-' and '.', "
                 "starting and ending alphanumeric, at most 253 characters"
@@ -74,7 +78,7 @@ class ObjectMeta(Schema):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) > 63 or not DNS1123_LABEL.match(v)):
+        if v is not None and not is_dns1123_label(v):
             raise ValueError(f"invalid namespace {v!r}: expected a DNS label (lowercase, digits, '-', at most 63)")
         return v
 
@@ -155,7 +159,7 @@ class Namespace(KubeObject):
     @field_validator("metadata")
     @classmethod
     def _dns_label(cls, v: ObjectMeta) -> ObjectMeta:
-        if len(v.name) > 63 or not DNS1123_LABEL.match(v.name):
+        if not is_dns1123_label(v.name):
             raise ValueError(f"invalid Namespace name {v.name!r}: expected a DNS label (lowercase, digits, '-', at most 63)")
         return v
 
@@ -423,7 +427,7 @@ class Service(KubeObject):
     @field_validator("metadata")
     @classmethod
     def _dns1035(cls, v: ObjectMeta) -> ObjectMeta:
-        if len(v.name) > 63 or not DNS1035_LABEL.match(v.name):
+        if not is_dns1035_label(v.name):
             raise ValueError(
                 f"invalid Service name {v.name!r}: expected a DNS-1035 label "
                 "(starts with a letter; lowercase, digits, '-'; at most 63)"

@@ -10,16 +10,17 @@ from pydantic import field_validator, model_validator
 
 from podnet.model.base import Schema
 
-# Label keys: optional DNS-subdomain prefix + '/' + name (63 chars); values: 63 chars.
+# Label keys: optional DNS-subdomain prefix (253 chars) + '/' + name (63 chars); values: 63 chars.
+# Anchored with \A and \Z: `$` would also match before a final newline.
 _NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
 _PREFIX = r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)"
-LABEL_KEY_RE = re.compile(rf"^({_PREFIX}/)?{_NAME}$")
-LABEL_VALUE_RE = re.compile(rf"^({_NAME})?$")
+LABEL_KEY_RE = re.compile(rf"\A({_PREFIX}/)?{_NAME}\Z")
+LABEL_VALUE_RE = re.compile(rf"\A({_NAME})?\Z")
 
 
 def check_label_key(key: str) -> str:
     prefix = key.split("/", 1)[0] if "/" in key else ""
-    if not LABEL_KEY_RE.match(key) or len(prefix) > 253:
+    if not LABEL_KEY_RE.fullmatch(key) or len(prefix) > 253:
         raise ValueError(
             f"invalid label key {key!r}: expected an optional DNS prefix and '/', then a name of "
             "at most 63 characters of letters, digits, '-', '_' or '.', starting and ending alphanumeric"
@@ -28,7 +29,7 @@ def check_label_key(key: str) -> str:
 
 
 def check_label_value(value: str) -> str:
-    if not isinstance(value, str) or not LABEL_VALUE_RE.match(value):
+    if not isinstance(value, str) or not LABEL_VALUE_RE.fullmatch(value):
         raise ValueError(
             f"invalid label value {value!r}: expected at most 63 characters of letters, digits, "
             "'-', '_' or '.', starting and ending alphanumeric (or empty)"
