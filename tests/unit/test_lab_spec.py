@@ -140,6 +140,14 @@ def test_yaml_errors_and_document_count(tmp_path):
         load_lab(tmp_path / "missing.yaml")
 
 
+def test_a_lab_file_that_is_not_utf8_is_one_error_naming_it(tmp_path):
+    f = tmp_path / "lab.yaml"
+    f.write_bytes(yaml.safe_dump(BASE).encode() + b"# caf\xe9\n")
+    with pytest.raises(ValidationError) as e:
+        load_lab(f)
+    assert str(e.value).startswith(f"{f}:") and "not valid UTF-8 (byte 0xe9)" in str(e.value)
+
+
 def test_inline_manifest_errors_use_the_manifest_validator():
     svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
            "spec": {"selector": {"app": "web"}, "ports": [{"port": 99999}]}}

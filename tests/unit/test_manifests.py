@@ -102,3 +102,29 @@ def test_list_kind_is_expanded():
         "- {apiVersion: v1, kind: Namespace, metadata: {name: b}}\n"
     )
     assert not errs and [o.name for o in objs] == ["a", "b"]
+
+
+def test_invalid_utf8_is_one_error_naming_the_file_and_place(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(b"apiVersion: v1\nkind: Namespace\nmetadata: {name: caf\xe9}\n")
+    with pytest.raises(ManifestErrors) as e:
+        load_paths([f])
+    assert str(e.value) == f"{f}:3:21: not valid UTF-8 (byte 0xe9): manifests must be UTF-8 text"
+
+
+def test_invalid_utf8_through_the_cli_is_one_line(tmp_path, capsys, monkeypatch):
+    from podnet.cli.main import main
+
+    monkeypatch.setenv("PODNET_STORE", f"sqlite://{tmp_path}/podnet.db")
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(b"\xff\xfe garbage")
+    assert main(["apply", "-f", str(f)]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"error: {f}:1:1: not valid UTF-8 (byte 0xff): manifests must be UTF-8 text\n"
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    f = tmp_path / "bom.yaml"
+    f.write_bytes("\ufeffapiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".encode())
+    [ns] = load_paths([f])
+    assert ns.name == "shop"

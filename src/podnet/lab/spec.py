@@ -37,7 +37,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from podnet.errors import ValidationError
 from podnet.model.base import Schema
-from podnet.model.manifests import ManifestErrors, Source, explain, field_path, parse_object
+from podnet.model.manifests import ManifestErrors, Source, explain, field_path, parse_object, read_text
 from podnet.model.objects import (
     DNS1123_LABEL,
     DNS1123_SUBDOMAIN,
@@ -406,13 +406,9 @@ class LabSpec:
 
 def load_lab(path: str | Path) -> LabSpec:
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ValidationError(f"{p}: no such file") from None
-    except OSError as e:
-        raise ValidationError(f"cannot read: {e.strerror}", where=str(p)) from None
-    return parse_lab(text, str(p))
+    if not p.exists():
+        raise ValidationError(f"{p}: no such file")
+    return parse_lab(read_text(p), str(p))
 
 
 def parse_lab(text: str, file: str = "<lab>") -> LabSpec:

@@ -64,6 +64,22 @@ def manifest_files(path: str | Path) -> list[Path]:
     return [p]
 
 
+def read_text(path: Path) -> str:
+    """A manifest file's text; ValidationError naming the file (and where) if it cannot be
+    read or is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValidationError(f"cannot read: {e.strerror}", where=str(path)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValidationError(f"not valid UTF-8 (byte 0x{data[e.start]:02x}): manifests must be UTF-8 text",
+                              where=f"{path}:{line}:{column}") from None
+
+
 def load_paths(paths: list[str | Path], sources: dict[str, Source] | None = None) -> list[KubeObject]:
     """Load every document of every file; raise ManifestErrors listing all problems.
 
@@ -74,9 +90,9 @@ def load_paths(paths: list[str | Path], sources: dict[str, Source] | None = None
     for path in paths:
         for f in manifest_files(path):
             try:
-                text = f.read_text()
-            except OSError as e:
-                errors.append(ValidationError(f"cannot read: {e.strerror}", where=str(f)))
+                text = read_text(f)
+            except ValidationError as e:
+                errors.append(e)
                 continue
             objs, errs = parse_documents(text, str(f), sources)
             objects.extend(objs)
