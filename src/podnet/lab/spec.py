@@ -10,6 +10,7 @@
         # on the external address serving that zone (NXDOMAIN for every other name); the
         # agents forward to it and the nodes' resolv.conf names it
       serviceCIDR: 10.96.0.0/16            # optional; ClusterIPs are allocated from it
+      resyncSeconds: 60                    # optional; the agents' full reconcile period
       nodes:
         - {name: node-1, labels: {zone: a}}     # serviceProxy: nftables (default) | iptables
       cni: {plugin: podnet, chain: [portmap, tuning]}
@@ -292,6 +293,8 @@ class LabSpecBody(Schema):
     underlay: UnderlaySpec
     external: ExternalSpec | None = None
     service_cidr: str = Field(default=DEFAULT_SERVICE_CIDR, alias="serviceCIDR")
+    # the agents' full reconcile period (podnet agent --resync): drift heals within it
+    resync_seconds: float = Field(default=60.0, alias="resyncSeconds", gt=0, le=3600)
     nodes: list[LabNode]
     cni: CniSpec = Field(default_factory=CniSpec)
     pods: list[LabPod] = Field(default_factory=list)
@@ -381,6 +384,7 @@ class LabSpec:
     pods: tuple[Pod, ...]
     objects: tuple[KubeObject, ...]  # manifests (without Pods), defaults and auto Namespaces
     raw: dict[str, Any]
+    resync_seconds: float = 60.0
 
     @property
     def cluster_dns_ip(self) -> str | None:
@@ -577,7 +581,7 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
     return LabSpec(
         file=file, name=lab.metadata.name, underlay=underlay, gateway=str(gateway), nodes=nodes,
         external=spec.external, service_cidr=str(service_net), cni=spec.cni, pods=tuple(pods),
-        objects=tuple(objects), raw=raw,
+        objects=tuple(objects), raw=raw, resync_seconds=spec.resync_seconds,
     )
 
 
