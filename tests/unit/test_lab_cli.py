@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,18 +56,42 @@ def test_up_reports_lab_file_errors_in_one_line(root, tmp_path, capsys):
     assert not (root / "x").exists()
 
 
+def wait_for_line(path, timeout: float = 10.0) -> str:
+    """The file's first complete line, once its writer has written it (or fail at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        if text.endswith("\n"):
+            return text
+        assert time.monotonic() < deadline, f"{path} was not written within {timeout} s"
+        time.sleep(0.01)
+
+
+def kill_if_ours(st: LabState, entry: dict) -> None:
+    pid = st.process_pid(entry)  # PID and start time: never someone else's process
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_state_records_processes_and_recognises_them(tmp_path):
     st = LabState.create("p", tmp_path)
     entry = st.start_process("sleeper", [sys.executable, "-c", "import time; time.sleep(60)", str(st.dir)])
-    assert st.process_pid(entry) == entry["pid"] and entry["starttime"] == proc_starttime(entry["pid"])
-    saved = json.loads((st.dir / "state.json").read_text())
-    assert saved["processes"][0]["pid"] == entry["pid"]
-    assert int((st.dir / "sleeper.pid").read_text()) == entry["pid"]  # written by the child itself
-    # Same PID with another start time is someone else.
-    assert st.process_pid({**entry, "starttime": entry["starttime"] + 1}) is None
-    assert st.stop_process(entry) and st.process_pid(entry) is None
-    assert not st.stop_process(entry)
-    st.unlock()
+    try:
+        assert st.process_pid(entry) == entry["pid"] and entry["starttime"] == proc_starttime(entry["pid"])
+        saved = json.loads((st.dir / "state.json").read_text())
+        assert saved["processes"][0]["pid"] == entry["pid"]
+        # Written by the child itself, before it execs the command: wait for it.
+        assert int(wait_for_line(st.dir / "sleeper.pid")) == entry["pid"]
+        # Same PID with another start time is someone else.
+        assert st.process_pid({**entry, "starttime": entry["starttime"] + 1}) is None
+        assert st.stop_process(entry) and st.process_pid(entry) is None
+        assert not st.stop_process(entry)
+    finally:
+        kill_if_ours(st, entry)
+        st.unlock()
 
 
 def free_port(kind: int) -> int:
