@@ -11,6 +11,7 @@ to two nodes. Runs on SQLite always, and on a 3-member etcd cluster.
 from __future__ import annotations
 
 import json
+import selectors
 import shutil
 import subprocess
 import sys
@@ -32,17 +33,16 @@ SHARED = 5
 NODES = ("n1", "n2", "n3")
 
 WORKER = r"""
-import json, os, sys, time
+import json, sys
 from podnet.ipam import IPAM
 from podnet.store import open_store
 
-url, wid, count, shared, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-nodes = sys.argv[6].split(",")
+url, wid, count, shared = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+nodes = sys.argv[5].split(",")
 kv = open_store(url)
 ipam = IPAM(kv)
-deadline = time.time() + 60
-while not os.path.exists(go) and time.time() < deadline:
-    time.sleep(0.005)
+print("ready", flush=True)  # imported and connected
+sys.stdin.readline()  # the start signal: every worker is ready
 got, released, shared_got = {}, [], {}
 for j in range(count):
     node = nodes[(wid + j) % len(nodes)]
@@ -74,23 +74,42 @@ def etcd_url(tmp_path):
         yield cluster.url
 
 
+def wait_ready(p: subprocess.Popen, deadline: float) -> None:
+    """Block until the worker prints "ready" (or fail naming why, at the deadline)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(p.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            raise AssertionError("a worker did not get ready in time")
+    line = p.stdout.readline()
+    if line != "ready\n":
+        p.wait()
+        raise AssertionError(f"a worker failed to start: {p.stderr.read()[-2000:]}")
+
+
 def run_workers(url: str, tmp_path, workers: int = WORKERS, per_worker: int = PER_WORKER) -> list[dict]:
     with open_store(url) as kv:
         ObjectStore(kv).apply([
             IPPool.model_validate({"metadata": {"name": "p"}, "spec": {"cidr": "10.20.0.0/20", "blockSize": 27}}),
             *(Node.model_validate({"metadata": {"name": n}}) for n in NODES),
         ])
-    go = str(tmp_path / "go")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, url, str(w), str(per_worker), str(SHARED), go, ",".join(NODES)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-c", WORKER, url, str(w), str(per_worker), str(SHARED), ",".join(NODES)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for w in range(workers)
     ]
-    time.sleep(0.5)  # let them import and connect, then start them together
-    with open(go, "w"):
-        pass
+    try:
+        for p in procs:  # each says when it has imported and connected ...
+            wait_ready(p, deadline=time.monotonic() + 120)
+        for p in procs:  # ... then all start together
+            p.stdin.write("go\n")
+            p.stdin.flush()
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
     results = []
     for p in procs:
         out, err = p.communicate(timeout=240)
