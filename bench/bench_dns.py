@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.support
 PY = sys.executable
 SERVER_CPU, CLIENT_CPU = "0", "1"
 POD_SOURCE = "127.0.0.75"  # dnsperf's source address, registered as a local pod of "default"
@@ -174,7 +175,7 @@ def warm(host: str, port: int, names: list[str], source: str | None = None) -> N
 
 
 def bench_qps(n_services: int, n_external: int, seconds: float, runs: int) -> dict:
-    from podnet.dns.testing import Dnsmasq, Unbound, free_port
+    from tests.support.dns import Dnsmasq, Unbound, free_port
 
     out: dict = {"services": n_services, "external_names": n_external, "seconds": seconds}
     tmp = tempfile.mkdtemp(prefix="podnet-bench-dns-")
@@ -259,8 +260,9 @@ print(ok, time.perf_counter() - t)
 
 
 def bench_search_path(n_lookups: int) -> dict:
+    from tests.support.dns import Unbound
+
     from podnet.dns.resolvconf import render
-    from podnet.dns.testing import Unbound
 
     out: dict = {"lookups": n_lookups, "resolv_conf": "ndots:5, search default.svc.cluster.local "
                  "svc.cluster.local cluster.local", "family": "AF_UNSPEC (A + AAAA)"}

@@ -31,6 +31,7 @@ from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
+sys.path.insert(1, os.path.join(HERE, ".."))  # tests.support
 
 from podnet.ipam import block as blk  # noqa: E402
 from podnet.ipam import keys  # noqa: E402
@@ -232,7 +233,7 @@ def main() -> int:
         if "sqlite" in backends:
             rows += bench_backend("sqlite", f"sqlite://{tmp}/bench.db", args.quick, tmp, only)
         if "etcd" in backends:
-            from podnet.store.etcd_server import EtcdCluster
+            from tests.support.etcd import EtcdCluster
 
             with EtcdCluster(3, base_dir=os.path.join(tmp, "etcd"), die_with_parent=True) as cluster:
                 rows += bench_backend("etcd", cluster.url, args.quick, tmp, only)

@@ -32,6 +32,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
+sys.path.insert(1, os.path.join(HERE, ".."))  # tests.support
 
 from podnet.ipam import IPAM, keys  # noqa: E402
 from podnet.model.objects import IPPool  # noqa: E402
@@ -224,7 +225,7 @@ def main() -> int:
             bench_backend("sqlite", f"sqlite://{path}", nodes, args.pods, samples, tmp,
                           lambda: sqlite_size(path), emit)
         if "etcd" in backends:
-            from podnet.store.etcd_server import EtcdCluster
+            from tests.support.etcd import EtcdCluster
 
             with EtcdCluster(3, base_dir=os.path.join(tmp, "etcd"), die_with_parent=True) as cluster:
                 def etcd_size() -> int:

@@ -41,6 +41,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(1, ROOT)  # tests.support
 
 BACKENDS = ("nft-maps", "iptables", "kp-nft")
 DEFAULT_CAPS = {"nft-maps": 10**9, "iptables": 5000, "kp-nft": 10000}
@@ -116,7 +117,7 @@ def worker(backend: str, n: int, reps: int) -> None:
 
         applier = IptablesServiceApplier(binary="iptables-legacy", conntrack=None)
     else:
-        from podnet.services.kubeproxy_nft import KubeProxyNftApplier
+        from tests.support.kubeproxy_nft import KubeProxyNftApplier
 
         applier = KubeProxyNftApplier()
 

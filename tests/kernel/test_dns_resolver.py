@@ -21,8 +21,8 @@ import time
 import pytest
 
 from podnet.dns.resolvconf import render
-from podnet.dns.testing import Unbound
 from tests.kernel.nsutil import in_ns, namespaces
+from tests.support.dns import Unbound
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),

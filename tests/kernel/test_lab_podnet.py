@@ -85,8 +85,8 @@ def test_cni_check_through_podnet_cni(lab):
 @pytest.mark.skipif(not shutil.which("etcd"), reason="needs the etcd binary")
 def test_lab_on_an_etcd_store_on_the_host_loopback():
     from podnet.store import open_store
-    from podnet.store.etcd_server import EtcdCluster
     from podnet.store.objects import ObjectStore
+    from tests.support.etcd import EtcdCluster
 
     root = Path(tempfile.mkdtemp(prefix="pnle-"))
     name = f"pe-{secrets.token_hex(3)}"

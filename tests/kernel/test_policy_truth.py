@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from podnet.policy.cases import (
+from tests.kernel.nsutil import PYTHON, in_ns, namespaces, py_in
+from tests.support.policy_cases import (
     NAMESPACES,
     PODS,
     CaseWorld,
@@ -40,7 +41,6 @@ from podnet.policy.cases import (
     pod_ip,
     service_ip,
 )
-from tests.kernel.nsutil import PYTHON, in_ns, namespaces, py_in
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -243,7 +243,7 @@ def test_case(cluster, case):
 
 
 def _deny_all_world(egress: bool = True) -> CaseWorld:
-    from podnet.policy.cases import Case, Step, _policy
+    from tests.support.policy_cases import Case, Step, _policy
 
     spec = {"podSelector": {}, "policyTypes": ["Ingress", "Egress"] if egress else ["Ingress"]}
     pols = [_policy({"metadata": {"name": "deny", "namespace": ns}, "spec": spec}, "test") for ns in NAMESPACES]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from tests.support.etcd import EtcdCluster
 
 from podnet.store import open_store
 from podnet.store.base import (
@@ -28,7 +29,6 @@ from podnet.store.base import (
     Record,
 )
 from podnet.store.etcd import EtcdStore
-from podnet.store.etcd_server import EtcdCluster
 from podnet.store.objects import ObjectStore
 from podnet.store.sqlite import SQLiteStore
 

@@ -13,11 +13,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from tests.support.etcd import EtcdCluster, EtcdError, free_ports
 
 from podnet.store import open_store
 from podnet.store.base import Op, StoreUnavailable
 from podnet.store.etcd import EtcdStore
-from podnet.store.etcd_server import EtcdCluster, EtcdError, free_ports
 
 pytestmark = [
     pytest.mark.etcd,

@@ -67,7 +67,7 @@ def sqlite_url(tmp_path):
 
 @pytest.fixture
 def etcd_url(tmp_path):
-    etcd_server = pytest.importorskip("podnet.store.etcd_server")
+    etcd_server = pytest.importorskip("tests.support.etcd")
     if shutil.which("etcd") is None:
         pytest.skip("etcd binary not installed")
     with etcd_server.EtcdCluster(3, base_dir=str(tmp_path / "etcd"), die_with_parent=True) as cluster:

@@ -18,6 +18,9 @@ import tempfile
 import time
 from collections.abc import Iterable
 
+# The repository root, for ``tests.support`` imports in subprocesses.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both UDP and TCP on host (in the caller's namespace)."""
@@ -92,7 +95,8 @@ class _Daemon:
                 wait_udp(self.host, self.port, timeout=timeout)
             else:
                 subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c",
-                                f"from podnet.dns.testing import wait_udp; wait_udp({self.host!r}, {self.port})"],
+                                f"import sys; sys.path.insert(0, {_ROOT!r}); "
+                                f"from tests.support.dns import wait_udp; wait_udp({self.host!r}, {self.port})"],
                                check=True, timeout=timeout + 5, capture_output=True)
         except BaseException:
             self.stop()

@@ -1,4 +1,4 @@
-"""Real etcd members on 127.0.0.1, for tests, benchmarks and the lab.
+"""Real etcd members on 127.0.0.1, for tests and benchmarks.
 
     with EtcdCluster(3) as cluster:
         store = open_store(cluster.url)

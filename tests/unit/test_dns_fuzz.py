@@ -13,10 +13,10 @@ pytest.importorskip("dns.message", reason="needs dnspython (a podnet dependency)
 import dns.message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.support.dns import make_endpoint, make_service, make_slice
 
 from podnet.dns.index import ClusterIndex
 from podnet.dns.server import DNSServer, parse_query
-from podnet.dns.testing import make_endpoint, make_service, make_slice
 
 
 def _index() -> ClusterIndex:

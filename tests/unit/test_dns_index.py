@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from tests.support.dns import make_endpoint, make_pod, make_service, make_slice
 
 from podnet.dns import wire
 from podnet.dns.index import ClusterIndex
-from podnet.dns.testing import make_endpoint, make_pod, make_service, make_slice
 from podnet.model.objects import Namespace
 from podnet.store.objects import ObjectEvent
 

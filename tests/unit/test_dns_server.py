@@ -18,13 +18,13 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
+from tests.support.dns import Dnsmasq, Unbound, free_port
+from tests.support.dns import make_endpoint as ep
+from tests.support.dns import make_service as svc
+from tests.support.dns import make_slice as eps
 
 from podnet.dns.index import ClusterIndex
 from podnet.dns.server import DNSServer
-from podnet.dns.testing import Dnsmasq, Unbound, free_port
-from podnet.dns.testing import make_endpoint as ep
-from podnet.dns.testing import make_service as svc
-from podnet.dns.testing import make_slice as eps
 
 needs_unbound = pytest.mark.skipif(shutil.which("unbound") is None, reason="needs unbound")
 needs_dig = pytest.mark.skipif(shutil.which("dig") is None, reason="needs dig")

@@ -16,8 +16,8 @@ import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
+from tests.support.dns import free_port, make_endpoint, make_pod, make_service, make_slice
 
-from podnet.dns.testing import free_port, make_endpoint, make_pod, make_service, make_slice
 from podnet.store.objects import ObjectStore
 from podnet.store.url import open_store
 

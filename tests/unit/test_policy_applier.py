@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.support.policy_cases import NAMESPACES, PODS, make_namespace, make_pod, pod_ip
 
 from podnet.dataplane.nft import NftError
 from podnet.model.objects import NetworkPolicy
@@ -16,7 +17,6 @@ from podnet.policy.applier import (
     kernel_view,
     render_diff,
 )
-from podnet.policy.cases import NAMESPACES, PODS, make_namespace, make_pod, pod_ip
 from podnet.policy.compiler import EMPTY_STATE, compile_policy
 from podnet.policy.model import InputCache
 

@@ -4,8 +4,8 @@ kernel walks it) and against the reference semantics, step by step."""
 from pathlib import Path
 
 import pytest
+from tests.support.policy_cases import PODS, CaseWorld, load_cases, pod_ip, predicted
 
-from podnet.policy.cases import PODS, CaseWorld, load_cases, pod_ip, predicted
 from podnet.policy.compiler import PolicyCompiler, compile_policy
 from podnet.policy.model import InputCache
 

@@ -8,10 +8,10 @@ import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.support.policy_cases import make_namespace, make_pod
 
 from podnet.model.objects import NetworkPolicy
 from podnet.policy.applier import PolicyChanges, render_diff
-from podnet.policy.cases import make_namespace, make_pod
 from podnet.policy.compiler import PolicyCompiler, compile_policy, render_full
 from podnet.policy.evaluate import reference_allowed, walk
 from podnet.policy.model import InputCache, canonical_selector
@@ -202,7 +202,7 @@ WORLD = st.fixed_dictionaries({
 
 
 def build_world(w: dict):
-    from podnet.policy.cases import default_ports
+    from tests.support.policy_cases import default_ports
 
     pods = []
     for i, p in enumerate(w["pods"]):

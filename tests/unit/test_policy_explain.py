@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.support.policy_cases import PODS, CaseWorld, load_cases
 
 from podnet.cli.main import main
 from podnet.model.objects import Node
-from podnet.policy.cases import PODS, CaseWorld, load_cases
 from podnet.policy.explain import ExplainError, explain
 
 CASES = load_cases(Path(__file__).parent.parent / "policy_cases")

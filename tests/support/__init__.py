@@ -1,0 +1,1 @@
+"""Test and benchmark support: reference servers, fixtures and baselines the product does not use."""
