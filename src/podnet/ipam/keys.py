@@ -23,10 +23,6 @@ def block_key(cidr: str) -> str:
     return BLOCKS + key_name(cidr)
 
 
-def cidr_of_block_key(key: str) -> str:
-    return cidr_of_key_name(key[len(BLOCKS):])
-
-
 def node_affinities(node: str) -> str:
     return f"{AFFINITIES}{node}/"
 
