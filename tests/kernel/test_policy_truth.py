@@ -13,8 +13,9 @@ stand-in DNAT rule (table `ip pntest-svc`, prerouting) mapping each pod's
 Service address 10.96.0.N to the pod, which is all a ClusterIP does to a packet
 before the forward hook where policy runs.
 
-Loopback pairs (a pod to itself) are not probed, as upstream's e2e ignores them:
-such traffic never leaves the pod's namespace.
+Loopback pairs (a pod to itself) are not probed in the tables, as upstream's e2e
+ignores them: such traffic never leaves the pod's namespace, so it is always
+allowed (one test checks that under deny-all).
 """
 
 from __future__ import annotations
@@ -270,6 +271,18 @@ def test_a_pod_and_its_own_node_always_reach_each_other(cluster):
         assert _tcp(cluster.nodes[other], pod_ip(xa), 80)["error"] == "timeout"
         # and pods are isolated from each other
         assert _tcp(cluster.pods["y/b"], pod_ip(xa), 80)["error"] == "timeout"
+    finally:
+        cluster.sync(CaseWorld(CASES[0]), verify=False)
+
+
+def test_a_pod_always_reaches_itself(cluster):
+    world = _deny_all_world()
+    try:
+        assert all(r["ok"] for r in cluster.sync(world).values())
+        for p in ("x/a", "y/b"):
+            got = _tcp(cluster.pods[p], pod_ip(p), 80)
+            assert got["ok"] and got["name"] == p, f"{p} must reach itself under deny-all: {got}"
+        assert _tcp(cluster.pods["x/a"], pod_ip("x/b"), 80)["error"] == "timeout"  # others stay isolated
     finally:
         cluster.sync(CaseWorld(CASES[0]), verify=False)
 

@@ -57,6 +57,23 @@ def test_explain_egress_and_own_node():
     assert explain(pods, nss, pols, [NODE], "10.99.0.1", "x/a", "80").allowed
 
 
+def test_a_pod_always_reaches_itself_even_under_deny_all():
+    from podnet.policy.compiler import compile_policy
+    from podnet.policy.evaluate import reference_allowed, walk
+    from podnet.policy.model import InputCache
+
+    pods, nss, pols = _world("deny-all")
+    ex = explain(pods, nss, pols, [], "x/a", "x/a", "80/TCP")
+    assert ex.allowed, ex.text()
+    assert ex.text() == ("x/a (10.244.0.11) -> x/a (10.244.0.11) 80/TCP: ALLOWED\n"
+                         "x/a (10.244.0.11) is both ends: a pod talking to itself: the packets stay on its "
+                         "loopback and never reach the policy table; always allowed")
+    assert not explain(pods, nss, pols, [], "x/a", "x/b", "80/TCP").allowed  # the policy still isolates
+    inputs = InputCache().inputs(pods, nss, pols, [p.status.pod_ip for p in pods])
+    assert walk(compile_policy(inputs), "10.244.0.11", "10.244.0.11", "TCP", 80).allowed
+    assert reference_allowed(inputs, "10.244.0.11", "10.244.0.11", "TCP", 80)
+
+
 def test_explain_rejects_bad_arguments():
     pods, nss, pols = _world("deny-all-egress")
     with pytest.raises(ExplainError, match="no pod"):

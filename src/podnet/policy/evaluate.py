@@ -6,6 +6,10 @@
   cannot disagree with what was programmed.
 - `reference_allowed`: the upstream semantics read straight from the objects,
   with no compiler involved. Truth tables check both.
+
+A pod talking to itself (source and destination the same address) is always
+allowed, both ways: the packets stay on the pod's loopback and never reach the
+forward hook, and Kubernetes never lets a policy block a pod from itself.
 """
 
 from __future__ import annotations
@@ -59,8 +63,20 @@ class Verdict:
     note: str = ""
 
     @property
+    def loopback(self) -> bool:
+        return is_loopback(self.src, self.dst)
+
+    @property
     def allowed(self) -> bool:
-        return self.egress.allowed and self.ingress.allowed
+        return self.loopback or (self.egress.allowed and self.ingress.allowed)
+
+
+LOOPBACK_NOTE = ("a pod talking to itself: the packets stay on its loopback and never reach the policy "
+                 "table; always allowed")
+
+
+def is_loopback(src: str, dst: str) -> bool:
+    return src == dst
 
 
 def _in_set(state: PolicyState, name: str, value: str) -> bool:
@@ -112,11 +128,15 @@ def walk_direction(state: PolicyState, direction: str, src: str, dst: str, proto
 
 
 def walk(state: PolicyState, src: str, dst: str, protocol: str, port: int, first_only: bool = True) -> Verdict:
-    """The kernel's verdict on a new connection src -> dst:port/protocol (addresses after DNAT)."""
+    """The kernel's verdict on a new connection src -> dst:port/protocol (addresses after DNAT).
+
+    The directions are walked even for a pod to itself, to show what the chains hold;
+    such a connection is allowed all the same (see the module doc)."""
     return Verdict(
         src, dst, port, protocol,
         egress=walk_direction(state, EGRESS, src, dst, protocol, port, first_only),
         ingress=walk_direction(state, INGRESS, src, dst, protocol, port, first_only),
+        note=LOOPBACK_NOTE if is_loopback(src, dst) else "",
     )
 
 
@@ -166,7 +186,10 @@ def _selected(inp: Inputs, pod: PodInfo | None, direction: str) -> list[str]:
 
 
 def reference_allowed(inp: Inputs, src_ip: str, dst_ip: str, protocol: str, port: int) -> bool:
-    """Upstream semantics: the source's egress AND the destination's ingress."""
+    """Upstream semantics: the source's egress AND the destination's ingress; a pod to itself
+    always."""
+    if is_loopback(src_ip, dst_ip):
+        return True
     pods_by_ip = {p.ip: p for p in inp.pods.values() if p.ip}
     src, dst = pods_by_ip.get(src_ip), pods_by_ip.get(dst_ip)
     for direction, pod in ((EGRESS, src), (INGRESS, dst)):

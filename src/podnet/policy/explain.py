@@ -15,7 +15,7 @@ from typing import Any
 from podnet.errors import PodnetError
 from podnet.model.objects import Namespace, NetworkPolicy, Node, Pod
 from podnet.policy.compiler import EGRESS, INGRESS, compile_policy
-from podnet.policy.evaluate import DirectionVerdict, walk
+from podnet.policy.evaluate import LOOPBACK_NOTE, DirectionVerdict, is_loopback, walk
 from podnet.policy.model import PROTOCOLS, InputCache
 
 
@@ -124,6 +124,9 @@ def explain(pods: list[Pod], namespaces: list[Namespace], policies: list[Network
     src, dst = resolve(src_text, pods), resolve(dst_text, pods)
     node_ips = {n.name: n.internal_ip for n in nodes}
     ex = Explanation(src, dst, port, proto, True)
+    if is_loopback(src.ip, dst.ip):
+        ex.lines.append(f"{src.label} is both ends: {LOOPBACK_NOTE}")
+        return ex
     for a, b in ((src, dst), (dst, src)):
         if a.pod is not None and b.pod is None and node_ips.get(a.pod.spec.node_name or "") == b.ip:
             ex.lines.append(f"{b.ip} is the node of {a.label}: traffic between a pod and its own node is "
