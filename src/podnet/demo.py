@@ -47,8 +47,10 @@ def run_demo(lab_file: Path = DEMO_LAB) -> int:
             say(f"  {line}")
         section("IPAM")
         podnet_main(["--store", st.data["store"], "ipam", "show"])
-        section("connectivity: real TCP/UDP connections between pods and to the outside host")
-        say("  (expected: routing as configured, and the NetworkPolicy web-from-clients as upstream defines it)")
+        section("connectivity: real TCP/UDP connections between pods, to the outside host, from every node "
+                "to pods on the others, and to NodePort 30080 on every node from the nodes and the outside host")
+        say("  (expected: routing as configured, and the NetworkPolicy web-from-clients as upstream defines it;")
+        say("   the node's own address as the source the pods see from nodes and through NodePorts)")
         rows = probe_all(lab)
         say(format_table(rows))
         failed = [r for r in rows if not r.ok]

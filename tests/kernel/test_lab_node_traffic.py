@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from podnet.lab.connectivity import format_table, probe_all
 from tests.kernel.labs import running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
@@ -24,6 +25,10 @@ def lab_spec(encapsulation: str) -> dict:
                   "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": port},
                             {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns", "nodePort": port}]}}
         for pod, port in NODE_PORTS.items()]
+    services.append(  # Local: only node-2 has an endpoint
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "np-local", "namespace": "default"},
+         "spec": {"type": "NodePort", "externalTrafficPolicy": "Local", "selector": {"np": "web-2"},
+                  "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30103}]}})
     pool = {"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "pods"},
             "spec": {"cidr": "10.244.0.0/16", "encapsulation": encapsulation, "natOutgoing": True}}
     return {"underlay": {"cidr": "10.97.0.0/24"}, "external": {"address": "10.98.0.10/24"},
@@ -71,3 +76,29 @@ def test_node_ports_reach_endpoints_on_every_node_from_every_kind_of_client(lab)
                     if not (r["ok"] and r["name"] == pod and r["peer"] == node_ip[receiver]):
                         failures.append(f"{client} -> {target} (endpoint {pod}): {r}")
     assert not failures, "\n".join(failures)
+
+
+def test_the_lab_probe_covers_nodes_and_node_ports(lab):
+    rows = probe_all(lab, timeout=3)
+    assert all(r.ok for r in rows), format_table(rows)
+    node_ip = addresses(lab)
+    kind = "vxlan" if "pn-vxlan" in lab.exec_node("node-1", ["ip", "link"]).stdout else "direct"
+    by = {(r.src, r.dst, r.kind, r.target): r for r in rows}
+    assert (by[("node/node-1", "default/web-2", f"node->pod/{kind}", "tcp/" + lab.pod("web-2")["ips"][0] + ":8080")]
+            .expected)
+
+    def path(src: str, receiver: str) -> str:
+        return "nodeport/" + ("external" if src == "external" else "same-node" if src == f"node/{receiver}"
+                              else "from-node")
+
+    for src in ("node/node-1", "node/node-2", "external"):
+        for svc, pod, port in (("np-web-1", "web-1", 30101), ("np-web-2", "web-2", 30102)):
+            for receiver in NODES:
+                for proto in ("tcp", "udp"):
+                    row = by[(src, f"default/{svc}", path(src, receiver), f"{proto}/{node_ip[receiver]}:{port}")]
+                    assert row.expected and f"answered by {pod} x12, saw source {node_ip[receiver]}" in row.detail
+        # Local: node-1 has no endpoint of np-local (dropped); node-2's keeps the client's address
+        assert not by[(src, "default/np-local", path(src, "node-1"), f"tcp/{node_ip['node-1']}:30103")].expected
+        row = by[(src, "default/np-local", path(src, "node-2"), f"tcp/{node_ip['node-2']}:30103")]
+        client = lab.external_ip if src == "external" else node_ip[src.removeprefix("node/")]
+        assert row.expected and row.detail.endswith(f"saw source {client}"), row

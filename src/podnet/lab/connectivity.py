@@ -6,6 +6,20 @@ answers with its name, so a row shows who really answered. Pod-to-pod paths are
 `same-node` or `cross-node/<vxlan|direct>` (the destination pool's encapsulation);
 pod-to-external is expected to work only from pools with natOutgoing (the
 external host has no route back to pod addresses).
+
+Then what the nodes send (sources `node/<name>`, and `external` for the external
+host):
+- `node->pod/<vxlan|direct>`: every node to one pod on every other node; the pod
+  must see the node's own address.
+- `nodeport/<from-node|same-node|external>`: every NodePort (of NodePort and
+  LoadBalancer Services) on every node, from every other node, from the node
+  itself and from the external host. A row opens enough connections that every
+  endpoint answers ( externalTrafficPolicy Cluster: endpoints on every node, each
+  seeing the receiving node's address; Local: the receiving node's endpoints, each
+  seeing the client's address; none there: dropped).
+NetworkPolicy counts as upstream defines it: a pod and its own node always reach
+each other; the source it judges is the node's address, or the client's before
+masquerade for an endpoint on the receiving node.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import ipaddress
 import json
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,7 +38,7 @@ from typing import Any
 from podnet.errors import PodnetError
 from podnet.lab import cluster
 from podnet.lab.state import LabState
-from podnet.model.objects import IPPool, Pod
+from podnet.model.objects import EndpointSlice, IPPool, Pod, Service
 from podnet.store import open_store
 from podnet.store.objects import ObjectStore
 
@@ -194,11 +209,12 @@ def default_expect(lab: Lab, src: dict, dst: Target, kind: str, pools: list[IPPo
 
 
 Expect = Callable[[Lab, dict, Target, str, list[IPPool]], bool]
+Allowed = Callable[[str, str, str, int], bool]  # (source IP, destination IP, proto, port) -> allowed
 
 
-def policy_expect(lab: Lab) -> Expect:
-    """default_expect, and NetworkPolicy as upstream defines it (the reference evaluator,
-    written apart from the nftables compiler, so the kernel is checked against the spec)."""
+def policy_allowed(lab: Lab) -> Allowed:
+    """NetworkPolicy as upstream defines it (the reference evaluator, written apart from
+    the nftables compiler, so the kernel is checked against the spec)."""
     from podnet.model.objects import Namespace, NetworkPolicy
     from podnet.policy.evaluate import reference_allowed
     from podnet.policy.model import InputCache
@@ -206,25 +222,205 @@ def policy_expect(lab: Lab) -> Expect:
     store = lab.store()
     pods = store.list(Pod)
     policies = store.list(NetworkPolicy)
+    if not policies:
+        return lambda src, dst, proto, port: True
     inputs = InputCache().inputs(pods, store.list(Namespace), policies,
                                  [p.status.pod_ip for p in pods if p.status.pod_ip and not p.spec.host_network])
+    return lambda src, dst, proto, port: reference_allowed(inputs, src, dst, proto.upper(), port)
+
+
+def policy_expect(lab: Lab, allowed: Allowed | None = None) -> Expect:
+    """default_expect, and NetworkPolicy as upstream defines it."""
+    allowed = allowed or policy_allowed(lab)
 
     def expect(lab: Lab, src: dict, dst: Target, kind: str, pools: list[IPPool]) -> bool:
         if not default_expect(lab, src, dst, kind, pools):
             return False
-        if not policies or src.get("hostNetwork") or not src.get("ips"):
+        if src.get("hostNetwork") or not src.get("ips"):
             return True
-        return reference_allowed(inputs, src["ips"][0], dst.ip, dst.proto.upper(), dst.port)
+        return allowed(src["ips"][0], dst.ip, dst.proto, dst.port)
 
     return expect
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    pod: str  # the pod's name, what its server answers
+    ip: str
+    node: str | None
+    port: int  # the target port on the pod
+
+
+@dataclass(frozen=True)
+class NodePort:
+    service: str  # ns/name
+    proto: str
+    port: int  # the node port
+    local: bool  # externalTrafficPolicy Local
+    endpoints: tuple[Endpoint, ...]  # ready endpoints that are lab pods
+
+
+def node_ports(lab: Lab) -> list[NodePort]:
+    """The TCP and UDP node ports of the lab's NodePort and LoadBalancer Services, with
+    their ready endpoints (from the EndpointSlices, as the agents see them)."""
+    try:
+        store = lab.store()
+        services, slices = store.list(Service), store.list(EndpointSlice)
+    except Exception:  # a store that cannot be read: no NodePort probes
+        return []
+    by_ip = {e["ips"][0]: e for e in lab.pods if e.get("ips") and not e.get("hostNetwork")}
+    out = []
+    for svc in services:
+        if svc.spec.type not in ("NodePort", "LoadBalancer"):
+            continue
+        ns = svc.namespace or "default"
+        mine = [s for s in slices if (s.namespace or "default") == ns and s.service_name == svc.name]
+        for sp in svc.spec.ports:
+            if not sp.node_port or sp.protocol not in ("TCP", "UDP"):
+                continue
+            endpoints = set()
+            for sl in mine:
+                port = next((p.port for p in sl.ports or () if p.name == sp.name and p.protocol == sp.protocol), None)
+                for ep in sl.endpoints:
+                    entry = by_ip.get(ep.addresses[0])
+                    if port and entry and ep.conditions.is_ready:
+                        endpoints.add(Endpoint(entry["name"], ep.addresses[0], entry["node"], port))
+            if endpoints:
+                out.append(NodePort(f"{ns}/{svc.name}", sp.protocol.lower(), sp.node_port,
+                                    svc.spec.external_traffic_policy == "Local",
+                                    tuple(sorted(endpoints, key=lambda e: e.pod))))
+    return out
+
+
+# Connections per endpoint in a NodePort row: the chance that a random choice misses one
+# endpoint of three in 3 * 12 connections is 3 * (2/3)^36, about 1e-6.
+TRIES_PER_ENDPOINT = 12
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One row to be: `count` connections to `target` from one client."""
+
+    dst: str
+    kind: str
+    target: str  # PROTO:HOST:PORT
+    count: int
+    answerers: frozenset[str]  # who must answer, each at least once; empty: nothing may answer
+    may_fail: bool  # some endpoints are behind a policy that drops this client: timeouts are fine
+    peer: str | None  # the source every answerer must see
+
+
+def _node_checks(lab: Lab, node: dict, pools: list[IPPool], allowed: Allowed) -> list[_Check]:
+    """From a node to one pod (its first served port) on every other node."""
+    checks = []
+    seen: set[str] = set()
+    for t in targets(lab):
+        if t.ref == "external" or t.node in (None, node["name"]) or t.node in seen or t.ip == lab.node(t.node)["address"]:
+            continue
+        seen.add(t.node)
+        pool = pool_of(t.ip, pools)
+        mode = "direct" if lab.state.data.get("cni") == "bridge" or (pool and pool.spec.encapsulation != "VXLAN") \
+            else "vxlan"
+        reach = allowed(node["address"], t.ip, t.proto, t.port)
+        checks.append(_Check(t.ref, f"node->pod/{mode}", f"{t.proto}:{t.ip}:{t.port}", 1,
+                             frozenset({t.name}) if reach else frozenset(), False, node["address"]))
+    return checks
+
+
+def _node_port_checks(lab: Lab, client: str, client_ip: str, ports: list[NodePort],
+                      allowed: Allowed) -> list[_Check]:
+    """From one client (a node or the external host) to every node port on every node."""
+    checks = []
+    for np in ports:
+        for node in lab.nodes:
+            receiver = node["address"]
+            kind = "external" if client == "external" else "same-node" if client == node["name"] else "from-node"
+            eps = [e for e in np.endpoints if e.node == node["name"]] if np.local else list(np.endpoints)
+            # Cluster: masqueraded, the policy of a remote endpoint's node sees the receiving node.
+            # The receiving node's own endpoints are judged before masquerade: the client's address.
+            # A pod and its own node always reach each other.
+            ok = [e for e in eps if (client == e.node and client_ip == receiver) or allowed(
+                client_ip if np.local or e.node == node["name"] else receiver, e.ip, np.proto, e.port)]
+            checks.append(_Check(np.service, f"nodeport/{kind}", f"{np.proto}:{receiver}:{np.port}",
+                                 max(1, TRIES_PER_ENDPOINT * len(eps)), frozenset(e.pod for e in ok),
+                                 len(ok) < len(eps), client_ip if np.local else receiver))
+    return checks
+
+
+def _judge(src: str, check: _Check, results: list[dict]) -> Row:
+    answers = Counter(r.get("name") for r in results if r.get("ok"))
+    peers = {r.get("peer") for r in results if r.get("ok")}
+    failed = sum(1 for r in results if not r.get("ok"))
+    expected = bool(check.answerers)
+    problems = []
+    if not expected and answers:
+        problems.append("expected no answer")
+    if strangers := set(answers) - check.answerers:
+        problems.append(f"answered by {', '.join(sorted(strangers))}, not an expected endpoint")
+    if missing := check.answerers - set(answers):
+        problems.append(f"never answered: {', '.join(sorted(missing))}")
+    if expected and failed and not check.may_fail:
+        errors = Counter(r.get("error") or "no answer" for r in results if not r.get("ok"))
+        problems.append(", ".join(f"{n} x{c}" for n, c in sorted(errors.items())))
+    if check.peer and answers and peers != {check.peer}:
+        problems.append(f"saw source {', '.join(sorted(str(p) for p in peers))}, expected {check.peer}")
+    if answers:
+        counts = ", ".join(f"{n} x{c}" if check.count > 1 else str(n) for n, c in sorted(answers.items()))
+        detail = f"answered by {counts}, saw source {', '.join(sorted(str(p) for p in peers))}"
+    else:
+        detail = "; ".join(sorted({r.get("error") or "no answer" for r in results})) or "no answer"
+    if problems:
+        detail = f"{'; '.join(problems)} ({detail})"
+    proto, _, rest = check.target.partition(":")
+    return Row(src, check.dst, check.kind, expected, not problems, detail, f"{proto}/{rest}")
+
+
+def probe_nodes(lab: Lab, *, timeout: float = 2.0, include_external: bool = True,
+                allowed: Allowed | None = None, pools: list[IPPool] | None = None) -> list[Row]:
+    """Node->pod and NodePort rows (see the module's docstring)."""
+    allowed = allowed or policy_allowed(lab)
+    pools = _pools(lab) if pools is None else pools
+    ports = node_ports(lab)
+    clients: list[tuple[str, Callable[[list[str]], list[dict]], list[_Check]]] = []
+    for node in lab.nodes:
+        checks = _node_checks(lab, node, pools, allowed) + _node_port_checks(lab, node["name"], node["address"],
+                                                                            ports, allowed)
+        clients.append((f"node/{node['name']}", lambda t, n=node["name"]: lab.probe_node(n, t, timeout), checks))
+    if include_external and (ext := lab.external_ip) and lab.state.data.get("underlay_netns") and ports:
+        clients.append(("external", lambda t: lab.probe_external(t, timeout),
+                        _node_port_checks(lab, "external", ext, ports, allowed)))
+
+    def run(client: tuple[str, Callable[[list[str]], list[dict]], list[_Check]]) -> list[Row]:
+        src, probe, checks = client
+        if not checks:
+            return []
+        flat = [c.target for c in checks for _ in range(c.count)]
+        try:
+            results = probe(flat)
+        except (PodnetError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+            results = [{"ok": False, "error": f"probe failed: {e}"} for _ in flat]
+        rows, i = [], 0
+        for c in checks:
+            rows.append(_judge(src, c, results[i:i + c.count]))
+            i += c.count
+        return rows
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return [row for rows in pool.map(run, clients) for row in rows]
+
+
 def probe_all(lab: Lab, *, timeout: float = 2.0, include_external: bool = True, all_ports: bool = False,
-              sources: Iterable[str] | None = None, expect: Expect | None = None) -> list[Row]:
+              sources: Iterable[str] | None = None, expect: Expect | None = None,
+              include_nodes: bool = True) -> list[Row]:
     """Probe every source pod against every other pod (and the external host); one Row per pair.
-    Expected outcomes follow the routing setup and the NetworkPolicies in the store."""
-    expect = expect or policy_expect(lab)
+    Then, unless `sources` names pods or include_nodes is false, the node->pod and NodePort
+    rows of probe_nodes. Expected outcomes follow the routing setup and the NetworkPolicies
+    in the store."""
+    allowed = policy_allowed(lab)
+    expect = expect or policy_expect(lab, allowed)
     pools = _pools(lab)
+    node_rows = probe_nodes(lab, timeout=timeout, include_external=include_external, allowed=allowed,
+                            pools=pools) if include_nodes and sources is None else []
     all_targets = [t for t in targets(lab, all_ports) if include_external or t.ref != "external"]
     srcs = [p for p in lab.pods if p.get("ips")]
     if sources is not None:
@@ -256,7 +452,7 @@ def probe_all(lab: Lab, *, timeout: float = 2.0, include_external: bool = True, 
         return rows
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return [row for rows in pool.map(run, srcs) for row in rows]
+        return [row for rows in pool.map(run, srcs) for row in rows] + node_rows
 
 
 def format_table(rows: list[Row]) -> str:
