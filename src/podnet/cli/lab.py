@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     p.set_defaults(func=cmd_exec)
 
-    p = lsub.add_parser("probe", help="probe pod-to-pod and pod-to-external connectivity")
+    p = lsub.add_parser("probe", help="probe pod-to-pod, pod-to-external, node-to-pod and NodePort connectivity")
     p.add_argument("--name", dest="name")
     p.add_argument("--timeout", type=float, default=2.0)
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
