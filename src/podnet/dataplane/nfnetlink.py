@@ -62,8 +62,11 @@ DATA_VALUE, DATA_VERDICT = 1, 2
 VERDICT_CODE, VERDICT_CHAIN = 1, 2
 SET_ELEM_INTERVAL_END = 1
 
-CHAIN_TABLE, CHAIN_NAME = 1, 3
+CHAIN_TABLE, CHAIN_NAME, CHAIN_HOOK, CHAIN_POLICY, CHAIN_TYPE = 1, 3, 4, 5, 7
+HOOK_HOOKNUM, HOOK_PRIORITY = 1, 2
 SET_TABLE, SET_NAME, SET_DESC, SET_DESC_SIZE = 1, 2, 9, 1
+SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN, SET_DATA_TYPE, SET_DATA_LEN, SET_TIMEOUT = 3, 4, 5, 6, 7, 11
+SET_F_ANONYMOUS = 0x1
 RULE_TABLE, RULE_CHAIN = 1, 2
 
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
@@ -294,6 +297,45 @@ class Netlink:
             out[text(a.get(SET_NAME))] = size
         return out
 
+    def chain_specs(self, table: str) -> list[DumpedChain]:
+        """Every chain of one table with its hook (base chains), in the kernel's order."""
+        out = []
+        for body in self.dump(NFT_MSG_GETCHAIN, strz(CHAIN_TABLE, table)):
+            a = attrs(body)
+            if text(a.get(CHAIN_TABLE)) != table:
+                continue
+            hook = attrs(a[CHAIN_HOOK]) if CHAIN_HOOK in a else {}
+            out.append(DumpedChain(
+                text(a.get(CHAIN_NAME)),
+                text(a[CHAIN_TYPE]) if CHAIN_TYPE in a else None,
+                struct.unpack("!I", hook[HOOK_HOOKNUM])[0] if HOOK_HOOKNUM in hook else None,
+                struct.unpack("!i", hook[HOOK_PRIORITY])[0] if HOOK_PRIORITY in hook else None,
+                struct.unpack("!I", a[CHAIN_POLICY])[0] if CHAIN_POLICY in a else None,
+            ))
+        return out
+
+    def set_specs(self, table: str) -> list[DumpedSet]:
+        """Every named set and map of one table (anonymous sets of rules left out)."""
+        out = []
+        for body in self.dump(NFT_MSG_GETSET, strz(SET_TABLE, table)):
+            a = attrs(body)
+            if text(a.get(SET_TABLE)) != table:
+                continue
+            flags = struct.unpack("!I", a[SET_FLAGS])[0] if SET_FLAGS in a else 0
+            if flags & SET_F_ANONYMOUS:
+                continue
+            desc = attrs(a.get(SET_DESC, b""))
+
+            def u32(kind: int, of: dict[int, bytes] = a) -> int | None:
+                return struct.unpack("!I", of[kind])[0] if kind in of else None
+
+            out.append(DumpedSet(
+                text(a.get(SET_NAME)), flags, u32(SET_KEY_TYPE) or 0, u32(SET_KEY_LEN) or 0,
+                u32(SET_DATA_TYPE), u32(SET_DATA_LEN), u32(SET_DESC_SIZE, desc),
+                struct.unpack("!Q", a[SET_TIMEOUT])[0] if SET_TIMEOUT in a else None,
+            ))
+        return out
+
     def elements(self, table: str, set_name: str) -> list[DumpedElement]:
         """Every element of one set or map; raises OSError(ENOENT) if it does not exist."""
         out = []
@@ -302,6 +344,25 @@ class Netlink:
             listing = attrs(body).get(SET_ELEM_LIST_ELEMENTS)
             out += [decode_element(elem) for kind, elem in attr_list(listing or b"") if kind == LIST_ELEM]
         return out
+
+
+class DumpedChain(NamedTuple):
+    name: str
+    type: str | None  # base chains: "filter", "nat", "route"
+    hook: int | None  # NF_INET_* hook number
+    priority: int | None
+    policy: int | None  # NF_DROP (0) or NF_ACCEPT (1)
+
+
+class DumpedSet(NamedTuple):
+    name: str
+    flags: int  # NFT_SET_* (interval 0x4, map 0x8, timeout 0x10, dynamic 0x20, concat 0x80)
+    key_type: int  # nft's datatype id; a concatenation packs one id per 6 bits
+    key_len: int
+    data_type: int | None  # maps: the value's datatype id (0xffffff00: verdict)
+    data_len: int | None
+    size: int | None
+    timeout_ms: int | None
 
 
 class DumpedElement(NamedTuple):
