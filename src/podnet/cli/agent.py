@@ -8,6 +8,7 @@ import sys
 
 from podnet.dns.resolvconf import NODE_DNS_ADDRESS
 from podnet.errors import PodnetError
+from podnet.hostport import parse_host_port
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,12 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_agent)
 
 
-def _host_port(text: str, default_port: int) -> tuple[str, int]:
-    host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+def _dns_upstream(text: str) -> tuple[str, int]:
     try:
-        return host, int(port) if port else default_port
-    except ValueError:
-        raise PodnetError(f"--dns-upstream {text!r}: expected IP or IP:PORT") from None
+        return parse_host_port(text, 53)
+    except ValueError as e:
+        raise PodnetError(f"--dns-upstream {e}") from None
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -58,6 +58,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       service_cidrs=tuple(args.service_cidr or ["10.96.0.0/12"]), service_proxy=args.service_proxy,
                       conntrack=ConntrackSizing(args.conntrack_max_per_core, args.conntrack_min),
                       dns_address=args.dns_address or None, cluster_dns_ips=tuple(args.cluster_dns_ip),
-                      dns_upstreams=[_host_port(u, 53) for u in args.dns_upstream],
+                      dns_upstreams=[_dns_upstream(u) for u in args.dns_upstream],
                       cluster_domain=args.cluster_domain, metrics_port=args.metrics_port)
     return run_agent(cfg)

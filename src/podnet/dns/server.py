@@ -56,6 +56,7 @@ from podnet.dns.wire import (
     SERVFAIL,
     TC,
 )
+from podnet.hostport import parse_host_port
 
 log = logging.getLogger(__name__)
 
@@ -892,20 +893,19 @@ class DNSServer:
 # ---------------------------------------------------------------- running it as a process
 
 
-def _hostport(text: str, default_port: int = 53) -> tuple[str, int]:
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, int(port)
-    return text, default_port
+def _dns_address(text: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(text, 53)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m podnet.dns.server", description="podnet node DNS server")
-    p.add_argument("--listen", action="append", default=[], help="IP[:PORT] (repeatable; default 127.0.0.1:53)")
-    p.add_argument("--upstream", action="append", default=[], help="IP[:PORT] of a resolver (repeatable)")
+    p.add_argument("--listen", action="append", default=[], type=_dns_address,
+                   help="IP[:PORT] or [IPV6][:PORT] (repeatable; default 127.0.0.1:53)")
+    p.add_argument("--upstream", action="append", default=[], type=_dns_address,
+                   help="IP[:PORT] or [IPV6][:PORT] of a resolver (repeatable)")
     p.add_argument("--zone", default="cluster.local")
     p.add_argument("--ttl", type=int, default=5)
     p.add_argument("--pod-records", default="insecure", choices=("insecure", "verified", "disabled"))
@@ -926,8 +926,8 @@ def main(argv: list[str] | None = None) -> int:
         from podnet.model.manifests import load_paths
 
         index.load(load_paths(args.manifests))
-    server = DNSServer(index, [_hostport(x) for x in args.listen] or [("127.0.0.1", 53)],
-                       upstreams=[_hostport(x) for x in args.upstream], host_search=args.search,
+    server = DNSServer(index, args.listen or [("127.0.0.1", 53)],
+                       upstreams=args.upstream, host_search=args.search,
                        autopath=not args.no_autopath, cache_size=args.cache_size)
     for item in args.local_pod:
         ip, _, ns = item.partition("=")

@@ -21,6 +21,8 @@ import socket
 import sys
 import threading
 
+from podnet.hostport import parse_host_port
+
 CLONE_NEWNET = 0x40000000
 
 
@@ -91,10 +93,10 @@ def _close_when_done(a: threading.Thread, b: threading.Thread, *socks: socket.so
 
 
 def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_map(text: str) -> tuple[tuple[str, int], tuple[str, int]]:

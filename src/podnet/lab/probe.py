@@ -20,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from podnet.hostport import parse_host_port
+
 
 def probe(proto: str, host: str, port: int, timeout: float, bind: str | None = None) -> dict[str, Any]:
     target = f"{proto}:{host}:{port}"
@@ -73,11 +75,13 @@ def probe(proto: str, host: str, port: int, timeout: float, bind: str | None = N
 
 def parse_target(text: str) -> tuple[str, str, int]:
     proto, _, rest = text.partition(":")
-    host, _, port = rest.rpartition(":")
-    host = host.strip("[]")
-    if proto not in ("tcp", "udp", "sctp") or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected PROTO:HOST:PORT, got {text!r}")
-    return proto, host, int(port)
+    try:
+        if proto not in ("tcp", "udp", "sctp"):
+            raise ValueError(f"protocol {proto!r} is not tcp, udp or sctp")
+        host, port = parse_host_port(rest)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected PROTO:HOST:PORT, got {text!r} ({e})") from None
+    return proto, host, port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from podnet.errors import PodnetError
+from podnet.hostport import parse_host_port
 from podnet.store.base import (
     Compacted,
     Conflict,
@@ -117,11 +118,10 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     text = endpoint.strip()
     if text.startswith("https://"):
         raise PodnetError(f"etcd endpoint {endpoint!r}: TLS is not supported; use a plain http:// client URL")
-    text = text.removeprefix("http://").rstrip("/")
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise PodnetError(f"etcd endpoint {endpoint!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(text.removeprefix("http://").rstrip("/"))
+    except ValueError as e:
+        raise PodnetError(f"etcd endpoint {e}") from None
 
 
 def _decode_value(key: str, raw: str | None) -> dict[str, Any]:
