@@ -142,3 +142,12 @@ def test_pool_overlapping_the_service_cidr_is_refused(store, tmp_path, capsys):
             "10.96.0.0/12") in err
     code, _, err = run(capsys, "apply", "--service-cidr", "10.244.128.0/20", "-f", write(tmp_path, "q.yaml", POOL))
     assert code == 1 and "overlaps the Service CIDR 10.244.128.0/20" in err
+
+
+def test_a_misspelt_spec_field_is_refused_naming_file_object_and_field(store, tmp_path, capsys):
+    f = write(tmp_path, "svc.yaml", NS, SVC.replace("selector:", "selecter:"))
+    code, _, err = run(capsys, "apply", "-f", f)
+    assert code == 1
+    assert err.strip() == f"error: {f}: document 1 (Service/shop/web): field spec.selecter: unknown field"
+    code, out, _ = run(capsys, "get", "ns")
+    assert "shop" not in out  # nothing of the set was applied

@@ -128,3 +128,60 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     f.write_bytes("\ufeffapiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".encode())
     [ns] = load_paths([f])
     assert ns.name == "shop"
+
+
+# ---------------------------------------------------------------- strict fields and size limits
+
+SVC = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n"
+POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (SVC + "spec: {selecter: {app: web}, ports: [{port: 80}]}\n", "spec.selecter"),
+        (SVC + "spec: {ports: [{port: 80, nodeport: 30080}]}\n", "spec.ports[0].nodeport"),
+        (POD + "spec: {nodeNmae: n1, containers: [{name: c}]}\n", "spec.nodeNmae"),
+        (POD + "spec: {containers: [{name: c, imag: nginx}]}\n", "spec.containers[0].imag"),
+        (POD + "spec: {containers: [{name: c, ports: [{containerPort: 80, hostport: 8080}]}]}\n",
+         "spec.containers[0].ports[0].hostport"),
+        ("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCidr: 10.0.0.0/24}\n", "spec.podCidr"),
+    ],
+)
+def test_unknown_fields_are_refused_naming_them(text, field):
+    objs, errs = parse_documents(text, "x.yaml")
+    assert not objs and len(errs) == 1
+    assert str(errs[0]).endswith(f"field {field}: unknown field"), str(errs[0])
+
+
+def test_fields_upstream_defines_but_podnet_does_not_use_are_accepted():
+    objs, errs = parse_documents(
+        SVC + "spec: {ports: [{port: 80}], selector: {app: web}, ipFamilies: [IPv4], ipFamilyPolicy: SingleStack,"
+              " loadBalancerIP: 192.0.2.1, trafficDistribution: PreferClose}\n---\n"
+        + POD + "spec: {restartPolicy: Always, dnsPolicy: ClusterFirst, tolerations: [], containers: [{name: c,"
+                " image: nginx, command: [sh], env: [{name: A, value: b}], resources: {}, imagePullPolicy: Always}]}\n"
+        + "---\napiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {providerID: x, taints: []}\n",
+        "x.yaml")
+    assert errs == [] and [o.kind for o in objs] == ["Service", "Pod", "Node"]
+    assert objs[0].spec.selector == {"app": "web"}
+
+
+def test_an_object_over_the_api_servers_size_limit_is_refused():
+    big = "x" * (200 * 1024)
+    pods = ", ".join(f"{{name: c{i}, image: {big}}}" for i in range(8))  # about 1.6 MiB
+    objs, errs = parse_documents(POD + f"spec: {{containers: [{pods}]}}\n", "x.yaml")
+    assert not objs and len(errs) == 1
+    assert "x.yaml: document 0 (Pod/p): the object is" in str(errs[0])
+    assert "the limit is 1572864 (1.5 MiB)" in str(errs[0])
+    objs, errs = parse_documents(POD + f"spec: {{containers: [{pods.split('}, ')[0]}}}]}}\n", "x.yaml")
+    assert errs == [] and len(objs) == 1
+
+
+def test_annotations_over_256_kib_are_refused():
+    def pod(note: str) -> str:
+        return f"apiVersion: v1\nkind: Pod\nmetadata: {{name: p, annotations: {{note: {note}}}}}\n"
+
+    objs, errs = parse_documents(pod("a" * (256 * 1024)), "x.yaml")
+    assert not objs and "field metadata.annotations: annotations take 262148 bytes" in str(errs[0])
+    objs, errs = parse_documents(pod("a" * (256 * 1024 - 4)), "x.yaml")  # "note" and the value: the limit
+    assert errs == [] and len(objs) == 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -17,3 +19,21 @@ class Schema(BaseModel):
     def to_dict(self) -> dict:
         """The manifest form: camelCase keys, unset fields left out."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Partial(Schema):
+    """A part of an upstream object of which podnet reads only some fields.
+
+    The other fields upstream defines (UPSTREAM_ONLY, camelCase) are accepted and
+    dropped; any field upstream does not define is refused as unknown, as
+    `kubectl --validate=strict` refuses it (a misspelt `selecter` must not pass as
+    a Service without a selector)."""
+
+    UPSTREAM_ONLY: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_upstream_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in cls.UPSTREAM_ONLY for k in data):
+            return {k: v for k, v in data.items() if k not in cls.UPSTREAM_ONLY}
+        return data

@@ -7,6 +7,7 @@ all-or-nothing: one bad document fails the whole set.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from podnet.errors import ValidationError
 from podnet.model.objects import KINDS, KubeObject
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+# The API server's (etcd's) limit on one object; larger ones never reach the store.
+MAX_OBJECT_BYTES = 3 * 512 * 1024  # 1.5 MiB
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,10 @@ def parse_object(doc: Any, src: Source) -> KubeObject:
     if not isinstance(doc.get("metadata"), dict):
         raise ValidationError("missing metadata (a mapping with at least a name)",
                               where=src.describe(doc), field="metadata")
+    size = len(json.dumps(doc, separators=(",", ":"), default=str).encode())
+    if size > MAX_OBJECT_BYTES:
+        raise ValidationError(f"the object is {size} bytes as JSON: the limit is {MAX_OBJECT_BYTES} (1.5 MiB), "
+                              "as the API server's", where=src.describe(doc))
     try:
         return cls.model_validate(doc)
     except pydantic.ValidationError as e:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from podnet.model.base import Schema
+from podnet.model.base import Partial, Schema
 from podnet.model.names import (  # noqa: F401 - the patterns, for modules that import them from here
     DNS1035_LABEL,
     DNS1123_LABEL,
@@ -22,7 +22,9 @@ from podnet.model.names import (  # noqa: F401 - the patterns, for modules that 
     is_dns1123_subdomain,
     is_iana_svc_name,
 )
-from podnet.model.selectors import LabelSelector, check_labels
+from podnet.model.selectors import LabelSelector, check_label_key, check_labels
+
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # keys and values together, as the API server counts them
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 
@@ -86,6 +88,17 @@ class ObjectMeta(Schema):
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
         return check_labels(v)
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: dict[str, str]) -> dict[str, str]:
+        size = sum(len(k.encode()) + len(val.encode()) for k, val in v.items())
+        if size > MAX_ANNOTATIONS_BYTES:
+            raise ValueError(f"annotations take {size} bytes: at most {MAX_ANNOTATIONS_BYTES} (256 KiB) in all, "
+                             "as the API server allows")
+        for k in v:
+            check_label_key(k)
+        return v
 
 
 class KubeObject(Schema):
@@ -169,8 +182,8 @@ class NodeAddress(Schema):
     address: str
 
 
-class NodeSpec(Schema):
-    model_config = ConfigDict(extra="ignore")
+class NodeSpec(Partial):
+    UPSTREAM_ONLY = frozenset({"providerID", "taints", "configSource", "externalID"})
     pod_cidr: str | None = Field(default=None, alias="podCIDR")
     pod_cidrs: list[str] | None = Field(default=None, alias="podCIDRs")
     unschedulable: bool = False
@@ -202,7 +215,6 @@ class Node(KubeObject):
 
 
 class ContainerPort(Schema):
-    model_config = ConfigDict(extra="ignore")
     name: str | None = None
     container_port: int
     protocol: Protocol = "TCP"
@@ -220,16 +232,29 @@ class ContainerPort(Schema):
         return None if v is None else check_port(v)
 
 
-class Container(Schema):
-    # A pod manifest carries many fields podnet has no use for (image, command, ...).
-    model_config = ConfigDict(extra="ignore")
+class Container(Partial):
+    # A pod manifest carries many fields podnet has no use for (command, env, ...).
+    UPSTREAM_ONLY = frozenset({
+        "command", "args", "workingDir", "envFrom", "env", "resources", "resizePolicy", "restartPolicy",
+        "volumeMounts", "volumeDevices", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle",
+        "terminationMessagePath", "terminationMessagePolicy", "imagePullPolicy", "securityContext", "stdin",
+        "stdinOnce", "tty",
+    })
     name: str
     image: str | None = None
     ports: list[ContainerPort] = Field(default_factory=list)
 
 
-class PodSpec(Schema):
-    model_config = ConfigDict(extra="ignore")
+class PodSpec(Partial):
+    UPSTREAM_ONLY = frozenset({
+        "volumes", "initContainers", "ephemeralContainers", "restartPolicy", "terminationGracePeriodSeconds",
+        "activeDeadlineSeconds", "dnsPolicy", "nodeSelector", "serviceAccountName", "serviceAccount",
+        "automountServiceAccountToken", "hostPID", "hostIPC", "shareProcessNamespace", "securityContext",
+        "imagePullSecrets", "affinity", "schedulerName", "tolerations", "hostAliases", "priorityClassName",
+        "priority", "dnsConfig", "readinessGates", "runtimeClassName", "enableServiceLinks", "preemptionPolicy",
+        "overhead", "topologySpreadConstraints", "setHostnameAsFQDN", "os", "hostUsers", "schedulingGates",
+        "resourceClaims", "resources",
+    })
     node_name: str | None = None
     host_network: bool = False
     containers: list[Container] = Field(default_factory=list)
@@ -316,8 +341,11 @@ class SessionAffinityConfig(Schema):
     client_ip: ClientIPConfig = Field(default_factory=ClientIPConfig, alias="clientIP")
 
 
-class ServiceSpec(Schema):
-    model_config = ConfigDict(extra="ignore")
+class ServiceSpec(Partial):
+    UPSTREAM_ONLY = frozenset({
+        "loadBalancerIP", "ipFamilies", "ipFamilyPolicy", "allocateLoadBalancerNodePorts", "loadBalancerClass",
+        "trafficDistribution",
+    })
     type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
     selector: dict[str, str] | None = None
     cluster_ip: str | None = Field(default=None, alias="clusterIP")
