@@ -10,7 +10,6 @@ them, such as a route written before routes carried a source, is replaced in pla
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from dataclasses import dataclass, field
 
@@ -193,7 +192,3 @@ def _describe(route: Route) -> str:
     via = f"{route.dst} via {route.gateway}"
     via = f"{via} dev {VXLAN_IFNAME} onlink" if route.kind == "vxlan" else via
     return f"{via} src {route.src}" if route.src else via
-
-
-def is_ipv4(cidr: str) -> bool:
-    return ipaddress.ip_network(cidr, strict=False).version == 4
