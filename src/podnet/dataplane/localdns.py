@@ -14,35 +14,33 @@ scope limits source selection, not what the node accepts."""
 
 from __future__ import annotations
 
+import ipaddress
+
 from pyroute2 import IPRoute
 
-from podnet.dataplane.nft import nft_apply
+from podnet.dataplane.nftables import Chain, NftRunner, Rule, Table, Transaction
 
 DNS_TABLE = "podnet-dns"
 RT_SCOPE_HOST = 254
 
 
-def render_notrack(addresses: list[str]) -> str:
-    address = "{ " + ", ".join(addresses) + " }"
-    return f"""table ip {DNS_TABLE}
-delete table ip {DNS_TABLE}
-table ip {DNS_TABLE} {{
-  chain prerouting {{
-    type filter hook prerouting priority raw; policy accept;
-    ip daddr {address} meta l4proto {{ udp, tcp }} th dport 53 notrack
-  }}
-  chain output {{
-    type filter hook output priority raw; policy accept;
-    ip saddr {address} meta l4proto {{ udp, tcp }} th sport 53 notrack
-    ip daddr {address} meta l4proto {{ udp, tcp }} th dport 53 notrack
-  }}
-}}
-"""
+def notrack_transaction(addresses: list[str]) -> Transaction:
+    """The whole NOTRACK table, replacing any earlier one in the same transaction."""
+    address = "{ " + ", ".join(str(ipaddress.IPv4Address(a)) for a in addresses) + " }"
+    tx = Transaction(Table(DNS_TABLE))
+    tx.recreate()
+    tx.add(Chain("prerouting", type="filter", hook="prerouting", priority="raw", policy="accept"))
+    tx.add(Rule("prerouting", f"ip daddr {address} meta l4proto {{ udp, tcp }} th dport 53 notrack"))
+    tx.add(Chain("output", type="filter", hook="output", priority="raw", policy="accept"))
+    tx.add(Rule("output", f"ip saddr {address} meta l4proto {{ udp, tcp }} th sport 53 notrack"))
+    tx.add(Rule("output", f"ip daddr {address} meta l4proto {{ udp, tcp }} th dport 53 notrack"))
+    return tx
 
 
 class DnsAddresses:
-    def __init__(self, addresses: list[str]):
+    def __init__(self, addresses: list[str], nft: NftRunner | None = None):
         self.addresses = addresses
+        self.nft = nft or NftRunner()
 
     def ensure(self) -> None:
         with IPRoute() as ipr:
@@ -54,7 +52,7 @@ class DnsAddresses:
                     ipr.addr("del", index=lo, address=address, prefixlen=have.pop(address)[0])
                 if address not in have:
                     ipr.addr("add", index=lo, address=address, prefixlen=32, scope=RT_SCOPE_HOST)
-        nft_apply(render_notrack(self.addresses))
+        self.nft.apply(notrack_transaction(self.addresses))
 
     def drift(self) -> list[str]:
         """What differs on `lo` from what ensure() writes (the NOTRACK table aside)."""
