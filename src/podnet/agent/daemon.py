@@ -29,6 +29,7 @@ from podnet.agent.contract import Dataplane, DataplaneMetrics
 from podnet.agent.dataplanes import DnsDataplane, NatDataplane, PolicyDataplane, RoutesDataplane
 from podnet.agent.follow import StoreFollower
 from podnet.agent.worker import DataplaneWorker, SyncProgress
+from podnet.cni.plugin import DEFAULT_SOCKET
 from podnet.dataplane.localdns import DnsAddresses
 from podnet.dataplane.pods import PodDataplane
 from podnet.dataplane.routes import RouteProgrammer
@@ -41,8 +42,6 @@ from podnet.store.base import KeyValueStore
 from podnet.store.objects import ObjectStore
 
 log = logging.getLogger("podnet.agent")
-
-DEFAULT_SOCKET = "/run/podnet/cni.sock"
 
 # Kinds the cache does not keep: event-fed dataplanes hold them (Services, DNS).
 EVENT_FED = ("Service", "EndpointSlice")

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from podnet.cni.plugin import DEFAULT_SOCKET
 from podnet.dns.resolvconf import NODE_DNS_ADDRESS
 from podnet.errors import PodnetError
 from podnet.hostport import parse_host_port
@@ -14,7 +15,7 @@ from podnet.hostport import parse_host_port
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("agent", help="run the node agent (in the node's network namespace)")
     p.add_argument("--node", required=True, help="this node's name (a Node object in the store)")
-    p.add_argument("--socket", default="/run/podnet/cni.sock", help="CNI socket path (default %(default)s)")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="CNI socket path (default %(default)s)")
     p.add_argument("--node-ip", help="underlay address (default: the Node's InternalIP)")
     p.add_argument("--resync", type=float, default=60.0, help="seconds between full reconciles (default %(default)s)")
     p.add_argument("--service-cidr", action="append", metavar="CIDR",

@@ -35,7 +35,7 @@ except ImportError:  # not CPython: the full modules do the same, only slower to
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 LATEST = "1.1.0"
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
-DEFAULT_SOCKET = "/run/podnet/cni.sock"
+DEFAULT_SOCKET = "/run/podnet/cni.sock"  # the agent's default too (podnet agent --socket)
 CONNECT_TIMEOUT = 5.0  # seconds to get a connection: the agent accepts at once when it runs
 DEFAULT_REPLY_TIMEOUT = 120.0  # seconds for the agent's answer (an ADD may wait on the store)
 MAX_REPLY = 16 << 20
