@@ -1,15 +1,22 @@
 """natOutgoing: pod traffic from such a pool to anywhere outside every pool is
 masqueraded to the node's address. Pool lists are small, so the table is
-rewritten as a whole, atomically (flush and refill in one transaction)."""
+rewritten as a whole, atomically (the old table removed and the new one written
+in one transaction)."""
 
 from __future__ import annotations
 
-import json
+import ipaddress
 from dataclasses import dataclass
 
-from podnet.dataplane.nft import NftError, nft_apply, nft_list
+from podnet.dataplane import nfnetlink as nl
+from podnet.dataplane.nftables import Chain, Elements, NftRunner, Rule, Set, Table, Transaction, read_ruleset
 
 NAT_TABLE = "podnet-nat"
+TABLE = Table(NAT_TABLE)
+NAT_POOLS = Set("nat_pools", type="ipv4_addr", flags=("interval",))
+ALL_POOLS = Set("all_pools", type="ipv4_addr", flags=("interval",))
+POSTROUTING = Chain("postrouting", type="nat", hook="postrouting", priority="srcnat + 10", policy="accept")
+MASQUERADE = Rule("postrouting", "ip saddr @nat_pools ip daddr != @all_pools masquerade fully-random")
 
 
 @dataclass(frozen=True)
@@ -18,55 +25,51 @@ class NatConfig:
     all_pools: tuple[str, ...]  # every pool CIDR: traffic between pods is never NATed
 
 
-def render_nat(cfg: NatConfig) -> str:
-    def elements(cidrs: tuple[str, ...]) -> str:
-        return f"elements = {{ {', '.join(sorted(cidrs))} }}" if cidrs else ""
-
-    return f"""table ip {NAT_TABLE}
-delete table ip {NAT_TABLE}
-table ip {NAT_TABLE} {{
-  set nat_pools {{ type ipv4_addr; flags interval; {elements(cfg.nat_pools)} }}
-  set all_pools {{ type ipv4_addr; flags interval; {elements(cfg.all_pools)} }}
-  chain postrouting {{
-    type nat hook postrouting priority srcnat + 10; policy accept;
-    ip saddr @nat_pools ip daddr != @all_pools masquerade fully-random
-  }}
-}}
-"""
+def nat_transaction(cfg: NatConfig) -> Transaction:
+    """The whole table for `cfg`, replacing any earlier one in the same transaction."""
+    tx = Transaction(TABLE)
+    tx.recreate()
+    for s, cidrs in ((NAT_POOLS, cfg.nat_pools), (ALL_POOLS, cfg.all_pools)):
+        tx.add(s)
+        tx.add(Elements(s, sorted(str(ipaddress.IPv4Network(c, strict=False)) for c in cidrs)))
+    tx.add(POSTROUTING)
+    tx.add(MASQUERADE)
+    return tx
 
 
-def read_nat() -> NatConfig | None:
-    """What the kernel holds now, or None if the table is missing or not as podnet writes it."""
+def read_nat(link: nl.Netlink | None = None) -> NatConfig | None:
+    """What the kernel holds now (netlink dumps), or None if the table is missing or not as
+    podnet writes it."""
+    own = link is None
+    link = link or nl.Netlink()
     try:
-        doc = json.loads(nft_list(f"-j list table ip {NAT_TABLE}"))["nftables"]
-    except (NftError, ValueError, KeyError):
+        table = read_ruleset(link, NAT_TABLE)
+    finally:
+        if own:
+            link.close()
+    if table is None or set(table.sets) != {"nat_pools", "all_pools"} or table.rule_counts() != {"postrouting": 1}:
         return None
-    sets: dict[str, tuple[str, ...]] = {}
-    rules = []
-    for item in doc:
-        if "set" in item:
-            elems = item["set"].get("elem", [])
-            sets[item["set"]["name"]] = tuple(sorted(
-                f"{e['prefix']['addr']}/{e['prefix']['len']}" if isinstance(e, dict) and "prefix" in e
-                else f"{e}/32" for e in elems
-            ))
-        elif "rule" in item:
-            rules.append(item["rule"]["expr"])
-    masquerades = [r for r in rules if any("masquerade" in e for e in r)]
-    if set(sets) != {"nat_pools", "all_pools"} or len(rules) != 1 or len(masquerades) != 1:
+    spec = f"type {POSTROUTING.type} hook {POSTROUTING.hook} priority 110; policy accept;"
+    if table.chains["postrouting"].spec != spec:
         return None
-    return NatConfig(sets["nat_pools"], sets["all_pools"])
+
+    def cidrs(name: str) -> tuple[str, ...]:
+        return tuple(sorted(e if "/" in e else f"{e}/32" for e in table.sets[name].elements))
+
+    return NatConfig(cidrs("nat_pools"), cidrs("all_pools"))
 
 
 class NatProgrammer:
-    def __init__(self) -> None:
+    def __init__(self, nft: NftRunner | None = None, read=read_nat) -> None:
+        self.nft = nft or NftRunner()
+        self.read = read
         self.applied: NatConfig | None = None
 
     def apply(self, cfg: NatConfig) -> bool:
         if self.applied is None:
-            self.applied = read_nat()  # after a restart: keep a table that is already right
+            self.applied = self.read()  # after a restart: keep a table that is already right
         if cfg == self.applied:
             return False
-        nft_apply(render_nat(cfg))
+        self.nft.apply(nat_transaction(cfg))
         self.applied = cfg
         return True
