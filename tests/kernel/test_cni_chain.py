@@ -225,9 +225,9 @@ def test_chain_add_failure_rolls_back_everything(lab):
     runtime: CniRuntime = lab["runtime"]
     pod, rt = new_pod(lab, "pf")
     rt.capability_args = {"portMappings": [{"hostPort": 70000, "containerPort": POD_PORT, "protocol": "tcp"}]}
-    from podnet.lab.runtime import CniError
+    from podnet.lab.runtime import CNIError
 
-    with pytest.raises(CniError) as err:
+    with pytest.raises(CNIError) as err:
         runtime.add(rt)
     assert err.value.plugin == "portmap"
     assert [ln for ln in node_state(lab)["links"].splitlines() if ": pn" in ln] == []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from podnet.lab import topology
-from podnet.lab.runtime import CniError, CniRuntime, RuntimeConf, k8s_args, result_ips
+from podnet.lab.runtime import CNIError, CniRuntime, RuntimeConf, k8s_args, result_ips
 
 CNI_DIR = "/usr/lib/cni"
 pytestmark = [
@@ -104,7 +104,7 @@ def test_add_check_del_gc_with_real_traffic(tmp_path, netns):
     rt.check(a)
     rt.check(rt_for(netns["b"], cb))
     run_in(netns["b"], "ip", "addr", "flush", "dev", "eth0")
-    with pytest.raises(CniError) as err:
+    with pytest.raises(CNIError) as err:
         rt.check(rt_for(netns["b"], cb))
     assert err.value.plugin == "bridge" and err.value.code != 0
 
@@ -145,7 +145,7 @@ def test_failed_add_reports_the_cni_error_and_undoes_earlier_plugins(tmp_path, n
     rt = CniRuntime(conflist(tmp_path, bad), cni_path=[CNI_DIR], cache_dir=tmp_path / "cache",
                     host_netns=netns["host"])
     a = rt_for(netns["a"], secrets.token_hex(32))
-    with pytest.raises(CniError) as err:
+    with pytest.raises(CNIError) as err:
         rt.add(a)
     e = err.value
     assert e.plugin == "tuning" and e.command == "ADD" and e.code != 0 and "no_such_knob" in str(e)
@@ -159,12 +159,12 @@ def test_failed_add_reports_the_cni_error_and_undoes_earlier_plugins(tmp_path, n
 def test_missing_plugin_status_and_versions(tmp_path, netns):
     rt = CniRuntime(conflist(tmp_path, {"type": "no-such-plugin"}), cni_path=[CNI_DIR],
                     cache_dir=tmp_path / "cache", host_netns=netns["host"])
-    with pytest.raises(CniError, match="failed to find plugin 'no-such-plugin'"):
+    with pytest.raises(CNIError, match="failed to find plugin 'no-such-plugin'"):
         rt.add(rt_for(netns["a"], secrets.token_hex(32)))
     assert not (tmp_path / "cache" / "results").exists() or rt.cached_attachments() == []
     rt.status()  # a 1.0.0 list has no STATUS: ready by definition
     assert "1.0.0" in rt.plugin_versions("bridge")
-    with pytest.raises(CniError) as err:  # the reference plugins (1.1.1) predate STATUS
+    with pytest.raises(CNIError) as err:  # the reference plugins (1.1.1) predate STATUS
         CniRuntime(conflist(tmp_path, version="1.1.0"), cni_path=[CNI_DIR], cache_dir=tmp_path / "c2",
                    host_netns=netns["host"]).status()
     assert err.value.command == "STATUS" and err.value.plugin == "bridge" and err.value.code != 0

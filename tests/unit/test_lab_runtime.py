@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from podnet.lab.runtime import CniError, CniRuntime, RuntimeConf, k8s_args
+from podnet.lab.runtime import CNIError, CniRuntime, RuntimeConf, k8s_args
 
 # A fake plugin: logs its command, env and stdin; answers per FAKE_<TYPE>_<COMMAND> in its config.
 FAKE = r'''#!{python}
@@ -101,14 +101,14 @@ def test_del_runs_in_reverse_with_the_cached_result(tmp_path, plugins):
 def test_check_needs_a_cached_result_and_runs_in_order(tmp_path, plugins):
     bindir, calls = plugins
     rt = runtime(tmp_path, bindir, {"type": "main"}, {"type": "chained"})
-    with pytest.raises(CniError, match="no cached result"):
+    with pytest.raises(CNIError, match="no cached result"):
         rt.check(RT)
     rt.add(RT)
     calls()
     rt.check(RT)
     assert [(c["type"], c["cmd"]) for c in calls()] == [("main", "CHECK"), ("chained", "CHECK")]
     old = runtime(tmp_path, bindir, {"type": "main"}, version="0.3.1")
-    with pytest.raises(CniError, match="does not support CHECK"):
+    with pytest.raises(CNIError, match="does not support CHECK"):
         old.check(RT)
 
 
@@ -116,7 +116,7 @@ def test_failed_add_raises_the_plugin_error_and_deletes_what_ran(tmp_path, plugi
     bindir, calls = plugins
     rt = runtime(tmp_path, bindir, {"type": "main"}, {"type": "chained", "fail": {"ADD": [11, "try again"]}},
                  {"type": "other"})
-    with pytest.raises(CniError) as err:
+    with pytest.raises(CNIError) as err:
         rt.add(RT)
     e = err.value
     assert (e.plugin, e.command, e.code, e.msg, e.details) == ("chained", "ADD", 11, "try again", "d")
@@ -153,7 +153,7 @@ def test_status_and_version(tmp_path, plugins):
     assert calls() == []  # before 1.1.0 there is no STATUS
     rt = runtime(tmp_path, bindir, {"type": "main"}, {"type": "chained", "fail": {"STATUS": [50, "not ready"]}},
                  version="1.1.0")
-    with pytest.raises(CniError) as err:
+    with pytest.raises(CNIError) as err:
         rt.status()
     assert err.value.code == 50 and err.value.plugin == "chained"
     assert rt.plugin_versions("main") == ["1.0.0", "1.1.0"]
@@ -161,17 +161,17 @@ def test_status_and_version(tmp_path, plugins):
 
 def test_broken_plugins_and_configs(tmp_path, plugins):
     bindir, _ = plugins
-    with pytest.raises(CniError, match="failed to find plugin 'absent'"):
+    with pytest.raises(CNIError, match="failed to find plugin 'absent'"):
         runtime(tmp_path, bindir, {"type": "absent"}).add(RT)
     noisy = bindir / "noisy"
     noisy.write_text("#!/bin/sh\necho 'panic: boom' >&2\nexit 2\n")
     noisy.chmod(0o755)
-    with pytest.raises(CniError) as err:
+    with pytest.raises(CNIError) as err:
         runtime(tmp_path, bindir, {"type": "noisy"}).add(RT)
     assert err.value.code == 999 and "status 2" in err.value.msg and "panic: boom" in err.value.details
-    with pytest.raises(CniError, match="no plugins"):
+    with pytest.raises(CNIError, match="no plugins"):
         CniRuntime({"name": "x", "plugins": []}, cni_path=[], cache_dir=tmp_path)
-    with pytest.raises(CniError, match="has no type"):
+    with pytest.raises(CNIError, match="has no type"):
         CniRuntime({"name": "x", "plugins": [{}]}, cni_path=[], cache_dir=tmp_path)
     rt = CniRuntime(json.dumps({"cniVersion": "1.0.0", "name": "s", "plugins": [{"type": "main"}]}),
                     cni_path=[str(bindir)], cache_dir=tmp_path / "c")

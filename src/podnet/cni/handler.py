@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from podnet.cni.errors import CNIError
 from podnet.model.names import is_dns1123_label, is_dns1123_subdomain
 from podnet.store.base import AlreadyExists, Conflict, KeyValueStore, NotFound, StoreUnavailable
 
@@ -95,15 +96,6 @@ KNOWN_ARGS = ("IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID
 
 CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type
-
-
-class CNIError(Exception):
-    def __init__(self, code: int, msg: str, details: str = ""):
-        super().__init__(msg)
-        self.code = code
-        self.msg = msg
-        self.details = details
-        self.version: str | None = None  # the request's cniVersion, once known
 
 
 def error_output(code: int, msg: str, details: str = "", version: str = LATEST) -> str:

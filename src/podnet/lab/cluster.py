@@ -28,7 +28,7 @@ from podnet.errors import PodnetError
 from podnet.lab import topology
 from podnet.lab.endpoints import endpoint_slices
 from podnet.lab.runtime import (
-    CniError,
+    CNIError,
     CniRuntime,
     RuntimeConf,
     k8s_args,
@@ -258,7 +258,7 @@ def _start_pod(st: LabState, entry: dict, pod: Pod, runtimes: dict[str, CniRunti
             st.save()
         try:
             result = runtimes[node["name"]].add(pod_runtime_conf(entry, pod))
-        except CniError as e:
+        except CNIError as e:
             raise PodnetError(f"pod {pod.namespace}/{pod.name} on {node['name']}: {e}"
                               + (f"\nagent log {node['log']}:\n{log_tail(node['log'])}"
                                  if plugin == "podnet" else "")) from None
@@ -371,7 +371,7 @@ def _relay_store(st: LabState, url: str, underlay_netns: str, gateway: str, time
     return agent_url
 
 
-def agent_status(st: LabState, node: dict, timeout: float = 5.0) -> CniError | None:
+def agent_status(st: LabState, node: dict, timeout: float = 5.0) -> CNIError | None:
     """None when the agent answers STATUS through podnet-cni; the error otherwise."""
     rt = CniRuntime({"cniVersion": "1.1.0", "name": NETWORK_NAME,
                      "plugins": [{"type": "podnet-cni", "agentSocket": node["socket"]}]},
@@ -379,7 +379,7 @@ def agent_status(st: LabState, node: dict, timeout: float = 5.0) -> CniError | N
                     timeout=timeout)
     try:
         rt.invoke({**rt.plugins[0], "name": rt.name, "cniVersion": rt.cni_version}, "STATUS", None)
-    except CniError as e:
+    except CNIError as e:
         return e
     return None
 
@@ -402,7 +402,7 @@ def wait_agent(st: LabState, node: dict, timeout: float) -> None:
     entry = st.process(f"agent-{node['name']}")
     assert entry is not None
     deadline = time.monotonic() + timeout
-    err: CniError | None = None
+    err: CNIError | None = None
     while time.monotonic() < deadline:
         if st.process_pid(entry) is None:
             raise PodnetError(f"agent {node['name']} exited during start-up; log {node['log']}:\n"
@@ -536,7 +536,7 @@ def down(st: LabState, *, say: Say = _quiet) -> None:
                     continue
             try:
                 node_runtime(st, node, timeout=15.0).delete(pod_runtime_conf(entry))
-            except (CniError, OSError) as e:
+            except (CNIError, OSError) as e:
                 say(f"pod {entry['namespace']}/{entry['name']}: CNI DEL failed ({e}); removing its namespace anyway")
         # Processes: servers first, then agents, then the store relay they talk through.
         procs = sorted(data.get("processes", []), key=lambda p: {"agent": 1, "relay": 2}.get(p.get("role"), 0))

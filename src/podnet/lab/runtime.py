@@ -9,7 +9,7 @@ used by the lab, by CNI tests and by benchmarks.
   ...). The final result is cached on disk in libcni's layout
   (`<cache>/results/<network>-<containerID>-<ifname>`) and returned. If a plugin
   fails, DEL runs for the plugins already run (newest first) and the plugin's
-  CNI error is raised as `CniError` with its code and message.
+  CNI error is raised as `CNIError` with its code and message.
 * DEL runs the plugins in reverse with the cached result as `prevResult`, then
   drops the cache entry. CHECK runs them in order against the cached result.
 * GC issues DEL for every cached attachment of this network that is not in the
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from podnet.errors import PodnetError
+from podnet.cni.errors import CNIError
 
 CACHE_KIND = "cniCacheV1"
 DEFAULT_TIMEOUT = 60.0
@@ -40,21 +40,6 @@ DEFAULT_TIMEOUT = 60.0
 ERR_INCOMPATIBLE_VERSION = 1
 ERR_INVALID_CONFIG = 7
 ERR_INTERNAL = 999
-
-
-class CniError(PodnetError):
-    """A CNI error: from a plugin's error JSON, or raised here for a plugin that could not run."""
-
-    def __init__(self, plugin: str, command: str, code: int, msg: str, details: str = ""):
-        self.plugin = plugin
-        self.command = command
-        self.code = code
-        self.msg = msg
-        self.details = details
-        text = f"CNI {command} failed in plugin {plugin}: {msg} (code {code})"
-        if details:
-            text += f": {details}"
-        super().__init__(text)
 
 
 @dataclass
@@ -107,7 +92,7 @@ def version_tuple(v: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in v.split("."))
     except ValueError:
-        raise CniError("-", "parse", ERR_INVALID_CONFIG, f"invalid cniVersion {v!r}") from None
+        raise CNIError(ERR_INVALID_CONFIG, f"invalid cniVersion {v!r}", plugin="-", command="parse") from None
 
 
 def netns_path(ns: str) -> str:
@@ -136,12 +121,14 @@ class CniRuntime:
         self.cni_version = conflist.get("cniVersion", "0.4.0")
         self.plugins: list[dict[str, Any]] = conflist.get("plugins") or []
         if not self.name or not isinstance(self.name, str):
-            raise CniError("-", "parse", ERR_INVALID_CONFIG, "conflist has no name")
+            raise CNIError(ERR_INVALID_CONFIG, "conflist has no name", plugin="-", command="parse")
         if not self.plugins:
-            raise CniError("-", "parse", ERR_INVALID_CONFIG, f"conflist {self.name} has no plugins")
+            raise CNIError(ERR_INVALID_CONFIG, f"conflist {self.name} has no plugins",
+                           plugin="-", command="parse")
         for p in self.plugins:
             if not isinstance(p, dict) or not p.get("type"):
-                raise CniError("-", "parse", ERR_INVALID_CONFIG, f"conflist {self.name}: a plugin has no type")
+                raise CNIError(ERR_INVALID_CONFIG, f"conflist {self.name}: a plugin has no type",
+                               plugin="-", command="parse")
         self.cni_path = [str(p) for p in cni_path]
         self.cache_dir = Path(cache_dir)
         self.host_netns = netns_path(host_netns) if host_netns else None
@@ -156,12 +143,13 @@ class CniRuntime:
             done.append(plugin)
             try:
                 out = self.invoke(self._conf(plugin, prev, rt), "ADD", rt)
-            except CniError:
+            except CNIError:
                 self._undo(done, prev, rt)
                 raise
             if not out:
                 self._undo(done, prev, rt)
-                raise CniError(plugin["type"], "ADD", ERR_INTERNAL, "plugin returned no result")
+                raise CNIError(ERR_INTERNAL, "plugin returned no result",
+                               plugin=plugin["type"], command="ADD")
             prev = out
         assert prev is not None
         self._write_cache(rt, prev)
@@ -170,11 +158,11 @@ class CniRuntime:
     def delete(self, rt: RuntimeConf) -> None:
         cached = self.cached(rt)
         prev = cached.get("result") if cached else None
-        errors: list[CniError] = []
+        errors: list[CNIError] = []
         for plugin in reversed(self.plugins):
             try:
                 self.invoke(self._conf(plugin, prev if self._has_prev_result() else None, rt), "DEL", rt)
-            except CniError as e:
+            except CNIError as e:
                 errors.append(e)
         if errors:
             raise errors[0]
@@ -182,12 +170,14 @@ class CniRuntime:
 
     def check(self, rt: RuntimeConf) -> None:
         if version_tuple(self.cni_version) < (0, 4, 0):
-            raise CniError("-", "CHECK", ERR_INCOMPATIBLE_VERSION,
-                           f"configuration version {self.cni_version} does not support CHECK")
+            raise CNIError(ERR_INCOMPATIBLE_VERSION,
+                           f"configuration version {self.cni_version} does not support CHECK",
+                           plugin="-", command="CHECK")
         cached = self.cached(rt)
         if not cached or not cached.get("result"):
-            raise CniError("-", "CHECK", ERR_INTERNAL,
-                           f"no cached result for {self.name}/{rt.container_id}/{rt.ifname}: was ADD run?")
+            raise CNIError(ERR_INTERNAL,
+                           f"no cached result for {self.name}/{rt.container_id}/{rt.ifname}: was ADD run?",
+                           plugin="-", command="CHECK")
         for plugin in self.plugins:
             self.invoke(self._conf(plugin, cached["result"], rt), "CHECK", rt)
 
@@ -198,7 +188,7 @@ class CniRuntime:
         """
         valid = {(c, i) for c, i in valid_attachments}
         removed: list[tuple[str, str]] = []
-        errors: list[CniError] = []
+        errors: list[CNIError] = []
         for entry in self.cached_attachments():
             key = (entry.get("containerId", ""), entry.get("ifName", ""))
             if key in valid:
@@ -209,7 +199,7 @@ class CniRuntime:
             try:
                 self.delete(rt)
                 removed.append(key)
-            except CniError as e:
+            except CNIError as e:
                 errors.append(e)
         if version_tuple(self.cni_version) >= (1, 1, 0):
             listed = [{"containerID": c, "ifname": i} for c, i in sorted(valid)]
@@ -218,7 +208,7 @@ class CniRuntime:
                         "cni.dev/valid-attachments": listed, "cni.dev/attachments": listed}
                 try:
                     self.invoke(conf, "GC", None)
-                except CniError as e:
+                except CNIError as e:
                     errors.append(e)
         if errors:
             raise errors[0]
@@ -297,7 +287,7 @@ class CniRuntime:
         for plugin in reversed(done):
             try:
                 self.invoke(self._conf(plugin, prev if self._has_prev_result() else None, rt), "DEL", rt)
-            except CniError:
+            except CNIError:
                 pass  # best effort: the ADD error is the one to report
 
     def find_plugin(self, plugin_type: str) -> str:
@@ -305,8 +295,8 @@ class CniRuntime:
             exe = os.path.join(d, plugin_type)
             if os.path.isfile(exe) and os.access(exe, os.X_OK):
                 return exe
-        raise CniError(plugin_type, "find", ERR_INTERNAL,
-                       f"failed to find plugin {plugin_type!r} in path {self.cni_path}")
+        raise CNIError(ERR_INTERNAL, f"failed to find plugin {plugin_type!r} in path {self.cni_path}",
+                       plugin=plugin_type, command="find")
 
     def invoke(self, conf: dict[str, Any], command: str, rt: RuntimeConf | None) -> dict[str, Any] | None:
         """Run one plugin once; returns its JSON answer (None when it printed nothing)."""
@@ -328,9 +318,11 @@ class CniRuntime:
             proc = subprocess.run(argv, input=json.dumps(conf).encode(), env=env, capture_output=True,
                                   timeout=self.timeout, check=False)
         except subprocess.TimeoutExpired:
-            raise CniError(plugin_type, command, ERR_INTERNAL, f"plugin did not answer within {self.timeout:g}s") from None
+            raise CNIError(ERR_INTERNAL, f"plugin did not answer within {self.timeout:g}s",
+                           plugin=plugin_type, command=command) from None
         except OSError as e:
-            raise CniError(plugin_type, command, ERR_INTERNAL, f"cannot run {exe}: {e.strerror}") from None
+            raise CNIError(ERR_INTERNAL, f"cannot run {exe}: {e.strerror}",
+                           plugin=plugin_type, command=command) from None
         stdout = proc.stdout.strip()
         if proc.returncode != 0:
             raise _plugin_error(plugin_type, command, proc.returncode, stdout, proc.stderr)
@@ -339,21 +331,23 @@ class CniRuntime:
         try:
             return json.loads(stdout)
         except json.JSONDecodeError:
-            raise CniError(plugin_type, command, ERR_INTERNAL,
-                           f"plugin printed something that is not JSON: {stdout[:200]!r}") from None
+            raise CNIError(ERR_INTERNAL, f"plugin printed something that is not JSON: {stdout[:200]!r}",
+                           plugin=plugin_type, command=command) from None
 
 
-def _plugin_error(plugin: str, command: str, rc: int, stdout: bytes, stderr: bytes) -> CniError:
+def _plugin_error(plugin: str, command: str, rc: int, stdout: bytes, stderr: bytes) -> CNIError:
     try:
         err = json.loads(stdout)
     except json.JSONDecodeError:
         err = None
     if isinstance(err, dict) and ("code" in err or "msg" in err):
         code = err.get("code")
-        return CniError(plugin, command, int(code) if isinstance(code, int) else ERR_INTERNAL,
-                        str(err.get("msg") or "(no message)"), str(err.get("details") or ""))
+        return CNIError(int(code) if isinstance(code, int) else ERR_INTERNAL,
+                        str(err.get("msg") or "(no message)"), str(err.get("details") or ""),
+                        plugin=plugin, command=command)
     tail = (stderr or stdout).decode(errors="replace").strip().splitlines()[-3:]
-    return CniError(plugin, command, ERR_INTERNAL, f"plugin exited with status {rc}", " | ".join(tail))
+    return CNIError(ERR_INTERNAL, f"plugin exited with status {rc}", " | ".join(tail),
+                    plugin=plugin, command=command)
 
 
 def result_ips(result: dict[str, Any]) -> list[str]:
@@ -373,9 +367,10 @@ def max_common_version(supported: Iterable[Iterable[str]], prefer: Sequence[str]
             return v
     common = set.intersection(*sets) if sets else set()
     if not common:
-        raise CniError("-", "VERSION", ERR_INCOMPATIBLE_VERSION, "the plugins share no CNI version")
+        raise CNIError(ERR_INCOMPATIBLE_VERSION, "the plugins share no CNI version",
+                       plugin="-", command="VERSION")
     return max(common, key=version_tuple)
 
 
-__all__ = ["CniError", "CniRuntime", "RuntimeConf", "k8s_args", "max_common_version", "pod_capability_args",
+__all__ = ["CNIError", "CniRuntime", "RuntimeConf", "k8s_args", "max_common_version", "pod_capability_args",
            "result_ips"]
