@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from podnet.agent.cache import ObjectCache
-from podnet.agent.services import ServiceDataplane, key_parts
+from podnet.agent.services import ServiceDataplane
 from podnet.model.objects import EndpointSlice, Service
 from podnet.services.applier import SyncResult
 from podnet.services.model import Backend, Frontend
 from podnet.store.base import Record
-from podnet.store.objects import ObjectEvent, key_of, stored_form
+from podnet.store.objects import ObjectEvent, key_of, split_object_key, stored_form
 
 TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
 
@@ -145,8 +145,8 @@ def test_the_cache_hands_on_unkept_kinds_without_storing_them():
     assert [e.object.name for e in seen] == ["web"] and seen[0].object.metadata.resource_version == "4"
     with pytest.raises(LookupError):
         cache.list(Service)
-    assert key_parts(key_of(s)) == ("Service", "default", "web")
-    assert key_parts("/podnet/objects/Node/n1") == ("Node", None, "n1")
+    assert split_object_key(key_of(s)) == ("Service", "default", "web")
+    assert split_object_key("/podnet/objects/Node/n1") == ("Node", None, "n1")
 
 
 def test_after_a_compacted_watch_services_and_dns_reload_and_forget_what_is_gone(tmp_path):

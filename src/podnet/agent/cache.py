@@ -22,7 +22,7 @@ from typing import TypeVar
 from podnet.ipam.keys import BLOCKS
 from podnet.model.objects import KINDS, KubeObject
 from podnet.store.base import Event, Record
-from podnet.store.objects import OBJECTS_PREFIX, ObjectEvent, object_event
+from podnet.store.objects import ObjectEvent, object_event, split_object_key
 
 log = logging.getLogger("podnet.agent")
 
@@ -30,9 +30,8 @@ T = TypeVar("T", bound=KubeObject)
 
 
 def kind_of_key(key: str) -> str | None:
-    if key.startswith(OBJECTS_PREFIX):
-        return key[len(OBJECTS_PREFIX):].split("/", 1)[0]
-    return None
+    parts = split_object_key(key)
+    return parts[0] if parts else None
 
 
 class ObjectCache:

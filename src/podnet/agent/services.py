@@ -21,24 +21,12 @@ from podnet.services.health import HealthCheckServer
 from podnet.services.iptables import IptablesServiceApplier
 from podnet.services.metrics import ServiceMetrics
 from podnet.services.model import ServiceConfig
-from podnet.store.objects import OBJECTS_PREFIX, ObjectEvent
+from podnet.store.objects import ObjectEvent, split_object_key
 
 KINDS = ("Service", "EndpointSlice")
 CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 log = logging.getLogger("podnet.agent")
 DEEP_RESYNC_EVERY = 60  # full syncs between element read-backs (an hour at the default 60 s resync)
-
-
-def key_parts(key: str) -> tuple[str, str | None, str] | None:
-    """(kind, namespace, name) of an object key: /podnet/objects/<Kind>/<ns>/<name>."""
-    if not key.startswith(OBJECTS_PREFIX):
-        return None
-    parts = key[len(OBJECTS_PREFIX):].split("/")
-    if len(parts) == 3:
-        return parts[0], parts[1], parts[2]
-    if len(parts) == 2:
-        return parts[0], None, parts[1]
-    return None
 
 
 def size_conntrack(sizing: ConntrackSizing, path: str = CONNTRACK_MAX) -> int | None:
@@ -93,7 +81,7 @@ class ServiceDataplane(Dataplane):
             return True
         if ev.type != "DELETED":
             return False
-        parts = key_parts(ev.key)
+        parts = split_object_key(ev.key)
         if parts is None or parts[0] not in KINDS:
             return False
         kind, namespace, name = parts

@@ -26,7 +26,7 @@ from podnet.model.objects import (
 )
 from podnet.model.selectors import LabelSelector
 from podnet.services.clusterip import allocate_cluster_ips, release_service, release_service_named
-from podnet.store.objects import OBJECTS_PREFIX, ObjectStore, UndecodableObject, object_key
+from podnet.store.objects import ObjectStore, UndecodableObject, object_key, split_object_key
 
 # Namespaces that exist without a manifest, as in a fresh cluster.
 BUILTIN_NAMESPACES = {"default", "kube-system"}
@@ -183,8 +183,7 @@ def _delete_key(store: ObjectStore, key: str) -> int:
     if gone is None:
         raise PodnetError(f"{key}: not found")
     if isinstance(gone, UndecodableObject):
-        kind, _, rest = key[len(OBJECTS_PREFIX):].partition("/")
-        namespace, _, name = rest.rpartition("/")
+        kind, namespace, name = split_object_key(key) or ("", None, "")
         if kind == Service.KIND and namespace:
             release_service_named(store, namespace, name)
         print(f"{key} deleted (it could not be read: {gone.reason})")

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from podnet.dns import wire
 from podnet.dns.wire import AAAA, ANY, CNAME, IN, NS, NXDOMAIN, PTR, SOA, SRV, TXT, A
 from podnet.model.objects import EndpointSlice, KubeObject, Namespace, Pod, Service
+from podnet.store.objects import split_object_key
 
 SCHEMA_VERSION = "1.1.0"
 
@@ -204,11 +205,9 @@ class ClusterIndex:
             if event.object is not None:
                 self.remove(event.object)
                 return
-            parts = event.key.split("/")  # /podnet/objects/<Kind>/<ns>/<name> or .../<Kind>/<name>
-            if len(parts) >= 5:
-                kind = parts[3]
-                ns, name = (parts[4], parts[5]) if len(parts) >= 6 else (None, parts[4])
-                self.remove_key(kind, ns, name)
+            parts = split_object_key(event.key)
+            if parts is not None:
+                self.remove_key(*parts)
         elif event.object is not None:
             self.apply(event.object)
 

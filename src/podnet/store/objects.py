@@ -47,6 +47,19 @@ def key_of(obj: KubeObject) -> str:
     return object_key(type(obj), obj.name, obj.namespace)
 
 
+def split_object_key(key: str) -> tuple[str, str | None, str] | None:
+    """(kind, namespace, name) of an object key, /podnet/objects/<Kind>/[<namespace>/]<name>
+    (namespace None for a cluster-scoped kind); None for any other key."""
+    if not key.startswith(OBJECTS_PREFIX):
+        return None
+    parts = key[len(OBJECTS_PREFIX):].split("/")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    if len(parts) == 2:
+        return parts[0], None, parts[1]
+    return None
+
+
 def stored_form(obj: KubeObject) -> dict:
     data = obj.to_dict()
     data["metadata"].pop("resourceVersion", None)  # the key's revision is the truth
