@@ -148,3 +148,18 @@ def test_kind_names_resolve_like_kubectl():
     assert kind_for("NetworkPolicy").KIND == "NetworkPolicy"
     with pytest.raises(ValueError, match="unknown kind"):
         kind_for("deployment")
+
+
+def test_metadata_fields_the_api_server_sets_are_accepted_and_a_misspelt_one_is_not():
+    import pydantic
+
+    from podnet.model.objects import EndpointSlice
+
+    meta = {"name": "web-x1", "generation": 3, "generateName": "web-", "finalizers": ["a/b"],
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u"}],
+            "managedFields": [{"manager": "kube-controller-manager"}]}
+    sl = EndpointSlice.model_validate({"metadata": meta, "addressType": "IPv4", "endpoints": []})
+    assert sl.name == "web-x1"
+    with pytest.raises(pydantic.ValidationError, match="generaton"):
+        EndpointSlice.model_validate({"metadata": {"name": "x", "generaton": 1}, "addressType": "IPv4",
+                                      "endpoints": []})

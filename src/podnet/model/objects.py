@@ -58,7 +58,11 @@ def check_cidr(value: str) -> str:
         raise ValueError(f"{value!r} is not a valid CIDR ({e})") from None
 
 
-class ObjectMeta(Schema):
+class ObjectMeta(Partial):
+    # what the API server sets or controllers use, which podnet does not read
+    UPSTREAM_ONLY = frozenset({"generation", "generateName", "ownerReferences", "finalizers", "managedFields",
+                               "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"})
+
     name: str
     namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
