@@ -162,9 +162,10 @@ class DnsDataplane(Dataplane):
             return ""
         if self._ensured and not self._drift():
             return ""
+        repair = self._ensured
         self._ensure()
         self._ensured = True
-        return "addresses and NOTRACK rules restored" if full else ""
+        return "addresses and NOTRACK rules restored" if repair else ""
 
     def verify(self) -> list[str]:
         return self._drift() if self._ensured else []
