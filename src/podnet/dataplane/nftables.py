@@ -24,6 +24,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import NftError, nft_apply
@@ -45,9 +46,16 @@ class NftDefinitionError(NftError, ValueError):
     """An object or operation that cannot be rendered safely."""
 
 
+_CHECKED: set[str] = set()  # names already found plain (checked once, then a set lookup)
+
+
 def check_name(name: str, what: str = "name") -> str:
+    if name in _CHECKED:
+        return name
     if not NAME.fullmatch(name):
         raise NftDefinitionError(f"nftables {what} {name!r} is not a plain identifier")
+    if len(_CHECKED) < 1 << 16:
+        _CHECKED.add(name)
     return name
 
 
@@ -80,10 +88,7 @@ class Table:
         return f"{self.family} {self.name}"
 
 
-@dataclass(frozen=True)
-class Chain:
-    """A chain; with a hook it is a base chain (type, hook and priority required)."""
-
+class _ChainFields(NamedTuple):
     name: str
     type: str | None = None
     hook: str | None = None
@@ -91,17 +96,26 @@ class Chain:
     policy: str | None = None
     comment: str | None = None
 
-    def __post_init__(self) -> None:
-        check_name(self.name, "chain")
-        if (self.hook is None) != (self.type is None) or (self.hook is None) != (self.priority is None):
-            raise NftDefinitionError(f"chain {self.name}: a base chain needs type, hook and priority, "
-                                     "a regular chain none of them")
-        if self.hook is not None:
-            check_name(self.type or "", "chain type")
-            check_name(self.hook, "hook")
-            priority_value(self.priority)
-        if self.policy not in (None, "accept", "drop"):
-            raise NftDefinitionError(f"chain {self.name}: policy {self.policy!r}")
+
+class Chain(_ChainFields):
+    """A chain; with a hook it is a base chain (type, hook and priority required).
+    (An immutable tuple: tables hold thousands of chains and rules.)"""
+
+    __slots__ = ()
+
+    def __new__(cls, name: str, type: str | None = None, hook: str | None = None,
+                priority: str | int | None = None, policy: str | None = None, comment: str | None = None):
+        check_name(name, "chain")
+        if hook is not None or type is not None or priority is not None:
+            if hook is None or type is None or priority is None:
+                raise NftDefinitionError(f"chain {name}: a base chain needs type, hook and priority, "
+                                         "a regular chain none of them")
+            check_name(type, "chain type")
+            check_name(hook, "hook")
+            priority_value(priority)
+        if policy not in (None, "accept", "drop"):
+            raise NftDefinitionError(f"chain {name}: policy {policy!r}")
+        return tuple.__new__(cls, (name, type, hook, priority, policy, comment))
 
     def spec(self) -> str:
         if self.hook is None:
@@ -110,17 +124,36 @@ class Chain:
         return f"type {self.type} hook {self.hook} priority {self.priority};{policy}"
 
 
-@dataclass(frozen=True)
-class Rule:
+class _RuleFields(NamedTuple):
     chain: str
     rule: str
     comment: str | None = None
     handle: int | None = None  # replace/delete a rule, or add after / insert before it
 
-    def __post_init__(self) -> None:
-        check_name(self.chain, "chain")
-        if not self.rule or UNSAFE_RULE.search(self.rule):
-            raise NftDefinitionError(f"rule text {self.rule!r} in chain {self.chain} is not safe to render")
+
+class Rule(_RuleFields):
+    """One rule of a chain, as nft text (an immutable tuple, checked when made)."""
+
+    __slots__ = ()
+
+    def __new__(cls, chain: str, rule: str, comment: str | None = None, handle: int | None = None):
+        if chain not in _CHECKED:
+            check_name(chain, "chain")
+        if not rule or UNSAFE_RULE.search(rule):
+            raise NftDefinitionError(f"rule text {rule!r} in chain {chain} is not safe to render")
+        return tuple.__new__(cls, (chain, rule, comment, handle))
+
+    @classmethod
+    def many(cls, chain: str, rules: Iterable[str]) -> list[Rule]:
+        """Rules of one chain, checked together (a chain's rules, in order)."""
+        texts = list(rules)
+        if chain not in _CHECKED:
+            check_name(chain, "chain")
+        if not all(texts) or UNSAFE_RULE.search(" ".join(texts)):
+            for text in texts:
+                cls(chain, text)  # raises, naming the rule
+        new = tuple.__new__
+        return [new(cls, (chain, text, None, None)) for text in texts]
 
 
 @dataclass(frozen=True)
@@ -209,6 +242,9 @@ class Transaction:
         return len(self.ops)
 
     def _op(self, verb: str, obj: Object) -> None:
+        if verb == "add" and type(obj) is Rule:  # the common case first
+            self.ops.append((verb, obj))
+            return
         if isinstance(obj, Rule):
             if verb in ("replace", "delete") and obj.handle is None:
                 raise NftDefinitionError(f"{verb} rule needs the rule's handle")
@@ -228,6 +264,10 @@ class Transaction:
     def add(self, obj: Object) -> None:
         """Make obj exist (no error if it does); a rule is appended (after `handle` if given)."""
         self._op("add", obj)
+
+    def add_all(self, objs: Iterable[Object]) -> None:
+        for obj in objs:
+            self._op("add", obj)
 
     def create(self, obj: Object) -> None:
         """Like add, but it is an error if obj exists already."""
@@ -260,19 +300,21 @@ class Transaction:
         t = self.table.ref
         out: list[str] = []
         for verb, obj in self.ops:
-            if isinstance(obj, Elements):
+            if type(obj) is Rule:
+                where = f" handle {obj.handle}" if obj.handle is not None else ""
+                if verb == "delete":
+                    out.append(f"delete rule {t} {obj.chain}{where}")
+                elif obj.comment:
+                    out.append(f"{verb} rule {t} {obj.chain}{where} {obj.rule}{_comment(obj.comment)}")
+                else:
+                    out.append(f"{verb} rule {t} {obj.chain}{where} {obj.rule}")
+            elif isinstance(obj, Elements):
                 items = obj.items if verb != "delete" else [i.partition(" : ")[0] for i in obj.items]
                 for i in range(0, len(items), CHUNK):
                     body = ", ".join(items[i:i + CHUNK])
                     if not ELEMENT_TEXT.fullmatch(body):
                         raise NftDefinitionError(f"elements of {obj.of.name} are not safe to render")
                     out.append(f"{verb} element {t} {obj.of.name} {{ {body} }}")
-            elif isinstance(obj, Rule):
-                where = f" handle {obj.handle}" if obj.handle is not None else ""
-                if verb == "delete":
-                    out.append(f"delete rule {t} {obj.chain}{where}")
-                else:
-                    out.append(f"{verb} rule {t} {obj.chain}{where} {obj.rule}{_comment(obj.comment)}")
             elif isinstance(obj, Set):
                 if verb in ("add", "create"):
                     out.append(f"{verb} {obj.kind} {t} {obj.name} {{ {obj.decl()} }}")
@@ -323,7 +365,9 @@ class NftRunner:
 
     def __init__(self, run: Callable[[str], None] = nft_apply, commit: Callable[[nl.Batch], None] | None = None):
         self.run_script = run
-        self.commit = commit or self._netlink_commit
+        # element-only transactions go by netlink, without an nft process; a substituted
+        # `run` (tests, dry runs) gets every transaction as text unless `commit` is given too
+        self.commit = commit or (self._netlink_commit if run is nft_apply else None)
         self._netlink: nl.Netlink | None = None
 
     def _netlink_commit(self, batch: nl.Batch) -> None:
@@ -335,7 +379,7 @@ class NftRunner:
         """"netlink", "nft", or "" for an empty transaction."""
         if not tx.ops:
             return ""
-        batch = tx.batch()
+        batch = tx.batch() if self.commit is not None else None
         if batch is not None:
             self.commit(batch)
             return "netlink"

@@ -18,35 +18,44 @@ every command.
 
 from __future__ import annotations
 
-import json
 import logging
-import socket
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from podnet.dataplane import nfnetlink as nl
-from podnet.dataplane.nft import NftError, nft_apply, nft_list
+from podnet.dataplane.nft import NftError, nft_apply
+from podnet.dataplane.nftables import (
+    Chain,
+    Elements,
+    NftRunner,
+    Ruleset,
+    Transaction,
+    canonical_element,
+    declared_types,
+    read_ruleset,
+)
 from podnet.errors import PodnetError
 from podnet.model.objects import Namespace, NetworkPolicy, Pod
 from podnet.policy.compiler import (
     DIRECTIONS,
     DISPATCH,
+    DISPATCH_MAPS,
     EMPTY_STATE,
+    POLICY_TABLE,
     TABLE,
     PolicyCompiler,
     PolicyState,
+    chain_rule_objects,
     chain_rules,
-    chunks,
     dispatch_elements,
-    render_full,
-    render_set_decl,
+    full_transaction,
+    set_for,
+    set_object,
 )
-from podnet.policy.model import InputCache, interval_of
+from podnet.policy.model import InputCache
 
 log = logging.getLogger(__name__)
-T = f"ip {TABLE}"
 
 
 class PolicyApplyError(PodnetError):
@@ -115,133 +124,120 @@ def structure_changes(old: PolicyState, new: PolicyState) -> bool:
                for n, c in new.policy_chains.items())
 
 
-def render_diff(old: PolicyState, new: PolicyState, ch: PolicyChanges | None = None,
-                changes: list[ElementChange] | None = None) -> str:
-    """Commands turning `old` into `new` ("" if they are the same); `changes`: their
-    element_changes, if already known."""
+def diff_transaction(old: PolicyState, new: PolicyState, ch: PolicyChanges | None = None,
+                     changes: list[ElementChange] | None = None) -> Transaction:
+    """One transaction turning `old` into `new` (empty if they are the same); `changes`:
+    their element_changes, if already known."""
     ch = ch if ch is not None else PolicyChanges()
-    lines: list[str] = []
+    tx = Transaction(POLICY_TABLE)
     changed = {c.name: c for c in (element_changes(old, new) if changes is None else changes)}
     # 1. sets and their elements
     for name, s in new.sets.items():
         o = old.sets.get(name)
         if o is s:
             continue
+        obj = set_object(s)
         if o is None or o.kind != s.kind:
             if o is not None:  # same name, other type: cannot happen with hashed names, but be safe
                 raise PolicyApplyError(f"set {name} changed type")
-            lines.append(f"add set {T} {name} {{ {render_set_decl(s)} }}")
+            tx.add(obj)
             ch.sets_added += 1
             add, rem = sorted(s.elements), []
         else:
             c = changed.get(name)
             add, rem = (c.add, c.remove) if c else ([], [])
-        for batch in chunks(rem):
-            lines.append(f"delete element {T} {name} {{ {', '.join(batch)} }}")
-        for batch in chunks(add):
-            lines.append(f"add element {T} {name} {{ {', '.join(batch)} }}")
+        tx.delete(Elements(obj, rem))
+        tx.add(Elements(obj, add))
         ch.elements_added += len(add)
         ch.elements_removed += len(rem)
     # 2. chains: create new ones empty, so jumps between them resolve in any order
     new_chains = [n for n in (*new.policy_chains, *new.groups) if n not in old.policy_chains and n not in old.groups]
     for name in new_chains:
-        lines.append(f"add chain {T} {name}")
+        tx.add(Chain(name))
     ch.chains_added += len(new_chains)
     for name in new_chains:
-        for rule in chain_rules(new, name):
-            lines.append(f"add rule {T} {name} {rule}")
+        for rule in chain_rule_objects(new, name):
+            tx.add(rule)
     # 3. policy chains whose rules changed (group chains are named by their content)
     for name, c in new.policy_chains.items():
         o = old.policy_chains.get(name)
         if o is not None and o is not c and o.rules != c.rules:
-            lines.append(f"flush chain {T} {name}")
-            for rule in chain_rules(new, name):
-                lines.append(f"add rule {T} {name} {rule}")
+            tx.flush(Chain(name))
+            for rule in chain_rule_objects(new, name):
+                tx.add(rule)
             ch.chains_rewritten += 1
     # 4. dispatch: a changed pod is deleted and added again (one transaction: never open)
     for d in DIRECTIONS:
         c = changed.get(DISPATCH[d])
         if c is None:
             continue
-        for batch in chunks(c.remove):
-            lines.append(f"delete element {T} {DISPATCH[d]} {{ {', '.join(batch)} }}")
-        for batch in chunks(c.add):
-            lines.append(f"add element {T} {DISPATCH[d]} {{ {', '.join(batch)} }}")
+        tx.delete(Elements(DISPATCH_MAPS[d], c.remove))
+        tx.add(Elements(DISPATCH_MAPS[d], c.add))
         ch.dispatch_changed += len(set(c.remove) | {e.split(" : ")[0] for e in c.add})
     # 5. what nothing refers to any more: group chains, then policy chains, then sets
-    for group in (g for g in old.groups if g not in new.groups):
-        lines += [f"flush chain {T} {group}", f"delete chain {T} {group}"]
-        ch.chains_removed += 1
-    for pc in (c for c in old.policy_chains if c not in new.policy_chains):
-        lines += [f"flush chain {T} {pc}", f"delete chain {T} {pc}"]
+    for name in (*(g for g in old.groups if g not in new.groups),
+                 *(c for c in old.policy_chains if c not in new.policy_chains)):
+        tx.flush(Chain(name))
+        tx.delete(Chain(name))
         ch.chains_removed += 1
     for name in (s for s in old.sets if s not in new.sets):
-        lines.append(f"delete set {T} {name}")
+        tx.delete(set_object(old.sets[name]))
         ch.sets_removed += 1
-    ch.commands = len(lines)
-    return "\n".join(lines) + "\n" if lines else ""
+    ch.commands = len(tx)
+    return tx
+
+
+def render_diff(old: PolicyState, new: PolicyState, ch: PolicyChanges | None = None,
+                changes: list[ElementChange] | None = None) -> str:
+    """diff_transaction as nft text ("" if the states are the same)."""
+    return diff_transaction(old, new, ch, changes).script()
 
 
 def element_batch(changes: list[ElementChange]) -> nl.Batch | None:
     """The element-only diff as one netlink transaction (deletions, then additions);
     None when an interval set changes (its elements are ranges: left to nft)."""
-    if any(c.kind == "cidr" for c in changes):
-        return None
-    batch = nl.Batch()
+    tx = Transaction(POLICY_TABLE)
     for c in changes:
-        if c.remove:
-            batch.delete_elements(TABLE, c.name, [nl.element(_key(c.kind, k)) for k in c.remove])
+        tx.delete(Elements(_element_set(c), c.remove))
     for c in changes:
-        if c.add:
-            if c.kind == "dispatch":
-                items = [e.split(" : ", 1) for e in c.add]
-                batch.add_elements(TABLE, c.name, [nl.element(_key("addr", ip), nl.verdict(v)) for ip, v in items])
-            else:
-                batch.add_elements(TABLE, c.name, [nl.element(_key(c.kind, e)) for e in c.add])
-    return batch
+        tx.add(Elements(_element_set(c), c.add))
+    return tx.batch()
 
 
-def _key(kind: str, text: str) -> bytes:
-    """`ip` or `ip . port` -> the kernel's key bytes (a port is padded to 32 bits)."""
-    if kind == "addrport":
-        ip, _, port = text.partition(" . ")
-        return socket.inet_aton(ip) + struct.pack("!H2x", int(port))
-    return socket.inet_aton(text.partition(" : ")[0])
+def _element_set(c: ElementChange):
+    if c.kind == "dispatch":
+        return next(m for m in DISPATCH_MAPS.values() if m.name == c.name)
+    return set_for(c.name, c.kind)
 
 
 class PolicyApplier:
-    """Keeps the kernel's table equal to the last state applied."""
+    """Keeps the kernel's table equal to the last state applied. `nft` runs transactions
+    (an NftRunner, or the fake of the tests); `run`/`commit` build an NftRunner."""
 
-    def __init__(self, run: Callable[[str], None] = nft_apply, commit: Callable[[nl.Batch], None] | None = None):
-        self.run = run
-        # element-only diffs go by netlink, without an nft process; a substituted `run`
-        # (tests, dry runs) gets every diff as text unless `commit` is given too
-        self.commit = commit or (self._netlink_commit if run is nft_apply else None)
-        self._netlink: nl.Netlink | None = None
+    def __init__(self, run: Callable[[str], None] = nft_apply, commit: Callable[[nl.Batch], None] | None = None,
+                 nft=None):
+        self.nft = nft if nft is not None else NftRunner(run, commit)
         self.applied: PolicyState | None = None  # None: unknown, the next apply rewrites the table
 
-    def _netlink_commit(self, batch: nl.Batch) -> None:
-        if self._netlink is None:
-            self._netlink = nl.Netlink()  # in the network namespace of the first use
-        self._netlink.commit(batch)
+    @property
+    def run(self) -> Callable[[str], None]:
+        return self.nft.run_script
+
+    @run.setter
+    def run(self, run: Callable[[str], None]) -> None:
+        self.nft.run_script = run
 
     def apply(self, desired: PolicyState) -> PolicyChanges:
         start = time.perf_counter()
         ch = PolicyChanges()
         if self.applied is not None:
             changes = element_changes(self.applied, desired)
-            script = render_diff(self.applied, desired, ch, changes)
-            if not script:
+            tx = diff_transaction(self.applied, desired, ch, changes)
+            if not tx:
                 self.applied = desired
                 return ch
             try:
-                batch = None if self.commit is None or structure_changes(self.applied, desired) else \
-                    element_batch(changes)
-                if batch is not None and self.commit is not None:
-                    self.commit(batch)
-                    ch.netlink = True
-                else:
-                    self.run(script)
+                ch.netlink = self.nft.apply(tx) == "netlink"
                 self.applied = desired
                 ch.seconds = time.perf_counter() - start
                 return ch
@@ -249,14 +245,14 @@ class PolicyApplier:
                 # the kernel's table is not what we applied: rewrite it whole
                 log.warning("policy diff refused, rewriting the table: %s", e)
                 ch = PolicyChanges(errors=[str(e)])
-        script = render_full(desired)
+        tx = full_transaction(desired)
         ch.full = True
-        ch.commands = script.count("\n")
+        ch.commands = len(tx)
         ch.sets_added = len(desired.sets)
         ch.elements_added = desired.element_count()
         ch.chains_added = len(desired.policy_chains) + len(desired.groups)
         try:
-            self.run(script)
+            self.nft.apply(tx)
         except NftError as e:
             self.applied = None
             raise PolicyApplyError(f"policy table not updated, the previous ruleset stays: {e}") from None
@@ -268,50 +264,37 @@ class PolicyApplier:
 # ------------------------------------------------------------------ kernel read-back
 
 
-def _elem_text(e) -> str:
-    if isinstance(e, dict):
-        if "elem" in e:
-            return _elem_text(e["elem"]["val"])
-        if "prefix" in e:
-            p = e["prefix"]
-            return f"{p['addr']}/{p['len']}"
-        if "range" in e:
-            a, b = e["range"]
-            return f"{a}-{b}"
-        if "concat" in e:
-            return " . ".join(str(_elem_text(x)) for x in e["concat"])
-    return str(e)
+def read_policy_table() -> Ruleset | None:
+    """The policy table of the current network namespace, by netlink dumps."""
+    link = nl.Netlink()
+    try:
+        return read_ruleset(link, TABLE)
+    finally:
+        link.close()
 
 
-def kernel_view(listing: str) -> dict:
-    """What `nft -j list table ip podnet-policy` shows: set elements, chain rule counts, dispatch."""
-    doc = json.loads(listing)
+def kernel_view(table: Ruleset | None) -> dict:
+    """A table read back: set elements, chain rule counts, dispatch (pod address -> chain)."""
     sets: dict[str, frozenset[str]] = {}
-    chains: dict[str, int] = {}
     dispatch: dict[str, dict[str, str]] = {d: {} for d in DIRECTIONS}
     by_map = {DISPATCH[d]: d for d in DIRECTIONS}
-    for item in doc.get("nftables", []):
-        if "set" in item:
-            s = item["set"]
-            sets[s["name"]] = frozenset(_elem_text(e) for e in s.get("elem", []))
-        elif "map" in item:
-            m = item["map"]
-            if m["name"] in by_map:
-                for key, verdict in m.get("elem", []):
-                    target = verdict.get("jump", {}).get("target") if isinstance(verdict, dict) else None
-                    dispatch[by_map[m["name"]]][_elem_text(key)] = target or "?"
-        elif "chain" in item:
-            chains.setdefault(item["chain"]["name"], 0)
-        elif "rule" in item:
-            name = item["rule"]["chain"]
-            chains[name] = chains.get(name, 0) + 1
-    return {"sets": sets, "chains": chains, "dispatch": dispatch}
+    if table is None:
+        return {"sets": sets, "chains": {}, "dispatch": dispatch}
+    for name, s in table.sets.items():
+        if name in by_map:
+            for e in s.elements:
+                ip, _, verdict = e.partition(" : ")
+                word, _, target = verdict.partition(" ")
+                dispatch[by_map[name]][ip] = target if word == "jump" and target else "?"
+        else:
+            sets[name] = frozenset(s.elements)
+    return {"sets": sets, "chains": table.rule_counts(), "dispatch": dispatch}
 
 
-def _norm(kind: str, elements: Iterable[str]) -> frozenset:
-    if kind == "cidr":
-        return frozenset(interval_of(e) for e in elements)
-    return frozenset(elements)
+def _norm(s, elements: Iterable[str]) -> frozenset:
+    """Elements as the kernel shows them (an interval as its prefixes)."""
+    types = declared_types(set_object(s))
+    return frozenset(c for e in elements for c in canonical_element(types, e))
 
 
 def compare_with_kernel(state: PolicyState, view: dict) -> list[str]:
@@ -321,7 +304,7 @@ def compare_with_kernel(state: PolicyState, view: dict) -> list[str]:
         got = view["sets"].get(name)
         if got is None:
             out.append(f"set {name} missing")
-        elif _norm(s.kind, got) != _norm(s.kind, s.elements):
+        elif _norm(s, got) != _norm(s, s.elements):
             out.append(f"set {name}: {len(got)} elements in the kernel, {len(s.elements)} expected")
     for name in view["sets"]:
         if name not in state.sets:
@@ -345,13 +328,15 @@ def compare_with_kernel(state: PolicyState, view: dict) -> list[str]:
 
 class PolicyProgrammer:
     """`sync(pods, namespaces, policies, local_pod_ips)` after any change (or on a timer);
-    `verify()` now and then to catch a table changed behind podnet's back."""
+    `verify()` now and then to catch a table changed behind podnet's back. `reader`
+    returns the table as the kernel holds it (default: netlink dumps in this namespace)."""
 
-    def __init__(self, run: Callable[[str], None] = nft_apply, lister: Callable[[str], str] = nft_list):
+    def __init__(self, run: Callable[[str], None] = nft_apply, nft=None,
+                 reader: Callable[[], Ruleset | None] = read_policy_table):
         self.inputs = InputCache()
         self.compiler = PolicyCompiler()
-        self.applier = PolicyApplier(run)
-        self.lister = lister
+        self.applier = PolicyApplier(run, nft=nft)
+        self.reader = reader
         self.state: PolicyState = EMPTY_STATE
 
     def sync(
@@ -371,11 +356,12 @@ class PolicyProgrammer:
         if self.applier.applied is None:
             return ["nothing applied yet"]
         try:
-            view = kernel_view(self.lister(f"-j list table {T}"))
-        except (NftError, ValueError) as e:
+            table = self.reader()
+        except (NftError, OSError) as e:
             diffs = [f"table unreadable: {e}"]
         else:
-            diffs = compare_with_kernel(self.applier.applied, view)
+            diffs = ["table missing"] if table is None else compare_with_kernel(self.applier.applied,
+                                                                                  kernel_view(table))
         if diffs:
             self.applier.applied = None
         return diffs

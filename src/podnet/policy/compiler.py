@@ -33,10 +33,11 @@ changed objects touch) but its output is a pure function of its last input:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from podnet.dataplane.nftables import Chain, Elements, Map, Set, Table, Transaction
+from podnet.dataplane.nftables import Rule as NftRule
 from podnet.policy.model import (
     CidrPeer,
     Inputs,
@@ -459,15 +460,29 @@ class PolicyCompiler:
         return s
 
 
-# ------------------------------------------------------------------ rendering
+# ------------------------------------------------------------------ rendering (the typed nftables layer)
+
+POLICY_TABLE = Table(TABLE)
+SET_TYPES = {
+    "addr": {"type": "ipv4_addr"},
+    "cidr": {"type": "ipv4_addr", "flags": ("interval",)},
+    "addrport": {"type": "ipv4_addr . inet_service"},
+}
+DISPATCH_MAPS = {d: Map(DISPATCH[d], type="ipv4_addr : verdict") for d in DIRECTIONS}
+
+
+@lru_cache(maxsize=1 << 14)
+def set_for(name: str, kind: str) -> Set:
+    return Set(name, **SET_TYPES[kind])  # type: ignore[arg-type]
+
+
+def set_object(s: SetDef) -> Set:
+    """The nftables set of a peer or named-port set."""
+    return set_for(s.name, s.kind)
 
 
 def render_set_decl(s: SetDef) -> str:
-    if s.kind == "addr":
-        return "type ipv4_addr;"
-    if s.kind == "cidr":
-        return "type ipv4_addr; flags interval;"
-    return "type ipv4_addr . inet_service;"
+    return set_object(s).decl()
 
 
 def render_rule(direction: str, r: Rule) -> str:
@@ -497,53 +512,49 @@ def chain_rules(state: PolicyState, name: str) -> list[str]:
     return [f"jump {c}" for c in g.policy_chains] + ["drop"]
 
 
-def base_chain_body(direction: str) -> list[str]:
+def chain_rule_objects(state: PolicyState, name: str) -> list[NftRule]:
+    return NftRule.many(name, chain_rules(state, name))
+
+
+def base_chain(direction: str) -> Chain:
+    return Chain(direction, type="filter", hook="forward", priority=BASE_PRIORITY[direction], policy="accept")
+
+
+def base_chain_rules(direction: str) -> list[NftRule]:
     addr = "daddr" if direction == INGRESS else "saddr"
-    return [
-        f"type filter hook forward priority {BASE_PRIORITY[direction]}; policy accept;",
-        "ct state established,related accept",
-        f"ip {addr} vmap @{DISPATCH[direction]}",
-    ]
-
-
-def chunks(items: Iterable[str], size: int = 2000) -> Iterable[list[str]]:
-    batch: list[str] = []
-    for it in items:
-        batch.append(it)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    return [NftRule(direction, "ct state established,related accept"),
+            NftRule(direction, f"ip {addr} vmap @{DISPATCH[direction]}")]
 
 
 def dispatch_elements(d: dict[str, str]) -> list[str]:
     return [f"{ip} : jump {chain}" for ip, chain in sorted(d.items())]
 
 
-def render_full(state: PolicyState) -> str:
-    """A script that replaces the whole table in one transaction."""
-    t = f"ip {TABLE}"
-    lines = [f"table {t}", f"delete table {t}", f"add table {t}"]
+def full_transaction(state: PolicyState) -> Transaction:
+    """One transaction that replaces the whole table."""
+    tx = Transaction(POLICY_TABLE)
+    tx.recreate()
     for s in state.sets.values():
-        lines.append(f"add set {t} {s.name} {{ {render_set_decl(s)} }}")
-        for batch in chunks(sorted(s.elements)):
-            lines.append(f"add element {t} {s.name} {{ {', '.join(batch)} }}")
+        obj = set_object(s)
+        tx.add(obj)
+        tx.add(Elements(obj, sorted(s.elements)))
     for d in DIRECTIONS:
-        lines.append(f"add map {t} {DISPATCH[d]} {{ type ipv4_addr : verdict; }}")
+        tx.add(DISPATCH_MAPS[d])
     # chains first (empty), so jumps can point at any of them; then rules; then dispatch
     names = [*state.policy_chains, *state.groups]
     for name in names:
-        lines.append(f"add chain {t} {name}")
+        tx.add(Chain(name))
     for name in names:
-        for rule in chain_rules(state, name):
-            lines.append(f"add rule {t} {name} {rule}")
+        tx.add_all(chain_rule_objects(state, name))
     for d in DIRECTIONS:
-        for batch in chunks(dispatch_elements(state.dispatch[d])):
-            lines.append(f"add element {t} {DISPATCH[d]} {{ {', '.join(batch)} }}")
+        tx.add(Elements(DISPATCH_MAPS[d], dispatch_elements(state.dispatch[d])))
     for d in (EGRESS, INGRESS):
-        body = base_chain_body(d)
-        lines.append(f"add chain {t} {d} {{ {body[0]} }}")
-        for rule in body[1:]:
-            lines.append(f"add rule {t} {d} {rule}")
-    return "\n".join(lines) + "\n"
+        tx.add(base_chain(d))
+        for rule in base_chain_rules(d):
+            tx.add(rule)
+    return tx
+
+
+def render_full(state: PolicyState) -> str:
+    """A script that replaces the whole table in one transaction."""
+    return full_transaction(state).script()
