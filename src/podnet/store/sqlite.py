@@ -6,10 +6,17 @@ concurrent CNI invocations serialise and none is lost. A change log (one row per
 key change, tagged with its revision) feeds watches; watchers poll it cheaply
 through `PRAGMA data_version`, which only changes when another connection
 commits.
+
+Faults are StoreUnavailable errors of one line naming the file: a writer lock held
+elsewhere for longer than BUSY_TIMEOUT ("store PATH is locked by another writer"), and
+SQLite's own error otherwise (a full disk, a read-only file system), never a traceback.
+When SQLite has already rolled a transaction back (it does on a full disk), no ROLLBACK
+is issued on top of it: that would hide the real error behind "no transaction is active".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -44,7 +51,10 @@ INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
 HISTORY_KEPT = 200_000
 COMPACT_EVERY = 5_000
 WATCH_POLL_SECONDS = 0.02
-OPEN_TIMEOUT = 60.0
+# Seconds a write waits for the writer lock another process holds (and an open for a new
+# file's first write), then fails naming the store: writes take milliseconds, so a lock
+# held this long is a stuck or long-running writer, not contention.
+BUSY_TIMEOUT = float(os.environ.get("PODNET_STORE_BUSY_TIMEOUT") or 10.0)
 
 
 # One writer lock per database file and process. SQLite admits one writer at a time;
@@ -79,15 +89,16 @@ class SQLiteStore(KeyValueStore):
 
     def _connect(self) -> sqlite3.Connection:
         parent = os.path.dirname(os.path.abspath(self.path))
-        deadline = time.monotonic() + OPEN_TIMEOUT
+        deadline = time.monotonic() + BUSY_TIMEOUT
         while True:
             db = None
             try:
                 os.makedirs(parent, exist_ok=True)
-                db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+                db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA busy_timeout=60000")
                 if not db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
                     # One script in one write transaction: concurrent first openers serialise.
                     db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
@@ -97,37 +108,78 @@ class SQLiteStore(KeyValueStore):
                     db.close()
                 # Switching a new file to WAL needs an exclusive lock, and SQLite reports that
                 # contention at once instead of waiting: concurrent first openers try again.
-                busy = isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
-                if not busy or time.monotonic() > deadline:
-                    raise StoreUnavailable(f"cannot open store {self.path}: {e}") from None
+                if not _busy(e):
+                    raise StoreUnavailable(f"cannot open store {self.path}: {e}{self._why()}") from None
+                if time.monotonic() > deadline:
+                    raise self._locked() from None
                 time.sleep(random.uniform(0.005, 0.05))
+
+    def _locked(self) -> StoreUnavailable:
+        return StoreUnavailable(f"store {self.path} is locked by another writer "
+                                f"(waited {BUSY_TIMEOUT:g} s; PODNET_STORE_BUSY_TIMEOUT sets how long)")
+
+    def _fault(self, e: sqlite3.Error) -> StoreUnavailable:
+        """The one-line error for what SQLite reported."""
+        if _busy(e):
+            return self._locked()
+        return StoreUnavailable(f"store {self.path}: {e}{self._why()}")
+
+    def _why(self) -> str:
+        """What SQLite's message leaves out, when it is the file system."""
+        try:
+            if os.statvfs(os.path.dirname(os.path.abspath(self.path))).f_flag & os.ST_RDONLY:
+                return " (the file system holding it is mounted read-only)"
+        except OSError:
+            pass
+        return ""
+
+    @contextlib.contextmanager
+    def _faults(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise self._fault(e) from None
 
     def close(self) -> None:
         self._db.close()
 
     def revision(self) -> int:
-        return self._db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+        with self._faults():
+            return self._db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
 
     def get(self, key: str) -> Record | None:
-        row = self._db.execute("SELECT value, mod_rev, create_rev FROM kv WHERE key=?", (key,)).fetchone()
+        with self._faults():
+            row = self._db.execute("SELECT value, mod_rev, create_rev FROM kv WHERE key=?", (key,)).fetchone()
         return Record(key, json.loads(row[0]), row[1], row[2]) if row else None
 
     def list(self, prefix: str) -> tuple[list[Record], int]:
         db = self._db
-        db.execute("BEGIN")  # one snapshot for the rows and the revision
-        try:
-            rows = db.execute(
-                "SELECT key, value, mod_rev, create_rev FROM kv WHERE key >= ? AND key < ? ORDER BY key",
-                (prefix, prefix_end(prefix)),
-            ).fetchall()
-            rev = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
-        finally:
-            db.execute("COMMIT")
+        with self._faults():
+            db.execute("BEGIN")  # one snapshot for the rows and the revision
+            try:
+                rows = db.execute(
+                    "SELECT key, value, mod_rev, create_rev FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                    (prefix, prefix_end(prefix)),
+                ).fetchall()
+                rev = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+            finally:
+                self._end_read()
         return [Record(k, json.loads(v), m, c) for k, v, m, c in rows], rev
 
+    def _end_read(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+
     def txn(self, ops: list[Op]) -> int:
-        with self._writer:
+        with self._writer, self._faults():
             return self._txn(ops)
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, unless SQLite already did (a full disk, an I/O
+        error): then the error that made it do so is the one to report."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def _txn(self, ops: list[Op]) -> int:
         db = self._db
@@ -157,7 +209,7 @@ class SQLiteStore(KeyValueStore):
             db.execute("COMMIT")
             return rev
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def _compact(self, upto: int) -> None:
@@ -166,10 +218,14 @@ class SQLiteStore(KeyValueStore):
 
     def compact(self, upto: int) -> None:
         """Drop change history up to and including revision `upto`."""
-        with self._writer:
+        with self._writer, self._faults():
             self._db.execute("BEGIN IMMEDIATE")
-            self._compact(upto)
-            self._db.execute("COMMIT")
+            try:
+                self._compact(upto)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
 
     def watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
         db = self._connect()  # a watch blocks: it must not share the caller's connection
@@ -202,6 +258,11 @@ class SQLiteStore(KeyValueStore):
                 next_rev = max(next_rev, head + 1)
         finally:
             db.close()
+
+
+def _busy(e: BaseException) -> bool:
+    """SQLite's SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock."""
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
 
 __all__ = ["SQLiteStore", "NotFound"]
