@@ -105,3 +105,11 @@ class ObjectCache:
     def blocks(self) -> list[dict]:
         with self._lock:
             return list(self._blocks.values())
+
+    def blocks_by_key(self) -> dict[str, dict]:
+        with self._lock:
+            return dict(self._blocks)
+
+    def block(self, key: str) -> dict | None:
+        with self._lock:
+            return self._blocks.get(key)

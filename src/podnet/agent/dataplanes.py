@@ -5,18 +5,19 @@ contract of agent/contract.py."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from pyroute2 import IPRoute
 
 from podnet.agent.cache import ObjectCache
 from podnet.agent.contract import Dataplane, kind_of
-from podnet.agent.view import routing_inputs
+from podnet.agent.view import PoolIndex, block_routing, nat_config, node_addresses, vxlan_in_use
 from podnet.dataplane.localdns import DNS_TABLE, DnsAddresses
 from podnet.dataplane.nat import NatProgrammer, read_nat
 from podnet.dataplane.nfnetlink import Netlink
 from podnet.dataplane.routes import RouteProgrammer
-from podnet.dataplane.routing import VXLAN_OVERHEAD, desired_routing
+from podnet.dataplane.routing import VXLAN_OVERHEAD, DesiredRouting, Route, desired_routing
 from podnet.errors import PodnetError
 from podnet.model.objects import IPPool, Namespace, NetworkPolicy, Node, Pod
 from podnet.store.objects import ObjectEvent
@@ -25,9 +26,12 @@ log = logging.getLogger("podnet.agent")
 
 
 class RoutesDataplane(Dataplane):
-    """Cross-node routes, the VXLAN device and its neighbour/FDB entries. Every sync
-    reconciles against a dump of podnet's routes, so it repairs drift as it goes;
-    verify() names what differs for the logs and the drift metric."""
+    """Cross-node routes, the VXLAN device and its neighbour/FDB entries.
+
+    Each block's share of the routes is computed when that block changes (a new block
+    on another node: one share, one route), and all of them again only when the pools
+    or the nodes' addresses change. Between full resyncs the programmer sends only the
+    difference from what it applied; a full resync reads the kernel back and repairs."""
 
     name = "routes"
     kinds = frozenset({"Node", "IPPool", "Block"})
@@ -37,34 +41,66 @@ class RoutesDataplane(Dataplane):
         self.cache = cache
         self.programmer = programmer
         self.mtu = 1500
-        self._desired = None
+        self._lock = threading.Lock()
+        self._dirty_blocks: set[str] = set()
+        self._shares: dict[str, tuple[frozenset[Route], frozenset[tuple[str, str]]]] = {}
+        self._inputs: tuple | None = None  # the pools and node addresses the shares were computed with
+
+    def on_event(self, ev: ObjectEvent) -> bool:
+        kind = kind_of(ev.key)
+        if kind == "Block":
+            with self._lock:
+                self._dirty_blocks.add(ev.key)
+        return kind in self.kinds
 
     def sync(self, full: bool) -> str:
-        view = routing_inputs(self.cache.blocks(), self.cache.list(IPPool), self.cache.list(Node))
-        _, underlay_mtu = self.programmer.underlay()
-        self.mtu = underlay_mtu - VXLAN_OVERHEAD if view.vxlan_in_use else underlay_mtu
-        desired = desired_routing(self.node, view.blocks, view.borrowed, view.node_ips, view.vxlan_in_use,
-                                  local_ip=self.programmer.node_ip)
-        changes = self.programmer.apply(desired)
-        self._desired = desired
+        pools = self.cache.list(IPPool)
+        node_ips = node_addresses(self.cache.list(Node))
+        vxlan = vxlan_in_use(pools)
+        inputs = (sorted(pools, key=lambda p: p.name), node_ips, vxlan)
+        with self._lock:
+            dirty, self._dirty_blocks = self._dirty_blocks, set()
+        try:
+            if full or inputs != self._inputs:
+                _, underlay_mtu = self.programmer.underlay()
+                self.mtu = underlay_mtu - VXLAN_OVERHEAD if vxlan else underlay_mtu
+                index = PoolIndex(pools)
+                self._shares = {key: self._share(b, index, node_ips, vxlan)
+                                for key, b in self.cache.blocks_by_key().items()}
+                self._inputs = inputs
+            elif dirty:
+                index = PoolIndex(pools)
+                for key in dirty:
+                    b = self.cache.block(key)
+                    if b is None:
+                        self._shares.pop(key, None)
+                    else:
+                        self._shares[key] = self._share(b, index, node_ips, vxlan)
+            desired = DesiredRouting(frozenset().union(*(r for r, _ in self._shares.values())),
+                                     frozenset().union(*(v for _, v in self._shares.values())), vxlan)
+            changes = self.programmer.apply(desired, full=full)
+        except BaseException:
+            self._inputs = None  # recompute every share next time
+            raise
         if changes.errors:
-            raise PodnetError("; ".join(changes.errors))
+            self._inputs = None
+            raise PodnetError("; ".join(changes.errors[:5]) + (
+                f" (+{len(changes.errors) - 5} more)" if len(changes.errors) > 5 else ""))
         for line in changes.added:
             log.debug("added %s", line)
         for line in changes.removed:
             log.debug("removed %s", line)
         return f"+{len(changes.added)} -{len(changes.removed)} routing entries" if changes.count else ""
 
+    def _share(self, block: dict, pools: PoolIndex, node_ips: dict[str, str], vxlan: bool,
+               ) -> tuple[frozenset[Route], frozenset[tuple[str, str]]]:
+        owner, borrowed = block_routing(block, pools)
+        d = desired_routing(self.node, [owner] if owner else [], borrowed, node_ips, vxlan,
+                            local_ip=self.programmer.node_ip)
+        return d.routes, d.vteps
+
     def verify(self) -> list[str]:
-        desired = self._desired
-        if desired is None:
-            return []
-        vx = self.programmer.vxlan_index()
-        if desired.vxlan and vx is None:
-            return ["the VXLAN device is missing"]
-        current = set(self.programmer.current_routes(vx))
-        return ([f"route {r.dst} missing" for r in sorted(desired.routes - current)]
-                + [f"route {r.dst} not podnet's" for r in sorted(current - desired.routes)])
+        return self.programmer.drift()
 
 
 class NatDataplane(Dataplane):
@@ -78,8 +114,7 @@ class NatDataplane(Dataplane):
         self.programmer = programmer or NatProgrammer()
 
     def sync(self, full: bool) -> str:
-        view = routing_inputs([], self.cache.list(IPPool), [])
-        return "table updated" if self.programmer.apply(view.nat) else ""
+        return "table updated" if self.programmer.apply(nat_config(self.cache.list(IPPool))) else ""
 
     def verify(self) -> list[str]:
         applied = self.programmer.applied

@@ -27,39 +27,67 @@ def owner_of(affinity: str | None) -> str | None:
     return affinity[len("host:"):] if affinity and affinity.startswith("host:") else None
 
 
-def routing_inputs(blocks: list[dict], pools: list[IPPool], nodes: list[Node]) -> RoutingInputs:
-    pool_nets = [(ipaddress.ip_network(p.spec.cidr), p) for p in pools]
+class PoolIndex:
+    """Which pool a block belongs to: by the name it records, else by address."""
 
-    def pool_of(block: dict) -> IPPool | None:
-        named = [p for _, p in pool_nets if p.name == block.get("pool")]
-        if named:
-            return named[0]
+    def __init__(self, pools: list[IPPool]):
+        self.pools = pools
+        self.by_name = {p.name: p for p in pools}
+        self.nets = [(ipaddress.ip_network(p.spec.cidr), p) for p in pools]
+
+    def pool_of(self, block: dict) -> IPPool | None:
+        named = self.by_name.get(block.get("pool") or "")
+        if named is not None:
+            return named
         net = ipaddress.ip_network(block["cidr"])
-        return next((p for n, p in pool_nets if net.version == n.version and net.subnet_of(n)), None)
+        return next((p for n, p in self.nets if net.version == n.version and net.subnet_of(n)), None)
 
-    owners: list[BlockOwner] = []
+
+def block_routing(block: dict, pools: PoolIndex) -> tuple[BlockOwner | None, list[Borrowed]]:
+    """One block's share of the routing inputs: its owner, and the addresses other
+    nodes borrowed from it. (None, []) for a block of a deleted pool: its routes go
+    with the pool."""
+    pool = pools.pool_of(block)
+    if pool is None:
+        return None, []
+    encap = pool.spec.encapsulation
+    owner = owner_of(block.get("affinity"))
     borrowed: list[Borrowed] = []
-    for b in blocks:
-        pool = pool_of(b)
-        if pool is None:
-            continue  # a block of a deleted pool: routes go with the pool
-        encap = pool.spec.encapsulation
-        owner = owner_of(b.get("affinity"))
-        owners.append(BlockOwner(b["cidr"], owner, encap))
-        base = ipaddress.ip_network(b["cidr"]).network_address
-        attrs = b.get("attributes") or []
-        for ordinal, attr_index in enumerate(b.get("allocations") or []):
-            if attr_index is None or attr_index >= len(attrs):
-                continue
-            node = ((attrs[attr_index] or {}).get("secondary") or {}).get("node")
-            if node and node != owner:
-                borrowed.append(Borrowed(str(base + ordinal), node, encap))
+    attrs = block.get("attributes") or []
+    base = None
+    for ordinal, attr_index in enumerate(block.get("allocations") or []):
+        if attr_index is None or attr_index >= len(attrs):
+            continue
+        node = ((attrs[attr_index] or {}).get("secondary") or {}).get("node")
+        if node and node != owner:
+            base = base or ipaddress.ip_network(block["cidr"]).network_address
+            borrowed.append(Borrowed(str(base + ordinal), node, encap))
+    return BlockOwner(block["cidr"], owner, encap), borrowed
 
-    node_ips = {n.name: ip for n in nodes if (ip := n.internal_ip)}
-    # Disabled pools count too: their blocks keep routing until their pods are gone.
-    vxlan = any(p.spec.encapsulation == "VXLAN" for p in pools)
-    nat = NatConfig(
+
+def node_addresses(nodes: list[Node]) -> dict[str, str]:
+    return {n.name: ip for n in nodes if (ip := n.internal_ip)}
+
+
+def nat_config(pools: list[IPPool]) -> NatConfig:
+    return NatConfig(
         nat_pools=tuple(sorted(p.spec.cidr for p in pools if p.spec.nat_outgoing)),
         all_pools=tuple(sorted(p.spec.cidr for p in pools)),
     )
-    return RoutingInputs(owners, borrowed, node_ips, vxlan, nat)
+
+
+def vxlan_in_use(pools: list[IPPool]) -> bool:
+    # Disabled pools count too: their blocks keep routing until their pods are gone.
+    return any(p.spec.encapsulation == "VXLAN" for p in pools)
+
+
+def routing_inputs(blocks: list[dict], pools: list[IPPool], nodes: list[Node]) -> RoutingInputs:
+    index = PoolIndex(pools)
+    owners: list[BlockOwner] = []
+    borrowed: list[Borrowed] = []
+    for b in blocks:
+        owner, lent = block_routing(b, index)
+        if owner is not None:
+            owners.append(owner)
+            borrowed += lent
+    return RoutingInputs(owners, borrowed, node_addresses(nodes), vxlan_in_use(pools), nat_config(pools))

@@ -6,6 +6,11 @@ what differs, so a restart with everything already right changes nothing. A rout
 is compared whole (kind, gateway, device and source): one that differs in any of
 them, such as a route written before routes carried a source, is replaced in place
 (RTM_NEWROUTE with NLM_F_REPLACE), never deleted first.
+
+That full reconcile runs at start, on each periodic resync and after an error;
+between them an apply sends only the difference from the previous one, so a new
+block on another node is one route (and its VTEP's neighbour and FDB entry). All
+requests of one apply go in one batch over the minimal rtnetlink client.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import logging
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from podnet.dataplane.routing import (
     RTPROT_PODNET,
@@ -26,14 +30,21 @@ from podnet.dataplane.routing import (
     Route,
     vtep_mac,
 )
+from podnet.dataplane.rtnl import (
+    AF_BRIDGE,
+    NUD_PERMANENT,
+    RTN_BLACKHOLE,
+    KernelRoute,
+    Request,
+    Rtnl,
+    fdb_request,
+    neighbour_request,
+    route_request,
+)
 from podnet.errors import PodnetError
 
 log = logging.getLogger(__name__)
 
-RTN_BLACKHOLE = 6
-RTNH_F_ONLINK = 4
-NUD_PERMANENT = 0x80
-MAIN_TABLE = 254
 
 
 @dataclass
@@ -51,10 +62,14 @@ class RouteProgrammer:
     def __init__(self, node: str, node_ip: str, ipr: IPRoute | None = None):
         self.node = node
         self.node_ip = node_ip
-        self.ipr = ipr or IPRoute()
+        self.ipr = ipr or IPRoute()  # the VXLAN device and the underlay (rare, and many attributes)
+        self.rtnl = Rtnl()  # routes, neighbours, FDB: dumps and batches (thousands at a time)
+        self.applied: DesiredRouting | None = None  # what the kernel holds, as far as podnet knows
+        self._vx: int | None = None  # the VXLAN device's index when it was last ensured
 
     def close(self) -> None:
         self.ipr.close()
+        self.rtnl.close()
 
     # -- underlay and VXLAN device
 
@@ -104,86 +119,124 @@ class RouteProgrammer:
 
     # -- reconcile
 
-    def current_routes(self, vxlan_index: int | None) -> dict[Route, dict]:
+    def current_routes(self, vxlan_index: int | None) -> dict[Route, KernelRoute]:
         out = {}
-        for r in self.ipr.get_routes(family=2, table=MAIN_TABLE, proto=RTPROT_PODNET):
-            dst = f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"
-            src = r.get_attr("RTA_PREFSRC")
-            if r["type"] == RTN_BLACKHOLE:
-                route = Route(dst, "blackhole", None, src)
-            elif vxlan_index is not None and r.get_attr("RTA_OIF") == vxlan_index:
-                route = Route(dst, "vxlan", r.get_attr("RTA_GATEWAY"), src)
+        for r in self.rtnl.routes(RTPROT_PODNET):
+            if r.type == RTN_BLACKHOLE:
+                route = Route(r.dst, "blackhole", None, r.prefsrc)
+            elif vxlan_index is not None and r.oif == vxlan_index:
+                route = Route(r.dst, "vxlan", r.gateway, r.prefsrc)
             else:
-                route = Route(dst, "direct", r.get_attr("RTA_GATEWAY"), src)
+                route = Route(r.dst, "direct", r.gateway, r.prefsrc)
             out[route] = r
         return out
 
-    def apply(self, desired: DesiredRouting) -> RoutingChanges:
+    def current_vteps(self, vx: int) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        """(permanent neighbour entries, FDB entries) of the VXLAN device, as (IP, MAC)."""
+        neighbours = {(ip, mac) for ip, mac, state in self.rtnl.neighbours(vx) if state & NUD_PERMANENT}
+        fdb = {(ip, mac) for ip, mac, _ in self.rtnl.neighbours(vx, AF_BRIDGE)}
+        return neighbours, fdb
+
+    def apply(self, desired: DesiredRouting, full: bool = True) -> RoutingChanges:
+        """Make the kernel hold `desired`. `full`: read podnet's routes, neighbours and FDB
+        entries back and change what differs (start, resync, after an error); otherwise
+        send only the difference from what the last apply left (a new block: one route)."""
+        applied = self.applied
+        self.applied = None  # unknown until this apply has gone through
+        if full or applied is None or applied.vxlan != desired.vxlan or (desired.vxlan and self._vx is None):
+            changes = self._reconcile(desired)
+        else:
+            changes = self._delta(applied, desired)
+        if not changes.errors:
+            self.applied = desired
+        return changes
+
+    def _reconcile(self, desired: DesiredRouting) -> RoutingChanges:
         changes = RoutingChanges()
-        vx = self.ensure_vxlan() if desired.vxlan else None
+        vx = self._vx = self.ensure_vxlan() if desired.vxlan else None
         if not desired.vxlan and (old := self.vxlan_index()) is not None:
             self.ipr.link("del", index=old)
             changes.removed.append(f"link {VXLAN_IFNAME}")
+        requests: list[Request] = []
         if vx is not None:
-            self._apply_vteps(vx, desired.vteps, changes)
-
+            neighbours, fdb = self.current_vteps(vx)
+            requests += self._vtep_requests(vx, neighbours, fdb, desired.vteps, changes)
         current = self.current_routes(vx)
         wanted = {r.dst for r in desired.routes}
         # A route whose destination stays but whose kind, gateway or source differs is
-        # replaced below, in place: deleting it first would cut its traffic meanwhile.
+        # replaced, in place: deleting it first would cut its traffic meanwhile.
         for route in sorted(r for r in set(current) - desired.routes if r.dst not in wanted):
-            try:
-                self.ipr.route("del", dst=route.dst, table=MAIN_TABLE, proto=RTPROT_PODNET,
-                               type=current[route]["type"])
-                changes.removed.append(_describe(route))
-            except NetlinkError as e:
-                changes.errors.append(f"remove {_describe(route)}: {e.args[1]}")
+            requests.append(route_request(route.dst, protocol=RTPROT_PODNET, delete=True))
+            changes.removed.append(_describe(route))
         stale = {r.dst: r for r in set(current) - desired.routes}
         for route in sorted(desired.routes - set(current)):
-            try:
-                self.ipr.route("replace", **self._route_args(route, vx))
-                changes.added.append(_describe(route))
-                if route.dst in stale:
-                    changes.removed.append(_describe(stale[route.dst]))
-            except NetlinkError as e:
-                changes.errors.append(f"add {_describe(route)}: {e.args[1]}")
+            requests.append(self._route_request(route, vx))
+            changes.added.append(_describe(route))
+            if route.dst in stale:
+                changes.removed.append(_describe(stale[route.dst]))
+        changes.errors += self.rtnl.batch(requests)
         return changes
 
-    def _route_args(self, route: Route, vx: int | None) -> dict:
-        args: dict = {"dst": route.dst, "table": MAIN_TABLE, "proto": RTPROT_PODNET}
-        if route.kind == "blackhole":
-            args["type"] = "blackhole"
-        elif route.kind == "vxlan":
-            args.update(gateway=route.gateway, oif=vx, flags=RTNH_F_ONLINK)
-        else:
-            args["gateway"] = route.gateway
-        if route.src is not None:
-            args["prefsrc"] = route.src
-        return args
+    def _delta(self, old: DesiredRouting, new: DesiredRouting) -> RoutingChanges:
+        changes = RoutingChanges()
+        vx = self._vx
+        requests: list[Request] = []
+        if vx is not None and old.vteps != new.vteps:
+            requests += self._vtep_requests(vx, set(old.vteps), set(old.vteps), new.vteps, changes)
+        wanted = {r.dst for r in new.routes}
+        for route in sorted(r for r in old.routes - new.routes if r.dst not in wanted):
+            requests.append(route_request(route.dst, protocol=RTPROT_PODNET, delete=True))
+            changes.removed.append(_describe(route))
+        for route in sorted(new.routes - old.routes):
+            requests.append(self._route_request(route, vx))
+            changes.added.append(_describe(route))
+        changes.errors += self.rtnl.batch(requests)
+        return changes
 
-    def _apply_vteps(self, vx: int, vteps: frozenset[tuple[str, str]], changes: RoutingChanges) -> None:
-        neighbours = {
-            (n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR"))
-            for n in self.ipr.get_neighbours(ifindex=vx, family=2)
-            if n["state"] & NUD_PERMANENT
-        }
-        fdb = {
-            (n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR"))
-            for n in self.ipr.fdb("dump", ifindex=vx)
-            if n.get_attr("NDA_DST")
-        }
-        for ip, mac in neighbours - vteps:
-            self.ipr.neigh("del", dst=ip, lladdr=mac, ifindex=vx)
+    def drift(self) -> list[str]:
+        """What differs between the kernel and the last apply (nothing applied: nothing)."""
+        applied = self.applied
+        if applied is None:
+            return []
+        vx = self.vxlan_index()
+        if applied.vxlan and (vx is None or vx != self._vx):
+            return [f"the VXLAN device {VXLAN_IFNAME} is missing or was recreated"]
+        out = []
+        current = set(self.current_routes(vx))
+        out += [f"route {_describe(r)} missing" for r in sorted(applied.routes - current)]
+        out += [f"route {_describe(r)} not podnet's" for r in sorted(current - applied.routes)]
+        if vx is not None:
+            neighbours, fdb = self.current_vteps(vx)
+            out += [f"neighbour {ip} {mac} missing" for ip, mac in sorted(applied.vteps - neighbours)]
+            out += [f"fdb {mac} {ip} missing" for ip, mac in sorted(applied.vteps - fdb)]
+            out += [f"neighbour {ip} {mac} not podnet's" for ip, mac in sorted(neighbours - applied.vteps)]
+        return out
+
+    def _route_request(self, route: Route, vx: int | None) -> Request:
+        if route.kind == "blackhole":
+            return route_request(route.dst, RTN_BLACKHOLE, protocol=RTPROT_PODNET, prefsrc=route.src)
+        if route.kind == "vxlan":
+            return route_request(route.dst, gateway=route.gateway, oif=vx, onlink=True, prefsrc=route.src,
+                                 protocol=RTPROT_PODNET)
+        return route_request(route.dst, gateway=route.gateway, prefsrc=route.src, protocol=RTPROT_PODNET)
+
+    @staticmethod
+    def _vtep_requests(vx: int, neighbours: set[tuple[str, str]], fdb: set[tuple[str, str]],
+                       vteps: frozenset[tuple[str, str]], changes: RoutingChanges) -> list[Request]:
+        requests = []
+        for ip, mac in sorted(neighbours - vteps):
+            requests.append(neighbour_request(vx, ip, mac, delete=True))
             changes.removed.append(f"neigh {ip} {mac}")
-        for ip, mac in fdb - vteps:
-            self.ipr.fdb("del", ifindex=vx, lladdr=mac, dst=ip)
+        for ip, mac in sorted(fdb - vteps):
+            requests.append(fdb_request(vx, mac, ip, delete=True))
             changes.removed.append(f"fdb {mac} {ip}")
-        for ip, mac in vteps - neighbours:
-            self.ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=vx, state=NUD_PERMANENT)
+        for ip, mac in sorted(vteps - neighbours):
+            requests.append(neighbour_request(vx, ip, mac))
             changes.added.append(f"neigh {ip} {mac}")
-        for ip, mac in vteps - fdb:
-            self.ipr.fdb("append", ifindex=vx, lladdr=mac, dst=ip)
+        for ip, mac in sorted(vteps - fdb):
+            requests.append(fdb_request(vx, mac, ip))
             changes.added.append(f"fdb {mac} {ip}")
+        return requests
 
 
 def _describe(route: Route) -> str:
