@@ -61,7 +61,7 @@ class AgentConfig:
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
     cluster_domain: str = "cluster.local"
     metrics_port: int | None = None
-    min_sync_interval: float = 0.05  # coalesce bursts of changes, like kube-proxy's minSyncPeriod
+    min_sync_interval: float = 0.01  # at most one sync per dataplane per interval: a burst coalesces
     resync_interval: float = 60.0  # full reconcile even without changes: heals drift
     node_wait: float = 30.0
 
@@ -69,7 +69,7 @@ class AgentConfig:
 class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
-        self.kv: KeyValueStore = open_store(cfg.store_url)
+        self.kv: KeyValueStore = open_store(cfg.store_url, create=False)
         self.objects = ObjectStore(self.kv)
         self.cache = ObjectCache(unkept=EVENT_FED)
         self.stopping = threading.Event()
@@ -140,7 +140,7 @@ class Agent:
                         for dp in self.dataplanes}
 
     def _open_kv(self) -> KeyValueStore:
-        return open_store(self.cfg.store_url)
+        return open_store(self.cfg.store_url, create=False)
 
     def _on_change(self, rev: int, dirty: list[Dataplane]) -> None:
         self.progress.saw(rev, [self.workers[dp.name] for dp in dirty if dp.name in self.workers])
@@ -207,7 +207,7 @@ class Agent:
         from podnet.cni.handler import CNIHandler
         from podnet.cni.server import CNIServer
 
-        handler = CNIHandler(open_store(self.cfg.store_url), self.cfg.node, self.pods, ready=self.ready)
+        handler = CNIHandler(open_store(self.cfg.store_url, create=False), self.cfg.node, self.pods, ready=self.ready)
         self.server = CNIServer(self.cfg.socket, handler)
         self.server.start()
         log.info("serving CNI on %s", self.cfg.socket)

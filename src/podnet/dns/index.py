@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from podnet.dns import wire
 from podnet.dns.wire import AAAA, ANY, CNAME, IN, NS, NXDOMAIN, PTR, SOA, SRV, TXT, A
+from podnet.model.addresses import packed_ip
 from podnet.model.objects import EndpointSlice, KubeObject, Namespace, Pod, Service
 from podnet.store.objects import split_object_key
 
@@ -245,7 +246,7 @@ class ClusterIndex:
         for ip in spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else []):
             if ip and ip != "None":
                 try:
-                    ips.append(ipaddress.ip_address(ip).packed)
+                    ips.append(packed_ip(ip))
                 except ValueError:
                     pass
         return (KIND_CLUSTERIP, tuple(ips), ports, None, False)
@@ -313,7 +314,7 @@ class ClusterIndex:
         for ep in es.endpoints:
             host = ep.hostname.lower() if ep.hostname else None
             for a in ep.addresses:
-                addrs += ipaddress.ip_address(a).packed
+                addrs += packed_ip(a)
                 if ep.conditions.is_ready:
                     ready |= 1 << i
                 hosts.append(host)
@@ -404,7 +405,7 @@ class ClusterIndex:
                 ips = [pod.status.pod_ip]
         local = bool(self.node_name) and pod.spec.node_name == self.node_name and bool(ips)
         with self.lock:
-            self._set_pod(ns, pod.name, tuple(ipaddress.ip_address(i).packed for i in ips), local, ips)
+            self._set_pod(ns, pod.name, tuple(packed_ip(i) for i in ips), local, ips)
 
     def _set_pod(self, ns: str, name: str, packed: tuple | None, local: bool, texts: list[str] = ()) -> None:
         key = (ns, name)

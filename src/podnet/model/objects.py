@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from podnet.model.addresses import canonical_ip, packed_ip
 from podnet.model.base import Partial, Schema
 from podnet.model.names import (  # noqa: F401 - the patterns, for modules that import them from here
     DNS1035_LABEL,
@@ -45,10 +46,7 @@ def check_port(port: int, what: str = "port") -> int:
 
 
 def check_ip(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
+    return canonical_ip(value)
 
 
 def check_cidr(value: str) -> str:
@@ -541,10 +539,10 @@ class EndpointSlice(KubeObject):
             for a in ep.addresses:
                 if self.address_type in ("IPv4", "IPv6"):
                     try:
-                        ip = ipaddress.ip_address(a)
+                        size = len(packed_ip(a))
                     except ValueError:
                         raise ValueError(f"endpoints[{i}].addresses: {a!r} is not an IP address") from None
-                    if (ip.version == 4) != (self.address_type == "IPv4"):
+                    if (size == 4) != (self.address_type == "IPv4"):
                         raise ValueError(f"endpoints[{i}].addresses: {a} is not {self.address_type}")
         return self
 

@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from podnet.model.addresses import ipv4_or_none
 from podnet.model.objects import IPBlock, Namespace, NetworkPolicy, NetworkPolicyPort, Pod
 from podnet.model.selectors import LabelSelector
 
@@ -96,21 +97,13 @@ class PodInfo:
         return None
 
 
-def _ipv4(value: str | None) -> str | None:
-    if not value:
-        return None
-    try:
-        ip = ipaddress.ip_address(value)
-    except ValueError:
-        return None
-    return str(ip) if ip.version == 4 else None
 
 
 def pod_info(pod: Pod) -> PodInfo:
-    ip = _ipv4(pod.status.pod_ip)
+    ip = ipv4_or_none(pod.status.pod_ip)
     if ip is None:
         for extra in pod.status.pod_ips or ():
-            if ip := _ipv4(extra.ip):
+            if ip := ipv4_or_none(extra.ip):
                 break
     if pod.spec.host_network or pod.status.phase in ("Succeeded", "Failed"):
         ip = None  # hostNetwork pods are never selected; finished pods' addresses get reused
@@ -339,6 +332,6 @@ class InputCache:
         inp.pods = {(i := convert("Pod", p, pod_info)).key: i for p in pods}
         inp.namespaces = {n.name: convert("Namespace", n, namespace_labels) for n in namespaces}
         inp.policies = {(i := convert("NetworkPolicy", p, policy_info)).key: i for p in policies}
-        inp.local_ips = frozenset(ip for x in local_pod_ips if (ip := _ipv4(x)))
+        inp.local_ips = frozenset(ip for x in local_pod_ips if (ip := ipv4_or_none(x)))
         self._by_id = new
         return inp
