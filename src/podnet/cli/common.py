@@ -9,9 +9,12 @@ from podnet.store.base import KeyValueStore
 from podnet.store.objects import ObjectStore
 
 
-def kv_from_args(args: argparse.Namespace) -> KeyValueStore:
-    return open_store(getattr(args, "store", None))
+def kv_from_args(args: argparse.Namespace, *, create: bool = False) -> KeyValueStore:
+    """The store the command names. Only `apply` creates a missing SQLite file (create=True):
+    any other command refuses it, so a mistyped or deleted path never becomes a new empty
+    store beside the one running agents use."""
+    return open_store(getattr(args, "store", None), create=create)
 
 
-def objects_from_args(args: argparse.Namespace) -> ObjectStore:
-    return ObjectStore(kv_from_args(args))
+def objects_from_args(args: argparse.Namespace, *, create: bool = False) -> ObjectStore:
+    return ObjectStore(kv_from_args(args, create=create))

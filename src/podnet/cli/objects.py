@@ -135,7 +135,7 @@ def _service_network(cidr: str) -> str:
 def cmd_apply(args: argparse.Namespace) -> int:
     sources: dict[str, Source] = {}
     objects = load_paths(list(args.filename), sources)
-    store = objects_from_args(args)
+    store = objects_from_args(args, create=True)
     try:
         check_namespaces(store, objects)
         check_immutable(store, objects)

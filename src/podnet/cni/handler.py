@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from podnet.cni.errors import CNIError
 from podnet.model.names import is_dns1123_label, is_dns1123_subdomain
-from podnet.store.base import AlreadyExists, Conflict, KeyValueStore, NotFound, StoreUnavailable
+from podnet.store.base import AlreadyExists, Conflict, KeyValueStore, NotFound, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:  # the agent hands in the real one; tests may hand in a stand-in
     from podnet.dataplane.pods import PodInterfaces
@@ -372,9 +372,7 @@ class _Sessions:
         with self._lock:
             pair = self._idle.pop() if self._idle else None
         if pair is None:
-            from podnet.store import open_store
-
-            kv = open_store(self._url)
+            kv = self._open()
             pair = (kv, self._factory(kv))
             with self._lock:
                 self._opened.append(kv)
@@ -383,6 +381,21 @@ class _Sessions:
         finally:
             with self._lock:
                 self._idle.append(pair)
+
+    def _open(self) -> KeyValueStore:
+        """One more connection to the store the agent started with, never to a new file at its
+        path (the store was deleted or replaced): ADDs would then split between two stores."""
+        from podnet.store import open_store
+
+        try:
+            kv = open_store(self._url, create=False)
+        except StoreError as e:
+            raise CNIError(E_TRY_AGAIN, f"store unavailable: {e}") from None
+        if getattr(kv, "file_id", None) != getattr(self._kv, "file_id", None):
+            kv.close()
+            raise CNIError(E_TRY_AGAIN, f"store unavailable: store {self._url} was replaced after the agent "
+                           "opened it: refusing to use either copy (restart the agent to use the new one)")
+        return kv
 
     def close(self) -> None:
         with self._lock:

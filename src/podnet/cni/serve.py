@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     dataplane = PodDataplane(args.mtu)
-    handler = CNIHandler(open_store(args.store_url), args.node, dataplane)
+    handler = CNIHandler(open_store(args.store_url, create=False), args.node, dataplane)
     server = CNIServer(args.socket, handler).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -968,12 +968,12 @@ def _watch_store(url: str, server: DNSServer) -> None:
 
     dns = DnsDataplane(server.index)
     follower = StoreFollower(ObjectCache(unkept=dns.kinds), [dns], prefix="/podnet/objects/")
-    kv = open_store(url)
+    kv = open_store(url, create=False)
     try:
         rev = follower.relist(kv)
     finally:
         kv.close()
-    follower.watch(lambda: open_store(url), rev + 1)
+    follower.watch(lambda: open_store(url, create=False), rev + 1)
 
 
 if __name__ == "__main__":

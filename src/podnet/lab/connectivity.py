@@ -90,7 +90,7 @@ class Lab:
         return self.state.data.get("pods", [])
 
     def store(self) -> ObjectStore:
-        return ObjectStore(open_store(self.state.data["store"]))
+        return ObjectStore(open_store(self.state.data["store"], create=False))
 
     def pod(self, ref: str) -> dict:
         return cluster.find_pod(self.state, ref)

@@ -12,6 +12,13 @@ elsewhere for longer than BUSY_TIMEOUT ("store PATH is locked by another writer"
 SQLite's own error otherwise (a full disk, a read-only file system), never a traceback.
 When SQLite has already rolled a transaction back (it does on a full disk), no ROLLBACK
 is issued on top of it: that would hide the real error behind "no transaction is active".
+
+The file a store opened is the file it uses: every write and every revision() checks that
+the path still names that file (device and inode), and fails with StoreUnavailable once it
+was deleted or replaced. A process would otherwise write to a deleted file while others
+use a new one at the same path, and two stores would hand out the same addresses. A store
+opened with create=False refuses a path where no file exists instead of making an empty
+store there.
 """
 
 from __future__ import annotations
@@ -80,12 +87,31 @@ def prefix_end(prefix: str) -> str:
 
 
 class SQLiteStore(KeyValueStore):
-    def __init__(self, path: str, *, history: int = HISTORY_KEPT):
+    def __init__(self, path: str, *, history: int = HISTORY_KEPT, create: bool = True):
         self.path = path
         self.url = f"sqlite://{path}"
         self.history = history
+        if not create and not os.path.exists(path):
+            raise StoreUnavailable(f"store {path} does not exist (`podnet apply` creates it; --store or "
+                                   "$PODNET_STORE names another)")
         self._db = self._connect()
+        self.file_id = self._file_id()
         self._writer = _writer_lock(path)
+
+    def _file_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check_file(self) -> None:
+        """Raise StoreUnavailable if the path no longer names the file this store opened."""
+        now = self._file_id()
+        if now != self.file_id:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StoreUnavailable(f"store {self.path} was {what} after this process opened it: refusing to "
+                                   "use either copy (restart the process to use the file at that path now)")
 
     def _connect(self) -> sqlite3.Connection:
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -144,6 +170,7 @@ class SQLiteStore(KeyValueStore):
         self._db.close()
 
     def revision(self) -> int:
+        self.check_file()
         with self._faults():
             return self._db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
 
@@ -171,6 +198,7 @@ class SQLiteStore(KeyValueStore):
             self._db.execute("COMMIT")
 
     def txn(self, ops: list[Op]) -> int:
+        self.check_file()
         with self._writer, self._faults():
             return self._txn(ops)
 

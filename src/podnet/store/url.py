@@ -14,7 +14,9 @@ def store_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get("PODNET_STORE") or DEFAULT_STORE_URL
 
 
-def open_store(url: str | None = None) -> KeyValueStore:
+def open_store(url: str | None = None, *, create: bool = True) -> KeyValueStore:
+    """The store at url. create=False: a SQLite store whose file does not exist is an error
+    (StoreUnavailable), not a new empty store: only `podnet apply` and `lab up` make one."""
     url = store_url(url)
     if url.startswith("sqlite://"):
         from podnet.store.sqlite import SQLiteStore
@@ -22,7 +24,7 @@ def open_store(url: str | None = None) -> KeyValueStore:
         path = url[len("sqlite://"):]
         if not path or path == "/":
             raise PodnetError(f"store URL {url!r} has no path: expected sqlite:///PATH")
-        return SQLiteStore(path)
+        return SQLiteStore(path, create=create)
     if url.startswith("etcd://"):
         from podnet.store.etcd import EtcdStore
 
