@@ -51,6 +51,7 @@ from podnet.ipam import keys  # noqa: E402
 from podnet.services.clusterip import CLUSTERIP_PREFIX  # noqa: E402
 from podnet.store import open_store  # noqa: E402
 from podnet.store.base import Op  # noqa: E402
+from podnet.store.layout import SHARED  # noqa: E402
 
 PY = str(ROOT / ".venv" / "bin" / "python")
 FULL = {"nodes": 5000, "pods_per_node": 30, "namespaces": 500, "services": 50000, "endpoints": 5,
@@ -191,15 +192,15 @@ def endpoint_slice(ns: str, svc: str, eps: list[tuple[str, tuple[str, str, int]]
 
 
 def store_bytes(db: Path) -> tuple[int, int, int]:
-    """(file bytes, bytes of every value, bytes of values under the prefixes the agent reads)."""
+    """(file bytes, bytes of every value, bytes of the values an agent lists at start)."""
     import sqlite3
 
     size = sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
     con = sqlite3.connect(db)
     try:
         total = con.execute("SELECT sum(length(value)) FROM kv").fetchone()[0] or 0
-        agent = con.execute("SELECT sum(length(value)) FROM kv WHERE key LIKE '/podnet/objects/%' "
-                            "OR key LIKE '/podnet/ipam/blocks/%'").fetchone()[0] or 0
+        agent = con.execute("SELECT sum(length(value)) FROM kv WHERE key >= ? AND key < ?",
+                            (SHARED, SHARED[:-1] + chr(ord(SHARED[-1]) + 1))).fetchone()[0] or 0
     finally:
         con.close()
     return size, total, agent

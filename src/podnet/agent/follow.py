@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from podnet.agent.cache import ObjectCache
 from podnet.agent.contract import Dataplane
 from podnet.store.base import Compacted, Event, KeyValueStore
+from podnet.store.layout import SHARED
 from podnet.store.objects import ObjectEvent
 
 log = logging.getLogger("podnet.agent")
@@ -25,7 +26,7 @@ log = logging.getLogger("podnet.agent")
 class StoreFollower:
     def __init__(self, cache: ObjectCache, dataplanes: Sequence[Dataplane],
                  on_change: Callable[[int, list[Dataplane]], None] = lambda rev, dirty: None,
-                 prefix: str = "/podnet/", retry_interval: float = 1.0):
+                 prefix: str = SHARED, retry_interval: float = 1.0):
         """`on_change(rev, dataplanes)`: revision `rev` is in the cache and the indexes, and
         these dataplanes must sync (all of them after a reload)."""
         self.cache = cache

@@ -1,9 +1,10 @@
-"""Where IPAM keeps its records in the store (values are JSON objects).
+"""Where IPAM keeps its records in the store (values are JSON objects; see
+podnet.store.layout for why blocks and the rest live under different roots).
 
-  /podnet/ipam/blocks/<cidr, '/' as '-'>          block record (see block.py)
-  /podnet/ipam/affinities/<node>/<block name>     {state: "confirmed"|"pending", pool}
-  /podnet/ipam/handles/<handle, %-quoted>         {blocks: {cidr: count}}
-  /podnet/ipam/leaks/<block name>/<ordinal>       a leaked allocation seen by `release --leaked`
+  /podnet/ipam/blocks/<cidr, '/' as '-'>                block record (see block.py)
+  /podnet-alloc/ipam/affinities/<node>/<block name>     {state: "confirmed"|"pending", pool}
+  /podnet-alloc/ipam/handles/<handle, %-quoted>         {blocks: {cidr: count}}
+  /podnet-alloc/ipam/leaks/<block name>/<ordinal>       a leaked allocation seen by `release --leaked`
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 from urllib.parse import quote, unquote
 
 from podnet.ipam.block import cidr_of_key_name, key_name
+from podnet.store.layout import ALLOC, SHARED
 
-ROOT = "/podnet/ipam/"
-BLOCKS = ROOT + "blocks/"
-AFFINITIES = ROOT + "affinities/"
-HANDLES = ROOT + "handles/"
-LEAKS = ROOT + "leaks/"
+BLOCKS = SHARED + "ipam/blocks/"  # every node routes by them
+AFFINITIES = ALLOC + "ipam/affinities/"
+HANDLES = ALLOC + "ipam/handles/"
+LEAKS = ALLOC + "ipam/leaks/"
 
 
 def block_key(cidr: str) -> str:

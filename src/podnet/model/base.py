@@ -34,6 +34,6 @@ class Partial(Schema):
     @model_validator(mode="before")
     @classmethod
     def _drop_upstream_only(cls, data: Any) -> Any:
-        if isinstance(data, dict) and any(k in cls.UPSTREAM_ONLY for k in data):
+        if isinstance(data, dict) and not cls.UPSTREAM_ONLY.isdisjoint(data):
             return {k: v for k, v in data.items() if k not in cls.UPSTREAM_ONLY}
         return data

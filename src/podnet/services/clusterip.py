@@ -23,10 +23,11 @@ from typing import Any
 from podnet.errors import ValidationError
 from podnet.model.objects import KubeObject, Service, ServicePort
 from podnet.store.base import AlreadyExists, KeyValueStore, Op, StoreError
+from podnet.store.layout import ALLOC
 from podnet.store.objects import ObjectStore
 
-CLUSTERIP_PREFIX = "/podnet/services/clusterips/"
-NODEPORT_PREFIX = "/podnet/services/nodeports/"
+CLUSTERIP_PREFIX = ALLOC + "services/clusterips/"
+NODEPORT_PREFIX = ALLOC + "services/nodeports/"
 NODEPORT_RANGE = (30000, 32767)
 GC_GRACE_SECONDS = 600.0
 
