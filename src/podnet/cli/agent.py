@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node-ip", help="underlay address (default: the Node's InternalIP)")
     p.add_argument("--resync", type=float, default=60.0, help="seconds between full reconciles (default %(default)s)")
     p.add_argument("--service-cidr", action="append", metavar="CIDR",
-                   help="Service CIDR; unused addresses in it are dropped (repeatable; default 10.96.0.0/12)")
+                   help="Service CIDR; unused addresses in it are dropped (repeatable; default: the cluster's, "
+                        "from the store, else 10.96.0.0/12; a different one is a warning)")
     p.add_argument("--service-proxy", choices=("nftables", "iptables"), default="nftables",
                    help="Service dataplane: podnet's nftables maps, or kube-proxy's iptables layout for hosts "
                         "without nftables (default %(default)s)")
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also answer DNS on this address, e.g. the kube-dns ClusterIP (repeatable)")
     p.add_argument("--dns-upstream", action="append", default=[], metavar="IP[:PORT]",
                    help="resolver for names outside the cluster domain (repeatable)")
-    p.add_argument("--cluster-domain", default="cluster.local")
+    p.add_argument("--cluster-domain", default=None,
+                   help="default: the cluster's, from the store, else cluster.local")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_agent)
@@ -48,17 +50,23 @@ def _dns_upstream(text: str) -> tuple[str, int]:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from podnet.agent.daemon import AgentConfig, run_agent
+    from podnet.cluster import agent_settings
     from podnet.services.conntrack import ConntrackSizing
+    from podnet.store import open_store
 
     logging.basicConfig(
         stream=sys.stderr, level=args.log_level.upper(),
         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s",
     )
+    # The cluster's settings, as `podnet apply` used them; the flags override them on this node.
+    with open_store(args.store, create=False) as kv:
+        service_cidrs, cluster_domain = agent_settings(kv, args.service_cidr, args.cluster_domain,
+                                                       logging.getLogger("podnet.agent").warning)
     cfg = AgentConfig(node=args.node, store_url=args.store, socket=args.socket, node_ip=args.node_ip,
                       resync_interval=args.resync,
-                      service_cidrs=tuple(args.service_cidr or ["10.96.0.0/12"]), service_proxy=args.service_proxy,
+                      service_cidrs=service_cidrs, service_proxy=args.service_proxy,
                       conntrack=ConntrackSizing(args.conntrack_max_per_core, args.conntrack_min),
                       dns_address=args.dns_address or None, cluster_dns_ips=tuple(args.cluster_dns_ip),
                       dns_upstreams=[_dns_upstream(u) for u in args.dns_upstream],
-                      cluster_domain=args.cluster_domain, metrics_port=args.metrics_port)
+                      cluster_domain=cluster_domain, metrics_port=args.metrics_port)
     return run_agent(cfg)

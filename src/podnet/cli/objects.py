@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import sys
@@ -12,6 +11,12 @@ from collections.abc import Callable
 import yaml
 
 from podnet.cli.common import objects_from_args
+from podnet.cluster import (
+    CLUSTER_CONFIG_KEY,
+    DEFAULT_SERVICE_CIDR,
+    ensure_cluster_config,
+    planned_cluster_config,
+)
 from podnet.errors import PodnetError, ValidationError
 from podnet.ipam.overlap import overlapping_pairs
 from podnet.model.manifests import Source, load_paths, locate
@@ -30,15 +35,16 @@ from podnet.store.objects import ObjectStore, UndecodableObject, object_key, spl
 
 # Namespaces that exist without a manifest, as in a fresh cluster.
 BUILTIN_NAMESPACES = {"default", "kube-system"}
-DEFAULT_SERVICE_CIDR = "10.96.0.0/12"  # the Kubernetes default
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apply", help="create or update objects from manifests, all or nothing")
     p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR",
                    help="manifest file or directory (repeatable)")
-    p.add_argument("--service-cidr", default=os.environ.get("PODNET_SERVICE_CIDR", DEFAULT_SERVICE_CIDR),
-                   help="where Services without spec.clusterIP get one (default $PODNET_SERVICE_CIDR or %(default)s)")
+    p.add_argument("--service-cidr", default=None,
+                   help="the cluster's Service CIDR, where Services without spec.clusterIP get one: set by the "
+                        f"first apply on a store (default $PODNET_SERVICE_CIDR or {DEFAULT_SERVICE_CIDR}) and "
+                        f"kept in {CLUSTER_CONFIG_KEY}; a later apply may only repeat it")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("get", help="show objects")
@@ -104,7 +110,7 @@ def check_pool_overlaps(store: ObjectStore, objects: list[KubeObject], service_c
     # Keys: an index into `applied`, a stored pool's ref, or None for the Service CIDR.
     ranges: list[tuple[int | str | None, str]] = [(i, p.spec.cidr) for i, p in enumerate(applied)]
     ranges += [(p.ref, p.spec.cidr) for p in stored]
-    ranges.append((None, _service_network(service_cidr)))
+    ranges.append((None, service_cidr))
     by_ref = {p.ref: p for p in stored}
     for a, b in overlapping_pairs(ranges):
         if isinstance(b, int) and (not isinstance(a, int) or b > a):
@@ -113,7 +119,7 @@ def check_pool_overlaps(store: ObjectStore, objects: list[KubeObject], service_c
             continue  # two stored pools: `podnet ipam check` reports what they did
         pool = applied[a]
         if b is None:
-            what = f"the Service CIDR {service_cidr} (--service-cidr or $PODNET_SERVICE_CIDR)"
+            what = f"the Service CIDR {service_cidr} (the cluster's serviceCIDR, {CLUSTER_CONFIG_KEY})"
         elif isinstance(b, int):
             other = applied[b]
             src = sources.get(other.ref)
@@ -125,23 +131,22 @@ def check_pool_overlaps(store: ObjectStore, objects: list[KubeObject], service_c
                               where=pool.ref, field="spec.cidr")
 
 
-def _service_network(cidr: str) -> str:
-    try:
-        return str(ipaddress.ip_network(cidr, strict=True))
-    except ValueError as e:
-        raise PodnetError(f"--service-cidr {cidr!r} is not a valid CIDR ({e})") from None
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
     sources: dict[str, Source] = {}
     objects = load_paths(list(args.filename), sources)
     store = objects_from_args(args, create=True)
+    cidr, origin = args.service_cidr, "--service-cidr"
+    if cidr is None and os.environ.get("PODNET_SERVICE_CIDR"):
+        cidr, origin = os.environ["PODNET_SERVICE_CIDR"], "$PODNET_SERVICE_CIDR"
+    cluster, new = planned_cluster_config(store.kv, service_cidr=cidr, origin=origin)
     try:
         check_namespaces(store, objects)
         check_immutable(store, objects)
-        check_pool_overlaps(store, objects, args.service_cidr, sources)
+        check_pool_overlaps(store, objects, cluster.service_cidr, sources)
+        if new:  # the first apply on this store: its Service CIDR is the cluster's from now on
+            cluster = ensure_cluster_config(store.kv, service_cidr=cluster.service_cidr, origin=origin)
         # As the API server does: Services get their ClusterIP and nodePorts before they are stored.
-        objects = allocate_cluster_ips(objects, store, args.service_cidr)
+        objects = allocate_cluster_ips(objects, store, cluster.service_cidr)
     except ValidationError as e:
         raise locate(e, sources) from None
     _, outcome = store.apply(objects)

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from podnet.cluster import ensure_cluster_config
 from podnet.dns import resolvconf
 from podnet.errors import PodnetError
 from podnet.lab import topology
@@ -151,6 +152,10 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
 
     # The API server's part: every object, Pods still Pending.
     store = ObjectStore(open_store(url))
+    # The cluster's configuration, as the first `podnet apply` on a store writes it: later
+    # applies to the lab's store and its agents read the lab's Service CIDR from there.
+    ensure_cluster_config(store.kv, service_cidr=spec.service_cidr,
+                          origin=f"{spec.file or 'the lab'}: field spec.serviceCIDR")
     # ClusterIPs and nodePorts as `podnet apply` allocates them: keys in the store, so later
     # applies into the lab's store never hand out the same ones.
     objects: list[KubeObject] = allocate_cluster_ips(spec.objects, store, spec.service_cidr)
@@ -333,7 +338,7 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
 
     for n in st.data["nodes"]:
         argv = [*podnet_command(), "--store", url, "agent", "--node", n["name"], "--socket", n["socket"],
-                "--service-cidr", spec.service_cidr, "--service-proxy", n.get("service_proxy", "nftables"),
+                "--service-proxy", n.get("service_proxy", "nftables"),
                 "--resync", str(spec.resync_seconds),
                 *(["--cluster-dns-ip", spec.cluster_dns_ip] if spec.cluster_dns_ip else [])]
         if spec.external is not None and spec.external.dns is not None:
