@@ -233,3 +233,54 @@ def test_incremental_equals_fresh_and_the_table_agrees_with_the_reference(worlds
                 for proto, port in (("TCP", 80), ("TCP", 81), ("UDP", 81)):
                     assert walk(full, s, d, proto, port).allowed == reference_allowed(full_inp, s, d, proto, port), (
                         s, d, proto, port)
+
+
+def _events(live, before: dict, after: dict) -> None:
+    """Feed `live` the events that turn one world's objects into the next's."""
+    for (kind, key), obj in after.items():
+        live.on_event(kind, key, obj)
+    for kind, key in before:
+        if (kind, key) not in after:
+            live.on_event(kind, key, None)
+
+
+def _objects(pods, nss, pols) -> dict:
+    out = {("Pod", f"{p.namespace}/{p.name}"): p for p in pods}
+    out.update({("Namespace", n.name): n for n in nss})
+    out.update({("NetworkPolicy", f"{p.namespace}/{p.name}"): p for p in pols})
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(WORLD, min_size=1, max_size=5))
+def test_event_fed_inputs_compiled_from_deltas_equal_a_fresh_compile(worlds):
+    from podnet.policy.model import LiveInputs
+
+    live, comp, before = LiveInputs("n1"), PolicyCompiler(), {}
+    for w in worlds:
+        pods, nss, pols, local = build_world(w)
+        pods = [p.model_copy(update={"spec": p.spec.model_copy(update={
+            "node_name": "n1" if p.status.pod_ip in local else "n2"})}) for p in pods]
+        after = _objects(pods, nss, pols)
+        _events(live, before, after)
+        before = after
+        inputs, delta = live.take()
+        state = comp.compile(inputs, delta)
+        local_ips = [p.status.pod_ip for p in pods if p.spec.node_name == "n1" and not p.spec.host_network]
+        assert state == compile_policy(InputCache().inputs(pods, nss, pols, local_ips))
+
+
+def test_event_fed_inputs_forget_what_a_reload_does_not_name():
+    from podnet.policy.model import LiveInputs
+
+    pods, nss = world(4)
+    live = LiveInputs("n1")
+    for p in pods:
+        live.on_event("Pod", f"{p.namespace}/{p.name}", p)
+    live.take()
+    live.begin_reload()
+    for p in pods[:2]:
+        live.on_event("Pod", f"{p.namespace}/{p.name}", p)
+    live.end_reload()
+    inputs, delta = live.take()
+    assert sorted(inputs.pods) == ["x/p0", "x/p1"] and sorted(delta.pods) == ["x/p2", "x/p3"]

@@ -43,8 +43,10 @@ from podnet.store.objects import ObjectStore
 
 log = logging.getLogger("podnet.agent")
 
-# Kinds the cache does not keep: event-fed dataplanes hold them (Services, DNS).
-EVENT_FED = ("Service", "EndpointSlice")
+# Kinds the cache does not keep: event-fed dataplanes hold them, each in its own compact
+# form (Services and slices: the Service compiler and DNS; Pods, Namespaces and
+# NetworkPolicies: policy and DNS).
+EVENT_FED = ("Service", "EndpointSlice", "Pod", "Namespace", "NetworkPolicy")
 
 
 @dataclass
@@ -126,7 +128,7 @@ class Agent:
         self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs,
                                          tuple(self.dns_addresses()), proxy=self.cfg.service_proxy)
         self.dataplanes = [self.routes, NatDataplane(self.cache), self.services,
-                           PolicyDataplane(self.cfg.node, self.cache)]
+                           PolicyDataplane(self.cfg.node)]
         if self.dns_addresses():
             from podnet.dns.index import ClusterIndex
 

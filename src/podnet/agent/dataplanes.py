@@ -19,8 +19,9 @@ from podnet.dataplane.nfnetlink import Netlink
 from podnet.dataplane.routes import RouteProgrammer
 from podnet.dataplane.routing import VXLAN_OVERHEAD, DesiredRouting, Route, desired_routing
 from podnet.errors import PodnetError
-from podnet.model.objects import IPPool, Namespace, NetworkPolicy, Node, Pod
-from podnet.store.objects import ObjectEvent
+from podnet.model.objects import IPPool, Node
+from podnet.policy.model import LiveInputs
+from podnet.store.objects import ObjectEvent, split_object_key
 
 log = logging.getLogger("podnet.agent")
 
@@ -125,24 +126,37 @@ class NatDataplane(Dataplane):
 
 
 class PolicyDataplane(Dataplane):
-    """NetworkPolicy sets and chains. A drifted table is rewritten whole in one
-    transaction (delete + full table), so isolated pods stay isolated."""
+    """NetworkPolicy sets and chains, from Pods, Namespaces and NetworkPolicies kept in
+    compact form (policy.model.LiveInputs) as events arrive: a change is compiled from
+    what it touches. A drifted table is rewritten whole in one transaction (delete +
+    full table), so isolated pods stay isolated."""
 
     name = "policy"
-    kinds = frozenset({"Pod", "Namespace", "NetworkPolicy"})
+    kinds = frozenset(LiveInputs.KINDS)
 
-    def __init__(self, node: str, cache: ObjectCache, programmer=None):
+    def __init__(self, node: str, programmer=None):
         from podnet.policy.applier import PolicyProgrammer
 
         self.node = node
-        self.cache = cache
+        self.live = LiveInputs(node)
         self.programmer = programmer or PolicyProgrammer()
 
+    def on_event(self, ev: ObjectEvent) -> bool:
+        parts = split_object_key(ev.key)
+        if parts is None or parts[0] not in self.kinds:
+            return False
+        kind, namespace, name = parts
+        key = name if kind == "Namespace" else f"{namespace or 'default'}/{name}"
+        return self.live.on_event(kind, key, ev.object)
+
+    def begin_reload(self) -> None:
+        self.live.begin_reload()
+
+    def end_reload(self) -> None:
+        self.live.end_reload()
+
     def sync(self, full: bool) -> str:
-        pods = self.cache.list(Pod)
-        local = [p.status.pod_ip for p in pods
-                 if p.spec.node_name == self.node and p.status.pod_ip and not p.spec.host_network]
-        ch = self.programmer.sync(pods, self.cache.list(Namespace), self.cache.list(NetworkPolicy), local)
+        ch = self.programmer.sync_live(self.live)
         if ch.errors and not ch.full:
             raise PodnetError("; ".join(ch.errors))
         if ch.empty:

@@ -53,7 +53,7 @@ from podnet.policy.compiler import (
     set_for,
     set_object,
 )
-from podnet.policy.model import InputCache
+from podnet.policy.model import InputCache, LiveInputs
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,7 @@ class PolicyProgrammer:
         self.applier = PolicyApplier(run, nft=nft)
         self.reader = reader
         self.state: PolicyState = EMPTY_STATE
+        self._restart = False
 
     def sync(
         self,
@@ -348,6 +349,20 @@ class PolicyProgrammer:
     ) -> PolicyChanges:
         inputs = self.inputs.inputs(pods, namespaces, policies, local_pod_ips)
         self.state = self.compiler.compile(inputs)
+        return self.applier.apply(self.state)
+
+    def sync_live(self, live: LiveInputs) -> PolicyChanges:
+        """The agent's way: inputs kept current from events, compiled from what changed.
+        If a compile fails half-way, the next one starts over from every input."""
+        inputs, delta = live.take()
+        if self._restart:
+            self.compiler, delta = PolicyCompiler(), None
+        try:
+            self.state = self.compiler.compile(inputs, delta)
+        except BaseException:
+            self._restart = True
+            raise
+        self._restart = False
         return self.applier.apply(self.state)
 
     def verify(self) -> list[str]:

@@ -40,6 +40,7 @@ from podnet.dataplane.nftables import Chain, Elements, Map, Set, Table, Transact
 from podnet.dataplane.nftables import Rule as NftRule
 from podnet.policy.model import (
     CidrPeer,
+    Delta,
     Inputs,
     PeerSelector,
     PodInfo,
@@ -249,16 +250,24 @@ class PolicyCompiler:
 
     # ---- the update
 
-    def compile(self, new: Inputs) -> PolicyState:
+    def compile(self, new: Inputs, delta: Delta | None = None) -> PolicyState:
+        """The state for `new`. `delta`: what changed since the last compile (the previous
+        value of each changed key), when the caller keeps `new` current itself (the
+        agent, from events): the compile then costs what changed, not what exists.
+        Without it the change is found by comparing with the last inputs."""
         old = self.inp
+        if delta is None:
+            delta = Delta({k: old.pods.get(k) for k in _changed(old.pods, new.pods)},
+                          {k: old.namespaces.get(k) for k in _changed(old.namespaces, new.namespaces)},
+                          {k: old.policies.get(k) for k in _changed(old.policies, new.policies)})
         dirty: set[str] = set()  # set names whose elements must be rebuilt
-        changed_pols = _changed(old.policies, new.policies)
-        changed_pods = _changed(old.pods, new.pods)
-        changed_ns = _changed(old.namespaces, new.namespaces)
+        changed_pols = delta.policies
+        changed_pods = delta.pods
+        changed_ns = delta.namespaces
 
         # indexes over pods and policies
         for k in changed_pods:
-            o, n = old.pods.get(k), new.pods.get(k)
+            o, n = changed_pods[k], new.pods.get(k)
             if o is not None and n is not None and (o.namespace, o.ip, o.named_ports) == (
                     n.namespace, n.ip, n.named_ports):
                 continue  # only labels changed: the indexes stay
@@ -279,7 +288,7 @@ class PolicyCompiler:
                         self.named[(name, proto)].setdefault(k, num)
                         dirty.add(named_set_name(name, proto))
         for k in changed_pols:
-            if (o := old.policies.get(k)) is not None:
+            if (o := changed_pols[k]) is not None:
                 self.ns_policies[o.namespace].discard(k)
             if (n := new.policies.get(k)) is not None:
                 self.ns_policies[n.namespace].add(k)
@@ -288,7 +297,10 @@ class PolicyCompiler:
         # membership of selectors already in use, for changed pods and namespaces
         for k in changed_pods:
             pod = new.pods.get(k)
-            ns = pod.namespace if pod else old.pods[k].namespace
+            gone = changed_pods[k]
+            if pod is None and gone is None:
+                continue  # came and went between two compiles
+            ns = pod.namespace if pod else gone.namespace  # type: ignore[union-attr]
             for sel in (*self.fixed_ns_sels.get(ns, ()), *self.ns_sels):
                 was = k in self.members[sel]
                 now = pod is not None and self._in_selector(sel, pod)
@@ -308,7 +320,7 @@ class PolicyCompiler:
 
         # selectors referenced by changed policies (new ones computed from the indexes)
         for k in changed_pols:
-            if (o := old.policies.get(k)) is not None:
+            if (o := changed_pols[k]) is not None:
                 for sel in self._selectors_of(o):
                     self._ref(sel, -1, dirty)
             if (n := new.policies.get(k)) is not None:
@@ -331,7 +343,10 @@ class PolicyCompiler:
                 }
         for p in changed_pols:
             pol = new.policies.get(p)
-            ns = pol.namespace if pol else old.policies[p].namespace
+            gone_pol = changed_pols[p]
+            if pol is None and gone_pol is None:
+                continue
+            ns = pol.namespace if pol else gone_pol.namespace  # type: ignore[union-attr]
             for k in local:
                 pod = new.pods[k]
                 if pod.namespace != ns:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -293,6 +294,115 @@ class Inputs:
     namespaces: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     policies: dict[str, PolicyInfo] = field(default_factory=dict)
     local_ips: frozenset[str] = frozenset()
+
+
+@dataclass
+class Delta:
+    """What changed since the last compile: the previous value of each changed key
+    (None: it did not exist then)."""
+
+    pods: dict[str, PodInfo | None] = field(default_factory=dict)
+    namespaces: dict[str, tuple[tuple[str, str], ...] | None] = field(default_factory=dict)
+    policies: dict[str, PolicyInfo | None] = field(default_factory=dict)
+
+
+class LiveInputs:
+    """Inputs kept current from object events, for the agent: a pod event anywhere in
+    the cluster costs one conversion here and, at the next compile, only the selectors
+    and sets it can affect, instead of a pass over every pod of the cluster.
+
+    Events are converted as they come (`on_event`, the watch's thread) and queued;
+    `take()` (the sync's thread) applies the queue and returns the inputs with what
+    changed since the last take, so the compiler never sees them change under it."""
+
+    KINDS = ("Pod", "Namespace", "NetworkPolicy")
+
+    def __init__(self, node: str):
+        self.node = node
+        self.inputs = Inputs()
+        self._lock = threading.Lock()
+        self._queue: list[tuple[str, str, object]] = []  # (kind, key, converted or None)
+        self._local: dict[str, str] = {}  # key -> IP of this node's pods
+        self._reload_seen: set[tuple[str, str]] | None = None
+
+    def on_event(self, kind: str, key: str | None, obj: object | None) -> bool:
+        """One event: `obj` the object (None: deleted), `key` its "ns/name" (or name)."""
+        if kind == "Pod":
+            value = pod_info(obj) if obj is not None else None  # type: ignore[arg-type]
+        elif kind == "Namespace":
+            value = namespace_labels(obj) if obj is not None else None  # type: ignore[arg-type]
+        elif kind == "NetworkPolicy":
+            value = policy_info(obj) if obj is not None else None  # type: ignore[arg-type]
+        else:
+            return False
+        if key is None:
+            return False
+        with self._lock:
+            self._queue.append((kind, key, value))
+            if self._reload_seen is not None and value is not None:
+                self._reload_seen.add((kind, key))
+        return True
+
+    def begin_reload(self) -> None:
+        with self._lock:
+            self._reload_seen = set()
+
+    def end_reload(self) -> None:
+        """What the reload did not name is deleted (queued after it, in order)."""
+        with self._lock:
+            seen, self._reload_seen = self._reload_seen, None
+            if seen is None:
+                return
+            pending = {(k, key) for k, key, v in self._queue if v is not None}
+            held = [("Pod", k) for k in self.inputs.pods] + [("Namespace", k) for k in self.inputs.namespaces] \
+                + [("NetworkPolicy", k) for k in self.inputs.policies]
+            for kind, key in held + sorted(pending):
+                if (kind, key) not in seen:
+                    self._queue.append((kind, key, None))
+
+    def take(self) -> tuple[Inputs, Delta]:
+        with self._lock:
+            queue, self._queue = self._queue, []
+        inp, delta = self.inputs, Delta()
+        local_changed = False
+        for kind, key, value in queue:
+            if kind == "Pod":
+                old = inp.pods.get(key)
+                if old == value:
+                    continue
+                delta.pods.setdefault(key, old)
+                if value is None:
+                    del inp.pods[key]
+                else:
+                    inp.pods[key] = value  # type: ignore[assignment]
+                ip = value.ip if value is not None and value.node == self.node else None  # type: ignore[union-attr]
+                if self._local.get(key) != ip:
+                    local_changed = True
+                    if ip is None:
+                        self._local.pop(key, None)
+                    else:
+                        self._local[key] = ip
+            elif kind == "Namespace":
+                old_ns = inp.namespaces.get(key)
+                if old_ns == value:
+                    continue
+                delta.namespaces.setdefault(key, old_ns)
+                if value is None:
+                    del inp.namespaces[key]
+                else:
+                    inp.namespaces[key] = value  # type: ignore[assignment]
+            else:
+                old_pol = inp.policies.get(key)
+                if old_pol == value:
+                    continue
+                delta.policies.setdefault(key, old_pol)
+                if value is None:
+                    del inp.policies[key]
+                else:
+                    inp.policies[key] = value  # type: ignore[assignment]
+        if local_changed:
+            inp.local_ips = frozenset(self._local.values())
+        return inp, delta
 
 
 class InputCache:
