@@ -25,6 +25,7 @@ CIDRS = Set("cidrs", type="ipv4_addr", flags=("interval",))
 DISPATCH = Map("dispatch", type="ipv4_addr : verdict")
 SLOTS = Map("slots", typeof="ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport")
 MARKS = Set("marks", type="mark . mark")
+RANGES = Set("ranges", type="ipv4_addr . inet_proto . inet_service . ipv4_addr", flags=("interval",))
 SIZED = Set("sized", type="ipv4_addr . inet_proto . inet_service", size=1024)
 AFFINITY = Map("affinity", typeof="ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport",
                flags=("dynamic", "timeout"), size=4096, timeout="3h")
@@ -32,7 +33,7 @@ AFFINITY = Map("affinity", typeof="ip saddr . ip daddr . meta l4proto . th dport
 steps = []
 tx = Transaction(T)
 tx.recreate()
-for s in (ADDRS, PORTS, CIDRS, DISPATCH, SLOTS, MARKS, SIZED, AFFINITY):
+for s in (ADDRS, PORTS, CIDRS, DISPATCH, SLOTS, MARKS, SIZED, AFFINITY, RANGES):
     tx.add(s)
 tx.add(Chain("allow"))
 tx.add(Chain("other"))
@@ -48,6 +49,7 @@ tx.add(Rule("post", "ip saddr @cidrs masquerade fully-random"))
 tx.add(Elements(ADDRS, ["10.0.0.1", "10.0.0.2"]))
 tx.add(Elements(CIDRS, ["10.0.0.0/8", "192.168.0.0-192.168.0.2", "172.16.0.1"]))
 tx.add(Elements(DISPATCH, ["10.1.0.1 : jump allow", "10.1.0.2 : drop"]))
+tx.add(Elements(RANGES, ["203.0.113.7 . tcp . 80 . 10.0.0.0/8", "203.0.113.7 . tcp . 80 . 192.0.2.1"]))
 steps.append(tx)
 
 tx = Transaction(T)  # elements only: a netlink batch
@@ -93,3 +95,4 @@ def test_the_fake_and_the_kernel_dump_the_same_table_after_the_same_transactions
         assert s["fake"] == s["kernel"]
     assert "element ip podnet-layer dispatch 10.1.0.1 : jump other" in steps[-1]["kernel"]
     assert "rules ip podnet-layer allow 2" in steps[-1]["kernel"]
+    assert "element ip podnet-layer ranges 203.0.113.7 . tcp . 80 . 10.0.0.0/8" in steps[0]["kernel"]

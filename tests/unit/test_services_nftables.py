@@ -74,7 +74,7 @@ def test_chains_do_not_grow_with_services_and_a_larger_service_deepens_the_tree(
                    for i in range(2000)))
     assert nt.Layout.for_state(many) == nt.Layout(0x4000, nt.TIER_BITS, nt.MIN_CAPACITY) and nt.TIER_BITS == 8
     script = nt.structure_script(nt.Layout(0x4000), many)
-    assert len(re.findall(r"^\s*chain ", script, re.M)) == len(nt.Layout(0x4000).chain_rule_counts())
+    assert len(re.findall(r"^add chain ", script, re.M)) == len(nt.Layout(0x4000).chain_rule_counts())
     assert "10.96.0.1" not in script  # elements travel by netlink
     big = state(rule("10.96.0.1", 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(300))))
     assert nt.Layout.for_state(big).bits == (nt.most_backends(nt.elements(big)) - 1).bit_length() == 9
@@ -83,9 +83,10 @@ def test_chains_do_not_grow_with_services_and_a_larger_service_deepens_the_tree(
 
 def test_the_big_sets_have_a_capacity_that_grows_with_need_and_never_shrinks():
     small = nt.Layout(0x4000)
-    assert f"set service_ips {{ type ipv4_addr . inet_proto . inet_service; size {nt.MIN_CAPACITY}; }}" in small.body
-    assert "map backends_256 { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; }" \
-        in small.body and "backends_257" not in small.body
+    assert (f"add set ip podnet-svc service_ips {{ type ipv4_addr . inet_proto . inet_service; "
+            f"size {nt.MIN_CAPACITY}; }}") in small.body
+    assert ("add map ip podnet-svc backends_256 { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 "
+            ": ip daddr . th dport; }") in small.body and "backends_257" not in small.body
     assert small.fit(5, nt.MIN_CAPACITY) is small
     grown = small.fit(5, nt.MIN_CAPACITY + 1)
     assert grown.capacity == 4 * nt.MIN_CAPACITY and grown.bits == small.bits and grown.marker != small.marker
@@ -172,7 +173,7 @@ def test_delta_replaces_changed_values_delete_first():
     assert come == {"backends_1": {"10.96.0.1 . tcp . 80 . 0": "10.1.0.3 . 8080"}}
     lines = nt.describe_delta(gone, come).splitlines()
     assert lines.index("add element ip podnet-svc backends_1 { 10.96.0.1 . tcp . 80 . 0 : 10.1.0.3 . 8080 }") > \
-        lines.index("delete element ip podnet-svc backends_2 {")
+        lines.index("delete element ip podnet-svc backends_2 { 10.96.0.1 . tcp . 80 . 0, 10.96.0.1 . tcp . 80 . 1 }")
     batch = nt.element_batch(gone, come)
     assert [m[3] for m in batch.messages] == ["deleting from set podnet-svc svc_bit0",
                                               "deleting from set podnet-svc backends_2",
@@ -324,10 +325,54 @@ def test_applier_rebuilds_for_a_deeper_tree_and_verify_checks_chain_names():
     big = state(rule("10.96.0.10", 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(300))))
     r = a.apply(big)
     assert r.full and r.reason == "the table grows to 16384 frontends and 512 endpoint counts"
-    assert "chain svc_512 {" in k.scripts[-1] and "svc_513" not in k.scripts[-1]
+    assert "add chain ip podnet-svc svc_512\n" in k.scripts[-1] and "svc_513" not in k.scripts[-1]
     k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
     assert a.verify() is None
     missing = k.chain_names.pop(0)
     assert a.verify() == f"chain {missing} is missing"
     k.chain_names = []
     assert a.verify() == "table missing"
+
+
+def test_the_table_and_its_elements_as_a_ruleset():
+    from tests.support.nftables import FakeNft
+
+    st = state(rule("10.96.0.10", 80, "10.1.0.1", "10.1.0.2", affinity_timeout=30),
+               rule(None, 30080, "10.1.0.1", kind="NodePort", masquerade=True),
+               rule("203.0.113.7", 80, "10.1.0.3", kind="LoadBalancer", source_ranges=("10.0.0.0/8",)),
+               service_cidrs=("10.96.0.0/16",), node_ips=("192.168.1.10",))
+    fake = FakeNft()
+    fake.apply(nt.structure_transaction(nt.Layout(0x4000), st))  # the fake checks every @set and jump target
+    fake.apply(nt.delta_transaction({}, nt.elements(st)))
+    table = fake.ruleset(nt.TABLE)
+    assert table.sets["backends_2"].elements == {"10.96.0.10 . tcp . 80 . 0 : 10.1.0.1 . 8080",
+                                                 "10.96.0.10 . tcp . 80 . 1 : 10.1.0.2 . 8080"}
+    assert table.sets["affinity_ips"].elements == {"10.96.0.10 . tcp . 80 : jump aff_t30"}
+    assert table.sets["lb_source_ranges"].elements == {"203.0.113.7 . tcp . 80 . 10.0.0.0/8"}
+    assert table.sets["service_cidrs"].elements == {"10.96.0.0/16"}
+    assert table.chains["aff_t30"].count == 3 and table.chains["svc_2"].rules == [
+        "dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 2 map @backends_2"]
+    assert table.chains["nat_prerouting"].spec == "type nat hook prerouting priority -100; policy accept;"
+    # the Service goes: only its elements leave
+    gone, come = nt.state_delta(st, state(*st.rules[1:], service_cidrs=st.service_cidrs, node_ips=st.node_ips))
+    fake.apply(nt.delta_transaction(gone, come))
+    table = fake.ruleset(nt.TABLE)
+    assert not table.sets["backends_2"].elements and not table.sets["affinity_ips"].elements
+    assert table.sets["nodeport_backends_1"].elements == {"tcp . 30080 . 0 : 10.1.0.1 . 8080"}
+
+
+def test_the_layer_encodes_elements_as_the_services_fast_path_does():
+    from podnet.dataplane.nftables import encode_element, set_types
+
+    st = state(rule("10.96.0.10", 80, "10.1.0.1", "10.1.0.2", affinity_timeout=30),
+               rule(None, 30080, "10.1.0.1", kind="NodePort", masquerade=True),
+               rule("10.96.0.11", 53, proto="udp"))
+    checked = 0
+    for r in st.rules:
+        for item in nt.rule_items(r):
+            key, value = nt.item_text(item)
+            types = set_types(nt.set_object(item[0]))
+            assert types is not None
+            assert encode_element(types, key if value is None else f"{key} : {value}") == nt.encode_item(item)
+            checked += 1
+    assert checked >= 8

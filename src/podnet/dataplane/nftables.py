@@ -105,6 +105,10 @@ class Chain(_ChainFields):
 
     def __new__(cls, name: str, type: str | None = None, hook: str | None = None,
                 priority: str | int | None = None, policy: str | None = None, comment: str | None = None):
+        if type is None and hook is None and priority is None and policy is None:  # a regular chain
+            if name not in _CHECKED:
+                check_name(name, "chain")
+            return tuple.__new__(cls, (name, None, None, None, None, comment))
         check_name(name, "chain")
         if hook is not None or type is not None or priority is not None:
             if hook is None or type is None or priority is None:
@@ -146,20 +150,23 @@ class Rule(_RuleFields):
     @classmethod
     def many(cls, chain: str, rules: Iterable[str]) -> list[Rule]:
         """Rules of one chain, checked together (a chain's rules, in order)."""
-        texts = list(rules)
-        if chain not in _CHECKED:
+        return cls.bulk((chain, text) for text in rules)
+
+    @classmethod
+    def bulk(cls, rules: Iterable[tuple[str, str]]) -> list[Rule]:
+        """(chain, rule text) pairs, checked together, as rules."""
+        pairs = list(rules)
+        for chain in {c for c, _ in pairs} - _CHECKED:
             check_name(chain, "chain")
+        texts = [text for _, text in pairs]
         if not all(texts) or UNSAFE_RULE.search(" ".join(texts)):
-            for text in texts:
+            for chain, text in pairs:
                 cls(chain, text)  # raises, naming the rule
         new = tuple.__new__
-        return [new(cls, (chain, text, None, None)) for text in texts]
+        return [new(cls, (chain, text, None, None)) for chain, text in pairs]
 
 
-@dataclass(frozen=True)
-class Set:
-    """A named set; `type` (e.g. "ipv4_addr . inet_service") or `typeof` (expressions)."""
-
+class _SetFields(NamedTuple):
     name: str
     type: str | None = None
     typeof: str | None = None
@@ -168,48 +175,70 @@ class Set:
     timeout: str | None = None  # e.g. "3h"
     comment: str | None = None
 
+
+_CHECKED_DECLS: set[tuple[str, str]] = set()
+
+
+class Set(_SetFields):
+    """A named set; `type` (e.g. "ipv4_addr . inet_service") or `typeof` (expressions).
+    (An immutable tuple, checked when made.)"""
+
+    __slots__ = ()
     kind = "set"
 
-    def __post_init__(self) -> None:
-        check_name(self.name, self.kind)
-        if (self.type is None) == (self.typeof is None):
-            raise NftDefinitionError(f"{self.kind} {self.name}: give type or typeof")
-        decl = self.type or self.typeof or ""
-        if UNSAFE_RULE.search(decl) or "{" in decl or "}" in decl:
-            raise NftDefinitionError(f"{self.kind} {self.name}: type {decl!r} is not safe to render")
-        for f in self.flags:
+    def __new__(cls, name: str, type: str | None = None, typeof: str | None = None, flags: tuple[str, ...] = (),
+                size: int | None = None, timeout: str | None = None, comment: str | None = None):
+        check_name(name, cls.kind)
+        if (type is None) == (typeof is None):
+            raise NftDefinitionError(f"{cls.kind} {name}: give type or typeof")
+        decl = type or typeof or ""
+        if (cls.kind, decl) not in _CHECKED_DECLS:
+            if UNSAFE_RULE.search(decl) or "{" in decl or "}" in decl:
+                raise NftDefinitionError(f"{cls.kind} {name}: type {decl!r} is not safe to render")
+            if cls.kind == "map" and " : " not in decl:
+                raise NftDefinitionError(f"map {name}: the type needs a ' : ' between key and value")
+            if cls.kind == "set" and " : " in decl:
+                raise NftDefinitionError(f"set {name}: a type with a value is a map")
+            _CHECKED_DECLS.add((cls.kind, decl))
+        flags = tuple(flags)
+        for f in flags:
             if f not in ("constant", "dynamic", "interval", "timeout"):
-                raise NftDefinitionError(f"{self.kind} {self.name}: unknown flag {f!r}")
-        if self.timeout is not None:
-            seconds(self.timeout)
+                raise NftDefinitionError(f"{cls.kind} {name}: unknown flag {f!r}")
+        if timeout is not None:
+            seconds(timeout)
+        if size is not None:
+            size = int(size)
+        return tuple.__new__(cls, (name, type, typeof, flags, size, timeout, comment))
 
     def decl(self) -> str:
-        parts = [f"type {self.type};" if self.type else f"typeof {self.typeof};"]
-        if self.flags:
-            parts.append(f"flags {','.join(self.flags)};")
-        if self.size is not None:
-            parts.append(f"size {int(self.size)};")
-        if self.timeout is not None:
-            parts.append(f"timeout {self.timeout};")
-        if self.comment:
-            parts.append(f'comment "{comment_text(self.comment)}";')
-        return " ".join(parts)
+        return _decl(self[1:])
 
     @property
     def interval(self) -> bool:
         return "interval" in self.flags
 
 
-@dataclass(frozen=True)
+@lru_cache(maxsize=256)
+def _decl(fields: tuple) -> str:
+    """A set's declaration from its fields after the name (sets of one shape share it)."""
+    type_, typeof, flags, size, timeout, comment = fields
+    parts = [f"type {type_};" if type_ else f"typeof {typeof};"]
+    if flags:
+        parts.append(f"flags {','.join(flags)};")
+    if size is not None:
+        parts.append(f"size {size};")
+    if timeout is not None:
+        parts.append(f"timeout {timeout};")
+    if comment:
+        parts.append(f'comment "{comment_text(comment)}";')
+    return " ".join(parts)
+
+
 class Map(Set):
     """A named map: type or typeof is "key : value" (value `verdict` for a verdict map)."""
 
+    __slots__ = ()
     kind = "map"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if " : " not in (self.type or self.typeof or ""):
-            raise NftDefinitionError(f"map {self.name}: the type needs a ' : ' between key and value")
 
 
 @dataclass(frozen=True)
@@ -242,7 +271,7 @@ class Transaction:
         return len(self.ops)
 
     def _op(self, verb: str, obj: Object) -> None:
-        if verb == "add" and type(obj) is Rule:  # the common case first
+        if verb == "add" and (type(obj) is Rule or type(obj) is Chain):  # the common cases first
             self.ops.append((verb, obj))
             return
         if isinstance(obj, Rule):
@@ -266,8 +295,12 @@ class Transaction:
         self._op("add", obj)
 
     def add_all(self, objs: Iterable[Object]) -> None:
+        ops = self.ops
         for obj in objs:
-            self._op("add", obj)
+            if type(obj) is Rule or type(obj) is Chain or type(obj) is Set or type(obj) is Map:
+                ops.append(("add", obj))
+            else:
+                self._op("add", obj)
 
     def create(self, obj: Object) -> None:
         """Like add, but it is an error if obj exists already."""
@@ -308,6 +341,8 @@ class Transaction:
                     out.append(f"{verb} rule {t} {obj.chain}{where} {obj.rule}{_comment(obj.comment)}")
                 else:
                     out.append(f"{verb} rule {t} {obj.chain}{where} {obj.rule}")
+            elif type(obj) is Chain and obj.hook is None and not obj.comment:
+                out.append(f"{verb} chain {t} {obj.name}")
             elif isinstance(obj, Elements):
                 items = obj.items if verb != "delete" else [i.partition(" : ")[0] for i in obj.items]
                 for i in range(0, len(items), CHUNK):
@@ -541,6 +576,11 @@ def canonical_element(types: SetTypes, text: str, with_value: bool = True) -> li
             first, last = _interval(key.strip())
             return [_cidr(n) for n in ipaddress.summarize_address_range(
                 ipaddress.IPv4Address(first), ipaddress.IPv4Address(last))]
+        if types.interval and types.key[-1] == "ipv4_addr":  # a concatenation ending in a prefix
+            head, _, tail = key.rpartition(" . ")
+            fields = types.key[:-1]
+            return [f"{_decode_fields(fields, _encode_fields(fields, head))} . "
+                    f"{_cidr(ipaddress.IPv4Network(tail.strip(), strict=False))}"]
         k = _decode_fields(types.key, _encode_fields(types.key, key))
         if types.data is None or not with_value:
             return [k]
@@ -670,6 +710,13 @@ def _type_names(type_id: int, length: int) -> tuple[str, ...]:
 
 def _decode_dumped(types: SetTypes, e: nl.DumpedElement) -> str:
     try:
+        if types.interval and e.key_end is not None and types.key[-1] == "ipv4_addr":
+            # a concatenation ending in a prefix: the key holds its first address, key_end its last
+            first = int.from_bytes(e.key[-4:], "big")
+            last = int.from_bytes(e.key_end[-4:], "big")
+            plen = 33 - (last - first + 1).bit_length()
+            head = _decode_fields(types.key[:-1], e.key[:-4])
+            return f"{head} . {_cidr(ipaddress.IPv4Network((first, plen)))}"
         key = _decode_fields(types.key, e.key)
         if types.data is None:
             return key

@@ -269,7 +269,7 @@ class NftServiceApplier:
 
     def remove(self) -> None:
         """Delete the whole table (podnet uninstall; never done on agent stop)."""
-        self.nft(f"table {nt.FAMILY} {nt.TABLE}\ndelete table {nt.FAMILY} {nt.TABLE}\n")
+        self.nft(nt.remove_script())
         self.applied_state = self.layout = None
         self.chains = set()
 

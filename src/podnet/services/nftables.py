@@ -32,15 +32,17 @@ per bit set in N-1, and N @backends_<N> slot elements. The tree has 2^bits leave
 for it). aff_t<T> exists once per distinct affinity timeout. Nothing grows with
 the number of Services except elements.
 
-The table's structure is created by `nft -f`; elements travel as netlink batches
-(podnet.dataplane.nfnetlink): `encode_elements` turns the text form used here
-into the kernel's binary layout.
+The table's structure is a transaction of the typed nftables layer
+(podnet.dataplane.nftables), sent as `nft -f` text; elements travel as netlink batches
+(podnet.dataplane.nfnetlink) encoded here on a short path from the rules (`encode_item`,
+byte for byte what the layer's own encoder makes of the same element text, as the
+unit tests check); `delta_transaction` gives a delta as the layer's elements, for logs
+and tests.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import socket
 import struct
 from collections.abc import Iterable, Iterator
@@ -48,6 +50,10 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 from podnet.dataplane import nfnetlink as nl
+from podnet.dataplane.nftables import Chain, Map, Set, Table, Transaction
+from podnet.dataplane.nftables import Elements as NftElements
+from podnet.dataplane.nftables import Rule as NftRule
+from podnet.dataplane.nftables import decode_intervals as decode_intervals
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState, StaleFlow
 
 TABLE = "podnet-svc"
@@ -64,37 +70,41 @@ MAX_TIER_BITS = 16
 # table is rebuilt with twice the need when it is reached (and never shrinks).
 SIZED = ("service_ips",)
 SLOT_MAPS = {False: "backends", True: "nodeport_backends"}  # nodeport? -> slot map name prefix
-SLOT_DECL = {
-    False: "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;",
-    True: "typeof meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport;",
+SLOT_TYPEOF = {
+    False: "ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport",
+    True: "meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport",
 }
 MIN_CAPACITY = 16384
 
 K3 = "ipv4_addr . inet_proto . inet_service"
 K2 = "inet_proto . inet_service"
-# name -> declaration; the text-only sets are written with the table's structure (a change rebuilds)
-SETS: dict[str, str] = {
-    "service_cidrs": "type ipv4_addr; flags interval;",
-    "node_ips": "type ipv4_addr;",
-    "service_ips": f"type {K3};",
-    "service_nodeports": f"type {K2};",
-    **{f"svc_bit{i}": f"type {K3};" for i in range(MAX_TIER_BITS)},
-    **{f"np_bit{i}": f"type {K2};" for i in range(MAX_TIER_BITS)},
-    "masq_ips": f"type {K3};",
-    "masq_nodeports": f"type {K2};",
-    "reject_ips": f"type {K3};",
-    "reject_nodeports": f"type {K2};",
-    "drop_ips": f"type {K3};",
-    "drop_nodeports": f"type {K2};",
-    "firewall_ips": f"type {K3};",
-    "lb_source_ranges": f"type {K3} . ipv4_addr; flags interval;",
-    "affinity_ips": f"type {K3} : verdict;",
-    "affinity_nodeports": f"type {K2} : verdict;",
-    "digest": "type mark . mark;",
-}
-VERDICT_MAPS = {name for name, decl in SETS.items() if decl.endswith(": verdict;")}
+SVC_TABLE = Table(TABLE, FAMILY)
+# every set and map but the slot maps; the text-only sets are written with the table's
+# structure (a change rebuilds)
+SETS: dict[str, Set] = {s.name: s for s in (
+    Set("service_cidrs", type="ipv4_addr", flags=("interval",)),
+    Set("node_ips", type="ipv4_addr"),
+    Set("service_ips", type=K3),
+    Set("service_nodeports", type=K2),
+    *(Set(f"svc_bit{i}", type=K3) for i in range(MAX_TIER_BITS)),
+    *(Set(f"np_bit{i}", type=K2) for i in range(MAX_TIER_BITS)),
+    Set("masq_ips", type=K3),
+    Set("masq_nodeports", type=K2),
+    Set("reject_ips", type=K3),
+    Set("reject_nodeports", type=K2),
+    Set("drop_ips", type=K3),
+    Set("drop_nodeports", type=K2),
+    Set("firewall_ips", type=K3),
+    Set("lb_source_ranges", type=f"{K3} . ipv4_addr", flags=("interval",)),
+    Map("affinity_ips", type=f"{K3} : verdict"),
+    Map("affinity_nodeports", type=f"{K2} : verdict"),
+    Set("digest", type="mark . mark"),
+)}
+VERDICT_MAPS = {name for name, obj in SETS.items() if obj.kind == "map"}
 TEXT_ONLY = ("service_cidrs", "node_ips")
 DYNAMIC = "affinity"  # filled by the kernel, never by the applier
+AFFINITY_MAP = Map(DYNAMIC, typeof="ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport",
+                   flags=("dynamic", "timeout"), size=AFFINITY_MAX, timeout="3h")
 # One element: a 64-bit XOR over frontends of a hash of each frontend's elements (the
 # text-only sets aside), updated in the same transaction as each change. After an agent restart an
 # equal digest of the desired state means the elements are right without reading them
@@ -205,35 +215,41 @@ class Layout:
     def for_state(cls, state: ServiceState) -> Layout:
         return cls(state.masquerade_mark).fit(*state_size(state))
 
-    def sets(self) -> dict[str, str]:
-        """Every set and map of the table (name -> declaration), the slot maps included."""
-        out = dict(SETS)
+    def sets(self) -> dict[str, Set]:
+        """Every set and map of the table (name -> definition), the slot maps included."""
+        out: dict[str, Set] = {}
+        for name, obj in SETS.items():
+            out[name] = Set(name, type=obj.type, size=self.capacity) if name in SIZED else obj
         for nodeport in (False, True):
             for n in range(1, 2 ** self.bits + 1):
-                out[slot_map(nodeport, n)] = SLOT_DECL[nodeport]
+                out[slot_map(nodeport, n)] = slot_map_object(nodeport, n)
         return out
 
     def chains(self) -> dict[str, list[str]]:
         return {**_fixed_chains(self.mark), **_tree_chains(self.bits)}
 
+    @property
+    def transaction(self) -> Transaction:
+        """The layout's sets, maps and chains, every chain created before any rule so that
+        jumps resolve in any order (made once per layout: a rebuild reuses it)."""
+        return _layout_transaction(self)
+
+    def _transaction(self) -> Transaction:
+        tx = Transaction(SVC_TABLE)
+        tx.add_all(self.sets().values())
+        tx.add(AFFINITY_MAP)
+        chains = self.chains()
+        tx.add_all(Chain(name) for name in chains)
+        for name, (typ, hook, prio, _) in _base_chains().items():
+            tx.add(Chain(name, type=typ, hook=hook, priority=prio, policy="accept"))
+        tx.add_all(NftRule.bulk([(name, r) for name, rules in chains.items() for r in rules]
+                                + [(name, r) for name, spec in _base_chains().items() for r in spec[3]]))
+        return tx
+
     @cached_property
     def body(self) -> str:
-        lines = []
-        for name, decl in self.sets().items():
-            size = f" size {self.capacity};" if name in SIZED else ""
-            lines.append(f"  {'map' if ' : ' in decl else 'set'} {name} {{ {decl}{size} }}")
-        lines.append(f"  map {DYNAMIC} {{ typeof ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport; "
-                     f"size {AFFINITY_MAX}; flags dynamic,timeout; timeout 3h; }}")
-        for name, rules in self.chains().items():
-            lines.append(f"  chain {name} {{")
-            lines += [f"    {r}" for r in rules]
-            lines.append("  }")
-        for name, (typ, hook, prio, rules) in _base_chains().items():
-            lines.append(f"  chain {name} {{")
-            lines.append(f"    type {typ} hook {hook} priority {prio}; policy accept;")
-            lines += [f"    {r}" for r in rules]
-            lines.append("  }")
-        return "\n".join(lines)
+        """The layout as nft commands (what the marker's hash is taken of)."""
+        return self.transaction.script()
 
     @cached_property
     def marker(self) -> str:
@@ -247,9 +263,25 @@ class Layout:
         return counts
 
 
+@lru_cache(maxsize=4)
+def _layout_transaction(layout: Layout) -> Transaction:
+    return layout._transaction()
+
+
 def slot_map(nodeport: bool, n: int) -> str:
     """The map holding the slots of frontends with n endpoints."""
     return f"{SLOT_MAPS[nodeport]}_{n}"
+
+
+@lru_cache(maxsize=2 * 2 ** MAX_TIER_BITS)
+def slot_map_object(nodeport: bool, n: int) -> Map:
+    return Map(slot_map(nodeport, n), typeof=SLOT_TYPEOF[nodeport])
+
+
+def set_object(name: str) -> Set:
+    """The definition of a set or map of the table, by name."""
+    slots = slot_map_of(name)
+    return slot_map_object(*slots) if slots else SETS[name]
 
 
 def slot_map_of(name: str) -> tuple[bool, int] | None:
@@ -498,45 +530,66 @@ def stale_udp_flows(gone: Elements, come: Elements, new: ServiceState) -> list[S
 # ---------------------------------------------------------------- text scripts (structure)
 
 
-def element_block(verb: str, name: str, items: Iterable[tuple[str, str | None]], keys_only: bool = False) -> list[str]:
-    body = [k if (keys_only or v is None) else f"{k} : {v}" for k, v in items]
-    if not body:
-        return []
-    if len(body) == 1:
-        return [f"{verb} element {FAMILY} {TABLE} {name} {{ {body[0]} }}"]
-    return [f"{verb} element {FAMILY} {TABLE} {name} {{", *(f"  {b}," for b in body[:-1]), f"  {body[-1]}", "}"]
+def _structure_parts(layout: Layout, state: ServiceState) -> tuple[Transaction, Transaction]:
+    """What goes before the layout (the old table removed) and after it (the layout marker,
+    the state's affinity chains, the text-only sets' elements)."""
+    head = Transaction(SVC_TABLE)
+    head.recreate()
+    tail = Transaction(SVC_TABLE)
+    tail.add(Chain(layout.marker))
+    for chain in sorted(state_affinity_chains(state)):
+        tail.add(Chain(chain))
+        tail.add_all(NftRule.many(chain, affinity_chain_rules(chain)))
+    tail.add(NftElements(SETS["service_cidrs"], sorted(_addr(c) for c in state.service_cidrs)))
+    tail.add(NftElements(SETS["node_ips"], sorted(state.node_ips)))
+    return head, tail
+
+
+def structure_transaction(layout: Layout, state: ServiceState) -> Transaction:
+    """Create (or replace) the table with its chains and the text-only sets; every other
+    element follows as one netlink batch (`state_batch`)."""
+    head, tail = _structure_parts(layout, state)
+    head.ops += layout.transaction.ops + tail.ops
+    return head
 
 
 def structure_script(layout: Layout, state: ServiceState) -> str:
-    """Create (or replace) the table with its chains and the text-only sets; every other
-    element follows as one netlink batch (`state_batch`)."""
-    lines = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}", f"table {FAMILY} {TABLE} {{",
-             layout.body, f"  chain {layout.marker} {{", "  }"]
-    for chain in sorted(state_affinity_chains(state)):
-        lines += [f"  chain {chain} {{", *(f"    {r}" for r in affinity_chain_rules(chain)), "  }"]
-    lines.append("}")
-    lines += element_block("add", "service_cidrs", sorted((_addr(c), None) for c in state.service_cidrs))
-    lines += element_block("add", "node_ips", sorted((ip, None) for ip in state.node_ips))
-    return "\n".join(lines) + "\n"
+    """structure_transaction as text (the layout's part rendered once per layout)."""
+    head, tail = _structure_parts(layout, state)
+    return head.script() + layout.body + tail.script()
+
+
+def delta_transaction(gone: Elements, come: Elements) -> Transaction:
+    """A delta as a transaction of elements (it is sent as netlink by element_batch, which
+    encodes on a shorter path; this form is for logs and tests)."""
+    tx = Transaction(SVC_TABLE)
+    for verb, part in (("delete", gone), ("add", come)):
+        for name, kv in part.items():
+            items = [k if v is None else f"{k} : {v}" for k, v in sorted(kv.items())]
+            (tx.delete if verb == "delete" else tx.add)(NftElements(set_object(name), items))
+    return tx
 
 
 def describe_delta(gone: Elements, come: Elements) -> str:
     """A delta as the nft commands that would make it (for logs and tests; it is sent as netlink)."""
-    lines: list[str] = []
-    for verb, part in (("delete", gone), ("add", come)):
-        for name in part:
-            if part[name]:
-                lines += element_block(verb, name, sorted(part[name].items()), keys_only=verb == "delete")
-    return "\n".join(lines) + "\n" if lines else ""
+    return delta_transaction(gone, come).script()
 
 
 def affinity_chain_script(come: Elements, existing: set[str]) -> str:
     """Affinity chains the new elements need and the table lacks ("" if none)."""
-    lines = []
+    tx = Transaction(SVC_TABLE)
     for chain in sorted(affinity_chains(come) - existing):
-        lines.append(f"add chain {FAMILY} {TABLE} {chain}")
-        lines += [f"add rule {FAMILY} {TABLE} {chain} {r}" for r in affinity_chain_rules(chain)]
-    return "\n".join(lines) + "\n" if lines else ""
+        tx.add(Chain(chain))
+        tx.add_all(NftRule.many(chain, affinity_chain_rules(chain)))
+    return tx.script()
+
+
+def remove_script() -> str:
+    """Delete the whole table (no error if there is none)."""
+    tx = Transaction(SVC_TABLE)
+    tx.add(SVC_TABLE)
+    tx.delete(SVC_TABLE)
+    return tx.script()
 
 
 # ---------------------------------------------------------------- binary elements (netlink)
@@ -730,25 +783,6 @@ def decode_element(name: str, el: nl.DumpedElement) -> tuple[str, str | None]:
         plen = 32 - (last - first + 1).bit_length() + 1
         return f"{fe} . {_addr(f'{socket.inet_ntoa(el.key[used:used + 4])}/{plen}')}", None
     return fe, el.data if isinstance(el.data, str) else None
-
-
-def decode_intervals(els: list[nl.DumpedElement]) -> list[str]:
-    """An interval set of addresses (start, end-flagged end+1 pairs) -> CIDRs."""
-    out: list[str] = []
-    # at one address an end (of the range before) comes before a start (of the next)
-    points = sorted((int.from_bytes(e.key, "big"), not e.flags & nl.SET_ELEM_INTERVAL_END) for e in els)
-    start = None
-    for value, is_start in points:
-        if is_start:
-            start = value
-        elif start is not None:
-            first, last = ipaddress.IPv4Address(start), ipaddress.IPv4Address(value - 1)
-            out += [_addr(str(n)) for n in ipaddress.summarize_address_range(first, last)]
-            start = None
-    if start is not None:  # a range running to the end of the address space
-        out += [_addr(str(n)) for n in ipaddress.summarize_address_range(
-            ipaddress.IPv4Address(start), ipaddress.IPv4Address("255.255.255.255"))]
-    return out
 
 
 @dataclass
