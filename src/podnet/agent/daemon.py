@@ -84,7 +84,8 @@ class Agent:
         self.routes: RoutesDataplane | None = None
         self.services = None
         self.dns_index = None
-        self.pods = PodDataplane(lambda: self.routes.mtu if self.routes is not None else 1500)
+        self.pods = PodDataplane(lambda: self.routes.mtu if self.routes is not None else 1500,
+                                 node_ip=lambda: self.node_ip)
         self.server = None
         self.dns = None
         self.metrics = None

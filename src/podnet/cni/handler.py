@@ -20,7 +20,8 @@ Error codes (CNI spec 1.1 well-known codes, then this plugin's own):
          namespace, or the node's own (libcni's ErrInvalidNetNS)
     11   try again later: the agent is unreachable (plugin), the store is unavailable, or IPAM
          lost too many concurrent updates
-    50   STATUS: the node cannot take ADDs
+    50   STATUS: the node cannot take ADDs (not programmed yet, store unreachable, every pool
+         serving the node exhausted, or a pod MTU a veth refuses)
     51   STATUS: and pods already running may have limited connectivity
     100  IPAM has no address for this pod (the message names the pools, the node and why)
     101  IPAM cannot serve the request: no usable pool, or the requested address is unavailable
@@ -718,10 +719,20 @@ class CNIHandler:
             code, message = verdict
             raise CNIError(code if code in (E_NOT_READY, E_NOT_READY_LIMITED) else E_NOT_READY, message)
         try:
-            with self._sessions.session() as (kv, _):
+            with self._sessions.session() as (kv, ipam):
                 kv.revision()
+                # Every ADD would fail: the pools that serve this node have no address left.
+                capacity = getattr(ipam, "capacity_problem", None)
+                exhausted = capacity(self.node) if capacity is not None else None
         except Exception as e:
             raise CNIError(E_NOT_READY, f"the podnet store is not reachable: {e}") from None
+        if exhausted:
+            raise CNIError(E_NOT_READY, f"node {self.node} cannot take new pods: {exhausted}")
+        # Every ADD would fail in the pod dataplane: say why now (e.g. an MTU a veth refuses).
+        check = getattr(self.dataplane, "setup_problem", None)
+        problem = check() if check is not None else None
+        if problem:
+            raise CNIError(E_NOT_READY, f"node {self.node} cannot set up pods: {problem}")
         return 0, ""
 
     # ------------------------------------------------------------ GC

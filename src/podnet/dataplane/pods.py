@@ -25,6 +25,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from podnet.dataplane.netns import NotANetns, netlink_in
 from podnet.dataplane.routing import RTPROT_PODNET_POD
 from podnet.dataplane.rtnl import RT_SCOPE_LINK, rtnl_in
+from podnet.errors import PodnetError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ HOST_PREFIX = "pn"
 HOST_SOCKETS = 4  # concurrent CNI requests overlap their kernel waits (a veth delete waits ~20 ms)
 NUD_PERMANENT = 0x80
 LOOPBACK_IFINDEX = 1  # the kernel gives every namespace's loopback this index
+MIN_MTU = 68  # IPv4's minimum
+MAX_VETH_MTU = 65535  # ETH_MAX_MTU: a veth refuses more (lo has 65536)
 ALIAS_PREFIX = "podnet:"
 
 
@@ -59,11 +62,20 @@ def _sysctl(path: str, value: str) -> None:
         f.write(value)
 
 
-class PodDataplane:
-    """Creates, checks and removes pod interfaces in the current (node) namespace."""
+class PodSetupError(PodnetError):
+    """The node cannot set up any pod (the message says why and what to change)."""
 
-    def __init__(self, mtu: int | Callable[[], int] = 1500):
+
+class PodDataplane:
+    """Creates, checks and removes pod interfaces in the current (node) namespace.
+
+    mtu: the pods' MTU (or how to get it: the underlay's, less VXLAN's overhead if used);
+    node_ip: the node's underlay address, to name the interface an MTU came from.
+    """
+
+    def __init__(self, mtu: int | Callable[[], int] = 1500, *, node_ip: Callable[[], str | None] | None = None):
         self._mtu = mtu
+        self._node_ip = node_ip
         # Node-side netlink sockets, opened once (~5 ms each) and lent to one request at a
         # time: the CNI server calls in from many threads, and a socket is not for sharing.
         self._idle: queue.LifoQueue[IPRoute | None] = queue.LifoQueue()
@@ -94,7 +106,31 @@ class PodDataplane:
     def mtu(self) -> int:
         return self._mtu() if callable(self._mtu) else self._mtu
 
+    def setup_problem(self) -> str | None:
+        """Why no pod can be set up on this node, or None (checked by ADD and STATUS)."""
+        mtu = self.mtu
+        if MIN_MTU <= mtu <= MAX_VETH_MTU:
+            return None
+        node_ip = self._node_ip() if self._node_ip is not None else None
+        ifname = self._interface_holding(node_ip) if node_ip else None
+        source = (f"the MTU of {ifname}, the interface holding the node address {node_ip}" if ifname
+                  else "the MTU of the node's underlay interface")
+        fix = (": put the node's address on its network interface, not on the loopback device" if ifname == "lo"
+               else ": set that interface's MTU within the range")
+        return f"pod MTU {mtu} is outside what a veth takes ({MIN_MTU}-{MAX_VETH_MTU}); it comes from {source}{fix}"
+
+    def _interface_holding(self, address: str) -> str | None:
+        with self._host_netlink() as ipr:
+            for a in ipr.get_addr(family=2):
+                if a.get_attr("IFA_ADDRESS") == address:
+                    links = ipr.get_links(a["index"])
+                    return links[0].get_attr("IFLA_IFNAME") if links else None
+        return None
+
     def add(self, container_id: str, ifname: str, netns: str, address: str) -> PodInterfaces:
+        problem = self.setup_problem()
+        if problem:
+            raise PodSetupError(problem)
         if not os.path.exists(netns):
             raise NotANetns(f"network namespace {netns} does not exist")
         host = host_ifname(container_id, ifname)

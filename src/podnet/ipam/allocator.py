@@ -40,7 +40,7 @@ from urllib.parse import quote
 
 from podnet.ipam import block as blk
 from podnet.ipam import keys
-from podnet.ipam.errors import AddressUnavailable, IPAMError, IPAMExhausted, TooManyConflicts
+from podnet.ipam.errors import AddressUnavailable, IPAMError, IPAMExhausted, NoPool, TooManyConflicts
 from podnet.ipam.selection import (
     Snapshot,
     SnapshotReader,
@@ -316,8 +316,7 @@ class IPAM:
             except _Lost:
                 self._backoff(attempt)
                 continue
-            raise IPAMExhausted(node, names, [f"IPPool {p.name} ({p.spec.cidr}) is full: every block is claimed"
-                                              for p in pools])
+            raise IPAMExhausted(node, names, [_pool_full(p, snap) for p in pools])
         raise TooManyConflicts(f"claiming a block for node {node}: gave up after {RETRIES} conflicting attempts")
 
     def blocks(self) -> list[BlockInfo]:
@@ -464,7 +463,7 @@ class IPAM:
                 rec, ordinal = got
                 assert ordinal is not None
                 return self._allocation(req, pool.name, rec.value["cidr"], ordinal)
-            reasons.append(f"IPPool {pool.name} ({pool.spec.cidr}) is full: every block is claimed")
+            reasons.append(_pool_full(pool, snap))
         return None
 
     def _candidate_blocks(self, node: str, pool: IPPool) -> Any:
@@ -751,6 +750,59 @@ class IPAM:
             size=blk.size(value),
         )
 
+    def capacity_problem(self, node: str) -> str | None:
+        """Why node cannot get an address for a new pod, or None if it can: what CNI STATUS
+        reports (code 50) so that the runtime stops sending ADDs that must fail. Reads the
+        node's own blocks first, and the pools' blocks only when those are full."""
+        snap = self._config.read()
+        try:
+            pools = choose_pools(snap, node=node, explicit=None, pod=None, namespace=lambda: None,
+                                 node_labels=lambda: self._node_labels(node)).pools
+        except NoPool as e:
+            return str(e)
+        chosen = {p.name for p in pools}
+
+        def has_room(value: blk.Block) -> bool:
+            pool = snap.pool_of_block(value)
+            return (pool is not None and pool.name in chosen
+                    and blk.first_free(value, snap.reserved_in(value["cidr"])) is not None)
+
+        affine = self._load_affine(node)
+        for cidr in affine:
+            rec = self.kv.get(keys.block_key(cidr))
+            if rec is not None and has_room(rec.value):
+                return None
+        records, _ = self.kv.list(keys.BLOCKS)
+        reasons = []
+        cap = snap.max_blocks_per_host
+        if cap and len(affine) >= cap:
+            reasons.append(f"maxBlocksPerHost={cap} reached (node {node} has {len(affine)} blocks, all full)")
+        else:
+            existing = {r.value["cidr"] for r in records}
+            for pool in pools:
+                assert pool.spec.block_size is not None
+                for cidr in self._candidate_blocks(node, pool):
+                    if cidr not in existing and len(snap.reserved_in(cidr)) < blk.network(cidr).num_addresses:
+                        return None
+                reasons.append(_pool_full(pool, snap))
+        if snap.strict_affinity:
+            reasons.append("strictAffinity forbids borrowing addresses from other nodes' blocks")
+        elif any(has_room(r.value) for r in records):
+            return None
+        else:
+            reasons.append(f"no free address to borrow in any block of IPPool {', '.join(sorted(chosen))}")
+        return str(IPAMExhausted(node, [p.name for p in pools], reasons))
+
     def _backoff(self, attempt: int) -> None:
         self.conflicts += 1
         time.sleep(self._rng.uniform(0, min(0.001 * (attempt + 1), 0.05)))
+
+
+def _pool_full(pool: IPPool, snap: Snapshot) -> str:
+    """Why a pool has no block left to claim, naming the IPReservations that hold part of it."""
+    held = snap.reservations_in(pool.spec.cidr)
+    if not held:
+        return f"IPPool {pool.name} ({pool.spec.cidr}) is full: every block is claimed"
+    kinds = "IPReservation" if len(held) == 1 else "IPReservations"
+    return (f"IPPool {pool.name} ({pool.spec.cidr}) is full: every block is claimed or reserved, and "
+            f"{kinds} {', '.join(held)} hold addresses of it")

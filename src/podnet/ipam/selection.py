@@ -48,6 +48,7 @@ class Snapshot:
     pools: list[IPPool]  # sorted by name
     reservations: tuple[blk.Network, ...]
     strict_affinity: bool = False
+    reserved_by: tuple[tuple[str, blk.Network], ...] = ()  # (IPReservation name, CIDR) for messages
     max_blocks_per_host: int = 0
     _reserved_cache: dict[str, frozenset[int]] = field(default_factory=dict, repr=False)
     _pool_cache: dict[tuple[str, str], IPPool | None] = field(default_factory=dict, repr=False)
@@ -65,6 +66,11 @@ class Snapshot:
             got = blk.reserved_ordinals(cidr, self.reservations) if self.reservations else frozenset()
             self._reserved_cache[cidr] = got
         return got
+
+    def reservations_in(self, cidr: str) -> list[str]:
+        """Names of the IPReservations that hold addresses of cidr (a pool's or a block's)."""
+        net = blk.network(cidr)
+        return sorted({name for name, r in self.reserved_by if r.overlaps(net)})  # type: ignore[arg-type]
 
     def is_reserved(self, addr: str) -> bool:
         ip = ipaddress.ip_address(addr)
@@ -110,13 +116,15 @@ class SnapshotReader:
         self._decoded = decoded
         objs = [o for _, o in decoded.values() if not isinstance(o, UndecodableObject)]
         pools = sorted((o for o in objs if isinstance(o, IPPool)), key=lambda p: p.name)
-        reservations = tuple(
-            blk.network(c) for o in objs if isinstance(o, IPReservation) for c in o.spec.reserved_cidrs
+        reserved_by = tuple(
+            (o.name, blk.network(c)) for o in objs if isinstance(o, IPReservation) for c in o.spec.reserved_cidrs
         )
+        reservations = tuple(r for _, r in reserved_by)
         config = next((o for o in objs if isinstance(o, IPAMConfig) and o.name == IPAM_CONFIG_NAME), None)
         snap = Snapshot(
             pools=pools,
             reservations=reservations,
+            reserved_by=reserved_by,
             strict_affinity=bool(config and config.spec.strict_affinity),
             max_blocks_per_host=config.spec.max_blocks_per_host if config else 0,
         )
