@@ -4,12 +4,11 @@ through the ClusterIP keeps flowing, and the Service table is adopted as it is
 
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 
-from podnet.lab.cluster import restart_agent
+from podnet.lab.cluster import restart_agent, wait_programmed
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
 from tests.kernel.labs import echo_connection, log_offsets, log_since, running_lab
@@ -67,7 +66,9 @@ def test_connection_through_service_survives_agent_restart(lab):
             restart_agent(lab.state, node)
 
         assert roundtrip("after") == "after"  # the same TCP connection, through the same DNAT entry
-        time.sleep(1.0)  # a late first sync would show up in the table and the log
+        # Every agent has programmed everything the store holds (its .synced file): a sync that
+        # changed the table would have happened by now, and would show in the table and the log.
+        wait_programmed(lab.state, lab.store().kv.revision(), 30)
         after = {n: svc_table(lab, n) for n in NODES}
         for node in NODES:
             assert rule_handles(after[node]) == rule_handles(before[node]), f"{node}: table rebuilt"

@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -135,7 +134,9 @@ def iperf_bps(lab, server_ns: str, server_ip: str, reverse: bool) -> float:
     server = start(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", port, "--forceflush"],
                    "-----------------------------------------------------------", lab["procs"])
     try:
-        time.sleep(0.2)
+        # iperf3 listens before it prints its banner: the banner's next line says so
+        listening = server.stdout.readline() if server.stdout else ""
+        assert listening.startswith("Server listening on"), listening
         args = ["iperf3", "-c", server_ip, "-p", port, "-t", "2", "-J", *(["-R"] if reverse else [])]
         out = in_ns(lab["ext"], *args, timeout=30)
     finally:

@@ -183,18 +183,30 @@ class UpstreamLog:
     def __init__(self, lab: Lab):
         entry = lab.state.process("external-dns")
         assert entry is not None
+        self.lab = lab
         self.path = Path(entry["log"])
         self.start = self.path.stat().st_size
 
-    def queries(self, settle: float = 0.3) -> list[str]:
-        """`TYPE name` of every query logged since this object was made."""
-        time.sleep(settle)  # dnsmasq writes its log as it goes; give it a moment
-        with open(self.path, "rb") as f:
-            f.seek(self.start)
-            text = f.read().decode(errors="replace")
+    def queries(self, timeout: float = 10.0) -> list[str]:
+        """`TYPE name` of every query logged since this object was made.
+
+        dnsmasq answers and logs queries one at a time, in order: once a marker query sent
+        now is in the log, every query before it is too."""
+        marker = f"marker-{secrets.token_hex(4)}.{ZONE}"
+        topology.run(["ip", "netns", "exec", self.lab.state.data["underlay_netns"], "dig", "+short", "+tries=1",
+                      f"@{EXTERNAL_IP}", marker])
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.path, "rb") as f:
+                f.seek(self.start)
+                text = f.read().decode(errors="replace")
+            if f" {marker} " in text:
+                break
+            assert time.monotonic() < deadline, f"dnsmasq did not log the marker query {marker} in {timeout:g}s"
+            time.sleep(0.05)  # poll interval of the condition above, which has a deadline
         out = []
         for line in text.splitlines():
-            if "query[" in line:
+            if "query[" in line and marker not in line:
                 qtype, rest = line.split("query[", 1)[1].split("]", 1)
                 out.append(f"{qtype} {rest.split()[0]}")
         return out
