@@ -3,7 +3,7 @@ pod dataplane. `CNIHandler.handle(env, stdin)` returns (code, stdout text) and n
 
 Attachments. Each (network name, CNI_CONTAINERID, CNI_IFNAME) is one attachment, with the
 IPAM handle `<network>.<containerID>.<ifname>`. ADD writes its record
-/podnet/attachments/<node>/<handle> before it allocates, so GC and DEL can always find what
+/podnet-alloc/attachments/<node>/<handle> before it allocates, so GC and DEL can always find what
 an interrupted ADD left; DEL and GC release the address before they delete the record.
 
 Error codes (CNI spec 1.1 well-known codes, then this plugin's own):
@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from podnet.cni.errors import CNIError
 from podnet.model.names import is_dns1123_label, is_dns1123_subdomain
 from podnet.store.base import AlreadyExists, Conflict, KeyValueStore, NotFound, StoreError, StoreUnavailable
+from podnet.store.layout import ALLOC
 
 if TYPE_CHECKING:  # the agent hands in the real one; tests may hand in a stand-in
     from podnet.dataplane.pods import PodInterfaces
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"
 GATEWAY = "169.254.1.1"
-ATTACHMENTS_PREFIX = "/podnet/attachments/"
+ATTACHMENTS_PREFIX = ALLOC + "attachments/"  # per node; no other node's agent reads them
 VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 VALID_ATTACHMENTS_OLD = "cni.dev/attachments"  # the name in the first 1.1.0 text; libcni sends both
 
