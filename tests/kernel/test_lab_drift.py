@@ -11,7 +11,7 @@ import pytest
 
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
-from tests.kernel.labs import running_lab
+from tests.kernel.labs import log_offsets, log_since, running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -64,16 +64,21 @@ def wait_for(condition: Callable[[], bool], what: str, within: float = RESYNC * 
     return time.monotonic() - start
 
 
+def repaired(lab: Lab, node: str, dataplane: str, since: dict[str, int]) -> bool:
+    """Whether the agent of `node` found and repaired drift of `dataplane` since `since`."""
+    return f"{dataplane}: kernel state changed behind podnet's back" in log_since(lab, node, since)
+
+
 def test_a_flushed_policy_table_is_rebuilt_and_the_isolated_pod_is_isolated_again(lab):
     web = f"tcp:{ip_of(lab, 'web')}:8080"
     assert reaches(lab, "client", web) and not reaches(lab, "intruder", web)
+    since = log_offsets(lab)
     node_sh(lab, "node-1", "nft", "flush", "table", "ip", "podnet-policy")
-    assert reaches(lab, "intruder", web)  # the drift really opened it
-    wait_for(lambda: not reaches(lab, "intruder", web), "intruder isolated again")
-    for _ in range(3):  # and it stays so, across further resyncs, while the client keeps working
+    # (until the next resync the intruder gets through: a flushed table opens the pods)
+    wait_for(lambda: repaired(lab, "node-1", "policy", since), "the policy drift found")
+    wait_for(lambda: not reaches(lab, "intruder", web), "the intruder isolated again")
+    for _ in range(3):  # isolated again, across further resyncs, while the client keeps working
         assert reaches(lab, "client", web) and not reaches(lab, "intruder", web)
-    log = open(lab.node("node-1")["log"]).read()
-    assert "policy: kernel state changed behind podnet's back" in log
 
 
 def test_a_deleted_allow_element_is_restored_and_the_pod_stays_isolated_meanwhile(lab):
@@ -82,11 +87,12 @@ def test_a_deleted_allow_element_is_restored_and_the_pod_stays_isolated_meanwhil
     doc = json.loads(node_sh(lab, "node-1", "nft", "-j", "list", "table", "ip", "podnet-policy"))
     holder = next(item["set"]["name"] for item in doc["nftables"]
                   if "set" in item and client in item["set"].get("elem", []))
+    since = log_offsets(lab)
     node_sh(lab, "node-1", "nft", "delete", "element", "ip", "podnet-policy", holder, f"{{ {client} }}")
-    assert not reaches(lab, "client", web)  # fails closed
-    # while it is repaired (a rewrite of the whole table, one transaction), never open
+    # while it is missing (the client is refused: fails closed) and while the table is
+    # rewritten (one transaction), the intruder never gets through
     deadline = time.monotonic() + RESYNC * 3 + 10
-    while not reaches(lab, "client", web):
+    while not (repaired(lab, "node-1", "policy", since) and reaches(lab, "client", web)):
         assert not reaches(lab, "intruder", web)
         assert time.monotonic() < deadline, "the allow element was not restored"
     assert not reaches(lab, "intruder", web)
@@ -113,8 +119,9 @@ def test_a_deleted_service_table_comes_back(lab):
     assert svc is not None and svc.spec.cluster_ip
     target = f"tcp:{svc.spec.cluster_ip}:80"
     assert reaches(lab, "client", target)
+    since = log_offsets(lab)
     node_sh(lab, "node-2", "nft", "delete", "table", "ip", "podnet-svc")
-    assert not reaches(lab, "client", target)
+    wait_for(lambda: repaired(lab, "node-2", "services", since), "the Service drift found")
     wait_for(lambda: reaches(lab, "client", target), "the Service through node-2")
 
 
