@@ -11,6 +11,7 @@ import pytest
 
 from podnet.model.objects import Namespace, Node, Pod, Service
 from podnet.model.selectors import LabelSelector
+from podnet.store import open_store
 from podnet.store.base import AlreadyExists, Compacted, Conflict, NotFound, Op
 from podnet.store.objects import ObjectStore, object_key
 
@@ -218,6 +219,26 @@ def test_list_many_keys(kv, prefix):
     records, rev = kv.list(prefix)
     assert [r.value["i"] for r in records] == list(range(120))
     assert {r.revision for r in records} == {rev}
+
+
+def test_stream_delivers_the_list_page_by_page_from_one_snapshot(kv, prefix):
+    kv.txn([Op.create(prefix + f"k{i:03d}", {"i": i}) for i in range(120)])
+    if hasattr(kv, "page_size"):
+        kv.page_size = 16  # several pages
+    got: list = []
+    written_meanwhile: list[int] = []
+    writer = open_store(kv.url)  # another client (a connection in a read transaction cannot write)
+
+    def sink(r) -> None:
+        got.append(r)
+        if len(got) == 20:  # a write in the middle of the listing is not part of its snapshot
+            written_meanwhile.append(writer.put(prefix + "k050", {"i": -1}))
+
+    rev = kv.stream(prefix, sink)
+    assert [r.value["i"] for r in got] == list(range(120))
+    assert written_meanwhile and rev < written_meanwhile[0]
+    assert kv.stream(prefix + "nothing/", got.append) == kv.revision()
+    writer.close()
 
 
 # ---------------------------------------------------------------- watching

@@ -60,11 +60,9 @@ class ObjectCache:
         records.clear()
         return events
 
-    def reload(self, records: list[Record], sink: Callable[[ObjectEvent], None]) -> None:
-        """Become exactly what a fresh list holds (after a compacted watch), in place, so
-        that every dataplane holding this cache sees the new contents."""
-        fresh = ObjectCache(self.unkept)
-        fresh.load(records, sink)
+    def adopt(self, fresh: ObjectCache) -> None:
+        """Become what `fresh` holds (a complete new list), in place, so that every
+        dataplane holding this cache sees the new contents."""
         with self._lock:
             self._objects, self._blocks = fresh._objects, fresh._blocks
 

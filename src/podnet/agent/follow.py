@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from podnet.agent.cache import ObjectCache
 from podnet.agent.contract import Dataplane
-from podnet.store.base import Compacted, Event, KeyValueStore
+from podnet.store.base import Compacted, Event, KeyValueStore, Record, StoreUnavailable
 from podnet.store.layout import SHARED
 from podnet.store.objects import ObjectEvent
 
@@ -36,19 +36,31 @@ class StoreFollower:
         self.retry_interval = retry_interval
         self.stopping = threading.Event()
 
-    def relist(self, kv: KeyValueStore) -> int:
-        """Load everything under the prefix, as one consistent list; its revision."""
-        records, rev = kv.list(self.prefix)
-        for dp in self.dataplanes:
-            dp.begin_reload()
-        try:
-            self.cache.reload(records, self._feed)
-        finally:
+    def relist(self, kv: KeyValueStore, attempts: int = 5) -> int:
+        """Load everything under the prefix, as one consistent snapshot streamed page by
+        page to the dataplanes (no whole listing in memory); its revision. The cache is
+        replaced when the list is complete; a list cut short (the snapshot compacted
+        away) starts over, and a failed one deletes nothing."""
+        for _ in range(attempts):
+            fresh = ObjectCache(self.cache.unkept)
+            for dp in self.dataplanes:
+                dp.begin_reload()
+
+            def take(r: Record, fresh: ObjectCache = fresh) -> None:
+                typed = fresh.apply(Event("ADDED", r.key, r.value, r.revision))
+                self._feed(typed if typed is not None else ObjectEvent("ADDED", None, r.key, r.revision))
+
+            try:
+                rev = kv.stream(self.prefix, take)
+            except Compacted:
+                log.warning("the store compacted the snapshot being listed; listing again")
+                continue
+            self.cache.adopt(fresh)
             for dp in self.dataplanes:
                 dp.end_reload()
-        del records
-        self.on_change(rev, self.dataplanes)
-        return rev
+            self.on_change(rev, self.dataplanes)
+            return rev
+        raise StoreUnavailable(f"listing {self.prefix}: the snapshot was compacted under every attempt")
 
     def _feed(self, ev: ObjectEvent) -> list[Dataplane]:
         """One event to every dataplane; one failing does not keep it from the others."""

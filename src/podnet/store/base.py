@@ -9,7 +9,7 @@ a key's revision: expected 0 means "must not exist". Values are JSON objects.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -112,6 +112,17 @@ class KeyValueStore(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str) -> tuple[list[Record], int]:
         """All records under prefix, sorted by key, and the store revision they were read at."""
+
+    def stream(self, prefix: str, sink: Callable[[Record], None]) -> int:
+        """Every record under prefix, sorted by key, to `sink` one by one as they are read
+        (backends read page by page, so a caller that keeps only what it needs never
+        holds the whole listing); returns the revision they were all read at. If the
+        store cannot keep one snapshot until the end (etcd compacted it meanwhile), this
+        raises Compacted after some records were delivered: start over."""
+        records, rev = self.list(prefix)
+        for r in records:
+            sink(r)
+        return rev
 
     @abc.abstractmethod
     def txn(self, ops: list[Op]) -> int:

@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from podnet.errors import PodnetError
@@ -370,6 +370,30 @@ class EtcdStore(KeyValueStore):
                     raise
                 # The snapshot was compacted between pages: read it all again, at a newer revision.
         raise StoreUnavailable(f"listing {prefix!r}: the store was compacted under every attempt")
+
+    def stream(self, prefix: str, sink: Callable[[Record], None]) -> int:
+        start = prefix.encode()
+        end = _b64(prefix_range_end(start))
+        rev = 0
+        key = start
+        while True:
+            request: dict[str, Any] = {"key": _b64(key), "range_end": end, "limit": str(self.page_size)}
+            if rev:
+                request["revision"] = str(rev)  # every page from the first page's snapshot
+            try:
+                doc = self._call("/v3/kv/range", request)
+            except StoreError as e:
+                if "compacted" in str(e):
+                    raise Compacted(rev, rev + 1) from None
+                raise
+            if not rev:
+                rev = int(doc["header"]["revision"])
+            kvs = doc.get("kvs") or []
+            for kv in kvs:
+                sink(_record(kv))
+            if not doc.get("more") or not kvs:
+                return rev
+            key = _unb64(kvs[-1]["key"]) + b"\x00"
 
     # ------------------------------------------------------------------ writes
 

@@ -30,7 +30,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from podnet.store.base import (
     Compacted,
@@ -192,6 +192,24 @@ class SQLiteStore(KeyValueStore):
             finally:
                 self._end_read()
         return [Record(k, json.loads(v), m, c) for k, v, m, c in rows], rev
+
+    def stream(self, prefix: str, sink: Callable[[Record], None], page: int = 2000) -> int:
+        """One read transaction (a WAL snapshot), rows decoded a page at a time."""
+        db = self._db
+        with self._faults():
+            db.execute("BEGIN")
+            try:
+                rev = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+                cur = db.execute(
+                    "SELECT key, value, mod_rev, create_rev FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                    (prefix, prefix_end(prefix)),
+                )
+                while rows := cur.fetchmany(page):
+                    for k, v, m, c in rows:
+                        sink(Record(k, json.loads(v), m, c))
+            finally:
+                self._end_read()
+        return rev
 
     def _end_read(self) -> None:
         if self._db.in_transaction:
