@@ -1,0 +1,5 @@
+import sys
+
+from podnet.dns.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,369 @@
+"""The server's sockets and the fast path.
+
+UDP: a query with one question and at most an EDNS0 OPT record is checked with
+a few byte comparisons, its lower-cased question is looked up in the index's
+table of rendered responses (or the upstream cache), and the reply is the
+query's ID and question bytes (so the client's case is echoed) around the
+precomputed header and sections. No parsing into objects, no allocation beyond
+the reply. Everything else takes the slow path (``podnet.dns.server.slowpath``).
+TCP queries always take the slow path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Iterable
+from time import monotonic
+
+from podnet.dns import wire
+from podnet.dns.cache import ResponseCache
+from podnet.dns.index import ClusterIndex
+from podnet.dns.server.autopath import Autopath
+from podnet.dns.server.entries import AUTOPATH, FINAL, OPT_DO, OPT_PLAIN
+from podnet.dns.server.query import error_reply
+from podnet.dns.server.slowpath import SlowPath
+from podnet.dns.upstream import UpstreamPool
+from podnet.dns.wire import SERVFAIL
+
+log = logging.getLogger("podnet.dns.server")
+
+
+class DNSServer(SlowPath, Autopath):
+    """UDP + TCP DNS server over a ClusterIndex, forwarding other names upstream.
+
+    Use ``await start()`` / ``await stop()`` inside an event loop, or
+    ``start_thread()`` / ``stop_thread()`` to run it on a loop of its own.
+    """
+
+    def __init__(self, index: ClusterIndex, listen: Iterable[tuple[str, int]] = (("127.0.0.1", 53),),
+                 upstreams: Iterable[tuple[str, int]] = (), host_search: Iterable[str] = (),
+                 autopath: bool = True, local_pods: dict[str, str] | None = None,
+                 cache_size: int = 10_000, max_ttl: int = 3600, max_negative_ttl: int = 1800,
+                 prefetch: bool = True, upstream_timeout: float = 2.0, upstream_connections: int = 2,
+                 tcp_idle_timeout: float = 10.0, max_udp_size: int = wire.EDNS_SIZE):
+        self.index = index
+        self.listen = [(h, int(p)) for h, p in listen]
+        self.upstream = UpstreamPool(list(upstreams), upstream_connections, upstream_timeout)
+        self.host_search = [wire.wire_labels(wire.name_to_wire(d)) for d in host_search if d.strip(".")]
+        self.autopath = autopath
+        # pod IP -> namespace; by default the index's own view of this node's pods
+        self.local_pods: dict[str, str] = index.local_pods if local_pods is None else local_pods
+        self.cache = ResponseCache(cache_size, max_ttl, max_negative_ttl)
+        self.prefetch = prefetch
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_udp_size = max(512, max_udp_size)  # UDP answers never exceed this, whatever the client offers
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("udp", "tcp", "fast", "slow", "fallback", "formerr", "dropped", "autopath", "autopath_miss",
+             "forwarded", "cache_hits", "servfail", "truncated", "prefetches", "errors"), 0)
+        self.addresses: list[tuple[str, int]] = []  # bound (host, port), UDP and TCP alike
+        self._socks: list[socket.socket] = []
+        self._tcp_servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._inflight: dict[bytes, asyncio.Future] = {}
+        # composed autopath answers: key -> (answer entry, asked zone entry, zone deps, upstream deps)
+        self._ap_cache: dict[bytes, tuple] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ local pods
+
+    def set_local_pods(self, pods: dict[str, str]) -> None:
+        self.local_pods.clear()
+        self.local_pods.update(pods)
+
+    def add_local_pod(self, ip: str, namespace: str) -> None:
+        self.local_pods[ip] = namespace
+
+    def remove_local_pod(self, ip: str) -> None:
+        self.local_pods.pop(ip, None)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        try:
+            for host, port in self.listen:
+                # port 0: the kernel picks a UDP port; TCP must get the same one, so retry on a clash
+                for attempt in range(20 if port == 0 else 1):
+                    sock = self._udp_socket(host, port)
+                    bound = sock.getsockname()[:2]
+                    try:
+                        server = await asyncio.start_server(self._tcp_client, host, bound[1], reuse_address=True)
+                    except OSError:
+                        sock.close()
+                        if attempt == (19 if port == 0 else 0):
+                            raise
+                        continue
+                    break
+                self._socks.append(sock)
+                loop.add_reader(sock.fileno(), self._on_udp, sock)
+                self._tcp_servers.append(server)
+                self.addresses.append((bound[0], bound[1]))
+        except BaseException:
+            await self.stop()
+            raise
+
+    @staticmethod
+    def _udp_socket(host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.bind((host, port))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def stop(self) -> None:
+        loop = self._loop or asyncio.get_running_loop()
+        for sock in self._socks:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socks.clear()
+        for server in self._tcp_servers:
+            server.close()
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._tcp_servers.clear()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await t
+        await self.upstream.close()
+
+    def start_thread(self, timeout: float = 10.0) -> None:
+        """Run the server on its own event loop in a daemon thread; returns once it listens."""
+        ready = threading.Event()
+        error: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                error.append(e)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self.stop())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="podnet-dns", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise TimeoutError("DNS server did not start")
+        if error:
+            raise error[0]
+
+    def stop_thread(self, timeout: float = 10.0) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def call(self, fn, *args) -> None:
+        """Run fn(*args) on the server's loop (thread-safe), e.g. to feed the index."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------ UDP
+
+    def _on_udp(self, sock: socket.socket) -> None:
+        recvfrom, sendto = sock.recvfrom, sock.sendto
+        responses = self.index.responses
+        local_pods = self.local_pods
+        autopath = self.autopath
+        external = self.cache.entries
+        max_udp = self.max_udp_size
+        autopath_ready = self._autopath_ready
+        served = 0
+        received = 0
+        try:
+            for _ in range(512):
+                try:
+                    data, addr = recvfrom(4096)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                received += 1
+                # ---- fast path: one question, no other sections but an optional OPT, answer rendered
+                try:
+                    if not data[2] & 0xF8 and data[4:10] == b"\x00\x01\x00\x00\x00\x00":
+                        if data[10:12] == b"\x00\x00":
+                            # no EDNS: the question is the rest of the packet, so it is the key
+                            # (a packet with trailing bytes matches nothing and takes the slow path)
+                            key = data[12:].lower()
+                            e = responses.get(key)
+                            if e is not None:
+                                if e[0] == FINAL or (e[0] == AUTOPATH and (not autopath
+                                                                           or local_pods.get(addr[0]) != e[3])):
+                                    resp = b"".join((data[:2], e[1][(data[2] & 1) | ((data[3] >> 3) & 2)],
+                                                     data[12:], e[2]))
+                                    if len(resp) <= 512:
+                                        sendto(resp, addr)
+                                        served += 1
+                                        continue
+                                elif e[0] == AUTOPATH:  # a local pod's search: a composed answer?
+                                    c = autopath_ready(key, e)
+                                    if c is not None:
+                                        resp = b"".join((data[:2], c.hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
+                                                         data[12:], c.body))
+                                        if len(resp) <= 512:
+                                            sendto(resp, addr)
+                                            served += 1
+                                            continue
+                            else:
+                                x = external.get(key)
+                                if x is not None and (monotonic() < x.valid_until or x.retick(monotonic())):
+                                    resp = b"".join((data[:2], x.hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
+                                                     data[12:], x.body))
+                                    if len(resp) <= 512:
+                                        sendto(resp, addr)
+                                        served += 1
+                                        continue
+                        elif data[10:12] == b"\x00\x01":
+                            end = data.find(0, 12)
+                            qend = end + 5
+                            n = len(data)
+                            # an OPT record exactly filling the rest of the packet, EDNS version 0
+                            if (n >= qend + 11 and data[qend:qend + 3] == b"\x00\x00\x29" and not data[qend + 6]
+                                    and n == qend + 11 + ((data[qend + 9] << 8) | data[qend + 10])):
+                                key = data[12:qend].lower()
+                                e = responses.get(key)
+                                hdrs = None
+                                if e is not None:
+                                    if e[0] == FINAL or (e[0] == AUTOPATH and (not autopath
+                                                                               or local_pods.get(addr[0]) != e[3])):
+                                        hdrs, body = e[1], e[2]
+                                    elif e[0] == AUTOPATH:
+                                        c = autopath_ready(key, e)
+                                        if c is not None:
+                                            hdrs, body = c.hdrs, c.body
+                                else:
+                                    x = external.get(key)
+                                    if x is not None and (monotonic() < x.valid_until or x.retick(monotonic())):
+                                        hdrs, body = x.hdrs, x.body
+                                if hdrs is not None:
+                                    resp = b"".join((data[:2], hdrs[4 | (data[2] & 1) | ((data[3] >> 3) & 2)],
+                                                     data[12:qend], body,
+                                                     OPT_DO if data[qend + 7] & 0x80 else OPT_PLAIN))
+                                    size = (data[qend + 3] << 8) | data[qend + 4]
+                                    if len(resp) <= (512 if size < 512 else size if size < max_udp else max_udp):
+                                        sendto(resp, addr)
+                                        served += 1
+                                        continue
+                except Exception:  # noqa: BLE001 - the slow path decides what this packet gets
+                    pass
+                self._udp_slow(data, addr, sendto)
+        finally:
+            stats = self.stats
+            stats["udp"] += received
+            stats["fast"] += served
+
+    def _udp_slow(self, data: bytes, addr, sendto) -> None:
+        self.stats["slow"] += 1
+        try:
+            out = self._handle(data, addr[0], udp=True)
+        except Exception:  # never let one packet take the server down
+            log.exception("DNS query handling failed")
+            self.stats["errors"] += 1
+            out = error_reply(data, SERVFAIL) if len(data) >= 12 and not data[2] & 0x80 else None
+        if out is None:
+            return
+        if isinstance(out, bytes):
+            with contextlib.suppress(OSError):
+                sendto(out, addr)
+            return
+
+        def done(task: asyncio.Task) -> None:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                log.error("DNS query handling failed: %r", exc)
+                self.stats["errors"] += 1
+                return
+            res = task.result()
+            if res is not None:
+                with contextlib.suppress(OSError):
+                    sendto(res, addr)
+
+        self._spawn(out).add_done_callback(done)
+
+    # ------------------------------------------------------------ TCP
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        src = peer[0] if peer else ""
+        pending: set[asyncio.Task] = set()
+        me = asyncio.current_task()
+        if me is not None:  # stop() cancels open connections too
+            self._tasks.add(me)
+
+        def send(msg: bytes) -> None:
+            if not writer.is_closing():
+                writer.write(struct.pack("!H", len(msg)) + msg)
+
+        try:
+            while True:
+                hdr = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle_timeout)
+                (n,) = struct.unpack("!H", hdr)
+                data = await asyncio.wait_for(reader.readexactly(n), self.tcp_idle_timeout)
+                self.stats["tcp"] += 1
+                try:
+                    out = self._handle(data, src, udp=False)
+                except Exception:
+                    log.exception("DNS query handling failed")
+                    self.stats["errors"] += 1
+                    out = error_reply(data, SERVFAIL) if len(data) >= 12 and not data[2] & 0x80 else None
+                if out is None:
+                    continue
+                if isinstance(out, bytes):
+                    send(out)
+                    continue
+                task = self._spawn(out)
+                pending.add(task)
+
+                def done(t: asyncio.Task) -> None:
+                    pending.discard(t)
+                    if not t.cancelled() and t.exception() is None and t.result() is not None:
+                        send(t.result())
+
+                task.add_done_callback(done)
+                if len(pending) > 64:
+                    await asyncio.wait(list(pending), return_when=asyncio.FIRST_COMPLETED)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(me)
+            for t in pending:
+                t.cancel()
+            writer.close()
+            with contextlib.suppress(BaseException):
+                await writer.wait_closed()
