@@ -2,6 +2,7 @@
 
 from podnet.agent.view import routing_inputs
 from podnet.dataplane.routing import BlockOwner, Borrowed, Route, desired_routing, vtep_mac
+from podnet.ipam import block as blk
 from podnet.model.objects import IPPool, Node
 
 IPS = {"n1": "10.99.0.11", "n2": "10.99.0.12", "n3": "10.99.0.13"}
@@ -85,3 +86,62 @@ def test_view_reads_block_records_into_routing_inputs():
     assert view.vxlan_in_use
     assert view.nat.nat_pools == ("10.244.0.0/16",)
     assert view.nat.all_pools == ("10.244.0.0/16", "10.245.0.0/16")
+
+
+class RecordingRoutes:
+    """Stands in for the kernel side of RouteProgrammer: records what it is asked to hold."""
+
+    node_ip = "10.99.0.11"
+
+    def __init__(self) -> None:
+        self.applied = []
+
+    def underlay(self):
+        return 2, 1500
+
+    def apply(self, desired, full=True):
+        from podnet.dataplane.routes import RoutingChanges
+
+        self.applied.append((desired, full))
+        return RoutingChanges(added=[r.dst for r in desired.routes])
+
+
+def test_routes_follow_block_events_one_share_at_a_time_and_a_reload_forgets_what_is_gone():
+    from podnet.agent.cache import ObjectCache
+    from podnet.agent.dataplanes import RoutesDataplane
+    from podnet.ipam import keys
+    from podnet.model.objects import Node
+    from podnet.store.base import Event
+    from podnet.store.objects import ObjectEvent, key_of, stored_form
+
+    cache = ObjectCache()
+    for name, ip in (("n1", "10.99.0.11"), ("n2", "10.99.0.12")):
+        node = Node.model_validate({"metadata": {"name": name},
+                                    "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
+        cache.apply(Event("ADDED", key_of(node), stored_form(node), 1))
+    pool = _pool("vx", "10.244.0.0/16")
+    cache.apply(Event("ADDED", key_of(pool), stored_form(pool), 1))
+    programmer = RecordingRoutes()
+    dp = RoutesDataplane("n1", cache, programmer)  # type: ignore[arg-type]
+
+    def block_event(cidr, node, kind="ADDED"):
+        raw = None if kind == "DELETED" else blk.new_block(cidr, "vx", node)
+        return ObjectEvent(kind, None, keys.block_key(cidr), 2, raw=raw)
+
+    assert dp.on_event(block_event("10.244.0.0/26", "n1"))
+    assert dp.on_event(block_event("10.244.0.64/26", "n2"))
+    dp.sync(full=True)
+    desired, full = programmer.applied[-1]
+    assert full and {(r.dst, r.kind) for r in desired.routes} == {("10.244.0.0/26", "blackhole"),
+                                                                  ("10.244.0.64/26", "vxlan")}
+    dp.on_event(block_event("10.244.0.128/26", "n2"))
+    dp.sync(full=False)
+    desired, full = programmer.applied[-1]
+    assert not full and "10.244.0.128/26" in {r.dst for r in desired.routes}
+    # a relist that no longer names the second block: its route goes
+    dp.begin_reload()
+    dp.on_event(block_event("10.244.0.0/26", "n1"))
+    dp.on_event(block_event("10.244.0.128/26", "n2"))
+    dp.end_reload()
+    dp.sync(full=False)
+    assert {r.dst for r in programmer.applied[-1][0].routes} == {"10.244.0.0/26", "10.244.0.128/26"}

@@ -4,9 +4,11 @@ One consistent list of everything under /podnet/ at start, then every event is
 applied here; dataplane syncs read this copy instead of the store, so the store
 sees one watch per node, not a list per sync.
 
-Kinds that event-fed indexes keep in their own compact form (Services and
-EndpointSlices: the Service compiler and the DNS index) can be left out
-(`unkept`): they are decoded and handed on as events, not stored here.
+Kinds that event-fed dataplanes keep in their own compact form (Services,
+EndpointSlices, Pods, Namespaces, NetworkPolicies) can be left out (`unkept`): they
+are decoded and handed on as events, not stored here. IPAM blocks are never kept:
+they are handed on raw (ObjectEvent.raw) to the routes dataplane, which keeps a
+compact record of each.
 
 An object of a kind this version does not know is ignored (logged once per kind),
 and one that does not decode is logged and read as deleted: neither stops the agent.
@@ -38,7 +40,6 @@ class ObjectCache:
     def __init__(self, unkept: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
         self._objects: dict[str, dict[str, KubeObject]] = {}  # kind -> key -> object
-        self._blocks: dict[str, dict] = {}  # IPAM block records, raw
         self.unkept = frozenset(unkept)  # kinds decoded and handed on, not stored
         self._unknown_kinds: set[str] = set()  # already logged
 
@@ -64,17 +65,12 @@ class ObjectCache:
         """Become what `fresh` holds (a complete new list), in place, so that every
         dataplane holding this cache sees the new contents."""
         with self._lock:
-            self._objects, self._blocks = fresh._objects, fresh._blocks
+            self._objects = fresh._objects
 
     def apply(self, ev: Event) -> ObjectEvent | None:
         """Apply one store event; returns it typed if it concerned a Kubernetes-shaped object."""
-        if ev.key.startswith(BLOCKS):
-            with self._lock:
-                if ev.type == "DELETED":
-                    self._blocks.pop(ev.key, None)
-                elif ev.value is not None:
-                    self._blocks[ev.key] = ev.value
-            return None
+        if ev.key.startswith(BLOCKS):  # not kept here: the routes dataplane keeps what it needs
+            return ObjectEvent(ev.type, None, ev.key, ev.revision, raw=ev.value if ev.type != "DELETED" else None)
         kind = kind_of_key(ev.key)
         if kind is None:
             return None
@@ -99,15 +95,3 @@ class ObjectCache:
             raise LookupError(f"{cls.KIND} objects are not kept in this cache (they are fed to their indexes)")
         with self._lock:
             return list(self._objects.get(cls.KIND, {}).values())  # type: ignore[arg-type]
-
-    def blocks(self) -> list[dict]:
-        with self._lock:
-            return list(self._blocks.values())
-
-    def blocks_by_key(self) -> dict[str, dict]:
-        with self._lock:
-            return dict(self._blocks)
-
-    def block(self, key: str) -> dict | None:
-        with self._lock:
-            return self._blocks.get(key)

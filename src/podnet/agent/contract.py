@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from functools import lru_cache
 
 from podnet.agent.cache import kind_of_key
 from podnet.ipam.keys import BLOCKS
@@ -56,6 +57,7 @@ class Dataplane:
         pass
 
 
+@lru_cache(maxsize=256)
 def kind_of(key: str) -> str | None:
     """The kind a store key holds, as dataplanes name it: the object's kind, or "Block" for
     an IPAM block."""

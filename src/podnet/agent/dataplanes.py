@@ -12,7 +12,15 @@ from pyroute2 import IPRoute
 
 from podnet.agent.cache import ObjectCache
 from podnet.agent.contract import Dataplane, kind_of
-from podnet.agent.view import PoolIndex, block_routing, nat_config, node_addresses, vxlan_in_use
+from podnet.agent.view import (
+    BlockRecord,
+    PoolIndex,
+    block_routing,
+    compact_block,
+    nat_config,
+    node_addresses,
+    vxlan_in_use,
+)
 from podnet.dataplane.localdns import DNS_TABLE, DnsAddresses
 from podnet.dataplane.nat import NatProgrammer, read_nat
 from podnet.dataplane.nfnetlink import Netlink
@@ -39,10 +47,12 @@ class RoutesDataplane(Dataplane):
 
     def __init__(self, node: str, cache: ObjectCache, programmer: RouteProgrammer):
         self.node = node
-        self.cache = cache
+        self.cache = cache  # Nodes and IPPools
         self.programmer = programmer
         self.mtu = 1500
         self._lock = threading.Lock()
+        self._blocks: dict[str, BlockRecord] = {}  # every block, compact (event-fed)
+        self._reload_seen: set[str] | None = None
         self._dirty_blocks: set[str] = set()
         self._shares: dict[str, tuple[frozenset[Route], frozenset[tuple[str, str]]]] = {}
         self._inputs: tuple | None = None  # the pools and node addresses the shares were computed with
@@ -50,9 +60,29 @@ class RoutesDataplane(Dataplane):
     def on_event(self, ev: ObjectEvent) -> bool:
         kind = kind_of(ev.key)
         if kind == "Block":
+            record = compact_block(ev.raw) if ev.raw is not None else None
             with self._lock:
+                if record is None:
+                    self._blocks.pop(ev.key, None)
+                else:
+                    self._blocks[ev.key] = record
+                    if self._reload_seen is not None:
+                        self._reload_seen.add(ev.key)
                 self._dirty_blocks.add(ev.key)
         return kind in self.kinds
+
+    def begin_reload(self) -> None:
+        with self._lock:
+            self._reload_seen = set()
+
+    def end_reload(self) -> None:
+        with self._lock:
+            seen, self._reload_seen = self._reload_seen, None
+            if seen is None:
+                return
+            for key in [k for k in self._blocks if k not in seen]:
+                del self._blocks[key]
+                self._dirty_blocks.add(key)
 
     def sync(self, full: bool) -> str:
         pools = self.cache.list(IPPool)
@@ -61,18 +91,18 @@ class RoutesDataplane(Dataplane):
         inputs = (sorted(pools, key=lambda p: p.name), node_ips, vxlan)
         with self._lock:
             dirty, self._dirty_blocks = self._dirty_blocks, set()
+            everything = full or inputs != self._inputs
+            blocks = dict(self._blocks) if everything else {k: self._blocks.get(k) for k in dirty}
         try:
-            if full or inputs != self._inputs:
+            if everything:
                 _, underlay_mtu = self.programmer.underlay()
                 self.mtu = underlay_mtu - VXLAN_OVERHEAD if vxlan else underlay_mtu
                 index = PoolIndex(pools)
-                self._shares = {key: self._share(b, index, node_ips, vxlan)
-                                for key, b in self.cache.blocks_by_key().items()}
+                self._shares = {key: self._share(b, index, node_ips, vxlan) for key, b in blocks.items()}
                 self._inputs = inputs
             elif dirty:
                 index = PoolIndex(pools)
-                for key in dirty:
-                    b = self.cache.block(key)
+                for key, b in blocks.items():
                     if b is None:
                         self._shares.pop(key, None)
                     else:
@@ -93,7 +123,7 @@ class RoutesDataplane(Dataplane):
             log.debug("removed %s", line)
         return f"+{len(changes.added)} -{len(changes.removed)} routing entries" if changes.count else ""
 
-    def _share(self, block: dict, pools: PoolIndex, node_ips: dict[str, str], vxlan: bool,
+    def _share(self, block: BlockRecord, pools: PoolIndex, node_ips: dict[str, str], vxlan: bool,
                ) -> tuple[frozenset[Route], frozenset[tuple[str, str]]]:
         owner, borrowed = block_routing(block, pools)
         d = desired_routing(self.node, [owner] if owner else [], borrowed, node_ips, vxlan,

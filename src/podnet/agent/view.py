@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from podnet.dataplane.nat import NatConfig
 from podnet.dataplane.routing import BlockOwner, Borrowed
@@ -27,6 +28,29 @@ def owner_of(affinity: str | None) -> str | None:
     return affinity[len("host:"):] if affinity and affinity.startswith("host:") else None
 
 
+class BlockRecord(NamedTuple):
+    """What routing needs of an IPAM block (a few strings instead of the block's
+    allocation lists): its CIDR, pool, owner, and the addresses other nodes borrowed."""
+
+    cidr: str
+    pool: str | None
+    owner: str | None
+    borrowed: tuple[tuple[int, str], ...]  # (ordinal, node) of addresses allocated to another node
+
+
+def compact_block(block: dict) -> BlockRecord:
+    owner = owner_of(block.get("affinity"))
+    attrs = block.get("attributes") or []
+    borrowed = []
+    for ordinal, attr_index in enumerate(block.get("allocations") or []):
+        if attr_index is None or attr_index >= len(attrs):
+            continue
+        node = ((attrs[attr_index] or {}).get("secondary") or {}).get("node")
+        if node and node != owner:
+            borrowed.append((ordinal, node))
+    return BlockRecord(block["cidr"], block.get("pool"), owner, tuple(borrowed))
+
+
 class PoolIndex:
     """Which pool a block belongs to: by the name it records, else by address."""
 
@@ -35,15 +59,15 @@ class PoolIndex:
         self.by_name = {p.name: p for p in pools}
         self.nets = [(ipaddress.ip_network(p.spec.cidr), p) for p in pools]
 
-    def pool_of(self, block: dict) -> IPPool | None:
-        named = self.by_name.get(block.get("pool") or "")
+    def pool_of(self, block: BlockRecord) -> IPPool | None:
+        named = self.by_name.get(block.pool or "")
         if named is not None:
             return named
-        net = ipaddress.ip_network(block["cidr"])
+        net = ipaddress.ip_network(block.cidr)
         return next((p for n, p in self.nets if net.version == n.version and net.subnet_of(n)), None)
 
 
-def block_routing(block: dict, pools: PoolIndex) -> tuple[BlockOwner | None, list[Borrowed]]:
+def block_routing(block: BlockRecord, pools: PoolIndex) -> tuple[BlockOwner | None, list[Borrowed]]:
     """One block's share of the routing inputs: its owner, and the addresses other
     nodes borrowed from it. (None, []) for a block of a deleted pool: its routes go
     with the pool."""
@@ -51,18 +75,11 @@ def block_routing(block: dict, pools: PoolIndex) -> tuple[BlockOwner | None, lis
     if pool is None:
         return None, []
     encap = pool.spec.encapsulation
-    owner = owner_of(block.get("affinity"))
     borrowed: list[Borrowed] = []
-    attrs = block.get("attributes") or []
-    base = None
-    for ordinal, attr_index in enumerate(block.get("allocations") or []):
-        if attr_index is None or attr_index >= len(attrs):
-            continue
-        node = ((attrs[attr_index] or {}).get("secondary") or {}).get("node")
-        if node and node != owner:
-            base = base or ipaddress.ip_network(block["cidr"]).network_address
-            borrowed.append(Borrowed(str(base + ordinal), node, encap))
-    return BlockOwner(block["cidr"], owner, encap), borrowed
+    if block.borrowed:
+        base = ipaddress.ip_network(block.cidr).network_address
+        borrowed = [Borrowed(str(base + ordinal), node, encap) for ordinal, node in block.borrowed]
+    return BlockOwner(block.cidr, block.owner, encap), borrowed
 
 
 def node_addresses(nodes: list[Node]) -> dict[str, str]:
@@ -86,7 +103,7 @@ def routing_inputs(blocks: list[dict], pools: list[IPPool], nodes: list[Node]) -
     owners: list[BlockOwner] = []
     borrowed: list[Borrowed] = []
     for b in blocks:
-        owner, lent = block_routing(b, index)
+        owner, lent = block_routing(compact_block(b), index)
         if owner is not None:
             owners.append(owner)
             borrowed += lent

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal, TypeVar
 
 import pydantic
@@ -47,9 +48,11 @@ def key_of(obj: KubeObject) -> str:
     return object_key(type(obj), obj.name, obj.namespace)
 
 
+@lru_cache(maxsize=256)
 def split_object_key(key: str) -> tuple[str, str | None, str] | None:
     """(kind, namespace, name) of an object key, /podnet/objects/<Kind>/[<namespace>/]<name>
-    (namespace None for a cluster-scoped kind); None for any other key."""
+    (namespace None for a cluster-scoped kind); None for any other key. (Cached: every
+    dataplane asks about the key of each event in turn.)"""
     if not key.startswith(OBJECTS_PREFIX):
         return None
     parts = key[len(OBJECTS_PREFIX):].split("/")
@@ -122,6 +125,7 @@ class ObjectEvent:
     object: KubeObject | None  # None for a DELETED whose last value is unknown
     key: str
     revision: int
+    raw: dict | None = None  # the stored value, for records that are not objects (IPAM blocks)
 
 
 class ObjectStore:
