@@ -17,9 +17,3 @@ def nft_apply(script: str) -> None:
     if proc.returncode != 0:
         raise NftError(f"nft rejected the ruleset: {proc.stderr.strip()}")
 
-
-def nft_list(what: str) -> str:
-    proc = subprocess.run(["nft", *what.split()], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise NftError(f"nft {what}: {proc.stderr.strip()}")
-    return proc.stdout

@@ -24,6 +24,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import repeat
 from typing import NamedTuple
 
 from podnet.dataplane import nfnetlink as nl
@@ -88,6 +89,20 @@ class Table:
         return f"{self.family} {self.name}"
 
 
+_NAMES = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_.\-]{0,255}\n)*")
+
+
+def check_names(names: Iterable[str], what: str = "name") -> list[str]:
+    """check_name for many names at once (one pass over them all)."""
+    todo = [n for n in names if n not in _CHECKED]
+    if todo and not _NAMES.fullmatch("\n".join(todo) + "\n"):
+        for n in todo:
+            check_name(n, what)  # raises, naming the first bad one
+    if len(_CHECKED) < 1 << 16:
+        _CHECKED.update(todo)
+    return todo
+
+
 class _ChainFields(NamedTuple):
     name: str
     type: str | None = None
@@ -120,6 +135,14 @@ class Chain(_ChainFields):
         if policy not in (None, "accept", "drop"):
             raise NftDefinitionError(f"chain {name}: policy {policy!r}")
         return tuple.__new__(cls, (name, type, hook, priority, policy, comment))
+
+    @classmethod
+    def regular(cls, names: Iterable[str]) -> list[Chain]:
+        """Regular chains by name, checked together."""
+        names = list(names)
+        check_names(names, "chain")
+        new = tuple.__new__
+        return [new(cls, (name, None, None, None, None, None)) for name in names]
 
     def spec(self) -> str:
         if self.hook is None:
@@ -156,8 +179,7 @@ class Rule(_RuleFields):
     def bulk(cls, rules: Iterable[tuple[str, str]]) -> list[Rule]:
         """(chain, rule text) pairs, checked together, as rules."""
         pairs = list(rules)
-        for chain in {c for c, _ in pairs} - _CHECKED:
-            check_name(chain, "chain")
+        check_names({c for c, _ in pairs}, "chain")
         texts = [text for _, text in pairs]
         if not all(texts) or UNSAFE_RULE.search(" ".join(texts)):
             for chain, text in pairs:
@@ -209,6 +231,17 @@ class Set(_SetFields):
         if size is not None:
             size = int(size)
         return tuple.__new__(cls, (name, type, typeof, flags, size, timeout, comment))
+
+    @classmethod
+    def named(cls, names: Iterable[str], **decl) -> list[Set]:
+        """Sets (or maps) of one declaration under many names, checked together."""
+        names = list(names)
+        if not names:
+            return []
+        first = cls(names[0], **decl)
+        check_names(names, cls.kind)
+        new, rest = tuple.__new__, first[1:]
+        return [first, *(new(cls, (name, *rest)) for name in names[1:])]
 
     def decl(self) -> str:
         return _decl(self[1:])
@@ -295,6 +328,9 @@ class Transaction:
         self._op("add", obj)
 
     def add_all(self, objs: Iterable[Object]) -> None:
+        if isinstance(objs, list) and set(map(type, objs)) <= _PLAIN:  # checked already: no per-op check
+            self.ops.extend(zip(repeat("add"), objs))
+            return
         ops = self.ops
         for obj in objs:
             if type(obj) is Rule or type(obj) is Chain or type(obj) is Set or type(obj) is Map:
@@ -389,6 +425,9 @@ class Transaction:
             else:
                 batch.add_elements(self.table.name, obj.of.name, (encode_element(types, i) for i in obj.items))
         return batch
+
+
+_PLAIN = {Rule, Chain, Set, Map}
 
 
 # ------------------------------------------------------------------ running it

@@ -221,35 +221,32 @@ class Layout:
         for name, obj in SETS.items():
             out[name] = Set(name, type=obj.type, size=self.capacity) if name in SIZED else obj
         for nodeport in (False, True):
-            for n in range(1, 2 ** self.bits + 1):
-                out[slot_map(nodeport, n)] = slot_map_object(nodeport, n)
+            for m in _slot_maps(nodeport, self.bits):
+                out[m.name] = m
         return out
 
     def chains(self) -> dict[str, list[str]]:
         return {**_fixed_chains(self.mark), **_tree_chains(self.bits)}
 
-    @property
     def transaction(self) -> Transaction:
         """The layout's sets, maps and chains, every chain created before any rule so that
-        jumps resolve in any order (made once per layout: a rebuild reuses it)."""
-        return _layout_transaction(self)
-
-    def _transaction(self) -> Transaction:
+        jumps resolve in any order."""
         tx = Transaction(SVC_TABLE)
         tx.add_all(self.sets().values())
         tx.add(AFFINITY_MAP)
         chains = self.chains()
-        tx.add_all(Chain(name) for name in chains)
+        tx.add_all(Chain.regular(chains))
         for name, (typ, hook, prio, _) in _base_chains().items():
             tx.add(Chain(name, type=typ, hook=hook, priority=prio, policy="accept"))
         tx.add_all(NftRule.bulk([(name, r) for name, rules in chains.items() for r in rules]
                                 + [(name, r) for name, spec in _base_chains().items() for r in spec[3]]))
         return tx
 
-    @cached_property
+    @property
     def body(self) -> str:
-        """The layout as nft commands (what the marker's hash is taken of)."""
-        return self.transaction.script()
+        """The layout as nft commands (what the marker's hash is taken of; rendered once
+        per layout, and only the text is kept)."""
+        return _layout_body(self)
 
     @cached_property
     def marker(self) -> str:
@@ -264,8 +261,8 @@ class Layout:
 
 
 @lru_cache(maxsize=4)
-def _layout_transaction(layout: Layout) -> Transaction:
-    return layout._transaction()
+def _layout_body(layout: Layout) -> str:
+    return layout.transaction().script()
 
 
 def slot_map(nodeport: bool, n: int) -> str:
@@ -273,7 +270,12 @@ def slot_map(nodeport: bool, n: int) -> str:
     return f"{SLOT_MAPS[nodeport]}_{n}"
 
 
-@lru_cache(maxsize=2 * 2 ** MAX_TIER_BITS)
+@lru_cache(maxsize=8)
+def _slot_maps(nodeport: bool, bits: int) -> list[Map]:
+    return Map.named([slot_map(nodeport, n) for n in range(1, 2 ** bits + 1)], typeof=SLOT_TYPEOF[nodeport])
+
+
+@lru_cache(maxsize=1024)
 def slot_map_object(nodeport: bool, n: int) -> Map:
     return Map(slot_map(nodeport, n), typeof=SLOT_TYPEOF[nodeport])
 
@@ -549,7 +551,7 @@ def structure_transaction(layout: Layout, state: ServiceState) -> Transaction:
     """Create (or replace) the table with its chains and the text-only sets; every other
     element follows as one netlink batch (`state_batch`)."""
     head, tail = _structure_parts(layout, state)
-    head.ops += layout.transaction.ops + tail.ops
+    head.ops += layout.transaction().ops + tail.ops
     return head
 
 
