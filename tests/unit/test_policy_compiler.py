@@ -98,7 +98,7 @@ def test_no_user_text_reaches_nft_syntax():
     for text in ("weird", "secretlabel", "value-x", "my-http", "app", "web"):
         assert text not in script
     for name in re.findall(r"@(\w+)", script):
-        assert re.fullmatch(r"[scn]_[0-9a-f]{16}|(ingress|egress)_dispatch", name)
+        assert re.fullmatch(r"[scnl]_[0-9a-f]{16}|(ingress|egress)_dispatch", name)
 
 
 def test_host_network_and_unaddressed_pods_are_never_selected():
@@ -284,3 +284,25 @@ def test_event_fed_inputs_forget_what_a_reload_does_not_name():
     live.end_reload()
     inputs, delta = live.take()
     assert sorted(inputs.pods) == ["x/p0", "x/p1"] and sorted(delta.pods) == ["x/p2", "x/p3"]
+
+
+def test_ingress_named_ports_hold_only_this_nodes_pods_and_egress_ones_every_pod():
+    from podnet.policy.compiler import named_set_name
+
+    ports = [{"name": "http", "containerPort": 8080}]
+    pods = [pod(f"x/p{i}", f"10.1.0.{i + 1}", {"app": "web"}, ports=ports) for i in range(6)]
+    nss = [make_namespace("x")]
+    pols = [pol("in", {"podSelector": {}, "ingress": [{"ports": [{"port": "http"}]}]}),
+            pol("out", {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"ports": [{"port": "http"}]}]})]
+    local = ["10.1.0.1", "10.1.0.2"]
+    comp, cache = PolicyCompiler(), InputCache()
+    state = comp.compile(cache.inputs(pods, nss, pols, local))
+    ingress, egress = state.sets[named_set_name("http", "TCP", local=True)], state.sets[named_set_name("http", "TCP")]
+    assert ingress.elements == {"10.1.0.1 . 8080", "10.1.0.2 . 8080"}
+    assert len(egress.elements) == 6
+    # a pod started on another node: the ingress set stays as it is, the egress one grows
+    pods.append(pod("x/p9", "10.1.0.10", {"app": "web"}, ports=ports))
+    after = comp.compile(cache.inputs(pods, nss, pols, local))
+    assert after.sets[named_set_name("http", "TCP", local=True)] == ingress
+    assert "10.1.0.10 . 8080" in after.sets[named_set_name("http", "TCP")].elements
+    assert after == compile_policy(InputCache().inputs(pods, nss, pols, local))

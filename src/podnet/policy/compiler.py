@@ -140,8 +140,12 @@ def cidr_set_name(peer: CidrPeer) -> str:
 
 
 @lru_cache(maxsize=1 << 16)
-def named_set_name(name: str, protocol: str) -> str:
-    return "n_" + short_hash("port", name, protocol)
+def named_set_name(name: str, protocol: str, local: bool = False) -> str:
+    """The set of `address . port` of pods with a named port. Ingress rules match it on
+    the destination, always a pod of this node: their set (`local`) holds only this
+    node's pods, so a pod started anywhere else never changes it. Egress rules match
+    the peer's port, anywhere: theirs holds every pod with the name."""
+    return ("l_" if local else "n_") + short_hash("port", name, protocol)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -280,6 +284,7 @@ class PolicyCompiler:
                 for name, proto, _ in o.named_ports:
                     if self.named[(name, proto)].pop(k, None) is not None:
                         dirty.add(named_set_name(name, proto))
+                        dirty.add(named_set_name(name, proto, local=True))
             if n is not None:
                 self.ns_pods[n.namespace].add(k)
                 if n.ip:
@@ -287,6 +292,7 @@ class PolicyCompiler:
                     for name, proto, num in n.named_ports:
                         self.named[(name, proto)].setdefault(k, num)
                         dirty.add(named_set_name(name, proto))
+                        dirty.add(named_set_name(name, proto, local=True))
         for k in changed_pols:
             if (o := changed_pols[k]) is not None:
                 self.ns_policies[o.namespace].discard(k)
@@ -355,6 +361,8 @@ class PolicyCompiler:
                     self.pod_policies[k].add(p)
                 else:
                     self.pod_policies[k].discard(p)
+        if local != self.local:  # the local named-port sets follow this node's pods
+            dirty.update(n for n, src in self._set_sources.items() if isinstance(src, tuple) and len(src) == 3)
         self.local = local
 
         for name in dirty:
@@ -436,7 +444,7 @@ class PolicyCompiler:
             if r.ports is None:
                 ports.append((None, "any port"))
             for port in r.ports or ():
-                ports.append((self._port(port), port.describe()))
+                ports.append((self._port(port, direction), port.describe()))
             for peer_set, pdesc in peers:
                 for pm, portdesc in ports:
                     if (peer_set, pm) in seen:
@@ -447,12 +455,16 @@ class PolicyCompiler:
         self._chain_cache[(policy, direction)] = chain
         return chain
 
-    def _port(self, p: PortSpec) -> PortMatch:
+    def _port(self, p: PortSpec, direction: str) -> PortMatch:
         if p.port is None:
             return PortMatch(p.protocol)
         if isinstance(p.port, str):
-            name = named_set_name(p.port, p.protocol)
-            self._set_sources[name] = (p.port, p.protocol)
+            if direction == INGRESS:
+                name = named_set_name(p.port, p.protocol, local=True)
+                self._set_sources[name] = (p.port, p.protocol, "local")
+            else:
+                name = named_set_name(p.port, p.protocol)
+                self._set_sources[name] = (p.port, p.protocol)
             return PortMatch(p.protocol, named_set=name)
         return PortMatch(p.protocol, p.port, p.end_port if p.end_port is not None else p.port)
 
@@ -467,6 +479,11 @@ class PolicyCompiler:
             s = SetDef(name, "addr", elements, src.describe())
         elif isinstance(src, CidrPeer):
             s = SetDef(name, "cidr", frozenset(cidr_ranges(src)), src.describe())
+        elif len(src) == 3:  # type: ignore[arg-type]
+            pname, proto, _ = src  # type: ignore[misc]
+            named = self.named.get((pname, proto), {})
+            elements = frozenset(f"{pods[k].ip} . {num}" for k in self.local if (num := named.get(k)) is not None)
+            s = SetDef(name, "addrport", elements, f"port {pname}/{proto} of this node's pods")
         else:
             pname, proto = src  # type: ignore[misc]
             elements = frozenset(f"{pods[k].ip} . {num}" for k, num in self.named.get((pname, proto), {}).items())
