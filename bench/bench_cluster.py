@@ -5,8 +5,9 @@ The cluster at scale 1.0 (the size podnet is designed for): 5 000 Nodes, 150 000
 Pods (30 per node, labels, a named port), every node's IPAM block with its handles,
 affinities and CNI attachment records, 500 Namespaces, 50 000 Services with an
 EndpointSlice of 5 endpoints each, their ClusterIP records, 2 000 NetworkPolicies.
-Each scale is generated into a fresh SQLite store; one agent (node-00000, 30 local
-pods) runs in a network namespace of its own, and the bench measures:
+Each scale is generated into a fresh store (SQLite, or a 3-member etcd on loopback
+that the agent reaches through a relay into its namespace); one agent (node-00000,
+30 local pods) runs in a network namespace of its own, and the bench measures:
 
   start           process start -> first complete sync (the agent's .synced file)
   rss             the agent's resident memory after the first sync
@@ -22,7 +23,8 @@ The baseline is the smallest scale of the same run: the ratio columns say how ea
 cost grew against how the cluster grew (the node's own work is the same at every
 scale: cost should stay flat).
 
-    .venv/bin/python bench/bench_cluster.py [--quick] [--scales 0.1,0.25,0.5,1.0]
+    .venv/bin/python bench/bench_cluster.py [--quick] [--scales 0.1,0.25,0.5,1.0] [--backends sqlite,etcd]
+                                            [--plot docs/img/cluster-scale.png]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # tests.support: etcd members
 
 from podnet.cni.handler import attachment_key  # noqa: E402
 from podnet.ipam import block as blk  # noqa: E402
@@ -105,7 +108,7 @@ def pod_of(shape: Shape, n: int, j: int, ip: str) -> tuple[str, dict]:
     }
 
 
-def generate(shape: Shape, kv) -> dict:
+def generate(shape: Shape, kv, batch: int = 5000) -> dict:
     """Write the cluster in batches; returns what the measurements need."""
     ops: list[Op] = []
     count = 0
@@ -114,7 +117,7 @@ def generate(shape: Shape, kv) -> dict:
         nonlocal count
         ops.append(Op.put(key, value))
         count += 1
-        if len(ops) >= 5000:
+        if len(ops) >= batch:
             kv.txn(ops)
             ops.clear()
 
@@ -191,41 +194,68 @@ def endpoint_slice(ns: str, svc: str, eps: list[tuple[str, tuple[str, str, int]]
                           for ip, (pns, name, n) in eps]}
 
 
-def store_bytes(db: Path) -> tuple[int, int, int]:
-    """(file bytes, bytes of every value, bytes of the values an agent lists at start)."""
-    import sqlite3
+def store_bytes(kv, db: Path, cluster) -> tuple[int, int, int]:
+    """(bytes on disk, bytes of every value, bytes of the values an agent lists at start)."""
+    if cluster is None:
+        size = sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
+    else:
+        from bench_scale import etcd_sizes
 
-    size = sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
-    con = sqlite3.connect(db)
-    try:
-        total = con.execute("SELECT sum(length(value)) FROM kv").fetchone()[0] or 0
-        agent = con.execute("SELECT sum(length(value)) FROM kv WHERE key >= ? AND key < ?",
-                            (SHARED, SHARED[:-1] + chr(ord(SHARED[-1]) + 1))).fetchone()[0] or 0
-    finally:
-        con.close()
+        size = max(etcd_sizes(cluster.endpoints))
+    total = agent = 0
+    for prefix in ("/",):
+        records, _ = kv.list(prefix)
+        for r in records:
+            n = len(json.dumps(r.value, separators=(",", ":")))
+            total += n
+            if r.key.startswith(SHARED):
+                agent += n
+        del records
     return size, total, agent
+
+
+def relay_store(endpoints: list[str], netns: str, work: Path) -> tuple[subprocess.Popen, str]:
+    """A relay (podnet.lab.forward) listening on the namespace's loopback for each member."""
+    ready = work / "relay.ready"
+    maps, relayed = [], []
+    for i, ep in enumerate(endpoints):
+        port = 23790 + i
+        maps += ["--map", f"127.0.0.1:{port}={ep.removeprefix('http://')}"]
+        relayed.append(f"127.0.0.1:{port}")
+    proc = subprocess.Popen([PY, "-m", "podnet.lab.forward", "--netns", f"/run/netns/{netns}", *maps,
+                             "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the store relay did not start")
+        time.sleep(0.05)
+    return proc, "etcd://" + ",".join(relayed)
 
 
 # ------------------------------------------------------------------ the agent
 
 
 class AgentUnderTest:
-    def __init__(self, url: str, workdir: Path, resync: float):
+    def __init__(self, workdir: Path, resync: float):
         self.netns = f"pnbc-{secrets.token_hex(3)}"
         self.socket = workdir / "cni.sock"
         self.synced_path = Path(str(self.socket) + ".synced")
         self.log = workdir / "agent.log"
         self.metrics_port = 9911
+        self.resync = resync
+        self.proc: subprocess.Popen | None = None
         sh("ip", "netns", "add", self.netns)
-        ns = ["ip", "netns", "exec", self.netns]
-        sh(*ns, "ip", "link", "add", "ul0", "type", "veth", "peer", "name", "ul1")
-        sh(*ns, "ip", "addr", "add", f"{node_ip(0)}/16", "dev", "ul0")
+        self.ns = ["ip", "netns", "exec", self.netns]
+        sh(*self.ns, "ip", "link", "add", "ul0", "type", "veth", "peer", "name", "ul1")
+        sh(*self.ns, "ip", "addr", "add", f"{node_ip(0)}/16", "dev", "ul0")
         for dev in ("lo", "ul0", "ul1"):
-            sh(*ns, "ip", "link", "set", dev, "up")
+            sh(*self.ns, "ip", "link", "set", dev, "up")
+
+    def start(self, url: str) -> None:
         self.started = time.monotonic()
         with open(self.log, "w") as logf:
-            self.proc = subprocess.Popen([*ns, PY, "-m", "podnet.cli.main", "--store", url, "agent", "--node", NODE,
-                                          "--socket", str(self.socket), "--resync", str(resync),
+            self.proc = subprocess.Popen([*self.ns, PY, "-m", "podnet.cli.main", "--store", url, "agent",
+                                          "--node", NODE, "--socket", str(self.socket), "--resync", str(self.resync),
                                           "--metrics-port", str(self.metrics_port)],
                                          stdout=logf, stderr=subprocess.STDOUT)
 
@@ -264,7 +294,7 @@ class AgentUnderTest:
         return sh("ip", "netns", "exec", self.netns, PY, "-c", code).stdout
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=20)
@@ -362,22 +392,33 @@ def update_slice(kv, world: dict, i: int, gen: int) -> int:
     return kv.put(key, value)
 
 
-def run_scale(scale: float, args) -> dict:
+def run_scale(scale: float, backend: str, args) -> dict:
     shape = Shape(scale)
     work = Path(tempfile.mkdtemp(prefix="pnbc-"))
-    db = work / "store.db"
-    url = f"sqlite://{db}"
-    kv = open_store(url)
-    agent = None
+    agent = relay = cluster = None
     try:
+        if backend == "etcd":
+            from tests.support.etcd import EtcdCluster
+
+            cluster = EtcdCluster(3, base_dir=str(work / "etcd"), die_with_parent=True,
+                                  extra_args=["--quota-backend-bytes", str(8 << 30)])
+            cluster.__enter__()
+            url = cluster.url
+        else:
+            url = f"sqlite://{work / 'store.db'}"
+        kv = open_store(url)
         t0 = time.monotonic()
-        world = generate(shape, kv)
+        world = generate(shape, kv, batch=100 if backend == "etcd" else 5000)
         gen_s = time.monotonic() - t0
-        size, values, agent_values = store_bytes(db)
-        print(f"scale {scale:g}: {world['keys']} keys, {values / 2**20:.0f} MiB of values, "
-              f"generated in {gen_s:.0f}s; starting the agent", flush=True)
+        size, values, agent_values = store_bytes(kv, work / "store.db", cluster)
+        print(f"{backend} scale {scale:g}: {world['keys']} keys, {values / 2**20:.0f} MiB of values "
+              f"({agent_values / 2**20:.0f} MiB listed by an agent), generated in {gen_s:.0f}s; starting the agent",
+              flush=True)
         head = kv.revision()
-        agent = AgentUnderTest(url, work, args.resync)
+        agent = AgentUnderTest(work, args.resync)
+        if cluster is not None:  # the agent's namespace reaches the members through a relay
+            relay, url = relay_store(cluster.endpoints, agent.netns, work)
+        agent.start(url)
         agent.wait_synced(head)
         start_s = time.monotonic() - agent.started  # from the process's start
         cpu_start = agent.cpu_seconds()
@@ -431,7 +472,7 @@ def run_scale(scale: float, args) -> dict:
         idle_cpu = (agent.cpu_seconds() - cpu0) / (time.monotonic() - t_idle) * 100
         sums = sync_sums(agent.metrics())
         row = {
-            "scale": scale, "nodes": shape.nodes, "pods": shape.pods, "services": shape.services,
+            "backend": backend, "scale": scale, "nodes": shape.nodes, "pods": shape.pods, "services": shape.services,
             "policies": shape.policies, "keys": world["keys"], "store_mib": round(size / 2**20, 1),
             "values_mib": round(values / 2**20, 1), "agent_values_mib": round(agent_values / 2**20, 1),
             "generate_s": round(gen_s, 1), "start_s": round(start_s, 2), "start_cpu_s": round(cpu_start, 2),
@@ -447,7 +488,11 @@ def run_scale(scale: float, args) -> dict:
     finally:
         if agent is not None:
             agent.close()
-        kv.close()
+        if relay is not None:
+            relay.kill()
+            relay.wait(timeout=10)
+        if cluster is not None:
+            cluster.__exit__(None, None, None)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -458,45 +503,82 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
+def print_table(rows: list[dict]) -> None:
+    base = rows[0]
+    print(f"\n{base['backend']}:")
+    print(f"{'scale':>5} {'nodes':>6} {'pods':>7} {'svcs':>6} {'keys':>7} {'listed':>7} {'start s':>8} {'x':>5} "
+          f"{'rss MiB':>8} {'x':>5} {'slice ms':>13} {'label':>7} {'block':>7} {'pod':>7} "
+          f"{'churn p50/p99 ms':>24} {'idle%':>6}")
+    for r in rows:
+        grow = r["keys"] / base["keys"]
+        ch = " ".join(f"{k}/s {v['p50_ms']:g}/{v['p99_ms']:g}" for k, v in r["churn"].items())
+        print(f"{r['scale']:>5g} {r['nodes']:>6} {r['pods']:>7} {r['services']:>6} {r['keys']:>7} "
+              f"{r['agent_values_mib']:>6.0f}M {r['start_s']:>8.2f} {r['start_s'] / base['start_s'] / grow:>5.2f} "
+              f"{r['rss_mib']:>8.0f} {r['rss_mib'] / base['rss_mib'] / grow:>5.2f} "
+              f"{r['slice_change_ms']['median']:>6g}/{r['slice_change_ms']['max']:<6g} {r['label_change_ms']:>7g} "
+              f"{r['new_block_ms']:>7g} {r['new_pod_ms']:>7g} {ch:>24} {r['idle_cpu_pct']:>6.2f}")
+    for r in rows:
+        print(f"scale {r['scale']:g} sync seconds (sum/count): " + ", ".join(
+            f"{k} {v['sum']:.2f}/{v['count']}" for k, v in r["sync_seconds"].items()))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Start time and memory against cluster size, one line per backend. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "start_s", "start to first complete sync (s)"),
+                           (axes[1], "rss_mib", "agent RSS after the first sync (MiB)")):
+        for backend in sorted({r["backend"] for r in rows}):
+            pts = sorted((r["nodes"], r[key]) for r in rows if r["backend"] == backend)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+        ax.set_xlabel("cluster size (nodes; 30 pods and 10 Services per node)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="scales 0.02 and 0.1, fewer samples")
+    ap.add_argument("--quick", action="store_true", help="scales 0.02 and 0.1, fewer samples, SQLite only")
     ap.add_argument("--scales", default="0.1,0.25,0.5,1.0")
+    ap.add_argument("--backends", default="sqlite,etcd", help="comma list: sqlite, etcd (3 members)")
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--churn", default="100,500", help="EndpointSlice updates per second (comma list)")
     ap.add_argument("--churn-seconds", type=float, default=10)
     ap.add_argument("--idle-seconds", type=float, default=20)
     ap.add_argument("--resync", type=float, default=60.0, help="the agent's --resync")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster.json"))
+    ap.add_argument("--plot", default="", help="write the start/memory plot here (PNG)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_cluster needs root (the agent runs in a network namespace)")
     if args.quick:
         args.scales, args.samples, args.churn_seconds, args.idle_seconds = "0.02,0.1", 10, 5, 10
+        args.backends = "sqlite"
     args.churn = [float(x) for x in str(args.churn).split(",") if x]
-    rows = [run_scale(float(s), args) for s in args.scales.split(",")]
-    base = rows[0]
-    print()
-    print(f"{'scale':>5} {'nodes':>6} {'pods':>7} {'svcs':>6} {'keys':>7} {'start s':>8} {'x':>5} {'rss MiB':>8} "
-          f"{'x':>5} {'slice ms':>13} {'label':>7} {'block':>7} {'pod':>7} {'churn p50/p99 ms':>24} {'idle%':>6}")
-    for r in rows:
-        grow = r["keys"] / base["keys"]
-        ch = " ".join(f"{k}/s {v['p50_ms']:g}/{v['p99_ms']:g}" for k, v in r["churn"].items())
-        print(f"{r['scale']:>5g} {r['nodes']:>6} {r['pods']:>7} {r['services']:>6} {r['keys']:>7} "
-              f"{r['start_s']:>8.2f} {r['start_s'] / base['start_s'] / grow:>5.2f} {r['rss_mib']:>8.0f} "
-              f"{r['rss_mib'] / base['rss_mib'] / grow:>5.2f} "
-              f"{r['slice_change_ms']['median']:>6g}/{r['slice_change_ms']['max']:<6g} {r['label_change_ms']:>7g} "
-              f"{r['new_block_ms']:>7g} {r['new_pod_ms']:>7g} {ch:>24} {r['idle_cpu_pct']:>6.2f}")
-    print("x: cost ratio to the smallest scale divided by the cluster's growth (1.0: grows with the cluster; "
-          "towards 0: flat, the node's own work)")
-    for r in rows:
-        print(f"scale {r['scale']:g} sync seconds (sum/count): " + ", ".join(
-            f"{k} {v['sum']:.2f}/{v['count']}" for k, v in r["sync_seconds"].items()))
+    rows = []
+    for backend in args.backends.split(","):
+        done = [run_scale(float(sc), backend, args) for sc in args.scales.split(",")]
+        print_table(done)
+        rows += done
+    print("x: cost ratio to the smallest scale of the same store, divided by the cluster's growth "
+          "(1.0: grows with the cluster; towards 0: flat, the node's own work)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "bench/bench_cluster.py " + " ".join(sys.argv[1:]), "rows": rows,
                                "machine": {"cpus": os.cpu_count()}}, indent=1) + "\n")
     print(f"wrote {out}")
+    if args.plot:
+        plot(rows, Path(args.plot))
+        print(f"wrote {args.plot}")
     return 0
 
 
