@@ -9,15 +9,27 @@ zone answers, upstream cache entries) is unchanged, and the fast path serves it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from time import monotonic
 
 from podnet.dns import wire
 from podnet.dns.cache import CacheEntry, ResponseCache
 from podnet.dns.index import ClusterIndex
+from podnet.dns.server.entries import ZoneEntry
 from podnet.dns.server.query import Query, fast_safe
 from podnet.dns.server.slowpath import Result
 from podnet.dns.upstream import UpstreamError
 from podnet.dns.wire import CNAME, IN, NOERROR, NXDOMAIN
+
+
+@dataclass(slots=True, eq=False)  # read on the fast path: see ZoneEntry
+class Composed:
+    """An autopath answer composed by a walk, and what it was made of."""
+
+    answer: CacheEntry  # the CNAME from the asked name plus the found name's records, rendered
+    asked: ZoneEntry  # the asked name's own (NXDOMAIN) entry when the walk ran
+    zone_deps: tuple[tuple[bytes, ZoneEntry], ...]  # rendered zone answers the walk consulted
+    ext_deps: tuple[tuple[bytes, CacheEntry], ...]  # upstream cache entries the walk consulted
 
 
 class Autopath:
@@ -28,35 +40,34 @@ class Autopath:
     stats: dict[str, int]
     prefetch: bool
     host_search: list[list[bytes]]
-    # composed autopath answers: key -> (answer entry, asked zone entry, zone deps, upstream deps)
-    _ap_cache: dict[bytes, tuple]
+    _ap_cache: dict[bytes, Composed]
 
     def search_path(self, namespace: str) -> list[list[bytes]]:
         """The pod's search path after its first element, as label lists (last: the bare name)."""
         zone = list(self.index.zone_labels)
         return [[b"svc", *zone], zone, *self.host_search, []]
 
-    def _autopath_ready(self, key: bytes, asked: tuple) -> CacheEntry | None:
+    def _autopath_ready(self, key: bytes, asked: ZoneEntry) -> CacheEntry | None:
         """For the fast path: the composed autopath answer for key, rendered and valid now."""
         ap = self._ap_cache.get(key)
-        if ap is None or ap[1] is not asked:
+        if ap is None or ap.asked is not asked:
             return None
-        composed = ap[0]
+        composed = ap.answer
         now = monotonic()
         if now >= composed.valid_until and not composed.retick(now):
             return None
         responses = self.index.responses
-        for k, e in ap[2]:
+        for k, e in ap.zone_deps:
             if responses.get(k) is not e:
                 return None
         entries = self.cache.entries
-        for k, e in ap[3]:
+        for k, e in ap.ext_deps:
             if entries.get(k) is not e or now >= e.fresh_until:
                 return None  # gone, or due for a prefetch: the slow path deals with it
         self.stats["autopath"] += 1
         return composed
 
-    def _autopath_cached(self, q: Query, entry: tuple, limit: int) -> bytes | None:
+    def _autopath_cached(self, q: Query, entry: ZoneEntry, limit: int) -> bytes | None:
         """A composed autopath answer from an earlier walk, if everything it was made of is unchanged.
 
         An entry lists the rendered zone answers and upstream cache entries its walk
@@ -67,16 +78,16 @@ class Autopath:
         ap = self._ap_cache.get(q.key)
         if ap is None:
             return None
-        composed, asked, zone_deps, ext_deps = ap
+        composed = ap.answer
         now = monotonic()
         responses = self.index.responses
-        if now >= composed.expires or responses.get(q.key) is not asked:
+        if now >= composed.expires or responses.get(q.key) is not ap.asked:
             return None
-        for k, e in zone_deps:
+        for k, e in ap.zone_deps:
             if responses.get(k) is not e:
                 return None
         entries = self.cache.entries
-        for k, e in ext_deps:
+        for k, e in ap.ext_deps:
             if entries.get(k) is not e or now >= e.expires:
                 return None
             if self.prefetch and now >= e.fresh_until and not e.prefetching and e.ttl > 2:
@@ -86,12 +97,12 @@ class Autopath:
         self.stats["autopath"] += 1
         return self._from_cache(q, composed, limit)
 
-    async def _autopath(self, q: Query, entry: tuple, limit: int) -> bytes:
-        ns = entry[3]
+    async def _autopath(self, q: Query, entry: ZoneEntry, limit: int) -> bytes:
+        ns = entry.extra
         labels = wire.wire_labels(q.qname)
         base = labels[:len(labels) - 2 - len(self.index.zone_labels)]
         tc = q.key[-4:]
-        zone_deps: list[tuple[bytes, tuple]] = []
+        zone_deps: list[tuple[bytes, ZoneEntry]] = []
         ext_deps: list[tuple[bytes, CacheEntry]] = []
         cacheable = True
         for suffix in self.search_path(ns):
@@ -109,7 +120,7 @@ class Autopath:
                     cacheable = False
                 else:
                     zone_deps.append((key, zentry))
-                if zentry is not None and zentry[4][0] == NXDOMAIN:
+                if zentry is not None and zentry.meta.rcode == NXDOMAIN:
                     continue
             try:
                 res = await self.resolve(lower, q.qtype)
@@ -124,7 +135,7 @@ class Autopath:
                     ext_deps.append((key, e))
             if res.rcode != NOERROR:
                 continue
-            ttl = min((rr[3] for rr in res.answer), default=self.index.ttl)
+            ttl = min((rr_ttl for _, _, _, rr_ttl, _ in res.answer), default=self.index.ttl)
             answer = [(None, CNAME, IN, ttl, cand), *res.answer]
             body, _ = wire.render(q.lname, answer, res.authority, res.additional)
             self.stats["autopath"] += 1
@@ -134,7 +145,7 @@ class Autopath:
         self.stats["autopath_miss"] += 1
         return self._from_entry(q, entry, limit)
 
-    def _remember_autopath(self, q: Query, asked: tuple, answer: list, res: Result,
+    def _remember_autopath(self, q: Query, asked: ZoneEntry, answer: list, res: Result,
                            zone_deps: list, ext_deps: list) -> None:
         if self.index.responses.get(q.key) is not asked:
             return
@@ -151,5 +162,5 @@ class Autopath:
         composed.render(q.lname, now)
         if len(self._ap_cache) >= self.cache.max_entries:
             self._ap_cache.clear()
-        self._ap_cache[q.key] = (composed, asked, tuple(zone_deps), tuple(ext_deps))
+        self._ap_cache[q.key] = Composed(composed, asked, tuple(zone_deps), tuple(ext_deps))
 

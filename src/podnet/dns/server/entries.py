@@ -8,6 +8,8 @@ query's ID and question between a precomputed header and the rendered sections.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from podnet.dns import wire
 from podnet.dns.index import Answer
@@ -19,6 +21,29 @@ FINAL, CHASE, AUTOPATH, SLOW_ONLY = 0, 1, 2, 8
 OPT_PLAIN = wire.opt_rr(False)
 OPT_DO = wire.opt_rr(True)
 
+
+class Counts(NamedTuple):
+    """The rcode and section counts of a rendered answer (shared between entries)."""
+
+    rcode: int
+    an: int
+    ns: int
+    ar: int
+
+
+# Not a NamedTuple: the UDP fast path reads these fields for every packet, and CPython
+# specialises reads of slots (as fast as tuple indexing) but not of NamedTuple fields.
+@dataclass(slots=True, eq=False)
+class ZoneEntry:
+    """A rendered zone answer, the value of the index's response table for one question."""
+
+    kind: int  # FINAL, CHASE or AUTOPATH, plus SLOW_ONLY when the fast path must not serve it
+    hdrs: tuple[bytes, ...]  # header variants after the ID: RD = i & 1, CD = i & 2, our OPT counted = i & 4
+    body: bytes  # the sections after the question, compressed against the lower-case name
+    extra: bytes | str | None  # CHASE: the CNAME target to resolve; AUTOPATH: the namespace whose pods search
+    meta: Counts
+
+
 _SHARED: dict[tuple, tuple] = {}  # identical headers / counts are shared between cached entries
 
 
@@ -28,15 +53,12 @@ def _shared(value: tuple) -> tuple:
     return _SHARED.setdefault(value, value)
 
 
-def entry_from_answer(ans: Answer, lname: bytes, typeclass: bytes) -> tuple:
-    """A rendered zone answer: (kind, header variants, sections, extra, (rcode, an, ns, ar)).
-
-    Header variant i: RD = i & 1, CD = i & 2, one more additional record (our OPT) = i & 4.
-    """
+def entry_from_answer(ans: Answer, lname: bytes, typeclass: bytes) -> ZoneEntry:
+    """The rendered zone answer for the index's Answer to a lower-case name and type/class bytes."""
     body, _ = wire.render(lname, ans.answer, ans.authority, ans.additional)
     an, ns, ar = len(ans.answer), len(ans.authority), len(ans.additional)
     base = QR | AA | RA | ans.rcode
-    meta = _shared((ans.rcode, an, ns, ar))
+    meta = _shared(Counts(ans.rcode, an, ns, ar))
     hdrs = _SHARED.get(("hdrs", *meta))
     if hdrs is None:
         hdrs = tuple(struct.pack("!HHHHH", base | (RD if i & 1 else 0) | (CD if i & 2 else 0), 1, an, ns,
@@ -44,7 +66,7 @@ def entry_from_answer(ans: Answer, lname: bytes, typeclass: bytes) -> tuple:
         _SHARED[("hdrs", *meta)] = hdrs
     slow = 0 if fast_safe(typeclass) else SLOW_ONLY
     if ans.chase is not None:
-        return (CHASE + slow, hdrs, body, ans.chase, meta)
+        return ZoneEntry(CHASE + slow, hdrs, body, ans.chase, meta)
     if ans.rcode == NXDOMAIN and ans.autopath_ns is not None:
-        return (AUTOPATH + slow, hdrs, body, ans.autopath_ns, meta)
-    return (FINAL + slow, hdrs, body, None, meta)
+        return ZoneEntry(AUTOPATH + slow, hdrs, body, ans.autopath_ns, meta)
+    return ZoneEntry(FINAL + slow, hdrs, body, None, meta)

@@ -23,7 +23,7 @@ from time import monotonic
 from podnet.dns import wire
 from podnet.dns.cache import ResponseCache
 from podnet.dns.index import ClusterIndex
-from podnet.dns.server.autopath import Autopath
+from podnet.dns.server.autopath import Autopath, Composed
 from podnet.dns.server.entries import AUTOPATH, FINAL, OPT_DO, OPT_PLAIN
 from podnet.dns.server.query import error_reply
 from podnet.dns.server.slowpath import SlowPath
@@ -65,8 +65,7 @@ class DNSServer(SlowPath, Autopath):
         self._tcp_servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
         self._inflight: dict[bytes, asyncio.Future] = {}
-        # composed autopath answers: key -> (answer entry, asked zone entry, zone deps, upstream deps)
-        self._ap_cache: dict[bytes, tuple] = {}
+        self._ap_cache: dict[bytes, Composed] = {}  # autopath answers composed by earlier walks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -220,15 +219,15 @@ class DNSServer(SlowPath, Autopath):
                             key = data[12:].lower()
                             e = responses.get(key)
                             if e is not None:
-                                if e[0] == FINAL or (e[0] == AUTOPATH and (not autopath
-                                                                           or local_pods.get(addr[0]) != e[3])):
-                                    resp = b"".join((data[:2], e[1][(data[2] & 1) | ((data[3] >> 3) & 2)],
-                                                     data[12:], e[2]))
+                                if e.kind == FINAL or (e.kind == AUTOPATH and (
+                                        not autopath or local_pods.get(addr[0]) != e.extra)):
+                                    resp = b"".join((data[:2], e.hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
+                                                     data[12:], e.body))
                                     if len(resp) <= 512:
                                         sendto(resp, addr)
                                         served += 1
                                         continue
-                                elif e[0] == AUTOPATH:  # a local pod's search: a composed answer?
+                                elif e.kind == AUTOPATH:  # a local pod's search: a composed answer?
                                     c = autopath_ready(key, e)
                                     if c is not None:
                                         resp = b"".join((data[:2], c.hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
@@ -257,10 +256,10 @@ class DNSServer(SlowPath, Autopath):
                                 e = responses.get(key)
                                 hdrs = None
                                 if e is not None:
-                                    if e[0] == FINAL or (e[0] == AUTOPATH and (not autopath
-                                                                               or local_pods.get(addr[0]) != e[3])):
-                                        hdrs, body = e[1], e[2]
-                                    elif e[0] == AUTOPATH:
+                                    if e.kind == FINAL or (e.kind == AUTOPATH and (
+                                            not autopath or local_pods.get(addr[0]) != e.extra)):
+                                        hdrs, body = e.hdrs, e.body
+                                    elif e.kind == AUTOPATH:
                                         c = autopath_ready(key, e)
                                         if c is not None:
                                             hdrs, body = c.hdrs, c.body

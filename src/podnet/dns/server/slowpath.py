@@ -18,7 +18,7 @@ from time import monotonic
 from podnet.dns import wire
 from podnet.dns.cache import CacheEntry, ResponseCache, entry_from_response
 from podnet.dns.index import ClusterIndex
-from podnet.dns.server.entries import AUTOPATH, FINAL, OPT_DO, OPT_PLAIN, entry_from_answer
+from podnet.dns.server.entries import AUTOPATH, FINAL, OPT_DO, OPT_PLAIN, ZoneEntry, entry_from_answer
 from podnet.dns.server.query import NotFast, Query, Silent, error_reply, fast_safe, parse_query
 from podnet.dns.upstream import UpstreamError, UpstreamPool
 from podnet.dns.wire import (
@@ -62,13 +62,13 @@ def _dangling_cname(answer: list, lname: bytes, qtype: int) -> bytes | None:
     """The end of the CNAME chain from lname when it has no record of qtype, else None."""
     if qtype in (CNAME, ANY):
         return None
-    cnames = {rr[0].lower(): rr[4].lower() for rr in answer if rr[1] == CNAME}
+    cnames = {owner.lower(): rdata.lower() for owner, rtype, _, _, rdata in answer if rtype == CNAME}
     name = lname
     for _ in range(MAX_CHASE):
         if name not in cnames:
             break
         name = cnames[name]
-    if name == lname or any(rr[0].lower() == name and rr[1] == qtype for rr in answer):
+    if name == lname or any(owner.lower() == name and rtype == qtype for owner, rtype, _, _, _ in answer):
         return None
     return name
 
@@ -158,18 +158,18 @@ class SlowPath:
             self.stats["servfail"] += 1
         return self._assemble(q, rcode, (0, 0, 0), b"", limit)
 
-    def _from_entry(self, q: Query, entry: tuple, limit: int) -> bytes:
-        rcode, an, ns, ar = entry[4]
-        return self._assemble(q, AA | rcode, (an, ns, ar), entry[2], limit)
+    def _from_entry(self, q: Query, entry: ZoneEntry, limit: int) -> bytes:
+        rcode, an, ns, ar = entry.meta
+        return self._assemble(q, AA | rcode, (an, ns, ar), entry.body, limit)
 
     def _from_cache(self, q: Query, e: CacheEntry, limit: int) -> bytes:
         body = e.render(q.lname, monotonic())
         return self._assemble(q, e.rcode, e.counts, body, limit)
 
-    def _zone_entry(self, q: Query) -> tuple | None:
+    def _zone_entry(self, q: Query) -> ZoneEntry | None:
         return self._zone_entry_for(q.lname, q.qtype, q.key)
 
-    def _zone_entry_for(self, lower: bytes, qtype: int, key: bytes) -> tuple | None:
+    def _zone_entry_for(self, lower: bytes, qtype: int, key: bytes) -> ZoneEntry | None:
         """The rendered zone answer for a lower-case name, rendered and cached on a miss;
         None when the index does not hold the name."""
         entry = self.index.responses.get(key)
@@ -179,8 +179,9 @@ class SlowPath:
         res = self.index.resolve(lower, qtype)
         if res is None:
             return None
-        entry = entry_from_answer(res[0], lower, key[-4:])
-        self.index.cache_response(key, res[1], entry, gen)
+        ans, group = res
+        entry = entry_from_answer(ans, lower, key[-4:])
+        self.index.cache_response(key, group, entry, gen)
         return entry
 
     def _answer(self, q: Query, src: str, limit: int):
@@ -192,11 +193,11 @@ class SlowPath:
             return self._error(q, FORMERR, limit)
         entry = self._zone_entry(q)
         if entry is not None:
-            kind = entry[0] & 7
+            kind = entry.kind & 7
             if kind == FINAL:
                 return self._from_entry(q, entry, limit)
             if kind == AUTOPATH:
-                if self.autopath and self.local_pods.get(src) == entry[3]:
+                if self.autopath and self.local_pods.get(src) == entry.extra:
                     return self._autopath_cached(q, entry, limit) or self._autopath(q, entry, limit)
                 return self._from_entry(q, entry, limit)
             return self._chase(q, entry, limit)
@@ -296,7 +297,7 @@ class SlowPath:
             result.authority, result.additional, result.rcode = more.authority, more.additional, more.rcode
         return result
 
-    async def _chase(self, q: Query, entry: tuple, limit: int) -> bytes:
+    async def _chase(self, q: Query, entry: ZoneEntry, limit: int) -> bytes:
         """ExternalName: the CNAME plus the target's records."""
         result = await self.resolve(q.lname, q.qtype)
         body, _ = wire.render(q.lname, result.answer, result.authority, result.additional)
