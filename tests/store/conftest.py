@@ -127,14 +127,14 @@ class WatchReader:
     """Consumes a watch on a thread so a test can wait for events with a deadline
     instead of blocking forever on a broken watch."""
 
-    def __init__(self, store: KeyValueStore, prefix: str, start_revision: int):
+    def __init__(self, store: KeyValueStore, prefix: str, start_revision: int, previous: bool = True):
         self.store = store
         self.prefix = prefix
         self.events: list[Event] = []
         self.error: BaseException | None = None
         self._cond = threading.Condition()
         self._stopping = False
-        self._gen = store.watch(prefix, start_revision)
+        self._gen = store.watch(prefix, start_revision, previous=previous)
         self._thread = threading.Thread(target=self._run, name=f"watch {prefix}", daemon=True)
         self._thread.start()
 
@@ -197,8 +197,8 @@ def watch_reader(backend: Backend) -> Iterator[Callable[..., WatchReader]]:
     readers: list[WatchReader] = []
     waker = backend.open()
 
-    def start(store: KeyValueStore, prefix: str, start_revision: int) -> WatchReader:
-        reader = WatchReader(store, prefix, start_revision)
+    def start(store: KeyValueStore, prefix: str, start_revision: int, previous: bool = True) -> WatchReader:
+        reader = WatchReader(store, prefix, start_revision, previous)
         readers.append(reader)
         return reader
 
@@ -249,8 +249,8 @@ class PrefixedStore(KeyValueStore):
         except (AlreadyExists, NotFound) as e:
             raise type(e)(self._out(e.key)) from None
 
-    def watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
-        for ev in self.inner.watch(self.root + prefix, start_revision):
+    def watch(self, prefix: str, start_revision: int, previous: bool = True) -> Iterator[Event]:
+        for ev in self.inner.watch(self.root + prefix, start_revision, previous):
             yield dataclasses.replace(ev, key=self._out(ev.key))
 
     def revision(self) -> int:

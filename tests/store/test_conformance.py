@@ -287,6 +287,15 @@ def test_watch_replays_history_in_order(kv, prefix, watch_reader):
     assert _in_order(events) == sorted(expected[3:], key=lambda t: (t[3], t[1]))
 
 
+def test_watch_without_previous_values_still_names_every_deletion(kv, prefix, watch_reader):
+    start, expected = _history(kv, prefix)
+    events = watch_reader(kv, prefix, start, previous=False).wait_for(len(expected))
+    got = sorted(((e.type, e.key, e.revision) for e in events), key=lambda t: (t[2], t[1]))
+    assert got == sorted(((t, k, r) for t, k, _, r in expected), key=lambda t: (t[2], t[1]))
+    # the new value of every other event is there; a deletion's last value may be left out
+    assert all(e.value is not None for e in events if e.type != "DELETED")
+
+
 def test_watch_then_live_events(kv, prefix, watch_reader):
     start, expected = _history(kv, prefix)
     reader = watch_reader(kv, prefix, start)

@@ -87,7 +87,7 @@ class StoreFollower:
         try:
             while not self.stopping.is_set():
                 try:
-                    for ev in kv.watch(self.prefix, rev):
+                    for ev in kv.watch(self.prefix, rev, previous=False):  # deletions go by key
                         rev = ev.revision + 1
                         self.apply(ev)
                         if self.stopping.is_set():

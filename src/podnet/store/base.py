@@ -134,13 +134,16 @@ class KeyValueStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
+    def watch(self, prefix: str, start_revision: int, previous: bool = True) -> Iterator[Event]:
         """Events under prefix with revision >= start_revision, in order, forever.
 
         The iterator blocks waiting for new events; it reconnects by itself after a
         lost connection, resuming after the last event it yielded, so no event is
         lost or repeated. Raises Compacted if start_revision is no longer kept.
-        Call close() on the iterator (a generator) to stop it.
+        Call close() on the iterator (a generator) to stop it. `previous=False`: a
+        DELETED event need not carry the last value (etcd then does not send every
+        event's previous value too: half the bytes per change for a watcher that
+        forgets deleted objects by key, as the node agents do).
         """
 
     @abc.abstractmethod

@@ -428,14 +428,15 @@ class EtcdStore(KeyValueStore):
 
     # ------------------------------------------------------------------ watch
 
-    def watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
+    def watch(self, prefix: str, start_revision: int, previous: bool = True) -> Iterator[Event]:
         """See KeyValueStore.watch. "From now" (start_revision <= 0) means after the
         revision current when watch() is called, not when iteration starts."""
         if start_revision <= 0:
             start_revision = self.revision() + 1
-        return self._watch(prefix, start_revision)
+        return self._watch(prefix, start_revision, previous)
 
-    def _open_watch(self, index: int, prefix: str, start: int) -> tuple[_Connection, http.client.HTTPResponse]:
+    def _open_watch(self, index: int, prefix: str, start: int, previous: bool = True,
+                    ) -> tuple[_Connection, http.client.HTTPResponse]:
         host, port = self._addrs[index]
         conn = _Connection(host, port, self.connect_timeout, self.timeout)
         with self._watch_lock:
@@ -444,7 +445,7 @@ class EtcdStore(KeyValueStore):
             "key": _b64(prefix.encode()),
             "range_end": _b64(prefix_range_end(prefix.encode())),
             "start_revision": str(start),
-            "prev_kv": True,
+            **({"prev_kv": True} if previous else {}),
         }}
         try:
             conn.send("/v3/watch", json.dumps(request).encode())
@@ -457,7 +458,7 @@ class EtcdStore(KeyValueStore):
             raise
         return conn, resp
 
-    def _watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
+    def _watch(self, prefix: str, start_revision: int, previous: bool = True) -> Iterator[Event]:
         next_rev = start_revision
         index = self._current
         failed_since: float | None = None
@@ -470,7 +471,7 @@ class EtcdStore(KeyValueStore):
             endpoint = self.endpoints[index]
             conn: _Connection | None = None
             try:
-                conn, resp = self._open_watch(index, prefix, next_rev)
+                conn, resp = self._open_watch(index, prefix, next_rev, previous)
                 created = False
                 while True:
                     line = resp.readline()

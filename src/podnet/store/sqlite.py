@@ -273,7 +273,8 @@ class SQLiteStore(KeyValueStore):
                 self._rollback()
                 raise
 
-    def watch(self, prefix: str, start_revision: int) -> Iterator[Event]:
+    def watch(self, prefix: str, start_revision: int, previous: bool = True) -> Iterator[Event]:
+        # `previous` costs nothing here: the change log holds each deleted value anyway
         db = self._connect()  # a watch blocks: it must not share the caller's connection
         try:
             if start_revision <= 0:
