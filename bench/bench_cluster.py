@@ -15,7 +15,8 @@ that the agent reaches through a relay into its namespace); one agent (node-0000
   label change    one remote pod's labels changed (selected by policies) -> programmed
   new block       a block claimed by another node -> programmed (its route)
   new pod         a pod started on another node (block, pod, slice) -> programmed
-  churn R/s       EndpointSlice updates at R per second for a while: lag p50 / p99
+  churn R/s       EndpointSlice updates at R per second for a while: lag p50 / p99, agent CPU
+  pod churn R/s   label updates of pods on other nodes at R per second: policy lag, agent CPU
   idle cpu        the agent's CPU while nothing changes (between resyncs)
   resync          the time of one periodic full resync, per dataplane (from its metrics)
 
@@ -337,8 +338,9 @@ def changes(kv, agent: AgentUnderTest, what, n: int) -> list[float]:
     return out
 
 
-def churn(kv, agent: AgentUnderTest, world: dict, rate: float, seconds: float) -> list[float]:
-    """EndpointSlice updates at `rate`/s; lag of each write until programmed (ms)."""
+def churn(agent: AgentUnderTest, write, rate: float, seconds: float) -> tuple[list[float], float]:
+    """`write(k) -> revision` at `rate` per second; the lag of each write until the agent has
+    programmed it (ms), and the agent's CPU meanwhile (% of one core)."""
     written: list[tuple[int, float]] = []
     seen: list[tuple[int, float]] = []
     done = threading.Event()
@@ -354,14 +356,14 @@ def churn(kv, agent: AgentUnderTest, world: dict, rate: float, seconds: float) -
             if done.is_set() and time.monotonic() > end + 30:
                 break
 
-    rng = random.Random(7)
     end = time.monotonic() + seconds
     poller = threading.Thread(target=watch)
     poller.start()
     k = 0
     start = time.monotonic()
+    cpu0 = agent.cpu_seconds()
     while time.monotonic() < end:
-        rev = update_slice(kv, world, rng.randrange(len(world["slices"])), 1000 + k)
+        rev = write(k)
         written.append((rev, time.monotonic()))
         k += 1
         next_at = start + k / rate
@@ -369,13 +371,14 @@ def churn(kv, agent: AgentUnderTest, world: dict, rate: float, seconds: float) -
         if pause > 0:
             time.sleep(pause)
     done.set()
+    cpu = (agent.cpu_seconds() - cpu0) / (time.monotonic() - start) * 100
     poller.join()
     lags = []
     for rev, t in written:
         hit = next((ts for s, ts in seen if s >= rev), None)
         if hit is not None:
             lags.append(max(0.0, hit - t) * 1000)
-    return lags
+    return lags, cpu
 
 
 def update_slice(kv, world: dict, i: int, gen: int) -> int:
@@ -464,9 +467,16 @@ def run_scale(scale: float, backend: str, args) -> dict:
 
         churns = {}
         for rate in args.churn:
-            lags = churn(kv, agent, world, rate, args.churn_seconds)
+            lags, cpu = churn(agent, lambda k: update_slice(kv, world, rng.randrange(len(world["slices"])), 1000 + k),
+                              rate, args.churn_seconds)
             churns[str(int(rate))] = {"p50_ms": round(pct(lags, 50), 1), "p99_ms": round(pct(lags, 99), 1),
-                                      "writes": len(lags)}
+                                      "writes": len(lags), "cpu_pct": round(cpu, 1)}
+        pod_churn = {}
+        for rate in args.pod_churn:  # pods anywhere in the cluster changing labels (policy work)
+            lags, cpu = churn(agent, label, rate, args.churn_seconds)
+            pod_churn[str(int(rate))] = {"p50_ms": round(pct(lags, 50), 1), "p99_ms": round(pct(lags, 99), 1),
+                                         "max_ms": round(max(lags), 1) if lags else None,
+                                         "writes": len(lags), "cpu_pct": round(cpu, 1)}
         cpu0, t_idle = agent.cpu_seconds(), time.monotonic()
         time.sleep(args.idle_seconds)  # the measurement window: nothing changes
         idle_cpu = (agent.cpu_seconds() - cpu0) / (time.monotonic() - t_idle) * 100
@@ -481,7 +491,7 @@ def run_scale(scale: float, backend: str, args) -> dict:
             "label_change_ms": round(statistics.median(label_ms), 1),
             "new_block_ms": round(statistics.median(block_ms), 1),
             "new_pod_ms": round(statistics.median(pod_ms), 1),
-            "churn": churns, "idle_cpu_pct": round(idle_cpu, 2),
+            "churn": churns, "pod_churn": pod_churn, "idle_cpu_pct": round(idle_cpu, 2),
             "sync_seconds": {k: {"sum": round(v[0], 3), "count": v[1]} for k, v in sums.items()},
         }
         return row
@@ -518,6 +528,9 @@ def print_table(rows: list[dict]) -> None:
               f"{r['slice_change_ms']['median']:>6g}/{r['slice_change_ms']['max']:<6g} {r['label_change_ms']:>7g} "
               f"{r['new_block_ms']:>7g} {r['new_pod_ms']:>7g} {ch:>24} {r['idle_cpu_pct']:>6.2f}")
     for r in rows:
+        print(f"scale {r['scale']:g} pod label churn (lag p50/p99/max ms, agent CPU %): " + ", ".join(
+            f"{k}/s {v['p50_ms']:g}/{v['p99_ms']:g}/{v['max_ms']}, {v['cpu_pct']:g}%" for k, v in r["pod_churn"].items())
+            + "; slice churn CPU %: " + ", ".join(f"{k}/s {v['cpu_pct']:g}%" for k, v in r["churn"].items()))
         print(f"scale {r['scale']:g} sync seconds (sum/count): " + ", ".join(
             f"{k} {v['sum']:.2f}/{v['count']}" for k, v in r["sync_seconds"].items()))
 
@@ -552,6 +565,7 @@ def main() -> int:
     ap.add_argument("--backends", default="sqlite,etcd", help="comma list: sqlite, etcd (3 members)")
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--churn", default="100,500", help="EndpointSlice updates per second (comma list)")
+    ap.add_argument("--pod-churn", default="10,50", help="pod label updates per second (comma list)")
     ap.add_argument("--churn-seconds", type=float, default=10)
     ap.add_argument("--idle-seconds", type=float, default=20)
     ap.add_argument("--resync", type=float, default=60.0, help="the agent's --resync")
@@ -564,6 +578,7 @@ def main() -> int:
         args.scales, args.samples, args.churn_seconds, args.idle_seconds = "0.02,0.1", 10, 5, 10
         args.backends = "sqlite"
     args.churn = [float(x) for x in str(args.churn).split(",") if x]
+    args.pod_churn = [float(x) for x in str(args.pod_churn).split(",") if x]
     rows = []
     for backend in args.backends.split(","):
         done = [run_scale(float(sc), backend, args) for sc in args.scales.split(",")]
