@@ -163,3 +163,17 @@ def test_metadata_fields_the_api_server_sets_are_accepted_and_a_misspelt_one_is_
     with pytest.raises(pydantic.ValidationError, match="generaton"):
         EndpointSlice.model_validate({"metadata": {"name": "x", "generaton": 1}, "addressType": "IPv4",
                                       "endpoints": []})
+
+
+def test_an_endpoint_slice_holds_at_most_a_thousand_endpoints():
+    import pydantic
+
+    from podnet.model.objects import EndpointSlice
+
+    def slice_of(n):
+        return {"metadata": {"name": "web-x1"}, "addressType": "IPv4",
+                "endpoints": [{"addresses": [f"10.1.{i // 250}.{i % 250 + 1}"]} for i in range(n)]}
+
+    assert len(EndpointSlice.model_validate(slice_of(1000)).endpoints) == 1000
+    with pytest.raises(pydantic.ValidationError, match="1001 endpoints: an EndpointSlice holds at most 1000"):
+        EndpointSlice.model_validate(slice_of(1001))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 from podnet.errors import PodnetError
@@ -11,9 +12,16 @@ class NftError(PodnetError):
     pass
 
 
+def dies_with_parent(argv: list[str]) -> list[str]:
+    """argv run so that the kernel kills it when the thread that started it goes (the agent
+    killed with -9, or stopped): an `nft` loading a large table must not outlive the agent
+    and hold the namespace's teardown (setpriv execs the command: same process)."""
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv] if shutil.which("setpriv") else argv
+
+
 def nft_apply(script: str) -> None:
     """Apply a ruleset fragment atomically in the current network namespace."""
-    proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    proc = subprocess.run(dies_with_parent(["nft", "-f", "-"]), input=script, capture_output=True, text=True)
     if proc.returncode != 0:
         raise NftError(f"nft rejected the ruleset: {proc.stderr.strip()}")
 

@@ -523,6 +523,9 @@ class EndpointPort(Schema):
         return None if v is None else check_port(v)
 
 
+MAX_SLICE_ENDPOINTS = 1000  # the API server's limit per EndpointSlice
+
+
 class EndpointSlice(KubeObject):
     KIND = "EndpointSlice"
     API_VERSIONS = ("discovery.k8s.io/v1",)
@@ -532,6 +535,14 @@ class EndpointSlice(KubeObject):
     address_type: Literal["IPv4", "IPv6", "FQDN"]
     endpoints: list[Endpoint] = Field(default_factory=list)
     ports: list[EndpointPort] | None = None
+
+    @field_validator("endpoints")
+    @classmethod
+    def _at_most_a_thousand(cls, v: list[Endpoint]) -> list[Endpoint]:
+        if len(v) > MAX_SLICE_ENDPOINTS:
+            raise ValueError(f"{len(v)} endpoints: an EndpointSlice holds at most {MAX_SLICE_ENDPOINTS} (as the "
+                             "API server allows); spread them over several slices of the Service")
+        return v
 
     @model_validator(mode="after")
     def _addresses_fit_type(self) -> EndpointSlice:
