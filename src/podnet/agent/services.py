@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from podnet.agent.contract import Dataplane
 from podnet.model.objects import EndpointSlice, Service
 from podnet.services.applier import NftServiceApplier, ServiceApplier
-from podnet.services.compiler import ServiceCompiler, SliceInfo
+from podnet.services.compiler import ServiceCompiler, SliceInfo, same_version
 from podnet.services.conntrack import ConntrackSizing, apply_conntrack_sizing
 from podnet.services.health import HealthCheckServer
 from podnet.services.iptables import IptablesServiceApplier
@@ -73,7 +73,7 @@ class ServiceDataplane(Dataplane):
                 if self._reload is not None:
                     self._reload[0].add((obj.namespace or "default", obj.name))
                 old = self.compiler.service_info(obj.namespace, obj.name)
-                if not _same_version(old, obj):
+                if not same_version(old, obj):
                     self.compiler.set_service(obj)
             return True
         if isinstance(obj, EndpointSlice):
@@ -98,7 +98,7 @@ class ServiceDataplane(Dataplane):
             if self._reload is not None:
                 self._reload[1].add((sl.namespace or "default", sl.name))
             old = self.compiler.slice_info(sl.namespace, sl.name)
-            if _same_version(old, sl) and old.service == (sl.service_name or None):  # type: ignore[union-attr]
+            if same_version(old, sl) and old.service == (sl.service_name or None):  # type: ignore[union-attr]
                 return
         info = SliceInfo(sl, self.compiler.node_name)
         with self._lock:
@@ -193,8 +193,3 @@ class ServiceDataplane(Dataplane):
 
     def close(self) -> None:
         self.health.close()  # the table stays: a restart must not interrupt Services
-
-
-def _same_version(old: object, new: Service | EndpointSlice) -> bool:
-    rv = new.metadata.resource_version
-    return old is not None and rv is not None and getattr(old, "version", None) == rv

@@ -636,7 +636,7 @@ class ServiceCompiler:
             k = _key(svc.namespace, svc.name)
             seen.add(k)
             old = self._services.get(k)
-            if not _same_version(old, svc):
+            if not same_version(old, svc):
                 self.set_service(svc)
         for k in [k for k in self._services if k not in seen]:
             self.delete_service(*k)
@@ -645,7 +645,7 @@ class ServiceCompiler:
             sk = _key(sl.namespace, sl.name)
             seen_slices.add(sk)
             old_sl = self._slice_index.get(sk)
-            if not (_same_version(old_sl, sl) and old_sl.service == (sl.service_name or None)):  # type: ignore[union-attr]
+            if not (same_version(old_sl, sl) and old_sl.service == (sl.service_name or None)):  # type: ignore[union-attr]
                 self.set_slice(sl)
         for sk in [sk for sk in self._slice_index if sk not in seen_slices]:
             self.delete_slice(*sk)
@@ -783,7 +783,8 @@ def _rule_of(rules: tuple[FrontendRule, ...], fe: Frontend) -> FrontendRule:
     raise KeyError(fe)
 
 
-def _same_version(old: ServiceInfo | SliceInfo | None, new: Service | EndpointSlice) -> bool:
+def same_version(old: ServiceInfo | SliceInfo | None, new: Service | EndpointSlice) -> bool:
+    """Whether the compiler already holds new at its resourceVersion (a replayed list costs nothing)."""
     rv = new.metadata.resource_version
     return old is not None and rv is not None and old.version == rv
 
