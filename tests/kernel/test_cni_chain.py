@@ -26,7 +26,7 @@ import pytest
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 pytest.importorskip("podnet.dataplane.pods")
 
-from podnet.cni.handler import ATTACHMENTS_PREFIX  # noqa: E402
+from podnet.cni.attachments import ATTACHMENTS_PREFIX  # noqa: E402
 from podnet.cni.install import install_plugin  # noqa: E402
 from podnet.ipam import IPAM  # noqa: E402
 from podnet.lab.runtime import CniRuntime, RuntimeConf, k8s_args  # noqa: E402

@@ -11,13 +11,9 @@ import threading
 import pytest
 from cni_doubles import RecordingDataplane
 
-from podnet.cni.handler import (
-    ATTACHMENTS_PREFIX,
-    CNIHandler,
-    attachment_handle,
-    attachment_key,
-    netns_problem,
-)
+from podnet.cni.attachments import ATTACHMENTS_PREFIX, attachment_handle, attachment_key
+from podnet.cni.handler import CNIHandler
+from podnet.cni.netns import netns_problem
 from podnet.ipam import IPAM
 from podnet.model.objects import IPPool
 from podnet.store import open_store

@@ -18,7 +18,8 @@ from cni_doubles import RecordingDataplane
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from podnet.cni.handler import ATTACHMENTS_PREFIX, CNIHandler
+from podnet.cni.attachments import ATTACHMENTS_PREFIX
+from podnet.cni.handler import CNIHandler
 from podnet.cni.install import PLUGIN_NAME, install_plugin, plugin_source
 from podnet.cni.server import CNIServer, CNIServerError
 from podnet.ipam import keys as ipam_keys

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from podnet.cni.handler import CNIError, check_container_id, check_network_name, parse_cni_args
+from podnet.cni.errors import CNIError
+from podnet.cni.spec import check_container_id, check_network_name, parse_cni_args
 from podnet.lab.spec import CniSpec, ExternalDnsSpec, LabMeta, LabNode
 from podnet.model import names
 from podnet.model.objects import Namespace, NetworkPolicyPort, Pod, Service, ServicePort, check_port_name

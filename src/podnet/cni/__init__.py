@@ -1,5 +1,15 @@
 """The CNI plugin (spec 1.1): a thin executable (plugin.py) that hands each request to the node
-agent over a unix socket, and the agent side that serves it (server.py, handler.py).
+agent over a unix socket, and the agent side that serves it:
+
+    server.py       the agent's socket: one request per connection
+    handler.py      CNIHandler: parses a request, runs its command, orders concurrent ones
+    commands.py     ADD, DEL, CHECK, STATUS, GC and VERSION
+    spec.py         the CNI spec: versions, error codes, request checks, result documents
+    sessions.py     store connections per request; store faults answered as code 11
+    attachments.py  attachment handles and where their records live in the store
+    netns.py        the check that CNI_NETNS is a pod's network namespace
+    serve.py        a CNI server alone, without the agent (for measuring the CNI path)
+    install.py      installs the plugin executable
 
 plugin.py is run on its own by the container runtime and imports nothing from podnet.
 """

@@ -17,7 +17,7 @@ import stat
 import threading
 from typing import Any, Protocol
 
-from podnet.cni.handler import E_DECODING, E_INTERNAL, LATEST, error_output
+from podnet.cni.spec import E_DECODING, E_INTERNAL, LATEST, error_output
 from podnet.errors import PodnetError
 
 log = logging.getLogger(__name__)
