@@ -322,7 +322,7 @@ def test_multiple_ports_and_named_target_ports(topo):
     topo.driver.apply(objs)
     assert set(names(topo.probe("10.96.0.11", 80, count=40))) == {"b1", "b2"}
     assert set(names(topo.probe("10.96.0.11", 81, count=40))) == {"b1", "b2"}
-    assert set(names(topo.probe("10.96.0.11", 82, timeout=0.5))) == {"timeout"}  # not a Service port: dropped
+    assert topo.probe("10.96.0.11", 82, timeout=0.5) == ["refused"]  # not a port of the Service: rejected
 
 
 def test_sctp_is_dnated_to_a_backend(topo):
@@ -541,13 +541,13 @@ def test_incremental_apply_sends_only_the_new_service(topo):
     assert r["sent"] and not r["full"]
     script = r["script"]
     assert "10.96.1." not in script and "delete" not in script
-    # one service_ips element, one tier bit (2 endpoints: N-1 = 0b1), two slots
-    assert (r["added"], r["removed"]) == (4, 0)
+    # one service_ips element, one tier bit (2 endpoints: N-1 = 0b1), two slots, the address in cluster_ips
+    assert (r["added"], r["removed"]) == (5, 0)
     assert len(script.splitlines()) <= 10, script
     assert set(names(topo.probe("10.96.2.1", 80, count=10))) == {"b3", "b4"}
     assert set(names(topo.probe("10.96.1.40", 80, count=10))) == {"b1", "b2"}
     r = topo.driver.apply(base)
-    assert (r["added"], r["removed"]) == (0, 4)
+    assert (r["added"], r["removed"]) == (0, 5)
 
 
 def test_restart_adopts_the_kernel_and_garbled_tables_are_rebuilt(topo):
@@ -558,16 +558,16 @@ def test_restart_adopts_the_kernel_and_garbled_tables_are_rebuilt(topo):
     # a Service added while the agent was down: the digest differs, the elements are read, the diff sent
     more = [*objs, service("late", "10.96.0.24"), slice_("late", [endpoint("b2")], ports=[{"port": 8080}])]
     r = topo.driver.apply(more, fresh=True)
-    assert r["sent"] and not r["full"] and r["read_back"] and r["added"] == 2, r
+    assert r["sent"] and not r["full"] and r["read_back"] and r["added"] == 3, r  # slot, service_ips, cluster_ips
     assert names(topo.probe("10.96.0.24", 80)) == ["b2"]
     # an element deleted behind podnet's back: a restart trusts the digest, a resync reads and repairs
     in_ns(topo.node, "nft", "delete", "element", "ip", "podnet-svc", "backends_1", "{ 10.96.0.24 . tcp . 80 . 0 }")
-    assert topo.probe("10.96.0.24", 80, timeout=0.5) == ["timeout"]
+    assert topo.probe("10.96.0.24", 80, timeout=0.5) == ["refused"]  # not DNATed: a ClusterIP without that port
     r = topo.driver.apply(more, resync=True)
     assert r["sent"] and not r["full"] and r["read_back"] and (r["added"], r["removed"]) == (1, 0), r
     assert names(topo.probe("10.96.0.24", 80)) == ["b2"]
     in_ns(topo.node, "nft", "flush", "chain", "ip", "podnet-svc", "services")
-    assert topo.probe("10.96.0.22", 80, timeout=0.5) == ["timeout"]
+    assert topo.probe("10.96.0.22", 80, timeout=0.5) == ["refused"]  # nothing DNATs: the ClusterIP rejects
     r = topo.driver.apply(objs, resync=True)
     assert r["full"] and "services" in r["reason"]
     assert names(topo.probe("10.96.0.22", 80)) == ["b1"]
@@ -593,3 +593,100 @@ def test_established_connections_survive_a_rebuild(topo):
     finally:
         client.kill()
         client.wait()
+
+
+# ---------------------------------------------------------------- kube-proxy parity (shared with the iptables tests)
+
+
+POD = "10.21.0.50"  # a pod of this node that is not an endpoint of the Services below (off the backends' /24)
+
+
+def pod_ns(topo) -> str:
+    """A pod on the node: routed veth whose host side has podnet's pod interface prefix."""
+    if getattr(topo, "pod", None) is None:
+        pod = topo.nsm.new("pod")
+        in_ns(topo.node, "ip", "link", "add", "pnpod0", "type", "veth", "peer", "name", "eth0", "netns", pod)
+        in_ns(topo.node, "ip", "addr", "add", "10.20.0.1/32", "dev", "pnpod0")
+        in_ns(topo.node, "ip", "link", "set", "pnpod0", "up")
+        in_ns(topo.node, "ip", "route", "add", f"{POD}/32", "dev", "pnpod0")
+        in_ns(pod, "ip", "addr", "add", f"{POD}/32", "dev", "eth0")
+        in_ns(pod, "ip", "link", "set", "eth0", "up")
+        in_ns(pod, "ip", "route", "add", "10.20.0.1", "dev", "eth0")
+        in_ns(pod, "ip", "route", "add", "default", "via", "10.20.0.1")
+        topo.pod = pod
+    return topo.pod
+
+
+def from_node(topo, target: str, port: int, count: int = 1, timeout: float = 2.0) -> list[str]:
+    res = json.loads(py_in(topo.node, PROBE.replace(
+        "sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])",
+        f"{target!r}, {port}, 'tcp', {count}, {timeout}")).stdout)
+    return [r for r, _ in res]
+
+
+def check_invalid_clusterip_ports_are_rejected(topo) -> None:
+    svc = service("ports", "10.96.0.30", [{"name": "a", "port": 80, "targetPort": 8080},
+                                          {"name": "b", "port": 81, "targetPort": 9090}])
+    objs = [svc, slice_("ports", [endpoint("b1")], ports=[{"name": "a", "port": 8080}, {"name": "b", "port": 9090}])]
+    topo.driver.apply(objs)
+    assert names(topo.probe("10.96.0.30", 81)) == ["b1"]
+    assert topo.probe("10.96.0.30", 82) == ["refused"]  # a real ClusterIP, a port it does not have
+    assert topo.probe("10.96.0.30", 82, "udp") == ["refused"]
+    assert from_node(topo, "10.96.0.30", 82) == ["refused"]
+    assert topo.probe("10.96.0.31", 82, timeout=0.7) == ["timeout"]  # an unallocated address: dropped
+    # the port that carried the address goes; the address stays rejected while a port needs it
+    svc["spec"]["ports"] = svc["spec"]["ports"][1:]
+    topo.driver.apply(objs)
+    assert names(topo.probe("10.96.0.30", 81)) == ["b1"]
+    assert topo.probe("10.96.0.30", 80) == ["refused"]
+    topo.driver.apply(objs[1:])  # the Service goes: its address is unallocated again
+    assert topo.probe("10.96.0.30", 80, timeout=0.7) == ["timeout"]
+
+
+def check_affinity_is_shared_by_the_frontends_of_a_port(topo) -> None:
+    objs = [service("share", "10.96.0.32", type="NodePort", externalIPs=["198.51.100.32"],
+                    sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+                    ports=[{"port": 80, "targetPort": 8080, "nodePort": 30032}]),
+            slice_("share", [endpoint("b1"), endpoint("b2"), endpoint("b3")], ports=[{"port": 8080}])]
+    topo.driver.apply(objs)
+    for client in (topo.client, topo.client2):
+        first = names(topo.probe("10.96.0.32", 80, src=client))
+        # the same endpoint through the NodePort and the externalIP, as through the ClusterIP
+        assert names(topo.probe("10.10.0.1", 30032, count=12, src=client)) == first * 12
+        assert names(topo.probe("198.51.100.32", 80, count=12, src=client)) == first * 12
+        assert names(topo.probe("10.96.0.32", 80, count=6, src=client)) == first * 6
+
+
+def check_external_local_short_circuit(topo) -> None:
+    """externalTrafficPolicy Local, no endpoint on this node: external clients are dropped,
+    this node's pods (and the node) reach an endpoint through the LB IP, externalIP, NodePort."""
+    objs = [service("sc", "10.96.0.33", type="LoadBalancer", externalTrafficPolicy="Local",
+                    externalIPs=["198.51.100.33"], healthCheckNodePort=31033,
+                    ports=[{"port": 80, "targetPort": 8080, "nodePort": 30033}],
+                    status={"loadBalancer": {"ingress": [{"ip": "203.0.113.33"}]}}),
+            slice_("sc", [endpoint("b1", node="n2"), endpoint("b2", node="n2")], ports=[{"port": 8080}])]
+    topo.driver.apply(objs)
+    pod = pod_ns(topo)
+    for target, port in (("203.0.113.33", 80), ("198.51.100.33", 80), ("10.10.0.1", 30033)):
+        assert topo.probe(target, port, timeout=0.7) == ["timeout"], target  # external client: dropped
+        got = topo.probe(target, port, count=8, src=pod)
+        assert set(names(got)) <= {"b1", "b2"} and all(x.split()[1] == POD for x in got), (target, got)
+    assert set(names(from_node(topo, "203.0.113.33", 80, count=4))) <= {"b1", "b2"}
+    # with a local endpoint, pods too use the Service's endpoints everywhere; external clients the local one
+    objs[1] = slice_("sc", [endpoint("b1", node="n2"), endpoint("b2", node="n2"), endpoint("b3")],
+                     ports=[{"port": 8080}])
+    topo.driver.apply(objs)
+    assert names(topo.probe("203.0.113.33", 80, count=6)) == ["b3"] * 6
+    assert set(names(topo.probe("203.0.113.33", 80, count=30, src=pod))) == {"b1", "b2", "b3"}
+
+
+def test_a_clusterip_rejects_ports_it_does_not_have(topo):
+    check_invalid_clusterip_ports_are_rejected(topo)
+
+
+def test_session_affinity_is_shared_by_clusterip_nodeport_and_external_ips(topo):
+    check_affinity_is_shared_by_the_frontends_of_a_port(topo)
+
+
+def test_pods_reach_external_addresses_of_local_policy_services_without_a_local_endpoint(topo):
+    check_external_local_short_circuit(topo)

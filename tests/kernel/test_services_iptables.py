@@ -12,6 +12,9 @@ from tests.kernel.nsutil import in_ns, namespaces
 from tests.kernel.test_services_dataplane import (
     CLIENT,
     Topology,
+    check_affinity_is_shared_by_the_frontends_of_a_port,
+    check_external_local_short_circuit,
+    check_invalid_clusterip_ports_are_rejected,
     endpoint,
     names,
     service,
@@ -78,3 +81,9 @@ def test_nodeport_local_policy_affinity_hairpin_and_source_ranges(topo):
     objs[-2]["spec"]["loadBalancerSourceRanges"] = [f"{CLIENT}/32"]
     topo.driver.apply(objs)
     assert names(topo.probe("203.0.113.7", 80)) == ["b3"]
+
+
+def test_kube_proxy_parity_invalid_ports_shared_affinity_and_local_short_circuit(topo):
+    check_invalid_clusterip_ports_are_rejected(topo)
+    check_affinity_is_shared_by_the_frontends_of_a_port(topo)
+    check_external_local_short_circuit(topo)

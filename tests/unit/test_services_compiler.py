@@ -239,3 +239,38 @@ def test_compiler_states_carry_what_changed_so_diffs_cost_the_change():
     assert two.changed_since(one) == {Frontend("10.96.0.8", "tcp", 80)}
     assert two.changed_since(two) is None
     assert nt.state_delta(one, two) == nt.diff(nt.elements(one), nt.elements(two))
+
+
+def test_the_first_clusterip_frontend_owns_the_address_and_affinity_keys_follow_the_endpoint_choice():
+    s = svc(type="LoadBalancer", externalIPs=["198.51.100.1"], sessionAffinity="ClientIP",
+            externalTrafficPolicy="Local",
+            ports=[{"name": "a", "port": 80, "targetPort": 8080, "nodePort": 30080},
+                   {"name": "b", "port": 81, "targetPort": 8080, "nodePort": 30081}],
+            status={"loadBalancer": {"ingress": [{"ip": "203.0.113.1"}]}})
+    st = compile_services([s], [eps("web", ep("10.1.0.1", node="n2"), ep("10.1.0.2", node="n2"),
+                                    ports=[{"name": "a", "port": 8080}, {"name": "b", "port": 8080}])], NODE)
+    owners = [r.frontend for r in st.rules if r.owns_cluster_ip]
+    assert owners == [Frontend("10.96.0.10", "tcp", 80)]  # one owner per address: the first port's
+    by_port: dict[int, set[int]] = {}
+    for r in st.rules:
+        assert r.affinity_key
+        if r.kind != "ClusterIP":
+            by_port.setdefault(r.frontend.port if r.frontend.ip else r.frontend.port - 30000, set()).add(r.affinity_key)
+            # Local, no local endpoint: dropped for external clients, every endpoint for this node's pods
+            assert r.backends == () and r.no_endpoints == "drop"
+            assert r.short_circuit == (Backend("10.1.0.1", 8080), Backend("10.1.0.2", 8080))
+        else:
+            assert r.short_circuit == ()
+    assert all(len(keys) == 1 for keys in by_port.values()) and by_port[80] != by_port[81]
+    cluster = {r.frontend.port: r.affinity_key for r in st.rules if r.kind == "ClusterIP"}
+    assert cluster[80] not in by_port[80]  # ClusterIP: every endpoint; the others: local ones only
+    # one policy for both: one key per port across every frontend
+    s = s.model_copy(update={"spec": s.spec.model_copy(update={"external_traffic_policy": "Cluster"})})
+    st = compile_services([s], [eps("web", ep("10.1.0.1", node="n2"),
+                                    ports=[{"name": "a", "port": 8080}, {"name": "b", "port": 8080}])], NODE)
+    keys: dict[int, set[int]] = {}
+    for r in st.rules:
+        port = r.frontend.port if r.frontend.ip else r.frontend.port - 30000
+        keys.setdefault(port, set()).add(r.affinity_key)
+        assert r.short_circuit == ()
+    assert [len(v) for v in keys.values()] == [1, 1] and keys[80] != keys[81]

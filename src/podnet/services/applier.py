@@ -24,7 +24,7 @@ from podnet.dataplane.nft import NftError, nft_apply
 from podnet.services import nftables as nt
 from podnet.services.conntrack import Runner, delete_stale_flows, run_command
 from podnet.services.metrics import ServiceMetrics
-from podnet.services.model import Backend, Frontend, ServiceState
+from podnet.services.model import Backend, ServiceState
 
 log = logging.getLogger("podnet.services")
 
@@ -256,8 +256,14 @@ class NftServiceApplier:
 
     def _clear_stale_affinity(self, state: ServiceState, result: SyncResult) -> int:
         cleared = 0
+        valid: dict[int, set[Backend]] | None = None
         for _ in range(3):  # an entry may time out between listing and deleting: list again
-            stale = [k for k, v in self.kernel.affinity() if not _affinity_valid(state, k, v)]
+            entries = self.kernel.affinity()
+            if not entries:
+                return cleared
+            if valid is None:
+                valid = _affinity_backends(state)
+            stale = [k for k, v in entries if not _affinity_valid(valid, k, v)]
             if not stale:
                 return cleared
             try:
@@ -291,17 +297,20 @@ def _affinity_touched(gone: nt.Elements, old: ServiceState) -> bool:
     return False
 
 
-def _affinity_valid(state: ServiceState, key: str, value: str) -> bool:
-    parts = key.split(" . ")
-    if len(parts) != 4:
-        return False
-    _, daddr, proto, port = parts
+def _affinity_backends(state: ServiceState) -> dict[int, set[Backend]]:
+    """Affinity key -> the endpoints its frontends balance over (read only when the
+    kernel holds affinity entries, i.e. when Services with affinity are used)."""
+    out: dict[int, set[Backend]] = {}
+    for rule in state.rules:
+        if rule.affinity_timeout and (rule.backends or rule.short_circuit):
+            out.setdefault(rule.affinity_key, set()).update(rule.backends, rule.short_circuit)
+    return out
+
+
+def _affinity_valid(valid: dict[int, set[Backend]], key: str, value: str) -> bool:
+    _, _, mark = key.partition(" . ")
     bip, _, bport = value.partition(" . ")
     try:
-        backend = Backend(bip, int(bport))
-        rule = state.rule(Frontend(daddr, proto, int(port)))  # type: ignore[arg-type]
-        if rule is None and daddr in state.node_ips:
-            rule = state.rule(Frontend(None, proto, int(port)))  # type: ignore[arg-type]
+        return Backend(bip, int(bport)) in valid.get(int(mark, 0), ())
     except ValueError:
         return False
-    return rule is not None and rule.affinity_timeout is not None and backend in rule.backends

@@ -23,6 +23,7 @@ the objects.
 from __future__ import annotations
 
 import gc
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -370,6 +371,18 @@ def _usable(eps: dict[Backend, int], ordered: bool, mask: int = 0) -> tuple[Back
     return tuple(chosen)
 
 
+def affinity_key(svc: ServiceInfo, port_index: int, local: bool) -> int:
+    """The key of a Service port's affinity entries (a conntrack mark): shared by its
+    frontends that balance over the same endpoints (`local`: this node's only). Made of
+    the low 20 bits of the clusterIP (a service CIDR is at most a /12, as upstream
+    requires), the port's index and the policy: unique per Service port and policy on a
+    node. A Service without an IPv4 clusterIP gets a hash of its name instead."""
+    ip = svc.cluster_ip
+    base = int.from_bytes(socket.inet_aton(ip), "big") if ip else \
+        int.from_bytes(hashlib.blake2b(svc.ref.encode(), digest_size=4).digest(), "big")
+    return ((base & 0xFFFFF) << 12) | (((port_index + 1) & 0x7FF) << 1) | int(local)
+
+
 def _compile_service(svc: ServiceInfo, slices: tuple[SliceInfo, ...], pods: dict[tuple[str, str], Pod],
                      cidrs: _Cidrs | None = None, local_dns: tuple[str, ...] = (),
                      ) -> tuple[list[FrontendRule], HealthCheck | None]:
@@ -403,7 +416,8 @@ def _compile_service(svc: ServiceInfo, slices: tuple[SliceInfo, ...], pods: dict
     local_ready: set[str] = set()
     prefix = f"{svc.namespace}/{svc.name}:"
     any_local = external_local or internal_local
-    for sp in svc.ports:
+    owner = True  # the first ClusterIP frontend carries the address's cluster_ips element
+    for index, sp in enumerate(svc.ports):
         cluster = None if any_local else _plain_backends(sp, slices)  # type: ignore[assignment]
         local: tuple[Backend, ...] = ()
         if cluster is None:
@@ -417,21 +431,30 @@ def _compile_service(svc: ServiceInfo, slices: tuple[SliceInfo, ...], pods: dict
         label = prefix + (sp[0] or "")
         none_verdict = "reject" if not cluster else "drop"
         port, node_port = sp[2], sp[3] if node_ports else None
+        if affinity:
+            key_cluster, key_local = affinity_key(svc, index, False), affinity_key(svc, index, True)
+        else:
+            key_cluster = key_local = 0
         if cluster_ip:
             out.append(FrontendRule(Frontend(cluster_ip, proto, port), label, "ClusterIP",
-                                    local if internal_local else cluster, none_verdict, False, affinity))
+                                    local if internal_local else cluster, none_verdict, False, affinity, (),
+                                    owner, key_local if internal_local else key_cluster))
+            owner = False
         if external_ips or lb_ips or node_port:
             external = local if external_local else cluster
             masq = not external_local
+            key = key_local if external_local else key_cluster
+            # pods of this node and the node itself: every endpoint (kube-proxy's short-circuit)
+            short = cluster if external_local and cluster and len(cluster) != len(local) else ()
             for ip in external_ips:
                 out.append(FrontendRule(Frontend(ip, proto, port), label, "ExternalIP", external, none_verdict,
-                                        masq, affinity))
+                                        masq, affinity, (), False, key, short))
             for ip in lb_ips:
                 out.append(FrontendRule(Frontend(ip, proto, port), label, "LoadBalancer", external, none_verdict,
-                                        masq, affinity, svc.source_ranges))
+                                        masq, affinity, svc.source_ranges, False, key, short))
             if node_port:
                 out.append(FrontendRule(Frontend(None, proto, node_port), label, "NodePort", external,
-                                        none_verdict, masq, affinity))
+                                        none_verdict, masq, affinity, (), False, key, short))
     hc = None
     if svc.health_port:
         hc = HealthCheck(svc.health_port, svc.namespace or "default", svc.name, len(local_ready))

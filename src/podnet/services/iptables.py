@@ -8,7 +8,13 @@ for kernels without nftables and the baseline podnet is measured against.
     nat KUBE-SEP-<hash> -s EP -> KUBE-MARK-MASQ (hairpin); DNAT --to-destination EP:PORT
     nat KUBE-EXT-<hash> -> KUBE-MARK-MASQ, KUBE-SVC-<hash>     (externalTrafficPolicy Cluster)
     nat KUBE-FW-<hash>  -s RANGE -> KUBE-EXT/SVC; else KUBE-MARK-DROP
-    filter KUBE-SERVICES  no endpoints -> REJECT (DROP under a Local policy); unused service CIDR -> DROP
+    nat KUBE-SERVICES   (externalTrafficPolicy Local) from pods (-i pn+) or the node -> KUBE-SVC of every endpoint
+    filter KUBE-SERVICES  no endpoints -> REJECT (DROP under a Local policy); another port of a ClusterIP ->
+                        REJECT; unused service CIDR -> DROP
+
+Frontends of a Service port with the same endpoints share one KUBE-SVC chain, hence its
+`recent` affinity lists: a client keeps its endpoint across ClusterIP, NodePort and
+external addresses, as with kube-proxy.
 
 Every sync with a change rewrites all chains with one `iptables-restore
 --noflush` (kube-proxy's full sync): matching is linear in the number of
@@ -33,6 +39,8 @@ from podnet.services.model import Backend, FrontendRule, ServiceState, stale_udp
 log = logging.getLogger("podnet.services")
 
 DROP_MARK = 0x8000
+# this node's pods (podnet.dataplane.pods.HOST_PREFIX) and the node itself
+SHORT_CIRCUIT_SOURCES = ("-i pn+", "-m addrtype --src-type LOCAL")
 OWN_PREFIXES = ("KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-FW-")
 FIXED_NAT = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ", "KUBE-MARK-DROP")
 FIXED_FILTER = ("KUBE-SERVICES", "KUBE-FIREWALL")
@@ -106,12 +114,19 @@ def render(state: ServiceState, stale: set[str] = frozenset()) -> Rendered:  # t
         return name
 
     nodeports: list[str] = []
+    cluster_ips: list[str] = []  # a ClusterIP on a port its Service does not have: rejected
     for rule in state.rules:
         fe = rule.frontend
         match = f"-p {fe.proto} -m {fe.proto} --dport {fe.port}"
         if fe.ip is not None:
             match = f"-d {fe.ip}/32 " + match
         comment = f'-m comment --comment "{rule.service} {rule.kind}"'
+        if rule.short_circuit:  # this node's pods and the node itself: every endpoint (kube-proxy's short-circuit)
+            every = svc_chain(rule._replace(backends=rule.short_circuit))
+            for source in SHORT_CIRCUIT_SOURCES:
+                (nodeports if fe.ip is None else nat["KUBE-SERVICES"]).append(f"{comment} {match} {source} -j {every}")
+        if rule.owns_cluster_ip:
+            cluster_ips.append(f"-d {fe.ip}/32 -j REJECT")
         if not rule.backends:
             verdict = "REJECT" if rule.no_endpoints == "reject" else "DROP"
             local = "-m addrtype --dst-type LOCAL " if fe.ip is None else ""
@@ -131,6 +146,7 @@ def render(state: ServiceState, stale: set[str] = frozenset()) -> Rendered:  # t
         (nodeports if fe.ip is None else nat["KUBE-SERVICES"]).append(line)
     nat["KUBE-NODEPORTS"] = nodeports
     nat["KUBE-SERVICES"].append("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
+    flt["KUBE-SERVICES"] += cluster_ips
     for cidr in state.service_cidrs:
         flt["KUBE-SERVICES"].append(f"-d {cidr} -j DROP")
 

@@ -50,6 +50,17 @@ class FrontendRule(NamedTuple):
     (NodePort/external traffic under externalTrafficPolicy Cluster).
     affinity_timeout: seconds of ClientIP stickiness, or None.
     source_ranges: LoadBalancer source CIDRs allowed (empty: everyone).
+    owns_cluster_ip: this is the Service's first ClusterIP frontend (in port order),
+    which carries the address's `cluster_ips` element (its other ports are rejected):
+    one owner per address, so removing one port keeps the address while others need it.
+    affinity_key: with affinity, the key of the client's affinity entries: equal for
+    the frontends of one Service port that balance over the same endpoint choice
+    (ClusterIP, NodePort, externalIPs, LoadBalancer IPs), so a client keeps its
+    endpoint whichever of them it uses (as kube-proxy).
+    short_circuit: for an externalIP, LoadBalancer IP or NodePort of a Service with
+    externalTrafficPolicy Local, the Service's endpoints cluster-wide, used for traffic
+    from this node's pods and from the node itself (kube-proxy's short-circuit: it is
+    treated as ClusterIP traffic); empty when that would change nothing.
 
     A NamedTuple (made, hashed and compared in C: there is one per frontend, and
     states compare by them).
@@ -63,6 +74,9 @@ class FrontendRule(NamedTuple):
     masquerade: bool = False
     affinity_timeout: int | None = None
     source_ranges: tuple[str, ...] = ()
+    owns_cluster_ip: bool = False
+    affinity_key: int = 0
+    short_circuit: tuple[Backend, ...] = ()
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -295,8 +309,8 @@ def stale_udp_flows(old: ServiceState | None, new: ServiceState) -> list[StaleFl
         if fe.proto != "udp":
             continue
         after = new.rule(fe)
-        kept = set(after.backends) if after else set()
-        for b in before.backends:
+        kept = {*after.backends, *after.short_circuit} if after else set()
+        for b in {*before.backends, *before.short_circuit}:
             if b not in kept:
                 out.append(StaleFlow(fe, b))
         if not before.backends and after is not None and after.backends:

@@ -4,7 +4,10 @@
       nat prerouting/output -> services:
         ip daddr . meta l4proto . th dport @masq_ips               -> mark for masquerade
         fib daddr local, meta l4proto . th dport @masq_nodeports   -> mark for masquerade
-        dnat to (ip saddr . ip daddr . l4proto . dport) @affinity   (ClientIP affinity hits)
+        ct mark set @affinity_key_ips / _nodeports (the Service port's affinity key),
+        dnat to (ip saddr . ct mark) @affinity                      (ClientIP affinity hits)
+        from pods (iifname pn*) or the node: @short_circuit_ips / _nodeports -> goto svc_<M> / np_<M>
+                                                                    (externalTrafficPolicy Local)
         ip daddr . meta l4proto . th dport @service_ips            -> goto svc_t (tier tree)
         fib daddr local, meta l4proto . th dport @service_nodeports -> goto np_t
       svc_t...: a binary tree of chains that finds the endpoint count N of the frontend,
@@ -18,7 +21,8 @@
       filter prerouting/output (before DNAT): LoadBalancer source ranges
         (@firewall_ips, @lb_source_ranges)
       filter input/forward/output (after DNAT): no endpoints -> reject or drop
-        (@reject_*, @drop_*), unused service CIDR addresses -> drop
+        (@reject_*, @drop_*), other ports of a ClusterIP (@cluster_ips) -> reject,
+        unused service CIDR addresses -> drop
 
 Why a tree and not a verdict map `frontend : goto svc_<N>`: the kernel validates the
 whole table for loops whenever a jump/goto element is added, walking every element
@@ -84,6 +88,7 @@ SVC_TABLE = Table(TABLE, FAMILY)
 SETS: dict[str, Set] = {s.name: s for s in (
     Set("service_cidrs", type="ipv4_addr", flags=("interval",)),
     Set("node_ips", type="ipv4_addr"),
+    Set("cluster_ips", type="ipv4_addr"),
     Set("service_ips", type=K3),
     Set("service_nodeports", type=K2),
     *(Set(f"svc_bit{i}", type=K3) for i in range(MAX_TIER_BITS)),
@@ -98,12 +103,19 @@ SETS: dict[str, Set] = {s.name: s for s in (
     Set("lb_source_ranges", type=f"{K3} . ipv4_addr", flags=("interval",)),
     Map("affinity_ips", type=f"{K3} : verdict"),
     Map("affinity_nodeports", type=f"{K2} : verdict"),
+    Map("affinity_key_ips", type=f"{K3} : mark"),
+    Map("affinity_key_nodeports", type=f"{K2} : mark"),
+    Map("short_circuit_ips", type=f"{K3} : verdict"),
+    Map("short_circuit_nodeports", type=f"{K2} : verdict"),
     Set("digest", type="mark . mark"),
 )}
-VERDICT_MAPS = {name for name, obj in SETS.items() if obj.kind == "map"}
+VERDICT_MAPS = {name for name, obj in SETS.items() if obj.kind == "map" and obj.type.endswith("verdict")}
+KEY_MAPS = ("affinity_key_ips", "affinity_key_nodeports")  # frontend -> affinity key (a conntrack mark)
+ADDRESS_SETS = ("node_ips", "cluster_ips")  # elements are plain addresses
 TEXT_ONLY = ("service_cidrs", "node_ips")
 DYNAMIC = "affinity"  # filled by the kernel, never by the applier
-AFFINITY_MAP = Map(DYNAMIC, typeof="ip saddr . ip daddr . meta l4proto . th dport : ip daddr . th dport",
+# client . affinity key (the frontend's key, carried in the conntrack mark) -> endpoint
+AFFINITY_MAP = Map(DYNAMIC, typeof="ip saddr . ct mark : ip daddr . th dport",
                    flags=("dynamic", "timeout"), size=AFFINITY_MAX, timeout="3h")
 # One element: a 64-bit XOR over frontends of a hash of each frontend's elements (the
 # text-only sets aside), updated in the same transaction as each change. After an agent restart an
@@ -115,6 +127,10 @@ NOT_ELEMENTS = (DYNAMIC, DIGEST)  # sets whose contents are not Service elements
 Elements = dict[str, dict[str, str | None]]  # set/map name -> element key -> value (None for sets)
 
 LOCAL_NODEPORT = "fib daddr type local ip daddr != 127.0.0.0/8"
+# This node's pods: their host-side interfaces (podnet.dataplane.pods.HOST_PREFIX).
+POD_INTERFACES = "iifname pn*"
+# Traffic the short-circuit applies to: from this node's pods, and from the node itself.
+SHORT_CIRCUIT_SOURCES = (POD_INTERFACES, "fib saddr type local")
 
 
 def _fixed_chains(mark: int) -> dict[str, list[str]]:
@@ -131,6 +147,7 @@ def _fixed_chains(mark: int) -> dict[str, list[str]]:
             "ip daddr . meta l4proto . th dport @drop_ips drop",
             f"{LOCAL_NODEPORT} meta l4proto . th dport @reject_nodeports goto reject_chain",
             f"{LOCAL_NODEPORT} meta l4proto . th dport @drop_nodeports drop",
+            "ip daddr @cluster_ips goto reject_chain",
             "ip daddr @service_cidrs drop",
         ],
         "firewall_check": [
@@ -140,7 +157,14 @@ def _fixed_chains(mark: int) -> dict[str, list[str]]:
         "services": [
             f"ip daddr . meta l4proto . th dport @masq_ips meta mark set meta mark | {m}",
             f"{LOCAL_NODEPORT} meta l4proto . th dport @masq_nodeports meta mark set meta mark | {m}",
-            "dnat ip to ip saddr . ip daddr . meta l4proto . th dport map @affinity",
+            # (the protocol match lets nft accept a DNAT to an address and port)
+            "meta l4proto { tcp, udp, sctp } ct mark set ip daddr . meta l4proto . th dport map @affinity_key_ips "
+            "dnat ip to ip saddr . ct mark map @affinity",
+            f"{LOCAL_NODEPORT} meta l4proto {{ tcp, udp, sctp }} ct mark set meta l4proto . th dport map "
+            "@affinity_key_nodeports dnat ip to ip saddr . ct mark map @affinity",
+            *(f"{src} ip daddr . meta l4proto . th dport vmap @short_circuit_ips" for src in SHORT_CIRCUIT_SOURCES),
+            *(f"{src} {LOCAL_NODEPORT} meta l4proto . th dport vmap @short_circuit_nodeports"
+              for src in SHORT_CIRCUIT_SOURCES),
             "ip daddr . meta l4proto . th dport @service_ips goto svc_t",
             f"{LOCAL_NODEPORT} meta l4proto . th dport @service_nodeports goto np_t",
         ],
@@ -306,8 +330,7 @@ def affinity_chain_rules(name: str) -> list[str]:
     kind, _, arg = name.partition("_")
     if kind == "aff" and arg.startswith("t") and arg[1:].isdigit():
         t = int(arg[1:])
-        return [f"meta l4proto {p} update @{DYNAMIC} {{ ct original ip saddr . ct original ip daddr . meta l4proto "
-                f". ct original proto-dst timeout {t}s : ip daddr . th dport }}" for p in PROTOS]
+        return [f"update @{DYNAMIC} {{ ct original ip saddr . ct mark timeout {t}s : ip daddr . th dport }}"]
     raise ValueError(f"not a podnet-svc affinity chain: {name}")
 
 
@@ -329,7 +352,7 @@ def state_size(state: ServiceState) -> tuple[int, int]:
     most = frontends = 0
     for r in state.rules:
         n = len(r.backends)
-        most = max(most, n)
+        most = max(most, n, len(r.short_circuit))
         if n and r.frontend.ip is not None:
             frontends += 1
     return most, frontends
@@ -374,10 +397,11 @@ def rule_elements(rule: FrontendRule) -> Elements:
 
 
 # An element as the layout sees it: (set, frontend, key extra, value). The key is the
-# frontend's, plus a slot number (slot maps) or a CIDR (source ranges); the value is a
-# backend (slot maps), a verdict (affinity maps) or None (sets). Text and netlink
+# frontend's, plus a slot number (slot maps) or a CIDR (source ranges), or ("") the
+# frontend's address alone (cluster_ips); the value is a backend (slot maps), a verdict
+# (affinity and short-circuit maps), an affinity key (int, key maps) or None (sets). Text and netlink
 # encodings are both made from these.
-Item = tuple[str, Frontend, int | str | None, Backend | str | None]
+Item = tuple[str, Frontend, int | str | None, Backend | str | int | None]
 
 
 def rule_items(rule: FrontendRule) -> Iterator[Item]:
@@ -401,9 +425,23 @@ def rule_items(rule: FrontendRule) -> Iterator[Item]:
             yield ("masq_nodeports" if np else "masq_ips"), fe, None, None
         if rule.affinity_timeout:
             yield ("affinity_nodeports" if np else "affinity_ips"), fe, None, f"jump {affinity_chain(rule.affinity_timeout)}"
+            yield ("affinity_key_nodeports" if np else "affinity_key_ips"), fe, None, rule.affinity_key
     else:
         verdict = "reject" if rule.no_endpoints == "reject" else "drop"
         yield (f"{verdict}_nodeports" if np else f"{verdict}_ips"), fe, None, None
+    short = rule.short_circuit
+    if short:
+        m = len(short)  # never n (the compiler's rule): the slots cannot clash with the frontend's own
+        yield ("short_circuit_nodeports" if np else "short_circuit_ips"), fe, None, \
+            f"goto {'np' if np else 'svc'}_{m}"
+        slots = slot_map(np, m)
+        for i, b in enumerate(short):
+            yield slots, fe, i, b
+        if rule.affinity_timeout and not n:  # the frontend's own affinity elements are above otherwise
+            yield ("affinity_nodeports" if np else "affinity_ips"), fe, None, f"jump {affinity_chain(rule.affinity_timeout)}"
+            yield ("affinity_key_nodeports" if np else "affinity_key_ips"), fe, None, rule.affinity_key
+    if rule.owns_cluster_ip:
+        yield "cluster_ips", fe, "", None
     if rule.source_ranges and not np:
         yield "firewall_ips", fe, None, None
         for cidr in rule.source_ranges:
@@ -413,8 +451,12 @@ def rule_items(rule: FrontendRule) -> Iterator[Item]:
 def item_text(item: Item) -> tuple[str, str | None]:
     """An item's text form: (key, value) as nft prints them."""
     _, fe, extra, value = item
-    key = fe_key(fe) if extra is None else f"{fe_key(fe)} . {extra}"
-    return key, (value if value is None or isinstance(value, str) else f"{value.ip} . {value.port}")
+    key = fe_key(fe) if extra is None else f"{fe_key(fe)} . {extra}" if extra != "" else str(fe.ip)
+    if value is None or isinstance(value, str):
+        return key, value
+    if type(value) is int:
+        return key, f"0x{value:08x}"  # a mark, as nft prints it
+    return key, f"{value.ip} . {value.port}"  # type: ignore[union-attr]
 
 
 def _rule_elements(rule: FrontendRule, out: Elements) -> None:
@@ -520,7 +562,7 @@ def stale_udp_flows(gone: Elements, come: Elements, new: ServiceState) -> list[S
             ip, _, port = value.partition(" . ")
             backend = Backend(ip, int(port))
             rule = new.rule(fe)
-            if rule is None or backend not in rule.backends:
+            if rule is None or (backend not in rule.backends and backend not in rule.short_circuit):
                 out.add(StaleFlow(fe, backend))
     for name, np in (("service_ips", False), ("service_nodeports", True)):
         for key in come.get(name, {}):
@@ -625,6 +667,8 @@ def encode_item(item: Item, with_value: bool = True) -> bytes:
                 return b"".join((head_key, key, _SLOT.pack(extra), head_data, _SLOT_VALUE,
                                  socket.inet_aton(value.ip), _PORT.pack(value.port)))
             key += _SLOT.pack(extra)
+        elif not extra:  # the frontend's address alone (cluster_ips)
+            return nl.element(socket.inet_aton(fe.ip))  # type: ignore[arg-type]
         else:  # a source range: the interval of a concatenation is a key and a key end
             net, _, plen = extra.partition("/")
             first = int.from_bytes(socket.inet_aton(net), "big")
@@ -634,11 +678,15 @@ def encode_item(item: Item, with_value: bool = True) -> bytes:
         return nl.element(key)
     if isinstance(value, str):
         return nl.element(key, nl.verdict(value))
+    if type(value) is int:
+        return nl.element(key, nl.value(_SLOT.pack(value)))  # a mark: host byte order
     return nl.element(key, _SLOT_VALUE + socket.inet_aton(value.ip) + _PORT.pack(value.port))
 
 
 def item_of(name: str, key: str, value: str | None) -> Item:
     """An element's text form (as in Elements) -> the item it encodes."""
+    if name == "cluster_ips":
+        return name, Frontend(key, "tcp", 0), "", None
     parts = key.split(" . ")
     nodeport = name.endswith("_nodeports") or name.startswith(("np_bit", SLOT_MAPS[True]))
     width = 2 if nodeport else 3
@@ -646,10 +694,12 @@ def item_of(name: str, key: str, value: str | None) -> Item:
     extra: int | str | None = None
     if len(parts) > width:
         extra = int(parts[width]) if slot_map_of(name) else parts[width]
-    backend: Backend | str | None = value
+    backend: Backend | str | int | None = value
     if value is not None and slot_map_of(name):
         ip, _, port = value.partition(" . ")
         backend = Backend(ip, int(port))
+    elif value is not None and name in KEY_MAPS:
+        backend = int(value, 0)
     return name, fe, extra, backend
 
 
@@ -769,7 +819,7 @@ def _frontend_text(raw: bytes, nodeport: bool) -> tuple[str, int]:
 
 def decode_element(name: str, el: nl.DumpedElement) -> tuple[str, str | None]:
     """A dumped element -> its text form (key, value): the inverse of encode_item."""
-    if name == "node_ips":
+    if name in ADDRESS_SETS:
         return socket.inet_ntoa(el.key), None
     slots = slot_map_of(name)
     nodeport = slots[0] if slots else (name.endswith("_nodeports") or name.startswith("np_bit"))
@@ -784,6 +834,8 @@ def decode_element(name: str, el: nl.DumpedElement) -> tuple[str, str | None]:
         last = int.from_bytes((el.key_end or el.key)[used:used + 4], "big")
         plen = 32 - (last - first + 1).bit_length() + 1
         return f"{fe} . {_addr(f'{socket.inet_ntoa(el.key[used:used + 4])}/{plen}')}", None
+    if name in KEY_MAPS and isinstance(el.data, bytes):
+        return fe, f"0x{_SLOT.unpack_from(el.data)[0]:08x}"
     return fe, el.data if isinstance(el.data, str) else None
 
 
@@ -819,7 +871,7 @@ def read_table(link: nl.Netlink, elements: bool = True) -> KernelTable | None:
         return KernelTable(chains, set(declared), None, sizes, digest)
     els: Elements = {}
     for name in declared:
-        if name in NOT_ELEMENTS:
+        if name in NOT_ELEMENTS or name.startswith("__"):  # "__set<N>": a rule's anonymous set
             continue
         dumped = link.elements(TABLE, name)
         if name == "service_cidrs":
@@ -853,13 +905,12 @@ def check_layout(layout: Layout, table: KernelTable) -> str | None:
 
 
 def read_affinity(link: nl.Netlink) -> list[tuple[str, str]]:
-    """The dynamic affinity map's entries as (client . frontend, backend) text pairs."""
+    """The dynamic affinity map's entries as (client . affinity key, backend) text pairs."""
     out = []
     for e in link.elements(TABLE, DYNAMIC):
-        if isinstance(e.data, bytes) and len(e.key) >= 16:
-            fe, _ = _frontend_text(e.key[4:], nodeport=False)
+        if isinstance(e.data, bytes) and len(e.key) >= 8:
             backend = f"{socket.inet_ntoa(e.data[:4])} . {_PORT.unpack_from(e.data, 4)[0]}"
-            out.append((f"{socket.inet_ntoa(e.key[:4])} . {fe}", backend))
+            out.append((f"{socket.inet_ntoa(e.key[:4])} . 0x{_SLOT.unpack_from(e.key, 4)[0]:08x}", backend))
     return out
 
 
@@ -867,9 +918,8 @@ def affinity_delete_batch(keys: Iterable[str]) -> nl.Batch:
     """Deleting affinity entries (keys as read_affinity gives them)."""
     encoded = []
     for key in keys:
-        client, _, fe = key.partition(" . ")
-        ip, proto, port = fe.split(" . ")
-        encoded.append(nl.element(socket.inet_aton(client) + _frontend_bytes(Frontend(ip, proto, int(port)))))  # type: ignore[arg-type]
+        client, _, mark = key.partition(" . ")
+        encoded.append(nl.element(socket.inet_aton(client) + _SLOT.pack(int(mark, 0))))
     batch = nl.Batch()
     batch.delete_elements(TABLE, DYNAMIC, encoded)
     return batch
