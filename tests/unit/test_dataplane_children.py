@@ -28,13 +28,24 @@ def alive(pid: int) -> bool:
         return False
 
 
+def command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
 @pytest.mark.skipif(dies_with_parent(["x"]) == ["x"], reason="setpriv is not installed")
 def test_a_child_started_for_the_kernel_dies_when_its_parent_is_killed():
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     child = None
     try:
         child = int(parent.stdout.readline())
-        assert alive(child)
+        deadline = time.monotonic() + 10
+        while command(child) != "sleep":  # setpriv has set the death signal once it runs the command
+            assert alive(child) and time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.01)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
         deadline = time.monotonic() + 10
