@@ -75,8 +75,11 @@ def short_hash(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodInfo:
+    """A pod as policy sees it. Slotted, with label sets shared between pods that have the
+    same labels (a ReplicaSet's pods): an agent keeps one for every pod of the cluster."""
+
     namespace: str
     name: str
     ip: str | None  # IPv4 only; None = not addressable by policy (pending, hostNetwork, finished)
@@ -89,7 +92,9 @@ class PodInfo:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.namespace}/{self.name}")
-        object.__setattr__(self, "label_map", dict(self.labels))
+        labels, label_map = _shared_labels(self.labels)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "label_map", label_map)
 
     def named_port(self, name: str, protocol: str) -> int | None:
         for n, p, num in self.named_ports:
@@ -98,6 +103,20 @@ class PodInfo:
         return None
 
 
+
+
+_LABEL_SETS: dict[tuple[tuple[str, str], ...], tuple[tuple[tuple[str, str], ...], dict[str, str]]] = {}
+_LABEL_SETS_MAX = 1 << 18  # forgotten (not freed: pods keep theirs) when it grows past this
+
+
+def _shared_labels(labels: tuple[tuple[str, str], ...]) -> tuple[tuple[tuple[str, str], ...], dict[str, str]]:
+    """One tuple and one dict (never mutated) per distinct label set."""
+    found = _LABEL_SETS.get(labels)
+    if found is None:
+        if len(_LABEL_SETS) >= _LABEL_SETS_MAX:
+            _LABEL_SETS.clear()
+        found = _LABEL_SETS[labels] = (labels, dict(labels))
+    return found
 
 
 def pod_info(pod: Pod) -> PodInfo:
