@@ -49,7 +49,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))  # tests.support: etcd members
 
-from podnet.cni.handler import attachment_key  # noqa: E402
+from podnet.cni.attachments import attachment_key  # noqa: E402
 from podnet.ipam import block as blk  # noqa: E402
 from podnet.ipam import keys  # noqa: E402
 from podnet.services.clusterip import CLUSTERIP_PREFIX  # noqa: E402

@@ -17,7 +17,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from podnet.cni.attachments import attachment_key
 from podnet.cni.commands import Commands, Dataplane
 from podnet.cni.errors import CNIError
 from podnet.cni.netns import netns_problem
@@ -25,7 +24,7 @@ from podnet.cni.sessions import Sessions
 from podnet.cni.spec import E_INTERNAL, LATEST, Request, error_output, parse_request
 from podnet.store.base import KeyValueStore
 
-__all__ = ["CNIHandler", "attachment_key"]  # attachment_key: the record layout, for importers of this module
+__all__ = ["CNIHandler"]
 
 log = logging.getLogger(__name__)
 
