@@ -97,8 +97,10 @@ def test_the_lab_probe_covers_nodes_and_node_ports(lab):
                 for proto in ("tcp", "udp"):
                     row = by[(src, f"default/{svc}", path(src, receiver), f"{proto}/{node_ip[receiver]}:{port}")]
                     assert row.expected and f"answered by {pod} x12, saw source {node_ip[receiver]}" in row.detail
-        # Local: node-1 has no endpoint of np-local (dropped); node-2's keeps the client's address
-        assert not by[(src, "default/np-local", path(src, "node-1"), f"tcp/{node_ip['node-1']}:30103")].expected
+        # Local: node-1 has no endpoint of np-local: dropped, except for node-1's own traffic, which
+        # upstream's short-circuit sends to any endpoint; node-2's endpoint keeps the client's address
+        to_node_1 = by[(src, "default/np-local", path(src, "node-1"), f"tcp/{node_ip['node-1']}:30103")]
+        assert to_node_1.expected == (src == "node/node-1"), to_node_1
         row = by[(src, "default/np-local", path(src, "node-2"), f"tcp/{node_ip['node-2']}:30103")]
         client = lab.external_ip if src == "external" else node_ip[src.removeprefix("node/")]
         assert row.expected and row.detail.endswith(f"saw source {client}"), row

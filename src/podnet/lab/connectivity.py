@@ -16,7 +16,8 @@ host):
   itself and from the external host. A row opens enough connections that every
   endpoint answers ( externalTrafficPolicy Cluster: endpoints on every node, each
   seeing the receiving node's address; Local: the receiving node's endpoints, each
-  seeing the client's address; none there: dropped).
+  seeing the client's address, none there: dropped; but a node calling its own node
+  port reaches every endpoint, as upstream's short-circuit for local traffic does).
 NetworkPolicy counts as upstream defines it: a pod and its own node always reach
 each other; the source it judges is the node's address, or the client's before
 masquerade for an endpoint on the receiving node.
@@ -335,7 +336,11 @@ def _node_port_checks(lab: Lab, client: str, client_ip: str, ports: list[NodePor
         for node in lab.nodes:
             receiver = node["address"]
             kind = "external" if client == "external" else "same-node" if client == node["name"] else "from-node"
-            eps = [e for e in np.endpoints if e.node == node["name"]] if np.local else list(np.endpoints)
+            # Local: the receiving node's endpoints, except for the node's own traffic, which goes
+            # to any endpoint as upstream's short-circuit sends it
+            short_circuit = np.local and kind == "same-node"
+            eps = [e for e in np.endpoints if e.node == node["name"]] if np.local and not short_circuit \
+                else list(np.endpoints)
             # Cluster: masqueraded, the policy of a remote endpoint's node sees the receiving node.
             # The receiving node's own endpoints are judged before masquerade: the client's address.
             # A pod and its own node always reach each other.
