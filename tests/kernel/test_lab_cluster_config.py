@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import time
 
 import pytest
 
 from podnet.cli.main import main
-from podnet.lab.endpoints import endpoint_slices
-from podnet.model.objects import Node, Pod, Service
+from podnet.lab.cluster import wait_endpoints, wait_programmed
+from podnet.model.objects import Service
 from tests.kernel.labs import running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
@@ -37,12 +36,8 @@ def test_services_applied_to_a_lab_store_get_cluster_ips_its_agents_program(tmp_
         svc = store.get(Service, "api", "default")
         assert svc is not None
         assert ipaddress.ip_address(svc.spec.cluster_ip) in ipaddress.ip_network("10.96.0.0/16"), svc.spec.cluster_ip
-        # The lab's endpoint controller runs at `lab up` only: the slice as it would make it.
-        store.apply(endpoint_slices([svc], store.list(Pod), store.list(Node)))
-        deadline = time.monotonic() + 30
-        while True:
-            (result,) = lab.probe("c1", [f"tcp:{svc.spec.cluster_ip}:80"], timeout=2)
-            if result.get("ok") or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)  # poll interval of a condition with a deadline
+        # The lab's endpoint controller gives it its slice; the agents program both.
+        wait_endpoints(lab.state, int(svc.metadata.resource_version or 0), 30)
+        wait_programmed(lab.state, store.kv.revision(), 30)
+        (result,) = lab.probe("c1", [f"tcp:{svc.spec.cluster_ip}:80"], timeout=2)
         assert result.get("ok") and result.get("name") == "api-1", result

@@ -14,7 +14,7 @@ from podnet.lab import topology
 from podnet.lab.cluster import agent_status, down_by_name, node_runtime, pod_runtime_conf, up
 from podnet.lab.connectivity import Lab, format_table, probe_all
 from podnet.lab.spec import parse_lab
-from podnet.model.objects import Pod
+from podnet.model.objects import EndpointSlice, Pod
 from tests.kernel.labs import running_lab
 
 HAVE_PODNET = all(importlib.util.find_spec(m) is not None for m in ("podnet.agent", "podnet.cni"))
@@ -92,8 +92,10 @@ def test_lab_on_an_etcd_store_on_the_host_loopback():
     name = f"pe-{secrets.token_hex(3)}"
     doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
            "spec": {"underlay": {"cidr": "10.99.0.0/24"}, "nodes": [{"name": "node-1"}, {"name": "node-2"}],
-                    "pods": [{"name": "a", "node": "node-1", "ports": [{"containerPort": 8080}]},
-                             {"name": "b", "node": "node-2", "ports": [{"containerPort": 8080}]}]}}
+                    "pods": [{"name": "a", "node": "node-1", "labels": {"app": "a"}, "ports": [{"containerPort": 8080}]},
+                             {"name": "b", "node": "node-2", "ports": [{"containerPort": 8080}]}],
+                    "manifests": [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"},
+                                   "spec": {"selector": {"app": "a"}, "ports": [{"port": 8080}]}}]}}
     try:
         with EtcdCluster(1) as etcd:
             st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, store_url=etcd.url, timeout=60)
@@ -103,10 +105,13 @@ def test_lab_on_an_etcd_store_on_the_host_loopback():
                 rows = probe_all(lab, timeout=5)
                 assert rows and all(r.ok for r in rows), format_table(rows)
                 assert {p.name for p in ObjectStore(open_store(etcd.url)).list(Pod)} == {"a", "b"}
+                assert [e.target_ref.name for s in ObjectStore(open_store(etcd.url)).list(EndpointSlice)
+                        if s.service_name == "a" for e in s.endpoints] == ["a"]
             finally:
                 down_by_name(name, root)
             assert topology.netns_list(f"pnl-{st.id}-") == []
-            # The lab's objects leave the shared store with it.
+            # The lab's objects leave the shared store with it, and so do the slices of its Services.
             assert ObjectStore(open_store(etcd.url)).list(Pod) == []
+            assert ObjectStore(open_store(etcd.url)).list(EndpointSlice) == []
     finally:
         shutil.rmtree(root, ignore_errors=True)

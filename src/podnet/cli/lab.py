@@ -89,6 +89,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  state: {info['dir']}")
     print(f"  store: {info['store']}")
     print(f"  underlay: {info['underlay']} (netns {info['underlayNetns']})")
+    if info.get("endpointController"):
+        print(f"  endpoint controller: {info['endpointController']}")
     if info.get("external"):
         dns = f", dns {info['externalDns']}" if info.get("externalDns") else ""
         print(f"  external: {info['external']} (server {info['externalServer']}{dns})")

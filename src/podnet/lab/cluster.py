@@ -1,9 +1,10 @@
 """Bringing a lab up and down: topology, store objects, agents, pods and their servers.
 
-`up` plays the parts of the API server (objects, ClusterIPs), the kubelet and
-containerd (pod sandboxes, CNI ADD through a conflist, pod status) and the
-endpoint controller (EndpointSlices). `down` undoes whatever `state.json` says
-was made, even after a crash.
+`up` plays the parts of the API server (objects, ClusterIPs) and the kubelet and
+containerd (pod sandboxes, CNI ADD through a conflist, pod status), and starts the
+endpoint controller (endpointcontroller.py), a process that keeps EndpointSlices in
+step with the store for as long as the lab is up. `down` undoes whatever
+`state.json` says was made, even after a crash.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from podnet.cluster import ensure_cluster_config
 from podnet.dns import resolvconf
 from podnet.errors import PodnetError
 from podnet.lab import topology
-from podnet.lab.endpoints import endpoint_slices
+from podnet.lab.endpoints import MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL
 from podnet.lab.runtime import (
     CNIError,
     CniRuntime,
@@ -39,7 +40,8 @@ from podnet.lab.runtime import (
 )
 from podnet.lab.spec import LabSpec
 from podnet.lab.state import LabState, all_labs, lab_root
-from podnet.model.objects import KINDS, KubeObject, Node, Pod, PodIP, PodStatus, Service
+from podnet.model.objects import KINDS, EndpointSlice, KubeObject, Pod, PodIP, PodStatus, Service
+from podnet.model.selectors import LabelSelector
 from podnet.services.clusterip import allocate_cluster_ips, release_service
 from podnet.store import Conflict, open_store
 from podnet.store.objects import ObjectStore
@@ -164,7 +166,9 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
     pods = [p.model_copy(update={"status": PodStatus(phase="Pending")}) for p in pods]  # type: ignore[misc]
     applied = [*objects, *spec.node_objects(), *pods]
     st.set(objects=[_ref_key(o) for o in applied])
-    store.apply(applied)
+    last_status, _ = store.apply(applied)
+    # The endpoint controller's part, from now until `lab down`: slices follow the pods.
+    _start_endpoint_controller(st, url, timeout, say)
 
     # CNI: podnet-cni with one agent per node, or the reference bridge.
     if spec.cni.plugin == "podnet":
@@ -199,22 +203,62 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
             if server is not None:
                 servers.append(server)
             node = find_node(st, entry["node"])
-            _set_running(store, pod, entry["ips"], node["address"])
+            last_status = max(last_status, _set_running(store, pod, entry["ips"], node["address"]))
             say(f"pod {pod.namespace}/{pod.name} on {node['name']}: {', '.join(entry['ips']) or 'no address'}"
                 f" (netns {entry['netns']})")
     if failures:
         raise failures[0]
     _wait_servers(st, servers, timeout)
 
-    # The endpoint controller's part.
-    running = store.list(Pod)
-    slices = endpoint_slices(services, running, store.list(Node))
+    # Every pod's status is in the slices, and (podnet) every agent has programmed them.
+    wait_endpoints(st, last_status, timeout)
+    slices = [s for svc in services for s in store.list(EndpointSlice, svc.namespace, _slices_of(svc.name))]
     if slices:
-        st.set(objects=st.data["objects"] + [_ref_key(s) for s in slices])
-        store.apply(slices)
         say(f"endpoint slices: {', '.join(s.namespace + '/' + s.name for s in slices)}")
     if spec.cni.plugin == "podnet":
         wait_programmed(st, store.kv.revision(), timeout)
+
+
+ENDPOINT_CONTROLLER = "endpoint-controller"
+
+
+def _slices_of(service: str) -> LabelSelector:
+    return LabelSelector(match_labels={SERVICE_NAME_LABEL: service, MANAGED_BY_LABEL: MANAGED_BY})
+
+
+def _start_endpoint_controller(st: LabState, url: str, timeout: float, say: Say) -> None:
+    """Start the EndpointSlice controller on the lab's store (from this namespace, which
+    reaches the store as `lab up` does) and wait for its first reconcile."""
+    ready = st.dir / f"{ENDPOINT_CONTROLLER}.ready"
+    synced = st.dir / f"{ENDPOINT_CONTROLLER}.synced"
+    entry = st.start_process(ENDPOINT_CONTROLLER, [sys.executable, "-m", "podnet.lab.endpointcontroller", "--store",
+                                                   url, "--synced-file", str(synced), "--ready-file", str(ready)],
+                             role="controller", ready=str(ready), synced=str(synced), server=ENDPOINT_CONTROLLER)
+    _wait_servers(st, [entry], timeout)
+    say(f"endpoint controller: pid {entry['pid']}, log {entry['log']}")
+
+
+def wait_endpoints(st: LabState, revision: int, timeout: float) -> None:
+    """Wait until the lab's endpoint controller has written every EndpointSlice change that
+    the store's objects up to `revision` call for (it writes that revision to its synced
+    file); its own writes then precede the store's current revision."""
+    entry = st.process(ENDPOINT_CONTROLLER)
+    if entry is None:
+        raise PodnetError(f"lab {st.name} has no endpoint controller")
+    deadline = time.monotonic() + timeout
+    path = Path(entry["synced"])
+    while True:
+        try:
+            if int(path.read_text().strip() or 0) >= revision:
+                return
+        except (OSError, ValueError):
+            pass
+        if st.process_pid(entry) is None:
+            raise PodnetError(f"the endpoint controller exited; log {entry['log']}:\n{log_tail(entry['log'])}")
+        if time.monotonic() > deadline:
+            raise PodnetError(f"the endpoint controller has not reconciled store revision {revision} within "
+                              f"{timeout:g}s; log {entry['log']}:\n{log_tail(entry['log'])}")
+        time.sleep(0.05)
 
 
 def wait_programmed(st: LabState, revision: int, timeout: float) -> None:
@@ -280,7 +324,7 @@ def _ref_key(o: KubeObject) -> list:
     return [o.KIND, o.name, o.namespace]
 
 
-def _set_running(store: ObjectStore, pod: Pod, ips: list[str], host_ip: str) -> None:
+def _set_running(store: ObjectStore, pod: Pod, ips: list[str], host_ip: str) -> int:
     for _ in range(5):
         current = store.get(Pod, pod.name, pod.namespace)
         if current is None:
@@ -288,8 +332,7 @@ def _set_running(store: ObjectStore, pod: Pod, ips: list[str], host_ip: str) -> 
         status = PodStatus(phase="Running", pod_ip=ips[0] if ips else None,
                            pod_ips=[PodIP(ip=i) for i in ips] or None, host_ip=host_ip)
         try:
-            store.update(current.model_copy(update={"status": status}))
-            return
+            return store.update(current.model_copy(update={"status": status}))
         except Conflict:
             continue
     raise PodnetError(f"pod {pod.namespace}/{pod.name}: status update kept conflicting")
@@ -576,6 +619,8 @@ def _delete_objects(url: str, refs: list[list], say: Say) -> None:
             obj = store.get(cls, name, namespace) if cls else None
             if obj is not None:
                 objs.append(obj)
+            if cls is Service:  # and the slices the lab's endpoint controller made for it
+                objs += store.list(EndpointSlice, namespace, _slices_of(name))
         store.delete_all(objs)
         for o in objs:
             if isinstance(o, Service):
@@ -626,11 +671,14 @@ def status(st: LabState) -> dict[str, Any]:
                      "server": ("running" if st.process_pid(server) else "dead") if server else "none"})
     ext = st.process("external")
     dns = st.process("external-dns")
+    ctl = st.process(ENDPOINT_CONTROLLER)
     return {"name": st.name, "id": data.get("id"), "phase": st.phase, "dir": str(st.dir),
             "store": data.get("store"), "underlay": data.get("underlay"),
             "underlayNetns": data.get("underlay_netns"), "external": data.get("external"),
             "externalServer": ("running" if st.process_pid(ext) else "dead") if ext else None,
             "externalDns": ("running" if st.process_pid(dns) else "dead") if dns else None,
+            "endpointController": (f"running (pid {st.process_pid(ctl)})" if st.process_pid(ctl) else "dead")
+            if ctl else None,
             "error": data.get("error"), "nodes": nodes, "pods": pods}
 
 
