@@ -86,6 +86,29 @@ def prefix_end(prefix: str) -> str:
     return prefix + "\U0010ffff"
 
 
+def _make_private(path: str) -> None:
+    """The store holds every object of the cluster: readable by its owner only. A directory
+    podnet creates for it is 0700 and the file 0600 (SQLite gives its -wal and -shm files
+    the database file's mode); an existing file with wider permissions is narrowed. An
+    existing directory (/tmp, /var/lib) is left as its owner set it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        return  # not writable here: opening it reports the real problem
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.fchmod(fd, st.st_mode & 0o700)
+            for extra in (path + "-wal", path + "-shm"):
+                if os.path.exists(extra):
+                    os.chmod(extra, 0o600)
+    finally:
+        os.close(fd)
+
+
 class SQLiteStore(KeyValueStore):
     def __init__(self, path: str, *, history: int = HISTORY_KEPT, create: bool = True):
         self.path = path
@@ -94,6 +117,7 @@ class SQLiteStore(KeyValueStore):
         if not create and not os.path.exists(path):
             raise StoreUnavailable(f"store {path} does not exist (`podnet apply` creates it; --store or "
                                    "$PODNET_STORE names another)")
+        _make_private(path)
         self._db = self._connect()
         self.file_id = self._file_id()
         self._writer = _writer_lock(path)
