@@ -341,6 +341,23 @@ def test_applier_rebuilds_for_a_deeper_tree_and_verify_checks_chain_names():
     assert a.verify() == "table missing"
 
 
+def test_cluster_ips_share_the_capacity_and_services_without_endpoints_count():
+    assert ("add set ip podnet-svc cluster_ips { type ipv4_addr; "
+            f"size {nt.MIN_CAPACITY}; }}") in nt.Layout(0x4000).body
+    many = [rule(f"10.96.{i >> 8}.{i & 255}", 80, owns_cluster_ip=True) for i in range(nt.MIN_CAPACITY + 1)]
+    st = state(rule("10.97.0.1", 80, "10.1.0.1", owns_cluster_ip=True), *many)
+    assert nt.state_sizes(st) == (1, {"service_ips": 1, "cluster_ips": nt.MIN_CAPACITY + 2})
+    k = FakeKernel()
+    a = k.applier(conntrack=None)
+    a.apply(state(rule("10.97.0.1", 80, "10.1.0.1", owns_cluster_ip=True)))
+    assert a.sized == {"service_ips": 1, "cluster_ips": 1}
+    r = a.apply(st)  # counted from the delta: the reject-only frontends fill @cluster_ips alone
+    assert r.full and r.reason == f"the table grows to {4 * nt.MIN_CAPACITY} frontends and 256 endpoint counts"
+    assert f"cluster_ips {{ type ipv4_addr; size {4 * nt.MIN_CAPACITY}; }}" in k.scripts[-1]
+    r = a.apply(state(rule("10.97.0.1", 80, "10.1.0.1", owns_cluster_ip=True)))
+    assert not r.full and a.sized == {"service_ips": 1, "cluster_ips": 1}
+
+
 def test_the_table_and_its_elements_as_a_ruleset():
     from tests.support.nftables import FakeNft
 

@@ -156,17 +156,22 @@ class Batch:
                   verb: str) -> None:
         head = strz(SET_ELEM_LIST_TABLE, table) + strz(SET_ELEM_LIST_SET, set_name)
         chunk: list[bytes] = []
-        size = 0
+        append = chunk.append
+        size = count = 0
         what = f"{verb} set {table} {set_name}"
         for e in elements:
-            if size + len(e) > MAX_ATTR and chunk:
-                self.messages.append((msg, flags, head + nested(SET_ELEM_LIST_ELEMENTS, b"".join(chunk)), what))
-                chunk, size = [], 0
-            chunk.append(e)
             size += len(e)
-            self.elements += 1
+            if size > MAX_ATTR and chunk:
+                self.messages.append((msg, flags, head + nested(SET_ELEM_LIST_ELEMENTS, b"".join(chunk)), what))
+                count += len(chunk)
+                chunk = []
+                append = chunk.append
+                size = len(e)
+            append(e)
         if chunk:
             self.messages.append((msg, flags, head + nested(SET_ELEM_LIST_ELEMENTS, b"".join(chunk)), what))
+            count += len(chunk)
+        self.elements += count
 
     def encode(self, seq0: int) -> bytes:
         parts = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq0, _nfgen(0, NFNL_SUBSYS_NFTABLES))]

@@ -106,7 +106,8 @@ class NftServiceApplier:
         self.applied_state: ServiceState | None = None
         self.chains: set[str] = set()  # affinity chains in the kernel
         self.layout: nt.Layout | None = None
-        self.frontends = 0  # @service_ips elements in the kernel (the layout's capacity bounds them)
+        self.frontends = 0  # elements of the fullest SIZED set in the kernel (the layout's capacity bounds them)
+        self.sized: dict[str, int] = {}  # SIZED set -> its elements in the kernel (counted from deltas)
         self.digest: int | None = None  # the digest element in the kernel (see nftables.DIGEST)
         self.last_script = ""  # the last nft text sent (structure, affinity chains)
         self.last_delta: tuple[nt.Elements, nt.Elements] = ({}, {})  # the last incremental element delta
@@ -118,12 +119,12 @@ class NftServiceApplier:
         and the kernel's table if it is that layout, intact (else None and why). The
         elements are read only if the kernel's digest differs from the state's (or
         trust_digest is False); table.elements None means they are exactly the state's."""
-        most, slots = nt.state_size(state)
-        self.frontends = slots
+        most, sized = nt.state_sizes(state)
+        self._set_sized(sized)
         table = self.kernel.table(elements=False)
         if table is None:
-            return nt.Layout(state.masquerade_mark).fit(most, slots), None, "table missing"
-        layout = nt.kernel_layout(state.masquerade_mark, table).fit(most, slots)
+            return nt.Layout(state.masquerade_mark).fit(most, self.frontends), None, "table missing"
+        layout = nt.kernel_layout(state.masquerade_mark, table).fit(most, self.frontends)
         problem = nt.check_layout(layout, table)
         if problem:
             return layout, None, problem
@@ -176,7 +177,9 @@ class NftServiceApplier:
                 delta = nt.state_delta(old, state)  # empty: nothing is sent
                 affinity_check = _affinity_touched(delta[0], old)
                 gone, come = delta
-                self.frontends += len(come.get("service_ips", ())) - len(gone.get("service_ips", ()))
+                for name in nt.SIZED:
+                    self.sized[name] += len(come.get(name, ())) - len(gone.get(name, ()))
+                self.frontends = max(self.sized.values())
                 layout = layout.fit(nt.most_backends(come), self.frontends)
                 if layout != self.layout:
                     rebuild = f"the table grows to {layout.capacity} frontends and {2 ** layout.bits} endpoint counts"
@@ -206,7 +209,8 @@ class NftServiceApplier:
             if rebuild:
                 result.reason = rebuild
                 if delta is not None:  # the layout was fitted to the delta only: fit it to the whole state
-                    most, self.frontends = nt.state_size(state)
+                    most, sized = nt.state_sizes(state)
+                    self._set_sized(sized)
                     layout = self.layout = layout.fit(most, self.frontends)
                 if old is not None and not flows:
                     flows = nt.stale_udp_flows(*nt.diff(nt.elements(old), nt.elements(state)), state)
@@ -238,6 +242,11 @@ class NftServiceApplier:
                      result.added, result.removed, result.seconds * 1000,
                      f" ({result.reason})" if result.reason else "")
         return result
+
+    def _set_sized(self, sized: dict[str, int]) -> None:
+        """The SIZED sets' element counts, from a whole state (deltas count on from there)."""
+        self.sized = sized
+        self.frontends = max(sized.values())
 
     def _send(self, script: str, result: SyncResult) -> None:
         self.last_script = script
