@@ -46,3 +46,44 @@ def test_another_user_cannot_read_it(tmp_path):
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(path)],
                           capture_output=True)
     assert proc.returncode != 0 and b"Permission denied" in proc.stderr
+
+
+WRITER = """
+import sys, time
+from podnet.store import open_store
+kv = open_store(sys.argv[1])
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+i = 0
+while time.monotonic() < end:
+    kv.put(f"/podnet/objects/Namespace/w{i % 50}", {"metadata": {"name": f"w{i % 50}"}})
+    i += 1
+"""
+
+
+def test_opening_the_store_again_while_another_process_writes(tmp_path):
+    """Checking permissions must not open the file: closing any descriptor of it drops the
+    POSIX locks SQLite holds through the process's other connections (a lab's store, opened
+    again and again by the CLI and tests while agents and the endpoint controller write)."""
+    import sys
+
+    url = f"sqlite://{tmp_path / 'podnet.db'}"
+    first = open_store(url)
+    first.put("/podnet/objects/Namespace/a", {"metadata": {"name": "a"}})
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, url, "4"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        while writer.poll() is None:
+            kv = open_store(url)
+            try:
+                kv.revision()
+                first.put("/podnet/objects/Namespace/a", {"metadata": {"name": "a"}})
+                first.list("/podnet/")
+            finally:
+                kv.close()
+        assert writer.returncode == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait(timeout=10)
+        first.close()

@@ -90,23 +90,27 @@ def _make_private(path: str) -> None:
     """The store holds every object of the cluster: readable by its owner only. A directory
     podnet creates for it is 0700 and the file 0600 (SQLite gives its -wal and -shm files
     the database file's mode); an existing file with wider permissions is narrowed. An
-    existing directory (/tmp, /var/lib) is left as its owner set it."""
+    existing directory (/tmp, /var/lib) is left as its owner set it. An existing file is
+    never opened here: closing a descriptor of it would drop the POSIX locks SQLite holds
+    on it through other connections of this process."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         os.makedirs(parent, mode=0o700, exist_ok=True)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return
+    except FileExistsError:
+        pass
     except OSError:
         return  # not writable here: opening it reports the real problem
     try:
-        st = os.fstat(fd)
+        st = os.stat(path)
         if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-            os.fchmod(fd, st.st_mode & 0o700)
-            for extra in (path + "-wal", path + "-shm"):
-                if os.path.exists(extra):
-                    os.chmod(extra, 0o600)
-    finally:
-        os.close(fd)
+            for f in (path, path + "-wal", path + "-shm"):
+                if os.path.exists(f):
+                    os.chmod(f, 0o600)
+    except OSError:
+        pass
 
 
 class SQLiteStore(KeyValueStore):
