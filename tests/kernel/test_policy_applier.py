@@ -76,8 +76,8 @@ pods = {i: pod(i) for i in range(60)}
 pols = {i: policy(i) for i in range(12)}
 nss = {n: Namespace.model_validate({"metadata": {"name": n, "labels": labels()}}) for n in ("x", "y")}
 local = set(rnd.sample(range(60), 20))
-inc, whole = PolicyProgrammer(), PolicyProgrammer(run=run_other)
 here, there = nl.Netlink(), in_netns(f"/run/netns/{OTHER}", nl.Netlink)
+inc, whole = PolicyProgrammer(), PolicyProgrammer(run=run_other, reader=lambda: read_ruleset(there, "podnet-policy"))
 report = []
 for step in range(25):
     what = rnd.choice(["relabel", "policy", "drop-policy", "ns", "pod-gone", "local"])

@@ -349,7 +349,7 @@ class PolicyProgrammer:
     ) -> PolicyChanges:
         inputs = self.inputs.inputs(pods, namespaces, policies, local_pod_ips)
         self.state = self.compiler.compile(inputs)
-        return self.applier.apply(self.state)
+        return self._apply()
 
     def sync_live(self, live: LiveInputs) -> PolicyChanges:
         """The agent's way: inputs kept current from events, compiled from what changed.
@@ -363,23 +363,32 @@ class PolicyProgrammer:
             self._restart = True
             raise
         self._restart = False
-        return self.applier.apply(self.state)
+        return self._apply()
 
     def verify(self) -> list[str]:
         """Compare the kernel with the last applied state; on any difference the next
         sync rewrites the table whole."""
         if self.applier.applied is None:
             return ["nothing applied yet"]
-        try:
-            table = self.reader()
-        except (NftError, OSError) as e:
-            diffs = [f"table unreadable: {e}"]
-        else:
-            diffs = ["table missing"] if table is None else compare_with_kernel(self.applier.applied,
-                                                                                  kernel_view(table))
+        diffs = self._kernel_differs(self.applier.applied)
         if diffs:
             self.applier.applied = None
         return diffs
+
+    def _kernel_differs(self, state: PolicyState) -> list[str]:
+        try:
+            table = self.reader()
+        except (NftError, OSError) as e:
+            return [f"table unreadable: {e}"]
+        return ["table missing"] if table is None else compare_with_kernel(state, kernel_view(table))
+
+    def _apply(self) -> PolicyChanges:
+        """Apply self.state. With nothing known applied (a start, after drift), a kernel table
+        that already is the state is adopted instead of rewritten: an agent restart changes
+        nothing in the kernel."""
+        if self.applier.applied is None and not self._kernel_differs(self.state):
+            self.applier.applied = self.state
+        return self.applier.apply(self.state)
 
     def resync(self) -> PolicyChanges:
         """Rewrite the whole table from the last computed state."""
