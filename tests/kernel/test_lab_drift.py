@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from podnet.lab.cluster import restart_agent
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
 from tests.kernel.labs import log_offsets, log_since, running_lab
@@ -129,3 +130,22 @@ def test_a_removed_node_dns_address_comes_back(lab):
     node_sh(lab, "node-2", "ip", "addr", "del", "169.254.20.10/32", "dev", "lo")
     query = ["dig", "+short", "+time=1", "+tries=1", "@169.254.20.10", "web.default.svc.cluster.local"]
     wait_for(lambda: lab.exec("client", query).stdout.strip() != "", "node DNS on 169.254.20.10")
+
+
+def test_an_agent_killed_with_9_leaves_policy_closed_and_its_restart_changes_nothing(lab):
+    web = f"tcp:{ip_of(lab, 'web')}:8080"
+    svc = lab.store().get(Service, "web", "default")
+    assert svc is not None and svc.spec.cluster_ip
+    service = f"tcp:{svc.spec.cluster_ip}:80"
+    before = node_sh(lab, "node-1", "nft", "list", "table", "ip", "podnet-policy")
+    since = log_offsets(lab)
+
+    def while_down() -> None:  # the kernel keeps enforcing what the agent left
+        assert not reaches(lab, "intruder", web)
+        assert reaches(lab, "client", web) and reaches(lab, "client", service)
+
+    restart_agent(lab.state, "node-1", kill=True, while_down=while_down)
+    assert not reaches(lab, "intruder", web) and reaches(lab, "client", web)
+    fresh = log_since(lab, "node-1", since)
+    assert "serving CNI" in fresh and "policy: table" not in fresh, fresh  # adopted, not rewritten
+    assert node_sh(lab, "node-1", "nft", "list", "table", "ip", "podnet-policy") == before

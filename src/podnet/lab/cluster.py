@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -432,14 +433,17 @@ def agent_status(st: LabState, node: dict, timeout: float = 5.0) -> CNIError | N
     return None
 
 
-def restart_agent(st: LabState, node_name: str, timeout: float = 60.0) -> dict:
-    """Stop a node's agent and start it again with the same command; returns the new record."""
+def restart_agent(st: LabState, node_name: str, timeout: float = 60.0, kill: bool = False,
+                  while_down: Callable[[], None] = lambda: None) -> dict:
+    """Stop a node's agent (`kill`: with SIGKILL, as a crash), run `while_down`, and start it
+    again with the same command; returns the new record."""
     node = find_node(st, node_name)
     key = f"agent-{node_name}"
     entry = st.process(key)
     if entry is None:
         raise PodnetError(f"lab {st.name} has no agent on node {node_name!r}")
-    st.stop_process(entry)
+    st.stop_process(entry, first=signal.SIGKILL if kill else signal.SIGTERM)
+    while_down()
     new = st.start_process(key, entry["command"], netns=entry.get("netns"), log=Path(entry["log"]), role="agent",
                            node=node_name)
     wait_agent(st, node, timeout)

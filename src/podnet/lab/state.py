@@ -193,13 +193,13 @@ class LabState:
             time.sleep(0.01)  # mid-exec
         return None
 
-    def stop_process(self, entry: dict[str, Any], timeout: float = 3.0) -> bool:
-        """SIGTERM, then SIGKILL after `timeout`; True if it was running."""
+    def stop_process(self, entry: dict[str, Any], timeout: float = 3.0, first: int = signal.SIGTERM) -> bool:
+        """`first` (SIGTERM; SIGKILL to crash it), then SIGKILL after `timeout`; True if it was running."""
         pid = self.process_pid(entry)
         if pid is None:
             return False
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, first)
         if not _wait_gone(pid, entry, timeout):
             if self.process_pid(entry) == pid:
                 with contextlib.suppress(ProcessLookupError):
