@@ -325,6 +325,9 @@ class Delta:
     policies: dict[str, PolicyInfo | None] = field(default_factory=dict)
 
 
+RELOADED = "reloaded"  # a queue entry: a relist ended; its value is the set of (kind, key) it named
+
+
 class LiveInputs:
     """Inputs kept current from object events, for the agent: a pod event anywhere in
     the cluster costs one conversion here and, at the next compile, only the selectors
@@ -367,61 +370,53 @@ class LiveInputs:
             self._reload_seen = set()
 
     def end_reload(self) -> None:
-        """What the reload did not name is deleted (queued after it, in order)."""
+        """What the reload did not name is deleted: a marker in the queue, applied by take()
+        (the inputs belong to the sync's thread; this runs on the watch's)."""
         with self._lock:
             seen, self._reload_seen = self._reload_seen, None
-            if seen is None:
-                return
-            pending = {(k, key) for k, key, v in self._queue if v is not None}
-            held = [("Pod", k) for k in self.inputs.pods] + [("Namespace", k) for k in self.inputs.namespaces] \
-                + [("NetworkPolicy", k) for k in self.inputs.policies]
-            for kind, key in held + sorted(pending):
-                if (kind, key) not in seen:
-                    self._queue.append((kind, key, None))
+            if seen is not None:
+                self._queue.append((RELOADED, "", seen))
 
     def take(self) -> tuple[Inputs, Delta]:
         with self._lock:
             queue, self._queue = self._queue, []
         inp, delta = self.inputs, Delta()
+        current = {"Pod": (inp.pods, delta.pods), "Namespace": (inp.namespaces, delta.namespaces),
+                   "NetworkPolicy": (inp.policies, delta.policies)}
         local_changed = False
         for kind, key, value in queue:
-            if kind == "Pod":
-                old = inp.pods.get(key)
-                if old == value:
-                    continue
-                delta.pods.setdefault(key, old)
-                if value is None:
-                    del inp.pods[key]
-                else:
-                    inp.pods[key] = value  # type: ignore[assignment]
-                ip = value.ip if value is not None and value.node == self.node else None  # type: ignore[union-attr]
-                if self._local.get(key) != ip:
-                    local_changed = True
-                    if ip is None:
-                        self._local.pop(key, None)
-                    else:
-                        self._local[key] = ip
-            elif kind == "Namespace":
-                old_ns = inp.namespaces.get(key)
-                if old_ns == value:
-                    continue
-                delta.namespaces.setdefault(key, old_ns)
-                if value is None:
-                    del inp.namespaces[key]
-                else:
-                    inp.namespaces[key] = value  # type: ignore[assignment]
-            else:
-                old_pol = inp.policies.get(key)
-                if old_pol == value:
-                    continue
-                delta.policies.setdefault(key, old_pol)
-                if value is None:
-                    del inp.policies[key]
-                else:
-                    inp.policies[key] = value  # type: ignore[assignment]
+            if kind == RELOADED:
+                gone = [(k, key) for k, (held, _) in current.items() for key in held if (k, key) not in value]
+                for k, key in gone:
+                    local_changed |= self._put(current[k], k, key, None)
+                continue
+            local_changed |= self._put(current[kind], kind, key, value)
         if local_changed:
             inp.local_ips = frozenset(self._local.values())
         return inp, delta
+
+    def _put(self, where: tuple[dict, dict], kind: str, key: str, value: object) -> bool:
+        """Set (None: delete) one input, remembering its value before the first change since
+        the last take; True if this node's pod addresses changed."""
+        held, changed = where
+        old = held.get(key)
+        if old == value:
+            return False
+        changed.setdefault(key, old)
+        if value is None:
+            del held[key]
+        else:
+            held[key] = value
+        if kind != "Pod":
+            return False
+        ip = value.ip if value is not None and value.node == self.node else None  # type: ignore[attr-defined]
+        if self._local.get(key) == ip:
+            return False
+        if ip is None:
+            del self._local[key]
+        else:
+            self._local[key] = ip
+        return True
 
 
 class InputCache:
