@@ -14,7 +14,7 @@ import pytest
 
 from podnet.lab.cluster import podnet_command, wait_endpoints, wait_programmed
 from podnet.lab.connectivity import Lab
-from podnet.lab.state import proc_starttime
+from podnet.lab.state import proc_starttime, proc_state
 from podnet.model.objects import EndpointSlice, Service
 from tests.kernel.labs import running_lab
 
@@ -85,4 +85,5 @@ def test_services_applied_to_a_running_lab_follow_their_selector(tmp_path):
         settle(lab, lab.store().kv.revision())  # the deletion is the store's last write
         assert endpoints(lab, name) == set()
         assert set(answers(lab, "c1", svc, n=3)) == {"no answer"}
-    assert proc_starttime(ctl["pid"]) != ctl["starttime"]  # lab down stopped the controller
+    # lab down stopped the controller (gone, its PID reused, or a zombie this process has not reaped)
+    assert proc_starttime(ctl["pid"]) != ctl["starttime"] or proc_state(ctl["pid"]) == "Z"
