@@ -278,10 +278,11 @@ def test_event_fed_inputs_forget_what_a_reload_does_not_name():
     for p in pods:
         live.on_event("Pod", f"{p.namespace}/{p.name}", p)
     live.take()
-    live.begin_reload()
+    from podnet.store.objects import key_of
+
     for p in pods[:2]:
         live.on_event("Pod", f"{p.namespace}/{p.name}", p)
-    live.end_reload()
+    live.end_reload({key_of(p) for p in pods[:2]})
     inputs, delta = live.take()
     assert sorted(inputs.pods) == ["x/p0", "x/p1"] and sorted(delta.pods) == ["x/p2", "x/p3"]
 

@@ -142,6 +142,6 @@ def test_routes_follow_block_events_one_share_at_a_time_and_a_reload_forgets_wha
     dp.begin_reload()
     dp.on_event(block_event("10.244.0.0/26", "n1"))
     dp.on_event(block_event("10.244.0.128/26", "n2"))
-    dp.end_reload()
+    dp.end_reload({keys.block_key("10.244.0.0/26"), keys.block_key("10.244.0.128/26")})
     dp.sync(full=False)
     assert {r.dst for r in programmer.applied[-1][0].routes} == {"10.244.0.0/26", "10.244.0.128/26"}

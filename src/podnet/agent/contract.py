@@ -2,7 +2,8 @@
 
     on_event(ev)       one object event from the watch; True if this dataplane must sync
     begin_reload()     a whole list follows (after a relist or a compacted watch) ...
-    end_reload()       ... and what it did not name is gone, deletions included
+    end_reload(listed) ... it has been fed; `listed` holds the key of every record it
+                       delivered: what the dataplane holds under another key is gone
     sync(full)         program what changed; `full`: reconcile everything (the periodic
                        resync), repairing what verify() found; returns what changed ("" if
                        nothing)
@@ -44,7 +45,7 @@ class Dataplane:
     def begin_reload(self) -> None:
         pass
 
-    def end_reload(self) -> None:
+    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
         pass
 
     def sync(self, full: bool) -> str:

@@ -27,9 +27,9 @@ from podnet.dataplane.nfnetlink import Netlink
 from podnet.dataplane.routes import RouteProgrammer
 from podnet.dataplane.routing import VXLAN_OVERHEAD, DesiredRouting, Route, desired_routing
 from podnet.errors import PodnetError
-from podnet.model.objects import IPPool, Node
+from podnet.model.objects import KINDS, IPPool, Node
 from podnet.policy.model import LiveInputs
-from podnet.store.objects import ObjectEvent, split_object_key
+from podnet.store.objects import ObjectEvent, object_key, split_object_key
 
 log = logging.getLogger("podnet.agent")
 
@@ -52,7 +52,6 @@ class RoutesDataplane(Dataplane):
         self.mtu = 1500
         self._lock = threading.Lock()
         self._blocks: dict[str, BlockRecord] = {}  # every block, compact (event-fed)
-        self._reload_seen: set[str] | None = None
         self._dirty_blocks: set[str] = set()
         self._shares: dict[str, tuple[frozenset[Route], frozenset[tuple[str, str]]]] = {}
         self._inputs: tuple | None = None  # the pools and node addresses the shares were computed with
@@ -66,21 +65,12 @@ class RoutesDataplane(Dataplane):
                     self._blocks.pop(ev.key, None)
                 else:
                     self._blocks[ev.key] = record
-                    if self._reload_seen is not None:
-                        self._reload_seen.add(ev.key)
                 self._dirty_blocks.add(ev.key)
         return kind in self.kinds
 
-    def begin_reload(self) -> None:
+    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
         with self._lock:
-            self._reload_seen = set()
-
-    def end_reload(self) -> None:
-        with self._lock:
-            seen, self._reload_seen = self._reload_seen, None
-            if seen is None:
-                return
-            for key in [k for k in self._blocks if k not in seen]:
+            for key in [k for k in self._blocks if k not in listed]:
                 del self._blocks[key]
                 self._dirty_blocks.add(key)
 
@@ -179,11 +169,8 @@ class PolicyDataplane(Dataplane):
         key = name if kind == "Namespace" else f"{namespace or 'default'}/{name}"
         return self.live.on_event(kind, key, ev.object)
 
-    def begin_reload(self) -> None:
-        self.live.begin_reload()
-
-    def end_reload(self) -> None:
-        self.live.end_reload()
+    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
+        self.live.end_reload(listed)
 
     def sync(self, full: bool) -> str:
         ch = self.programmer.sync_live(self.live)
@@ -212,28 +199,18 @@ class DnsDataplane(Dataplane):
         self.index = index
         self.addresses = addresses or []
         self._ensure = ensure or (DnsAddresses(self.addresses).ensure if self.addresses else None)
-        self._reload_seen: set[tuple[str, str | None, str]] | None = None
         self._ensured = False
 
     def on_event(self, ev: ObjectEvent) -> bool:
         kind = kind_of(ev.key)
         if kind not in self.kinds:
             return False
-        if self._reload_seen is not None and ev.object is not None:
-            ns = None if kind == "Namespace" else (ev.object.namespace or "default")
-            self._reload_seen.add((kind, ns, ev.object.name))
         self.index.apply_event(ev)
         return False  # answered from the index: nothing to program
 
-    def begin_reload(self) -> None:
-        self._reload_seen = set()
-
-    def end_reload(self) -> None:
-        seen, self._reload_seen = self._reload_seen, None
-        if seen is None:
-            return
+    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
         for kind, ns, name in self.index.keys():
-            if (kind, ns, name) not in seen:
+            if object_key(KINDS[kind], name, ns) not in listed:
                 self.index.remove_key(kind, ns, name)
 
     def sync(self, full: bool) -> str:

@@ -2,8 +2,8 @@
 the event-fed dataplanes current, used by the agent and the standalone DNS server.
 
 After a compacted watch history (or any relist) every dataplane is reloaded from a
-fresh list: begin_reload(), every listed object as an event, end_reload(), so that
-what was deleted during the gap goes too. A watch that fails is retried after a
+fresh list: begin_reload(), every listed object as an event, end_reload(the keys
+listed), so that what was deleted during the gap goes too. A watch that fails is retried after a
 pause, from the last revision seen; the store's history covers the gap or says
 Compacted, which relists.
 """
@@ -43,10 +43,12 @@ class StoreFollower:
         away) starts over, and a failed one deletes nothing."""
         for _ in range(attempts):
             fresh = ObjectCache(self.cache.unkept)
+            listed: set[str] = set()
             for dp in self.dataplanes:
                 dp.begin_reload()
 
-            def take(r: Record, fresh: ObjectCache = fresh) -> None:
+            def take(r: Record, fresh: ObjectCache = fresh, listed: set[str] = listed) -> None:
+                listed.add(r.key)
                 typed = fresh.apply(Event("ADDED", r.key, r.value, r.revision))
                 self._feed(typed if typed is not None else ObjectEvent("ADDED", None, r.key, r.revision))
 
@@ -57,7 +59,7 @@ class StoreFollower:
                 continue
             self.cache.adopt(fresh)
             for dp in self.dataplanes:
-                dp.end_reload()
+                dp.end_reload(listed)
             self.on_change(rev, self.dataplanes)
             return rev
         raise StoreUnavailable(f"listing {self.prefix}: the snapshot was compacted under every attempt")

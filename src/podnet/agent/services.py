@@ -21,7 +21,7 @@ from podnet.services.health import HealthCheckServer
 from podnet.services.iptables import IptablesServiceApplier
 from podnet.services.metrics import ServiceMetrics
 from podnet.services.model import ServiceConfig
-from podnet.store.objects import ObjectEvent, split_object_key
+from podnet.store.objects import ObjectEvent, key_of, object_key, split_object_key
 
 KINDS = ("Service", "EndpointSlice")
 CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
@@ -58,7 +58,6 @@ class ServiceDataplane(Dataplane):
         self.health = health if health is not None else HealthCheckServer()
         self._lock = threading.Lock()  # the watch feeds, the sync loop compiles
         self._triggers: dict[str, float] = {}  # slice -> trigger time of a change not yet programmed
-        self._reload: tuple[set[tuple[str, str]], set[tuple[str, str]]] | None = None  # seen while reloading
         self._full_syncs = 0
         self._drifted = False  # verify() found a problem: the next sync re-reads the kernel
 
@@ -70,8 +69,6 @@ class ServiceDataplane(Dataplane):
         obj = ev.object
         if isinstance(obj, Service):
             with self._lock:
-                if self._reload is not None:
-                    self._reload[0].add((obj.namespace or "default", obj.name))
                 old = self.compiler.service_info(obj.namespace, obj.name)
                 if not same_version(old, obj):
                     self.compiler.set_service(obj)
@@ -95,8 +92,6 @@ class ServiceDataplane(Dataplane):
 
     def _set_slice(self, sl: EndpointSlice) -> None:
         with self._lock:
-            if self._reload is not None:
-                self._reload[1].add((sl.namespace or "default", sl.name))
             old = self.compiler.slice_info(sl.namespace, sl.name)
             if same_version(old, sl) and old.service == (sl.service_name or None):  # type: ignore[union-attr]
                 return
@@ -109,42 +104,26 @@ class ServiceDataplane(Dataplane):
 
     name = "services"
 
-    def begin_reload(self) -> None:
-        self.start_reload()
-
-    def end_reload(self) -> None:
-        self.finish_reload()
-
-    def start_reload(self) -> None:
-        """A whole list follows (as events): what it does not name is deleted by finish_reload."""
+    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
+        """A relist fed every object it named (`listed`: their store keys): forget the rest."""
         with self._lock:
-            self._reload = (set(), set())
-
-    def finish_reload(self) -> None:
-        with self._lock:
-            if self._reload is None:
-                return
-            services, slices = self._reload
-            self._reload = None
-            for k in [k for k in self.compiler.service_keys() if k not in services]:
-                self.compiler.delete_service(*k)
-            for k in [k for k in self.compiler.slice_keys() if k not in slices]:
-                self.compiler.delete_slice(*k)
-                self._triggers.pop(f"{k[0]}/{k[1]}", None)
+            for ns, name in [k for k in self.compiler.service_keys() if object_key(Service, k[1], k[0]) not in listed]:
+                self.compiler.delete_service(ns, name)
+            for ns, name in [k for k in self.compiler.slice_keys()
+                             if object_key(EndpointSlice, k[1], k[0]) not in listed]:
+                self.compiler.delete_slice(ns, name)
+                self._triggers.pop(f"{ns}/{name}", None)
 
     def replace(self, services: Iterable[Service], slices: Iterable[EndpointSlice]) -> None:
         """Make the inputs exactly these objects (unchanged resourceVersions cost nothing)."""
-        self.start_reload()
-        try:
-            for svc in services:
-                self.on_event(ObjectEvent("ADDED", svc, "", 0))
-            for sl in slices:
-                self._set_slice(sl)
-        except BaseException:
-            with self._lock:
-                self._reload = None
-            raise
-        self.finish_reload()
+        listed = set()
+        for svc in services:
+            listed.add(key_of(svc))
+            self.on_event(ObjectEvent("ADDED", svc, "", 0))
+        for sl in slices:
+            listed.add(key_of(sl))
+            self._set_slice(sl)
+        self.end_reload(listed)
 
     # -- sync
 

@@ -98,7 +98,7 @@ class EndpointController(Dataplane):
         with self.cond:
             self._reset()
 
-    def end_reload(self) -> None:
+    def end_reload(self, listed: frozenset[str] | set[str]) -> None:  # begin_reload started afresh
         with self.cond:
             now = time.time()
             for ref in [*self.services, *self.managed]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from podnet.model.addresses import ipv4_or_none
 from podnet.model.objects import IPBlock, Namespace, NetworkPolicy, NetworkPolicyPort, Pod
 from podnet.model.selectors import LabelSelector
+from podnet.store.objects import OBJECTS_PREFIX
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -325,7 +326,7 @@ class Delta:
     policies: dict[str, PolicyInfo | None] = field(default_factory=dict)
 
 
-RELOADED = "reloaded"  # a queue entry: a relist ended; its value is the set of (kind, key) it named
+RELOADED = "reloaded"  # a queue entry: a relist ended; its value is the set of store keys it named
 
 
 class LiveInputs:
@@ -345,7 +346,6 @@ class LiveInputs:
         self._lock = threading.Lock()
         self._queue: list[tuple[str, str, object]] = []  # (kind, key, converted or None)
         self._local: dict[str, str] = {}  # key -> IP of this node's pods
-        self._reload_seen: set[tuple[str, str]] | None = None
 
     def on_event(self, kind: str, key: str | None, obj: object | None) -> bool:
         """One event: `obj` the object (None: deleted), `key` its "ns/name" (or name)."""
@@ -361,21 +361,14 @@ class LiveInputs:
             return False
         with self._lock:
             self._queue.append((kind, key, value))
-            if self._reload_seen is not None and value is not None:
-                self._reload_seen.add((kind, key))
         return True
 
-    def begin_reload(self) -> None:
+    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
+        """A relist fed every object it named (`listed`: their store keys); what it did not
+        name is deleted, by a marker in the queue that take() applies (the inputs belong to
+        the sync's thread; this runs on the watch's)."""
         with self._lock:
-            self._reload_seen = set()
-
-    def end_reload(self) -> None:
-        """What the reload did not name is deleted: a marker in the queue, applied by take()
-        (the inputs belong to the sync's thread; this runs on the watch's)."""
-        with self._lock:
-            seen, self._reload_seen = self._reload_seen, None
-            if seen is not None:
-                self._queue.append((RELOADED, "", seen))
+            self._queue.append((RELOADED, "", listed))
 
     def take(self) -> tuple[Inputs, Delta]:
         with self._lock:
@@ -385,8 +378,9 @@ class LiveInputs:
                    "NetworkPolicy": (inp.policies, delta.policies)}
         local_changed = False
         for kind, key, value in queue:
-            if kind == RELOADED:
-                gone = [(k, key) for k, (held, _) in current.items() for key in held if (k, key) not in value]
+            if kind == RELOADED:  # keys here are the store keys' "<namespace>/<name>" (or "<name>") part
+                gone = [(k, key) for k, (held, _) in current.items() for key in held
+                        if f"{OBJECTS_PREFIX}{k}/{key}" not in value]  # type: ignore[operator]
                 for k, key in gone:
                     local_changed |= self._put(current[k], k, key, None)
                 continue
