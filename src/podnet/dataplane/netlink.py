@@ -3,6 +3,7 @@ rtnl.py for links, addresses and routes): attributes and message streams."""
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 
@@ -39,6 +40,23 @@ def messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
             return
         yield kind, flags, seq, data[off + 16:off + n]
         off += (n + 3) & ~3
+
+
+def dump_replies(sock, seq: int) -> Iterator[bytes]:
+    """The body of every message answering the dump request numbered `seq` on `sock`, until
+    its end; a refused dump raises OSError with the kernel's errno."""
+    while True:
+        for kind, _, mseq, body in messages(sock.recv(1 << 20)):
+            if mseq != seq:
+                continue
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                code = error_code(body)
+                if code:
+                    raise OSError(-code, os.strerror(-code))
+                return
+            yield body
 
 
 def error_code(body: bytes) -> int:

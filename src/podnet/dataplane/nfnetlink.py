@@ -25,11 +25,11 @@ from podnet.dataplane.netlink import (
     NLA_F_NESTED,
     NLM_F_ACK,
     NLM_F_REQUEST,
-    NLMSG_DONE,
     NLMSG_ERROR,
     attr,
     attr_list,
     attrs,
+    dump_replies,
     error_code,
     message,
     messages,
@@ -255,18 +255,8 @@ class Netlink:
                                 _nfgen(NFPROTO_IPV4, 0) + payload))
         self.sock.settimeout(10)
         try:
-            while True:
-                for msg, _, mseq, body in messages(self.sock.recv(1 << 20)):
-                    if mseq != seq:
-                        continue
-                    if msg == NLMSG_DONE:
-                        return
-                    if msg == NLMSG_ERROR:
-                        code = error_code(body)
-                        if code:
-                            raise OSError(-code, os.strerror(-code))
-                        return
-                    yield body[4:]
+            for body in dump_replies(self.sock, seq):
+                yield body[4:]
         except TimeoutError as e:
             raise NftError("nf_tables dump: no answer from the kernel") from e
         finally:

@@ -31,6 +31,7 @@ from podnet.dataplane.netlink import (
     NLMSG_ERROR,
     attr,
     attrs,
+    dump_replies,
     error_code,
     message,
     messages,
@@ -45,7 +46,6 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 NLM_F_EXCL, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_APPEND = 0x200, 0x400, 0x100, 0x800
 NLM_F_DUMP = 0x300
-NLMSG_DONE = 3
 IFF_UP = 0x1
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_NET_NS_FD = 1, 3, 4, 18, 20, 28
@@ -239,18 +239,10 @@ class Rtnl:
         self.seq += 1
         seq = self.seq
         self.sock.send(message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, payload))
-        while True:
-            for mtype, _, mseq, body in messages(self.sock.recv(1 << 20)):
-                if mseq != seq:
-                    continue
-                if mtype == NLMSG_DONE:
-                    return
-                if mtype == NLMSG_ERROR:
-                    code = error_code(body)
-                    if code:
-                        raise NetlinkError(-code, os.strerror(-code))
-                    return
-                yield body
+        try:
+            yield from dump_replies(self.sock, seq)
+        except OSError as e:
+            raise NetlinkError(e.errno, e.strerror) from None
 
     def routes(self, protocol: int, table: int = RT_TABLE_MAIN) -> list[KernelRoute]:
         """IPv4 routes of one table installed by one protocol."""
