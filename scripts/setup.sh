@@ -13,6 +13,7 @@ APT_PACKAGES=(
   containernetworking-plugins                  # reference CNI plugins (/usr/lib/cni)
   bind9-dnsutils dnsperf unbound dnsmasq-base  # DNS clients, servers, load
   iperf3 socat iputils-ping procps             # traffic and process tools
+  bind9                                        # external DNS server (RFC 2136 target of `podnet external-dns`)
 )
 
 missing=()
@@ -24,6 +25,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # bind9's package starts and enables a system named on port 53. podnet's tests and
+  # benchmarks start their own named (own config, a free loopback port, stopped by
+  # PID), so the one the package installs is stopped and disabled, nothing else.
+  if [[ " ${missing[*]} " == *" bind9 "* ]]; then
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now named.service >/dev/null 2>&1 || true
+    else
+      invoke-rc.d named stop >/dev/null 2>&1 || true
+      systemctl disable named.service >/dev/null 2>&1 || true
+    fi
+    update-rc.d named disable >/dev/null 2>&1 || true
+  fi
 fi
 
 PY=${PYTHON:-python3}
