@@ -21,14 +21,25 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from podnet.agent.records import DECODERS, decode_record
 from podnet.ipam.keys import BLOCKS
 from podnet.model.objects import KINDS, KubeObject
 from podnet.store.base import Event, Record
-from podnet.store.objects import ObjectEvent, object_event, split_object_key
+from podnet.store.objects import ObjectEvent, UndecodableObject, object_event, split_object_key
 
 log = logging.getLogger("podnet.agent")
 
 T = TypeVar("T", bound=KubeObject)
+
+
+def record_event(kind: str, ev: Event) -> ObjectEvent:
+    """The event with the object's record; one that does not decode (logged) reads as the
+    object going away, as object_event does with the models."""
+    try:
+        return ObjectEvent(ev.type, decode_record(kind, ev.key, ev.value), ev.key, ev.revision)  # type: ignore[arg-type]
+    except UndecodableObject as e:
+        log.warning("skipping %s", e)
+        return ObjectEvent("DELETED", None, ev.key, ev.revision)
 
 
 def kind_of_key(key: str) -> str | None:
@@ -37,10 +48,13 @@ def kind_of_key(key: str) -> str | None:
 
 
 class ObjectCache:
-    def __init__(self, unkept: Iterable[str] = ()) -> None:
+    def __init__(self, unkept: Iterable[str] = (), records: bool = False) -> None:
+        """`records`: hand on the kinds agent/records.py knows as their compact records
+        (decoded without the models) instead of model objects; such kinds are never kept."""
         self._lock = threading.Lock()
         self._objects: dict[str, dict[str, KubeObject]] = {}  # kind -> key -> object
-        self.unkept = frozenset(unkept)  # kinds decoded and handed on, not stored
+        self.records = records
+        self.unkept = frozenset(unkept) | (frozenset(DECODERS) if records else frozenset())
         self._unknown_kinds: set[str] = set()  # already logged
 
     def load(self, records: list[Record], sink: Callable[[ObjectEvent], None] | None = None,
@@ -79,7 +93,12 @@ class ObjectCache:
                 self._unknown_kinds.add(kind)
                 log.warning("ignoring stored objects of unknown kind %r (first: %s)", kind, ev.key)
             return None
-        typed = object_event(ev if ev.type != "DELETED" else Event("DELETED", ev.key, None, ev.revision))
+        if ev.type == "DELETED":
+            typed = ObjectEvent("DELETED", None, ev.key, ev.revision)
+        elif self.records and kind in DECODERS:
+            typed = record_event(kind, ev)
+        else:
+            typed = object_event(ev)
         if kind in self.unkept:
             return typed
         with self._lock:
@@ -89,6 +108,10 @@ class ObjectCache:
             else:
                 bucket[ev.key] = typed.object
         return typed
+
+    def fresh(self) -> ObjectCache:
+        """An empty cache that decodes and keeps as this one does (for a relist)."""
+        return ObjectCache(self.unkept, self.records)
 
     def list(self, cls: type[T]) -> list[T]:
         if cls.KIND in self.unkept:

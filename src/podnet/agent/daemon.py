@@ -73,7 +73,7 @@ class Agent:
         self.cfg = cfg
         self.kv: KeyValueStore = open_store(cfg.store_url, create=False)
         self.objects = ObjectStore(self.kv)
-        self.cache = ObjectCache(unkept=EVENT_FED)
+        self.cache = ObjectCache(unkept=EVENT_FED, records=True)
         self.stopping = threading.Event()
         self.synced = threading.Event()
         self.progress = SyncProgress()

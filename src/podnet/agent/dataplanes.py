@@ -28,7 +28,7 @@ from podnet.dataplane.routes import RouteProgrammer
 from podnet.dataplane.routing import VXLAN_OVERHEAD, DesiredRouting, Route, desired_routing
 from podnet.errors import PodnetError
 from podnet.model.objects import KINDS, IPPool, Node
-from podnet.policy.model import LiveInputs
+from podnet.policy.model import LiveInputs, PodInfo
 from podnet.store.objects import ObjectEvent, object_key, split_object_key
 
 log = logging.getLogger("podnet.agent")
@@ -166,8 +166,12 @@ class PolicyDataplane(Dataplane):
         if parts is None or parts[0] not in self.kinds:
             return False
         kind, namespace, name = parts
-        key = name if kind == "Namespace" else f"{namespace or 'default'}/{name}"
-        return self.live.on_event(kind, key, ev.object)
+        obj = ev.object
+        if isinstance(obj, PodInfo):
+            key = obj.key  # one string for the record and its place in the inputs
+        else:
+            key = name if kind == "Namespace" else f"{namespace or 'default'}/{name}"
+        return self.live.on_event(kind, key, obj)
 
     def end_reload(self, listed: frozenset[str] | set[str]) -> None:
         self.live.end_reload(listed)

@@ -42,7 +42,7 @@ class StoreFollower:
         replaced when the list is complete; a list cut short (the snapshot compacted
         away) starts over, and a failed one deletes nothing."""
         for _ in range(attempts):
-            fresh = ObjectCache(self.cache.unkept)
+            fresh = self.cache.fresh()
             listed: set[str] = set()
             for dp in self.dataplanes:
                 dp.begin_reload()

@@ -40,6 +40,7 @@ from podnet.dns import wire
 from podnet.dns.wire import AAAA, ANY, CNAME, IN, NS, NXDOMAIN, PTR, SOA, SRV, TXT, A
 from podnet.model.addresses import packed_ip
 from podnet.model.objects import EndpointSlice, KubeObject, Namespace, Pod, Service
+from podnet.policy.model import PodInfo
 from podnet.store.objects import split_object_key
 
 SCHEMA_VERSION = "1.1.0"
@@ -199,6 +200,8 @@ class ClusterIndex:
             self._apply_slice(obj)
         elif isinstance(obj, Pod):
             self._apply_pod(obj)
+        elif isinstance(obj, PodInfo):  # the agent's record of a Pod (agent/records.py)
+            self._set_pod_ips(obj.namespace, obj.name, obj.ips, obj.node)
         elif isinstance(obj, Namespace):
             with self.lock:
                 if obj.name not in self._ns_objects:
@@ -427,16 +430,18 @@ class ClusterIndex:
     # -- pods and namespaces
 
     def _apply_pod(self, pod: Pod) -> None:
-        ns = pod.namespace or "default"
-        ips: list[str] = []
+        ips: tuple[str, ...] = ()
         if not pod.spec.host_network:
             if pod.status.pod_ips:
-                ips = [p.ip for p in pod.status.pod_ips]
+                ips = tuple(p.ip for p in pod.status.pod_ips)
             elif pod.status.pod_ip:
-                ips = [pod.status.pod_ip]
-        local = bool(self.node_name) and pod.spec.node_name == self.node_name and bool(ips)
+                ips = (pod.status.pod_ip,)
+        self._set_pod_ips(pod.namespace or "default", pod.name, ips, pod.spec.node_name)
+
+    def _set_pod_ips(self, ns: str, name: str, ips: tuple[str, ...], node: str | None) -> None:
+        local = bool(self.node_name) and node == self.node_name and bool(ips)
         with self.lock:
-            self._set_pod(ns, pod.name, tuple(packed_ip(i) for i in ips), local, ips)
+            self._set_pod(ns, name, tuple(packed_ip(i) for i in ips), local, ips)
 
     def _set_pod(self, ns: str, name: str, packed: tuple | None, local: bool, texts: list[str] = ()) -> None:
         key = (ns, name)

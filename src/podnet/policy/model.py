@@ -88,6 +88,7 @@ class PodInfo:
     named_ports: tuple[tuple[str, str, int], ...]  # (name, protocol, number)
     host_network: bool = False
     node: str | None = None
+    ips: tuple[str, ...] = field(default=(), compare=False)  # every address (DNS); () on the host's network
     label_map: dict[str, str] = field(init=False, compare=False, repr=False)
     key: str = field(init=False, compare=False, repr=False)  # "ns/name"
 
@@ -128,6 +129,12 @@ def pod_info(pod: Pod) -> PodInfo:
                 break
     if pod.spec.host_network or pod.status.phase in ("Succeeded", "Failed"):
         ip = None  # hostNetwork pods are never selected; finished pods' addresses get reused
+    ips: tuple[str, ...] = ()
+    if not pod.spec.host_network:
+        if pod.status.pod_ips:
+            ips = tuple(p.ip for p in pod.status.pod_ips)
+        elif pod.status.pod_ip:
+            ips = (pod.status.pod_ip,)
     ports: list[tuple[str, str, int]] = []
     for c in pod.spec.containers:
         for p in c.ports:
@@ -141,6 +148,7 @@ def pod_info(pod: Pod) -> PodInfo:
         named_ports=tuple(ports),
         host_network=pod.spec.host_network,
         node=pod.spec.node_name,
+        ips=ips,
     )
 
 
@@ -350,7 +358,7 @@ class LiveInputs:
     def on_event(self, kind: str, key: str | None, obj: object | None) -> bool:
         """One event: `obj` the object (None: deleted), `key` its "ns/name" (or name)."""
         if kind == "Pod":
-            value = pod_info(obj) if obj is not None else None  # type: ignore[arg-type]
+            value = obj if obj is None or isinstance(obj, PodInfo) else pod_info(obj)  # type: ignore[arg-type]
         elif kind == "Namespace":
             value = namespace_labels(obj) if obj is not None else None  # type: ignore[arg-type]
         elif kind == "NetworkPolicy":

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from podnet.store import codec
 from podnet.store.base import (
     Compacted,
     Event,
@@ -205,7 +206,7 @@ class SQLiteStore(KeyValueStore):
     def get(self, key: str) -> Record | None:
         with self._faults():
             row = self._db.execute("SELECT value, mod_rev, create_rev FROM kv WHERE key=?", (key,)).fetchone()
-        return Record(key, json.loads(row[0]), row[1], row[2]) if row else None
+        return Record(key, codec.loads(row[0]), row[1], row[2]) if row else None
 
     def list(self, prefix: str) -> tuple[list[Record], int]:
         db = self._db
@@ -219,7 +220,7 @@ class SQLiteStore(KeyValueStore):
                 rev = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
             finally:
                 self._end_read()
-        return [Record(k, json.loads(v), m, c) for k, v, m, c in rows], rev
+        return [Record(k, codec.loads(v), m, c) for k, v, m, c in rows], rev
 
     def stream(self, prefix: str, sink: Callable[[Record], None], page: int = 2000) -> int:
         """One read transaction (a WAL snapshot), rows decoded a page at a time."""
@@ -234,7 +235,7 @@ class SQLiteStore(KeyValueStore):
                 )
                 while rows := cur.fetchmany(page):
                     for k, v, m, c in rows:
-                        sink(Record(k, json.loads(v), m, c))
+                        sink(Record(k, codec.loads(v), m, c))
             finally:
                 self._end_read()
         return rev
@@ -329,7 +330,7 @@ class SQLiteStore(KeyValueStore):
                 finally:
                     db.execute("COMMIT")
                 for rev, key, typ, value in rows:
-                    yield Event(typ, key, json.loads(value) if value is not None else None, rev)
+                    yield Event(typ, key, codec.loads(value) if value is not None else None, rev)
                 next_rev = max(next_rev, head + 1)
         finally:
             db.close()

@@ -90,7 +90,7 @@ def _watch_store(url: str, server: DNSServer) -> None:
     from podnet.store.url import open_store
 
     dns = DnsDataplane(server.index)
-    follower = StoreFollower(ObjectCache(unkept=dns.kinds), [dns], prefix="/podnet/objects/")
+    follower = StoreFollower(ObjectCache(unkept=dns.kinds, records=True), [dns], prefix="/podnet/objects/")
     kv = open_store(url, create=False)
     try:
         rev = follower.relist(kv)

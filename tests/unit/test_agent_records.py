@@ -1,0 +1,96 @@
+"""The agent decodes stored Pods straight into the records its dataplanes keep, without
+the models: the records must say what the models would say, and a stored value with the
+wrong shape is skipped and reported, never fatal."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from podnet.agent.cache import ObjectCache
+from podnet.agent.records import pod_record
+from podnet.dns.index import ClusterIndex
+from podnet.model.objects import Pod
+from podnet.policy.model import LiveInputs, pod_info
+from podnet.store.base import Event
+from podnet.store.objects import ObjectEvent, stored_form
+
+names = st.sampled_from(["a", "web", "api-1"])
+ipv4 = st.sampled_from(["10.1.0.5", "10.1.0.6"])
+ipv6 = st.sampled_from(["fd00::5", "fd00::6"])
+
+
+@st.composite
+def pods(draw) -> Pod:
+    status: dict = {}
+    if draw(st.booleans()):
+        status["podIP"] = draw(st.one_of(ipv4, ipv6))
+    if draw(st.booleans()):
+        status["podIPs"] = [{"ip": ip} for ip in draw(st.lists(st.one_of(ipv4, ipv6), max_size=2))]
+    if draw(st.booleans()):
+        status["phase"] = draw(st.sampled_from(["Pending", "Running", "Succeeded", "Failed"]))
+    containers = [{"name": f"c{i}", "ports": [
+        {"containerPort": draw(st.integers(1, 65535)), **({"name": draw(names)} if draw(st.booleans()) else {}),
+         **({"protocol": draw(st.sampled_from(["TCP", "UDP"]))} if draw(st.booleans()) else {})}
+        for _ in range(draw(st.integers(0, 2)))]} for i in range(draw(st.integers(0, 2)))]
+    spec: dict = {"containers": containers}
+    if draw(st.booleans()):
+        spec["nodeName"] = draw(st.sampled_from(["node-1", "node-2"]))
+    if draw(st.booleans()):
+        spec["hostNetwork"] = draw(st.booleans())
+    meta: dict = {"name": draw(names), "labels": draw(st.dictionaries(names, names, max_size=3))}
+    if draw(st.booleans()):
+        meta["namespace"] = draw(st.sampled_from(["default", "prod"]))
+    return Pod.model_validate({"metadata": meta, "spec": spec, "status": status})
+
+
+@settings(max_examples=300, deadline=None)
+@given(pods())
+def test_a_pod_record_says_what_the_model_says(pod):
+    from_model = pod_info(pod)
+    record = pod_record(stored_form(pod))
+    assert record == from_model
+    assert (record.ips, record.key, record.label_map) == (from_model.ips, from_model.key, from_model.label_map)
+
+
+def pod_value(**status) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "prod", "labels": {"app": "a"}},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "ports": [
+                {"name": "http", "containerPort": 8080}]}]}, "status": status}
+
+
+def test_policy_and_dns_take_the_same_record():
+    cache = ObjectCache(records=True)
+    ev = cache.apply(Event("ADDED", "/podnet/objects/Pod/prod/p", pod_value(podIP="10.1.0.5", podIPs=[
+        {"ip": "10.1.0.5"}, {"ip": "fd00::5"}]), 7))
+    assert ev.object.ip == "10.1.0.5" and ev.object.ips == ("10.1.0.5", "fd00::5")
+    live = LiveInputs("node-1")
+    assert live.on_event("Pod", ev.object.key, ev.object)
+    inputs, _ = live.take()
+    assert inputs.pods["prod/p"] is ev.object
+    index = ClusterIndex(zone="cluster.local", node_name="node-1", pod_records="verified")
+    index.apply_event(ev)
+    assert index.local_pods == {"10.1.0.5": "prod", "fd00::5": "prod"}
+    index.apply_event(ObjectEvent("DELETED", None, ev.key, 8))
+    assert index.local_pods == {}
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"metadata": {"namespace": "prod"}}, "field 'name' missing"),
+    ({"spec": {"containers": "c"}}, ""),
+    ({"spec": {"containers": [{"ports": [{"name": "http", "containerPort": "eighty"}]}]}}, "eighty"),
+    ({"status": {"podIPs": [{"address": "10.1.0.5"}]}}, "field 'ip' missing"),
+])
+def test_a_pod_without_the_shape_is_skipped_and_named(bad, field, caplog):
+    value = pod_value(podIP="10.1.0.5")
+    for part, content in bad.items():
+        value[part] = {**value[part], **content} if part != "metadata" else content
+    cache = ObjectCache(records=True)
+    with caplog.at_level(logging.WARNING, logger="podnet.agent"):
+        ev = cache.apply(Event("MODIFIED", "/podnet/objects/Pod/prod/p", value, 9))
+    assert (ev.type, ev.object) == ("DELETED", None)
+    assert "skipping /podnet/objects/Pod/prod/p: stored Pod does not have the expected shape" in caplog.text
+    assert field in caplog.text
