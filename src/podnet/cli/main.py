@@ -10,7 +10,7 @@ from typing import NoReturn
 from podnet.errors import PodnetError
 
 # Modules under podnet.cli that add subcommands.
-COMMAND_MODULES = ("objects", "ipam", "plan", "agent", "lab", "policy")
+COMMAND_MODULES = ("objects", "ipam", "plan", "agent", "lab", "policy", "externaldns")
 
 
 class OneLineParser(argparse.ArgumentParser):
