@@ -1,0 +1,200 @@
+"""Service elements in the kernel's binary layout, sent as netlink batches
+(podnet.dataplane.nfnetlink) on a short path from the rules (`encode_item`, byte for
+byte what the typed layer's own encoder makes of the same element text, as the unit
+tests check), and the table's digest: one element, a 64-bit XOR over frontends of a hash
+of each frontend's encoded elements, kept in step with every change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+from collections import defaultdict
+from functools import lru_cache
+
+from podnet.dataplane import nfnetlink as nl
+from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState
+from podnet.services.nftables.elements import (
+    Elements,
+    Item,
+    changed_rules,
+    frontend_of,
+    item_text,
+    rule_items,
+)
+from podnet.services.nftables.layout import DIGEST, KEY_MAPS, SLOT_MAPS, TABLE, TEXT_ONLY, slot_map_of
+
+_PROTO = {"tcp": bytes((6, 0, 0, 0)), "udp": bytes((17, 0, 0, 0)), "sctp": bytes((132, 0, 0, 0))}
+_PORT = struct.Struct("!H2x")  # inet_service, padded to a 32-bit register
+_SLOT = struct.Struct("=I")  # numgen's result: host byte order
+
+
+@lru_cache(maxsize=1 << 16)
+def _frontend_bytes(fe: Frontend) -> bytes:
+    """A frontend's key bytes (cached: its slots and sets share them)."""
+    port = _PORT.pack(fe.port)
+    return _PROTO[fe.proto] + port if fe.ip is None else socket.inet_aton(fe.ip) + _PROTO[fe.proto] + port
+
+
+_SLOT_VALUE = nl.attr(nl.DATA_VALUE, bytes(8))[:4]  # the header of an 8-byte value: address, port
+
+
+_SLOT_HEADS = {width: nl.element_heads(width + 4, 12) for width in (8, 12)}  # slot element: key, value attr
+# A slot element in one pack: headers, frontend key, slot (host order), the value's headers,
+# address, port (network order: htons'ed into a native "H").
+_SLOT_ELEMENT = {width: (struct.Struct(f"={len(k)}s{width}sI{len(d) + len(_SLOT_VALUE)}s4sH2x"), k,
+                         d + _SLOT_VALUE) for width, (k, d) in _SLOT_HEADS.items()}
+_ADDRESS_HEAD = nl.element_heads(4, -1)[0]  # an element whose key is one address (cluster_ips)
+
+
+def encode_item(item: Item, with_value: bool = True) -> bytes:
+    """One element's netlink encoding (with_value False: the key alone, as a deletion needs)."""
+    return _encode(item, _frontend_bytes(item[1]), with_value)
+
+
+def _encode(item: Item, key: bytes, with_value: bool = True) -> bytes:
+    """encode_item with the frontend's key bytes given (one frontend's items share them)."""
+    _, fe, extra, value = item
+    if extra is not None:
+        if type(extra) is int:
+            if with_value and type(value) is Backend:  # a slot with its backend: most of a full load
+                packer, head_key, head_data = _SLOT_ELEMENT[len(key)]
+                return packer.pack(head_key, key, extra, head_data, socket.inet_aton(value.ip),
+                                   socket.htons(value.port))
+            key += _SLOT.pack(extra)
+        elif not extra:  # the frontend's address alone (cluster_ips)
+            return _ADDRESS_HEAD + socket.inet_aton(fe.ip)  # type: ignore[arg-type]
+        else:  # a source range: the interval of a concatenation is a key and a key end
+            net, _, plen = extra.partition("/")
+            first = int.from_bytes(socket.inet_aton(net), "big")
+            last = first | ((1 << (32 - int(plen or 32))) - 1)
+            return nl.element(key + first.to_bytes(4, "big"), key_end=key + last.to_bytes(4, "big"))
+    if value is None or not with_value:
+        return nl.element(key)
+    if isinstance(value, str):
+        return nl.element(key, nl.verdict(value))
+    if type(value) is int:
+        return nl.element(key, nl.value(_SLOT.pack(value)))  # a mark: host byte order
+    return nl.element(key, _SLOT_VALUE + socket.inet_aton(value.ip) + _PORT.pack(value.port))
+
+
+def item_of(name: str, key: str, value: str | None) -> Item:
+    """An element's text form (as in Elements) -> the item it encodes."""
+    if name == "cluster_ips":
+        return name, Frontend(key, "tcp", 0), "", None
+    parts = key.split(" . ")
+    nodeport = name.endswith("_nodeports") or name.startswith(("np_bit", SLOT_MAPS[True]))
+    width = 2 if nodeport else 3
+    fe = frontend_of(" . ".join(parts[:width]), nodeport)
+    extra: int | str | None = None
+    if len(parts) > width:
+        extra = int(parts[width]) if slot_map_of(name) else parts[width]
+    backend: Backend | str | int | None = value
+    if value is not None and slot_map_of(name):
+        ip, _, port = value.partition(" . ")
+        backend = Backend(ip, int(port))
+    elif value is not None and name in KEY_MAPS:
+        backend = int(value, 0)
+    return name, fe, extra, backend
+
+
+def encode_element(name: str, key: str, value: str | None) -> bytes:
+    """One element in the text form of `elements()` -> its netlink encoding (value None:
+    the key alone, as a deletion needs)."""
+    return encode_item(item_of(name, key, value))
+
+
+def _checked(item: Item, with_value: bool) -> bytes:
+    try:
+        return encode_item(item, with_value)
+    except (ValueError, KeyError, IndexError, OSError, OverflowError, struct.error) as e:
+        key, value = item_text(item)
+        raise ValueError(f"set {item[0]}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
+
+
+def _rule_encoded(rule: FrontendRule) -> list[tuple[str, bytes]]:
+    try:
+        key = _frontend_bytes(rule.frontend)  # every item of a rule is its frontend's
+        return [(item[0], _encode(item, key)) for item in rule_items(rule)]
+    except (ValueError, KeyError, IndexError, OSError, OverflowError, struct.error):
+        for item in rule_items(rule):
+            _checked(item, True)  # raises, naming the element
+        raise
+
+
+def rule_hash(encoded: list[tuple[str, bytes]]) -> int:
+    """A frontend's share of the digest: one hash over its elements (sets and encodings)."""
+    h = hashlib.blake2b("\0".join([name for name, _ in encoded]).encode(), digest_size=8)
+    for _, e in encoded:
+        h.update(e)
+    return int.from_bytes(h.digest(), "little")
+
+
+def digest_element(digest: int) -> bytes:
+    return nl.element(digest.to_bytes(8, "little"))
+
+
+def state_batch(state: ServiceState) -> tuple[nl.Batch, int]:
+    """Every element of a state (the text-only sets aside) as one netlink batch, made
+    from the rules directly (what a full load sends), and the state's digest."""
+    batch = nl.Batch()
+    per_set: defaultdict[str, list[bytes]] = defaultdict(list)
+    digest = 0
+    for rule in state.rules:
+        encoded = _rule_encoded(rule)
+        digest ^= rule_hash(encoded)
+        for name, e in encoded:
+            per_set[name].append(e)
+    for name, elements in per_set.items():
+        batch.add_elements(TABLE, name, elements)
+    batch.add_elements(TABLE, DIGEST, [digest_element(digest)])
+    return batch, digest
+
+
+def state_digest(state: ServiceState) -> int:
+    digest = 0
+    for rule in state.rules:
+        digest ^= rule_hash(_rule_encoded(rule))
+    return digest
+
+
+def digest_delta(digest: int, old: ServiceState, new: ServiceState) -> int:
+    """The digest after going from `old` to `new`: the changed frontends' old shares leave,
+    their new ones come."""
+    for b, a in changed_rules(old, new):
+        for rule in (b, a):
+            if rule is not None:
+                digest ^= rule_hash(_rule_encoded(rule))
+    return digest
+
+
+def _parsed(name: str, key: str, value: str | None) -> Item:
+    try:
+        return item_of(name, key, value)
+    except (ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"set {name}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
+
+
+def element_batch(gone: Elements, come: Elements, digest: tuple[int | None, int] | None = None) -> nl.Batch:
+    """The delta as one netlink transaction: deletions, then additions (a changed
+    value is a deletion and an addition), and the digest replaced (old, new) if
+    given. The text-only sets are not included."""
+    batch = nl.Batch()
+    if digest is not None and digest[0] != digest[1]:
+        if digest[0] is not None:
+            batch.delete_elements(TABLE, DIGEST, [digest_element(digest[0])])
+        batch.add_elements(TABLE, DIGEST, [digest_element(digest[1])])
+    for verb, part in (("delete", gone), ("add", come)):
+        for name in part:
+            kv = part[name]
+            if not kv or name in TEXT_ONLY:
+                continue
+            encoded = (_checked(_parsed(name, k, v), verb == "add") for k, v in kv.items())
+            if verb == "delete":
+                batch.delete_elements(TABLE, name, encoded)
+            else:
+                batch.add_elements(TABLE, name, encoded)
+    return batch
+
+

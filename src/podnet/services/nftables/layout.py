@@ -1,0 +1,427 @@
+"""The podnet-svc table's definition: a fixed set of chains, everything else set elements.
+
+    table ip podnet-svc
+      nat prerouting/output -> services:
+        ip daddr . meta l4proto . th dport @masq_ips               -> mark for masquerade
+        fib daddr local, meta l4proto . th dport @masq_nodeports   -> mark for masquerade
+        ct mark set @affinity_key_ips / _nodeports (the Service port's affinity key),
+        dnat to (ip saddr . ct mark) @affinity                      (ClientIP affinity hits)
+        from pods (iifname pn*) or the node: @short_circuit_ips / _nodeports -> goto svc_<M> / np_<M>
+                                                                    (externalTrafficPolicy Local)
+        ip daddr . meta l4proto . th dport @service_ips            -> goto svc_t (tier tree)
+        fib daddr local, meta l4proto . th dport @service_nodeports -> goto np_t
+      svc_t...: a binary tree of chains that finds the endpoint count N of the frontend,
+        one bit per level (@svc_bit<i> holds the frontends whose N-1 has bit i set)
+      svc_<N>: dnat to (ip daddr . l4proto . dport . numgen random mod N) @backends_<N>
+      np_<N>:  dnat to (l4proto . dport . numgen random mod N) @nodeport_backends_<N>
+      nat postrouting: record affinity (@affinity_ips/@affinity_nodeports -> jump aff_t<T>,
+        which updates @affinity with the chosen backend), masquerade marked traffic
+      filter forward: a DNATed packet that leaves by the interface it came in (a pod
+        reaching itself through its Service: hairpin) is marked for masquerade
+      filter prerouting/output (before DNAT): LoadBalancer source ranges
+        (@firewall_ips, @lb_source_ranges)
+      filter input/forward/output (after DNAT): no endpoints -> reject or drop
+        (@reject_*, @drop_*), other ports of a ClusterIP (@cluster_ips) -> reject,
+        unused service CIDR addresses -> drop
+
+Why a tree and not a verdict map `frontend : goto svc_<N>`: the kernel validates the
+whole table for loops whenever a jump/goto element is added, walking every element
+of every verdict map (12-40 ms per change at 50 000 Services). Plain set elements
+are not validated: a change costs the same at any size. The tree costs a fixed
+number of set lookups per new connection (TIER_BITS), whatever the number of Services.
+
+A Service port with N endpoints is one @service_ips element, one @svc_bit<i> element
+per bit set in N-1, and N @backends_<N> slot elements. The tree has 2^bits leaves
+(bits = TIER_BITS, more if a Service has more endpoints: the table is rebuilt once
+for it). aff_t<T> exists once per distinct affinity timeout. Nothing grows with
+the number of Services except elements.
+
+The table's structure is a transaction of the typed nftables layer
+(podnet.dataplane.nftables), sent as `nft -f` text and rendered here (the layout once
+per layout, then the affinity chains and the text-only sets of a state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+from podnet.dataplane.nftables import Chain, Map, Set, Table, Transaction
+from podnet.dataplane.nftables import Elements as NftElements
+from podnet.dataplane.nftables import Rule as NftRule
+from podnet.services.model import ServiceState
+
+TABLE = "podnet-svc"
+FAMILY = "ip"
+PROTOS = ("tcp", "udp", "sctp")
+AFFINITY_MAX = 1048576  # entries in the dynamic affinity map
+TIER_BITS = 8  # the tier tree covers 1..256 endpoints per frontend unless a Service needs more
+MAX_TIER_BITS = 16
+# One slot map per endpoint count: the kernel checks every element of a map against
+# every rule bound to it (on insert, and for every element when a rule binds), so a
+# single slot map used by all leaf chains would cost 256 checks per element.
+# @service_ips and @cluster_ips get a fixed capacity: the kernel then uses a fixed-size
+# hash, which loads about 3x faster than the resizable one (for @cluster_ips, 4-byte
+# keys: 3 ms instead of 10-14 ms for 10 000 addresses). The capacity is a hard
+# limit; the table is rebuilt with twice the need when it is reached (and never shrinks).
+SIZED = ("service_ips", "cluster_ips")
+SLOT_MAPS = {False: "backends", True: "nodeport_backends"}  # nodeport? -> slot map name prefix
+SLOT_TYPEOF = {
+    False: "ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport",
+    True: "meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport",
+}
+MIN_CAPACITY = 16384
+
+K3 = "ipv4_addr . inet_proto . inet_service"
+K2 = "inet_proto . inet_service"
+SVC_TABLE = Table(TABLE, FAMILY)
+# every set and map but the slot maps; the text-only sets are written with the table's
+# structure (a change rebuilds)
+SETS: dict[str, Set] = {s.name: s for s in (
+    Set("service_cidrs", type="ipv4_addr", flags=("interval",)),
+    Set("node_ips", type="ipv4_addr"),
+    Set("cluster_ips", type="ipv4_addr"),
+    Set("service_ips", type=K3),
+    Set("service_nodeports", type=K2),
+    *(Set(f"svc_bit{i}", type=K3) for i in range(MAX_TIER_BITS)),
+    *(Set(f"np_bit{i}", type=K2) for i in range(MAX_TIER_BITS)),
+    Set("masq_ips", type=K3),
+    Set("masq_nodeports", type=K2),
+    Set("reject_ips", type=K3),
+    Set("reject_nodeports", type=K2),
+    Set("drop_ips", type=K3),
+    Set("drop_nodeports", type=K2),
+    Set("firewall_ips", type=K3),
+    Set("lb_source_ranges", type=f"{K3} . ipv4_addr", flags=("interval",)),
+    Map("affinity_ips", type=f"{K3} : verdict"),
+    Map("affinity_nodeports", type=f"{K2} : verdict"),
+    Map("affinity_key_ips", type=f"{K3} : mark"),
+    Map("affinity_key_nodeports", type=f"{K2} : mark"),
+    Map("short_circuit_ips", type=f"{K3} : verdict"),
+    Map("short_circuit_nodeports", type=f"{K2} : verdict"),
+    Set("digest", type="mark . mark"),
+)}
+VERDICT_MAPS = {name for name, obj in SETS.items() if obj.kind == "map" and obj.type.endswith("verdict")}
+KEY_MAPS = ("affinity_key_ips", "affinity_key_nodeports")  # frontend -> affinity key (a conntrack mark)
+ADDRESS_SETS = ("node_ips", "cluster_ips")  # elements are plain addresses
+TEXT_ONLY = ("service_cidrs", "node_ips")
+DYNAMIC = "affinity"  # filled by the kernel, never by the applier
+# client . affinity key (the frontend's key, carried in the conntrack mark) -> endpoint
+AFFINITY_MAP = Map(DYNAMIC, typeof="ip saddr . ct mark : ip daddr . th dport",
+                   flags=("dynamic", "timeout"), size=AFFINITY_MAX, timeout="3h")
+# One element: a 64-bit XOR over frontends of a hash of each frontend's elements (the
+# text-only sets aside), updated in the same transaction as each change. After an agent restart an
+# equal digest of the desired state means the elements are right without reading them
+# back (a read-back costs ~10 s at 50 000 Services; the digest ~1 s).
+DIGEST = "digest"
+NOT_ELEMENTS = (DYNAMIC, DIGEST)  # sets whose contents are not Service elements
+
+Elements = dict[str, dict[str, str | None]]  # set/map name -> element key -> value (None for sets)
+
+LOCAL_NODEPORT = "fib daddr type local ip daddr != 127.0.0.0/8"
+# This node's pods: their host-side interfaces (podnet.dataplane.pods.HOST_PREFIX).
+POD_INTERFACES = "iifname pn*"
+# Traffic the short-circuit applies to: from this node's pods, and from the node itself.
+SHORT_CIRCUIT_SOURCES = (POD_INTERFACES, "fib saddr type local")
+
+
+def _fixed_chains(mark: int) -> dict[str, list[str]]:
+    m = f"{mark:#x}"
+    rec = []
+    for p in PROTOS:
+        rec.append(f"meta l4proto {p} ct original ip daddr . meta l4proto . ct original proto-dst vmap @affinity_ips")
+        rec.append(f"meta l4proto {p} ct original ip daddr @node_ips meta l4proto . ct original proto-dst "
+                   "vmap @affinity_nodeports")
+    return {
+        "reject_chain": ["meta l4proto tcp reject with tcp reset", "reject"],
+        "endpoints_check": [
+            "ip daddr . meta l4proto . th dport @reject_ips goto reject_chain",
+            "ip daddr . meta l4proto . th dport @drop_ips drop",
+            f"{LOCAL_NODEPORT} meta l4proto . th dport @reject_nodeports goto reject_chain",
+            f"{LOCAL_NODEPORT} meta l4proto . th dport @drop_nodeports drop",
+            "ip daddr @cluster_ips goto reject_chain",
+            "ip daddr @service_cidrs drop",
+        ],
+        "firewall_check": [
+            "ip daddr . meta l4proto . th dport @firewall_ips "
+            "ip daddr . meta l4proto . th dport . ip saddr != @lb_source_ranges drop",
+        ],
+        "services": [
+            f"ip daddr . meta l4proto . th dport @masq_ips meta mark set meta mark | {m}",
+            f"{LOCAL_NODEPORT} meta l4proto . th dport @masq_nodeports meta mark set meta mark | {m}",
+            # (the protocol match lets nft accept a DNAT to an address and port)
+            "meta l4proto { tcp, udp, sctp } ct mark set ip daddr . meta l4proto . th dport map @affinity_key_ips "
+            "dnat ip to ip saddr . ct mark map @affinity",
+            f"{LOCAL_NODEPORT} meta l4proto {{ tcp, udp, sctp }} ct mark set meta l4proto . th dport map "
+            "@affinity_key_nodeports dnat ip to ip saddr . ct mark map @affinity",
+            *(f"{src} ip daddr . meta l4proto . th dport vmap @short_circuit_ips" for src in SHORT_CIRCUIT_SOURCES),
+            *(f"{src} {LOCAL_NODEPORT} meta l4proto . th dport vmap @short_circuit_nodeports"
+              for src in SHORT_CIRCUIT_SOURCES),
+            "ip daddr . meta l4proto . th dport @service_ips goto svc_t",
+            f"{LOCAL_NODEPORT} meta l4proto . th dport @service_nodeports goto np_t",
+        ],
+        "affinity_record": rec,
+        "hairpin": [f"ct status dnat fib daddr . iif oif exists meta mark set meta mark | {m}"],
+        "masquerading": [f"meta mark & {m} == {m} meta mark set meta mark ^ {m} masquerade fully-random"],
+    }
+
+
+# base chain -> (type, hook, priority, rules)
+def _base_chains() -> dict[str, tuple[str, str, str, list[str]]]:
+    return {
+        "filter_prerouting": ("filter", "prerouting", "-110", ["ct state new jump firewall_check"]),
+        "filter_output_pre": ("filter", "output", "-110", ["ct state new jump firewall_check"]),
+        "filter_input": ("filter", "input", "0", ["ct state new jump endpoints_check"]),
+        "filter_forward": ("filter", "forward", "0", ["ct state new jump endpoints_check",
+                                                      "ct state new jump hairpin"]),
+        "filter_output": ("filter", "output", "0", ["ct state new jump endpoints_check"]),
+        "nat_prerouting": ("nat", "prerouting", "-100", ["jump services"]),
+        "nat_output": ("nat", "output", "-100", ["jump services"]),
+        "nat_postrouting": ("nat", "postrouting", "100",
+                            ["ct status dnat jump affinity_record", "jump masquerading"]),
+    }
+
+
+@lru_cache(maxsize=4)
+def _tree_chains(bits: int) -> dict[str, list[str]]:
+    """The tier tree and its leaves, for frontends (svc) and node ports (np).
+
+    Node `<kind>_t<prefix>` tests bit (bits-1-len(prefix)) of N-1, most significant
+    first; the leaf for N-1 = v is `<kind>_<v+1>`, which picks one of N slots."""
+    out: dict[str, list[str]] = {}
+    for kind, key, nodeport in (("svc", "ip daddr . meta l4proto . th dport", False),
+                                ("np", "meta l4proto . th dport", True)):
+        def node(prefix: str, kind: str = kind) -> str:
+            if len(prefix) == bits:
+                return f"{kind}_{int(prefix, 2) + 1}"
+            return f"{kind}_t{prefix}"
+
+        frontier = [""]
+        while frontier:
+            nxt = []
+            for prefix in frontier:
+                bit = bits - 1 - len(prefix)
+                out[node(prefix)] = [f"{key} @{kind}_bit{bit} goto {node(prefix + '1')}", f"goto {node(prefix + '0')}"]
+                if len(prefix) + 1 < bits:
+                    nxt += [prefix + "0", prefix + "1"]
+            frontier = nxt
+        for v in range(2 ** bits):
+            out[f"{kind}_{v + 1}"] = [f"dnat ip to {key} . numgen random mod {v + 1} map @{slot_map(nodeport, v + 1)}"]
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The fixed part of the table for one masquerade mark and tier tree depth."""
+
+    mark: int
+    bits: int = TIER_BITS
+    capacity: int = MIN_CAPACITY  # elements of each SIZED set
+
+    def fit(self, most_backends: int, frontends: int) -> Layout:
+        """This layout if it holds a frontend with `most_backends` endpoints and `frontends`
+        elements in each SIZED set; otherwise a larger one (the table must be rebuilt)."""
+        bits = max(self.bits, (most_backends - 1).bit_length())
+        capacity = self.capacity
+        if frontends > capacity:
+            capacity = max(MIN_CAPACITY, 1 << (2 * frontends - 1).bit_length())
+        return self if (bits, capacity) == (self.bits, self.capacity) else Layout(self.mark, bits, capacity)
+
+    @classmethod
+    def for_state(cls, state: ServiceState) -> Layout:
+        return cls(state.masquerade_mark).fit(*state_size(state))
+
+    def sets(self) -> dict[str, Set]:
+        """Every set and map of the table (name -> definition), the slot maps included."""
+        out: dict[str, Set] = {}
+        for name, obj in SETS.items():
+            out[name] = Set(name, type=obj.type, size=self.capacity) if name in SIZED else obj
+        for nodeport in (False, True):
+            for m in _slot_maps(nodeport, self.bits):
+                out[m.name] = m
+        return out
+
+    def chains(self) -> dict[str, list[str]]:
+        return {**_fixed_chains(self.mark), **_tree_chains(self.bits)}
+
+    def transaction(self) -> Transaction:
+        """The layout's sets, maps and chains, every chain created before any rule so that
+        jumps resolve in any order."""
+        tx = Transaction(SVC_TABLE)
+        tx.add_all(self.sets().values())
+        tx.add(AFFINITY_MAP)
+        chains = self.chains()
+        tx.add_all(Chain.regular(chains))
+        for name, (typ, hook, prio, _) in _base_chains().items():
+            tx.add(Chain(name, type=typ, hook=hook, priority=prio, policy="accept"))
+        tx.add_all(NftRule.bulk([(name, r) for name, rules in chains.items() for r in rules]
+                                + [(name, r) for name, spec in _base_chains().items() for r in spec[3]]))
+        return tx
+
+    @property
+    def body(self) -> str:
+        """The layout as nft commands (what the marker's hash is taken of; rendered once
+        per layout, and only the text is kept)."""
+        return _layout_body(self)
+
+    @cached_property
+    def marker(self) -> str:
+        """An empty chain whose name stamps the layout version (cheap to check: `nft list chains`)."""
+        return "layout_" + hashlib.sha256(self.body.encode()).hexdigest()[:12]
+
+    def chain_rule_counts(self) -> dict[str, int]:
+        counts = {name: len(rules) for name, rules in self.chains().items()}
+        counts.update({name: len(spec[3]) for name, spec in _base_chains().items()})
+        counts[self.marker] = 0
+        return counts
+
+
+@lru_cache(maxsize=4)
+def _layout_body(layout: Layout) -> str:
+    return layout.transaction().script()
+
+def slot_map(nodeport: bool, n: int) -> str:
+    """The map holding the slots of frontends with n endpoints."""
+    return f"{SLOT_MAPS[nodeport]}_{n}"
+
+
+@lru_cache(maxsize=8)
+def _slot_maps(nodeport: bool, bits: int) -> list[Map]:
+    return Map.named([slot_map(nodeport, n) for n in range(1, 2 ** bits + 1)], typeof=SLOT_TYPEOF[nodeport])
+
+
+@lru_cache(maxsize=1024)
+def slot_map_object(nodeport: bool, n: int) -> Map:
+    return Map(slot_map(nodeport, n), typeof=SLOT_TYPEOF[nodeport])
+
+
+def set_object(name: str) -> Set:
+    """The definition of a set or map of the table, by name."""
+    slots = slot_map_of(name)
+    return slot_map_object(*slots) if slots else SETS[name]
+
+
+def slot_map_of(name: str) -> tuple[bool, int] | None:
+    """(nodeport?, endpoint count) of a slot map's name; None for other sets."""
+    prefix, _, n = name.rpartition("_")
+    if not n.isdigit():
+        return None
+    for nodeport, p in SLOT_MAPS.items():
+        if prefix == p:
+            return nodeport, int(n)
+    return None
+
+
+def affinity_chain(timeout: int) -> str:
+    return f"aff_t{timeout}"
+
+
+def affinity_chain_rules(name: str) -> list[str]:
+    """Rules of an affinity chain, from its name."""
+    kind, _, arg = name.partition("_")
+    if kind == "aff" and arg.startswith("t") and arg[1:].isdigit():
+        t = int(arg[1:])
+        return [f"update @{DYNAMIC} {{ ct original ip saddr . ct mark timeout {t}s : ip daddr . th dport }}"]
+    raise ValueError(f"not a podnet-svc affinity chain: {name}")
+
+
+def is_affinity_chain(name: str) -> bool:
+    try:
+        affinity_chain_rules(name)
+        return True
+    except ValueError:
+        return False
+
+
+def most_backends(els: Elements) -> int:
+    """The largest endpoint count among these elements' frontends (from their slot maps)."""
+    return max((s[1] for name, kv in els.items() if kv and (s := slot_map_of(name))), default=0)
+
+
+def state_size(state: ServiceState) -> tuple[int, int]:
+    """(largest endpoint count of a frontend, elements of the fullest SIZED set) of a state."""
+    most, counts = state_sizes(state)
+    return most, max(counts.values())
+
+
+def state_sizes(state: ServiceState) -> tuple[int, dict[str, int]]:
+    """(largest endpoint count of a frontend, elements of each SIZED set) of a state: O(frontends)."""
+    most = frontends = owners = 0
+    for r in state.rules:
+        n = len(r.backends)
+        most = max(most, n, len(r.short_circuit))
+        if n and r.frontend.ip is not None:
+            frontends += 1
+        if r.owns_cluster_ip:
+            owners += 1
+    return most, {"service_ips": frontends, "cluster_ips": owners}
+
+
+
+
+def _addr(cidr: str) -> str:
+    """An interval element as nft prints it back: a /32 is a plain address."""
+    return cidr[:-3] if cidr.endswith("/32") else cidr
+
+
+def state_affinity_chains(state: ServiceState) -> set[str]:
+    """The affinity chains a state's frontends jump to."""
+    return {affinity_chain(r.affinity_timeout) for r in state.rules if r.affinity_timeout and r.backends}
+
+
+def affinity_chains(els: Elements) -> set[str]:
+    """The affinity chains the elements point to."""
+    out = set()
+    for name in ("affinity_ips", "affinity_nodeports"):
+        for v in els.get(name, {}).values():
+            if v:
+                out.add(v.split()[-1])
+    return out
+
+
+
+def _structure_parts(layout: Layout, state: ServiceState) -> tuple[Transaction, Transaction]:
+    """What goes before the layout (the old table removed) and after it (the layout marker,
+    the state's affinity chains, the text-only sets' elements)."""
+    head = Transaction(SVC_TABLE)
+    head.recreate()
+    tail = Transaction(SVC_TABLE)
+    tail.add(Chain(layout.marker))
+    for chain in sorted(state_affinity_chains(state)):
+        tail.add(Chain(chain))
+        tail.add_all(NftRule.many(chain, affinity_chain_rules(chain)))
+    tail.add(NftElements(SETS["service_cidrs"], sorted(_addr(c) for c in state.service_cidrs)))
+    tail.add(NftElements(SETS["node_ips"], sorted(state.node_ips)))
+    return head, tail
+
+
+def structure_transaction(layout: Layout, state: ServiceState) -> Transaction:
+    """Create (or replace) the table with its chains and the text-only sets; every other
+    element follows as one netlink batch (`state_batch`)."""
+    head, tail = _structure_parts(layout, state)
+    head.ops += layout.transaction().ops + tail.ops
+    return head
+
+
+def structure_script(layout: Layout, state: ServiceState) -> str:
+    """structure_transaction as text (the layout's part rendered once per layout)."""
+    head, tail = _structure_parts(layout, state)
+    return head.script() + layout.body + tail.script()
+
+def affinity_chain_script(come: Elements, existing: set[str]) -> str:
+    """Affinity chains the new elements need and the table lacks ("" if none)."""
+    tx = Transaction(SVC_TABLE)
+    for chain in sorted(affinity_chains(come) - existing):
+        tx.add(Chain(chain))
+        tx.add_all(NftRule.many(chain, affinity_chain_rules(chain)))
+    return tx.script()
+
+
+def remove_script() -> str:
+    """Delete the whole table (no error if there is none)."""
+    tx = Transaction(SVC_TABLE)
+    tx.add(SVC_TABLE)
+    tx.delete(SVC_TABLE)
+    return tx.script()
+
