@@ -1,8 +1,9 @@
 """Fixtures for the store suite: one set of tests, run against every backend.
 
-Backends: `sqlite` (a fresh file per test), `etcd1` (one member) and `etcd3`
-(three members). Each etcd cluster is started once per session and shared, so
-every test works under its own unique key prefix.
+Backends: `sqlite` (a fresh file per test), `etcd1` (one member), `etcd3`
+(three members) and `etcd1-tls` (one member over TLS with client-certificate auth,
+and user auth on: every call carries a token). Each etcd cluster is started once per
+session and shared, so every test works under its own unique key prefix.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ needs_etcd = pytest.mark.skipif(not HAVE_ETCD, reason="etcd binary not installed
 # ---------------------------------------------------------------- clusters
 
 
-def _etcd(size: int) -> Iterator[EtcdCluster]:
+def _etcd(size: int, **options: bool) -> Iterator[EtcdCluster]:
     if not HAVE_ETCD:
         pytest.skip("etcd binary not installed")
-    cluster = EtcdCluster(size, die_with_parent=True)
+    cluster = EtcdCluster(size, die_with_parent=True, **options)
     try:
         yield cluster
     finally:
@@ -58,6 +59,12 @@ def etcd3_cluster() -> Iterator[EtcdCluster]:
     yield from _etcd(3)
 
 
+@pytest.fixture(scope="session")
+def etcd1_tls_cluster() -> Iterator[EtcdCluster]:
+    """TLS with --client-cert-auth, and auth enabled: a `podnet` user that may use every key."""
+    yield from _etcd(1, tls=True, auth=True)
+
+
 # ---------------------------------------------------------------- backends
 
 
@@ -71,13 +78,18 @@ class Backend:
     def is_etcd(self) -> bool:
         return self.cluster is not None
 
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment that gives another process this backend's credentials."""
+        return self.cluster.credentials.environment() if self.cluster is not None else {}
+
     def open(self, member: int = 0) -> KeyValueStore:
         """A new store object; for etcd, one that talks to `member` first."""
         if self.cluster is None:
             return open_store(self.url)
         eps = self.cluster.endpoints
         k = member % len(eps)
-        return EtcdStore(eps[k:] + eps[:k])
+        return EtcdStore(eps[k:] + eps[:k], tls=self.cluster.tls, credentials=self.cluster.credentials)
 
     def compact_through(self, store: KeyValueStore, revision: int) -> None:
         """Drop history up to and including `revision`: revision+1 becomes the oldest kept."""
@@ -93,6 +105,7 @@ BACKENDS = [
     "sqlite",
     pytest.param("etcd1", marks=[pytest.mark.etcd, needs_etcd]),
     pytest.param("etcd3", marks=[pytest.mark.etcd, needs_etcd]),
+    pytest.param("etcd1-tls", marks=[pytest.mark.etcd, needs_etcd]),
 ]
 
 
@@ -101,7 +114,7 @@ def backend(request: pytest.FixtureRequest, tmp_path) -> Backend:
     name = request.param
     if name == "sqlite":
         return Backend(name, f"sqlite://{tmp_path}/store.db")
-    cluster: EtcdCluster = request.getfixturevalue(f"{name}_cluster")
+    cluster: EtcdCluster = request.getfixturevalue(f"{name.replace('-', '_')}_cluster")
     return Backend(name, cluster.url, cluster)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from podnet.model.objects import Namespace, Node, Pod, Service
 from podnet.model.selectors import LabelSelector
-from podnet.store import open_store
+from podnet.store import reopen
 from podnet.store.base import AlreadyExists, Compacted, Conflict, NotFound, Op
 from podnet.store.objects import ObjectStore, object_key
 
@@ -227,7 +228,7 @@ def test_stream_delivers_the_list_page_by_page_from_one_snapshot(kv, prefix):
         kv.page_size = 16  # several pages
     got: list = []
     written_meanwhile: list[int] = []
-    writer = open_store(kv.url)  # another client (a connection in a read transaction cannot write)
+    writer = reopen(kv)  # another client (a connection in a read transaction cannot write)
 
     def sink(r) -> None:
         got.append(r)
@@ -345,7 +346,7 @@ def test_watch_sees_writes_of_other_store_and_process(backend, kv, prefix, watch
     )
     out = subprocess.run(
         [sys.executable, "-c", code, backend.url, prefix + "from-process"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env={**os.environ, **backend.env},
     )
     assert out.returncode == 0, out.stderr
     r2 = int(out.stdout)

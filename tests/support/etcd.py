@@ -7,6 +7,14 @@
 
 Each member gets free client and peer ports and a directory of its own holding
 its data dir and its log (etcd.log). Processes are only ever signalled by PID.
+
+    with EtcdCluster(1, tls=True, auth=True) as cluster:
+        store = open_store(cluster.url, credentials=cluster.credentials)
+
+tls=True: certificates made with openssl in the cluster's directory (Pki), client
+URLs over HTTPS with --client-cert-auth (a client needs a certificate from the
+cluster's CA). auth=True: a root user and a `podnet` user whose role may read and
+write `auth_prefix`, made with etcdctl, then `etcdctl auth enable`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -26,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from podnet.errors import PodnetError
+from podnet.store.credentials import EtcdCredentials
 
 ETCD_BINARY = "etcd"
 # Raft timing for tests on a small, busy machine: fast enough that a failover takes a
@@ -34,6 +44,9 @@ HEARTBEAT_MS = 100
 ELECTION_MS = 1000
 START_TIMEOUT = 30.0
 LOG_TAIL_LINES = 30
+ROOT_PASSWORD = "root-Pw-0"
+# Characters a URL must percent-encode, and etcdctl's USER:PASSWORD separator.
+PODNET_PASSWORD = "pod:net@pw,%/1"
 
 
 class EtcdError(PodnetError):
@@ -92,9 +105,67 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _post_json(endpoint: str, path: str, body: dict | None, timeout: float) -> tuple[int, dict]:
+class Pki:
+    """A CA, a server certificate for 127.0.0.1 and localhost, client certificates, and a second
+    CA that etcd does not trust, made with openssl in `directory` (keys 0600).
+
+    client: no Common Name (subject /O=podnet), as etcd's JSON gateway needs with auth on;
+    client_cn: CN=podnet; untrusted: a client certificate from the other CA."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._ca("ca")
+        self._ca("other-ca")
+        # etcd's JSON gateway dials its own gRPC server with this certificate: it must allow clientAuth.
+        self._leaf("server", "ca", "/CN=etcd-test-server", "serverAuth,clientAuth", "IP:127.0.0.1,DNS:localhost")
+        self._leaf("client", "ca", "/O=podnet", "clientAuth")
+        self._leaf("client-cn", "ca", "/O=podnet/CN=podnet", "clientAuth")
+        self._leaf("untrusted", "other-ca", "/O=podnet", "clientAuth")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def pair(self, name: str) -> tuple[str, str]:
+        """(certificate, key) of a leaf."""
+        return self.path(f"{name}.pem"), self.path(f"{name}.key")
+
+    def _openssl(self, *args: str) -> None:
+        proc = subprocess.run(["openssl", *args], cwd=self.dir, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise EtcdError(f"openssl {args[0]} failed: {proc.stderr.strip()}")
+
+    def _ca(self, name: str) -> None:
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                      f"{name}.pem", "-days", "2", "-subj", f"/CN=podnet test {name} {uuid.uuid4().hex[:8]}")
+        os.chmod(self.path(f"{name}.key"), 0o600)
+
+    def _leaf(self, name: str, ca: str, subject: str, usage: str, san: str | None = None) -> None:
+        ext = self.path(f"{name}.ext")
+        with open(ext, "w") as f:
+            f.write(f"extendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n")
+            if san:
+                f.write(f"subjectAltName={san}\n")
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                      "-subj", subject)
+        os.chmod(self.path(f"{name}.key"), 0o600)
+        self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+                      "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", ext)
+
+    def context(self, client: str | None = "client") -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.path("ca.pem"))
+        if client is not None:
+            ctx.load_cert_chain(*self.pair(client))
+        return ctx
+
+
+def _post_json(endpoint: str, path: str, body: dict | None, timeout: float,
+               tls: ssl.SSLContext | None = None) -> tuple[int, dict]:
     host, port = endpoint.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    if tls is None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection(host, int(port), timeout=timeout, context=tls)
     try:
         if body is None:
             conn.request("GET", path)
@@ -131,6 +202,9 @@ class EtcdCluster:
         start_timeout: float = START_TIMEOUT,
         die_with_parent: bool = False,
         extra_args: tuple[str, ...] | list[str] = (),
+        tls: bool = False,
+        auth: bool = False,
+        auth_prefix: str = "/",
     ):
         if size < 1:
             raise ValueError("an etcd cluster needs at least one member")
@@ -153,8 +227,17 @@ class EtcdCluster:
             self.base_dir = base_dir
         self.token = f"podnet-{uuid.uuid4().hex[:12]}"
         self.members: list[Member] = []
+        self.auth = auth
+        self.auth_prefix = auth_prefix
+        self.pki: Pki | None = None
+        self._tls_context: ssl.SSLContext | None = None
+        self._auth_on = False
         try:
+            self.pki = Pki(os.path.join(self.base_dir, "pki")) if tls else None
+            self._tls_context = self.pki.context() if self.pki is not None else None
             self._start_all()
+            if auth:
+                self._enable_auth()
         except BaseException:
             self.stop()
             raise
@@ -166,8 +249,52 @@ class EtcdCluster:
         return [m.endpoint for m in self.members]
 
     @property
+    def tls(self) -> bool:
+        return self.pki is not None
+
+    @property
     def url(self) -> str:
-        return "etcd://" + ",".join(self.endpoints)
+        return ("etcds://" if self.tls else "etcd://") + ",".join(self.endpoints)
+
+    @property
+    def credentials(self) -> EtcdCredentials:
+        """The `podnet` user's (with auth) and the client certificate (with TLS)."""
+        return self.credentials_for("podnet" if self.auth else None, PODNET_PASSWORD)
+
+    def credentials_for(self, user: str | None, password: str | None = None, client: str = "client",
+                        ) -> EtcdCredentials:
+        values: dict[str, str | None] = {"user": user, "password": password if user else None}
+        if self.pki is not None:
+            values |= dict(zip(("cert", "key"), self.pki.pair(client), strict=True), cacert=self.pki.path("ca.pem"))
+        return EtcdCredentials(**values)
+
+    def etcdctl(self, *args: str, root: bool = True) -> str:
+        """Run etcdctl against the cluster (as root once auth is on); its output."""
+        cmd = ["etcdctl", "--endpoints", ",".join(("https://" if self.tls else "http://") + e for e in self.endpoints)]
+        if self.pki is not None:
+            cmd += ["--cacert", self.pki.path("ca.pem"), "--cert", self.pki.pair("client")[0],
+                    "--key", self.pki.pair("client")[1]]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
+        if root and self._auth_on:
+            env |= {"ETCDCTL_USER": "root", "ETCDCTL_PASSWORD": ROOT_PASSWORD}
+        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=30)
+        if proc.returncode != 0:
+            raise EtcdError(f"etcdctl {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def _enable_auth(self) -> None:
+        self.etcdctl("user", "add", "root", "--new-user-password", ROOT_PASSWORD)
+        self.etcdctl("user", "grant-role", "root", "root")
+        self.add_user("podnet", PODNET_PASSWORD, self.auth_prefix)
+        self.etcdctl("auth", "enable")
+        self._auth_on = True
+
+    def add_user(self, name: str, password: str, prefix: str) -> None:
+        """A user whose role `name` may read and write keys starting with `prefix`."""
+        self.etcdctl("user", "add", name, "--new-user-password", password)
+        self.etcdctl("role", "add", name)
+        self.etcdctl("role", "grant-permission", name, "--prefix=true", "readwrite", prefix)
+        self.etcdctl("user", "grant-role", name, name)
 
     def pids(self) -> list[int | None]:
         return [m.pid if m.running() else None for m in self.members]
@@ -197,12 +324,13 @@ class EtcdCluster:
 
     def _command(self, m: Member, new: bool) -> list[str]:
         peers = ",".join(f"{o.name}=http://127.0.0.1:{o.peer_port}" for o in self.members)
+        scheme = "https" if self.pki is not None else "http"
         cmd = [
             self.binary,
             "--name", m.name,
             "--data-dir", m.data_dir,
-            "--listen-client-urls", f"http://127.0.0.1:{m.client_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{m.client_port}",
+            "--listen-client-urls", f"{scheme}://127.0.0.1:{m.client_port}",
+            "--advertise-client-urls", f"{scheme}://127.0.0.1:{m.client_port}",
             "--listen-peer-urls", f"http://127.0.0.1:{m.peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{m.peer_port}",
             "--initial-cluster", peers,
@@ -216,6 +344,10 @@ class EtcdCluster:
             "--log-outputs", "stderr",
             *self.extra_args,
         ]
+        if self.pki is not None:
+            cert, key = self.pki.pair("server")
+            cmd += ["--cert-file", cert, "--key-file", key, "--client-cert-auth",
+                    "--trusted-ca-file", self.pki.path("ca.pem")]
         if self.die_with_parent:
             cmd = ["setpriv", "--pdeathsig", "KILL", "--", *cmd]  # setpriv execs: same PID
         return cmd
@@ -235,7 +367,7 @@ class EtcdCluster:
 
     def _healthy(self, m: Member) -> bool:
         try:
-            status, doc = _post_json(m.endpoint, "/health", None, timeout=2.0)
+            status, doc = _post_json(m.endpoint, "/health", None, timeout=2.0, tls=self._tls_context)
         except (OSError, ValueError, http.client.HTTPException):
             return False
         return status == 200 and doc.get("health") == "true"
@@ -303,7 +435,8 @@ class EtcdCluster:
                 if not m.running():
                     continue
                 try:
-                    status, doc = _post_json(m.endpoint, "/v3/maintenance/status", {}, timeout=2.0)
+                    status, doc = _post_json(m.endpoint, "/v3/maintenance/status", {}, timeout=2.0,
+                                             tls=self._tls_context)
                 except (OSError, ValueError, http.client.HTTPException):
                     continue
                 leader_id = doc.get("leader") if status == 200 else None
@@ -317,7 +450,7 @@ class EtcdCluster:
 
     def _member_id(self, m: Member) -> str | None:
         try:
-            status, doc = _post_json(m.endpoint, "/v3/maintenance/status", {}, timeout=2.0)
+            status, doc = _post_json(m.endpoint, "/v3/maintenance/status", {}, timeout=2.0, tls=self._tls_context)
         except (OSError, ValueError, http.client.HTTPException):
             return None
         return doc.get("header", {}).get("member_id") if status == 200 else None
@@ -344,4 +477,4 @@ class EtcdCluster:
         self.stop()
 
 
-__all__ = ["EtcdCluster", "EtcdError", "Member", "free_ports"]
+__all__ = ["PODNET_PASSWORD", "ROOT_PASSWORD", "EtcdCluster", "EtcdError", "Member", "Pki", "free_ports"]

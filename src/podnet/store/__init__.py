@@ -12,9 +12,9 @@ from podnet.store.base import (
     StoreError,
     StoreUnavailable,
 )
-from podnet.store.url import DEFAULT_STORE_URL, open_store
+from podnet.store.url import DEFAULT_STORE_URL, open_store, reopen
 
 __all__ = [
     "AlreadyExists", "Compacted", "Conflict", "DEFAULT_STORE_URL", "Event", "KeyValueStore", "NotFound",
-    "Op", "Record", "StoreError", "StoreUnavailable", "open_store",
+    "Op", "Record", "StoreError", "StoreUnavailable", "open_store", "reopen",
 ]

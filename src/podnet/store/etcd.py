@@ -21,6 +21,19 @@ Semantics follow podnet.store.base exactly:
 Every request carries the `hasleader` metadata, so a member cut off from its
 cluster rejects requests (and cancels watches) at once instead of hanging;
 those rejections are safe to retry elsewhere.
+
+Security, as etcdctl has it (podnet.store.credentials names the options):
+
+* TLS (etcds://, or https:// endpoints): the server's certificate is verified against
+  --cacert (else the system's CAs) and its name; --cert/--key are shown when given. In
+  TLS 1.3 a server judges the client's certificate only after the client considers the
+  handshake done, so each new connection first asks for the member's status: a
+  refused certificate then shows as a refusal, never as a request of unknown outcome.
+* A user and password: Authenticate gives a token, sent with every request
+  (`Authorization`); when etcd answers "invalid auth token" (it expired, or the
+  password changed) or "revision of auth store is old", the store authenticates again
+  and repeats the request once (etcd applied none of it). A server with auth off
+  answers Authenticate "authentication is not enabled": requests then go without one.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import http.client
 import json
 import select
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -49,6 +63,7 @@ from podnet.store.base import (
     StoreUnavailable,
     check_expect,
 )
+from podnet.store.credentials import EtcdCredentials, tls_context
 
 CONNECT_TIMEOUT = 2.0
 # Longer than etcd's own request timeout (5s + 2 election timeouts), so the server
@@ -67,6 +82,20 @@ HEADERS = {
     "Accept": "application/json",
     "Grpc-Metadata-hasleader": "true",
 }
+PROBE_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+AUTHENTICATE = "/v3/auth/authenticate"
+# etcd's answers to a token it no longer takes: authenticate again, and repeat the request.
+_TOKEN_REFUSED = ("etcdserver: invalid auth token", "etcdserver: revision of auth store is old")
+_NO_USER = "etcdserver: user name is empty"
+_DENIED = "etcdserver: permission denied"
+_BAD_PASSWORD = "invalid user ID or password"
+_AUTH_OFF = "authentication is not enabled"
+# etcd 3.4.10+ refuses, on its JSON gateway, a verified client certificate with a Common
+# Name while auth is enabled (the name would otherwise be taken as the user).
+_GATEWAY_CN = b"CommonName of client sending a request against gateway"
+_CN_REFUSED = "with auth enabled, etcd's JSON gateway refuses"
+_GRPC_CODES = {"InvalidArgument": 3, "NotFound": 5, "PermissionDenied": 7, "FailedPrecondition": 9,
+               "OutOfRange": 11, "Unimplemented": 12, "Unavailable": 14, "Unauthenticated": 16}
 
 # gRPC status codes the gateway reports in its JSON errors.
 _INVALID_ARGUMENT, _NOT_FOUND, _PERMISSION_DENIED, _FAILED_PRECONDITION = 3, 5, 7, 9
@@ -78,11 +107,14 @@ _NOT_PROPOSED = ("etcdserver: no leader", "etcdserver: too many requests", "etcd
 
 
 class _NotSent(Exception):
-    """The request certainly had no effect (not delivered, or rejected before it was proposed)."""
+    """The request certainly had no effect (not delivered, or rejected before it was proposed).
+    unreachable: no connection could be made (refused, or TLS refused it): calls fail at
+    once when that is so for every endpoint."""
 
-    def __init__(self, message: str, *, unreachable: bool = False):
+    def __init__(self, message: str, *, unreachable: bool = False, refused: bool = False):
         super().__init__(message)
-        self.unreachable = unreachable
+        self.unreachable = unreachable or refused
+        self.refused = refused
 
 
 class _MaybeSent(Exception):
@@ -93,6 +125,18 @@ class _ServerError(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code = code
+
+
+class _TokenRefused(Exception):
+    """etcd no longer takes the token sent: authenticate again."""
+
+    def __init__(self, endpoint: str, message: str):
+        super().__init__(message)
+        self.endpoint = endpoint
+
+
+class _AuthOff(StoreError):
+    """The server has authentication off: requests go without a token."""
 
 
 def _b64(data: bytes) -> str:
@@ -114,14 +158,44 @@ def prefix_range_end(prefix: bytes) -> bytes:
     return b"\x00"  # empty prefix (or all 0xff): the whole keyspace
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
+def split_scheme(endpoint: str) -> tuple[str | None, str]:
+    """("http" | "https" | None, HOST:PORT) of an endpoint as etcdctl's --endpoints writes it."""
     text = endpoint.strip()
-    if text.startswith("https://"):
-        raise PodnetError(f"etcd endpoint {endpoint!r}: TLS is not supported; use a plain http:// client URL")
+    for scheme in ("http", "https"):
+        if text.startswith(scheme + "://"):
+            return scheme, text[len(scheme) + 3:].rstrip("/")
+    return None, text.rstrip("/")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
     try:
-        return parse_host_port(text.removeprefix("http://").rstrip("/"))
+        return parse_host_port(split_scheme(endpoint)[1])
     except ValueError as e:
         raise PodnetError(f"etcd endpoint {e}") from None
+
+
+class _Tls:
+    """A store's TLS context and the options it came from (for messages)."""
+
+    def __init__(self, creds: EtcdCredentials):
+        self.creds = creds
+        self.context = tls_context(creds)
+
+    def verify_failed(self, e: ssl.SSLCertVerificationError) -> str:
+        reason = e.verify_message or e.reason or str(e)
+        if e.verify_code in (2, 19, 20, 21):  # no issuer certificate / self-signed / not trusted
+            trusted = self.creds.named("cacert") if self.creds.cacert else "the system's CAs (give --cacert)"
+            return f"TLS: the server's certificate is not signed by a CA in {trusted} ({reason})"
+        return f"TLS: the server's certificate is refused ({reason})"
+
+    def refused(self, e: BaseException) -> str:
+        """The server ended a connection right after the handshake: it refused our certificate."""
+        detail = getattr(e, "reason", None) or str(e) or type(e).__name__
+        if self.creds.cert is None:
+            return (f"TLS: the server closed the connection after the handshake ({detail}): it requires a client "
+                    "certificate (--cert and --key, or ETCDCTL_CERT and ETCDCTL_KEY)")
+        return (f"TLS: the server closed the connection after the handshake ({detail}): it does not accept "
+                f"the client certificate {self.creds.named('cert')} (signed by a CA it does not trust?)")
 
 
 def _decode_value(key: str, raw: str | None) -> dict[str, Any]:
@@ -148,14 +222,29 @@ def _compare(op: Op) -> dict[str, Any] | None:
 
 
 class _Connection:
-    """One keep-alive HTTP connection to one endpoint."""
+    """One keep-alive HTTP (or HTTPS) connection to one endpoint."""
 
-    def __init__(self, host: str, port: int, connect_timeout: float, timeout: float | None):
-        self.conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
+    def __init__(self, host: str, port: int, connect_timeout: float, timeout: float | None,
+                 tls: _Tls | None = None):
+        self.tls = tls
+        self.fresh = True  # no answer read on it yet
+        if tls is None:
+            self.conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
+        else:
+            self.conn = http.client.HTTPSConnection(host, port, timeout=connect_timeout, context=tls.context)
         try:
             self.conn.connect()
+        except ssl.SSLCertVerificationError as e:
+            self.conn.close()
+            raise _NotSent(tls.verify_failed(e) if tls else str(e), refused=True) from None
+        except ssl.SSLError as e:
+            self.conn.close()
+            raise _NotSent(f"TLS handshake failed: {e.reason or e}", refused=True) from None
         except OSError as e:
             self.conn.close()
+            if tls is not None and isinstance(e, ConnectionResetError):
+                raise _NotSent(f"TLS handshake failed ({e}): does the endpoint serve plain HTTP? "
+                               "then write etcd://, not etcds://", refused=True) from None
             raise _NotSent(f"cannot connect: {e}", unreachable=True) from None
         sock = self.conn.sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -164,6 +253,25 @@ class _Connection:
             if hasattr(socket, opt):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
         sock.settimeout(timeout)
+        if tls is not None:
+            self._probe()
+
+    def _probe(self) -> None:
+        """Ask for the member's status: its answer proves it accepted this client's certificate."""
+        try:
+            self.conn.request("POST", "/v3/maintenance/status", body=b"{}", headers=PROBE_HEADERS)
+            resp = self.conn.getresponse()
+            resp.read()
+        except TimeoutError:
+            self.conn.close()
+            raise _NotSent("no answer to a status request after the TLS handshake", unreachable=True) from None
+        except (OSError, http.client.HTTPException) as e:
+            self.conn.close()
+            assert self.tls is not None
+            raise _NotSent(self.tls.refused(e), refused=True) from None
+        if resp.will_close:
+            self.conn.close()
+            raise _NotSent(f"the server closed the connection after a status request (HTTP {resp.status})")
 
     @property
     def sock(self) -> socket.socket | None:
@@ -180,18 +288,24 @@ class _Connection:
             return False
         return not readable
 
-    def send(self, path: str, body: bytes) -> None:
+    def send(self, path: str, body: bytes, token: str | None = None) -> None:
+        headers = {**HEADERS, "Authorization": token} if token else HEADERS
         try:
-            self.conn.request("POST", path, body=body, headers=HEADERS)
+            self.conn.request("POST", path, body=body, headers=headers)
         except (OSError, http.client.HTTPException) as e:
             # The request did not fully leave this host, so the server cannot have acted on it.
             raise _NotSent(f"sending failed: {e}") from None
 
     def response(self) -> http.client.HTTPResponse:
         try:
-            return self.conn.getresponse()
+            resp = self.conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
-            raise _MaybeSent(f"no response: {e or type(e).__name__}") from None
+            hint = ""
+            if self.fresh and self.tls is None and isinstance(e, http.client.RemoteDisconnected):
+                hint = " (closed without any answer: if the endpoint serves TLS, write etcds://)"
+            raise _MaybeSent(f"no response: {e or type(e).__name__}{hint}") from None
+        self.fresh = False
+        return resp
 
     def close(self) -> None:
         self.conn.close()
@@ -207,6 +321,9 @@ def _read_json(resp: http.client.HTTPResponse) -> dict[str, Any]:
     except ValueError:
         doc = None
     if resp.status != 200:
+        if data.startswith(_GATEWAY_CN):
+            raise _ServerError(_FAILED_PRECONDITION, f"{_CN_REFUSED} a client certificate whose subject has a "
+                               "Common Name: use one without CN (e.g. subject /O=podnet)")
         if isinstance(doc, dict) and ("error" in doc or "message" in doc):
             raise _ServerError(int(doc.get("code", 2)), str(doc.get("message") or doc.get("error")))
         if resp.status == 404:
@@ -218,10 +335,16 @@ def _read_json(resp: http.client.HTTPResponse) -> dict[str, Any]:
 
 
 class EtcdStore(KeyValueStore):
+    """endpoints: HOST:PORT, or etcdctl's http://HOST:PORT / https://HOST:PORT (all alike);
+    tls: for endpoints without a scheme; credentials: TLS files, user and password (as
+    given: the environment is open_store's to read)."""
+
     def __init__(
         self,
         endpoints: list[str],
         *,
+        tls: bool | None = None,
+        credentials: EtcdCredentials | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         timeout: float = REQUEST_TIMEOUT,
         retry_for: float = RETRY_FOR,
@@ -230,9 +353,30 @@ class EtcdStore(KeyValueStore):
     ):
         if not endpoints:
             raise PodnetError("etcd store needs at least one endpoint")
-        self.endpoints = [e.strip().removeprefix("http://").rstrip("/") for e in endpoints]
+        schemes = {scheme for scheme, _ in map(split_scheme, endpoints)} - {None}
+        if len(schemes) > 1:
+            raise PodnetError(f"etcd endpoints {', '.join(endpoints)} mix http:// and https://: "
+                              "the members of one store are all TLS or all not")
+        if schemes and tls is not None and (schemes == {"https"}) != tls:
+            raise PodnetError(f"etcd endpoints {', '.join(endpoints)} are {schemes.pop()}:// but the store URL says "
+                              f"{'etcds' if tls else 'etcd'}://")
+        self.tls = schemes == {"https"} if schemes else bool(tls)
+        self.endpoints = [split_scheme(e)[1] for e in endpoints]
         self._addrs = [parse_endpoint(e) for e in self.endpoints]
-        self.url = "etcd://" + ",".join(self.endpoints)
+        self.url = ("etcds://" if self.tls else "etcd://") + ",".join(self.endpoints)
+        self.credentials = (credentials or EtcdCredentials()).checked()
+        creds = self.credentials
+        if not self.tls and creds.tls_files:
+            # ETCDCTL_* may be meant for another etcd, and etcdctl ignores them for http://
+            # endpoints; a flag or PODNET_ETCD_* given for a plain store is a mistake.
+            named = [creds.where(f) for f in ("cacert", "cert", "key")
+                     if getattr(creds, f) is not None and not creds.where(f).startswith("ETCDCTL_")]
+            if named:
+                raise PodnetError(f"{', '.join(named)} {'is' if len(named) == 1 else 'are'} for TLS, but the store "
+                                  f"{self.url} is plain HTTP: write etcds://{','.join(self.endpoints)}")
+        self._tls = _Tls(creds) if self.tls else None
+        self._auth = creds.user is not None
+        self._token: str | None = None  # None: not authenticated yet; "": the server has auth off
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.retry_for = retry_for
@@ -245,6 +389,10 @@ class EtcdStore(KeyValueStore):
         self._watch_conns: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._watch_lock = threading.Lock()
 
+    def __repr__(self) -> str:
+        user = f" user={self.credentials.user!r}" if self._auth else ""
+        return f"<EtcdStore {self.url}{user}>"
+
     # ------------------------------------------------------------------ plumbing
 
     def _endpoints_text(self) -> str:
@@ -255,14 +403,17 @@ class EtcdStore(KeyValueStore):
             self._conn.close()
             self._conn = None
 
-    def _once(self, path: str, body: bytes) -> dict[str, Any]:
+    def _connect(self, index: int) -> _Connection:
+        host, port = self._addrs[index]
+        return _Connection(host, port, self.connect_timeout, self.timeout, self._tls)
+
+    def _once(self, path: str, body: bytes, token: str | None) -> dict[str, Any]:
         """One request on the current endpoint's connection (opened or refreshed as needed)."""
         if self._conn is not None and not self._conn.idle_and_open():
             self._drop()
         if self._conn is None:
-            host, port = self._addrs[self._current]
-            self._conn = _Connection(host, port, self.connect_timeout, self.timeout)
-        self._conn.send(path, body)
+            self._conn = self._connect(self._current)
+        self._conn.send(path, body, token)
         resp = self._conn.response()
         doc = _read_json(resp)
         if resp.will_close:
@@ -270,7 +421,8 @@ class EtcdStore(KeyValueStore):
         return doc
 
     def _call(self, path: str, request: dict[str, Any], *, write: bool = False) -> dict[str, Any]:
-        """POST to the current endpoint, failing over to the others.
+        """POST to the current endpoint, failing over to the others, with a token if the
+        store has a user (authenticating again once if etcd no longer takes it).
 
         Reads are retried anywhere. A write is only retried when it certainly was not
         applied; if it may have been, StoreUnavailable says its outcome is unknown.
@@ -278,18 +430,83 @@ class EtcdStore(KeyValueStore):
         if self._closed:
             raise StoreUnavailable(f"etcd store {self.url} is closed")
         body = json.dumps(request, separators=(",", ":")).encode()
+        for attempt in range(2):
+            token = self._token_now()
+            try:
+                return self._send(path, body, write, token)
+            except _TokenRefused as e:
+                self._forget_token(token)
+                if attempt:
+                    raise StoreError(f"etcd {e.endpoint}: {e}, even with a token just issued to user "
+                                     f"{self.credentials.user!r}") from None
+        raise AssertionError("not reached")
+
+    # ------------------------------------------------------------------ authentication
+
+    def _token_now(self) -> str | None:
+        """The token to send (authenticating first if there is none yet); None without a user."""
+        if not self._auth:
+            return None
+        with self._lock:
+            if self._token is None:
+                self._token = self._authenticate()
+            return self._token
+
+    def _forget_token(self, token: str | None) -> None:
+        with self._lock:
+            if self._token == token:
+                self._token = None
+
+    def _authenticate(self) -> str:
+        creds = self.credentials
+        body = json.dumps({"name": creds.user, "password": creds.password}).encode()
+        try:
+            doc = self._send(AUTHENTICATE, body, False, None)
+        except _AuthOff:
+            return ""
+        token = doc.get("token")
+        if not isinstance(token, str) or not token:
+            raise StoreError(f"etcd {self.endpoints[self._current]}: Authenticate gave no token")
+        return token
+
+    def _token_refused(self, message: str, token: str | None) -> bool:
+        return self._auth and (message.startswith(_TOKEN_REFUSED) or (token == "" and message.startswith(_NO_USER)))
+
+    def _refusal(self, endpoint: str, e: _ServerError, path: str) -> StoreError:
+        """The error a permanent server answer becomes, saying what to change."""
+        message, creds = str(e), self.credentials
+        if path == AUTHENTICATE and _BAD_PASSWORD in message:
+            came = sorted({creds.where("user"), creds.where("password")})
+            return StoreError(f"etcd {endpoint}: authentication as user {creds.user!r} failed: wrong user name or "
+                              f"password (from {' and '.join(came)})")
+        if path == AUTHENTICATE and _AUTH_OFF in message:
+            return _AuthOff(message)
+        if message.startswith(_NO_USER) and not self._auth:
+            return StoreError(f"etcd {endpoint} requires authentication ({message}): give --user NAME[:PASSWORD] "
+                              "(or ETCDCTL_USER and ETCDCTL_PASSWORD), or NAME:PASSWORD@ in the store URL")
+        if message.startswith(_DENIED):
+            who = f"user {creds.user!r}" if self._auth else "this client"
+            return StoreError(f"etcd {endpoint}: {message} for {who} (its roles need readwrite on the prefix "
+                              "/podnet/)")
+        return StoreError(f"etcd {endpoint}: {message}")
+
+    # ------------------------------------------------------------------ failover
+
+    def _send(self, path: str, body: bytes, write: bool, token: str | None) -> dict[str, Any]:
         deadline = time.monotonic() + self.retry_for
         delay = 0.05
         with self._lock:
             while True:
                 errors: list[str] = []
                 all_unreachable = True
+                refused = False
                 for _ in range(len(self._addrs)):
                     endpoint = self.endpoints[self._current]
                     try:
-                        return self._once(path, body)
+                        return self._once(path, body, token)
                     except _NotSent as e:
                         all_unreachable &= e.unreachable
+                        refused |= e.refused
                         errors.append(f"{endpoint}: {e}")
                     except _MaybeSent as e:
                         all_unreachable = False
@@ -301,8 +518,10 @@ class EtcdStore(KeyValueStore):
                             ) from None
                         errors.append(f"{endpoint}: {e}")
                     except _ServerError as e:
+                        if path != AUTHENTICATE and self._token_refused(str(e), token):
+                            raise _TokenRefused(endpoint, str(e)) from None
                         if e.code in _PERMANENT_CODES or e.code == _OUT_OF_RANGE:
-                            raise StoreError(f"etcd {endpoint}: {e}") from None
+                            raise self._refusal(endpoint, e, path) from None
                         all_unreachable = False
                         if write and not str(e).startswith(_NOT_PROPOSED):
                             self._drop()
@@ -314,7 +533,10 @@ class EtcdStore(KeyValueStore):
                     self._drop()
                     self._current = (self._current + 1) % len(self._addrs)
                 if all_unreachable or time.monotonic() + delay > deadline:
-                    what = "no etcd endpoint answered" if all_unreachable else "no etcd endpoint could serve the request"
+                    if len(errors) == 1:
+                        raise StoreUnavailable(f"etcd {errors[0]}")
+                    what = ("no etcd endpoint accepted the connection" if refused else "no etcd endpoint answered"
+                            ) if all_unreachable else "no etcd endpoint could serve the request"
                     raise StoreUnavailable(f"{what} ({self._endpoints_text()}): {'; '.join(errors)}")
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -337,7 +559,8 @@ class EtcdStore(KeyValueStore):
     # ------------------------------------------------------------------ reads
 
     def revision(self) -> int:
-        doc = self._call("/v3/kv/range", {"key": _b64(b"\x00"), "count_only": True})
+        # A key in podnet's prefix: a user whose role grants only /podnet/ may read it.
+        doc = self._call("/v3/kv/range", {"key": _b64(b"/podnet/"), "count_only": True})
         return int(doc["header"]["revision"])
 
     def get(self, key: str) -> Record | None:
@@ -435,10 +658,9 @@ class EtcdStore(KeyValueStore):
             start_revision = self.revision() + 1
         return self._watch(prefix, start_revision, previous)
 
-    def _open_watch(self, index: int, prefix: str, start: int, previous: bool = True,
+    def _open_watch(self, index: int, prefix: str, start: int, previous: bool = True, token: str | None = None,
                     ) -> tuple[_Connection, http.client.HTTPResponse]:
-        host, port = self._addrs[index]
-        conn = _Connection(host, port, self.connect_timeout, self.timeout)
+        conn = self._connect(index)
         with self._watch_lock:
             self._watch_conns.add(conn)
         request = {"create_request": {
@@ -448,7 +670,7 @@ class EtcdStore(KeyValueStore):
             **({"prev_kv": True} if previous else {}),
         }}
         try:
-            conn.send("/v3/watch", json.dumps(request).encode())
+            conn.send("/v3/watch", json.dumps(request).encode(), token)
             resp = conn.response()
             if resp.status != 200:
                 _read_json(resp)  # raises the server's error
@@ -470,8 +692,13 @@ class EtcdStore(KeyValueStore):
                 return
             endpoint = self.endpoints[index]
             conn: _Connection | None = None
+            token: str | None = None
             try:
-                conn, resp = self._open_watch(index, prefix, next_rev, previous)
+                try:
+                    token = self._token_now()
+                except StoreUnavailable as e:  # no member could authenticate: as if none answered
+                    raise _NotSent(str(e)) from None
+                conn, resp = self._open_watch(index, prefix, next_rev, previous, token)
                 created = False
                 while True:
                     line = resp.readline()
@@ -482,12 +709,19 @@ class EtcdStore(KeyValueStore):
                     msg = json.loads(line)
                     if "error" in msg:
                         err = msg["error"]
-                        raise _MaybeSent(str(err.get("message") if isinstance(err, dict) else err))
+                        text = str(err.get("message") if isinstance(err, dict) else err)
+                        if self._token_refused(text, token):
+                            self._forget_token(token)  # the next attempt authenticates again
+                        raise _MaybeSent(text)
                     result = msg.get("result") or {}
                     if int(result.get("compact_revision") or 0) > 0:
                         raise Compacted(next_rev, int(result["compact_revision"]))
                     if result.get("canceled"):
-                        raise _MaybeSent(f"watch canceled: {result.get('cancel_reason') or 'no reason given'}")
+                        reason = str(result.get("cancel_reason") or "no reason given")
+                        code, _, desc = reason.partition(" desc = ")
+                        if desc:  # "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"
+                            raise _ServerError(_GRPC_CODES.get(code.rpartition(" ")[2], 2), desc)
+                        raise _MaybeSent(f"watch canceled: {reason}")
                     if result.get("created") and not created:
                         created = True
                         conn.sock.settimeout(None)  # wait for events as long as it takes (TCP keepalive is on)
@@ -504,8 +738,11 @@ class EtcdStore(KeyValueStore):
             except (_NotSent, _MaybeSent, _ServerError, OSError, http.client.HTTPException, ValueError) as e:
                 if self._closed:
                     return
-                if isinstance(e, _ServerError) and e.code == _OUT_OF_RANGE:
-                    raise StoreError(f"etcd {endpoint}: {e}") from None
+                if isinstance(e, _ServerError):
+                    if self._token_refused(str(e), token):
+                        self._forget_token(token)  # the next attempt authenticates again
+                    elif e.code in (_OUT_OF_RANGE, _PERMISSION_DENIED) or str(e).startswith((_NO_USER, _CN_REFUSED)):
+                        raise self._refusal(endpoint, e, "/v3/watch") from None
                 errors[endpoint] = str(e) or type(e).__name__
                 now = time.monotonic()
                 failed_since = failed_since if failed_since is not None else now
