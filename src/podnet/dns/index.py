@@ -176,12 +176,13 @@ class ClusterIndex:
         # endpoints without a hostname)
         self._ep_ptr: dict[bytes, EndpointName | list[EndpointName]] = {}
         self._interned: dict[tuple, tuple] = {}  # named ports and tuples of them, shared between objects
-        self._pods: dict[tuple[str, str], tuple[bytes, ...]] = {}
+        # "ns/name" -> its packed addresses (verified mode; () otherwise: only that it exists)
+        self._pods: dict[str, tuple[bytes, ...]] = {}
         self._pod_ips: dict[str, dict[bytes, int]] = {}  # ns -> {ip: count} (verified mode)
         self._ns_objects: set[str] = set()
         self._ns_count: dict[str, int] = {}
         self.local_pods: dict[str, str] = {}  # pod IP -> namespace, for pods on node_name
-        self._local_by_key: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._local_by_key: dict[str, tuple[str, ...]] = {}
         # rendered responses (filled by the server) and what to drop when something changes
         self.responses: dict[bytes, object] = {}
         self._groups: dict[object, list[bytes]] = {}
@@ -201,7 +202,7 @@ class ClusterIndex:
         elif isinstance(obj, Pod):
             self._apply_pod(obj)
         elif isinstance(obj, PodInfo):  # the agent's record of a Pod (agent/records.py)
-            self._set_pod_ips(obj.namespace, obj.name, obj.ips, obj.node)
+            self._set_pod_ips(obj.namespace, obj.name, obj.ips, obj.node, obj.key)
         elif isinstance(obj, Namespace):
             with self.lock:
                 if obj.name not in self._ns_objects:
@@ -248,7 +249,7 @@ class ClusterIndex:
             out: list[tuple[str, str | None, str]] = [
                 ("Service", ns, name) for ns, names in self._svc.items() for name in names]
             out += [("EndpointSlice", ns, name) for ns, name in self._slices]
-            out += [("Pod", ns, name) for ns, name in self._pods]
+            out += [("Pod", *key.split("/", 1)) for key in self._pods]  # type: ignore[misc]
             out += [("Namespace", None, name) for name in self._ns_objects]
         return out
 
@@ -438,13 +439,18 @@ class ClusterIndex:
                 ips = (pod.status.pod_ip,)
         self._set_pod_ips(pod.namespace or "default", pod.name, ips, pod.spec.node_name)
 
-    def _set_pod_ips(self, ns: str, name: str, ips: tuple[str, ...], node: str | None) -> None:
+    def _set_pod_ips(self, ns: str, name: str, ips: tuple[str, ...], node: str | None,
+                     key: str | None = None) -> None:
         local = bool(self.node_name) and node == self.node_name and bool(ips)
+        # Only verified pod records need a pod's addresses; otherwise an agent keeps one
+        # entry per pod of the cluster, so it keeps nothing else.
+        packed = tuple(packed_ip(i) for i in ips) if self.pod_records == "verified" else ()
         with self.lock:
-            self._set_pod(ns, name, tuple(packed_ip(i) for i in ips), local, ips)
+            self._set_pod(ns, name, packed, local, ips, key)
 
-    def _set_pod(self, ns: str, name: str, packed: tuple | None, local: bool, texts: list[str] = ()) -> None:
-        key = (ns, name)
+    def _set_pod(self, ns: str, name: str, packed: tuple | None, local: bool, texts: tuple[str, ...] = (),
+                 key: str | None = None) -> None:
+        key = key or f"{ns}/{name}"
         old = self._pods.get(key)
         # local pods for autopath
         for ip in self._local_by_key.pop(key, ()):
