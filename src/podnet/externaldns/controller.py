@@ -122,12 +122,12 @@ class Controller:
         held = set(problems)
         conflicts_now: dict[tuple[str, str], str] = {}
         try:
-            for zone in self.provider.zones:
-                view = self.views.get(zone)
-                if full or view is None or zone in self.stale:
-                    view = self.provider.read(zone, s.mapper)
-                    self.views[zone] = view
+            for zone in self.provider.zones:  # every zone read before any is changed
+                if full or zone not in self.views or zone in self.stale:
+                    self.views[zone] = self.provider.read(zone, s.mapper)
                     self.stale.discard(zone)
+            for zone in self.provider.zones:
+                view = self.views[zone]
                 wanted = [ep for ep in by_zone.get(zone, ()) if ep.resource not in held]
                 report.records += len(wanted)
                 plan = calculate(wanted, view, owner_id=s.owner_id, mapper=s.mapper, policy=s.policy,
@@ -201,18 +201,32 @@ def write_status(path: Path | None, report: SyncReport, owner: str) -> None:
     os.replace(tmp, path)
 
 
-def run(url: str | None, settings: Settings, provider: RFC2136Provider, source: ServiceSource, *,
-        once: bool = False, status_file: Path | None = None, stopping: threading.Event | None = None) -> int:
-    """Follow the store and keep the zones in step until `stopping` is set (with `once`:
-    one full sync, then return; its error is raised)."""
-    stopping = stopping or threading.Event()
-    ctl = Controller(settings, provider, source)
+def follow(url: str | None, source: ServiceSource) -> tuple[StoreFollower, int]:
+    """The agent's follower feeding `source`, after its first list; the revision listed."""
     follower = StoreFollower(ObjectCache(unkept=KINDS), [source], source.on_change, prefix=OBJECTS_PREFIX)
     kv = open_store(url, create=False)
     try:
         rev = follower.relist(kv)
     finally:
         kv.close()
+    return follower, rev
+
+
+def sync_once(url: str | None, settings: Settings, provider: RFC2136Provider,
+              source: ServiceSource | None = None) -> SyncReport:
+    """List the store once and make one full sync (what --once does)."""
+    source = source or ServiceSource()
+    follow(url, source)
+    return Controller(settings, provider, source).sync(full=True)
+
+
+def run(url: str | None, settings: Settings, provider: RFC2136Provider, source: ServiceSource, *,
+        once: bool = False, status_file: Path | None = None, stopping: threading.Event | None = None) -> int:
+    """Follow the store and keep the zones in step until `stopping` is set (with `once`:
+    one full sync, then return; its error is raised)."""
+    stopping = stopping or threading.Event()
+    ctl = Controller(settings, provider, source)
+    follower, rev = follow(url, source)
     if once:
         try:
             report = ctl.sync(full=True)
