@@ -360,6 +360,7 @@ class FakeServer:
         self.sent: list[dns.update.UpdateMessage] = []
 
     def __call__(self, msg):
+        msg.to_wire()  # rendered as a send would (a message over 64 KiB raises TooBig here)
         self.sent.append(msg)
         resp = dns.message.make_response(msg)
         names = {rrset.name.to_text(omit_final_dot=True) for rrset in msg.prerequisite}
@@ -414,3 +415,12 @@ def test_effect_tracks_what_an_update_did():
     assert after.records[("web.example.org", "A")].values == ("192.0.2.2",)
     assert after.owners[("web.example.org", "A")].resource == "service/prod/web2"
     assert plan_of([E("web.example.org", ["192.0.2.2"], resource="service/prod/web2")], after).changes == []
+
+
+def test_a_batch_too_big_for_one_message_is_halved():
+    desired = [E(f"service-with-a-long-name-{i}.example.org", [f"192.0.{i // 250}.{i % 250}"]) for i in range(1000)]
+    p = plan_of(desired, zone({}))
+    fake = FakeServer()
+    result = provider(fake, batch=1000).apply("example.org", p.changes)
+    assert len(result.applied) == 1000 and 2 < result.messages <= 8
+    assert all(len(m.to_wire()) <= 65535 for m in fake.sent)

@@ -16,8 +16,8 @@ update. So no change lands on a name that another owner or a person took after t
 zone was read (the race ExternalDNS loses, kubernetes-sigs/external-dns#5457), and
 only this owner's own records are ever deleted (#1040).
 
-Batching: changes travel --rfc2136-batch-change-size to a message (and under
-MAX_MESSAGE bytes). Deletes and updates go first, creates in later messages, so a
+Batching: changes travel --rfc2136-batch-change-size to a message (a message that
+would not fit in the 64 KiB of a DNS message is halved until it does). Deletes and updates go first, creates in later messages, so a
 create never depends on a prerequisite that a delete in its own message would make
 true (a record changing from A to CNAME). A message refused on a prerequisite (YXDOMAIN,
 YXRRSET, NXDOMAIN, NXRRSET) is split in halves and each half sent again, down to the
@@ -61,7 +61,6 @@ TSIG_ALGORITHMS = {
     "hmac-sha256": dns.tsig.HMAC_SHA256, "hmac-sha384": dns.tsig.HMAC_SHA384, "hmac-sha512": dns.tsig.HMAC_SHA512,
 }
 PREREQUISITE_FAILED = frozenset({dns.rcode.YXDOMAIN, dns.rcode.YXRRSET, dns.rcode.NXDOMAIN, dns.rcode.NXRRSET})
-MAX_MESSAGE = 60_000  # bytes: under the 64 KiB a DNS message over TCP can carry
 MAX_TXT_STRING = 255
 
 
@@ -225,23 +224,21 @@ class RFC2136Provider:
         return result
 
     def _batches(self, changes: Sequence[Change]) -> list[list[Change]]:
-        out: list[list[Change]] = []
-        cur: list[Change] = []
-        size = 0
-        for c in changes:
-            est = _estimate(c)
-            if cur and (len(cur) >= self.cfg.batch_size or size + est > MAX_MESSAGE):
-                out.append(cur)
-                cur, size = [], 0
-            cur.append(c)
-            size += est
-        if cur:
-            out.append(cur)
-        return out
+        n = self.cfg.batch_size
+        return [list(changes[i:i + n]) for i in range(0, len(changes), n)]
 
     def _send_batch(self, zone: str, batch: list[Change], result: ApplyResult) -> None:
         msg = self.message(zone, batch)
-        rcode = self._exchange(zone, msg, len(batch))
+        try:
+            rcode = self._exchange(zone, msg, len(batch))
+        except dns.exception.TooBig:  # raised while rendering, before anything is sent
+            if len(batch) == 1:
+                raise DNSServerError(f"{batch[0].name} {batch[0].type}: {len(batch[0].targets)} records do not fit "
+                                     "in one DNS message") from None
+            mid = len(batch) // 2
+            self._send_batch(zone, batch[:mid], result)
+            self._send_batch(zone, batch[mid:], result)
+            return
         result.messages += 1
         if rcode == dns.rcode.NOERROR:
             result.applied.extend(batch)
@@ -267,6 +264,8 @@ class RFC2136Provider:
     def _exchange(self, zone: str, msg: dns.message.Message, changes: int) -> int:
         try:
             resp = self._send(msg)
+        except dns.exception.TooBig:
+            raise
         except Exception as e:  # noqa: BLE001
             raise self._failure(f"UPDATE of zone {zone} ({changes} changes)", e) from None
         self.messages += 1
@@ -393,9 +392,3 @@ def effect(rrsets: dict[tuple[str, str], RRset], c: Change) -> None:
         pairs = dict(zip(have.values, have.texts, strict=True)) if have else {}
         pairs[value] = c.txt_value
         rrsets[(c.txt_name, "TXT")] = RRset(c.ttl, tuple(sorted(pairs)), tuple(pairs[v] for v in sorted(pairs)))
-
-
-def _estimate(c: Change) -> int:
-    """Bytes a change takes in a message, roughly (names are not compressed in this estimate)."""
-    per = len(c.name) + 14
-    return 4 * per + sum(per + len(t) for t in c.targets) + 2 * (len(c.txt_name) + 14 + len(c.txt_value or "") + 90)
