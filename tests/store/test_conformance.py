@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -378,6 +379,33 @@ def test_watch_resume_after_close(kv, prefix):
     assert [e.revision for e in seen] == revs + more
     assert [e.value["i"] for e in seen] == list(range(13))
     assert [e.type for e in seen] == ["ADDED"] * 3 + ["MODIFIED"] * 10
+
+
+def test_close_ends_a_blocked_watch(backend, prefix):
+    """close() ends the store's watches, so a thread blocked in one returns (the agent's
+    stop relies on it to close every connection it opened)."""
+    store, writer = backend.open(), backend.open()
+    seen, got, ended = [], threading.Event(), threading.Event()
+
+    def consume() -> None:
+        for event in store.watch(prefix, start):
+            seen.append(event)
+            got.set()
+        ended.set()
+
+    start = writer.revision() + 1
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    try:
+        writer.put(prefix + "a", {"n": 1})
+        assert got.wait(15), "the watch delivered nothing"
+        assert not ended.is_set()  # blocked, waiting for more
+    finally:
+        store.close()
+        writer.close()
+    assert ended.wait(10), "close() did not end the watch"
+    thread.join(10)
+    assert [e.key for e in seen] == [prefix + "a"]
 
 
 def test_watch_of_compacted_history(backend, kv, prefix, watch_reader):

@@ -35,6 +35,8 @@ class StoreFollower:
         self.prefix = prefix
         self.retry_interval = retry_interval
         self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watch_kv: KeyValueStore | None = None  # the watch's own connection, closed by stop()
 
     def relist(self, kv: KeyValueStore, attempts: int = 5) -> int:
         """Load everything under the prefix, as one consistent snapshot streamed page by
@@ -83,8 +85,14 @@ class StoreFollower:
 
     def watch(self, open_kv: Callable[[], KeyValueStore], start_rev: int) -> None:
         """Follow the store from `start_rev` until stop(); a watch blocks, so it gets its own
-        connection from `open_kv`."""
+        connection from `open_kv`, which stop() closes: that ends a watch blocked waiting for
+        events, so the thread returns and no connection is left open."""
         kv = open_kv()
+        with self._lock:
+            if self.stopping.is_set():
+                kv.close()
+                return
+            self._watch_kv = kv
         rev = start_rev
         try:
             while not self.stopping.is_set():
@@ -101,7 +109,13 @@ class StoreFollower:
                     log.warning("watch failed (%s); retrying", e)
                     self.stopping.wait(self.retry_interval)
         finally:
+            with self._lock:
+                self._watch_kv = None
             kv.close()
 
     def stop(self) -> None:
-        self.stopping.set()
+        with self._lock:
+            self.stopping.set()
+            kv = self._watch_kv
+        if kv is not None:
+            kv.close()  # ends the blocked watch; watch() closes it again on its way out

@@ -151,7 +151,8 @@ class KeyValueStore(abc.ABC):
         """The store's current revision."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends
-        pass
+        """Release the store's connections; its watches end (as if exhausted), so a thread
+        blocked in one returns."""
 
     # Convenience wrappers over txn, so callers say what they mean.
     def create(self, key: str, value: dict[str, Any]) -> int:

@@ -123,6 +123,7 @@ class SQLiteStore(KeyValueStore):
             raise StoreUnavailable(f"store {path} does not exist (`podnet apply` creates it; --store or "
                                    "$PODNET_STORE names another)")
         _make_private(path)
+        self._closed = False  # close() ends this store's watches too
         self._db = self._connect()
         self.file_id = self._file_id()
         self._writer = _writer_lock(path)
@@ -196,6 +197,11 @@ class SQLiteStore(KeyValueStore):
             raise self._fault(e) from None
 
     def close(self) -> None:
+        """Close the connection, and end this store's watches (each closes its own
+        connection within one poll), as etcd's close() does: a process that closes every
+        store it opened leaves no connection behind, so the last one out checkpoints the
+        WAL and removes it."""
+        self._closed = True
         self._db.close()
 
     def revision(self) -> int:
@@ -304,13 +310,15 @@ class SQLiteStore(KeyValueStore):
 
     def watch(self, prefix: str, start_revision: int, previous: bool = True) -> Iterator[Event]:
         # `previous` costs nothing here: the change log holds each deleted value anyway
+        if self._closed:
+            return
         db = self._connect()  # a watch blocks: it must not share the caller's connection
         try:
             if start_revision <= 0:
                 start_revision = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0] + 1
             next_rev = start_revision
             last_version = None
-            while True:
+            while not self._closed:
                 version = db.execute("PRAGMA data_version").fetchone()[0]
                 if version == last_version:
                     time.sleep(WATCH_POLL_SECONDS)
