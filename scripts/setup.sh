@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything podnet uses on a fresh Debian machine (run as root):
 # the kernel tools, etcd, BIRD, the reference CNI plugins, DNS and traffic tools,
-# and a virtualenv with podnet installed in it. Safe to run again: it only does
-# what is missing.
+# a C compiler for the CNI plugin, and a virtualenv with podnet installed in it.
+# Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,7 @@ APT_PACKAGES=(
   bind9-dnsutils dnsperf unbound dnsmasq-base  # DNS clients, servers, load
   iperf3 socat iputils-ping procps             # traffic and process tools
   bind9                                        # external DNS server (RFC 2136 target of `podnet external-dns`)
+  gcc libc6-dev                                # the CNI plugin, linked statically (libc.a)
 )
 
 missing=()
@@ -50,7 +51,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e ".[dev]"
   touch "$stamp"
 fi
-# The CNI plugin, where container runtimes look for plugins (next to nothing of the
-# host's: one file, whose #! line names this virtualenv's interpreter).
+# The CNI plugin, where container runtimes look for plugins: compiled into build/
+# (again only when its source changed), then copied to /opt/cni/bin when that copy
+# differs, through a temporary file renamed over it. A static executable: it needs
+# nothing of this checkout or its virtualenv.
 .venv/bin/python -m podnet.cni.install /opt/cni/bin >/dev/null
 echo "setup: ok"

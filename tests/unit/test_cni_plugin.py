@@ -1,26 +1,33 @@
-"""The installed podnet-cni executable, run as the runtime runs it (a subprocess with CNI_*
-variables and the configuration on stdin), against a real CNIServer + CNIHandler on a temp
-socket and a temp SQLite store. Whatever the input: exit 0 or 1, one JSON document, no traceback."""
+"""The installed podnet-cni executable (native/cni/podnet-cni.c, built and installed by
+podnet.cni.install), run as the runtime runs it (a subprocess with CNI_* variables and the
+configuration on stdin), against a real CNIServer + CNIHandler on a temp socket and a temp
+SQLite store, or a raw socket where the test needs exact bytes. Whatever the input: exit 0 or
+1, one JSON document. Its JSON reader is held to Python's json module, message for message."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
+import re
+import shutil
 import socket
 import stat
+import struct
 import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 from cni_doubles import RecordingDataplane
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
+from podnet.cni import DEFAULT_SOCKET, install
 from podnet.cni.attachments import ATTACHMENTS_PREFIX
 from podnet.cni.handler import CNIHandler
-from podnet.cni.install import PLUGIN_NAME, install_plugin, plugin_source
+from podnet.cni.install import PLUGIN_NAME, PluginBuildError, build_plugin, install_plugin
 from podnet.cni.server import CNIServer, CNIServerError
 from podnet.ipam import keys as ipam_keys
 from podnet.model.objects import IPPool
@@ -92,43 +99,120 @@ def cni_env(command: str, cid: str = "abc123", **extra: str) -> dict[str, str]:
             "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web", **extra}
 
 
-# ---------------------------------------------------------------- installation
+# ---------------------------------------------------------------- the executable and its installation
+
+PT_DYNAMIC, PT_INTERP = 2, 3
 
 
-def test_install_writes_an_isolated_executable(tmp_path):
-    path = install_plugin(str(tmp_path / "bin"), python="/usr/bin/python3")
-    assert path == str(tmp_path / "bin" / PLUGIN_NAME)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
-    text = Path(path).read_text()
-    first, rest = text.split("\n", 1)
-    assert first == "#!/usr/bin/python3 -IS"  # one argument: the kernel passes the rest of the line as one
-    assert rest == plugin_source()
-    assert not [p for p in os.listdir(tmp_path / "bin") if p != PLUGIN_NAME]  # no temp file left
+def program_headers(path: str) -> list[int]:
+    """The type of each program header of a 64-bit little-endian ELF executable."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4:6] == b"\x02\x01", "not a 64-bit little-endian ELF file"
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    entsize, count = struct.unpack_from("<HH", data, 0x36)
+    return [struct.unpack_from("<I", data, phoff + i * entsize)[0] for i in range(count)]
+
+
+def test_plugin_is_a_static_executable(plugin):
+    """No interpreter, no dynamic section: the kernel runs it as it is."""
+    headers = program_headers(plugin)
+    assert headers and PT_INTERP not in headers and PT_DYNAMIC not in headers
+    assert Path(plugin).read_bytes()[:2] != b"#!"
+    if shutil.which("file"):
+        assert "statically linked" in subprocess.run(["file", "-b", plugin], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chroot")
+def test_plugin_needs_nothing_on_the_host(plugin, tmp_path):
+    """In a root holding nothing but the plugin and the agent's socket, with no PATH and no other
+    variable: VERSION, the error for a missing agent, and an ADD and DEL through the real agent."""
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(plugin, root / "bin" / PLUGIN_NAME)
+    agent = Agent(root)  # its socket: /run/cni.sock inside the root
+
+    def run(env: dict[str, str], stdin: bytes):
+        def enter() -> None:
+            os.chroot(root)
+            os.chdir("/")
+        return subprocess.run(["/bin/" + PLUGIN_NAME], input=stdin, env=env, capture_output=True, timeout=30,
+                              preexec_fn=enter)
+
+    try:
+        assert set(os.listdir(root)) <= {"bin", "run", "podnet.db", "podnet.db-wal", "podnet.db-shm"}
+        proc = run({"CNI_COMMAND": "VERSION"}, b"{}")
+        assert proc.returncode == 0 and json.loads(proc.stdout)["supportedVersions"] == SUPPORTED
+        conf = {"cniVersion": "1.0.0", "name": "podnet", "type": PLUGIN_NAME}
+        proc = run(cni_env("ADD"), json.dumps({**conf, "agentSocket": "/run/missing.sock"}).encode())
+        assert cni_error(proc)["code"] == 11
+        proc = run(cni_env("ADD"), json.dumps({**conf, "agentSocket": "/run/cni.sock"}).encode())
+        assert proc.returncode == 0, proc.stdout
+        assert json.loads(proc.stdout)["ips"][0]["address"].startswith("10.244.")
+        proc = run(cni_env("DEL"), json.dumps({**conf, "agentSocket": "/run/cni.sock"}).encode())
+        assert (proc.returncode, proc.stdout) == (0, b"")
+        assert agent.state() == set()
+    finally:
+        agent.close()
+
+
+def test_plugin_default_socket_is_the_agents():
+    source = install.SOURCE.read_text()
+    assert re.search(r'#define DEFAULT_SOCKET "([^"]+)"', source)[1] == DEFAULT_SOCKET
+
+
+def test_install_copies_only_what_changed(tmp_path):
+    binary = build_plugin()
+    target = Path(install_plugin(tmp_path / "bin", binary))
+    assert target == tmp_path / "bin" / PLUGIN_NAME
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755 and not target.is_symlink()
+    assert target.read_bytes() == Path(binary).read_bytes()
+    inode = target.stat().st_ino
+    install_plugin(tmp_path / "bin", binary)
+    assert target.stat().st_ino == inode  # the same file: not written again
+
+    target.write_bytes(b"#!/bin/sh\nexit 1\n")  # an old or damaged copy: replaced by a new file
+    install_plugin(tmp_path / "bin", binary)
+    assert target.read_bytes() == Path(binary).read_bytes() and stat.S_IMODE(target.stat().st_mode) == 0o755
+    target.unlink()
+    target.symlink_to(binary)  # a link (to this checkout) becomes a copy
+    install_plugin(tmp_path / "bin", binary)
+    assert not target.is_symlink() and target.read_bytes() == Path(binary).read_bytes()
+    assert os.listdir(tmp_path / "bin") == [PLUGIN_NAME]  # no temporary file left
 
 
 def test_install_module_entry_point(tmp_path):
-    venv_python = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
-    proc = subprocess.run([str(venv_python), "-m", "podnet.cni.install", str(tmp_path)], capture_output=True, text=True)
+    """python -m podnet.cni.install, as set-up and the lab run it, compiling into its own build dir."""
+    proc = subprocess.run([sys.executable, "-m", "podnet.cni.install", "--build-dir", str(tmp_path / "build"),
+                           str(tmp_path / "bin")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(tmp_path / PLUGIN_NAME)
-    assert Path(proc.stdout.strip()).read_text().startswith(f"#!{venv_python} -IS\n")
+    assert proc.stdout.strip() == str(tmp_path / "bin" / PLUGIN_NAME)
+    assert sorted(os.listdir(tmp_path / "build")) == [PLUGIN_NAME, f"{PLUGIN_NAME}.sha256"]
+    assert PT_INTERP not in program_headers(proc.stdout.strip())
+    proc = run_plugin(proc.stdout.strip(), {"CNI_COMMAND": "VERSION"}, b"{}")
+    assert json.loads(proc.stdout)["supportedVersions"] == SUPPORTED
 
 
-def test_plugin_imports_only_cheap_standard_modules():
-    tree = ast.parse(plugin_source())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module or "")
-    assert imported <= {"_json", "_socket", "posix", "json", "os", "socket"}, imported
+def test_build_reuses_the_binary_until_the_source_changes(tmp_path, monkeypatch):
+    source = tmp_path / "podnet-cni.c"
+    source.write_text(install.SOURCE.read_text())
+    monkeypatch.setattr(install, "SOURCE", source)
+    first = Path(build_plugin(tmp_path / "build"))
+    inode = first.stat().st_ino
+    assert Path(build_plugin(tmp_path / "build")).stat().st_ino == inode
+    source.write_text(source.read_text() + "/* changed */\n")
+    assert Path(build_plugin(tmp_path / "build")).stat().st_ino != inode
 
 
-def test_plugin_runs_without_site_packages(plugin):
-    """-IS: no site-packages, no PYTHONPATH; VERSION still answers."""
-    proc = run_plugin(plugin, {"CNI_COMMAND": "VERSION", "PYTHONPATH": "/nonexistent"}, b"{}")
-    assert proc.returncode == 0 and json.loads(proc.stdout)["supportedVersions"] == SUPPORTED
+def test_build_failures_are_reported(tmp_path, monkeypatch):
+    source = tmp_path / "podnet-cni.c"
+    source.write_text("int main(void) { return undeclared; }\n")
+    monkeypatch.setattr(install, "SOURCE", source)
+    with pytest.raises(PluginBuildError, match="undeclared"):
+        build_plugin(tmp_path / "build")
+    with pytest.raises(PluginBuildError, match="not found"):
+        build_plugin(tmp_path / "build", cc=str(tmp_path / "no-such-cc"))
+    assert not (tmp_path / "build" / PLUGIN_NAME).exists()
+    assert not [p for p in os.listdir(tmp_path / "build") if p.startswith(".")]  # no temporary file left
 
 
 # ---------------------------------------------------------------- answered by the plugin itself
@@ -351,6 +435,193 @@ def test_plugin_sends_every_cni_variable_and_the_raw_stdin(plugin, tmp_path):
     (got_env, got_stdin), = handler.requests
     assert got_env == {k: v for k, v in env.items() if k.startswith("CNI_")}
     assert got_stdin == stdin
+
+
+# ---------------------------------------------------------------- exact bytes: the request, JSON as Python reads it
+
+
+class RawAgent:
+    """A socket that records each request's bytes and answers with `reply` (bytes, or None to
+    close without answering). Only for what the real agent never sends; `done` is set once a
+    request is answered."""
+
+    def __init__(self, path: str, reply: bytes | None = b'{"code": 0, "output": ""}'):
+        self.path = path
+        self.reply = reply
+        self.requests: list[bytes] = []
+        self.done = threading.Event()
+        self._listener = socket.socket(socket.AF_UNIX)
+        self._listener.bind(path)
+        self._listener.listen(8)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while chunk := conn.recv(1 << 16):
+                    data += chunk
+                self.requests.append(data)
+                if self.reply is not None:
+                    conn.sendall(self.reply)
+            self.done.set()
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def raw_agent(tmp_path):
+    a = RawAgent(str(tmp_path / "raw.sock"))
+    yield a
+    a.close()
+
+
+def test_request_is_byte_for_byte_the_documented_framing(plugin, raw_agent):
+    """{"env": {CNI_* in environment order}, "stdin": text}, as json.dumps writes it (ASCII, ", " and
+    ": "); a variable's bytes that are not UTF-8 travel as \\udcXX, as Python decodes them."""
+    text = json.dumps({"cniVersion": "1.0.0", "agentSocket": raw_agent.path, "x": "é😀\u2028\t\"\\/"},
+                      ensure_ascii=False, indent=1)
+    env = {b"CNI_COMMAND": b"ADD", b"HOME": b"/root", b"CNI_ARGS": b"K8S_POD_NAME=a=b;\xff\xc3\xa9\x01",
+           b"CNI_\xfe": b"\xed\xa0\x80", b"CNI_": b"", b"cni_lower": b"x", b"CNI_PATH": b"/opt/cni/bin"}
+    proc = subprocess.run([plugin], input=text.encode(), env=env, capture_output=True, timeout=30)
+    assert (proc.returncode, proc.stdout) == (0, b"")
+    decoded = {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape") for k, v in env.items()}
+    expected = json.dumps({"env": {k: v for k, v in decoded.items() if k.startswith("CNI_")}, "stdin": text})
+    assert raw_agent.requests == [expected.encode()]
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def python_verdict(raw: bytes) -> tuple[int, str] | None:
+    """(code, msg) the plugin must give for this stdin when it is not a JSON object, from
+    Python's own decoder; None when it is one."""
+    prefix = "error decoding the network configuration: "
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return 6, f"{prefix}stdin is not UTF-8 text ({e.reason} at byte {e.start})"
+    try:
+        doc = json.JSONDecoder(parse_constant=_reject_constant).decode(text)
+    except ValueError as e:
+        return 6, f"{prefix}{e}"
+    if isinstance(doc, dict):
+        return None
+    names = {list: "list", str: "str", int: "int", float: "float", bool: "bool", type(None): "null"}
+    return 6, f"{prefix}expected a JSON object, got {names[type(doc)]}"
+
+
+ODD_JSON = [
+    b"", b"  \n ", b"{", b"}", b"[", b"[1,]", b"[1 2]", b'{"a" 1}', b'{"a": 1,}', b'{"a": 1 "b": 2}', b"{1: 2}",
+    b'{"a": 1}}', b"nul", b"nulll", b"tru", b"-", b"-a", b"01", b"1.", b"1.e5", b"1e", b"1e+", b"1E-2x", b"-0",
+    b"2.5e-3", b".5", b"+1", b"0x10", b"NaN", b"-Infinity", b"[Infinity]", b"Infinityy", b'"abc', b'"a\\', b'"\\x"',
+    b'"\\u12"', b'"\\u12g4"', b'"\\ud800"', b'"\\ud800\\u"', b'"\\ud800\\udc0"', b'"\\ud800\\udc00"',
+    b'"\\ud800\\u0041"', b'"tab\there"', b'"nul\x00"', '"é"x'.encode(), '["😀", 1 x]'.encode(),
+    '{"é\n": 1,\n "b" 2}'.encode(), b"\xef\xbb\xbf{}", b"1" * 4301, b"[" + b"1" * 4300 + b"]", b"-" + b"9" * 4301,
+    b"1" * 5000 + b".5", b"\xff", b"\xc3", b"\xe0\x80", b"\xe0\xa0", b"\xed\xa0\x80", b"\xf4\x90", b"\xf0\x9f\x98",
+    b"\xc0\xaf", b'"ok" \xf5', b"[] []", b"  true  ", b"null", b'"str"', b"3.25",
+]
+
+
+@pytest.mark.parametrize("raw", ODD_JSON)
+def test_json_reader_answers_as_pythons_decoder(plugin, raw):
+    verdict = python_verdict(raw)
+    assert verdict is not None
+    doc = cni_error(run_plugin(plugin, cni_env("ADD"), raw))
+    assert (doc["code"], doc["msg"]) == verdict
+
+
+@pytest.mark.parametrize("depth,nested", [(994, False), (995, True)])
+def test_json_nesting_limit(plugin, depth, nested):
+    """Where the Python plugin's decoder ran out of recursion; VERSION still answers."""
+    raw = b"[" * depth + b"]" * depth
+    doc = cni_error(run_plugin(plugin, cni_env("ADD"), raw))
+    assert doc["msg"].endswith("JSON nested too deeply" if nested else "expected a JSON object, got list")
+    inner = b"[" * (depth - 1) + b"]" * (depth - 1)  # in an object: as deep in all
+    proc = run_plugin(plugin, {"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "0.4.0", "x": ' + inner + b"}")
+    assert json.loads(proc.stdout)["cniVersion"] == ("1.1.0" if nested else "0.4.0")
+
+
+_TOKENS = ["{", "}", "[", "]", ",", ":", '"', "\\", "\\u", "d800", "dc00", "12", '"a"', '"k"', "1", "-", "0", ".",
+           "5", "e", "E", "+", "null", "nul", "true", "false", "NaN", "Infinity", " ", "\n", "\t", "\x01", "é", "😀",
+           "\u2028", "/", "x"]
+
+
+_odd_text = st.text(st.sampled_from("a\\\"/\n\t\x01é😀\u2028\udcff"), max_size=6)
+_documents = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _odd_text,
+                          lambda c: st.lists(c, max_size=3) | st.dictionaries(_odd_text, c, max_size=3), max_leaves=8)
+
+
+@st.composite
+def damaged_documents(draw) -> bytes:
+    """A JSON document, sometimes with a token put in or a few characters taken out."""
+    text = json.dumps(draw(_documents), ensure_ascii=draw(st.booleans()), indent=draw(st.sampled_from([None, 1])))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.sampled_from(_TOKENS)) + text[at + draw(st.integers(0, 2)):]
+    return text.encode("utf-8", "surrogatepass")  # an escaped \udcff stays escaped; a raw one is not UTF-8
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_TOKENS), max_size=16).map(lambda t: "".join(t).encode())
+       | st.binary(max_size=12) | damaged_documents())
+@example(b'{"a": [1, {"b": "\\ud83d\\ude00"}], "c": -1.5e3}')
+def test_json_reader_fuzz(plugin, tmp_path_factory, raw):
+    verdict = python_verdict(raw)
+    if verdict is None:  # an object: point it at no agent, so the plugin goes as far as connecting
+        doc = json.loads(raw)
+        assume(not isinstance(doc.get("agentSocket"), str) and "agentTimeout" not in doc)
+        raw = raw.rstrip()[:-1] + (b", " if doc else b"") + b'"agentSocket": "/nonexistent/podnet.sock"}'
+        verdict = (11, "podnet agent not reachable at /nonexistent/podnet.sock: No such file or directory")
+    event(verdict[1].split(":")[1][:40] if verdict[0] == 6 else "reached the socket")
+    doc = cni_error(run_plugin(plugin, cni_env("ADD"), raw))
+    assert (doc["code"], doc["msg"]) == verdict
+
+
+@pytest.mark.parametrize("reply,status,stdout", [
+    (b'{"code": 0, "output": "{\\"ok\\": 1}"}', 0, b'{"ok": 1}\n'),
+    (b'{"code": 0, "output": ""}', 0, b""),
+    (b'{"code": 0, "output": "done\\n"}', 0, b"done\n"),
+    (b'  {"output": "x", "code": -0}  ', 0, b"x\n"),
+    (b'{"code": 0, "output": "\\ud800 \\ud83d\\ude00 \\u00e9"}', 0, "? 😀 é\n".encode()),
+    (b'{"code": 7, "output": "{\\"code\\": 7, \\"msg\\": \\"m\\"}"}', 1, b'{"code": 7, "msg": "m"}\n'),
+])
+def test_agent_answers_reach_stdout(plugin, raw_agent, reply, status, stdout):
+    raw_agent.reply = reply
+    proc = run_plugin(plugin, cni_env("ADD"), json.dumps({"cniVersion": "1.0.0", "agentSocket": raw_agent.path}).encode())
+    assert (proc.returncode, proc.stdout) == (status, stdout)
+
+
+@pytest.mark.parametrize("reply,code,msg", [
+    (b'{"code": 7, "output": "  plain failure\\u3000\\n"}', 7, "plain failure"),
+    (b'{"code": 7, "output": " \\n "}', 7, "podnet agent failed with code 7"),
+    (b'{"code": 12345678901234567890, "output": "big"}', 12345678901234567890, "big"),
+    (b'{"code": 3, "output": "{\\"code\\": true}"}', 3, '{"code": true}'),
+    (b'{"code": 0, "output": "a", "code": 3}', 3, "a"),  # the last of a name counts, as in a dict
+    (b'{"code": 1.0, "output": "x"}', 999, "podnet agent at {path} sent a malformed answer"),
+    (b'{"code": true, "output": "x"}', 999, "podnet agent at {path} sent a malformed answer"),
+    (b'{"code": 0}', 999, "podnet agent at {path} sent a malformed answer"),
+    (b"garbage", 999, "podnet agent at {path} sent a malformed answer"),
+    (b'{"code": 0, "output": "\xff"}', 999, "podnet agent at {path} sent a malformed answer"),
+    (b"", 11, "podnet agent not reachable at {path}: the agent closed the connection without answering"),
+    (None, 11, "podnet agent not reachable at {path}: the agent closed the connection without answering"),
+    (b" " * (16 << 20) + b"!", 999, "podnet agent at {path} sent an answer larger than 16777216 bytes"),
+])
+def test_agent_answers_that_are_not_cni_errors_become_one(plugin, raw_agent, reply, code, msg):
+    raw_agent.reply = reply
+    proc = run_plugin(plugin, cni_env("DEL"), json.dumps({"cniVersion": "0.4.0", "agentSocket": raw_agent.path}).encode())
+    doc = cni_error(proc)
+    assert (doc["code"], doc["msg"], doc["cniVersion"]) == (code, msg.replace("{path}", raw_agent.path), "0.4.0")
+    assert raw_agent.done.is_set()
 
 
 # ---------------------------------------------------------------- fuzz

@@ -29,7 +29,7 @@ from podnet.agent.contract import Dataplane, DataplaneMetrics
 from podnet.agent.dataplanes import DnsDataplane, NatDataplane, PolicyDataplane, RoutesDataplane
 from podnet.agent.follow import StoreFollower
 from podnet.agent.worker import DataplaneWorker, SyncProgress
-from podnet.cni.plugin import DEFAULT_SOCKET
+from podnet.cni import DEFAULT_SOCKET
 from podnet.dataplane.localdns import DnsAddresses
 from podnet.dataplane.pods import PodDataplane
 from podnet.dataplane.routes import RouteProgrammer

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from podnet.cni.plugin import DEFAULT_SOCKET
+from podnet.cni import DEFAULT_SOCKET
 from podnet.dns.resolvconf import NODE_DNS_ADDRESS
 from podnet.errors import PodnetError
 from podnet.hostport import parse_host_port

@@ -1,6 +1,6 @@
 """The agent's CNI socket: one thread per connection, one request per connection.
 
-Protocol (see plugin.py): the plugin sends one JSON document
+Protocol (see native/cni/podnet-cni.c): the plugin sends one JSON document
 {"env": {CNI_* variables}, "stdin": text} and half-closes; the server answers
 {"code": int, "output": text} and closes. The socket file is created 0600 (the
 mode is set on the socket before bind, so it is never reachable by others).
