@@ -24,7 +24,7 @@ from tests.support.bind import Named, have_named
 from podnet.externaldns.controller import Controller, Settings, follow, sync_once
 from podnet.externaldns.plan import DomainFilter
 from podnet.externaldns.registry import format_labels
-from podnet.externaldns.rfc2136 import RFC2136Provider, ServerConfig
+from podnet.externaldns.rfc2136 import DNSServerError, RFC2136Provider, ServerConfig
 from podnet.externaldns.source import ServiceSource
 from podnet.model.objects import EndpointSlice, Node, Service
 from podnet.store.objects import ObjectStore
@@ -460,6 +460,27 @@ def test_server_restart_and_outage_are_retried(named, tmp_path, controllers):
     assert named.values(f"web.{ZONE}", "A") == ["192.0.2.10"]
     log = ctl.log.read_text()
     assert "retrying in" in log and "the DNS server answers again" in log
+
+
+def test_a_name_the_server_will_not_take_is_reported_and_the_others_land(named, tmp_path):
+    """BIND takes at most max-records-per-type (100) records of a type at a name: a
+    headless Service with 150 ready endpoints cannot be published; the others are."""
+    url, store = new_store(tmp_path / "podnet.db")
+    store.apply([headless("big", f"big.{ZONE}"),
+                 slice_of("big", [(f"10.244.{i // 250}.{i % 250 + 1}", None) for i in range(150)]),
+                 lb("web", f"web.{ZONE}", "192.0.2.10")])
+    r = once(url, named)
+    assert r.created == 1 and named.values(f"web.{ZONE}", "A") == ["192.0.2.10"]
+    [failed] = r.failed
+    assert failed.startswith(f"create big.{ZONE} A 10.244.0.1,10.244.0.10,10.244.0.100,10.244.0.101,... (150 in "
+                             "all) (ttl 300) for service/prod/big: the server refused it: SERVFAIL: 150 records")
+    assert "max-records-per-type" in failed
+    assert absent(named, f"big.{ZONE}") and absent(named, f"a-big.{ZONE}")
+    store.delete(Service, "web", "prod")
+    r = once(url, named)
+    assert r.deleted == 1 and len(r.failed) == 1
+    with pytest.raises(DNSServerError, match="failed with SERVFAIL"):  # nothing else it could do: the sync fails
+        once(url, named)
 
 
 # ---------------------------------------------------------------- batching

@@ -13,7 +13,7 @@ import pytest
 from podnet.externaldns.endpoint import Endpoint, check_dns_name, parse_duration, parse_ttl
 from podnet.externaldns.plan import DomainFilter, calculate
 from podnet.externaldns.registry import NameMapper, RRset, format_labels, parse_labels, read_zone
-from podnet.externaldns.rfc2136 import RFC2136Provider, ServerConfig, effect, txt_rdata
+from podnet.externaldns.rfc2136 import DNSServerError, RFC2136Provider, ServerConfig, effect, txt_rdata
 from podnet.externaldns.source import Problem, ServiceSource, SourceOptions, service_endpoints
 from podnet.model.objects import EndpointSlice, Node, Service
 from podnet.store.objects import ObjectEvent, key_of
@@ -353,10 +353,12 @@ def test_plan_merges_services_wanting_one_name():
 
 
 class FakeServer:
-    """Answers UPDATEs: a prerequisite on `taken` names fails (YXRRSET), the rest succeeds."""
+    """Answers UPDATEs: a prerequisite on `taken` names fails (YXRRSET), an update of a
+    `broken` name fails the message (SERVFAIL), the rest succeeds."""
 
-    def __init__(self, taken=()):
+    def __init__(self, taken=(), broken=()):
         self.taken = set(taken)
+        self.broken = set(broken)
         self.sent: list[dns.update.UpdateMessage] = []
 
     def __call__(self, msg):
@@ -364,7 +366,9 @@ class FakeServer:
         self.sent.append(msg)
         resp = dns.message.make_response(msg)
         names = {rrset.name.to_text(omit_final_dot=True) for rrset in msg.prerequisite}
-        resp.set_rcode(dns.rcode.YXRRSET if names & self.taken else dns.rcode.NOERROR)
+        updated = {rrset.name.to_text(omit_final_dot=True) for rrset in msg.update}
+        resp.set_rcode(dns.rcode.YXRRSET if names & self.taken else
+                       dns.rcode.SERVFAIL if updated & self.broken else dns.rcode.NOERROR)
         return resp
 
 
@@ -424,3 +428,16 @@ def test_a_batch_too_big_for_one_message_is_halved():
     result = provider(fake, batch=1000).apply("example.org", p.changes)
     assert len(result.applied) == 1000 and 2 < result.messages <= 8
     assert all(len(m.to_wire()) <= 65535 for m in fake.sent)
+
+
+def test_a_change_the_server_fails_does_not_hold_up_the_others():
+    p = plan_of([E(f"s{i}.example.org", [f"192.0.2.{i}"]) for i in range(1, 41)], zone({}))
+    result = provider(FakeServer(broken={"s9.example.org"}), batch=20).apply("example.org", p.changes)
+    assert len(result.applied) == 39
+    [(change, why, _)] = result.failed
+    assert change.name == "s9.example.org" and why.startswith("SERVFAIL")
+    # a server failing everything: the first batch tells, nothing more is sent
+    fake = FakeServer(broken={f"s{i}.example.org" for i in range(1, 41)})
+    with pytest.raises(DNSServerError, match="failed with SERVFAIL"):
+        provider(fake, batch=20).apply("example.org", p.changes)
+    assert len(fake.sent) == 2 * 20 - 1

@@ -74,12 +74,14 @@ class SyncReport:
     seconds: float = 0.0
     records: int = 0  # desired records in the zones
     conflicts: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # changes the server would not take
     problems: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("revision", "full", "created", "updated", "deleted", "held_back",
-                                              "messages", "seconds", "records", "conflicts", "problems", "error")}
+                                              "messages", "seconds", "records", "conflicts", "failed", "problems",
+                                              "error")}
 
 
 class Controller:
@@ -92,6 +94,7 @@ class Controller:
         self.views: dict[str, ZoneView] = {}
         self.stale: set[str] = set(provider.zones)
         self._conflicts_told: dict[tuple[str, str], str] = {}
+        self._failed_told: dict[tuple[str, str], str] = {}
         self._problems_told: dict[str, list[str]] = {}
 
     def sync(self, full: bool = False) -> SyncReport:
@@ -121,6 +124,7 @@ class Controller:
         report.problems = problems
         held = set(problems)
         conflicts_now: dict[tuple[str, str], str] = {}
+        failed_now: dict[tuple[str, str], str] = {}
         try:
             for zone in self.provider.zones:  # every zone read before any is changed
                 if full or zone not in self.views or zone in self.stale:
@@ -157,18 +161,22 @@ class Controller:
                 report.updated += done.count("update")
                 report.deleted += done.count("delete")
                 self.views[zone] = read_zone(zone, rrsets, s.mapper, view.serial)
-                if result.lost:
+                if result.lost or result.failed:
                     self.stale.add(zone)  # the zone is not what was read: read it again next time
-                    for ch, holder in result.lost:
-                        conflicts_now[(ch.name, ch.type)] = (
-                            f"{ch.name} {ch.type}: wanted by {ch.resource} but {holder} since the zone was read; "
-                            f"this controller is owner {s.owner_id!r}: not touched")
+                for ch, holder in result.lost:
+                    conflicts_now[(ch.name, ch.type)] = (
+                        f"{ch.name} {ch.type}: wanted by {ch.resource} but {holder} since the zone was read; "
+                        f"this controller is owner {s.owner_id!r}: not touched")
+                for ch, why, _ in result.failed:
+                    failed_now[(ch.name, ch.type)] = f"{ch.describe()} for {ch.resource}: the server refused it: {why}"
         except DNSServerError as e:
             report.error = str(e)
             raise
         finally:
             self._tell_conflicts(conflicts_now)
+            self._tell_failed(failed_now)
             report.conflicts = sorted(conflicts_now.values())
+            report.failed = sorted(failed_now.values())
             report.seconds = round(time.perf_counter() - t0, 4)
         return report
 
@@ -177,6 +185,12 @@ class Controller:
             if self._conflicts_told.get(key) != text:
                 log.warning("conflict: %s", text)
         self._conflicts_told = now
+
+    def _tell_failed(self, now: dict[tuple[str, str], str]) -> None:
+        for key, text in now.items():
+            if self._failed_told.get(key) != text:
+                log.error("%s", text)
+        self._failed_told = now
 
     def _tell_problems(self, problems: dict[str, list[str]]) -> None:
         for resource, msgs in problems.items():

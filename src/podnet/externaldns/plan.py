@@ -57,7 +57,8 @@ class Change:
     def describe(self) -> str:
         if self.action == "delete":
             return f"delete {self.name} {self.type}"
-        return f"{self.action} {self.name} {self.type} {','.join(self.targets)} (ttl {self.ttl})"
+        shown = ",".join(self.targets[:4]) + (f",... ({len(self.targets)} in all)" if len(self.targets) > 4 else "")
+        return f"{self.action} {self.name} {self.type} {shown} (ttl {self.ttl})"
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,18 @@ update. So no change lands on a name that another owner or a person took after t
 zone was read (the race ExternalDNS loses, kubernetes-sigs/external-dns#5457), and
 only this owner's own records are ever deleted (#1040).
 
-Batching: changes travel --rfc2136-batch-change-size to a message (a message that
-would not fit in the 64 KiB of a DNS message is halved until it does). Deletes and updates go first, creates in later messages, so a
+Batching: changes travel --rfc2136-batch-change-size to a message (a batch that does
+not fit in the 64 KiB of a DNS message is cut into as many parts as it needs). Deletes and updates go first, creates in later messages, so a
 create never depends on a prerequisite that a delete in its own message would make
 true (a record changing from A to CNAME). A message refused on a prerequisite (YXDOMAIN,
 YXRRSET, NXDOMAIN, NXRRSET) is split in halves and each half sent again, down to the
 single changes that lost a race: k lost changes among n cost about 2k log2(n/k)
-messages more, and nothing is lost in the common case of none. Any other refusal (the
-key, the zone's update policy, a server error) fails the sync with one line that says
-what to check.
+messages more, and nothing is lost in the common case of none. A message the server
+fails or refuses (SERVFAIL, REFUSED) is split the same way, so one change it will not
+take (more records at a name than BIND's max-records-per-type, 100 by default) is
+reported and the others land; if it takes none of them, or on any other error (the
+key, the signature, the connection), the sync fails with one line that says what to
+check.
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ TSIG_ALGORITHMS = {
     "hmac-md5": dns.tsig.HMAC_MD5, "hmac-sha1": dns.tsig.HMAC_SHA1, "hmac-sha224": dns.tsig.HMAC_SHA224,
     "hmac-sha256": dns.tsig.HMAC_SHA256, "hmac-sha384": dns.tsig.HMAC_SHA384, "hmac-sha512": dns.tsig.HMAC_SHA512,
 }
+MESSAGE_BYTES = 65_535  # the most a DNS message over TCP carries
 PREREQUISITE_FAILED = frozenset({dns.rcode.YXDOMAIN, dns.rcode.YXRRSET, dns.rcode.NXDOMAIN, dns.rcode.NXRRSET})
+CHANGE_REFUSED = frozenset({dns.rcode.SERVFAIL, dns.rcode.REFUSED})
 MAX_TXT_STRING = 255
 
 
@@ -93,6 +98,7 @@ class ServerConfig:
 class ApplyResult:
     applied: list[Change] = field(default_factory=list)
     lost: list[tuple[Change, str]] = field(default_factory=list)  # a prerequisite failed: who holds it now
+    failed: list[tuple[Change, str, DNSServerError]] = field(default_factory=list)  # the server would not take it
     messages: int = 0
 
 
@@ -210,17 +216,25 @@ class RFC2136Provider:
 
     # ------------------------------------------------------------------ updates
 
-    def apply(self, zone: str, changes: Sequence[Change], *,
-              on_message: Callable[[int], None] = lambda n: None) -> ApplyResult:
-        """Send the changes (all in `zone`): deletes and updates first, then creates; a
-        message refused on a prerequisite is split until the changes that lost are found."""
+    def apply(self, zone: str, changes: Sequence[Change]) -> ApplyResult:
+        """Send the changes (all in `zone`): deletes and updates first, then creates. A
+        message refused on a prerequisite is split until the changes that lost are found;
+        one the server fails or refuses (SERVFAIL, REFUSED) is split the same way, so that
+        one change it will not take (BIND's max-records-per-type, an update-policy that
+        leaves a name out) does not hold up the others. DNSServerError when the server
+        took none of a batch, or none at all, for such a reason (it is failing, or the key
+        may not update the zone)."""
         result = ApplyResult()
         first = [c for c in changes if c.action != "create"]
         then = [c for c in changes if c.action == "create"]
         for phase in (first, then):
             for batch in self._batches(phase):
+                applied, failed = len(result.applied), len(result.failed)
                 self._send_batch(zone, batch, result)
-                on_message(result.messages)
+                if len(batch) > 1 and len(result.applied) == applied and len(result.failed) - failed == len(batch):
+                    raise result.failed[-1][2]
+        if result.failed and not result.applied:
+            raise result.failed[0][2]
         return result
 
     def _batches(self, changes: Sequence[Change]) -> list[list[Change]]:
@@ -235,9 +249,12 @@ class RFC2136Provider:
             if len(batch) == 1:
                 raise DNSServerError(f"{batch[0].name} {batch[0].type}: {len(batch[0].targets)} records do not fit "
                                      "in one DNS message") from None
-            mid = len(batch) // 2
-            self._send_batch(zone, batch[:mid], result)
-            self._send_batch(zone, batch[mid:], result)
+            # as many parts as the first change, rendered alone (so compressed the least), says it takes
+            per = len(self.message(zone, batch[:1]).to_wire())
+            parts = max(2, -(-len(batch) * per // MESSAGE_BYTES))
+            step = -(-len(batch) // parts)
+            for i in range(0, len(batch), step):
+                self._send_batch(zone, batch[i:i + step], result)
             return
         result.messages += 1
         if rcode == dns.rcode.NOERROR:
@@ -246,6 +263,24 @@ class RFC2136Provider:
         if rcode in PREREQUISITE_FAILED:
             if len(batch) == 1:
                 result.lost.append((batch[0], self.holder(batch[0])))
+                return
+            mid = len(batch) // 2
+            self._send_batch(zone, batch[:mid], result)
+            self._send_batch(zone, batch[mid:], result)
+            return
+        if rcode in CHANGE_REFUSED:
+            if len(batch) == 1:
+                c = batch[0]
+                error = self._refused(f"UPDATE of zone {zone}", dns.rcode.to_text(rcode))
+                why = dns.rcode.to_text(rcode)
+                if rcode == dns.rcode.SERVFAIL and len(c.targets) > 100:
+                    why += (f": {len(c.targets)} records of one type at one name (BIND takes at most "
+                            "max-records-per-type, 100 by default); see the server's log")
+                elif rcode == dns.rcode.SERVFAIL:
+                    why += ": see the server's log"
+                else:
+                    why += f": does the zone's update-policy let key {self.cfg.keyname!r} change this name?"
+                result.failed.append((c, why, error))
                 return
             mid = len(batch) // 2
             self._send_batch(zone, batch[:mid], result)
