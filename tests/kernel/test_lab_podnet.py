@@ -115,3 +115,50 @@ def test_lab_on_an_etcd_store_on_the_host_loopback():
             assert ObjectStore(open_store(etcd.url)).list(EndpointSlice) == []
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(not shutil.which("etcd"), reason="needs the etcd binary")
+def test_lab_on_an_etcd_store_with_auth():
+    """User and password in the store URL: the lab's controller and agents (and their CNI
+    sessions) authenticate; the password is in no command line and not in state.json, only in
+    a root-only file of the lab's."""
+    import json
+    import stat
+    from urllib.parse import quote
+
+    from podnet.lab.state import STORE_CREDENTIALS
+    from podnet.store import open_store
+    from podnet.store.objects import ObjectStore
+    from tests.support.etcd import PODNET_PASSWORD, EtcdCluster
+
+    root = Path(tempfile.mkdtemp(prefix="pnla-"))
+    name = f"pa-{secrets.token_hex(3)}"
+    doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
+           "spec": {"underlay": {"cidr": "10.98.0.0/24"}, "nodes": [{"name": "node-1"}, {"name": "node-2"}],
+                    "pods": [{"name": "a", "node": "node-1", "labels": {"app": "a"}, "ports": [{"containerPort": 8080}]},
+                             {"name": "b", "node": "node-2", "ports": [{"containerPort": 8080}]}],
+                    "manifests": [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"},
+                                   "spec": {"selector": {"app": "a"}, "ports": [{"port": 8080}]}}]}}
+    try:
+        with EtcdCluster(1, auth=True, auth_prefix="/podnet") as etcd:
+            url = f"etcd://podnet:{quote(PODNET_PASSWORD, safe='')}@{etcd.endpoints[0]}"
+            st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, store_url=url, timeout=60)
+            try:
+                assert st.data["store"] == etcd.url
+                assert quote(PODNET_PASSWORD, safe="") not in (st.dir / "state.json").read_text()
+                for p in st.data["processes"]:
+                    pid = st.process_pid(p)
+                    if pid is not None:
+                        assert PODNET_PASSWORD.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), p["key"]
+                secret = st.dir / STORE_CREDENTIALS
+                assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+                assert json.loads(secret.read_text())["PODNET_ETCD_PASSWORD"] == PODNET_PASSWORD
+                rows = probe_all(Lab(st), timeout=5)
+                assert rows and all(r.ok for r in rows), format_table(rows)
+                assert [e.target_ref.name for s in ObjectStore(open_store(etcd.url, credentials=etcd.credentials))
+                        .list(EndpointSlice) if s.service_name == "a" for e in s.endpoints] == ["a"]
+            finally:
+                down_by_name(name, root)
+            assert ObjectStore(open_store(etcd.url, credentials=etcd.credentials)).list(Pod) == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -268,7 +268,7 @@ class EtcdCluster:
             values |= dict(zip(("cert", "key"), self.pki.pair(client), strict=True), cacert=self.pki.path("ca.pem"))
         return EtcdCredentials(**values)
 
-    def etcdctl(self, *args: str, root: bool = True) -> str:
+    def etcdctl(self, *args: str, root: bool = True, input: str | None = None) -> str:
         """Run etcdctl against the cluster (as root once auth is on); its output."""
         cmd = ["etcdctl", "--endpoints", ",".join(("https://" if self.tls else "http://") + e for e in self.endpoints)]
         if self.pki is not None:
@@ -277,7 +277,7 @@ class EtcdCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
         if root and self._auth_on:
             env |= {"ETCDCTL_USER": "root", "ETCDCTL_PASSWORD": ROOT_PASSWORD}
-        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=30)
+        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=30, input=input)
         if proc.returncode != 0:
             raise EtcdError(f"etcdctl {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
         return proc.stdout

@@ -39,6 +39,7 @@ from podnet.model.objects import Node
 from podnet.services.conntrack import ConntrackSizing
 from podnet.store import open_store
 from podnet.store.base import KeyValueStore
+from podnet.store.credentials import EtcdCredentials
 from podnet.store.objects import ObjectStore
 
 log = logging.getLogger("podnet.agent")
@@ -53,6 +54,7 @@ EVENT_FED = ("Service", "EndpointSlice", "Pod", "Namespace", "NetworkPolicy")
 class AgentConfig:
     node: str
     store_url: str | None = None
+    store_credentials: EtcdCredentials | None = None  # etcd TLS files and user (None: the environment's)
     socket: str = DEFAULT_SOCKET
     node_ip: str | None = None
     service_cidrs: tuple[str, ...] = ("10.96.0.0/12",)
@@ -71,7 +73,7 @@ class AgentConfig:
 class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
-        self.kv: KeyValueStore = open_store(cfg.store_url, create=False)
+        self.kv: KeyValueStore = self._open_kv()
         self.objects = ObjectStore(self.kv)
         self.cache = ObjectCache(unkept=EVENT_FED, records=True)
         self.stopping = threading.Event()
@@ -143,7 +145,7 @@ class Agent:
                         for dp in self.dataplanes}
 
     def _open_kv(self) -> KeyValueStore:
-        return open_store(self.cfg.store_url, create=False)
+        return open_store(self.cfg.store_url, create=False, credentials=self.cfg.store_credentials)
 
     def _on_change(self, rev: int, dirty: list[Dataplane]) -> None:
         self.progress.saw(rev, [self.workers[dp.name] for dp in dirty if dp.name in self.workers])
@@ -210,7 +212,7 @@ class Agent:
         from podnet.cni.handler import CNIHandler
         from podnet.cni.server import CNIServer
 
-        handler = CNIHandler(open_store(self.cfg.store_url, create=False), self.cfg.node, self.pods, ready=self.ready)
+        handler = CNIHandler(self._open_kv(), self.cfg.node, self.pods, ready=self.ready)
         self.server = CNIServer(self.cfg.socket, handler)
         self.server.start()
         log.info("serving CNI on %s", self.cfg.socket)

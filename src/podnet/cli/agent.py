@@ -50,6 +50,7 @@ def _dns_upstream(text: str) -> tuple[str, int]:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from podnet.agent.daemon import AgentConfig, run_agent
+    from podnet.cli.common import store_credentials
     from podnet.cluster import agent_settings
     from podnet.services.conntrack import ConntrackSizing
     from podnet.store import open_store
@@ -59,10 +60,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s",
     )
     # The cluster's settings, as `podnet apply` used them; the flags override them on this node.
-    with open_store(args.store, create=False) as kv:
+    creds = store_credentials(args)
+    with open_store(args.store, create=False, credentials=creds) as kv:
         service_cidrs, cluster_domain = agent_settings(kv, args.service_cidr, args.cluster_domain,
                                                        logging.getLogger("podnet.agent").warning)
-    cfg = AgentConfig(node=args.node, store_url=args.store, socket=args.socket, node_ip=args.node_ip,
+    cfg = AgentConfig(node=args.node, store_url=args.store, store_credentials=creds, socket=args.socket,
+                      node_ip=args.node_ip,
                       resync_interval=args.resync,
                       service_cidrs=service_cidrs, service_proxy=args.service_proxy,
                       conntrack=ConntrackSizing(args.conntrack_max_per_core, args.conntrack_min),

@@ -63,6 +63,7 @@ def _need_root(what: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from podnet.cli.common import store_credentials
     from podnet.lab.cluster import up
     from podnet.lab.spec import load_lab
 
@@ -70,7 +71,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _need_root("up")
     store = args.lab_store or getattr(args, "store", None)
     st = up(spec, name=_name(args), store_url=store, timeout=args.timeout, keep_on_failure=args.keep_on_failure,
-            say=_say)
+            say=_say, store_credentials=store_credentials(args))
     print(f"lab {st.name} is up: `podnet lab status --name {st.name}`, `podnet lab down --name {st.name}`")
     return 0
 

@@ -8,6 +8,7 @@ import sys
 from typing import NoReturn
 
 from podnet.errors import PodnetError
+from podnet.store import credentials
 
 # Modules under podnet.cli that add subcommands.
 COMMAND_MODULES = ("objects", "ipam", "plan", "agent", "lab", "policy", "externaldns")
@@ -26,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="podnet", description="Container networking for large Kubernetes clusters.")
     parser.add_argument(
         "--store",
-        help="store URL: sqlite:///PATH or etcd://HOST:PORT[,HOST:PORT...] "
-        "(default: $PODNET_STORE or sqlite:///var/lib/podnet/podnet.db)",
+        help="store URL: sqlite:///PATH, etcd://HOST:PORT[,HOST:PORT...] or etcds://... (TLS), "
+        "optionally etcds://USER:PASSWORD@HOST:PORT (default: $PODNET_STORE or sqlite:///var/lib/podnet/podnet.db)",
     )
+    credentials.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

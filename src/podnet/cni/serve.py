@@ -18,7 +18,7 @@ import threading
 from podnet.cni.handler import CNIHandler
 from podnet.cni.server import CNIServer
 from podnet.dataplane.pods import PodDataplane
-from podnet.store import open_store
+from podnet.store import credentials, open_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,10 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("node")
     ap.add_argument("--mtu", type=int, default=1500)
     ap.add_argument("--log-level", default="warning")
+    credentials.add_arguments(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     dataplane = PodDataplane(args.mtu)
-    handler = CNIHandler(open_store(args.store_url, create=False), args.node, dataplane)
+    handler = CNIHandler(open_store(args.store_url, create=False, credentials=credentials.from_args(args)), args.node,
+                         dataplane)
     server = CNIServer(args.socket, handler).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -56,10 +56,10 @@ class Sessions:
     def _open(self) -> KeyValueStore:
         """One more connection to the store the agent started with, never to a new file at its
         path (the store was deleted or replaced): ADDs would then split between two stores."""
-        from podnet.store import open_store
+        from podnet.store import reopen
 
         try:
-            kv = open_store(self._url, create=False)
+            kv = reopen(self._kv)
         except StoreError as e:
             raise CNIError(E_TRY_AGAIN, f"store unavailable: {e}") from None
         if getattr(kv, "file_id", None) != getattr(self._kv, "file_id", None):

@@ -45,7 +45,10 @@ from podnet.model.objects import KINDS, EndpointSlice, KubeObject, Pod, PodIP, P
 from podnet.model.selectors import LabelSelector
 from podnet.services.clusterip import allocate_cluster_ips, release_service
 from podnet.store import Conflict, open_store
+from podnet.store.base import KeyValueStore
+from podnet.store.credentials import EtcdCredentials, from_env
 from podnet.store.objects import ObjectStore
+from podnet.store.url import etcd_target, is_etcd
 
 REFERENCE_CNI_DIR = "/usr/lib/cni"
 NETWORK_NAME = "podnet"
@@ -100,14 +103,16 @@ def find_lab(name: str | None, root: Path | None = None) -> LabState:
 
 
 def up(spec: LabSpec, *, name: str | None = None, store_url: str | None = None, root: Path | None = None,
-       timeout: float = DEFAULT_TIMEOUT, keep_on_failure: bool = False, say: Say = _quiet) -> LabState:
-    """Bring a lab up. On failure everything made so far is removed (unless keep_on_failure)."""
+       timeout: float = DEFAULT_TIMEOUT, keep_on_failure: bool = False, say: Say = _quiet,
+       store_credentials: EtcdCredentials | None = None) -> LabState:
+    """Bring a lab up. On failure everything made so far is removed (unless keep_on_failure).
+    store_credentials: for an etcd store_url (default: the environment's)."""
     name = name or spec.name
     st = LabState.create(name, root, file=str(Path(spec.file).resolve()) if spec.file else None,
                          cni=spec.cni.plugin)
     try:
         try:
-            _up(st, spec, store_url, timeout, say)
+            _up(st, spec, store_url, timeout, say, store_credentials)
         except PodnetError:
             raise
         except Exception as e:  # netlink, OS and subprocess errors: one line, with the lab's name
@@ -124,8 +129,15 @@ def up(spec: LabSpec, *, name: str | None = None, store_url: str | None = None, 
     return st
 
 
-def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say: Say) -> None:
+def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say: Say,
+        creds: EtcdCredentials | None = None) -> None:
     url = store_url or f"sqlite://{st.dir / 'store.db'}"
+    if is_etcd(url):
+        url, _, tls, creds = etcd_target(url, creds)  # the URL the lab records holds no password
+        if tls:
+            raise PodnetError("the lab cannot use an etcd store over TLS: its nodes reach the store through a relay "
+                              "whose address the members' certificates do not name")
+        st.save_store_credentials(creds.environment())
     st.set(store=url, store_owned=store_url is None, underlay=str(spec.underlay), gateway=spec.gateway,
            external=spec.external.address if spec.external else None)
     say(f"lab {st.name} (id {st.id}): state in {st.dir}, store {url}")
@@ -154,7 +166,7 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
         _start_external_dns(st, spec, ul, timeout, say)
 
     # The API server's part: every object, Pods still Pending.
-    store = ObjectStore(open_store(url))
+    store = ObjectStore(open_lab_store(st, url, create=True))
     # The cluster's configuration, as the first `podnet apply` on a store writes it: later
     # applies to the lab's store and its agents read the lab's Service CIDR from there.
     ensure_cluster_config(store.kv, service_cidr=spec.service_cidr,
@@ -173,7 +185,7 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
 
     # CNI: podnet-cni with one agent per node, or the reference bridge.
     if spec.cni.plugin == "podnet":
-        agent_url = _relay_store(st, url, ul, spec.gateway, timeout, say) if url.startswith("etcd://") else url
+        agent_url = _relay_store(st, url, ul, spec.gateway, timeout, say) if is_etcd(url) else url
         _setup_podnet(st, spec, agent_url, timeout, say)
     else:
         _setup_bridge(st, spec, say)
@@ -221,6 +233,17 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
 
 
 ENDPOINT_CONTROLLER = "endpoint-controller"
+
+
+def store_env(st: LabState) -> dict[str, str]:
+    """Variables that give a process the lab store's credentials (every process the lab starts
+    gets them: LabState.start_process)."""
+    return st.store_env()
+
+
+def open_lab_store(st: LabState, url: str | None = None, *, create: bool = False) -> KeyValueStore:
+    """The lab's store (`url`: default the one it records), with the credentials its processes use."""
+    return open_store(url or st.data["store"], create=create, credentials=from_env({**os.environ, **st.store_env()}))
 
 
 def _slices_of(service: str) -> LabelSelector:
@@ -601,7 +624,7 @@ def down(st: LabState, *, say: Say = _quiet) -> None:
                 say(f"deleted netns {ns}")
         # Objects in a store that outlives the lab.
         if data.get("store") and not data.get("store_owned", True):
-            _delete_objects(data["store"], data.get("objects", []), say)
+            _delete_objects(st, data["store"], data.get("objects", []), say)
         shutil.rmtree(st.dir, ignore_errors=True)
 
 
@@ -614,9 +637,9 @@ def _locked(st: LabState):
         st.unlock()
 
 
-def _delete_objects(url: str, refs: list[list], say: Say) -> None:
+def _delete_objects(st: LabState, url: str, refs: list[list], say: Say) -> None:
     try:
-        store = ObjectStore(open_store(url))
+        store = ObjectStore(open_lab_store(st, url, create=True))
         objs = []
         for kind, name, namespace in refs:
             cls = KINDS.get(kind)

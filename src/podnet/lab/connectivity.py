@@ -40,7 +40,6 @@ from podnet.errors import PodnetError
 from podnet.lab import cluster
 from podnet.lab.state import LabState
 from podnet.model.objects import EndpointSlice, IPPool, Pod, Service
-from podnet.store import open_store
 from podnet.store.objects import ObjectStore
 
 
@@ -91,7 +90,7 @@ class Lab:
         return self.state.data.get("pods", [])
 
     def store(self) -> ObjectStore:
-        return ObjectStore(open_store(self.state.data["store"], create=False))
+        return ObjectStore(cluster.open_lab_store(self.state))
 
     def pod(self, ref: str) -> dict:
         return cluster.find_pod(self.state, ref)

@@ -43,8 +43,9 @@ from podnet.lab.endpoints import (
     trigger_time,
 )
 from podnet.model.objects import KINDS, EndpointSlice, Node, Pod, Service
-from podnet.store import open_store
+from podnet.store import credentials, open_store, reopen
 from podnet.store.base import AlreadyExists, Conflict, KeyValueStore, NotFound, Op
+from podnet.store.credentials import EtcdCredentials
 from podnet.store.objects import (
     OBJECTS_PREFIX,
     UndecodableObject,
@@ -267,15 +268,16 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run(url: str, synced_file: Path, ready_file: Path | None, stopping: threading.Event | None = None) -> None:
+def run(url: str, synced_file: Path, ready_file: Path | None, stopping: threading.Event | None = None,
+        creds: EtcdCredentials | None = None) -> None:
     """Follow the store at `url` and keep its EndpointSlices current until `stopping` is set."""
     stopping = stopping or threading.Event()
     ctl = EndpointController()
     follower = StoreFollower(ObjectCache(unkept=KINDS), [ctl], ctl.on_change, prefix=OBJECTS_PREFIX)
-    kv = open_store(url, create=False)
+    kv = open_store(url, create=False, credentials=creds)
     try:
         rev = follower.relist(kv)
-        watcher = threading.Thread(target=follower.watch, args=(lambda: open_store(url, create=False), rev + 1),
+        watcher = threading.Thread(target=follower.watch, args=(lambda: reopen(kv), rev + 1),
                                    name="watch", daemon=True)
         watcher.start()
         stop_waiting = threading.Thread(target=lambda: (stopping.wait(), ctl.on_change(0, [])), daemon=True)
@@ -318,10 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synced-file", required=True, type=Path,
                    help="where the last store revision whose changes are in the slices is written")
     p.add_argument("--ready-file", type=Path, help="written once the first list is reconciled")
+    credentials.add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     try:
-        run(args.store, args.synced_file, args.ready_file)
+        run(args.store, args.synced_file, args.ready_file, creds=credentials.from_args(args))
     except PodnetError as e:
         log.error("%s", e)
         return 1

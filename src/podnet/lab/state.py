@@ -28,6 +28,8 @@ from podnet.errors import PodnetError
 
 DEFAULT_ROOT = "/run/podnet/lab"
 STATE_FILE = "state.json"
+# The store's etcd credentials (PODNET_ETCD_* variables), for every process the lab starts.
+STORE_CREDENTIALS = "store-credentials.json"
 NETNS_PREFIX = "pnl-"
 
 
@@ -110,6 +112,21 @@ class LabState:
                 os.fsync(f.fileno())
             os.replace(tmp, self.dir / STATE_FILE)
 
+    def save_store_credentials(self, env: dict[str, str]) -> None:
+        """Variables that give the lab's processes the store's credentials, on every start of
+        them: in a file only its owner (root) reads, never on a command line or in state.json."""
+        if not env:
+            return
+        fd = os.open(self.dir / STORE_CREDENTIALS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(env, f)
+
+    def store_env(self) -> dict[str, str]:
+        try:
+            return json.loads((self.dir / STORE_CREDENTIALS).read_text())
+        except FileNotFoundError:
+            return {}
+
     # ------------------------------------------------------------------ accessors
 
     @property
@@ -142,7 +159,8 @@ class LabState:
 
     def start_process(self, key: str, argv: list[str], *, netns: str | None = None, log: Path | None = None,
                       env: dict[str, str] | None = None, **info: Any) -> dict[str, Any]:
-        """Record, then start `argv` (inside `netns` if given); returns its record with the PID."""
+        """Record, then start `argv` (inside `netns` if given), with the store's credentials in its
+        environment; returns its record with the PID."""
         pidfile = self.dir / f"{key}.pid"
         log = log or self.dir / f"{key}.log"
         full = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
@@ -155,7 +173,7 @@ class LabState:
             proc = subprocess.Popen(
                 ["sh", "-c", 'echo $$ > "$0"; exec "$@"', str(pidfile), *full],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.store_env(), **(env or {})},
             )
         with self.mutex:
             entry["pid"] = proc.pid

@@ -18,13 +18,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import ssl
 import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from podnet.errors import PodnetError
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,8 @@ def _no_passphrase() -> bytes:
 def tls_context(creds: EtcdCredentials) -> ssl.SSLContext:
     """A client context that verifies the server against --cacert (else the system's CAs) and
     shows --cert/--key; a PodnetError naming the option and file if one cannot be used."""
+    import ssl  # only a TLS store needs it
+
     try:
         ctx = ssl.create_default_context(cafile=creds.cacert)
     except (OSError, ssl.SSLError) as e:
@@ -184,7 +189,9 @@ def tls_context(creds: EtcdCredentials) -> ssl.SSLContext:
     return ctx
 
 
-def _file_error(e: OSError | ssl.SSLError) -> str:
+def _file_error(e: OSError) -> str:
+    import ssl
+
     if isinstance(e, ssl.SSLError):
         reason = getattr(e, "reason", None) or str(e)
         if reason in ("KEY_VALUES_MISMATCH",):

@@ -64,6 +64,7 @@ from podnet.store.base import (
     check_expect,
 )
 from podnet.store.credentials import EtcdCredentials, tls_context
+from podnet.store.layout import ALLOC, SHARED
 
 CONNECT_TIMEOUT = 2.0
 # Longer than etcd's own request timeout (5s + 2 election timeouts), so the server
@@ -82,6 +83,8 @@ HEADERS = {
     "Accept": "application/json",
     "Grpc-Metadata-hasleader": "true",
 }
+# Every key podnet writes starts with this (SHARED and ALLOC): what a role must grant.
+KEY_PREFIX = "/podnet"
 PROBE_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 AUTHENTICATE = "/v3/auth/authenticate"
 # etcd's answers to a token it no longer takes: authenticate again, and repeat the request.
@@ -118,7 +121,13 @@ class _NotSent(Exception):
 
 
 class _MaybeSent(Exception):
-    """The request was delivered but no answer came: it may or may not have been applied."""
+    """The request was delivered but no answer came: it may or may not have been applied.
+    unanswered: the connection was new and closed without a byte of answer (a member that
+    is going away, or a TLS endpoint spoken to in plain HTTP): for a read, as unreachable."""
+
+    def __init__(self, message: str, *, unanswered: bool = False):
+        super().__init__(message)
+        self.unanswered = unanswered
 
 
 class _ServerError(Exception):
@@ -190,12 +199,12 @@ class _Tls:
 
     def refused(self, e: BaseException) -> str:
         """The server ended a connection right after the handshake: it refused our certificate."""
-        detail = getattr(e, "reason", None) or str(e) or type(e).__name__
+        alert = getattr(e, "reason", None) if not isinstance(e, ssl.SSLEOFError) else None
+        closed = f"the server ended the connection after the handshake{f' ({alert})' if alert else ''}"
         if self.creds.cert is None:
-            return (f"TLS: the server closed the connection after the handshake ({detail}): it requires a client "
-                    "certificate (--cert and --key, or ETCDCTL_CERT and ETCDCTL_KEY)")
-        return (f"TLS: the server closed the connection after the handshake ({detail}): it does not accept "
-                f"the client certificate {self.creds.named('cert')} (signed by a CA it does not trust?)")
+            return f"TLS: {closed}: it requires a client certificate (--cert and --key, or ETCDCTL_CERT and ETCDCTL_KEY)"
+        return (f"TLS: {closed}: it does not accept the client certificate {self.creds.named('cert')} "
+                "(signed by a CA it does not trust?)")
 
 
 def _decode_value(key: str, raw: str | None) -> dict[str, Any]:
@@ -300,10 +309,10 @@ class _Connection:
         try:
             resp = self.conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
-            hint = ""
-            if self.fresh and self.tls is None and isinstance(e, http.client.RemoteDisconnected):
-                hint = " (closed without any answer: if the endpoint serves TLS, write etcds://)"
-            raise _MaybeSent(f"no response: {e or type(e).__name__}{hint}") from None
+            if self.fresh and isinstance(e, http.client.RemoteDisconnected):
+                hint = "" if self.tls else ": if the endpoint serves TLS, write etcds://"
+                raise _MaybeSent(f"closed a new connection without answering{hint}", unanswered=True) from None
+            raise _MaybeSent(f"no response: {e or type(e).__name__}") from None
         self.fresh = False
         return resp
 
@@ -487,7 +496,7 @@ class EtcdStore(KeyValueStore):
         if message.startswith(_DENIED):
             who = f"user {creds.user!r}" if self._auth else "this client"
             return StoreError(f"etcd {endpoint}: {message} for {who} (its roles need readwrite on the prefix "
-                              "/podnet/)")
+                              f"{KEY_PREFIX}, which holds {SHARED} and {ALLOC})")
         return StoreError(f"etcd {endpoint}: {message}")
 
     # ------------------------------------------------------------------ failover
@@ -509,7 +518,7 @@ class EtcdStore(KeyValueStore):
                         refused |= e.refused
                         errors.append(f"{endpoint}: {e}")
                     except _MaybeSent as e:
-                        all_unreachable = False
+                        all_unreachable &= e.unanswered and not write
                         if write:
                             self._drop()
                             raise StoreUnavailable(
@@ -559,8 +568,8 @@ class EtcdStore(KeyValueStore):
     # ------------------------------------------------------------------ reads
 
     def revision(self) -> int:
-        # A key in podnet's prefix: a user whose role grants only /podnet/ may read it.
-        doc = self._call("/v3/kv/range", {"key": _b64(b"/podnet/"), "count_only": True})
+        # A key in podnet's prefix: a user whose role grants only that may read it.
+        doc = self._call("/v3/kv/range", {"key": _b64(SHARED.encode()), "count_only": True})
         return int(doc["header"]["revision"])
 
     def get(self, key: str) -> Record | None:

@@ -18,7 +18,8 @@ from podnet.store.base import KeyValueStore
 from podnet.store.credentials import EtcdCredentials, credentials, from_env
 
 DEFAULT_STORE_URL = "sqlite:///var/lib/podnet/podnet.db"
-ETCD_SCHEMES = {"etcd://": False, "etcds://": True}
+# etcd:// is plain HTTP unless its endpoints say https:// (etcdctl's form); etcds:// is TLS.
+ETCD_SCHEMES: dict[str, bool | None] = {"etcd://": None, "etcds://": True}
 URL_ORIGIN = "the store URL"
 EXPECTED = "expected sqlite:///PATH, etcd://HOST:PORT[,HOST:PORT...] or etcds://HOST:PORT[,HOST:PORT...] (TLS)"
 
@@ -37,8 +38,9 @@ def redact(url: str) -> str:
     return f"{m.group(1)}{m.group(2).partition(':')[0]}:***@{url[m.end():]}"
 
 
-def split_etcd_url(url: str) -> tuple[list[str], bool, EtcdCredentials]:
-    """(endpoints, tls, the user and password the URL names) of an etcd:// or etcds:// URL."""
+def split_etcd_url(url: str) -> tuple[list[str], bool | None, EtcdCredentials]:
+    """(endpoints, tls (None: as the endpoints say), the user and password the URL names) of an
+    etcd:// or etcds:// URL."""
     scheme = next(s for s in ETCD_SCHEMES if url.startswith(s))
     rest = url[len(scheme):]
     userinfo = None
@@ -58,10 +60,17 @@ def split_etcd_url(url: str) -> tuple[list[str], bool, EtcdCredentials]:
 def etcd_target(url: str, given: EtcdCredentials | None = None) -> tuple[str, list[str], bool, EtcdCredentials]:
     """(the URL without its user and password, endpoints, tls, credentials) of an etcd store URL:
     the URL's user and password over `given` (default: the environment's)."""
+    from podnet.store.etcd import split_scheme
+
     endpoints, tls, from_url = split_etcd_url(url)
-    scheme = next(s for s in ETCD_SCHEMES if url.startswith(s))
+    schemes = {split_scheme(e)[0] for e in endpoints} - {None}
+    if tls is None:
+        tls = schemes == {"https"}
+    elif schemes and schemes != {"https"}:
+        raise PodnetError(f"store URL {redact(url)!r}: etcds:// is TLS, but its endpoints say {schemes.pop()}://")
     creds = from_url.over(given if given is not None else from_env()).checked()
-    return scheme + ",".join(endpoints), endpoints, tls, creds
+    clean = ("etcds://" if tls else "etcd://") + ",".join(split_scheme(e)[1] for e in endpoints)
+    return clean, endpoints, tls, creds
 
 
 def is_etcd(url: str) -> bool:

@@ -14,6 +14,7 @@ import threading
 from podnet.dns.index import ClusterIndex
 from podnet.dns.server.fastpath import DNSServer
 from podnet.hostport import parse_host_port
+from podnet.store import credentials
 
 
 def _dns_address(text: str) -> tuple[str, int]:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-autopath", action="store_true")
     p.add_argument("--manifests", action="append", default=[], help="file or directory of objects to load")
     p.add_argument("--store", help="store URL to list and watch (the agent's way)")
+    credentials.add_arguments(p)
     p.add_argument("--node", help="this node's name (its pods become autopath clients)")
     p.add_argument("--cache-size", type=int, default=10_000)
     p.add_argument("--stats-file", help="write counters as JSON here on exit")
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         await server.start()
         watcher = None
         if args.store:
-            watcher = threading.Thread(target=_watch_store, args=(args.store, server), daemon=True)
+            watcher = threading.Thread(target=_watch_store, args=(args.store, server, credentials.from_args(args)),
+                                       daemon=True)
             watcher.start()
         if args.ready_file:
             tmp = args.ready_file + ".tmp"
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _watch_store(url: str, server: DNSServer) -> None:
+def _watch_store(url: str, server: DNSServer, creds: credentials.EtcdCredentials | None = None) -> None:
     """List then watch the store with the agent's follower: a compacted history reloads
     the index (what was deleted meanwhile goes), a failed watch is retried."""
     from podnet.agent.cache import ObjectCache
@@ -91,9 +94,9 @@ def _watch_store(url: str, server: DNSServer) -> None:
 
     dns = DnsDataplane(server.index)
     follower = StoreFollower(ObjectCache(unkept=dns.kinds, records=True), [dns], prefix="/podnet/objects/")
-    kv = open_store(url, create=False)
+    kv = open_store(url, create=False, credentials=creds)
     try:
         rev = follower.relist(kv)
     finally:
         kv.close()
-    follower.watch(lambda: open_store(url, create=False), rev + 1)
+    follower.watch(lambda: open_store(url, create=False, credentials=creds), rev + 1)
