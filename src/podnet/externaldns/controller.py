@@ -217,7 +217,9 @@ def write_status(path: Path | None, report: SyncReport, owner: str) -> None:
 
 def follow(url: str | None, source: ServiceSource) -> tuple[StoreFollower, int]:
     """The agent's follower feeding `source`, after its first list; the revision listed."""
-    follower = StoreFollower(ObjectCache(unkept=KINDS), [source], source.on_change, prefix=OBJECTS_PREFIX)
+    # Pods come as their compact records (no model validation): the source does not read them
+    follower = StoreFollower(ObjectCache(unkept=KINDS, records=True), [source], source.on_change,
+                             prefix=OBJECTS_PREFIX)
     kv = open_store(url, create=False)
     try:
         rev = follower.relist(kv)
