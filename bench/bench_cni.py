@@ -159,6 +159,8 @@ def run_driver(netns: str, plugin: str, conf: dict, pods: list[str], rounds: int
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run in well under a minute")
+    ap.add_argument("--podnet-cni", metavar="PATH",
+                    help="measure this podnet-cni executable (default: the one built from this checkout)")
     ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--plugin", help=argparse.SUPPRESS)
     ap.add_argument("--conf", help=argparse.SUPPRESS)
@@ -213,7 +215,7 @@ def main() -> int:
         assert agent.stdout is not None
         if agent.stdout.readline().strip() != "ready":
             raise RuntimeError(f"agent did not start: {agent.stderr.read() if agent.stderr else ''}")
-        plugin = install_plugin(os.path.join(tmp, "bin"))
+        plugin = os.path.abspath(args.podnet_cni) if args.podnet_cni else install_plugin(os.path.join(tmp, "bin"))
 
         podnet_conf = {"cniVersion": "1.0.0", "name": "bench-podnet", "type": "podnet-cni", "agentSocket": sock}
         bridge_conf = {"cniVersion": "1.0.0", "name": "bench-bridge", "type": "bridge", "bridge": "cni0",
@@ -267,7 +269,7 @@ def main() -> int:
 
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
-        json.dump({"quick": args.quick, "burst": BURST, "rounds": rounds, "bursts": bursts, "cpus": os.cpu_count(),
+        json.dump({"quick": args.quick, "podnet_cni": args.podnet_cni or "built from this checkout", "burst": BURST, "rounds": rounds, "bursts": bursts, "cpus": os.cpu_count(),
                    "loadavg": [load_before[0], load_after[0]], "podnet": sp, "bridge": sb, "ratio": ratios,
                    "problems": problems, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
         f.write("\n")

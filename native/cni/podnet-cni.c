@@ -26,7 +26,7 @@
  * Text is held as UTF-8, a lone surrogate (from a \udXXX escape, or U+DC80 + byte for an
  * environment byte that is not UTF-8, as Python's surrogateescape) in its 3-byte form.
  *
- * Build: gcc -static -O2 -o podnet-cni podnet-cni.c
+ * Build (as python -m podnet.cni.install does): gcc -static -O2 -s -o podnet-cni podnet-cni.c
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -48,7 +48,7 @@
 #define MAX_REPLY (16 << 20)
 #define SUN_PATH_MAX 107    /* bytes in sockaddr_un.sun_path, without the terminating NUL */
 #define MAX_INT_DIGITS 4300 /* Python's limit for int(str), which json.loads applies to integers */
-#define MAX_DEPTH 994       /* nesting at which json.loads failed, given the plugin's frames below it */
+#define MAX_DEPTH 994       /* the deepest nesting json.loads took: its recursion limit less the plugin's frames */
 
 static const char *const SUPPORTED[] = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"};
 static const char *const COMMANDS[] = {"ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"};
