@@ -23,7 +23,7 @@ from tests.support.bind import Named, have_named
 
 from podnet.externaldns.controller import Controller, Settings, follow, sync_once
 from podnet.externaldns.plan import DomainFilter
-from podnet.externaldns.registry import format_labels
+from podnet.externaldns.registry import NameMapper, format_labels
 from podnet.externaldns.rfc2136 import DNSServerError, RFC2136Provider, ServerConfig
 from podnet.externaldns.source import ServiceSource
 from podnet.model.objects import EndpointSlice, Node, Service
@@ -497,3 +497,19 @@ def test_changes_are_batched(named, tmp_path):
     store.apply([lb(f"s{i}", f"s{i}.{ZONE}", f"198.51.100.{i}") for i in range(1, 121)])
     r = once(url, named, batch_size=1)
     assert (r.updated, r.messages) == (120, 120)
+
+
+def test_wildcard_names_need_a_replacement_label(named, tmp_path):
+    url, store = new_store(tmp_path / "podnet.db")
+    store.apply([lb("apps", f"*.apps.{ZONE}", "192.0.2.30")])
+    r = once(url, named)
+    assert r.created == 0
+    assert r.problems == {"service/prod/apps": [
+        f"hostname *.apps.{ZONE}: its ownership record would be named a-*.apps.{ZONE}: set "
+        "--txt-wildcard-replacement for wildcard names"]}
+    r = once(url, named, mapper=NameMapper(wildcard_replacement="any"))
+    assert r.created == 1
+    assert named.values(f"anything.apps.{ZONE}", "A") == ["192.0.2.30"]  # the wildcard answers
+    assert named.values(f"a-any.apps.{ZONE}", "TXT") == txt_of("ctl-a", "service/prod/apps")
+    again = once(url, named, mapper=NameMapper(wildcard_replacement="any"))
+    assert (again.created, again.updated, again.deleted, again.conflicts) == (0, 0, 0, [])  # read back as its own

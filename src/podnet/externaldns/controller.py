@@ -115,6 +115,8 @@ class Controller:
                 continue
             txt = s.mapper.txt_name(ep.name, ep.type)
             try:
+                if "*" in txt:
+                    raise ValueError(f"would be named {txt}: set --txt-wildcard-replacement for wildcard names")
                 check_dns_name(txt)
             except ValueError as e:
                 problems.setdefault(ep.resource, []).append(f"hostname {ep.name}: its ownership record {e}")
