@@ -351,3 +351,23 @@ def test_cli_warns_about_a_key_other_users_can_read(cluster, tmp_path):
                  "--cert", cert, "--key", str(readable), "--user", f"podnet:{PODNET_PASSWORD}", "get", "nodes")
     assert run.returncode == 0, run.stderr
     assert f"etcd client key {readable} is readable by other users (mode 0644)" in run.stderr
+
+
+def test_a_reopened_store_shares_the_token(cluster, user, key):
+    """The agent's CNI sessions open more stores under a burst of ADDs: no Authenticate each."""
+    from podnet.store import reopen
+
+    name, password = user
+    store = EtcdStore(cluster.endpoints, tls=True, credentials=with_user(cluster, name, password))
+    try:
+        store.put(key, {"n": 1})
+        other = reopen(store)
+        try:
+            assert isinstance(other, EtcdStore) and other.credentials == store.credentials
+            other._authenticate = lambda: pytest.fail("authenticated again")  # type: ignore[method-assign]
+            assert other.get(key).value == {"n": 1}
+        finally:
+            other.close()
+        assert store.get(key).value == {"n": 1}  # closing the other closed nothing of this one
+    finally:
+        store.close()

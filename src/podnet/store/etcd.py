@@ -402,6 +402,18 @@ class EtcdStore(KeyValueStore):
         user = f" user={self.credentials.user!r}" if self._auth else ""
         return f"<EtcdStore {self.url}{user}>"
 
+    def clone(self) -> EtcdStore:
+        """Another client of the same members, with the same credentials, TLS context and
+        token (a token is the user's, good on every member): a pool of stores authenticates
+        once, not once per store."""
+        other = EtcdStore(self.endpoints, tls=self.tls, credentials=self.credentials,
+                          connect_timeout=self.connect_timeout, timeout=self.timeout, retry_for=self.retry_for,
+                          watch_reconnect_for=self.watch_reconnect_for, page_size=self.page_size)
+        other._current = self._current
+        with self._lock:
+            other._token = self._token
+        return other
+
     # ------------------------------------------------------------------ plumbing
 
     def _endpoints_text(self) -> str:

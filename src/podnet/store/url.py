@@ -101,4 +101,8 @@ def open_store(url: str | None = None, *, create: bool = True,
 
 def reopen(kv: KeyValueStore, *, create: bool = False) -> KeyValueStore:
     """Another client of the store `kv` is a client of, with the same credentials."""
+    from podnet.store.etcd import EtcdStore
+
+    if isinstance(kv, EtcdStore):
+        return kv.clone()
     return open_store(kv.url, create=create, credentials=getattr(kv, "credentials", None))
