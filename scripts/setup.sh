@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   nftables iproute2 iptables ipset conntrack   # kernel dataplane
-  etcd-server etcd-client                      # distributed store
+  etcd-server etcd-client openssl              # distributed store (openssl: its TLS tests' certificates)
   bird2                                        # BGP
   containernetworking-plugins                  # reference CNI plugins (/usr/lib/cni)
   bind9-dnsutils dnsperf unbound dnsmasq-base  # DNS clients, servers, load
