@@ -52,7 +52,7 @@ def run_demo(lab_file: Path = DEMO_LAB) -> int:
         say("  (expected: routing as configured, and the NetworkPolicy web-from-clients as upstream defines it;")
         say("   the node's own address as the source the pods see from nodes and through NodePorts)")
         rows = probe_all(lab)
-        say(format_table(rows))
+        say(format_table(rows, wide=True))
         failed = [r for r in rows if not r.ok]
         failed += services_and_dns(lab)
         say("\nresult: " + ("every probe behaved as the manifests say" if not failed

@@ -48,7 +48,7 @@ def test_allocate_free_and_show(store_url, capsys):
     assert lines[1].split() == ["p", "10.0.0.0/27", "/28", "2/2", "2", "32", "6.2%"]
     assert any(line.split()[:2] == ["n2", "10.0.0.16/28"] and line.split()[-1] == "1/16" for line in lines)
 
-    code, out, _ = run(capsys, "ipam", "show", "--json")
+    code, out, _ = run(capsys, "ipam", "show", "-o", "json")
     data = json.loads(out)
     assert data["pools"][0]["used"] == 2 and data["pools"][0]["utilisation"] == 6.25
     assert {b["node"] for b in data["blocks"]} == {"n1", "n2"}
@@ -84,15 +84,22 @@ def test_check_exit_codes_and_release_leaked(store_url, capsys, tmp_path):
     with SQLiteStore(store_url[len("sqlite://"):]) as kv:
         ObjectStore(kv).delete(Pod, "web", "ns")
 
+    # Problems found: the command ran fine, exit 3 (1 is an error, 2 a usage mistake).
     code, out, _ = run(capsys, "ipam", "check")
-    assert code == 1 and out.startswith("leaked-allocation: 10.0.0.") and "pod ns/web no longer exists" in out
-    code, out, _ = run(capsys, "ipam", "check", "--json")
-    assert code == 1 and json.loads(out)[0]["kind"] == "leaked-allocation"
+    lines = out.splitlines()
+    assert code == 3 and lines[0].split() == ["KIND", "MESSAGE"]
+    assert lines[1].startswith("leaked-allocation   10.0.0.") and "pod ns/web no longer exists" in out
+    code, out, _ = run(capsys, "ipam", "check", "-o", "json")
+    assert code == 3 and json.loads(out)[0]["kind"] == "leaked-allocation"
+    code, out, err = run(capsys, "ipam", "check", "--json")  # the old spelling still works
+    assert code == 3 and json.loads(out)[0]["kind"] == "leaked-allocation" and "deprecated" in err
 
     code, out, _ = run(capsys, "ipam", "release", "--leaked", "--grace", "0s")
-    assert code == 0 and out.startswith("leaked 10.0.0.") and "will be released" in out
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["RESULT", "ADDRESS", "HANDLE", "REASON"]
+    assert lines[1].startswith("waiting   10.0.0.") and "released once seen leaked for 0s" in out
     code, out, _ = run(capsys, "ipam", "release", "--leaked", "--grace", "0")
-    assert code == 0 and out.startswith("released 10.0.0.")
+    assert code == 0 and out.splitlines()[1].startswith("released   10.0.0.")
     code, out, _ = run(capsys, "ipam", "release", "--leaked", "--grace", "1h")
     assert code == 0 and out.strip() == "no leaked addresses"
     assert run(capsys, "ipam", "check")[0] == 0

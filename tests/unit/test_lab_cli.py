@@ -132,8 +132,11 @@ def test_connectivity_table():
             Row("a/x", "external", "external", False, False, "answered by external", "tcp/1.2.3.4:80")]
     text = format_table(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["SRC", "DST", "TARGET", "PATH", "EXPECT", "RESULT", "DETAIL"]
+    assert lines[0].split() == ["SRC", "DST", "PATH", "EXPECT", "RESULT", "DETAIL"]
     assert "blocked" in lines[2] and "FAIL" in lines[2]
     assert lines[-1] == "2 probes: 1 as expected, 1 not"
+    wide = format_table(rows, wide=True).splitlines()
+    assert wide[0].split() == ["SRC", "DST", "TARGET", "PATH", "EXPECT", "RESULT", "DETAIL"]
+    assert "tcp/10.0.0.2:80" in wide[1]
     assert rows[0].as_dict()["kind"] == "same-node"
     assert os.linesep not in rows[0].detail

@@ -323,12 +323,16 @@ def test_cli_table(capsys):
     assert "20006 in total = n*K + K(K-1)/2" in out
     assert "CIDR      10.96.0.0/17 (proposed)" in out
     assert "Warnings\n  none" in out
+    lines = out.splitlines()
+    header = lines[lines.index("Block sizes (routes per node must stay within --max-routes 10000)") + 1]
+    assert header.split() == ["BLOCK", "ADDRESSES", "BLOCKS/NODE", "WASTE/NODE", "WASTE-TOTAL", "ROUTES/NODE",
+                              "POOL-NEEDED", "NOTE"]
     bgp_row = next(line for line in out.splitlines() if line.startswith("  bgp "))
     assert bgp_row.split() == ["bgp", "none", "9998", "0", "4999", "4", "selected"]
 
 
 def test_cli_json_shape(capsys):
-    code, out, _ = run(capsys, *BASE, "--routing", "bgp", "--json")
+    code, out, _ = run(capsys, *BASE, "--routing", "bgp", "-o", "json")
     assert code == 0
     data = json.loads(out)
     assert set(data) == {
@@ -352,7 +356,7 @@ def test_cli_json_shape(capsys):
 
 def test_cli_conntrack_reverse(capsys):
     code, out, _ = run(capsys, "--nodes", "3", "--max-pods-per-node", "10", "--services", "1",
-                       "--conntrack-max", "2310720", "--node-cpus", "16", "--json")
+                       "--conntrack-max", "2310720", "--node-cpus", "16", "-o", "json")
     assert code == 0
     ct = json.loads(out)["conntrack"]
     assert (ct["max_per_core"], ct["max"], ct["cpus"]) == (144420, 2310720, 16)
@@ -364,12 +368,12 @@ def test_cli_conntrack_reverse(capsys):
 def test_cli_warnings_exit_zero_unless_strict(capsys):
     code, out, _ = run(capsys, *BASE, "--routing", "bgp")
     assert code == 0 and "full-mesh BGP with 5000 nodes" in out
-    assert run(capsys, *BASE, "--routing", "bgp", "--strict")[0] == 2
+    assert run(capsys, *BASE, "--routing", "bgp", "--strict")[0] == 3  # ran fine, found warnings
     assert run(capsys, *BASE, "--routing", "bgp", "--route-reflectors", "3", "--strict")[0] == 0
 
 
 def test_cli_accepts_slash_block_size_and_percent_growth(capsys):
-    code, out, _ = run(capsys, *BASE, "--block-size", "/25", "--growth", "10%", "--json")
+    code, out, _ = run(capsys, *BASE, "--block-size", "/25", "--growth", "10%", "-o", "json")
     data = json.loads(out)
     assert code == 0 and data["block"]["prefix_length"] == 25 and data["block"]["chosen_by"] == "user"
     assert data["nodes_planned"] == 5500

@@ -1,9 +1,9 @@
 """`podnet ipam`: show pool use, check consistency, release leaks, allocate and free by hand.
 
-  podnet ipam show [--json]
-  podnet ipam check [--json]        exit 0 and "no problems found" when clean; otherwise the
-                                    findings, one a line, and exit 1 (so scripts can test it)
-  podnet ipam release --leaked [--grace 15m]
+  podnet ipam show [-o table|wide|yaml|json]
+  podnet ipam check [-o ...]        exit 0 and "no problems found" when clean; otherwise the
+                                    findings, one a row, and exit 3 (so scripts can test it)
+  podnet ipam release --leaked [--grace 15m] [-o ...]
   podnet ipam allocate --node N --handle H [--namespace NS --pod P] [--pool NAME ...] [--ip ADDR]
   podnet ipam free --handle H
 """
@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 
 from podnet.cli.common import kv_from_args
+from podnet.cli.output import EXIT_FOUND, Column, add_output_flag, emit, is_table, print_table
 from podnet.errors import PodnetError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -37,18 +37,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     show = sub.add_parser("show", help="pool use and the blocks of each node")
-    show.add_argument("--json", action="store_true", help="print JSON")
+    add_output_flag(show, json_flag=True)
     show.set_defaults(func=cmd_show)
 
-    check = sub.add_parser("check", help="find leaked addresses and inconsistent records (exit 1 if any)")
-    check.add_argument("--json", action="store_true", help="print JSON")
+    check = sub.add_parser("check", help=f"find leaked addresses and inconsistent records (exit {EXIT_FOUND} if any)")
+    add_output_flag(check, json_flag=True)
     check.set_defaults(func=cmd_check)
 
     rel = sub.add_parser("release", help="release leaked addresses seen leaked for longer than --grace")
     rel.add_argument("--leaked", action="store_true", help="release leaked addresses")
     rel.add_argument("--grace", default="15m",
                      help="how long an address must have been seen leaked before it is freed (default 15m)")
-    rel.add_argument("--json", action="store_true", help="print JSON")
+    add_output_flag(rel, json_flag=True)
     rel.set_defaults(func=cmd_release)
 
     alloc = sub.add_parser("allocate", help="allocate one address and print it")
@@ -66,9 +66,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     free.set_defaults(func=cmd_free)
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+POOL_COLUMNS = [
+    Column("POOL", lambda p: p["name"] + (" (disabled)" if p["disabled"] else "")),
+    Column("CIDR", lambda p: p["cidr"]),
+    Column("BLOCK", lambda p: f"/{p['blockSize']}"),
+    Column("BLOCKS", lambda p: f"{p['blocks']}/{p['blockCapacity']}"),
+    Column("USED", lambda p: p["used"]),
+    Column("TOTAL", lambda p: p["total"]),
+    Column("UTIL", lambda p: f"{p['utilisation']:.1f}%"),
+    Column("FREE", lambda p: p["total"] - p["used"], wide=True),
+    Column("DISABLED", lambda p: p["disabled"], wide=True),
+]
+
+BLOCK_COLUMNS = [
+    Column("NODE", lambda b: b["node"]),
+    Column("BLOCK", lambda b: b["cidr"]),
+    Column("POOL", lambda b: b["pool"]),
+    Column("USED", lambda b: f"{b['used']}/{b['size']}"),
+    Column("FREE", lambda b: b["size"] - b["used"], wide=True),
+    Column("UTIL", lambda b: f"{100.0 * b['used'] / b['size']:.1f}%" if b["size"] else "0.0%", wide=True),
+]
+
+FINDING_COLUMNS = [
+    Column("KIND", lambda f: f.kind),
+    Column("NODE", lambda f: f.node, wide=True),
+    Column("BLOCK", lambda f: f.block, wide=True),
+    Column("ADDRESS", lambda f: f.address, wide=True),
+    Column("HANDLE", lambda f: f.handle, wide=True),
+    Column("POD", lambda f: f.pod, wide=True),
+    Column("MESSAGE", lambda f: f.message),
+]
+
+LEAK_COLUMNS = [
+    Column("RESULT", lambda r: r[0]),
+    Column("ADDRESS", lambda r: r[1].address),
+    Column("HANDLE", lambda r: r[1].handle),
+    Column("BLOCK", lambda r: r[1].block, wide=True),
+    Column("KIND", lambda r: r[1].kind, wide=True),
+    Column("REASON", lambda r: r[1].reason),
+]
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -76,25 +112,18 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     with kv_from_args(args) as kv:
         data = usage(kv)
-    if args.json:
-        print(json.dumps(data, indent=2))
+    if not is_table(args.output):
+        emit(data, args.output)
         return 0
+    wide = args.output == "wide"
     if not data["pools"]:
         print("no IPPools")
     else:
-        rows = [["POOL", "CIDR", "BLOCK", "BLOCKS", "USED", "TOTAL", "UTIL"]]
-        for p in data["pools"]:
-            rows.append([
-                p["name"] + (" (disabled)" if p["disabled"] else ""), p["cidr"], f"/{p['blockSize']}",
-                f"{p['blocks']}/{p['blockCapacity']}", str(p["used"]), str(p["total"]), f"{p['utilisation']:.1f}%",
-            ])
-        print(_table(rows))
+        print_table(POOL_COLUMNS, data["pools"], wide=wide)
     if data["blocks"]:
         print()
-        rows = [["NODE", "BLOCK", "POOL", "USED"]]
-        for b in sorted(data["blocks"], key=lambda b: (b["node"] is None, b["node"] or "")):
-            rows.append([b["node"] or "(no affinity)", b["cidr"], b["pool"] or "", f"{b['used']}/{b['size']}"])
-        print(_table(rows))
+        print_table(BLOCK_COLUMNS, sorted(data["blocks"], key=lambda b: (b["node"] is None, b["node"] or "")),
+                    wide=wide)
     return 0
 
 
@@ -103,14 +132,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     with kv_from_args(args) as kv:
         findings = check(kv)
-    if args.json:
-        print(json.dumps([f.to_dict() for f in findings], indent=2))
+    if not is_table(args.output):
+        emit([f.to_dict() for f in findings], args.output)
     elif not findings:
         print("no problems found")
     else:
-        for f in findings:
-            print(f"{f.kind}: {f.message}")
-    return 1 if findings else 0
+        print_table(FINDING_COLUMNS, findings, wide=args.output == "wide")
+    return EXIT_FOUND if findings else 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -121,20 +149,20 @@ def cmd_release(args: argparse.Namespace) -> int:
     grace = parse_duration(args.grace)
     with kv_from_args(args) as kv:
         report = release_leaked(kv, grace)
-    if args.json:
-        print(json.dumps({
+    if not is_table(args.output):
+        emit({
             "released": [leak.to_dict() for leak in report.released],
             "waiting": [leak.to_dict() for leak in report.waiting],
             "forgotten": report.forgotten,
-        }, indent=2))
+        }, args.output)
         return 0
-    for leak in report.released:
-        print(f"released {leak.address} (handle {leak.handle}): {leak.reason}")
-    for leak in report.waiting:
-        print(f"leaked {leak.address} (handle {leak.handle}): {leak.reason}; will be released once seen "
-              f"leaked for {args.grace}")
     if not report.released and not report.waiting:
         print("no leaked addresses")
+        return 0
+    rows = [("released", leak) for leak in report.released] + [("waiting", leak) for leak in report.waiting]
+    print_table(LEAK_COLUMNS, rows, wide=args.output == "wide")
+    if report.waiting:
+        print(f"waiting: leaked, released once seen leaked for {args.grace}")
     return 0
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
-import sys
 
+from podnet.cli.output import EXIT_FOUND, Column, add_output_flag, emit, is_table, print_table
 from podnet.errors import PodnetError
 
 
@@ -28,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = lsub.add_parser("status", help="nodes, agents and pods of a lab")
     p.add_argument("--name", dest="name")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    add_output_flag(p)
     p.set_defaults(func=cmd_status)
 
     p = lsub.add_parser("exec", help="run a command in a pod's (or node's) network namespace")
@@ -38,10 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     p.set_defaults(func=cmd_exec)
 
-    p = lsub.add_parser("probe", help="probe pod-to-pod, pod-to-external, node-to-pod and NodePort connectivity")
+    p = lsub.add_parser("probe", help="probe pod-to-pod, pod-to-external, node-to-pod and NodePort connectivity "
+                                      f"(exit {EXIT_FOUND} if a path is not as expected)")
     p.add_argument("--name", dest="name")
     p.add_argument("--timeout", type=float, default=2.0)
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    add_output_flag(p)
     p.set_defaults(func=cmd_probe)
 
     p = lsub.add_parser("down", help="remove everything a lab made (a no-op when nothing is up)")
@@ -76,14 +76,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+NODE_COLUMNS = [
+    Column("NODE", lambda n: n["name"]),
+    Column("ADDRESS", lambda n: n["address"]),
+    Column("NETNS", lambda n: n["netns"]),
+    Column("AGENT", lambda n: n["agent"]),
+    Column("POD-CIDR", lambda n: n.get("podCIDR"), wide=True),
+    Column("LOG", lambda n: n.get("log"), wide=True),
+]
+
+POD_COLUMNS = [
+    Column("POD", lambda p: f"{p['namespace']}/{p['name']}"),
+    Column("NODE", lambda p: p["node"]),
+    Column("IP", lambda p: p["ips"]),
+    Column("NETNS", lambda p: p["netns"]),
+    Column("SERVER", lambda p: p["server"]),
+    Column("READY", lambda p: p.get("ready"), wide=True),
+]
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from podnet.lab.cluster import find_lab, status
 
     info = status(find_lab(_name(args)))
-    if args.output == "json":
-        json.dump(info, sys.stdout, indent=1)
-        print()
+    if not is_table(args.output):
+        emit(info, args.output)
         return 0
+    wide = args.output == "wide"
     print(f"lab {info['name']} (id {info['id']}): {info['phase']}")
     if info.get("error"):
         print(f"  error: {info['error']}")
@@ -96,21 +115,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         dns = f", dns {info['externalDns']}" if info.get("externalDns") else ""
         print(f"  external: {info['external']} (server {info['externalServer']}{dns})")
     print()
-    rows = [("NODE", "ADDRESS", "NETNS", "AGENT")]
-    rows += [(n["name"], n["address"], n["netns"], n["agent"]) for n in info["nodes"]]
-    _table(rows)
+    print_table(NODE_COLUMNS, info["nodes"], wide=wide)
     print()
-    rows = [("POD", "NODE", "IP", "NETNS", "SERVER")]
-    rows += [(f"{p['namespace']}/{p['name']}", p["node"], ",".join(p["ips"]) or "-", p["netns"], p["server"])
-             for p in info["pods"]]
-    _table(rows)
+    print_table(POD_COLUMNS, info["pods"], wide=wide)
     return 0
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -133,12 +141,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     lab = Lab(find_lab(_name(args)))
     rows = probe_all(lab, timeout=args.timeout)
-    if args.output == "json":
-        json.dump([r.as_dict() for r in rows], sys.stdout, indent=1)
-        print()
+    if is_table(args.output):
+        print(format_table(rows, wide=args.output == "wide"))
     else:
-        print(format_table(rows))
-    return 0 if all(r.ok for r in rows) else 1
+        emit([r.as_dict() for r in rows], args.output)
+    return 0 if all(r.ok for r in rows) else EXIT_FOUND
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
 
-import yaml
-
 from podnet.cli.common import objects_from_args
+from podnet.cli.output import Column, add_output_flag, emit, is_table, print_table
 from podnet.cluster import (
     CLUSTER_CONFIG_KEY,
     DEFAULT_SERVICE_CIDR,
@@ -21,9 +19,13 @@ from podnet.errors import PodnetError, ValidationError
 from podnet.ipam.overlap import overlapping_pairs
 from podnet.model.manifests import Source, load_paths, locate
 from podnet.model.objects import (
+    EndpointSlice,
+    IPAMConfig,
     IPPool,
+    IPReservation,
     KubeObject,
     Namespace,
+    NetworkPolicy,
     Node,
     Pod,
     Service,
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--namespace", default=None)
     p.add_argument("-A", "--all-namespaces", action="store_true")
     p.add_argument("-l", "--selector", help="label selector, e.g. app=web,tier in (a,b)")
-    p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
+    add_output_flag(p)
     p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("delete", help="delete the objects named in manifests, or one object by kind and name")
@@ -229,15 +231,11 @@ def cmd_get(args: argparse.Namespace) -> int:
         for bad in found.undecodable:
             print(f"warning: skipped {bad} (remove it with `podnet delete --key {bad.key}`)", file=sys.stderr)
         objs = found.objects
-    if args.output == "json":
-        data = [o.to_dict() for o in objs]
-        json.dump(data[0] if args.name else {"kind": "List", "items": data}, sys.stdout, indent=2)
-        print()
-    elif args.output == "yaml":
-        data = [o.to_dict() for o in objs]
-        yaml.safe_dump(data[0] if args.name else {"kind": "List", "items": data}, sys.stdout, sort_keys=False)
+    if is_table(args.output):
+        print_objects(cls, objs, show_namespace=cls.NAMESPACED and ns is None, wide=args.output == "wide")
     else:
-        print_table(cls, objs, show_namespace=cls.NAMESPACED and ns is None)
+        data = [o.to_dict() for o in objs]
+        emit(data[0] if args.name else {"kind": "List", "items": data}, args.output)
     return 0
 
 
@@ -245,25 +243,80 @@ def _ports(s: Service) -> str:
     return ",".join(f"{p.port}{':' + str(p.node_port) if p.node_port else ''}/{p.protocol}" for p in s.spec.ports)
 
 
-COLUMNS: dict[type[KubeObject], list[tuple[str, Callable]]] = {
-    Pod: [("NODE", lambda o: o.spec.node_name or "<none>"), ("IP", lambda o: o.status.pod_ip or "<none>")],
-    Service: [("TYPE", lambda o: o.spec.type), ("CLUSTER-IP", lambda o: o.spec.cluster_ip or "<none>"),
-              ("PORTS", _ports)],
-    Node: [("INTERNAL-IP", lambda o: o.internal_ip or "<none>")],
-    IPPool: [("CIDR", lambda o: o.spec.cidr), ("BLOCK", lambda o: f"/{o.spec.block_size}"),
-             ("ENCAP", lambda o: o.spec.encapsulation), ("NAT", lambda o: str(o.spec.nat_outgoing).lower()),
-             ("DISABLED", lambda o: str(o.spec.disabled).lower())],
+def _external_ips(s: Service) -> list[str]:
+    return [*s.spec.external_ips, *(i.ip or i.hostname for i in s.status.load_balancer.ingress if i.ip or i.hostname)]
+
+
+def _labels(labels: dict[str, str] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
+
+
+def _selector(sel: LabelSelector | None) -> str:
+    """kubectl's form: `app=web,tier in (a,b),!legacy`; empty for an empty selector."""
+    if sel is None:
+        return ""
+    terms = [f"{k}={v}" for k, v in sorted((sel.match_labels or {}).items())]
+    for r in sel.match_expressions or ():
+        if r.operator == "Exists":
+            terms.append(r.key)
+        elif r.operator == "DoesNotExist":
+            terms.append(f"!{r.key}")
+        else:
+            terms.append(f"{r.key} {r.operator.lower()} ({','.join(sorted(r.values or ()))})")
+    return ",".join(terms)
+
+
+def _slice_ports(s: EndpointSlice) -> str:
+    return ",".join(str(p.port) if p.port is not None else "<unset>" for p in s.ports or ())
+
+
+def _slice_endpoints(s: EndpointSlice) -> str:
+    """The first three addresses and how many more, as kubectl shows them."""
+    addrs = [a for e in s.endpoints for a in e.addresses]
+    return ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more..." if len(addrs) > 3 else "")
+
+
+def _node_address(kind: str) -> Callable[[Node], str | None]:
+    return lambda n: next((a.address for a in n.status.addresses if a.type == kind), None)
+
+
+# Columns after NAMESPACE and NAME, per kind, as `kubectl get` shows them; wide=True only with -o wide.
+COLUMNS: dict[type[KubeObject], list[Column]] = {
+    Namespace: [Column("STATUS", lambda o: (o.status or {}).get("phase") or "Active"),
+                Column("LABELS", lambda o: _labels(o.labels), wide=True)],
+    Node: [Column("INTERNAL-IP", _node_address("InternalIP")),
+           Column("EXTERNAL-IP", _node_address("ExternalIP"), wide=True),
+           Column("POD-CIDR", lambda o: o.spec.pod_cidrs or o.spec.pod_cidr, wide=True),
+           Column("UNSCHEDULABLE", lambda o: o.spec.unschedulable, wide=True)],
+    Pod: [Column("STATUS", lambda o: o.status.phase),
+          Column("IP", lambda o: o.status.pod_ip, wide=True),
+          Column("NODE", lambda o: o.spec.node_name, wide=True),
+          Column("HOST-NETWORK", lambda o: o.spec.host_network, wide=True)],
+    Service: [Column("TYPE", lambda o: o.spec.type), Column("CLUSTER-IP", lambda o: o.spec.cluster_ip),
+              Column("EXTERNAL-IP", _external_ips), Column("PORT(S)", _ports),
+              Column("SELECTOR", lambda o: _labels(o.spec.selector), wide=True)],
+    EndpointSlice: [Column("ADDRESSTYPE", lambda o: o.address_type), Column("PORTS", _slice_ports),
+                    Column("ENDPOINTS", _slice_endpoints),
+                    Column("SERVICE", lambda o: o.labels.get("kubernetes.io/service-name"), wide=True)],
+    NetworkPolicy: [Column("POD-SELECTOR", lambda o: _selector(o.spec.pod_selector)),
+                    Column("POLICY-TYPES", lambda o: o.spec.policy_types, wide=True),
+                    Column("INGRESS-RULES", lambda o: len(o.spec.ingress or ()), wide=True),
+                    Column("EGRESS-RULES", lambda o: len(o.spec.egress or ()), wide=True)],
+    IPPool: [Column("CIDR", lambda o: o.spec.cidr), Column("BLOCK", lambda o: f"/{o.spec.block_size}"),
+             Column("ENCAP", lambda o: o.spec.encapsulation), Column("NAT", lambda o: o.spec.nat_outgoing),
+             Column("DISABLED", lambda o: o.spec.disabled),
+             Column("NODE-SELECTOR", lambda o: _selector(o.spec.node_selector), wide=True),
+             Column("NAMESPACE-SELECTOR", lambda o: _selector(o.spec.namespace_selector), wide=True),
+             Column("ALLOWED-USES", lambda o: o.spec.allowed_uses, wide=True)],
+    IPReservation: [Column("RESERVED-CIDRS", lambda o: o.spec.reserved_cidrs)],
+    IPAMConfig: [Column("STRICT-AFFINITY", lambda o: o.spec.strict_affinity),
+                 Column("MAX-BLOCKS-PER-HOST", lambda o: o.spec.max_blocks_per_host)],
 }
 
 
-def print_table(cls: type[KubeObject], objs: list[KubeObject], show_namespace: bool) -> None:
+def print_objects(cls: type[KubeObject], objs: list[KubeObject], *, show_namespace: bool, wide: bool = False) -> None:
     if not objs:
         print(f"No {cls.PLURAL} found.", file=sys.stderr)
         return
-    cols = ([("NAMESPACE", lambda o: o.namespace)] if show_namespace else []) + [("NAME", lambda o: o.name)]
-    cols += COLUMNS.get(cls, [])
-    rows = [[str(f(o)) for _, f in cols] for o in objs]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (h, _) in enumerate(cols)]
-    print("   ".join(h.ljust(w) for (h, _), w in zip(cols, widths, strict=True)).rstrip())
-    for r in rows:
-        print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    cols = ([Column("NAMESPACE", lambda o: o.namespace)] if show_namespace else []) + [Column("NAME", lambda o: o.name)]
+    print_table(cols + COLUMNS.get(cls, []), objs, wide=wide)

@@ -1,13 +1,14 @@
 """`podnet plan`: size the pod pool, IPAM blocks, routes, BGP sessions, MTU, Service CIDR and
 conntrack for a cluster shape. The numbers come from `podnet.plan`; this module parses flags
-and prints a table or JSON."""
+and prints a report (-o table, or wide: the BGP sessions and every block's limits whatever the
+routing), JSON or YAML."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
+from podnet.cli.output import EXIT_FOUND, Column, add_output_flag, emit, is_table, table
 from podnet.errors import PodnetError
 from podnet.plan import (
     ENCAPSULATIONS,
@@ -20,8 +21,8 @@ from podnet.plan import (
 )
 from podnet.services.conntrack import DEFAULT_CONNTRACK_MIN
 
-# Exit status of `--strict` when the plan has warnings (invalid input exits 1).
-EXIT_WARNINGS = 2
+# Exit status of `--strict` when the plan has warnings (invalid input exits 1, usage 2).
+EXIT_WARNINGS = EXIT_FOUND
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"as kube-proxy (default {DEFAULT_CONNTRACK_MIN})")
     p.add_argument("--conntrack-max", metavar="TOTAL",
                    help="a wanted nf_conntrack_max per node; reports the per-core value that gives it")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_output_flag(p, json_flag=True)
     p.add_argument("--strict", action="store_true", help=f"exit {EXIT_WARNINGS} when there are warnings")
     p.set_defaults(func=cmd_plan)
 
@@ -111,10 +112,10 @@ def input_from_args(args: argparse.Namespace) -> PlanInput:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     result = plan(input_from_args(args))
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+    if is_table(args.output):
+        print(render(result, wide=args.output == "wide"))
     else:
-        print(render(result))
+        emit(result.to_dict(), args.output)
     if args.strict and result.warnings:
         return EXIT_WARNINGS
     return 0
@@ -123,10 +124,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- table output
 
 
-def _table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> list[str]:
-    cells = [headers] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+def _table(columns: list[Column], rows: list[Any], wide: bool, indent: str = "  ") -> list[str]:
+    return table(columns, rows, wide=wide, indent=indent).splitlines()
 
 
 def _pairs(rows: list[tuple[str, Any]], indent: str = "  ") -> list[str]:
@@ -152,7 +151,33 @@ def _notes(o: BlockOption) -> str:
     return ", ".join(notes)
 
 
-def render(p: Plan) -> str:
+BLOCK_COLUMNS = [
+    Column("BLOCK", lambda o: f"/{o.prefix_length}"),
+    Column("ADDRESSES", lambda o: o.addresses),
+    Column("BLOCKS/NODE", lambda o: o.blocks_per_node),
+    Column("WASTE/NODE", lambda o: o.waste_per_node),
+    Column("WASTE-TOTAL", lambda o: o.waste_total),
+    Column("ROUTES/NODE", lambda o: o.routes_per_node),
+    Column("POOL-NEEDED", lambda o: f"{o.pool_addresses_needed} (/{o.pool_prefix_needed})"),
+    Column("WITHIN-MAX-ROUTES", lambda o: o.within_max_routes, wide=True),
+    Column("WITHIN-MAX-BLOCKS", lambda o: o.within_max_blocks_per_host, wide=True),
+    Column("NOTE", _notes, empty=""),
+]
+
+
+def _route_columns(selected: str) -> list[Column]:
+    return [
+        Column("MODE", lambda m: m.mode),
+        Column("ENCAPSULATION", lambda m: m.encapsulation),
+        Column("ROUTES", lambda m: m.routes_per_node),
+        Column("FDB-ENTRIES", lambda m: m.fdb_entries_per_node),
+        Column("NEIGHBOUR-ENTRIES", lambda m: m.neighbour_entries_per_node),
+        Column("BGP-SESSIONS", lambda m: "-" if m.bgp_sessions_per_node is None else m.bgp_sessions_per_node),
+        Column("NOTE", lambda m: "selected" if m.mode == selected else "", empty=""),
+    ]
+
+
+def render(p: Plan, wide: bool = False) -> str:
     inp, b, pool, r, bgp, mtu, svc, ct = (
         p.input, p.block, p.pod_pool, p.routing, p.bgp, p.mtu, p.service_cidr, p.conntrack
     )
@@ -179,28 +204,16 @@ def render(p: Plan) -> str:
     ])
 
     out += ["", f"Block sizes (routes per node must stay within --max-routes {r.max_routes})"]
-    out += _table(
-        ["block", "addresses", "blocks/node", "waste/node", "waste total", "routes/node", "pool needed", "note"],
-        [[f"/{o.prefix_length}", o.addresses, o.blocks_per_node, o.waste_per_node, o.waste_total,
-          o.routes_per_node, f"{o.pool_addresses_needed} (/{o.pool_prefix_needed})",
-          _notes(o)]
-         for o in p.block_options],
-    )
+    out += _table(BLOCK_COLUMNS, p.block_options, wide)
 
     out += ["", f"Routes per node ({_n(r.remote_nodes, 'remote node')} x {_n(b.blocks_per_node, 'block')}; "
                 "one route per remote block in every mode)"]
-    out += _table(
-        ["mode", "encapsulation", "routes", "fdb entries", "neighbour entries", "bgp sessions", ""],
-        [[m.mode, m.encapsulation, m.routes_per_node, m.fdb_entries_per_node, m.neighbour_entries_per_node,
-          "-" if m.bgp_sessions_per_node is None else m.bgp_sessions_per_node,
-          "selected" if m.mode == r.mode else ""]
-         for m in r.modes],
-    )
+    out += _table(_route_columns(r.mode), r.modes, wide)
     out.append("  neighbour entries: one per remote VTEP with VXLAN (permanent); without encapsulation")
     out.append("  up to one ARP entry per remote node the node talks to (next hop on a shared L2 segment)")
 
-    if r.mode == "bgp":
-        out += ["", "BGP sessions"]
+    if r.mode == "bgp" or wide:
+        out += ["", "BGP sessions" + ("" if r.mode == "bgp" else f" (if routing were bgp; it is {r.mode})")]
         rows = [("full mesh", f"{bgp.full_mesh_sessions_total} in total = n(n-1)/2, "
                               f"{bgp.full_mesh_sessions_per_node} per node = n-1")]
         if bgp.route_reflectors:
@@ -208,7 +221,7 @@ def render(p: Plan) -> str:
                          f"{bgp.reflector_sessions_total} in total = n*K + K(K-1)/2, "
                          f"{bgp.reflector_sessions_per_node} per node = K, "
                          f"{bgp.sessions_per_reflector} per reflector = n+K-1 (selected)"))
-        else:
+        elif r.mode == "bgp":
             rows[0] = (rows[0][0], rows[0][1] + " (selected)")
         out += _pairs(rows)
         if bgp.route_reflectors:

@@ -5,9 +5,9 @@ or why none does. Computed by walking the compiled nftables state."""
 from __future__ import annotations
 
 import argparse
-import json
 
 from podnet.cli.common import objects_from_args
+from podnet.cli.output import EXIT_FOUND, Column, add_output_flag, emit, is_table, print_table
 from podnet.model.objects import Namespace, NetworkPolicy, Node, Pod
 from podnet.policy.explain import explain
 
@@ -20,12 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "explain",
         help="explain whether SRC may open a connection to DST on PORT/PROTO",
         description="SRC and DST are ns/pod or an IPv4 address (for ipBlock peers and nodes). "
-        "The answer is the compiled ruleset walked as the kernel walks it. Exit status: 0 allowed, 3 denied.",
+        "The answer is the compiled ruleset walked as the kernel walks it. "
+        f"Exit status: 0 allowed, {EXIT_FOUND} denied (1 error, 2 usage).",
     )
     e.add_argument("src", metavar="SRC")
     e.add_argument("dst", metavar="DST")
     e.add_argument("port", metavar="PORT[/PROTO]", help="e.g. 80, 80/TCP, 53/UDP (default protocol TCP)")
-    e.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_output_flag(e, aliases={"text": "table"})
     e.set_defaults(func=cmd_explain)
 
 
@@ -33,8 +34,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     store = objects_from_args(args)
     ex = explain(store.list(Pod), store.list(Namespace), store.list(NetworkPolicy), store.list(Node),
                  args.src, args.dst, args.port)
-    if args.output == "json":
-        print(json.dumps(ex.to_dict(), indent=2))
+    if not is_table(args.output):
+        emit(ex.to_dict(), args.output)
     else:
         print(ex.text())
-    return 0 if ex.allowed else 3
+        if args.output == "wide":
+            print()
+            print_table(DIRECTION_COLUMNS, [("egress", ex.egress), ("ingress", ex.ingress)])
+    return 0 if ex.allowed else EXIT_FOUND
+
+
+# -o wide: each direction's verdict as a table, after the explanation.
+DIRECTION_COLUMNS = [
+    Column("DIRECTION", lambda r: r[0]),
+    Column("ISOLATED", lambda r: None if r[1] is None else r[1].isolated),
+    Column("VERDICT", lambda r: None if r[1] is None else ("allowed" if r[1].allowed else "denied")),
+    Column("ALLOWED-BY", lambda r: None if r[1] is None or r[1].allowed_by is None else
+           f"{r[1].allowed_by.policy} rule {r[1].allowed_by.rule_index}"),
+    Column("POLICIES", lambda r: None if r[1] is None else r[1].policies),
+]

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from podnet.cli.output import Column, table
 from podnet.errors import PodnetError
 from podnet.lab import cluster
 from podnet.lab.state import LabState
@@ -459,14 +460,19 @@ def probe_all(lab: Lab, *, timeout: float = 2.0, include_external: bool = True, 
         return [row for rows in pool.map(run, srcs) for row in rows] + node_rows
 
 
-def format_table(rows: list[Row]) -> str:
-    header = ("SRC", "DST", "TARGET", "PATH", "EXPECT", "RESULT", "DETAIL")
-    table = [header] + [
-        (r.src, r.dst, r.target, r.kind, "reach" if r.expected else "blocked",
-         "ok" if r.ok else "FAIL", r.detail) for r in rows
-    ]
-    widths = [max(len(t[i]) for t in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip() for t in table]
+PROBE_COLUMNS = [
+    Column("SRC", lambda r: r.src),
+    Column("DST", lambda r: r.dst),
+    Column("TARGET", lambda r: r.target, wide=True),
+    Column("PATH", lambda r: r.kind),
+    Column("EXPECT", lambda r: "reach" if r.expected else "blocked"),
+    Column("RESULT", lambda r: "ok" if r.ok else "FAIL"),
+    Column("DETAIL", lambda r: r.detail),
+]
+
+
+def format_table(rows: list[Row], wide: bool = False) -> str:
+    """The probes as `podnet lab probe` prints them (the address probed with wide=True),
+    and a count of those not as expected."""
     bad = sum(1 for r in rows if not r.ok)
-    lines.append(f"{len(rows)} probes: {len(rows) - bad} as expected, {bad} not")
-    return "\n".join(lines)
+    return table(PROBE_COLUMNS, rows, wide=wide) + f"\n{len(rows)} probes: {len(rows) - bad} as expected, {bad} not"
