@@ -113,7 +113,7 @@ class Commands:
         return 0, json.dumps(result)
 
     def _allocate(self, ipam: Any, req: Request) -> Any:
-        from podnet.ipam import IPAMError, IPAMExhausted, TooManyConflicts
+        from podnet.ipam import IPAMError, IPAMExhausted, TooManyConflicts, TryLater
 
         try:
             return ipam.allocate(req.handle, self.node, namespace=req.namespace, pod=req.pod)
@@ -121,6 +121,8 @@ class Commands:
             raise CNIError(E_IPAM_EXHAUSTED, str(e)) from None
         except TooManyConflicts as e:
             raise CNIError(E_TRY_AGAIN, f"IPAM: {e}") from None
+        except TryLater as e:
+            raise CNIError(E_TRY_AGAIN, str(e)) from None
         except StoreUnavailable as e:
             raise CNIError(E_TRY_AGAIN, f"store unavailable: {e}") from None
         except IPAMError as e:

@@ -32,5 +32,10 @@ class AddressUnavailable(IPAMError):
         super().__init__(f"address {address} cannot be allocated: {reason}")
 
 
+class TryLater(IPAMError):
+    """The address source cannot answer now (a cloud API throttled or down, a pool still
+    filling): the message says why; the runtime should try again later (CNI code 11)."""
+
+
 class TooManyConflicts(IPAMError):
     """Gave up after many lost compare-and-swaps (extreme contention)."""

@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from podnet.model.addresses import canonical_ip, packed_ip
 from podnet.model.base import Partial, Schema
+from podnet.model.cloud import CloudNetworkSpec
 from podnet.model.names import (  # noqa: F401 - the patterns, for modules that import them from here
     DNS1035_LABEL,
     DNS1123_LABEL,
@@ -185,10 +186,13 @@ class NodeAddress(Schema):
 
 
 class NodeSpec(Partial):
-    UPSTREAM_ONLY = frozenset({"providerID", "taints", "configSource", "externalID"})
+    UPSTREAM_ONLY = frozenset({"taints", "configSource", "externalID"})
     pod_cidr: str | None = Field(default=None, alias="podCIDR")
     pod_cidrs: list[str] | None = Field(default=None, alias="podCIDRs")
     unschedulable: bool = False
+    # The cloud's name of the node's machine, as the cloud controller sets it
+    # (`aws:///us-east-1a/i-0abc...`): an ENI pool asks the cloud about this instance.
+    provider_id: str | None = Field(default=None, alias="providerID")
 
 
 class NodeStatus(Schema):
@@ -766,10 +770,24 @@ class IPAMConfig(KubeObject):
     spec: IPAMConfigSpec = Field(default_factory=IPAMConfigSpec)
 
 
+class CloudNetwork(KubeObject):
+    """Pod addresses from the cloud's network (ENIs) for the nodes it selects: model/cloud.py."""
+
+    KIND = "CloudNetwork"
+    API_VERSIONS = ("podnet.io/v1",)
+    NAMESPACED = False
+    PLURAL = "cloudnetworks"
+    SHORT_NAMES = ("cloudnet",)
+    kind: Literal["CloudNetwork"] = "CloudNetwork"
+    api_version: str = "podnet.io/v1"
+    spec: CloudNetworkSpec
+
+
 KINDS: dict[str, type[KubeObject]] = {
     cls.KIND: cls
     for cls in (
         Namespace, Node, Pod, Service, EndpointSlice, NetworkPolicy, IPPool, IPReservation, IPAMConfig,
+        CloudNetwork,
     )
 }
 
