@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from tests.support.policy_cases import PODS, CaseWorld, load_cases
 
 from podnet.cli.main import main
@@ -97,3 +98,20 @@ def test_cli_reads_the_store(tmp_path, capsys):
     assert main(["--store", store, "policy", "explain", "z/b", "x/a", "80", "-o", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["allowed"] and out["ingress"]["allowed_by"] == {"policy": "x/cidr-in", "rule": 0}
+    # Every output format; denied is exit 3 in each ("ran fine and found something"), and the
+    # store may be named after the command too.
+    argv = ["policy", "explain", "y/a", "x/a", "80/TCP", "--store", store]
+    assert main([*argv, "-o", "yaml"]) == 3
+    assert yaml.safe_load(capsys.readouterr().out)["allowed"] is False
+    assert main([*argv, "-o", "json"]) == 3
+    assert json.loads(capsys.readouterr().out)["ingress"]["allowed_by"] is None
+    assert main([*argv, "-o", "wide"]) == 3
+    out = capsys.readouterr().out
+    assert "DENIED" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("DIRECTION"))
+    assert lines[header].split() == ["DIRECTION", "ISOLATED", "VERDICT", "ALLOWED-BY", "POLICIES"]
+    assert lines[header + 2].split()[:3] == ["ingress", "true", "denied"]
+    assert main([*argv, "-o", "text"]) == 3  # the old name of -o table
+    out, err = capsys.readouterr()
+    assert "DENIED" in out and "DIRECTION" not in out and "-o text is deprecated" in err
