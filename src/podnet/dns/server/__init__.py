@@ -7,7 +7,9 @@
 - ``autopath``: server-side search for local pods (as CoreDNS);
 - ``query`` and ``entries``: the query parser and the rendered-answer entries
   both paths share;
-- ``cli``: ``python -m podnet.dns.server``.
+- ``cli``: ``python -m podnet.dns.server``;
+- ``node``: ``podnet dns serve``, the node's server as a process of its own beside the
+  agent (follows the store itself, keeps answering while the agent is down).
 """
 
 from podnet.dns.server.cli import main

@@ -32,6 +32,8 @@ from podnet.dns.wire import SERVFAIL
 
 log = logging.getLogger("podnet.dns.server")
 
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux: bind an address the node does not hold (yet)
+
 
 class DNSServer(SlowPath, Autopath):
     """UDP + TCP DNS server over a ClusterIndex, forwarding other names upstream.
@@ -45,8 +47,14 @@ class DNSServer(SlowPath, Autopath):
                  autopath: bool = True, local_pods: dict[str, str] | None = None,
                  cache_size: int = 10_000, max_ttl: int = 3600, max_negative_ttl: int = 1800,
                  prefetch: bool = True, upstream_timeout: float = 2.0, upstream_connections: int = 2,
-                 tcp_idle_timeout: float = 10.0, max_udp_size: int = wire.EDNS_SIZE):
+                 tcp_idle_timeout: float = 10.0, max_udp_size: int = wire.EDNS_SIZE,
+                 freebind: bool = False, reuse_port: bool = False):
+        """`freebind`: listen on addresses not on any interface yet (the node DNS process may
+        start before the agent puts them on `lo`); `reuse_port`: a second server may bind the
+        same addresses, so a new one can start before the old one stops."""
         self.index = index
+        self.freebind = freebind
+        self.reuse_port = reuse_port
         self.listen = [(h, int(p)) for h, p in listen]
         self.upstream = UpstreamPool(list(upstreams), upstream_connections, upstream_timeout)
         self.host_search = [wire.wire_labels(wire.name_to_wire(d)) for d in host_search if d.strip(".")]
@@ -93,7 +101,8 @@ class DNSServer(SlowPath, Autopath):
                     sock = self._udp_socket(host, port)
                     bound = sock.getsockname()[:2]
                     try:
-                        server = await asyncio.start_server(self._tcp_client, host, bound[1], reuse_address=True)
+                        server = await asyncio.start_server(self._tcp_client,
+                                                            sock=self._socket(host, bound[1], socket.SOCK_STREAM))
                     except OSError:
                         sock.close()
                         if attempt == (19 if port == 0 else 0):
@@ -108,14 +117,25 @@ class DNSServer(SlowPath, Autopath):
             await self.stop()
             raise
 
-    @staticmethod
-    def _udp_socket(host: str, port: int) -> socket.socket:
+    def _udp_socket(self, host: str, port: int) -> socket.socket:
+        sock = self._socket(host, port, socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        return sock
+
+    def _socket(self, host: str, port: int, kind: int) -> socket.socket:
+        """A bound, non-blocking socket with the server's options (TCP: not yet listening)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = socket.socket(family, kind)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if self.freebind:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, 63, 1)  # IPV6_FREEBIND
+                else:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
             sock.bind((host, port))
             sock.setblocking(False)
         except BaseException:
