@@ -12,10 +12,23 @@ concerns, and each dataplane syncs on its own thread, so a slow one never delays
 another. The CNI socket is served from the start; STATUS reports not-ready until the
 first sync has programmed the node. The agent never flushes on start or stop: it
 reconciles, so restarting it leaves established connections alone.
+
+Node DNS (`--dns-server`): `inprocess`, the agent answers on the node's DNS addresses
+itself; `separate`, it only keeps the addresses on `lo` and the NOTRACK table, and a
+`podnet dns serve` process of its own (following the store itself) answers, so pods
+keep resolving while the agent restarts or after it crashed.
+
+Stopping (SIGTERM, SIGINT): the watch ends and every store connection the agent opened
+is closed (the last SQLite connection out checkpoints and removes the WAL), the workers,
+the CNI and DNS servers and the health-check listeners stop, and the kernel state stays.
+The agent holds `<socket>.lock` (flock) while it runs: a second agent with the same
+socket refuses to start, and `podnet node cleanup` refuses to run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import logging
 import os
@@ -61,6 +74,7 @@ class AgentConfig:
     service_proxy: str = "nftables"  # or "iptables" (kube-proxy's layout)
     conntrack: ConntrackSizing = field(default_factory=lambda: ConntrackSizing(max_per_core=0))  # 0: leave alone
     dns_address: str | None = NODE_DNS_ADDRESS  # None: no node DNS server
+    dns_server: str = "inprocess"  # or "separate": addresses and NOTRACK only, `podnet dns serve` answers
     cluster_dns_ips: tuple[str, ...] = ()  # also answered here, e.g. the kube-dns ClusterIP
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
     cluster_domain: str = "cluster.local"
@@ -92,12 +106,24 @@ class Agent:
         self.dns = None
         self.metrics = None
         self.metrics_server = None
+        self.watcher: threading.Thread | None = None
+        self.cni_kv: KeyValueStore | None = None
+        self._lock_fd: int | None = None
+        self._shut = False
         self._synced_written = -1
         self._synced_lock = threading.Lock()
 
     # -- lifecycle
 
     def run(self) -> None:
+        """Run until stop(); whatever was started is stopped again, also on an error."""
+        try:
+            self._take_lock()
+            self._run()
+        finally:
+            self.shutdown()
+
+    def _run(self) -> None:
         self._enable_forwarding()
         self.node_ip = self.node_ip or self._wait_for_node_ip()
         self.build_dataplanes()
@@ -114,13 +140,12 @@ class Agent:
         # cyclic collector from walking it all again on every full collection (at 50k
         # Services, ~0.3 s each).
         gc.freeze()
-        watcher = threading.Thread(target=self.follower.watch, args=(self._open_kv, rev + 1), name="watch",
-                                   daemon=True)
-        watcher.start()
+        self.watcher = threading.Thread(target=self.follower.watch, args=(self._open_kv, rev + 1), name="watch",
+                                        daemon=True)
+        self.watcher.start()
         for worker in self.workers.values():
             worker.start()
         self.stopping.wait()
-        self.shutdown()
 
     def build_dataplanes(self) -> None:
         """Every dataplane of this node, in the order of the first sync."""
@@ -133,9 +158,11 @@ class Agent:
         self.dataplanes = [self.routes, NatDataplane(self.cache), self.services,
                            PolicyDataplane(self.cfg.node)]
         if self.dns_addresses():
-            from podnet.dns.index import ClusterIndex
+            if self.cfg.dns_server == "inprocess":
+                from podnet.dns.index import ClusterIndex
 
-            self.dns_index = ClusterIndex(zone=self.cfg.cluster_domain, node_name=self.cfg.node)
+                self.dns_index = ClusterIndex(zone=self.cfg.cluster_domain, node_name=self.cfg.node)
+            # separate: no index here, the node's DNS process keeps its own
             self.dataplanes.append(DnsDataplane(self.dns_index, self.dns_addresses()))
         self.metrics = DataplaneMetrics(dp.name for dp in self.dataplanes)
         self.workers = {dp.name: DataplaneWorker(dp, self.progress, self.metrics,
@@ -174,21 +201,56 @@ class Agent:
                 log.debug("cannot write %s: %s", path, e)
 
     def shutdown(self) -> None:
+        """Stop what run() started and close every store connection (once; the kernel state
+        stays as it is: a restarted agent adopts it)."""
+        if self._shut:
+            return
+        self._shut = True
+        self.stopping.set()
         if self.follower is not None:
-            self.follower.stop()
+            self.follower.stop()  # closes the watch's connection: the watch thread returns
+        if self.watcher is not None:
+            self.watcher.join(10)
         for worker in self.workers.values():
             worker.stop()
-        for closer in (self.server and self.server.stop, self.dns and self.dns.stop_thread,
-                       self.metrics_server and self.metrics_server.shutdown):
+        handler = self.server.handler if self.server is not None else None
+        for closer in (self.server and self.server.stop, handler and handler.close,
+                       self.cni_kv and self.cni_kv.close, self.dns and self.dns.stop_thread,
+                       self.metrics_server and self.metrics_server.shutdown,
+                       *(dp.close for dp in self.dataplanes), self.pods.close, self.kv.close):
             if closer:
                 try:
                     closer()
                 except Exception as e:  # shutting down: report, carry on
                     log.warning("shutdown: %s", e)
-        for dp in self.dataplanes:
-            dp.close()
-        self.pods.close()
-        self.kv.close()
+        self._release_lock()
+        log.info("agent on %s stopped", self.cfg.node)
+
+    def _take_lock(self) -> None:
+        """Hold `<socket>.lock` while running (the kernel drops it when the process dies, even
+        by SIGKILL): one agent per socket, and `podnet node cleanup` knows one runs."""
+        path = self.cfg.socket + ".lock"
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise PodnetError(f"cannot open the agent's lock file {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise PodnetError(f"another podnet agent{f' (pid {holder})' if holder else ''} runs with socket "
+                              f"{self.cfg.socket} (it holds {path}): stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the file stays: removing it could race a starting agent
+            self._lock_fd = None
 
     def _enable_forwarding(self) -> None:
         for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/conf/all/forwarding"):
@@ -212,7 +274,8 @@ class Agent:
         from podnet.cni.handler import CNIHandler
         from podnet.cni.server import CNIServer
 
-        handler = CNIHandler(self._open_kv(), self.cfg.node, self.pods, ready=self.ready)
+        self.cni_kv = self._open_kv()
+        handler = CNIHandler(self.cni_kv, self.cfg.node, self.pods, ready=self.ready)
         self.server = CNIServer(self.cfg.socket, handler)
         self.server.start()
         log.info("serving CNI on %s", self.cfg.socket)
@@ -224,7 +287,10 @@ class Agent:
 
     def _start_dns(self) -> None:
         addresses = self.dns_addresses()
-        if not addresses or self.dns_index is None:
+        if not addresses or self.dns_index is None:  # none, or a separate process answers
+            if addresses:
+                log.info("node DNS on %s is answered by a separate process (`podnet dns serve`); this agent keeps "
+                         "the addresses on lo and the NOTRACK table", ", ".join(addresses))
             return
         from podnet.dns import resolvconf
         from podnet.dns.server import DNSServer

@@ -193,7 +193,9 @@ class PolicyDataplane(Dataplane):
 class DnsDataplane(Dataplane):
     """Node DNS: the cluster index is fed straight from events (answers change at once,
     no sync needed); the kernel part is the DNS addresses on `lo` and the NOTRACK table,
-    which verify() checks and sync() restores."""
+    which verify() checks and sync() restores. Without an index (the agent's
+    `--dns-server separate`: a DNS process of its own answers) only the kernel part is
+    kept; without addresses (that DNS process) only the index."""
 
     name = "dns"
     kinds = frozenset({"Service", "EndpointSlice", "Pod", "Namespace"})
@@ -206,6 +208,8 @@ class DnsDataplane(Dataplane):
         self._ensured = False
 
     def on_event(self, ev: ObjectEvent) -> bool:
+        if self.index is None:
+            return False
         kind = kind_of(ev.key)
         if kind not in self.kinds:
             return False
@@ -213,6 +217,8 @@ class DnsDataplane(Dataplane):
         return False  # answered from the index: nothing to program
 
     def end_reload(self, listed: frozenset[str] | set[str]) -> None:
+        if self.index is None:
+            return
         for kind, ns, name in self.index.keys():
             if object_key(KINDS[kind], name, ns) not in listed:
                 self.index.remove_key(kind, ns, name)

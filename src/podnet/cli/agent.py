@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="node-local DNS address (default %(default)s; empty to run no DNS server)")
     p.add_argument("--cluster-dns-ip", action="append", default=[], metavar="IP",
                    help="also answer DNS on this address, e.g. the kube-dns ClusterIP (repeatable)")
+    p.add_argument("--dns-server", choices=("inprocess", "separate"), default="inprocess",
+                   help="inprocess: the agent answers node DNS itself; separate: it keeps the DNS addresses on lo "
+                        "and their NOTRACK rules, and a `podnet dns serve` process answers, also while the agent "
+                        "is down (default %(default)s)")
     p.add_argument("--dns-upstream", action="append", default=[], metavar="IP[:PORT]",
                    help="resolver for names outside the cluster domain (repeatable)")
     p.add_argument("--cluster-domain", default=None,
@@ -70,6 +74,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       service_cidrs=service_cidrs, service_proxy=args.service_proxy,
                       conntrack=ConntrackSizing(args.conntrack_max_per_core, args.conntrack_min),
                       dns_address=args.dns_address or None, cluster_dns_ips=tuple(args.cluster_dns_ip),
+                      dns_server=args.dns_server,
                       dns_upstreams=[_dns_upstream(u) for u in args.dns_upstream],
                       cluster_domain=cluster_domain, metrics_port=args.metrics_port)
     return run_agent(cfg)
