@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from podnet.model.addresses import canonical_ip, packed_ip
 from podnet.model.base import Partial, Schema
+from podnet.model.bgp import DEFAULT_CONFIG_NAME, BGPConfigurationSpec, BGPPeerSpec, NodeBGPSpec
 from podnet.model.cloud import CloudNetworkSpec
 from podnet.model.names import (  # noqa: F401 - the patterns, for modules that import them from here
     DNS1035_LABEL,
@@ -193,6 +194,8 @@ class NodeSpec(Partial):
     # The cloud's name of the node's machine, as the cloud controller sets it
     # (`aws:///us-east-1a/i-0abc...`): an ENI pool asks the cloud about this instance.
     provider_id: str | None = Field(default=None, alias="providerID")
+    # Calico's Node spec.bgp: set on the nodes that run BGP (BIRD); see podnet.bgp
+    bgp: NodeBGPSpec | None = None
 
 
 class NodeStatus(Schema):
@@ -218,6 +221,14 @@ class Node(KubeObject):
             if a.type == "InternalIP":
                 return a.address
         return None
+
+    @property
+    def bgp_address(self) -> str | None:
+        """The address this node speaks BGP from: spec.bgp.ipv4Address, else its InternalIP
+        (None on a node without spec.bgp)."""
+        if self.spec.bgp is None:
+            return None
+        return self.spec.bgp.address or self.internal_ip
 
 
 class ContainerPort(Schema):
@@ -687,6 +698,8 @@ class IPPoolSpec(Schema):
     encapsulation: Literal["None", "VXLAN"] = "VXLAN"
     nat_outgoing: bool = False
     disabled: bool = False
+    # BGP: the pool's blocks are never advertised to peers outside the cluster (podnet.bgp)
+    disable_bgp_export: bool = Field(default=False, alias="disableBGPExport")
     allowed_uses: list[Literal["Workload", "Tunnel", "LoadBalancer"]] = Field(
         default_factory=lambda: ["Workload", "Tunnel"]
     )
@@ -783,11 +796,39 @@ class CloudNetwork(KubeObject):
     spec: CloudNetworkSpec
 
 
+# ---------------------------------------------------------------- podnet.io/v1 (BGP, model/bgp.py)
+
+
+class BGPConfiguration(KubeObject):
+    """Cluster-wide BGP settings: only the one named `default` is read."""
+
+    KIND = "BGPConfiguration"
+    API_VERSIONS = ("podnet.io/v1",)
+    NAMESPACED = False
+    PLURAL = "bgpconfigurations"
+    SHORT_NAMES = ("bgpconfig",)
+    DEFAULT_NAME: ClassVar[str] = DEFAULT_CONFIG_NAME
+    kind: Literal["BGPConfiguration"] = "BGPConfiguration"
+    api_version: str = "podnet.io/v1"
+    spec: BGPConfigurationSpec = Field(default_factory=BGPConfigurationSpec)
+
+
+class BGPPeer(KubeObject):
+    KIND = "BGPPeer"
+    API_VERSIONS = ("podnet.io/v1",)
+    NAMESPACED = False
+    PLURAL = "bgppeers"
+    kind: Literal["BGPPeer"] = "BGPPeer"
+    api_version: str = "podnet.io/v1"
+    spec: BGPPeerSpec
+
+
 KINDS: dict[str, type[KubeObject]] = {
     cls.KIND: cls
     for cls in (
         Namespace, Node, Pod, Service, EndpointSlice, NetworkPolicy, IPPool, IPReservation, IPAMConfig,
         CloudNetwork,
+        BGPConfiguration, BGPPeer,
     )
 }
 
