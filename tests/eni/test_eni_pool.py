@@ -1,0 +1,194 @@
+"""The ENI pool manager against moto's EC2 server (behind FakeEC2's EC2-like layer):
+watermarks, batching, limits, throttling, subnets, cooldown, reconcile and bad input."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+from tests.eni.pools import cloud_network, node, start_pool
+
+from podnet.eni.errors import PoolExhausted, PoolUnavailable, SetupError
+from podnet.eni.setup import PoolOptions, build_pool
+from podnet.store import open_store
+
+
+def burst(ipam_factory, handles):
+    """Concurrent ADDs (one store connection each, as the CNI handler's sessions)."""
+    results, errors = {}, {}
+    go = threading.Event()
+
+    def one(h):
+        ipam = ipam_factory()
+        go.wait()
+        try:
+            results[h] = ipam.allocate(h, "n").address
+        except Exception as e:  # noqa: BLE001 - the test looks at each
+            errors[h] = e
+        finally:
+            ipam.kv.close()
+
+    threads = [threading.Thread(target=one, args=(h,)) for h in handles]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join(60)
+    return results, errors
+
+
+def test_concurrent_adds_share_batched_assign_calls(ec2, tmp_path):
+    world = ec2.world(instance_type="m5.4xlarge", subnets=[("10.10.1.0/24", "us-east-1a")], vpc_cidr="10.10.0.0/16")
+    np = start_pool(ec2, world, tmp_path, cloud_network(world, batchSize=10, batchWindowMilliseconds=200))
+    try:
+        ec2.latency["AssignPrivateIpAddresses"] = 0.2
+        ec2.reset_counts()
+        n = 25
+        results, errors = burst(np.ipam, [f"pod-{i}" for i in range(n)])
+        assert not errors, errors
+        assert len(set(results.values())) == n
+        assert ec2.calls["AssignPrivateIpAddresses"] <= math.ceil(n / 10), ec2.calls
+        assert not ec2.limit_errors and ec2.duplicates() == []
+        on_cloud = {a for addrs in ec2.instance_addresses(world.instances[0]).values() for a in addrs}
+        assert set(results.values()) <= on_cloud
+    finally:
+        np.pool.stop()
+
+
+def test_watermarks_hold_under_churn(ec2, tmp_path):
+    world = ec2.world(instance_type="m5.4xlarge", subnets=[("10.11.1.0/24", "us-east-1a")], vpc_cidr="10.11.0.0/16")
+    np = start_pool(ec2, world, tmp_path, cloud_network(world, warmPool={"minIdle": 4, "maxIdle": 8},
+                                                       cooldownSeconds=0.1))
+    ipam = np.ipam()
+    try:
+        assert np.pool.wait_settled(10)
+        assert 4 <= np.pool.counts().idle <= 8
+        live: list[str] = []
+        for round_ in range(5):
+            handles = [f"r{round_}-{i}" for i in range(7 + round_ * 3)]
+            results, errors = burst(np.ipam, handles)
+            assert not errors, errors
+            live += handles
+            assert np.pool.wait_settled(15)
+            c = np.pool.counts()
+            assert 4 <= c.idle and c.idle + c.cooling <= 8 or c.idle <= 8, c
+            for h in live[: len(live) // 2]:
+                ipam.release(h)
+            live = live[len(live) // 2:]
+            assert np.pool.wait_settled(15)
+            c = np.pool.counts()
+            assert 4 <= c.idle <= 8 and c.assigned == len(live), (round_, c)
+        assert not ec2.limit_errors and ec2.duplicates() == []
+    finally:
+        ipam.kv.close()
+        np.pool.stop()
+
+
+def test_no_call_exceeds_an_instance_limit_and_a_full_node_says_so(ec2, tmp_path):
+    world = ec2.world(instance_type="m5.large", subnets=[("10.12.1.0/24", "us-east-1a")], vpc_cidr="10.12.0.0/16")
+    np = start_pool(ec2, world, tmp_path, cloud_network(world, warmPool={"minIdle": 3, "maxIdle": 6}), wait=5)
+    ipam = np.ipam()
+    try:
+        got = [ipam.allocate(f"p{i}", "n").address for i in range(27)]  # 3 ENIs x (10 - 1)
+        assert len(set(got)) == 27
+        with pytest.raises(PoolExhausted, match=r"m5.large: 3 ENIs x 10 IPv4 addresses.*max pods 29"):
+            ipam.allocate("p27", "n")
+        assert ec2.limit_errors == {}  # counted: no call ever went past a limit
+        assert len(ec2.instance_addresses(world.instances[0])) == 3
+        assert np.pool.capacity_problem() is not None
+        ipam.release("p0")  # cooling: at the limit a waiting pod gets it before the cooldown ends
+        assert ipam.allocate("p27", "n").address == got[0]
+    finally:
+        ipam.kv.close()
+        np.pool.stop()
+
+
+def test_throttling_backs_off_says_why_and_recovers(ec2, tmp_path):
+    world = ec2.world(instance_type="m5.large", subnets=[("10.13.1.0/24", "us-east-1a")], vpc_cidr="10.13.0.0/16")
+    np = start_pool(ec2, world, tmp_path, cloud_network(world), wait=0.3)
+    ipam = np.ipam()
+    try:
+        ec2.throttle("AssignPrivateIpAddresses", 2)
+        with pytest.raises(PoolUnavailable, match=r"warm pool of node node-0 is empty.*RequestLimitExceeded.*try "
+                                                  r"again later"):
+            ipam.allocate("a", "n")
+        # A pod that can wait longer than the back-off waits: the pool retries after 0.5 s
+        # (throttled again: 1 s), then gets its addresses.
+        np.pool.cfg.wait = 10
+        assert ipam.allocate("a", "n").address
+        assert ec2.errors["RequestLimitExceeded"] == 2 and ec2.calls["AssignPrivateIpAddresses"] == 3
+        assert np.pool.problem is None and np.pool.backoff_until == 0.0
+    finally:
+        ipam.kv.close()
+        np.pool.stop()
+
+
+def test_the_local_token_bucket_answers_try_again_with_its_reason(ec2, tmp_path):
+    world = ec2.world(instance_type="m5.large", subnets=[("10.14.1.0/24", "us-east-1a")], vpc_cidr="10.14.0.0/16")
+    network = cloud_network(world, batchSize=1, rateLimits={"assign": {"perMinute": 1, "burst": 1}})
+    np = start_pool(ec2, world, tmp_path, network, wait=0.5)
+    ipam = np.ipam()
+    try:
+        ipam.allocate("first", "n")  # the one token
+        with pytest.raises(PoolUnavailable, match=r"assign token bucket \(1/min, burst 1\) is empty"):
+            ipam.allocate("second", "n")
+        assert ec2.calls["AssignPrivateIpAddresses"] == 1
+    finally:
+        ipam.kv.close()
+        np.pool.stop()
+
+
+def test_an_exhausted_subnet_moves_new_enis_to_the_next(ec2, tmp_path):
+    world = ec2.world(instance_type="m5.4xlarge", vpc_cidr="10.15.0.0/16", node_subnet="10.15.9.0/24",
+                      subnets=[("10.15.9.0/24", "us-east-1a"), ("10.15.1.0/27", "us-east-1a"),
+                               ("10.15.2.0/26", "us-east-1a")])
+    small, big = world.subnets["10.15.1.0/27"], world.subnets["10.15.2.0/26"]
+    # the node's own subnet is not the CloudNetwork's: podnet's ENIs hold every pod address
+    network = cloud_network(world, subnets=["10.15.1.0/27", "10.15.2.0/26"])
+    ec2.admin.create_network_interface(SubnetId=big, PrivateIpAddress="10.15.2.4")  # someone else's
+    for i in range(5, 40):  # leave /26 with fewer free than the /27
+        ec2.admin.assign_private_ip_addresses(
+            NetworkInterfaceId=ec2.enis(subnet=big)[0]["NetworkInterfaceId"], PrivateIpAddresses=[f"10.15.2.{i}"])
+    np = start_pool(ec2, world, tmp_path, network)
+    try:
+        results, errors = burst(np.ipam, [f"p{i}" for i in range(40)])
+        assert not errors, errors
+        enis = ec2.enis(instance=world.instances[0])
+        subnets = {e["SubnetId"] for e in enis if e["Attachment"]["DeviceIndex"] > 0}
+        assert subnets == {small, big}, subnets  # the /27 first (most free), then the next one
+        assert ec2.errors["InsufficientFreeAddressesInSubnet"] >= 1
+        assert len(set(results.values())) == 40 and ec2.duplicates() == []
+    finally:
+        np.pool.stop()
+
+
+def test_bad_cloud_input_at_start_names_the_object_field_and_call(ec2, tmp_path):
+    world = ec2.world(instance_type="m5.large", subnets=[("10.16.1.0/24", "us-east-1a")], vpc_cidr="10.16.0.0/16")
+    kv = lambda: open_store(f"sqlite://{tmp_path}/s.db")  # noqa: E731
+    opts = PoolOptions(endpoint=ec2.endpoint)
+    good = cloud_network(world)
+    n = node("node-0", world.instances[0])
+    bad_subnet = cloud_network(world, subnets=None).model_copy(deep=True)
+    spec = bad_subnet.spec.model_dump(by_alias=True)
+    spec["subnets"].append({"id": "subnet-0000dead", "zone": "us-east-1a"})
+    bad_subnet = type(good).model_validate({"metadata": {"name": "vpc"}, "spec": spec})
+    with pytest.raises(SetupError, match=r"CloudNetwork/vpc: field spec.subnets\[1\].id: subnet subnet-0000dead "
+                                         r"does not exist .*InvalidSubnetID.NotFound"):
+        build_pool(bad_subnet, n, kv, opts)
+    spec = good.spec.model_dump(by_alias=True)
+    spec["securityGroups"] = [world.group, "sg-0000dead"]
+    with pytest.raises(SetupError, match=r"field spec.securityGroups\[1\]: security group sg-0000dead does not "
+                                         r"exist .*InvalidGroup.NotFound"):
+        build_pool(type(good).model_validate({"metadata": {"name": "vpc"}, "spec": spec}), n, kv, opts)
+    odd = ec2.run_instance("m5.galactic", world.subnets["10.16.1.0/24"])
+    with pytest.raises(SetupError, match=r"instance type m5.galactic of Node/node-x: EC2 DescribeInstanceTypes "
+                                         r"failed: InvalidInstanceType"):
+        build_pool(good, node("node-x", odd), kv, opts)
+    with pytest.raises(SetupError, match=r"EC2 DescribeInstances failed: EndpointConnectionError"):
+        build_pool(good, n, kv, PoolOptions(endpoint="http://127.0.0.1:9"))
+    ec2.refused_keys.add("AKIAREFUSED")
+    with pytest.raises(SetupError, match=r"EC2 DescribeInstances failed: AuthFailure"):
+        build_pool(good, n, kv, PoolOptions(endpoint=ec2.endpoint, client=ec2.client("AKIAREFUSED")))
+    with pytest.raises(SetupError, match=r"Node/bare: field spec.providerID is not set"):
+        build_pool(good, type(n).model_validate({"metadata": {"name": "bare"}}), kv, opts)
