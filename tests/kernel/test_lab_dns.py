@@ -350,8 +350,12 @@ def test_the_external_dns_is_a_real_server_in_the_underlay(lab):
     assert proc.stdout.split() == [EXTERNAL_IP]
     proc = topology.run(["ip", "netns", "exec", ul, "dig", "+tries=1", f"@{EXTERNAL_IP}", "example.org"])
     assert header(proc.stdout)[0] == "NXDOMAIN"
+    # the node DNS processes forward to it (the agents answer nothing: --dns-server separate)
+    servers = [p["argv"] for p in lab.state.data["processes"] if p.get("role") == "node-dns"]
+    assert len(servers) == 2 and all(a[a.index("--dns-upstream") + 1] == EXTERNAL_IP for a in servers)
     agents = [p["argv"] for p in lab.state.data["processes"] if p.get("role") == "agent"]
-    assert agents and all(a[a.index("--dns-upstream") + 1] == EXTERNAL_IP for a in agents)
+    assert agents and all("--dns-upstream" not in a and a[a.index("--dns-server") + 1] == "separate"
+                          for a in agents)
 
 
 def test_up_fails_cleanly_when_the_dns_server_does_not_start(tmp_path, monkeypatch):

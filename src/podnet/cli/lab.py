@@ -81,6 +81,7 @@ NODE_COLUMNS = [
     Column("ADDRESS", lambda n: n["address"]),
     Column("NETNS", lambda n: n["netns"]),
     Column("AGENT", lambda n: n["agent"]),
+    Column("DNS", lambda n: n.get("dns")),
     Column("POD-CIDR", lambda n: n.get("podCIDR"), wide=True),
     Column("LOG", lambda n: n.get("log"), wide=True),
 ]

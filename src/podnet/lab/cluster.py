@@ -3,8 +3,10 @@
 `up` plays the parts of the API server (objects, ClusterIPs) and the kubelet and
 containerd (pod sandboxes, CNI ADD through a conflist, pod status), and starts the
 endpoint controller (endpointcontroller.py), a process that keeps EndpointSlices in
-step with the store for as long as the lab is up. `down` undoes whatever
-`state.json` says was made, even after a crash.
+step with the store for as long as the lab is up. With podnet as the CNI, every node
+runs an agent and (`spec.dnsServer: separate`, the default) a node DNS process
+(`podnet dns serve`) beside it, as the two containers of the agent's DaemonSet. `down`
+undoes whatever `state.json` says was made, even after a crash.
 """
 
 from __future__ import annotations
@@ -286,21 +288,26 @@ def wait_endpoints(st: LabState, revision: int, timeout: float) -> None:
 
 
 def wait_programmed(st: LabState, revision: int, timeout: float) -> None:
-    """Wait until every node's agent has programmed the store up to `revision`
-    (each agent writes the revision it has synced next to its CNI socket)."""
+    """Wait until every node's agent has programmed the store up to `revision` (each agent
+    writes the revision it has synced next to its CNI socket), and every node DNS process
+    answers from it (its synced file)."""
     deadline = time.monotonic() + timeout
     for node in st.data["nodes"]:
-        path = Path(node["socket"] + ".synced")
-        while True:
-            try:
-                if int(path.read_text().strip() or 0) >= revision:
-                    break
-            except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise PodnetError(f"agent {node['name']} has not programmed store revision {revision} within "
-                                  f"{timeout:g}s; log {node['log']}:\n{log_tail(node['log'])}")
-            time.sleep(0.05)
+        waits = [(f"agent {node['name']} has not programmed", Path(node["socket"] + ".synced"), node["log"])]
+        dns = st.process(node_dns_key(node["name"]))
+        if dns is not None:
+            waits.append((f"the DNS process of {node['name']} has not followed", Path(dns["synced"]), dns["log"]))
+        for what, path, log in waits:
+            while True:
+                try:
+                    if int(path.read_text().strip() or 0) >= revision:
+                        break
+                except (OSError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise PodnetError(f"{what} store revision {revision} within {timeout:g}s; log {log}:\n"
+                                      f"{log_tail(log)}")
+                time.sleep(0.05)
 
 
 POD_WORKERS = 4
@@ -403,18 +410,41 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
             conflist["cniVersion"] = version
         Path(n["conflist"]).write_text(json.dumps(conflist, indent=1) + "\n")
 
+    addresses = ["--cluster-dns-ip", spec.cluster_dns_ip] if spec.cluster_dns_ip else []
+    upstream = ["--dns-upstream", str(ipaddress.ip_interface(spec.external.address).ip)] \
+        if spec.external is not None and spec.external.dns is not None else []
+    separate = spec.dns_server == "separate"
+    st.set(dns_server=spec.dns_server)
+    servers = []
     for n in st.data["nodes"]:
+        if separate:  # before the agent: it listens on 169.254.20.10 before the agent puts it on lo
+            servers.append(_start_node_dns(st, n, url, addresses + upstream))
         argv = [*podnet_command(), "--store", url, "agent", "--node", n["name"], "--socket", n["socket"],
                 "--service-proxy", n.get("service_proxy", "nftables"),
-                "--resync", str(spec.resync_seconds),
-                *(["--cluster-dns-ip", spec.cluster_dns_ip] if spec.cluster_dns_ip else [])]
-        if spec.external is not None and spec.external.dns is not None:
-            argv += ["--dns-upstream", str(ipaddress.ip_interface(spec.external.address).ip)]
+                "--resync", str(spec.resync_seconds), "--dns-server", spec.dns_server,
+                *addresses, *([] if separate else upstream)]  # separate: the agent answers nothing
         entry = st.start_process(f"agent-{n['name']}", argv, netns=n["netns"], log=Path(n["log"]),
                                  role="agent", node=n["name"])
         say(f"agent {n['name']}: pid {entry['pid']}, log {n['log']}")
+    _wait_servers(st, servers, timeout)
+    for entry in servers:
+        say(f"node DNS {entry['node']}: pid {entry['pid']}, log {entry['log']}")
     for n in st.data["nodes"]:
         wait_agent(st, n, timeout)
+
+
+def node_dns_key(node: str) -> str:
+    return f"dns-{node}"
+
+
+def _start_node_dns(st: LabState, node: dict, url: str, dns_args: list[str]) -> dict:
+    """`podnet dns serve` in the node's namespace, following the store as the agent does."""
+    key = node_dns_key(node["name"])
+    ready, synced = st.dir / f"{key}.ready", st.dir / f"{key}.synced"
+    argv = [*podnet_command(), "--store", url, "dns", "serve", "--node", node["name"], *dns_args,
+            "--ready-file", str(ready), "--synced-file", str(synced)]
+    return st.start_process(key, argv, netns=node["netns"], role="node-dns", node=node["name"], ready=str(ready),
+                            synced=str(synced), server=f"node DNS {node['name']}")
 
 
 RELAY_FIRST_PORT = 23790
@@ -461,16 +491,35 @@ def restart_agent(st: LabState, node_name: str, timeout: float = 60.0, kill: boo
     """Stop a node's agent (`kill`: with SIGKILL, as a crash), run `while_down`, and start it
     again with the same command; returns the new record."""
     node = find_node(st, node_name)
-    key = f"agent-{node_name}"
-    entry = st.process(key)
+    entry = st.process(f"agent-{node_name}")
     if entry is None:
         raise PodnetError(f"lab {st.name} has no agent on node {node_name!r}")
-    st.stop_process(entry, first=signal.SIGKILL if kill else signal.SIGTERM)
-    while_down()
-    new = st.start_process(key, entry["command"], netns=entry.get("netns"), log=Path(entry["log"]), role="agent",
-                           node=node_name)
+    new = _restart(st, entry, kill, while_down)
     wait_agent(st, node, timeout)
     return new
+
+
+def restart_node_dns(st: LabState, node_name: str, timeout: float = 60.0, kill: bool = False,
+                     while_down: Callable[[], None] = lambda: None) -> dict:
+    """restart_agent for a node's DNS process; returns once the new one listens."""
+    find_node(st, node_name)
+    entry = st.process(node_dns_key(node_name))
+    if entry is None:
+        raise PodnetError(f"lab {st.name} has no DNS process on node {node_name!r} (spec.dnsServer: inprocess?)")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(entry["ready"])  # the new process writes it again once it listens
+    new = _restart(st, entry, kill, while_down)
+    _wait_servers(st, [new], timeout)
+    return new
+
+
+def _restart(st: LabState, entry: dict, kill: bool, while_down: Callable[[], None]) -> dict:
+    st.stop_process(entry, first=signal.SIGKILL if kill else signal.SIGTERM)
+    while_down()
+    info = {k: v for k, v in entry.items()
+            if k not in ("key", "argv", "command", "pidfile", "log", "pid", "starttime", "netns")}
+    return st.start_process(entry["key"], entry["command"], netns=entry.get("netns"), log=Path(entry["log"]),
+                            **info)
 
 
 def wait_agent(st: LabState, node: dict, timeout: float) -> None:
@@ -614,7 +663,8 @@ def down(st: LabState, *, say: Say = _quiet) -> None:
             except (CNIError, OSError) as e:
                 say(f"pod {entry['namespace']}/{entry['name']}: CNI DEL failed ({e}); removing its namespace anyway")
         # Processes: servers first, then agents, then the store relay they talk through.
-        procs = sorted(data.get("processes", []), key=lambda p: {"agent": 1, "relay": 2}.get(p.get("role"), 0))
+        procs = sorted(data.get("processes", []),
+                       key=lambda p: {"agent": 1, "node-dns": 1, "relay": 2}.get(p.get("role"), 0))
         for p in procs:
             if st.stop_process(p):
                 say(f"stopped {p['key']} (pid {p.get('pid')})")
@@ -689,7 +739,7 @@ def status(st: LabState) -> dict[str, Any]:
             pid = st.process_pid(agent)
             state = f"running (pid {pid})" if pid else "dead"
         nodes.append({"name": n["name"], "address": n["address"], "netns": n["netns"], "agent": state,
-                      "log": n.get("log"), "podCIDR": n.get("podCIDR")})
+                      "dns": _node_dns_state(st, n["name"]), "log": n.get("log"), "podCIDR": n.get("podCIDR")})
     pods = []
     for j, p in enumerate(data.get("pods", [])):
         server = st.process(f"pod-{p.get('index', j)}")
@@ -707,6 +757,17 @@ def status(st: LabState) -> dict[str, Any]:
             "endpointController": (f"running (pid {st.process_pid(ctl)})" if st.process_pid(ctl) else "dead")
             if ctl else None,
             "error": data.get("error"), "nodes": nodes, "pods": pods}
+
+
+def _node_dns_state(st: LabState, node: str) -> str:
+    """The node DNS process's state; "agent" when the agent answers itself (`dnsServer: inprocess`)."""
+    if st.data.get("cni") != "podnet":
+        return "none"
+    entry = st.process(node_dns_key(node))
+    if entry is None:
+        return "agent" if st.data.get("dns_server") == "inprocess" else "not started"
+    pid = st.process_pid(entry)
+    return f"running (pid {pid})" if pid else "dead"
 
 
 def find_pod(st: LabState, ref: str) -> dict:

@@ -11,6 +11,8 @@
         # agents forward to it and the nodes' resolv.conf names it
       serviceCIDR: 10.96.0.0/16            # optional; ClusterIPs are allocated from it
       resyncSeconds: 60                    # optional; the agents' full reconcile period
+      dnsServer: separate                  # optional; node DNS in a process of its own per node
+                                           # (`podnet dns serve`, survives the agent) | inprocess
       nodes:
         - {name: node-1, labels: {zone: a}}     # serviceProxy: nftables (default) | iptables
       cni: {plugin: podnet, chain: [portmap, tuning]}
@@ -295,6 +297,9 @@ class LabSpecBody(Schema):
     service_cidr: str = Field(default=DEFAULT_SERVICE_CIDR, alias="serviceCIDR")
     # the agents' full reconcile period (podnet agent --resync): drift heals within it
     resync_seconds: float = Field(default=60.0, alias="resyncSeconds", gt=0, le=3600)
+    # node DNS: `podnet dns serve` per node beside the agent (answers while the agent is
+    # down), or the agent itself (podnet agent --dns-server)
+    dns_server: Literal["separate", "inprocess"] = Field(default="separate", alias="dnsServer")
     nodes: list[LabNode]
     cni: CniSpec = Field(default_factory=CniSpec)
     pods: list[LabPod] = Field(default_factory=list)
@@ -385,6 +390,7 @@ class LabSpec:
     objects: tuple[KubeObject, ...]  # manifests (without Pods), defaults and auto Namespaces
     raw: dict[str, Any]
     resync_seconds: float = 60.0
+    dns_server: str = "separate"  # or "inprocess" (the agent answers)
 
     @property
     def cluster_dns_ip(self) -> str | None:
@@ -581,7 +587,7 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
     return LabSpec(
         file=file, name=lab.metadata.name, underlay=underlay, gateway=str(gateway), nodes=nodes,
         external=spec.external, service_cidr=str(service_net), cni=spec.cni, pods=tuple(pods),
-        objects=tuple(objects), raw=raw, resync_seconds=spec.resync_seconds,
+        objects=tuple(objects), raw=raw, resync_seconds=spec.resync_seconds, dns_server=spec.dns_server,
     )
 
 
