@@ -215,3 +215,17 @@ def test_a_large_mesh_renders_one_protocol_per_other_node():
     cfg = compile_node(nodes[0].name, nodes, None, [], POOLS, [])
     text = render(cfg)
     assert len(cfg.peers) == len(nodes) - 1 and text.count("protocol bgp ") == len(nodes) - 1
+
+
+def test_routes_dataplane_leaves_direct_pools_to_bird_on_a_bgp_node():
+    from podnet.dataplane.routing import BlockOwner, Borrowed, desired_routing
+
+    blocks = [BlockOwner("10.244.1.0/26", "a", "None"), BlockOwner("10.244.2.0/26", "b", "None"),
+              BlockOwner("10.246.2.0/26", "b", "VXLAN")]
+    borrowed = [Borrowed("10.244.1.9", "b", "None")]
+    ips = {"a": "10.0.0.11", "b": "10.0.0.12"}
+    plain = desired_routing("a", blocks, borrowed, ips, True)
+    bgp = desired_routing("a", blocks, borrowed, ips, True, bgp=True)
+    assert {(r.dst, r.kind) for r in plain.routes} == {("10.244.1.0/26", "blackhole"), ("10.244.2.0/26", "direct"),
+                                                       ("10.246.2.0/26", "vxlan"), ("10.244.1.9/32", "direct")}
+    assert {(r.dst, r.kind) for r in bgp.routes} == {("10.244.1.0/26", "blackhole"), ("10.246.2.0/26", "vxlan")}

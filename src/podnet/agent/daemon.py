@@ -5,11 +5,12 @@
             every resync period: verify() against the kernel, then a full sync
 
 Dataplanes (agent/contract.py): cross-node routes, NAT, Services (nftables maps or
-iptables), NetworkPolicy (nftables sets) and node DNS. Services and EndpointSlices
-are not kept in the cache: the Service compiler and the DNS index take them from the
-watch events, each in its own compact form. A change marks only the dataplanes it
-concerns, and each dataplane syncs on its own thread, so a slow one never delays
-another. The CNI socket is served from the start; STATUS reports not-ready until the
+iptables), NetworkPolicy (nftables sets), node DNS and BGP (BIRD, on a Node with
+spec.bgp: the agent renders its configuration and keeps it running, agent/bgp.py).
+Services and EndpointSlices are not kept in the cache: the Service compiler and the
+DNS index take them from the watch events, each in its own compact form. A change
+marks only the dataplanes it concerns, and each dataplane syncs on its own thread, so
+a slow one never delays another. The CNI socket is served from the start; STATUS reports not-ready until the
 first sync has programmed the node. The agent never flushes on start or stop: it
 reconciles, so restarting it leaves established connections alone.
 
@@ -37,11 +38,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from podnet.agent.bgp import BgpDataplane
 from podnet.agent.cache import ObjectCache
 from podnet.agent.contract import Dataplane, DataplaneMetrics
 from podnet.agent.dataplanes import DnsDataplane, NatDataplane, PolicyDataplane, RoutesDataplane
 from podnet.agent.follow import StoreFollower
 from podnet.agent.worker import DataplaneWorker, SyncProgress
+from podnet.bgp.bird import Bird
 from podnet.cni import DEFAULT_SOCKET
 from podnet.dataplane.localdns import DnsAddresses
 from podnet.dataplane.pods import PodDataplane
@@ -82,6 +85,7 @@ class AgentConfig:
     min_sync_interval: float = 0.01  # at most one sync per dataplane per interval: a burst coalesces
     resync_interval: float = 60.0  # full reconcile even without changes: heals drift
     node_wait: float = 30.0
+    bgp_dir: str | None = None  # BIRD's files (default: `<socket>.bird`)
 
 
 class Agent:
@@ -99,6 +103,7 @@ class Agent:
         self.follower: StoreFollower | None = None
         self.routes: RoutesDataplane | None = None
         self.services = None
+        self.bgp: BgpDataplane | None = None
         self.dns_index = None
         self.pods = PodDataplane(lambda: self.routes.mtu if self.routes is not None else 1500,
                                  node_ip=lambda: self.node_ip)
@@ -155,8 +160,9 @@ class Agent:
         size_conntrack(self.cfg.conntrack)
         self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs,
                                          tuple(self.dns_addresses()), proxy=self.cfg.service_proxy)
+        self.bgp = BgpDataplane(self.cfg.node, self.cache, Bird(self.cfg.bgp_dir or self.cfg.socket + ".bird"))
         self.dataplanes = [self.routes, NatDataplane(self.cache), self.services,
-                           PolicyDataplane(self.cfg.node)]
+                           PolicyDataplane(self.cfg.node), self.bgp]
         if self.dns_addresses():
             if self.cfg.dns_server == "inprocess":
                 from podnet.dns.index import ClusterIndex
@@ -170,6 +176,7 @@ class Agent:
                                                  resync_interval=self.cfg.resync_interval,
                                                  on_synced=self._record_synced)
                         for dp in self.dataplanes}
+        self.bgp.supervise(self.workers[self.bgp.name].mark)  # a crashed BIRD is started again at once
 
     def _open_kv(self) -> KeyValueStore:
         return open_store(self.cfg.store_url, create=False, credentials=self.cfg.store_credentials)
@@ -307,6 +314,7 @@ class Agent:
         from podnet.agent.metrics import serve_metrics
 
         renderers = [self.metrics.render] + ([self.services.metrics.render] if self.services is not None else [])
+        renderers += [self.bgp.render_metrics] if self.bgp is not None else []
         self.metrics_server = serve_metrics(self.cfg.metrics_port, lambda: "".join(r() for r in renderers))
 
     def ready(self) -> tuple[int, str] | None:
@@ -316,6 +324,9 @@ class Agent:
         if errors:
             return 51, f"podnet agent on {self.cfg.node}: last sync failed: " + "; ".join(
                 f"{k}: {v}" for k, v in sorted(errors.items()))
+        bgp = self.bgp.health() if self.bgp is not None else None
+        if bgp:  # as Calico's readiness: every BGP session must be Established
+            return 50, f"podnet agent on {self.cfg.node}: {bgp}"
         return None
 
 

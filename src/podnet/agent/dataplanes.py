@@ -35,7 +35,8 @@ log = logging.getLogger("podnet.agent")
 
 
 class RoutesDataplane(Dataplane):
-    """Cross-node routes, the VXLAN device and its neighbour/FDB entries.
+    """Cross-node routes, the VXLAN device and its neighbour/FDB entries (on a node that
+    runs BGP, direct pools' cross-node routes are BIRD's: agent/bgp.py).
 
     Each block's share of the routes is computed when that block changes (a new block
     on another node: one share, one route), and all of them again only when the pools
@@ -55,6 +56,7 @@ class RoutesDataplane(Dataplane):
         self._dirty_blocks: set[str] = set()
         self._shares: dict[str, tuple[frozenset[Route], frozenset[tuple[str, str]]]] = {}
         self._inputs: tuple | None = None  # the pools and node addresses the shares were computed with
+        self.bgp = False  # this node runs BGP: direct pools' cross-node routes are BIRD's
 
     def on_event(self, ev: ObjectEvent) -> bool:
         kind = kind_of(ev.key)
@@ -76,9 +78,12 @@ class RoutesDataplane(Dataplane):
 
     def sync(self, full: bool) -> str:
         pools = self.cache.list(IPPool)
-        node_ips = node_addresses(self.cache.list(Node))
+        nodes = self.cache.list(Node)
+        node_ips = node_addresses(nodes)
         vxlan = vxlan_in_use(pools)
-        inputs = (sorted(pools, key=lambda p: p.name), node_ips, vxlan)
+        # A node that runs BGP leaves direct pools' cross-node routes to BIRD (agent/bgp.py).
+        self.bgp = any(n.name == self.node and n.spec.bgp is not None for n in nodes)
+        inputs = (sorted(pools, key=lambda p: p.name), node_ips, vxlan, self.bgp)
         with self._lock:
             dirty, self._dirty_blocks = self._dirty_blocks, set()
             everything = full or inputs != self._inputs
@@ -117,7 +122,7 @@ class RoutesDataplane(Dataplane):
                ) -> tuple[frozenset[Route], frozenset[tuple[str, str]]]:
         owner, borrowed = block_routing(block, pools)
         d = desired_routing(self.node, [owner] if owner else [], borrowed, node_ips, vxlan,
-                            local_ip=self.programmer.node_ip)
+                            local_ip=self.programmer.node_ip, bgp=self.bgp)
         return d.routes, d.vteps
 
     def verify(self) -> list[str]:

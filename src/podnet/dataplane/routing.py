@@ -12,6 +12,9 @@ One route per remote block (not per pod), as Calico does:
   blocks are dropped here instead of following the default route.
 - addresses a node borrowed from another node's block: a /32 towards the
   borrower, more specific than the owner's block route.
+- on a node that runs BGP (`bgp`), direct pools are BGP's: BIRD installs the routes
+  towards other nodes' blocks and borrowed addresses (podnet.bgp); only VXLAN routes
+  and the node's own blackholes are left here.
 
 Every route towards another node carries `src <this node's address>` (prefsrc).
 Without it the kernel picks the source of traffic the node itself sends to a remote
@@ -83,9 +86,10 @@ def desired_routing(
     node_ips: dict[str, str],
     vxlan_in_use: bool,
     local_ip: str | None = None,
+    bgp: bool = False,
 ) -> DesiredRouting:
     """`local_ip`: this node's underlay address, the routes' source (by default its
-    InternalIP in `node_ips`)."""
+    InternalIP in `node_ips`). `bgp`: this node runs BGP, which routes direct pools."""
     routes: set[Route] = set()
     vteps: set[tuple[str, str]] = set()
     src = local_ip or node_ips.get(local_node)
@@ -97,6 +101,8 @@ def desired_routing(
         if encap == "VXLAN":
             routes.add(Route(dst, "vxlan", ip, src))
             vteps.add((ip, vtep_mac(node)))
+        elif bgp:
+            return  # BIRD installs it
         else:
             routes.add(Route(dst, "direct", ip, src))
 
