@@ -1,0 +1,406 @@
+"""`podnet node cleanup`: remove everything podnet programmed in this network namespace
+(a node leaving podnet, or an uninstall), and nothing else.
+
+What podnet writes on a node, and how each is recognised as podnet's:
+
+- nftables tables named `podnet-*` (any family): Services, NetworkPolicy, natOutgoing,
+  the DNS NOTRACK table (and a lab's `podnet-lab`);
+- routes of protocol 88 (cross-node: `dataplane/routing.py` RTPROT_PODNET) and 89 (local
+  pods' /32s, RTPROT_PODNET_POD) in the main table;
+- the VXLAN device `pn-vxlan`, with its neighbour and FDB entries;
+- pods' host-side veths: named `pn<hash>` with the alias `podnet:<container>/<ifname>`
+  (their pod ends go with them: the node should be drained first);
+- the node DNS addresses on `lo`: the /32s the NOTRACK table names, and 169.254.20.10
+  (plus any given with --dns-address/--cluster-dns-ip);
+- kube-proxy-style iptables chains (`--service-proxy iptables`), when podnet's own jumps
+  to them are in the built-in chains (kube-proxy's carry a comment: never touched);
+- BIRD (a node with BGP): the daemon the agent started from `<socket>.bird/` (it outlives
+  the agent by design: stopped here), the routes it installed (protocol 12, `persist`
+  keeps them after BIRD stops; only when that directory shows BIRD was podnet's), and
+  the directory;
+- the agent's files next to its CNI socket: the socket, `.synced`, `.lock`.
+
+Left alone: sysctls (ip_forward stays on), conntrack entries, the CNI plugin binary and
+network configuration files, and everything in the store (IPAM blocks and addresses of
+the node: `podnet ipam release --leaked`).
+
+It refuses to run while an agent runs on the node (it holds `<socket>.lock`, or answers
+on the socket) or a DNS server listens on a node DNS address, unless forced: the agent
+would program it all again. Every step reads the kernel first, so a second run finds
+nothing to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from podnet.dataplane.localdns import DNS_TABLE
+from podnet.dataplane.nft import dies_with_parent
+from podnet.dataplane.pods import ALIAS_PREFIX, HOST_PREFIX
+from podnet.dataplane.routing import RTPROT_PODNET, RTPROT_PODNET_POD, VXLAN_IFNAME
+from podnet.dataplane.rtnl import RTN_BLACKHOLE, Rtnl, route_request
+from podnet.dns.resolvconf import NODE_DNS_ADDRESS
+from podnet.errors import PodnetError
+
+TABLE_PREFIX = "podnet-"
+AGENT_FILES = ("", ".synced", ".synced.tmp", ".lock")  # suffixes of the CNI socket's path
+BIRD_DIR = ".bird"  # the agent's BIRD files: `<socket>.bird/` (bird.pid, bird.ctl, bird.conf, ...)
+RTPROT_BIRD = 12  # what BIRD's kernel protocol marks its routes with
+
+
+class StillRunning(PodnetError):
+    """podnet still runs on this node: cleaning up now would be undone, or cut it off."""
+
+
+@dataclass
+class Step:
+    what: str  # "nft table ip podnet-svc", "route 10.244.0.64/26 (protocol 88)", ...
+    run: Callable[[], None]
+
+
+@dataclass
+class Report:
+    done: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)  # found, not podnet's to remove
+
+
+@dataclass
+class NodeCleanup:
+    """What to look for; `plan()` lists the steps, `run()` takes them."""
+
+    socket: str
+    dns_addresses: tuple[str, ...] = ()  # besides those the NOTRACK table names and 169.254.20.10
+    iptables: str = "iptables"
+
+    # -- is podnet still running here?
+
+    def running(self) -> list[str]:
+        """Why cleaning up now would be wrong: an agent or a node DNS server still runs."""
+        why = []
+        holder = _lock_holder(self.socket + ".lock")
+        if holder is not None:
+            why.append(f"a podnet agent{f' (pid {holder})' if holder else ''} runs on this node "
+                       f"(it holds {self.socket}.lock)")
+        elif _answers(self.socket):
+            why.append(f"a process serves the CNI socket {self.socket} (a podnet agent?)")
+        listening = [f"{a}:53" for a in self._dns_candidates(_nft_tables()) if _udp_listening(a, 53)]
+        if listening:
+            why.append(f"a DNS server listens on {', '.join(listening)} (the node's `podnet dns serve`?)")
+        return why
+
+    # -- what is there
+
+    def plan(self) -> list[Step]:
+        """Every step, read from the kernel now (the later steps are read again as they run)."""
+        return [*self._bird_steps(), *self._table_steps(), *self._link_steps(), *self._route_steps(),
+                *self._address_steps(), *self._iptables_steps(), *self._file_steps()]
+
+    def run(self, say: Callable[[str], None] = lambda _: None) -> Report:
+        """Take every step; each group is read from the kernel when its turn comes (links go
+        before routes: a pod's /32 goes with its veth)."""
+        report = Report()
+        tables = _nft_tables()
+        dns = self._dns_candidates(tables)  # before the NOTRACK table naming them goes
+        for group in (self._bird_steps, self._table_steps, self._link_steps, self._route_steps,
+                      lambda: self._address_steps(dns), self._iptables_steps, self._file_steps):
+            for step in group():
+                try:
+                    step.run()
+                except (OSError, NetlinkError, PodnetError, subprocess.SubprocessError) as e:
+                    report.errors.append(f"{step.what}: {e}")
+                    continue
+                report.done.append(step.what)
+                say(f"removed {step.what}")
+        report.left = self.left_alone()
+        return report
+
+    def left_alone(self) -> list[str]:
+        """What looks like Service chains but is not podnet's (kube-proxy's, with its comments)."""
+        if self._iptables_ours() or shutil.which(self.iptables + "-save") is None:
+            return []
+        chains = _iptables_chains(self.iptables, "nat")
+        kube = sorted(c for c in chains if c.startswith("KUBE-"))
+        return [f"iptables nat chains {', '.join(kube[:3])}{' ...' if len(kube) > 3 else ''} "
+                "(no podnet jumps to them: kube-proxy's?)"] if kube else []
+
+    # -- BIRD
+
+    @property
+    def bird_dir(self) -> str:
+        return self.socket + BIRD_DIR
+
+    def _bird_steps(self) -> list[Step]:
+        pid = _bird_pid(self.bird_dir)
+        return [Step(f"BIRD (pid {pid}, {self.bird_dir})", lambda: _stop_bird(self.bird_dir))] if pid else []
+
+    # -- nftables
+
+    def _table_steps(self) -> list[Step]:
+        return [Step(f"nft table {family} {name}", lambda f=family, n=name: _nft(f"delete table {f} {n}\n"))
+                for family, name in _nft_tables()]
+
+    def _dns_candidates(self, tables: list[tuple[str, str]]) -> list[str]:
+        named = _notrack_addresses() if ("ip", DNS_TABLE) in tables else []
+        out = []
+        for a in (NODE_DNS_ADDRESS, *named, *self.dns_addresses):
+            if a not in out:
+                out.append(a)
+        return out
+
+    # -- links, routes, addresses
+
+    def _link_steps(self) -> list[Step]:
+        steps = []
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME") or ""
+                alias = link.get_attr("IFLA_IFALIAS") or ""
+                info = link.get_attr("IFLA_LINKINFO")
+                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                if name == VXLAN_IFNAME and kind == "vxlan":
+                    what = f"link {name} (VXLAN)"
+                elif name.startswith(HOST_PREFIX) and alias.startswith(ALIAS_PREFIX) and kind == "veth":
+                    what = f"link {name} (pod {alias[len(ALIAS_PREFIX):]})"
+                else:
+                    continue
+                steps.append(Step(what, lambda i=link["index"]: _del_link(i)))
+        return steps
+
+    def _route_steps(self) -> list[Step]:
+        protocols = (RTPROT_PODNET, RTPROT_PODNET_POD) + ((RTPROT_BIRD,) if os.path.isdir(self.bird_dir) else ())
+        rtnl = Rtnl()
+        try:
+            routes = [(proto, r) for proto in protocols for r in rtnl.routes(proto)]
+        finally:
+            rtnl.close()
+        return [Step(f"route {'blackhole ' if r.type == RTN_BLACKHOLE else ''}{r.dst}"
+                     f"{f' via {r.gateway}' if r.gateway else ''} (protocol {proto})",
+                     lambda d=r.dst, p=proto: _del_route(d, p))
+                for proto, r in routes]
+
+    def _address_steps(self, candidates: list[str] | None = None) -> list[Step]:
+        if candidates is None:
+            candidates = self._dns_candidates(_nft_tables())
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=lo, family=socket.AF_INET)
+                    if a["prefixlen"] == 32}
+        return [Step(f"address {a}/32 on lo", lambda a=a, i=lo: _del_addr(i, a)) for a in candidates if a in have]
+
+    # -- iptables
+
+    def _iptables_ours(self) -> list[tuple[str, str, list[str]]]:
+        """podnet's jumps from the built-in chains to its Service chains (exactly as it writes
+        them: kube-proxy's own carry a comment, so `-C` never matches those)."""
+        from podnet.services.iptables import JUMPS
+
+        if shutil.which(self.iptables) is None:
+            return []
+        return [(table, chain, spec) for table, chain, spec in JUMPS
+                if subprocess.run([self.iptables, "-w", "-t", table, "-C", chain, *spec],
+                                  capture_output=True).returncode == 0]
+
+    def _iptables_steps(self) -> list[Step]:
+        if not self._iptables_ours():
+            return []
+        return [Step("iptables Service chains (KUBE-SERVICES, KUBE-SVC-*, ... and the jumps to them)",
+                     self._remove_iptables)]
+
+    def _remove_iptables(self) -> None:
+        from podnet.services.iptables import IptablesServiceApplier
+
+        IptablesServiceApplier(binary=self.iptables, conntrack=None).remove()
+        if self._iptables_ours():
+            raise PodnetError(f"{self.iptables}: podnet's jumps are still there after removing them")
+
+    # -- files
+
+    def _file_steps(self) -> list[Step]:
+        steps = []
+        for suffix in AGENT_FILES:
+            path = self.socket + suffix
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if suffix == "" and not stat.S_ISSOCK(st.st_mode):
+                continue  # not a socket: not the agent's
+            steps.append(Step(f"file {path}", lambda p=path: _unlink(p)))
+        if os.path.isdir(self.bird_dir) and not os.path.islink(self.bird_dir):
+            steps.append(Step(f"directory {self.bird_dir}", lambda: shutil.rmtree(self.bird_dir)))
+        return steps
+
+
+# ---------------------------------------------------------------------- kernel reads
+
+
+def _iptables_chains(binary: str, table: str) -> set[str]:
+    proc = subprocess.run([binary + "-save", "-t", table], capture_output=True, text=True)
+    return {line[1:].split()[0] for line in proc.stdout.splitlines() if line.startswith(":")}
+
+
+def _nft_json(*args: str) -> list[dict]:
+    proc = subprocess.run(dies_with_parent(["nft", "-j", *args]), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PodnetError(f"nft -j {' '.join(args)}: {proc.stderr.strip()}")
+    return json.loads(proc.stdout or "{}").get("nftables", [])
+
+
+def _nft_tables() -> list[tuple[str, str]]:
+    """(family, name) of every podnet table in this namespace."""
+    if shutil.which("nft") is None:
+        return []
+    return [(t["table"]["family"], t["table"]["name"]) for t in _nft_json("list", "tables")
+            if "table" in t and t["table"]["name"].startswith(TABLE_PREFIX)]
+
+
+def _notrack_addresses() -> list[str]:
+    """The addresses the DNS NOTRACK table's rules name (the node DNS addresses it was given)."""
+    out: list[str] = []
+    try:
+        items = _nft_json("list", "table", "ip", DNS_TABLE)
+    except PodnetError:
+        return out
+    for item in items:
+        for expr in item.get("rule", {}).get("expr", []):
+            match = expr.get("match") or {}
+            left, right = match.get("left") or {}, match.get("right")
+            if (left.get("payload") or {}).get("field") not in ("daddr", "saddr"):
+                continue
+            values = right.get("set", []) if isinstance(right, dict) else [right]
+            for v in values:
+                with contextlib.suppress(ValueError, TypeError):
+                    text = str(ipaddress.IPv4Address(v))
+                    if text not in out:
+                        out.append(text)
+    return out
+
+
+def _lock_holder(path: str) -> str | None:
+    """The pid written in an agent's lock file while a process holds it ("" if none is
+    written); None when no one holds it (or there is none)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock taken to look
+
+
+def _bird_pid(directory: str) -> int | None:
+    """The pid of the BIRD its pid file names, if that process runs on this directory's
+    control socket (not a reused pid, not a zombie)."""
+    try:
+        pid = int(open(os.path.join(directory, "bird.pid")).read().strip())
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if state != "Z" and os.path.join(directory, "bird.ctl").encode() in argv else None
+
+
+def _stop_bird(directory: str, timeout: float = 10.0) -> None:
+    pid = _bird_pid(directory)
+    if pid is None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while _bird_pid(directory) == pid and time.monotonic() < deadline:
+            time.sleep(0.02)  # BIRD is not our child: poll its /proc entry
+        if _bird_pid(directory) != pid:
+            return
+    raise PodnetError(f"BIRD (pid {pid}) did not exit")
+
+
+def _answers(path: str) -> bool:
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _udp_listening(address: str, port: int) -> bool:
+    """Whether a UDP socket of this network namespace is bound to address:port (/proc)."""
+    local = f"{int.from_bytes(ipaddress.IPv4Address(address).packed, 'little'):08X}:{port:04X}"
+    try:
+        with open("/proc/self/net/udp") as f:
+            return any(line.split()[1] == local for line in list(f)[1:])
+    except (OSError, IndexError):
+        return False
+
+
+# ---------------------------------------------------------------------- kernel writes
+
+
+def _nft(script: str) -> None:
+    proc = subprocess.run(dies_with_parent(["nft", "-f", "-"]), input=script, capture_output=True, text=True)
+    if proc.returncode != 0 and "No such file or directory" not in proc.stderr:  # gone meanwhile: fine
+        raise PodnetError(f"nft: {proc.stderr.strip()}")
+
+
+def _del_link(index: int) -> None:
+    with IPRoute() as ipr:
+        try:
+            ipr.link("del", index=index)
+        except NetlinkError as e:
+            if e.code != 19:  # ENODEV: gone meanwhile
+                raise
+
+
+def _del_route(dst: str, protocol: int) -> None:
+    rtnl = Rtnl()
+    try:
+        errors = [e for e in rtnl.batch([route_request(dst, protocol=protocol, delete=True)])
+                  if "No such process" not in e]  # gone meanwhile (with its device)
+    finally:
+        rtnl.close()
+    if errors:
+        raise PodnetError("; ".join(errors))
+
+
+def _del_addr(lo: int, address: str) -> None:
+    with IPRoute() as ipr:
+        try:
+            ipr.addr("del", index=lo, address=address, prefixlen=32)
+        except NetlinkError as e:
+            if e.code != 99:  # EADDRNOTAVAIL: gone meanwhile
+                raise
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
