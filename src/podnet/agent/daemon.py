@@ -85,6 +85,8 @@ class AgentConfig:
     min_sync_interval: float = 0.01  # at most one sync per dataplane per interval: a burst coalesces
     resync_interval: float = 60.0  # full reconcile even without changes: heals drift
     node_wait: float = 30.0
+    cloud_instance_id: str | None = None  # ENI pools: this node's instance (default: the Node's providerID)
+    cloud_endpoint: str | None = None  # ENI pools: the EC2 endpoint (default: the CloudNetwork's, else AWS's)
     bgp_dir: str | None = None  # BIRD's files (default: `<socket>.bird`)
 
 
@@ -103,6 +105,7 @@ class Agent:
         self.follower: StoreFollower | None = None
         self.routes: RoutesDataplane | None = None
         self.services = None
+        self.eni = None  # podnet.eni.agent.EniAgent on a node a CloudNetwork selects
         self.bgp: BgpDataplane | None = None
         self.dns_index = None
         self.pods = PodDataplane(lambda: self.routes.mtu if self.routes is not None else 1500,
@@ -170,13 +173,27 @@ class Agent:
                 self.dns_index = ClusterIndex(zone=self.cfg.cluster_domain, node_name=self.cfg.node)
             # separate: no index here, the node's DNS process keeps its own
             self.dataplanes.append(DnsDataplane(self.dns_index, self.dns_addresses()))
+        self.eni = self._eni_agent()
+        if self.eni is not None:  # pod addresses from the cloud: ENI links, tables and pod rules
+            self.dataplanes.append(self.eni.dataplane)
         self.metrics = DataplaneMetrics(dp.name for dp in self.dataplanes)
         self.workers = {dp.name: DataplaneWorker(dp, self.progress, self.metrics,
                                                  min_interval=self.cfg.min_sync_interval,
                                                  resync_interval=self.cfg.resync_interval,
                                                  on_synced=self._record_synced)
                         for dp in self.dataplanes}
+        if self.eni is not None:
+            self.eni.dataplane.on_mark(self.workers[self.eni.dataplane.name].mark)
+            self.eni.start()  # on a thread: a cloud that fails keeps no other dataplane waiting
         self.bgp.supervise(self.workers[self.bgp.name].mark)  # a crashed BIRD is started again at once
+
+    def _eni_agent(self):
+        """The node's ENI part if a CloudNetwork selects it (podnet.eni.agent), else None."""
+        from podnet.eni.agent import EniAgent
+        from podnet.eni.setup import PoolOptions
+
+        options = PoolOptions(instance_id=self.cfg.cloud_instance_id, endpoint=self.cfg.cloud_endpoint)
+        return EniAgent.for_node(self.objects, self.cfg.node, self._open_kv, options)
 
     def _open_kv(self) -> KeyValueStore:
         return open_store(self.cfg.store_url, create=False, credentials=self.cfg.store_credentials)
@@ -223,7 +240,7 @@ class Agent:
         handler = self.server.handler if self.server is not None else None
         for closer in (self.server and self.server.stop, handler and handler.close,
                        self.cni_kv and self.cni_kv.close, self.dns and self.dns.stop_thread,
-                       self.metrics_server and self.metrics_server.shutdown,
+                       self.metrics_server and self.metrics_server.shutdown, self.eni and self.eni.stop,
                        *(dp.close for dp in self.dataplanes), self.pods.close, self.kv.close):
             if closer:
                 try:
@@ -282,7 +299,9 @@ class Agent:
         from podnet.cni.server import CNIServer
 
         self.cni_kv = self._open_kv()
-        handler = CNIHandler(self.cni_kv, self.cfg.node, self.pods, ready=self.ready)
+        pods = self.eni.pod_dataplane(self.pods) if self.eni is not None else self.pods
+        ipam = self.eni.ipam_factory if self.eni is not None else None  # else podnet's own IPAM
+        handler = CNIHandler(self.cni_kv, self.cfg.node, pods, ready=self.ready, ipam_factory=ipam)
         self.server = CNIServer(self.cfg.socket, handler)
         self.server.start()
         log.info("serving CNI on %s", self.cfg.socket)

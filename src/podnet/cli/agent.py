@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster-domain", default=None,
                    help="default: the cluster's, from the store, else cluster.local")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--instance-id", default=None,
+                   help="ENI pools: this node's cloud instance (default: from the Node's spec.providerID)")
+    p.add_argument("--cloud-endpoint", default=None, metavar="URL",
+                   help="ENI pools: the EC2 API endpoint (default: the CloudNetwork's, else AWS's)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_agent)
 
@@ -76,5 +80,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       dns_address=args.dns_address or None, cluster_dns_ips=tuple(args.cluster_dns_ip),
                       dns_server=args.dns_server,
                       dns_upstreams=[_dns_upstream(u) for u in args.dns_upstream],
-                      cluster_domain=cluster_domain, metrics_port=args.metrics_port)
+                      cluster_domain=cluster_domain, metrics_port=args.metrics_port,
+                      cloud_instance_id=args.instance_id, cloud_endpoint=args.cloud_endpoint)
     return run_agent(cfg)

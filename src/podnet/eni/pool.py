@@ -59,6 +59,7 @@ class PoolConfig:
     instance_id: str
     limits: InstanceLimits
     subnets: list[str]  # the CloudNetwork's subnets in the node's zone
+    subnet_cidrs: dict[str, str] = field(default_factory=dict)  # subnet ID -> CIDR (routing, gateways)
     security_groups: list[str] = field(default_factory=list)
     min_idle: int = 2
     max_idle: int = 10

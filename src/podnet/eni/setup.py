@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from podnet.eni.cloud import CloudClient
+from podnet.eni.cloud import CloudClient, Subnet
 from podnet.eni.errors import CONFIG_CODES, CloudError, SetupError
 from podnet.eni.pool import EniPool, PoolConfig
 from podnet.eni.ratelimit import RateLimiter
@@ -80,14 +80,14 @@ def build_pool(network: CloudNetwork, node: Node, kv_factory: Callable[[], KeyVa
     inst = ask(f"the instance {instance_id} of Node/{node.name}", lambda: cloud.describe_instance(instance_id))
     limits = ask(f"instance type {inst.instance_type} of Node/{node.name}",
                  lambda: cloud.instance_limits(inst.instance_type))
-    _check_ids(network, cloud)
+    subnets = _check_ids(network, cloud)
     zone_subnets = [s.id for s in spec.subnets if s.zone == inst.zone]
     if not zone_subnets:
         raise SetupError(f"{network.ref}: field spec.subnets: no subnet in zone {inst.zone} of Node/{node.name} "
                          f"(instance {instance_id}); add one")
     cfg = PoolConfig(
         node=node.name, network=network.name, mode=spec.mode, instance_id=instance_id, limits=limits,
-        subnets=zone_subnets, security_groups=list(spec.security_groups), min_idle=spec.warm_pool.min_idle,
+        subnets=zone_subnets, subnet_cidrs={s.id: s.cidr for s in subnets.values()}, security_groups=list(spec.security_groups), min_idle=spec.warm_pool.min_idle,
         max_idle=spec.warm_pool.max_idle, batch=spec.batch_size, window=spec.batch_window_milliseconds / 1000.0,
         cooldown=spec.cooldown_seconds, leak_grace=spec.leak_grace_seconds, wait=opts.wait,
         subnet_skip=opts.subnet_skip, shrink_interval=opts.shrink_interval, check_interval=opts.check_interval,
@@ -99,7 +99,7 @@ def build_pool(network: CloudNetwork, node: Node, kv_factory: Callable[[], KeyVa
     return pool.start()
 
 
-def _check_ids(network: CloudNetwork, cloud: CloudClient) -> None:
+def _check_ids(network: CloudNetwork, cloud: CloudClient) -> dict[str, Subnet]:
     """Every subnet and security group the CloudNetwork names exists; else the field at fault."""
     spec = network.spec
     try:
@@ -122,7 +122,7 @@ def _check_ids(network: CloudNetwork, cloud: CloudClient) -> None:
             raise SetupError(f"{network.ref}: field spec.subnets[{i}].zone: subnet {s.id} is in {got.zone}, "
                              f"not {s.zone}")
     if not spec.security_groups:
-        return
+        return found
     try:
         cloud.describe_security_groups(spec.security_groups)
     except CloudError as e:
@@ -134,3 +134,4 @@ def _check_ids(network: CloudNetwork, cloud: CloudClient) -> None:
             except CloudError as e2:
                 raise SetupError(f"{network.ref}: field spec.securityGroups[{i}]: security group {g} does not "
                                  f"exist ({e2})") from None
+    return found

@@ -1,0 +1,229 @@
+"""The agent's ENI part: pod addresses from the cloud on a node a CloudNetwork selects.
+
+    EniAgent.for_node()  the node's CloudNetwork (none: the node keeps podnet's own IPAM)
+    start()              builds the pool on a thread of its own, again and again while the
+                         cloud refuses (a missing subnet, refused credentials, an endpoint
+                         that is down: logged naming the object, field or call and its
+                         code); the node's existing pods keep working meanwhile, and an
+                         ADD answers "try again later" with that reason
+    ipam_factory         the CNI handler's IPAM (eni/ipam.py) once the pool runs
+    pod_dataplane()      the pod dataplane: shared mode adds the pod's rule to its ENI's
+                         table after the veth; exclusive mode moves the ENI into the pod
+    dataplane            the agent contract's dataplane: ENI links, tables and pod rules
+                         reconciled with the pool on every resync (drift heals)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from podnet.agent.contract import Dataplane
+from podnet.cni.attachments import attachment_key
+from podnet.eni import records as rec
+from podnet.eni.errors import PoolUnavailable, SetupError
+from podnet.eni.ipam import EniIPAM
+from podnet.eni.pool import EniPool
+from podnet.eni.setup import PoolOptions, build_pool, select
+from podnet.ipam.allocator import Allocation
+from podnet.model.objects import CloudNetwork, Node
+from podnet.store.base import KeyValueStore
+from podnet.store.objects import ObjectStore
+
+log = logging.getLogger("podnet.eni")
+
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+
+
+def attachment_exists(node: str) -> Callable[[KeyValueStore, str], bool]:
+    return lambda kv, handle: kv.get(attachment_key(node, handle)) is not None
+
+
+class EniAgent:
+    def __init__(self, node: Node, network: CloudNetwork, kv_factory: Callable[[], KeyValueStore],
+                 options: PoolOptions | None = None):
+        self.node = node
+        self.network = network
+        self.kv_factory = kv_factory
+        self.options = options or PoolOptions()
+        self.pool: EniPool | None = None
+        self.problem: str | None = f"the ENI pool of node {node.name} ({network.ref}) is starting"
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self.tried = threading.Event()  # set once the first attempt to start ended, either way
+        self._thread: threading.Thread | None = None
+        self.routing: Any = None
+        self.dataplane = EniDataplane(self)
+
+    @classmethod
+    def for_node(cls, objects: ObjectStore, node_name: str, kv_factory: Callable[[], KeyValueStore],
+                 options: PoolOptions | None = None) -> EniAgent | None:
+        node = objects.get(Node, node_name)
+        if node is None:
+            return None
+        network = select(objects.list(CloudNetwork), node)
+        if network is None:
+            return None
+        log.info("node %s: pod addresses from %s (%s mode, %s)", node_name, network.ref, network.spec.mode,
+                 network.spec.region)
+        return cls(node, network, kv_factory, options)
+
+    @property
+    def mode(self) -> str:
+        return self.network.spec.mode
+
+    def start(self) -> EniAgent:
+        self._thread = threading.Thread(target=self._start_loop, name="eni-start", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_started(self, timeout: float) -> bool:
+        return self._started.wait(timeout)
+
+    def _start_loop(self) -> None:
+        delay = RETRY_FIRST
+        while not self._stop.is_set():
+            try:
+                pool = build_pool(self.network, self.node, self.kv_factory, self.options,
+                                  attachment_exists(self.node.name))
+            except SetupError as e:
+                self.problem = f"the ENI pool of node {self.node.name} cannot start: {e}"
+                self.tried.set()
+                log.error("%s (trying again in %.0f s)", self.problem, delay)
+                if self._stop.wait(delay):
+                    return
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            except Exception as e:  # never let the agent's other work stop for it
+                self.problem = f"the ENI pool of node {self.node.name} cannot start: {type(e).__name__}: {e}"
+                self.tried.set()
+                log.exception("%s", self.problem)
+                if self._stop.wait(delay):
+                    return
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            if self._stop.is_set():
+                pool.stop()
+                return
+            self.pool = pool
+            self.problem = None
+            self._started.set()
+            self.tried.set()
+            log.info("node %s: ENI pool ready: %s, %s", self.node.name, pool.cfg.limits.describe(), pool.counts())
+            self.dataplane.mark()
+            return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self.pool is not None:
+            self.pool.stop()
+        if self.routing is not None:
+            self.routing.close()
+
+    # ------------------------------------------------------------ CNI
+
+    def ipam_factory(self, kv: KeyValueStore) -> AgentIPAM:
+        return AgentIPAM(kv, self)
+
+    def pod_dataplane(self, pods: Any) -> Any:
+        from podnet.eni.pods import EniPods, ExclusivePods
+
+        if self.mode == "exclusive":
+            return ExclusivePods(self, pods)
+        return EniPods(self, pods)
+
+
+class AgentIPAM:
+    """EniIPAM once the pool runs; before that, "try again later" with the reason (and DEL,
+    CHECK and lookups answered from the store records alone)."""
+
+    def __init__(self, kv: KeyValueStore, agent: EniAgent):
+        self.kv = kv
+        self.agent = agent
+
+    def _ipam(self) -> EniIPAM | None:
+        pool = self.agent.pool
+        return EniIPAM(self.kv, pool) if pool is not None else None
+
+    def allocate(self, handle: str, node: str, **kw: Any) -> Allocation:
+        ipam = self._ipam()
+        if ipam is None:
+            raise PoolUnavailable(f"{self.agent.problem}; try again later")
+        return ipam.allocate(handle, node, **kw)
+
+    def release(self, handle: str) -> None:
+        ipam = self._ipam()
+        if ipam is not None:
+            ipam.release(handle)
+            self.agent.dataplane.mark()  # the pod's rule goes
+            return
+        node = self.agent.node.name
+        address = rec.get_handle(self.kv, node, handle)
+        if address is not None:  # the pool adopts the cooling record when it starts
+            r = rec.get_address(self.kv, node, address)
+            self.kv.txn(rec.release_ops(node, handle, address, r.eni if r else None,
+                                        self.agent.network.spec.cooldown_seconds))
+
+    def lookup(self, handle: str) -> Allocation | None:
+        node = self.agent.node.name
+        address = rec.get_handle(self.kv, node, handle)
+        if address is None:
+            return None
+        r = rec.get_address(self.kv, node, address)
+        return Allocation(address, 32, self.agent.network.name, (r.eni if r else "") or "", handle)
+
+    def capacity_problem(self, node: str) -> str | None:
+        pool = self.agent.pool
+        if pool is None:
+            return self.agent.problem
+        return pool.capacity_problem()
+
+
+class EniDataplane(Dataplane):
+    """ENI links, tables and pod rules (shared mode), reconciled with the pool."""
+
+    name = "eni"
+    kinds = frozenset()
+
+    def __init__(self, agent: EniAgent):
+        self.agent = agent
+        self._mark: Callable[[], None] | None = None
+
+    def on_mark(self, mark: Callable[[], None]) -> None:
+        self._mark = mark
+
+    def mark(self) -> None:
+        if self._mark is not None:
+            self._mark()
+
+    def sync(self, full: bool) -> str:
+        pool = self.agent.pool
+        if pool is None or self.agent.mode != "shared":
+            return ""
+        from podnet.eni.pods import desired_routing
+
+        routing = self.agent.routing
+        if routing is None:
+            from podnet.eni.routing import EniRouting
+
+            routing = self.agent.routing = EniRouting()
+        enis, rules = desired_routing(pool)
+        return "; ".join(c for c in routing.sync(enis, rules) if not c.startswith("waiting"))
+
+    def verify(self) -> list[str]:
+        pool, routing = self.agent.pool, self.agent.routing
+        if pool is None or routing is None or self.agent.mode != "shared":
+            return []
+        from podnet.eni.pods import desired_routing
+
+        _, rules = desired_routing(pool)
+        have = routing.pod_rules()
+        return [f"rule from {a} lookup {t} is missing" for a, t in rules.items() if have.get(a) != t]
+
+    def close(self) -> None:
+        pass
