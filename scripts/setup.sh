@@ -17,6 +17,11 @@ APT_PACKAGES=(
   gcc libc6-dev                                # the CNI plugin, linked statically (libc.a)
 )
 
+# kubectl: a real client the fake API server of the tests is proven with (tests/kube).
+# Debian's kubernetes-client, unless a kubectl is installed already (its package owns
+# /usr/bin/kubectl too).
+command -v kubectl >/dev/null 2>&1 || APT_PACKAGES+=(kubernetes-client)
+
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
