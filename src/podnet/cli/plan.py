@@ -58,6 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a wanted nf_conntrack_max per node; reports the per-core value that gives it")
     add_output_flag(p, json_flag=True)
     p.add_argument("--strict", action="store_true", help=f"exit {EXIT_WARNINGS} when there are warnings")
+    cloud = p.add_argument_group("cloud ENI pools (--cloud aws: only --nodes, --max-pods-per-node and --growth of the "
+                                 "above apply)")
+    cloud.add_argument("--cloud", choices=("aws",), help="plan ENI pools: max pods, pinned addresses, subnet sizes")
+    cloud.add_argument("--instance-type", metavar="TYPE", default="m5.large", help="default m5.large")
+    cloud.add_argument("--enis", metavar="N", help="ENIs per instance (a type podnet has no table entry for)")
+    cloud.add_argument("--ips-per-eni", metavar="N", help="IPv4 addresses per ENI (with --enis)")
+    cloud.add_argument("--mode", default="shared", metavar="shared|exclusive", help="default shared")
+    cloud.add_argument("--min-idle", metavar="N", default="2", help="warm pool low watermark (default 2)")
+    cloud.add_argument("--max-idle", metavar="N", default="10", help="warm pool high watermark (default 10)")
+    cloud.add_argument("--zones", metavar="Z", default="3", help="zones the nodes spread over (default 3)")
     p.set_defaults(func=cmd_plan)
 
 
@@ -111,6 +121,8 @@ def input_from_args(args: argparse.Namespace) -> PlanInput:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.cloud:
+        return cmd_plan_cloud(args)
     result = plan(input_from_args(args))
     if is_table(args.output):
         print(render(result, wide=args.output == "wide"))
@@ -119,6 +131,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.strict and result.warnings:
         return EXIT_WARNINGS
     return 0
+
+
+def cmd_plan_cloud(args: argparse.Namespace) -> int:
+    from podnet.eni.plan import CloudPlanInput, plan_cloud
+    from podnet.eni.plan import render as render_cloud
+
+    result = plan_cloud(CloudPlanInput(
+        nodes=_int(args.nodes, "--nodes", required=True), instance_type=args.instance_type.strip(),
+        enis=_int(args.enis, "--enis"), ips_per_eni=_int(args.ips_per_eni, "--ips-per-eni"),
+        mode=args.mode.strip().lower(), max_pods_per_node=_int(args.max_pods_per_node, "--max-pods-per-node"),
+        min_idle=_int(args.min_idle, "--min-idle"), max_idle=_int(args.max_idle, "--max-idle"),
+        zones=_int(args.zones, "--zones"), growth_percent=_percent(args.growth)))
+    if is_table(args.output):
+        print(render_cloud(result))
+    else:
+        emit(result.to_dict(), args.output)
+    return EXIT_WARNINGS if args.strict and result.warnings else 0
 
 
 # ---------------------------------------------------------------- table output
