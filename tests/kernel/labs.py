@@ -24,6 +24,7 @@ def running_lab(spec: dict, prefix: str, timeout: float = 90) -> Iterator[Lab]:
     """Bring up a lab from the `spec` of a Lab file; take it down afterwards and check
     that no namespace or /etc/netns entry of it is left."""
     root = Path(tempfile.mkdtemp(prefix=f"pn{prefix}-"))
+    root.chmod(0o755)  # as lab_root(): BIRD's user reaches a BGP node's directory
     name = f"{prefix}-{secrets.token_hex(3)}"
     doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name}, "spec": spec}
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from podnet.bgp.bird import Bird
 from podnet.bgp.control import wait_answers
 from podnet.bgp.render import address, prefix, quoted
 from podnet.errors import PodnetError
+from podnet.lab.spec import LabSpec
 from podnet.lab.state import LabState
 
 ROUTER_PREFIX = "bgp-router-"
@@ -45,7 +47,8 @@ def stop_node_birds(st: LabState) -> list[str]:
 
 
 def router_config(router_id: str, asn: int, subnets: list[str], upstreams: list[Upstream] = (),
-                  log_file: str | None = None) -> str:
+                  log_file: str | None = None, uplink: str | None = None) -> str:
+    """`uplink`: the router's own address towards its upstreams (default: router_id)."""
     lines = [f"router id {address(router_id)};", "timeformat protocol iso long;"]
     if log_file:
         lines.append(f"log {quoted(log_file)} {{ info, remote, warning, error, auth, fatal, bug }};")
@@ -57,7 +60,7 @@ def router_config(router_id: str, asn: int, subnets: list[str], upstreams: list[
         "  merge paths on;",
         "}",
         "template bgp podnet_lab_router {",
-        f"  local {address(router_id)} as {int(asn)};",
+        f"  local as {int(asn)};",
         "  graceful restart on;",
         "  connect delay time 1;",
         "  connect retry time 2;",
@@ -67,6 +70,7 @@ def router_config(router_id: str, asn: int, subnets: list[str], upstreams: list[
     for i, subnet in enumerate(subnets):
         lines += [
             f"protocol bgp nodes_{i} from podnet_lab_router {{",
+            f"  local {address(router_id)} as {int(asn)};",
             f"  neighbor range {prefix(subnet)} external;",
             "  dynamic name \"node_\";",
             # Nodes need nothing from the router: their default route goes through it.
@@ -76,6 +80,7 @@ def router_config(router_id: str, asn: int, subnets: list[str], upstreams: list[
     for up in upstreams:
         lines += [
             f"protocol bgp up_{address(up.address).replace('.', '_')} from podnet_lab_router {{",
+            f"  local {address(uplink or router_id)} as {int(asn)};",
             f"  neighbor {address(up.address)} as {int(up.asn)};",
             "  ipv4 { import all; export filter { if source = RTS_BGP || source = RTS_DEVICE then accept; reject; }; "
             "next hop self; };",
@@ -85,12 +90,12 @@ def router_config(router_id: str, asn: int, subnets: list[str], upstreams: list[
 
 
 def start_router(st: LabState, name: str, netns: str, router_id: str, asn: int, subnets: list[str],
-                 upstreams: list[Upstream] = (), timeout: float = 30.0) -> dict:
+                 upstreams: list[Upstream] = (), timeout: float = 30.0, uplink: str | None = None) -> dict:
     """BIRD as a lab router in `netns`; returns its process record (stopped by `lab down`)."""
     run = st.dir / f"{ROUTER_PREFIX}{name}"
     run.mkdir(exist_ok=True)
     conf, ctl = run / "bird.conf", run / "bird.ctl"
-    conf.write_text(router_config(router_id, asn, subnets, list(upstreams)))
+    conf.write_text(router_config(router_id, asn, subnets, list(upstreams), uplink=uplink))
     bird = shutil.which("bird") or "/usr/sbin/bird"
     entry = st.start_process(f"{ROUTER_PREFIX}{name}", [bird, "-f", "-c", str(conf), "-s", str(ctl)], netns=netns,
                              role="router", control=str(ctl), router=name, asn=asn, address=router_id)
@@ -98,6 +103,22 @@ def start_router(st: LabState, name: str, netns: str, router_id: str, asn: int, 
         raise PodnetError(f"lab router {name} (BIRD in {netns}) does not answer on {ctl}; log {entry['log']}:\n"
                           + Path(entry["log"]).read_text(errors="replace")[-2000:])
     return entry
+
+
+def start_lab_routers(st: LabState, spec: LabSpec, underlay_netns: str, say: Callable[[str], None]) -> None:
+    """The external router on the gateway (peers: every BGP speaker on the underlay, ToRs or
+    nodes) and a ToR per rack (peers: its rack's nodes, and the external router)."""
+    if spec.router is None:
+        return
+    asn = spec.router.as_number
+    start_router(st, "external", underlay_netns, spec.gateway, asn, [str(spec.underlay)])
+    say(f"router external: BIRD in {underlay_netns} on {spec.gateway}, AS {asn}")
+    for rack in spec.racks:
+        tor = next(r for r in st.data.get("racks", []) if r["name"] == rack.name)
+        start_router(st, rack.name, tor["netns"], tor["gateway"], rack.as_number, [rack.cidr],
+                     [Upstream(spec.gateway, asn)], uplink=tor["uplink"])
+        say(f"router {rack.name} (ToR): BIRD in {tor['netns']} on {tor['gateway']} and {tor['uplink']}, "
+            f"AS {rack.as_number}")
 
 
 def routers(st: LabState) -> list[dict]:

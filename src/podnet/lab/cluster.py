@@ -30,6 +30,7 @@ from typing import Any
 from podnet.cluster import ensure_cluster_config
 from podnet.dns import resolvconf
 from podnet.errors import PodnetError
+from podnet.lab import bgp as lab_bgp
 from podnet.lab import topology
 from podnet.lab.endpoints import MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL
 from podnet.lab.runtime import (
@@ -150,6 +151,17 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
     st.record_netns(ul)
     topology.create_netns(ul)
     topology.build_underlay(ul, str(spec.underlay), spec.gateway, spec.external.address if spec.external else None)
+    segments = {None: ul}  # rack (None: the underlay) -> the namespace of the bridge its nodes hang on
+    for i, rack in enumerate(spec.racks, start=1):
+        tor = st.netns_name(f"t{i}")
+        st.record_netns(tor)
+        topology.create_netns(tor)
+        gw = topology.build_rack(ul, tor, i, spec.tor_address(rack.name), str(spec.underlay), spec.gateway, rack.cidr)
+        st.data.setdefault("racks", []).append({"name": rack.name, "netns": tor, "cidr": rack.cidr, "gateway": gw,
+                                                "uplink": spec.tor_address(rack.name)})
+        segments[rack.name] = tor
+        say(f"rack {rack.name}: {rack.cidr} behind its ToR in netns {tor} ({spec.tor_address(rack.name)} on the "
+            "underlay)")
     for n in spec.nodes:
         ns = st.netns_name(str(n.index))
         sock = st.dir / f"{n.name}.sock"
@@ -157,15 +169,17 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
             raise PodnetError(f"agent socket path {sock} is too long for a unix socket: use a shorter "
                               "PODNET_LAB_ROOT or lab name")
         st.data["nodes"].append({"name": n.name, "index": n.index, "netns": ns, "address": n.address,
-                                 "service_proxy": n.service_proxy,
+                                 "service_proxy": n.service_proxy, "rack": n.rack,
                                  "socket": str(sock), "log": str(st.dir / f"{n.name}.log"),
                                  "conflist": str(st.dir / f"{n.name}.conflist")})
         st.record_netns(ns)
         topology.create_netns(ns)
-        topology.attach_node(ul, ns, n.index, n.address, str(spec.underlay), spec.gateway)
+        cidr, gateway = spec.segment(n)
+        topology.attach_node(segments[n.rack], ns, n.index, n.address, cidr, gateway)
         say(f"node {n.name}: {n.address} in netns {ns}")
     if spec.external is not None and spec.external.dns is not None:
         _start_external_dns(st, spec, ul, timeout, say)
+    lab_bgp.start_lab_routers(st, spec, ul, say)  # the routers BGP nodes peer with
 
     # The API server's part: every object, Pods still Pending.
     store = ObjectStore(open_lab_store(st, url, create=True))
@@ -668,6 +682,9 @@ def down(st: LabState, *, say: Say = _quiet) -> None:
         for p in procs:
             if st.stop_process(p):
                 say(f"stopped {p['key']} (pid {p.get('pid')})")
+        # The BIRDs the agents started (an agent leaves its BIRD running when it stops).
+        for node in lab_bgp.stop_node_birds(st):
+            say(f"stopped BIRD of node {node}")
         # Namespaces, newest first: pods, nodes, underlay (their links go with them).
         for ns in reversed(data.get("netns", [])):
             if topology.delete_netns(ns):

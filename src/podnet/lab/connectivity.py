@@ -5,12 +5,17 @@ pod's namespace and connects to each destination's served port; the server
 answers with its name, so a row shows who really answered. Pod-to-pod paths are
 `same-node` or `cross-node/<vxlan|direct>` (the destination pool's encapsulation);
 pod-to-external is expected to work only from pools with natOutgoing (the
-external host has no route back to pod addresses).
+external host has no route back to pod addresses), or, in a lab with routers
+(`spec.router`), from pods of a BGP node in a pool without disableBGPExport: the
+router learnt their block. `cross-node/bgp` is a path between two BGP nodes in a
+pool without encapsulation (BIRD's routes).
 
 Then what the nodes send (sources `node/<name>`, and `external` for the external
 host):
-- `node->pod/<vxlan|direct>`: every node to one pod on every other node; the pod
-  must see the node's own address.
+- `node->pod/<vxlan|direct|bgp>`: every node to one pod on every other node; the
+  pod must see the node's own address.
+- `external->pod`: with routers, the external host to every pod by its own address;
+  reached (seeing the external address: no NAT) exactly when the router learnt it.
 - `nodeport/<from-node|same-node|external>`: every NodePort (of NodePort and
   LoadBalancer Services) on every node, from every other node, from the node
   itself and from the external host. A row opens enough connections that every
@@ -40,7 +45,7 @@ from podnet.cli.output import Column, table
 from podnet.errors import PodnetError
 from podnet.lab import cluster
 from podnet.lab.state import LabState
-from podnet.model.objects import EndpointSlice, IPPool, Pod, Service
+from podnet.model.objects import EndpointSlice, IPPool, Node, Pod, Service
 from podnet.store.objects import ObjectStore
 
 
@@ -197,7 +202,27 @@ def path_kind(lab: Lab, src: dict, dst: Target, pools: list[IPPool]) -> str:
     pool = pool_of(dst.ip, pools)
     if pool is None:
         return "cross-node"
-    return "cross-node/vxlan" if pool.spec.encapsulation == "VXLAN" else "cross-node/direct"
+    if pool.spec.encapsulation == "VXLAN":
+        return "cross-node/vxlan"
+    bgp = bgp_nodes(lab)
+    return "cross-node/bgp" if src["node"] in bgp and dst.node in bgp else "cross-node/direct"
+
+
+def bgp_nodes(lab: Lab) -> set[str]:
+    """The lab's nodes that run BGP (their Node has spec.bgp)."""
+    try:
+        return {n.name for n in lab.store().list(Node) if n.spec.bgp is not None}
+    except Exception:  # a store that cannot be read only loses the path detail
+        return set()
+
+
+def routed_outside(lab: Lab, node: str | None, pool: IPPool | None, bgp: set[str] | None = None) -> bool:
+    """Whether the lab's routers learn a pod's block: a BGP node, a pool it may announce."""
+    from podnet.lab.bgp import routers
+
+    if pool is None or node is None or pool.spec.disable_bgp_export or not routers(lab.state):
+        return False
+    return node in (bgp_nodes(lab) if bgp is None else bgp)
 
 
 def default_expect(lab: Lab, src: dict, dst: Target, kind: str, pools: list[IPPool]) -> bool:
@@ -205,7 +230,7 @@ def default_expect(lab: Lab, src: dict, dst: Target, kind: str, pools: list[IPPo
         if src.get("hostNetwork"):
             return True  # the node's own address: the outside world can answer it
         pool = pool_of(src["ips"][0], pools) if src.get("ips") else None
-        return bool(pool and pool.spec.nat_outgoing)
+        return bool(pool and (pool.spec.nat_outgoing or routed_outside(lab, src["node"], pool)))
     return True
 
 
@@ -322,6 +347,8 @@ def _node_checks(lab: Lab, node: dict, pools: list[IPPool], allowed: Allowed) ->
         pool = pool_of(t.ip, pools)
         mode = "direct" if lab.state.data.get("cni") == "bridge" or (pool and pool.spec.encapsulation != "VXLAN") \
             else "vxlan"
+        if mode == "direct" and {node["name"], t.node} <= bgp_nodes(lab):
+            mode = "bgp"
         reach = allowed(node["address"], t.ip, t.proto, t.port)
         checks.append(_Check(t.ref, f"node->pod/{mode}", f"{t.proto}:{t.ip}:{t.port}", 1,
                              frozenset({t.name}) if reach else frozenset(), False, node["address"]))
@@ -349,6 +376,23 @@ def _node_port_checks(lab: Lab, client: str, client_ip: str, ports: list[NodePor
             checks.append(_Check(np.service, f"nodeport/{kind}", f"{np.proto}:{receiver}:{np.port}",
                                  max(1, TRIES_PER_ENDPOINT * len(eps)), frozenset(e.pod for e in ok),
                                  len(ok) < len(eps), client_ip if np.local else receiver))
+    return checks
+
+
+def _external_pod_checks(lab: Lab, ext: str, pools: list[IPPool], allowed: Allowed) -> list[_Check]:
+    """With routers (BGP): the external host to every pod by its own address, no NAT."""
+    from podnet.lab.bgp import routers
+
+    if not routers(lab.state):
+        return []
+    bgp = bgp_nodes(lab)
+    checks = []
+    for t in targets(lab):
+        if t.ref == "external" or t.node is None or t.ip == lab.node(t.node)["address"]:
+            continue
+        reach = routed_outside(lab, t.node, pool_of(t.ip, pools), bgp) and allowed(ext, t.ip, t.proto, t.port)
+        checks.append(_Check(t.ref, "external->pod", f"{t.proto}:{t.ip}:{t.port}", 1,
+                             frozenset({t.name}) if reach else frozenset(), False, ext))
     return checks
 
 
@@ -394,6 +438,9 @@ def probe_nodes(lab: Lab, *, timeout: float = 2.0, include_external: bool = True
     if include_external and (ext := lab.external_ip) and lab.state.data.get("underlay_netns") and ports:
         clients.append(("external", lambda t: lab.probe_external(t, timeout),
                         _node_port_checks(lab, "external", ext, ports, allowed)))
+    if include_external and (ext := lab.external_ip) and lab.state.data.get("underlay_netns"):
+        if checks := _external_pod_checks(lab, ext, pools, allowed):
+            clients.append(("external", lambda t: lab.probe_external(t, timeout), checks))
 
     def run(client: tuple[str, Callable[[list[str]], list[dict]], list[_Check]]) -> list[Row]:
         src, probe, checks = client

@@ -15,6 +15,13 @@
                                            # (`podnet dns serve`, survives the agent) | inprocess
       nodes:
         - {name: node-1, labels: {zone: a}}     # serviceProxy: nftables (default) | iptables
+        # BGP: `bgp: {}` (or true) gives the Node spec.bgp (asNumber, routeReflectorClusterID):
+        # its agent runs BIRD; `rack: NAME` puts the node on that rack's segment
+      router: {asNumber: 65000}            # optional; BIRD on the gateway (the external host's
+                                           # side) peering with every BGP speaker on the underlay
+      racks:                               # optional; needs router: a ToR (BIRD) per rack on the
+        - {name: rack-a, cidr: 10.99.1.0/24, asNumber: 65001}   # underlay at .2, .3, ...,
+                                           # gateway .1 of its rack's subnet, nodes .11, .12, ...
       cni: {plugin: podnet, chain: [portmap, tuning]}
       pods:
         - {name: web-1, namespace: default, node: node-1, labels: {app: web},
@@ -40,6 +47,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from podnet.errors import ValidationError
 from podnet.model.base import Schema
+from podnet.model.bgp import NodeBGPSpec, check_as_number
 from podnet.model.manifests import ManifestErrors, Source, explain, field_path, parse_object, read_text
 from podnet.model.objects import (
     DNS1123_LABEL,
@@ -52,6 +60,7 @@ from podnet.model.objects import (
     Namespace,
     Node,
     NodeAddress,
+    NodeSpec,
     NodeStatus,
     ObjectMeta,
     Pod,
@@ -202,6 +211,14 @@ class LabNode(Schema):
     labels: dict[str, str] = Field(default_factory=dict)
     # the agent's Service dataplane: podnet's nftables maps, or kube-proxy's iptables layout
     service_proxy: Literal["nftables", "iptables"] = "nftables"
+    # BGP: the Node's spec.bgp (the agent runs BIRD); `true` for an empty one
+    bgp: NodeBGPSpec | None = None
+    rack: str | None = None  # the rack (spec.racks) whose segment the node is on
+
+    @field_validator("bgp", mode="before")
+    @classmethod
+    def _bgp(cls, v: Any) -> Any:
+        return {} if v is True else None if v is False else v
 
     @field_validator("name")
     @classmethod
@@ -214,6 +231,42 @@ class LabNode(Schema):
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
         return check_labels(v)
+
+
+class LabRack(Schema):
+    """A rack: its own subnet behind a ToR router (BIRD, in AS asNumber) on the underlay."""
+
+    name: str
+    cidr: str
+    as_number: int
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v) > 63 or not DNS1123_LABEL.fullmatch(v):
+            raise ValueError(f"invalid rack name {v!r}: expected a DNS label (lowercase, digits, '-', at most 63)")
+        return v
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        return UnderlaySpec._cidr(v)
+
+    @field_validator("as_number", mode="before")
+    @classmethod
+    def _as(cls, v: Any) -> int:
+        return check_as_number(v)
+
+
+class LabRouter(Schema):
+    """The external router: BIRD in the underlay's namespace, on the gateway address."""
+
+    as_number: int = 65000
+
+    @field_validator("as_number", mode="before")
+    @classmethod
+    def _as(cls, v: Any) -> int:
+        return check_as_number(v)
 
 
 class CniSpec(Schema):
@@ -301,6 +354,8 @@ class LabSpecBody(Schema):
     # down), or the agent itself (podnet agent --dns-server)
     dns_server: Literal["separate", "inprocess"] = Field(default="separate", alias="dnsServer")
     nodes: list[LabNode]
+    router: LabRouter | None = None
+    racks: list[LabRack] = Field(default_factory=list)
     cni: CniSpec = Field(default_factory=CniSpec)
     pods: list[LabPod] = Field(default_factory=list)
     manifests: list[Any] = Field(default_factory=list)
@@ -367,9 +422,11 @@ class LabNodeInfo:
     labels: dict[str, str]
     address: str  # without prefix length
     service_proxy: str = "nftables"
+    bgp: NodeBGPSpec | None = None
+    rack: str | None = None
 
     def to_node(self, prefixlen: int) -> Node:
-        return Node(metadata=ObjectMeta(name=self.name, labels=self.labels),
+        return Node(metadata=ObjectMeta(name=self.name, labels=self.labels), spec=NodeSpec(bgp=self.bgp),
                     status=NodeStatus(addresses=[NodeAddress(type="InternalIP", address=self.address),
                                                  NodeAddress(type="Hostname", address=self.name)]))
 
@@ -391,6 +448,23 @@ class LabSpec:
     raw: dict[str, Any]
     resync_seconds: float = 60.0
     dns_server: str = "separate"  # or "inprocess" (the agent answers)
+    router: LabRouter | None = None
+    racks: tuple[LabRack, ...] = ()
+
+    def rack(self, name: str) -> LabRack:
+        return next(r for r in self.racks if r.name == name)
+
+    def tor_address(self, rack: str) -> str:
+        """A rack's ToR on the underlay: .2, .3, ... in the order of spec.racks."""
+        i = next(i for i, r in enumerate(self.racks) if r.name == rack)
+        return str(self.underlay.network_address + 2 + i)
+
+    def segment(self, node: LabNodeInfo) -> tuple[str, str]:
+        """(CIDR, gateway) of the segment a node is on: its rack's or the underlay."""
+        if node.rack is None:
+            return str(self.underlay), self.gateway
+        net = ipaddress.ip_network(self.rack(node.rack).cidr)
+        return str(net), str(net.network_address + 1)
 
     @property
     def cluster_dns_ip(self) -> str | None:
@@ -464,14 +538,35 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
         if n.name in seen:
             raise _fail(where, f"spec.nodes[{i}].name", f"node {n.name!r} is listed twice")
         seen.add(n.name)
-    last = underlay.network_address + FIRST_NODE_OFFSET + len(spec.nodes) - 1
-    if last >= underlay.broadcast_address:
-        room = max(0, int(underlay.broadcast_address) - int(underlay.network_address) - FIRST_NODE_OFFSET)
-        raise _fail(where, "spec.nodes", f"{len(spec.nodes)} nodes do not fit underlay {underlay}: "
-                    f"addresses start at .{FIRST_NODE_OFFSET}, room for {room}")
+    # Racks: each a segment of its own behind a ToR on the underlay (.2, .3, ...).
+    racks = {r.name: r for r in spec.racks}
+    if spec.racks and spec.router is None:
+        raise _fail(where, "spec.racks", "racks need spec.router: the external router their ToRs peer with")
+    if len(spec.racks) > FIRST_NODE_OFFSET - 2:
+        raise _fail(where, "spec.racks", f"at most {FIRST_NODE_OFFSET - 2} racks: their ToRs take the underlay's "
+                    f".2 to .{FIRST_NODE_OFFSET - 1}")
+    for i, r in enumerate(spec.racks):
+        if list(racks).index(r.name) != i:
+            raise _fail(where, f"spec.racks[{i}].name", f"rack {r.name!r} is listed twice")
+    segments: dict[str | None, list[int]] = {}
+    for i, n in enumerate(spec.nodes):
+        if n.rack is not None and n.rack not in racks:
+            raise _fail(where, f"spec.nodes[{i}].rack", f"rack {n.rack!r} is not in spec.racks: expected one of "
+                        f"{', '.join(racks) or '(none)'}")
+        segments.setdefault(n.rack, []).append(i)
+    addresses: dict[int, str] = {}
+    for rack, members in segments.items():
+        net = underlay if rack is None else ipaddress.ip_network(racks[rack].cidr)
+        last = net.network_address + FIRST_NODE_OFFSET + len(members) - 1
+        if last >= net.broadcast_address:
+            room = max(0, int(net.broadcast_address) - int(net.network_address) - FIRST_NODE_OFFSET)
+            raise _fail(where, "spec.nodes", f"{len(members)} nodes do not fit {f'rack {rack} ' if rack else ''}"
+                        f"{'underlay ' if rack is None else ''}{net}: addresses start at .{FIRST_NODE_OFFSET}, "
+                        f"room for {room}")
+        for j, i in enumerate(members):
+            addresses[i] = str(net.network_address + FIRST_NODE_OFFSET + j)
     nodes = tuple(
-        LabNodeInfo(i + 1, n.name, dict(n.labels), str(underlay.network_address + FIRST_NODE_OFFSET + i),
-                    n.service_proxy)
+        LabNodeInfo(i + 1, n.name, dict(n.labels), addresses[i], n.service_proxy, bgp=n.bgp, rack=n.rack)
         for i, n in enumerate(spec.nodes)
     )
 
@@ -483,6 +578,12 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
             raise _fail(where, "spec.external.address",
                         f"{ext} overlaps the underlay {underlay}: the external host must be reached through the gateway")
         taken.append(("spec.external.address", ext.network))
+    for i, r in enumerate(spec.racks):
+        rnet = ipaddress.ip_network(r.cidr)
+        for fname, net in taken:
+            if rnet.overlaps(net):
+                raise _fail(where, f"spec.racks[{i}].cidr", f"{rnet} overlaps {fname} ({net})")
+        taken.append((f"spec.racks[{i}].cidr", rnet))
     service_net = ipaddress.ip_network(spec.service_cidr)
     for fname, net in taken:
         if net.overlaps(service_net):
@@ -588,6 +689,7 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
         file=file, name=lab.metadata.name, underlay=underlay, gateway=str(gateway), nodes=nodes,
         external=spec.external, service_cidr=str(service_net), cni=spec.cni, pods=tuple(pods),
         objects=tuple(objects), raw=raw, resync_seconds=spec.resync_seconds, dns_server=spec.dns_server,
+        router=spec.router, racks=tuple(spec.racks),
     )
 
 

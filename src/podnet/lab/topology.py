@@ -5,6 +5,11 @@
       ext0 <external>/<len>  (dummy)                 default via <gateway>
                                                      ip_forward=1
 
+With racks, a ToR namespace per rack (pnl-<id>-t<r>) sits between its nodes and the
+underlay: its uplink `up0` holds an underlay address (.2, .3, ...) on br0 of the
+underlay, its own bridge `br0` the rack's gateway; the nodes of the rack hang on that
+bridge as they would on the underlay's, and the ToR routes (BIRD: lab/bgp.py).
+
 Nothing is created in the root namespace: each veth is made inside the node's
 namespace with its peer placed directly in the underlay's, so every link goes
 away with the namespaces. The external address lives on a dummy in the underlay
@@ -126,6 +131,33 @@ def attach_node(underlay_netns: str, node_netns: str, index: int, address: str, 
         p = ns.link_lookup(ifname=peer)[0]
         ns.link("set", index=p, master=br, state="up")
     sysctl(node_netns, "net.ipv4.ip_forward", "1")
+
+
+def build_rack(underlay_netns: str, tor_netns: str, index: int, uplink: str, underlay_cidr: str,
+               underlay_gateway: str, rack_cidr: str) -> str:
+    """A rack's ToR: uplink `up0` <-> t<index> on the underlay's bridge, a bridge `br0` with
+    the rack's gateway (.1), default via the underlay's gateway, forwarding. Returns the
+    rack's gateway address."""
+    ul_net, rack_net = ipaddress.ip_network(underlay_cidr), ipaddress.ip_network(rack_cidr)
+    gateway = str(rack_net.network_address + 1)
+    peer = f"t{index}"
+    with NetNS(tor_netns) as ns:
+        ns.link("add", ifname="up0", kind="veth", peer={"ifname": peer, "net_ns_fd": underlay_netns})
+        up = ns.link_lookup(ifname="up0")[0]
+        ns.addr("add", index=up, address=uplink, prefixlen=ul_net.prefixlen)
+        ns.link("set", index=up, state="up")
+        ns.link("add", ifname=BRIDGE, kind="bridge")
+        br = ns.link_lookup(ifname=BRIDGE)[0]
+        ns.addr("add", index=br, address=gateway, prefixlen=rack_net.prefixlen)
+        ns.link("set", index=br, state="up")
+        ns.route("add", dst="0.0.0.0/0", gateway=underlay_gateway)
+    with NetNS(underlay_netns) as ns:
+        br = ns.link_lookup(ifname=BRIDGE)[0]
+        p = ns.link_lookup(ifname=peer)[0]
+        ns.link("set", index=p, master=br, state="up")
+    sysctl(tor_netns, "net.ipv4.ip_forward", "1")
+    sysctl(underlay_netns, "net.ipv4.ip_forward", "1")  # the external router, between racks
+    return gateway
 
 
 def add_route(netns: str, dst: str, gateway: str) -> None:
