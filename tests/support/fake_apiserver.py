@@ -1252,6 +1252,7 @@ class _Handler(BaseHTTPRequestHandler):
             expire = fake.faults.expire_watches > 0
             if expire:
                 fake.faults.expire_watches -= 1
+                fake.changed.notify_all()  # for tests waiting on the fault to be used up
             if rv_param in ("", "0"):
                 cursor = fake.rv
                 initial = [o for o in fake.list_at(rt, ns or None, cursor) if matches(o)]
