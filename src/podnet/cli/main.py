@@ -20,7 +20,7 @@ from podnet.errors import PodnetError
 from podnet.store import credentials
 
 # Modules under podnet.cli that add subcommands.
-COMMAND_MODULES = ("objects", "ipam", "plan", "agent", "dns", "node", "bgp", "lab", "policy", "externaldns", "version")
+COMMAND_MODULES = ("objects", "ipam", "plan", "agent", "dns", "node", "bgp", "lab", "policy", "externaldns", "kube", "version")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from podnet.kube.client import ApiError, Gone, KubeClient, Resource, StreamCut, Unreachable
+from podnet.kube.client import ApiError, Gone, KubeClient, NotFound, Resource, StreamCut, Unreachable
 
 log = logging.getLogger("podnet.kube")
 
@@ -79,6 +79,8 @@ class Reflector:
         self.progress = threading.Condition()  # notified whenever resource_version moves
         self.synced = threading.Event()  # the first list was handed on
         self.lists = 0
+        self.unserved = False  # the API server does not serve this kind (a CRD not installed)
+        self.unserved_recheck = 30.0
         self.watches = 0
         self.gone = 0
 
@@ -105,6 +107,11 @@ class Reflector:
                 if need_list:
                     self.relist()
                     need_list = False
+                    if self.unserved:  # nothing to watch: list again later (a CRD may be installed)
+                        need_list = True
+                        if self.stopping.wait(self.unserved_recheck):
+                            return
+                        continue
                 started = time.monotonic()
                 if not self.watch_once() and time.monotonic() - started < 1.0 and self._pause():
                     return  # a server that ends every watch at once is not asked again in a tight loop
@@ -140,6 +147,14 @@ class Reflector:
         while True:
             try:
                 page = self.client.list(self.resource, limit=self.page_size, **({"continue": cont} if cont else {}))
+            except NotFound:
+                if cont is not None:
+                    raise
+                if not self.unserved:
+                    log.info("the API server does not serve %s (%s): none of them, for now", self.name,
+                             self.resource.api_version)
+                self.unserved = True
+                page = {"metadata": {}, "items": []}
             except Gone:
                 if cont is None or restarts >= 3:
                     raise
@@ -148,6 +163,8 @@ class Reflector:
                 listed.clear()
                 cont = None
                 continue
+            else:
+                self.unserved = False
             meta = page.get("metadata") or {}
             if not rv:
                 rv = str(meta.get("resourceVersion") or "")

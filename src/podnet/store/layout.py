@@ -17,7 +17,11 @@ throw away (handles and attachments of every pod, every ClusterIP and node port)
   /podnet-alloc/attachments/<node>/<handle>       CNI attachment records
   /podnet-alloc/services/clusterips/<ip>          ClusterIP allocations
   /podnet-alloc/services/nodeports/<port>         node port allocations
+  /podnet-alloc/agents/<node>                     the node's agent is ready (kube-sync tells the API server)
+  /podnet-alloc/kube-sync/leader                  kube-sync's fencing record: the term of its leader
 """
 
 SHARED = "/podnet/"
 ALLOC = "/podnet-alloc/"
+AGENTS = ALLOC + "agents/"
+KUBE_SYNC_FENCE = ALLOC + "kube-sync/leader"
