@@ -19,7 +19,12 @@ What is counted:
 * BGP full mesh: `n(n-1)/2` sessions, `n-1` per node. With K route reflectors (dedicated
   BGP speakers, not counted in `nodes`): every node peers with each reflector and the
   reflectors mesh among themselves: `n*K + K(K-1)/2` sessions, K per node, `n + K - 1`
-  per reflector.
+  per reflector. This is what podnet.bgp builds (docs/bgp.md): the K reflectors are
+  Nodes with spec.bgp.routeReflectorClusterID (one cluster ID), BGPConfiguration turns
+  nodeToNodeMeshEnabled off, and one BGPPeer with a peerSelector for the reflectors
+  peers every node with them (and them back). Each node announces one route per block
+  it holds and receives every remote block once per session that carries it: once in a
+  mesh, K times as a client (`paths_per_node`); it installs each once (ECMP merges).
 * Nodes and Services are planned at `ceil(count * (1 + growth/100))`.
 """
 
@@ -172,6 +177,9 @@ class BgpPlan:
     sessions_per_reflector: int
     sessions_total: int  # of the chosen topology
     sessions_per_node: int
+    mesh_enabled: bool = True  # BGPConfiguration nodeToNodeMeshEnabled
+    routes_announced_per_node: int = 0  # one per block the node holds
+    paths_per_node: int = 0  # remote block routes received, once per session carrying them
 
 
 @dataclass(frozen=True)
@@ -512,6 +520,9 @@ def plan(inp: PlanInput) -> Plan:
         sessions_per_reflector=nodes + k - 1 if k else 0,
         sessions_total=reflector_sessions(nodes, k) if k else full_mesh_sessions(nodes),
         sessions_per_node=k if k else full_mesh_per_node,
+        mesh_enabled=k == 0,
+        routes_announced_per_node=chosen.blocks_per_node,
+        paths_per_node=remote_blocks * (k or 1),
     )
     modes = [
         _route_count(m, encapsulation if m == inp.routing else ("vxlan" if m == "vxlan" else "none"),

@@ -252,9 +252,20 @@ def render(p: Plan, wide: bool = False) -> str:
                          f"{bgp.sessions_per_reflector} per reflector = n+K-1 (selected)"))
         elif r.mode == "bgp":
             rows[0] = (rows[0][0], rows[0][1] + " (selected)")
+        rows.append(("routes", f"{bgp.routes_announced_per_node} announced per node (one per block), "
+                               f"{bgp.paths_per_node} paths received per node"
+                               + (f" ({r.remote_blocks} remote blocks x {bgp.route_reflectors} reflectors)"
+                                  if bgp.route_reflectors else "") + f", {r.remote_blocks} installed"))
         out += _pairs(rows)
         if bgp.route_reflectors:
             out.append("  n nodes peer with K dedicated reflectors (not counted in --nodes), which mesh among themselves")
+            out.append("  podnet builds it from: K Nodes with spec.bgp.routeReflectorClusterID (one cluster ID), "
+                       "BGPConfiguration nodeToNodeMeshEnabled: false,")
+            out.append("  one BGPPeer with a peerSelector for the reflectors (every node peers with them, they peer "
+                       "back); see docs/bgp.md")
+        elif r.mode == "bgp":
+            out.append("  podnet builds it from: spec.bgp on every Node, BGPConfiguration nodeToNodeMeshEnabled: true "
+                       "(the default); see docs/bgp.md")
 
     out += ["", "MTU"]
     ref = ", ".join(f"{k} -{v}" for k, v in mtu.reference_overhead.items())
