@@ -32,6 +32,9 @@ class Applier:
     def verify(self) -> str | None:
         return self.problem
 
+    def slot_orders(self) -> dict:
+        return {}
+
 
 class Health:
     def sync(self, checks) -> None:

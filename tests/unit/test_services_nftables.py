@@ -35,7 +35,7 @@ def test_elements_of_a_clusterip_and_a_nodeport():
     assert els["svc_bit0"] == {"10.96.0.10 . tcp . 80": None}  # 2 endpoints: N-1 = 0b1
     assert els["backends_2"] == {"10.96.0.10 . tcp . 80 . 0": "10.1.0.1 . 8080",
                                  "10.96.0.10 . tcp . 80 . 1": "10.1.0.2 . 8080"}
-    assert els["service_nodeports"] == {"tcp . 30080": None} and not any(els[f"np_bit{i}"] for i in range(16))
+    assert els["service_nodeports"] == {"tcp . 30080": None} and not any(els[f"np_bit{i}"] for i in range(8))
     assert els["nodeport_backends_1"] == {"tcp . 30080 . 0": "10.1.0.1 . 8080"}
     assert els["masq_nodeports"] == {"tcp . 30080": None} and els["masq_ips"] == {}
     assert els["affinity_ips"] == {"10.96.0.10 . tcp . 80": "jump aff_t30"}
@@ -44,7 +44,7 @@ def test_elements_of_a_clusterip_and_a_nodeport():
     assert els["firewall_ips"] == {"203.0.113.7 . tcp . 80": None}
     assert set(els["lb_source_ranges"]) == {"203.0.113.7 . tcp . 80 . 10.0.0.0/8", "203.0.113.7 . tcp . 80 . 192.0.2.1"}
     assert els["service_cidrs"] == {"10.96.0.0/16": None} and els["node_ips"] == {"192.168.1.10": None}
-    assert nt.affinity_chains(els) == {"aff_t30"}
+    assert nt.element_chains(els) == {"aff_t30"}
 
 
 def walk_tree(layout: nt.Layout, els: nt.Elements, kind: str, key: str) -> str:
@@ -69,16 +69,35 @@ def test_the_tier_tree_leads_every_endpoint_count_to_its_own_chain(kind, ip):
                                          f"numgen random mod {n} map @{'backends' if ip else 'nodeport_backends'}_{n}"]
 
 
-def test_chains_do_not_grow_with_services_and_a_larger_service_deepens_the_tree():
+def many_backends(n: int) -> list[str]:
+    return [f"10.{1 + i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(n)]
+
+
+def test_chains_do_not_grow_with_services_and_a_large_service_adds_one_chain():
     many = state(*(rule(f"10.96.{i // 250}.{i % 250 + 1}", 80, "10.1.0.1", "10.1.0.2", "10.1.0.3")
                    for i in range(2000)))
-    assert nt.Layout.for_state(many) == nt.Layout(0x4000, nt.TIER_BITS, nt.MIN_CAPACITY) and nt.TIER_BITS == 8
+    assert nt.Layout.for_state(many) == nt.Layout(0x4000, nt.MIN_CAPACITY) and nt.TIER_BITS == 8
     script = nt.structure_script(nt.Layout(0x4000), many)
     assert len(re.findall(r"^add chain ", script, re.M)) == len(nt.Layout(0x4000).chain_rule_counts())
     assert "10.96.0.1" not in script  # elements travel by netlink
-    big = state(rule("10.96.0.1", 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(300))))
-    assert nt.Layout.for_state(big).bits == (nt.most_backends(nt.elements(big)) - 1).bit_length() == 9
-    assert walk_tree(nt.Layout(0x4000, 9), nt.elements(big), "svc", "10.96.0.1 . tcp . 80") == "svc_300"
+    # more endpoints than the tree's leaves: the same layout, one chain for the count, slots in one map
+    big = state(rule("10.96.0.1", 80, *many_backends(300)), rule(None, 30000, *many_backends(5000), kind="NodePort"))
+    assert nt.Layout.for_state(big) == nt.Layout(0x4000)
+    els = nt.elements(big)
+    assert els["large_ips"] == {"10.96.0.1 . tcp . 80": "goto svc_large300"} and not els["service_ips"]
+    assert els["large_nodeports"] == {"tcp . 30000": "goto np_large5000"} and not els["service_nodeports"]
+    assert len(els["backends_large"]) == 300 and els["backends_large"]["10.96.0.1 . tcp . 80 . 299"] == \
+        "10.1.1.43 . 8080"
+    assert len(els["nodeport_backends_large"]) == 5000 and not any(els[f"svc_bit{i}"] for i in range(8))
+    script = nt.structure_script(nt.Layout(0x4000), big)
+    assert ("add rule ip podnet-svc svc_large300 dnat ip to ip daddr . meta l4proto . th dport . "
+            "numgen random mod 300 map @backends_large\n") in script
+    assert "add rule ip podnet-svc np_large5000 dnat ip to meta l4proto . th dport . numgen random mod 5000 " \
+        "map @nodeport_backends_large\n" in script
+    assert nt.state_chains(big) == {"svc_large300", "np_large5000"}
+    assert nt.large_chain_of("svc_large300") == (False, False, 300) and nt.large_chain_of("np_large_sc301") == \
+        (True, True, 301)
+    assert nt.large_chain_of("svc_large256") is None and nt.large_chain_of("svc_large0300") is None
 
 
 def test_the_big_sets_have_a_capacity_that_grows_with_need_and_never_shrinks():
@@ -87,11 +106,10 @@ def test_the_big_sets_have_a_capacity_that_grows_with_need_and_never_shrinks():
             f"size {nt.MIN_CAPACITY}; }}") in small.body
     assert ("add map ip podnet-svc backends_256 { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 "
             ": ip daddr . th dport; }") in small.body and "backends_257" not in small.body
-    assert small.fit(5, nt.MIN_CAPACITY) is small
-    grown = small.fit(5, nt.MIN_CAPACITY + 1)
-    assert grown.capacity == 4 * nt.MIN_CAPACITY and grown.bits == small.bits and grown.marker != small.marker
-    assert grown.fit(5, 10) is grown  # fewer elements later: the same table
-    assert small.fit(257, 10) == nt.Layout(0x4000, 9, nt.MIN_CAPACITY)
+    assert small.fit(nt.MIN_CAPACITY) is small
+    grown = small.fit(nt.MIN_CAPACITY + 1)
+    assert grown.capacity == 4 * nt.MIN_CAPACITY and grown.marker != small.marker
+    assert grown.fit(10) is grown  # fewer elements later: the same table
 
 
 def test_affinity_chain_rules():
@@ -216,6 +234,12 @@ def test_check_layout_names_what_is_wrong():
     layout = nt.Layout(0x4000)
     table = nt.KernelTable(layout.chain_rule_counts(), {*layout.sets(), nt.DYNAMIC}, {}, {"service_ips": 16384})
     assert nt.check_layout(layout, table) is None and nt.kernel_layout(0x4000, table) == layout
+    large = nt.KernelTable({**table.chains, "svc_large300": 1, "aff_t5": 1}, table.sets, {}, {})
+    assert nt.check_layout(layout, large) is None
+    assert nt.check_layout(layout, nt.KernelTable({**table.chains, "svc_large300": 0}, table.sets, {}, {})) == \
+        "chain svc_large300 has 0 rules, expected 1"
+    assert nt.check_layout(layout, nt.KernelTable({**table.chains, "svc_large200": 1}, table.sets, {}, {})) == \
+        "chain svc_large200 is not part of the layout"
     assert nt.check_layout(layout, nt.KernelTable({**table.chains, "svc_1": 0}, table.sets, {}, {})) == \
         "chain svc_1 has 0 rules, expected 1"
     assert nt.check_layout(layout, nt.KernelTable(table.chains, table.sets - {"backends_7"}, {}, {})) == \
@@ -268,6 +292,9 @@ class FakeKernel:
             self.fail_next = False
             raise NftError("boom")
         self.batches.append(batch)
+
+    def slot_orders(self) -> dict:
+        return {}
 
     def table(self, elements: bool = True):
         return None
@@ -324,15 +351,23 @@ class _Proc:
     stderr = "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."
 
 
-def test_applier_rebuilds_for_a_deeper_tree_and_verify_checks_chain_names():
+def test_a_large_service_is_element_changes_and_verify_checks_chain_names():
     k = FakeKernel()
     a = k.applier(conntrack=None)
     assert a.verify() == "never applied"
     a.apply(state(rule("10.96.0.10", 80, "10.1.0.1")))
-    big = state(rule("10.96.0.10", 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(300))))
-    r = a.apply(big)
-    assert r.full and r.reason == "the table grows to 16384 frontends and 512 endpoint counts"
-    assert "add chain ip podnet-svc svc_512\n" in k.scripts[-1] and "svc_513" not in k.scripts[-1]
+    big = state(rule("10.96.0.10", 80, *many_backends(300)))
+    r = a.apply(big)  # no rebuild: its chain comes in the elements' transaction, before them
+    assert not r.full and len(k.scripts) == 1 and r.added == 1 + 300 and r.removed == 2  # service_ips, slot
+    what = [m[3] for m in k.batches[-1].messages]
+    assert what[:2] == ["adding chain podnet-svc svc_large300", "adding a rule to podnet-svc svc_large300"]
+    assert what.index("adding to set podnet-svc large_ips") > 1 and a.chains == {"svc_large300"}
+    # one endpoint more: a slot and the frontend's chain; the chain of 300 goes in the same transaction
+    r = a.apply(state(rule("10.96.0.10", 80, *many_backends(301))))
+    what = [m[3] for m in k.batches[-1].messages]
+    assert what[:2] == ["adding chain podnet-svc svc_large301", "adding a rule to podnet-svc svc_large301"]
+    assert what[-1] == "deleting chain podnet-svc svc_large300" and a.chains == {"svc_large301"}
+    assert (r.added, r.removed) == (2, 1)  # slot 300 and the new goto; the old goto
     k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
     assert a.verify() is None
     missing = k.chain_names.pop(0)
@@ -346,13 +381,13 @@ def test_cluster_ips_share_the_capacity_and_services_without_endpoints_count():
             f"size {nt.MIN_CAPACITY}; }}") in nt.Layout(0x4000).body
     many = [rule(f"10.96.{i >> 8}.{i & 255}", 80, owns_cluster_ip=True) for i in range(nt.MIN_CAPACITY + 1)]
     st = state(rule("10.97.0.1", 80, "10.1.0.1", owns_cluster_ip=True), *many)
-    assert nt.state_sizes(st) == (1, {"service_ips": 1, "cluster_ips": nt.MIN_CAPACITY + 2})
+    assert nt.state_sizes(st) == {"service_ips": 1, "cluster_ips": nt.MIN_CAPACITY + 2}
     k = FakeKernel()
     a = k.applier(conntrack=None)
     a.apply(state(rule("10.97.0.1", 80, "10.1.0.1", owns_cluster_ip=True)))
     assert a.sized == {"service_ips": 1, "cluster_ips": 1}
     r = a.apply(st)  # counted from the delta: the reject-only frontends fill @cluster_ips alone
-    assert r.full and r.reason == f"the table grows to {4 * nt.MIN_CAPACITY} frontends and 256 endpoint counts"
+    assert r.full and r.reason == f"the table grows to {4 * nt.MIN_CAPACITY} frontends"
     assert f"cluster_ips {{ type ipv4_addr; size {4 * nt.MIN_CAPACITY}; }}" in k.scripts[-1]
     r = a.apply(state(rule("10.97.0.1", 80, "10.1.0.1", owns_cluster_ip=True)))
     assert not r.full and a.sized == {"service_ips": 1, "cluster_ips": 1}

@@ -60,6 +60,7 @@ class ServiceDataplane(Dataplane):
         self._triggers: dict[str, float] = {}  # slice -> trigger time of a change not yet programmed
         self._full_syncs = 0
         self._drifted = False  # verify() found a problem: the next sync re-reads the kernel
+        self._started = False  # the first sync is done (it starts from the kernel's slot orders)
 
     # -- inputs
 
@@ -144,6 +145,13 @@ class ServiceDataplane(Dataplane):
         if full:
             self._full_syncs += 1
             resync = resync or self._full_syncs % DEEP_RESYNC_EVERY == 0
+        if not self._started:
+            # after an agent restart the large frontends keep the slots the kernel has: a
+            # table that is right stays as it is
+            orders = self.applier.slot_orders()
+            if orders:
+                with self._lock:
+                    self.compiler.keep_slots(orders)
         with self._lock:
             state = self.compiler.state()
             triggers, self._triggers = self._triggers, {}
@@ -158,6 +166,7 @@ class ServiceDataplane(Dataplane):
             self._retry_triggers(triggers)
             self._drifted = self._drifted or resync
             raise RuntimeError("; ".join(result.errors))
+        self._started = True
         self.metrics.observe_programming(triggers)
         if not result.sent:
             return ""

@@ -4,7 +4,8 @@
 process start (~13 ms) per transaction: too slow for a 250 000-element load
 and for a 10 ms change. This module writes the binary form directly: a batch
 (NFNL_MSG_BATCH_BEGIN ... END, one atomic kernel transaction) of set-element
-additions and deletions. The table, its sets and chains are created by nft.
+additions and deletions, and of chains (with rules given as expressions) added or
+deleted beside them. The table and its sets are created by nft.
 
 Element keys and values are given as bytes in the kernel's layout: every
 field of a concatenation padded to 4 bytes; addresses and ports in network
@@ -43,13 +44,17 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_NEWCHAIN = 3
 NFT_MSG_GETCHAIN = 4
+NFT_MSG_DELCHAIN = 5
+NFT_MSG_NEWRULE = 6
 NFT_MSG_GETRULE = 7
 NFT_MSG_GETSET = 10
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
 NLM_F_CREATE = 0x400
+NLM_F_APPEND = 0x800
 NLM_F_DUMP = 0x300
 NFPROTO_IPV4 = 2
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
@@ -67,7 +72,24 @@ HOOK_HOOKNUM, HOOK_PRIORITY = 1, 2
 SET_TABLE, SET_NAME, SET_DESC, SET_DESC_SIZE = 1, 2, 9, 1
 SET_FLAGS, SET_KEY_TYPE, SET_KEY_LEN, SET_DATA_TYPE, SET_DATA_LEN, SET_TIMEOUT = 3, 4, 5, 6, 7, 11
 SET_F_ANONYMOUS = 0x1
-RULE_TABLE, RULE_CHAIN = 1, 2
+RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
+EXPR_NAME, EXPR_DATA = 1, 2
+PAYLOAD_DREG, PAYLOAD_BASE, PAYLOAD_OFFSET, PAYLOAD_LEN = 1, 2, 3, 4
+PAYLOAD_NETWORK, PAYLOAD_TRANSPORT = 1, 2  # header bases
+META_DREG, META_KEY = 1, 2
+META_L4PROTO = 16
+NG_DREG, NG_MODULUS, NG_TYPE, NG_OFFSET = 1, 2, 3, 4
+NG_RANDOM = 1
+LOOKUP_SET, LOOKUP_SREG, LOOKUP_DREG, LOOKUP_FLAGS = 1, 2, 3, 5
+NAT_TYPE, NAT_FAMILY, NAT_REG_ADDR_MIN, NAT_REG_ADDR_MAX, NAT_REG_PROTO_MIN, NAT_REG_PROTO_MAX, NAT_FLAGS = \
+    1, 2, 3, 4, 5, 6, 7
+NAT_DNAT = 1
+NAT_RANGE_MAP_IPS, NAT_RANGE_PROTO_SPECIFIED = 1, 2
+REG_1 = 1  # a 128-bit register; REG32(i) the 32-bit ones (a concatenation fills consecutive ones)
+
+
+def REG32(i: int) -> int:  # noqa: N802 (the kernel's name)
+    return 8 + i
 
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
 VERDICT_NAMES = {v: k for k, v in VERDICTS.items()}
@@ -135,6 +157,41 @@ def value(data: bytes) -> bytes:
     return attr(DATA_VALUE, data)
 
 
+# ---------------------------------------------------------------- rule expressions
+
+
+def expression(name: str, *attributes: bytes) -> bytes:
+    """One expression of a rule (NFTA_LIST_ELEM > name, data)."""
+    return nested(LIST_ELEM, strz(EXPR_NAME, name) + nested(EXPR_DATA, b"".join(attributes)))
+
+
+def payload_load(base: int, offset: int, length: int, dreg: int) -> bytes:
+    return expression("payload", u32be(PAYLOAD_DREG, dreg), u32be(PAYLOAD_BASE, base), u32be(PAYLOAD_OFFSET, offset),
+                      u32be(PAYLOAD_LEN, length))
+
+
+def meta_load(key: int, dreg: int) -> bytes:
+    return expression("meta", u32be(META_KEY, key), u32be(META_DREG, dreg))
+
+
+def numgen_random(modulus: int, dreg: int, offset: int = 0) -> bytes:
+    return expression("numgen", u32be(NG_DREG, dreg), u32be(NG_MODULUS, modulus), u32be(NG_TYPE, NG_RANDOM),
+                      u32be(NG_OFFSET, offset))
+
+
+def map_lookup(set_name: str, sreg: int, dreg: int) -> bytes:
+    return expression("lookup", strz(LOOKUP_SET, set_name), u32be(LOOKUP_SREG, sreg), u32be(LOOKUP_DREG, dreg),
+                      u32be(LOOKUP_FLAGS, 0))
+
+
+def dnat_ipv4(addr_reg: int, proto_reg: int) -> bytes:
+    """dnat to the address in addr_reg and the port in proto_reg."""
+    return expression("nat", u32be(NAT_TYPE, NAT_DNAT), u32be(NAT_FAMILY, NFPROTO_IPV4),
+                      u32be(NAT_REG_ADDR_MIN, addr_reg), u32be(NAT_REG_ADDR_MAX, addr_reg),
+                      u32be(NAT_REG_PROTO_MIN, proto_reg), u32be(NAT_REG_PROTO_MAX, proto_reg),
+                      u32be(NAT_FLAGS, NAT_RANGE_MAP_IPS | NAT_RANGE_PROTO_SPECIFIED))
+
+
 class Batch:
     """One kernel transaction: everything added here commits together or not at all."""
 
@@ -151,6 +208,21 @@ class Batch:
 
     def delete_elements(self, table: str, set_name: str, elements: Iterable[bytes]) -> None:
         self._elements(NFT_MSG_DELSETELEM, 0, table, set_name, elements, "deleting from")
+
+    def add_chain(self, table: str, name: str) -> None:
+        """A regular chain (no hook)."""
+        self.messages.append((NFT_MSG_NEWCHAIN, NLM_F_CREATE, strz(CHAIN_TABLE, table) + strz(CHAIN_NAME, name),
+                              f"adding chain {table} {name}"))
+
+    def delete_chain(self, table: str, name: str) -> None:
+        """A chain and its rules (refused while anything still jumps to it)."""
+        self.messages.append((NFT_MSG_DELCHAIN, 0, strz(CHAIN_TABLE, table) + strz(CHAIN_NAME, name),
+                              f"deleting chain {table} {name}"))
+
+    def add_rule(self, table: str, chain: str, expressions: Iterable[bytes]) -> None:
+        """A rule appended to a chain, as its expressions (see expression())."""
+        payload = strz(RULE_TABLE, table) + strz(RULE_CHAIN, chain) + nested(RULE_EXPRESSIONS, b"".join(expressions))
+        self.messages.append((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, payload, f"adding a rule to {table} {chain}"))
 
     def _elements(self, msg: int, flags: int, table: str, set_name: str, elements: Iterable[bytes],
                   verb: str) -> None:
@@ -329,6 +401,15 @@ class Netlink:
                 u32(SET_DATA_TYPE), u32(SET_DATA_LEN), u32(SET_DESC_SIZE, desc),
                 struct.unpack("!Q", a[SET_TIMEOUT])[0] if SET_TIMEOUT in a else None,
             ))
+        return out
+
+    def rule_expressions(self, table: str) -> list[tuple[str, bytes]]:
+        """(chain, the rule's expressions as the kernel encodes them) of every rule of one table."""
+        out = []
+        for body in self.dump(NFT_MSG_GETRULE, strz(RULE_TABLE, table)):
+            a = attrs(body)
+            if text(a.get(RULE_TABLE)) == table:
+                out.append((text(a.get(RULE_CHAIN)), a.get(RULE_EXPRESSIONS, b"")))
         return out
 
     def elements(self, table: str, set_name: str) -> list[DumpedElement]:

@@ -24,7 +24,7 @@ from podnet.dataplane.nft import NftError, nft_apply
 from podnet.services import nftables as nt
 from podnet.services.conntrack import Runner, delete_stale_flows, run_command
 from podnet.services.metrics import ServiceMetrics
-from podnet.services.model import Backend, ServiceState
+from podnet.services.model import Backend, Frontend, ServiceState
 
 log = logging.getLogger("podnet.services")
 
@@ -51,6 +51,8 @@ class ServiceApplier(Protocol):
     def apply(self, state: ServiceState, resync: bool = False) -> SyncResult: ...
 
     def verify(self) -> str | None: ...
+
+    def slot_orders(self) -> dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]: ...
 
     def remove(self) -> None: ...
 
@@ -80,6 +82,12 @@ class NetlinkKernel:
         except OSError:
             return []
 
+    def slot_orders(self) -> dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]:
+        try:
+            return nt.read_slot_orders(self.link())
+        except OSError:
+            return {}
+
     def affinity(self) -> list[tuple[str, str]]:
         try:
             return nt.read_affinity(self.link())
@@ -104,7 +112,8 @@ class NftServiceApplier:
         self.metrics = metrics
         self.commit = self.kernel.commit  # element batches (an attribute: benchmarks time it)
         self.applied_state: ServiceState | None = None
-        self.chains: set[str] = set()  # affinity chains in the kernel
+        self.chains: set[str] = set()  # dynamic chains in the kernel (affinity and large chains)
+        self.refs: dict[str, int] = {}  # large chain -> elements in the kernel that point to it
         self.layout: nt.Layout | None = None
         self.frontends = 0  # elements of the fullest SIZED set in the kernel (the layout's capacity bounds them)
         self.sized: dict[str, int] = {}  # SIZED set -> its elements in the kernel (counted from deltas)
@@ -115,16 +124,15 @@ class NftServiceApplier:
     # -- reading the kernel
 
     def read_kernel(self, state: ServiceState, trust_digest: bool) -> tuple[nt.Layout, nt.KernelTable | None, str]:
-        """The layout for `state` (the kernel's own tree depth and capacity when they suffice),
-        and the kernel's table if it is that layout, intact (else None and why). The
-        elements are read only if the kernel's digest differs from the state's (or
-        trust_digest is False); table.elements None means they are exactly the state's."""
-        most, sized = nt.state_sizes(state)
-        self._set_sized(sized)
+        """The layout for `state` (the kernel's own capacity when it suffices), and the
+        kernel's table if it is that layout, intact (else None and why). The elements are
+        read only if the kernel's digest differs from the state's (or trust_digest is
+        False); table.elements None means they are exactly the state's."""
+        self._set_sized(nt.state_sizes(state))
         table = self.kernel.table(elements=False)
         if table is None:
-            return nt.Layout(state.masquerade_mark).fit(most, self.frontends), None, "table missing"
-        layout = nt.kernel_layout(state.masquerade_mark, table).fit(most, self.frontends)
+            return nt.Layout(state.masquerade_mark).fit(self.frontends), None, "table missing"
+        layout = nt.kernel_layout(state.masquerade_mark, table).fit(self.frontends)
         problem = nt.check_layout(layout, table)
         if problem:
             return layout, None, problem
@@ -146,6 +154,13 @@ class NftServiceApplier:
                 return f"chain {name} is missing"
         return None
 
+    def slot_orders(self) -> dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]:
+        """The large frontends' endpoints in the kernel's slot order (for the compiler to keep
+        after an agent restart); only before anything was applied."""
+        if self.applied_state is not None:
+            return {}
+        return self.kernel.slot_orders()
+
     # -- applying
 
     def apply(self, state: ServiceState, resync: bool = False) -> SyncResult:
@@ -159,14 +174,16 @@ class NftServiceApplier:
             old = self.applied_state
             layout = self.layout
             target: int | None = None  # the digest after this sync
+            refs: dict[str, int] | None = None  # the large chains' references after this sync, if known whole
             if old is None or layout is None or resync or state.masquerade_mark != layout.mark:
                 # a first apply (agent start) trusts the digest; an explicit resync reads everything
                 layout, table, reason = self.read_kernel(state, trust_digest=old is None)
                 if table is None:
                     rebuild = reason
                 else:
-                    self.chains = {c for c in table.chains if nt.is_affinity_chain(c)}
+                    self.chains = {c for c in table.chains if nt.is_dynamic_chain(c)}
                     self.digest = table.digest
+                    refs = nt.large_chain_refs(state)
                     affinity_check = True  # entries from before we knew the kernel may be stale
                     if table.elements is None:  # the digest says: exactly the desired elements
                         delta, target = ({}, {}), table.digest
@@ -180,9 +197,9 @@ class NftServiceApplier:
                 for name in nt.SIZED:
                     self.sized[name] += len(come.get(name, ())) - len(gone.get(name, ()))
                 self.frontends = max(self.sized.values())
-                layout = layout.fit(nt.most_backends(come), self.frontends)
+                layout = layout.fit(self.frontends)
                 if layout != self.layout:
-                    rebuild = f"the table grows to {layout.capacity} frontends and {2 ** layout.bits} endpoint counts"
+                    rebuild = f"the table grows to {layout.capacity} frontends"
             self.layout = layout
             if delta is not None and not rebuild:
                 gone, come = delta
@@ -190,17 +207,30 @@ class NftServiceApplier:
                     rebuild = "service CIDRs or node addresses changed"
                 else:
                     try:
-                        chains = nt.affinity_chain_script(come, self.chains)
-                        if chains:
-                            self._send(chains, result)
+                        # chains the new elements point to (only verdicts do: most deltas have none)
+                        pointed = nt.element_chains(come) if not come.keys().isdisjoint(nt.VERDICT_MAPS) else set()
+                        if pointed - self.chains:
+                            chains = nt.affinity_chain_script(come, self.chains)
+                            if chains:
+                                self._send(chains, result)
                         if target is None:
                             target = nt.digest_delta(self.digest or 0, old, state)
-                        batch = nt.element_batch(gone, come, digest=(self.digest, target))
+                        if refs is None:
+                            refs = _refs_after(self.refs, gone, come)
+                        # large chains: the new ones before the elements that point to them, the
+                        # ones nothing points to any more after, all in the elements' transaction
+                        new_chains = sorted(c for c in pointed - self.chains if nt.large_chain_of(c))
+                        unused = sorted(c for c in self.chains if c not in pointed and nt.large_chain_of(c)
+                                        and not refs.get(c)) if self.refs or refs else []
+                        batch = nt.element_batch(gone, come, digest=(self.digest, target), new_chains=new_chains,
+                                                 old_chains=unused)
                         self.last_delta = (gone, come)
                         result.added, result.removed = _count(come), _count(gone)
                         self._commit(batch, result)
                         self.digest = target
-                        self.chains |= nt.affinity_chains(come)
+                        if pointed or unused:
+                            self.chains = (self.chains | pointed) - set(unused)
+                        self.refs = refs
                     except NftError as e:
                         log.warning("incremental Service sync failed (%s); rebuilding the table", e)
                         result.errors.append(str(e))
@@ -209,9 +239,8 @@ class NftServiceApplier:
             if rebuild:
                 result.reason = rebuild
                 if delta is not None:  # the layout was fitted to the delta only: fit it to the whole state
-                    most, sized = nt.state_sizes(state)
-                    self._set_sized(sized)
-                    layout = self.layout = layout.fit(most, self.frontends)
+                    self._set_sized(nt.state_sizes(state))
+                    layout = self.layout = layout.fit(self.frontends)
                 if old is not None and not flows:
                     flows = nt.stale_udp_flows(*nt.diff(nt.elements(old), nt.elements(state)), state)
                 result.full = True
@@ -222,7 +251,8 @@ class NftServiceApplier:
                 result.added = batch.elements - 1  # the digest is not a Service element
                 self._commit(batch, result)
                 self.digest = digest
-                self.chains = nt.state_affinity_chains(state)
+                self.chains = nt.state_chains(state)
+                self.refs = nt.large_chain_refs(state)
                 affinity_check = False  # a new table starts with an empty affinity map
         except NftError:
             self.applied_state = None
@@ -287,6 +317,21 @@ class NftServiceApplier:
         self.nft(nt.remove_script())
         self.applied_state = self.layout = None
         self.chains = set()
+        self.refs = {}
+
+
+def _refs_after(refs: dict[str, int], gone: nt.Elements, come: nt.Elements) -> dict[str, int]:
+    """The large chains' references after a delta."""
+    if gone.keys().isdisjoint(nt.VERDICT_MAPS) and come.keys().isdisjoint(nt.VERDICT_MAPS):
+        return refs
+    out = dict(refs)
+    for part, step in ((gone, -1), (come, 1)):
+        for name in nt.VERDICT_MAPS:
+            for v in part.get(name, {}).values():
+                chain = v.split()[-1] if v else ""
+                if nt.large_chain_of(chain):
+                    out[chain] = out.get(chain, 0) + step
+    return {c: n for c, n in out.items() if n > 0}
 
 
 def _count(els: nt.Elements) -> int:

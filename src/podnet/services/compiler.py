@@ -31,9 +31,11 @@ import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from itertools import chain
 
 from podnet.model.objects import EndpointSlice, Pod, Service
 from podnet.services.model import (
+    LARGE_ABOVE,
     Backend,
     Frontend,
     FrontendRule,
@@ -232,7 +234,7 @@ class SliceInfo:
     last-change-trigger-time annotation, as epoch seconds."""
 
     __slots__ = ("namespace", "name", "version", "service", "ipv4", "ports", "backends", "flags", "refs", "plain",
-                 "trigger")
+                 "trigger", "_set")
 
     def __init__(self, sl: EndpointSlice, node_name: str | None, intern: _Interner = _STRINGS):
         meta = sl.metadata
@@ -271,6 +273,21 @@ class SliceInfo:
             tuple(e[3] for e in endpoints) if any(e[3] for e in endpoints) else None
         self.plain = all(e[2] & READY for e in endpoints) and all(
             endpoints[i][0] != endpoints[i + 1][0] for i in range(len(endpoints) - 1))
+        self._set: frozenset[Backend] | None = None
+
+    def backend_set(self) -> frozenset[Backend]:
+        """The backends as a set (made once: merging the slices of a large Service unions them)."""
+        if self._set is None:
+            self._set = frozenset(self.backends)
+        return self._set
+
+    def reuse(self, old: SliceInfo) -> None:
+        """Take the very Backend objects of an earlier version of the slice for the endpoints
+        it still has: what did not change is then the same object (identity checks downstream)."""
+        if old.backends and self.backends:
+            same = {b: b for b in old.backends}
+            self.backends = tuple([same.get(b, b) for b in self.backends])
+            self._set = None
 
 
 def _first(e: tuple) -> bytes:
@@ -347,28 +364,43 @@ def _endpoints(sp: tuple, slices: tuple[SliceInfo, ...], pods: dict[tuple[str, s
 
 
 def _plain_backends(sp: tuple, slices: tuple[SliceInfo, ...]) -> tuple[Backend, ...] | None:
-    """The common case at no cost: one slice, every endpoint ready, on the slice's
-    first port. None: take the long way."""
-    if len(slices) != 1:
+    """The common case at little cost: every endpoint ready, on its slice's first port,
+    none in two slices. None: take the long way. In address order (one slice), or for
+    several slices in theirs (_usable's order)."""
+    if not slices:
         return None
-    sl = slices[0]
-    if not (sl.plain and sl.ipv4 and sl.ports and sl.backends):
-        return None
-    port = _slice_port(sp, sl)
-    return sl.backends if port == sl.backends[0][1] and port else None
+    for sl in slices:
+        if not (sl.plain and sl.ipv4 and sl.ports and sl.backends):
+            return None
+        port = _slice_port(sp, sl)
+        if not port or port != sl.backends[0][1]:
+            return None
+    if len(slices) == 1:
+        return slices[0].backends
+    merged = tuple(chain.from_iterable(sl.backends for sl in slices))
+    if len(frozenset().union(*(sl.backend_set() for sl in slices))) != len(merged):
+        return None  # an endpoint in two slices
+    return _in_order(merged)
 
 
 def _usable(eps: dict[Backend, int], ordered: bool, mask: int = 0) -> tuple[Backend, ...]:
     """Ready endpoints; if there are none, serving-and-terminating ones (as kube-proxy),
-    in address order. mask LOCAL: this node's only."""
+    in address order (see _in_order). mask LOCAL: this node's only."""
     want = READY | mask
     chosen = [b for b, f in eps.items() if f & want == want]
     if not chosen:
         want = SERVING | TERMINATING | mask
         chosen = [b for b, f in eps.items() if f & want == want]
     if not ordered and len(chosen) > 1:
-        chosen.sort(key=_ip_key)
+        return _in_order(chosen)
     return tuple(chosen)
+
+
+def _in_order(backends: list[Backend] | tuple[Backend, ...]) -> tuple[Backend, ...]:
+    """Address order; a large list is left as it is (its slots are ordered by _keep_slots)."""
+    if len(backends) > LARGE_ABOVE:
+        return tuple(backends)
+    return tuple(sorted(backends, key=_ip_key))
 
 
 def affinity_key(svc: ServiceInfo, port_index: int, local: bool) -> int:
@@ -508,6 +540,8 @@ def compile_services(
         svc_rules, hc, _ = _compile_or_skip(svc, by_service.get((svc.namespace, svc.name), ()),  # type: ignore[arg-type]
                                             pod_index, cidrs, config.local_dns)
         for r in svc_rules:
+            if len(r.backends) > LARGE_ABOVE or len(r.short_circuit) > LARGE_ABOVE:
+                r = _keep_slots(r, None, {}, {})  # (address order: nothing to keep)
             # Two Services claiming one frontend: the first in (namespace, name) order keeps it.
             rules.setdefault(r.frontend, r)
         if hc is not None:
@@ -569,6 +603,12 @@ class ServiceCompiler:
         self._seq = 0
         self.recompiled = 0  # Services compiled by the last state()
         self.skipped: dict[Key, str] = {}  # Services that could not be compiled, and why
+        # large frontend -> (endpoints, short-circuit endpoints) in the slot order to keep when
+        # it is compiled without an earlier rule (the kernel's, after an agent restart)
+        self._slot_hints: dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]] = {}
+        # Service -> its large frontends' endpoint lists as compiled, before their slots were
+        # kept (what the next compile compares its own with, to find what came and left)
+        self._raw: dict[Key, dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]] = {}
 
     def __len__(self) -> int:
         return len(self._services)
@@ -605,6 +645,7 @@ class ServiceCompiler:
         self._slice_index[sk] = info
         held = self._slices.get(owner, ())
         if old is not None:
+            info.reuse(old)
             self._slices[owner] = tuple(info if s is old else s for s in held)
         else:
             self._slices[owner] = (*held, info)
@@ -638,6 +679,12 @@ class ServiceCompiler:
     def slice_keys(self) -> list[Key]:
         """(namespace, name) of every EndpointSlice held (those of a Service)."""
         return list(self._slice_index)
+
+    def keep_slots(self, orders: dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]) -> None:
+        """The slot order of large frontends to start from (frontend -> its endpoints and its
+        short-circuit endpoints, as the kernel holds them): the next state() keeps the slots
+        of those endpoints that are still there, as it does between two of its own states."""
+        self._slot_hints = dict(orders)
 
     def set_pods(self, pods: Iterable[Pod]) -> None:
         """Pods only matter for named targetPorts that slices leave unresolved."""
@@ -690,8 +737,11 @@ class ServiceCompiler:
         fresh: dict[Frontend, FrontendRule] = {}  # rules made now, by frontend
         health_changed = False
         recompiled = 0
+        hints, self._slot_hints = self._slot_hints, {}
+        raws = self._raw
         for k in self._dirty:
             old_rules = outs.pop(k, None)
+            old_raw = raws.pop(k, None)
             if old_rules:
                 for r in old_rules:
                     fe = r.frontend
@@ -721,8 +771,14 @@ class ServiceCompiler:
                 health_changed = True
             if not rules:
                 continue
-            if old_rules:  # an equal rule stays the very same object
-                before = {r.frontend: r for r in old_rules}
+            before = {r.frontend: r for r in old_rules} if old_rules else {}
+            if any(len(r.backends) > LARGE_ABOVE or len(r.short_circuit) > LARGE_ABOVE for r in rules):
+                # a large frontend keeps the slots of the endpoints that stay
+                kept: dict[tuple[int, int], tuple[Backend, ...]] = {}
+                raws[k] = {r.frontend: (r.backends, r.short_circuit) for r in rules}
+                rules = [_keep_slots(r, before.get(r.frontend), hints, kept, (old_raw or {}).get(r.frontend))
+                         for r in rules]
+            if before:  # an equal rule stays the very same object
                 rules = [r if (o := before.get(r.frontend)) is None or o != r else o for r in rules]
             outs[k] = tuple(rules)
             for r in rules:
@@ -797,6 +853,109 @@ def _gc_paused(pause: bool) -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def _keep_slots(rule: FrontendRule, old: FrontendRule | None,
+                hints: dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]],
+                done: dict[tuple[int, int], tuple[Backend, ...]],
+                raw: tuple[tuple[Backend, ...], tuple[Backend, ...]] | None = None) -> FrontendRule:
+    """The rule with its large endpoint lists in the slot order of `old` (or of the hint for
+    its frontend): see kept_order. `raw`: old's lists as compiled, before their slots were
+    kept (what came and left is found against them). `done` shares the work between
+    frontends of one Service."""
+    if old is not None:
+        before = (old.backends, old.short_circuit)
+    else:
+        before = hints.get(rule.frontend) or ((), ())
+        raw = None
+    now = (rule.backends, rule.short_circuit)
+    after = []
+    for i, (prev, cur) in enumerate(zip(before, now, strict=True)):
+        if len(cur) <= LARGE_ABOVE or prev is cur:
+            after.append(cur)
+            continue
+        key = (id(prev), id(cur))
+        order = done.get(key)
+        if order is None:  # (nothing to keep: address order)
+            changes = _changes(raw[i], cur) if raw is not None and len(raw[i]) == len(prev) else None
+            order = done[key] = kept_order(prev, cur, changes) if prev else tuple(sorted(cur, key=_ip_key))
+        after.append(order)
+    if after[0] is now[0] and after[1] is now[1]:
+        return rule
+    return rule._replace(backends=after[0], short_circuit=after[1])
+
+
+_FEW = 64  # endpoints that came or left, up to which kept_order finds their slots by search
+_RUN = 256  # endpoints compared at once by _changes
+
+
+def _changes(a: tuple[Backend, ...], b: tuple[Backend, ...]) -> tuple[set[Backend], set[Backend]]:
+    """(came, left) between two lists of distinct endpoints, found from the ends in: the
+    common head and tail are compared a run at a time in C (the slices that did not change
+    hold the very same objects), only the part between them goes into sets."""
+    if a is b:
+        return set(), set()
+    n = min(len(a), len(b))
+    i = 0
+    while i + _RUN <= n and a[i:i + _RUN] == b[i:i + _RUN]:
+        i += _RUN
+    while i < n and a[i] == b[i]:
+        i += 1
+    j, m, la, lb = 0, n - i, len(a), len(b)
+    while j + _RUN <= m and a[la - j - _RUN:la - j] == b[lb - j - _RUN:lb - j]:
+        j += _RUN
+    while j < m and a[la - 1 - j] == b[lb - 1 - j]:
+        j += 1
+    mid_a, mid_b = set(a[i:la - j]), set(b[i:lb - j])
+    return mid_b - mid_a, mid_a - mid_b
+
+
+def kept_order(before: tuple[Backend, ...], endpoints: tuple[Backend, ...],
+               changes: tuple[set[Backend], set[Backend]] | None = None) -> tuple[Backend, ...]:
+    """`endpoints` in slots that keep every endpoint of `before` that is still there where
+    it was: the slots of the endpoints that left are filled, in order, first by the ones
+    that stay but sat beyond the new count (in slot order), then by the new ones (in
+    address order). The slots that change are as many as the endpoints that came, left or
+    moved up. `changes`: the endpoints that (came, left), when known (see _changes; then
+    `before` holds no endpoint twice): a few cost a search each in C, not a pass in Python."""
+    n = len(endpoints)
+    if changes is not None:
+        came, left = changes
+        if not came and not left and len(before) == n:
+            return before  # the same endpoints: every one in its slot
+        if len(came) + len(left) <= _FEW:
+            kept: list[Backend | None] = list(before[:n])
+            holes = sorted(i for i in map(before.index, left) if i < n)
+            for i in holes:
+                kept[i] = None
+            if n > len(before):
+                holes += range(len(before), n)
+                kept += [None] * (n - len(before))
+            fill = [b for b in before[n:] if b not in left] + sorted(came, key=_ip_key)
+            for i, b in zip(holes, fill, strict=True):
+                kept[i] = b
+            return tuple(kept)  # type: ignore[arg-type]
+    where = {b: i for i, b in enumerate(before)}
+    slots: list[Backend | None] = [None] * n
+    rest: list[Backend] = []
+    moved: list[Backend] = []
+    for b in endpoints:
+        i = where.get(b)
+        if i is None:
+            rest.append(b)
+        elif i < n and slots[i] is None:
+            slots[i] = b
+        else:
+            moved.append(b)
+    if not rest and not moved and len(before) == n:
+        return before  # the same endpoints: every one in its slot
+    moved.sort(key=where.__getitem__)
+    rest.sort(key=_ip_key)
+    fill = iter(moved + rest)
+    for i in range(n):
+        if slots[i] is None:
+            slots[i] = next(fill)
+    return tuple(slots)  # type: ignore[arg-type]
 
 
 def _rule_of(rules: tuple[FrontendRule, ...], fe: Frontend) -> FrontendRule:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from podnet.services.applier import SyncResult
 from podnet.services.conntrack import Runner, delete_stale_flows, run_command
 from podnet.services.metrics import ServiceMetrics
-from podnet.services.model import Backend, FrontendRule, ServiceState, stale_udp_flows
+from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState, stale_udp_flows
 
 log = logging.getLogger("podnet.services")
 
@@ -204,6 +204,10 @@ class IptablesServiceApplier:
             return "never applied"
         missing = sorted(set(FIXED_NAT) - self._existing_chains())
         return f"chain {missing[0]} is missing" if missing else None
+
+    def slot_orders(self) -> dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]:
+        """Nothing to keep: every sync rewrites the chains whole."""
+        return {}
 
     def apply(self, state: ServiceState, resync: bool = False) -> SyncResult:
         started = time.monotonic()

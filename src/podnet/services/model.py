@@ -20,6 +20,11 @@ FrontendKind = Literal["ClusterIP", "ExternalIP", "LoadBalancer", "NodePort"]
 NoEndpoints = Literal["reject", "drop"]
 
 MASQUERADE_MARK = 0x4000  # the bit kube-proxy uses (KUBE-MARK-MASQ)
+# A frontend that balances over more endpoints than this is *large*: the compiler keeps
+# the slot of every endpoint that stays across changes (the order of `backends`), so that
+# a change to a Service with thousands of endpoints moves only the slots it must. Smaller
+# frontends list their endpoints in address order (a pure function of the endpoints).
+LARGE_ABOVE = 256
 
 
 class Frontend(NamedTuple):
@@ -46,7 +51,8 @@ class FrontendRule(NamedTuple):
     """One frontend of one Service port, as this node must program it.
 
     backends: the endpoints in slot order (empty: nothing to balance to, see
-    no_endpoints). masquerade: SNAT to the node so replies come back through it
+    no_endpoints): address order, or for more than LARGE_ABOVE the order kept across
+    changes. masquerade: SNAT to the node so replies come back through it
     (NodePort/external traffic under externalTrafficPolicy Cluster).
     affinity_timeout: seconds of ClientIP stickiness, or None.
     source_ranges: LoadBalancer source CIDRs allowed (empty: everyone).

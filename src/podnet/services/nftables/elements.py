@@ -12,11 +12,15 @@ from podnet.dataplane.nftables import Elements as NftElements
 from podnet.dataplane.nftables import Transaction
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState, StaleFlow
 from podnet.services.nftables.layout import (
+    LARGE_MAPS,
+    LARGE_SLOT_MAPS,
     SETS,
     SVC_TABLE,
+    TIER_MAX,
     Elements,
     _addr,
     affinity_chain,
+    large_chain,
     set_object,
     slot_map,
     slot_map_of,
@@ -54,23 +58,29 @@ def rule_elements(rule: FrontendRule) -> Elements:
 Item = tuple[str, Frontend, int | str | None, Backend | str | int | None]
 
 
-def rule_items(rule: FrontendRule) -> Iterator[Item]:
-    """The elements one frontend owns: the one definition of what goes where."""
+def rule_items(rule: FrontendRule, large_slots: bool = True) -> Iterator[Item]:
+    """The elements one frontend owns: the one definition of what goes where.
+    large_slots False: without the slots of a large frontend (see large_slot_changes)."""
     fe = rule.frontend
     np = fe.ip is None
     n = len(rule.backends)
     if n:
-        yield ("service_nodeports" if np else "service_ips"), fe, None, None
-        bit_set = "np_bit" if np else "svc_bit"
-        v, i = n - 1, 0
-        while v:
-            if v & 1:
-                yield f"{bit_set}{i}", fe, None, None
-            v >>= 1
-            i += 1
-        slots = slot_map(np, n)
-        for i, b in enumerate(rule.backends):
-            yield slots, fe, i, b
+        if n > TIER_MAX:
+            yield LARGE_MAPS[np], fe, None, f"goto {large_chain(np, False, n)}"
+            slots = LARGE_SLOT_MAPS[np, False] if large_slots else ""
+        else:
+            yield ("service_nodeports" if np else "service_ips"), fe, None, None
+            bit_set = "np_bit" if np else "svc_bit"
+            v, i = n - 1, 0
+            while v:
+                if v & 1:
+                    yield f"{bit_set}{i}", fe, None, None
+                v >>= 1
+                i += 1
+            slots = slot_map(np, n)
+        if slots:
+            for i, b in enumerate(rule.backends):
+                yield slots, fe, i, b
         if rule.masquerade:
             yield ("masq_nodeports" if np else "masq_ips"), fe, None, None
         if rule.affinity_timeout:
@@ -82,11 +92,14 @@ def rule_items(rule: FrontendRule) -> Iterator[Item]:
     short = rule.short_circuit
     if short:
         m = len(short)  # never n (the compiler's rule): the slots cannot clash with the frontend's own
-        yield ("short_circuit_nodeports" if np else "short_circuit_ips"), fe, None, \
-            f"goto {'np' if np else 'svc'}_{m}"
-        slots = slot_map(np, m)
-        for i, b in enumerate(short):
-            yield slots, fe, i, b
+        if m > TIER_MAX:
+            chain, slots = large_chain(np, True, m), LARGE_SLOT_MAPS[np, True] if large_slots else ""
+        else:
+            chain, slots = f"{'np' if np else 'svc'}_{m}", slot_map(np, m)
+        yield ("short_circuit_nodeports" if np else "short_circuit_ips"), fe, None, f"goto {chain}"
+        if slots:
+            for i, b in enumerate(short):
+                yield slots, fe, i, b
         if rule.affinity_timeout and not n:  # the frontend's own affinity elements are above otherwise
             yield ("affinity_nodeports" if np else "affinity_ips"), fe, None, f"jump {affinity_chain(rule.affinity_timeout)}"
             yield ("affinity_key_nodeports" if np else "affinity_key_ips"), fe, None, rule.affinity_key
@@ -96,6 +109,47 @@ def rule_items(rule: FrontendRule) -> Iterator[Item]:
         yield "firewall_ips", fe, None, None
         for cidr in rule.source_ranges:
             yield "lb_source_ranges", fe, _addr(cidr), None
+
+
+def is_large(rule: FrontendRule) -> bool:
+    """Whether the rule has slots in the large frontends' maps."""
+    return len(rule.backends) > TIER_MAX or len(rule.short_circuit) > TIER_MAX
+
+
+_RUN = 256  # slots compared at once by large_slot_changes
+
+
+def large_slot_changes(before: FrontendRule | None, after: FrontendRule | None,
+                       ) -> Iterator[tuple[Item | None, Item | None]]:
+    """(slot before, slot after) of each large-frontend slot that differs between two rules
+    of one frontend (None: no such slot), compared slot by slot: an endpoint that kept its
+    slot costs an identity check, whatever the frontend's size."""
+    rule = after if after is not None else before
+    if rule is None:
+        return
+    fe = rule.frontend
+    np = fe.ip is None
+    for short in (False, True):
+        name = LARGE_SLOT_MAPS[np, short]
+        lists = []
+        for r in (before, after):
+            b = () if r is None else (r.short_circuit if short else r.backends)
+            lists.append(b if len(b) > TIER_MAX else ())
+        old, new = lists
+        if old is new or old == new:
+            continue
+        lo, ln = len(old), len(new)
+        both = min(lo, ln)
+        for start in range(0, max(lo, ln), _RUN):
+            end = start + _RUN
+            if end <= both and old[start:end] == new[start:end]:
+                continue  # (compared in C; the same objects mostly)
+            for i in range(start, min(end, max(lo, ln))):
+                x = old[i] if i < lo else None
+                y = new[i] if i < ln else None
+                if x is y or x == y:
+                    continue
+                yield (None if x is None else (name, fe, i, x)), (None if y is None else (name, fe, i, y))
 
 
 def item_text(item: Item) -> tuple[str, str | None]:
@@ -154,8 +208,15 @@ def state_delta(old: ServiceState, new: ServiceState) -> tuple[Elements, Element
     for b, a in changed_rules(old, new):
         for rule, into in ((b, gone), (a, come)):
             if rule is not None:
-                for name, kv in rule_elements(rule).items():
-                    into.setdefault(name, {}).update(kv)
+                for item in rule_items(rule, large_slots=False):
+                    key, value = item_text(item)
+                    into.setdefault(item[0], {})[key] = value
+        if (b is not None and is_large(b)) or (a is not None and is_large(a)):
+            for x, y in large_slot_changes(b, a):
+                for item, into in ((x, gone), (y, come)):
+                    if item is not None:
+                        key, value = item_text(item)
+                        into.setdefault(item[0], {})[key] = value
     for name, a, b in (("service_cidrs", old.service_cidrs, new.service_cidrs),
                        ("node_ips", old.node_ips, new.node_ips)):
         if a != b:
@@ -185,6 +246,7 @@ def stale_udp_flows(gone: Elements, come: Elements, new: ServiceState) -> list[S
     endpoints, or did not exist: such flows were never NATed). Works the same for
     a delta against elements read back from the kernel (after an agent restart)."""
     out: set[StaleFlow] = set()
+    kept: dict[Frontend, set[Backend]] = {}  # a frontend's endpoints in `new` (made once per frontend)
     for name, kv in gone.items():
         which = slot_map_of(name)
         if which is None:
@@ -196,13 +258,17 @@ def stale_udp_flows(gone: Elements, come: Elements, new: ServiceState) -> list[S
             fe = frontend_of(key.rpartition(" . ")[0], np)
             ip, _, port = value.partition(" . ")
             backend = Backend(ip, int(port))
-            rule = new.rule(fe)
-            if rule is None or (backend not in rule.backends and backend not in rule.short_circuit):
+            endpoints = kept.get(fe)
+            if endpoints is None:
+                rule = new.rule(fe)
+                endpoints = kept[fe] = set() if rule is None else {*rule.backends, *rule.short_circuit}
+            if backend not in endpoints:
                 out.add(StaleFlow(fe, backend))
-    for name, np in (("service_ips", False), ("service_nodeports", True)):
-        for key in come.get(name, {}):
-            if key not in gone.get(name, {}) and " udp . " in f" {key} ":
-                out.add(StaleFlow(frontend_of(key, np), None))
+    for names, np in ((("service_ips", LARGE_MAPS[False]), False), (("service_nodeports", LARGE_MAPS[True]), True)):
+        for name in names:
+            for key in come.get(name, {}):
+                if " udp . " in f" {key} " and not any(key in gone.get(n, {}) for n in names):
+                    out.add(StaleFlow(frontend_of(key, np), None))
     return sorted(out, key=lambda f: (f.frontend.ip or "", f.frontend.port, f.backend or Backend("", 0)))
 
 

@@ -11,6 +11,7 @@ import hashlib
 import socket
 import struct
 from collections import defaultdict
+from collections.abc import Iterable
 from functools import lru_cache
 
 from podnet.dataplane import nfnetlink as nl
@@ -20,10 +21,22 @@ from podnet.services.nftables.elements import (
     Item,
     changed_rules,
     frontend_of,
+    is_large,
     item_text,
+    large_slot_changes,
     rule_items,
 )
-from podnet.services.nftables.layout import DIGEST, KEY_MAPS, SLOT_MAPS, TABLE, TEXT_ONLY, slot_map_of
+from podnet.services.nftables.layout import (
+    DIGEST,
+    KEY_MAPS,
+    LARGE_SLOT_MAP_OF,
+    LARGE_SLOT_MAPS,
+    SLOT_MAPS,
+    TABLE,
+    TEXT_ONLY,
+    large_chain_of,
+    slot_map_of,
+)
 
 _PROTO = {"tcp": bytes((6, 0, 0, 0)), "udp": bytes((17, 0, 0, 0)), "sctp": bytes((132, 0, 0, 0))}
 _PORT = struct.Struct("!H2x")  # inet_service, padded to a 32-bit register
@@ -113,12 +126,12 @@ def _checked(item: Item, with_value: bool) -> bytes:
         raise ValueError(f"set {item[0]}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
 
 
-def _rule_encoded(rule: FrontendRule) -> list[tuple[str, bytes]]:
+def _rule_encoded(rule: FrontendRule, large_slots: bool = True) -> list[tuple[str, bytes]]:
     try:
         key = _frontend_bytes(rule.frontend)  # every item of a rule is its frontend's
-        return [(item[0], _encode(item, key)) for item in rule_items(rule)]
+        return [(item[0], _encode(item, key)) for item in rule_items(rule, large_slots)]
     except (ValueError, KeyError, IndexError, OSError, OverflowError, struct.error):
-        for item in rule_items(rule):
+        for item in rule_items(rule, large_slots):
             _checked(item, True)  # raises, naming the element
         raise
 
@@ -129,6 +142,31 @@ def rule_hash(encoded: list[tuple[str, bytes]]) -> int:
     for _, e in encoded:
         h.update(e)
     return int.from_bytes(h.digest(), "little")
+
+
+def _slot_hash(name: str, encoded: bytes) -> int:
+    """A large frontend's slot's share of the digest (each slot on its own, so that a change
+    of a few slots costs a few hashes)."""
+    return int.from_bytes(hashlib.blake2b(name.encode() + b"\0" + encoded, digest_size=8).digest(), "little")
+
+
+def _share(rule: FrontendRule, encoded: list[tuple[str, bytes]]) -> int:
+    """A frontend's share of the digest, from its encoded elements: rule_hash over them, but a
+    large frontend's slots each add their own hash (see _slot_hash)."""
+    if not is_large(rule):
+        return rule_hash(encoded)
+    share = 0
+    head = []
+    for name, e in encoded:
+        if name in LARGE_SLOT_MAP_OF:
+            share ^= _slot_hash(name, e)
+        else:
+            head.append((name, e))
+    return share ^ rule_hash(head)
+
+
+def rule_share(rule: FrontendRule) -> int:
+    return _share(rule, _rule_encoded(rule))
 
 
 def digest_element(digest: int) -> bytes:
@@ -143,7 +181,7 @@ def state_batch(state: ServiceState) -> tuple[nl.Batch, int]:
     digest = 0
     for rule in state.rules:
         encoded = _rule_encoded(rule)
-        digest ^= rule_hash(encoded)
+        digest ^= _share(rule, encoded)
         for name, e in encoded:
             per_set[name].append(e)
     for name, elements in per_set.items():
@@ -155,17 +193,24 @@ def state_batch(state: ServiceState) -> tuple[nl.Batch, int]:
 def state_digest(state: ServiceState) -> int:
     digest = 0
     for rule in state.rules:
-        digest ^= rule_hash(_rule_encoded(rule))
+        digest ^= rule_share(rule)
     return digest
 
 
 def digest_delta(digest: int, old: ServiceState, new: ServiceState) -> int:
     """The digest after going from `old` to `new`: the changed frontends' old shares leave,
-    their new ones come."""
+    their new ones come (a large frontend's: the slots that changed)."""
     for b, a in changed_rules(old, new):
-        for rule in (b, a):
-            if rule is not None:
-                digest ^= rule_hash(_rule_encoded(rule))
+        if b is None or a is None or not (is_large(b) or is_large(a)):
+            for rule in (b, a):
+                if rule is not None:
+                    digest ^= rule_share(rule)
+            continue
+        digest ^= rule_hash(_rule_encoded(b, False)) ^ rule_hash(_rule_encoded(a, False))
+        for pair in large_slot_changes(b, a):
+            for item in pair:
+                if item is not None:
+                    digest ^= _slot_hash(item[0], _checked(item, True))
     return digest
 
 
@@ -176,11 +221,33 @@ def _parsed(name: str, key: str, value: str | None) -> Item:
         raise ValueError(f"set {name}: element {key!r} ({value!r}) cannot be encoded: {e}") from e
 
 
-def element_batch(gone: Elements, come: Elements, digest: tuple[int | None, int] | None = None) -> nl.Batch:
-    """The delta as one netlink transaction: deletions, then additions (a changed
-    value is a deletion and an addition), and the digest replaced (old, new) if
+def large_chain_expressions(nodeport: bool, short: bool, n: int) -> list[bytes]:
+    """The one rule of a large chain (layout.large_chain_rule), as the expressions nft makes of
+    it when it loads the table: the frontend's key and a random slot in consecutive
+    registers, looked up in the slot map, and the address and port found DNATed to."""
+    regs = iter((nl.REG_1, nl.REG32(1), nl.REG32(2), nl.REG32(3)))  # the key's fields, one register each
+    exprs = [] if nodeport else [nl.payload_load(nl.PAYLOAD_NETWORK, 16, 4, next(regs))]  # ip daddr
+    exprs.append(nl.meta_load(nl.META_L4PROTO, next(regs)))
+    exprs.append(nl.payload_load(nl.PAYLOAD_TRANSPORT, 2, 2, next(regs)))  # th dport
+    exprs.append(nl.numgen_random(n, next(regs)))
+    exprs.append(nl.map_lookup(LARGE_SLOT_MAPS[nodeport, short], nl.REG_1, nl.REG_1))
+    exprs.append(nl.dnat_ipv4(nl.REG_1, nl.REG32(1)))  # the value found: address, then port
+    return exprs
+
+
+def element_batch(gone: Elements, come: Elements, digest: tuple[int | None, int] | None = None,
+                  new_chains: Iterable[str] = (), old_chains: Iterable[str] = ()) -> nl.Batch:
+    """The delta as one netlink transaction: the large chains it needs added first, then
+    deletions, then additions (a changed value is a deletion and an addition), the large
+    chains nothing points to any more deleted last, and the digest replaced (old, new) if
     given. The text-only sets are not included."""
     batch = nl.Batch()
+    for name in new_chains:
+        which = large_chain_of(name)
+        if which is None:
+            raise ValueError(f"{name} is not a large chain")
+        batch.add_chain(TABLE, name)
+        batch.add_rule(TABLE, name, large_chain_expressions(*which))
     if digest is not None and digest[0] != digest[1]:
         if digest[0] is not None:
             batch.delete_elements(TABLE, DIGEST, [digest_element(digest[0])])
@@ -195,6 +262,8 @@ def element_batch(gone: Elements, come: Elements, digest: tuple[int | None, int]
                 batch.delete_elements(TABLE, name, encoded)
             else:
                 batch.add_elements(TABLE, name, encoded)
+    for name in old_chains:
+        batch.delete_chain(TABLE, name)
     return batch
 
 

@@ -11,20 +11,22 @@ from dataclasses import dataclass
 
 from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nftables import decode_intervals
-from podnet.services.nftables.elements import Elements
+from podnet.services.model import Backend, Frontend
+from podnet.services.nftables.elements import Elements, frontend_of
 from podnet.services.nftables.encoding import _PORT, _PROTO, _SLOT
 from podnet.services.nftables.layout import (
     ADDRESS_SETS,
     DIGEST,
     DYNAMIC,
     KEY_MAPS,
+    LARGE_SLOT_MAPS,
     MIN_CAPACITY,
     NOT_ELEMENTS,
     TABLE,
     Layout,
     _addr,
-    affinity_chain_rules,
-    is_affinity_chain,
+    dynamic_chain_rules,
+    is_dynamic_chain,
     slot_map_of,
 )
 
@@ -118,11 +120,33 @@ def check_layout(layout: Layout, table: KernelTable) -> str | None:
             continue
         if name.startswith("layout_"):
             return f"layout marker {name} is from another version"
-        if not is_affinity_chain(name):
+        if not is_dynamic_chain(name):
             return f"chain {name} is not part of the layout"
-        if count != len(affinity_chain_rules(name)):
-            return f"chain {name} has {count} rules, expected {len(affinity_chain_rules(name))}"
+        if count != len(dynamic_chain_rules(name)):
+            return f"chain {name} has {count} rules, expected {len(dynamic_chain_rules(name))}"
     return None
+
+
+def read_slot_orders(link: nl.Netlink) -> dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]:
+    """The large frontends' endpoints in the kernel, in slot order: frontend -> (its own
+    endpoints, its short-circuit endpoints). What the compiler keeps the slots of after an
+    agent restart, so that a table that is right stays as it is."""
+    slots: dict[Frontend, tuple[dict[int, Backend], dict[int, Backend]]] = {}
+    for (nodeport, short), name in LARGE_SLOT_MAPS.items():
+        try:
+            dumped = link.elements(TABLE, name)
+        except OSError:
+            continue
+        for e in dumped:
+            key, value = decode_element(name, e)
+            if value is None:
+                continue
+            fe_text, _, index = key.rpartition(" . ")
+            ip, _, port = value.partition(" . ")
+            fe = frontend_of(fe_text, nodeport)
+            slots.setdefault(fe, ({}, {}))[short][int(index)] = Backend(ip, int(port))
+    return {fe: (tuple(own[i] for i in sorted(own)), tuple(sc[i] for i in sorted(sc)))
+            for fe, (own, sc) in slots.items()}
 
 
 def read_affinity(link: nl.Netlink) -> list[tuple[str, str]]:
@@ -147,8 +171,6 @@ def affinity_delete_batch(keys: Iterable[str]) -> nl.Batch:
 
 
 def kernel_layout(mark: int, table: KernelTable) -> Layout:
-    """The tree depth and capacity of a table read back (to adopt them when they fit)."""
-    leaves = sum(1 for name in table.chains if name.startswith("svc_") and name[4:].isdigit())
-    bits = max(leaves.bit_length() - 1, 1)
-    return Layout(mark, bits, table.sizes.get("service_ips", MIN_CAPACITY))
+    """The capacity of a table read back (to adopt it when it fits)."""
+    return Layout(mark, table.sizes.get("service_ips", MIN_CAPACITY))
 

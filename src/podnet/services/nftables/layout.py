@@ -10,10 +10,14 @@
                                                                     (externalTrafficPolicy Local)
         ip daddr . meta l4proto . th dport @service_ips            -> goto svc_t (tier tree)
         fib daddr local, meta l4proto . th dport @service_nodeports -> goto np_t
+        ip daddr . meta l4proto . th dport vmap @large_ips          -> goto svc_large<N> (N > 256)
+        fib daddr local, meta l4proto . th dport vmap @large_nodeports -> goto np_large<N>
       svc_t...: a binary tree of chains that finds the endpoint count N of the frontend,
         one bit per level (@svc_bit<i> holds the frontends whose N-1 has bit i set)
       svc_<N>: dnat to (ip daddr . l4proto . dport . numgen random mod N) @backends_<N>
       np_<N>:  dnat to (l4proto . dport . numgen random mod N) @nodeport_backends_<N>
+      svc_large<N>, np_large<N> (one per endpoint count above the tree's, while in use):
+               dnat to (... . numgen random mod N) @backends_large / @nodeport_backends_large
       nat postrouting: record affinity (@affinity_ips/@affinity_nodeports -> jump aff_t<T>,
         which updates @affinity with the chosen backend), masquerade marked traffic
       filter forward: a DNATed packet that leaves by the interface it came in (a pod
@@ -30,15 +34,27 @@ of every verdict map (12-40 ms per change at 50 000 Services). Plain set element
 are not validated: a change costs the same at any size. The tree costs a fixed
 number of set lookups per new connection (TIER_BITS), whatever the number of Services.
 
-A Service port with N endpoints is one @service_ips element, one @svc_bit<i> element
-per bit set in N-1, and N @backends_<N> slot elements. The tree has 2^bits leaves
-(bits = TIER_BITS, more if a Service has more endpoints: the table is rebuilt once
-for it). aff_t<T> exists once per distinct affinity timeout. Nothing grows with
-the number of Services except elements.
+A Service port with N <= 256 endpoints is one @service_ips element, one @svc_bit<i>
+element per bit set in N-1, and N @backends_<N> slot elements. The tree is fixed: it
+has 2^TIER_BITS leaves, whatever the Services.
+
+A frontend with more endpoints (a *large* one) is one @large_ips element `goto
+svc_large<N>` and N slot elements in the one @backends_large map, keyed by its slot.
+Its chain exists while some frontend has N endpoints: it is added (as netlink, in the
+transaction of the elements that first need it) and deleted (in the transaction after
+which none does) with its one rule. A large frontend keeps the slots of the endpoints
+that stay (the compiler keeps their order): a changed endpoint is one slot element, an
+added one a slot and the @large_ips element pointing to the chain of N+1. Nothing is
+rebuilt for a large Service, and its cost is its endpoints' (the loop check of the
+goto elements walks the few verdict elements there are). Short-circuit endpoint lists
+of more than 256 go the same way (svc_large_sc<M>, @backends_large_sc).
+
+aff_t<T> exists once per distinct affinity timeout. Nothing grows with the number of
+Services except elements.
 
 The table's structure is a transaction of the typed nftables layer
 (podnet.dataplane.nftables), sent as `nft -f` text and rendered here (the layout once
-per layout, then the affinity chains and the text-only sets of a state).
+per layout, then the dynamic chains and the text-only sets of a state).
 """
 
 from __future__ import annotations
@@ -50,14 +66,15 @@ from functools import cached_property, lru_cache
 from podnet.dataplane.nftables import Chain, Map, Set, Table, Transaction
 from podnet.dataplane.nftables import Elements as NftElements
 from podnet.dataplane.nftables import Rule as NftRule
-from podnet.services.model import ServiceState
+from podnet.services.model import LARGE_ABOVE, ServiceState
 
 TABLE = "podnet-svc"
 FAMILY = "ip"
 PROTOS = ("tcp", "udp", "sctp")
 AFFINITY_MAX = 1048576  # entries in the dynamic affinity map
-TIER_BITS = 8  # the tier tree covers 1..256 endpoints per frontend unless a Service needs more
-MAX_TIER_BITS = 16
+TIER_BITS = 8  # the tier tree covers 1..256 endpoints per frontend
+TIER_MAX = 1 << TIER_BITS  # more endpoints than this: a large frontend (see the module's doc)
+assert TIER_MAX == LARGE_ABOVE  # the compiler keeps the slots of the same frontends
 # One slot map per endpoint count: the kernel checks every element of a map against
 # every rule bound to it (on insert, and for every element when a rule binds), so a
 # single slot map used by all leaf chains would cost 256 checks per element.
@@ -71,6 +88,14 @@ SLOT_TYPEOF = {
     False: "ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport",
     True: "meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport",
 }
+# (nodeport?, short-circuit?) -> the slot map of large frontends, and the verdict map that
+# sends a large frontend to its chain. Their value is a typeof of `th dport`, as the slot
+# maps': `nft` 1.0 cannot add a rule that uses such a map to a table it did not create in
+# the same transaction (the large chains are added as netlink, see dataplane.nfnetlink).
+LARGE_SLOT_MAPS = {(False, False): "backends_large", (False, True): "backends_large_sc",
+                   (True, False): "nodeport_backends_large", (True, True): "nodeport_backends_large_sc"}
+LARGE_SLOT_MAP_OF = {name: key for key, name in LARGE_SLOT_MAPS.items()}
+LARGE_MAPS = {False: "large_ips", True: "large_nodeports"}
 MIN_CAPACITY = 16384
 
 K3 = "ipv4_addr . inet_proto . inet_service"
@@ -84,8 +109,8 @@ SETS: dict[str, Set] = {s.name: s for s in (
     Set("cluster_ips", type="ipv4_addr"),
     Set("service_ips", type=K3),
     Set("service_nodeports", type=K2),
-    *(Set(f"svc_bit{i}", type=K3) for i in range(MAX_TIER_BITS)),
-    *(Set(f"np_bit{i}", type=K2) for i in range(MAX_TIER_BITS)),
+    *(Set(f"svc_bit{i}", type=K3) for i in range(TIER_BITS)),
+    *(Set(f"np_bit{i}", type=K2) for i in range(TIER_BITS)),
     Set("masq_ips", type=K3),
     Set("masq_nodeports", type=K2),
     Set("reject_ips", type=K3),
@@ -100,9 +125,12 @@ SETS: dict[str, Set] = {s.name: s for s in (
     Map("affinity_key_nodeports", type=f"{K2} : mark"),
     Map("short_circuit_ips", type=f"{K3} : verdict"),
     Map("short_circuit_nodeports", type=f"{K2} : verdict"),
+    Map("large_ips", type=f"{K3} : verdict"),
+    Map("large_nodeports", type=f"{K2} : verdict"),
+    *(Map(name, typeof=SLOT_TYPEOF[nodeport]) for (nodeport, _), name in LARGE_SLOT_MAPS.items()),
     Set("digest", type="mark . mark"),
 )}
-VERDICT_MAPS = {name for name, obj in SETS.items() if obj.kind == "map" and obj.type.endswith("verdict")}
+VERDICT_MAPS = {name for name, obj in SETS.items() if obj.kind == "map" and (obj.type or "").endswith("verdict")}
 KEY_MAPS = ("affinity_key_ips", "affinity_key_nodeports")  # frontend -> affinity key (a conntrack mark)
 ADDRESS_SETS = ("node_ips", "cluster_ips")  # elements are plain addresses
 TEXT_ONLY = ("service_cidrs", "node_ips")
@@ -160,6 +188,8 @@ def _fixed_chains(mark: int) -> dict[str, list[str]]:
               for src in SHORT_CIRCUIT_SOURCES),
             "ip daddr . meta l4proto . th dport @service_ips goto svc_t",
             f"{LOCAL_NODEPORT} meta l4proto . th dport @service_nodeports goto np_t",
+            "ip daddr . meta l4proto . th dport vmap @large_ips",
+            f"{LOCAL_NODEPORT} meta l4proto . th dport vmap @large_nodeports",
         ],
         "affinity_record": rec,
         "hairpin": [f"ct status dnat fib daddr . iif oif exists meta mark set meta mark | {m}"],
@@ -183,15 +213,20 @@ def _base_chains() -> dict[str, tuple[str, str, str, list[str]]]:
     }
 
 
-@lru_cache(maxsize=4)
-def _tree_chains(bits: int) -> dict[str, list[str]]:
+KEYS = {False: "ip daddr . meta l4proto . th dport", True: "meta l4proto . th dport"}  # nodeport? -> frontend key
+
+
+@lru_cache(maxsize=1)
+def _tree_chains() -> dict[str, list[str]]:
     """The tier tree and its leaves, for frontends (svc) and node ports (np).
 
-    Node `<kind>_t<prefix>` tests bit (bits-1-len(prefix)) of N-1, most significant
+    Node `<kind>_t<prefix>` tests bit (TIER_BITS-1-len(prefix)) of N-1, most significant
     first; the leaf for N-1 = v is `<kind>_<v+1>`, which picks one of N slots."""
+    bits = TIER_BITS
     out: dict[str, list[str]] = {}
-    for kind, key, nodeport in (("svc", "ip daddr . meta l4proto . th dport", False),
-                                ("np", "meta l4proto . th dport", True)):
+    for kind, nodeport in (("svc", False), ("np", True)):
+        key = KEYS[nodeport]
+
         def node(prefix: str, kind: str = kind) -> str:
             if len(prefix) == bits:
                 return f"{kind}_{int(prefix, 2) + 1}"
@@ -213,24 +248,21 @@ def _tree_chains(bits: int) -> dict[str, list[str]]:
 
 @dataclass(frozen=True)
 class Layout:
-    """The fixed part of the table for one masquerade mark and tier tree depth."""
+    """The fixed part of the table for one masquerade mark and capacity."""
 
     mark: int
-    bits: int = TIER_BITS
     capacity: int = MIN_CAPACITY  # elements of each SIZED set
 
-    def fit(self, most_backends: int, frontends: int) -> Layout:
-        """This layout if it holds a frontend with `most_backends` endpoints and `frontends`
-        elements in each SIZED set; otherwise a larger one (the table must be rebuilt)."""
-        bits = max(self.bits, (most_backends - 1).bit_length())
-        capacity = self.capacity
-        if frontends > capacity:
-            capacity = max(MIN_CAPACITY, 1 << (2 * frontends - 1).bit_length())
-        return self if (bits, capacity) == (self.bits, self.capacity) else Layout(self.mark, bits, capacity)
+    def fit(self, frontends: int) -> Layout:
+        """This layout if it holds `frontends` elements in each SIZED set; otherwise a
+        larger one (the table must be rebuilt). Endpoint counts never change the layout."""
+        if frontends <= self.capacity:
+            return self
+        return Layout(self.mark, max(MIN_CAPACITY, 1 << (2 * frontends - 1).bit_length()))
 
     @classmethod
     def for_state(cls, state: ServiceState) -> Layout:
-        return cls(state.masquerade_mark).fit(*state_size(state))
+        return cls(state.masquerade_mark).fit(max(state_sizes(state).values()))
 
     def sets(self) -> dict[str, Set]:
         """Every set and map of the table (name -> definition), the slot maps included."""
@@ -238,12 +270,12 @@ class Layout:
         for name, obj in SETS.items():
             out[name] = Set(name, type=obj.type, size=self.capacity) if name in SIZED else obj
         for nodeport in (False, True):
-            for m in _slot_maps(nodeport, self.bits):
+            for m in _slot_maps(nodeport):
                 out[m.name] = m
         return out
 
     def chains(self) -> dict[str, list[str]]:
-        return {**_fixed_chains(self.mark), **_tree_chains(self.bits)}
+        return {**_fixed_chains(self.mark), **_tree_chains()}
 
     def transaction(self) -> Transaction:
         """The layout's sets, maps and chains, every chain created before any rule so that
@@ -281,14 +313,15 @@ class Layout:
 def _layout_body(layout: Layout) -> str:
     return layout.transaction().script()
 
+
 def slot_map(nodeport: bool, n: int) -> str:
     """The map holding the slots of frontends with n endpoints."""
     return f"{SLOT_MAPS[nodeport]}_{n}"
 
 
-@lru_cache(maxsize=8)
-def _slot_maps(nodeport: bool, bits: int) -> list[Map]:
-    return Map.named([slot_map(nodeport, n) for n in range(1, 2 ** bits + 1)], typeof=SLOT_TYPEOF[nodeport])
+@lru_cache(maxsize=2)
+def _slot_maps(nodeport: bool) -> list[Map]:
+    return Map.named([slot_map(nodeport, n) for n in range(1, TIER_MAX + 1)], typeof=SLOT_TYPEOF[nodeport])
 
 
 @lru_cache(maxsize=1024)
@@ -299,11 +332,15 @@ def slot_map_object(nodeport: bool, n: int) -> Map:
 def set_object(name: str) -> Set:
     """The definition of a set or map of the table, by name."""
     slots = slot_map_of(name)
-    return slot_map_object(*slots) if slots else SETS[name]
+    return slot_map_object(*slots) if slots and slots[1] else SETS[name]
 
 
 def slot_map_of(name: str) -> tuple[bool, int] | None:
-    """(nodeport?, endpoint count) of a slot map's name; None for other sets."""
+    """(nodeport?, endpoint count) of a slot map's name (count 0: a large frontends' map);
+    None for other sets."""
+    large = LARGE_SLOT_MAP_OF.get(name)
+    if large is not None:
+        return large[0], 0
     prefix, _, n = name.rpartition("_")
     if not n.isdigit():
         return None
@@ -334,30 +371,51 @@ def is_affinity_chain(name: str) -> bool:
         return False
 
 
-def most_backends(els: Elements) -> int:
-    """The largest endpoint count among these elements' frontends (from their slot maps)."""
-    return max((s[1] for name, kv in els.items() if kv and (s := slot_map_of(name))), default=0)
+def large_chain(nodeport: bool, short: bool, n: int) -> str:
+    """The chain that picks one of n > TIER_MAX slots of a large frontend (short: of its
+    short-circuit endpoints)."""
+    return f"{'np' if nodeport else 'svc'}_large{'_sc' if short else ''}{n}"
 
 
-def state_size(state: ServiceState) -> tuple[int, int]:
-    """(largest endpoint count of a frontend, elements of the fullest SIZED set) of a state."""
-    most, counts = state_sizes(state)
-    return most, max(counts.values())
+def large_chain_of(name: str) -> tuple[bool, bool, int] | None:
+    """(nodeport?, short-circuit?, endpoint count) of a large chain's name; None for others."""
+    kind, sep, rest = name.partition("_large")
+    if not sep or kind not in ("svc", "np"):
+        return None
+    short = rest.startswith("_sc")
+    digits = rest[3:] if short else rest
+    if not digits.isdigit() or digits[0] == "0" or int(digits) <= TIER_MAX:
+        return None
+    return kind == "np", short, int(digits)
 
 
-def state_sizes(state: ServiceState) -> tuple[int, dict[str, int]]:
-    """(largest endpoint count of a frontend, elements of each SIZED set) of a state: O(frontends)."""
-    most = frontends = owners = 0
+def large_chain_rule(nodeport: bool, short: bool, n: int) -> str:
+    return f"dnat ip to {KEYS[nodeport]} . numgen random mod {n} map @{LARGE_SLOT_MAPS[nodeport, short]}"
+
+
+def dynamic_chain_rules(name: str) -> list[str]:
+    """Rules of a chain that exists only while elements point to it (affinity and large
+    chains), from its name; ValueError for any other name."""
+    large = large_chain_of(name)
+    if large is not None:
+        return [large_chain_rule(*large)]
+    return affinity_chain_rules(name)
+
+
+def is_dynamic_chain(name: str) -> bool:
+    return large_chain_of(name) is not None or is_affinity_chain(name)
+
+
+def state_sizes(state: ServiceState) -> dict[str, int]:
+    """The elements of each SIZED set of a state: O(frontends)."""
+    frontends = owners = 0
     for r in state.rules:
         n = len(r.backends)
-        most = max(most, n, len(r.short_circuit))
-        if n and r.frontend.ip is not None:
+        if n and n <= TIER_MAX and r.frontend.ip is not None:
             frontends += 1
         if r.owns_cluster_ip:
             owners += 1
-    return most, {"service_ips": frontends, "cluster_ips": owners}
-
-
+    return {"service_ips": frontends, "cluster_ips": owners}
 
 
 def _addr(cidr: str) -> str:
@@ -365,32 +423,54 @@ def _addr(cidr: str) -> str:
     return cidr[:-3] if cidr.endswith("/32") else cidr
 
 
-def state_affinity_chains(state: ServiceState) -> set[str]:
-    """The affinity chains a state's frontends jump to."""
-    return {affinity_chain(r.affinity_timeout) for r in state.rules if r.affinity_timeout and r.backends}
-
-
-def affinity_chains(els: Elements) -> set[str]:
-    """The affinity chains the elements point to."""
+def state_chains(state: ServiceState) -> set[str]:
+    """The dynamic chains (affinity and large) a state's frontends jump to."""
     out = set()
-    for name in ("affinity_ips", "affinity_nodeports"):
-        for v in els.get(name, {}).values():
-            if v:
-                out.add(v.split()[-1])
+    for r in state.rules:
+        if r.affinity_timeout and r.backends:
+            out.add(affinity_chain(r.affinity_timeout))
+        np = r.frontend.ip is None
+        if len(r.backends) > TIER_MAX:
+            out.add(large_chain(np, False, len(r.backends)))
+        if len(r.short_circuit) > TIER_MAX:
+            out.add(large_chain(np, True, len(r.short_circuit)))
     return out
 
+
+def large_chain_refs(state: ServiceState) -> dict[str, int]:
+    """Large chain -> how many of a state's elements point to it."""
+    refs: dict[str, int] = {}
+    for r in state.rules:
+        np = r.frontend.ip is None
+        for short, n in ((False, len(r.backends)), (True, len(r.short_circuit))):
+            if n > TIER_MAX:
+                name = large_chain(np, short, n)
+                refs[name] = refs.get(name, 0) + 1
+    return refs
+
+
+def element_chains(els: Elements) -> set[str]:
+    """The dynamic chains (affinity and large) the elements point to."""
+    out = set()
+    for name in VERDICT_MAPS:
+        for v in els.get(name, {}).values():
+            if v:
+                chain = v.split()[-1]
+                if is_dynamic_chain(chain):
+                    out.add(chain)
+    return out
 
 
 def _structure_parts(layout: Layout, state: ServiceState) -> tuple[Transaction, Transaction]:
     """What goes before the layout (the old table removed) and after it (the layout marker,
-    the state's affinity chains, the text-only sets' elements)."""
+    the state's dynamic chains, the text-only sets' elements)."""
     head = Transaction(SVC_TABLE)
     head.recreate()
     tail = Transaction(SVC_TABLE)
     tail.add(Chain(layout.marker))
-    for chain in sorted(state_affinity_chains(state)):
+    for chain in sorted(state_chains(state)):
         tail.add(Chain(chain))
-        tail.add_all(NftRule.many(chain, affinity_chain_rules(chain)))
+        tail.add_all(NftRule.many(chain, dynamic_chain_rules(chain)))
     tail.add(NftElements(SETS["service_cidrs"], sorted(_addr(c) for c in state.service_cidrs)))
     tail.add(NftElements(SETS["node_ips"], sorted(state.node_ips)))
     return head, tail
@@ -409,10 +489,12 @@ def structure_script(layout: Layout, state: ServiceState) -> str:
     head, tail = _structure_parts(layout, state)
     return head.script() + layout.body + tail.script()
 
+
 def affinity_chain_script(come: Elements, existing: set[str]) -> str:
-    """Affinity chains the new elements need and the table lacks ("" if none)."""
+    """Affinity chains the new elements need and the table lacks ("" if none; the large
+    chains they need travel as netlink, see encoding.large_chain_batch)."""
     tx = Transaction(SVC_TABLE)
-    for chain in sorted(affinity_chains(come) - existing):
+    for chain in sorted(c for c in element_chains(come) - existing if is_affinity_chain(c)):
         tx.add(Chain(chain))
         tx.add_all(NftRule.many(chain, affinity_chain_rules(chain)))
     return tx.script()
