@@ -43,6 +43,7 @@ from podnet.agent.cache import ObjectCache
 from podnet.agent.contract import Dataplane, DataplaneMetrics
 from podnet.agent.dataplanes import DnsDataplane, NatDataplane, PolicyDataplane, RoutesDataplane
 from podnet.agent.follow import StoreFollower
+from podnet.agent.readiness import report_ready
 from podnet.agent.worker import DataplaneWorker, SyncProgress
 from podnet.bgp.bird import Bird
 from podnet.cni import DEFAULT_SOCKET
@@ -85,6 +86,7 @@ class AgentConfig:
     min_sync_interval: float = 0.01  # at most one sync per dataplane per interval: a burst coalesces
     resync_interval: float = 60.0  # full reconcile even without changes: heals drift
     node_wait: float = 30.0
+    pod_wait: float = 0.0  # a CNI ADD waits this long for a Pod the store does not know yet (cni/podwait.py)
     cloud_instance_id: str | None = None  # ENI pools: this node's instance (default: the Node's providerID)
     cloud_endpoint: str | None = None  # ENI pools: the EC2 endpoint (default: the CloudNetwork's, else AWS's)
     bgp_dir: str | None = None  # BIRD's files (default: `<socket>.bird`)
@@ -144,6 +146,7 @@ class Agent:
             worker.run_once(full=True)
         self.synced.set()
         self._record_synced()
+        report_ready(self.kv, self.cfg.node, self.progress.synced_rev())  # kube-sync: NetworkUnavailable=False
         # What the first sync built lives as long as the agent and holds no cycles: keep the
         # cyclic collector from walking it all again on every full collection (at 50k
         # Services, ~0.3 s each).
@@ -302,6 +305,7 @@ class Agent:
         pods = self.eni.pod_dataplane(self.pods) if self.eni is not None else self.pods
         ipam = self.eni.ipam_factory if self.eni is not None else None  # else podnet's own IPAM
         handler = CNIHandler(self.cni_kv, self.cfg.node, pods, ready=self.ready, ipam_factory=ipam)
+        handler.pod_wait = self.cfg.pod_wait
         self.server = CNIServer(self.cfg.socket, handler)
         self.server.start()
         log.info("serving CNI on %s", self.cfg.socket)

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ENI pools: this node's cloud instance (default: from the Node's spec.providerID)")
     p.add_argument("--cloud-endpoint", default=None, metavar="URL",
                    help="ENI pools: the EC2 API endpoint (default: the CloudNetwork's, else AWS's)")
+    p.add_argument("--pod-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="a CNI ADD for a Pod not yet in the store waits for it this long, then answers 'try again' "
+                        "(with the Kubernetes API as the source: kube-sync may be an event behind; default 0: no wait)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_agent)
 
@@ -73,6 +76,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         service_cidrs, cluster_domain = agent_settings(kv, args.service_cidr, args.cluster_domain,
                                                        logging.getLogger("podnet.agent").warning)
     cfg = AgentConfig(node=args.node, store_url=args.store, store_credentials=creds, socket=args.socket,
+                      pod_wait=args.pod_wait,
                       node_ip=args.node_ip,
                       resync_interval=args.resync,
                       service_cidrs=service_cidrs, service_proxy=args.service_proxy,

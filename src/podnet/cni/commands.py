@@ -61,6 +61,7 @@ class Commands:
     ready: Callable[[], tuple[int, str] | None]
     verify_netns: Callable[[str], str | None]
     _sessions: Sessions
+    pod_wait: float = 0.0  # seconds an ADD waits for a Pod the store does not know yet (podwait.py)
 
     # ------------------------------------------------------------ VERSION
 
@@ -73,6 +74,11 @@ class Commands:
         problem = self.verify_netns(req.netns)
         if problem:
             raise CNIError(E_INVALID_NETNS, problem)
+        if self.pod_wait and req.pod:
+            from podnet.cni.podwait import wait_for_pod
+
+            with self._sessions.session() as (kv, _):
+                wait_for_pod(kv, req.namespace or "default", req.pod, self.pod_wait)
         key = attachment_key(self.node, req.handle)
         with self._sessions.session() as (kv, ipam):
             existing = store_call(lambda: kv.get(key))
