@@ -70,9 +70,9 @@ class PoolIndex:
 def block_routing(block: BlockRecord, pools: PoolIndex) -> tuple[BlockOwner | None, list[Borrowed]]:
     """One block's share of the routing inputs: its owner, and the addresses other
     nodes borrowed from it. (None, []) for a block of a deleted pool: its routes go
-    with the pool."""
+    with the pool, and for a block of an Attachment pool: the underlay routes those."""
     pool = pools.pool_of(block)
-    if pool is None:
+    if pool is None or pool.spec.for_attachments:
         return None, []
     encap = pool.spec.encapsulation
     borrowed: list[Borrowed] = []

@@ -184,7 +184,8 @@ def compile_node(node_name: str, nodes: Iterable[Node], config: BGPConfiguration
             rr_client=bool(my_cluster) and asn == my_as, source_address=my_ip if source else None,
             password=s.password, restart_time=restart, keep_next_hop=s.keep_original_next_hop and asn != my_as)
 
-    v4 = [p for p in pools if ipaddress.ip_network(p.spec.cidr).version == 4]
+    # Attachment pools (additional networks' addresses) are the underlay's to route, never BGP's.
+    v4 = [p for p in pools if ipaddress.ip_network(p.spec.cidr).version == 4 and not p.spec.for_attachments]
     index = PoolIndex(v4)
     own: list[str] = []
     borrowed: list[str] = []

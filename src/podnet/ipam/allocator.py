@@ -42,6 +42,7 @@ from podnet.ipam import block as blk
 from podnet.ipam import keys
 from podnet.ipam.errors import AddressUnavailable, IPAMError, IPAMExhausted, NoPool, TooManyConflicts
 from podnet.ipam.selection import (
+    WORKLOAD,
     Snapshot,
     SnapshotReader,
     choose_pools,
@@ -184,6 +185,7 @@ class IPAM:
         pod: str | None = None,
         pools: list[str] | None = None,
         address: str | None = None,
+        use: str = WORKLOAD,
     ) -> Allocation:
         """One address for handle on node. Idempotent: a handle that holds an address gets it back.
 
@@ -192,6 +194,8 @@ class IPAM:
         selectors decide (see selection.py). When either argument is given, the
         annotations are not consulted: `address` asks for that address (in an enabled
         pool; among `pools` if both are given), `pools` for those pools in that order.
+        `use`: what the address is for; pools must allow it (Attachment: an additional
+        network's address, podnet-ipam, from the named `pools` only).
         """
         if not handle:
             raise IPAMError("allocate needs a handle")
@@ -212,7 +216,7 @@ class IPAM:
         fixed = fixed_address(address, None if explicit else pod_obj)
         if fixed is not None:
             with self._serialised(node):
-                return self._allocate_fixed(req, snap, fixed, pools)
+                return self._allocate_fixed(req, snap, fixed, pools, use)
         choice = choose_pools(
             snap,
             node=node,
@@ -221,6 +225,7 @@ class IPAM:
             namespace=_lazy(lambda: self.objects.get(Namespace, namespace) if namespace else None),
             namespace_name=namespace,
             node_labels=_lazy(lambda: self._node_labels(node)),
+            use=use,
         )
         with self._serialised(node):
             return self._allocate_auto(req, snap, choice.pools)
@@ -566,12 +571,15 @@ class IPAM:
         reasons.append(f"no free address to borrow in any block of IPPool {names}")
         return None
 
-    def _allocate_fixed(self, req: _Request, snap: Snapshot, addr: str, pools: list[str] | None) -> Allocation:
+    def _allocate_fixed(self, req: _Request, snap: Snapshot, addr: str, pools: list[str] | None,
+                        use: str = WORKLOAD) -> Allocation:
         existing, hrec = self._existing(req.handle)
         if existing is not None:
             return existing
         req.handle_rec = hrec
         pool = pool_for_fixed(snap, addr)
+        if use not in pool.spec.allowed_uses and (use != WORKLOAD or pool.spec.for_attachments):
+            raise AddressUnavailable(addr, f"its IPPool {pool.name} does not allow {use} use")
         if pools and pool.name not in pools:
             raise AddressUnavailable(addr, f"it is in IPPool {pool.name}, not in the requested {', '.join(pools)}")
         assert pool.spec.block_size is not None

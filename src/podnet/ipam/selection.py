@@ -150,7 +150,7 @@ def parse_pool_list(value: str, where: str) -> list[str]:
     return names
 
 
-def _named_pools(snap: Snapshot, names: Sequence[str], source: str) -> list[IPPool]:
+def _named_pools(snap: Snapshot, names: Sequence[str], source: str, use: str = WORKLOAD) -> list[IPPool]:
     out = []
     for name in names:
         pool = snap.pool(name)
@@ -158,8 +158,8 @@ def _named_pools(snap: Snapshot, names: Sequence[str], source: str) -> list[IPPo
             raise NoPool(f"IPPool {name} (from {source}) does not exist")
         if pool.spec.disabled:
             raise NoPool(f"IPPool {name} (from {source}) is disabled")
-        if WORKLOAD not in pool.spec.allowed_uses:
-            raise NoPool(f"IPPool {name} (from {source}) does not allow Workload use")
+        if use not in pool.spec.allowed_uses:
+            raise NoPool(f"IPPool {name} (from {source}) does not allow {use} use")
         if pool not in out:
             out.append(pool)
     return out
@@ -186,10 +186,14 @@ def choose_pools(
     namespace: Callable[[], Namespace | None],
     node_labels: Callable[[], dict[str, str]],
     namespace_name: str | None = None,
+    use: str = WORKLOAD,
 ) -> PoolChoice:
-    """The pools to allocate from, in order of preference (see module doc)."""
+    """The pools to allocate from, in order of preference (see module doc). `use` other than
+    Workload (Attachment: podnet-ipam) needs explicit pools that allow it."""
     if explicit:
-        return PoolChoice(_named_pools(snap, explicit, "the request"), "the request")
+        return PoolChoice(_named_pools(snap, explicit, "the request", use), "the request")
+    if use != WORKLOAD:
+        raise NoPool(f"an allocation for {use} use must name its IPPools")
     if pod is not None and ANNOTATION_POOLS in pod.metadata.annotations:
         where = f"pod {pod.namespace}/{pod.name}"
         names = parse_pool_list(pod.metadata.annotations[ANNOTATION_POOLS], where)

@@ -15,6 +15,7 @@ from podnet.model.addresses import canonical_ip, packed_ip
 from podnet.model.base import Partial, Schema
 from podnet.model.bgp import DEFAULT_CONFIG_NAME, BGPConfigurationSpec, BGPPeerSpec, NodeBGPSpec
 from podnet.model.cloud import CloudNetworkSpec
+from podnet.model.multinet import NetworkAttachmentDefinitionSpec
 from podnet.model.names import (  # noqa: F401 - the patterns, for modules that import them from here
     DNS1035_LABEL,
     DNS1123_LABEL,
@@ -687,7 +688,11 @@ class NetworkPolicy(KubeObject):
 
 # ---------------------------------------------------------------- podnet.io/v1 (IPAM)
 
-ALLOWED_USES = ("Workload", "Tunnel", "LoadBalancer")
+ALLOWED_USES = ("Workload", "Tunnel", "LoadBalancer", "Attachment")
+# Attachment: addresses for pods' additional networks (podnet-ipam, podnet.multinet) only. Such a
+# pool's addresses live on an underlay that routes them: podnet neither routes, tunnels nor
+# advertises its blocks, and never gives them to eth0.
+ATTACHMENT = "Attachment"
 
 
 class IPPoolSpec(Schema):
@@ -700,7 +705,7 @@ class IPPoolSpec(Schema):
     disabled: bool = False
     # BGP: the pool's blocks are never advertised to peers outside the cluster (podnet.bgp)
     disable_bgp_export: bool = Field(default=False, alias="disableBGPExport")
-    allowed_uses: list[Literal["Workload", "Tunnel", "LoadBalancer"]] = Field(
+    allowed_uses: list[Literal["Workload", "Tunnel", "LoadBalancer", "Attachment"]] = Field(
         default_factory=lambda: ["Workload", "Tunnel"]
     )
 
@@ -708,6 +713,25 @@ class IPPoolSpec(Schema):
     @classmethod
     def _cidr(cls, v: str) -> str:
         return check_cidr(v)
+
+    @property
+    def for_attachments(self) -> bool:
+        """A pool of additional networks' addresses (allowedUses [Attachment]): not routed by podnet."""
+        return ATTACHMENT in self.allowed_uses
+
+    @model_validator(mode="after")
+    def _attachment(self) -> IPPoolSpec:
+        if ATTACHMENT not in self.allowed_uses:
+            return self
+        if len(set(self.allowed_uses)) > 1:
+            raise ValueError("allowedUses: Attachment cannot be combined with other uses: an Attachment pool's "
+                             "addresses are on an underlay that routes them, never on eth0 or podnet's tunnels")
+        if "encapsulation" not in self.model_fields_set:
+            object.__setattr__(self, "encapsulation", "None")
+        elif self.encapsulation != "None":
+            raise ValueError("encapsulation: an Attachment pool is never tunnelled by podnet: expected None "
+                             "(or leave it out)")
+        return self
 
     @model_validator(mode="after")
     def _block_size(self) -> IPPoolSpec:
@@ -823,12 +847,28 @@ class BGPPeer(KubeObject):
     spec: BGPPeerSpec
 
 
+# ---------------------------------------------------------------- k8s.cni.cncf.io/v1 (model/multinet.py)
+
+
+class NetworkAttachmentDefinition(KubeObject):
+    """An additional network pods ask for by name (annotation k8s.v1.cni.cncf.io/networks)."""
+
+    KIND = "NetworkAttachmentDefinition"
+    API_VERSIONS = ("k8s.cni.cncf.io/v1",)
+    PLURAL = "network-attachment-definitions"
+    SHORT_NAMES = ("net-attach-def", "nad")
+    kind: Literal["NetworkAttachmentDefinition"] = "NetworkAttachmentDefinition"
+    api_version: str = "k8s.cni.cncf.io/v1"
+    spec: NetworkAttachmentDefinitionSpec
+
+
 KINDS: dict[str, type[KubeObject]] = {
     cls.KIND: cls
     for cls in (
         Namespace, Node, Pod, Service, EndpointSlice, NetworkPolicy, IPPool, IPReservation, IPAMConfig,
         CloudNetwork,
         BGPConfiguration, BGPPeer,
+        NetworkAttachmentDefinition,
     )
 }
 
