@@ -169,6 +169,7 @@ def add_pod(lab, name, node):
 
 
 def test_new_block_is_routable_from_every_node_and_outside(lab):
+    since = {n["name"]: {s.name: s.since for s in sessions(ctl(lab, n["name"]))} for n in lab.nodes}
     netns, conf, runtime, pod_ip = add_pod(lab, "late-3", "node-3")  # node-3's first pod: a new block
     server = subprocess.Popen(["ip", "netns", "exec", netns, "socat", "TCP-LISTEN:8080,reuseaddr,fork",
                                "SYSTEM:echo late-3"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -189,6 +190,8 @@ def test_new_block_is_routable_from_every_node_and_outside(lab):
         out = subprocess.run(["ip", "netns", "exec", ul, "socat", "-T", "3", "-",
                               f"TCP:{pod_ip}:8080,bind={lab.external_ip}"], input="", capture_output=True, text=True)
         assert out.stdout.strip() == "late-3", out
+        # node-3 reloaded BIRD with the new block (and its import filters changed): no session was reset
+        assert {n["name"]: {s.name: s.since for s in sessions(ctl(lab, n["name"]))} for n in lab.nodes} == since
     finally:
         server.kill()
         server.wait(10)
