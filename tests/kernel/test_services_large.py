@@ -1,5 +1,5 @@
-r"""Services with more endpoints than the tier tree covers, with the real kernel and real
-packets.
+r"""Services with more endpoints than the tier tree covers, and Service elements deleted
+behind the agent's back, with the real kernel and real packets.
 
     client (10.10.0.2) -- veth -- node (10.10.0.1, 10.20.0.1) -- veth -- backends (10.20.0.2)
                                                                          10.21.0.0/16 on lo
@@ -252,6 +252,36 @@ def test_a_large_service_balances_over_all_its_endpoints_and_changes_element_by_
         node = Node(topo.node)
         r = node.ask(op="put", objects=big_objects(ips, 5) + small)
         assert r["summary"] == "" and r["chains"] == ["np_large1001", "svc_large1001"]
+    finally:
+        node.close()
+
+
+def test_elements_deleted_behind_the_agents_back_are_found_and_restored_by_one_resync(topo):
+    node = Node(topo.node)
+    try:
+        ips = [endpoint_ip(i) for i in range(N)]
+        small = [service("small", SMALL_IP), slice_("small", 0, ips[:3])]
+        node.ask(op="put", objects=big_objects(ips) + small)
+        assert node.ask(op="verify")["drift"] == []
+        assert set(topo.probe(SMALL_IP, count=5)) <= set(ips[:3])
+
+        # the small Service's dispatch element and one slot of the large one
+        topo.nft("delete", "element", "ip", "podnet-svc", "service_ips", f"{{ {SMALL_IP} . tcp . 80 }}")
+        topo.nft("delete", "element", "ip", "podnet-svc", "backends_large", f"{{ {CLUSTER_IP} . tcp . 80 . 5 }}")
+        assert topo.probe(SMALL_IP)[0] not in ips  # no endpoint answers without its dispatch element
+        # the next resync: verify() counts the elements (chain names alone look fine) ...
+        drift = node.ask(op="verify")["drift"]
+        assert len(drift) == 1 and drift[0] in ("set service_ips holds 0 elements, 1 expected",
+                                                "set backends_large holds 1999 elements, 2000 expected"), drift
+        # ... and the full sync after it reads the elements back and puts them back
+        r = node.ask(op="sync", full=True)
+        assert r["summary"] == "table updated: +2 -0 elements"
+        els = topo.nft("-j", "list", "set", "ip", "podnet-svc", "service_ips").stdout
+        assert SMALL_IP in els
+        assert f"{CLUSTER_IP} . tcp . 80 . 5 : {ips[5]} . 8080" in \
+            topo.nft("list", "map", "ip", "podnet-svc", "backends_large").stdout
+        assert set(topo.probe(SMALL_IP, count=5)) <= set(ips[:3])
+        assert node.ask(op="verify")["drift"] == [] and node.ask(op="sync", full=True)["summary"] == ""
     finally:
         node.close()
 

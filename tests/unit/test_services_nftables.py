@@ -273,25 +273,42 @@ def test_state_delta_equals_the_full_diff():
 
 
 class FakeKernel:
-    """Records nft scripts and netlink batches (the real kernel: tests/kernel/test_services_*)."""
+    """Records nft scripts and netlink batches (the real kernel: tests/kernel/test_services_*),
+    and counts the elements they leave in each set."""
 
     def __init__(self):
         self.scripts: list[str] = []
         self.batches: list = []
         self.fail_next = False
         self.chain_names: list[str] = []
+        self.held: dict[str, int] = {}
+        self.gen = 0  # the nf_tables generation: one more per committed transaction
+        self.counted = 0
 
     def nft(self, script: str) -> None:
         if self.fail_next:
             self.fail_next = False
             raise NftError("boom")
         self.scripts.append(script)
+        self.gen += 1
+        if "delete table ip podnet-svc" in script:
+            self.held = {}
 
     def commit(self, batch) -> None:
         if self.fail_next:
             self.fail_next = False
             raise NftError("boom")
         self.batches.append(batch)
+        self.gen += 1
+        for name, n in batch.changes.items():
+            self.held[name] = self.held.get(name, 0) + n
+
+    def counts(self, names) -> dict[str, int]:
+        self.counted += 1
+        return {name: self.held.get(name, 0) for name in names}
+
+    def generation(self) -> int:
+        return self.gen
 
     def slot_orders(self) -> dict:
         return {}
@@ -351,7 +368,7 @@ class _Proc:
     stderr = "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."
 
 
-def test_a_large_service_is_element_changes_and_verify_checks_chain_names():
+def test_a_large_service_is_element_changes_and_verify_checks_chains_and_element_counts():
     k = FakeKernel()
     a = k.applier(conntrack=None)
     assert a.verify() == "never applied"
@@ -369,11 +386,31 @@ def test_a_large_service_is_element_changes_and_verify_checks_chain_names():
     assert what[-1] == "deleting chain podnet-svc svc_large300" and a.chains == {"svc_large301"}
     assert (r.added, r.removed) == (2, 1)  # slot 300 and the new goto; the old goto
     k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
+    assert a.verify() is None and k.held["backends_large"] == 301 and k.counted == 1
+    assert a.verify() is None and k.counted == 1  # no transaction since the check: nothing to read
+    k.held["backends_large"] -= 1  # an element deleted behind the applier's back ...
+    k.gen += 1  # ... in a transaction of its own
+    assert a.verify() == "set backends_large holds 300 elements, 301 expected" and k.counted == 2
+    k.held["backends_large"] += 1
+    k.held["masq_ips"] = 1  # or one added to a set that should be empty
+    assert a.verify() == "set masq_ips holds 1 elements, 0 expected"
+    del k.held["masq_ips"]
+    k.held["backends_7"] = 1  # (but an empty slot map is not counted: no frontend reaches it)
     assert a.verify() is None
+    k.gen += 1
     missing = k.chain_names.pop(0)
     assert a.verify() == f"chain {missing} is missing"
     k.chain_names = []
     assert a.verify() == "table missing"
+    # the table right again; the applier's own transactions do not make verify() read it
+    k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
+    assert a.verify() is None and a.generation == k.gen
+    counted = k.counted
+    a.apply(state(rule("10.96.0.10", 80, *many_backends(302))))
+    assert a.verify() is None and k.counted == counted
+    k.gen += 1  # someone else's
+    k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
+    assert a.verify() is None and k.counted == counted + 1
 
 
 def test_cluster_ips_share_the_capacity_and_services_without_endpoints_count():

@@ -129,8 +129,10 @@ class ServiceDataplane(Dataplane):
     # -- sync
 
     def verify(self) -> list[str]:
-        """The cheap check (chain names, no elements): what is wrong with the table, if
-        anything; the next sync then re-reads the kernel and repairs it."""
+        """The cheap check (chain names, and each set's element count, counted without
+        decoding an element): what is wrong with the table, if anything; the next sync then
+        re-reads the elements and repairs them. An element deleted behind the agent's back
+        is found by the first resync after it, not by the hourly read-back."""
         problem = self.applier.verify()
         if problem is None or problem == "never applied":
             return []

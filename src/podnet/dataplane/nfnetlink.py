@@ -53,6 +53,9 @@ NFT_MSG_GETSET = 10
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
+NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
+GEN_ID = 1
 NLM_F_CREATE = 0x400
 NLM_F_APPEND = 0x800
 NLM_F_DUMP = 0x300
@@ -199,6 +202,7 @@ class Batch:
         self.family = family
         self.messages: list[tuple[int, int, bytes, str]] = []  # (type, flags, payload, what)
         self.elements = 0
+        self.changes: dict[str, int] = {}  # set -> elements added less elements deleted
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -244,6 +248,7 @@ class Batch:
             self.messages.append((msg, flags, head + nested(SET_ELEM_LIST_ELEMENTS, b"".join(chunk)), what))
             count += len(chunk)
         self.elements += count
+        self.changes[set_name] = self.changes.get(set_name, 0) + (count if msg == NFT_MSG_NEWSETELEM else -count)
 
     def encode(self, seq0: int) -> bytes:
         parts = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq0, _nfgen(0, NFNL_SUBSYS_NFTABLES))]
@@ -342,6 +347,27 @@ class Netlink:
                 out.append(text(a.get(CHAIN_NAME)))
         return out
 
+    def generation(self) -> int:
+        """The nf_tables generation of this network namespace: it grows by one with every
+        committed transaction, of any table (equal twice: nothing was committed between)."""
+        seq = self.seq
+        self.seq += 1
+        self.sock.send(message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, _nfgen(0, 0)))
+        self.sock.settimeout(10)
+        try:
+            while True:
+                for kind, _, mseq, body in messages(self.sock.recv(1 << 16)):
+                    if mseq != seq:
+                        continue
+                    if kind == NLMSG_ERROR:
+                        raise OSError(-error_code(body), os.strerror(-error_code(body)))
+                    if kind & 0xFF == NFT_MSG_NEWGEN:
+                        return struct.unpack("!I", attrs(body[4:])[GEN_ID])[0]
+        except TimeoutError as e:
+            raise NftError("nf_tables generation: no answer from the kernel") from e
+        finally:
+            self.sock.settimeout(None)
+
     def rule_counts(self, table: str) -> dict[str, int]:
         """chain -> number of rules, for one table."""
         counts: dict[str, int] = {}
@@ -412,6 +438,17 @@ class Netlink:
                 out.append((text(a.get(RULE_CHAIN)), a.get(RULE_EXPRESSIONS, b"")))
         return out
 
+    def element_count(self, table: str, set_name: str) -> int:
+        """How many elements one set or map holds: a dump, counted without decoding a single
+        element; raises OSError(ENOENT) if the set does not exist."""
+        head = strz(SET_ELEM_LIST_TABLE, table) + strz(SET_ELEM_LIST_SET, set_name)
+        count = 0
+        for body in self.dump(NFT_MSG_GETSETELEM, head):
+            listing = attrs(body).get(SET_ELEM_LIST_ELEMENTS)
+            if listing:
+                count += _count_attrs(listing)
+        return count
+
     def elements(self, table: str, set_name: str) -> list[DumpedElement]:
         """Every element of one set or map; raises OSError(ENOENT) if it does not exist."""
         out = []
@@ -420,6 +457,31 @@ class Netlink:
             listing = attrs(body).get(SET_ELEM_LIST_ELEMENTS)
             out += [decode_element(elem) for kind, elem in attr_list(listing or b"") if kind == LIST_ELEM]
         return out
+
+
+_LENGTH = struct.Struct("=H")
+
+
+def _count_attrs(data: bytes) -> int:
+    """The number of attributes in a run of them (their lengths only are read; when they are
+    all as long as the first, as the elements of most sets are, in one pass of C)."""
+    if len(data) >= 4:
+        first = _LENGTH.unpack_from(data, 0)[0]
+        step = (first + 3) & ~3
+        if first >= 4 and len(data) % step == 0:
+            k = len(data) // step
+            if data[0::step] == bytes((first & 255,)) * k and data[1::step] == bytes((first >> 8,)) * k:
+                return k
+    count = off = 0
+    end = len(data) - 3
+    unpack = _LENGTH.unpack_from
+    while off < end:
+        n = unpack(data, off)[0]
+        if n < 4:
+            break
+        off += (n + 3) & ~3
+        count += 1
+    return count
 
 
 class DumpedChain(NamedTuple):

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Protocol
 
 from podnet.dataplane import nfnetlink as nl
@@ -82,6 +83,15 @@ class NetlinkKernel:
         except OSError:
             return []
 
+    def counts(self, names: Iterable[str]) -> dict[str, int]:
+        return nt.read_counts(self.link(), names)
+
+    def generation(self) -> int | None:
+        try:
+            return self.link().generation()
+        except (OSError, NftError):
+            return None
+
     def slot_orders(self) -> dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]:
         try:
             return nt.read_slot_orders(self.link())
@@ -117,17 +127,26 @@ class NftServiceApplier:
         self.layout: nt.Layout | None = None
         self.frontends = 0  # elements of the fullest SIZED set in the kernel (the layout's capacity bounds them)
         self.sized: dict[str, int] = {}  # SIZED set -> its elements in the kernel (counted from deltas)
+        # set -> how many elements the kernel holds as far as podnet knows (what it sent);
+        # verify() compares it with the kernel's own count
+        self.counts: dict[str, int] = {}
+        # the nf_tables generation when verify() last found the table right (None: unknown),
+        # and the transactions podnet committed since: each adds one to the generation
+        self.generation: int | None = None
+        self.transactions = 0
         self.digest: int | None = None  # the digest element in the kernel (see nftables.DIGEST)
         self.last_script = ""  # the last nft text sent (structure, affinity chains)
         self.last_delta: tuple[nt.Elements, nt.Elements] = ({}, {})  # the last incremental element delta
 
     # -- reading the kernel
 
-    def read_kernel(self, state: ServiceState, trust_digest: bool) -> tuple[nt.Layout, nt.KernelTable | None, str]:
+    def read_kernel(self, state: ServiceState, trust_digest: bool, counts: dict[str, int] | None = None,
+                    ) -> tuple[nt.Layout, nt.KernelTable | None, str]:
         """The layout for `state` (the kernel's own capacity when it suffices), and the
         kernel's table if it is that layout, intact (else None and why). The elements are
         read only if the kernel's digest differs from the state's (or trust_digest is
-        False); table.elements None means they are exactly the state's."""
+        False); table.elements None means they are exactly the state's (and `counts`, if
+        given, holds the state's element count per set)."""
         self._set_sized(nt.state_sizes(state))
         table = self.kernel.table(elements=False)
         if table is None:
@@ -136,22 +155,40 @@ class NftServiceApplier:
         problem = nt.check_layout(layout, table)
         if problem:
             return layout, None, problem
-        if not (trust_digest and table.digest is not None and table.digest == nt.state_digest(state)):
+        if not (trust_digest and table.digest is not None and table.digest == nt.state_digest(state, counts)):
             table = self.kernel.table(elements=True)
             if table is None:
                 return layout, None, "table missing"
         return layout, table, ""
 
     def verify(self) -> str | None:
-        """Cheap check (chain names only, no elements): why the table needs a rebuild, or None."""
+        """A cheap check: why the kernel's table differs from what was applied, or None. The
+        chain names (no rules), and the number of elements of every set (counted in a dump,
+        not decoded): an element deleted behind podnet's back shows here, and the next
+        resync reads the elements back and repairs them. When nothing but podnet's own
+        transactions were committed to nf_tables since the last check (the namespace's
+        generation grew by their number), nothing else can have changed and nothing is read."""
         if self.layout is None:
             return "never applied"
+        generation = self.kernel.generation()
+        if generation is not None and self.generation is not None and \
+                generation == self.generation + self.transactions:
+            self.generation, self.transactions = generation, 0
+            return None
         names = set(self.kernel.chains())
         if not names:
             return "table missing"
         for name in [*self.layout.chain_rule_counts(), *self.chains]:
             if name not in names:
                 return f"chain {name} is missing"
+        # (an empty slot map is left out: an element there is reached by no frontend, and the
+        # hourly read-back finds it; 512 dumps fewer)
+        names = [name for name, n in self.counts.items() if n or not nt.slot_map_of(name)]
+        found = self.kernel.counts(names)
+        for name in names:
+            if found.get(name) != self.counts[name]:
+                return f"set {name} holds {found.get(name)} elements, {self.counts[name]} expected"
+        self.generation, self.transactions = generation, 0  # the table as of this generation is right
         return None
 
     def slot_orders(self) -> dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]:
@@ -174,10 +211,12 @@ class NftServiceApplier:
             old = self.applied_state
             layout = self.layout
             target: int | None = None  # the digest after this sync
+            counts: dict[str, int] | None = None  # the kernel's element counts before the delta, if read whole
             refs: dict[str, int] | None = None  # the large chains' references after this sync, if known whole
             if old is None or layout is None or resync or state.masquerade_mark != layout.mark:
                 # a first apply (agent start) trusts the digest; an explicit resync reads everything
-                layout, table, reason = self.read_kernel(state, trust_digest=old is None)
+                counts = {}
+                layout, table, reason = self.read_kernel(state, trust_digest=old is None, counts=counts)
                 if table is None:
                     rebuild = reason
                 else:
@@ -190,6 +229,7 @@ class NftServiceApplier:
                     else:
                         result.read_back = True
                         delta, target = nt.diff(table.elements, nt.elements(state)), nt.state_digest(state)
+                        counts = {name: len(kv) for name, kv in table.elements.items()}
             elif state is not old:
                 delta = nt.state_delta(old, state)  # empty: nothing is sent
                 affinity_check = _affinity_touched(delta[0], old)
@@ -231,6 +271,7 @@ class NftServiceApplier:
                         if pointed or unused:
                             self.chains = (self.chains | pointed) - set(unused)
                         self.refs = refs
+                        self._count_elements(batch, counts)
                     except NftError as e:
                         log.warning("incremental Service sync failed (%s); rebuilding the table", e)
                         result.errors.append(str(e))
@@ -253,6 +294,7 @@ class NftServiceApplier:
                 self.digest = digest
                 self.chains = nt.state_chains(state)
                 self.refs = nt.large_chain_refs(state)
+                self._count_elements(batch, {})  # into an empty table
                 affinity_check = False  # a new table starts with an empty affinity map
         except NftError:
             self.applied_state = None
@@ -273,6 +315,21 @@ class NftServiceApplier:
                      f" ({result.reason})" if result.reason else "")
         return result
 
+    def _count_elements(self, batch: nl.Batch, before: dict[str, int] | None) -> None:
+        """The element counts once `batch` landed, from `before` (what the kernel held before
+        it; None: the counts so far, updated in proportion to the batch). Every set of the
+        layout is counted, an empty one too (an element added behind podnet's back is drift
+        as well)."""
+        if before is not None:
+            self.counts = dict.fromkeys(_counted_sets(self.layout), 0) if self.layout else {}
+            for name, n in before.items():
+                if name in self.counts:
+                    self.counts[name] = n
+        counts = self.counts
+        for name, n in batch.changes.items():
+            if name in counts:
+                counts[name] += n
+
     def _set_sized(self, sized: dict[str, int]) -> None:
         """The SIZED sets' element counts, from a whole state (deltas count on from there)."""
         self.sized = sized
@@ -280,16 +337,26 @@ class NftServiceApplier:
 
     def _send(self, script: str, result: SyncResult) -> None:
         self.last_script = script
-        self.nft(script)
+        self._transaction(self.nft, script)
         result.sent = True
         result.lines += script.count("\n")
 
     def _commit(self, batch: nl.Batch, result: SyncResult) -> None:
         if not len(batch):
             return
-        self.commit(batch)
+        self._transaction(self.commit, batch)
         result.sent = True
         result.messages += len(batch)
+
+    def _transaction(self, send: Callable, what: object) -> None:
+        """Send one transaction and count it (see verify()); one that failed may or may not
+        have been committed: the generation is then unknown."""
+        try:
+            send(what)
+        except BaseException:
+            self.generation = None
+            raise
+        self.transactions += 1
 
     # -- session affinity entries that point at endpoints no longer there
 
@@ -306,7 +373,7 @@ class NftServiceApplier:
             if not stale:
                 return cleared
             try:
-                self.commit(nt.affinity_delete_batch(stale))
+                self._transaction(self.commit, nt.affinity_delete_batch(stale))
                 return cleared + len(stale)
             except NftError as e:
                 result.errors.append(f"clearing affinity entries: {e}")
@@ -318,6 +385,13 @@ class NftServiceApplier:
         self.applied_state = self.layout = None
         self.chains = set()
         self.refs = {}
+        self.counts = {}
+
+
+@lru_cache(maxsize=4)
+def _counted_sets(layout: nt.Layout) -> tuple[str, ...]:
+    """The sets whose elements verify() counts (all but the text-only sets and the digest)."""
+    return tuple(name for name in layout.sets() if name not in nt.TEXT_ONLY and name not in nt.NOT_ELEMENTS)
 
 
 def _refs_after(refs: dict[str, int], gone: nt.Elements, come: nt.Elements) -> dict[str, int]:

@@ -49,6 +49,7 @@ from podnet.services.nftables.kernel import (
     decode_intervals,
     kernel_layout,
     read_affinity,
+    read_counts,
     read_slot_orders,
     read_table,
 )
@@ -112,7 +113,7 @@ __all__ = [
     "dynamic_chain_rules", "element_batch", "element_chains", "elements", "encode_element", "encode_item", "fe_key",
     "frontend_of", "is_affinity_chain", "is_dynamic_chain", "is_large", "item_of", "item_text", "kernel_layout",
     "large_chain", "large_chain_expressions", "large_chain_of", "large_chain_refs", "large_chain_rule",
-    "large_slot_changes", "read_affinity", "read_slot_orders", "read_table", "remove_script",
+    "large_slot_changes", "read_affinity", "read_counts", "read_slot_orders", "read_table", "remove_script",
     "rule_elements", "rule_hash", "rule_items", "rule_share", "set_object", "slot_map", "slot_map_object",
     "slot_map_of", "stale_udp_flows", "state_batch", "state_chains", "state_delta", "state_digest", "state_sizes",
     "structure_script", "structure_transaction",

@@ -190,10 +190,16 @@ def state_batch(state: ServiceState) -> tuple[nl.Batch, int]:
     return batch, digest
 
 
-def state_digest(state: ServiceState) -> int:
+def state_digest(state: ServiceState, counts: dict[str, int] | None = None) -> int:
+    """The digest of a state's elements; `counts` (if given) is filled with the number of
+    elements of each set."""
     digest = 0
     for rule in state.rules:
-        digest ^= rule_share(rule)
+        encoded = _rule_encoded(rule)
+        digest ^= _share(rule, encoded)
+        if counts is not None:
+            for name, _ in encoded:
+                counts[name] = counts.get(name, 0) + 1
     return digest
 
 

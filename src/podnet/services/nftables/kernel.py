@@ -127,6 +127,18 @@ def check_layout(layout: Layout, table: KernelTable) -> str | None:
     return None
 
 
+def read_counts(link: nl.Netlink, names: Iterable[str]) -> dict[str, int]:
+    """How many elements each of these sets holds (counted, not decoded: a cheap check that
+    no element went missing behind podnet's back; -1: the set is missing)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = link.element_count(TABLE, name)
+        except OSError:
+            out[name] = -1
+    return out
+
+
 def read_slot_orders(link: nl.Netlink) -> dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]:
     """The large frontends' endpoints in the kernel, in slot order: frontend -> (its own
     endpoints, its short-circuit endpoints). What the compiler keeps the slots of after an
