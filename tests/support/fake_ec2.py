@@ -27,11 +27,16 @@ a client that respects the limits makes none).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import ipaddress
+import json
+import signal
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +48,10 @@ REGION = "us-east-1"
 ACCESS_KEY = "podnet-test"
 SECRET_KEY = "podnet-test-secret"
 IMAGE = "ami-12c6146b"  # one of moto's built-in images
+# The calls after which the ENIs' addresses or attachments may have changed.
+CHANGES = frozenset({"CreateNetworkInterface", "AttachNetworkInterface", "DetachNetworkInterface",
+                     "DeleteNetworkInterface", "AssignPrivateIpAddresses", "UnassignPrivateIpAddresses",
+                     "RunInstances"})
 
 
 @dataclass
@@ -94,6 +103,7 @@ class FakeEC2:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.admin: Any = None  # boto3 straight to moto: set-up and inspection, not counted
+        self.on_change: Callable[[FakeEC2], None] | None = None  # after every call that changed ENIs
 
     # ------------------------------------------------------------ lifecycle
 
@@ -122,6 +132,22 @@ class FakeEC2:
                 self.send_response(status)
                 for k, v in headers:
                     self.send_header(k, v)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def do_GET(self) -> None:  # noqa: N802 - the fake's own state, for a client in another process
+                self._json(fake._admin("GET", self.path, {}))
+
+            def do_PUT(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._json(fake._admin("PUT", self.path, json.loads(body or b"{}")))
+
+            def _json(self, answer: tuple[int, Any]) -> None:
+                status, doc = answer
+                out = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
                 self.end_headers()
                 self.wfile.write(out)
@@ -230,6 +256,36 @@ class FakeEC2:
                 seen[p["PrivateIpAddress"]] += 1
         return sorted(a for a, c in seen.items() if c > 1)
 
+    # ------------------------------------------------------------ control from another process
+
+    def _admin(self, method: str, path: str, doc: dict[str, Any]) -> tuple[int, Any]:
+        """GET /_fake/state; PUT /_fake/control {latency, throttle, reset, refuse}; PUT /_fake/world
+        {instanceType, subnets: [[cidr, zone]], vpcCidr, instances, nodeSubnet}."""
+        try:
+            if method == "GET" and path == "/_fake/state":
+                with self._count_lock:
+                    return 200, {"calls": dict(self.calls), "limit_errors": dict(self.limit_errors),
+                                 "errors": dict(self.errors), "duplicates": self.duplicates()}
+            if method == "PUT" and path == "/_fake/control":
+                if doc.get("reset"):
+                    self.reset_counts()
+                if "latency" in doc:
+                    self.latency = {k: float(v) for k, v in doc["latency"].items()}
+                for action, n in doc.get("throttle", {}).items():
+                    self.throttle(action, int(n))
+                self.refused_keys.update(doc.get("refuse", ()))
+                return 200, {}
+            if method == "PUT" and path == "/_fake/world":
+                w = self.world(instance_type=doc.get("instanceType", "m5.large"),
+                               subnets=[tuple(x) for x in doc.get("subnets", [])] or None,
+                               vpc_cidr=doc.get("vpcCidr", "10.0.0.0/16"), instances=int(doc.get("instances", 1)),
+                               node_subnet=doc.get("nodeSubnet"))
+                return 200, {"vpc": w.vpc, "subnets": w.subnets, "zones": w.zones, "group": w.group,
+                             "instances": w.instances}
+        except Exception as e:  # noqa: BLE001 - told to the caller
+            return 500, {"error": f"{type(e).__name__}: {e}"}
+        return 404, {"error": f"no {method} {path}"}
+
     # ------------------------------------------------------------ the layer
 
     def _handle(self, headers: dict[str, str], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -245,7 +301,10 @@ class FakeEC2:
             self._admit(action, headers)
             with self._lock:
                 params = self._enforce(action, p, params)
-                return self._forward(headers, urlencode(params).encode())
+                answer = self._forward(headers, urlencode(params).encode())
+                if action in CHANGES and answer[0] == 200 and self.on_change is not None:
+                    self.on_change(self)  # e.g. the lab's cloud fabric, before the caller hears back
+                return answer
         except _EC2Error as e:
             with self._count_lock:
                 self.errors[e.code] += 1
@@ -377,3 +436,56 @@ def _error_xml(code: str, message: str) -> bytes:
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{escape(code)}</Code>'
             f"<Message>{escape(message)}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID>"
             "</Response>").encode()
+
+
+class FakeEC2Client:
+    """A FakeEC2 in another process, driven through its /_fake/ endpoints."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def _call(self, method: str, path: str, doc: dict[str, Any] | None = None) -> Any:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.endpoint)
+        conn = HTTPConnection(parts.hostname, parts.port, timeout=120)
+        try:
+            body = json.dumps(doc or {}).encode() if method == "PUT" else None
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            out = json.loads(resp.read() or b"null")
+            if resp.status != 200:
+                raise RuntimeError(f"FakeEC2 {method} {path}: {out}")
+            return out
+        finally:
+            conn.close()
+
+    def state(self) -> dict[str, Any]:
+        return self._call("GET", "/_fake/state")
+
+    def control(self, **doc: Any) -> None:
+        self._call("PUT", "/_fake/control", doc)
+
+    def world(self, **doc: Any) -> World:
+        w = self._call("PUT", "/_fake/world", doc)
+        return World(w["vpc"], w["subnets"], w["zones"], w["group"], w["instances"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m tests.support.fake_ec2 [--host H] [--port P]: serve until SIGTERM; prints
+    `ready <endpoint>` once it answers."""
+    ap = argparse.ArgumentParser(prog="python -m tests.support.fake_ec2")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with FakeEC2(args.host, args.port) as fake:
+        print(f"ready {fake.endpoint}", flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,11 +88,15 @@ def test_watermarks():
     assert watermarks.shortfall(idle=0, waiting=25, min_idle=0) == 25
     assert watermarks.shortfall(idle=9, waiting=0, min_idle=5) == 0
     assert watermarks.surplus(idle=20, cooling=0, waiting=0, max_idle=15) == 5
-    assert watermarks.surplus(idle=4, cooling=20, waiting=0, max_idle=15) == 4  # never a cooling one
+    assert watermarks.surplus(idle=4, cooling=20, waiting=0, max_idle=15) == 0  # cooling ones count once idle
+    assert watermarks.ask(idle=0, waiting=5, min_idle=5, max_idle=15, batch=10) == 10  # a whole batch
+    assert watermarks.ask(idle=0, waiting=2, min_idle=5, max_idle=7, batch=10) == 9  # within max
+    assert watermarks.ask(idle=6, waiting=0, min_idle=5, max_idle=15, batch=10) == 0
     assert watermarks.surplus(idle=20, cooling=0, waiting=1, max_idle=15) == 0
     # 25 addresses in batches of 10 over ENIs with room 29 and 29: 3 calls
     assert watermarks.split(25, [("a", 29), ("b", 29)], 10) == [("a", 10), ("a", 10), ("a", 5)]
-    assert watermarks.split(12, [("a", 3), ("b", 29)], 10) == [("a", 3), ("b", 9)]
+    assert watermarks.split(12, [("a", 3), ("b", 29)], 10) == [("b", 10), ("a", 2)]  # whole batches first
+    assert watermarks.split(10, [("a", 9), ("b", 29), ("c", 12)], 10) == [("c", 10)]  # the best fit
     assert watermarks.split(50, [("a", 3)], 10) == [("a", 3)]  # no more room than that
 
 

@@ -116,6 +116,8 @@ class EniPool:
         self._next_reconcile = clock() + cfg.reconcile_interval
         self._reconcile_now = False
         self._settled = threading.Event()
+        self._low_since: float | None = None  # when an ADD took idle below min_idle (batch window)
+        self._blocked = False  # no call can add an address (limits, subnets) until something changes
         self.rounds = 0
 
     # ------------------------------------------------------------ lifecycle
@@ -151,6 +153,8 @@ class EniPool:
                 address = next(iter(st.idle))
                 st.assign(address, handle)
                 if len(st.idle) < self.cfg.min_idle:
+                    if self._low_since is None:
+                        self._low_since = now  # the top-up waits for the window too: one call for a burst
                     self._cond.notify_all()
                 return Lease(address, st.eni_of[address])
             deadline = now + (self.cfg.wait if wait is None else wait)
@@ -175,6 +179,7 @@ class EniPool:
     def release(self, address: str) -> None:
         """The pod is gone: the address cools down, then is idle again."""
         with self._cond:
+            self._blocked = False
             if address in self.state.eni_of:
                 self.state.free(address, self.clock() + self.cfg.cooldown)
                 self._cond.notify_all()
@@ -252,14 +257,20 @@ class EniPool:
                 if waiting and self.backoff_until > now:
                     self._cond.wait(self.backoff_until - now)
                     continue
-                if waiting:
-                    gather_until = min(w.arrived for w in self._waiters) + self.cfg.window
+                if waiting or self._low_since is not None:
+                    first = [w.arrived for w in self._waiters] + ([self._low_since] if self._low_since else [])
+                    gather_until = min(first) + self.cfg.window
                     if now < gather_until:
                         self._cond.wait(gather_until - now)
                         continue
-                need = watermarks.shortfall(len(st.idle), waiting, self.cfg.min_idle)
+                self._low_since = None
+                need = watermarks.ask(len(st.idle), waiting, self.cfg.min_idle, self.cfg.max_idle, self.cfg.batch)
+                short = watermarks.shortfall(len(st.idle), waiting, self.cfg.min_idle)
                 over = watermarks.surplus(len(st.idle), len(st.cooling), waiting, self.cfg.max_idle)
                 reconcile = self._reconcile_now or now >= self._next_reconcile
+                if need and self._blocked and not waiting:
+                    need = 0  # the watermark cannot be met now: wait for a release or the next reconcile
+                pending = bool(need or over)  # work that waits for the back-off or the shrink interval
                 if need and self.backoff_until > now:
                     need = 0
                 if over and now < self._next_shrink:
@@ -268,7 +279,7 @@ class EniPool:
                 self._reconcile()
                 continue
             if need:
-                self._grow(need)
+                self._grow(need, short)
                 continue
             if over:
                 self._shrink(over)
@@ -276,7 +287,7 @@ class EniPool:
             with self._cond:
                 if self._stop:
                     return
-                if not self._waiters:
+                if not self._waiters and not pending:
                     self._settled.set()
                 self._cond.wait(self._sleep_for(self.clock()))
 
@@ -350,10 +361,12 @@ class EniPool:
             return 0
         return sum(max(0, self._per_eni() - len(e.addresses)) for e in self.state.enis.values() if self._usable(e))
 
-    def _grow(self, need: int) -> None:
+    def _grow(self, need: int, short: int) -> None:
+        """Ask for `need` addresses; a new ENI only for what the ENIs lack of `short` (the
+        rounding up to whole batches never costs an ENI)."""
         self.rounds += 1
         if self.cfg.mode == "exclusive":
-            self._grow_enis(need)
+            self._grow_enis(short)
             return
         with self._cond:
             rooms = sorted(((e.device_index, e.id, self._per_eni() - len(e.addresses))
@@ -362,8 +375,8 @@ class EniPool:
             planned = sum(n for _, n in calls)
             enis = len(self.state.enis)
         missing = need - planned
-        if missing > 0 and enis < self._eni_limit():
-            new = min(math.ceil(missing / self._per_eni()), self._eni_limit() - enis)
+        if short > planned and enis < self._eni_limit():
+            new = min(math.ceil((short - planned) / self._per_eni()), self._eni_limit() - enis)
             for eni in self._create_enis(new):
                 calls += watermarks.split(missing, [(eni.id, self._per_eni())], self.cfg.batch)
                 missing -= sum(n for e, n in calls if e == eni.id)
@@ -458,6 +471,7 @@ class EniPool:
         """No call can add an address: hand waiting pods cooling addresses early (an address
         stuck in cooldown must not keep a pod from starting, aws-vpc-cni #1160), then say why."""
         with self._cond:
+            self._blocked = True
             st = self.state
             while self._waiters and st.cooling:
                 address = min(st.cooling, key=lambda a: st.cooling[a][1])
@@ -539,6 +553,7 @@ class EniPool:
 
     def _reconcile(self) -> None:
         with self._cond:
+            self._blocked = False
             self._reconcile_now = False
             self._next_reconcile = self.clock() + self.cfg.reconcile_interval
         if self.reconciler is None:
@@ -554,7 +569,8 @@ class EniPool:
         self.problem = None
 
     def _failed(self, e: CloudError, *, eni_id: str | None = None, subnet: str | None = None) -> None:
-        log.warning("node %s: %s", self.cfg.node, e)
+        # podnet's own bucket holding a call back is the plan working: not worth a warning
+        log.log(logging.DEBUG if e.code == "LocallyThrottled" else logging.WARNING, "node %s: %s", self.cfg.node, e)
         with self._cond:
             self.problem = str(e)
             if e.code == "InsufficientFreeAddressesInSubnet":

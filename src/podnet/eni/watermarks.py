@@ -4,11 +4,12 @@
     cooling   freed addresses waiting out the cooldown (not ready, but not gone either)
     waiting   pods waiting for an address
 
-Below the low watermark (idle < min_idle, counting the waiting pods) the pool asks for
-`shortfall`; above the high one (idle + cooling > max_idle) it gives back `surplus`, only
-of idle addresses (a cooling address is never handed to the cloud: another node could get
-it while the old pod's peers still send to it). The asks go out in batches of at most
-`batch` addresses, one AssignPrivateIpAddresses call per batch and ENI.
+Below the low watermark (idle < min_idle, counting the waiting pods) the pool asks for the
+shortfall, rounded up to whole batches within the high watermark (`ask`); above the high
+one (idle > max_idle) it gives back `surplus`, only of idle addresses (a cooling address
+is never handed to the cloud: another node could get it while the old pod's peers still
+send to it). The asks go out in batches of at most `batch` addresses, one
+AssignPrivateIpAddresses call per batch and ENI.
 
 AWS's settings map onto the two watermarks (docs/eni.md): WARM_IP_TARGET=w and
 MINIMUM_IP_TARGET=m give min_idle = w, max_idle = max(w, m); WARM_ENI_TARGET=k gives
@@ -26,24 +27,47 @@ def shortfall(idle: int, waiting: int, min_idle: int) -> int:
     return max(0, waiting + min_idle - idle)
 
 
+def ask(idle: int, waiting: int, min_idle: int, max_idle: int, batch: int) -> int:
+    """What to ask for: the shortfall, rounded up to whole batches while that stays within
+    the high watermark (a call costs the same for 5 addresses as for 10)."""
+    short = shortfall(idle, waiting, min_idle)
+    if not short:
+        return 0
+    rounded = -(-short // batch) * batch
+    return max(short, min(rounded, waiting + max_idle - idle))
+
+
 def surplus(idle: int, cooling: int, waiting: int, max_idle: int) -> int:
+    """Idle addresses above the high watermark. Cooling ones are not counted yet: they come
+    back as idle after the cooldown and are counted then (as AWS counts only available
+    addresses), so pod churn within the cooldown costs no call."""
     if waiting:
         return 0
-    return max(0, min(idle, idle + cooling - max_idle))
+    return max(0, idle - max_idle)
 
 
 def split(need: int, rooms: Iterable[tuple[str, int]], batch: int) -> list[tuple[str, int]]:
-    """The Assign calls for `need` addresses over ENIs with room, in the order given:
-    (ENI, count) with count <= batch. Fewer addresses than `need` if the ENIs lack room."""
+    """The Assign calls for `need` addresses over ENIs with room: (ENI, count) with count <=
+    batch. Each batch goes to the ENI with the least room that still takes it whole (ties:
+    the order given), so ENIs fill up without leaving fragments that cost a call of their
+    own; when none takes a whole batch, the one with the most room gets what it holds.
+    Fewer addresses than `need` if the ENIs lack room."""
+    left = dict(rooms)
+    order = {eni: i for i, eni in enumerate(left)}
     calls: list[tuple[str, int]] = []
-    for eni, room in rooms:
-        while need > 0 and room > 0:
-            n = min(need, room, batch)
-            calls.append((eni, n))
-            need -= n
-            room -= n
-        if need <= 0:
-            break
+    while need > 0:
+        chunk = min(need, batch)
+        fits = [e for e, r in left.items() if r >= chunk]
+        if fits:
+            eni = min(fits, key=lambda e: (left[e], order[e]))
+        else:
+            eni = max(left, key=lambda e: (left[e], -order[e]), default=None)
+            if eni is None or left[eni] <= 0:
+                break
+            chunk = left[eni]
+        calls.append((eni, chunk))
+        left[eni] -= chunk
+        need -= chunk
     return calls
 
 
