@@ -9,6 +9,7 @@ session is not Established (Calico's readiness fails then too), 1 when BIRD does
 from __future__ import annotations
 
 import argparse
+import sys
 
 from podnet.bgp.control import BirdError
 from podnet.bgp.status import Session, sessions
@@ -81,7 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_table(COLUMNS, rows, wide=args.output == "wide")
         for n in nodes:
             if n["error"]:
-                print(f"{n['node'] + ': ' if n['node'] else ''}{n['error']}")
+                print(f"error: {n['node'] + ': ' if n['node'] else ''}{n['error']}", file=sys.stderr)
     else:
         emit({"nodes": nodes}, args.output)
     if failed:

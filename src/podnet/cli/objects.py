@@ -19,6 +19,8 @@ from podnet.errors import PodnetError, ValidationError
 from podnet.ipam.overlap import overlapping_pairs
 from podnet.model.manifests import Source, load_paths, locate
 from podnet.model.objects import (
+    BGPConfiguration,
+    BGPPeer,
     EndpointSlice,
     IPAMConfig,
     IPPool,
@@ -311,6 +313,14 @@ COLUMNS: dict[type[KubeObject], list[Column]] = {
     IPReservation: [Column("RESERVED-CIDRS", lambda o: o.spec.reserved_cidrs)],
     IPAMConfig: [Column("STRICT-AFFINITY", lambda o: o.spec.strict_affinity),
                  Column("MAX-BLOCKS-PER-HOST", lambda o: o.spec.max_blocks_per_host)],
+    BGPConfiguration: [Column("AS", lambda o: o.spec.as_number),
+                       Column("MESH", lambda o: o.spec.node_to_node_mesh_enabled),
+                       Column("LISTEN-PORT", lambda o: o.spec.listen_port, wide=True),
+                       Column("SERVICE-CIDRS", lambda o: o.spec.service_cidrs, wide=True)],
+    BGPPeer: [Column("PEER", lambda o: o.spec.peer_ip or _selector(o.spec.peer_selector)),
+              Column("AS", lambda o: o.spec.as_number),
+              Column("NODES", lambda o: o.spec.node or _selector(o.spec.node_selector) or "(all)"),
+              Column("RESTART-TIME", lambda o: o.spec.max_restart_time, wide=True)],
 }
 
 

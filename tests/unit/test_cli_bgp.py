@@ -1,0 +1,48 @@
+"""The CLI with BGP objects: `get bgppeers/bgpconfig` tables, `bgp status` against a fake BIRD."""
+
+import json
+
+from tests.unit.test_bgp_status import SHOW_PROTOCOLS_ALL, FakeBird
+
+from podnet.cli.main import main
+
+MANIFESTS = """apiVersion: podnet.io/v1
+kind: BGPConfiguration
+metadata: {name: default}
+spec: {nodeToNodeMeshEnabled: false}
+---
+apiVersion: podnet.io/v1
+kind: BGPPeer
+metadata: {name: tor}
+spec: {peerIP: 10.0.0.1, asNumber: 65001, nodeSelector: "rack=a"}
+"""
+
+
+def test_get_bgp_objects(tmp_path, capsys):
+    (tmp_path / "bgp.yaml").write_text(MANIFESTS)
+    store = f"sqlite://{tmp_path / 's.db'}"
+    assert main(["--store", store, "apply", "-f", str(tmp_path / "bgp.yaml")]) == 0
+    capsys.readouterr()
+    assert main(["--store", store, "get", "bgppeers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "PEER", "AS", "NODES"] and lines[1].split() == ["tor", "10.0.0.1", "65001",
+                                                                                         "rack=a"]
+    assert main(["--store", store, "get", "bgpconfig"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["default", "64512", "false"]
+
+
+def test_bgp_status_against_bird(tmp_path, capsys):
+    bird = FakeBird(tmp_path / "bird.ctl", {"show protocols all": SHOW_PROTOCOLS_ALL})
+    try:
+        code = main(["bgp", "status", "--control-socket", str(tmp_path / "bird.ctl")])
+        out = capsys.readouterr().out
+        assert code == 3  # a session is not Established
+        assert out.splitlines()[0].split() == ["NODE", "PEER", "AS", "TYPE", "STATE", "SINCE", "IMPORTED", "EXPORTED"]
+        assert "10.55.0.2" in out and "Established" in out and "Active" in out
+        assert main(["bgp", "status", "--control-socket", str(tmp_path / "bird.ctl"), "-o", "json"]) == 3
+        data = json.loads(capsys.readouterr().out)
+        assert [s["neighbor"] for s in data["nodes"][0]["sessions"]] == ["10.55.0.2", "10.0.0.1"]
+    finally:
+        bird.close()
+    assert main(["bgp", "status", "--control-socket", str(tmp_path / "none.ctl")]) == 1
+    assert "does not answer" in capsys.readouterr().err
