@@ -31,6 +31,7 @@ import argparse
 import collections
 import ipaddress
 import json
+import os
 import signal
 import sys
 import threading
@@ -477,14 +478,57 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.support.fake_ec2")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--fabric", metavar="CONFIG",
+                    help="the lab's cloud fabric (podnet.lab.cloudfabric) to program after every ENI change, "
+                         "from this JSON file (read again when it changes)")
+    ap.add_argument("--ready-file", help="written with the endpoint once the server answers")
+    ap.add_argument("--world", metavar="SPEC", help="make this world first (JSON: as PUT /_fake/world takes)")
+    ap.add_argument("--world-out", metavar="FILE", help="where to write what --world made (JSON)")
     args = ap.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with FakeEC2(args.host, args.port) as fake:
+        if args.world:
+            status, made = fake._admin("PUT", "/_fake/world", json.loads(open(args.world).read()))
+            if status != 200:
+                print(f"cannot make the world: {made}", file=sys.stderr, flush=True)
+                return 1
+            with open(args.world_out + ".tmp", "w") as f:
+                json.dump(made, f)
+            os.replace(args.world_out + ".tmp", args.world_out)
+        if args.fabric:
+            fake.on_change = _fabric_hook(args.fabric)
         print(f"ready {fake.endpoint}", flush=True)
+        if args.ready_file:
+            with open(args.ready_file + ".tmp", "w") as f:
+                f.write(fake.endpoint + "\n")
+            os.replace(args.ready_file + ".tmp", args.ready_file)
         stop.wait()
     return 0
+
+
+def _fabric_hook(path: str) -> Callable[[FakeEC2], None]:
+    from podnet.lab.cloudfabric import CloudFabric, FabricConfig
+
+    seen: dict[str, Any] = {"mtime": None, "fabric": None}
+
+    def hook(fake: FakeEC2) -> None:
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return  # no configuration yet: the world is still being made
+        if mtime != seen["mtime"]:
+            config = FabricConfig.read(path)
+            if config is None:
+                return
+            seen["mtime"], seen["fabric"] = mtime, CloudFabric(config)
+        try:
+            seen["fabric"].apply(fake.admin.describe_network_interfaces()["NetworkInterfaces"])
+        except Exception as e:  # noqa: BLE001 - the call still answers; the log says why the fabric lags
+            print(f"cloud fabric: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    return hook
 
 
 if __name__ == "__main__":

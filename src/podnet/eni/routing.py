@@ -76,6 +76,12 @@ class EniRouting:
             if idx is None:
                 return f"no link with the MAC {eni.mac} of ENI {eni.eni} (device {eni.device_index})"
             net = ipaddress.ip_network(eni.cidr)
+            name = self._ipr.get_links(idx)[0].get_attr("IFLA_IFNAME")
+            try:  # loose reverse-path filtering, as AWS VPC CNI sets it: replies come back by other links
+                with open(f"/proc/sys/net/ipv4/conf/{name}/rp_filter", "w") as f:
+                    f.write("2")
+            except OSError as e:
+                log.debug("rp_filter of %s: %s", name, e)
             self._ipr.link("set", index=idx, state="up")
             have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in self._ipr.get_addr(index=idx, family=2)}
             if (eni.primary_ip, net.prefixlen) not in have:

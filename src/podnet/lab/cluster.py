@@ -180,6 +180,13 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
     if spec.external is not None and spec.external.dns is not None:
         _start_external_dns(st, spec, ul, timeout, say)
     lab_bgp.start_lab_routers(st, spec, ul, say)  # the routers BGP nodes peer with
+    cloud_objects: list[KubeObject] = []
+    provider_ids: dict[str, str] = {}
+    if spec.cloud is not None:  # the EC2 API, the VPC (cloud fabric) and its host
+        from podnet.lab import cloud as lab_cloud
+
+        cloud_objects, provider_ids = lab_cloud.setup(st, spec.cloud, st.data["nodes"], str(spec.underlay),
+                                                      spec.gateway, timeout, say)
 
     # The API server's part: every object, Pods still Pending.
     store = ObjectStore(open_lab_store(st, url, create=True))
@@ -193,7 +200,9 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
     services = [o for o in objects if isinstance(o, Service)]
     pods = [p.with_meta(uid=str(uuid.uuid4())) for p in spec.pods]
     pods = [p.model_copy(update={"status": PodStatus(phase="Pending")}) for p in pods]  # type: ignore[misc]
-    applied = [*objects, *spec.node_objects(), *pods]
+    nodes = [n.model_copy(update={"spec": n.spec.model_copy(update={"provider_id": provider_ids[n.name]})})
+             if n.name in provider_ids else n for n in spec.node_objects()]
+    applied = [*objects, *cloud_objects, *nodes, *pods]
     st.set(objects=[_ref_key(o) for o in applied])
     last_status, _ = store.apply(applied)
     # The endpoint controller's part, from now until `lab down`: slices follow the pods.
@@ -212,6 +221,13 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
         _start_server(st, "external", spec.external.name, ul,
                       [(p.protocol.lower(), p.container_port) for p in spec.external.ports], bind=ext_ip)
         say(f"external host {spec.external.name}: {ext_ip} in netns {ul}")
+    if spec.cloud is not None:
+        host = spec.cloud.vpc_host
+        host_ip = str(ipaddress.ip_interface(host.address).ip)
+        entry = _start_server(st, lab_cloud.VPC_HOST_KEY, host.name, st.data["cloud"]["vpc_host_netns"],
+                              lab_cloud.vpc_host_ports(spec.cloud), bind=host_ip)
+        _wait_servers(st, [entry], timeout)
+        say(f"VPC host {host.name}: {host_ip} in netns {st.data['cloud']['vpc_host_netns']}")
 
     # The kubelet's part: sandbox, CNI ADD, the pod's server (in parallel); status (here).
     runtimes = {n["name"]: node_runtime(st, n) for n in st.data["nodes"]}

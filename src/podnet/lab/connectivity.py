@@ -195,6 +195,10 @@ def targets(lab: Lab, all_ports: bool = False) -> list[Target]:
 def path_kind(lab: Lab, src: dict, dst: Target, pools: list[IPPool]) -> str:
     if dst.ref == "external":
         return "external"
+    if dst.ref == VPC_HOST:
+        return "vpc"
+    if in_vpc(lab, dst.ip):
+        return "same-node" if src["node"] == dst.node else "cross-node/vpc"
     if src["node"] == dst.node:
         return "same-node"
     if lab.state.data.get("cni") == "bridge":
@@ -225,7 +229,31 @@ def routed_outside(lab: Lab, node: str | None, pool: IPPool | None, bgp: set[str
     return node in (bgp_nodes(lab) if bgp is None else bgp)
 
 
+VPC_HOST = "vpc-host"
+
+
+def in_vpc(lab: Lab, ip: str) -> bool:
+    """An address of the lab's cloud VPC (an ENI pod's, the VPC host's)."""
+    cloud = lab.state.data.get("cloud")
+    return bool(cloud) and ipaddress.ip_address(ip) in ipaddress.ip_network(cloud["vpc_cidr"])
+
+
+def vpc_targets(lab: Lab, all_ports: bool) -> list[Target]:
+    """The VPC host of a lab with a cloud (lab/cloud.py)."""
+    entry, cloud = lab.state.process(VPC_HOST), lab.state.data.get("cloud")
+    if entry is None or not cloud:
+        return []
+    argv = entry["argv"]
+    name = argv[argv.index("--name") + 1]
+    ports = sorted((a.split(":") for i, a in enumerate(argv) if i and argv[i - 1] == "--port"),
+                   key=lambda p: p[0] != "tcp")
+    ip = str(ipaddress.ip_interface(cloud["vpc_host"]).ip)
+    return [Target(name, VPC_HOST, None, proto, ip, int(port)) for proto, port in (ports if all_ports else ports[:1])]
+
+
 def default_expect(lab: Lab, src: dict, dst: Target, kind: str, pools: list[IPPool]) -> bool:
+    if kind == "vpc":  # the VPC routes VPC addresses (ENI pods') and the nodes' subnet, nothing else
+        return bool(src.get("hostNetwork") or (src.get("ips") and in_vpc(lab, src["ips"][0])))
     if kind == "external":
         if src.get("hostNetwork"):
             return True  # the node's own address: the outside world can answer it
@@ -474,6 +502,7 @@ def probe_all(lab: Lab, *, timeout: float = 2.0, include_external: bool = True, 
     node_rows = probe_nodes(lab, timeout=timeout, include_external=include_external, allowed=allowed,
                             pools=pools) if include_nodes and sources is None else []
     all_targets = [t for t in targets(lab, all_ports) if include_external or t.ref != "external"]
+    all_targets += vpc_targets(lab, all_ports)
     srcs = [p for p in lab.pods if p.get("ips")]
     if sources is not None:
         wanted = set(sources)
@@ -493,6 +522,10 @@ def probe_all(lab: Lab, *, timeout: float = 2.0, include_external: bool = True, 
             kind = path_kind(lab, src, t, pools)
             expected = expect(lab, src, t, kind, pools)
             reached = bool(r.get("ok")) and r.get("name") == t.name
+            if reached and in_vpc(lab, src["ips"][0]) and (kind == "vpc" or in_vpc(lab, t.ip)) \
+                    and r.get("peer") != src["ips"][0]:
+                reached = False  # VPC addresses travel as they are: a NATed source is a failure
+                r = {**r, "ok": False, "error": f"saw source {r.get('peer')}, not {src['ips'][0]}: NATed"}
             if reached:
                 detail = f"answered by {r['name']}" + (f", saw source {r['peer']}" if r.get("peer") else "")
             elif r.get("ok"):

@@ -27,6 +27,7 @@
         - {name: web-1, namespace: default, node: node-1, labels: {app: web},
            ports: [{name: http, containerPort: 8080, protocol: TCP}]}
       manifests: [...]                     # Namespace, IPPool, Service, NetworkPolicy, Pod, ...
+      cloud: {...}                         # optional; pod addresses from ENIs of a VPC (lab/cloud.py)
 
 Every problem is reported with the file, the lab and the dotted field path, as
 manifests are (`podnet.model.manifests`); the inline manifests are validated by
@@ -46,6 +47,7 @@ import yaml
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from podnet.errors import ValidationError
+from podnet.lab.cloud import LabCloud
 from podnet.model.base import Schema
 from podnet.model.bgp import NodeBGPSpec, check_as_number
 from podnet.model.manifests import ManifestErrors, Source, explain, field_path, parse_object, read_text
@@ -356,6 +358,7 @@ class LabSpecBody(Schema):
     nodes: list[LabNode]
     router: LabRouter | None = None
     racks: list[LabRack] = Field(default_factory=list)
+    cloud: LabCloud | None = None  # ENI pools against a cloud API (lab/cloud.py)
     cni: CniSpec = Field(default_factory=CniSpec)
     pods: list[LabPod] = Field(default_factory=list)
     manifests: list[Any] = Field(default_factory=list)
@@ -450,6 +453,7 @@ class LabSpec:
     dns_server: str = "separate"  # or "inprocess" (the agent answers)
     router: LabRouter | None = None
     racks: tuple[LabRack, ...] = ()
+    cloud: LabCloud | None = None
 
     def rack(self, name: str) -> LabRack:
         return next(r for r in self.racks if r.name == name)
@@ -689,7 +693,7 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
         file=file, name=lab.metadata.name, underlay=underlay, gateway=str(gateway), nodes=nodes,
         external=spec.external, service_cidr=str(service_net), cni=spec.cni, pods=tuple(pods),
         objects=tuple(objects), raw=raw, resync_seconds=spec.resync_seconds, dns_server=spec.dns_server,
-        router=spec.router, racks=tuple(spec.racks),
+        router=spec.router, racks=tuple(spec.racks), cloud=spec.cloud,
     )
 
 

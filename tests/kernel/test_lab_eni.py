@@ -1,0 +1,115 @@
+"""ENI pools in a lab: pods with VPC addresses from the cloud (moto's EC2 server behind
+tests/support/fake_ec2.py, the lab's cloud fabric in a VPC namespace), real packets.
+
+Two nodes in shared mode (secondary addresses, an ip rule per pod into its ENI's table),
+one in exclusive mode (the pod's interface is its ENI): pods reach pods on other nodes
+and the VPC host by their VPC addresses, no encapsulation and no SNAT; the agent killed
+with -9 and restarted keeps every pod working and hands out no address twice; DEL gives
+the address back to the pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+
+from podnet.eni import records as rec
+from podnet.lab.cluster import node_runtime, restart_agent
+from podnet.lab.connectivity import probe_all
+from podnet.lab.runtime import RuntimeConf, k8s_args, result_ips
+from podnet.model.objects import ObjectMeta, Pod, PodSpec
+from tests.kernel.labs import echo_connection, running_lab
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "examples", "lab", "eni.yaml")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    spec = yaml.safe_load(open(EXAMPLE))["spec"]
+    with running_lab(spec, "eni", timeout=120) as lab:
+        yield lab
+
+
+def ip(lab, pod: str) -> str:
+    return lab.pod(pod)["ips"][0]
+
+
+def cloud_state(lab) -> dict:
+    """The EC2 server's counters and duplicates, asked from the underlay namespace it serves in."""
+    code = ("import json, sys; from tests.support.fake_ec2 import FakeEC2Client; "
+            "print(json.dumps(FakeEC2Client(sys.argv[1]).state()))")
+    out = subprocess.run(["ip", "netns", "exec", lab.state.data["underlay_netns"], sys.executable, "-c", code,
+                          lab.state.data["cloud"]["endpoint"]], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
+    return json.loads(out.stdout)
+
+
+def test_pods_reach_pods_and_the_vpc_host_by_their_vpc_addresses(lab):
+    rows = probe_all(lab, timeout=3)
+    bad = [r for r in rows if not r.ok]
+    assert not bad, bad
+    kinds = {r.kind for r in rows}
+    assert {"cross-node/vpc", "vpc", "same-node"} <= kinds
+    # every answer saw the pod's own VPC address: no SNAT anywhere (probe_all fails a NATed one)
+    for pod in ("a-1", "b-1", "x-1"):
+        assert ip(lab, pod).startswith("10.40.")
+    state = cloud_state(lab)
+    assert state["duplicates"] == [] and state["limit_errors"] == {}
+
+
+def test_the_dataplane_of_each_mode(lab):
+    n1 = lab.node("node-1")["netns"]
+    rules = subprocess.run(["ip", "-n", n1, "-j", "rule"], capture_output=True, text=True, check=True).stdout
+    from_a1 = [r for r in json.loads(rules) if r.get("src") == ip(lab, "a-1")]
+    assert from_a1 and from_a1[0]["table"] != "main", rules  # replies leave by the ENI that owns the address
+    links = json.loads(subprocess.run(["ip", "-n", n1, "-j", "link"], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert not any(link.get("link_info", {}).get("info_kind") == "vxlan" for link in links)  # no encapsulation
+    # exclusive mode: the pod's eth0 is an ENI link (a veth whose other end is in the VPC namespace)
+    x1 = lab.pod("x-1")["netns"]
+    addrs = json.loads(subprocess.run(["ip", "-n", x1, "-j", "addr", "show", "eth0"], capture_output=True,
+                                      text=True, check=True).stdout)
+    assert addrs[0]["addr_info"][0]["prefixlen"] == 24  # the ENI's subnet, not a /32 behind a gateway
+    with echo_connection(lab.pod("b-1")["netns"], 7070, lab.pod("x-1")["netns"], f"{ip(lab, 'b-1')}:7070") as rt:
+        assert rt("exclusive-to-shared") == "exclusive-to-shared"
+
+
+def test_kill_9_of_an_agent_keeps_pods_working_and_hands_out_no_address_twice(lab):
+    a1, b1 = ip(lab, "a-1"), ip(lab, "b-1")
+    with echo_connection(lab.pod("b-1")["netns"], 7071, lab.pod("a-1")["netns"], f"{b1}:7071") as roundtrip:
+        assert roundtrip("before") == "before"
+        restart_agent(lab.state, "node-1", kill=True, while_down=lambda: roundtrip("agent-down"))
+        assert roundtrip("after") == "after"
+    # a pod started after the restart gets an address no other pod holds, from the same pool
+    store = lab.store()
+    uid = str(uuid.uuid4())
+    store.apply([Pod(metadata=ObjectMeta(name="late-1", namespace="default", uid=uid), spec=PodSpec(node_name="node-1"))])
+    netns = f"pneni-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        cid = secrets.token_hex(32)
+        conf = RuntimeConf(container_id=cid, netns=f"/run/netns/{netns}", args=k8s_args("default", "late-1", cid, uid))
+        runtime = node_runtime(lab.state, lab.node("node-1"))
+        late = result_ips(runtime.add(conf))[0]
+        assert late.startswith("10.40.") and late not in {ip(lab, p["name"]) for p in lab.pods}
+        held = rec.read(store.kv, "node-1")
+        assert sorted(held.handles.values()) == sorted({*held.handles.values()})  # one pod per address
+        assert {a1, late} <= set(held.handles.values())
+        (r,) = lab.probe("b-1", [f"tcp:{a1}:8080"], timeout=5)
+        assert r["ok"] and r["peer"] == b1
+        runtime.delete(conf)
+        after = rec.read(store.kv, "node-1")
+        assert late not in after.handles.values()
+        assert after.addresses[late].handle is None and after.addresses[late].cooling_until  # cooling down
+        assert cloud_state(lab)["duplicates"] == []
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
