@@ -8,6 +8,10 @@ the pod dataplane; every failure is a CNIError with the code the runtime should 
 ADD writes the attachment record before it allocates and undoes what it made when a later
 step fails; DEL and GC tear down interfaces, then the address, then the record, so a
 failure part way leaves the rest findable (attachments.py).
+
+A pod's additional networks (annotation k8s.v1.cni.cncf.io/networks, podnet.multinet) are
+planned before anything is made, recorded in the same attachment record, set up after eth0
+(all or nothing) and removed before it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from podnet.cni.spec import (
     E_INVALID_NETNS,
     E_IPAM,
     E_IPAM_EXHAUSTED,
+    E_NETWORK,
     E_NOT_READY,
     E_NOT_READY_LIMITED,
     E_TRY_AGAIN,
@@ -38,6 +43,7 @@ from podnet.cni.spec import (
     add_result,
     prev_result_address,
 )
+from podnet.multinet.attachments import Multinet, MultinetConfig
 from podnet.store.base import KeyValueStore, StoreUnavailable
 
 if TYPE_CHECKING:  # the agent hands in the real one; tests may hand in a stand-in
@@ -60,6 +66,7 @@ class Commands:
     dataplane: Dataplane
     ready: Callable[[], tuple[int, str] | None]
     verify_netns: Callable[[str], str | None]
+    multinet: Multinet
     _sessions: Sessions
     pod_wait: float = 0.0  # seconds an ADD waits for a Pod the store does not know yet (podwait.py)
 
@@ -80,6 +87,7 @@ class Commands:
             with self._sessions.session() as (kv, _):
                 wait_for_pod(kv, req.namespace or "default", req.pod, self.pod_wait)
         key = attachment_key(self.node, req.handle)
+        config = MultinetConfig.from_netconf(req.config)
         with self._sessions.session() as (kv, ipam):
             existing = store_call(lambda: kv.get(key))
             if existing is not None:
@@ -88,7 +96,13 @@ class Commands:
                 old_netns = existing.value.get("netns") or None
                 if old_netns is not None and self.verify_netns(old_netns) is not None:
                     old_netns = None
-                self._teardown(kv, ipam, req.container_id, req.ifname, old_netns, req.handle, key)
+                self._teardown(kv, ipam, req.container_id, req.ifname, old_netns, req.handle, key,
+                               existing.value, req.cni_path, config)
+            # The pod's additional networks, decided (and refused) before anything is made.
+            ref, networks = self.multinet.plan(
+                kv, namespace=req.namespace, pod=req.pod, uid=(req.args or {}).get("K8S_POD_UID"),
+                primary_ifname=req.ifname, network=req.network, container_id=req.container_id,
+                version=req.version, config=config)
             record = {
                 "network": req.network,
                 "containerID": req.container_id,
@@ -100,13 +114,27 @@ class Commands:
                 "handle": req.handle,
                 "created": time.time(),
             }
+            if networks:
+                record["cniArgs"] = dict(req.args or {})
+                record["cniPath"] = list(req.cni_path)
+                record["networks"] = [n.to_record() for n in networks]
             store_call(lambda: kv.put(key, record))
             try:
                 alloc = self._allocate(ipam, req)
                 ifs = self.dataplane.add(req.container_id, req.ifname, req.netns, alloc.address)
                 result = add_result(req.version, ifs, alloc.address, alloc.prefix_len, req.netns)
+                if networks:
+                    assert ref is not None
+
+                    def save(done: list[Any]) -> None:
+                        store_call(lambda: kv.put(key, {**record, "networks": [n.to_record() for n in done]}))
+
+                    result = self.multinet.add(
+                        kv, ipam, ref=ref, networks=networks, container_id=req.container_id, netns=req.netns,
+                        args=req.args, cni_path=req.cni_path, config=config, primary_name=req.network,
+                        primary_ifname=req.ifname, primary_result=result, version=req.version, save=save)
             except BaseException as e:
-                undo_errors = self._undo(kv, ipam, req, key)
+                undo_errors = self._undo(kv, ipam, req, key, keep_record=bool(getattr(e, "leftover", False)))
                 if isinstance(e, CNIError):
                     if undo_errors:
                         e.details = "; ".join(filter(None, [e.details, *undo_errors]))
@@ -134,8 +162,9 @@ class Commands:
         except IPAMError as e:
             raise CNIError(E_IPAM, f"IPAM: {e}") from None
 
-    def _undo(self, kv: KeyValueStore, ipam: Any, req: Request, key: str) -> list[str]:
-        """Remove everything a failed ADD made; the problems met doing so (normally none)."""
+    def _undo(self, kv: KeyValueStore, ipam: Any, req: Request, key: str, keep_record: bool = False) -> list[str]:
+        """Remove everything a failed ADD made; the problems met doing so (normally none).
+        keep_record: an additional network could not be rolled back: DEL or GC finishes it."""
         problems = []
         try:
             self.dataplane.delete(req.container_id, req.ifname, req.netns)
@@ -146,6 +175,9 @@ class Commands:
             ipam.release(req.handle)
         except Exception as e:
             problems.append(f"cleanup: releasing the address failed: {e}")
+            return problems
+        if keep_record:
+            problems.append("cleanup: the attachment record is kept: a DEL or GC removes what is left")
             return problems
         try:
             kv.delete(key)
@@ -170,14 +202,26 @@ class Commands:
                 recorded = record.value["netns"]
                 if self.verify_netns(recorded) is None:
                     netns = recorded
-            self._teardown(kv, ipam, req.container_id, req.ifname, netns, req.handle, key)
+            self._teardown(kv, ipam, req.container_id, req.ifname, netns, req.handle, key,
+                           record.value if record is not None else None, req.cni_path,
+                           MultinetConfig.from_netconf(req.config))
         return 0, ""
 
     def _teardown(self, kv: KeyValueStore, ipam: Any, container_id: str, ifname: str, netns: str | None,
-                  handle: str, key: str) -> None:
-        """Interfaces, then the address, then the record: a failure leaves the rest findable."""
+                  handle: str, key: str, record: dict[str, Any] | None = None, cni_path: tuple[str, ...] = (),
+                  config: MultinetConfig | None = None) -> None:
+        """The additional networks (reverse), then the interfaces, then the address, then the
+        record: a failure leaves the rest findable."""
         from podnet.ipam import TooManyConflicts
 
+        left: list[dict[str, Any]] = []
+        problems: list[str] = []
+        if record and record.get("networks"):
+            problems, left = self.multinet.teardown(ipam, record, container_id, netns,
+                                                    cni_path or tuple(record.get("cniPath") or ()),
+                                                    config or MultinetConfig())
+            for p in problems:
+                log.warning("CNI teardown %s: %s", handle, p)
         try:
             self.dataplane.delete(container_id, ifname, netns)
         except Exception as e:
@@ -187,6 +231,11 @@ class Commands:
             ipam.release(handle)
         except (TooManyConflicts, StoreUnavailable) as e:
             raise CNIError(E_TRY_AGAIN, f"releasing the address of {handle}: {e}") from None
+        if left:  # the pod's namespace is still there and some networks would not go: the next DEL retries
+            assert record is not None
+            store_call(lambda: kv.put(key, {**record, "networks": left}))
+            raise CNIError(E_NETWORK, f"removing the additional networks of {handle} failed: {'; '.join(problems)}",
+                           "everything else is removed; a repeated DEL retries these")
         store_call(lambda: kv.delete(key))
 
     # ------------------------------------------------------------ CHECK
@@ -198,8 +247,12 @@ class Commands:
             raise CNIError(E_INVALID_NETNS, problem)
         problems = []
         with self._sessions.session() as (kv, ipam):
-            if store_call(lambda: kv.get(attachment_key(self.node, req.handle))) is None:
+            record = store_call(lambda: kv.get(attachment_key(self.node, req.handle)))
+            if record is None:
                 problems.append(f"no attachment record for {req.handle} on node {self.node}")
+            elif record.value.get("networks"):
+                problems += self.multinet.check(ipam, record.value, req.container_id, req.netns, req.cni_path,
+                                                MultinetConfig.from_netconf(req.config))
             held = store_call(lambda: ipam.lookup(req.handle))
             if held is None:
                 problems.append(f"IPAM holds no address for {req.handle}")
@@ -247,6 +300,7 @@ class Commands:
         valid_handles = {attachment_handle(req.network, cid, ifname) for cid, ifname in valid}
         failures: list[str] = []
         removed = 0
+        config = MultinetConfig.from_netconf(req.config)
         with self._sessions.session() as (kv, ipam):
             records, _ = store_call(lambda: kv.list(node_attachments_prefix(self.node)))
             other_networks: set[tuple[str, str]] = set()
@@ -257,10 +311,11 @@ class Commands:
                     other_networks.add((cid, ifname))
                     continue
                 if (cid, ifname) in valid:
+                    valid_handles |= self.multinet.handles(value)  # its additional networks' addresses
                     continue
                 try:
                     self._teardown(kv, ipam, cid, ifname, None, value.get("handle") or rec.key.rpartition("/")[2],
-                                   rec.key)
+                                   rec.key, value, req.cni_path, config)
                     removed += 1
                 except CNIError as e:
                     failures.append(e.msg)

@@ -22,6 +22,7 @@ from podnet.cni.errors import CNIError
 from podnet.cni.netns import netns_problem
 from podnet.cni.sessions import Sessions
 from podnet.cni.spec import E_INTERNAL, LATEST, Request, error_output, parse_request
+from podnet.multinet.attachments import Multinet
 from podnet.store.base import KeyValueStore
 
 __all__ = ["CNIHandler"]
@@ -102,6 +103,7 @@ class CNIHandler(Commands):
         self.dataplane = dataplane
         self.ready = ready
         self.verify_netns = verify_netns
+        self.multinet = Multinet(node)
         self._sessions = Sessions(kv, ipam_factory)
         self._gc_lock = _GCLock()
         self._stripes = [threading.Lock() for _ in range(64)]

@@ -26,6 +26,10 @@ Error codes (CNI spec 1.1 well-known codes, then this plugin's own):
     101  IPAM cannot serve the request: no usable pool, or the requested address is unavailable
     102  the pod dataplane failed to set up or remove the pod's interfaces
     103  CHECK found problems (listed in the message)
+    104  an additional network (k8s.v1.cni.cncf.io/networks) could not be set up or removed: a
+         delegate plugin failed, or the pod already has the interface; the message names the
+         pod, the network and the plugin (a bad annotation or a missing
+         NetworkAttachmentDefinition is code 7)
     999  internal error
 """
 
@@ -65,6 +69,7 @@ E_IPAM_EXHAUSTED = 100
 E_IPAM = 101
 E_DATAPLANE = 102
 E_CHECK_FAILED = 103
+E_NETWORK = 104
 E_INTERNAL = 999
 
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
@@ -107,6 +112,7 @@ class Request:
     ifname: str = ""
     netns: str = ""
     args: dict[str, str] | None = None
+    cni_path: tuple[str, ...] = ()  # CNI_PATH: where the additional networks' plugins are
 
     @property
     def handle(self) -> str:
@@ -253,6 +259,7 @@ def parse_request(env: Any, stdin: Any) -> Request:
             check_ifname(req.ifname)
             req.netns = env.get("CNI_NETNS", "")
             req.args = parse_cni_args(env.get("CNI_ARGS", ""))
+        req.cni_path = tuple(d for d in env.get("CNI_PATH", "").split(":") if d)
         minimum = {"CHECK": (0, 4, 0), "STATUS": (1, 1, 0), "GC": (1, 1, 0)}.get(command)
         if minimum and version_tuple(req.version) < minimum:
             raise CNIError(E_INCOMPATIBLE_VERSION, f"config version {req.version} does not allow {command}",

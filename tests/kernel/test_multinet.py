@@ -1,0 +1,350 @@
+"""Additional networks with the reference plugins on the real kernel, real packets.
+
+Two node namespaces each run a CNI server (the agent's handler, `python -m podnet.cni.serve`);
+their data0 links and an external host hang on one underlay segment (a bridge in a segment
+namespace). Pods get podnet's eth0 and, by the annotation k8s.v1.cni.cncf.io/networks, a
+macvlan net1 on data0 with a podnet-ipam address from an Attachment pool, a bridge network
+with host-local between pods of one node, and macvlan + static IPAM with ips and mac asked
+by the pod. The runtime is podnet.lab.runtime (libcni's behaviour).
+
+Checked: net1 reaches the external host from the pool address with no NAT while eth0 still
+carries pod-to-pod traffic; the network-status annotation; addresses unique across nodes
+under 20 concurrent ADDs; bad input fails the ADD naming the pod and the network and leaves
+nothing (interfaces, addresses, host-local leases, records); DEL also when the netns is gone;
+kill -9 of the server in the middle of an ADD, then a retry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+pytest.importorskip("podnet.dataplane.pods")
+
+from podnet.cni.attachments import ATTACHMENTS_PREFIX  # noqa: E402
+from podnet.cni.errors import CNIError  # noqa: E402
+from podnet.cni.install import install_plugin  # noqa: E402
+from podnet.ipam import keys as ipam_keys  # noqa: E402
+from podnet.lab.runtime import CniRuntime, RuntimeConf, k8s_args  # noqa: E402
+from podnet.model.objects import IPPool, NetworkAttachmentDefinition, Pod  # noqa: E402
+from podnet.multinet import ANNOTATION_NETWORKS, ANNOTATION_STATUS  # noqa: E402
+from podnet.store import open_store  # noqa: E402
+from podnet.store.objects import ObjectStore  # noqa: E402
+from tests.kernel.nsutil import in_ns, namespaces  # noqa: E402
+
+REFERENCE = "/usr/lib/cni"
+NETWORK = "podnet"
+EXT_IP = "10.99.0.1"
+SUBNET = "10.99.0.0/24"
+
+ONE_SHOT_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(4)
+print("listening", flush=True)
+c, peer = s.accept()
+c.sendall((peer[0] + "\n").encode()); c.close()
+"""
+
+CLIENT = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print(c.recv(100).decode().strip(), c.getsockname()[0])
+"""
+
+# A plugin that, while its block file exists, tells the test it runs (one line on a FIFO) and
+# then waits for good: the test kills the server under it.
+BLOCKER = r"""#!PYTHON
+import json, os, sys, time
+conf = json.load(sys.stdin)
+if os.environ["CNI_COMMAND"] == "ADD" and os.path.exists(conf["blockFile"]):
+    with open(conf["fifo"], "w") as f:
+        f.write(f"{os.getpid()}\n")
+    while True:
+        time.sleep(3600)
+if os.environ["CNI_COMMAND"] == "ADD":
+    print(json.dumps(conf["prevResult"]))
+"""
+
+
+def nad(name: str, config: dict) -> NetworkAttachmentDefinition:
+    return NetworkAttachmentDefinition.model_validate({
+        "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "namespace": "default"}, "spec": {"config": json.dumps(config)}})
+
+
+def start_server(node_ns: str, sock: str, url: str, node: str, procs: list) -> subprocess.Popen:
+    p = subprocess.Popen(["ip", "netns", "exec", node_ns, sys.executable, "-m", "podnet.cni.serve", sock, url, node,
+                          "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.append(p)
+    line = p.stdout.readline().strip() if p.stdout else ""
+    if line != "ready":
+        p.kill()
+        raise AssertionError(f"CNI server did not start: {line!r} {p.stderr.read() if p.stderr else ''}")
+    return p
+
+
+@pytest.fixture
+def lab(tmp_path):
+    procs: list[subprocess.Popen] = []
+    with namespaces() as ns:
+        seg, ext = ns.new("seg"), ns.new("ext")
+        in_ns(seg, "ip", "link", "add", "br0", "type", "bridge")
+        in_ns(seg, "ip", "link", "set", "br0", "up")
+        in_ns(seg, "ip", "link", "add", "p-ext", "type", "veth", "peer", "name", "eth0", "netns", ext)
+        in_ns(seg, "ip", "link", "set", "p-ext", "master", "br0", "up")
+        in_ns(ext, "ip", "addr", "add", f"{EXT_IP}/24", "dev", "eth0")
+        in_ns(ext, "ip", "link", "set", "eth0", "up")
+        url = "sqlite://" + str(tmp_path / "podnet.db")
+        kv = open_store(url)
+        objects = ObjectStore(kv)
+        hl_dir = tmp_path / "host-local"
+        objects.apply([
+            IPPool.model_validate({"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "pods"},
+                                   "spec": {"cidr": "10.244.0.0/16", "blockSize": 26}}),
+            IPPool.model_validate({"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "global"},
+                                   "spec": {"cidr": "10.99.0.64/26", "blockSize": 29,
+                                            "allowedUses": ["Attachment"]}}),
+            nad("underlay", {"cniVersion": "1.0.0", "type": "macvlan", "master": "data0", "mode": "bridge",
+                             "ipam": {"type": "podnet-ipam", "pools": ["global"], "subnet": SUBNET}}),
+            nad("pod-bridge", {"cniVersion": "1.0.0", "name": "pod-bridge", "plugins": [
+                {"type": "bridge", "bridge": "pnbr-test", "ipam": {
+                    "type": "host-local", "subnet": "192.168.50.0/24", "dataDir": str(hl_dir)}}]}),
+            nad("fixed", {"cniVersion": "1.0.0", "name": "fixed", "plugins": [
+                {"type": "macvlan", "master": "data0", "mode": "bridge", "capabilities": {"mac": True, "ips": True},
+                 "ipam": {"type": "static"}},
+                ]}),
+            nad("broken", {"cniVersion": "1.0.0", "type": "macvlan", "master": "no-such-link",
+                           "ipam": {"type": "podnet-ipam", "pools": ["global"], "subnet": SUBNET}}),
+        ])
+        bindir = tmp_path / "bin"
+        install_plugin(str(bindir))
+        blocker = bindir / "blocker"
+        blocker.write_text(BLOCKER.replace("PYTHON", sys.executable))
+        blocker.chmod(0o755)
+        nodes = {}
+        for i in (1, 2):
+            node = ns.new(f"n{i}")
+            in_ns(seg, "ip", "link", "add", f"p-n{i}", "type", "veth", "peer", "name", "data0", "netns", node)
+            in_ns(seg, "ip", "link", "set", f"p-n{i}", "master", "br0", "up")
+            in_ns(node, "ip", "link", "set", "data0", "up")
+            in_ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            sock = str(tmp_path / f"n{i}.sock")
+            start_server(node, sock, url, f"node-{i}", procs)
+            conflist = {"cniVersion": "1.0.0", "name": NETWORK, "plugins": [{"type": "podnet-cni",
+                                                                            "agentSocket": sock}]}
+            nodes[i] = {"ns": node, "sock": sock, "name": f"node-{i}",
+                        "runtime": CniRuntime(conflist, cni_path=[str(bindir), REFERENCE],
+                                              cache_dir=tmp_path / f"cache{i}", host_netns=node, timeout=60)}
+        lab = {"ns": ns, "seg": seg, "ext": ext, "kv": kv, "objects": objects, "nodes": nodes, "procs": procs,
+               "url": url, "tmp": tmp_path, "hl_dir": hl_dir, "bindir": bindir}
+        try:
+            yield lab
+        finally:
+            for p in reversed(procs):
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    try:
+                        p.wait(10)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+            kv.close()
+
+
+def new_pod(lab, name: str, networks: str | None) -> tuple[str, RuntimeConf]:
+    ns = lab["ns"].new(name)
+    cid = f"{name}-{os.urandom(8).hex()}"
+    ann = {ANNOTATION_NETWORKS: networks} if networks is not None else {}
+    lab["objects"].apply([Pod.model_validate({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}",
+                                                        "annotations": ann},
+        "spec": {"containers": [{"name": "c"}]}})])
+    return ns, RuntimeConf(container_id=cid, netns=f"/run/netns/{ns}", ifname="eth0",
+                           args=k8s_args("default", name, cid, f"uid-{name}"))
+
+
+def links(ns: str) -> list[str]:
+    return sorted(x["ifname"] for x in json.loads(in_ns(ns, "ip", "-j", "link", "show").stdout))
+
+
+def addr_of(ns: str, ifname: str) -> str:
+    data = json.loads(in_ns(ns, "ip", "-j", "-4", "addr", "show", "dev", ifname).stdout)
+    return data[0]["addr_info"][0]["local"]
+
+
+def handles(kv) -> list[str]:
+    return sorted(ipam_keys.handle_of_key(r.key) for r in kv.list(ipam_keys.HANDLES)[0])
+
+
+def leases(lab) -> list[str]:
+    d = lab["hl_dir"] / "pod-bridge"
+    return sorted(f.name for f in d.iterdir() if f.name[0].isdigit()) if d.is_dir() else []
+
+
+def connect_from(lab, client_ns: str, server_ns: str, server_ip: str, port: int) -> tuple[str, str]:
+    """(the peer the server saw, the client's own address) of one TCP connection."""
+    server = subprocess.Popen(["ip", "netns", "exec", server_ns, sys.executable, "-c", ONE_SHOT_SERVER, server_ip,
+                               str(port)], stdout=subprocess.PIPE, text=True)
+    lab["procs"].append(server)
+    assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+    out = in_ns(client_ns, sys.executable, "-c", CLIENT, server_ip, str(port)).stdout.split()
+    server.wait(10)
+    return out[0], out[1]
+
+
+def test_net1_reaches_the_external_host_directly_while_eth0_is_unchanged(lab):
+    rt1 = lab["nodes"][1]["runtime"]
+    pod_a, conf_a = new_pod(lab, "ma", "underlay, pod-bridge")
+    pod_b, conf_b = new_pod(lab, "mb", json.dumps([
+        {"name": "underlay"}, {"name": "pod-bridge"},
+        {"name": "fixed", "interface": "fix0", "ips": ["10.99.0.200/24"], "mac": "02:00:0a:63:00:c8"}]))
+    res_a = rt1.add(conf_a)
+    res_b = rt1.add(conf_b)
+    assert links(pod_a) == ["eth0", "lo", "net1", "net2"] and links(pod_b) == ["eth0", "fix0", "lo", "net1", "net2"]
+    eth0_a, eth0_b = addr_of(pod_a, "eth0"), addr_of(pod_b, "eth0")
+    net1_a, net1_b = addr_of(pod_a, "net1"), addr_of(pod_b, "net1")
+    assert net1_a != net1_b and all(a.startswith("10.99.0.") and 64 <= int(a.rsplit(".", 1)[1]) < 128
+                                    for a in (net1_a, net1_b))
+    # The runtime's result: eth0 first (the pod IP), then every network's interface and address.
+    assert res_a["ips"][0]["address"].startswith(eth0_a + "/")
+    assert {ip["address"].split("/")[0] for ip in res_b["ips"]} >= {eth0_b, net1_b, "10.99.0.200"}
+
+    # net1 -> external host, from the pool address, no NAT (the server sees the pod's address).
+    seen, own = connect_from(lab, pod_a, lab["ext"], EXT_IP, 7001)
+    assert seen == own == net1_a
+    # external host -> net1, directly on the segment.
+    seen, own = connect_from(lab, lab["ext"], pod_b, net1_b, 7002)
+    assert seen == EXT_IP and own == EXT_IP
+    # static IPAM with the pod's ips and mac: on fix0.
+    assert addr_of(pod_b, "fix0") == "10.99.0.200"
+    fix0 = json.loads(in_ns(pod_b, "ip", "-j", "link", "show", "fix0").stdout)[0]
+    assert fix0["address"] == "02:00:0a:63:00:c8"
+    in_ns(lab["ext"], "ping", "-c1", "-W2", "10.99.0.200")
+    # eth0 still carries pod-to-pod (routed by the node), and its default route is podnet's.
+    seen, own = connect_from(lab, pod_a, pod_b, eth0_b, 7003)
+    assert seen == own == eth0_a
+    assert "169.254.1.1 dev eth0" in in_ns(pod_a, "ip", "route", "show", "default").stdout
+    # The bridge network between the pods of one node.
+    in_ns(pod_a, "ping", "-c1", "-W2", addr_of(pod_b, "net2"))
+
+    status = json.loads(lab["objects"].get(Pod, "mb", "default").metadata.annotations[ANNOTATION_STATUS])
+    assert [(s["name"], s["interface"], s["ips"]) for s in status] == [
+        (NETWORK, "eth0", [eth0_b]), ("default/underlay", "net1", [net1_b]),
+        ("default/pod-bridge", "net2", [addr_of(pod_b, "net2")]), ("default/fixed", "fix0", ["10.99.0.200"])]
+    assert status[0]["default"] is True and status[3]["mac"] == "02:00:0a:63:00:c8"
+
+    # CHECK through every network's plugins, then DEL: nothing left.
+    rt1.check(conf_b)
+    rt1.delete(conf_a)
+    rt1.delete(conf_b)
+    rt1.delete(conf_b)
+    assert links(pod_a) == ["lo"] and links(pod_b) == ["lo"]
+    assert handles(lab["kv"]) == [] and leases(lab) == []
+    assert lab["kv"].list(ATTACHMENTS_PREFIX)[0] == []
+    assert not [ln for ln in links(lab["nodes"][1]["ns"]) if ln.startswith(("pn", "veth")) and ln != "pnbr-test"]
+
+
+def test_addresses_are_unique_across_nodes_under_20_concurrent_adds(lab):
+    pods = [(i % 2 + 1, *new_pod(lab, f"c{i}", "underlay")) for i in range(20)]
+
+    def add(item):
+        node, ns, conf = item
+        return lab["nodes"][node]["runtime"].add(conf)
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        list(pool.map(add, pods))
+    addresses = [addr_of(ns, "net1") for _, ns, _ in pods]
+    assert len(set(addresses)) == 20, addresses
+    for _, ns, _ in pods[:4]:
+        in_ns(ns, "ping", "-c1", "-W2", EXT_IP)
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        list(pool.map(lambda it: lab["nodes"][it[0]]["runtime"].delete(it[2]), pods))
+    assert handles(lab["kv"]) == []
+
+
+@pytest.mark.parametrize("networks, code, words", [
+    ("pod-bridge, missing", 7, "pod default/bad: network default/missing: NetworkAttachmentDefinition "
+                               "default/missing does not exist"),
+    ('[{"name": "underlay"', 7, "annotation k8s.v1.cni.cncf.io/networks: not valid JSON"),
+    ("pod-bridge, underlay@net1", 7, "interface net1 is already default/pod-bridge's"),
+    ("pod-bridge, underlay, broken", 104, "pod default/bad: network default/broken (interface net3): CNI ADD "
+                                          "failed in plugin macvlan"),
+])
+def test_bad_input_fails_the_add_and_leaves_nothing(lab, networks, code, words):
+    node = lab["nodes"][1]
+    before = links(node["ns"])
+    pod, conf = new_pod(lab, "bad", networks)
+    with pytest.raises(CNIError) as err:
+        node["runtime"].add(conf)
+    assert err.value.code == code and words in err.value.msg, err.value
+    assert links(pod) == ["lo"]
+    # The bridge plugin makes the node's bridge once and never removes it (as with any runtime).
+    assert [ln for ln in links(node["ns"]) if ln != "pnbr-test"] == before
+    assert handles(lab["kv"]) == [] and leases(lab) == []
+    assert lab["kv"].list(ATTACHMENTS_PREFIX)[0] == []
+    bridge = in_ns(node["ns"], "ip", "-j", "link", "show", "master", "pnbr-test", check=False)
+    assert bridge.returncode != 0 or json.loads(bridge.stdout or "[]") == []
+
+
+def test_del_removes_every_attachment_when_the_netns_is_gone(lab):
+    node = lab["nodes"][1]
+    pod, conf = new_pod(lab, "gone", "underlay, pod-bridge")
+    node["runtime"].add(conf)
+    assert len(leases(lab)) == 1 and len(handles(lab["kv"])) == 2
+    in_ns(pod, "true")
+    subprocess.run(["ip", "netns", "del", pod], check=True)
+    lab["ns"].created.remove(pod)
+    node["runtime"].delete(conf)
+    assert handles(lab["kv"]) == [] and leases(lab) == []
+    assert lab["kv"].list(ATTACHMENTS_PREFIX)[0] == []
+    assert not [ln for ln in links(node["ns"]) if ln.startswith(("pn", "veth")) and ln != "pnbr-test"]
+
+
+def test_kill_9_in_the_middle_of_an_add_then_a_retry(lab):
+    node = lab["nodes"][1]
+    fifo = lab["tmp"] / "started.fifo"
+    os.mkfifo(fifo)
+    block = lab["tmp"] / "block"
+    block.write_text("")
+    lab["objects"].apply([nad("slow", {"cniVersion": "1.0.0", "name": "slow", "plugins": [
+        {"type": "macvlan", "master": "data0", "mode": "bridge",
+         "ipam": {"type": "podnet-ipam", "pools": ["global"], "subnet": SUBNET}},
+        {"type": "blocker", "fifo": str(fifo), "blockFile": str(block)}]})])
+    pod, conf = new_pod(lab, "slowpod", "pod-bridge, slow")
+    server = next(p for p in lab["procs"] if node["sock"] in p.args)
+    failure: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            node["runtime"].add(conf)
+        except BaseException as e:  # the server dies under it: the runtime sees an error
+            failure.append(e)
+
+    t = threading.Thread(target=add)
+    t.start()
+    with open(fifo) as f:  # the blocker runs: net1 and net2 exist, eth0 too
+        blocker_pid = int(f.readline())
+    assert links(pod) == ["eth0", "lo", "net1", "net2"]
+    os.kill(server.pid, signal.SIGKILL)  # `ip netns exec` execs: this is the server itself
+    server.wait(10)
+    t.join(60)
+    assert failure and isinstance(failure[0], CNIError)
+    os.kill(blocker_pid, signal.SIGKILL)
+    block.unlink()
+    start_server(node["ns"], node["sock"], lab["url"], node["name"], lab["procs"])
+    result = node["runtime"].add(conf)  # the runtime retries: what the first ADD left goes first
+    assert links(pod) == ["eth0", "lo", "net1", "net2"]
+    assert len(leases(lab)) == 1 and len([h for h in handles(lab["kv"]) if h.endswith(".net2")]) == 1
+    assert addr_of(pod, "net2") in {ip["address"].split("/")[0] for ip in result["ips"]}
+    in_ns(pod, "ping", "-c1", "-W2", EXT_IP)
+    node["runtime"].delete(conf)
+    assert links(pod) == ["lo"] and handles(lab["kv"]) == [] and leases(lab) == []
