@@ -348,3 +348,19 @@ def test_kill_9_in_the_middle_of_an_add_then_a_retry(lab):
     in_ns(pod, "ping", "-c1", "-W2", EXT_IP)
     node["runtime"].delete(conf)
     assert links(pod) == ["lo"] and handles(lab["kv"]) == [] and leases(lab) == []
+
+
+def test_default_route_moves_the_pods_default_route_to_net1(lab):
+    node = lab["nodes"][2]
+    pod, conf = new_pod(lab, "gw", '[{"name": "underlay", "default-route": ["10.99.0.1"]}]')
+    result = node["runtime"].add(conf)
+    assert in_ns(pod, "ip", "route", "show", "default").stdout.split()[:5] == [
+        "default", "via", "10.99.0.1", "dev", "net1"]
+    assert len(in_ns(pod, "ip", "route", "show", "default").stdout.splitlines()) == 1
+    assert [r for r in result["routes"] if r["dst"] == "0.0.0.0/0"] == [{"dst": "0.0.0.0/0", "gw": "10.99.0.1"}]
+    # an address off every connected route now leaves by net1: the external host answers for it
+    in_ns(lab["ext"], "ip", "addr", "add", "198.51.100.1/32", "dev", "eth0")
+    seen, own = connect_from(lab, pod, lab["ext"], "198.51.100.1", 7004)
+    assert seen == own == addr_of(pod, "net1")
+    node["runtime"].delete(conf)
+    assert links(pod) == ["lo"] and handles(lab["kv"]) == []

@@ -27,6 +27,7 @@ from podnet.model.objects import (
     IPReservation,
     KubeObject,
     Namespace,
+    NetworkAttachmentDefinition,
     NetworkPolicy,
     Node,
     Pod,
@@ -268,6 +269,30 @@ def _selector(sel: LabelSelector | None) -> str:
     return ",".join(terms)
 
 
+def _attachments(pod: Pod) -> str:
+    """Every interface of the pod from its network-status annotation: `eth0=10.244.0.5,
+    net1=10.99.0.70(default/underlay)` (the cluster network without its name)."""
+    from podnet.multinet.status import read_status
+
+    out = []
+    for entry in read_status(pod):
+        ips = "+".join(entry.get("ips") or []) or "-"
+        network = "" if entry.get("default") else f"({entry.get('name')})"
+        out.append(f"{entry.get('interface') or '?'}={ips}{network}")
+    return ",".join(out)
+
+
+def _nad_plugins(nad: NetworkAttachmentDefinition) -> str:
+    from podnet.multinet.netconf import NetConf, NetConfError
+
+    try:
+        conf = NetConf.parse(nad.spec.config)
+    except NetConfError:
+        return "<invalid>"
+    ipam = [p["ipam"]["type"] for p in conf.plugins if isinstance(p.get("ipam"), dict) and p["ipam"].get("type")]
+    return ",".join(p["type"] for p in conf.plugins) + (f" (ipam {','.join(ipam)})" if ipam else "")
+
+
 def _slice_ports(s: EndpointSlice) -> str:
     return ",".join(str(p.port) if p.port is not None else "<unset>" for p in s.ports or ())
 
@@ -293,7 +318,9 @@ COLUMNS: dict[type[KubeObject], list[Column]] = {
     Pod: [Column("STATUS", lambda o: o.status.phase),
           Column("IP", lambda o: o.status.pod_ip, wide=True),
           Column("NODE", lambda o: o.spec.node_name, wide=True),
-          Column("HOST-NETWORK", lambda o: o.spec.host_network, wide=True)],
+          Column("HOST-NETWORK", lambda o: o.spec.host_network, wide=True),
+          Column("NETWORKS", _attachments, wide=True)],
+    NetworkAttachmentDefinition: [Column("PLUGINS", _nad_plugins)],
     Service: [Column("TYPE", lambda o: o.spec.type), Column("CLUSTER-IP", lambda o: o.spec.cluster_ip),
               Column("EXTERNAL-IP", _external_ips), Column("PORT(S)", _ports),
               Column("SELECTOR", lambda o: _labels(o.spec.selector), wide=True)],

@@ -85,6 +85,15 @@ def network_status(primary_name: str, primary_ifname: str, primary_result: dict[
     return out
 
 
+def read_status(pod: Pod) -> list[dict[str, Any]]:
+    """The entries of a Pod's annotation ([] when it has none or it is not a list of objects)."""
+    try:
+        entries = json.loads(pod.metadata.annotations.get(ANNOTATION_STATUS) or "[]")
+    except ValueError:
+        return []
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
 def write_status(kv: KeyValueStore, namespace: str, name: str, uid: str | None,
                  entries: list[dict[str, Any]]) -> bool:
     """Set the annotation on the Pod; False if the Pod (with that uid) is gone. Store
