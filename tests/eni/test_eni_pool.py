@@ -192,3 +192,19 @@ def test_bad_cloud_input_at_start_names_the_object_field_and_call(ec2, tmp_path)
         build_pool(good, n, kv, PoolOptions(endpoint=ec2.endpoint, client=ec2.client("AKIAREFUSED")))
     with pytest.raises(SetupError, match=r"Node/bare: field spec.providerID is not set"):
         build_pool(good, type(n).model_validate({"metadata": {"name": "bare"}}), kv, opts)
+
+
+def test_the_instances_own_eni_counts_against_the_limit_when_pods_may_not_use_it(ec2, tmp_path):
+    world = ec2.world(instance_type="m5.large", vpc_cidr="10.17.0.0/16", node_subnet="10.17.9.0/24",
+                      subnets=[("10.17.9.0/24", "us-east-1a"), ("10.17.1.0/24", "us-east-1a")])
+    np = start_pool(ec2, world, tmp_path, cloud_network(world, subnets=["10.17.1.0/24"]), wait=5)
+    ipam = np.ipam()
+    try:
+        results, errors = burst(np.ipam, [f"p{i}" for i in range(18)])  # 2 ENIs of podnet's x 9
+        assert not errors, errors
+        with pytest.raises(PoolExhausted):
+            ipam.allocate("p18", "n")
+        assert ec2.limit_errors == {} and len(ec2.enis(instance=world.instances[0])) == 3
+    finally:
+        ipam.kv.close()
+        np.pool.stop()

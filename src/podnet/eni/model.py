@@ -45,6 +45,15 @@ class PoolState:
     assigned: dict[str, str] = field(default_factory=dict)  # address -> handle
     handles: dict[str, str] = field(default_factory=dict)  # handle -> address
     eni_of: dict[str, str] = field(default_factory=dict)  # every known pod address -> its ENI
+    # device indices of the instance's other ENIs (its own primary one when pods may not use
+    # it, another tool's): they count against the instance's ENI limit all the same
+    foreign: set[int] = field(default_factory=set)
+
+    def attached(self) -> int:
+        return len(self.enis) + len(self.foreign)
+
+    def used_indices(self) -> set[int]:
+        return {e.device_index for e in self.enis.values()} | self.foreign
 
     def counts(self, waiting: int = 0) -> PoolCounts:
         return PoolCounts(len(self.idle), len(self.cooling), len(self.assigned), waiting, len(self.enis),

@@ -236,7 +236,7 @@ class EniPool:
             st = self.state
             if st.idle or st.cooling:
                 return None
-            if self._room() == 0 and len(st.enis) >= self._eni_limit():
+            if self._room() == 0 and st.attached() >= self._eni_limit():
                 return (f"every pod address of {self.cfg.limits.describe()} is assigned "
                         f"({len(st.assigned)} pods; max pods {self.cfg.limits.max_pods(self.cfg.mode)})")
         return None
@@ -373,7 +373,7 @@ class EniPool:
                             for e in self.state.enis.values() if self._usable(e)), key=lambda r: r[0])
             calls = watermarks.split(need, [(eni, room) for _, eni, room in rooms], self.cfg.batch)
             planned = sum(n for _, n in calls)
-            enis = len(self.state.enis)
+            enis = self.state.attached()
         missing = need - planned
         if short > planned and enis < self._eni_limit():
             new = min(math.ceil((short - planned) / self._per_eni()), self._eni_limit() - enis)
@@ -408,15 +408,18 @@ class EniPool:
             self._cond.notify_all()
 
     def _create_enis(self, count: int) -> list[EniSlot]:
-        made = []
-        for _ in range(count):
-            eni = self._create_eni()
-            if eni is None:
-                break
-            made.append(eni)
-        return made
+        """`count` new ENIs at once (each one's Create + Attach takes seconds: in parallel, a
+        cold node waits for one, not for each)."""
+        with self._cond:
+            used = self.state.used_indices()
+        free = [i for i in range(1, self._eni_limit()) if i not in used][:count]
+        if len(free) <= 1:
+            made = [self._create_eni(i) for i in free]
+        else:
+            made = list(self._executor.map(self._create_eni, free))
+        return [e for e in made if e is not None]
 
-    def _create_eni(self) -> EniSlot | None:
+    def _create_eni(self, index: int | None = None) -> EniSlot | None:
         try:
             subnets = self.cloud.describe_subnets(self.subnets.usable()) if self.subnets.usable() else []
         except CloudError as e:
@@ -427,9 +430,12 @@ class EniPool:
             with self._cond:
                 self.problem = "every subnet of the node's zone is full or skipped: " + ", ".join(self.cfg.subnets)
             return None
-        with self._cond:
-            used = {e.device_index for e in self.state.enis.values()}
-        index = next(i for i in range(1, self._eni_limit() + 1) if i not in used)
+        if index is None:
+            with self._cond:
+                used = self.state.used_indices()
+            index = next((i for i in range(1, self._eni_limit()) if i not in used), None)
+            if index is None:
+                return None
         tags = {TAG_MANAGED: MANAGED_BY, TAG_NODE: self.cfg.node, TAG_INSTANCE: self.cfg.instance_id,
                 TAG_CREATED: str(int(time.time())), TAG_NETWORK: self.cfg.network}
         try:
@@ -459,13 +465,11 @@ class EniPool:
 
     def _grow_enis(self, need: int) -> None:
         with self._cond:
-            room = self._eni_limit() - len(self.state.enis)
+            room = self._eni_limit() - self.state.attached()
         if room <= 0:
             self._at_limit()
             return
-        for _ in range(min(need, room)):
-            if self._create_eni() is None:
-                break
+        self._create_enis(min(need, room))
 
     def _at_limit(self) -> None:
         """No call can add an address: hand waiting pods cooling addresses early (an address
@@ -484,7 +488,7 @@ class EniPool:
             if self._waiters:
                 full = self.cfg.mode == "exclusive" or all(
                     len(e.addresses) >= self._per_eni() for e in st.enis.values() if e.podnet or self.cfg.use_primary_eni)
-                if not full or len(st.enis) < self._eni_limit():
+                if not full or st.attached() < self._eni_limit():
                     reason = self.problem or "every subnet of the node's zone is out of addresses"
                     self._fail_all(PoolUnavailable(f"the warm pool of node {self.cfg.node} is empty: {reason}; "
                                                    "try again later"))

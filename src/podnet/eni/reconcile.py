@@ -58,7 +58,7 @@ class Reconciler:
             stored = rec.read(kv, cfg.node)
             self._collect_leaked_records(kv, stored, pool)
             stored = rec.read(kv, cfg.node)
-            problems = self._apply(pool, usable, stored)
+            problems = self._apply(pool, usable, stored, attached)
             self._drop_stale_records(kv, stored, pool)
         finally:
             kv.close()
@@ -73,7 +73,7 @@ class Reconciler:
         return (self.cfg.mode == "shared" and self.cfg.use_primary_eni and eni.device_index == 0
                 and eni.subnet_id in self.cfg.subnets)
 
-    def _apply(self, pool: EniPool, usable, stored: rec.NodeRecords) -> list[str]:
+    def _apply(self, pool: EniPool, usable, stored: rec.NodeRecords, attached) -> list[str]:
         cfg = self.cfg
         problems = []
         now_mono, now_wall = pool.clock(), self.wall()
@@ -94,6 +94,8 @@ class Reconciler:
                         cloud_addresses[a] = e.id
             for eni_id in [i for i in st.enis if i not in {e.id for e in usable}]:
                 del st.enis[eni_id]
+            st.foreign = {e.device_index for e in attached if e.id not in {u.id for u in usable}
+                          and e.device_index is not None}
             for address in [a for a in st.eni_of if a not in cloud_addresses]:
                 handle = st.assigned.get(address)
                 if handle is not None:
