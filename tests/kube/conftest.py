@@ -43,3 +43,25 @@ def kubectl_binary() -> tuple[str, list[str]] | None:
     except (ValueError, KeyError):
         return None
     return path, (["--validate=false"] if minor < 27 else [])
+
+
+@pytest.fixture
+def kubectl(kubeconfig, tmp_path):
+    found = kubectl_binary()
+    if found is None:
+        pytest.skip("no kubectl on PATH (Debian: kubernetes-client)")
+    path, flags = found
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "HOME": str(tmp_path)}
+
+    def run(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        argv = [path, *args]
+        if args and args[0] in ("apply", "create", "replace"):
+            argv += flags
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120, env=env)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}")
+        return proc
+
+    run.path = path  # type: ignore[attr-defined]
+    run.env = env  # type: ignore[attr-defined]
+    return run

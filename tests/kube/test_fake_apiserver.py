@@ -5,13 +5,10 @@ its errors (401, 403, 404, 409, 410, 422) as they would see a real one's."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 
 import pytest
-
-from tests.kube.conftest import kubectl_binary
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client, config, watch  # noqa: E402
@@ -181,28 +178,6 @@ def test_custom_resources_are_pruned_and_validated_by_their_schema(api, kubeconf
 
 
 # ---------------------------------------------------------------- kubectl
-
-
-@pytest.fixture
-def kubectl(kubeconfig, tmp_path):
-    found = kubectl_binary()
-    if found is None:
-        pytest.skip("no kubectl on PATH (Debian: kubernetes-client)")
-    path, flags = found
-    env = {**os.environ, "KUBECONFIG": kubeconfig, "HOME": str(tmp_path)}
-
-    def run(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        argv = [path, *args]
-        if args and args[0] in ("apply", "create", "replace"):
-            argv += flags
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120, env=env)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}")
-        return proc
-
-    run.path = path  # type: ignore[attr-defined]
-    run.env = env  # type: ignore[attr-defined]
-    return run
 
 
 @pytest.mark.kubectl

@@ -245,6 +245,7 @@ class Stats:
     watches_started: int = 0
     watch_bytes: int = 0
     watch_events: int = 0
+    forbidden: Counter = field(default_factory=Counter)  # (user, verb, group, resource) refused by RBAC
     bytes_sent: int = 0
     connections: int = 0
 
@@ -1085,6 +1086,8 @@ class _Handler(BaseHTTPRequestHandler):
                         raise ApiError(code, "InternalError" if code == 500 else "ServiceUnavailable",
                                        f"injected failure ({code})")
             if not fake.allowed(user, verb, rt, sub, name):
+                with fake.lock:
+                    fake.stats.forbidden[(user, verb, rt.group, f"{rt.plural}/{sub}" if sub else rt.plural)] += 1
                 scope = f'in the namespace "{ns}"' if ns else "at the cluster scope"
                 raise ApiError(403, "Forbidden", f'{rt.group_resource} {repr(name) + " " if name else ""}is forbidden: '
                                f'User "{user}" cannot {verb} resource "{rt.plural}{"/" + sub if sub else ""}" in API '
@@ -1249,6 +1252,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake._watchers.add(watcher)
             fake.stats.watches_open += 1
             fake.stats.watches_started += 1
+            fake.changed.notify_all()  # for whoever waits for watches to be open
             expire = fake.faults.expire_watches > 0
             if expire:
                 fake.faults.expire_watches -= 1
