@@ -177,6 +177,16 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
         cidr, gateway = spec.segment(n)
         topology.attach_node(segments[n.rack], ns, n.index, n.address, cidr, gateway)
         say(f"node {n.name}: {n.address} in netns {ns}")
+    if spec.data_network is not None:  # a second segment for pods' additional networks
+        data = spec.data_network
+        dns = st.netns_name("d")
+        st.record_netns(dns)
+        topology.create_netns(dns)
+        topology.build_data_segment(dns, data.external.address if data.external else None)
+        for node in st.data["nodes"]:
+            topology.attach_data(dns, node["netns"], node["index"])
+        st.set(data_netns=dns, data_cidr=data.cidr, data_external=data.external.address if data.external else None)
+        say(f"data network {data.cidr}: every node's {topology.DATA_IF} on the bridge in netns {dns}")
     if spec.external is not None and spec.external.dns is not None:
         _start_external_dns(st, spec, ul, timeout, say)
     lab_bgp.start_lab_routers(st, spec, ul, say)  # the routers BGP nodes peer with
@@ -221,6 +231,13 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
         _start_server(st, "external", spec.external.name, ul,
                       [(p.protocol.lower(), p.container_port) for p in spec.external.ports], bind=ext_ip)
         say(f"external host {spec.external.name}: {ext_ip} in netns {ul}")
+    if spec.data_network is not None and spec.data_network.external is not None:
+        dext = spec.data_network.external
+        dext_ip = str(ipaddress.ip_interface(dext.address).ip)
+        entry = _start_server(st, DATA_EXTERNAL, dext.name, st.data["data_netns"],
+                              [(p.protocol.lower(), p.container_port) for p in dext.ports], bind=dext_ip)
+        _wait_servers(st, [entry], timeout)
+        say(f"data network host {dext.name}: {dext_ip} in netns {st.data['data_netns']}")
     if spec.cloud is not None:
         host = spec.cloud.vpc_host
         host_ip = str(ipaddress.ip_interface(host.address).ip)
@@ -372,13 +389,35 @@ def _start_pod(st: LabState, entry: dict, pod: Pod, runtimes: dict[str, CniRunti
             raise PodnetError(f"pod {pod.namespace}/{pod.name} on {node['name']}: {e}"
                               + (f"\nagent log {node['log']}:\n{log_tail(node['log'])}"
                                  if plugin == "podnet" else "")) from None
-        entry["ips"] = result_ips(result)
+        entry["ips"], networks = split_result(result, "eth0")
+        if networks:
+            entry["networks"] = networks  # additional networks: {interface: [addresses]}
     with st.mutex:
         entry["added"] = True
         st.save()
     ports = [(p.protocol.lower(), p.container_port) for c in pod.spec.containers for p in c.ports]
     server = _start_server(st, f"pod-{entry['index']}", pod.name, ns, ports) if ports else None
     return entry, server
+
+
+DATA_EXTERNAL = "data-external"
+
+
+def split_result(result: dict, ifname: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The pod's own addresses (those of ifname, as the runtime reports the pod IP), and the
+    addresses of each other pod interface (its additional networks)."""
+    ifaces = result.get("interfaces") or []
+    names = {i: it.get("name") for i, it in enumerate(ifaces) if it.get("sandbox")}
+    if not any(n != ifname for n in names.values()):
+        return result_ips(result), {}
+    own: list[str] = []
+    others: dict[str, list[str]] = {}
+    for ip in result.get("ips") or []:
+        if "address" not in ip:
+            continue
+        name = names.get(ip.get("interface"), ifname)
+        (own if name == ifname else others.setdefault(name, [])).append(ip["address"].split("/")[0])
+    return own, others
 
 
 def _ref_key(o: KubeObject) -> list:
@@ -777,6 +816,7 @@ def status(st: LabState) -> dict[str, Any]:
     for j, p in enumerate(data.get("pods", [])):
         server = st.process(f"pod-{p.get('index', j)}")
         pods.append({"namespace": p["namespace"], "name": p["name"], "node": p["node"], "ips": p.get("ips", []),
+                     **({"networks": p["networks"]} if p.get("networks") else {}),
                      "netns": p["netns"], "ready": p.get("added", False),
                      "server": ("running" if st.process_pid(server) else "dead") if server else "none"})
     ext = st.process("external")

@@ -26,6 +26,14 @@ host):
 NetworkPolicy counts as upstream defines it: a pod and its own node always reach
 each other; the source it judges is the node's address, or the client's before
 masquerade for an endpoint on the receiving node.
+
+Pods' additional networks (podnet.multinet; NetworkPolicy and Services are eth0's only):
+- `attachment/external->pod`: the data network's external host to every pod address on
+  that network, seen as the host's own address (no NAT);
+- `attachment/pod->external`: every such pod to that host, which must see the pod's
+  address on the data network;
+- `attachment/pod`: a pod to every other pod on a network both have (the network-status
+  annotation names them), seen as the source's address on that network.
 """
 
 from __future__ import annotations
@@ -489,6 +497,86 @@ def probe_nodes(lab: Lab, *, timeout: float = 2.0, include_external: bool = True
         return [row for rows in pool.map(run, clients) for row in rows]
 
 
+def _pod_port(pod: Pod | None) -> tuple[str, int] | None:
+    ports = [(p.protocol.lower(), p.container_port) for c in (pod.spec.containers if pod else []) for p in c.ports
+             if p.protocol != "SCTP"]
+    return sorted(ports, key=lambda p: p[0] != "tcp")[0] if ports else None
+
+
+def probe_attachments(lab: Lab, *, timeout: float = 2.0) -> list[Row]:
+    """The additional networks' rows (see the module's docstring)."""
+    from podnet.lab.cluster import DATA_EXTERNAL
+    from podnet.multinet.status import read_status
+
+    entries = [e for e in lab.pods if e.get("networks")]
+    if not entries:
+        return []
+    try:
+        stored = {(p.namespace, p.name): p for p in lab.store().list(Pod)}
+    except Exception:
+        stored = {}
+    # Per pod: (network, interface, address) of every additional network, from its status annotation.
+    nets: dict[str, list[tuple[str, str, str]]] = {}
+    for e in entries:
+        ref = f"{e['namespace']}/{e['name']}"
+        status = read_status(stored[(e["namespace"], e["name"])]) if (e["namespace"], e["name"]) in stored else []
+        names = {s.get("interface"): s.get("name") for s in status if not s.get("default")}
+        nets[ref] = [(names.get(ifname) or ifname, ifname, ip) for ifname, ips in e["networks"].items() for ip in ips]
+    clients: list[tuple[str, Callable[[list[str]], list[dict]], list[_Check]]] = []
+    data_ns, data_ext = lab.state.data.get("data_netns"), lab.state.data.get("data_external")
+    ext_entry = lab.state.process(DATA_EXTERNAL)
+    if data_ns and data_ext and ext_entry is not None:
+        ext_ip = str(ipaddress.ip_interface(data_ext).ip)
+        subnet = ipaddress.ip_interface(data_ext).network
+        argv = ext_entry["argv"]
+        ext_name = argv[argv.index("--name") + 1]
+        ext_port = sorted((a.split(":") for i, a in enumerate(argv) if i and argv[i - 1] == "--port"),
+                          key=lambda p: p[0] != "tcp")[0]
+        inbound = []
+        for e in entries:
+            ref = f"{e['namespace']}/{e['name']}"
+            port = _pod_port(stored.get((e["namespace"], e["name"])))
+            on_data = [ip for _, _, ip in nets[ref] if ipaddress.ip_address(ip) in subnet]
+            if not on_data:
+                continue
+            if port is not None:
+                inbound += [_Check(ref, "attachment/external->pod", f"{port[0]}:{ip}:{port[1]}", 1,
+                                   frozenset({e["name"]}), False, ext_ip) for ip in on_data]
+            check = _Check(ext_name, "attachment/pod->external", f"{ext_port[0]}:{ext_ip}:{ext_port[1]}", 1,
+                           frozenset({ext_name}), False, on_data[0])
+            clients.append((ref, lambda t, r=ref: lab.probe(r, t, timeout), [check]))
+        if inbound:
+            clients.append((f"{ext_name} (data network)",
+                            lambda t: lab._probe("the data network's host", data_ns, t, timeout, bind=ext_ip),
+                            inbound))
+    for e in entries:
+        src = f"{e['namespace']}/{e['name']}"
+        checks = []
+        for other in entries:
+            dst = f"{other['namespace']}/{other['name']}"
+            port = _pod_port(stored.get((other["namespace"], other["name"])))
+            if dst == src or port is None:
+                continue
+            for network, _, ip in nets[dst]:
+                mine = [a for n, _, a in nets[src] if n == network]
+                if mine:
+                    checks.append(_Check(dst, "attachment/pod", f"{port[0]}:{ip}:{port[1]}", 1,
+                                         frozenset({other["name"]}), False, mine[0]))
+        if checks:
+            clients.append((src, lambda t, r=src: lab.probe(r, t, timeout), checks))
+
+    def run(client: tuple[str, Callable[[list[str]], list[dict]], list[_Check]]) -> list[Row]:
+        src, probe, checks = client
+        try:
+            results = probe([c.target for c in checks])
+        except (PodnetError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+            results = [{"ok": False, "error": f"probe failed: {e}"} for _ in checks]
+        return [_judge(src, c, [r]) for c, r in zip(checks, results, strict=True)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return [row for rows in pool.map(run, clients) for row in rows]
+
+
 def probe_all(lab: Lab, *, timeout: float = 2.0, include_external: bool = True, all_ports: bool = False,
               sources: Iterable[str] | None = None, expect: Expect | None = None,
               include_nodes: bool = True) -> list[Row]:
@@ -536,8 +624,9 @@ def probe_all(lab: Lab, *, timeout: float = 2.0, include_external: bool = True, 
                             f"{t.proto}/{t.ip}:{t.port}"))
         return rows
 
+    attachment_rows = probe_attachments(lab, timeout=timeout) if include_nodes and sources is None else []
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return [row for rows in pool.map(run, srcs) for row in rows] + node_rows
+        return [row for rows in pool.map(run, srcs) for row in rows] + node_rows + attachment_rows
 
 
 PROBE_COLUMNS = [

@@ -28,6 +28,9 @@
            ports: [{name: http, containerPort: 8080, protocol: TCP}]}
       manifests: [...]                     # Namespace, IPPool, Service, NetworkPolicy, Pod, ...
       cloud: {...}                         # optional; pod addresses from ENIs of a VPC (lab/cloud.py)
+      dataNetwork:                         # optional; a second segment every node joins on its link
+        cidr: 10.97.0.0/24                 # data0 (no address: the master of macvlan networks), and
+        external: {address: 10.97.0.1/24, name: storage}   # a host on it that pods reach directly
 
 Every problem is reported with the file, the lab and the dotted field path, as
 manifests are (`podnet.model.manifests`); the inline manifests are validated by
@@ -208,6 +211,20 @@ class ExternalSpec(Schema):
         return _check_ports(v)
 
 
+class DataNetworkSpec(Schema):
+    """A second segment for pods' additional networks (podnet.multinet): every node's `data0`
+    link is on it, without an address (a macvlan master); the external host is on it too,
+    and pods on it reach that host, and are reached by it, without routing or NAT."""
+
+    cidr: str
+    external: ExternalSpec | None = None
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        return UnderlaySpec._cidr(v)
+
+
 class LabNode(Schema):
     name: str
     labels: dict[str, str] = Field(default_factory=dict)
@@ -359,6 +376,7 @@ class LabSpecBody(Schema):
     router: LabRouter | None = None
     racks: list[LabRack] = Field(default_factory=list)
     cloud: LabCloud | None = None  # ENI pools against a cloud API (lab/cloud.py)
+    data_network: DataNetworkSpec | None = None  # a second segment for additional networks
     cni: CniSpec = Field(default_factory=CniSpec)
     pods: list[LabPod] = Field(default_factory=list)
     manifests: list[Any] = Field(default_factory=list)
@@ -454,6 +472,7 @@ class LabSpec:
     router: LabRouter | None = None
     racks: tuple[LabRack, ...] = ()
     cloud: LabCloud | None = None
+    data_network: DataNetworkSpec | None = None
 
     def rack(self, name: str) -> LabRack:
         return next(r for r in self.racks if r.name == name)
@@ -593,6 +612,21 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
         if net.overlaps(service_net):
             raise _fail(where, "spec.serviceCIDR", f"{service_net} overlaps {fname} ({net})")
     taken.append(("spec.serviceCIDR", service_net))
+    if spec.data_network is not None:
+        data_net = ipaddress.ip_network(spec.data_network.cidr)
+        for fname, net in taken:
+            if net.overlaps(data_net):
+                raise _fail(where, "spec.dataNetwork.cidr", f"{data_net} overlaps {fname} ({net})")
+        taken.append(("spec.dataNetwork.cidr", data_net))
+        dext = spec.data_network.external
+        if dext is not None:
+            if ipaddress.ip_interface(dext.address).network != data_net:
+                raise _fail(where, "spec.dataNetwork.external.address",
+                            f"{dext.address} is not on the data network {data_net}: the host sits on that segment")
+            if dext.dns is not None:
+                raise _fail(where, "spec.dataNetwork.external.dns", "only spec.external serves DNS")
+        if spec.cni.plugin != "podnet":
+            raise _fail(where, "spec.dataNetwork", "additional networks need cni plugin podnet")
 
     # Inline manifests, validated as any manifest is.
     objects: list[KubeObject] = []
@@ -628,6 +662,8 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
         pnet = ipaddress.ip_network(pool.spec.cidr)
         src = _ManifestSource(file, i).describe(pool.to_dict()) if i >= 0 else f"{where}: default IPPool"
         for fname, net in taken:
+            if fname == "spec.dataNetwork.cidr" and pool.spec.for_attachments:
+                continue  # an Attachment pool's addresses live on the data network
             if pnet.overlaps(net):
                 raise ValidationError(f"pool {pnet} overlaps {fname} ({net})", where=src, field="spec.cidr")
         taken.append((f"IPPool/{pool.name}", pnet))
@@ -693,7 +729,7 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
         file=file, name=lab.metadata.name, underlay=underlay, gateway=str(gateway), nodes=nodes,
         external=spec.external, service_cidr=str(service_net), cni=spec.cni, pods=tuple(pods),
         objects=tuple(objects), raw=raw, resync_seconds=spec.resync_seconds, dns_server=spec.dns_server,
-        router=spec.router, racks=tuple(spec.racks), cloud=spec.cloud,
+        router=spec.router, racks=tuple(spec.racks), cloud=spec.cloud, data_network=spec.data_network,
     )
 
 

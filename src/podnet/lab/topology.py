@@ -10,6 +10,10 @@ underlay: its uplink `up0` holds an underlay address (.2, .3, ...) on br0 of the
 underlay, its own bridge `br0` the rack's gateway; the nodes of the rack hang on that
 bridge as they would on the underlay's, and the ToR routes (BIRD: lab/bgp.py).
 
+With a data network (pods' additional networks), a segment namespace (pnl-<id>-d) holds a
+bridge `br0` with the data network's external host's address; every node's `data0` hangs
+on it without an address (the master of the pods' macvlan links).
+
 Nothing is created in the root namespace: each veth is made inside the node's
 namespace with its peer placed directly in the underlay's, so every link goes
 away with the namespaces. The external address lives on a dummy in the underlay
@@ -158,6 +162,31 @@ def build_rack(underlay_netns: str, tor_netns: str, index: int, uplink: str, und
     sysctl(tor_netns, "net.ipv4.ip_forward", "1")
     sysctl(underlay_netns, "net.ipv4.ip_forward", "1")  # the external router, between racks
     return gateway
+
+
+DATA_IF = "data0"
+
+
+def build_data_segment(netns: str, external: str | None) -> None:
+    """The data network's segment: bridge `br0`, with the external host's address on it (if any)."""
+    with NetNS(netns) as ns:
+        ns.link("add", ifname=BRIDGE, kind="bridge")
+        br = ns.link_lookup(ifname=BRIDGE)[0]
+        if external:
+            iface = ipaddress.ip_interface(external)
+            ns.addr("add", index=br, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        ns.link("set", index=br, state="up")
+
+
+def attach_data(segment_netns: str, node_netns: str, index: int) -> None:
+    """veth data0 (node, no address: the master of pods' macvlan links) <-> d<index> (segment bridge)."""
+    peer = f"d{index}"
+    with NetNS(node_netns) as ns:
+        ns.link("add", ifname=DATA_IF, kind="veth", peer={"ifname": peer, "net_ns_fd": segment_netns})
+        ns.link("set", index=ns.link_lookup(ifname=DATA_IF)[0], state="up")
+    with NetNS(segment_netns) as ns:
+        br = ns.link_lookup(ifname=BRIDGE)[0]
+        ns.link("set", index=ns.link_lookup(ifname=peer)[0], master=br, state="up")
 
 
 def add_route(netns: str, dst: str, gateway: str) -> None:
