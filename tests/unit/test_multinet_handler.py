@@ -103,7 +103,7 @@ def lab(tmp_path):
     gone: set[str] = set()
     h = CNIHandler(store, NODE, dp, verify_netns=lambda path: "gone" if path in gone else None)
     present: set[str] = set()  # interfaces the pod "still has" when a DEL fails
-    h.multinet = Multinet(NODE, interface_exists=lambda ns, name: name in present,
+    h.multinet = Multinet(NODE, present=lambda ns, names: present & set(names),
                           default_route=lambda ns, name, gws: routes.append((name, gws)))
     routes: list = []
 
@@ -223,7 +223,7 @@ def test_podnet_ipam_gives_cluster_wide_unique_addresses_and_releases_them(lab):
     lab["objects"].apply([pod("web-1", "under"), pod("web-2", "under")])
     assert run(lab, "ADD")[0] == 0
     h2 = CNIHandler(lab["kv"], "node-2", RecordingDataplane(), verify_netns=lambda p: None)
-    h2.multinet = Multinet("node-2", interface_exists=lambda ns, n: False)
+    h2.multinet = Multinet("node-2", present=lambda ns, names: set())
     code, out = h2.handle(env(lab, "ADD", name="web-2", cid="c0ffee02"), conf())
     h2.close()
     assert code == 0, out

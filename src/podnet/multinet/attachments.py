@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from podnet.multinet.invoke import Invocation
 from podnet.multinet.plan import DEFAULT_GLOBAL_NAMESPACES, PlanError, PodRef, plan_networks, read_pod
 from podnet.multinet.podipam import on_link, requested_address
 from podnet.multinet.results import merge
-from podnet.multinet.routes import interface_exists, set_default_route
+from podnet.multinet.routes import present_interfaces, set_default_route
 from podnet.multinet.status import network_status, write_status
 from podnet.store.base import KeyValueStore, StoreUnavailable
 
@@ -87,10 +87,10 @@ class Multinet:
     """The additional networks of one node's pods (one instance serves every request)."""
 
     def __init__(self, node: str, *, default_route: Callable[[str, str, tuple[str, ...]], None] = set_default_route,
-                 interface_exists: Callable[[str, str], bool] = interface_exists):
+                 present: Callable[[str, Sequence[str]], set[str]] = present_interfaces):
         self.node = node
         self._default_route = default_route
-        self._interface_exists = interface_exists
+        self._present = present
 
     # ------------------------------------------------------------ ADD
 
@@ -121,10 +121,11 @@ class Multinet:
         tried: list[NetworkAttachment] = []
         current: NetworkAttachment | None = None
         try:
+            taken = self._present(netns, [att.ifname for att in networks])
             for att in networks:
                 current = att
                 where = f"pod {ref}: network {att.network} (interface {att.ifname})"
-                if self._interface_exists(netns, att.ifname):
+                if att.ifname in taken:
                     raise CNIError(E_NETWORK, f"{where}: the pod already has an interface {att.ifname}")
                 tried.append(att)
                 if att.handle:
@@ -255,7 +256,7 @@ class Multinet:
 
     def _still_there(self, netns: str, ifname: str) -> bool:
         try:
-            return self._interface_exists(netns, ifname)
+            return ifname in self._present(netns, [ifname])
         except Exception:  # the namespace cannot be opened: it is gone, and the interface with it
             return False
 

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Sequence
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from podnet.dataplane.netns import netlink_in
+from podnet.dataplane.rtnl import rtnl_in
 
 RT_TABLE_MAIN = 254
 
 
-def interface_exists(netns: str, ifname: str) -> bool:
-    with netlink_in(netns) as ipr:
-        return bool(ipr.link_lookup(ifname=ifname))
+def present_interfaces(netns: str, names: Sequence[str]) -> set[str]:
+    """Which of names are interfaces in the pod (one raw netlink socket, no helper process)."""
+    with rtnl_in(netns) as link:
+        return {n for n in names if link.link_index(n) is not None}
 
 
 def set_default_route(netns: str, ifname: str, gateways: tuple[str, ...]) -> None:

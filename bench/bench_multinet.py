@@ -1,0 +1,328 @@
+"""Additional networks per pod: what podnet adds per attachment.
+
+One pod at a time (sequential), then bursts of 30 pods started at once on one node, each
+with 0, 1 or 3 additional networks
+(macvlan on the node's data0 link, host-local IPAM), through podnet-cni: the agent's CNI
+handler makes eth0, then runs the reference macvlan plugin for every network named by the
+pod's annotation k8s.v1.cni.cncf.io/networks, writes the records and the network-status
+annotation. The baseline, in the same run on the same node: podnet-cni for eth0 alone, then
+the same macvlan plugin with the same configurations invoked directly, once per network, as a
+runtime would chain them (no NAD lookup, no records, no status). The difference divided by
+the number of networks is podnet's overhead per attachment (the target: under 5 ms).
+
+Not a test: prints a table and writes bench/results/multinet.json. Needs root (network
+namespaces); nothing outside the namespaces it creates is touched.
+
+    sudo .venv/bin/python bench/bench_multinet.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+
+REFERENCE = "/usr/lib/cni"
+BURST = 30
+EXTRA = (0, 1, 3)
+RESULTS = os.path.join(HERE, "results", "multinet.json")
+NAMESPACE = "bench"
+
+
+def network_conf(j: int, data_dir: str) -> dict:
+    """Network j's CNI configuration: the NAD's spec.config and what the baseline runs."""
+    return {"cniVersion": "1.0.0", "name": f"net-{j}", "type": "macvlan", "master": "data0", "mode": "bridge",
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": f"10.{60 + j}.0.0/16"}]], "dataDir": data_dir}}
+
+
+# ---------------------------------------------------------------- driver (runs inside the node namespace)
+
+
+def invoke(plugin: str, conf: bytes, command: str, cid: str, netns: str, ifname: str, pod: str,
+           cni_path: str) -> tuple[float, bytes, int]:
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
+           "CNI_PATH": cni_path, "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={pod}",
+           "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+    start = time.perf_counter()
+    proc = subprocess.run([plugin], input=conf, env=env, capture_output=True)
+    return time.perf_counter() - start, proc.stdout, proc.returncode
+
+
+def burst(fn, n: int) -> tuple[float, list]:
+    barrier = threading.Barrier(n + 1)
+    results: list = [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, results
+
+
+def driver(args: argparse.Namespace) -> None:
+    podnet_conf = args.podnet_conf.encode()
+    pods = args.pods.split(",")
+    nets = [json.dumps(c).encode() for c in json.loads(args.networks)]
+    macvlan = os.path.join(REFERENCE, "macvlan")
+    out: dict = {"failures": []}
+
+    def check(what: str, rc: int, stdout: bytes) -> None:
+        if rc != 0:
+            out["failures"].append(f"{what}: {stdout.decode(errors='replace')[:300]}")
+
+    # Warm-up: IPAM blocks, the host-local directories.
+    _, so, rc = invoke(args.plugin, podnet_conf, "ADD", "warmup", f"/run/netns/{pods[0]}", "eth0", "warmup",
+                       args.cni_path)
+    check("warm-up", rc, so)
+    invoke(args.plugin, podnet_conf, "DEL", "warmup", f"/run/netns/{pods[0]}", "eth0", "warmup", args.cni_path)
+
+    for k in EXTRA:
+        row = out.setdefault(str(k), {"podnet_add": [], "podnet_del": [], "direct_add": [], "direct_del": [],
+                                      "podnet_wall": [], "direct_wall": [], "seq_podnet_add": [],
+                                      "seq_direct_add": []})
+        for r in range(args.rounds):  # one pod at a time, podnet and direct in turn
+            netns = f"/run/netns/{pods[0]}"
+            cid = f"s{k}r{r}-{uuid.uuid4().hex[:8]}"
+            dt, so, rc = invoke(args.plugin, podnet_conf, "ADD", cid, netns, "eth0", f"k{k}-0", args.cni_path)
+            check(f"sequential podnet ADD k={k}", rc, so)
+            row["seq_podnet_add"].append(dt)
+            invoke(args.plugin, podnet_conf, "DEL", cid, netns, "eth0", f"k{k}-0", args.cni_path)
+            steps = [(f"net{j}", nets[j - 1]) for j in range(1, k + 1)]
+            dt, so, rc = invoke(args.plugin, podnet_conf, "ADD", "d" + cid, netns, "eth0", "direct-0", args.cni_path)
+            check(f"sequential direct ADD k={k}", rc, so)
+            for ifname, conf in steps:
+                t, so, rc = invoke(macvlan, conf, "ADD", "d" + cid, netns, ifname, "direct-0", args.cni_path)
+                check(f"sequential direct ADD {ifname}", rc, so)
+                dt += t
+            row["seq_direct_add"].append(dt)
+            for ifname, conf in reversed(steps):
+                invoke(macvlan, conf, "DEL", "d" + cid, netns, ifname, "direct-0", args.cni_path)
+            invoke(args.plugin, podnet_conf, "DEL", "d" + cid, netns, "eth0", "direct-0", args.cni_path)
+        for r in range(args.bursts):
+            cids = [f"k{k}r{r}p{i}-{uuid.uuid4().hex[:8]}" for i in range(len(pods))]
+
+            def podnet(command: str, i: int, k=k, cids=cids):
+                dt, so, rc = invoke(args.plugin, podnet_conf, command, cids[i], f"/run/netns/{pods[i]}", "eth0",
+                                    f"k{k}-{i}", args.cni_path)
+                check(f"podnet {command} k={k}", rc, so)
+                if command == "ADD" and rc == 0:
+                    got = json.loads(so)
+                    names = [x["name"] for x in got["interfaces"] if x.get("sandbox")]
+                    if names != ["eth0", *[f"net{j}" for j in range(1, k + 1)]]:
+                        out["failures"].append(f"podnet ADD k={k}: interfaces {names}")
+                return dt
+
+            wall, dts = burst(lambda i: podnet("ADD", i), len(pods))
+            row["podnet_add"] += dts
+            row["podnet_wall"].append(wall)
+            _, dts = burst(lambda i: podnet("DEL", i), len(pods))
+            row["podnet_del"] += dts
+
+            dcids = [f"d{c}" for c in cids]
+
+            def direct(command: str, i: int, k=k, dcids=dcids):
+                netns = f"/run/netns/{pods[i]}"
+                total = 0.0
+                steps = [("eth0", None)] + [(f"net{j}", nets[j - 1]) for j in range(1, k + 1)]
+                for ifname, conf in (steps if command == "ADD" else list(reversed(steps))):
+                    if conf is None:
+                        dt, so, rc = invoke(args.plugin, podnet_conf, command, dcids[i], netns, "eth0",
+                                            f"direct-{i}", args.cni_path)
+                    else:
+                        dt, so, rc = invoke(macvlan, conf, command, dcids[i], netns, ifname, f"direct-{i}",
+                                            args.cni_path)
+                    check(f"direct {command} {ifname}", rc, so)
+                    total += dt
+                return total
+
+            wall, dts = burst(lambda i: direct("ADD", i), len(pods))
+            row["direct_add"] += dts
+            row["direct_wall"].append(wall)
+            _, dts = burst(lambda i: direct("DEL", i), len(pods))
+            row["direct_del"] += dts
+    links = []
+    for p in pods:
+        got = subprocess.run(["ip", "netns", "exec", p, "ip", "-o", "link", "show"], capture_output=True, text=True)
+        links += [ln.split(":")[1].strip() for ln in got.stdout.splitlines() if "lo:" not in ln]
+    out["leftover_links"] = links
+    print(json.dumps(out))
+
+
+# ---------------------------------------------------------------- orchestration (root namespace)
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+    return proc
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))] * 1000
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one burst per scenario")
+    ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
+    for name in ("plugin", "podnet-conf", "pods", "networks", "cni-path"):
+        ap.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    ap.add_argument("--bursts", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.driver:
+        driver(args)
+        return 0
+    if os.geteuid() != 0:
+        print("bench_multinet: needs root (network namespaces)", file=sys.stderr)
+        return 1
+
+    from podnet.cni.install import install_plugin
+    from podnet.model.objects import IPPool, NetworkAttachmentDefinition, Pod
+    from podnet.multinet import ANNOTATION_NETWORKS
+    from podnet.store import open_store
+    from podnet.store.objects import ObjectStore
+
+    bursts, rounds = (1, 10) if args.quick else (5, 40)
+    tag = f"mnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+    created: list[str] = []
+    agent: subprocess.Popen | None = None
+
+    def netns(name: str) -> str:
+        full = f"{tag}-{name}"
+        created.append(full)
+        sh("ip", "netns", "add", full)
+        sh("ip", "netns", "exec", full, "ip", "link", "set", "lo", "up")
+        return full
+
+    tmp = tempfile.mkdtemp(prefix="bench-multinet-")
+    try:
+        node, seg = netns("node"), netns("seg")
+        sh("ip", "netns", "exec", node, "ip", "link", "add", "data0", "type", "veth", "peer", "name", "up0",
+           "netns", seg)
+        sh("ip", "netns", "exec", node, "ip", "link", "set", "data0", "up")
+        sh("ip", "netns", "exec", seg, "ip", "link", "set", "up0", "up")
+        pods = [netns(f"p{i}") for i in range(BURST)]
+        data_dir = os.path.join(tmp, "host-local")
+        nets = [network_conf(j, data_dir) for j in range(1, max(EXTRA) + 1)]
+
+        url = "sqlite://" + os.path.join(tmp, "podnet.db")
+        kv = open_store(url)
+        objects = [IPPool.model_validate({"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "pods"},
+                                          "spec": {"cidr": "10.244.0.0/16", "blockSize": 26}})]
+        objects += [NetworkAttachmentDefinition.model_validate({
+            "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": c["name"], "namespace": NAMESPACE}, "spec": {"config": json.dumps(c)}}) for c in nets]
+        for k in EXTRA:
+            for i in range(BURST):
+                ann = {ANNOTATION_NETWORKS: ", ".join(c["name"] for c in nets[:k])} if k else {}
+                objects.append(Pod.model_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {
+                    "name": f"k{k}-{i}", "namespace": NAMESPACE, "annotations": ann},
+                    "spec": {"containers": [{"name": "c"}]}}))
+        ObjectStore(kv).apply(objects)
+        kv.close()
+        sock = os.path.join(tmp, "cni.sock")
+        agent = subprocess.Popen(["ip", "netns", "exec", node, sys.executable, "-m", "podnet.cni.serve", sock, url,
+                                  "bench-node"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert agent.stdout is not None
+        if agent.stdout.readline().strip() != "ready":
+            raise RuntimeError("the CNI server did not start")
+        bindir = os.path.join(tmp, "bin")
+        plugin = install_plugin(bindir)
+        podnet_conf = {"cniVersion": "1.0.0", "name": "podnet", "type": "podnet-cni", "agentSocket": sock}
+        load_before = os.getloadavg()
+        print(f"{rounds} sequential pods and {bursts} burst(s) of {BURST} pods with {', '.join(map(str, EXTRA))} "
+              "additional networks, podnet and direct in turn ...", flush=True)
+        proc = subprocess.run(
+            ["ip", "netns", "exec", node, sys.executable, os.path.abspath(__file__), "--driver", "--plugin", plugin,
+             "--podnet-conf", json.dumps(podnet_conf), "--pods", ",".join(pods), "--networks", json.dumps(nets),
+             "--cni-path", f"{bindir}:{REFERENCE}", "--bursts", str(bursts), "--rounds", str(rounds)],
+            capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"driver failed: {proc.stderr.strip()[-2000:]}")
+        raw = json.loads(proc.stdout)
+        load_after = os.getloadavg()
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        for name in reversed(created):
+            sh("ip", "netns", "del", name, check=False)
+        subprocess.run(["rm", "-rf", tmp], check=False)
+
+    problems = list(raw["failures"])
+    if raw["leftover_links"]:
+        problems.append(f"interfaces left after DEL: {raw['leftover_links'][:5]}")
+    summary: dict = {}
+    print(f"\none pod at a time ({rounds} each)")
+    print(f"{'networks':>8} {'podnet ADD p50':>15} {'direct ADD p50':>15} {'overhead/attachment':>20}")
+    for k in EXTRA:
+        row = raw[str(k)]
+        a, b = pct(row["seq_podnet_add"], 50), pct(row["seq_direct_add"], 50)
+        seq = {"podnet_add_p50_ms": round(a, 2), "direct_add_p50_ms": round(b, 2)}
+        if k:
+            seq["overhead_per_attachment_ms"] = round((a - b) / k, 2)
+        summary.setdefault(str(k), {})["sequential"] = seq
+        print(f"{k:>8} {a:13.1f}ms {b:13.1f}ms " + (f"{(a - b) / k:18.1f}ms" if k else f"{'-':>20}"))
+    print(f"\nbursts of {BURST} ({bursts} each)")
+    print(f"{'networks':>8} {'podnet ADD':>21} {'direct ADD':>21} {'overhead/attachment':>20} "
+          f"{'podnet DEL':>11} {'direct DEL':>11} {'burst wall':>17}")
+    print(f"{'':>8} {'p50':>10} {'p99':>10} {'p50':>10} {'p99':>10} {'p50':>10} {'p99':>9} {'p50':>11} {'p50':>11} "
+          f"{'podnet':>8} {'direct':>8}")
+    for k in EXTRA:
+        row = raw[str(k)]
+        s = {key: {"p50_ms": round(pct(row[key], 50), 2), "p99_ms": round(pct(row[key], 99), 2), "n": len(row[key])}
+             for key in ("podnet_add", "podnet_del", "direct_add", "direct_del")}
+        s["podnet_wall_ms"] = round(statistics.median(row["podnet_wall"]) * 1000, 1)
+        s["direct_wall_ms"] = round(statistics.median(row["direct_wall"]) * 1000, 1)
+        if k:
+            s["overhead_per_attachment_ms"] = {
+                p: round((s["podnet_add"][f"{p}_ms"] - s["direct_add"][f"{p}_ms"]) / k, 2) for p in ("p50", "p99")}
+        summary[str(k)]["burst"] = s
+        over = s.get("overhead_per_attachment_ms")
+        print(f"{k:>8} {s['podnet_add']['p50_ms']:8.1f}ms {s['podnet_add']['p99_ms']:8.1f}ms "
+              f"{s['direct_add']['p50_ms']:8.1f}ms {s['direct_add']['p99_ms']:8.1f}ms "
+              + (f"{over['p50']:8.1f}ms {over['p99']:7.1f}ms " if over else f"{'-':>10} {'-':>9} ")
+              + f"{s['podnet_del']['p50_ms']:9.1f}ms {s['direct_del']['p50_ms']:9.1f}ms "
+              f"{s['podnet_wall_ms']:6.0f}ms {s['direct_wall_ms']:6.0f}ms")
+    print(f"\nload average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
+    print("checks: " + ("every ADD gave eth0 and every network; nothing left after DEL" if not problems
+                        else "FAILED: " + "; ".join(problems[:5])))
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump({"quick": args.quick, "burst": BURST, "bursts": bursts, "rounds": rounds, "cpus": os.cpu_count(),
+                   "loadavg": [load_before[0], load_after[0]], "scenarios": summary, "problems": problems,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
+        f.write("\n")
+    print(f"wrote {os.path.relpath(RESULTS)}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
