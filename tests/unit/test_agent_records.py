@@ -94,3 +94,41 @@ def test_a_pod_without_the_shape_is_skipped_and_named(bad, field, caplog):
     assert (ev.type, ev.object) == ("DELETED", None)
     assert "skipping /podnet/objects/Pod/prod/p: stored Pod does not have the expected shape" in caplog.text
     assert field in caplog.text
+
+
+SLICES = [
+    {"addressType": "IPv4", "ports": [{"name": "http", "port": 8080}, {"port": 53, "protocol": "UDP"}],
+     "endpoints": [{"addresses": ["10.1.0.7"], "conditions": {"ready": False, "serving": True, "terminating": True},
+                    "nodeName": "node-1", "hostname": "Web-0"},
+                   {"addresses": ["10.1.0.5"]}]},
+    {"addressType": "IPv4", "endpoints": [{"addresses": ["10.1.0.9"], "targetRef": {"kind": "Pod", "name": "p"}}]},
+    {"addressType": "IPv6", "ports": [], "endpoints": [{"addresses": ["fd00::5"], "conditions": {"ready": True}}]},
+    {"addressType": "FQDN", "endpoints": [{"addresses": ["db.example.org"]}]},
+]
+
+
+@pytest.mark.parametrize("body", SLICES)
+def test_a_slice_record_from_the_store_is_the_one_from_the_model(body):
+    from podnet.model.objects import EndpointSlice
+    from podnet.model.records import SliceRecord, slice_record_of
+    from podnet.services.compiler import SliceInfo
+
+    sl = EndpointSlice.model_validate({"metadata": {"name": "web-x", "namespace": "prod", "resourceVersion": "42",
+                                                    "labels": {"kubernetes.io/service-name": "web"}}, **body})
+    ev = ObjectCache(records=True).apply(Event("ADDED", "/podnet/objects/EndpointSlice/prod/web-x",
+                                               stored_form(sl), 42))
+    assert isinstance(ev.object, SliceRecord)
+    from_model = slice_record_of(sl)
+    assert {k: getattr(ev.object, k) for k in SliceRecord.__slots__} == \
+        {k: getattr(from_model, k) for k in SliceRecord.__slots__}
+    stored, model = SliceInfo(ev.object, "node-1"), SliceInfo(sl, "node-1")
+    assert {k: getattr(stored, k) for k in SliceInfo.__slots__} == {k: getattr(model, k) for k in SliceInfo.__slots__}
+
+
+def test_a_slice_without_the_shape_is_skipped_and_named(caplog):
+    value = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "s"},
+             "addressType": "IPv4", "endpoints": [{"addresses": []}]}
+    with caplog.at_level(logging.WARNING, logger="podnet.agent"):
+        ev = ObjectCache(records=True).apply(Event("ADDED", "/podnet/objects/EndpointSlice/default/s", value, 3))
+    assert (ev.type, ev.object) == ("DELETED", None)
+    assert "stored EndpointSlice does not have the expected shape: an endpoint without addresses" in caplog.text

@@ -36,7 +36,7 @@ def record_event(kind: str, ev: Event) -> ObjectEvent:
     """The event with the object's record; one that does not decode (logged) reads as the
     object going away, as object_event does with the models."""
     try:
-        return ObjectEvent(ev.type, decode_record(kind, ev.key, ev.value), ev.key, ev.revision)  # type: ignore[arg-type]
+        return ObjectEvent(ev.type, decode_record(kind, ev.key, ev.value, ev.revision), ev.key, ev.revision)  # type: ignore[arg-type]
     except UndecodableObject as e:
         log.warning("skipping %s", e)
         return ObjectEvent("DELETED", None, ev.key, ev.revision)

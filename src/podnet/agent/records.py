@@ -5,7 +5,8 @@ Kubernetes source), so the agent does not validate it again: decoding every Pod 
 150 000-pod cluster through the pydantic models was most of the agent's start (measured
 in bench/bench_cluster.py: 3 s of 4 s of decoding at a quarter of that size), to build
 objects each dataplane then reduced to a few fields. A record is made once per event
-and shared by every dataplane that needs it (a Pod's PodInfo by policy and DNS).
+and shared by every dataplane that needs it (a Pod's PodInfo by policy and DNS, an
+EndpointSlice's SliceRecord by Services and DNS).
 
 A value without the expected shape raises UndecodableObject naming the key and the
 field, and is skipped like any object the models refuse: one bad object never stops
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Callable
 
 from podnet.model.addresses import ipv4_or_none
+from podnet.model.records import slice_record
 from podnet.policy.model import PodInfo
 from podnet.store.objects import UndecodableObject
 
@@ -35,7 +37,7 @@ def _shared_ports(ports: tuple) -> tuple:
     return found
 
 
-def pod_record(data: dict) -> PodInfo:
+def pod_record(data: dict, version: str | None = None) -> PodInfo:
     """A stored Pod as PodInfo: what policy (address, labels, named ports) and DNS (every
     address, the node) use of it. The same choices as policy.model.pod_info on the
     model: policy's address is the first IPv4 of podIP then podIPs, none for hostNetwork
@@ -76,16 +78,17 @@ def pod_record(data: dict) -> PodInfo:
     )
 
 
-DECODERS: dict[str, Callable[[dict], object]] = {"Pod": pod_record}
+# kind -> decoder(stored value, its revision in the store)
+DECODERS: dict[str, Callable[[dict, str], object]] = {"Pod": pod_record, "EndpointSlice": slice_record}
 
 
-def decode_record(kind: str, key: str, data: object) -> object:
+def decode_record(kind: str, key: str, data: object, revision: int = 0) -> object:
     """The record of a stored object of `kind`; UndecodableObject if it lacks the shape."""
     if not isinstance(data, dict) or data.get("kind") != kind:
         found = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise UndecodableObject(key, f"stored object is not a {kind} (found {found!r})")
     try:
-        return DECODERS[kind](data)
+        return DECODERS[kind](data, str(revision))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         what = f"field {e.args[0]!r} missing" if isinstance(e, KeyError) else str(e)
         raise UndecodableObject(key, f"stored {kind} does not have the expected shape: {what}") from None

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from podnet.agent.contract import Dataplane
 from podnet.model.objects import EndpointSlice, Service
+from podnet.model.records import SliceRecord
 from podnet.services.applier import NftServiceApplier, ServiceApplier
 from podnet.services.compiler import ServiceCompiler, SliceInfo, same_version
 from podnet.services.conntrack import ConntrackSizing, apply_conntrack_sizing
@@ -74,7 +75,7 @@ class ServiceDataplane(Dataplane):
                 if not same_version(old, obj):
                     self.compiler.set_service(obj)
             return True
-        if isinstance(obj, EndpointSlice):
+        if isinstance(obj, (SliceRecord, EndpointSlice)):
             self._set_slice(obj)
             return True
         if ev.type != "DELETED":
@@ -91,7 +92,7 @@ class ServiceDataplane(Dataplane):
                 self._triggers.pop(f"{namespace or 'default'}/{name}", None)
         return True
 
-    def _set_slice(self, sl: EndpointSlice) -> None:
+    def _set_slice(self, sl: SliceRecord | EndpointSlice) -> None:
         with self._lock:
             old = self.compiler.slice_info(sl.namespace, sl.name)
             if same_version(old, sl) and old.service == (sl.service_name or None):  # type: ignore[union-attr]

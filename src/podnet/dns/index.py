@@ -40,6 +40,7 @@ from podnet.dns import wire
 from podnet.dns.wire import AAAA, ANY, CNAME, IN, NS, NXDOMAIN, PTR, SOA, SRV, TXT, A
 from podnet.model.addresses import packed_ip
 from podnet.model.objects import EndpointSlice, KubeObject, Namespace, Pod, Service
+from podnet.model.records import SliceRecord, slice_record_of
 from podnet.policy.model import PodInfo
 from podnet.store.objects import split_object_key
 
@@ -197,7 +198,7 @@ class ClusterIndex:
         """Add or replace one object (other kinds are ignored)."""
         if isinstance(obj, Service):
             self._apply_service(obj)
-        elif isinstance(obj, EndpointSlice):
+        elif isinstance(obj, (SliceRecord, EndpointSlice)):
             self._apply_slice(obj)
         elif isinstance(obj, Pod):
             self._apply_pod(obj)
@@ -326,7 +327,9 @@ class ClusterIndex:
 
     # -- endpoint slices
 
-    def _apply_slice(self, es: EndpointSlice) -> None:
+    def _apply_slice(self, es: SliceRecord | EndpointSlice) -> None:
+        if not isinstance(es, SliceRecord):
+            es = slice_record_of(es)
         ns = es.namespace or "default"
         svc = es.service_name
         if not svc or es.address_type == "FQDN":
@@ -338,16 +341,16 @@ class ClusterIndex:
         ready = 0
         hosts: list[str | None] = []
         i = 0
-        for ep in es.endpoints:
-            host = ep.hostname.lower() if ep.hostname else None
-            for a in ep.addresses:
+        for addresses, is_ready, _, _, _, hostname, _ in es.endpoints:
+            host = hostname.lower() if hostname else None
+            for a in addresses:
                 addrs += packed_ip(a)
-                if ep.conditions.is_ready:
+                if is_ready is not False:
                     ready |= 1 << i
                 hosts.append(host)
                 i += 1
         ports = self._intern(tuple(sorted(
-            self._named_port(p.name, p.protocol, p.port) for p in es.ports or () if p.name and p.port)))
+            self._named_port(name, protocol, port) for name, protocol, port in es.ports or () if name and port)))
         rec = _Slice(svc, width, bytes(addrs), ready,
                      tuple(hosts) if any(h is not None for h in hosts) else None, ports)
         with self.lock:

@@ -34,6 +34,7 @@ from datetime import datetime
 from itertools import chain
 
 from podnet.model.objects import EndpointSlice, Pod, Service
+from podnet.model.records import SliceRecord, slice_record_of
 from podnet.services.model import (
     LARGE_ABOVE,
     Backend,
@@ -47,7 +48,6 @@ from podnet.services.model import (
 log = logging.getLogger("podnet.services")
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
-TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 _NODE_TYPES = ("NodePort", "LoadBalancer")
 _PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 
@@ -236,34 +236,33 @@ class SliceInfo:
     __slots__ = ("namespace", "name", "version", "service", "ipv4", "ports", "backends", "flags", "refs", "plain",
                  "trigger", "_set")
 
-    def __init__(self, sl: EndpointSlice, node_name: str | None, intern: _Interner = _STRINGS):
-        meta = sl.metadata
-        self.namespace = intern(meta.namespace) if meta.namespace else meta.namespace
-        self.name = meta.name
-        self.version = meta.resource_version
-        self.service = meta.labels.get("kubernetes.io/service-name") or None
+    def __init__(self, sl: SliceRecord | EndpointSlice, node_name: str | None, intern: _Interner = _STRINGS):
+        if not isinstance(sl, SliceRecord):
+            sl = slice_record_of(sl)
+        self.namespace = intern(sl.namespace) if sl.namespace else sl.namespace
+        self.name = sl.name
+        self.version = sl.version
+        self.service = sl.service_name or None
         self.ipv4 = sl.address_type == "IPv4"
-        self.trigger = _trigger_time(meta.annotations.get(TRIGGER_ANNOTATION))
-        self.ports: tuple[tuple, ...] = intern(tuple(
-            intern((intern(p.name) if p.name else None, p.protocol, p.port)) for p in sl.ports or ()))
+        self.trigger = _trigger_time(sl.trigger)
+        self.ports: tuple[tuple, ...] = intern(tuple(intern(p) for p in sl.ports or ()))
         endpoints = []
         if self.ipv4:
             port = self.ports[0][2] if self.ports and _valid_port(self.ports[0][2]) else 0
             with_refs = not self.ports  # a Pod reference only matters for a slice without ports
             default_ns = sl.namespace or "default"
-            for ep in sl.endpoints:
-                ip = _ipv4(ep.addresses[0])  # upstream: consumers use the first address only
+            for addresses, ready, serving, terminating, ep_node, _, target in sl.endpoints:
+                ip = _ipv4(addresses[0])  # upstream: consumers use the first address only
                 if ip is None:
                     continue
-                c = ep.conditions
-                ready = c.ready is not False
-                serving = c.serving if c.serving is not None else ready
-                flags = (READY if ready else 0) | (SERVING if serving else 0) | (TERMINATING if c.terminating else 0)
-                if node_name is not None and ep.node_name == node_name:
+                ready = ready is not False
+                serving = serving if serving is not None else ready
+                flags = (READY if ready else 0) | (SERVING if serving else 0) | (TERMINATING if terminating else 0)
+                if node_name is not None and ep_node == node_name:
                     flags |= LOCAL
                 ref = None
-                if with_refs and ep.target_ref is not None and ep.target_ref.name:
-                    ref = (ep.target_ref.namespace or default_ns, ep.target_ref.name)
+                if with_refs and target is not None:
+                    ref = (target[0] or default_ns, target[1])
                 endpoints.append((socket.inet_aton(ip), Backend(ip, port), flags, ref))
             if len(endpoints) > 1:
                 endpoints.sort(key=_first)  # stable: duplicates keep their order
@@ -965,8 +964,8 @@ def _rule_of(rules: tuple[FrontendRule, ...], fe: Frontend) -> FrontendRule:
     raise KeyError(fe)
 
 
-def same_version(old: ServiceInfo | SliceInfo | None, new: Service | EndpointSlice) -> bool:
+def same_version(old: ServiceInfo | SliceInfo | None, new: Service | EndpointSlice | SliceRecord) -> bool:
     """Whether the compiler already holds new at its resourceVersion (a replayed list costs nothing)."""
-    rv = new.metadata.resource_version
+    rv = new.version if isinstance(new, SliceRecord) else new.metadata.resource_version
     return old is not None and rv is not None and old.version == rv
 
