@@ -469,7 +469,7 @@ class RawAgent:
                 self.requests.append(data)
                 if self.reply is not None:
                     conn.sendall(self.reply)
-            self.done.set()
+                self.done.set()  # before the close: the plugin may exit as soon as it sees it
 
     def close(self) -> None:
         self._listener.shutdown(socket.SHUT_RDWR)
