@@ -362,5 +362,12 @@ def test_default_route_moves_the_pods_default_route_to_net1(lab):
     in_ns(lab["ext"], "ip", "addr", "add", "198.51.100.1/32", "dev", "eth0")
     seen, own = connect_from(lab, pod, lab["ext"], "198.51.100.1", 7004)
     assert seen == own == addr_of(pod, "net1")
+    # the cluster stays on eth0: pods (and Services, node DNS) through podnet's gateway
+    assert "10.244.0.0/16 via 169.254.1.1 dev eth0" in in_ns(pod, "ip", "route").stdout
+    other, other_conf = new_pod(lab, "gw2", None)
+    node["runtime"].add(other_conf)
+    seen, own = connect_from(lab, pod, other, addr_of(other, "eth0"), 7005)
+    assert seen == own == addr_of(pod, "eth0")
+    node["runtime"].delete(other_conf)
     node["runtime"].delete(conf)
     assert links(pod) == ["lo"] and handles(lab["kv"]) == []

@@ -104,7 +104,7 @@ def lab(tmp_path):
     h = CNIHandler(store, NODE, dp, verify_netns=lambda path: "gone" if path in gone else None)
     present: set[str] = set()  # interfaces the pod "still has" when a DEL fails
     h.multinet = Multinet(NODE, present=lambda ns, names: present & set(names),
-                          default_route=lambda ns, name, gws: routes.append((name, gws)))
+                          default_route=lambda ns, name, gws, keep, dev: routes.append((name, gws, tuple(keep), dev)))
     routes: list = []
 
     def calls() -> list[dict]:
@@ -327,7 +327,8 @@ def test_default_route_moves_the_pods_default_route(lab):
     lab["objects"].apply([pod("web-1", '[{"name": "alpha", "default-route": ["192.168.7.1"]}]')])
     code, result = run(lab, "ADD")
     assert code == 0, result
-    assert lab["routes"] == [("net1", ("192.168.7.1",))]
+    assert lab["routes"] == [("net1", ("192.168.7.1",), ("10.244.0.0/16", "10.96.0.0/12", "169.254.20.10/32"),
+                              "eth0")]  # the cluster's ranges stay on eth0
     defaults = [r for r in result["routes"] if r["dst"] == "0.0.0.0/0"]
     assert defaults == [{"dst": "0.0.0.0/0", "gw": "192.168.7.1"}]
 

@@ -86,7 +86,8 @@ def cni_args_text(args: dict[str, str] | None) -> str:
 class Multinet:
     """The additional networks of one node's pods (one instance serves every request)."""
 
-    def __init__(self, node: str, *, default_route: Callable[[str, str, tuple[str, ...]], None] = set_default_route,
+    def __init__(self, node: str, *,
+                 default_route: Callable[[str, str, tuple[str, ...], Sequence[str], str], None] = set_default_route,
                  present: Callable[[str, Sequence[str]], set[str]] = present_interfaces):
         self.node = node
         self._default_route = default_route
@@ -141,10 +142,11 @@ class Multinet:
                 log.debug("%s: ADD in %.1f ms", where, (time.monotonic() - started) * 1000)
                 tried[-1] = att.with_(result=result)
             current = None
+            keep = self._cluster_ranges(kv) if any(a.default_route for a in tried) else []
             for att in tried:
                 if att.default_route:
                     try:
-                        self._default_route(netns, att.ifname, att.default_route)
+                        self._default_route(netns, att.ifname, att.default_route, keep, primary_ifname)
                     except Exception as e:
                         raise CNIError(E_NETWORK, f"pod {ref}: network {att.network}: setting the default route "
                                        f"via {', '.join(att.default_route)} on {att.ifname} failed: {e}") from None
@@ -175,6 +177,17 @@ class Multinet:
             err = CNIError(E_NETWORK, f"pod {ref}: {what}{type(e).__name__}: {e}", "; ".join(problems))
             err.leftover = bool(problems)  # type: ignore[attr-defined]
             raise err from None
+
+    @staticmethod
+    def _cluster_ranges(kv: KeyValueStore) -> list[str]:
+        """What stays on eth0 when the default route moves: Workload pools, Services, node DNS."""
+        from podnet.cluster import cluster_config
+        from podnet.dns.resolvconf import NODE_DNS_ADDRESS
+        from podnet.model.objects import IPPool
+        from podnet.store.objects import ObjectStore
+
+        pools = [p.spec.cidr for p in ObjectStore(kv).list(IPPool) if "Workload" in p.spec.allowed_uses]
+        return [*pools, cluster_config(kv).service_cidr, f"{NODE_DNS_ADDRESS}/32"]
 
     def _allocate(self, ipam: Any, att: NetworkAttachment, ref: PodRef, where: str) -> str:
         from podnet.ipam import IPAMError, IPAMExhausted, TooManyConflicts, TryLater
