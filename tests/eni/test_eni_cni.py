@@ -107,3 +107,35 @@ def test_a_cloud_that_is_down_at_start_answers_code_11_and_the_pool_starts_when_
         handler.close()
         agent.stop()
         kv.close()
+
+
+def test_concurrent_adds_through_the_handler_wait_on_one_batched_call_each(ec2, tmp_path):
+    """25 pods at once on an empty pool: three Assign calls (ceil(25 / 10)), and no ADD waits
+    for another pod's (the handler orders requests per attachment only)."""
+    import threading
+
+    world = ec2.world(instance_type="m5.4xlarge", subnets=[("10.33.1.0/24", "us-east-1a")], vpc_cidr="10.33.0.0/16")
+    agent, handler, kv = agent_for(ec2, world, tmp_path, cloud_network(world, batchWindowMilliseconds=300))
+    try:
+        agent.start()
+        assert agent.wait_started(30), agent.problem
+        ec2.latency["AssignPrivateIpAddresses"] = 1.0
+        ec2.reset_counts()
+        codes, go = [], threading.Event()
+
+        def one(i: int) -> None:
+            go.wait()
+            codes.append(handler.handle(env("ADD", f"c{i:02d}"), conf())[0])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(25)]
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join(60)
+        assert codes == [0] * 25
+        assert ec2.calls["AssignPrivateIpAddresses"] == 3, ec2.calls  # in parallel: one round
+    finally:
+        handler.close()
+        agent.stop()
+        kv.close()

@@ -106,7 +106,10 @@ class CNIHandler(Commands):
         self.multinet = Multinet(node)
         self._sessions = Sessions(kv, ipam_factory)
         self._gc_lock = _GCLock()
-        self._stripes = [threading.Lock() for _ in range(64)]
+        # one request per attachment at a time, and only per attachment: a slow ADD (a cold
+        # ENI pool waits seconds for the cloud) never holds up another pod's
+        self._attachment_locks: dict[str, list] = {}  # handle -> [lock, requests holding or waiting]
+        self._attachment_guard = threading.Lock()
 
     def close(self) -> None:
         """Close the extra store connections opened for concurrent requests."""
@@ -137,6 +140,20 @@ class CNIHandler(Commands):
             log.info("CNI %s %s: ok in %.1f ms", command, handle, elapsed)
         return code, output
 
+    @contextlib.contextmanager
+    def _attachment(self, handle: str) -> Iterator[None]:
+        with self._attachment_guard:
+            entry = self._attachment_locks.setdefault(handle, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._attachment_guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._attachment_locks[handle]
+
     def _dispatch(self, req: Request) -> tuple[int, str]:
         if req.command == "VERSION":
             return self._version(req)
@@ -145,8 +162,7 @@ class CNIHandler(Commands):
         if req.command == "GC":
             with self._gc_lock.exclusive():
                 return self._gc(req)
-        stripe = self._stripes[zlib.crc32(req.handle.encode("utf-8", "surrogateescape")) % len(self._stripes)]
-        with self._gc_lock.shared(), stripe:
+        with self._gc_lock.shared(), self._attachment(req.handle):
             if req.command == "ADD":
                 return self._add(req)
             if req.command == "DEL":

@@ -118,6 +118,7 @@ class EniPool:
         self._settled = threading.Event()
         self._low_since: float | None = None  # when an ADD took idle below min_idle (batch window)
         self._blocked = False  # no call can add an address (limits, subnets) until something changes
+        self._creating: dict[int, float] = {}  # device index -> since when an ENI is being made there
         self.rounds = 0
 
     # ------------------------------------------------------------ lifecycle
@@ -270,7 +271,10 @@ class EniPool:
                 reconcile = self._reconcile_now or now >= self._next_reconcile
                 if need and self._blocked and not waiting:
                     need = 0  # the watermark cannot be met now: wait for a release or the next reconcile
-                pending = bool(need or over)  # work that waits for the back-off or the shrink interval
+                if need and self._creating and short <= self._room() + len(self._creating) * self._per_eni():
+                    need = 0  # the ENIs being made will hold it: wait for them
+                pending = bool(need or over or self._creating)  # work under way, or waiting for the
+                # back-off or the shrink interval
                 if need and self.backoff_until > now:
                     need = 0
                 if over and now < self._next_shrink:
@@ -362,32 +366,48 @@ class EniPool:
         return sum(max(0, self._per_eni() - len(e.addresses)) for e in self.state.enis.values() if self._usable(e))
 
     def _grow(self, need: int, short: int) -> None:
-        """Ask for `need` addresses; a new ENI only for what the ENIs lack of `short` (the
-        rounding up to whole batches never costs an ENI)."""
+        """Ask for `need` addresses from the ENIs' room; start new ENIs (in the background:
+        Create + Attach take seconds, and pods arriving meanwhile start more in parallel
+        rather than after) only for what the ENIs and those being made lack of `short`
+        (the rounding up to whole batches never costs an ENI)."""
         self.rounds += 1
         if self.cfg.mode == "exclusive":
             self._grow_enis(short)
             return
+        indices: list[int] = []
         with self._cond:
             rooms = sorted(((e.device_index, e.id, self._per_eni() - len(e.addresses))
                             for e in self.state.enis.values() if self._usable(e)), key=lambda r: r[0])
             calls = watermarks.split(need, [(eni, room) for _, eni, room in rooms], self.cfg.batch)
             planned = sum(n for _, n in calls)
-            enis = self.state.attached()
-        missing = need - planned
-        if short > planned and enis < self._eni_limit():
-            new = min(math.ceil((short - planned) / self._per_eni()), self._eni_limit() - enis)
-            for eni in self._create_enis(new):
-                calls += watermarks.split(missing, [(eni.id, self._per_eni())], self.cfg.batch)
-                missing -= sum(n for e, n in calls if e == eni.id)
-                if missing <= 0:
-                    break
-        if not calls:
+            creating = len(self._creating)
+            in_flight = creating * self._per_eni()
+            attached = self.state.attached()
+            if short > planned + in_flight and attached + creating < self._eni_limit():
+                fresh = min(math.ceil((short - planned - in_flight) / self._per_eni()),
+                            self._eni_limit() - attached - creating)
+                used = self.state.used_indices() | set(self._creating)
+                indices = [i for i in range(1, self._eni_limit()) if i not in used][:fresh]
+                for i in indices:
+                    self._creating[i] = self.clock()
+        for i in indices:
+            self._executor.submit(self._make_eni, i)
+        log.debug("node %s: grow need %d short %d: %d calls, new ENIs at %s, %d being made", self.cfg.node, need,
+                  short, len(calls), indices, creating)
+        if not calls and not indices and not creating:
             self._at_limit()
             return
         futures = [self._executor.submit(self._assign, eni, n) for eni, n in calls]
         for f in futures:
             f.result()
+
+    def _make_eni(self, index: int) -> None:
+        try:
+            self._create_eni(index)
+        finally:
+            with self._cond:
+                self._creating.pop(index, None)
+                self._cond.notify_all()  # the next round assigns from its room
 
     def _assign(self, eni_id: str, count: int) -> None:
         try:
