@@ -13,7 +13,6 @@ import contextlib
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -139,6 +138,20 @@ class CNIHandler(Commands):
         else:
             log.info("CNI %s %s: ok in %.1f ms", command, handle, elapsed)
         return code, output
+
+    @contextlib.contextmanager
+    def _attachment(self, handle: str) -> Iterator[None]:
+        with self._attachment_guard:
+            entry = self._attachment_locks.setdefault(handle, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._attachment_guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._attachment_locks[handle]
 
     @contextlib.contextmanager
     def _attachment(self, handle: str) -> Iterator[None]:
