@@ -153,20 +153,6 @@ class CNIHandler(Commands):
                 if not entry[1]:
                     del self._attachment_locks[handle]
 
-    @contextlib.contextmanager
-    def _attachment(self, handle: str) -> Iterator[None]:
-        with self._attachment_guard:
-            entry = self._attachment_locks.setdefault(handle, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._attachment_guard:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._attachment_locks[handle]
-
     def _dispatch(self, req: Request) -> tuple[int, str]:
         if req.command == "VERSION":
             return self._version(req)
