@@ -1,5 +1,6 @@
 """examples/lab/multinet.yaml comes up and every probe behaves as the manifests say: eth0
-paths (pods, Services, the external host through NAT) as in any lab, and the additional
+paths (pods, the external host through NAT; DNS and a Service from a pod with two more
+networks) as in any lab, and the additional
 networks' paths (the data network's host to and from each pod's macvlan address, no NAT;
 pods of one network to each other, also across nodes and over node-1's bridge)."""
 
@@ -15,7 +16,7 @@ import yaml
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
 from podnet.lab.connectivity import format_table, probe_all  # noqa: E402
-from podnet.model.objects import Pod  # noqa: E402
+from podnet.model.objects import Pod, Service  # noqa: E402
 from podnet.multinet import ANNOTATION_STATUS  # noqa: E402
 from tests.kernel.labs import running_lab  # noqa: E402
 
@@ -36,7 +37,15 @@ def test_the_multinet_example_behaves_as_its_manifests_say():
         assert len([r for r in attach if r.kind == "attachment/external->pod"]) == 3
         assert len([r for r in attach if r.kind == "attachment/pod->external"]) == 3
         assert len([r for r in attach if r.kind == "attachment/pod"]) == 3 * 2 + 2
+        # eth0 unchanged for a pod with two more networks: DNS names the Service, and its
+        # ClusterIP load-balances over the db pods' eth0 addresses.
         store = lab.store()
+        cluster_ip = store.get(Service, "db", "default").spec.cluster_ip
+        named = lab.exec("default/db-1", ["getent", "hosts", "db.default.svc.cluster.local"])
+        assert named.returncode == 0 and named.stdout.split()[0] == cluster_ip, named
+        answers = lab.probe("default/db-1", [f"tcp:{cluster_ip}:80"] * 12)
+        assert all(a["ok"] for a in answers) and {a["name"] for a in answers} <= {"db-1", "db-2", "db-3"}
+        assert len({a["name"] for a in answers}) >= 2
         db2 = store.get(Pod, "db-2", "default")
         status = json.loads(db2.metadata.annotations[ANNOTATION_STATUS])
         assert [(s["name"], s["interface"]) for s in status] == [
