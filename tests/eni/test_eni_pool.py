@@ -208,3 +208,41 @@ def test_the_instances_own_eni_counts_against_the_limit_when_pods_may_not_use_it
     finally:
         ipam.kv.close()
         np.pool.stop()
+
+
+def test_reconcile_releases_what_leaked_after_the_grace_period_and_adopts_the_rest(ec2, tmp_path):
+    from podnet.eni import records as rec
+    from podnet.eni.cloud import MANAGED_BY, TAG_CREATED, TAG_MANAGED, TAG_NODE
+
+    world = ec2.world(instance_type="m5.large", subnets=[("10.18.1.0/24", "us-east-1a")], vpc_cidr="10.18.0.0/16")
+    subnet = world.subnets["10.18.1.0/24"]
+    tags = lambda created: [{"ResourceType": "network-interface", "Tags": [  # noqa: E731
+        {"Key": TAG_MANAGED, "Value": MANAGED_BY}, {"Key": TAG_NODE, "Value": "node-0"},
+        {"Key": TAG_CREATED, "Value": str(created)}]}]
+    import time as _time
+
+    old = ec2.admin.create_network_interface(SubnetId=subnet, PrivateIpAddress="10.18.1.200",
+                                             TagSpecifications=tags(int(_time.time()) - 3600))["NetworkInterface"]
+    young = ec2.admin.create_network_interface(SubnetId=subnet, PrivateIpAddress="10.18.1.201",
+                                               TagSpecifications=tags(int(_time.time())))["NetworkInterface"]
+    np = start_pool(ec2, world, tmp_path, cloud_network(world, leakGraceSeconds=60))
+    ipam = np.ipam()
+    try:
+        gone = ipam.allocate("gone-pod", "n").address  # its pod went and no DEL came
+        kept = ipam.allocate("live-pod", "n").address
+        primary = [e for e in ec2.enis(instance=world.instances[0])][0]["NetworkInterfaceId"]
+        ec2.admin.assign_private_ip_addresses(NetworkInterfaceId=primary, PrivateIpAddresses=["10.18.1.150"])
+        kv = ipam.kv
+        r = rec.get_address(kv, "node-0", gone)
+        kv.put(rec.address_key("node-0", gone), {"handle": "gone-pod", "eni": r.eni, "at": _time.time() - 3600})
+        np.pool.reconciler.attachment_exists = lambda kv, handle: handle == "live-pod"
+        np.pool.reconciler(np.pool)
+        ids = {e["NetworkInterfaceId"] for e in ec2.admin.describe_network_interfaces()["NetworkInterfaces"]}
+        assert old["NetworkInterfaceId"] not in ids  # never attached, older than the grace period
+        assert young["NetworkInterfaceId"] in ids  # within it: it may be an attach in flight
+        assert rec.get_handle(kv, "node-0", "gone-pod") is None and gone in np.pool.state.cooling
+        assert rec.get_handle(kv, "node-0", "live-pod") == kept and np.pool.state.assigned[kept] == "live-pod"
+        assert "10.18.1.150" in np.pool.state.idle  # an address the node got out of band: adopted
+    finally:
+        ipam.kv.close()
+        np.pool.stop()

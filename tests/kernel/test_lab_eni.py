@@ -113,3 +113,25 @@ def test_kill_9_of_an_agent_keeps_pods_working_and_hands_out_no_address_twice(la
         assert cloud_state(lab)["duplicates"] == []
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def test_with_the_cloud_api_down_pods_keep_working_and_the_warm_pool_still_serves(lab):
+    """Last in this module: it stops the lab's EC2 server for good."""
+    entry = lab.state.process("ec2")
+    lab.state.stop_process(entry)
+    rows = [r for r in probe_all(lab, timeout=3, include_nodes=False) if r.src == "default/a-1"]
+    assert rows and all(r.ok for r in rows), rows
+    store = lab.store()
+    uid = str(uuid.uuid4())
+    store.apply([Pod(metadata=ObjectMeta(name="late-2", namespace="default", uid=uid), spec=PodSpec(node_name="node-2"))])
+    netns = f"pneni-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        cid = secrets.token_hex(32)
+        conf = RuntimeConf(container_id=cid, netns=f"/run/netns/{netns}", args=k8s_args("default", "late-2", cid, uid))
+        runtime = node_runtime(lab.state, lab.node("node-2"))
+        late = result_ips(runtime.add(conf))[0]  # an idle address of node-2's warm pool: no cloud call
+        assert late.startswith("10.40.")
+        runtime.delete(conf)
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
