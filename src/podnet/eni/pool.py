@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -579,7 +580,8 @@ class EniPool:
         with self._cond:
             self._blocked = False
             self._reconcile_now = False
-            self._next_reconcile = self.clock() + self.cfg.reconcile_interval
+            # jittered (+-20%): thousands of nodes started together do not describe at the same second
+            self._next_reconcile = self.clock() + self.cfg.reconcile_interval * random.uniform(0.8, 1.2)
         if self.reconciler is None:
             return
         try:

@@ -33,6 +33,11 @@ from podnet.store.base import KeyValueStore, Op, StoreError
 
 log = logging.getLogger("podnet.eni")
 
+# DescribeNetworkInterfaces is the call EC2 throttles first at scale (aws-vpc-cni #617, at
+# ~500 nodes): each reconcile makes one (the instance's ENIs), and the scan for never-attached
+# ENIs (a second one, by tag) runs only on the first reconcile and every 10th after it.
+LEAK_SCAN_EVERY = 10
+
 
 class Reconciler:
     """Called by the pool's manager thread (and once before it starts)."""
@@ -62,7 +67,8 @@ class Reconciler:
             self._drop_stale_records(kv, stored, pool)
         finally:
             kv.close()
-        self._delete_leaked_enis()
+        if self.runs % LEAK_SCAN_EVERY == 1 or LEAK_SCAN_EVERY == 1:
+            self._delete_leaked_enis()  # a second Describe: only every LEAK_SCAN_EVERY-th run
         self.problems = problems
         for p in problems:
             log.error("node %s: %s", cfg.node, p)
