@@ -11,6 +11,8 @@
     reconcile  the pool's state rebuilt from the cloud and the store
     ipam       the CNI handler's IPAM over a pool
     setup      a node's pool from its CloudNetwork (checked against the cloud)
-    routing    ip rules and per-ENI route tables (shared mode), ENI links (exclusive)
+    agent      the agent's part: the pool started (and retried), the CNI IPAM, the dataplane
+    routing    ip rules and per-ENI route tables (shared mode)
+    pods       pod interfaces: veth plus rule (shared), the ENI's link moved in (exclusive)
     plan       max pods, pinned addresses and subnet sizes for `podnet plan --cloud aws`
 """

@@ -385,6 +385,8 @@ def _node_checks(lab: Lab, node: dict, pools: list[IPPool], allowed: Allowed) ->
             else "vxlan"
         if mode == "direct" and {node["name"], t.node} <= bgp_nodes(lab):
             mode = "bgp"
+        if in_vpc(lab, t.ip):
+            mode = "vpc"  # an ENI pod: the VPC routes it
         reach = allowed(node["address"], t.ip, t.proto, t.port)
         checks.append(_Check(t.ref, f"node->pod/{mode}", f"{t.proto}:{t.ip}:{t.port}", 1,
                              frozenset({t.name}) if reach else frozenset(), False, node["address"]))
