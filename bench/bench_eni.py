@@ -251,11 +251,7 @@ def main() -> int:
                 lat += burst(node.handler, "ADD", cids[i:i + 10])
             for i in range(0, 100, 10):
                 burst(node.handler, "DEL", cids[i:i + 10])
-            # the pool gives the surplus back once the cooldown has passed
-            deadline = time.monotonic() + 60
-            while node.pool.counts().cooling and time.monotonic() < deadline:
-                node.pool.wait_settled(5)
-            node.pool.wait_settled(120)
+            node.pool.wait_settled(120, cooled=True)  # the surplus goes back once the cooldown has passed
             calls = ec2.state()["calls"]
             target = ""
             if batch == 10:

@@ -38,6 +38,12 @@ def burst(ipam_factory, handles):
     return results, errors
 
 
+def settle(pool):
+    """The pool's counts once it has nothing left to do and nothing cooling down."""
+    assert pool.wait_settled(30, cooled=True), pool.counts()
+    return pool.counts()
+
+
 def test_concurrent_adds_share_batched_assign_calls(ec2, tmp_path):
     world = ec2.world(instance_type="m5.4xlarge", subnets=[("10.10.1.0/24", "us-east-1a")], vpc_cidr="10.10.0.0/16")
     np = start_pool(ec2, world, tmp_path, cloud_network(world, batchSize=10, batchWindowMilliseconds=200))
@@ -70,14 +76,12 @@ def test_watermarks_hold_under_churn(ec2, tmp_path):
             results, errors = burst(np.ipam, handles)
             assert not errors, errors
             live += handles
-            assert np.pool.wait_settled(15)
-            c = np.pool.counts()
-            assert 4 <= c.idle and c.idle + c.cooling <= 8 or c.idle <= 8, c
+            c = settle(np.pool)
+            assert 4 <= c.idle <= 8 and c.assigned == len(live), (round_, c)
             for h in live[: len(live) // 2]:
                 ipam.release(h)
             live = live[len(live) // 2:]
-            assert np.pool.wait_settled(15)
-            c = np.pool.counts()
+            c = settle(np.pool)
             assert 4 <= c.idle <= 8 and c.assigned == len(live), (round_, c)
         assert not ec2.limit_errors and ec2.duplicates() == []
     finally:

@@ -117,6 +117,7 @@ class EniPool:
         self._next_reconcile = clock() + cfg.reconcile_interval
         self._reconcile_now = False
         self._settled = threading.Event()
+        self._want_cooled = False
         self._low_since: float | None = None  # when an ADD took idle below min_idle (batch window)
         self._blocked = False  # no call can add an address (limits, subnets) until something changes
         self._creating: dict[int, float] = {}  # device index -> since when an ENI is being made there
@@ -220,9 +221,11 @@ class EniPool:
         with self._cond:
             return self.state.counts(len(self._waiters))
 
-    def wait_settled(self, timeout: float) -> bool:
-        """Wait until a round ends with nothing left to do (tests, the benchmark)."""
+    def wait_settled(self, timeout: float, cooled: bool = False) -> bool:
+        """Wait until a round ends with nothing left to do (tests, the benchmark); `cooled`:
+        and no address cooling down either."""
         with self._cond:
+            self._want_cooled = cooled
             self._settled.clear()
             self._cond.notify_all()
         return self._settled.wait(timeout)
@@ -292,7 +295,7 @@ class EniPool:
             with self._cond:
                 if self._stop:
                     return
-                if not self._waiters and not pending:
+                if not self._waiters and not pending and not (self._want_cooled and self.state.cooling):
                     self._settled.set()
                 self._cond.wait(self._sleep_for(self.clock()))
 
