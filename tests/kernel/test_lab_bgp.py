@@ -116,7 +116,10 @@ def test_mesh_routes_are_birds_and_no_vxlan(lab):
         others = sorted(f"Mesh_{a.replace('.', '_')}" for m, a in addresses.items() if m != n["name"])
         assert names == sorted([*others, f"Global_{GATEWAY.replace('.', '_')}"])
         for pod_ip, owner in ((g1, "node-1"), (g2, "node-2")):
-            r = route_to(n["netns"], block_of(pod_ip))
+            # Established sessions exchange their routes a moment later: wait for the route
+            r = wait_until(lambda n=n, pod_ip=pod_ip, owner=owner: (
+                x if (x := route_to(n["netns"], block_of(pod_ip))) and (owner == n["name"] or x.get("protocol") == "bird")
+                else None), f"{n['name']}: the route to {pod_ip}'s block")
             if owner == n["name"]:
                 assert r["type"] == "blackhole"  # the agent's own blackhole for its block
             else:

@@ -107,8 +107,8 @@ def test_get_table_and_wide(store, capsys):
     code, out, _ = run(capsys, "get", "pods", "-A", "--store", store)
     assert code == 0 and out.splitlines() == ["NAMESPACE   NAME    STATUS", "shop        web-1   Running"]
     code, out, _ = run(capsys, "get", "pods", "-A", "-o", "wide", "--store", store)
-    assert out.splitlines()[0].split() == ["NAMESPACE", "NAME", "STATUS", "IP", "NODE", "HOST-NETWORK"]
-    assert out.splitlines()[1].split() == ["shop", "web-1", "Running", "10.244.0.5", "n1", "false"]
+    assert out.splitlines()[0].split() == ["NAMESPACE", "NAME", "STATUS", "IP", "NODE", "HOST-NETWORK", "NETWORKS"]
+    assert out.splitlines()[1].split() == ["shop", "web-1", "Running", "10.244.0.5", "n1", "false", "<none>"]
 
     code, out, _ = run(capsys, "get", "svc", "-n", "shop", "--store", store)
     lines = [line.split() for line in out.splitlines()]

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from podnet.agent.contract import Dataplane
 from podnet.externaldns.endpoint import Endpoint, canonical_target, check_dns_name, parse_ttl, record_type
 from podnet.model.objects import EndpointSlice, Node, Service
+from podnet.model.records import SliceRecord, slice_record_of
 from podnet.store.objects import ObjectEvent, split_object_key
 
 PREFIX = "external-dns.kubernetes.io/"
@@ -85,9 +86,10 @@ def _names(svc: Service, key: str) -> list[str]:
     return out
 
 
-def service_endpoints(svc: Service, slices: Iterable[EndpointSlice], nodes: Iterable[Node],
+def service_endpoints(svc: Service, slices: Iterable[SliceRecord | EndpointSlice], nodes: Iterable[Node],
                       opts: SourceOptions = SourceOptions()) -> list[Endpoint]:
     """The records the Service asks for; Problem naming the annotation that does not parse."""
+    slices = [s if isinstance(s, SliceRecord) else slice_record_of(s) for s in slices]
     ann = svc.metadata.annotations
     if ann.get(CONTROLLER, CONTROLLER_VALUE) != CONTROLLER_VALUE:
         return []
@@ -128,7 +130,7 @@ def service_endpoints(svc: Service, slices: Iterable[EndpointSlice], nodes: Iter
 
 
 def _for_hostname(svc: Service, hostname: str, ttl: int | None, override: list[str] | None,
-                  slices: list[EndpointSlice], nodes: Iterable[Node], opts: SourceOptions, resource: str,
+                  slices: list[SliceRecord], nodes: Iterable[Node], opts: SourceOptions, resource: str,
                   internal: bool) -> list[Endpoint]:
     spec = svc.spec
     extra: list[Endpoint] = []
@@ -192,30 +194,30 @@ def _publishes(svc: Service, opts: SourceOptions, ready: bool) -> bool:
     return ready or svc.spec.publish_not_ready_addresses or opts.always_publish_not_ready
 
 
-def _headless(svc: Service, hostname: str, ttl: int | None, slices: list[EndpointSlice], opts: SourceOptions,
+def _headless(svc: Service, hostname: str, ttl: int | None, slices: list[SliceRecord], opts: SourceOptions,
               resource: str) -> list[Endpoint]:
     by_name: dict[str, list[str]] = {}
     for s in slices:
         if s.address_type not in ("IPv4", "IPv6"):
             continue
-        for ep in s.endpoints:
-            if not ep.addresses or not _publishes(svc, opts, ep.conditions.is_ready):
+        for addresses, ready, _, _, _, ep_hostname, _ in s.endpoints:
+            if not addresses or not _publishes(svc, opts, ready is not False):
                 continue
-            address = ep.addresses[0]
+            address = addresses[0]
             by_name.setdefault(hostname, []).append(address)
-            if ep.hostname:
-                by_name.setdefault(f"{ep.hostname}.{hostname}", []).append(address)
+            if ep_hostname:
+                by_name.setdefault(f"{ep_hostname}.{hostname}", []).append(address)
     out: list[Endpoint] = []
     for name in sorted(by_name):
         out += _by_type(name, by_name[name], ttl, resource)
     return out
 
 
-def _node_targets(svc: Service, slices: list[EndpointSlice], nodes: Iterable[Node], opts: SourceOptions) -> list[str]:
+def _node_targets(svc: Service, slices: list[SliceRecord], nodes: Iterable[Node], opts: SourceOptions) -> list[str]:
     chosen = list(nodes)
     if svc.spec.external_traffic_policy == "Local":
-        local = {ep.node_name for s in slices for ep in s.endpoints
-                 if ep.node_name and _publishes(svc, opts, ep.conditions.is_ready)}
+        local = {node for s in slices for _, ready, _, _, node, _, _ in s.endpoints
+                 if node and _publishes(svc, opts, ready is not False)}
         chosen = [n for n in chosen if n.name in local]
     internal_ips, external_ips = [], []
     for node in chosen:
@@ -250,7 +252,7 @@ class ServiceSource(Dataplane):
 
     def _reset(self) -> None:
         self.services: dict[ServiceRef, Service] = {}
-        self.slices: dict[str, EndpointSlice] = {}
+        self.slices: dict[str, SliceRecord] = {}
         self.slices_of: dict[ServiceRef, set[str]] = {}
         self.nodes: dict[str, Node] = {}
         self._results: dict[ServiceRef, list[Endpoint] | Problem] = {}
@@ -285,7 +287,7 @@ class ServiceSource(Dataplane):
                     refs.add((ns or "default", old_slice.service_name))
                     self.slices_of.get((ns or "default", old_slice.service_name), set()).discard(ev.key)
                 if ev.object is not None:
-                    s: EndpointSlice = ev.object  # type: ignore[assignment]
+                    s = ev.object if isinstance(ev.object, SliceRecord) else slice_record_of(ev.object)  # type: ignore[arg-type]
                     self.slices[ev.key] = s
                     if s.service_name:
                         refs.add((ns or "default", s.service_name))
