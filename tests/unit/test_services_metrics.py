@@ -7,11 +7,12 @@ import socket
 import urllib.error
 import urllib.request
 
+from podnet.dataplane.ctnetlink import Entry, Tuple
 from podnet.model.objects import EndpointSlice
 from podnet.services.conntrack import (
     ConntrackSizing,
+    StaleMatcher,
     apply_conntrack_sizing,
-    conntrack_delete_command,
     conntrack_max,
     delete_stale_flows,
 )
@@ -75,19 +76,54 @@ def test_conntrack_sizing_formula_and_never_lowering(tmp_path):
     assert apply_conntrack_sizing(ConntrackSizing(), cores=2, path=str(path)) is None  # already larger
 
 
-def test_conntrack_commands():
+def _entry(dst: str, dport: int, reply_src: str, reply_sport: int, proto: int = 17) -> Entry:
+    client = socket.inet_aton("10.0.0.1")
+    return Entry(socket.AF_INET, Tuple(client, socket.inet_aton(dst), proto, 40000, dport),
+                 Tuple(socket.inet_aton(reply_src), client, proto, reply_sport, 40000), 0, 7)
+
+
+def test_stale_flows_match_their_entries_only():
     fe = Frontend("10.96.0.10", "udp", 53)
-    assert conntrack_delete_command(StaleFlow(fe, Backend("10.1.0.5", 5353))) == [
-        "conntrack", "-D", "-p", "udp", "--orig-dst", "10.96.0.10", "--orig-port-dst", "53",
-        "--reply-src", "10.1.0.5", "--reply-port-src", "5353"]
-    assert conntrack_delete_command(StaleFlow(Frontend(None, "udp", 30053), None)) == [
-        "conntrack", "-D", "-p", "udp", "--orig-port-dst", "30053"]
+    m = StaleMatcher([StaleFlow(fe, Backend("10.1.0.5", 5353)), StaleFlow(Frontend("10.96.0.11", "udp", 53), None),
+                      StaleFlow(Frontend(None, "udp", 30053), None),
+                      StaleFlow(Frontend("10.96.0.12", "tcp", 80), None)])  # not UDP: never cleaned
+    assert m.matches(_entry("10.96.0.10", 53, "10.1.0.5", 5353))
+    assert not m.matches(_entry("10.96.0.10", 53, "10.1.0.6", 5353))  # another endpoint: still valid
+    assert not m.matches(_entry("10.96.0.10", 53, "10.1.0.5", 5354))
+    assert not m.matches(_entry("10.96.0.10", 53, "10.1.0.5", 5353, proto=6))  # TCP
+    assert m.matches(_entry("10.96.0.11", 53, "10.96.0.11", 53))  # had no endpoints: every flow
+    assert not m.matches(_entry("10.96.0.11", 54, "10.96.0.11", 54))
+    assert m.matches(_entry("192.168.1.5", 30053, "10.1.0.9", 8053))  # a NodePort, on any address
+    assert not m.matches(_entry("10.96.0.12", 80, "10.96.0.12", 80))
+    assert m.kernel_filter() == (None, None)
+    one = StaleMatcher([StaleFlow(fe, Backend("10.1.0.5", 5353)), StaleFlow(fe, Backend("10.1.0.6", 5353))])
+    assert one.kernel_filter() == (socket.inet_aton("10.96.0.10"), 53)
+    assert StaleMatcher([StaleFlow(Frontend(None, "udp", 30053), None)]).kernel_filter() == (None, 30053)
+    assert not StaleMatcher([StaleFlow(Frontend("10.96.0.12", "tcp", 80), None)])
 
-    class Proc:
-        returncode = 0
-        stderr = "conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.\n"
 
-    assert delete_stale_flows([StaleFlow(fe, None)] * 2, lambda cmd: Proc()) == 4
+class FakeConntrack:
+    def __init__(self, entries):
+        self.entries, self.dumps, self.deleted = entries, [], []
+
+    def dump(self, family, *, proto=None, dst=None, dport=None, select=None):
+        self.dumps.append((family, proto, dst, dport))
+        return iter([e for e in self.entries
+                     if select(e.orig.proto, e.orig.dst, e.orig.dport, e.reply.src, e.reply.sport)])
+
+    def delete(self, entries):
+        self.deleted += list(entries)
+        return len(self.deleted), 0
+
+
+def test_delete_stale_flows_dumps_once_and_deletes_the_matches():
+    stale, valid = _entry("10.96.0.10", 53, "10.1.0.5", 5353), _entry("10.96.0.10", 53, "10.1.0.6", 5353)
+    ct = FakeConntrack([stale, valid])
+    flow = StaleFlow(Frontend("10.96.0.10", "udp", 53), Backend("10.1.0.5", 5353))
+    assert delete_stale_flows([flow], ct) == 1
+    assert ct.dumps == [(socket.AF_INET, 17, socket.inet_aton("10.96.0.10"), 53)]
+    assert ct.deleted == [stale]
+    assert delete_stale_flows([], ct) == 0 and len(ct.dumps) == 1  # nothing to do: no dump
 
 
 def _free_port() -> int:

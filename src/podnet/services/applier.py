@@ -23,7 +23,7 @@ from typing import Protocol
 from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import NftError, nft_apply
 from podnet.services import nftables as nt
-from podnet.services.conntrack import Runner, delete_stale_flows, run_command
+from podnet.services.conntrack import Cleaner, delete_stale_flows
 from podnet.services.metrics import ServiceMetrics
 from podnet.services.model import Backend, Frontend, ServiceState
 
@@ -113,7 +113,7 @@ class NftServiceApplier:
         *,
         nft: Callable[[str], None] = nft_apply,
         kernel: NetlinkKernel | None = None,
-        conntrack: Runner | None = run_command,
+        conntrack: Cleaner | None = delete_stale_flows,
         metrics: ServiceMetrics | None = None,
     ):
         self.nft = nft
@@ -305,7 +305,7 @@ class NftServiceApplier:
         if affinity_check:
             result.affinity_cleared = self._clear_stale_affinity(state, result)
         if self.conntrack is not None and flows:
-            result.stale_flows = delete_stale_flows(flows, self.conntrack)
+            result.stale_flows = self.conntrack(flows)
         result.seconds = time.monotonic() - started
         if self.metrics:
             self.metrics.record_sync(result.seconds, ok=True, changed=result.added + result.removed)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from podnet.services.applier import SyncResult
-from podnet.services.conntrack import Runner, delete_stale_flows, run_command
+from podnet.services.conntrack import Cleaner, delete_stale_flows
 from podnet.services.metrics import ServiceMetrics
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState, stale_udp_flows
 
@@ -171,7 +171,7 @@ class IptablesServiceApplier:
         *,
         binary: str = "iptables",  # or iptables-legacy / iptables-nft
         run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-        conntrack: Runner | None = run_command,
+        conntrack: Cleaner | None = delete_stale_flows,
         metrics: ServiceMetrics | None = None,
     ):
         self.binary = binary
@@ -235,7 +235,7 @@ class IptablesServiceApplier:
         if self.conntrack is not None and old is not None:
             flows = stale_udp_flows(old, state)
             if flows:
-                result.stale_flows = delete_stale_flows(flows, self.conntrack)
+                result.stale_flows = self.conntrack(flows)
         result.seconds = time.monotonic() - started
         if self.metrics:
             self.metrics.record_sync(result.seconds, ok=True, changed=rendered.rules)
