@@ -257,7 +257,7 @@ class AgentUnderTest:
         with open(self.log, "w") as logf:
             self.proc = subprocess.Popen([*self.ns, PY, "-m", "podnet.cli.main", "--store", url, "agent",
                                           "--node", NODE, "--socket", str(self.socket), "--resync", str(self.resync),
-                                          "--metrics-port", str(self.metrics_port)],
+                                          "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1"],
                                          stdout=logf, stderr=subprocess.STDOUT)
 
     def synced(self) -> int:

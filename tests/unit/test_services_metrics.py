@@ -7,6 +7,8 @@ import socket
 import urllib.error
 import urllib.request
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from podnet.dataplane.ctnetlink import Entry, Tuple
 from podnet.model.objects import EndpointSlice
 from podnet.services.conntrack import (
@@ -21,22 +23,54 @@ from podnet.services.metrics import SYNC_BUCKETS, ServiceMetrics
 from podnet.services.model import Backend, Frontend, HealthCheck, StaleFlow
 
 
-def test_sync_histogram_has_kube_proxy_buckets_and_prometheus_text():
+def families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(text: str, sample: str, **labels) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise AssertionError(f"no sample {sample} {labels} in:\n{text}")
+
+
+def test_sync_histogram_has_kube_proxy_buckets_and_podnet_names_by_default():
     assert len(SYNC_BUCKETS) == 15 and SYNC_BUCKETS[0] == 0.001 and SYNC_BUCKETS[-1] == 0.001 * 2**14
     m = ServiceMetrics()
     m.record_sync(0.0015, changed=7, now=1700000000.0)
     m.record_sync(100.0, ok=False)
     text = m.render()
-    assert "# TYPE sync_proxy_rules_duration_seconds histogram" in text
-    assert 'sync_proxy_rules_duration_seconds_bucket{le="0.001"} 0' in text
-    assert 'sync_proxy_rules_duration_seconds_bucket{le="0.002"} 1' in text
-    assert 'sync_proxy_rules_duration_seconds_bucket{le="+Inf"} 2' in text
-    assert "sync_proxy_rules_duration_seconds_count 2" in text
-    assert "sync_proxy_rules_last_timestamp_seconds 1700000000.0" in text
-    assert "sync_proxy_rules_nftables_failures_total 1.0" in text
-    assert "sync_proxy_rules_elements_changed_total 7.0" in text
-    assert "# TYPE network_programming_duration_seconds histogram" in text
-    assert "kubeproxy_sync_proxy_rules_duration_seconds_count 0" in ServiceMetrics("kubeproxy_").render()
+    assert families(text)["podnet_service_sync_duration_seconds"].type == "histogram"
+    h = "podnet_service_sync_duration_seconds"
+    assert value(text, h + "_bucket", le="0.001") == 0
+    assert value(text, h + "_bucket", le="0.002") == 1
+    assert value(text, h + "_bucket", le="+Inf") == 2
+    assert value(text, h + "_count") == 2
+    assert value(text, "podnet_service_sync_last_timestamp_seconds") == 1700000000.0
+    assert value(text, "podnet_service_sync_failures_total") == 1
+    assert value(text, "podnet_service_elements_changed_total") == 7
+    assert families(text)["podnet_service_network_programming_duration_seconds"].type == "histogram"
+    assert all(name.startswith("podnet_") for name in families(text))
+
+
+def test_kube_proxy_names_as_an_option():
+    m = ServiceMetrics()
+    m.record_sync(0.0015, changed=3, now=1700000000.0)
+    m.record_sync(0.5, ok=False)
+    text = m.render(kube_proxy_names=True)
+    names = set(families(text))
+    assert {"kubeproxy_sync_proxy_rules_duration_seconds", "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_network_programming_duration_seconds",
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures"} <= names
+    assert value(text, "kubeproxy_sync_proxy_rules_duration_seconds_count") == 2
+    assert value(text, "kubeproxy_sync_proxy_rules_duration_seconds_bucket", le="0.002") == 1
+    assert value(text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") == 1700000000.0
+    assert value(text, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total") == 1
+    assert value(text, "podnet_service_elements_changed_total") == 3  # no kube-proxy counterpart
+    assert not any(n.startswith("podnet_service_sync") for n in names)
+    iptables = m.render(kube_proxy_names=True, proxy="iptables")
+    assert value(iptables, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total") == 1
 
 
 def test_network_programming_latency_once_per_change():
@@ -49,8 +83,8 @@ def test_network_programming_latency_once_per_change():
     assert m.record_network_programming([sl], now=t0 + 1.2) == 1
     assert m.record_network_programming([sl], now=t0 + 5) == 0  # the same change is not counted twice
     text = m.render()
-    assert 'network_programming_duration_seconds_bucket{le="1.0"} 0' in text
-    assert 'network_programming_duration_seconds_bucket{le="2.0"} 1' in text
+    assert value(text, "podnet_service_network_programming_duration_seconds_bucket", le="1.0") == 0
+    assert value(text, "podnet_service_network_programming_duration_seconds_bucket", le="2.0") == 1
 
 
 def test_network_programming_latency_of_changes_known_to_be_new():
@@ -59,10 +93,10 @@ def test_network_programming_latency_of_changes_known_to_be_new():
     assert m.observe_programming({}, now=t0) == 0
     assert m.observe_programming({"default/web-1": t0, "default/web-2": t0 + 1}, now=t0 + 1.5) == 2
     text = m.render()
-    assert 'network_programming_duration_seconds_bucket{le="0.5"} 1' in text
-    assert 'network_programming_duration_seconds_bucket{le="2.0"} 2' in text
+    assert value(text, "podnet_service_network_programming_duration_seconds_bucket", le="0.5") == 1
+    assert value(text, "podnet_service_network_programming_duration_seconds_bucket", le="2.0") == 2
     assert m.observe_programming({"default/web-3": t0 + 10}, now=t0) == 1  # clock skew: never negative
-    assert m.programming.sum == 1.5 + 0.5 + 0.0
+    assert value(m.render(), "podnet_service_network_programming_duration_seconds_sum") == 1.5 + 0.5 + 0.0
 
 
 def test_conntrack_sizing_formula_and_never_lowering(tmp_path):

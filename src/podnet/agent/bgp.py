@@ -25,7 +25,10 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from podnet.agent.cache import ObjectCache
 from podnet.agent.contract import Dataplane, kind_of
@@ -196,28 +199,28 @@ class BgpDataplane(Dataplane):
             return f"BIRD is not ready: {error}"
         return unhealthy(found)
 
-    def render_metrics(self) -> str:
+    def metric_families(self) -> Iterator[Metric]:
+        """podnet_bgp_* (gauges), read from BIRD when the agent's metrics are scraped."""
         found, _ = self.sessions()
         up = int(found is not None) if self.config is not None else 0
-        lines = ["# HELP podnet_bgp_bird_up 1 when this node's BIRD answers on its control socket.",
-                 "# TYPE podnet_bgp_bird_up gauge", f"podnet_bgp_bird_up {up}",
-                 "# HELP podnet_bgp_sessions BGP sessions of this node by state.",
-                 "# TYPE podnet_bgp_sessions gauge"]
+        yield GaugeMetricFamily("podnet_bgp_bird_up", "1 when this node's BIRD answers on its control socket.",
+                                value=up)
         found = found or []
         established = sum(1 for s in found if s.established)
-        lines += [f'podnet_bgp_sessions{{state="established"}} {established}',
-                  f'podnet_bgp_sessions{{state="other"}} {len(found) - established}',
-                  "# HELP podnet_bgp_session_established 1 while the session with a peer is Established.",
-                  "# TYPE podnet_bgp_session_established gauge"]
-        lines += [f'podnet_bgp_session_established{{peer="{s.neighbor or ""}",protocol="{s.name}"}} '
-                  f'{int(s.established)}' for s in found]
-        lines += ["# HELP podnet_bgp_routes Routes of a BGP session (imported: learnt from the peer; exported: sent).",
-                  "# TYPE podnet_bgp_routes gauge"]
+        by_state = GaugeMetricFamily("podnet_bgp_sessions", "BGP sessions of this node by state.", labels=["state"])
+        by_state.add_metric(["established"], established)
+        by_state.add_metric(["other"], len(found) - established)
+        yield by_state
+        per_peer = GaugeMetricFamily("podnet_bgp_session_established",
+                                     "1 while the session with a peer is Established.", labels=["peer", "protocol"])
+        routes = GaugeMetricFamily("podnet_bgp_routes", "Routes of a BGP session (imported: learnt from the peer; "
+                                   "exported: sent).", labels=["peer", "protocol", "direction"])
         for s in found:
-            for direction, n in (("imported", s.imported), ("exported", s.exported)):
-                lines.append(f'podnet_bgp_routes{{peer="{s.neighbor or ""}",direction="{direction}"}} {n}')
+            per_peer.add_metric([s.neighbor or "", s.name], int(s.established))
+            routes.add_metric([s.neighbor or "", s.name, "imported"], s.imported)
+            routes.add_metric([s.neighbor or "", s.name, "exported"], s.exported)
+        yield per_peer
+        yield routes
         cfg = self.config
-        lines += ["# HELP podnet_bgp_originated_routes Routes this node originates (blocks, borrowed /32s, "
-                  "service ranges).", "# TYPE podnet_bgp_originated_routes gauge",
-                  f"podnet_bgp_originated_routes {len(cfg.statics) if cfg else 0}"]
-        return "\n".join(lines) + "\n"
+        yield GaugeMetricFamily("podnet_bgp_originated_routes", "Routes this node originates (blocks, borrowed "
+                                "/32s, service ranges).", value=len(cfg.statics) if cfg else 0)

@@ -20,13 +20,16 @@ same way, with no dispatch by name in the agent.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 from podnet.agent.cache import kind_of_key
 from podnet.ipam.keys import BLOCKS
-from podnet.services.metrics import SYNC_BUCKETS, _fmt
+from podnet.metrics import text
+from podnet.services.metrics import SYNC_BUCKETS
 from podnet.store.objects import ObjectEvent
 
 
@@ -66,58 +69,54 @@ def kind_of(key: str) -> str | None:
 
 
 class DataplaneMetrics:
-    """Per-dataplane counters under one naming scheme (Prometheus text format):
+    """Per-dataplane sync metrics (prometheus_client, a collector the agent registers):
 
-    podnet_dataplane_sync_duration_seconds{dataplane}   histogram of every sync
-    podnet_dataplane_syncs_total{dataplane,result}      result: changed | unchanged | error
-    podnet_dataplane_drift_repaired_total{dataplane}    resyncs that found drift and repaired it
-    podnet_dataplane_last_sync_error{dataplane}         1 while the last sync failed
+    podnet_dataplane_sync_duration_seconds{dataplane}        histogram of every sync
+    podnet_dataplane_syncs_total{dataplane,result}           result: changed | unchanged | error
+    podnet_dataplane_drift_repaired_total{dataplane}         resyncs that found drift and repaired it
+    podnet_dataplane_last_sync_error{dataplane}              1 while the last sync failed
+    podnet_dataplane_last_sync_timestamp_seconds{dataplane}  when the last sync succeeded
     """
 
     def __init__(self, names: Iterable[str]):
-        self._lock = threading.Lock()
         self.names = tuple(names)
-        self.buckets = SYNC_BUCKETS
-        self._hist = {n: [0] * len(self.buckets) for n in self.names}
-        self._count = dict.fromkeys(self.names, 0)
-        self._sum = dict.fromkeys(self.names, 0.0)
-        self.syncs = {(n, r): 0 for n in self.names for r in ("changed", "unchanged", "error")}
-        self.drift = dict.fromkeys(self.names, 0)
-        self.failing = dict.fromkeys(self.names, 0)
+        self.duration = Histogram("podnet_dataplane_sync_duration_seconds", "Time of one sync of a dataplane.",
+                                  ["dataplane"], buckets=SYNC_BUCKETS, registry=None)
+        self.syncs = Counter("podnet_dataplane_syncs", "Syncs of a dataplane by result (changed: it "
+                             "changed the kernel; unchanged: nothing to do; error: it failed).",
+                             ["dataplane", "result"], registry=None)
+        self.drift = Counter("podnet_dataplane_drift_repaired", "Resyncs that found the kernel changed "
+                             "behind podnet's back and repaired it.", ["dataplane"], registry=None)
+        self.failing = Gauge("podnet_dataplane_last_sync_error", "1 while the last sync of a dataplane failed.",
+                             ["dataplane"], registry=None)
+        self.last_ok = Gauge("podnet_dataplane_last_sync_timestamp_seconds",
+                             "When the last successful sync of a dataplane ended (Unix time).", ["dataplane"],
+                             registry=None)
+        for n in self.names:  # every series from the start, at 0
+            self.duration.labels(n)
+            for r in ("changed", "unchanged", "error"):
+                self.syncs.labels(n, r)
+            self.drift.labels(n)
+            self.failing.labels(n)
+            self.last_ok.labels(n)
 
     def record_sync(self, name: str, seconds: float, result: str) -> None:
-        with self._lock:
-            self._count[name] += 1
-            self._sum[name] += seconds
-            for i, b in enumerate(self.buckets):
-                if seconds <= b:
-                    self._hist[name][i] += 1
-            self.syncs[(name, result)] += 1
-            self.failing[name] = int(result == "error")
+        self.duration.labels(name).observe(seconds)
+        self.syncs.labels(name, result).inc()
+        self.failing.labels(name).set(int(result == "error"))
+        if result != "error":
+            self.last_ok.labels(name).set_to_current_time()
 
     def record_drift(self, name: str) -> None:
-        with self._lock:
-            self.drift[name] += 1
+        self.drift.labels(name).inc()
+
+    # a prometheus_client collector
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for m in (self.duration, self.syncs, self.drift, self.failing, self.last_ok):
+            yield from m.collect()
 
     def render(self) -> str:
-        h = "podnet_dataplane_sync_duration_seconds"
-        with self._lock:
-            lines = [f"# HELP {h} Time of one sync of a dataplane.", f"# TYPE {h} histogram"]
-            for n in self.names:
-                for b, c in zip(self.buckets, self._hist[n], strict=True):
-                    lines.append(f'{h}_bucket{{dataplane="{n}",le="{_fmt(b)}"}} {c}')
-                lines.append(f'{h}_bucket{{dataplane="{n}",le="+Inf"}} {self._count[n]}')
-                lines.append(f'{h}_sum{{dataplane="{n}"}} {_fmt(self._sum[n])}')
-                lines.append(f'{h}_count{{dataplane="{n}"}} {self._count[n]}')
-            lines += ["# HELP podnet_dataplane_syncs_total Syncs of a dataplane by result.",
-                      "# TYPE podnet_dataplane_syncs_total counter"]
-            lines += [f'podnet_dataplane_syncs_total{{dataplane="{n}",result="{r}"}} {c}'
-                      for (n, r), c in self.syncs.items()]
-            lines += ["# HELP podnet_dataplane_drift_repaired_total Resyncs that found the kernel changed "
-                      "behind podnet's back and repaired it.",
-                      "# TYPE podnet_dataplane_drift_repaired_total counter"]
-            lines += [f'podnet_dataplane_drift_repaired_total{{dataplane="{n}"}} {c}' for n, c in self.drift.items()]
-            lines += ["# HELP podnet_dataplane_last_sync_error 1 while the last sync of a dataplane failed.",
-                      "# TYPE podnet_dataplane_last_sync_error gauge"]
-            lines += [f'podnet_dataplane_last_sync_error{{dataplane="{n}"}} {c}' for n, c in self.failing.items()]
-        return "\n".join(lines) + "\n"
+        return text([self])

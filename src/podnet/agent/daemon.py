@@ -19,6 +19,13 @@ itself; `separate`, it only keeps the addresses on `lo` and the NOTRACK table, a
 `podnet dns serve` process of its own (following the store itself) answers, so pods
 keep resolving while the agent restarts or after it crashed.
 
+Metrics (`--metrics-port`): /metrics (one prometheus_client registry: process, every
+dataplane's syncs, Services, CNI, IPAM, conntrack, BGP and DNS; docs/metrics.md), /healthz
+and /readyz (200 once the node is programmed, no dataplane's last sync failed and BGP
+sessions are Established; 503 with the reason before) on the node's address, or
+`--metrics-address` (0.0.0.0 only when asked). The listener starts as soon as its address
+is known, before the first sync.
+
 Stopping (SIGTERM, SIGINT): the watch ends and every store connection the agent opened
 is closed (the last SQLite connection out checkpoints and removes the WAL), the workers,
 the CNI and DNS servers and the health-check listeners stop, and the kernel state stays.
@@ -82,7 +89,9 @@ class AgentConfig:
     cluster_dns_ips: tuple[str, ...] = ()  # also answered here, e.g. the kube-dns ClusterIP
     dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
     cluster_domain: str = "cluster.local"
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # /metrics, /healthz and /readyz (None: no listener)
+    metrics_address: str | None = None  # None: the node's address; 0.0.0.0 only when asked for
+    metrics_kube_proxy_names: bool = False  # the Service proxy's sync metrics under kube-proxy's names
     min_sync_interval: float = 0.01  # at most one sync per dataplane per interval: a burst coalesces
     resync_interval: float = 60.0  # full reconcile even without changes: heals drift
     node_wait: float = 30.0
@@ -116,6 +125,7 @@ class Agent:
         self.dns = None
         self.metrics = None
         self.metrics_server = None
+        self.metrics_collector = None
         self.watcher: threading.Thread | None = None
         self.cni_kv: KeyValueStore | None = None
         self._lock_fd: int | None = None
@@ -135,13 +145,15 @@ class Agent:
 
     def _run(self) -> None:
         self._enable_forwarding()
+        if self.cfg.metrics_address or self.node_ip:
+            self._start_metrics()  # where it binds is known: /readyz says why not ready meanwhile
         self.node_ip = self.node_ip or self._wait_for_node_ip()
+        self._start_metrics()
         self.build_dataplanes()
         self.follower = StoreFollower(self.cache, self.dataplanes, self._on_change)
         rev = self.follower.relist(self.kv)  # each object goes to its dataplanes as it is decoded
         self._start_dns()
         self._start_cni_server()
-        self._start_metrics()
         for worker in self.workers.values():  # the first sync: full, one dataplane after another
             worker.run_once(full=True)
         self.synced.set()
@@ -243,7 +255,7 @@ class Agent:
         handler = self.server.handler if self.server is not None else None
         for closer in (self.server and self.server.stop, handler and handler.close,
                        self.cni_kv and self.cni_kv.close, self.dns and self.dns.stop_thread,
-                       self.metrics_server and self.metrics_server.shutdown, self.eni and self.eni.stop,
+                       self.metrics_server and self.metrics_server.stop, self._stop_metrics, self.eni and self.eni.stop,
                        *(dp.close for dp in self.dataplanes), self.pods.close, self.kv.close):
             if closer:
                 try:
@@ -332,16 +344,39 @@ class Agent:
         log.info("serving DNS for %s on %s port 53", self.cfg.cluster_domain, ", ".join(addresses))
 
     def _start_metrics(self) -> None:
-        if self.cfg.metrics_port is None or self.metrics is None:
+        """The metrics listener (/metrics, /healthz, /readyz) on the metrics address, else the
+        node's, else 127.0.0.1; once."""
+        if self.cfg.metrics_port is None or self.metrics_server is not None:
             return
-        from podnet.agent.metrics import serve_metrics
+        from podnet import metrics
+        from podnet.agent.metrics import AgentMetrics
+        from podnet.cni import metrics as cni_metrics
+        from podnet.ipam import metrics as ipam_metrics
+        from podnet.services import conntrack
 
-        renderers = [self.metrics.render] + ([self.services.metrics.render] if self.services is not None else [])
-        renderers += [self.bgp.render_metrics] if self.bgp is not None else []
-        self.metrics_server = serve_metrics(self.cfg.metrics_port, lambda: "".join(r() for r in renderers))
+        address = metrics.listen_address(self.cfg.metrics_address, self.node_ip)
+        for collector in (*cni_metrics.COLLECTORS, *ipam_metrics.COLLECTORS, *conntrack.COLLECTORS):
+            metrics.register(collector)  # process-wide: moved by the CNI handler, IPAM and conntrack cleanup
+        self.metrics_collector = AgentMetrics(self)
+        metrics.register(self.metrics_collector)
+        self.metrics_server = metrics.MetricsServer(address, self.cfg.metrics_port, ready=self.not_ready).start()
+
+    def _stop_metrics(self) -> None:
+        if self.metrics_collector is not None:
+            from podnet import metrics
+
+            metrics.unregister(self.metrics_collector)
+            self.metrics_collector = None
+
+    def not_ready(self) -> str | None:
+        """None when ready (/readyz answers 200), else why not."""
+        why = self.ready()
+        return why[1] if why else None
 
     def ready(self) -> tuple[int, str] | None:
         if not self.synced.is_set():
+            if self.node_ip is None:
+                return 50, f"podnet agent on {self.cfg.node} waits for Node {self.cfg.node} and its InternalIP"
             return 50, f"podnet agent on {self.cfg.node} has not programmed the node yet"
         errors = {name: w.error for name, w in self.workers.items() if w.error}
         if errors:

@@ -40,7 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="resolver for names outside the cluster domain (repeatable)")
     p.add_argument("--cluster-domain", default=None,
                    help="default: the cluster's, from the store, else cluster.local")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics (/metrics), /healthz and /readyz on this port")
+    p.add_argument("--metrics-address", default=None, metavar="IP",
+                   help="address of the metrics listener (default: the node's address; 0.0.0.0 listens on every "
+                        "address, only when given here)")
+    p.add_argument("--metrics-kube-proxy-names", action="store_true",
+                   help="expose the Service proxy's sync metrics under kube-proxy's names "
+                        "(kubeproxy_sync_proxy_rules_duration_seconds, ...) for dashboards built for kube-proxy")
     p.add_argument("--instance-id", default=None,
                    help="ENI pools: this node's cloud instance (default: from the Node's spec.providerID)")
     p.add_argument("--cloud-endpoint", default=None, metavar="URL",
@@ -85,5 +92,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       dns_server=args.dns_server,
                       dns_upstreams=[_dns_upstream(u) for u in args.dns_upstream],
                       cluster_domain=cluster_domain, metrics_port=args.metrics_port,
+                      metrics_address=args.metrics_address, metrics_kube_proxy_names=args.metrics_kube_proxy_names,
                       cloud_instance_id=args.instance_id, cloud_endpoint=args.cloud_endpoint)
     return run_agent(cfg)

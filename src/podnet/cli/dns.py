@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-size", type=int, default=10_000, help="external answers cached (default %(default)s)")
     p.add_argument("--ready-file", help="written (JSON: pid, addresses, revision) once it listens")
     p.add_argument("--synced-file", help="the store revision its answers reflect, rewritten as it follows")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics (/metrics), /healthz and /readyz on this port")
+    p.add_argument("--metrics-address", default=None, metavar="IP",
+                   help="address of the metrics listener (default 127.0.0.1; 0.0.0.0 listens on every address, "
+                        "only when given here)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
 
@@ -56,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         addresses=(args.dns_address, *args.cluster_dns_ip), port=args.port,
                         upstreams=[_upstream(u) for u in args.dns_upstream], cluster_domain=args.cluster_domain,
                         host_search=resolvconf.host_search_domains(), cache_size=args.cache_size,
-                        ready_file=args.ready_file, synced_file=args.synced_file)
+                        ready_file=args.ready_file, synced_file=args.synced_file,
+                        metrics_port=args.metrics_port, metrics_address=args.metrics_address)
     node_dns = NodeDns(cfg)
     signal.signal(signal.SIGTERM, node_dns.stop)
     signal.signal(signal.SIGINT, node_dns.stop)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from podnet.cni import metrics as cni_metrics
 from podnet.cni.commands import Commands, Dataplane
 from podnet.cni.errors import CNIError
 from podnet.cni.netns import netns_problem
@@ -132,7 +133,9 @@ class CNIHandler(Commands):
             log.exception("CNI %s %s: internal error", command, handle)
             code = E_INTERNAL
             output = error_output(E_INTERNAL, f"podnet agent internal error: {type(e).__name__}: {e}", "", version)
-        elapsed = (time.monotonic() - started) * 1000
+        seconds = time.monotonic() - started
+        cni_metrics.observe(command, code, seconds)
+        elapsed = seconds * 1000
         if code:
             log.info("CNI %s %s: code %d in %.1f ms: %s", command, handle, code, elapsed, output)
         else:

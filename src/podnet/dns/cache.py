@@ -23,7 +23,7 @@ from podnet.dns.wire import CD, NOERROR, NXDOMAIN, OPT, QR, RA, RD, SOA, TC
 class CacheEntry:
     __slots__ = ("rcode", "sections", "template", "ttl_offsets", "ttls", "stored", "expires", "ttl",
                  "hits", "second", "body", "hdrs", "valid_until", "fresh_until", "prefetching", "counts", "fast",
-                 "lru", "key")
+                 "lru", "key", "stat")
 
     def __init__(self, rcode: int, sections: tuple[list, list, list], ttl: int, now: float, prefetch_window: float):
         self.rcode = rcode
@@ -45,6 +45,7 @@ class CacheEntry:
         self.fast = True  # whether the fast path may serve it (see server.fast_safe)
         self.lru: OrderedDict | None = None  # the cache holding it, to refresh its recency
         self.key = b""
+        self.stat = 0  # where the fast path counts an answer from it (wire.answer_stat), set with its key
 
     def render(self, qname: bytes, now: float) -> bytes:
         """The sections with TTLs as of ``now``; the result is reused within the same second."""
@@ -162,6 +163,7 @@ class ResponseCache:
 
     def put(self, key: bytes, entry: CacheEntry) -> None:
         entry.lru, entry.key = self.entries, key
+        entry.stat = wire.answer_stat(entry.rcode, key[-4:])
         self.entries[key] = entry
         self.entries.move_to_end(key)
         while len(self.entries) > self.max_entries:

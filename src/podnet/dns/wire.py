@@ -45,6 +45,12 @@ class WireError(ValueError):
 # ---------------------------------------------------------------- names
 
 
+def answer_stat(rcode: int, typeclass: bytes) -> int:
+    """Where an answer is counted for the metrics (dns/server/metrics.py): rcode << 8 | the
+    question's type, from the question's type and class bytes (types above 255 at 0)."""
+    return (rcode & 15) << 8 | (0 if typeclass[0] else typeclass[1])
+
+
 def name_to_wire(text: str) -> bytes:
     """'a.b.c' or 'a.b.c.' -> b'\\x01a\\x01b\\x01c\\x00'. '' and '.' are the root."""
     text = text.rstrip(".") if text not in ("", ".") else ""

@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import quote
 
 from podnet.ipam import block as blk
-from podnet.ipam import keys
+from podnet.ipam import keys, metrics
 from podnet.ipam.errors import AddressUnavailable, IPAMError, IPAMExhausted, NoPool, TooManyConflicts
 from podnet.ipam.selection import (
     WORKLOAD,
@@ -197,6 +197,23 @@ class IPAM:
         `use`: what the address is for; pools must allow it (Attachment: an additional
         network's address, podnet-ipam, from the named `pools` only).
         """
+        started = time.monotonic()
+        try:
+            alloc = self._allocate(handle, node, namespace=namespace, pod=pod, pools=pools, address=address, use=use)
+        except IPAMExhausted as e:
+            metrics.FAILURES.labels("exhausted").inc()
+            for pool in e.pools or [""]:
+                metrics.EXHAUSTED.labels(pool).inc()
+            raise
+        except Exception as e:
+            metrics.FAILURES.labels(_failure(e)).inc()
+            raise
+        metrics.ALLOCATIONS.labels(alloc.pool).inc()
+        metrics.DURATION.observe(time.monotonic() - started)
+        return alloc
+
+    def _allocate(self, handle: str, node: str, *, namespace: str | None, pod: str | None,
+                  pools: list[str] | None, address: str | None, use: str) -> Allocation:
         if not handle:
             raise IPAMError("allocate needs a handle")
         if not node:
@@ -273,6 +290,8 @@ class IPAM:
                     self._blocks.pop(cidr, None)
                 else:
                     self._remember(Record(rec.key, new, rev, rec.create_revision))
+            if freed:
+                metrics.RELEASES.inc(len(freed))
             return freed
         raise TooManyConflicts(f"release of handle {handle}: gave up after {RETRIES} conflicting attempts")
 
@@ -553,6 +572,7 @@ class IPAM:
         rec = Record(bkey, value, rev, rev)
         self._remember(rec)
         self._last[node] = cidr
+        metrics.BLOCKS_CLAIMED.labels(pool.name).inc()
         return rec, ordinal
 
     def _borrow(self, req: _Request, snap: Snapshot, pools: Sequence[IPPool], reasons: list[str]) -> Allocation | None:
@@ -803,7 +823,19 @@ class IPAM:
 
     def _backoff(self, attempt: int) -> None:
         self.conflicts += 1
+        metrics.CONFLICTS.inc()
         time.sleep(self._rng.uniform(0, min(0.001 * (attempt + 1), 0.05)))
+
+
+def _failure(e: Exception) -> str:
+    """The reason label of a failed allocation (podnet_ipam_allocation_failures_total)."""
+    if isinstance(e, TooManyConflicts):
+        return "conflicts"
+    if isinstance(e, AddressUnavailable):
+        return "unavailable"
+    if isinstance(e, NoPool):
+        return "no_pool"
+    return "error"
 
 
 def _pool_full(pool: IPPool, snap: Snapshot) -> str:

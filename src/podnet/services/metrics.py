@@ -1,20 +1,33 @@
-"""The kube-proxy sync metrics, in Prometheus text exposition format (no dependency).
+"""The Service proxy's sync metrics (prometheus_client), under podnet's names or kube-proxy's.
 
     metrics = ServiceMetrics()
     metrics.record_sync(seconds)                       # each sync that ran
     metrics.record_network_programming(slices, now)    # after a sync that applied changes
     metrics.observe_programming({slice: trigger_time}) # the same, for changes already known to be new
-    text = metrics.render()                            # serve as text/plain; version=0.0.4
+    metrics.collect(kube_proxy_names=True)             # the families (the agent registers a collector)
+
+The values are kept once; the names are chosen when they are collected. podnet's
+(default) and kube-proxy's, which dashboards built for kube-proxy look for
+(`podnet agent --metrics-kube-proxy-names`):
+
+    podnet_service_sync_duration_seconds                kubeproxy_sync_proxy_rules_duration_seconds
+    podnet_service_sync_last_timestamp_seconds          kubeproxy_sync_proxy_rules_last_timestamp_seconds
+    podnet_service_network_programming_duration_seconds kubeproxy_network_programming_duration_seconds
+    podnet_service_sync_failures_total                  kubeproxy_sync_proxy_rules_nftables_sync_failures_total
+                                                        (iptables proxy: ..._iptables_restore_failures_total)
+    podnet_service_elements_changed_total               (podnet's own, under either choice)
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+
+from podnet.metrics import renamed, text
 from podnet.model.objects import EndpointSlice
 
 # kube-proxy: metrics.ExponentialBuckets(0.001, 2, 15)
@@ -24,54 +37,17 @@ PROGRAMMING_BUCKETS = tuple(
     [0.25, 0.5] + [float(i) for i in range(1, 60)] + [60.0 + 5 * i for i in range(12)] + [120.0 + 30 * i for i in range(7)]
 )
 TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
-PREFIX = ""  # pass "kubeproxy_" for the names dashboards built for kube-proxy look for
 
-
-def _fmt(v: float) -> str:
-    return "+Inf" if math.isinf(v) else repr(float(v))
-
-
-class Histogram:
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float]):
-        self.name, self.help = name, help_text
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * len(self.buckets)
-        self.count = 0
-        self.sum = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            self.count += 1
-            self.sum += value
-            for i, b in enumerate(self.buckets):
-                if value <= b:
-                    self.counts[i] += 1
-
-    def render(self) -> str:
-        with self._lock:
-            lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-            for b, c in zip(self.buckets, self.counts, strict=True):
-                lines.append(f'{self.name}_bucket{{le="{_fmt(b)}"}} {c}')
-            lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-            lines.append(f"{self.name}_sum {_fmt(self.sum)}")
-            lines.append(f"{self.name}_count {self.count}")
-        return "\n".join(lines) + "\n"
-
-
-class Gauge:
-    def __init__(self, name: str, help_text: str, kind: str = "gauge"):
-        self.name, self.help, self.kind = name, help_text, kind
-        self.value = 0.0
-
-    def set(self, v: float) -> None:
-        self.value = v
-
-    def inc(self, v: float = 1.0) -> None:
-        self.value += v
-
-    def render(self) -> str:
-        return f"# HELP {self.name} {self.help}\n# TYPE {self.name} {self.kind}\n{self.name} {_fmt(self.value)}\n"
+# podnet's name -> kube-proxy's (None: kept as podnet's); failures depend on the proxy
+KUBE_PROXY_NAMES = {
+    "podnet_service_sync_duration_seconds": "kubeproxy_sync_proxy_rules_duration_seconds",
+    "podnet_service_sync_last_timestamp_seconds": "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    "podnet_service_network_programming_duration_seconds": "kubeproxy_network_programming_duration_seconds",
+    "podnet_service_sync_failures": None,
+    "podnet_service_elements_changed": None,
+}
+KUBE_PROXY_FAILURES = {"nftables": "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                       "iptables": "kubeproxy_sync_proxy_rules_iptables_restore_failures"}
 
 
 def trigger_times(slices: Iterable[EndpointSlice]) -> list[float]:
@@ -89,18 +65,20 @@ def trigger_times(slices: Iterable[EndpointSlice]) -> list[float]:
 
 
 class ServiceMetrics:
-    def __init__(self, prefix: str = PREFIX):
-        self.sync_duration = Histogram(
-            f"{prefix}sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", SYNC_BUCKETS)
-        self.programming = Histogram(
-            f"{prefix}network_programming_duration_seconds",
-            "In Cluster Network Programming Latency in seconds", PROGRAMMING_BUCKETS)
-        self.last_sync = Gauge(f"{prefix}sync_proxy_rules_last_timestamp_seconds",
-                               "The last time proxy rules were successfully synced")
-        self.failures = Gauge(f"{prefix}sync_proxy_rules_nftables_failures_total",
-                              "Failed nftables transactions", "counter")
-        self.elements_changed = Gauge(f"{prefix}sync_proxy_rules_elements_changed_total",
-                                      "Map and set elements added or removed", "counter")
+    def __init__(self, proxy: str = "nftables"):
+        self.proxy = proxy  # which failure counter kube-proxy's names use (the collector may say)
+        self.sync_duration = Histogram("podnet_service_sync_duration_seconds",
+                                       "SyncProxyRules latency in seconds", buckets=SYNC_BUCKETS, registry=None)
+        self.programming = Histogram("podnet_service_network_programming_duration_seconds",
+                                     "In Cluster Network Programming Latency in seconds",
+                                     buckets=PROGRAMMING_BUCKETS, registry=None)
+        self.last_sync = Gauge("podnet_service_sync_last_timestamp_seconds",
+                               "The last time proxy rules were successfully synced", registry=None)
+        self.failures = Counter("podnet_service_sync_failures", "Failed kernel transactions of the Service proxy",
+                                registry=None)
+        self.elements_changed = Counter("podnet_service_elements_changed",
+                                        "Map and set elements (nftables) or rules (iptables) added or removed",
+                                        registry=None)
         self._seen: dict[str, float] = {}  # slice -> trigger time already observed
 
     def record_sync(self, seconds: float, ok: bool = True, changed: int = 0, now: float | None = None) -> None:
@@ -109,7 +87,8 @@ class ServiceMetrics:
             self.last_sync.set(now if now is not None else time.time())
         else:
             self.failures.inc()
-        self.elements_changed.inc(changed)
+        if changed:
+            self.elements_changed.inc(changed)
 
     def record_network_programming(self, slices: Iterable[EndpointSlice], now: float | None = None) -> int:
         """Observe now - trigger time once per new EndpointSlice change; returns how many."""
@@ -138,6 +117,36 @@ class ServiceMetrics:
             self.programming.observe(max(0.0, now - t))
         return len(triggers)
 
-    def render(self) -> str:
-        return "".join(m.render() for m in (self.sync_duration, self.programming, self.last_sync,
-                                               self.failures, self.elements_changed))
+    # a prometheus_client collector
+    def describe(self) -> list:
+        return []
+
+    def collect(self, kube_proxy_names: bool = False, proxy: str | None = None) -> Iterator[Metric]:
+        for m in (self.sync_duration, self.programming, self.last_sync, self.failures, self.elements_changed):
+            for family in m.collect():
+                if kube_proxy_names:
+                    name = KUBE_PROXY_NAMES.get(family.name)
+                    if family.name == "podnet_service_sync_failures":
+                        name = KUBE_PROXY_FAILURES.get(proxy or self.proxy, KUBE_PROXY_FAILURES["nftables"])
+                    if name:
+                        family = renamed(family, name)
+                yield family
+
+    def collector(self, kube_proxy_names: bool = False, proxy: str | None = None) -> ServiceMetricsCollector:
+        return ServiceMetricsCollector(self, kube_proxy_names, proxy)
+
+    def render(self, kube_proxy_names: bool = False, proxy: str | None = None) -> str:
+        return text([self.collector(kube_proxy_names, proxy)])
+
+
+class ServiceMetricsCollector:
+    """The Service metrics under the chosen names, as a collector of its own."""
+
+    def __init__(self, metrics: ServiceMetrics, kube_proxy_names: bool, proxy: str | None = None):
+        self.metrics, self.kube_proxy_names, self.proxy = metrics, kube_proxy_names, proxy
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        return self.metrics.collect(self.kube_proxy_names, self.proxy)

@@ -159,6 +159,7 @@ class Autopath:
         # records with absolute owners, except the CNAME (owned by the question)
         composed = CacheEntry(NOERROR, (answer, list(res.authority), list(res.additional)), int(life), now, 0.0)
         composed.fast = fast_safe(q.key[-4:])  # the fast path serves it only after _autopath_ready
+        composed.stat = wire.answer_stat(NOERROR, q.key[-4:])
         composed.render(q.lname, now)
         if len(self._ap_cache) >= self.cache.max_entries:
             self._ap_cache.clear()

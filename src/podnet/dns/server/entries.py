@@ -42,6 +42,7 @@ class ZoneEntry:
     body: bytes  # the sections after the question, compressed against the lower-case name
     extra: bytes | str | None  # CHASE: the CNAME target to resolve; AUTOPATH: the namespace whose pods search
     meta: Counts
+    stat: int = 0  # where the fast path counts an answer from it (wire.answer_stat)
 
 
 _SHARED: dict[tuple, tuple] = {}  # identical headers / counts are shared between cached entries
@@ -65,8 +66,9 @@ def entry_from_answer(ans: Answer, lname: bytes, typeclass: bytes) -> ZoneEntry:
                                  ar + (1 if i & 4 else 0)) for i in range(8))
         _SHARED[("hdrs", *meta)] = hdrs
     slow = 0 if fast_safe(typeclass) else SLOW_ONLY
+    stat = wire.answer_stat(ans.rcode, typeclass)
     if ans.chase is not None:
-        return ZoneEntry(CHASE + slow, hdrs, body, ans.chase, meta)
+        return ZoneEntry(CHASE + slow, hdrs, body, ans.chase, meta, stat)
     if ans.rcode == NXDOMAIN and ans.autopath_ns is not None:
-        return ZoneEntry(AUTOPATH + slow, hdrs, body, ans.autopath_ns, meta)
-    return ZoneEntry(FINAL + slow, hdrs, body, None, meta)
+        return ZoneEntry(AUTOPATH + slow, hdrs, body, ans.autopath_ns, meta, stat)
+    return ZoneEntry(FINAL + slow, hdrs, body, None, meta, stat)

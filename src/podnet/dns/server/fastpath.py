@@ -25,7 +25,7 @@ from podnet.dns.cache import ResponseCache
 from podnet.dns.index import ClusterIndex
 from podnet.dns.server.autopath import Autopath, Composed
 from podnet.dns.server.entries import AUTOPATH, FINAL, OPT_DO, OPT_PLAIN
-from podnet.dns.server.query import error_reply
+from podnet.dns.server.query import error_reply, question_type
 from podnet.dns.server.slowpath import SlowPath
 from podnet.dns.upstream import UpstreamPool
 from podnet.dns.wire import SERVFAIL
@@ -68,6 +68,13 @@ class DNSServer(SlowPath, Autopath):
         self.stats: dict[str, int] = dict.fromkeys(
             ("udp", "tcp", "fast", "slow", "fallback", "formerr", "dropped", "autopath", "autopath_miss",
              "forwarded", "cache_hits", "servfail", "truncated", "prefetches", "errors"), 0)
+        # Answers by rcode and question type, for the metrics (metrics.py reads them when
+        # scraped): the fast path adds 1 at its entry's stat, rcode << 8 | type (types above
+        # 255 at type 0; wire.answer_stat), for answers from the zone or from the upstream
+        # cache; the slow path counts by (type, rcode).
+        self.fast_zone = [0] * (16 << 8)
+        self.fast_cached = [0] * (16 << 8)
+        self.slow_answers: dict[tuple[int, int], int] = {}
         self.addresses: list[tuple[str, int]] = []  # bound (host, port), UDP and TCP alike
         self._socks: list[socket.socket] = []
         self._tcp_servers: list[asyncio.AbstractServer] = []
@@ -219,7 +226,9 @@ class DNSServer(SlowPath, Autopath):
         external = self.cache.entries
         max_udp = self.max_udp_size
         autopath_ready = self._autopath_ready
-        served = 0
+        zone, cached = self.fast_zone, self.fast_cached  # fast answers, at their entry's stat
+        stats = self.stats
+        slow = stats["slow"]
         received = 0
         try:
             for _ in range(512):
@@ -244,8 +253,8 @@ class DNSServer(SlowPath, Autopath):
                                     resp = b"".join((data[:2], e.hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
                                                      data[12:], e.body))
                                     if len(resp) <= 512:
+                                        zone[e.stat] += 1  # counted first: a client that has its answer sees it
                                         sendto(resp, addr)
-                                        served += 1
                                         continue
                                 elif e.kind == AUTOPATH:  # a local pod's search: a composed answer?
                                     c = autopath_ready(key, e)
@@ -253,8 +262,8 @@ class DNSServer(SlowPath, Autopath):
                                         resp = b"".join((data[:2], c.hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
                                                          data[12:], c.body))
                                         if len(resp) <= 512:
+                                            zone[c.stat] += 1
                                             sendto(resp, addr)
-                                            served += 1
                                             continue
                             else:
                                 x = external.get(key)
@@ -262,8 +271,8 @@ class DNSServer(SlowPath, Autopath):
                                     resp = b"".join((data[:2], x.hdrs[(data[2] & 1) | ((data[3] >> 3) & 2)],
                                                      data[12:], x.body))
                                     if len(resp) <= 512:
+                                        cached[x.stat] += 1
                                         sendto(resp, addr)
-                                        served += 1
                                         continue
                         elif data[10:12] == b"\x00\x01":
                             end = data.find(0, 12)
@@ -278,31 +287,31 @@ class DNSServer(SlowPath, Autopath):
                                 if e is not None:
                                     if e.kind == FINAL or (e.kind == AUTOPATH and (
                                             not autopath or local_pods.get(addr[0]) != e.extra)):
-                                        hdrs, body = e.hdrs, e.body
+                                        hdrs, body, counts, stat = e.hdrs, e.body, zone, e.stat
                                     elif e.kind == AUTOPATH:
                                         c = autopath_ready(key, e)
                                         if c is not None:
-                                            hdrs, body = c.hdrs, c.body
+                                            hdrs, body, counts, stat = c.hdrs, c.body, zone, c.stat
                                 else:
                                     x = external.get(key)
                                     if x is not None and (monotonic() < x.valid_until or x.retick(monotonic())):
-                                        hdrs, body = x.hdrs, x.body
+                                        hdrs, body, counts, stat = x.hdrs, x.body, cached, x.stat
                                 if hdrs is not None:
                                     resp = b"".join((data[:2], hdrs[4 | (data[2] & 1) | ((data[3] >> 3) & 2)],
                                                      data[12:qend], body,
                                                      OPT_DO if data[qend + 7] & 0x80 else OPT_PLAIN))
                                     size = (data[qend + 3] << 8) | data[qend + 4]
                                     if len(resp) <= (512 if size < 512 else size if size < max_udp else max_udp):
+                                        counts[stat] += 1
                                         sendto(resp, addr)
-                                        served += 1
                                         continue
                 except Exception:  # noqa: BLE001 - the slow path decides what this packet gets
                     pass
                 self._udp_slow(data, addr, sendto)
         finally:
-            stats = self.stats
+            # every packet received was answered by the fast path or went to the slow one
             stats["udp"] += received
-            stats["fast"] += served
+            stats["fast"] += received - (stats["slow"] - slow)
 
     def _udp_slow(self, data: bytes, addr, sendto) -> None:
         self.stats["slow"] += 1
@@ -315,6 +324,7 @@ class DNSServer(SlowPath, Autopath):
         if out is None:
             return
         if isinstance(out, bytes):
+            self._count_answer(out)
             with contextlib.suppress(OSError):
                 sendto(out, addr)
             return
@@ -329,10 +339,16 @@ class DNSServer(SlowPath, Autopath):
                 return
             res = task.result()
             if res is not None:
+                self._count_answer(res)
                 with contextlib.suppress(OSError):
                     sendto(res, addr)
 
         self._spawn(out).add_done_callback(done)
+
+    def _count_answer(self, msg: bytes) -> None:
+        """Count an answer of the slow path (or TCP) by question type and rcode."""
+        key = (question_type(msg), msg[3] & 15 if len(msg) > 3 else 2)
+        self.slow_answers[key] = self.slow_answers.get(key, 0) + 1
 
     # ------------------------------------------------------------ TCP
 
@@ -363,6 +379,7 @@ class DNSServer(SlowPath, Autopath):
                 if out is None:
                     continue
                 if isinstance(out, bytes):
+                    self._count_answer(out)
                     send(out)
                     continue
                 task = self._spawn(out)
@@ -371,6 +388,7 @@ class DNSServer(SlowPath, Autopath):
                 def done(t: asyncio.Task) -> None:
                     pending.discard(t)
                     if not t.cancelled() and t.exception() is None and t.result() is not None:
+                        self._count_answer(t.result())
                         send(t.result())
 
                 task.add_done_callback(done)

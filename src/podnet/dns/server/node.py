@@ -15,6 +15,8 @@ a second container of the agent's DaemonSet would):
   process can take over before the old one stops;
 - `--ready-file` is written once it listens (JSON: pid, addresses, store revision);
   `--synced-file` holds the store revision its index has reached, after every change;
+- `--metrics-port`: /metrics (podnet_dns_*, process_*), /healthz and /readyz (200 once it
+  answers) on 127.0.0.1, or `--metrics-address`;
 - SIGTERM or SIGINT: it stops listening, ends its watch and closes its store connections.
 """
 
@@ -59,6 +61,8 @@ class NodeDnsConfig:
     cache_size: int = 10_000
     ready_file: str | None = None
     synced_file: str | None = None
+    metrics_port: int | None = None  # /metrics, /healthz and /readyz (None: no listener)
+    metrics_address: str | None = None  # None: 127.0.0.1
 
 
 class NodeDns:
@@ -72,10 +76,13 @@ class NodeDns:
         self._watcher: threading.Thread | None = None
         self._synced_lock = threading.Lock()
         self._synced = -1
+        self.metrics_server = None
+        self._collector = None
 
     def run(self) -> None:
         """Serve until stop(); whatever was started is stopped again, also on an error."""
         try:
+            self._start_metrics()
             rev = self._first_list()
             if rev is None:
                 return  # stopped before the store answered
@@ -86,6 +93,22 @@ class NodeDns:
 
     def stop(self, *_: object) -> None:
         self.stopping.set()
+
+    def not_ready(self) -> str | None:
+        """None once it answers (/readyz 200), else why not."""
+        if self.server is None:
+            return "listing the store before answering"
+        if self.stopping.is_set():
+            return "stopping"
+        return None
+
+    def _start_metrics(self) -> None:
+        if self.cfg.metrics_port is None:
+            return
+        from podnet import metrics
+
+        self.metrics_server = metrics.MetricsServer(metrics.listen_address(self.cfg.metrics_address, None),
+                                                    self.cfg.metrics_port, ready=self.not_ready).start()
 
     # -- start
 
@@ -126,6 +149,12 @@ class NodeDns:
                                 upstreams=self.cfg.upstreams, host_search=self.cfg.host_search,
                                 cache_size=self.cfg.cache_size, freebind=True, reuse_port=True)
         self.server.start_thread()
+        if self.metrics_server is not None:
+            from podnet import metrics
+            from podnet.dns.server.metrics import DnsMetrics
+
+            self._collector = DnsMetrics(self.server)
+            metrics.register(self._collector)
         log.info("serving DNS for %s on %s port %d", self.index.zone, ", ".join(self.cfg.addresses), self.cfg.port)
         kv = self.kv
         self._watcher = threading.Thread(target=self.follower.watch, args=(lambda: reopen(kv), rev + 1),
@@ -158,6 +187,13 @@ class NodeDns:
 
     def shutdown(self) -> None:
         self.stopping.set()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        if self._collector is not None:
+            from podnet import metrics
+
+            metrics.unregister(self._collector)
+            self._collector = None
         if self.server is not None:
             self.server.stop_thread()
         if self.follower is not None:

@@ -88,3 +88,20 @@ def fast_safe(typeclass: bytes) -> bool:
     """
     return typeclass.lower() == typeclass.upper()
 
+
+
+def question_type(msg: bytes) -> int:
+    """The question type of a DNS message with one question; 0 when it has none or its
+    question cannot be read (for counting answers, not for answering)."""
+    n = len(msg)
+    if n < 17 or msg[4:6] != b"\x00\x01":
+        return 0
+    i = 12
+    while i < n:
+        length = msg[i]
+        if length == 0:
+            return (msg[i + 1] << 8) | msg[i + 2] if i + 2 < n else 0
+        if length & 0xC0:  # a compression pointer: not in a question we answer
+            return 0
+        i += length + 1
+    return 0
