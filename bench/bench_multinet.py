@@ -30,6 +30,8 @@ import threading
 import time
 import uuid
 
+from common import pct, sh  # bench/common.py (bench/ is the script's directory)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
@@ -167,20 +169,6 @@ def driver(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- orchestration (root namespace)
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
-    return proc
-
-
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))] * 1000
 
 
 def main() -> int:
