@@ -41,7 +41,7 @@ from podnet.dns.wire import AAAA, ANY, CNAME, IN, NS, NXDOMAIN, PTR, SOA, SRV, T
 from podnet.model.addresses import packed_ip
 from podnet.model.objects import EndpointSlice, KubeObject, Namespace, Pod, Service
 from podnet.model.records import SliceRecord, slice_record_of
-from podnet.policy.model import PodInfo
+from podnet.policy.model import PodInfo, pod_info
 from podnet.store.objects import split_object_key
 
 SCHEMA_VERSION = "1.1.0"
@@ -434,13 +434,8 @@ class ClusterIndex:
     # -- pods and namespaces
 
     def _apply_pod(self, pod: Pod) -> None:
-        ips: tuple[str, ...] = ()
-        if not pod.spec.host_network:
-            if pod.status.pod_ips:
-                ips = tuple(p.ip for p in pod.status.pod_ips)
-            elif pod.status.pod_ip:
-                ips = (pod.status.pod_ip,)
-        self._set_pod_ips(pod.namespace or "default", pod.name, ips, pod.spec.node_name)
+        info = pod_info(pod)  # the one reading of a model Pod's addresses
+        self._set_pod_ips(info.namespace, info.name, info.ips, info.node, info.key)
 
     def _set_pod_ips(self, ns: str, name: str, ips: tuple[str, ...], node: str | None,
                      key: str | None = None) -> None:
