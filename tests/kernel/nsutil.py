@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,3 +53,34 @@ def namespaces() -> Iterator[Namespaces]:
         yield ns
     finally:
         ns.cleanup()
+
+
+class NsDriver:
+    """A Python program (`code`, with `args`) kept alive in a namespace and spoken to in JSON
+    lines: one request, one answer; an answer with "error" fails the test."""
+
+    def __init__(self, ns: str, code: str, *args: str, close_timeout: float = 10):
+        self.ns = ns
+        self.close_timeout = close_timeout
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, "-c", code, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ask(self, **cmd) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"driver died: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        out = json.loads(line)
+        assert "error" not in out, out["error"]
+        return out
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=self.close_timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

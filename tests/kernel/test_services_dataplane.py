@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from tests.kernel.nsutil import PYTHON, in_ns, namespaces, py_in, sh
+from tests.kernel.nsutil import PYTHON, NsDriver, in_ns, namespaces, py_in, sh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -140,34 +140,15 @@ print(json.dumps(out))
 """
 
 
-class Node:
+class Node(NsDriver):
     """The Service applier, alive in the node namespace between syncs."""
 
     def __init__(self, ns: str, backend: str = "nft"):
-        self.ns, self.backend = ns, backend
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, "-c", DRIVER, backend], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        super().__init__(ns, DRIVER, backend, close_timeout=5)
+        self.backend = backend
 
     def apply(self, objects: list[dict], **kw) -> dict:
-        cmd = {"objects": objects, "node_ips": NODE_IPS, "service_cidrs": [SERVICE_CIDR], **kw}
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"driver died: {self.proc.stderr.read() if self.proc.stderr else ''}")
-        out = json.loads(line)
-        assert "error" not in out, out["error"]
-        return out
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        return self.ask(objects=objects, node_ips=NODE_IPS, service_cidrs=[SERVICE_CIDR], **kw)
 
 
 class Topology:

@@ -23,7 +23,7 @@ from collections import Counter
 
 import pytest
 
-from tests.kernel.nsutil import PYTHON, in_ns, namespaces, sh
+from tests.kernel.nsutil import PYTHON, NsDriver, in_ns, namespaces, sh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -123,31 +123,9 @@ def slice_(svc: str, index: int, ips: list[str], version: int = 1) -> dict:
             "endpoints": [{"addresses": [ip], "nodeName": "n2"} for ip in ips]}
 
 
-class Node:
+class Node(NsDriver):
     def __init__(self, ns: str, proxy: str = "nftables"):
-        self.ns = ns
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, "-c", DRIVER, proxy],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def ask(self, **cmd) -> dict:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"driver died: {self.proc.stderr.read() if self.proc.stderr else ''}")
-        out = json.loads(line)
-        assert "error" not in out, out["error"]
-        return out
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(ns, DRIVER, proxy)
 
 
 class Topology:
