@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ from podnet.lab.runtime import CniRuntime, RuntimeConf, k8s_args  # noqa: E402
 from podnet.model.objects import IPPool  # noqa: E402
 from podnet.store import open_store  # noqa: E402
 from podnet.store.objects import ObjectStore  # noqa: E402
-from tests.kernel.nsutil import in_ns, namespaces  # noqa: E402
+from tests.kernel.nsutil import in_ns, namespaces, stop  # noqa: E402
 
 REFERENCE = "/usr/lib/cni"
 NODE = "node-1"
@@ -111,14 +110,7 @@ def lab(tmp_path):
         try:
             yield lab
         finally:
-            for p in reversed(procs):
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-                    try:
-                        p.wait(10)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+            stop(procs)
             kv.close()
 
 

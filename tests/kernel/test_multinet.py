@@ -38,7 +38,7 @@ from podnet.model.objects import IPPool, NetworkAttachmentDefinition, Pod  # noq
 from podnet.multinet import ANNOTATION_NETWORKS, ANNOTATION_STATUS  # noqa: E402
 from podnet.store import open_store  # noqa: E402
 from podnet.store.objects import ObjectStore  # noqa: E402
-from tests.kernel.nsutil import in_ns, namespaces  # noqa: E402
+from tests.kernel.nsutil import in_ns, namespaces, stop  # noqa: E402
 
 REFERENCE = "/usr/lib/cni"
 NETWORK = "podnet"
@@ -149,14 +149,7 @@ def lab(tmp_path):
         try:
             yield lab
         finally:
-            for p in reversed(procs):
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-                    try:
-                        p.wait(10)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+            stop(procs)
             kv.close()
 
 
