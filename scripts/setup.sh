@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything podnet uses on a fresh Debian machine (run as root):
 # the kernel tools, etcd, BIRD, the reference CNI plugins, DNS and traffic tools,
-# a C compiler for the CNI plugin, and a virtualenv with podnet installed in it.
+# a C compiler for the CNI plugin, clang for the eBPF programs, and a virtualenv with podnet installed in it.
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ APT_PACKAGES=(
   iperf3 socat iputils-ping procps             # traffic and process tools
   bind9                                        # external DNS server (RFC 2136 target of `podnet external-dns`)
   gcc libc6-dev                                # the CNI plugin, linked statically (libc.a)
+  clang libbpf-dev bpftool                     # the eBPF dataplane: programs built for the BPF target
 )
 
 # kubectl: a real client the fake API server of the tests is proven with (tests/kube).
