@@ -238,3 +238,14 @@ def test_conntrack_sizing_is_applied_when_configured_and_a_read_only_value_is_on
     missing = str(tmp_path / "absent" / "nf_conntrack_max")
     assert size_conntrack(ConntrackSizing(max_per_core=32768), missing) is None
     assert "cannot raise nf_conntrack_max" in caplog.text
+
+
+def test_a_node_address_inside_the_service_cidr_is_said_at_start_with_the_fix(caplog):
+    with caplog.at_level("WARNING", logger="podnet.agent"):
+        ServiceDataplane("n1", "10.99.0.11", ("10.96.0.0/12",), applier=Applier(), health=Health())
+    (message,) = [r.getMessage() for r in caplog.records if "Service CIDR" in r.getMessage()]
+    assert "10.99.0.11" in message and "10.96.0.0/12" in message and "outside the Service CIDRs" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="podnet.agent"):
+        ServiceDataplane("n1", "192.168.0.11", ("10.96.0.0/12",), applier=Applier(), health=Health())
+    assert not [r for r in caplog.records if "Service CIDR" in r.getMessage()]

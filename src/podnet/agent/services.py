@@ -8,6 +8,7 @@ the inputs a whole list (after the watch history was compacted).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from collections.abc import Iterable
@@ -45,11 +46,30 @@ def size_conntrack(sizing: ConntrackSizing, path: str = CONNTRACK_MAX) -> int | 
     return written
 
 
+def warn_node_in_service_cidrs(node_ip: str, service_cidrs: tuple[str, ...]) -> str | None:
+    """The Service table drops traffic to addresses of the Service CIDRs that are no ClusterIP
+    (as kube-proxy does): a node address inside one is then unreachable on every port but its
+    NodePorts. Said once at start, with the fix, rather than found by a user's timeouts."""
+    try:
+        ip = ipaddress.ip_address(node_ip)
+        cidr = next((c for c in service_cidrs if ip in ipaddress.ip_network(c, strict=False)), None)
+    except ValueError:
+        return None
+    if cidr is None:
+        return None
+    message = (f"services: node address {node_ip} lies inside the Service CIDR {cidr}: traffic to it "
+               f"on other than NodePorts is dropped as traffic to an unused ClusterIP; give the nodes "
+               f"addresses outside the Service CIDRs (or the Services another CIDR)")
+    log.warning(message)
+    return message
+
+
 class ServiceDataplane(Dataplane):
     def __init__(self, node: str, node_ip: str, service_cidrs: tuple[str, ...], local_dns: tuple[str, ...] = (),
                  applier: ServiceApplier | None = None, health: HealthCheckServer | None = None,
                  proxy: str = "nftables"):
         self.metrics = ServiceMetrics()
+        warn_node_in_service_cidrs(node_ip, service_cidrs)
         self.compiler = ServiceCompiler(node, [node_ip], ServiceConfig(service_cidrs=service_cidrs,
                                                                        local_dns=local_dns))
         if applier is None:
