@@ -1,0 +1,310 @@
+// SPDX-License-Identifier: GPL-2.0
+/* NetworkPolicy at a pod's host-side veth: the policy compiler's state as maps
+ * (src/podnet/policy/ebpf/maps.py writes them, docs/ebpf.md "Policy" explains them).
+ *
+ *   from_pod  (tc ingress, prio 2, after Service DNAT): the pod's egress policy
+ *   to_pod    (tc egress,  prio 1, before reverse NAT): the pod's ingress policy
+ *
+ * podnet_pol_pods   every local pod's address -> its group per direction (0: open)
+ * podnet_pol_groups group -> (rule count, generation): the set of policies selecting a pod
+ * podnet_pol_rules  (group, generation, index) -> one rule: peer set x port match
+ * podnet_pol_peers  LPM trie (set, address/prefix): pod selectors and ipBlocks minus except
+ * podnet_pol_ports  (set, address, port): named ports resolved on their pods
+ * podnet_pol_flows  LRU (5-tuple, direction): connections a policy admitted, so their
+ *                   replies pass the other direction (our own table, not the kernel's
+ *                   conntrack: see docs/ebpf.md)
+ *
+ * Fails closed: a local address without an entry, a group without a header or a rule
+ * list with a hole drops the packet.
+ */
+#include "podnet_bpf.h"
+
+#define POL_INGRESS 0
+#define POL_EGRESS 1
+
+#define POL_ANY_PEER 0x01 /* the rule has no peer set: every peer */
+#define POL_ANY_PORT 0x02 /* no port match: every protocol and port */
+#define POL_RANGE 0x04    /* ports lo..hi of proto (neither flag: every port of proto) */
+#define POL_NAMED 0x08    /* destination address . port in port_set */
+
+#define POL_MAX_RULES 65536 /* bound of one group's rule walk */
+#define POL_TCP_IDLE_NS (6ULL * 3600 * 1000000000ULL)
+#define POL_OTHER_IDLE_NS (180ULL * 1000000000ULL)
+
+struct pol_pod {
+	__u64 group[2]; /* by POL_INGRESS / POL_EGRESS; 0: not isolated */
+};
+
+struct pol_group {
+	__u32 count;
+	__u32 gen;
+};
+
+struct pol_rule_key {
+	__u64 group;
+	__u32 gen;
+	__u32 index;
+};
+
+struct pol_rule {
+	__u64 peer_set;
+	__u64 port_set;
+	__u16 lo; /* host byte order */
+	__u16 hi;
+	__u8 proto;
+	__u8 flags;
+	__u16 pad;
+};
+
+struct pol_peer_key {
+	__u32 prefixlen; /* 64 (the set) + the prefix length of addr */
+	__u32 set_lo;
+	__u32 set_hi;
+	__u32 addr;
+};
+
+struct pol_port_key {
+	__u64 set;
+	__u32 addr;
+	__u16 port; /* network byte order, as in the packet */
+	__u16 pad;
+};
+
+struct pol_flow_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 dir; /* the direction whose policy admitted it */
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct pol_pod);
+} podnet_pol_pods SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct pol_group);
+} podnet_pol_groups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pol_rule_key);
+	__type(value, struct pol_rule);
+} podnet_pol_rules SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pol_peer_key);
+	__type(value, __u32);
+} podnet_pol_peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pol_port_key);
+	__type(value, __u32);
+} podnet_pol_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct pol_flow_key);
+	__type(value, __u64); /* last seen, ns since boot */
+} podnet_pol_flows SEC(".maps");
+
+struct pol_eval {
+	__u64 group;
+	__u32 gen;
+	__u32 peer;  /* the other end's address */
+	__u32 dst;   /* the destination's address: named ports resolve on it */
+	__u16 dport; /* network byte order */
+	__u8 proto;
+	__u8 allowed;
+};
+
+static __always_inline int pol_in_set(__u64 set, __u32 addr)
+{
+	struct pol_peer_key k = {
+		.prefixlen = 96, .set_lo = (__u32)set, .set_hi = (__u32)(set >> 32), .addr = addr,
+	};
+	return bpf_map_lookup_elem(&podnet_pol_peers, &k) != NULL;
+}
+
+static __always_inline int pol_rule_matches(const struct pol_rule *r, const struct pol_eval *e)
+{
+	if (!(r->flags & POL_ANY_PORT)) {
+		if (r->proto != e->proto)
+			return 0;
+		if (r->flags & POL_NAMED) {
+			struct pol_port_key pk = { .set = r->port_set, .addr = e->dst, .port = e->dport };
+
+			if (!bpf_map_lookup_elem(&podnet_pol_ports, &pk))
+				return 0;
+		} else if (r->flags & POL_RANGE) {
+			__u16 port = bpf_ntohs(e->dport);
+
+			if (port < r->lo || port > r->hi)
+				return 0;
+		}
+	}
+	if (!(r->flags & POL_ANY_PEER) && !pol_in_set(r->peer_set, e->peer))
+		return 0;
+	return 1;
+}
+
+static long pol_eval_rule(__u32 index, void *data)
+{
+	struct pol_eval *e = data;
+	struct pol_rule_key k = { .group = e->group, .gen = e->gen, .index = index };
+	struct pol_rule *r = bpf_map_lookup_elem(&podnet_pol_rules, &k);
+
+	if (!r)
+		return 1; /* a hole in the list: stop, nothing more is admitted */
+	if (pol_rule_matches(r, e)) {
+		e->allowed = 1;
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline int pol_group_allows(__u64 group, struct pol_eval *e)
+{
+	struct pol_group *g = bpf_map_lookup_elem(&podnet_pol_groups, &group);
+
+	if (!g)
+		return 0;
+	e->group = group;
+	e->gen = g->gen;
+	e->allowed = 0;
+	bpf_loop(g->count < POL_MAX_RULES ? g->count : POL_MAX_RULES, pol_eval_rule, e, 0);
+	return e->allowed;
+}
+
+/* A flow already admitted in this direction, or a reply to one admitted the other way. */
+static __always_inline int pol_flow_known(struct podnet_pkt *p, __u8 dir, __u64 now)
+{
+	struct pol_flow_key k = {
+		.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
+		.proto = p->proto, .dir = dir,
+	};
+	__u64 idle = p->proto == IPPROTO_TCP ? POL_TCP_IDLE_NS : POL_OTHER_IDLE_NS;
+	__u64 *seen = bpf_map_lookup_elem(&podnet_pol_flows, &k);
+
+	if (!seen) {
+		k.saddr = p->daddr;
+		k.daddr = p->saddr;
+		k.sport = p->dport;
+		k.dport = p->sport;
+		k.dir = !dir;
+		seen = bpf_map_lookup_elem(&podnet_pol_flows, &k);
+	}
+	if (!seen || now - *seen > idle)
+		return 0;
+	*seen = now;
+	return 1;
+}
+
+static __always_inline void pol_flow_admit(struct podnet_pkt *p, __u8 dir, __u64 now)
+{
+	struct pol_flow_key k = {
+		.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
+		.proto = p->proto, .dir = dir,
+	};
+
+	bpf_map_update_elem(&podnet_pol_flows, &k, &now, BPF_ANY);
+}
+
+/* ICMP echo's identifier stands in for both ports, so a ping's reply finds its flow. */
+static __always_inline void pol_icmp_ports(struct __sk_buff *skb, struct podnet_pkt *p)
+{
+	__u8 h[6]; /* type, code, checksum, identifier */
+
+	if (p->proto != IPPROTO_ICMP || !p->first_frag ||
+	    bpf_skb_load_bytes(skb, p->l4_off, h, sizeof(h)) < 0)
+		return;
+	if (h[0] == 8 || h[0] == 0) { /* echo request, echo reply */
+		__builtin_memcpy(&p->sport, &h[4], 2);
+		p->dport = p->sport;
+	}
+}
+
+/* Is addr one of this node's own addresses? (the kernel would not forward it) */
+static __always_inline int pol_to_node(struct __sk_buff *skb, struct podnet_pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = 2; /* AF_INET */
+	fib.ifindex = skb->ingress_ifindex;
+	fib.ipv4_src = p->saddr;
+	fib.ipv4_dst = p->daddr;
+	fib.l4_protocol = p->proto;
+	fib.tot_len = skb->len - ETH_HLEN;
+	return bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
+static __always_inline int pol_enforce(struct __sk_buff *skb, __u8 dir)
+{
+	struct podnet_pkt p;
+	struct pol_pod *pod;
+	struct pol_eval e = {};
+	__u32 local;
+	__u64 now, group, other;
+
+	if (podnet_parse(skb, &p) < 0)
+		return TC_ACT_UNSPEC; /* not IPv4: NetworkPolicy here is IPv4's */
+	pol_icmp_ports(skb, &p);
+	local = dir == POL_INGRESS ? p.daddr : p.saddr;
+	pod = bpf_map_lookup_elem(&podnet_pol_pods, &local);
+	if (!pod)
+		return TC_ACT_SHOT; /* not an address podnet gave a pod of this node */
+	group = pod->group[dir & 1];
+	other = pod->group[!dir];
+	if (!group && !other)
+		return TC_ACT_UNSPEC; /* open both ways: no flow to remember */
+	now = bpf_ktime_get_ns();
+	if (pol_flow_known(&p, dir, now))
+		return TC_ACT_UNSPEC;
+	if (group) {
+		/* a pod and its own node always reach each other */
+		if (dir == POL_INGRESS ? skb->ingress_ifindex != 0 : !pol_to_node(skb, &p)) {
+			e.peer = dir == POL_INGRESS ? p.saddr : p.daddr;
+			e.dst = p.daddr;
+			e.dport = p.first_frag ? p.dport : 0;
+			e.proto = p.proto;
+			if (!pol_group_allows(group, &e))
+				return TC_ACT_SHOT;
+		}
+	}
+	/* remembered: later packets skip the rules, and the reply passes the other way */
+	pol_flow_admit(&p, dir, now);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int podnet_pol_from_pod(struct __sk_buff *skb)
+{
+	return pol_enforce(skb, POL_EGRESS);
+}
+
+SEC("tc")
+int podnet_pol_to_pod(struct __sk_buff *skb)
+{
+	return pol_enforce(skb, POL_INGRESS);
+}
+
+char _license[] SEC("license") = "GPL";
