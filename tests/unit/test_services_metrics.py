@@ -99,6 +99,21 @@ def test_network_programming_latency_of_changes_known_to_be_new():
     assert value(m.render(), "podnet_service_network_programming_duration_seconds_sum") == 1.5 + 0.5 + 0.0
 
 
+def test_network_programming_latency_tells_changes_under_100_ms():
+    m = ServiceMetrics()
+    t0 = 1704067200.0
+    m.observe_programming({"default/web-1": t0, "default/web-2": t0 + 0.02}, now=t0 + 0.08)  # 80 and 60 ms
+    m.observe_programming({"default/web-3": t0}, now=t0 + 0.18)  # 180 ms
+    text = m.render(kube_proxy_names=True)
+    h = "kubeproxy_network_programming_duration_seconds_bucket"
+    assert value(text, h, le="0.05") == 0
+    assert value(text, h, le="0.075") == 1
+    assert value(text, h, le="0.1") == 2
+    assert value(text, h, le="0.2") == 3
+    assert value(text, h, le="0.25") == 3  # kube-proxy's buckets are all still there
+    assert value(text, h, le="300.0") == 3
+
+
 def test_conntrack_sizing_formula_and_never_lowering(tmp_path):
     assert conntrack_max(2) == 131072  # the minimum wins on small nodes
     assert conntrack_max(8) == 8 * 32768
