@@ -237,18 +237,19 @@ def relay_store(endpoints: list[str], netns: str, work: Path) -> tuple[subproces
 
 
 class AgentUnderTest:
-    def __init__(self, workdir: Path, resync: float):
+    def __init__(self, workdir: Path, resync: float, node: str = NODE, address: str = node_ip(0)):
         self.netns = f"pnbc-{secrets.token_hex(3)}"
-        self.socket = workdir / "cni.sock"
+        self.node = node
+        self.socket = workdir / f"cni-{node}.sock"
         self.synced_path = Path(str(self.socket) + ".synced")
-        self.log = workdir / "agent.log"
+        self.log = workdir / f"agent-{node}.log"
         self.metrics_port = 9911
         self.resync = resync
         self.proc: subprocess.Popen | None = None
         sh("ip", "netns", "add", self.netns)
         self.ns = ["ip", "netns", "exec", self.netns]
         sh(*self.ns, "ip", "link", "add", "ul0", "type", "veth", "peer", "name", "ul1")
-        sh(*self.ns, "ip", "addr", "add", f"{node_ip(0)}/16", "dev", "ul0")
+        sh(*self.ns, "ip", "addr", "add", f"{address}/16", "dev", "ul0")
         for dev in ("lo", "ul0", "ul1"):
             sh(*self.ns, "ip", "link", "set", dev, "up")
 
@@ -256,7 +257,7 @@ class AgentUnderTest:
         self.started = time.monotonic()
         with open(self.log, "w") as logf:
             self.proc = subprocess.Popen([*self.ns, PY, "-m", "podnet.cli.main", "--store", url, "agent",
-                                          "--node", NODE, "--socket", str(self.socket), "--resync", str(self.resync),
+                                          "--node", self.node, "--socket", str(self.socket), "--resync", str(self.resync),
                                           "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1"],
                                          stdout=logf, stderr=subprocess.STDOUT)
 
