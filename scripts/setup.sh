@@ -15,7 +15,7 @@ APT_PACKAGES=(
   iperf3 socat iputils-ping procps             # traffic and process tools
   bind9                                        # external DNS server (RFC 2136 target of `podnet external-dns`)
   gcc libc6-dev                                # the CNI plugin, linked statically (libc.a)
-  clang libbpf-dev bpftool                     # the eBPF dataplane: programs built for the BPF target
+  clang libbpf-dev libbpf1 bpftool             # the eBPF dataplane: programs built for the BPF target, loaded by libbpf
 )
 
 # kubectl: a real client the fake API server of the tests is proven with (tests/kube).
@@ -62,4 +62,7 @@ fi
 # differs, through a temporary file renamed over it. A static executable: it needs
 # nothing of this checkout or its virtualenv.
 .venv/bin/python -m podnet.cni.install /opt/cni/bin >/dev/null
+# The eBPF programs: every native/bpf/*.c into build/bpf/*.o, again only when a source
+# or a shared header changed (the agent loads them from there).
+.venv/bin/python -m podnet.ebpf.build >/dev/null
 echo "setup: ok"

@@ -1,0 +1,114 @@
+"""THE hook layout of podnet's tc programs on a pod's host-side veth, and attaching
+them there (tc clsact, cls_bpf direct-action, through pyroute2's netlink).
+
+    ingress hook (packets from the pod):  services prio 1, then policy prio 2
+    egress  hook (packets to the pod):    policy prio 1, then services (reverse NAT) prio 2
+
+A program returns TC_ACT_UNSPEC to hand the packet to the next filter (and then to
+the stack), TC_ACT_SHOT to drop it. Services run first from the pod so that policy
+sees the backend the packet really goes to (as NetworkPolicy is specified for
+Services: against the endpoint, after DNAT); towards the pod policy runs first, on the
+packet as the backend sent it, before reverse NAT hides the backend's address.
+
+Every filter has handle 1 at its prio; attaching is a tc `replace` of that filter, so
+a new build takes over a hook atomically (no packet meets an empty hook). A filter's
+name is "<program>:<build digest>" (programs.LoadedObject.filter_name): the agent
+tells its current filters from a stale or foreign one by name.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Literal
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from podnet.errors import PodnetError
+
+Direction = Literal["ingress", "egress"]
+Owner = Literal["services", "policy"]
+
+# TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)
+PARENTS: dict[str, int] = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
+HANDLE = 1
+ETH_P_ALL = 0x0003
+
+
+@dataclass(frozen=True)
+class Hook:
+    owner: str
+    direction: str
+    prio: int
+
+
+# The one layout. Change it here only (and in docs/ebpf.md, native/bpf/podnet_bpf.h).
+LAYOUT: tuple[Hook, ...] = (
+    Hook("services", "ingress", 1),
+    Hook("policy", "ingress", 2),
+    Hook("policy", "egress", 1),
+    Hook("services", "egress", 2),
+)
+
+
+def hook(owner: str, direction: str) -> Hook:
+    for h in LAYOUT:
+        if h.owner == owner and h.direction == direction:
+            return h
+    raise ValueError(f"no hook for {owner} {direction} in the layout")
+
+
+class AttachError(PodnetError):
+    pass
+
+
+def ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise AttachError(f"interface {ifindex}: cannot add the clsact qdisc: {e}") from None
+
+
+def attach(ipr: IPRoute, ifindex: int, owner: str, direction: str, prog_fd: int, name: str) -> None:
+    """Put the program at owner's hook in direction on the interface (replacing what is there)."""
+    h = hook(owner, direction)
+    ensure_clsact(ipr, ifindex)
+    try:
+        ipr.tc("replace-filter", "bpf", ifindex, HANDLE, parent=PARENTS[direction], prio=h.prio,
+               protocol=ETH_P_ALL, fd=prog_fd, name=name, direct_action=True)
+    except NetlinkError as e:
+        raise AttachError(f"interface {ifindex}: cannot attach {name} at {direction} prio {h.prio}: {e}") from None
+
+
+def attached(ipr: IPRoute, ifindex: int, direction: str) -> dict[int, str]:
+    """prio -> filter name of the bpf filters at that hook of the interface ({} if none,
+    or if the interface has no clsact qdisc)."""
+    try:
+        filters = ipr.get_filters(ifindex, parent=PARENTS[direction])
+    except NetlinkError as e:
+        if e.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+            return {}
+        raise
+    out: dict[int, str] = {}
+    for f in filters:
+        if f.get_attr("TCA_KIND") != "bpf":
+            continue
+        opts = f.get_attr("TCA_OPTIONS")
+        name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+        if name:
+            out[(f["info"] >> 16) & 0xFFFF] = name
+    return out
+
+
+def detach(ipr: IPRoute, ifindex: int, owner: str, direction: str) -> bool:
+    """Remove owner's filter in direction; False if there was none."""
+    h = hook(owner, direction)
+    try:
+        ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=PARENTS[direction], prio=h.prio, protocol=ETH_P_ALL)
+    except NetlinkError as e:
+        if e.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            return False
+        raise AttachError(f"interface {ifindex}: cannot detach {owner} {direction}: {e}") from None
+    return True

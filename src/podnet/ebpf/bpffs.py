@@ -1,0 +1,90 @@
+"""The bpffs where podnet keeps its pins, one directory per agent:
+
+    /sys/fs/bpf/podnet/<instance>/maps/<map>                   maps (libbpf pins them by name)
+    /sys/fs/bpf/podnet/<instance>/progs/<object>-<digest>/<prog>   the programs of one build
+
+<instance> is the node's name and its network namespace's inode: two agents (lab
+nodes, parallel tests) never share a pin, and an agent restarted in the same
+namespace finds its own again. Pins outlive the agent: that is what lets a restart
+keep every connection (the programs stay attached, the maps keep their entries).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from podnet.errors import PodnetError
+
+BPFFS = "/sys/fs/bpf"
+ROOT = "podnet"
+BPF_FS_MAGIC = "bpf"
+
+
+class BpffsError(PodnetError):
+    pass
+
+
+def is_bpffs(path: str) -> bool:
+    """path is the mount point of a bpffs (read from /proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == real and fields[sep + 1] == BPF_FS_MAGIC:
+                return True
+    return False
+
+
+def ensure_bpffs(path: str = BPFFS) -> str:
+    """Mount a bpffs at path unless one is there (systemd mounts it on most hosts)."""
+    if is_bpffs(path):
+        return path
+    os.makedirs(path, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", path], capture_output=True, text=True)
+    if proc.returncode != 0 and not is_bpffs(path):
+        raise BpffsError(f"cannot mount a bpffs at {path}: {proc.stderr.strip()}")
+    return path
+
+
+def instance_name(node: str) -> str:
+    """This agent's pin directory name: the node and its network namespace's inode (bpffs
+    refuses a name with a dot)."""
+    ino = os.stat("/proc/self/ns/net").st_ino
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', node)}-{ino}"
+
+
+@dataclass(frozen=True)
+class PinDir:
+    """One agent's pins."""
+
+    root: Path
+
+    @classmethod
+    def for_instance(cls, instance: str, bpffs: str = BPFFS) -> PinDir:
+        ensure_bpffs(bpffs)
+        d = cls(Path(bpffs) / ROOT / instance)
+        d.maps.mkdir(parents=True, exist_ok=True)
+        d.progs.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def maps(self) -> Path:
+        return self.root / "maps"
+
+    @property
+    def progs(self) -> Path:
+        return self.root / "progs"
+
+    def map_path(self, name: str) -> str:
+        return str(self.maps / name)
+
+    def remove(self) -> None:
+        """Unpin everything of this instance (a program still attached stays attached
+        until detached: tc holds its own reference)."""
+        shutil.rmtree(self.root, ignore_errors=True)
