@@ -26,6 +26,13 @@
  * Text is held as UTF-8, a lone surrogate (from a \udXXX escape, or U+DC80 + byte for an
  * environment byte that is not UTF-8, as Python's surrogateescape) in its 3-byte form.
  *
+ * The same executable is the IPAM plugin podnet-ipam when run under that name (installed
+ * twice; argv[0] decides): a macvlan, vlan, ... configuration in any runtime or meta-plugin
+ * names "ipam": {"type": "podnet-ipam", "pools": [...], "agentSocket": ...}, and the agent
+ * allocates from podnet's IPAM. Then agentSocket and agentTimeout are read from the ipam
+ * object, and the request carries one more member: {"env": ..., "stdin": ..., "plugin":
+ * "podnet-ipam"}. Everything else (VERSION, errors, the answer) is the same.
+ *
  * Build (as python -m podnet.cni.install does): gcc -static -O2 -s -o podnet-cni podnet-cni.c
  */
 #define _GNU_SOURCE
@@ -37,12 +44,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <libgen.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 #define LATEST "1.1.0"
+#define IPAM_NAME "podnet-ipam" /* the name that makes this executable the IPAM plugin */
 #define DEFAULT_SOCKET "/run/podnet/cni.sock" /* the agent's default too (podnet agent --socket) */
 #define DEFAULT_REPLY_TIMEOUT 120.0           /* seconds for the answer: an ADD may wait on the store */
 #define MAX_REPLY (16 << 20)
@@ -781,8 +790,9 @@ static _Noreturn void answer(const char *path, const Buf *data)
 
 extern char **environ;
 
-/* {"env": {CNI_* variables, the first of each name}, "stdin": text}, as json.dumps wrote it. */
-static Buf request(const char *text, size_t len)
+/* {"env": {CNI_* variables, the first of each name}, "stdin": text}, as json.dumps wrote it;
+   for podnet-ipam also "plugin": "podnet-ipam". */
+static Buf request(const char *text, size_t len, int ipam)
 {
     Buf req = {0};
     int first = 1;
@@ -809,6 +819,8 @@ static Buf request(const char *text, size_t len)
     }
     puts_(&req, "}, \"stdin\": ");
     put_json_string(&req, text, len);
+    if (ipam)
+        puts_(&req, ", \"plugin\": \"" IPAM_NAME "\"");
     putch(&req, '}');
     return req;
 }
@@ -844,9 +856,11 @@ static const char *requested_version(const Buf *raw)
     return known ? known : LATEST;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
+    /* basename() may change its argument: a copy. */
+    const int ipam = argc > 0 && strcmp(basename(strdupa(argv[0])), IPAM_NAME) == 0;
     const char *command = getenv("CNI_COMMAND");
     if (!command || !*command)
         fail(4, EXPECTED_COMMAND, "required environment variable CNI_COMMAND is missing");
@@ -871,9 +885,9 @@ int main(void)
     size_t bad = utf8_check(raw.p, raw.n, &why);
     if (bad != raw.n)
         fail(6, "", "error decoding the network configuration: stdin is not UTF-8 text (%s at byte %zu)", why, bad);
-    static const char *const names[] = {"cniVersion", "agentSocket", "agentTimeout"};
-    Value found[3] = {{0}}, top = {0};
-    Json j = {.s = raw.p, .n = raw.n, .max_depth = MAX_DEPTH, .names = names, .found = found, .nnames = 3};
+    static const char *const names[] = {"cniVersion", "agentSocket", "agentTimeout", "ipam"};
+    Value found[4] = {{0}}, top = {0};
+    Json j = {.s = raw.p, .n = raw.n, .max_depth = MAX_DEPTH, .names = names, .found = found, .nnames = 4};
     if (parse(&j, &top)) {
         Buf msg = {0};
         puts_(&msg, "error decoding the network configuration: ");
@@ -893,14 +907,31 @@ int main(void)
         const char *known = member(SUPPORTED, COUNT(SUPPORTED), v.p, v.n);
         version = known ? known : version;
     }
+    /* Where agentSocket and agentTimeout are: the top level for podnet-cni, the ipam object
+       for podnet-ipam (a main plugin hands its IPAM the whole configuration). */
+    Json *conf = &j;
+    Value *socket_v = &found[1], *timeout_v = &found[2];
+    const char *field_socket = "agentSocket", *field_timeout = "agentTimeout";
+    static const char *const ipam_names[] = {"agentSocket", "agentTimeout"};
+    Value ipam_found[2] = {{0}}, ipam_top = {0};
+    Json ipam_j = {.max_depth = MAX_DEPTH, .names = ipam_names, .found = ipam_found, .nnames = 2};
+    if (ipam) {
+        socket_v = &ipam_found[0], timeout_v = &ipam_found[1];
+        field_socket = "ipam.agentSocket", field_timeout = "ipam.agentTimeout";
+        if (found[3].type == 'o') { /* otherwise the defaults, and the agent says what is wrong with ipam */
+            ipam_j.s = raw.p + found[3].at, ipam_j.n = found[3].end - found[3].at;
+            parse(&ipam_j, &ipam_top); /* parsed once already, as part of the whole */
+            conf = &ipam_j;
+        }
+    }
 
     /* agentSocket: the path as text (for messages) and as bytes (to connect to). */
     Buf path = {0}, addr = {0};
-    if (!found[1].type) {
+    if (!socket_v->type) {
         puts_(&path, DEFAULT_SOCKET);
     } else {
-        if (found[1].type == 's')
-            path = text_of(&j, found[1]);
+        if (socket_v->type == 's')
+            path = text_of(conf, *socket_v);
         int valid = path.n && !memchr(path.p, 0, path.n);
         for (size_t i = 0; valid && i < path.n;) {
             size_t at = i;
@@ -913,29 +944,29 @@ int main(void)
                 put(&addr, path.p + at, i - at);
         }
         if (!valid)
-            fail(7, "", "invalid network configuration field agentSocket: expected a non-empty socket path");
+            fail(7, "", "invalid network configuration field %s: expected a non-empty socket path", field_socket);
     }
     if (!addr.n)
         put(&addr, path.p, path.n);
     if (addr.n > SUN_PATH_MAX) {
         Buf msg = {0};
-        puts_(&msg, "invalid network configuration field agentSocket: ");
+        putf(&msg, "invalid network configuration field %s: ", field_socket);
         put_repr(&msg, path.p, path.n);
         putf(&msg, " is longer than %d bytes, the limit for a unix socket path", SUN_PATH_MAX);
         fail_text("7", msg.p, msg.n, "");
     }
     double timeout = DEFAULT_REPLY_TIMEOUT;
-    if (found[2].type) {
+    if (timeout_v->type) {
         Buf num = {0};
-        put(&num, raw.p + found[2].at, found[2].end - found[2].at);
-        if (found[2].type == 'i' || found[2].type == 'f')
+        put(&num, conf->s + timeout_v->at, timeout_v->end - timeout_v->at);
+        if (timeout_v->type == 'i' || timeout_v->type == 'f')
             timeout = strtod(num.p, NULL);
-        if (!(found[2].type == 'i' || found[2].type == 'f') || !(timeout > 0 && timeout <= 3600))
-            fail(7, "", "invalid network configuration field agentTimeout: expected seconds, "
-                        "a number above 0 and at most 3600");
+        if (!(timeout_v->type == 'i' || timeout_v->type == 'f') || !(timeout > 0 && timeout <= 3600))
+            fail(7, "", "invalid network configuration field %s: expected seconds, "
+                        "a number above 0 and at most 3600", field_timeout);
     }
 
-    Buf req = request(raw.p, raw.n);
+    Buf req = request(raw.p, raw.n, ipam);
     Buf reply = ask_agent(path.p, addr.p, addr.n, timeout, &req);
     answer(path.p, &reply);
 }

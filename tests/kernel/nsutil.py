@@ -97,3 +97,16 @@ def stop(procs: list[subprocess.Popen], timeout: float = 10) -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def start_cni_server(ns: str, sock: str, url: str, node: str, procs: list[subprocess.Popen]) -> subprocess.Popen:
+    """`python -m podnet.cni.serve` (the agent's CNI handler alone) for node in namespace ns,
+    appended to procs once it answers on sock."""
+    p = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, "-m", "podnet.cni.serve", sock, url, node,
+                          "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.append(p)
+    line = p.stdout.readline().strip() if p.stdout else ""
+    if line != "ready":
+        p.kill()
+        raise AssertionError(f"CNI server did not start: {line!r} {p.stderr.read() if p.stderr else ''}")
+    return p

@@ -38,7 +38,7 @@ from podnet.model.objects import IPPool, NetworkAttachmentDefinition, Pod  # noq
 from podnet.multinet import ANNOTATION_NETWORKS, ANNOTATION_STATUS  # noqa: E402
 from podnet.store import open_store  # noqa: E402
 from podnet.store.objects import ObjectStore  # noqa: E402
-from tests.kernel.nsutil import in_ns, namespaces, stop  # noqa: E402
+from tests.kernel.nsutil import in_ns, namespaces, start_cni_server, stop  # noqa: E402
 
 REFERENCE = "/usr/lib/cni"
 NETWORK = "podnet"
@@ -79,17 +79,6 @@ def nad(name: str, config: dict) -> NetworkAttachmentDefinition:
     return NetworkAttachmentDefinition.model_validate({
         "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
         "metadata": {"name": name, "namespace": "default"}, "spec": {"config": json.dumps(config)}})
-
-
-def start_server(node_ns: str, sock: str, url: str, node: str, procs: list) -> subprocess.Popen:
-    p = subprocess.Popen(["ip", "netns", "exec", node_ns, sys.executable, "-m", "podnet.cni.serve", sock, url, node,
-                          "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    procs.append(p)
-    line = p.stdout.readline().strip() if p.stdout else ""
-    if line != "ready":
-        p.kill()
-        raise AssertionError(f"CNI server did not start: {line!r} {p.stderr.read() if p.stderr else ''}")
-    return p
 
 
 @pytest.fixture
@@ -138,7 +127,7 @@ def lab(tmp_path):
             in_ns(node, "ip", "link", "set", "data0", "up")
             in_ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             sock = str(tmp_path / f"n{i}.sock")
-            start_server(node, sock, url, f"node-{i}", procs)
+            start_cni_server(node, sock, url, f"node-{i}", procs)
             conflist = {"cniVersion": "1.0.0", "name": NETWORK, "plugins": [{"type": "podnet-cni",
                                                                             "agentSocket": sock}]}
             nodes[i] = {"ns": node, "sock": sock, "name": f"node-{i}",
@@ -333,7 +322,7 @@ def test_kill_9_in_the_middle_of_an_add_then_a_retry(lab):
     assert failure and isinstance(failure[0], CNIError)
     os.kill(blocker_pid, signal.SIGKILL)
     block.unlink()
-    start_server(node["ns"], node["sock"], lab["url"], node["name"], lab["procs"])
+    start_cni_server(node["ns"], node["sock"], lab["url"], node["name"], lab["procs"])
     result = node["runtime"].add(conf)  # the runtime retries: what the first ADD left goes first
     assert links(pod) == ["eth0", "lo", "net1", "net2"]
     assert len(leases(lab)) == 1 and len([h for h in handles(lab["kv"]) if h.endswith(".net2")]) == 1

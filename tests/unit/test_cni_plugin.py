@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from podnet.cni import DEFAULT_SOCKET, install
 from podnet.cni.attachments import ATTACHMENTS_PREFIX
 from podnet.cni.handler import CNIHandler
-from podnet.cni.install import PLUGIN_NAME, PluginBuildError, build_plugin, install_plugin
+from podnet.cni.install import IPAM_NAME, PLUGIN_NAME, PluginBuildError, build_plugin, install_plugin
 from podnet.cni.server import CNIServer, CNIServerError
 from podnet.ipam import keys as ipam_keys
 from podnet.model.objects import IPPool
@@ -177,7 +177,9 @@ def test_install_copies_only_what_changed(tmp_path):
     target.symlink_to(binary)  # a link (to this checkout) becomes a copy
     install_plugin(tmp_path / "bin", binary)
     assert not target.is_symlink() and target.read_bytes() == Path(binary).read_bytes()
-    assert os.listdir(tmp_path / "bin") == [PLUGIN_NAME]  # no temporary file left
+    # podnet-ipam is the same executable; no temporary file left
+    assert sorted(os.listdir(tmp_path / "bin")) == [PLUGIN_NAME, IPAM_NAME]
+    assert (tmp_path / "bin" / IPAM_NAME).read_bytes() == Path(binary).read_bytes()
 
 
 def test_install_module_entry_point(tmp_path):
@@ -435,6 +437,55 @@ def test_plugin_sends_every_cni_variable_and_the_raw_stdin(plugin, tmp_path):
     (got_env, got_stdin), = handler.requests
     assert got_env == {k: v for k, v in env.items() if k.startswith("CNI_")}
     assert got_stdin == stdin
+
+
+# ---------------------------------------------------------------- the same executable as podnet-ipam
+
+
+def ipam_plugin(plugin: str) -> str:
+    return str(Path(plugin).with_name(IPAM_NAME))
+
+
+def test_ipam_name_reads_the_socket_from_the_ipam_object_and_says_it_is_ipam(plugin, raw_agent):
+    """Run as podnet-ipam: agentSocket inside "ipam" (a main plugin hands over its whole
+    configuration; a top-level agentSocket is not podnet-ipam's), and "plugin" in the request."""
+    text = json.dumps({"cniVersion": "1.0.0", "name": "underlay", "type": "macvlan", "agentSocket": "/nowhere",
+                       "ipam": {"type": IPAM_NAME, "pools": ["global"], "agentSocket": raw_agent.path}})
+    proc = run_plugin(ipam_plugin(plugin), cni_env("ADD"), text.encode())
+    assert (proc.returncode, proc.stdout) == (0, b"")
+    (request,) = raw_agent.requests
+    assert json.loads(request) == {"env": cni_env("ADD"), "stdin": text, "plugin": IPAM_NAME}
+
+
+@pytest.mark.parametrize("field", [{"agentSocket": 5}, {"agentTimeout": 0}])
+def test_ipam_name_bad_agent_settings_name_the_ipam_field(plugin, field):
+    conf = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "macvlan", "ipam": {"type": IPAM_NAME, **field}})
+    doc = cni_error(run_plugin(ipam_plugin(plugin), cni_env("ADD"), conf.encode()))
+    assert doc["code"] == 7 and f"field ipam.{next(iter(field))}:" in doc["msg"]
+
+
+def test_ipam_add_check_del_through_the_agent(plugin, agent):
+    ObjectStore(agent.kv).apply([IPPool.model_validate({
+        "apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "global"},
+        "spec": {"cidr": "10.99.0.64/26", "blockSize": 29, "allowedUses": ["Attachment"]}})])
+
+    def conf(**extra) -> bytes:
+        return json.dumps({"cniVersion": "1.0.0", "name": "underlay", "type": "macvlan", **extra, "ipam": {
+            "type": IPAM_NAME, "pools": ["global"], "subnet": "10.99.0.0/24", "agentSocket": agent.socket}}).encode()
+
+    env = {**cni_env("ADD"), "CNI_IFNAME": "net1"}
+    proc = run_plugin(ipam_plugin(plugin), env, conf())
+    assert proc.returncode == 0, proc.stdout
+    result = json.loads(proc.stdout)
+    assert result["ips"][0]["address"].startswith("10.99.0.") and result["ips"][0]["address"].endswith("/24")
+    assert not agent.dataplane.calls  # an IPAM plugin makes no interface
+    proc = run_plugin(ipam_plugin(plugin), {**env, "CNI_COMMAND": "CHECK"}, conf(prevResult=result))
+    assert (proc.returncode, proc.stdout) == (0, b"")
+    assert {ipam_keys.handle_of_key(k) for k in agent.state()} == {"podnet-ipam:underlay.abc123.net1"}
+    for _ in range(2):
+        proc = run_plugin(ipam_plugin(plugin), {**env, "CNI_COMMAND": "DEL"}, conf())
+        assert (proc.returncode, proc.stdout) == (0, b"")
+    assert agent.state() == set()
 
 
 # ---------------------------------------------------------------- exact bytes: the request, JSON as Python reads it

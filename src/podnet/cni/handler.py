@@ -5,6 +5,9 @@ It parses and checks a request (spec.py: versions, codes, results), runs the com
 (commands.py: ADD, DEL, CHECK, STATUS, GC, VERSION) on a store connection of its own
 (sessions.py), and orders concurrent requests: those of one attachment one at a time, and
 GC alone. The error codes a runtime can see are listed in spec.py.
+
+`CNIHandler.handle_ipam(env, stdin)` answers the same executable run as the IPAM plugin
+podnet-ipam (ipamcommands.py), with the same parsing and ordering.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from podnet.cni import metrics as cni_metrics
 from podnet.cni.commands import Commands, Dataplane
 from podnet.cni.errors import CNIError
+from podnet.cni.ipamcommands import IpamCommands, ipam_handle
 from podnet.cni.netns import netns_problem
 from podnet.cni.sessions import Sessions
 from podnet.cni.spec import E_INTERNAL, LATEST, Request, error_output, parse_request
@@ -77,7 +81,7 @@ def _default_ready() -> tuple[int, str] | None:
     return None
 
 
-class CNIHandler(Commands):
+class CNIHandler(Commands, IpamCommands):
     """Serves CNI requests for one node.
 
     dataplane: the pod dataplane (podnet.dataplane.pods.PodDataplane or an object with its
@@ -118,15 +122,25 @@ class CNIHandler(Commands):
     # ------------------------------------------------------------ entry point
 
     def handle(self, env: dict[str, str], stdin: str) -> tuple[int, str]:
+        return self._answer(env, stdin, self._dispatch)
+
+    def handle_ipam(self, env: dict[str, str], stdin: str) -> tuple[int, str]:
+        """A request of the podnet-ipam plugin (not counted in the CNI request metrics)."""
+        return self._answer(env, stdin, self._dispatch_ipam, ipam=True)
+
+    def _answer(self, env: dict[str, str], stdin: str, dispatch: Callable[[Request], tuple[int, str]],
+                ipam: bool = False) -> tuple[int, str]:
         started = time.monotonic()
         version = LATEST
         command = env.get("CNI_COMMAND", "") if isinstance(env, dict) else ""
+        if ipam:
+            command = f"podnet-ipam {command}"
         handle = ""
         try:
             req = parse_request(env, stdin)
             version = req.version
             handle = req.handle if req.container_id else ""
-            code, output = self._dispatch(req)
+            code, output = dispatch(req)
         except CNIError as e:
             code, output = e.code, error_output(e.code, e.msg, e.details, e.version or version)
         except Exception as e:  # never let a request take the agent down, nor go unanswered
@@ -134,7 +148,8 @@ class CNIHandler(Commands):
             code = E_INTERNAL
             output = error_output(E_INTERNAL, f"podnet agent internal error: {type(e).__name__}: {e}", "", version)
         seconds = time.monotonic() - started
-        cni_metrics.observe(command, code, seconds)
+        if not ipam:
+            cni_metrics.observe(command, code, seconds)
         elapsed = seconds * 1000
         if code:
             log.info("CNI %s %s: code %d in %.1f ms: %s", command, handle, code, elapsed, output)
@@ -170,3 +185,19 @@ class CNIHandler(Commands):
             if req.command == "DEL":
                 return self._del(req)
             return self._check(req)
+
+    def _dispatch_ipam(self, req: Request) -> tuple[int, str]:
+        if req.command == "VERSION":
+            return self._version(req)
+        if req.command == "STATUS":
+            return self._ipam_status(req)
+        if req.command == "GC":
+            valid = self._valid_attachments(req.config)
+            with self._gc_lock.exclusive():
+                return self._ipam_gc(req, valid)
+        with self._gc_lock.shared(), self._attachment(ipam_handle(req.network, req.container_id, req.ifname)):
+            if req.command == "ADD":
+                return self._ipam_add(req)
+            if req.command == "DEL":
+                return self._ipam_del(req)
+            return self._ipam_check(req)

@@ -1,4 +1,5 @@
-"""Builds the CNI plugin executable `podnet-cni` and installs it into a CNI bin directory.
+"""Builds the CNI plugin executable `podnet-cni` and installs it into a CNI bin directory,
+also as `podnet-ipam`: the same executable is the IPAM plugin under that name.
 
 The plugin is a small C program, native/cni/podnet-cni.c, linked statically: the file
 installed needs nothing on the host, neither this checkout nor Python, and starts in
@@ -23,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 PLUGIN_NAME = "podnet-cni"
+IPAM_NAME = "podnet-ipam"  # the same binary; it looks at the name it was run under
 ROOT = Path(__file__).resolve().parents[3]
 SOURCE = ROOT / "native" / "cni" / "podnet-cni.c"
 BUILD_DIR = ROOT / "build"
@@ -75,15 +77,18 @@ def build_plugin(build_dir: str | os.PathLike = BUILD_DIR, cc: str | None = None
 
 
 def install_plugin(bin_dir: str | os.PathLike, binary: str | None = None) -> str:
-    """Copy the plugin (built if need be) to bin_dir/podnet-cni unless the same file is there; its path."""
+    """Copy the plugin (built if need be) to bin_dir/podnet-cni and bin_dir/podnet-ipam unless
+    the same file is there; the path of podnet-cni."""
     source = Path(binary or build_plugin())
-    target = Path(bin_dir) / PLUGIN_NAME
     Path(bin_dir).mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        if (not target.is_symlink() and os.access(target, os.X_OK)
-                and target.read_bytes() == source.read_bytes()):
-            return str(target)
-    return str(_write_atomically(Path(bin_dir), PLUGIN_NAME, lambda tmp: shutil.copyfile(source, tmp)))
+    content = source.read_bytes()
+    for name in (IPAM_NAME, PLUGIN_NAME):  # podnet-cni last: its path is what callers wait for
+        target = Path(bin_dir) / name
+        with contextlib.suppress(OSError):
+            if not target.is_symlink() and os.access(target, os.X_OK) and target.read_bytes() == content:
+                continue
+        _write_atomically(Path(bin_dir), name, lambda tmp: shutil.copyfile(source, tmp))
+    return str(Path(bin_dir) / PLUGIN_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,8 @@ Protocol (see native/cni/podnet-cni.c): the plugin sends one JSON document
 {"env": {CNI_* variables}, "stdin": text} and half-closes; the server answers
 {"code": int, "output": text} and closes. The socket file is created 0600 (the
 mode is set on the socket before bind, so it is never reachable by others).
+The same executable run as podnet-ipam adds "plugin": "podnet-ipam": the request goes to
+the handler's handle_ipam.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ MAX_CONCURRENT = 64  # requests handled at once; more wait for a turn
 
 class Handler(Protocol):
     def handle(self, env: dict[str, str], stdin: str) -> tuple[int, str]: ...
+
+
+PLUGIN = "podnet-cni"
+IPAM_PLUGIN = "podnet-ipam"  # handled by the handler's handle_ipam(env, stdin), when it has one
 
 
 class CNIServerError(PodnetError):
@@ -193,8 +199,12 @@ class CNIServer:
                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in request["env"].items())):
             return E_DECODING, error_output(
                 E_DECODING, 'malformed request from the plugin: expected {"env": {name: text}, "stdin": text}')
+        plugin = request.get("plugin", PLUGIN)
+        handle = getattr(self.handler, "handle_ipam", None) if plugin == IPAM_PLUGIN else self.handler.handle
+        if plugin not in (PLUGIN, IPAM_PLUGIN) or handle is None:
+            return E_DECODING, error_output(E_DECODING, f"this podnet agent does not serve the plugin {plugin!r}")
         try:
-            code, output = self.handler.handle(request["env"], request["stdin"])
+            code, output = handle(request["env"], request["stdin"])
         except Exception as e:
             log.exception("CNI handler failed")
             return E_INTERNAL, error_output(E_INTERNAL, f"podnet agent internal error: {type(e).__name__}: {e}", "",

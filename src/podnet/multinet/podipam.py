@@ -9,11 +9,12 @@ underlay) never hands out one address twice, as host-local would per node.
              "routes": [{"dst": "0.0.0.0/0"}],  # optional, as static IPAM takes them
              "dns": {"nameservers": [...]}}     # optional
 
-The agent allocates before the delegate runs (handle `<network>.<containerID>.<ifname>`,
+Inside podnet's own multi-network ADD, the agent allocates before the delegate runs (handle `<network>.<containerID>.<ifname>`,
 a requested `ips` capability asks for that address) and hands the delegate a `static`
 IPAM section with the address: the delegate configures it as any IPAM result, and no
 second process or socket round trip is needed. The address is released after the
-delegate's DEL succeeded, or when the pod's network namespace is gone.
+delegate's DEL succeeded, or when the pod's network namespace is gone. Run by any other
+runtime, the main plugin executes podnet-ipam itself (podnet.cni.ipamcommands).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from podnet.model.names import is_dns1123_subdomain
 from podnet.multinet import PODNET_IPAM
 from podnet.multinet.netconf import NetConfError
 
-KEYS = ("type", "pools", "subnet", "gateway", "routes", "dns")
+# agentSocket, agentTimeout: read by the podnet-ipam executable (a main plugin run by another
+# runtime finds the agent by them); the agent ignores them
+KEYS = ("type", "pools", "subnet", "gateway", "routes", "dns", "agentSocket", "agentTimeout")
 STATIC = "static"
 
 
