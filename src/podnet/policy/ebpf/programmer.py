@@ -1,0 +1,215 @@
+"""Keeping the eBPF policy maps and attachments equal to the compiled state.
+
+BPF maps have no transactions, so a change is written in an order where every
+intermediate state admits no more than the old or the new state would:
+
+    1. new peer and named-port elements
+    2. the rule lists of new groups and of groups whose rules changed, under a new
+       generation (the program still reads the old one)
+    3. the groups' headers (count, generation): one update flips a group to its new rules
+    4. pods' entries (a pod moving to another group is one update)
+    5. what nothing refers to any more: pods gone, then group headers, rule lists of
+       old generations, peer and named-port elements
+
+The diff is always taken against what the kernel holds: the maps as last written, or
+read back when that is unknown (a start, a refused write, drift found by verify()).
+So a restart adopts the maps as they are (an identical state writes nothing), and
+drift is repaired by writing exactly what differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from podnet.model.objects import Namespace, NetworkPolicy, Pod
+from podnet.policy.compiler import EMPTY_STATE, PolicyCompiler, PolicyState
+from podnet.policy.ebpf import maps as m
+from podnet.policy.ebpf.kernel import EbpfPolicyError, MapOp, PolicyMaps, attach, attached, pod_interfaces
+from podnet.policy.model import InputCache, LiveInputs
+
+log = logging.getLogger(__name__)
+
+WRITE_ORDER = ("podnet_pol_peers", "podnet_pol_ports", "podnet_pol_rules", "podnet_pol_groups", "podnet_pol_pods")
+DELETE_ORDER = ("podnet_pol_pods", "podnet_pol_groups", "podnet_pol_rules", "podnet_pol_peers", "podnet_pol_ports")
+COMPARED = WRITE_ORDER  # the flow table is the program's own
+
+
+@dataclass
+class EbpfChanges:
+    """What one apply did (the counterpart of the nftables applier's PolicyChanges)."""
+
+    full: bool = False  # the maps were read back from the kernel first
+    written: int = 0
+    deleted: int = 0
+    attached: int = 0
+    loaded: bool = False
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.written or self.deleted or self.attached or self.loaded)
+
+    # the nftables applier's names, for the agent's summary line
+    @property
+    def elements_added(self) -> int:
+        return self.written
+
+    @property
+    def elements_removed(self) -> int:
+        return self.deleted
+
+
+Contents = dict[str, dict[bytes, bytes]]  # map name -> key -> value
+
+
+def desired_contents(state: m.MapState, kernel: Contents) -> Contents:
+    """The maps' contents for `state`. A group keeps the generation the kernel has it
+    under when its rules there are the same; otherwise it gets the next one."""
+    out: Contents = {name: {} for name in COMPARED}
+    have_groups, have_rules = kernel.get("podnet_pol_groups", {}), kernel.get("podnet_pol_rules", {})
+    for gid, rules in state.groups.items():
+        packed = [r.pack() for r in rules]
+        if len(packed) > m.MAX_RULES:
+            raise EbpfPolicyError(f"group {state.names.get(gid, gid)}: {len(packed)} rules, "
+                                  f"the program walks at most {m.MAX_RULES}")
+        gen = 1
+        head = have_groups.get(m.GROUP_KEY.pack(gid))
+        if head is not None:
+            count, kgen = m.GROUP_VALUE.unpack(head)
+            same = count == len(packed) and all(have_rules.get(m.rule_key(gid, kgen, i)) == v
+                                                for i, v in enumerate(packed))
+            gen = kgen if same else (kgen + 1) & 0xFFFFFFFF
+        out["podnet_pol_groups"][m.GROUP_KEY.pack(gid)] = m.group_value(len(packed), gen)
+        for i, v in enumerate(packed):
+            out["podnet_pol_rules"][m.rule_key(gid, gen, i)] = v
+    for ip, groups in state.pods.items():
+        out["podnet_pol_pods"][m.pod_key(ip)] = m.pod_value(groups)
+    flag = m.FLAG_VALUE.pack(1)
+    for sid, prefixes in state.peers.items():
+        for p in prefixes:
+            out["podnet_pol_peers"][m.peer_key(sid, p)] = flag
+    for sid, members in state.ports.items():
+        for ip, port in members:
+            out["podnet_pol_ports"][m.port_key(sid, ip, port)] = flag
+    return out
+
+
+def diff_ops(have: Contents, want: Contents) -> list[MapOp]:
+    ops = []
+    for name in WRITE_ORDER:
+        h = have.get(name, {})
+        ops.extend(MapOp(name, k, v) for k, v in want[name].items() if h.get(k) != v)
+    for name in DELETE_ORDER:
+        w = want[name]
+        ops.extend(MapOp(name, k, None) for k in have.get(name, {}) if k not in w)
+    return ops
+
+
+class EbpfPolicyProgrammer:
+    """The eBPF counterpart of policy.applier.PolicyProgrammer, with the same calls:
+    `sync(pods, namespaces, policies, local_pod_ips)` / `sync_live(live)` after a change,
+    `verify()` now and then, `resync()` to rewrite. The compiled state is the same value
+    (`state`), so `podnet policy explain` and the nftables backend read the same thing."""
+
+    def __init__(self, pin_dir: str | Path, interfaces=pod_interfaces):
+        self.maps = PolicyMaps(pin_dir)
+        self.interfaces = interfaces  # () -> the pod veths to attach to
+        self.inputs = InputCache()
+        self.compiler = PolicyCompiler()
+        self.state: PolicyState = EMPTY_STATE
+        self.map_state: m.MapState = m.EMPTY_MAPS
+        self.local: frozenset[str] = frozenset()
+        self.applied: Contents | None = None  # what the maps hold; None: read them back first
+        self.attached_to: set[str] = set()
+        self._restart = False
+
+    # ---- the PolicyProgrammer calls
+
+    def sync(self, pods: Iterable[Pod], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
+             local_pod_ips: Iterable[str]) -> EbpfChanges:
+        inputs = self.inputs.inputs(pods, namespaces, policies, local_pod_ips)
+        self.state = self.compiler.compile(inputs)
+        self.local = frozenset(inputs.local_ips)
+        return self._apply()
+
+    def sync_live(self, live: LiveInputs) -> EbpfChanges:
+        inputs, delta = live.take()
+        if self._restart:
+            self.compiler, delta = PolicyCompiler(), None
+        try:
+            self.state = self.compiler.compile(inputs, delta)
+        except BaseException:
+            self._restart = True
+            raise
+        self._restart = False
+        self.local = frozenset(inputs.local_ips)
+        return self._apply()
+
+    def verify(self) -> list[str]:
+        """Differences between the kernel and what was applied: maps (pins gone, entries
+        changed), programs detached. Any makes the next sync read everything back."""
+        if self.applied is None:
+            return ["nothing applied yet"]
+        diffs = [f"map {n} missing" for n in self.maps.missing()]
+        if not diffs:
+            try:
+                kernel = self._read()
+            except EbpfPolicyError as e:
+                kernel, diffs = {}, [f"maps unreadable: {e}"]
+            for name in COMPARED if not diffs else ():
+                have, want = kernel[name], self.applied[name]
+                extra = sum(1 for k in have if k not in want)
+                wrong = sum(1 for k, v in want.items() if have.get(k) != v)
+                if extra or wrong:
+                    diffs.append(f"map {name}: {wrong} entries missing or changed, {extra} not podnet's")
+        for ifname in self.interfaces():
+            diffs.extend(attached(ifname, self.maps))
+        if diffs:
+            self.applied = None
+            self.attached_to = set()
+        return diffs
+
+    def resync(self) -> EbpfChanges:
+        self.applied = None
+        self.attached_to = set()
+        return self._apply()
+
+    # ---- applying
+
+    def _read(self) -> Contents:
+        return {name: self.maps.dump(name) for name in COMPARED}
+
+    def _apply(self) -> EbpfChanges:
+        start = time.perf_counter()
+        ch = EbpfChanges()
+        self.map_state = m.map_state(self.state, self.local)
+        ch.loaded = self.maps.ensure_loaded()
+        if ch.loaded or self.applied is None:
+            ch.full = True
+            have = self._read()
+        else:
+            have = self.applied
+        want = desired_contents(self.map_state, have)
+        ops = diff_ops(have, want)
+        try:
+            self.maps.apply(ops)
+        except EbpfPolicyError:
+            self.applied = None  # some of it landed: read the maps back next time
+            raise
+        ch.written = sum(1 for op in ops if op.value is not None)
+        ch.deleted = len(ops) - ch.written
+        self.applied = want
+        # attach after the maps hold the state: a pod's program never sees its pod missing
+        ifaces = set(self.interfaces())
+        for ifname in sorted(ifaces - self.attached_to if not ch.loaded else ifaces):
+            if ch.loaded or attached(ifname, self.maps):  # a restart finds them attached
+                attach(ifname, self.maps)
+                ch.attached += 1
+        self.attached_to = ifaces
+        ch.seconds = time.perf_counter() - start
+        return ch
