@@ -7,6 +7,9 @@ macvlan net1 on data0 with a podnet-ipam address from an Attachment pool, a brid
 with host-local between pods of one node, and macvlan + static IPAM with ips and mac asked
 by the pod. The runtime is podnet.lab.runtime (libcni's behaviour).
 
+Also vlan (VLAN 42 on data0, when the kernel has 802.1Q links) and host-device (a veth of the
+node moved into the pod and back) delegates, with podnet-ipam addresses.
+
 Checked: net1 reaches the external host from the pool address with no NAT while eth0 still
 carries pod-to-pod traffic; the network-status annotation; addresses unique across nodes
 under 20 concurrent ADDs; bad input fails the ADD naming the pod and the network and leaves
@@ -353,3 +356,119 @@ def test_default_route_moves_the_pods_default_route_to_net1(lab):
     node["runtime"].delete(other_conf)
     node["runtime"].delete(conf)
     assert links(pod) == ["lo"] and handles(lab["kv"]) == []
+
+
+def vlan_of(ns: str, ifname: str) -> int | None:
+    link = json.loads(in_ns(ns, "ip", "-d", "-j", "link", "show", ifname).stdout)[0]
+    info = link.get("linkinfo") or {}
+    return info.get("info_data", {}).get("id") if info.get("info_kind") == "vlan" else None
+
+
+def kernel_has_vlan(ns: str) -> bool:
+    """Whether this kernel makes 802.1Q links (CONFIG_VLAN_8021Q), tried in the test's namespace."""
+    made = in_ns(ns, "ip", "link", "add", "link", "lo", "name", "probe.7", "type", "vlan", "id", "7", check=False)
+    if made.returncode == 0:
+        in_ns(ns, "ip", "link", "del", "probe.7")
+    return made.returncode == 0
+
+
+def add_vlan_network(lab) -> None:
+    lab["objects"].apply([
+        IPPool.model_validate({"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "vlan42"},
+                               "spec": {"cidr": "10.98.42.64/26", "blockSize": 29, "allowedUses": ["Attachment"]}}),
+        nad("tagged", {"cniVersion": "1.0.0", "type": "vlan", "master": "data0", "vlanId": 42,
+                       "ipam": {"type": "podnet-ipam", "pools": ["vlan42"], "subnet": "10.98.42.0/24"}})])
+
+
+def test_vlan_attachment_carries_tagged_frames_on_data0(lab):
+    """net1 is a VLAN 42 link on data0: the external host answers on its own VLAN 42 link only
+    (its untagged eth0 holds no address of that subnet), and the pods of two nodes reach each
+    other over the tagged segment."""
+    ext = lab["ext"]
+    if not kernel_has_vlan(ext):
+        pytest.skip("this kernel has no 802.1Q VLAN links (CONFIG_VLAN_8021Q)")
+    in_ns(ext, "ip", "link", "add", "link", "eth0", "name", "eth0.42", "type", "vlan", "id", "42")
+    in_ns(ext, "ip", "addr", "add", "10.98.42.1/24", "dev", "eth0.42")
+    in_ns(ext, "ip", "link", "set", "eth0.42", "up")
+    add_vlan_network(lab)
+    pods = []
+    for i in (1, 2):
+        pod, conf = new_pod(lab, f"vl{i}", "tagged")
+        lab["nodes"][i]["runtime"].add(conf)
+        pods.append((i, pod, conf))
+        assert vlan_of(pod, "net1") == 42 and addr_of(pod, "net1").startswith("10.98.42.")
+    for _, pod, _ in pods:
+        in_ns(pod, "ping", "-c1", "-W2", "10.98.42.1")
+    seen, own = connect_from(lab, pods[0][1], pods[1][1], addr_of(pods[1][1], "net1"), 7006)
+    assert seen == own == addr_of(pods[0][1], "net1")
+    # Without the external host's VLAN 42 link the address is gone: the frames above carried tag 42.
+    in_ns(ext, "ip", "link", "del", "eth0.42")
+    assert in_ns(pods[0][1], "ping", "-c1", "-W1", "10.98.42.1", check=False).returncode != 0
+    for i, pod, conf in pods:
+        lab["nodes"][i]["runtime"].delete(conf)
+        assert links(pod) == ["lo"]
+        assert [ln for ln in links(lab["nodes"][i]["ns"]) if ln not in ("lo", "data0")] == []
+    assert handles(lab["kv"]) == []
+
+
+def test_vlan_attachment_on_a_kernel_without_vlans_fails_the_add_and_leaves_nothing(lab):
+    node = lab["nodes"][1]
+    if kernel_has_vlan(node["ns"]):
+        pytest.skip("this kernel makes VLAN links: the packet test above runs instead")
+    add_vlan_network(lab)
+    before = links(node["ns"])
+    pod, conf = new_pod(lab, "vl0", "underlay, tagged")
+    with pytest.raises(CNIError) as err:
+        node["runtime"].add(conf)
+    assert err.value.code == 104, err.value
+    assert "pod default/vl0: network default/tagged (interface net2): CNI ADD failed in plugin vlan" in err.value.msg
+    assert links(pod) == ["lo"] and links(node["ns"]) == before
+    assert handles(lab["kv"]) == [] and lab["kv"].list(ATTACHMENTS_PREFIX)[0] == []
+
+
+def test_host_device_moves_a_link_into_the_pod_and_back(lab):
+    """host-device moves node-1's hd0 (a veth to the external host) into the pod as net1 with a
+    podnet-ipam address; DEL gives it back to the node under its own name. With the pod's
+    namespace deleted first, the kernel removes the virtual link with it (a physical one
+    returns to the root namespace) and DEL still frees the address and the record."""
+    node = lab["nodes"][1]
+    ext = lab["ext"]
+
+    def make_device() -> None:
+        in_ns(node["ns"], "ip", "link", "add", "hd0", "type", "veth", "peer", "name", "hdx", "netns", ext)
+        in_ns(ext, "ip", "addr", "add", "10.96.0.1/24", "dev", "hdx")
+        in_ns(ext, "ip", "link", "set", "hdx", "up")
+
+    make_device()
+    lab["objects"].apply([
+        IPPool.model_validate({"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "devices"},
+                               "spec": {"cidr": "10.96.0.64/26", "blockSize": 29, "allowedUses": ["Attachment"]}}),
+        nad("device", {"cniVersion": "1.0.0", "type": "host-device", "device": "hd0",
+                       "ipam": {"type": "podnet-ipam", "pools": ["devices"], "subnet": "10.96.0.0/24"}})])
+    pod, conf = new_pod(lab, "hd1", "device")
+    node["runtime"].add(conf)
+    assert "hd0" not in links(node["ns"]) and links(pod) == ["eth0", "lo", "net1"]
+    net1 = addr_of(pod, "net1")
+    assert net1.startswith("10.96.0.")
+    seen, own = connect_from(lab, ext, pod, net1, 7007)
+    assert seen == "10.96.0.1" and own == "10.96.0.1"
+    node["runtime"].delete(conf)
+    assert links(pod) == ["lo"] and "hd0" in links(node["ns"])
+    assert handles(lab["kv"]) == []
+
+    # Again, and this time the pod's namespace goes before the DEL.
+    pod, conf = new_pod(lab, "hd2", "device")
+    node["runtime"].add(conf)
+    in_ns(pod, "ping", "-c1", "-W2", "10.96.0.1")
+    subprocess.run(["ip", "netns", "del", pod], check=True)
+    lab["ns"].created.remove(pod)
+    node["runtime"].delete(conf)
+    assert handles(lab["kv"]) == [] and lab["kv"].list(ATTACHMENTS_PREFIX)[0] == []
+    # The veth went with the namespace; a new device of the same name serves the next pod.
+    assert "hd0" not in links(node["ns"])
+    make_device()
+    pod, conf = new_pod(lab, "hd3", "device")
+    node["runtime"].add(conf)
+    in_ns(pod, "ping", "-c1", "-W2", "10.96.0.1")
+    node["runtime"].delete(conf)
+    assert "hd0" in links(node["ns"]) and handles(lab["kv"]) == []
