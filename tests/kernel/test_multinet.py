@@ -226,6 +226,11 @@ def test_net1_reaches_the_external_host_directly_while_eth0_is_unchanged(lab):
         (NETWORK, "eth0", [eth0_b]), ("default/underlay", "net1", [net1_b]),
         ("default/pod-bridge", "net2", [addr_of(pod_b, "net2")]), ("default/fixed", "fix0", ["10.99.0.200"])]
     assert status[0]["default"] is True and status[3]["mac"] == "02:00:0a:63:00:c8"
+    # `podnet get pod -o wide` lists every interface of the pod with its network.
+    wide = subprocess.run([sys.executable, "-m", "podnet.cli.main", "get", "pod", "mb", "-o", "wide"],
+                          env={**os.environ, "PODNET_STORE": lab["url"]}, capture_output=True, text=True, timeout=60)
+    assert (f"eth0={eth0_b},net1={net1_b}(default/underlay),net2={addr_of(pod_b, 'net2')}(default/pod-bridge),"
+            "fix0=10.99.0.200(default/fixed)") in wide.stdout, wide
 
     # CHECK through every network's plugins, then DEL: nothing left.
     rt1.check(conf_b)
