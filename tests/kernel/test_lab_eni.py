@@ -9,6 +9,7 @@ the address back to the pool."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -25,16 +26,25 @@ from podnet.lab.connectivity import probe_all
 from podnet.lab.runtime import RuntimeConf, k8s_args, result_ips
 from podnet.model.objects import ObjectMeta, Pod, PodSpec
 from tests.kernel.labs import echo_connection, running_lab
+from tests.support.bgp import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "lab", "eni.yaml")
+RESYNC = 5  # seconds: the drift test waits for one resync
+
+
+SAME_SUBNET = "10.40.1.0/24"
 
 
 @pytest.fixture(scope="module")
 def lab():
-    spec = yaml.safe_load(open(EXAMPLE))["spec"]
+    spec = {**yaml.safe_load(open(EXAMPLE))["spec"], "resyncSeconds": RESYNC}
+    # the shared nodes' ENIs in one subnet, every run: a pod reaches another node's pod in its
+    # own subnet through the gateway, as it reaches one in another subnet (x-1's)
+    shared = next(n for n in spec["cloud"]["networks"] if n["name"] == "shared")
+    shared["subnets"] = [SAME_SUBNET]
     with running_lab(spec, "eni", timeout=120) as lab:
         yield lab
 
@@ -64,6 +74,25 @@ def test_pods_reach_pods_and_the_vpc_host_by_their_vpc_addresses(lab):
         assert ip(lab, pod).startswith("10.40.")
     state = cloud_state(lab)
     assert state["duplicates"] == [] and state["limit_errors"] == {}
+
+
+def test_pods_of_two_nodes_in_one_subnet_reach_each_other_through_the_gateway(lab):
+    """An ENI's table routes the whole VPC, its own subnet too, via the subnet's gateway: the
+    fabric (like EC2) delivers a secondary address by its ENI, not by ARP from the sender."""
+    a1, b1 = ip(lab, "a-1"), ip(lab, "b-1")
+    assert ipaddress.ip_address(a1) in ipaddress.ip_network(SAME_SUBNET)
+    assert ipaddress.ip_address(b1) in ipaddress.ip_network(SAME_SUBNET)
+    (r,) = lab.probe("b-1", [f"tcp:{a1}:8080"], timeout=5)
+    assert r["ok"] and r["peer"] == b1, r
+    (r,) = lab.probe("a-1", [f"tcp:{b1}:8080"], timeout=5)
+    assert r["ok"] and r["peer"] == a1, r
+    for node in ("node-1", "node-2"):  # and a node reaches the other's pods by the VPC, not by ARP on its ENI
+        ns = lab.node(node)["netns"]
+        main = json.loads(subprocess.run(["ip", "-n", ns, "-j", "route", "show", "table", "main"],
+                                         capture_output=True, text=True, check=True).stdout)
+        assert not any(rt["dst"] == SAME_SUBNET for rt in main), main
+    rows = [row for row in probe_all(lab, timeout=3) if row.kind == "node->pod/vpc"]
+    assert rows and all(row.ok for row in rows), rows
 
 
 def test_the_dataplane_of_each_mode(lab):
@@ -113,6 +142,63 @@ def test_kill_9_of_an_agent_keeps_pods_working_and_hands_out_no_address_twice(la
         assert cloud_state(lab)["duplicates"] == []
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def ip_json(netns: str, *args: str) -> list[dict]:
+    return json.loads(subprocess.run(["ip", "-n", netns, "-j", *args], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def pod_rule(netns: str, pod_ip: str) -> dict | None:
+    return next((r for r in ip_json(netns, "rule") if r.get("src") == pod_ip and r.get("table") != "main"), None)
+
+
+def host_route(netns: str, pod_ip: str) -> dict | None:
+    return next((r for r in ip_json(netns, "route", "show", "table", "main") if r["dst"] == pod_ip), None)
+
+
+def table_default(netns: str, table: str) -> dict | None:
+    return next((r for r in ip_json(netns, "route", "show", "table", table) if r["dst"] == "default"), None)
+
+
+def b1_reaches_a1(lab) -> None:
+    (r,) = lab.probe("b-1", [f"tcp:{ip(lab, 'a-1')}:8080"], timeout=5)
+    assert r["ok"] and r["peer"] == ip(lab, "b-1"), r
+
+
+def test_a_pod_rule_deleted_behind_the_agent_comes_back_within_a_resync(lab):
+    n1, a1 = lab.node("node-1")["netns"], ip(lab, "a-1")
+    rule = pod_rule(n1, a1)
+    assert rule is not None
+    subprocess.run(["ip", "-n", n1, "rule", "del", "from", a1, "lookup", str(rule["table"])], check=True)
+    assert pod_rule(n1, a1) is None
+    back = wait_until(lambda: pod_rule(n1, a1), "a-1's rule restored by the eni dataplane", timeout=RESYNC * 3 + 10)
+    assert back["table"] == rule["table"]
+    b1_reaches_a1(lab)
+
+
+def test_a_pod_host_route_deleted_behind_the_agent_comes_back_within_a_resync(lab):
+    n1, a1 = lab.node("node-1")["netns"], ip(lab, "a-1")
+    route = host_route(n1, a1)
+    assert route is not None and route["dev"].startswith("pn")
+    subprocess.run(["ip", "-n", n1, "route", "del", f"{a1}/32", "dev", route["dev"]], check=True)
+    assert host_route(n1, a1) is None
+    back = wait_until(lambda: host_route(n1, a1), "a-1's host route restored", timeout=RESYNC * 3 + 10)
+    assert back["dev"] == route["dev"]
+    b1_reaches_a1(lab)
+
+
+def test_a_route_of_an_eni_table_deleted_behind_the_agent_comes_back_within_a_resync(lab):
+    n1, a1 = lab.node("node-1")["netns"], ip(lab, "a-1")
+    table = str(pod_rule(n1, a1)["table"])
+    route = table_default(n1, table)
+    assert route is not None
+    subprocess.run(["ip", "-n", n1, "route", "del", "default", "table", table], check=True)
+    assert table_default(n1, table) is None
+    back = wait_until(lambda: table_default(n1, table), f"table {table}'s default route restored",
+                      timeout=RESYNC * 3 + 10)
+    assert back["gateway"] == route["gateway"]
+    b1_reaches_a1(lab)
 
 
 def test_with_the_cloud_api_down_pods_keep_working_and_the_warm_pool_still_serves(lab):

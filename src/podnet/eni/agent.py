@@ -201,29 +201,38 @@ class EniDataplane(Dataplane):
         if self._mark is not None:
             self._mark()
 
+    def _routing(self):
+        from podnet.eni.routing import EniRouting
+
+        if self.agent.routing is None:
+            self.agent.routing = EniRouting()
+        return self.agent.routing
+
     def sync(self, full: bool) -> str:
         pool = self.agent.pool
         if pool is None or self.agent.mode != "shared":
             return ""
-        from podnet.eni.pods import desired_routing
+        from podnet.eni.pods import desired_routing, pod_handles
 
-        routing = self.agent.routing
-        if routing is None:
-            from podnet.eni.routing import EniRouting
-
-            routing = self.agent.routing = EniRouting()
+        routing = self._routing()
         enis, rules = desired_routing(pool)
-        return "; ".join(c for c in routing.sync(enis, rules) if not c.startswith("waiting"))
+        changes = [c for c in routing.sync(enis, rules) if not c.startswith("waiting")]
+        if full:  # a pod's host route is the pod dataplane's; it has no resync of its own
+            changes += routing.host_routes(pod_handles(pool), repair=True)
+        return "; ".join(changes)
 
     def verify(self) -> list[str]:
         pool, routing = self.agent.pool, self.agent.routing
         if pool is None or routing is None or self.agent.mode != "shared":
             return []
-        from podnet.eni.pods import desired_routing
+        from podnet.eni.pods import desired_routing, pod_handles
 
-        _, rules = desired_routing(pool)
+        enis, rules = desired_routing(pool)
         have = routing.pod_rules()
-        return [f"rule from {a} lookup {t} is missing" for a, t in rules.items() if have.get(a) != t]
+        problems = [f"rules of {a} (from it lookup {t}) are missing" for a, t in rules.items() if have.get(a) != t]
+        for eni in enis:
+            problems += routing.table_problems(eni)
+        return problems + [f"{m} is missing" for m in routing.host_routes(pod_handles(pool), repair=False)]
 
     def close(self) -> None:
         pass

@@ -42,6 +42,12 @@ def desired_routing(pool: EniPool) -> tuple[list[EniLink], dict[str, int]]:
     return enis, rules
 
 
+def pod_handles(pool: EniPool) -> dict[str, str]:
+    """Pod address -> its CNI handle, for every address a pod holds."""
+    with pool._cond:
+        return dict(pool.state.assigned)
+
+
 class EniPods:
     """Shared mode: the node's pod dataplane, plus each pod's rule."""
 
