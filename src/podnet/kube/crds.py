@@ -129,6 +129,24 @@ def crd(cls: type[KubeObject]) -> dict:
     }
 
 
+def network_attachment_definition_crd() -> dict:
+    """Multus's CustomResourceDefinition of NetworkAttachmentDefinition (k8s.cni.cncf.io/v1),
+    which podnet reads but does not own: a cluster with Multus has it already; the lab
+    installs it on its API server."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "network-attachment-definitions.k8s.cni.cncf.io"},
+        "spec": {"group": "k8s.cni.cncf.io", "scope": "Namespaced",
+                 "names": {"plural": "network-attachment-definitions", "singular": "network-attachment-definition",
+                           "kind": "NetworkAttachmentDefinition", "shortNames": ["net-attach-def"]},
+                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                     "type": "object", "properties": {
+                         "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                         "metadata": {"type": "object"},
+                         "spec": {"type": "object", "properties": {"config": {"type": "string"}}}}}}}]},
+    }
+
+
 class _Dumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:  # every schema written out in full, no &anchors
         return True

@@ -24,6 +24,9 @@ Warning Event naming the field and, for podnet's kinds, the status condition Acc
 When a node's agent has programmed the node it says so in the store (/podnet-alloc/agents/<node>,
 written by the agent); kube-sync then sets the Node's condition NetworkUnavailable=False, as
 Calico does, so that the scheduler places pods there.
+
+The network-status annotation an agent writes into a Pod in the store (a Pod with additional
+networks) is patched onto the API Pod, and reflecting the API Pod keeps it (kube/podstatus.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from podnet.kube import podstatus
 from podnet.kube.client import ApiError, KubeClient, KubeError, Resource
 from podnet.kube.leader import LeaderElector
 from podnet.kube.project import Rejected, ref_of, to_stored
@@ -50,12 +54,13 @@ from podnet.store.base import (
     StoreUnavailable,
 )
 from podnet.store.layout import AGENTS, KUBE_SYNC_FENCE
-from podnet.store.objects import kind_prefix, object_key
+from podnet.store.objects import kind_prefix, object_key, split_object_key
 
 log = logging.getLogger("podnet.kube")
 
 PODNET_GROUP = "podnet.io"
 NODES = Resource("", "v1", "nodes", "Node", False)
+PODS = Resource("", "v1", "pods", "Pod", True)
 EVENTS = Resource("", "v1", "events", "Event", True)
 COMPONENT = "podnet-kube-sync"
 
@@ -95,6 +100,7 @@ class Reporter:
         self._accepted: set[str] = set()  # uids whose Accepted=True was written
         self._ready_nodes: set[str] = set()
         self._available: set[str] = set()  # nodes whose condition is NetworkUnavailable=False
+        self._statuses: dict[str, tuple[str, str]] = {}  # ns/name -> (uid, network-status) queued
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.done = 0
@@ -191,6 +197,32 @@ class Reporter:
             if e.code != 404:
                 raise
             log.info("%s: no status to write (%s)", ref_of(obj), e.message)
+
+    # ------------------------------------------------------------ network-status
+
+    def network_status(self, namespace: str, name: str, uid: str, text: str) -> None:
+        """The API Pod should carry the store's network-status annotation: patch it (once while
+        that patch waits in the queue; again when asked after it was sent)."""
+        key = f"{namespace}/{name}"
+        with self._lock:
+            if self._statuses.get(key) == (uid, text):
+                return
+            self._statuses[key] = (uid, text)
+        if self.enabled:
+            self._queue.put(lambda: self._patch_network_status(namespace, name, uid, text))
+
+    def _patch_network_status(self, namespace: str, name: str, uid: str, text: str) -> None:
+        with self._lock:
+            self._statuses.pop(f"{namespace}/{name}", None)  # sent from now on: a later loss asks again
+        try:
+            self.client.patch(PODS, name, podstatus.patch(uid, text), namespace)
+        except ApiError as e:
+            if e.code not in (404, 409):
+                raise
+            # gone, or made again under the same name (the uid precondition)
+            log.info("Pod %s/%s: network-status not patched: %s", namespace, name, e.message)
+            return
+        log.info("Pod %s/%s: network-status annotation patched from the store", namespace, name)
 
     # ------------------------------------------------------------ NetworkUnavailable
 
@@ -304,6 +336,8 @@ class StoreWriter:
             self.reporter.accepted(obj)
             skey = _store_key(cls, ch.key)
             old = self.stored.get(skey)
+            if cls.KIND == "Pod":
+                value = self._keep_network_status(skey, value, old[0] if old else None)
             if old is not None and old[0] == value:
                 self.stats.unchanged += 1
                 continue
@@ -316,6 +350,16 @@ class StoreWriter:
                 if skey not in touched and _kind_of_store_key(skey) == cls.KIND:
                     ops.append(Op.delete(skey, self.stored[skey][1]))
         self.commit(ops)
+
+    def _keep_network_status(self, skey: str, value: dict, stored: dict | None) -> dict:
+        """The store's network-status annotation stays (the agent wrote it); an API Pod without
+        it gets it patched on."""
+        value, missing = podstatus.carry(value, stored)
+        if missing is not None:
+            parts = split_object_key(skey)
+            if parts is not None:
+                self.reporter.network_status(parts[1] or "default", parts[2], podstatus.uid(value), missing)
+        return value
 
     def commit(self, ops: list[Op], stopping: threading.Event | None = None) -> None:
         step = self.batch_size - 1  # and the fencing compare
@@ -367,9 +411,12 @@ class StoreWriter:
             if op.key != key:
                 out.append(op)
             elif op.kind == "put":
-                if rec is not None and rec.value == op.value:
+                value = op.value
+                if rec is not None and _kind_of_store_key(key) == "Pod":
+                    value = self._keep_network_status(key, value, rec.value)  # type: ignore[arg-type]
+                if rec is not None and rec.value == value:
                     continue
-                out.append(Op.update(key, op.value, rec.revision) if rec else Op.create(key, op.value))  # type: ignore[arg-type]
+                out.append(Op.update(key, value, rec.revision) if rec else Op.create(key, value))  # type: ignore[arg-type]
             elif rec is not None:
                 out.append(Op.delete(key, rec.revision))
         return out
@@ -416,6 +463,7 @@ class KubeSync:
         self.deposed = False
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
         self._agents_kv: KeyValueStore | None = None
+        self._pods_kv: KeyValueStore | None = None
         self.progress = threading.Condition()  # notified after each round of writes
 
     def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
@@ -448,6 +496,9 @@ class KubeSync:
                 threads.append(threading.Thread(target=r.run, name=f"reflect-{r.name}", daemon=True))
             threads.append(threading.Thread(target=self._follow_agents, args=(reporter, end), name="agents",
                                             daemon=True))
+            if any(cls.KIND == "Pod" for cls in self.kinds):
+                threads.append(threading.Thread(target=self._follow_network_status, args=(reporter, end),
+                                                name="network-status", daemon=True))
             for t in threads:
                 t.start()
             threading.Thread(target=self._watch_end, args=(lost, end), daemon=True).start()
@@ -460,8 +511,9 @@ class KubeSync:
         finally:
             end.set()
             self._queue.put(None)
-            if self._agents_kv is not None:
-                self._agents_kv.close()
+            for own in (self._agents_kv, self._pods_kv):
+                if own is not None:
+                    own.close()
             for r in self.reflectors:
                 r.client.close()
             for t in threads:
@@ -527,4 +579,40 @@ class KubeSync:
                 if end.is_set():
                     return
                 log.warning("following the agents' readiness: %s; again in a moment", e)
+                end.wait(1.0)
+
+    def _follow_network_status(self, reporter: Reporter, end: threading.Event) -> None:
+        """Pods whose network-status the agent wrote into the store: the API Pod gets it too."""
+        prefix = kind_prefix(KINDS["Pod"])
+        pods = next(r for r in self.reflectors if r.resource.kind == "Pod")
+
+        def seen(key: str, value: object) -> None:
+            text = podstatus.annotation(value)
+            parts = split_object_key(key)
+            if text is None or parts is None:
+                return
+            ns, name = parts[1] or "default", parts[2]
+            api = pods.objects.get(f"{ns}/{name}")
+            if api is None or podstatus.uid(api) != podstatus.uid(value) or podstatus.annotation(api) == text:
+                return  # not (or no longer) in the API, or it has it already
+            reporter.network_status(ns, name, podstatus.uid(value), text)
+
+        while not end.is_set():
+            try:
+                if not pods.synced.wait(1.0):
+                    continue
+                kv = self._pods_kv = self.open_kv()
+                records, rev = kv.list(prefix)
+                for r in records:
+                    seen(r.key, r.value)
+                for ev in kv.watch(prefix, rev + 1, previous=False):
+                    if end.is_set():
+                        return
+                    if ev.type != "DELETED":
+                        seen(ev.key, ev.value)
+                return
+            except StoreError as e:
+                if end.is_set():
+                    return
+                log.warning("following the Pods' network-status in the store: %s; again in a moment", e)
                 end.wait(1.0)
