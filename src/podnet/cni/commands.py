@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from podnet.cni.attachments import attachment_handle, attachment_key, node_attachments_prefix
 from podnet.cni.errors import CNIError
+from podnet.cni.podwait import ABSENT, deleted_since, pod_uid, wait_for_pod
 from podnet.cni.sessions import Sessions, store_call
 from podnet.cni.spec import (
     E_CHECK_FAILED,
@@ -35,6 +36,7 @@ from podnet.cni.spec import (
     E_NETWORK,
     E_NOT_READY,
     E_NOT_READY_LIMITED,
+    E_POD_GONE,
     E_TRY_AGAIN,
     SUPPORTED_VERSIONS,
     VALID_ATTACHMENTS,
@@ -81,14 +83,14 @@ class Commands:
         problem = self.verify_netns(req.netns)
         if problem:
             raise CNIError(E_INVALID_NETNS, problem)
+        namespace = req.namespace or "default"
         if self.pod_wait and req.pod:
-            from podnet.cni.podwait import wait_for_pod
-
             with self._sessions.session() as (kv, _):
-                wait_for_pod(kv, req.namespace or "default", req.pod, self.pod_wait)
+                wait_for_pod(kv, namespace, req.pod, self.pod_wait)
         key = attachment_key(self.node, req.handle)
         config = MultinetConfig.from_netconf(req.config)
         with self._sessions.session() as (kv, ipam):
+            uid = store_call(lambda: pod_uid(kv, namespace, req.pod)) if req.pod else ABSENT
             existing = store_call(lambda: kv.get(key))
             if existing is not None:
                 # An earlier ADD of this attachment never finished, or its DEL never came: start clean.
@@ -144,7 +146,22 @@ class Commands:
                 log.exception("CNI ADD %s: pod dataplane failed", req.handle)
                 raise CNIError(E_DATAPLANE, f"setting up the pod interface {req.ifname} in {req.netns} failed: {e}",
                                "; ".join(undo_errors)) from None
+            if req.pod and store_call(lambda: deleted_since(kv, namespace, req.pod, uid)):
+                self._pod_deleted(kv, ipam, req, key, config)
         return 0, json.dumps(result)
+
+    def _pod_deleted(self, kv: KeyValueStore, ipam: Any, req: Request, key: str, config: MultinetConfig) -> None:
+        """The Pod went while its ADD ran: remove everything the ADD made (its additional
+        networks too: the record lists them) and fail. The kubelet will not start this sandbox,
+        and its DEL may never come."""
+        ref = f"{req.namespace or 'default'}/{req.pod}"
+        log.warning("CNI ADD %s: pod %s was deleted while its ADD ran; removing its interfaces and addresses",
+                    req.handle, ref)
+        record = store_call(lambda: kv.get(key))
+        self._teardown(kv, ipam, req.container_id, req.ifname, req.netns, req.handle, key,
+                       record.value if record is not None else None, req.cni_path, config)
+        raise CNIError(E_POD_GONE, f"pod {ref} was deleted while its ADD ran: its interfaces and addresses are "
+                                   "removed")
 
     def _allocate(self, ipam: Any, req: Request) -> Any:
         from podnet.ipam import IPAMError, IPAMExhausted, TooManyConflicts, TryLater

@@ -56,6 +56,7 @@ VALID_ATTACHMENTS_OLD = "cni.dev/attachments"  # the name in the first 1.1.0 tex
 
 # Well-known codes.
 E_INCOMPATIBLE_VERSION = 1
+E_CONTAINER_UNKNOWN = 3
 E_INVALID_ENV = 4
 E_IO = 5
 E_DECODING = 6
@@ -70,6 +71,7 @@ E_IPAM = 101
 E_DATAPLANE = 102
 E_CHECK_FAILED = 103
 E_NETWORK = 104
+E_POD_GONE = E_CONTAINER_UNKNOWN  # the Pod was deleted while its ADD ran
 E_INTERNAL = 999
 
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
