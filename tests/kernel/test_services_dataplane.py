@@ -82,7 +82,22 @@ from podnet.services.model import ServiceConfig
 from podnet.services.nftables import describe_delta
 
 backend = sys.argv[1] if len(sys.argv) > 1 else "nft"
-make = (lambda: NftServiceApplier()) if backend == "nft" else (lambda: IptablesServiceApplier(binary=backend))
+if backend == "ebpf":
+    from pyroute2 import IPRoute
+    from podnet.ebpf.bpffs import PinDir
+    from podnet.services.ebpf.applier import EbpfServiceApplier
+    pins = PinDir.for_instance(sys.argv[2])
+
+    def veths():  # the node's pod-facing veths (every one but the "wan" uplink)
+        with IPRoute() as ipr:
+            links = [(l.get_attr("IFLA_IFNAME"), l["index"], l.get_attr("IFLA_LINKINFO")) for l in ipr.get_links()]
+        return {n: i for n, i, info in links if n != "wan0" and info and info.get_attr("IFLA_INFO_KIND") == "veth"}
+
+    make = lambda: EbpfServiceApplier("node", pins=pins, interfaces=veths)
+elif backend == "nft":
+    make = lambda: NftServiceApplier()
+else:
+    make = lambda: IptablesServiceApplier(binary=backend)
 applier = make()
 health = HealthCheckServer()
 for line in sys.stdin:
@@ -143,8 +158,8 @@ print(json.dumps(out))
 class Node(NsDriver):
     """The Service applier, alive in the node namespace between syncs."""
 
-    def __init__(self, ns: str, backend: str = "nft"):
-        super().__init__(ns, DRIVER, backend, close_timeout=5)
+    def __init__(self, ns: str, backend: str = "nft", pins: str = ""):
+        super().__init__(ns, DRIVER, backend, pins, close_timeout=5)
         self.backend = backend
 
     def apply(self, objects: list[dict], **kw) -> dict:
@@ -195,7 +210,9 @@ class Topology:
             self.procs.append(p)
         for p in self.procs:
             assert p.stdout and p.stdout.readline().strip() == "ready"
-        self.driver = Node(node, backend)
+        self.backend = backend
+        self.pins = f"test-{ns.tag}"  # the eBPF backend's pin directory, removed by close()
+        self.driver = Node(node, backend, self.pins)
 
     def _veth(self, ns: str, host_if: str, bridge: str, ip: str, gw: str, plen: int) -> None:
         in_ns(self.node, "ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -210,6 +227,7 @@ class Topology:
             p.kill()
             p.wait()
         sh("rm", "-f", f"/tmp/{self.nsm.tag}-sctp", check=False)
+        sh("rm", "-rf", f"/sys/fs/bpf/podnet/{self.pins}", check=False)
 
     # -- probing
 
@@ -229,10 +247,10 @@ class Topology:
         in_ns(self.node, "conntrack", "-F", check=False)
 
 
-@pytest.fixture(scope="module")
-def topo():
+@pytest.fixture(scope="module", params=["nft", "ebpf"])
+def topo(request):
     with namespaces() as ns:
-        t = Topology(ns)
+        t = Topology(ns, request.param)
         try:
             yield t
         finally:
@@ -269,6 +287,26 @@ def names(results: list[str]) -> list[str]:
     return [r.split()[0] for r in results]
 
 
+EBPF_TODO = "eBPF Services: {} not implemented yet (docs/ebpf.md, Status)"
+
+
+def ebpf_lacks(topo, request, what: str) -> None:
+    """The whole test needs what the eBPF backend does not do yet: it runs and must fail."""
+    if topo.backend == "ebpf":
+        request.applymarker(pytest.mark.xfail(reason=EBPF_TODO.format(what), strict=True))
+
+
+def ebpf_stops_here(topo, what: str) -> None:
+    """What the test checked so far the eBPF backend does; from here on it lacks `what`."""
+    if topo.backend == "ebpf":
+        pytest.xfail(EBPF_TODO.format(what))
+
+
+def nft_only(topo, why: str) -> None:
+    if topo.backend != "nft":
+        pytest.skip(f"nftables internals: {why}")
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -278,7 +316,7 @@ def test_clusterip_tcp_spreads_evenly_and_udp_works(topo):
             slice_("web", [endpoint("b1"), endpoint("b2"), endpoint("b3")],
                    ports=[{"name": "http", "port": 8080}, {"name": "dns", "port": UDP_PORT, "protocol": "UDP"}])]
     r = topo.driver.apply(objs)
-    assert r["sent"] and r["full"] and r["reason"] == "table missing"
+    assert r["sent"] and r["full"] and r["reason"] == ("table missing" if topo.backend == "nft" else "maps empty")
     results = names(topo.probe("10.96.0.10", 80, count=300))
     counts = {b: results.count(b) for b in ("b1", "b2", "b3")}
     assert sum(counts.values()) == 300, results[:5]
@@ -306,7 +344,8 @@ def test_multiple_ports_and_named_target_ports(topo):
     assert topo.probe("10.96.0.11", 82, timeout=0.5) == ["refused"]  # not a port of the Service: rejected
 
 
-def test_sctp_is_dnated_to_a_backend(topo):
+def test_sctp_is_dnated_to_a_backend(topo, request):
+    ebpf_lacks(topo, request, "SCTP")
     objs = [service("sig", "10.96.0.12", [{"port": 9000, "protocol": "SCTP", "targetPort": 7777}]),
             slice_("sig", [endpoint("b4")], ports=[{"port": 7777, "protocol": "SCTP"}])]
     topo.driver.apply(objs)
@@ -349,6 +388,7 @@ def test_no_endpoints_is_refused_fast_and_unused_service_ips_time_out(topo):
     assert udp == "refused" and t_udp < 0.5
     (unused, t_unused), = topo.probe_timed("10.96.0.250", 80, timeout=0.7)
     assert unused == "timeout" and t_unused >= 0.6
+    ebpf_stops_here(topo, "traffic from the node itself (cgroup connect hooks)")
     # from the node itself, too
     res = json.loads(py_in(topo.node, PROBE.replace(
         "sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])",
@@ -356,7 +396,8 @@ def test_no_endpoints_is_refused_fast_and_unused_service_ips_time_out(topo):
     assert res[0][0] == "refused"
 
 
-def test_nodeport_from_outside_and_from_the_node_is_masqueraded(topo):
+def test_nodeport_from_outside_and_from_the_node_is_masqueraded(topo, request):
+    ebpf_lacks(topo, request, "NodePort")
     objs = [service("np", "10.96.0.14", type="NodePort",
                     ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080},
                            {"name": "u", "port": 53, "protocol": "UDP", "targetPort": UDP_PORT, "nodePort": 30053}]),
@@ -375,7 +416,8 @@ def test_nodeport_from_outside_and_from_the_node_is_masqueraded(topo):
         assert set(names([r for r, _ in res])) <= {"b1", "b2"} and res[0][0] != "refused", res
 
 
-def test_external_ips_and_load_balancer_source_ranges(topo):
+def test_external_ips_and_load_balancer_source_ranges(topo, request):
+    ebpf_lacks(topo, request, "externalIPs from outside the node and source ranges")
     lb = service("lb", "10.96.0.15", type="LoadBalancer", externalIPs=["198.51.100.5"],
                  loadBalancerSourceRanges=[f"{CLIENT}/32"],
                  ports=[{"port": 80, "targetPort": 8080, "nodePort": 30081}],
@@ -410,7 +452,8 @@ def test_session_affinity_sticks_to_one_backend(topo):
     assert len(set(moved)) == 1 and moved[0] != chosen
 
 
-def test_external_traffic_policy_local_keeps_the_client_address(topo):
+def test_external_traffic_policy_local_keeps_the_client_address(topo, request):
+    ebpf_lacks(topo, request, "NodePort")
     svc = service("local", "10.96.0.17", type="NodePort", externalTrafficPolicy="Local",
                   healthCheckNodePort=31999, ports=[{"port": 80, "targetPort": 8080, "nodePort": 30082}])
     objs = [svc, slice_("local", [endpoint("b1"), endpoint("b2", node="n2")], ports=[{"port": 8080}])]
@@ -440,7 +483,8 @@ def test_internal_traffic_policy_local(topo):
     assert topo.probe("10.96.0.18", 80, timeout=0.7) == ["timeout"]
 
 
-def test_hairpin_a_pod_reaches_itself_through_its_service(topo):
+def test_hairpin_a_pod_reaches_itself_through_its_service(topo, request):
+    ebpf_lacks(topo, request, "hairpin (SNAT of a pod reaching itself)")
     objs = [service("self", "10.96.0.19"), slice_("self", [endpoint("b4")], ports=[{"port": 8080}])]
     topo.driver.apply(objs)
     res = topo.probe("10.96.0.19", 80, src=topo.backends["b4"], count=3)
@@ -520,6 +564,13 @@ def test_incremental_apply_sends_only_the_new_service(topo):
     one = [service("extra", "10.96.2.1"), slice_("extra", [endpoint("b3"), endpoint("b4")], ports=[{"port": 8080}])]
     r = topo.driver.apply(base + one)
     assert r["sent"] and not r["full"]
+    if topo.backend == "ebpf":
+        # one frontend, two slots, two backends, the address in cluster_ips
+        assert (r["added"], r["removed"]) == (6, 0), r
+        assert set(names(topo.probe("10.96.2.1", 80, count=10))) == {"b3", "b4"}
+        assert (topo.driver.apply(base)["added"], topo.driver.apply(base + one)["removed"]) == (0, 0)
+        assert topo.driver.apply(base)["removed"] == 6
+        return
     script = r["script"]
     assert "10.96.1." not in script and "delete" not in script
     # one service_ips element, one tier bit (2 endpoints: N-1 = 0b1), two slots, the address in cluster_ips
@@ -532,6 +583,7 @@ def test_incremental_apply_sends_only_the_new_service(topo):
 
 
 def test_restart_adopts_the_kernel_and_garbled_tables_are_rebuilt(topo):
+    nft_only(topo, "the table's digest and chains (the eBPF backend's own: test_services_ebpf.py)")
     objs = [service("keep", "10.96.0.22"), slice_("keep", [endpoint("b1")], ports=[{"port": 8080}])]
     topo.driver.apply(objs)
     r = topo.driver.apply(objs, fresh=True)  # a new applier, as after an agent restart
@@ -559,6 +611,7 @@ def test_restart_adopts_the_kernel_and_garbled_tables_are_rebuilt(topo):
 
 
 def test_established_connections_survive_a_rebuild(topo):
+    nft_only(topo, "a deleted table rebuilt (the eBPF backend's restarts: test_services_ebpf.py)")
     objs = [service("long", "10.96.0.23", [{"port": 53, "protocol": "UDP", "targetPort": UDP_PORT}]),
             slice_("long", [endpoint("b2")], ports=[{"port": UDP_PORT, "protocol": "UDP"}])]
     topo.driver.apply(objs)
@@ -613,7 +666,8 @@ def check_invalid_clusterip_ports_are_rejected(topo) -> None:
     assert names(topo.probe("10.96.0.30", 81)) == ["b1"]
     assert topo.probe("10.96.0.30", 82) == ["refused"]  # a real ClusterIP, a port it does not have
     assert topo.probe("10.96.0.30", 82, "udp") == ["refused"]
-    assert from_node(topo, "10.96.0.30", 82) == ["refused"]
+    if getattr(topo, "backend", "") != "ebpf":  # (the eBPF backend sees pods' packets only, so far)
+        assert from_node(topo, "10.96.0.30", 82) == ["refused"]
     assert topo.probe("10.96.0.31", 82, timeout=0.7) == ["timeout"]  # an unallocated address: dropped
     # the port that carried the address goes; the address stays rejected while a port needs it
     svc["spec"]["ports"] = svc["spec"]["ports"][1:]
@@ -665,9 +719,11 @@ def test_a_clusterip_rejects_ports_it_does_not_have(topo):
     check_invalid_clusterip_ports_are_rejected(topo)
 
 
-def test_session_affinity_is_shared_by_clusterip_nodeport_and_external_ips(topo):
+def test_session_affinity_is_shared_by_clusterip_nodeport_and_external_ips(topo, request):
+    ebpf_lacks(topo, request, "NodePort")
     check_affinity_is_shared_by_the_frontends_of_a_port(topo)
 
 
-def test_pods_reach_external_addresses_of_local_policy_services_without_a_local_endpoint(topo):
+def test_pods_reach_external_addresses_of_local_policy_services_without_a_local_endpoint(topo, request):
+    ebpf_lacks(topo, request, "externalTrafficPolicy Local short-circuit")
     check_external_local_short_circuit(topo)

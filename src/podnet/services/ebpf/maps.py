@@ -1,0 +1,110 @@
+"""The Service program's maps as bytes: each function mirrors one struct of
+native/bpf/services.c (addresses and ports in network byte order, the rest in host
+order), and decodes what it encodes (the applier reads the maps back after a restart).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from podnet.services.model import Backend, Frontend
+
+OBJECT = "services"
+FROM_POD, TO_POD = "podnet_svc_from_pod", "podnet_svc_to_pod"
+
+FRONTENDS = "podnet_svc_frontends"
+SLOTS = "podnet_svc_slots"
+BACKENDS = "podnet_svc_backends"
+CONNS = "podnet_svc_conns"
+CLUSTER_IPS = "podnet_svc_cluster_ips"
+CIDRS = "podnet_svc_cidrs"
+CT = "podnet_svc_ct"
+AFFINITY = "podnet_svc_affinity"
+# the maps the agent owns (written from the desired state); CT, AFFINITY and the values
+# of CONNS are the programs'
+DESIRED = (BACKENDS, SLOTS, FRONTENDS, CLUSTER_IPS, CIDRS)
+ALL = (*DESIRED, CONNS, CT, AFFINITY)
+
+PROTOS = {"tcp": 6, "udp": 17}
+PROTO_NAMES = {v: k for k, v in PROTOS.items()}
+
+F_NO_EP_DROP = 0x1
+F_AFFINITY = 0x2
+SCHED_SHIFT = 8
+SCHEDULERS = {"random": 0, "lc": 1, "sh": 2, "wrr": 3}
+REJECT_MARK = 0x00200000  # SVC_REJECT_MARK
+
+_FE = struct.Struct("=IIIII")
+_SLOT = struct.Struct("=II")
+_U32 = struct.Struct("=I")
+_S64 = struct.Struct("=q")
+_CT_VAL = struct.Struct("=4s2sHII")
+_AFF_VAL = struct.Struct("=QII")
+
+
+def frontend_key(fe: Frontend) -> bytes:
+    return socket.inet_aton(fe.ip or "0.0.0.0") + fe.port.to_bytes(2, "big") + bytes((PROTOS[fe.proto], 0))
+
+
+def decode_frontend_key(key: bytes) -> Frontend:
+    return Frontend(socket.inet_ntoa(key[:4]), PROTO_NAMES.get(key[6], str(key[6])), int.from_bytes(key[4:6], "big"))
+
+
+def frontend_value(sid: int, count: int, flags: int, affinity_timeout: int, affinity_key: int) -> bytes:
+    return _FE.pack(sid, count, flags, affinity_timeout, affinity_key & 0xFFFFFFFF)
+
+
+def decode_frontend_value(value: bytes) -> tuple[int, int, int, int, int]:
+    return _FE.unpack(value)
+
+
+def slot_key(sid: int, slot: int) -> bytes:
+    return _SLOT.pack(sid, slot)
+
+
+def decode_slot_key(key: bytes) -> tuple[int, int]:
+    return _SLOT.unpack(key)
+
+
+def u32(n: int) -> bytes:
+    return _U32.pack(n)
+
+
+def decode_u32(b: bytes) -> int:
+    return _U32.unpack(b)[0]
+
+
+def backend_value(b: Backend, proto: str) -> bytes:
+    return socket.inet_aton(b.ip) + b.port.to_bytes(2, "big") + bytes((PROTOS[proto], 0))
+
+
+def decode_backend_value(value: bytes) -> tuple[Backend, str]:
+    return (Backend(socket.inet_ntoa(value[:4]), int.from_bytes(value[4:6], "big")),
+            PROTO_NAMES.get(value[6], str(value[6])))
+
+
+def conns_value(n: int = 0) -> bytes:
+    return _S64.pack(n)
+
+
+def decode_conns(value: bytes) -> int:
+    return _S64.unpack(value)[0]
+
+
+def address_key(ip: str) -> bytes:
+    return socket.inet_aton(ip)
+
+
+def cidr_key(cidr: str) -> bytes:
+    net, _, plen = cidr.partition("/")
+    return _U32.pack(int(plen or 32)) + socket.inet_aton(net)
+
+
+def ct_backend_id(value: bytes) -> int:
+    """struct ct_entry's backend_id."""
+    return _CT_VAL.unpack(value)[3]
+
+
+def affinity_backend_id(value: bytes) -> int:
+    return _AFF_VAL.unpack(value)[1]
