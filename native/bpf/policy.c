@@ -14,6 +14,9 @@
  *                   replies pass the other direction (our own table, not the kernel's
  *                   conntrack: see docs/ebpf.md)
  *
+ * Maps are pinned by name in the agent's pin directory (src/podnet/ebpf/bpffs.py):
+ * they outlive the agent, so a restart keeps every admitted connection.
+ *
  * Fails closed: a local address without an entry, a group without a header or a rule
  * list with a hole drops the packet.
  */
@@ -86,6 +89,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct pol_pod);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_pol_pods SEC(".maps");
 
 struct {
@@ -94,6 +98,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct pol_group);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_pol_groups SEC(".maps");
 
 struct {
@@ -102,6 +107,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct pol_rule_key);
 	__type(value, struct pol_rule);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_pol_rules SEC(".maps");
 
 struct {
@@ -110,6 +116,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct pol_peer_key);
 	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_pol_peers SEC(".maps");
 
 struct {
@@ -118,6 +125,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct pol_port_key);
 	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_pol_ports SEC(".maps");
 
 struct {
@@ -125,6 +133,7 @@ struct {
 	__uint(max_entries, 262144);
 	__type(key, struct pol_flow_key);
 	__type(value, __u64); /* last seen, ns since boot */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_pol_flows SEC(".maps");
 
 struct pol_eval {

@@ -66,8 +66,12 @@ import dataclasses, json, sys
 from podnet.dataplane.nft import nft_apply
 from podnet.model.objects import Namespace, NetworkPolicy, Pod
 from podnet.policy.applier import PolicyProgrammer
-from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer
-pp = PolicyProgrammer() if sys.argv[1] == "nftables" else EbpfPolicyProgrammer(sys.argv[2])
+if sys.argv[1] == "nftables":
+    pp = PolicyProgrammer()
+else:
+    from podnet.ebpf.bpffs import PinDir, instance_name
+    from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer
+    pp = EbpfPolicyProgrammer(PinDir.for_instance(instance_name("node"), bpffs=sys.argv[2]))
 def broken(script):
     nft_apply(script + "add rule ip podnet-policy no-such-chain drop\n")
 for line in sys.stdin:
@@ -225,7 +229,7 @@ for cid, path, ip in {mine!r}:
             while time.monotonic() < deadline and len(os.listdir(tmp)) < len(PODS) + len(NODES):
                 time.sleep(0.05)
             assert len(os.listdir(tmp)) == len(PODS) + len(NODES), "pod servers did not start"
-            runners = {n: _start_runner(nodes[n], backend, f"{pins}/{n}") for n in NODES}
+            runners = {n: _start_runner(nodes[n], backend, pins) for n in NODES}
             procs.extend(runners.values())
             yield Cluster(backend, nodes, pods, runners)
         finally:

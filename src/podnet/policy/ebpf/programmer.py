@@ -25,10 +25,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyroute2 import IPRoute
+
+from podnet.ebpf.bpffs import PinDir
 from podnet.model.objects import Namespace, NetworkPolicy, Pod
 from podnet.policy.compiler import EMPTY_STATE, PolicyCompiler, PolicyState
 from podnet.policy.ebpf import maps as m
-from podnet.policy.ebpf.kernel import EbpfPolicyError, MapOp, PolicyMaps, attach, attached, pod_interfaces
+from podnet.policy.ebpf.kernel import (
+    EbpfPolicyError,
+    MapOp,
+    PolicyMaps,
+    attach_policy,
+    attachment_problems,
+    pod_interfaces,
+)
 from podnet.policy.model import InputCache, LiveInputs
 
 log = logging.getLogger(__name__)
@@ -116,9 +126,9 @@ class EbpfPolicyProgrammer:
     `verify()` now and then, `resync()` to rewrite. The compiled state is the same value
     (`state`), so `podnet policy explain` and the nftables backend read the same thing."""
 
-    def __init__(self, pin_dir: str | Path, interfaces=pod_interfaces):
-        self.maps = PolicyMaps(pin_dir)
-        self.interfaces = interfaces  # () -> the pod veths to attach to
+    def __init__(self, pins: PinDir, interfaces=pod_interfaces, object_file: str | Path | None = None):
+        self.maps = PolicyMaps(pins, object_file)
+        self.interfaces = interfaces  # () -> the pod veths to attach to, name -> index
         self.inputs = InputCache()
         self.compiler = PolicyCompiler()
         self.state: PolicyState = EMPTY_STATE
@@ -167,8 +177,11 @@ class EbpfPolicyProgrammer:
                 wrong = sum(1 for k, v in want.items() if have.get(k) != v)
                 if extra or wrong:
                     diffs.append(f"map {name}: {wrong} entries missing or changed, {extra} not podnet's")
-        for ifname in self.interfaces():
-            diffs.extend(attached(ifname, self.maps))
+        loaded = self.maps.loaded
+        with IPRoute() as ipr:
+            for ifname, ifindex in sorted(self.interfaces().items()):
+                diffs.extend(attachment_problems(ipr, ifname, ifindex, loaded) if loaded
+                             else [f"{ifname}: programs not loaded"])
         if diffs:
             self.applied = None
             self.attached_to = set()
@@ -188,7 +201,7 @@ class EbpfPolicyProgrammer:
         start = time.perf_counter()
         ch = EbpfChanges()
         self.map_state = m.map_state(self.state, self.local)
-        ch.loaded = self.maps.ensure_loaded()
+        ch.loaded = self.maps.load()
         if ch.loaded or self.applied is None:
             ch.full = True
             have = self._read()
@@ -205,11 +218,17 @@ class EbpfPolicyProgrammer:
         ch.deleted = len(ops) - ch.written
         self.applied = want
         # attach after the maps hold the state: a pod's program never sees its pod missing
-        ifaces = set(self.interfaces())
-        for ifname in sorted(ifaces - self.attached_to if not ch.loaded else ifaces):
-            if ch.loaded or attached(ifname, self.maps):  # a restart finds them attached
-                attach(ifname, self.maps)
-                ch.attached += 1
-        self.attached_to = ifaces
+        ifaces = self.interfaces()
+        loaded = self.maps.loaded
+        assert loaded is not None
+        with IPRoute() as ipr:
+            for ifname, ifindex in sorted(ifaces.items()):
+                if ifname in self.attached_to and not ch.loaded:
+                    continue
+                # a restart finds them attached: nothing is replaced then
+                if ch.loaded or attachment_problems(ipr, ifname, ifindex, loaded):
+                    attach_policy(ipr, ifindex, loaded)
+                    ch.attached += 1
+        self.attached_to = set(ifaces)
         ch.seconds = time.perf_counter() - start
         return ch
