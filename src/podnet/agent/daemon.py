@@ -83,6 +83,7 @@ class AgentConfig:
     node_ip: str | None = None
     service_cidrs: tuple[str, ...] = ("10.96.0.0/12",)
     service_proxy: str = "nftables"  # or "iptables" (kube-proxy's layout)
+    policy_dataplane: str = "nftables"  # or "ebpf" (tc programs at the pods' veths, maps from the same compiler)
     conntrack: ConntrackSizing = field(default_factory=lambda: ConntrackSizing(max_per_core=0))  # 0: leave alone
     dns_address: str | None = NODE_DNS_ADDRESS  # None: no node DNS server
     dns_server: str = "inprocess"  # or "separate": addresses and NOTRACK only, `podnet dns serve` answers
@@ -180,7 +181,7 @@ class Agent:
                                          tuple(self.dns_addresses()), proxy=self.cfg.service_proxy)
         self.bgp = BgpDataplane(self.cfg.node, self.cache, Bird(self.cfg.bgp_dir or self.cfg.socket + ".bird"))
         self.dataplanes = [self.routes, NatDataplane(self.cache), self.services,
-                           PolicyDataplane(self.cfg.node), self.bgp]
+                           PolicyDataplane(self.cfg.node, self._policy_programmer()), self.bgp]
         if self.dns_addresses():
             if self.cfg.dns_server == "inprocess":
                 from podnet.dns.index import ClusterIndex
@@ -201,6 +202,16 @@ class Agent:
             self.eni.dataplane.on_mark(self.workers[self.eni.dataplane.name].mark)
             self.eni.start()  # on a thread: a cloud that fails keeps no other dataplane waiting
         self.bgp.supervise(self.workers[self.bgp.name].mark)  # a crashed BIRD is started again at once
+
+    def _policy_programmer(self):
+        """NetworkPolicy's backend: None for nftables (PolicyDataplane's own), else the eBPF
+        programs at the pods' veths with their maps pinned in this agent's bpffs directory."""
+        if self.cfg.policy_dataplane != "ebpf":
+            return None
+        from podnet.ebpf.bpffs import PinDir, instance_name
+        from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer
+
+        return EbpfPolicyProgrammer(PinDir.for_instance(instance_name(self.cfg.node)))
 
     def _eni_agent(self):
         """The node's ENI part if a CloudNetwork selects it (podnet.eni.agent), else None."""

@@ -154,7 +154,8 @@ class PolicyDataplane(Dataplane):
     """NetworkPolicy sets and chains, from Pods, Namespaces and NetworkPolicies kept in
     compact form (policy.model.LiveInputs) as events arrive: a change is compiled from
     what it touches. A drifted table is rewritten whole in one transaction (delete +
-    full table), so isolated pods stay isolated."""
+    full table), so isolated pods stay isolated. `programmer`: the nftables one by
+    default, or policy.ebpf's (the same calls, maps and tc programs instead)."""
 
     name = "policy"
     kinds = frozenset(LiveInputs.KINDS)
@@ -185,10 +186,7 @@ class PolicyDataplane(Dataplane):
         ch = self.programmer.sync_live(self.live)
         if ch.errors and not ch.full:
             raise PodnetError("; ".join(ch.errors))
-        if ch.empty:
-            return ""
-        return (f"table {'rebuilt' if ch.full else 'updated'}: +{ch.elements_added} -{ch.elements_removed} "
-                f"elements, {ch.chains_added + ch.chains_rewritten + ch.chains_removed} chains changed")
+        return "" if ch.empty else ch.summary()
 
     def verify(self) -> list[str]:
         diffs = self.programmer.verify()

@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--service-proxy", choices=("nftables", "iptables"), default="nftables",
                    help="Service dataplane: podnet's nftables maps, or kube-proxy's iptables layout for hosts "
                         "without nftables (default %(default)s)")
+    p.add_argument("--policy-dataplane", choices=("nftables", "ebpf"), default="nftables",
+                   help="NetworkPolicy dataplane: podnet's nftables table on the forward hook, or eBPF programs "
+                        "on tc at the pods' interfaces with maps from the same compiled state (docs/ebpf.md) "
+                        "(default %(default)s)")
     p.add_argument("--conntrack-max-per-core", type=int, default=0, metavar="N",
                    help="raise nf_conntrack_max to max(N x cores, --conntrack-min) at start, as kube-proxy "
                         "(0: leave it alone; default %(default)s)")
@@ -87,6 +91,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       node_ip=args.node_ip,
                       resync_interval=args.resync,
                       service_cidrs=service_cidrs, service_proxy=args.service_proxy,
+                      policy_dataplane=args.policy_dataplane,
                       conntrack=ConntrackSizing(args.conntrack_max_per_core, args.conntrack_min),
                       dns_address=args.dns_address or None, cluster_dns_ips=tuple(args.cluster_dns_ip),
                       dns_server=args.dns_server,

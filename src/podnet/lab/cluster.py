@@ -170,6 +170,7 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
                               "PODNET_LAB_ROOT or lab name")
         st.data["nodes"].append({"name": n.name, "index": n.index, "netns": ns, "address": n.address,
                                  "service_proxy": n.service_proxy, "rack": n.rack,
+                                 "policy_dataplane": n.policy_dataplane,
                                  "socket": str(sock), "log": str(st.dir / f"{n.name}.log"),
                                  "conflist": str(st.dir / f"{n.name}.conflist")})
         st.record_netns(ns)
@@ -490,6 +491,7 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
             servers.append(_start_node_dns(st, n, url, addresses + upstream))
         argv = [*podnet_command(), "--store", url, "agent", "--node", n["name"], "--socket", n["socket"],
                 "--service-proxy", n.get("service_proxy", "nftables"),
+                "--policy-dataplane", n.get("policy_dataplane", "nftables"),
                 "--resync", str(spec.resync_seconds), "--dns-server", spec.dns_server,
                 *addresses, *([] if separate else upstream)]  # separate: the agent answers nothing
         entry = st.start_process(f"agent-{n['name']}", argv, netns=n["netns"], log=Path(n["log"]),

@@ -230,6 +230,8 @@ class LabNode(Schema):
     labels: dict[str, str] = Field(default_factory=dict)
     # the agent's Service dataplane: podnet's nftables maps, or kube-proxy's iptables layout
     service_proxy: Literal["nftables", "iptables"] = "nftables"
+    # the agent's NetworkPolicy dataplane: podnet's nftables table, or eBPF on tc at the pods' veths
+    policy_dataplane: Literal["nftables", "ebpf"] = "nftables"
     # BGP: the Node's spec.bgp (the agent runs BIRD); `true` for an empty one
     bgp: NodeBGPSpec | None = None
     rack: str | None = None  # the rack (spec.racks) whose segment the node is on
@@ -445,6 +447,7 @@ class LabNodeInfo:
     service_proxy: str = "nftables"
     bgp: NodeBGPSpec | None = None
     rack: str | None = None
+    policy_dataplane: str = "nftables"
 
     def to_node(self, prefixlen: int) -> Node:
         return Node(metadata=ObjectMeta(name=self.name, labels=self.labels), spec=NodeSpec(bgp=self.bgp),
@@ -589,7 +592,8 @@ def _check(lab: LabDocument, raw: dict, file: str, where: str) -> LabSpec:
         for j, i in enumerate(members):
             addresses[i] = str(net.network_address + FIRST_NODE_OFFSET + j)
     nodes = tuple(
-        LabNodeInfo(i + 1, n.name, dict(n.labels), addresses[i], n.service_proxy, bgp=n.bgp, rack=n.rack)
+        LabNodeInfo(i + 1, n.name, dict(n.labels), addresses[i], n.service_proxy, bgp=n.bgp, rack=n.rack,
+                    policy_dataplane=n.policy_dataplane)
         for i, n in enumerate(spec.nodes)
     )
 

@@ -82,6 +82,10 @@ class PolicyChanges:
     def empty(self) -> bool:
         return self.commands == 0
 
+    def summary(self) -> str:
+        return (f"table {'rebuilt' if self.full else 'updated'}: +{self.elements_added} -{self.elements_removed} "
+                f"elements, {self.chains_added + self.chains_rewritten + self.chains_removed} chains changed")
+
 
 @dataclass
 class ElementChange:

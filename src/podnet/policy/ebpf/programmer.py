@@ -64,14 +64,11 @@ class EbpfChanges:
     def empty(self) -> bool:
         return not (self.written or self.deleted or self.attached or self.loaded)
 
-    # the nftables applier's names, for the agent's summary line
-    @property
-    def elements_added(self) -> int:
-        return self.written
-
-    @property
-    def elements_removed(self) -> int:
-        return self.deleted
+    def summary(self) -> str:
+        what = "read back and repaired" if self.full else "updated"
+        return (f"maps {what}: {self.written} entries written, {self.deleted} deleted"
+                + (", programs loaded" if self.loaded else "")
+                + (f", attached to {self.attached} interfaces" if self.attached else ""))
 
 
 Contents = dict[str, dict[bytes, bytes]]  # map name -> key -> value
