@@ -259,8 +259,10 @@ class Faults:
 
 class FakeApiServer:
     def __init__(self, *, port: int = 0, bookmark_interval: float = 1.0, tokens: dict[str, str] | None = None,
-                 workdir: str | None = None, default_watch_timeout: float = 1800.0, tls: bool = True):
+                 workdir: str | None = None, default_watch_timeout: float = 1800.0, tls: bool = True,
+                 service_cidr: str = SERVICE_CIDR):
         self.port = port
+        self.service_cidr = service_cidr  # where ClusterIPs are allocated
         self.bookmark_interval = bookmark_interval
         self.default_watch_timeout = default_watch_timeout
         self.tls = tls
@@ -799,7 +801,7 @@ class FakeApiServer:
                     self._ports_used.add(p["nodePort"])
 
     def _allocate_ip(self) -> str:
-        net = ipaddress.ip_network(SERVICE_CIDR)
+        net = ipaddress.ip_network(self.service_cidr)
         for host in net.hosts():
             s = str(host)
             if s.endswith(".1") and host == net.network_address + 1:
@@ -1362,9 +1364,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", required=True, help="writes kubeconfig, ca.crt and token here")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--bookmark-interval", type=float, default=5.0)
+    p.add_argument("--service-cidr", default=SERVICE_CIDR, help="ClusterIPs are allocated here")
     args = p.parse_args(argv)
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
-    api = FakeApiServer(port=args.port, workdir=args.dir, bookmark_interval=args.bookmark_interval)
+    api = FakeApiServer(port=args.port, workdir=args.dir, bookmark_interval=args.bookmark_interval,
+                        service_cidr=args.service_cidr)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

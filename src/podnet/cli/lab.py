@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="store URL (default: a SQLite file in the lab's directory; $PODNET_STORE is not used)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for agents and servers")
     p.add_argument("--keep-on-failure", action="store_true", help="leave a failed lab in place to debug it")
+    p.add_argument("--source", choices=("store", "kubernetes"), default="store",
+                   help="where the objects come from: written into the store (default), or created through a "
+                        "Kubernetes API server the lab runs, with podnet kube-sync filling the store")
     p.set_defaults(func=cmd_up)
 
     p = lsub.add_parser("status", help="nodes, agents and pods of a lab")
@@ -71,7 +74,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _need_root("up")
     store = args.lab_store or getattr(args, "store", None)
     st = up(spec, name=_name(args), store_url=store, timeout=args.timeout, keep_on_failure=args.keep_on_failure,
-            say=_say, store_credentials=store_credentials(args))
+            say=_say, store_credentials=store_credentials(args), source=args.source)
     print(f"lab {st.name} is up: `podnet lab status --name {st.name}`, `podnet lab down --name {st.name}`")
     return 0
 
@@ -110,6 +113,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  state: {info['dir']}")
     print(f"  store: {info['store']}")
     print(f"  underlay: {info['underlay']} (netns {info['underlayNetns']})")
+    if info.get("apiServer"):
+        print(f"  API server: {info['apiServer']}")
+        print(f"  kube-sync: {info['kubeSync']}")
     if info.get("endpointController"):
         print(f"  endpoint controller: {info['endpointController']}")
     if info.get("external"):

@@ -50,13 +50,14 @@ from podnet.services.clusterip import allocate_cluster_ips, release_service
 from podnet.store import Conflict, open_store
 from podnet.store.base import KeyValueStore
 from podnet.store.credentials import EtcdCredentials, from_env
-from podnet.store.objects import ObjectStore
+from podnet.store.objects import ObjectStore, key_of
 from podnet.store.url import etcd_target, is_etcd
 
 REFERENCE_CNI_DIR = "/usr/lib/cni"
 NETWORK_NAME = "podnet"
 DEFAULT_TIMEOUT = 30.0
 LOG_TAIL_LINES = 20
+AGENT_METRICS_PORT = 9102  # each agent's /metrics, /healthz and /readyz, on its node's address
 
 Say = Callable[[str], None]
 
@@ -107,15 +108,17 @@ def find_lab(name: str | None, root: Path | None = None) -> LabState:
 
 def up(spec: LabSpec, *, name: str | None = None, store_url: str | None = None, root: Path | None = None,
        timeout: float = DEFAULT_TIMEOUT, keep_on_failure: bool = False, say: Say = _quiet,
-       store_credentials: EtcdCredentials | None = None) -> LabState:
+       store_credentials: EtcdCredentials | None = None, source: str = "store") -> LabState:
     """Bring a lab up. On failure everything made so far is removed (unless keep_on_failure).
-    store_credentials: for an etcd store_url (default: the environment's)."""
+    store_credentials: for an etcd store_url (default: the environment's). source: "store" (the
+    lab writes its objects into the store) or "kubernetes" (an API server, kube-sync between it
+    and the store: lab/kubesource.py)."""
     name = name or spec.name
     st = LabState.create(name, root, file=str(Path(spec.file).resolve()) if spec.file else None,
                          cni=spec.cni.plugin)
     try:
         try:
-            _up(st, spec, store_url, timeout, say, store_credentials)
+            _up(st, spec, store_url, timeout, say, store_credentials, source)
         except PodnetError:
             raise
         except Exception as e:  # netlink, OS and subprocess errors: one line, with the lab's name
@@ -133,7 +136,7 @@ def up(spec: LabSpec, *, name: str | None = None, store_url: str | None = None, 
 
 
 def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say: Say,
-        creds: EtcdCredentials | None = None) -> None:
+        creds: EtcdCredentials | None = None, source: str = "store") -> None:
     url = store_url or f"sqlite://{st.dir / 'store.db'}"
     if is_etcd(url):
         url, _, tls, creds = etcd_target(url, creds)  # the URL the lab records holds no password
@@ -142,7 +145,7 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
                               "whose address the members' certificates do not name")
         st.save_store_credentials(creds.environment())
     st.set(store=url, store_owned=store_url is None, underlay=str(spec.underlay), gateway=spec.gateway,
-           external=spec.external.address if spec.external else None)
+           external=spec.external.address if spec.external else None, source=source)
     say(f"lab {st.name} (id {st.id}): state in {st.dir}, store {url}")
 
     # Topology: the underlay, then one namespace per node.
@@ -199,7 +202,13 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
         cloud_objects, provider_ids = lab_cloud.setup(st, spec.cloud, st.data["nodes"], str(spec.underlay),
                                                       spec.gateway, timeout, say)
 
-    # The API server's part: every object, Pods still Pending.
+    # The API server's part: every object, Pods still Pending (with --source kubernetes, a real
+    # API server's, and kube-sync writes the store).
+    kube = None
+    if source == "kubernetes":
+        from podnet.lab import kubesource
+
+        kube = kubesource.start(st, url, spec.service_cidr, timeout, say)
     store = ObjectStore(open_lab_store(st, url, create=True))
     # The cluster's configuration, as the first `podnet apply` on a store writes it: later
     # applies to the lab's store and its agents read the lab's Service CIDR from there.
@@ -207,7 +216,8 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
                           origin=f"{spec.file or 'the lab'}: field spec.serviceCIDR")
     # ClusterIPs and nodePorts as `podnet apply` allocates them: keys in the store, so later
     # applies into the lab's store never hand out the same ones.
-    objects: list[KubeObject] = allocate_cluster_ips(spec.objects, store, spec.service_cidr)
+    objects: list[KubeObject] = allocate_cluster_ips(spec.objects, store, spec.service_cidr) if kube is None \
+        else list(spec.objects)  # the API server allocates them
     services = [o for o in objects if isinstance(o, Service)]
     pods = [p.with_meta(uid=str(uuid.uuid4())) for p in spec.pods]
     pods = [p.model_copy(update={"status": PodStatus(phase="Pending")}) for p in pods]  # type: ignore[misc]
@@ -215,14 +225,21 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
              if n.name in provider_ids else n for n in spec.node_objects()]
     applied = [*objects, *cloud_objects, *nodes, *pods]
     st.set(objects=[_ref_key(o) for o in applied])
-    last_status, _ = store.apply(applied)
-    # The endpoint controller's part, from now until `lab down`: slices follow the pods.
-    _start_endpoint_controller(st, url, timeout, say)
+    if kube is None:
+        last_status, _ = store.apply(applied)
+        # The endpoint controller's part, from now until `lab down`: slices follow the pods.
+        _start_endpoint_controller(st, url, timeout, say)
+    else:
+        made = kubesource.create_all(kube, applied)
+        pods = [p.with_meta(uid=made[key_of(p)]["metadata"]["uid"]) for p in pods]  # the API's uids
+        last_status = 0
+        kubesource.start_endpoint_controller(st, timeout, say)
 
     # CNI: podnet-cni with one agent per node, or the reference bridge.
     if spec.cni.plugin == "podnet":
         agent_url = _relay_store(st, url, ul, spec.gateway, timeout, say) if is_etcd(url) else url
-        _setup_podnet(st, spec, agent_url, timeout, say)
+        _setup_podnet(st, spec, agent_url, timeout, say,
+                      ["--pod-wait", str(kubesource.POD_WAIT)] if kube is not None else [])
     else:
         _setup_bridge(st, spec, say)
 
@@ -266,7 +283,8 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
             if server is not None:
                 servers.append(server)
             node = find_node(st, entry["node"])
-            last_status = max(last_status, _set_running(store, pod, entry["ips"], node["address"]))
+            last_status = max(last_status, _set_running(store, pod, entry["ips"], node["address"]) if kube is None
+                              else kubesource.set_running(kube, pod, entry["ips"], node["address"]))
             say(f"pod {pod.namespace}/{pod.name} on {node['name']}: {', '.join(entry['ips']) or 'no address'}"
                 f" (netns {entry['netns']})")
     if failures:
@@ -275,6 +293,8 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
 
     # Every pod's status is in the slices, and (podnet) every agent has programmed them.
     wait_endpoints(st, last_status, timeout)
+    if kube is not None:  # and kube-sync has brought all of it into the store
+        kubesource.wait_reflected(st, kube, store.kv, timeout)
     slices = [s for svc in services for s in store.list(EndpointSlice, svc.namespace, _slices_of(svc.name))]
     if slices:
         say(f"endpoint slices: {', '.join(s.namespace + '/' + s.name for s in slices)}")
@@ -456,7 +476,8 @@ def node_runtime(st: LabState, node: dict, timeout: float = 60.0) -> CniRuntime:
 # ---------------------------------------------------------------------- podnet-cni + agents
 
 
-def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Say) -> None:
+def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Say,
+                  agent_args: list[str] | None = None) -> None:
     try:
         import podnet.agent  # noqa: F401
         import podnet.cni  # noqa: F401
@@ -493,7 +514,9 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
                 "--service-proxy", n.get("service_proxy", "nftables"),
                 "--policy-dataplane", n.get("policy_dataplane", "nftables"),
                 "--resync", str(spec.resync_seconds), "--dns-server", spec.dns_server,
-                *addresses, *([] if separate else upstream)]  # separate: the agent answers nothing
+                "--metrics-port", str(AGENT_METRICS_PORT),
+                *addresses, *([] if separate else upstream),  # separate: the agent answers nothing
+                *(agent_args or [])]
         entry = st.start_process(f"agent-{n['name']}", argv, netns=n["netns"], log=Path(n["log"]),
                                  role="agent", node=n["name"])
         say(f"agent {n['name']}: pid {entry['pid']}, log {n['log']}")
@@ -733,9 +756,10 @@ def down(st: LabState, *, say: Say = _quiet) -> None:
                 node_runtime(st, node, timeout=15.0).delete(pod_runtime_conf(entry))
             except (CNIError, OSError) as e:
                 say(f"pod {entry['namespace']}/{entry['name']}: CNI DEL failed ({e}); removing its namespace anyway")
-        # Processes: servers first, then agents, then the store relay they talk through.
+        # Processes: servers and controllers first, then agents, then the store relay they talk
+        # through, then the API server (kube-sync and the endpoint controller are gone by then).
         procs = sorted(data.get("processes", []),
-                       key=lambda p: {"agent": 1, "node-dns": 1, "relay": 2}.get(p.get("role"), 0))
+                       key=lambda p: {"agent": 1, "node-dns": 1, "relay": 2, "apiserver": 3}.get(p.get("role"), 0))
         for p in procs:
             if st.stop_process(p):
                 say(f"stopped {p['key']} (pid {p.get('pid')})")
@@ -824,6 +848,10 @@ def status(st: LabState) -> dict[str, Any]:
     ext = st.process("external")
     dns = st.process("external-dns")
     ctl = st.process(ENDPOINT_CONTROLLER)
+    api = st.process("kube-apiserver")
+    sync = st.process("kube-sync")
+    kube = {"apiServer": f"{data['kube']['url']} ({_running(st, api)}), kubeconfig {data['kube']['kubeconfig']}",
+            "kubeSync": _running(st, sync)} if data.get("kube") else {}
     return {"name": st.name, "id": data.get("id"), "phase": st.phase, "dir": str(st.dir),
             "store": data.get("store"), "underlay": data.get("underlay"),
             "underlayNetns": data.get("underlay_netns"), "external": data.get("external"),
@@ -831,7 +859,12 @@ def status(st: LabState) -> dict[str, Any]:
             "externalDns": ("running" if st.process_pid(dns) else "dead") if dns else None,
             "endpointController": (f"running (pid {st.process_pid(ctl)})" if st.process_pid(ctl) else "dead")
             if ctl else None,
-            "error": data.get("error"), "nodes": nodes, "pods": pods}
+            "error": data.get("error"), "source": data.get("source", "store"), **kube, "nodes": nodes, "pods": pods}
+
+
+def _running(st: LabState, entry: dict | None) -> str:
+    pid = st.process_pid(entry) if entry else None
+    return f"running (pid {pid})" if pid else "dead"
 
 
 def _node_dns_state(st: LabState, node: str) -> str:

@@ -36,6 +36,7 @@ from podnet.agent.follow import StoreFollower
 from podnet.errors import PodnetError
 from podnet.lab.endpoints import (
     ZONE_LABEL,
+    SlicePlan,
     managed_service,
     plan_slices,
     selects,
@@ -214,16 +215,21 @@ class EndpointController(Dataplane):
             for ref, when in batch.items():
                 self.dirty[ref] = min(when, self.dirty.get(ref, when))
 
+    def plan(self, ref: ServiceRef, when: float) -> SlicePlan:
+        """The writes that bring one Service's slices to what its pods say now."""
+        ns, name = ref
+        with self.cond:
+            return plan_slices(
+                ns, name, self.services.get(ref),
+                [self.pods[k] for k in self.pods_by_ns.get(ns, ())], self.zones.get,
+                [self.slices[k] for k in self.managed.get(ref, ())],
+                lambda n: object_key(EndpointSlice, n, ns) in self.slices, trigger_time(when))
+
     def reconcile(self, kv: KeyValueStore, ref: ServiceRef, when: float) -> str:
         """Bring one Service's slices to what its pods say; what changed ("" if nothing)."""
         ns, name = ref
         for _ in range(CAS_ATTEMPTS):
-            with self.cond:
-                plan = plan_slices(
-                    ns, name, self.services.get(ref),
-                    [self.pods[k] for k in self.pods_by_ns.get(ns, ())], self.zones.get,
-                    [self.slices[k] for k in self.managed.get(ref, ())],
-                    lambda n: object_key(EndpointSlice, n, ns) in self.slices, trigger_time(when))
+            plan = self.plan(ref, when)
             if not plan:
                 return ""
             ops = [Op.create(key_of(s), stored_form(s)) for s in plan.create]
@@ -240,9 +246,7 @@ class EndpointController(Dataplane):
                     self._put_slice(key_of(s), ns, s.with_meta(resource_version=str(rev)))  # type: ignore[arg-type]
                 for s in plan.delete:
                     self._put_slice(key_of(s), ns, None)
-            return "; ".join(f"{what} {', '.join(f'{s.name} ({len(s.endpoints)} endpoints)' for s in slices)}"
-                             for what, slices in (("created", plan.create), ("updated", plan.update),
-                                                  ("deleted", plan.delete)) if slices)
+            return describe(plan)
         raise PodnetError(f"Service {ns}/{name}: its slices kept changing under {CAS_ATTEMPTS} writes")
 
     def _reread(self, kv: KeyValueStore, ns: str) -> None:
@@ -262,7 +266,13 @@ class EndpointController(Dataplane):
                     self._put_slice(key, ns, s)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def describe(plan: SlicePlan) -> str:
+    return "; ".join(f"{what} {', '.join(f'{s.name} ({len(s.endpoints)} endpoints)' for s in slices)}"
+                     for what, slices in (("created", plan.create), ("updated", plan.update),
+                                          ("deleted", plan.delete)) if slices)
+
+
+def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -303,10 +313,10 @@ def run(url: str, synced_file: Path, ready_file: Path | None, stopping: threadin
                 ctl.again(failed)
                 stopping.wait(RETRY_SECONDS)
                 continue
-            _write_atomically(synced_file, f"{rev}\n")
+            write_atomically(synced_file, f"{rev}\n")
             written = rev
             if not ready and ready_file is not None:
-                _write_atomically(ready_file, f"{rev}\n")
+                write_atomically(ready_file, f"{rev}\n")
                 ready = True
     finally:
         follower.stop()
