@@ -132,3 +132,111 @@ def test_a_slice_without_the_shape_is_skipped_and_named(caplog):
         ev = ObjectCache(records=True).apply(Event("ADDED", "/podnet/objects/EndpointSlice/default/s", value, 3))
     assert (ev.type, ev.object) == ("DELETED", None)
     assert "stored EndpointSlice does not have the expected shape: an endpoint without addresses" in caplog.text
+
+
+@st.composite
+def services(draw) -> dict:
+    """A Service as a user or the API server writes it: defaults left out or spelt out."""
+    kind = draw(st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer", None]))
+    spec: dict = {}
+    if kind:
+        spec["type"] = kind
+    ports = []
+    for i in range(draw(st.integers(1, 3))):
+        p: dict = {"name": f"p{i}", "port": 80 + i}
+        if draw(st.booleans()):
+            p["protocol"] = draw(st.sampled_from(["TCP", "UDP"]))
+        target = draw(st.sampled_from([None, 8080 + i, "http"]))
+        if target is not None:
+            p["targetPort"] = target
+        if kind in ("NodePort", "LoadBalancer") and draw(st.booleans()):
+            p["nodePort"] = 30000 + i
+        ports.append(p)
+    spec["ports"] = ports
+    spec["clusterIP"] = draw(st.sampled_from(["10.96.0.10", "None"]))
+    if spec["clusterIP"] != "None" and draw(st.booleans()):
+        spec["clusterIPs"] = [spec["clusterIP"]]
+    if draw(st.booleans()):
+        spec["sessionAffinity"] = draw(st.sampled_from(["None", "ClientIP"]))
+        if draw(st.booleans()):
+            spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 60}} if draw(st.booleans()) else {}
+    if kind in ("NodePort", "LoadBalancer") and draw(st.booleans()):
+        spec["externalTrafficPolicy"] = draw(st.sampled_from(["Cluster", "Local"]))
+        if spec["externalTrafficPolicy"] == "Local" and draw(st.booleans()):
+            spec["healthCheckNodePort"] = 32000
+    if draw(st.booleans()):
+        spec["internalTrafficPolicy"] = draw(st.sampled_from(["Cluster", "Local"]))
+    if draw(st.booleans()):
+        spec["externalIPs"] = ["192.0.2.7"]
+    if kind == "LoadBalancer" and draw(st.booleans()):
+        spec["loadBalancerSourceRanges"] = [draw(st.sampled_from(["10.0.0.0/8", "10.1.2.3/16", " 192.0.2.0/24"]))]
+    if draw(st.booleans()):
+        spec["publishNotReadyAddresses"] = draw(st.booleans())
+    body = {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": draw(st.sampled_from(["default", "prod"]))}, "spec": spec}
+    if kind == "LoadBalancer" and draw(st.booleans()):
+        body["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}, {"hostname": "lb.example"}]}}
+    return body
+
+
+@settings(max_examples=300, deadline=None)
+@given(services())
+def test_a_service_record_from_the_store_says_what_the_model_says(body):
+    """The agent decodes stored Services without the model: every field the Service
+    compiler and DNS read, with the defaults the model applies, must be the model's."""
+    from podnet.model.objects import Service
+    from podnet.model.records import ServiceRecord
+
+    svc = Service.model_validate(body)
+    ev = ObjectCache(records=True).apply(Event("ADDED", f"/podnet/objects/Service/{svc.namespace}/web", body, 7))
+    rec = ev.object
+    assert isinstance(rec, ServiceRecord)
+    spec = svc.spec
+    affinity = spec.session_affinity_config.client_ip.timeout_seconds if spec.session_affinity == "ClientIP" else None
+    assert (rec.namespace, rec.name, rec.version, rec.type, rec.cluster_ip, rec.headless) == \
+        (svc.namespace, "web", "7", spec.type, spec.cluster_ip, spec.headless)
+    assert rec.cluster_ips == tuple(spec.cluster_ips or ())
+    assert rec.ports == tuple((p.name, p.protocol, p.port, p.node_port, p.target_port) for p in spec.ports)
+    assert (rec.external_policy, rec.internal_policy, rec.affinity, rec.health_check_node_port,
+            rec.publish_not_ready) == (spec.external_traffic_policy, spec.internal_traffic_policy, affinity,
+                                       spec.health_check_node_port, spec.publish_not_ready_addresses)
+    assert rec.external_ips == tuple(spec.external_ips)
+    assert rec.source_ranges == tuple(spec.load_balancer_source_ranges)
+    assert rec.lb_ips == tuple(i.ip for i in svc.status.load_balancer.ingress if i.ip)
+
+
+def test_the_compiler_and_dns_read_a_stored_service_as_the_model():
+    """What the Service compiler and the DNS index make of a Service decoded from the store
+    is what they make of the model."""
+    from podnet.model.objects import Service
+    from podnet.services.compiler import ServiceInfo
+
+    body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "prod"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP",
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                     "loadBalancerSourceRanges": ["10.1.2.3/16"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30080},
+                               {"name": "dns", "port": 53, "protocol": "UDP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}]}}}
+    record = ObjectCache(records=True).apply(Event("ADDED", "/podnet/objects/Service/prod/web", body, 7)).object
+    model = Service.model_validate({**body, "metadata": {**body["metadata"], "resourceVersion": "7"}})
+    stored, modeled = ServiceInfo(record), ServiceInfo(model)
+    assert stored.problem is None
+    assert {k: getattr(stored, k) for k in ServiceInfo.__slots__} == \
+        {k: getattr(modeled, k) for k in ServiceInfo.__slots__}
+    assert (stored.affinity, stored.health_port, stored.lb_ips, stored.source_ranges) == \
+        (10800, 32000, ("198.51.100.4",), ("10.1.0.0/16",))
+    dns_stored, dns_model = ClusterIndex("cluster.local"), ClusterIndex("cluster.local")
+    dns_stored.apply(record)
+    dns_model.apply(model)
+    assert dns_stored._svc == dns_model._svc
+    assert dns_stored._svc["prod"]["web"][2]  # its named ports
+
+
+def test_a_service_without_the_shape_is_skipped_and_named(caplog):
+    value = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {"ports": [{"name": "x"}]}}
+    with caplog.at_level(logging.WARNING, logger="podnet.agent"):
+        ev = ObjectCache(records=True).apply(Event("ADDED", "/podnet/objects/Service/default/web", value, 3))
+    assert (ev.type, ev.object) == ("DELETED", None)
+    assert "/podnet/objects/Service/default/web" in caplog.text
+    assert "stored Service does not have the expected shape: field 'port' missing" in caplog.text

@@ -5,8 +5,8 @@ Kubernetes source), so the agent does not validate it again: decoding every Pod 
 150 000-pod cluster through the pydantic models was most of the agent's start (measured
 in bench/bench_cluster.py: 3 s of 4 s of decoding at a quarter of that size), to build
 objects each dataplane then reduced to a few fields. A record is made once per event
-and shared by every dataplane that needs it (a Pod's PodInfo by policy and DNS, an
-EndpointSlice's SliceRecord by Services and DNS).
+and shared by every dataplane that needs it (a Pod's PodInfo by policy and DNS, a
+Service's ServiceRecord and an EndpointSlice's SliceRecord by Services and DNS).
 
 A value without the expected shape raises UndecodableObject naming the key and the
 field, and is skipped like any object the models refuse: one bad object never stops
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 
 from podnet.model.addresses import ipv4_or_none
-from podnet.model.records import slice_record
+from podnet.model.records import service_record, slice_record
 from podnet.policy.model import PodInfo
 from podnet.store.objects import UndecodableObject
 
@@ -79,7 +79,8 @@ def pod_record(data: dict, version: str | None = None) -> PodInfo:
 
 
 # kind -> decoder(stored value, its revision in the store)
-DECODERS: dict[str, Callable[[dict, str], object]] = {"Pod": pod_record, "EndpointSlice": slice_record}
+DECODERS: dict[str, Callable[[dict, str], object]] = {"Pod": pod_record, "EndpointSlice": slice_record,
+                                                      "Service": service_record}
 
 
 def decode_record(kind: str, key: str, data: object, revision: int = 0) -> object:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from podnet.agent.contract import Dataplane
 from podnet.model.objects import EndpointSlice, Service
-from podnet.model.records import SliceRecord
+from podnet.model.records import ServiceRecord, SliceRecord
 from podnet.services.applier import NftServiceApplier, ServiceApplier
 from podnet.services.compiler import ServiceCompiler, SliceInfo, same_version
 from podnet.services.conntrack import ConntrackSizing, apply_conntrack_sizing
@@ -89,7 +89,7 @@ class ServiceDataplane(Dataplane):
         """Apply one watch event; False if it was not about Services or EndpointSlices.
         An object at the resourceVersion already held costs nothing (a replayed list)."""
         obj = ev.object
-        if isinstance(obj, Service):
+        if isinstance(obj, (ServiceRecord, Service)):
             with self._lock:
                 old = self.compiler.service_info(obj.namespace, obj.name)
                 if not same_version(old, obj):

@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 from podnet.dns import wire
 from podnet.dns.wire import AAAA, ANY, CNAME, IN, NS, NXDOMAIN, PTR, SOA, SRV, TXT, A
+from podnet.model import records
 from podnet.model.addresses import packed_ip
 from podnet.model.objects import EndpointSlice, KubeObject, Namespace, Pod, Service
 from podnet.model.records import SliceRecord, slice_record_of
@@ -196,8 +197,10 @@ class ClusterIndex:
 
     def apply(self, obj: KubeObject) -> None:
         """Add or replace one object (other kinds are ignored)."""
-        if isinstance(obj, Service):
+        if isinstance(obj, records.ServiceRecord):  # the agent's record of a Service
             self._apply_service(obj)
+        elif isinstance(obj, Service):
+            self._apply_service(records.service_record_of(obj))
         elif isinstance(obj, (SliceRecord, EndpointSlice)):
             self._apply_slice(obj)
         elif isinstance(obj, Pod):
@@ -256,20 +259,19 @@ class ClusterIndex:
 
     # -- services
 
-    def _service_record(self, svc: Service) -> ServiceRecord:
-        spec = svc.spec
-        ports = self._intern(tuple(self._named_port(p.name, p.protocol, p.port) for p in spec.ports if p.name))
-        if spec.type == "ExternalName":
-            target = (spec.external_name or "").strip().lower()
+    def _service_record(self, svc: records.ServiceRecord) -> ServiceRecord:
+        ports = self._intern(tuple(self._named_port(p[0], p[1], p[2]) for p in svc.ports if p[0]))
+        if svc.type == "ExternalName":
+            target = (svc.external_name or "").strip().lower()
             try:
                 ext = wire.name_to_wire(target)
             except (wire.WireError, UnicodeError):
                 ext = None
             return (KIND_EXTERNAL, (), ports, ext, False)
-        if spec.headless:
-            return (KIND_HEADLESS, (), ports, None, spec.publish_not_ready_addresses)
+        if svc.headless:
+            return (KIND_HEADLESS, (), ports, None, svc.publish_not_ready)
         ips = []
-        for ip in spec.cluster_ips or ([spec.cluster_ip] if spec.cluster_ip else []):
+        for ip in svc.cluster_ips or ((svc.cluster_ip,) if svc.cluster_ip else ()):
             if ip and ip != "None":
                 try:
                     ips.append(packed_ip(ip))
@@ -277,7 +279,7 @@ class ClusterIndex:
                     pass
         return (KIND_CLUSTERIP, tuple(ips), ports, None, False)
 
-    def _apply_service(self, svc: Service) -> None:
+    def _apply_service(self, svc: records.ServiceRecord) -> None:
         ns, name = svc.namespace or "default", svc.name
         rec = self._service_record(svc)
         with self.lock:

@@ -1,20 +1,24 @@
 """Compact records of stored objects, decoded from their stored (JSON) form without the
 models, for the readers that keep every one of them: the Service compiler and the DNS
-index each hold every EndpointSlice of the cluster.
+index each hold every Service and EndpointSlice of the cluster.
 
 Stored objects were validated when written, so a record is a plain walk over the
-fields its readers use (at 50 000 slices the models cost seconds of an agent's start,
-bench/bench_cluster.py). The model path (`slice_record_of`) goes through the same
-decoder, so both paths read a slice the same way. A value without the expected shape
+fields its readers use (at 50 000 Services the models cost seconds of an agent's start,
+bench/bench_cluster.py, bench/bench_programming.py). The model paths (`slice_record_of`,
+`service_record_of`) go through the same decoders, so both paths read an object the
+same way: a record applies the defaults the model would (a port's protocol TCP and
+targetPort its port, externalTrafficPolicy Cluster for a NodePort or LoadBalancer, a
+ClientIP affinity's timeout 10800 s). A value without the expected shape
 raises KeyError, TypeError, ValueError or AttributeError, which the agent reports
 as an undecodable object (agent/records.py).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 
-from podnet.model.objects import EndpointSlice
+from podnet.model.objects import EndpointSlice, Service
 
 _intern = sys.intern
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -78,3 +82,85 @@ def slice_record(data: dict, version: str | None = None) -> SliceRecord:
 def slice_record_of(sl: EndpointSlice) -> SliceRecord:
     """The record of a model EndpointSlice (tests, the CLI, the lab): its stored form decoded."""
     return slice_record(sl.to_dict(), sl.metadata.resource_version)
+
+
+class ServiceRecord:
+    """A Service: what the Service compiler and the DNS index read of it. `ports`: (name|None,
+    protocol, port, nodePort|None, targetPort) each; `lb_ips`: the status's load-balancer
+    ingress addresses; `affinity`: the ClientIP affinity timeout in seconds, None without
+    affinity; `external_policy`: externalTrafficPolicy (None for a ClusterIP Service without
+    one)."""
+
+    __slots__ = ("namespace", "name", "version", "type", "cluster_ip", "cluster_ips", "ports", "external_ips",
+                 "lb_ips", "source_ranges", "external_policy", "internal_policy", "health_check_node_port",
+                 "publish_not_ready", "affinity", "external_name")
+
+    def __init__(self, namespace: str | None, name: str, version: str | None, type: str,
+                 cluster_ip: str | None, cluster_ips: tuple[str, ...], ports: tuple[tuple, ...],
+                 external_ips: tuple[str, ...] = (), lb_ips: tuple[str, ...] = (), source_ranges: tuple[str, ...] = (),
+                 external_policy: str | None = None, internal_policy: str = "Cluster",
+                 health_check_node_port: int | None = None, publish_not_ready: bool = False,
+                 affinity: int | None = None, external_name: str | None = None):
+        self.namespace = namespace
+        self.name = name
+        self.version = version
+        self.type = type
+        self.cluster_ip = cluster_ip
+        self.cluster_ips = cluster_ips
+        self.ports = ports
+        self.external_ips = external_ips
+        self.lb_ips = lb_ips
+        self.source_ranges = source_ranges
+        self.external_policy = external_policy
+        self.internal_policy = internal_policy
+        self.health_check_node_port = health_check_node_port
+        self.publish_not_ready = publish_not_ready
+        self.affinity = affinity
+        self.external_name = external_name
+
+    @property
+    def headless(self) -> bool:
+        return self.cluster_ip == "None"
+
+
+_NODE_PORT_TYPES = ("NodePort", "LoadBalancer")
+
+
+def _port_of(p: dict) -> tuple:
+    port = p["port"]
+    target = p.get("targetPort")
+    return (_intern(p["name"]) if p.get("name") else None, _intern(p.get("protocol") or "TCP"), port,
+            p.get("nodePort"), port if target is None else target)
+
+
+def service_record(data: dict, version: str | None = None) -> ServiceRecord:
+    """The record of a stored Service; `version`: its revision in the store (else
+    metadata.resourceVersion)."""
+    meta = data["metadata"]
+    spec = data["spec"]
+    kind = spec.get("type") or "ClusterIP"
+    affinity = None
+    if spec.get("sessionAffinity") == "ClientIP":
+        client_ip = (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}
+        affinity = client_ip.get("timeoutSeconds", 10800)
+    ranges = spec.get("loadBalancerSourceRanges")
+    ingress = ((data.get("status") or {}).get("loadBalancer") or {}).get("ingress")
+    namespace = meta.get("namespace")
+    return ServiceRecord(
+        _intern(namespace) if namespace else namespace, meta["name"],
+        version if version is not None else meta.get("resourceVersion"), kind,
+        spec.get("clusterIP"), tuple(spec.get("clusterIPs") or ()), tuple(map(_port_of, spec.get("ports") or ())),
+        external_ips=tuple(spec.get("externalIPs") or ()),
+        lb_ips=tuple(i["ip"] for i in ingress if i.get("ip")) if ingress else (),
+        # as the model: each range as its network's text (a host's bits dropped)
+        source_ranges=tuple(str(ipaddress.ip_network(r.strip(), strict=False)) for r in ranges) if ranges else (),
+        external_policy=spec.get("externalTrafficPolicy") or ("Cluster" if kind in _NODE_PORT_TYPES else None),
+        internal_policy=spec.get("internalTrafficPolicy") or "Cluster",
+        health_check_node_port=spec.get("healthCheckNodePort"),
+        publish_not_ready=spec.get("publishNotReadyAddresses") is True,
+        affinity=affinity, external_name=spec.get("externalName"))
+
+
+def service_record_of(svc: Service) -> ServiceRecord:
+    """The record of a model Service (tests, the CLI, the lab): its stored form decoded."""
+    return service_record(svc.to_dict(), svc.metadata.resource_version)

@@ -34,7 +34,7 @@ from datetime import datetime
 from itertools import chain
 
 from podnet.model.objects import EndpointSlice, Pod, Service
-from podnet.model.records import SliceRecord, slice_record_of
+from podnet.model.records import ServiceRecord, SliceRecord, service_record_of, slice_record_of
 from podnet.services.model import (
     LARGE_ABOVE,
     Backend,
@@ -56,24 +56,26 @@ def _valid_port(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535
 
 
-def check_service(svc: Service) -> None:
+def check_service(svc: ServiceRecord | Service) -> None:
     """Raise ValueError naming the field for what the dataplane cannot take. Objects
     from the store were validated already; this guards what reaches nftables text
     (numbers must be numbers) whatever produced the object."""
+    if not isinstance(svc, ServiceRecord):
+        svc = service_record_of(svc)
     seen: dict[tuple[str, int], int] = {}
-    for i, sp in enumerate(svc.spec.ports):
-        if sp.protocol not in PROTOCOLS:
-            raise ValueError(f"spec.ports[{i}].protocol: {sp.protocol!r} is not one of {', '.join(PROTOCOLS)}")
-        if not _valid_port(sp.port):
-            raise ValueError(f"spec.ports[{i}].port: {sp.port!r} is not a port number (1-65535)")
-        if sp.node_port is not None and not _valid_port(sp.node_port):
-            raise ValueError(f"spec.ports[{i}].nodePort: {sp.node_port!r} is not a port number (1-65535)")
-        if isinstance(sp.target_port, int) and not _valid_port(sp.target_port):
-            raise ValueError(f"spec.ports[{i}].targetPort: {sp.target_port!r} is not a port number (1-65535)")
-        first = seen.setdefault((sp.protocol, sp.port), i)
+    for i, (_, protocol, port, node_port, target_port) in enumerate(svc.ports):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"spec.ports[{i}].protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if not _valid_port(port):
+            raise ValueError(f"spec.ports[{i}].port: {port!r} is not a port number (1-65535)")
+        if node_port is not None and not _valid_port(node_port):
+            raise ValueError(f"spec.ports[{i}].nodePort: {node_port!r} is not a port number (1-65535)")
+        if not isinstance(target_port, str) and not _valid_port(target_port):
+            raise ValueError(f"spec.ports[{i}].targetPort: {target_port!r} is not a port number (1-65535)")
+        first = seen.setdefault((protocol, port), i)
         if first != i:
-            raise ValueError(f"spec.ports[{i}]: duplicate port {sp.port}/{sp.protocol} (also spec.ports[{first}])")
-    hc = svc.spec.health_check_node_port
+            raise ValueError(f"spec.ports[{i}]: duplicate port {port}/{protocol} (also spec.ports[{first}])")
+    hc = svc.health_check_node_port
     if hc is not None and not _valid_port(hc):
         raise ValueError(f"spec.healthCheckNodePort: {hc!r} is not a port number (1-65535)")
 
@@ -171,13 +173,14 @@ class ServiceInfo:
                  "external_ips", "lb_ips", "source_ranges", "external_local", "internal_local", "publish_all",
                  "affinity", "health_port", "named_target")
 
-    def __init__(self, svc: Service, intern: _Interner = _STRINGS):
-        meta, spec = svc.metadata, svc.spec
-        self.namespace = intern(meta.namespace) if meta.namespace else meta.namespace
-        self.name = meta.name
-        self.key: Key = (self.namespace or "default", meta.name)
-        self.version = meta.resource_version
-        self.active = not (spec.type == "ExternalName" or spec.headless)
+    def __init__(self, svc: ServiceRecord | Service, intern: _Interner = _STRINGS):
+        if not isinstance(svc, ServiceRecord):
+            svc = service_record_of(svc)
+        self.namespace = intern(svc.namespace) if svc.namespace else svc.namespace
+        self.name = svc.name
+        self.key: Key = (self.namespace or "default", svc.name)
+        self.version = svc.version
+        self.active = not (svc.type == "ExternalName" or svc.headless)
         self.problem: str | None = None
         self.cluster_ip: str | None = None
         self.node_ports = False
@@ -192,26 +195,22 @@ class ServiceInfo:
             return
         try:
             check_service(svc)
-            self.cluster_ip = _ipv4(spec.cluster_ip) or next(
-                (ip for ip in map(_ipv4, spec.cluster_ips or ()) if ip), None)
-            self.node_ports = spec.type in _NODE_TYPES
-            self.ports = intern(tuple(
-                intern((intern(p.name) if p.name else None, p.protocol, p.port, p.node_port, p.target_port))
-                for p in spec.ports))
+            self.cluster_ip = _ipv4(svc.cluster_ip) or next(
+                (ip for ip in map(_ipv4, svc.cluster_ips) if ip), None)
+            self.node_ports = svc.type in _NODE_TYPES
+            self.ports = intern(tuple(intern(p) for p in svc.ports))
             self.named_target = any(isinstance(p[4], str) for p in self.ports)
-            self.external_ips = tuple(ip for x in spec.external_ips if (ip := _ipv4(x)))
-            if spec.type == "LoadBalancer":
-                self.lb_ips = tuple(ip for ing in svc.status.load_balancer.ingress if (ip := _ipv4(ing.ip)))
-            if spec.load_balancer_source_ranges:
-                self.source_ranges = intern(collapse_v4(spec.load_balancer_source_ranges))
-            self.external_local = spec.external_traffic_policy == "Local"
-            self.internal_local = spec.internal_traffic_policy == "Local"
-            self.publish_all = bool(spec.publish_not_ready_addresses)
-            if spec.session_affinity == "ClientIP":
-                cfg = spec.session_affinity_config
-                self.affinity = cfg.client_ip.timeout_seconds if cfg is not None else 10800
-            if self.external_local and spec.health_check_node_port and self.node_ports:
-                self.health_port = spec.health_check_node_port
+            self.external_ips = tuple(ip for x in svc.external_ips if (ip := _ipv4(x)))
+            if svc.type == "LoadBalancer":
+                self.lb_ips = tuple(ip for x in svc.lb_ips if (ip := _ipv4(x)))
+            if svc.source_ranges:
+                self.source_ranges = intern(collapse_v4(svc.source_ranges))
+            self.external_local = svc.external_policy == "Local"
+            self.internal_local = svc.internal_policy == "Local"
+            self.publish_all = svc.publish_not_ready
+            self.affinity = svc.affinity
+            if self.external_local and svc.health_check_node_port and self.node_ports:
+                self.health_port = svc.health_check_node_port
         except Exception as e:  # one bad object must not stop the sync of the rest
             self.problem = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
 
@@ -964,8 +963,9 @@ def _rule_of(rules: tuple[FrontendRule, ...], fe: Frontend) -> FrontendRule:
     raise KeyError(fe)
 
 
-def same_version(old: ServiceInfo | SliceInfo | None, new: Service | EndpointSlice | SliceRecord) -> bool:
+def same_version(old: ServiceInfo | SliceInfo | None,
+                 new: Service | EndpointSlice | ServiceRecord | SliceRecord) -> bool:
     """Whether the compiler already holds new at its resourceVersion (a replayed list costs nothing)."""
-    rv = new.version if isinstance(new, SliceRecord) else new.metadata.resource_version
+    rv = new.version if isinstance(new, (SliceRecord, ServiceRecord)) else new.metadata.resource_version
     return old is not None and rv is not None and old.version == rv
 
