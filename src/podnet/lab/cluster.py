@@ -29,6 +29,7 @@ from typing import Any
 
 from podnet.cluster import ensure_cluster_config
 from podnet.dns import resolvconf
+from podnet.ebpf.bpffs import ensure_shared_bpffs
 from podnet.errors import PodnetError
 from podnet.lab import bgp as lab_bgp
 from podnet.lab import topology
@@ -486,6 +487,9 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
     bindir = st.dir / "bin"
     st.set(bindir=str(bindir))
     bindir.mkdir(exist_ok=True)
+    # agents run by `ip netns exec` (a /sys of their own): an eBPF dataplane pins into this
+    # bpffs, mounted here on the host side so that a restarted agent finds its pins
+    ensure_shared_bpffs()
     proc = subprocess.run([sys.executable, "-m", "podnet.cni.install", str(bindir)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise PodnetError(f"installing podnet-cni into {bindir} failed: {proc.stderr.strip() or proc.stdout.strip()}")
