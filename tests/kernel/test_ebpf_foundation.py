@@ -63,7 +63,7 @@ def test_objects_are_built_and_rebuilt_only_when_their_source_changes(tmp_path):
 
 
 def test_load_pins_maps_per_agent_and_a_restart_adopts_them(pins):
-    assert is_bpffs("/sys/fs/bpf")
+    assert is_bpffs(str(pins.root.parents[1]))
     obj = load_object(object_path("services"), pins)
     try:
         assert not obj.adopted

@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from podnet.ebpf.bpffs import ensure_shared_bpffs
 from tests.kernel.nsutil import PYTHON, NsDriver, in_ns, namespaces, py_in, sh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
@@ -93,7 +94,12 @@ if backend == "ebpf":
             links = [(l.get_attr("IFLA_IFNAME"), l["index"], l.get_attr("IFLA_LINKINFO")) for l in ipr.get_links()]
         return {n: i for n, i, info in links if n != "wan0" and info and info.get_attr("IFLA_INFO_KIND") == "veth"}
 
-    make = lambda: EbpfServiceApplier("node", pins=pins, interfaces=veths)
+    if len(sys.argv) > 3 and sys.argv[3]:  # an object of the test's: the agent's eBPF with its nftables floor
+        from podnet.services.ebpf.fallback import EbpfWithNftablesFloor
+        make = lambda: EbpfWithNftablesFloor(
+            EbpfServiceApplier("node", pins=pins, interfaces=veths, object_file=sys.argv[3]), NftServiceApplier())
+    else:
+        make = lambda: EbpfServiceApplier("node", pins=pins, interfaces=veths)
 elif backend == "nft":
     make = lambda: NftServiceApplier()
 else:
@@ -102,6 +108,9 @@ applier = make()
 health = HealthCheckServer()
 for line in sys.stdin:
     cmd = json.loads(line)
+    if cmd.get("verify"):
+        print(json.dumps({"problem": applier.verify()}), flush=True)
+        continue
     try:
         services = [Service.model_validate(o) for o in cmd["objects"] if o["kind"] == "Service"]
         slices = [EndpointSlice.model_validate(o) for o in cmd["objects"] if o["kind"] == "EndpointSlice"]
@@ -158,8 +167,8 @@ print(json.dumps(out))
 class Node(NsDriver):
     """The Service applier, alive in the node namespace between syncs."""
 
-    def __init__(self, ns: str, backend: str = "nft", pins: str = ""):
-        super().__init__(ns, DRIVER, backend, pins, close_timeout=5)
+    def __init__(self, ns: str, backend: str = "nft", pins: str = "", object_file: str = ""):
+        super().__init__(ns, DRIVER, backend, pins, object_file, close_timeout=5)
         self.backend = backend
 
     def apply(self, objects: list[dict], **kw) -> dict:
@@ -212,6 +221,7 @@ class Topology:
             assert p.stdout and p.stdout.readline().strip() == "ready"
         self.backend = backend
         self.pins = f"test-{ns.tag}"  # the eBPF backend's pin directory, removed by close()
+        self.pin_root = ensure_shared_bpffs()  # the drivers (ip netns exec) pin there
         self.driver = Node(node, backend, self.pins)
 
     def _veth(self, ns: str, host_if: str, bridge: str, ip: str, gw: str, plen: int) -> None:
@@ -227,7 +237,7 @@ class Topology:
             p.kill()
             p.wait()
         sh("rm", "-f", f"/tmp/{self.nsm.tag}-sctp", check=False)
-        sh("rm", "-rf", f"/sys/fs/bpf/podnet/{self.pins}", check=False)
+        sh("rm", "-rf", f"{self.pin_root}/podnet/{self.pins}", check=False)
 
     # -- probing
 

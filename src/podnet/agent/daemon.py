@@ -82,7 +82,7 @@ class AgentConfig:
     socket: str = DEFAULT_SOCKET
     node_ip: str | None = None
     service_cidrs: tuple[str, ...] = ("10.96.0.0/12",)
-    service_proxy: str = "nftables"  # or "iptables" (kube-proxy's layout)
+    service_proxy: str = "nftables"  # or "iptables" (kube-proxy's layout), "ebpf" (tc programs)
     policy_dataplane: str = "nftables"  # or "ebpf" (tc programs at the pods' veths, maps from the same compiler)
     conntrack: ConntrackSizing = field(default_factory=lambda: ConntrackSizing(max_per_core=0))  # 0: leave alone
     dns_address: str | None = NODE_DNS_ADDRESS  # None: no node DNS server

@@ -1,4 +1,4 @@
-"""The agent's Service dataplane: compiler, nftables applier, health checks, metrics.
+"""The agent's Service dataplane: compiler, applier (nftables, iptables or eBPF), health checks, metrics.
 
 Fed by the watch, one event at a time (`on_event`): Services and EndpointSlices go
 straight into the compiler, which keeps them in compact form, so that a sync
@@ -73,8 +73,16 @@ class ServiceDataplane(Dataplane):
         self.compiler = ServiceCompiler(node, [node_ip], ServiceConfig(service_cidrs=service_cidrs,
                                                                        local_dns=local_dns))
         if applier is None:
-            applier = (IptablesServiceApplier(metrics=self.metrics) if proxy == "iptables"
-                       else NftServiceApplier(metrics=self.metrics))
+            if proxy == "iptables":
+                applier = IptablesServiceApplier(metrics=self.metrics)
+            elif proxy == "ebpf":
+                from podnet.services.ebpf.applier import EbpfServiceApplier
+                from podnet.services.ebpf.fallback import EbpfWithNftablesFloor
+
+                applier = EbpfWithNftablesFloor(EbpfServiceApplier(node, metrics=self.metrics),
+                                                NftServiceApplier(metrics=self.metrics))
+            else:
+                applier = NftServiceApplier(metrics=self.metrics)
         self.applier = applier
         self.health = health if health is not None else HealthCheckServer()
         self._lock = threading.Lock()  # the watch feeds, the sync loop compiles

@@ -21,9 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--service-cidr", action="append", metavar="CIDR",
                    help="Service CIDR; unused addresses in it are dropped (repeatable; default: the cluster's, "
                         "from the store, else 10.96.0.0/12; a different one is a warning)")
-    p.add_argument("--service-proxy", choices=("nftables", "iptables"), default="nftables",
-                   help="Service dataplane: podnet's nftables maps, or kube-proxy's iptables layout for hosts "
-                        "without nftables (default %(default)s)")
+    p.add_argument("--service-proxy", choices=("nftables", "iptables", "ebpf"), default="nftables",
+                   help="Service dataplane: podnet's nftables maps, kube-proxy's iptables layout for hosts "
+                        "without nftables, or eBPF programs on tc at the pods' interfaces (nftables while "
+                        "they do not load; docs/ebpf.md) (default %(default)s)")
     p.add_argument("--policy-dataplane", choices=("nftables", "ebpf"), default="nftables",
                    help="NetworkPolicy dataplane: podnet's nftables table on the forward hook, or eBPF programs "
                         "on tc at the pods' interfaces with maps from the same compiled state (docs/ebpf.md) "

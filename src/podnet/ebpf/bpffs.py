@@ -7,6 +7,14 @@
 nodes, parallel tests) never share a pin, and an agent restarted in the same
 namespace finds its own again. Pins outlive the agent: that is what lets a restart
 keep every connection (the programs stay attached, the maps keep their entries).
+
+Which bpffs (pin_root()): $PODNET_BPFFS if set, else /run/podnet/bpf if a bpffs is
+mounted there, else /sys/fs/bpf. The second exists for processes started with
+`ip netns exec` (the lab's agents, the tests' drivers): it gives them a /sys of their
+own, without the host's /sys/fs/bpf, and a bpffs they mounted themselves would be
+theirs alone; the host side mounts /run/podnet/bpf once (ensure_shared_bpffs) and
+every process started after sees that same bpffs. A DaemonSet mounts the host's
+/sys/fs/bpf, as for every eBPF dataplane.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 from podnet.errors import PodnetError
 
 BPFFS = "/sys/fs/bpf"
+SHARED_BPFFS = "/run/podnet/bpf"
 ROOT = "podnet"
 BPF_FS_MAGIC = "bpf"
 
@@ -52,6 +61,22 @@ def ensure_bpffs(path: str = BPFFS) -> str:
     return path
 
 
+def pin_root() -> str:
+    """The bpffs this process keeps its pins in (see the module's doc)."""
+    env = os.environ.get("PODNET_BPFFS")
+    if env:
+        return ensure_bpffs(env)
+    if is_bpffs(SHARED_BPFFS):
+        return SHARED_BPFFS
+    return ensure_bpffs(BPFFS)
+
+
+def ensure_shared_bpffs() -> str:
+    """Mount the bpffs at /run/podnet/bpf that processes started by `ip netns exec`
+    after this call share (called on the host side: the lab, the tests)."""
+    return ensure_bpffs(SHARED_BPFFS)
+
+
 def instance_name(node: str) -> str:
     """This agent's pin directory name: the node and its network namespace's inode (bpffs
     refuses a name with a dot)."""
@@ -66,9 +91,8 @@ class PinDir:
     root: Path
 
     @classmethod
-    def for_instance(cls, instance: str, bpffs: str = BPFFS) -> PinDir:
-        ensure_bpffs(bpffs)
-        d = cls(Path(bpffs) / ROOT / instance)
+    def for_instance(cls, instance: str, bpffs: str | None = None) -> PinDir:
+        d = cls(Path(bpffs and ensure_bpffs(bpffs) or pin_root()) / ROOT / instance)
         d.maps.mkdir(parents=True, exist_ok=True)
         d.progs.mkdir(parents=True, exist_ok=True)
         return d
@@ -88,3 +112,15 @@ class PinDir:
         """Unpin everything of this instance (a program still attached stays attached
         until detached: tc holds its own reference)."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def remove_netns_pins(netns_inode: int, bpffs: str | None = None) -> list[str]:
+    """Unpin every agent instance of a network namespace about to be deleted (the lab's
+    nodes): their programs go with the namespace's interfaces, the pins would stay."""
+    gone = []
+    root = Path(bpffs or pin_root()) / ROOT
+    if root.is_dir():
+        for d in root.glob(f"*-{netns_inode}"):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    return gone

@@ -228,8 +228,8 @@ class DataNetworkSpec(Schema):
 class LabNode(Schema):
     name: str
     labels: dict[str, str] = Field(default_factory=dict)
-    # the agent's Service dataplane: podnet's nftables maps, or kube-proxy's iptables layout
-    service_proxy: Literal["nftables", "iptables"] = "nftables"
+    # the agent's Service dataplane: podnet's nftables maps, kube-proxy's iptables layout, or eBPF on tc
+    service_proxy: Literal["nftables", "iptables", "ebpf"] = "nftables"
     # the agent's NetworkPolicy dataplane: podnet's nftables table, or eBPF on tc at the pods' veths
     policy_dataplane: Literal["nftables", "ebpf"] = "nftables"
     # BGP: the Node's spec.bgp (the agent runs BIRD); `true` for an empty one

@@ -24,6 +24,7 @@ traffic gets answers, as from a host on the internet).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from podnet.ebpf.bpffs import remove_netns_pins
 from podnet.errors import PodnetError
 
 BRIDGE = "br0"
@@ -88,6 +90,8 @@ def delete_netns(name: str) -> bool:
     shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
     if not netns_exists(name):
         return False
+    with contextlib.suppress(OSError):  # an eBPF dataplane's pins of the namespace's agent
+        remove_netns_pins(os.stat(NETNS_DIR / name).st_ino)
     proc = run(["ip", "netns", "del", name], check=False)
     if proc.returncode != 0 and netns_exists(name):
         raise PodnetError(f"cannot delete network namespace {name}: {proc.stderr.strip()}")

@@ -279,7 +279,7 @@ class EbpfServiceApplier:
         return result
 
     def _apply(self, state: ServiceState, resync: bool, result: SyncResult) -> None:
-        first = self.obj is None
+        first = self.applied is None  # (the programs may be loaded already: load() alone)
         self.load()
         if first or resync:
             fixed = self._repin()

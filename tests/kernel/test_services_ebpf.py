@@ -1,0 +1,180 @@
+"""The eBPF Service backend's own behaviour, with real packets on the topology of
+test_services_dataplane.py: a held-open connection survives the agent killed with -9
+and restarted (programs and maps stay pinned and attached; the new applier adopts
+them and sends nothing), map entries, pins and filters changed behind the agent are
+found by verify() and repaired by a resync, and programs that do not load leave the
+node's Services on nftables with the error reported, until a loadable build takes over."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from podnet.ebpf.build import build_objects, object_path
+from tests.kernel.nsutil import PYTHON, in_ns, namespaces, sh
+from tests.kernel.test_ebpf_foundation import BAD_PROGRAM
+from tests.kernel.test_services_dataplane import Node, Topology, endpoint, names, service, slice_
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for bpf(2) and network namespaces")
+
+ECHO_PORT = 7000
+ECHO_SERVER = r"""
+import socket, sys, threading
+name = sys.argv[1]
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000)); s.listen(64)
+print("ready", flush=True)
+def serve(c):
+    f = c.makefile("rwb", buffering=0)
+    for line in f:
+        f.write(f"{name} {line.decode().strip()}\n".encode())
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+# one TCP connection held open: a line on stdin is sent, the answer printed
+HELD_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+f = s.makefile("rwb", buffering=0)
+for line in sys.stdin:
+    f.write(line.encode())
+    try:
+        print(f.readline().decode().strip() or "closed", flush=True)
+    except OSError as e:
+        print(f"error {e}", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def topo():
+    with namespaces() as ns:
+        t = Topology(ns, "ebpf")
+        try:
+            yield t
+        finally:
+            t.close()
+
+
+@pytest.fixture
+def echo(topo):
+    procs = []
+    try:
+        for name in ("b1", "b2"):
+            p = subprocess.Popen(["ip", "netns", "exec", topo.backends[name], PYTHON, "-c", ECHO_SERVER, name],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            procs.append(p)
+            assert p.stdout and p.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def held(topo, target: str, port: int) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", topo.client, PYTHON, "-c", HELD_CLIENT, target, str(port)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def say(proc: subprocess.Popen, word: str) -> str:
+    assert proc.stdin and proc.stdout
+    proc.stdin.write(word + "\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().strip()
+
+
+def pin_dir(topo) -> str:
+    return f"{topo.pin_root}/podnet/{topo.pins}"
+
+
+def test_a_held_connection_survives_the_agent_killed_and_restarted(topo, echo):
+    objs = [service("echo", "10.96.5.1", [{"port": 70, "targetPort": ECHO_PORT}]),
+            slice_("echo", [endpoint("b1"), endpoint("b2")], ports=[{"port": ECHO_PORT}])]
+    topo.driver.apply(objs)
+    client = held(topo, "10.96.5.1", 70)
+    try:
+        first = say(client, "one")
+        backend = first.split()[0]
+        assert first == f"{backend} one" and backend in ("b1", "b2")
+        topo.driver.proc.kill()  # the agent killed with -9
+        topo.driver.proc.wait()
+        assert say(client, "two") == f"{backend} two"  # the programs stay attached meanwhile
+        topo.driver = Node(topo.node, "ebpf", topo.pins)  # restarted: adopts pins and entries
+        r = topo.driver.apply(objs)
+        assert not r["sent"] and r["read_back"] and not r["errors"], r
+        assert say(client, "three") == f"{backend} three"
+        fresh = held(topo, "10.96.5.1", 70)  # and new connections are balanced as before
+        try:
+            assert say(fresh, "four").split()[0] in ("b1", "b2")
+        finally:
+            fresh.kill()
+            fresh.wait()
+    finally:
+        client.kill()
+        client.wait()
+
+
+def test_resync_repairs_entries_pins_and_filters_changed_behind_the_agent(topo):
+    objs = [service("heal", "10.96.5.2"), slice_("heal", [endpoint("b3")], ports=[{"port": 8080}])]
+    topo.driver.apply(objs)
+    assert names(topo.probe("10.96.5.2", 80)) == ["b3"]
+    assert topo.driver.ask(verify=True)["problem"] is None
+    # the frontend's entry deleted with bpftool: the ClusterIP is still allocated, so rejected
+    key = "0a 60 05 02 00 50 06 00"  # 10.96.5.2, port 80, tcp
+    sh("bpftool", "map", "delete", "pinned", f"{pin_dir(topo)}/maps/podnet_svc_frontends", "key", "hex",
+       *key.split())
+    assert topo.probe("10.96.5.2", 80, timeout=0.7) == ["refused"]
+    assert "podnet_svc_frontends" in topo.driver.ask(verify=True)["problem"]
+    r = topo.driver.apply(objs, resync=True)
+    assert r["read_back"] and (r["added"], r["removed"]) == (1, 0), r
+    assert names(topo.probe("10.96.5.2", 80)) == ["b3"]
+    # a map and the programs unpinned: pinned again (a restart would otherwise make new, empty maps)
+    os.unlink(f"{pin_dir(topo)}/maps/podnet_svc_slots")
+    shutil.rmtree(next(p for p in (f"{pin_dir(topo)}/progs/{d}" for d in os.listdir(f"{pin_dir(topo)}/progs"))))
+    assert "not pinned" in topo.driver.ask(verify=True)["problem"]
+    topo.driver.apply(objs, resync=True)
+    assert os.path.exists(f"{pin_dir(topo)}/maps/podnet_svc_slots")
+    assert len(os.listdir(f"{pin_dir(topo)}/progs")) == 1
+    assert topo.driver.ask(verify=True)["problem"] is None
+    # the client's filter deleted: its packets are not balanced (the wan answers them)
+    in_ns(topo.node, "tc", "filter", "del", "dev", "c0", "ingress", "prio", "1")
+    assert topo.probe("10.96.5.2", 80, timeout=0.7) == ["refused"]
+    assert "c0" in topo.driver.ask(verify=True)["problem"]
+    topo.driver.apply(objs, resync=True)
+    assert names(topo.probe("10.96.5.2", 80)) == ["b3"]
+    assert topo.driver.ask(verify=True)["problem"] is None
+
+
+def test_programs_that_do_not_load_leave_services_on_nftables(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(object_path("x").parents[2] / "native" / "bpf" / "podnet_bpf.h", src)
+    (src / "services.c").write_text(BAD_PROGRAM)
+    bad, = build_objects(tmp_path / "out", src)
+    objs = [service("floor", "10.96.5.3"), slice_("floor", [endpoint("b4")], ports=[{"port": 8080}])]
+    with namespaces() as ns:
+        t = Topology(ns, "nft")  # the node on nftables, as before `--service-proxy ebpf`
+        try:
+            t.driver.apply(objs)
+            assert names(t.probe("10.96.5.3", 80)) == ["b4"]
+            t.driver.close()
+            t.driver = Node(t.node, "ebpf", t.pins, str(bad))
+            r = t.driver.apply(objs)
+            assert any("not loaded (Services on nftables)" in e and "refused to load" in e for e in r["errors"]), r
+            assert names(t.probe("10.96.5.3", 80)) == ["b4"]
+            assert in_ns(t.node, "nft", "list", "chain", "ip", "podnet-svc", "services").returncode == 0
+            assert "bpf" not in in_ns(t.node, "tc", "filter", "show", "dev", "c0", "ingress").stdout
+            # a loadable build: eBPF takes over and the nftables table goes
+            t.driver.close()
+            t.driver = Node(t.node, "ebpf", t.pins, str(object_path("services")))
+            r = t.driver.apply(objs)
+            assert not r["errors"], r
+            assert names(t.probe("10.96.5.3", 80)) == ["b4"]
+            assert in_ns(t.node, "nft", "list", "table", "ip", "podnet-svc", check=False).returncode != 0
+            assert "podnet_svc_from_pod" in in_ns(t.node, "tc", "filter", "show", "dev", "c0", "ingress").stdout
+        finally:
+            t.close()
