@@ -20,15 +20,15 @@ from podnet.lab.spec import parse_lab
 
 
 @contextmanager
-def running_lab(spec: dict, prefix: str, timeout: float = 90) -> Iterator[Lab]:
-    """Bring up a lab from the `spec` of a Lab file; take it down afterwards and check
-    that no namespace or /etc/netns entry of it is left."""
+def running_lab(spec: dict, prefix: str, timeout: float = 90, source: str = "store") -> Iterator[Lab]:
+    """Bring up a lab from the `spec` of a Lab file (`source`: as `lab up --source`); take it
+    down afterwards and check that no namespace or /etc/netns entry of it is left."""
     root = Path(tempfile.mkdtemp(prefix=f"pn{prefix}-"))
     root.chmod(0o755)  # as lab_root(): BIRD's user reaches a BGP node's directory
     name = f"{prefix}-{secrets.token_hex(3)}"
     doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name}, "spec": spec}
     try:
-        st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, timeout=timeout)
+        st = up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=root, timeout=timeout, source=source)
         try:
             yield Lab(st)
         finally:
