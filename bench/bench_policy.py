@@ -20,6 +20,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -159,36 +160,62 @@ def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=True, capture_output=True, text=True, **kw)
 
 
-def connect_latency(n_policies: int, n_pods: int, connects: int, rounds: int) -> list[dict]:
-    """Client and server pods behind one node; rounds alternate between no policy and
-    `n_policies` (so load drift on a shared machine hits both alike); median of rounds."""
-    tag = f"pnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+BACKENDS = ("nftables", "ebpf")
+
+
+def _programmer_code(backend: str, pins: str) -> str:
+    """The lines that make `pp`, the programmer of `backend` (in the node's namespace)."""
+    if backend == "nftables":
+        return "from podnet.policy.applier import PolicyProgrammer\npp = PolicyProgrammer()\n"
+    return ("from podnet.ebpf.bpffs import PinDir\n"
+            "from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer\n"
+            f"pp = EbpfPolicyProgrammer(PinDir.for_instance('bench', bpffs={pins!r}))\n")
+
+
+def _node(tag: str, made: list[str], servers: list[subprocess.Popen]) -> tuple[str, str]:
+    """A node namespace with a client pod (10.64.0.1) and a server pod (10.64.0.2): (node, client)."""
     node, cli, srv = f"{tag}-node", f"{tag}-cli", f"{tag}-srv"
-    made: list[str] = []
-    server = None
-    try:
-        for n in (node, cli, srv):
-            sh("ip", "netns", "add", n)
-            made.append(n)
-            sh("ip", "netns", "exec", n, "ip", "link", "set", "lo", "up")
-        sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        # client = pod 0, server = pod 1 of the synthetic cluster (app0 in ns0, app1 in ns1)
-        code = f"""
+    for n in (node, cli, srv):
+        sh("ip", "netns", "add", n)
+        made.append(n)
+        sh("ip", "netns", "exec", n, "ip", "link", "set", "lo", "up")
+    sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    # client = pod 0, server = pod 1 of the synthetic cluster (app0 in ns0, app1 in ns1)
+    code = f"""
 from podnet.dataplane.pods import PodDataplane
 PodDataplane(1500).add("cli", "eth0", "/run/netns/{cli}", "10.64.0.1")
 PodDataplane(1500).add("srv", "eth0", "/run/netns/{srv}", "10.64.0.2")
 """
-        sh("ip", "netns", "exec", node, PY, "-c", code)
-        server = subprocess.Popen(["ip", "netns", "exec", srv, PY, "-c", SERVER], stdout=subprocess.PIPE, text=True)
-        assert server.stdout and server.stdout.readline().strip() == "ready"
+    sh("ip", "netns", "exec", node, PY, "-c", code)
+    server = subprocess.Popen(["ip", "netns", "exec", srv, PY, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    servers.append(server)
+    assert server.stdout and server.stdout.readline().strip() == "ready"
+    return node, cli
 
-        def program(n: int) -> dict:
+
+def connect_latency(n_policies: int, n_pods: int, connects: int, rounds: int,
+                    backends: tuple[str, ...] = BACKENDS) -> dict[str, list[dict]]:
+    """Client and server pods behind one node per backend; rounds alternate between the
+    backends and between no policy and `n_policies` (so load drift on a shared machine
+    hits all alike); median of rounds. backend -> [row with 0 policies, row with n]."""
+    tag = f"pnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+    made: list[str] = []
+    servers: list[subprocess.Popen] = []
+    pins = tempfile.mkdtemp(prefix="pnbpf")
+    mounted = False
+    try:
+        if "ebpf" in backends:
+            sh("mount", "-t", "bpf", "bpf", pins)
+            mounted = True
+        nodes = {b: _node(f"{tag}{b[0]}", made, servers) for b in backends}
+
+        def program(backend: str, n: int) -> dict:
             prog = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT / 'bench')!r})
 from bench_policy import synthetic
 from podnet.model.objects import NetworkPolicy
-from podnet.policy.applier import PolicyProgrammer
+{_programmer_code(backend, pins)}
 pods, nss, pols, local = synthetic({n_pods}, {n})
 if pols:
     # the server is selected by every policy for app1 in ns1; the one admitting the client comes last
@@ -198,7 +225,6 @@ if pols:
     # and the client's own egress policies end with one that lets it out
     pols.append(NetworkPolicy.model_validate({{"metadata": {{"name": "zz-out", "namespace": "ns0"}},
         "spec": {{"podSelector": {{"matchLabels": {{"app": "app0"}}}}, "policyTypes": ["Egress"], "egress": [{{}}]}}}}))
-pp = PolicyProgrammer()
 pp.sync(pods, nss, pols, ["10.64.0.1", "10.64.0.2"])
 d = pp.state.dispatch
 g = pp.state.groups
@@ -206,24 +232,29 @@ print(json.dumps({{"elements": pp.state.element_count(),
                   "server_chains": len(g[d["ingress"]["10.64.0.2"]].policy_chains) if "10.64.0.2" in d["ingress"] else 0,
                   "client_chains": len(g[d["egress"]["10.64.0.1"]].policy_chains) if "10.64.0.1" in d["egress"] else 0}}))
 """
-            return json.loads(sh("ip", "netns", "exec", node, PY, "-c", prog).stdout)
+            return json.loads(sh("ip", "netns", "exec", nodes[backend][0], PY, "-c", prog).stdout)
 
-        samples: dict[int, list[dict]] = {0: [], n_policies: []}
-        info: dict[int, dict] = {}
+        samples: dict[tuple[str, int], list[dict]] = {(b, n): [] for b in backends for n in (0, n_policies)}
+        info: dict[tuple[str, int], dict] = {}
         for _ in range(rounds):
-            for n in (0, n_policies):
-                info[n] = program(n)
-                out = sh("ip", "netns", "exec", cli, PY, "-c", CLIENT, "10.64.0.2", str(connects)).stdout
-                samples[n].append(json.loads(out))
-        return [{"policies": n, "pods": n_pods, "connects": connects, "rounds": rounds, **info[n],
-                 **{k: round(statistics.median(r[k] for r in samples[n]), 1) for k in ("mean_us", "p50_us", "p99_us")}}
-                for n in (0, n_policies)]
+            for b in backends:
+                for n in (0, n_policies):
+                    info[(b, n)] = program(b, n)
+                    out = sh("ip", "netns", "exec", nodes[b][1], PY, "-c", CLIENT, "10.64.0.2", str(connects)).stdout
+                    samples[(b, n)].append(json.loads(out))
+        return {b: [{"backend": b, "policies": n, "pods": n_pods, "connects": connects, "rounds": rounds,
+                     **info[(b, n)], **{k: round(statistics.median(r[k] for r in samples[(b, n)]), 1)
+                                        for k in ("mean_us", "p50_us", "p99_us")}}
+                    for n in (0, n_policies)] for b in backends}
     finally:
-        if server is not None:
+        for server in servers:
             server.terminate()
             server.wait(timeout=5)
         for n in reversed(made):
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
+        if mounted:
+            subprocess.run(["umount", pins], capture_output=True)
+        os.rmdir(pins)
 
 
 def run_shape(n_pods: int, n_policies: int) -> dict:
@@ -264,20 +295,25 @@ def main() -> int:
               f"{r['label_change_ms']:>6.1f}ms ({lc['cpu_ms']:>4.0f}ms) "
               f"{r['kernel_elements']:>8} {r['sets']:>5} {r['chains']:>6} {r['rules']:>6}", flush=True)
     connects, rounds = (1000, 3) if args.quick else (2000, 5)
-    lat = connect_latency(1000, 5000, connects, rounds)
+    by_backend = connect_latency(1000, 5000, connects, rounds)
     print(f"\nTCP connect, client and server pods on one node ({connects} sequential connects, "
-          f"median of {rounds} alternating rounds):")
-    for r in lat:
-        print(f"  {r['policies']:>4} policies: mean {r['mean_us']:.0f} us, p50 {r['p50_us']:.0f} us, "
-              f"p99 {r['p99_us']:.0f} us (policy chains walked: server {r['server_chains']}, "
-              f"client {r['client_chains']})")
-    ratio = lat[1]["p50_us"] / lat[0]["p50_us"]
-    print(f"  1000 vs 0 policies: {100 * (ratio - 1):+.1f}% at p50, "
-          f"{100 * (lat[1]['mean_us'] / lat[0]['mean_us'] - 1):+.1f}% mean")
+          f"median of {rounds} rounds alternating between backends and policy counts):")
+    print(f"  {'policies':>8} {'nftables p50':>13} {'nftables mean':>14} {'ebpf p50':>9} {'ebpf mean':>10}  "
+          f"(policies selecting: server, client)")
+    for i in (0, 1):
+        nf, eb = by_backend["nftables"][i], by_backend["ebpf"][i]
+        print(f"  {nf['policies']:>8} {nf['p50_us']:>10.0f} us {nf['mean_us']:>11.0f} us {eb['p50_us']:>6.0f} us "
+              f"{eb['mean_us']:>7.0f} us  ({nf['server_chains']}, {nf['client_chains']})")
+    ratios = {b: rows[1]["p50_us"] / rows[0]["p50_us"] for b, rows in by_backend.items()}
+    for b, rows in by_backend.items():
+        print(f"  {b}: 1000 vs 0 policies {100 * (ratios[b] - 1):+.1f}% at p50, "
+              f"{100 * (rows[1]['mean_us'] / rows[0]['mean_us'] - 1):+.1f}% mean (target < 5%)")
+    lat = by_backend["nftables"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result = {"command": "bench/bench_policy.py" + (" --quick" if args.quick else ""), "shapes": rows,
               "load_average": os.getloadavg(),
-              "connect_latency": lat, "connect_p50_ratio": round(ratio, 3),
+              "connect_latency": lat, "connect_p50_ratio": round(ratios["nftables"], 3),
+              "connect_latency_ebpf": by_backend["ebpf"], "connect_p50_ratio_ebpf": round(ratios["ebpf"], 3),
               "machine": {"cpus": os.cpu_count(), "nft": sh("nft", "--version").stdout.strip()}}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")
