@@ -114,6 +114,13 @@ def up(spec: LabSpec, *, name: str | None = None, store_url: str | None = None, 
     lab writes its objects into the store) or "kubernetes" (an API server, kube-sync between it
     and the store: lab/kubesource.py)."""
     name = name or spec.name
+    if source == "kubernetes":  # refused before anything is made
+        from podnet.lab import kubesource
+
+        kubesource.fake_apiserver_source()
+        kubesource.check_supported(spec)
+    elif source != "store":
+        raise PodnetError(f"lab source {source!r}: expected store or kubernetes")
     st = LabState.create(name, root, file=str(Path(spec.file).resolve()) if spec.file else None,
                          cni=spec.cni.plugin)
     try:

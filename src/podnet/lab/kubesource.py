@@ -55,6 +55,15 @@ def fake_apiserver_source() -> Path:
     return root
 
 
+def check_supported(spec: Any) -> None:
+    """Refuse, naming the file and field, what a Kubernetes API cannot carry."""
+    for i, node in enumerate(spec.nodes):
+        if node.bgp is not None:
+            raise PodnetError(f"{spec.file or 'the lab'}: field spec.nodes[{i}].bgp (node {node.name}): a Node of the "
+                              "Kubernetes API has no spec.bgp (podnet reads it from its own store): run this lab "
+                              "with --source store")
+
+
 def client_of(st: Any) -> KubeClient:
     return KubeClient(KubeConfig.from_kubeconfig(st.data["kube"]["kubeconfig"]), user_agent="podnet-lab")
 
