@@ -146,7 +146,7 @@ def test_addresses_are_unique_across_nodes_under_20_concurrent_adds_and_carry_pa
         in_ns(ns, "ping", "-c1", "-W2", EXT_IP)
     in_ns(lab["ext"], "ping", "-c1", "-W2", addresses[2].split("/")[0])
     in_ns(pods[3][1], "ping", "-c1", "-W2", addresses[5].split("/")[0])  # node 2's pod to node 2's pod
-    assert len(handles(lab["kv"])) == 20 and all(h.startswith("podnet-ipam:underlay.") for h in handles(lab["kv"]))
+    assert len(handles(lab["kv"])) == 20 and all(h.startswith("podnet-ipam:underlay:") for h in handles(lab["kv"]))
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         list(pool.map(lambda p: runtimes[p[0]].delete(p[2]), pods))
@@ -187,11 +187,14 @@ def test_version_check_status_and_gc_of_the_executable(lab):
     assert code == 1 and out["code"] == 103 and kept.split("/")[0] in out["msg"] and "underlay" in out["msg"]
     code, out = run_ipam(lab, "STATUS", ipam_conf(lab))
     assert code == 0, out
-    # GC: the attachments the runtime lists keep their addresses, the others go.
+    # GC: the attachments the runtime lists keep their addresses, the others of the network go;
+    # another network's (a name that only starts the same) are not GC's of this one.
+    assert run_ipam(lab, "ADD", ipam_conf(lab, name="underlay.b"), "other-1")[0] == 0
     valid = [{"containerID": "keep-1", "ifname": "net1"}]
     assert run_ipam(lab, "GC", ipam_conf(lab, **{"cni.dev/valid-attachments": valid}))[0] == 0
-    assert handles(lab["kv"]) == ["podnet-ipam:underlay.keep-1.net1"]
+    assert handles(lab["kv"]) == ["podnet-ipam:underlay.b:other-1:net1", "podnet-ipam:underlay:keep-1:net1"]
     assert run_ipam(lab, "DEL", ipam_conf(lab), "keep-1")[0] == 0
+    assert run_ipam(lab, "DEL", ipam_conf(lab, name="underlay.b"), "other-1")[0] == 0
     assert handles(lab["kv"]) == []
 
 

@@ -481,7 +481,7 @@ def test_ipam_add_check_del_through_the_agent(plugin, agent):
     assert not agent.dataplane.calls  # an IPAM plugin makes no interface
     proc = run_plugin(ipam_plugin(plugin), {**env, "CNI_COMMAND": "CHECK"}, conf(prevResult=result))
     assert (proc.returncode, proc.stdout) == (0, b"")
-    assert {ipam_keys.handle_of_key(k) for k in agent.state()} == {"podnet-ipam:underlay.abc123.net1"}
+    assert {ipam_keys.handle_of_key(k) for k in agent.state()} == {"podnet-ipam:underlay:abc123:net1"}
     for _ in range(2):
         proc = run_plugin(ipam_plugin(plugin), {**env, "CNI_COMMAND": "DEL"}, conf())
         assert (proc.returncode, proc.stdout) == (0, b"")

@@ -385,12 +385,16 @@ class Commands:
 
     def _node_handles(self, kv: KeyValueStore, ipam: Any, network: str) -> list[str]:
         """IPAM handles of this network whose addresses are allocated for this node."""
+        return self._node_handles_under(kv, f"{network}.")
+
+    def _node_handles_under(self, kv: KeyValueStore, handle_prefix: str) -> list[str]:
+        """IPAM handles that start with handle_prefix and hold an address allocated for this node."""
         from urllib.parse import quote
 
         from podnet.ipam import block as blk
         from podnet.ipam import keys
 
-        prefix = keys.HANDLES + quote(f"{network}.", safe="")
+        prefix = keys.HANDLES + quote(handle_prefix, safe="")
         records, _ = store_call(lambda: kv.list(prefix))
         out = []
         for rec in records:

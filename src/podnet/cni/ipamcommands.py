@@ -9,9 +9,10 @@ handler answers here (IpamCommands is a part of CNIHandler, as Commands is). Add
 from the named IPPools (allowedUses [Attachment]) with the same compare-and-swap IPAM as
 eth0's, so they are unique in the cluster, which host-local's per-node files are not.
 
-The IPAM handle of one attachment is `podnet-ipam:<network>.<containerID>.<ifname>`: the
-colon, which no network name holds, keeps these handles apart from the attachments of the
-podnet-cni network (`<network>.<containerID>.<ifname>`), so neither's GC frees the other's.
+The IPAM handle of one attachment is `podnet-ipam:<network>:<containerID>:<ifname>`: no
+network name, container ID or interface name holds a colon, so the handles of one network
+are exactly those under `podnet-ipam:<network>:` (GC frees no other network's), and none is
+a handle of the podnet-cni network (`<network>.<containerID>.<ifname>`), nor the reverse.
 ADD of a handle that holds an address returns that address (a runtime's retry); DEL frees
 it and succeeds when there is nothing to free; GC frees this node's addresses of the network
 that cni.dev/valid-attachments does not list.
@@ -25,7 +26,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from podnet.cni.attachments import attachment_handle
 from podnet.cni.errors import CNIError
 from podnet.cni.sessions import Sessions, store_call
 from podnet.cni.spec import (
@@ -48,8 +48,12 @@ log = logging.getLogger("podnet.cni.handler")
 HANDLE_PREFIX = f"{PODNET_IPAM}:"
 
 
+def network_prefix(network: str) -> str:
+    return f"{HANDLE_PREFIX}{network}:"
+
+
 def ipam_handle(network: str, container_id: str, ifname: str) -> str:
-    return HANDLE_PREFIX + attachment_handle(network, container_id, ifname)
+    return f"{network_prefix(network)}{container_id}:{ifname}"
 
 
 def ipam_config(req: Request) -> PodnetIpamConfig:
@@ -92,7 +96,7 @@ class IpamCommands:
 
     node: str
     _sessions: Sessions
-    _node_handles: Callable[[Any, Any, str], list[str]]  # Commands': a network's handles on this node
+    _node_handles_under: Callable[[Any, str], list[str]]  # Commands': handles under a prefix, on this node
 
     def _ipam_add(self, req: Request) -> tuple[int, str]:
         from podnet.ipam import IPAMError, IPAMExhausted, NoPool, TooManyConflicts, TryLater
@@ -168,7 +172,7 @@ class IpamCommands:
         failures: list[str] = []
         released = 0
         with self._sessions.session() as (kv, ipam):
-            for handle in self._node_handles(kv, ipam, HANDLE_PREFIX + req.network):
+            for handle in self._node_handles_under(kv, network_prefix(req.network)):
                 if handle in keep:
                     continue
                 try:
