@@ -10,6 +10,12 @@ the same macvlan plugin with the same configurations invoked directly, once per 
 runtime would chain them (no NAD lookup, no records, no status). The difference divided by
 the number of networks is podnet's overhead per attachment (the target: under 5 ms).
 
+Then the IPAM plugin alone: macvlan invoked directly (no podnet-cni, as any runtime or Multus
+runs a network) with `"ipam": {"type": "podnet-ipam"}`, which executes podnet-ipam (the static
+podnet-cni executable under that name) and asks the agent, against the same macvlan with
+host-local, in turn, one pod at a time and in bursts of 30; every podnet-ipam address in a
+burst must be different.
+
 Not a test: prints a table and writes bench/results/multinet.json. Needs root (network
 namespaces); nothing outside the namespaces it creates is touched.
 
@@ -40,6 +46,14 @@ BURST = 30
 EXTRA = (0, 1, 3)
 RESULTS = os.path.join(HERE, "results", "multinet.json")
 NAMESPACE = "bench"
+
+
+def ipam_confs(data_dir: str, sock: str) -> list[dict]:
+    """The same macvlan network with host-local (the baseline) and with podnet-ipam."""
+    base = {"cniVersion": "1.0.0", "name": "underlay", "type": "macvlan", "master": "data0", "mode": "bridge"}
+    return [{**base, "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.70.0.0/16"}]], "dataDir": data_dir}},
+            {**base, "ipam": {"type": "podnet-ipam", "pools": ["attach"], "subnet": "10.70.0.0/16",
+                              "agentSocket": sock}}]
 
 
 def network_conf(j: int, data_dir: str) -> dict:
@@ -160,6 +174,39 @@ def driver(args: argparse.Namespace) -> None:
             row["direct_wall"].append(wall)
             _, dts = burst(lambda i: direct("DEL", i), len(pods))
             row["direct_del"] += dts
+
+    # The IPAM plugin alone: macvlan with host-local, then with podnet-ipam, in turn.
+    ipam = out["ipam"] = {name: {"seq_add": [], "seq_del": [], "add": [], "del": [], "wall": []}
+                          for name in ("host-local", "podnet-ipam")}
+    confs = dict(zip(ipam, [json.dumps(c).encode() for c in json.loads(args.ipam_networks)], strict=True))
+    for r in range(args.rounds):
+        for name, conf in confs.items():
+            cid = f"i{r}-{uuid.uuid4().hex[:8]}"
+            for command in ("ADD", "DEL"):
+                dt, so, rc = invoke(macvlan, conf, command, cid, f"/run/netns/{pods[0]}", "net1", "ipam-0",
+                                    args.cni_path)
+                check(f"sequential macvlan {command} with {name}", rc, so)
+                ipam[name][f"seq_{command.lower()}"].append(dt)
+    for r in range(args.bursts):
+        for name, conf in confs.items():
+            cids = [f"b{r}p{i}-{uuid.uuid4().hex[:8]}" for i in range(len(pods))]
+            addresses: list[str] = []
+
+            def one(command: str, i: int, conf=conf, cids=cids, addresses=addresses, name=name):
+                dt, so, rc = invoke(macvlan, conf, command, cids[i], f"/run/netns/{pods[i]}", "net1", f"ipam-{i}",
+                                    args.cni_path)
+                check(f"macvlan {command} with {name}", rc, so)
+                if command == "ADD" and rc == 0:
+                    addresses.append(json.loads(so)["ips"][0]["address"])
+                return dt
+
+            wall, dts = burst(lambda i: one("ADD", i), len(pods))
+            ipam[name]["add"] += dts
+            ipam[name]["wall"].append(wall)
+            if len(set(addresses)) != len(pods):
+                out["failures"].append(f"{name}: {len(set(addresses))} different addresses for {len(pods)} pods")
+            _, dts = burst(lambda i: one("DEL", i), len(pods))
+            ipam[name]["del"] += dts
     links = []
     for p in pods:
         got = subprocess.run(["ip", "netns", "exec", p, "ip", "-o", "link", "show"], capture_output=True, text=True)
@@ -175,7 +222,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one burst per scenario")
     ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
-    for name in ("plugin", "podnet-conf", "pods", "networks", "cni-path"):
+    for name in ("plugin", "podnet-conf", "pods", "networks", "ipam-networks", "cni-path"):
         ap.add_argument(f"--{name}", help=argparse.SUPPRESS)
     ap.add_argument("--bursts", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
@@ -219,7 +266,11 @@ def main() -> int:
         url = "sqlite://" + os.path.join(tmp, "podnet.db")
         kv = open_store(url)
         objects = [IPPool.model_validate({"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "pods"},
-                                          "spec": {"cidr": "10.244.0.0/16", "blockSize": 26}})]
+                                          "spec": {"cidr": "10.244.0.0/16", "blockSize": 26}}),
+                   IPPool.model_validate({"apiVersion": "podnet.io/v1", "kind": "IPPool",
+                                          "metadata": {"name": "attach"},
+                                          "spec": {"cidr": "10.70.0.0/16", "blockSize": 26,
+                                                   "allowedUses": ["Attachment"]}})]
         objects += [NetworkAttachmentDefinition.model_validate({
             "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
             "metadata": {"name": c["name"], "namespace": NAMESPACE}, "spec": {"config": json.dumps(c)}}) for c in nets]
@@ -246,6 +297,7 @@ def main() -> int:
         proc = subprocess.run(
             ["ip", "netns", "exec", node, sys.executable, os.path.abspath(__file__), "--driver", "--plugin", plugin,
              "--podnet-conf", json.dumps(podnet_conf), "--pods", ",".join(pods), "--networks", json.dumps(nets),
+             "--ipam-networks", json.dumps(ipam_confs(os.path.join(tmp, "host-local-ipam"), sock)),
              "--cni-path", f"{bindir}:{REFERENCE}", "--bursts", str(bursts), "--rounds", str(rounds)],
             capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
@@ -299,13 +351,33 @@ def main() -> int:
               + (f"{over['p50']:8.1f}ms {over['p99']:7.1f}ms " if over else f"{'-':>10} {'-':>9} ")
               + f"{s['podnet_del']['p50_ms']:9.1f}ms {s['direct_del']['p50_ms']:9.1f}ms "
               f"{s['podnet_wall_ms']:6.0f}ms {s['direct_wall_ms']:6.0f}ms")
+    print(f"\none macvlan network invoked directly, by its IPAM ({rounds} one at a time, {bursts} burst(s) of {BURST})")
+    print(f"{'ipam':>12} {'ADD p50':>10} {'DEL p50':>10} {'burst ADD p50':>14} {'p99':>10} {'burst wall':>11}")
+    ipam_summary = {}
+    for name, row in raw["ipam"].items():
+        s = {"seq_add_p50_ms": round(pct(row["seq_add"], 50), 2), "seq_del_p50_ms": round(pct(row["seq_del"], 50), 2),
+             "burst_add_p50_ms": round(pct(row["add"], 50), 2), "burst_add_p99_ms": round(pct(row["add"], 99), 2),
+             "burst_wall_ms": round(statistics.median(row["wall"]) * 1000, 1)}
+        ipam_summary[name] = s
+        print(f"{name:>12} {s['seq_add_p50_ms']:8.1f}ms {s['seq_del_p50_ms']:8.1f}ms {s['burst_add_p50_ms']:12.1f}ms "
+              f"{s['burst_add_p99_ms']:8.1f}ms {s['burst_wall_ms']:9.0f}ms")
+    hl, pi = ipam_summary["host-local"], ipam_summary["podnet-ipam"]
+    ipam_summary["podnet_ipam_over_host_local"] = {
+        "seq_add_ratio": round(pi["seq_add_p50_ms"] / hl["seq_add_p50_ms"], 2),
+        "seq_add_delta_ms": round(pi["seq_add_p50_ms"] - hl["seq_add_p50_ms"], 2),
+        "burst_add_ratio": round(pi["burst_add_p50_ms"] / hl["burst_add_p50_ms"], 2)}
+    print(f"podnet-ipam / host-local: ADD {ipam_summary['podnet_ipam_over_host_local']['seq_add_ratio']:.2f}x one at a "
+          f"time ({ipam_summary['podnet_ipam_over_host_local']['seq_add_delta_ms']:+.1f} ms), "
+          f"{ipam_summary['podnet_ipam_over_host_local']['burst_add_ratio']:.2f}x in bursts")
     print(f"\nload average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
-    print("checks: " + ("every ADD gave eth0 and every network; nothing left after DEL" if not problems
+    print("checks: " + ("every ADD gave eth0 and every network, podnet-ipam addresses unique in every burst; "
+                        "nothing left after DEL" if not problems
                         else "FAILED: " + "; ".join(problems[:5])))
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         json.dump({"quick": args.quick, "burst": BURST, "bursts": bursts, "rounds": rounds, "cpus": os.cpu_count(),
-                   "loadavg": [load_before[0], load_after[0]], "scenarios": summary, "problems": problems,
+                   "loadavg": [load_before[0], load_after[0]], "scenarios": summary, "ipam": ipam_summary,
+                   "problems": problems,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
         f.write("\n")
     print(f"wrote {os.path.relpath(RESULTS)}")
