@@ -19,6 +19,8 @@ from podnet.kube.client import KubeClient, KubeConfig
 from podnet.kube.crds import render
 from podnet.kube.sync import KubeSync, KubeSyncConfig
 from podnet.model.manifests import Source, parse_object
+from podnet.multinet import ANNOTATION_STATUS
+from podnet.multinet.status import write_status
 from podnet.store import open_store
 from tests.support import openapi_schema
 
@@ -147,6 +149,8 @@ def test_kube_sync_runs_with_exactly_the_rbac_it_is_granted(api, tmp_path):
     token = api.add_user("system:serviceaccount:kube-system:podnet-kube-sync", rules)
     kc = api.kubeconfig(str(tmp_path / "kc"), token=token, user="kube-sync")
     api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
+    pod = api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p1", "namespace": "default"},
+                      "spec": {"nodeName": "n1", "containers": [{"name": "c"}]}})
     api.create({"apiVersion": "podnet.io/v1", "kind": "IPPool", "metadata": {"name": "bad"},
                 "spec": {"cidr": "10.1.0.0/16", "blockSize": 40}})  # refused: an Event and a status
     url = f"sqlite://{tmp_path}/s.db"
@@ -159,10 +163,12 @@ def test_kube_sync_runs_with_exactly_the_rbac_it_is_granted(api, tmp_path):
         assert sync.synced.wait(30)
         with open_store(url) as kv:
             kv.put("/podnet-alloc/agents/n1", {"ready": True})
+            write_status(kv, "default", "p1", pod["metadata"]["uid"], [{"name": "podnet", "interface": "eth0"}])
         with api.changed:
             assert api.changed.wait_for(lambda: any(
                 c["type"] == "NetworkUnavailable" for c in (api.get("v1", "Node", "n1").get("status") or {}).get(
-                    "conditions") or ()) and api.objects("v1", "Event"), 20)
+                    "conditions") or ()) and api.objects("v1", "Event") and ANNOTATION_STATUS in (
+                api.get("v1", "Pod", "p1", "default")["metadata"].get("annotations") or {}), 20)
     finally:
         sync.stop()
         t.join(30)
