@@ -6,6 +6,7 @@ that parses, a block size that fits its pool) is written as a CEL rule
 any case: an object it refuses never reaches the store (kube/sync.py).
 
     python -m podnet.kube.crds > deploy/crds.yaml     (tests/kube/test_deploy.py checks it is current)
+    python -m podnet.kube.crds --network-attachment-definition    (Multus's CRD, for a cluster without it)
 """
 
 from __future__ import annotations
@@ -159,4 +160,7 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    if sys.argv[1:] == ["--network-attachment-definition"]:  # for a cluster without Multus
+        sys.stdout.write(yaml.dump(network_attachment_definition_crd(), Dumper=_Dumper, sort_keys=False, width=110))
+    else:
+        sys.stdout.write(render())
