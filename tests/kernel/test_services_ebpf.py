@@ -178,3 +178,63 @@ def test_programs_that_do_not_load_leave_services_on_nftables(tmp_path):
             assert "podnet_svc_from_pod" in in_ns(t.node, "tc", "filter", "show", "dev", "c0", "ingress").stdout
         finally:
             t.close()
+
+
+def annotated(body: dict, **annotations: str) -> dict:
+    body["metadata"]["annotations"] = {f"podnet.io/{k}": v for k, v in annotations.items()}
+    return body
+
+
+def test_least_connection_follows_the_connections_held_open(topo, echo):
+    objs = [annotated(service("lc", "10.96.5.4", [{"port": 70, "targetPort": ECHO_PORT}]), scheduler="lc"),
+            slice_("lc", [endpoint("b1"), endpoint("b2")], ports=[{"port": ECHO_PORT}])]
+    topo.driver.apply(objs)
+    clients = []
+    try:
+        # each new connection (one after the other) goes to the backend with the fewest open
+        # ones (a tie: the first slot)
+        got = []
+        for _ in range(4):
+            clients.append(held(topo, "10.96.5.4", 70))
+            got.append(say(clients[-1], "x").split()[0])
+        assert got == ["b1", "b2", "b1", "b2"], got
+        for c, b in zip(clients, got, strict=True):  # b1's two connections end (FIN counted)
+            if b == "b1":
+                c.kill()
+                c.wait()
+        again = []
+        for _ in range(2):
+            clients.append(held(topo, "10.96.5.4", 70))
+            again.append(say(clients[-1], "y").split()[0])
+        assert again == ["b1", "b1"], again
+    finally:
+        for c in clients:
+            c.kill()
+            c.wait()
+
+
+def test_source_hash_and_weights_choose_by_annotation(topo):
+    sh_svc = annotated(service("sh", "10.96.5.5"), scheduler="sh")
+    objs = [sh_svc, slice_("sh", [endpoint("b1"), endpoint("b2"), endpoint("b3")], ports=[{"port": 8080}])]
+    topo.driver.apply(objs)
+    for client in (topo.client, topo.client2):  # one client, one backend, every connection
+        got = names(topo.probe("10.96.5.5", 80, count=12, src=client))
+        assert len(set(got)) == 1, got
+    # wrr: weight 0 takes no new flows, the others share them
+    annotated(sh_svc, scheduler="wrr", weights="10.20.0.11=0,10.20.0.12=2")
+    topo.driver.apply(objs)
+    got = set(names(topo.probe("10.96.5.5", 80, count=40)))
+    assert got <= {"b2", "b3"} and "b2" in got, got
+
+
+def test_a_bad_scheduler_annotation_names_the_field_and_leaves_the_rest(topo):
+    objs = [annotated(service("bad", "10.96.5.6"), scheduler="fastest"),
+            slice_("bad", [endpoint("b1")], ports=[{"port": 8080}]),
+            service("good", "10.96.5.7"), slice_("good", [endpoint("b2")], ports=[{"port": 8080}])]
+    from podnet.model.objects import Service
+    from podnet.services.compiler import ServiceInfo
+    info = ServiceInfo(Service.model_validate(objs[0]))
+    assert info.problem == ("metadata.annotations[podnet.io/scheduler]: 'fastest' is not one of "
+                            "random, lc, sh, wrr")
+    topo.driver.apply(objs)
+    assert names(topo.probe("10.96.5.7", 80)) == ["b2"]

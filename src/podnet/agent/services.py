@@ -69,6 +69,7 @@ class ServiceDataplane(Dataplane):
                  applier: ServiceApplier | None = None, health: HealthCheckServer | None = None,
                  proxy: str = "nftables"):
         self.metrics = ServiceMetrics()
+        self.proxy = proxy
         warn_node_in_service_cidrs(node_ip, service_cidrs)
         self.compiler = ServiceCompiler(node, [node_ip], ServiceConfig(service_cidrs=service_cidrs,
                                                                        local_dns=local_dns))
@@ -102,6 +103,7 @@ class ServiceDataplane(Dataplane):
                 old = self.compiler.service_info(obj.namespace, obj.name)
                 if not same_version(old, obj):
                     self.compiler.set_service(obj)
+                    self._warn_scheduler(obj.namespace, obj.name)
             return True
         if isinstance(obj, (SliceRecord, EndpointSlice)):
             self._set_slice(obj)
@@ -119,6 +121,14 @@ class ServiceDataplane(Dataplane):
                 self.compiler.delete_slice(namespace, name)
                 self._triggers.pop(f"{namespace or 'default'}/{name}", None)
         return True
+
+    def _warn_scheduler(self, namespace: str | None, name: str) -> None:
+        """podnet.io/scheduler is the eBPF backend's: the others balance at random and say so."""
+        info = self.compiler.service_info(namespace, name)
+        scheduler = getattr(info, "scheduler", "")
+        if scheduler and self.proxy != "ebpf":
+            log.warning("services: %s/%s: podnet.io/scheduler %s needs --service-proxy ebpf; the %s backend "
+                        "balances at random", namespace or "default", name, scheduler, self.proxy)
 
     def _set_slice(self, sl: SliceRecord | EndpointSlice) -> None:
         with self._lock:

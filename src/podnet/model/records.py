@@ -93,14 +93,15 @@ class ServiceRecord:
 
     __slots__ = ("namespace", "name", "version", "type", "cluster_ip", "cluster_ips", "ports", "external_ips",
                  "lb_ips", "source_ranges", "external_policy", "internal_policy", "health_check_node_port",
-                 "publish_not_ready", "affinity", "external_name")
+                 "publish_not_ready", "affinity", "external_name", "scheduler", "weights")
 
     def __init__(self, namespace: str | None, name: str, version: str | None, type: str,
                  cluster_ip: str | None, cluster_ips: tuple[str, ...], ports: tuple[tuple, ...],
                  external_ips: tuple[str, ...] = (), lb_ips: tuple[str, ...] = (), source_ranges: tuple[str, ...] = (),
                  external_policy: str | None = None, internal_policy: str = "Cluster",
                  health_check_node_port: int | None = None, publish_not_ready: bool = False,
-                 affinity: int | None = None, external_name: str | None = None):
+                 affinity: int | None = None, external_name: str | None = None,
+                 scheduler: str | None = None, weights: str | None = None):
         self.namespace = namespace
         self.name = name
         self.version = version
@@ -117,6 +118,10 @@ class ServiceRecord:
         self.publish_not_ready = publish_not_ready
         self.affinity = affinity
         self.external_name = external_name
+        # the podnet.io/scheduler and podnet.io/weights annotations, as written (the
+        # Service compiler checks them)
+        self.scheduler = scheduler
+        self.weights = weights
 
     @property
     def headless(self) -> bool:
@@ -133,6 +138,11 @@ def _port_of(p: dict) -> tuple:
             p.get("nodePort"), port if target is None else target)
 
 
+# How a Service's endpoints are chosen (the eBPF Service backend: docs/ebpf.md)
+SCHEDULER_ANNOTATION = "podnet.io/scheduler"  # random (default) | lc | sh | wrr
+WEIGHTS_ANNOTATION = "podnet.io/weights"  # "10.0.1.5=3,10.0.1.6=1": wrr's weight per endpoint address (else 1)
+
+
 def service_record(data: dict, version: str | None = None) -> ServiceRecord:
     """The record of a stored Service; `version`: its revision in the store (else
     metadata.resourceVersion)."""
@@ -146,6 +156,7 @@ def service_record(data: dict, version: str | None = None) -> ServiceRecord:
     ranges = spec.get("loadBalancerSourceRanges")
     ingress = ((data.get("status") or {}).get("loadBalancer") or {}).get("ingress")
     namespace = meta.get("namespace")
+    annotations = meta.get("annotations") or {}
     return ServiceRecord(
         _intern(namespace) if namespace else namespace, meta["name"],
         version if version is not None else meta.get("resourceVersion"), kind,
@@ -158,7 +169,8 @@ def service_record(data: dict, version: str | None = None) -> ServiceRecord:
         internal_policy=spec.get("internalTrafficPolicy") or "Cluster",
         health_check_node_port=spec.get("healthCheckNodePort"),
         publish_not_ready=spec.get("publishNotReadyAddresses") is True,
-        affinity=affinity, external_name=spec.get("externalName"))
+        affinity=affinity, external_name=spec.get("externalName"),
+        scheduler=annotations.get(SCHEDULER_ANNOTATION), weights=annotations.get(WEIGHTS_ANNOTATION))
 
 
 def service_record_of(svc: Service) -> ServiceRecord:

@@ -34,7 +34,14 @@ from datetime import datetime
 from itertools import chain
 
 from podnet.model.objects import EndpointSlice, Pod, Service
-from podnet.model.records import ServiceRecord, SliceRecord, service_record_of, slice_record_of
+from podnet.model.records import (
+    SCHEDULER_ANNOTATION,
+    WEIGHTS_ANNOTATION,
+    ServiceRecord,
+    SliceRecord,
+    service_record_of,
+    slice_record_of,
+)
 from podnet.services.model import (
     LARGE_ABOVE,
     Backend,
@@ -171,7 +178,7 @@ class ServiceInfo:
 
     __slots__ = ("key", "namespace", "name", "version", "active", "problem", "cluster_ip", "node_ports", "ports",
                  "external_ips", "lb_ips", "source_ranges", "external_local", "internal_local", "publish_all",
-                 "affinity", "health_port", "named_target")
+                 "affinity", "health_port", "named_target", "scheduler", "weights")
 
     def __init__(self, svc: ServiceRecord | Service, intern: _Interner = _STRINGS):
         if not isinstance(svc, ServiceRecord):
@@ -191,6 +198,8 @@ class ServiceInfo:
         self.external_local = self.internal_local = self.publish_all = self.named_target = False
         self.affinity: int | None = None
         self.health_port: int | None = None
+        self.scheduler = ""
+        self.weights: dict[str, int] = {}
         if not self.active:
             return
         try:
@@ -209,6 +218,7 @@ class ServiceInfo:
             self.internal_local = svc.internal_policy == "Local"
             self.publish_all = svc.publish_not_ready
             self.affinity = svc.affinity
+            self.scheduler, self.weights = _scheduler(svc.scheduler, svc.weights)
             if self.external_local and svc.health_check_node_port and self.node_ports:
                 self.health_port = svc.health_check_node_port
         except Exception as e:  # one bad object must not stop the sync of the rest
@@ -217,6 +227,30 @@ class ServiceInfo:
     @property
     def ref(self) -> str:
         return f"{self.namespace or 'default'}/{self.name}"
+
+
+SCHEDULERS = ("random", "lc", "sh", "wrr")
+
+
+def _scheduler(name: str | None, weights: str | None) -> tuple[str, dict[str, int]]:
+    """The podnet.io/scheduler and podnet.io/weights annotations checked: ("" for random,
+    {address: weight}); ValueError naming the annotation."""
+    if name is not None and name not in SCHEDULERS:
+        raise ValueError(f"metadata.annotations[{SCHEDULER_ANNOTATION}]: {name!r} is not one of "
+                         f"{', '.join(SCHEDULERS)}")
+    out: dict[str, int] = {}
+    for i, item in enumerate((weights or "").split(",")):
+        if not item.strip():
+            continue
+        ip, _, w = item.strip().partition("=")
+        if _ipv4(ip) is None or not w.isdigit() or int(w) > 1000:
+            raise ValueError(f"metadata.annotations[{WEIGHTS_ANNOTATION}] item {i}: {item.strip()!r} is not "
+                             "ADDRESS=WEIGHT (an IPv4 address, a weight 0-1000)")
+        out[_ipv4(ip)] = int(w)  # type: ignore[index]
+    if out and name != "wrr":
+        raise ValueError(f"metadata.annotations[{WEIGHTS_ANNOTATION}]: weights need "
+                         f"{SCHEDULER_ANNOTATION}: wrr")
+    return ("" if name in (None, "random") else name), out  # type: ignore[return-value]
 
 
 # endpoint flags (LOCAL: on the compiler's node)
@@ -485,6 +519,9 @@ def _compile_service(svc: ServiceInfo, slices: tuple[SliceInfo, ...], pods: dict
             if node_port:
                 out.append(FrontendRule(Frontend(None, proto, node_port), label, "NodePort", external,
                                         none_verdict, masq, affinity, (), False, key, short))
+    if svc.scheduler:
+        weights = tuple(sorted(svc.weights.items()))
+        out = [r._replace(scheduler=svc.scheduler, weights=weights) for r in out]
     hc = None
     if svc.health_port:
         hc = HealthCheck(svc.health_port, svc.namespace or "default", svc.name, len(local_ready))

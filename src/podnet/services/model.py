@@ -67,6 +67,9 @@ class FrontendRule(NamedTuple):
     externalTrafficPolicy Local, the Service's endpoints cluster-wide, used for traffic
     from this node's pods and from the node itself (kube-proxy's short-circuit: it is
     treated as ClusterIP traffic); empty when that would change nothing.
+    scheduler, weights: how the eBPF backend chooses among `backends` (the
+    podnet.io/scheduler and podnet.io/weights annotations; the other backends choose at
+    random and say so).
 
     A NamedTuple (made, hashed and compared in C: there is one per frontend, and
     states compare by them).
@@ -83,6 +86,8 @@ class FrontendRule(NamedTuple):
     owns_cluster_ip: bool = False
     affinity_key: int = 0
     short_circuit: tuple[Backend, ...] = ()
+    scheduler: str = ""  # podnet.io/scheduler: "" (random), "lc", "sh", "wrr" (the eBPF backend's)
+    weights: tuple[tuple[str, int], ...] = ()  # wrr: (endpoint address, weight); an address not listed: 1
 
 
 @dataclass(frozen=True, order=True, slots=True)

@@ -183,8 +183,9 @@ class EbpfServiceApplier:
     def _render_rule(self, r: FrontendRule) -> dict[str, dict[bytes, bytes]]:
         fe = r.frontend
         sid = self._sid(fe)
-        backends = r.backends
-        flags = (F_DROP if r.no_endpoints == "drop" else 0) | (m.F_AFFINITY if r.affinity_timeout else 0)
+        backends = weighted_slots(r.backends, r.weights) if r.scheduler == "wrr" else r.backends
+        flags = (F_DROP if r.no_endpoints == "drop" else 0) | (m.F_AFFINITY if r.affinity_timeout else 0) | \
+            (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
         out: dict[str, dict[bytes, bytes]] = {m.FRONTENDS: {}, m.SLOTS: {}, m.BACKENDS: {}, m.CLUSTER_IPS: {}}
         out[m.FRONTENDS][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags, r.affinity_timeout or 0,
                                                                  r.affinity_key)
@@ -417,6 +418,18 @@ class EbpfServiceApplier:
 
 
 F_DROP = m.F_NO_EP_DROP
+MAX_WEIGHTED_SLOTS = 4096  # a wrr frontend's slots at most (weights scaled down beyond)
+
+
+def weighted_slots(backends: tuple[Backend, ...], weights: tuple[tuple[str, int], ...]) -> tuple[Backend, ...]:
+    """wrr: each backend repeated by its weight (the program picks a slot at random, so a
+    backend gets new flows in proportion to its weight; weight 0: none)."""
+    w = dict(weights)
+    counts = [w.get(b.ip, 1) for b in backends]
+    total = sum(counts)
+    if total > MAX_WEIGHTED_SLOTS:
+        counts = [max(1, c * MAX_WEIGHTED_SLOTS // total) if c else 0 for c in counts]
+    return tuple(b for b, c in zip(backends, counts, strict=True) for _ in range(c))
 
 
 def _unsupported(r: FrontendRule) -> str:
