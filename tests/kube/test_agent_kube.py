@@ -50,3 +50,17 @@ def test_a_ready_agent_says_so_in_the_store(kv):
     report_ready(kv, "node-1", 42)
     rec = kv.get(f"{AGENTS}node-1")
     assert rec.value["ready"] is True and rec.value["revision"] == 42
+
+
+def test_an_add_tells_a_deleted_or_replaced_pod_from_one_still_there(kv):
+    from podnet.cni.podwait import ABSENT, deleted_since, pod_uid
+
+    assert pod_uid(kv, "shop", "web") is ABSENT
+    assert not deleted_since(kv, "shop", "web", ABSENT)  # not in the store at the start: not looked for
+    kv.put("/podnet/objects/Pod/shop/web", {**POD, "metadata": {**POD["metadata"], "uid": "u1"}})
+    uid = pod_uid(kv, "shop", "web")
+    assert uid == "u1" and not deleted_since(kv, "shop", "web", uid)
+    kv.put("/podnet/objects/Pod/shop/web", {**POD, "metadata": {**POD["metadata"], "uid": "u2"}})
+    assert deleted_since(kv, "shop", "web", uid)  # made again under its name
+    kv.delete("/podnet/objects/Pod/shop/web")
+    assert deleted_since(kv, "shop", "web", uid)

@@ -91,6 +91,10 @@ class Commands:
         config = MultinetConfig.from_netconf(req.config)
         with self._sessions.session() as (kv, ipam):
             uid = store_call(lambda: pod_uid(kv, namespace, req.pod)) if req.pod else ABSENT
+            if self.pod_wait and req.pod and uid is ABSENT:  # it came (wait_for_pod) and went again
+                log.warning("CNI ADD %s: pod %s/%s was deleted before its ADD began", req.handle, namespace, req.pod)
+                raise CNIError(E_POD_GONE, f"pod {namespace}/{req.pod} was deleted before its ADD began: nothing "
+                                           "was made")
             existing = store_call(lambda: kv.get(key))
             if existing is not None:
                 # An earlier ADD of this attachment never finished, or its DEL never came: start clean.
