@@ -10,6 +10,7 @@ import pytest
 from tests.eni.pools import cloud_network, node, start_pool
 
 from podnet.eni.errors import PoolExhausted, PoolUnavailable, SetupError
+from podnet.eni.metrics import call_results
 from podnet.eni.setup import PoolOptions, build_pool
 from podnet.store import open_store
 
@@ -123,6 +124,11 @@ def test_throttling_backs_off_says_why_and_recovers(ec2, tmp_path):
         assert ipam.allocate("a", "n").address
         assert ec2.errors["RequestLimitExceeded"] == 2 and ec2.calls["AssignPrivateIpAddresses"] == 3
         assert np.pool.problem is None and np.pool.backoff_until == 0.0
+        # the agent's metrics say the same: two throttled Assigns, then one that went through
+        results, errors = call_results(np.pool.cloud)
+        assert results[("AssignPrivateIpAddresses", "throttled")] == 2
+        assert results[("AssignPrivateIpAddresses", "ok")] == 1
+        assert errors == {("AssignPrivateIpAddresses", "RequestLimitExceeded"): 2}
     finally:
         ipam.kv.close()
         np.pool.stop()
@@ -138,6 +144,10 @@ def test_the_local_token_bucket_answers_try_again_with_its_reason(ec2, tmp_path)
         with pytest.raises(PoolUnavailable, match=r"assign token bucket \(1/min, burst 1\) is empty"):
             ipam.allocate("second", "n")
         assert ec2.calls["AssignPrivateIpAddresses"] == 1
+        results, errors = call_results(np.pool.cloud)  # held back by podnet: throttled, no call made
+        assert results[("AssignPrivateIpAddresses", "ok")] == 1
+        assert results[("AssignPrivateIpAddresses", "throttled")] == errors[("AssignPrivateIpAddresses",
+                                                                            "LocallyThrottled")] >= 1
     finally:
         ipam.kv.close()
         np.pool.stop()

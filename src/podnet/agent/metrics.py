@@ -11,6 +11,8 @@ known, the DNS server) shows from the next scrape on:
     podnet_service_* or kubeproxy_*        the Service proxy's syncs (services/metrics.py)
     podnet_bgp_*                           BIRD's sessions and routes (agent/bgp.py)
     podnet_dns_*                           the in-process node DNS server (dns/server/metrics.py)
+    podnet_eni_*                           the node's ENI pool, on a node a CloudNetwork selects
+                                           (eni/metrics.py)
 """
 
 from __future__ import annotations
@@ -50,3 +52,7 @@ class AgentMetrics:
             from podnet.dns.server.metrics import DnsMetrics
 
             yield from DnsMetrics(a.dns).collect()
+        if a.eni is not None:
+            from podnet.eni.metrics import EniMetrics
+
+            yield from EniMetrics(a.eni).collect()

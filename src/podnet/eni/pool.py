@@ -43,6 +43,7 @@ from podnet.eni.cloud import (
 )
 from podnet.eni.errors import CloudError, PoolExhausted, PoolUnavailable
 from podnet.eni.limits import InstanceLimits
+from podnet.eni.metrics import allocation_wait
 from podnet.eni.model import EniSlot, PoolCounts, PoolState
 from podnet.eni.subnets import SubnetChooser
 
@@ -122,6 +123,7 @@ class EniPool:
         self._blocked = False  # no call can add an address (limits, subnets) until something changes
         self._creating: dict[int, float] = {}  # device index -> since when an ENI is being made there
         self.rounds = 0
+        self.wait_seconds = allocation_wait()  # podnet_eni_allocation_wait_seconds (eni/metrics.py)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -146,6 +148,12 @@ class EniPool:
 
     def acquire(self, handle: str, wait: float | None = None) -> Lease:
         """An address for the pod `handle`: idle at once, else after the next batch."""
+        started = time.monotonic()
+        lease = self._acquire(handle, wait)
+        self.wait_seconds.observe(time.monotonic() - started)
+        return lease
+
+    def _acquire(self, handle: str, wait: float | None) -> Lease:
         now = self.clock()
         with self._cond:
             st = self.state

@@ -58,6 +58,7 @@ REFERENCE_CNI_DIR = "/usr/lib/cni"
 NETWORK_NAME = "podnet"
 DEFAULT_TIMEOUT = 30.0
 LOG_TAIL_LINES = 20
+AGENT_METRICS_PORT = 9102  # each agent's /metrics, /healthz and /readyz, on its node's address
 
 Say = Callable[[str], None]
 
@@ -524,6 +525,7 @@ def _setup_podnet(st: LabState, spec: LabSpec, url: str, timeout: float, say: Sa
                 "--service-proxy", n.get("service_proxy", "nftables"),
                 "--policy-dataplane", n.get("policy_dataplane", "nftables"),
                 "--resync", str(spec.resync_seconds), "--dns-server", spec.dns_server,
+                "--metrics-port", str(AGENT_METRICS_PORT),
                 *addresses, *([] if separate else upstream),  # separate: the agent answers nothing
                 *(agent_args or [])]
         entry = st.start_process(f"agent-{n['name']}", argv, netns=n["netns"], log=Path(n["log"]),
