@@ -9,10 +9,12 @@ the address back to the pool."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import uuid
@@ -21,11 +23,12 @@ import pytest
 import yaml
 
 from podnet.eni import records as rec
-from podnet.lab.cluster import node_runtime, restart_agent
+from podnet.lab.cluster import AGENT_METRICS_PORT, node_dns_key, node_runtime, restart_agent
 from podnet.lab.connectivity import probe_all
 from podnet.lab.runtime import RuntimeConf, k8s_args, result_ips
 from podnet.model.objects import ObjectMeta, Pod, PodSpec
 from tests.kernel.labs import echo_connection, running_lab
+from tests.kernel.test_agent_metrics import scrape, value
 from tests.support.bgp import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
@@ -110,6 +113,53 @@ def test_the_dataplane_of_each_mode(lab):
     assert addrs[0]["addr_info"][0]["prefixlen"] == 24  # the ENI's subnet, not a /32 behind a gateway
     with echo_connection(lab.pod("b-1")["netns"], 7070, lab.pod("x-1")["netns"], f"{ip(lab, 'b-1')}:7070") as rt:
         assert rt("exclusive-to-shared") == "exclusive-to-shared"
+
+
+@contextlib.contextmanager
+def late_pod(lab, node: str, name: str):
+    """A pod added to `node` through its runtime after the lab came up; (runtime, conf, address).
+    Its namespace goes afterwards (a DEL not made by the test is GC's)."""
+    uid = str(uuid.uuid4())
+    lab.store().apply([Pod(metadata=ObjectMeta(name=name, namespace="default", uid=uid),
+                           spec=PodSpec(node_name=node))])
+    netns = f"pneni-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        cid = secrets.token_hex(32)
+        conf = RuntimeConf(container_id=cid, netns=f"/run/netns/{netns}", args=k8s_args("default", name, cid, uid))
+        runtime = node_runtime(lab.state, lab.node(node))
+        yield runtime, conf, result_ips(runtime.add(conf))[0]
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def eni_metrics(lab, node: str) -> dict:
+    """The agent's /metrics, scraped in its node's namespace: (name, labels) -> value."""
+    n = lab.node(node)
+    samples, _ = scrape(n["netns"], host=n["address"], port=AGENT_METRICS_PORT)
+    return samples
+
+
+def test_the_agents_metrics_show_the_pool_and_its_cloud_calls(lab):
+    """Before the kill -9 below: the agent read here is the one that made node-1's ENI."""
+    before = eni_metrics(lab, "node-1")
+    held = rec.read(lab.store().kv, "node-1")
+    assert value(before, "podnet_eni_pool_ready") == 1
+    assert value(before, "podnet_eni_addresses", network="shared", state="assigned") == len(held.handles) >= 2
+    assert value(before, "podnet_eni_enis_attached") >= 1
+    assert value(before, "podnet_eni_cloud_calls_total", api="CreateNetworkInterface", result="ok") >= 1
+    assert value(before, "podnet_eni_cloud_calls_total", api="AssignPrivateIpAddresses", result="ok") >= 1
+    assert value(before, "podnet_eni_cloud_calls_total", api="DescribeNetworkInterfaces", result="ok") >= 1
+    waits = value(before, "podnet_eni_allocation_wait_seconds_count")
+    assert waits >= 2  # a-1 and a-2
+    with late_pod(lab, "node-1", "metrics-1") as (runtime, conf, address):
+        during = eni_metrics(lab, "node-1")
+        assert value(during, "podnet_eni_addresses", network="shared", state="assigned") == len(held.handles) + 1
+        assert value(during, "podnet_eni_allocation_wait_seconds_count") == waits + 1
+        runtime.delete(conf)
+        after = eni_metrics(lab, "node-1")  # the address cools down (5 s in the lab) before it is idle again
+        assert value(after, "podnet_eni_addresses", network="shared", state="assigned") == len(held.handles)
+        assert value(after, "podnet_eni_addresses", network="shared", state="cooling") >= 1
 
 
 def test_kill_9_of_an_agent_keeps_pods_working_and_hands_out_no_address_twice(lab):
@@ -202,7 +252,7 @@ def test_a_route_of_an_eni_table_deleted_behind_the_agent_comes_back_within_a_re
 
 
 def test_with_the_cloud_api_down_pods_keep_working_and_the_warm_pool_still_serves(lab):
-    """Last in this module: it stops the lab's EC2 server for good."""
+    """Near the end of this module: it stops the lab's EC2 server for good."""
     entry = lab.state.process("ec2")
     lab.state.stop_process(entry)
     rows = [r for r in probe_all(lab, timeout=3, include_nodes=False) if r.src == "default/a-1"]
@@ -221,3 +271,27 @@ def test_with_the_cloud_api_down_pods_keep_working_and_the_warm_pool_still_serve
         runtime.delete(conf)
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def test_node_cleanup_removes_the_eni_rules_and_tables_and_leaves_the_enis_ready_to_detach(lab):
+    """Last in this module: node-1 leaves podnet (its agent killed with -9 first)."""
+    n1, st = lab.node("node-1")["netns"], lab.state
+    ours = lambda: [r for r in ip_json(n1, "rule") if r.get("protocol") == "225" or r.get("protocol") == 225]  # noqa: E731
+    assert ours()
+    table = str(pod_rule(n1, ip(lab, "a-1"))["table"])
+    assert ip_json(n1, "route", "show", "table", table)
+    eni_links = {r["dev"] for r in ip_json(n1, "route", "show", "table", table)}
+    assert st.stop_process(st.process("agent-node-1"), first=signal.SIGKILL)
+    assert st.stop_process(st.process(node_dns_key("node-1")))
+    done = lab.exec_node("node-1", [sys.executable, "-m", "podnet.cli.main", "node", "cleanup", "--socket",
+                                    lab.node("node-1")["socket"]], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"lookup {table} (protocol 225)" in done.stdout and "ready to detach" in done.stdout
+    assert ours() == [] and ip_json(n1, "route", "show", "table", table) == []
+    for name in eni_links:  # still on the node (the cloud detaches it), down, no address of podnet's
+        (link,) = ip_json(n1, "addr", "show", "dev", name)
+        assert "UP" not in link["flags"] and [a for a in link["addr_info"] if a["family"] == "inet"] == []
+    assert not [link for link in ip_json(n1, "link") if link["ifname"].startswith("pn")]
+    again = lab.exec_node("node-1", [sys.executable, "-m", "podnet.cli.main", "node", "cleanup", "--socket",
+                                     lab.node("node-1")["socket"]], timeout=120)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout

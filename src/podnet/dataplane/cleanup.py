@@ -18,7 +18,10 @@ What podnet writes on a node, and how each is recognised as podnet's:
   the agent by design: stopped here), the routes it installed (protocol 12, `persist`
   keeps them after BIRD stops; only when that directory shows BIRD was podnet's), and
   the directory;
-- the agent's files next to its CNI socket: the socket, `.synced`, `.lock`.
+- the agent's files next to its CNI socket: the socket, `.synced`, `.lock`;
+- on an ENI node (eni/routing.py): the `ip rule`s of protocol 0xe1 (each pod's two), the
+  routes of that protocol in the per-ENI tables (100 + device index), and the ENI links
+  those tables name left ready to detach: down, without the addresses podnet put on them.
 
 Left alone: sysctls (ip_forward stays on), conntrack entries, the CNI plugin binary and
 network configuration files, and everything in the store (IPAM blocks and addresses of
@@ -109,7 +112,7 @@ class NodeCleanup:
     def plan(self) -> list[Step]:
         """Every step, read from the kernel now (the later steps are read again as they run)."""
         return [*self._bird_steps(), *self._table_steps(), *self._link_steps(), *self._route_steps(),
-                *self._address_steps(), *self._iptables_steps(), *self._file_steps()]
+                *self._eni_steps(), *self._address_steps(), *self._iptables_steps(), *self._file_steps()]
 
     def run(self, say: Callable[[str], None] = lambda _: None) -> Report:
         """Take every step; each group is read from the kernel when its turn comes (links go
@@ -117,7 +120,7 @@ class NodeCleanup:
         report = Report()
         tables = _nft_tables()
         dns = self._dns_candidates(tables)  # before the NOTRACK table naming them goes
-        for group in (self._bird_steps, self._table_steps, self._link_steps, self._route_steps,
+        for group in (self._bird_steps, self._table_steps, self._link_steps, self._route_steps, self._eni_steps,
                       lambda: self._address_steps(dns), self._iptables_steps, self._file_steps):
             for step in group():
                 try:
@@ -193,6 +196,36 @@ class NodeCleanup:
                      f"{f' via {r.gateway}' if r.gateway else ''} (protocol {proto})",
                      lambda d=r.dst, p=proto: _del_route(d, p))
                 for proto, r in routes]
+
+    def _eni_steps(self) -> list[Step]:
+        """The ENI dataplane's rules and tables, then its links (named by those tables' routes,
+        so read before the routes go): down and without addresses, ready to detach."""
+        from podnet.eni.routing import ROUTE_PROTOCOL, RULE_PROTOCOL
+
+        with IPRoute() as ipr:
+            rules = [r for r in ipr.get_rules(family=socket.AF_INET) if r.get_attr("FRA_PROTOCOL") == RULE_PROTOCOL]
+            routes = [r for r in ipr.get_routes(family=socket.AF_INET) if r["proto"] == ROUTE_PROTOCOL]
+            links = {}
+            for r in routes:
+                oif = r.get_attr("RTA_OIF")
+                if oif is not None and oif not in links:
+                    found = ipr.get_links(oif)
+                    links[oif] = found[0].get_attr("IFLA_IFNAME") if found else str(oif)
+        steps = []
+        for r in rules:
+            src, dst = r.get_attr("FRA_SRC"), r.get_attr("FRA_DST")
+            table = r.get_attr("FRA_TABLE") or r["table"]
+            what = f"rule {'from ' + src if src else 'to ' + str(dst)} lookup {table} (protocol {RULE_PROTOCOL})"
+            steps.append(Step(what, lambda r=r, t=table: _del_rule(r, t)))
+        for r in routes:
+            table = r.get_attr("RTA_TABLE") or r["table"]
+            dst = f"{r.get_attr('RTA_DST')}/{r['dst_len']}" if r.get_attr("RTA_DST") else "default"
+            steps.append(Step(f"route {dst} table {table} (protocol {ROUTE_PROTOCOL})",
+                              lambda r=r, t=table: _del_table_route(r, t)))
+        for index, name in links.items():
+            steps.append(Step(f"addresses of ENI link {name} (down, ready to detach)",
+                              lambda i=index: _park_link(i)))
+        return steps
 
     def _address_steps(self, candidates: list[str] | None = None) -> list[Step]:
         if candidates is None:
@@ -390,6 +423,39 @@ def _del_route(dst: str, protocol: int) -> None:
         rtnl.close()
     if errors:
         raise PodnetError("; ".join(errors))
+
+
+def _del_rule(rule, table: int) -> None:
+    with IPRoute() as ipr:
+        try:
+            ipr.rule("del", family=socket.AF_INET, priority=rule.get_attr("FRA_PRIORITY"), table=table,
+                     src=rule.get_attr("FRA_SRC"), src_len=rule["src_len"], dst=rule.get_attr("FRA_DST"),
+                     dst_len=rule["dst_len"])
+        except NetlinkError as e:
+            if e.code != 2:  # ENOENT: gone meanwhile
+                raise
+
+
+def _del_table_route(route, table: int) -> None:
+    with IPRoute() as ipr:
+        try:  # dst and dst_len apart: pyroute2 reads "a.b.c.d/n" as a /32 in a delete
+            ipr.route("del", dst=route.get_attr("RTA_DST") or "0.0.0.0", dst_len=route["dst_len"], table=table,
+                      oif=route.get_attr("RTA_OIF"), scope=route["scope"], proto=route["proto"])
+        except NetlinkError as e:
+            if e.code not in (2, 3, 19):  # ENOENT, ESRCH, ENODEV: gone meanwhile (with its link)
+                raise
+
+
+def _park_link(index: int) -> None:
+    """An ENI's link, down and with no IPv4 address: nothing on the node uses it any more."""
+    with IPRoute() as ipr:
+        try:
+            ipr.link("set", index=index, state="down")
+            for a in ipr.get_addr(index=index, family=socket.AF_INET):
+                ipr.addr("del", index=index, address=a.get_attr("IFA_ADDRESS"), prefixlen=a["prefixlen"])
+        except NetlinkError as e:
+            if e.code not in (19, 99):  # ENODEV, EADDRNOTAVAIL: gone meanwhile
+                raise
 
 
 def _del_addr(lo: int, address: str) -> None:
