@@ -23,6 +23,7 @@ import yaml
 
 from podnet.dns.resolvconf import NODE_DNS_ADDRESS, render
 from podnet.errors import PodnetError
+from podnet.lab import state as lab_state
 from podnet.lab import topology
 from podnet.lab.cluster import down_by_name, up
 from podnet.lab.connectivity import Lab
@@ -368,8 +369,10 @@ def test_up_fails_cleanly_when_the_dns_server_does_not_start(tmp_path, monkeypat
     doc = {"apiVersion": "podnet.io/v1", "kind": "Lab", "metadata": {"name": name},
            "spec": {"underlay": {"cidr": "10.99.0.0/24"}, "external": {"address": "10.98.0.10/24", "dns": True},
                     "nodes": [{"name": "node-1"}]}}
-    before = set(topology.netns_list("pnl-"))
+    lab_id = secrets.token_hex(3)  # this lab's namespaces only: other labs may come and go meanwhile
+    handed: list[str] = []
+    monkeypatch.setattr(lab_state, "new_lab_id", lambda: handed.append(lab_id) or lab_id)
     with pytest.raises(PodnetError, match="external DNS server \\(dnsmasq\\) exited(.|\\n)*failed to create listening"):
         up(parse_lab(yaml.safe_dump(doc), f"{name}.yaml"), root=tmp_path / "labs", timeout=20)
-    assert set(topology.netns_list("pnl-")) <= before  # everything it made is gone
+    assert handed == [lab_id] and topology.netns_list(f"pnl-{lab_id}-") == []  # everything it made is gone
     assert not (tmp_path / "labs" / name).exists()
