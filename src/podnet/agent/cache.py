@@ -48,13 +48,14 @@ def kind_of_key(key: str) -> str | None:
 
 
 class ObjectCache:
-    def __init__(self, unkept: Iterable[str] = (), records: bool = False) -> None:
-        """`records`: hand on the kinds agent/records.py knows as their compact records
-        (decoded without the models) instead of model objects; such kinds are never kept."""
+    def __init__(self, unkept: Iterable[str] = (), records: bool | Iterable[str] = False) -> None:
+        """`records`: hand on the kinds agent/records.py knows (True: all of them; or the
+        kinds named) as their compact records (decoded without the models) instead of
+        model objects; such kinds are never kept."""
         self._lock = threading.Lock()
         self._objects: dict[str, dict[str, KubeObject]] = {}  # kind -> key -> object
-        self.records = records
-        self.unkept = frozenset(unkept) | (frozenset(DECODERS) if records else frozenset())
+        self.records = frozenset(DECODERS) if records is True else frozenset(records or ()) & frozenset(DECODERS)
+        self.unkept = frozenset(unkept) | self.records
         self._unknown_kinds: set[str] = set()  # already logged
 
     def load(self, records: list[Record], sink: Callable[[ObjectEvent], None] | None = None,
@@ -95,7 +96,7 @@ class ObjectCache:
             return None
         if ev.type == "DELETED":
             typed = ObjectEvent("DELETED", None, ev.key, ev.revision)
-        elif self.records and kind in DECODERS:
+        elif kind in self.records:
             typed = record_event(kind, ev)
         else:
             typed = object_event(ev)

@@ -219,8 +219,9 @@ def write_status(path: Path | None, report: SyncReport, owner: str) -> None:
 
 def follow(url: str | None, source: ServiceSource) -> tuple[StoreFollower, int]:
     """The agent's follower feeding `source`, after its first list; the revision listed."""
-    # Pods come as their compact records (no model validation): the source does not read them
-    follower = StoreFollower(ObjectCache(unkept=KINDS, records=True), [source], source.on_change,
+    # Pods and slices come as their compact records (no model validation); Services as the
+    # model: the source reads their annotations
+    follower = StoreFollower(ObjectCache(unkept=KINDS, records=("Pod", "EndpointSlice")), [source], source.on_change,
                              prefix=OBJECTS_PREFIX)
     kv = open_store(url, create=False)
     try:
