@@ -13,6 +13,10 @@
  * podnet_pol_flows  LRU (5-tuple, direction): connections a policy admitted, so their
  *                   replies pass the other direction (our own table, not the kernel's
  *                   conntrack: see docs/ebpf.md)
+ * podnet_pol_verdicts LRU (group, generation, epoch, local, peer, port, protocol) -> the
+ *                   walk's verdict: a new connection between the same two pods and port
+ *                   skips the walk. The programmer bumps podnet_pol_epoch after every
+ *                   change, so no verdict outlives the state it was computed from.
  *
  * Maps are pinned by name in the agent's pin directory (src/podnet/ebpf/bpffs.py):
  * they outlive the agent, so a restart keeps every admitted connection.
@@ -136,6 +140,33 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_pol_flows SEC(".maps");
 
+struct pol_verdict_key {
+	__u64 group;
+	__u32 gen;
+	__u32 epoch;
+	__u32 local;
+	__u32 peer;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pol_verdict_key);
+	__type(value, __u32); /* 1: admitted, 0: dropped */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podnet_pol_verdicts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podnet_pol_epoch SEC(".maps");
+
 struct pol_eval {
 	__u64 group;
 	__u32 gen;
@@ -191,17 +222,32 @@ static long pol_eval_rule(__u32 index, void *data)
 	return 0;
 }
 
-static __always_inline int pol_group_allows(__u64 group, struct pol_eval *e)
+static __always_inline int pol_group_allows(__u64 group, __u32 local, struct pol_eval *e)
 {
 	struct pol_group *g = bpf_map_lookup_elem(&podnet_pol_groups, &group);
+	__u32 zero = 0, *epoch = bpf_map_lookup_elem(&podnet_pol_epoch, &zero);
+	struct pol_verdict_key vk = {};
+	__u32 *cached, verdict;
 
-	if (!g)
+	if (!g || !epoch)
 		return 0;
+	vk.group = group;
+	vk.gen = g->gen;
+	vk.epoch = *epoch;
+	vk.local = local;
+	vk.peer = e->peer;
+	vk.dport = e->dport;
+	vk.proto = e->proto;
+	cached = bpf_map_lookup_elem(&podnet_pol_verdicts, &vk);
+	if (cached)
+		return *cached;
 	e->group = group;
 	e->gen = g->gen;
 	e->allowed = 0;
 	bpf_loop(g->count < POL_MAX_RULES ? g->count : POL_MAX_RULES, pol_eval_rule, e, 0);
-	return e->allowed;
+	verdict = e->allowed;
+	bpf_map_update_elem(&podnet_pol_verdicts, &vk, &verdict, BPF_ANY);
+	return verdict;
 }
 
 /* A flow already admitted in this direction, or a reply to one admitted the other way. */
@@ -295,7 +341,7 @@ static __always_inline int pol_enforce(struct __sk_buff *skb, __u8 dir)
 			e.dst = p.daddr;
 			e.dport = p.first_frag ? p.dport : 0;
 			e.proto = p.proto;
-			if (!pol_group_allows(group, &e))
+			if (!pol_group_allows(group, local, &e))
 				return TC_ACT_SHOT;
 		}
 	}

@@ -258,3 +258,9 @@ def test_a_policy_change_is_a_few_map_updates(node):
     # a new peer set (x/c), the group's rules under a new generation, its header; the old rules go
     assert ch["written"] <= 5 and not ch["loaded"] and ch["attached"] == 0, ch
     assert node.reaches_b("c") and node.reaches_b("a")
+    # x/a's verdict is cached by now; a label change takes it out of the selector, and its
+    # next connection is judged again (the change retired every cached verdict)
+    world["pods"][0]["metadata"]["labels"] = {"pod": "a-moved"}
+    ch = node.programmer.ask(op="sync", **world)["changes"]
+    assert ch["deleted"] >= 1 and not ch["loaded"], ch
+    assert not node.reaches_b("a") and node.reaches_b("c")

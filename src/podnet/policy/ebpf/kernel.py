@@ -25,7 +25,8 @@ from podnet.errors import PodnetError
 
 OBJECT = "policy"
 MAPS = ("podnet_pol_pods", "podnet_pol_groups", "podnet_pol_rules", "podnet_pol_peers", "podnet_pol_ports",
-        "podnet_pol_flows")
+        "podnet_pol_flows", "podnet_pol_verdicts", "podnet_pol_epoch")
+EPOCH_KEY = (0).to_bytes(4, "little")
 FROM_POD, TO_POD = "podnet_pol_from_pod", "podnet_pol_to_pod"
 PROGRAMS = {"ingress": FROM_POD, "egress": TO_POD}  # tc direction on the host-side veth -> program
 POD_ALIAS_PREFIX = "podnet:"  # dataplane/pods.py marks every host-side veth it makes
@@ -87,6 +88,15 @@ class PolicyMaps:
             for mp in opened.values():
                 mp.close()
         return n
+
+    def bump_epoch(self) -> None:
+        """Retire every cached verdict (the program caches them under the current epoch)."""
+        try:
+            with Map.pinned(self.pins.map_path("podnet_pol_epoch")) as mp:
+                now = int.from_bytes(mp.lookup(EPOCH_KEY) or bytes(4), "little")
+                mp.update(EPOCH_KEY, ((now + 1) & 0xFFFFFFFF).to_bytes(4, "little"))
+        except BpfError as e:
+            raise EbpfPolicyError(str(e)) from None
 
     def load(self) -> bool:
         """Loads or adopts the programs; True if they are new (every filter must then be

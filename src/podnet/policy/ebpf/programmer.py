@@ -10,6 +10,7 @@ intermediate state admits no more than the old or the new state would:
     4. pods' entries (a pod moving to another group is one update)
     5. what nothing refers to any more: pods gone, then group headers, rule lists of
        old generations, peer and named-port elements
+    6. the epoch, which retires the program's cached verdicts
 
 The diff is always taken against what the kernel holds: the maps as last written, or
 read back when that is unknown (a start, a refused write, drift found by verify()).
@@ -213,6 +214,8 @@ class EbpfPolicyProgrammer:
             raise
         ch.written = sum(1 for op in ops if op.value is not None)
         ch.deleted = len(ops) - ch.written
+        if ops:
+            self.maps.bump_epoch()  # verdicts cached from the old state are not used again
         self.applied = want
         # attach after the maps hold the state: a pod's program never sees its pod missing
         ifaces = self.interfaces()
