@@ -214,6 +214,10 @@ class Agent:
         programs at the pods' veths with their maps pinned in this agent's bpffs directory."""
         if self.cfg.policy_dataplane != "ebpf":
             return None
+        if self.cfg.service_proxy != "ebpf":
+            log.warning("--policy-dataplane ebpf with --service-proxy %s: the Service DNAT comes after tc, so "
+                        "pods' egress rules see a ClusterIP, not its endpoints, and do not admit Service "
+                        "traffic by pod selector; use --service-proxy ebpf (docs/ebpf.md)", self.cfg.service_proxy)
         from podnet.ebpf.bpffs import PinDir, instance_name
         from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer
 
