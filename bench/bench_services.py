@@ -1,8 +1,10 @@
-"""Service dataplane benchmark: podnet's nftables maps vs kube-proxy's layouts.
+"""Service dataplane benchmark: podnet's nftables maps and eBPF programs vs kube-proxy's layouts.
 
 For N Services (5 endpoints each) and each backend
 
     nft-maps       podnet: fixed chains, Services as map elements, element deltas
+    ebpf           podnet: tc programs on the client's interface, Services as BPF map
+                   entries written with the batch syscalls (kernel time: not split out)
     iptables       kube-proxy iptables layout, iptables-restore full rewrite per sync
     kp-nft         kube-proxy nftables layout: a chain per Service and per endpoint,
                    partial syncs with a table listing each sync (as upstream)
@@ -12,7 +14,8 @@ it measures, inside a fresh set of network namespaces:
     apply_all   programming all N Services into an empty node
     add/change/delete one Service on top of them (median of --reps)
     connect latency (TCP handshake through DNAT, p50/p99) to the first and the
-                last Service, and optionally iperf3 throughput through them.
+                last Service, and optionally iperf3 throughput through them and the
+                rate of small (64-byte) UDP datagrams through the first one.
 
 Sync times are split into the Python side (compile + diff/render, the same
 compiler for every backend) and the kernel transaction (nft / iptables-restore
@@ -20,6 +23,7 @@ process). Prints a table and writes bench/results/services.json.
 
     .venv/bin/python bench/bench_services.py --sizes 1,1000,5000,10000,20000
     .venv/bin/python bench/bench_services.py --quick
+    .venv/bin/python bench/bench_services.py --backends nft-maps,ebpf --sizes 1,1000,10000 --large
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(1, ROOT)  # tests.support
 
-BACKENDS = ("nft-maps", "iptables", "kp-nft")
-DEFAULT_CAPS = {"nft-maps": 10**9, "iptables": 5000, "kp-nft": 10000}
+BACKENDS = ("nft-maps", "ebpf", "iptables", "kp-nft")
+DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "iptables": 5000, "kp-nft": 10000}
 REAL_EPS = [f"10.20.0.{11 + i}" for i in range(5)]
 CLUSTER_BASE = int(ipaddress.IPv4Address("10.96.0.10"))
 FAKE_EP_BASE = int(ipaddress.IPv4Address("10.128.0.1"))
@@ -63,7 +67,9 @@ def _objects(n: int):
         slice_ports = [{"name": "http", "port": 8080}]
         if iperf:
             ports.append({"name": "iperf", "port": 5201, "targetPort": 5201})
+            ports.append({"name": "iperf-udp", "port": 5201, "protocol": "UDP", "targetPort": 5201})
             slice_ports.append({"name": "iperf", "port": 5201})
+            slice_ports.append({"name": "iperf-udp", "port": 5201, "protocol": "UDP"})
         s = Service.model_validate({"metadata": {"name": name, "namespace": "bench", "resourceVersion": "1"},
                                     "spec": {"clusterIP": ip, "ports": ports}})
         sl = EndpointSlice.model_validate({
@@ -85,7 +91,7 @@ def _objects(n: int):
     return services, slices, svc, fake
 
 
-def worker(backend: str, n: int, reps: int) -> None:
+def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
     """Reads commands on stdin, answers JSON lines; keeps the applier between them."""
     from podnet.services.compiler import ServiceCompiler
     from podnet.services.model import ServiceConfig
@@ -112,6 +118,12 @@ def worker(backend: str, n: int, reps: int) -> None:
         from podnet.services.applier import NftServiceApplier
 
         applier = NftServiceApplier(conntrack=None)
+    elif backend == "ebpf":
+        from podnet.ebpf.bpffs import PinDir
+        from podnet.services.ebpf.applier import EbpfServiceApplier
+
+        applier = EbpfServiceApplier("bench", pins=PinDir.for_instance(pins),
+                                     interfaces=lambda ipr: {"vcl": _ifindex("vcl")})
     elif backend == "iptables":
         from podnet.services.iptables import IptablesServiceApplier
 
@@ -175,6 +187,11 @@ def worker(backend: str, n: int, reps: int) -> None:
         else:
             out = {"error": f"unknown op {op}"}
         print(json.dumps(out), flush=True)
+
+
+def _ifindex(name: str) -> int:
+    with open(f"/sys/class/net/{name}/ifindex") as f:
+        return int(f.read())
 
 
 def _rss_bytes() -> int:
@@ -263,6 +280,7 @@ class Lab:
         tag = f"pnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
         self.node, self.client, self.srv = f"{tag}-node", f"{tag}-cl", f"{tag}-srv"
         self.procs: list[subprocess.Popen] = []
+        self.pins = f"bench-{tag}"  # the ebpf backend's pin directory (removed on exit)
 
     def __enter__(self) -> Lab:
         try:
@@ -299,10 +317,16 @@ class Lab:
             p.wait()
         for ns in (self.node, self.client, self.srv):
             sh("ip", "netns", "del", ns, check=False)
+        from podnet.ebpf.bpffs import pin_root
+
+        shutil.rmtree(os.path.join(pin_root(), "podnet", self.pins), ignore_errors=True)
 
     def start_worker(self, backend: str, n: int, reps: int) -> subprocess.Popen:
+        from podnet.ebpf.bpffs import ensure_shared_bpffs
+
+        ensure_shared_bpffs()  # the worker (ip netns exec) pins there
         p = subprocess.Popen(["ip", "netns", "exec", self.node, PYTHON, os.path.abspath(__file__), "--worker",
-                              "--backend", backend, "--size", str(n), "--reps", str(reps)],
+                              "--backend", backend, "--size", str(n), "--reps", str(reps), "--pins", self.pins],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(p)
         return p
@@ -323,6 +347,27 @@ class Lab:
             data = json.loads(out.stdout or "{}")
             return data.get("end", {}).get("sum_received", {}).get("bits_per_second")
         except (json.JSONDecodeError, subprocess.TimeoutExpired):
+            return None
+        finally:
+            server.kill()
+            server.wait()
+
+    def udp_rate(self, target: str, seconds: int) -> float | None:
+        """Datagrams of 64 bytes per second received by the endpoint through the Service
+        (iperf3 -u as fast as the sender can, the endpoint's count)."""
+        if not shutil.which("iperf3"):
+            return None
+        server = subprocess.Popen(["ip", "netns", "exec", self.srv, "iperf3", "-s", "-p", "5201", "-1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            out = sh("ip", "netns", "exec", self.client, "iperf3", "-c", target, "-p", "5201", "-u", "-b", "0",
+                     "-l", "64", "-t", str(seconds), "-J", check=False, timeout=seconds + 30)
+            s = json.loads(out.stdout or "{}").get("end", {}).get("sum", {})
+            if not s.get("packets"):
+                return None
+            return (s["packets"] - s.get("lost_packets", 0)) / s["seconds"]
+        except (json.JSONDecodeError, subprocess.TimeoutExpired, KeyError, ZeroDivisionError):
             return None
         finally:
             server.kill()
@@ -382,6 +427,8 @@ def run_case(backend: str, n: int, reps: int, probes: int, iperf_seconds: int) -
             for which, ip in (("first", first), ("last", last)):
                 bps = lab.iperf(ip, iperf_seconds)
                 row[f"iperf_{which}_gbps"] = bps / 1e9 if bps else None
+            pps = lab.udp_rate(first, iperf_seconds)
+            row["udp64_first_kpps"] = pps / 1e3 if pps else None
         ask(w, {"op": "remove"})
         if w.stdin:
             w.stdin.close()
@@ -400,6 +447,8 @@ def fmt(v, unit: str = "s") -> str:
         return f"{v:.0f}"
     if unit == "g":
         return f"{v:.1f}G"
+    if unit == "k":
+        return f"{v:.0f}k"
     return str(v)
 
 
@@ -407,7 +456,8 @@ def print_table(rows: list[dict]) -> None:
     cols = [("backend", "backend", None), ("N", "services", None), ("apply all", "apply_all_s", "s"),
             ("(kernel)", "apply_all_kernel_s", "s"), ("add one", "add_one_s", "s"), ("(kernel)", "add_one_kernel_s", "s"),
             ("change", "change_one_s", "s"), ("delete", "delete_one_s", "s"), ("RSS MiB", "rss_mb", "mb"),
-            ("conn first p50/p99", None, None), ("conn last p50/p99", None, None), ("iperf f/l", None, None)]
+            ("conn first p50/p99", None, None), ("conn last p50/p99", None, None), ("iperf f/l", None, None),
+            ("udp64 kpps", "udp64_first_kpps", "k")]
     table = []
     for r in rows:
         line = []
@@ -436,7 +486,7 @@ def ratios(rows: list[dict]) -> list[dict]:
             continue
         entry = {"backend": r["backend"], "services": r["services"]}
         for key in ("apply_all_s", "add_one_s", "change_one_s", "delete_one_s", "add_one_kernel_s",
-                    "connect_last_p50_us", "connect_last_p99_us"):
+                    "connect_last_p50_us", "connect_last_p99_us", "udp64_first_kpps"):
             if r.get(key) and b.get(key):
                 entry[key] = round(r[key] / b[key], 2)
         out.append(entry)
@@ -498,6 +548,7 @@ def main() -> int:
     ap.add_argument("--probes", type=int, default=300, help="connections per target for the latency probe")
     ap.add_argument("--iperf", type=int, default=2, help="seconds of iperf3 per target (0: skip)")
     ap.add_argument("--quick", action="store_true", help="sizes 1,1000; one rep; 100 probes; no iperf")
+    ap.add_argument("--large", action="store_true", help="also 50 000 Services")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "services.json"))
     ap.add_argument("--plots", default=os.path.join(ROOT, "docs", "img"),
                     help="directory for the PNG plots (needs matplotlib; empty: no plots)")
@@ -505,9 +556,10 @@ def main() -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--pins", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.backend, args.size, args.reps)
+        worker(args.backend, args.size, args.reps, args.pins)
         return 0
     if args.plot_only:
         with open(args.plot_only) as f:
@@ -524,6 +576,8 @@ def main() -> int:
         k, _, v = item.partition("=")
         caps[k] = int(v)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.large and 50000 not in sizes:
+        sizes.append(50000)
     backends = [b for b in args.backends.split(",") if b]
     rows = []
     started = time.time()

@@ -84,14 +84,12 @@ from podnet.services.nftables import describe_delta
 
 backend = sys.argv[1] if len(sys.argv) > 1 else "nft"
 if backend == "ebpf":
-    from pyroute2 import IPRoute
     from podnet.ebpf.bpffs import PinDir
     from podnet.services.ebpf.applier import EbpfServiceApplier
     pins = PinDir.for_instance(sys.argv[2])
 
-    def veths():  # the node's pod-facing veths (every one but the "wan" uplink)
-        with IPRoute() as ipr:
-            links = [(l.get_attr("IFLA_IFNAME"), l["index"], l.get_attr("IFLA_LINKINFO")) for l in ipr.get_links()]
+    def veths(ipr):  # the node's pod-facing veths (every one but the "wan" uplink)
+        links = [(l.get_attr("IFLA_IFNAME"), l["index"], l.get_attr("IFLA_LINKINFO")) for l in ipr.get_links()]
         return {n: i for n, i, info in links if n != "wan0" and info and info.get_attr("IFLA_INFO_KIND") == "veth"}
 
     if len(sys.argv) > 3 and sys.argv[3]:  # an object of the test's: the agent's eBPF with its nftables floor

@@ -238,3 +238,75 @@ def test_a_bad_scheduler_annotation_names_the_field_and_leaves_the_rest(topo):
                             "random, lc, sh, wrr")
     topo.driver.apply(objs)
     assert names(topo.probe("10.96.5.7", 80)) == ["b2"]
+
+
+def read_view(maps: dict[str, dict[bytes, bytes]]) -> tuple[dict, set, set]:
+    """The maps decoded: frontend -> (flags, backends in slot order), cluster IPs, CIDRs;
+    fails on a slot or backend entry no frontend reaches (a leak of the incremental path)."""
+    from podnet.services.ebpf import maps as m
+
+    backends = {m.decode_u32(k): m.decode_backend_value(v)[0] for k, v in maps[m.BACKENDS].items()}
+    slots = {m.decode_slot_key(k): m.decode_u32(v) for k, v in maps[m.SLOTS].items()}
+    view, used_slots = {}, set()
+    for k, v in maps[m.FRONTENDS].items():
+        sid, count, flags, _, _ = m.decode_frontend_value(v)
+        view[m.decode_frontend_key(k)] = (flags, tuple(backends[slots[(sid, i)]] for i in range(count)))
+        used_slots |= {(sid, i) for i in range(count)}
+    assert set(slots) == used_slots, "slot entries no frontend counts"
+    assert set(backends) == set(slots.values()), "backend entries no slot points at"
+    return view, set(maps[m.CLUSTER_IPS]), set(maps[m.CIDRS])
+
+
+def test_incremental_changes_leave_the_maps_as_written_from_empty(tmp_path):
+    """Random Service and endpoint changes applied one sync each (the compiler's changed
+    frontends only) give, after every sync, exactly the maps the state describes."""
+    import random
+    import socket
+    import uuid
+
+    from podnet.ebpf.bpffs import PinDir
+    from podnet.model.objects import EndpointSlice, Service
+    from podnet.services.compiler import ServiceCompiler
+    from podnet.services.ebpf import maps as m
+    from podnet.services.ebpf.applier import EbpfServiceApplier
+    from podnet.services.model import ServiceConfig
+
+    rnd = random.Random(7)
+    pins = PinDir.for_instance(f"test-{uuid.uuid4().hex[:10]}")
+    # no interfaces and no nftables: only the maps (in this test's own pin directory)
+    applier = EbpfServiceApplier("t", pins=pins, interfaces=lambda ipr: {},
+                                 nft=lambda script: None)
+    compiler = ServiceCompiler("n1", ["10.10.0.1"], ServiceConfig(service_cidrs=("10.96.0.0/16",)))
+    eps = [f"10.20.{i // 200}.{i % 200 + 1}" for i in range(60)]
+    try:
+        for step in range(60):
+            i = rnd.randrange(12)
+            name = f"s{i}"
+            action = rnd.random()
+            if action < 0.15:
+                compiler.delete_service("default", name)
+                compiler.delete_slice("default", f"{name}-x")
+            else:
+                ports = [{"name": "a", "port": 80, "targetPort": 8080}]
+                if rnd.random() < 0.5:
+                    ports.append({"name": "u", "port": 53, "protocol": "UDP", "targetPort": 5353})
+                body = service(name, f"10.96.3.{i + 1}", ports)
+                body["metadata"]["resourceVersion"] = str(step)
+                if rnd.random() < 0.3:
+                    annotated(body, scheduler=rnd.choice(["lc", "sh", "wrr"]))
+                compiler.set_service(Service.model_validate(body))
+                sl = slice_(name, [{"addresses": [a], "nodeName": "n1", "conditions": {}}
+                                   for a in rnd.sample(eps, rnd.randrange(0, 6))],
+                            ports=[{"name": "a", "port": 8080}, {"name": "u", "port": 5353, "protocol": "UDP"}])
+                sl["metadata"]["resourceVersion"] = str(step)
+                compiler.set_slice(EndpointSlice.model_validate(sl))
+            state = compiler.state()
+            applier.apply(state)
+            view, cips, cidrs = read_view({n: applier.maps[n].items() for n in m.DESIRED})
+            want = {r.frontend: tuple(r.backends) for r in state.frontends.values()}
+            assert {fe: b for fe, (_, b) in view.items()} == want, step
+            assert cips == {socket.inet_aton(r.frontend.ip) for r in state.frontends.values() if r.owns_cluster_ip}
+            assert cidrs == {m.cidr_key("10.96.0.0/16")}
+    finally:
+        applier.remove()
+        pins.remove()

@@ -39,6 +39,7 @@ from podnet.services.applier import SyncResult
 from podnet.services.ebpf import maps as m
 from podnet.services.metrics import ServiceMetrics
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState
+from podnet.services.nftables.elements import changed_rules
 
 log = logging.getLogger("podnet.services")
 
@@ -66,24 +67,23 @@ table ip {REJECT_TABLE} {{
 """
 
 
-def pod_interfaces(prefix: str = HOST_PREFIX) -> dict[str, int]:
+def pod_interfaces(ipr: IPRoute, prefix: str = HOST_PREFIX) -> dict[str, int]:
     """This node's pod interfaces (host side): name -> ifindex."""
-    with IPRoute() as ipr:
-        out = {}
-        for link in ipr.get_links():
-            name = link.get_attr("IFLA_IFNAME") or ""
-            info = link.get_attr("IFLA_LINKINFO")
-            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-            if name.startswith(prefix) and kind == "veth":
-                out[name] = link["index"]
-        return out
+    out = {}
+    for link in ipr.get_links():
+        name = link.get_attr("IFLA_IFNAME") or ""
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        if name.startswith(prefix) and kind == "veth":
+            out[name] = link["index"]
+    return out
 
 
 class EbpfServiceApplier:
     """podnet's tc eBPF Service dataplane (ServiceApplier)."""
 
     def __init__(self, node: str = "node", *, pins: PinDir | None = None,
-                 interfaces: Callable[[], dict[str, int]] = pod_interfaces, object_file: str | None = None,
+                 interfaces: Callable[[IPRoute], dict[str, int]] = pod_interfaces, object_file: str | None = None,
                  nft: Callable[[str], None] = nft_apply, metrics: ServiceMetrics | None = None):
         self.node = node
         self.pins = pins
@@ -92,8 +92,10 @@ class EbpfServiceApplier:
         self.nft = nft
         self.metrics = metrics
         self.obj: LoadedObject | None = None
+        self._ipr: IPRoute | None = None  # one rtnetlink socket, in the namespace of the first sync
         self.maps: dict[str, Map] = {}
         self.applied: dict[str, dict[bytes, bytes]] | None = None  # what the maps hold, as far as podnet knows
+        self.applied_state: ServiceState | None = None  # the state they hold (None: read them back next)
         self.attached: dict[int, str] = {}  # ifindex -> name of the interfaces our programs are on
         self.sids: dict[Frontend, int] = {}
         self.bids: dict[tuple[Frontend, Backend], int] = {}
@@ -118,33 +120,39 @@ class EbpfServiceApplier:
         """Attach to every pod interface not yet done (check: look at every one's filters).
         Returns how many were (re)attached."""
         obj = self.load()
-        links = self.interfaces()
+        ipr = self.ipr()
+        links = self.interfaces(ipr)
         current = set(links.values())
         for gone in [i for i in self.attached if i not in current]:
             del self.attached[gone]
         n = 0
         names = {d: obj.filter_name(p) for d, p in (("ingress", m.FROM_POD), ("egress", m.TO_POD))}
-        with IPRoute() as ipr:
-            for ifname, idx in links.items():
-                if idx in self.attached and not check:
+        for ifname, idx in links.items():
+            if idx in self.attached and not check:
+                continue
+            if check and idx in self.attached:
+                ing = attach.attached(ipr, idx, "ingress").get(attach.hook("services", "ingress").prio)
+                eg = attach.attached(ipr, idx, "egress").get(attach.hook("services", "egress").prio)
+                if ing == names["ingress"] and eg == names["egress"]:
                     continue
-                if check and idx in self.attached:
-                    ing = attach.attached(ipr, idx, "ingress").get(attach.hook("services", "ingress").prio)
-                    eg = attach.attached(ipr, idx, "egress").get(attach.hook("services", "egress").prio)
-                    if ing == names["ingress"] and eg == names["egress"]:
-                        continue
-                try:
-                    attach.attach(ipr, idx, "services", "ingress", obj.fd(m.FROM_POD), names["ingress"])
-                    attach.attach(ipr, idx, "services", "egress", obj.fd(m.TO_POD), names["egress"])
-                except attach.AttachError as e:
-                    if ifname in self.interfaces():  # not just gone meanwhile
-                        raise
-                    log.debug("services: %s went while attaching: %s", ifname, e)
-                    continue
-                self.attached[idx] = ifname
-                n += 1
-        obj.prune_other_builds()
+            try:
+                attach.attach(ipr, idx, "services", "ingress", obj.fd(m.FROM_POD), names["ingress"])
+                attach.attach(ipr, idx, "services", "egress", obj.fd(m.TO_POD), names["egress"])
+            except attach.AttachError as e:
+                if ifname in self.interfaces(ipr):  # not just gone meanwhile
+                    raise
+                log.debug("services: %s went while attaching: %s", ifname, e)
+                continue
+            self.attached[idx] = ifname
+            n += 1
+        if n:
+            obj.prune_other_builds()
         return n
+
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
 
     def _repin(self) -> list[str]:
         """Pins deleted behind podnet's back: pin the maps and programs it holds again."""
@@ -180,57 +188,104 @@ class EbpfServiceApplier:
             self._next_bid += 1
         return bid
 
-    def _render_rule(self, r: FrontendRule) -> dict[str, dict[bytes, bytes]]:
-        fe = r.frontend
-        sid = self._sid(fe)
-        backends = weighted_slots(r.backends, r.weights) if r.scheduler == "wrr" else r.backends
-        flags = (F_DROP if r.no_endpoints == "drop" else 0) | (m.F_AFFINITY if r.affinity_timeout else 0) | \
-            (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
+    def _part(self, r: FrontendRule) -> dict[str, dict[bytes, bytes]]:
+        """The map entries of one frontend (each map's keys belong to one frontend only;
+        a ClusterIP's cluster_ips entry to its owning frontend)."""
+        cached = self._rendered.get(r)
+        if cached is not None:
+            return cached
         out: dict[str, dict[bytes, bytes]] = {m.FRONTENDS: {}, m.SLOTS: {}, m.BACKENDS: {}, m.CLUSTER_IPS: {}}
-        out[m.FRONTENDS][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags, r.affinity_timeout or 0,
-                                                                 r.affinity_key)
-        for slot, b in enumerate(backends):
-            bid = self._bid(fe, b)
-            out[m.SLOTS][m.slot_key(sid, slot)] = m.u32(bid)
-            out[m.BACKENDS][m.u32(bid)] = m.backend_value(b, fe.proto)
-        if r.owns_cluster_ip:
+        fe = r.frontend
+        if r.owns_cluster_ip:  # (also when the frontend itself is not programmed: its other ports reject)
             out[m.CLUSTER_IPS][m.address_key(fe.ip)] = b"\x01"  # type: ignore[arg-type]
+        if not _unsupported(r):
+            sid = self._sid(fe)
+            backends = weighted_slots(r.backends, r.weights) if r.scheduler == "wrr" else r.backends
+            flags = (F_DROP if r.no_endpoints == "drop" else 0) | (m.F_AFFINITY if r.affinity_timeout else 0) | \
+                (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
+            out[m.FRONTENDS][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags,
+                                                                     r.affinity_timeout or 0, r.affinity_key)
+            for slot, b in enumerate(backends):
+                bid = self._bid(fe, b)
+                out[m.SLOTS][m.slot_key(sid, slot)] = m.u32(bid)
+                out[m.BACKENDS][m.u32(bid)] = m.backend_value(b, fe.proto)
+        self._rendered[r] = out
         return out
 
     def render(self, state: ServiceState) -> dict[str, dict[bytes, bytes]]:
-        """The entries of every desired map for state (a rule unchanged since the last
-        render costs a dict lookup)."""
+        """The entries of every desired map for state (a rule rendered before costs a
+        dict lookup)."""
         desired: dict[str, dict[bytes, bytes]] = {name: {} for name in m.DESIRED}
-        rendered: dict[FrontendRule, dict[str, dict[bytes, bytes]]] = {}
-        unsupported: dict[str, int] = {}
+        old, self._rendered = self._rendered, {}
         for r in state.frontends.values():
+            part = old.get(r)
+            if part is not None:
+                self._rendered[r] = part
+            else:
+                part = self._part(r)
+            for name, entries in part.items():
+                desired[name].update(entries)
+        desired[m.CIDRS] = {m.cidr_key(c): b"\x01" for c in state.service_cidrs}
+        self._note_unsupported(state.frontends.values())
+        live = {r.frontend for r in self._rendered}
+        for fe in [fe for fe in self.sids if fe not in live]:
+            del self.sids[fe]
+        keep = {(r.frontend, b) for r in self._rendered for b in r.backends}
+        for k in [k for k in self.bids if k not in keep]:
+            del self.bids[k]
+        return desired
+
+    def _note_unsupported(self, rules) -> None:
+        unsupported: dict[str, int] = {}
+        for r in rules:
             why = _unsupported(r)
             if why:
                 unsupported[why] = unsupported.get(why, 0) + 1
-                if r.owns_cluster_ip:  # the address stays allocated: its other ports reject
-                    desired[m.CLUSTER_IPS][m.address_key(r.frontend.ip)] = b"\x01"  # type: ignore[arg-type]
-                continue
-            part = self._rendered.get(r) or self._render_rule(r)
-            rendered[r] = part
-            for name, entries in part.items():
-                desired[name].update(entries)
-        for cidr in state.service_cidrs:
-            desired[m.CIDRS][m.cidr_key(cidr)] = b"\x01"
-        self._rendered = rendered
         if unsupported != self.unsupported and unsupported:
             log.warning("services: the eBPF dataplane does not program yet: %s",
                         ", ".join(f"{n} {why}" for why, n in sorted(unsupported.items())))
         self.unsupported = unsupported
-        self._forget_ids(rendered)
-        return desired
 
-    def _forget_ids(self, rendered: dict[FrontendRule, dict]) -> None:
-        live = {r.frontend for r in rendered}
-        for fe in [fe for fe in self.sids if fe not in live]:
-            del self.sids[fe]
-        keep = {(r.frontend, b) for r in rendered for b in r.backends}
-        for k in [k for k in self.bids if k not in keep]:
-            del self.bids[k]
+    def delta(self, old: ServiceState, new: ServiceState) -> tuple[dict[str, dict[bytes, bytes]],
+                                                                  dict[str, list[bytes]]]:
+        """(entries to write, keys to delete) from old to new, from the frontends the
+        compiler says changed: work in proportion to the change."""
+        come: dict[str, dict[bytes, bytes]] = {}
+        gone: dict[str, set[bytes]] = {}
+        changed = list(changed_rules(old, new))
+        for b, a in changed:
+            before = self._rendered.pop(b, None) if b is not None else None
+            if before is None and b is not None:
+                before = self._part(b)
+                self._rendered.pop(b, None)
+            after = self._part(a) if a is not None else {}
+            for name in (m.FRONTENDS, m.SLOTS, m.BACKENDS, m.CLUSTER_IPS):
+                was, now = (before or {}).get(name, {}), after.get(name, {})
+                for k, v in now.items():
+                    if was.get(k) != v:
+                        come.setdefault(name, {})[k] = v
+                for k in was:
+                    if k not in now:
+                        gone.setdefault(name, set()).add(k)
+        for b, a in changed:  # ids of frontends and endpoints gone
+            if b is None:
+                continue
+            if a is None:
+                self.sids.pop(b.frontend, None)
+            keep = set(a.backends) if a is not None else set()
+            for backend in b.backends:
+                if backend not in keep:
+                    self.bids.pop((b.frontend, backend), None)
+        if old.service_cidrs != new.service_cidrs:
+            was = {m.cidr_key(c) for c in old.service_cidrs}
+            now = {m.cidr_key(c) for c in new.service_cidrs}
+            if now - was:
+                come[m.CIDRS] = {k: b"\x01" for k in now - was}
+            if was - now:
+                gone[m.CIDRS] = was - now
+        # a key one frontend gave up and another took in the same change stays
+        removed = {name: [k for k in keys if k not in come.get(name, {})] for name, keys in gone.items()}
+        return come, {name: keys for name, keys in removed.items() if keys}
 
     # -- reading back
 
@@ -288,27 +343,37 @@ class EbpfServiceApplier:
                 log.warning("services: %s; pinned again", ", ".join(fixed))
             self.nft(REJECT_SCRIPT)
         self._attach_all(check=first or resync)
-        current = self.applied
-        if current is None or resync:
+        if self.applied is None or resync or self.applied_state is None:
+            # whole: the maps read back and compared with the state
             current = self.read_maps()
             result.read_back = True
-            if self.applied is None:
+            if first:
                 self._adopt_ids(current)
-        desired = self.render(state)
-        added: dict[str, dict[bytes, bytes]] = {}
-        removed: dict[str, list[bytes]] = {}
-        for name in m.DESIRED:
-            have, want = current.get(name, {}), desired[name]
-            upd = {k: v for k, v in want.items() if have.get(k) != v}
-            if upd:
-                added[name] = upd
-            dels = [k for k in have if k not in want]
-            if dels:
-                removed[name] = dels
-        # a counter for every new backend id; the programs count, podnet never overwrites
-        have_conns = current.get(m.CONNS, {})
-        new_conns = {k: m.conns_value() for k in desired[m.BACKENDS] if k not in have_conns}
-        gone_conns = [k for k in have_conns if k not in desired[m.BACKENDS]]
+            desired = self.render(state)
+            added: dict[str, dict[bytes, bytes]] = {}
+            removed: dict[str, list[bytes]] = {}
+            for name in m.DESIRED:
+                have, want = current.get(name, {}), desired[name]
+                upd = {k: v for k, v in want.items() if have.get(k) != v}
+                if upd:
+                    added[name] = upd
+                dels = [k for k in have if k not in want]
+                if dels:
+                    removed[name] = dels
+            have_conns = current.get(m.CONNS, {})
+            gone_conns = [k for k in have_conns if k not in desired[m.BACKENDS]]
+            current_backends = current[m.BACKENDS]
+            result.full = first and not any(current.get(n) for n in m.DESIRED)
+        else:
+            # incremental: the frontends that changed since the state applied last
+            desired = self.applied
+            added, removed = self.delta(self.applied_state, state)
+            have_conns = self.applied[m.CONNS]
+            gone_conns = [k for k in removed.get(m.BACKENDS, ()) if k in have_conns]
+            current_backends = self.applied[m.BACKENDS]
+        # a counter for every new backend id; the programs count, podnet never overwrites one
+        new_conns = {k: m.conns_value() for k in added.get(m.BACKENDS, {}) if k not in have_conns}
+        self.applied_state = None  # until the maps are written as below
         for name in m.DESIRED:  # backends and slots before the frontends that count them
             if name in added:
                 self.maps[name].update_many(added[name])
@@ -319,19 +384,33 @@ class EbpfServiceApplier:
                 self.maps[name].delete_many(removed[name])
         if gone_conns:
             self.maps[m.CONNS].delete_many(gone_conns)
+        # Flows and affinity entries of removed endpoints: the programs choose again when they
+        # meet one (its backend id is gone); UDP flows (kube-proxy clears those too) and
+        # affinity entries are deleted now, so that the count is known and no entry lingers.
+        gone_udp = {m.decode_u32(k) for k in removed.get(m.BACKENDS, ())
+                    if current_backends.get(k, b"")[6:7] == bytes((m.PROTOS["udp"],))}
         gone_bids = {m.decode_u32(k) for k in removed.get(m.BACKENDS, ())}
+        if gone_udp:
+            result.stale_flows = self._delete_entries(m.CT, gone_udp, m.ct_backend_id)
         if gone_bids:
-            result.stale_flows = self._delete_entries(m.CT, gone_bids, m.ct_backend_id)
             result.affinity_cleared = self._delete_entries(m.AFFINITY, gone_bids, m.affinity_backend_id)
-        conns = dict(have_conns)
+        if desired is self.applied:
+            for name, entries in added.items():
+                desired[name].update(entries)
+            for name, keys in removed.items():
+                for k in keys:
+                    desired[name].pop(k, None)
+            conns = desired[m.CONNS]
+        else:
+            conns = dict(have_conns)
+            self.applied = {**desired, m.CONNS: conns}
         conns.update(new_conns)
         for k in gone_conns:
             conns.pop(k, None)
-        self.applied = {**desired, m.CONNS: conns}
+        self.applied_state = state
         result.added = sum(len(v) for v in added.values())
         result.removed = sum(len(v) for v in removed.values())
         result.sent = bool(added or removed)
-        result.full = first and current is not None and not any(current.get(n) for n in m.DESIRED)
         if result.full:
             result.reason = "maps empty"
         self.last_delta = (added, removed)
@@ -341,6 +420,8 @@ class EbpfServiceApplier:
     def _delete_entries(self, name: str, bids: set[int], backend_of: Callable[[bytes], int]) -> int:
         """Entries of a program-kept map (ct, affinity) that point at removed backend ids."""
         mp = self.maps[name]
+        if next(mp.keys(), None) is None:  # empty: one syscall, no walk
+            return 0
         stale = [k for k, v in mp.items().items() if backend_of(v) in bids]
         return mp.delete_many(stale)
 
@@ -363,14 +444,14 @@ class EbpfServiceApplier:
         for prog in self.obj.programs:
             if not (self.obj.prog_dir / prog).exists():
                 return f"program {prog} is not pinned"
-        with IPRoute() as ipr:
-            for idx, ifname in self.attached.items():
-                try:
-                    have = attach.attached(ipr, idx, "ingress").get(attach.hook("services", "ingress").prio)
-                except Exception:  # the interface went: the next sync forgets it
-                    continue
-                if have != self.obj.filter_name(m.FROM_POD):
-                    return f"interface {ifname}: the Service program is not attached"
+        ipr = self.ipr()
+        for idx, ifname in self.attached.items():
+            try:
+                have = attach.attached(ipr, idx, "ingress").get(attach.hook("services", "ingress").prio)
+            except Exception:  # the interface went: the next sync forgets it
+                continue
+            if have != self.obj.filter_name(m.FROM_POD):
+                return f"interface {ifname}: the Service program is not attached"
         for name in m.DESIRED:
             try:
                 have = self.maps[name].items()
@@ -386,13 +467,13 @@ class EbpfServiceApplier:
 
     def remove(self) -> None:
         """Detach from every interface, unpin everything, drop the reject table."""
-        with IPRoute() as ipr:
-            for idx in list(self.attached):
-                for d in ("ingress", "egress"):
-                    try:
-                        attach.detach(ipr, idx, "services", d)
-                    except attach.AttachError:
-                        pass
+        ipr = self.ipr()
+        for idx in list(self.attached):
+            for d in ("ingress", "egress"):
+                try:
+                    attach.detach(ipr, idx, "services", d)
+                except attach.AttachError:
+                    pass
         self.attached.clear()
         for mp in self.maps.values():
             mp.close()
@@ -415,6 +496,10 @@ class EbpfServiceApplier:
         except NftError:
             pass
         self.applied = None
+        self.applied_state = None
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
 
 
 F_DROP = m.F_NO_EP_DROP
