@@ -424,8 +424,7 @@ def test_nodeport_from_outside_and_from_the_node_is_masqueraded(topo, request):
         assert set(names([r for r, _ in res])) <= {"b1", "b2"} and res[0][0] != "refused", res
 
 
-def test_external_ips_and_load_balancer_source_ranges(topo, request):
-    ebpf_lacks(topo, request, "externalIPs from outside the node and source ranges")
+def test_external_ips_and_load_balancer_source_ranges(topo):
     lb = service("lb", "10.96.0.15", type="LoadBalancer", externalIPs=["198.51.100.5"],
                  loadBalancerSourceRanges=[f"{CLIENT}/32"],
                  ports=[{"port": 80, "targetPort": 8080, "nodePort": 30081}],
@@ -433,6 +432,7 @@ def test_external_ips_and_load_balancer_source_ranges(topo, request):
     objs = [lb, slice_("lb", [endpoint("b3")], ports=[{"port": 8080}])]
     topo.driver.apply(objs)
     assert names(topo.probe("198.51.100.5", 80)) == ["b3"]
+    ebpf_stops_here(topo, "LoadBalancer source ranges")
     assert names(topo.probe("203.0.113.7", 80)) == ["b3"]
     assert topo.probe("203.0.113.7", 80, src=topo.client2, timeout=0.7) == ["timeout"]  # not in the ranges
     assert names(topo.probe("198.51.100.5", 80, src=topo.client2)) == ["b3"]  # ranges are for LB IPs only
@@ -733,5 +733,5 @@ def test_session_affinity_is_shared_by_clusterip_nodeport_and_external_ips(topo,
 
 
 def test_pods_reach_external_addresses_of_local_policy_services_without_a_local_endpoint(topo, request):
-    ebpf_lacks(topo, request, "externalTrafficPolicy Local short-circuit")
+    ebpf_lacks(topo, request, "NodePort and clients arriving on the underlay (eTP Local drops them)")
     check_external_local_short_circuit(topo)

@@ -200,7 +200,11 @@ class EbpfServiceApplier:
             out[m.CLUSTER_IPS][m.address_key(fe.ip)] = b"\x01"  # type: ignore[arg-type]
         if not _unsupported(r):
             sid = self._sid(fe)
-            backends = weighted_slots(r.backends, r.weights) if r.scheduler == "wrr" else r.backends
+            # the programs see this node's pods only: for them an externalIP or LoadBalancer IP
+            # is as a ClusterIP (no masquerade; with eTP Local every endpoint, kube-proxy's
+            # short-circuit)
+            backends = _programmed(r)
+            backends = weighted_slots(backends, r.weights) if r.scheduler == "wrr" else backends
             flags = (F_DROP if r.no_endpoints == "drop" else 0) | (m.F_AFFINITY if r.affinity_timeout else 0) | \
                 (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
             out[m.FRONTENDS][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags,
@@ -230,7 +234,7 @@ class EbpfServiceApplier:
         live = {r.frontend for r in self._rendered}
         for fe in [fe for fe in self.sids if fe not in live]:
             del self.sids[fe]
-        keep = {(r.frontend, b) for r in self._rendered for b in r.backends}
+        keep = {(r.frontend, b) for r in self._rendered for b in _programmed(r)}
         for k in [k for k in self.bids if k not in keep]:
             del self.bids[k]
         return desired
@@ -272,8 +276,8 @@ class EbpfServiceApplier:
                 continue
             if a is None:
                 self.sids.pop(b.frontend, None)
-            keep = set(a.backends) if a is not None else set()
-            for backend in b.backends:
+            keep = set(_programmed(a)) if a is not None else set()
+            for backend in _programmed(b):
                 if backend not in keep:
                     self.bids.pop((b.frontend, backend), None)
         if old.service_cidrs != new.service_cidrs:
@@ -517,6 +521,10 @@ def weighted_slots(backends: tuple[Backend, ...], weights: tuple[tuple[str, int]
     return tuple(b for b, c in zip(backends, counts, strict=True) for _ in range(c))
 
 
+def _programmed(r: FrontendRule) -> tuple[Backend, ...]:
+    return r.short_circuit or r.backends
+
+
 def _unsupported(r: FrontendRule) -> str:
     """Why this frontend is not programmed by the eBPF dataplane yet ("" if it is)."""
     fe = r.frontend
@@ -524,6 +532,6 @@ def _unsupported(r: FrontendRule) -> str:
         return f"{fe.proto.upper()} frontends"
     if fe.ip is None:
         return "NodePorts"
-    if r.masquerade or r.short_circuit or r.source_ranges:
-        return f"{r.kind} frontends that masquerade or filter sources"
+    if r.source_ranges:
+        return "LoadBalancer frontends with source ranges"
     return ""
