@@ -285,18 +285,24 @@ class SliceInfo:
             with_refs = not self.ports  # a Pod reference only matters for a slice without ports
             default_ns = sl.namespace or "default"
             for addresses, ready, serving, terminating, ep_node, _, target in sl.endpoints:
-                ip = _ipv4(addresses[0])  # upstream: consumers use the first address only
-                if ip is None:
+                ip = addresses[0]  # upstream: consumers use the first address only
+                try:  # _ipv4 inlined: this loop runs for every endpoint of the cluster at start
+                    packed = _inet_pton(_AF_INET, ip)
+                except (OSError, TypeError):
                     continue
+                canonical = _inet_ntoa(packed)
+                if canonical != ip:
+                    ip = canonical
                 ready = ready is not False
-                serving = serving if serving is not None else ready
+                if serving is None:
+                    serving = ready
                 flags = (READY if ready else 0) | (SERVING if serving else 0) | (TERMINATING if terminating else 0)
-                if node_name is not None and ep_node == node_name:
+                if ep_node == node_name and node_name is not None:
                     flags |= LOCAL
                 ref = None
                 if with_refs and target is not None:
                     ref = (target[0] or default_ns, target[1])
-                endpoints.append((socket.inet_aton(ip), Backend(ip, port), flags, ref))
+                endpoints.append((packed, Backend(ip, port), flags, ref))
             if len(endpoints) > 1:
                 endpoints.sort(key=_first)  # stable: duplicates keep their order
         self.backends: tuple[Backend, ...] = tuple(e[1] for e in endpoints)
@@ -320,6 +326,9 @@ class SliceInfo:
             same = {b: b for b in old.backends}
             self.backends = tuple([same.get(b, b) for b in self.backends])
             self._set = None
+
+
+_inet_pton, _inet_ntoa, _AF_INET = socket.inet_pton, socket.inet_ntoa, socket.AF_INET
 
 
 def _first(e: tuple) -> bytes:
