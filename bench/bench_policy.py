@@ -83,23 +83,28 @@ def inner_shape(n_pods: int, n_policies: int) -> dict:
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
-    def timed(fn, repeat: int = 7) -> tuple[float, dict]:
+    def timed(fn, prog, apply, kernel_key: str, repeat: int = 7) -> tuple[float, dict]:
+        """Median time of `repeat` changes made by fn: compile with prog's compiler, then apply."""
         times, last = [], None
         for k in range(repeat):
             args = fn(k)
             u0 = cpu()
             t0 = time.perf_counter()
-            inputs = pp.inputs.inputs(*args)
-            state = pp.compiler.compile(inputs)
+            inputs = prog.inputs.inputs(*args)
+            state = prog.compiler.compile(inputs)
             t1 = time.perf_counter()
-            last = pp.applier.apply(state)
-            pp.state = state
+            last = apply(state, inputs)
+            prog.state = state
             times.append((time.perf_counter() - t0, t1 - t0, cpu() - u0))
         return statistics.median(t[0] for t in times), {
             "compile_ms": round(statistics.median(t[1] for t in times) * 1000, 2),
-            "nft_ms": round(statistics.median(t[0] - t[1] for t in times) * 1000, 2),
+            kernel_key: round(statistics.median(t[0] - t[1] for t in times) * 1000, 2),
             "cpu_ms": round(statistics.median(t[2] for t in times) * 1000, 2),
-            "commands": last.commands if last else 0, "full": bool(last and last.full)}
+            "commands": getattr(last, "commands", 0) or getattr(last, "written", 0) + getattr(last, "deleted", 0),
+            "full": bool(last and last.full)}
+
+    def nft_apply(state, inputs):
+        return pp.applier.apply(state)
 
     # one policy change: the first policy gets another peer namespace, back and forth
     def policy_change(k: int):
@@ -110,7 +115,7 @@ def inner_shape(n_pods: int, n_policies: int) -> dict:
                                                 "spec": spec})
         return pods, nss, pols, local
 
-    t_pol, pol_info = timed(policy_change)
+    t_pol, pol_info = timed(policy_change, pp, nft_apply, "nft_ms")
 
     # one label change of a local pod: it leaves its app (selector sets, dispatch) and comes back
     def label_change(k: int):
@@ -119,8 +124,34 @@ def inner_shape(n_pods: int, n_policies: int) -> dict:
         pods[3] = p.with_meta(labels=labels)
         return pods, nss, pols, local
 
-    t_lab, lab_info = timed(label_change)
+    t_lab, lab_info = timed(label_change, pp, nft_apply, "nft_ms")
     listing = subprocess.run(["nft", "list", "table", "ip", "podnet-policy"], capture_output=True, text=True).stdout
+
+    # the same changes on the eBPF backend's maps (in a bpffs of this process's own mount
+    # namespace, which `ip netns exec` gave it; no interfaces to attach to)
+    from podnet.ebpf.bpffs import PinDir
+    from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer
+
+    pins = tempfile.mkdtemp(prefix="pnbpf")
+    sh("mount", "-t", "bpf", "bpf", pins)
+    try:
+        epp = EbpfPolicyProgrammer(PinDir.for_instance("bench", bpffs=pins), interfaces=dict)
+        t = time.perf_counter()
+        ech = epp.sync(pods, nss, pols, local)
+        e_full = time.perf_counter() - t
+
+        def maps_apply(state, inputs):
+            return epp.apply(state, inputs.local_ips)
+
+        e_pol, e_pol_info = timed(policy_change, epp, maps_apply, "maps_ms")
+        e_lab, e_lab_info = timed(label_change, epp, maps_apply, "maps_ms")
+        ebpf = {"apply_from_empty_ms": round(e_full * 1000, 1), "map_entries": epp.desired.entry_count(),
+                "full_writes": ech.written, "policy_change_ms": round(e_pol * 1000, 2), "policy_change": e_pol_info,
+                "label_change_ms": round(e_lab * 1000, 2), "label_change": e_lab_info}
+        epp.maps.close()
+    finally:
+        subprocess.run(["umount", pins], capture_output=True)
+        os.rmdir(pins)
     return {
         "pods": n_pods, "policies": n_policies, "local_pods": len(local),
         "apply_from_empty_ms": round(t_full * 1000, 1),
@@ -128,6 +159,7 @@ def inner_shape(n_pods: int, n_policies: int) -> dict:
         "label_change_ms": round(t_lab * 1000, 2), "label_change": lab_info,
         "kernel_elements": st.element_count(), "sets": len(st.sets), "chains": st.chain_count(),
         "rules": st.rule_count(), "listing_bytes": len(listing), "full_commands": ch.commands,
+        "ebpf": ebpf,
     }
 
 
@@ -285,15 +317,18 @@ def main() -> int:
               else [(p, q) for p in (100, 1000, 5000) for q in (10, 100, 1000)])
     rows = []
     print(f"{'pods':>5} {'policies':>8} {'apply':>9} {'policy chg (cpu)':>17} {'label chg (cpu)':>16} "
-          f"{'elements':>8} {'sets':>5} {'chains':>6} {'rules':>6}")
+          f"{'elements':>8} {'sets':>5} {'chains':>6} {'rules':>6} | ebpf: {'apply':>7} {'policy chg':>10} "
+          f"{'label chg':>9} {'entries':>7} {'writes':>6}")
     for n_pods, n_pol in shapes:
         r = run_shape(n_pods, n_pol)
         rows.append(r)
-        pc, lc = r["policy_change"], r["label_change"]
+        pc, lc, e = r["policy_change"], r["label_change"], r["ebpf"]
         print(f"{n_pods:>5} {n_pol:>8} {r['apply_from_empty_ms']:>7.0f}ms "
               f"{r['policy_change_ms']:>7.1f}ms ({pc['cpu_ms']:>4.0f}ms) "
               f"{r['label_change_ms']:>6.1f}ms ({lc['cpu_ms']:>4.0f}ms) "
-              f"{r['kernel_elements']:>8} {r['sets']:>5} {r['chains']:>6} {r['rules']:>6}", flush=True)
+              f"{r['kernel_elements']:>8} {r['sets']:>5} {r['chains']:>6} {r['rules']:>6} | "
+              f"{e['apply_from_empty_ms']:>11.0f}ms {e['policy_change_ms']:>8.1f}ms {e['label_change_ms']:>7.1f}ms "
+              f"{e['map_entries']:>7} {e['policy_change']['commands']:>3}/{e['label_change']['commands']:<3}", flush=True)
     connects, rounds = (1000, 3) if args.quick else (2000, 5)
     by_backend = connect_latency(1000, 5000, connects, rounds)
     print(f"\nTCP connect, client and server pods on one node ({connects} sequential connects, "

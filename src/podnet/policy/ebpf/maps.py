@@ -21,8 +21,9 @@ import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
-from podnet.policy.compiler import EGRESS, INGRESS, PolicyState, Rule
+from podnet.policy.compiler import EGRESS, INGRESS, PolicyState, Rule, SetDef
 
 INGRESS_SLOT, EGRESS_SLOT = 0, 1  # POL_INGRESS, POL_EGRESS: the index into a pod's groups
 ANY_PEER, ANY_PORT, RANGE, NAMED = 0x01, 0x02, 0x04, 0x08
@@ -42,6 +43,7 @@ FLAG_VALUE = struct.Struct("<I")  # the value of peers and ports: present
 SET_BITS = 64
 
 
+@lru_cache(maxsize=1 << 16)
 def object_id(name: str) -> int:
     """The map number of a compiled set or group; never 0 (0 is "no group")."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") or 1
@@ -65,29 +67,14 @@ class MapRule:
         return cls(peer, port, lo, hi, proto, flags)
 
 
-@dataclass(frozen=True)
-class MapState:
-    pods: dict[str, tuple[int, int]]  # address -> (ingress group, egress group)
-    groups: dict[int, tuple[MapRule, ...]]
-    peers: dict[int, frozenset[str]]  # set -> "a.b.c.d/len"
-    ports: dict[int, frozenset[tuple[str, int]]]  # set -> (address, port)
-    names: dict[int, str]  # set or group number -> the compiler's name (for messages)
-
-    def entry_count(self) -> int:
-        return (len(self.pods) + len(self.groups) + sum(len(r) for r in self.groups.values())
-                + sum(len(p) for p in self.peers.values()) + sum(len(p) for p in self.ports.values()))
-
-
-EMPTY_MAPS = MapState({}, {}, {}, {}, {})
-
-
-def prefixes(element: str) -> list[str]:
+@lru_cache(maxsize=1 << 14)
+def prefixes(element: str) -> tuple[str, ...]:
     """A cidr set's element (`a.b.c.d/len` or `first-last`) as prefixes."""
     if "-" not in element:
-        return [str(ipaddress.ip_network(element, strict=False))]
+        return (str(ipaddress.ip_network(element, strict=False)),)
     first, last = element.split("-", 1)
-    return [str(n) for n in ipaddress.summarize_address_range(ipaddress.IPv4Address(first),
-                                                               ipaddress.IPv4Address(last))]
+    return tuple(str(n) for n in ipaddress.summarize_address_range(ipaddress.IPv4Address(first),
+                                                                   ipaddress.IPv4Address(last)))
 
 
 def map_rule(rule: Rule) -> MapRule:
@@ -104,29 +91,78 @@ def map_rule(rule: Rule) -> MapRule:
     return MapRule(peer, 0, pm.lo, pm.hi if pm.hi is not None else pm.lo, proto, flags | RANGE)
 
 
-def map_state(state: PolicyState, local_ips: frozenset[str] | set[str]) -> MapState:
-    """The maps for `state` on a node whose pods have `local_ips`."""
-    names: dict[int, str] = {}
-    groups: dict[int, tuple[MapRule, ...]] = {}
-    for name, g in state.groups.items():
-        gid = object_id(name)
-        names[gid] = name
-        groups[gid] = tuple(map_rule(r) for c in g.policy_chains for r in state.policy_chains[c].rules)
-    ing, eg = state.dispatch[INGRESS], state.dispatch[EGRESS]
-    pods = {ip: (object_id(ing[ip]) if ip in ing else 0, object_id(eg[ip]) if ip in eg else 0)
-            for ip in (*local_ips, *ing, *eg)}
-    peers: dict[int, frozenset[str]] = {}
-    ports: dict[int, frozenset[tuple[str, int]]] = {}
-    for name, s in state.sets.items():
-        sid = object_id(name)
-        names[sid] = name
-        if s.kind == "addr":
-            peers[sid] = frozenset(f"{ip}/32" for ip in s.elements)
-        elif s.kind == "cidr":
-            peers[sid] = frozenset(p for e in s.elements for p in prefixes(e))
-        else:  # "addrport": "a.b.c.d . port"
-            ports[sid] = frozenset((ip, int(port)) for ip, _, port in (e.partition(" . ") for e in s.elements))
-    return MapState(pods, groups, peers, ports, names)
+def set_entries(s: SetDef) -> tuple[str, dict[bytes, bytes]]:
+    """The map a compiled set goes to and its entries there."""
+    sid = object_id(s.name)
+    flag = FLAG_VALUE.pack(1)
+    if s.kind == "addr":
+        return "podnet_pol_peers", {peer_key(sid, f"{ip}/32"): flag for ip in s.elements}
+    if s.kind == "cidr":
+        return "podnet_pol_peers", {peer_key(sid, p): flag for e in s.elements for p in prefixes(e)}
+    # "addrport": "a.b.c.d . port"
+    return "podnet_pol_ports", {port_key(sid, ip, int(port)): flag
+                                for ip, _, port in (e.partition(" . ") for e in s.elements)}
+
+
+@dataclass
+class Desired:
+    """The maps' contents for a compiled state, before generations are given: every
+    local pod's entry, each group's packed rules, the peer and named-port elements."""
+
+    pods: dict[bytes, bytes]
+    groups: dict[int, tuple[bytes, ...]]
+    peers: dict[bytes, bytes]
+    ports: dict[bytes, bytes]
+    names: dict[int, str]  # group number -> the compiler's name (for messages)
+
+    def entry_count(self) -> int:
+        return (len(self.pods) + len(self.groups) + sum(len(r) for r in self.groups.values())
+                + len(self.peers) + len(self.ports))
+
+
+class MapContents:
+    """Builds `Desired` from compiled states. The compiler hands back the same set and
+    chain objects while they do not change, so each set's entries and each group's
+    rules are kept by the identity of the objects they came from: a label change
+    converts the sets it touched, not every set."""
+
+    def __init__(self) -> None:
+        self._sets: dict[str, tuple[SetDef, str, dict[bytes, bytes]]] = {}
+        self._groups: dict[str, tuple[tuple, tuple[bytes, ...]]] = {}
+
+    def build(self, state: PolicyState, local_ips: frozenset[str] | set[str]) -> Desired:
+        groups: dict[int, tuple[bytes, ...]] = {}
+        names: dict[int, str] = {}
+        kept_groups = {}
+        for name, g in state.groups.items():
+            chains = tuple(state.policy_chains[c] for c in g.policy_chains)
+            cached = self._groups.get(name)
+            if cached is None or len(cached[0]) != len(chains) or any(
+                    a is not b for a, b in zip(cached[0], chains, strict=True)):
+                cached = (chains, tuple(map_rule(r).pack() for c in chains for r in c.rules))
+            kept_groups[name] = cached
+            gid = object_id(name)
+            groups[gid] = cached[1]
+            names[gid] = name
+        self._groups = kept_groups
+        peers: dict[bytes, bytes] = {}
+        ports: dict[bytes, bytes] = {}
+        kept_sets = {}
+        for name, s in state.sets.items():
+            cached_set = self._sets.get(name)
+            if cached_set is None or cached_set[0] is not s:
+                cached_set = (s, *set_entries(s))
+            kept_sets[name] = cached_set
+            (peers if cached_set[1] == "podnet_pol_peers" else ports).update(cached_set[2])
+        self._sets = kept_sets
+        ing, eg = state.dispatch[INGRESS], state.dispatch[EGRESS]
+        pods = {pod_key(ip): POD_VALUE.pack(object_id(ing[ip]) if ip in ing else 0,
+                                            object_id(eg[ip]) if ip in eg else 0)
+                for ip in (*local_ips, *ing, *eg)}
+        return Desired(pods, groups, peers, ports, names)
+
+
+EMPTY = Desired({}, {}, {}, {}, {})
 
 
 # ------------------------------------------------------------------ keys and values
@@ -134,10 +170,6 @@ def map_state(state: PolicyState, local_ips: frozenset[str] | set[str]) -> MapSt
 
 def pod_key(ip: str) -> bytes:
     return POD_KEY.pack(socket.inet_aton(ip))
-
-
-def pod_value(groups: tuple[int, int]) -> bytes:
-    return POD_VALUE.pack(*groups)
 
 
 def group_value(count: int, gen: int) -> bytes:

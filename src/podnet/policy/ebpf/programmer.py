@@ -75,46 +75,48 @@ class EbpfChanges:
 Contents = dict[str, dict[bytes, bytes]]  # map name -> key -> value
 
 
-def desired_contents(state: m.MapState, kernel: Contents) -> Contents:
-    """The maps' contents for `state`. A group keeps the generation the kernel has it
-    under when its rules there are the same; otherwise it gets the next one."""
-    out: Contents = {name: {} for name in COMPARED}
+def desired_contents(want: m.Desired, kernel: Contents,
+                     known: dict[int, tuple] | None = None) -> Contents:
+    """The maps' contents for `want`. A group keeps the generation the kernel has it
+    under when its rules there are the same; otherwise it gets the next one. `known`:
+    group -> (rules, generation, header, rule entries) as last written to `kernel`,
+    filled in here (a group whose rules are the very same object is not built again)."""
+    out: Contents = {"podnet_pol_pods": want.pods, "podnet_pol_peers": want.peers, "podnet_pol_ports": want.ports,
+                     "podnet_pol_groups": {}, "podnet_pol_rules": {}}
     have_groups, have_rules = kernel.get("podnet_pol_groups", {}), kernel.get("podnet_pol_rules", {})
-    for gid, rules in state.groups.items():
-        packed = [r.pack() for r in rules]
+    for gid, packed in want.groups.items():
         if len(packed) > m.MAX_RULES:
-            raise EbpfPolicyError(f"group {state.names.get(gid, gid)}: {len(packed)} rules, "
+            raise EbpfPolicyError(f"group {want.names.get(gid, gid)}: {len(packed)} rules, "
                                   f"the program walks at most {m.MAX_RULES}")
-        gen = 1
-        head = have_groups.get(m.GROUP_KEY.pack(gid))
-        if head is not None:
-            count, kgen = m.GROUP_VALUE.unpack(head)
-            same = count == len(packed) and all(have_rules.get(m.rule_key(gid, kgen, i)) == v
-                                                for i, v in enumerate(packed))
-            gen = kgen if same else (kgen + 1) & 0xFFFFFFFF
-        out["podnet_pol_groups"][m.GROUP_KEY.pack(gid)] = m.group_value(len(packed), gen)
-        for i, v in enumerate(packed):
-            out["podnet_pol_rules"][m.rule_key(gid, gen, i)] = v
-    for ip, groups in state.pods.items():
-        out["podnet_pol_pods"][m.pod_key(ip)] = m.pod_value(groups)
-    flag = m.FLAG_VALUE.pack(1)
-    for sid, prefixes in state.peers.items():
-        for p in prefixes:
-            out["podnet_pol_peers"][m.peer_key(sid, p)] = flag
-    for sid, members in state.ports.items():
-        for ip, port in members:
-            out["podnet_pol_ports"][m.port_key(sid, ip, port)] = flag
+        key = m.GROUP_KEY.pack(gid)
+        head = have_groups.get(key)
+        last = known.get(gid) if known is not None else None
+        if last is not None and last[0] is packed and head == last[2]:
+            gen, header, entries = last[1], last[2], last[3]  # written last time, still there
+        else:
+            gen = 1
+            if head is not None:
+                count, kgen = m.GROUP_VALUE.unpack(head)
+                same = count == len(packed) and all(have_rules.get(m.rule_key(gid, kgen, i)) == v
+                                                    for i, v in enumerate(packed))
+                gen = kgen if same else (kgen + 1) & 0xFFFFFFFF
+            header = m.group_value(len(packed), gen)
+            entries = {m.rule_key(gid, gen, i): v for i, v in enumerate(packed)}
+        if known is not None:
+            known[gid] = (packed, gen, header, entries)
+        out["podnet_pol_groups"][key] = header
+        out["podnet_pol_rules"].update(entries)
     return out
 
 
 def diff_ops(have: Contents, want: Contents) -> list[MapOp]:
+    """What turns `have` into `want`, in the write order (set operations on the items:
+    the comparison of tens of thousands of entries stays in C)."""
     ops = []
     for name in WRITE_ORDER:
-        h = have.get(name, {})
-        ops.extend(MapOp(name, k, v) for k, v in want[name].items() if h.get(k) != v)
+        ops.extend(MapOp(name, k, v) for k, v in sorted(want[name].items() - have.get(name, {}).items()))
     for name in DELETE_ORDER:
-        w = want[name]
-        ops.extend(MapOp(name, k, None) for k in have.get(name, {}) if k not in w)
+        ops.extend(MapOp(name, k, None) for k in sorted(have.get(name, {}).keys() - want[name].keys()))
     return ops
 
 
@@ -130,7 +132,9 @@ class EbpfPolicyProgrammer:
         self.inputs = InputCache()
         self.compiler = PolicyCompiler()
         self.state: PolicyState = EMPTY_STATE
-        self.map_state: m.MapState = m.EMPTY_MAPS
+        self.contents = m.MapContents()
+        self._gens: dict[int, tuple] = {}  # group -> what desired_contents wrote for it last
+        self.desired: m.Desired = m.EMPTY
         self.local: frozenset[str] = frozenset()
         self.applied: Contents | None = None  # what the maps hold; None: read them back first
         self.attached_to: set[str] = set()
@@ -156,6 +160,11 @@ class EbpfPolicyProgrammer:
             raise
         self._restart = False
         self.local = frozenset(inputs.local_ips)
+        return self._apply()
+
+    def apply(self, state: PolicyState, local_pod_ips: Iterable[str]) -> EbpfChanges:
+        """Program a state compiled elsewhere (a benchmark timing compile and maps apart)."""
+        self.state, self.local = state, frozenset(local_pod_ips)
         return self._apply()
 
     def verify(self) -> list[str]:
@@ -198,14 +207,16 @@ class EbpfPolicyProgrammer:
     def _apply(self) -> EbpfChanges:
         start = time.perf_counter()
         ch = EbpfChanges()
-        self.map_state = m.map_state(self.state, self.local)
+        self.desired = self.contents.build(self.state, self.local)
         ch.loaded = self.maps.load()
         if ch.loaded or self.applied is None:
             ch.full = True
             have = self._read()
         else:
             have = self.applied
-        want = desired_contents(self.map_state, have)
+        if have is not self.applied:
+            self._gens = {}
+        want = desired_contents(self.desired, have, self._gens)
         ops = diff_ops(have, want)
         try:
             self.maps.apply(ops)
@@ -221,14 +232,14 @@ class EbpfPolicyProgrammer:
         ifaces = self.interfaces()
         loaded = self.maps.loaded
         assert loaded is not None
-        with IPRoute() as ipr:
-            for ifname, ifindex in sorted(ifaces.items()):
-                if ifname in self.attached_to and not ch.loaded:
-                    continue
-                # a restart finds them attached: nothing is replaced then
-                if ch.loaded or attachment_problems(ipr, ifname, ifindex, loaded):
-                    attach_policy(ipr, ifindex, loaded)
-                    ch.attached += 1
+        todo = sorted((n, i) for n, i in ifaces.items() if ch.loaded or n not in self.attached_to)
+        if todo:
+            with IPRoute() as ipr:
+                for ifname, ifindex in todo:
+                    # a restart finds them attached: nothing is replaced then
+                    if ch.loaded or attachment_problems(ipr, ifname, ifindex, loaded):
+                        attach_policy(ipr, ifindex, loaded)
+                        ch.attached += 1
         self.attached_to = set(ifaces)
         ch.seconds = time.perf_counter() - start
         return ch
