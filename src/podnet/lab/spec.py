@@ -15,6 +15,7 @@
                                            # (`podnet dns serve`, survives the agent) | inprocess
       nodes:
         - {name: node-1, labels: {zone: a}}     # serviceProxy: nftables (default) | iptables
+        # policyDataplane: nftables (default) | ebpf (NetworkPolicy by tc programs, docs/ebpf.md)
         # BGP: `bgp: {}` (or true) gives the Node spec.bgp (asNumber, routeReflectorClusterID):
         # its agent runs BIRD; `rack: NAME` puts the node on that rack's segment
       router: {asNumber: 65000}            # optional; BIRD on the gateway (the external host's
