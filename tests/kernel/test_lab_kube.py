@@ -2,7 +2,9 @@
 server, podnet kube-sync filling the store, the agents on that store.
 
   - examples/lab/demo.yaml: every probe behaves as with the embedded store; the EndpointSlice
-    came through the API; every Node got NetworkUnavailable=False from its agent's readiness.
+    came through the API; every Node got NetworkUnavailable=False from its agent's readiness;
+    kube-sync killed with -9 leaves the dataplane as it was, and a NetworkPolicy deleted through
+    the API meanwhile stops dropping traffic once kube-sync is back.
   - examples/lab/multinet.yaml: the NetworkAttachmentDefinitions reach the agents through the
     API (the attachment probes pass) and each pod's network-status annotation is patched onto
     its API Pod. Then a Pod deleted through the API while its ADD runs (held in a delegate
@@ -32,7 +34,7 @@ from podnet.dataplane.pods import host_ifname  # noqa: E402
 from podnet.ipam.keys import HANDLES  # noqa: E402
 from podnet.kube.client import Resource  # noqa: E402
 from podnet.lab import kubesource, topology  # noqa: E402
-from podnet.lab.cluster import NETWORK_NAME, node_runtime  # noqa: E402
+from podnet.lab.cluster import NETWORK_NAME, node_runtime, status, wait_programmed  # noqa: E402
 from podnet.lab.connectivity import format_table, probe_all  # noqa: E402
 from podnet.lab.runtime import CNIError, RuntimeConf, k8s_args  # noqa: E402
 from podnet.model.objects import EndpointSlice, NetworkAttachmentDefinition, Pod  # noqa: E402
@@ -82,6 +84,22 @@ def test_the_demo_lab_with_the_kubernetes_api_as_source_behaves_as_with_the_stor
         for node in api.list(NODES)["items"]:
             conds = {c["type"]: c for c in node["status"].get("conditions") or ()}
             assert conds["NetworkUnavailable"]["status"] == "False", node["metadata"]["name"]
+        info = status(lab.state)
+        assert info["source"] == "kubernetes" and info["kubeSync"].startswith("running")
+
+        # kube-sync killed (-9): the dataplane holds; the NetworkPolicy deleted through the API while
+        # it is down is gone from the store and the kernel once it is back.
+        web2 = lab.pod("shop/web-2")["ips"][0]
+        assert not lab.probe("shop/web-1", [f"tcp:{web2}:8080"])[0]["ok"]  # web->web: the policy drops it
+        kubesource.restart_kube_sync(lab.state, kill=True, while_down=lambda: api.delete(
+            Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True), "web-from-clients",
+            "shop"))
+        assert lab.probe("shop/client-1", [f"tcp:{web2}:8080"])[0]["ok"]  # meanwhile, as before
+        kv = lab.store().kv
+        kubesource.wait_reflected(lab.state, api, kv, 60)
+        wait_programmed(lab.state, kv.revision(), 60)
+        answer = lab.probe("shop/web-1", [f"tcp:{web2}:8080"])[0]
+        assert answer["ok"] and answer["name"] == "web-2", answer
 
 
 def _routes(netns: str) -> set[str]:

@@ -33,7 +33,7 @@ bytes sent on watch streams.
         api.kubeconfig("/tmp/x/kubeconfig")      # for kubectl and the Python client
         api.create({...})                        # direct access, no HTTP
 
-Run alone (the lab does): python -m tests.support.fake_apiserver --dir DIR [--port N]
+Run alone (the lab does): python -m tests.support.fake_apiserver --dir DIR [--port N] [--service-cidr CIDR]
 writes DIR/kubeconfig, DIR/ca.crt, DIR/token and serves until SIGTERM.
 """
 

@@ -96,6 +96,17 @@ def start(st: Any, store_url: str, service_cidr: str, timeout: float, say: Any) 
     return client
 
 
+def restart_kube_sync(st: Any, kill: bool = False, while_down: Any = lambda: None) -> dict:
+    """Stop kube-sync (`kill`: SIGKILL, as a crash), run `while_down`, start it again with the
+    same command; returns the new record."""
+    from podnet.lab.cluster import _restart
+
+    entry = st.process(KUBE_SYNC_KEY)
+    if entry is None:
+        raise PodnetError(f"lab {st.name} has no kube-sync (it was not brought up with --source kubernetes)")
+    return _restart(st, entry, kill, while_down)
+
+
 def api_body(obj: KubeObject) -> dict:
     """An object as it is sent to the API server: its stored form; a Pod without status (the
     kubelet reports it)."""
