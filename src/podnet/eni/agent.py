@@ -10,7 +10,11 @@
     pod_dataplane()      the pod dataplane: shared mode adds the pod's rule to its ENI's
                          table after the veth; exclusive mode moves the ENI into the pod
     dataplane            the agent contract's dataplane: ENI links, tables and pod rules
-                         reconciled with the pool on every resync (drift heals)
+                         reconciled with the pool on every resync (drift heals); it also
+                         watches the node's CloudNetwork and hands a change to the running
+                         pool (watermarks, batching, cooldown, rate limits, subnets, security
+                         groups: setup.reconfigure), on its own worker thread since new
+                         subnets and groups are checked with the cloud first
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from podnet.agent.contract import Dataplane
+from podnet.agent.contract import Dataplane, kind_of
 from podnet.cni.attachments import attachment_key
 from podnet.eni import records as rec
 from podnet.eni.errors import PoolUnavailable, SetupError
@@ -30,7 +34,7 @@ from podnet.eni.setup import PoolOptions, build_pool, select
 from podnet.ipam.allocator import Allocation
 from podnet.model.objects import CloudNetwork, Node
 from podnet.store.base import KeyValueStore
-from podnet.store.objects import ObjectStore
+from podnet.store.objects import ObjectEvent, ObjectStore
 
 log = logging.getLogger("podnet.eni")
 
@@ -57,6 +61,9 @@ class EniAgent:
         self._thread: threading.Thread | None = None
         self.routing: Any = None
         self.dataplane = EniDataplane(self)
+        self.config_problem: str | None = None  # why the last CloudNetwork change was not taken
+        self._pending: CloudNetwork | None = None  # a change the next sync takes
+        self._pending_lock = threading.Lock()
 
     @classmethod
     def for_node(cls, objects: ObjectStore, node_name: str, kv_factory: Callable[[], KeyValueStore],
@@ -125,6 +132,45 @@ class EniAgent:
         if self.routing is not None:
             self.routing.close()
 
+    # ------------------------------------------------------------ a changed CloudNetwork
+
+    def changed(self, network: CloudNetwork) -> bool:
+        """The watch saw the node's CloudNetwork (again); True if the next sync must take it."""
+        if network.name != self.network.name or network.spec == self.network.spec:
+            return False
+        with self._pending_lock:
+            self._pending = network
+        return True
+
+    def take_change(self) -> str:
+        """Apply the pending CloudNetwork to the pool (or, before it runs, to its next start);
+        what changed. A change the cloud refuses is logged and leaves everything as it was."""
+        from podnet.eni.setup import reconfigure
+
+        with self._pending_lock:
+            new, self._pending = self._pending, None
+        if new is None or new.spec == self.network.spec:
+            return ""
+        pool = self.pool
+        if pool is None:  # the start loop's next attempt builds the pool from it
+            self.network, self.config_problem = new, None
+            return f"{new.ref} changed (the pool is not running yet)"
+        try:
+            changed, later = reconfigure(pool, self.network, new)
+        except SetupError as e:
+            self.config_problem = str(e)
+            log.error("node %s: the change of %s is not taken, the pool keeps its settings: %s", self.node.name,
+                      new.ref, e)
+            return ""
+        self.config_problem = None
+        self.network = new if not later else _with_fields_of(new, self.network, later)
+        for f in later:
+            log.warning("node %s: %s: field %s changed: it takes effect when the agent restarts", self.node.name,
+                        new.ref, f)
+        if changed:
+            log.info("node %s: %s changed: %s", self.node.name, new.ref, "; ".join(changed))
+        return "; ".join(changed)
+
     # ------------------------------------------------------------ CNI
 
     def ipam_factory(self, kv: KeyValueStore) -> AgentIPAM:
@@ -136,6 +182,15 @@ class EniAgent:
         if self.mode == "exclusive":
             return ExclusivePods(self, pods)
         return EniPods(self, pods)
+
+
+def _with_fields_of(new: CloudNetwork, running: CloudNetwork, later: list[str]) -> CloudNetwork:
+    """`new` with the fields a running pool cannot take kept as they run (so the next change
+    is compared with what runs)."""
+    from podnet.eni.setup import RESTART_FIELDS
+
+    keep = {attr: getattr(running.spec, attr) for attr, f in RESTART_FIELDS if f in later}
+    return new.model_copy(update={"spec": new.spec.model_copy(update=keep)})
 
 
 class AgentIPAM:
@@ -188,7 +243,7 @@ class EniDataplane(Dataplane):
     """ENI links, tables and pod rules (shared mode), reconciled with the pool."""
 
     name = "eni"
-    kinds = frozenset()
+    kinds = frozenset({"CloudNetwork"})
 
     def __init__(self, agent: EniAgent):
         self.agent = agent
@@ -208,15 +263,21 @@ class EniDataplane(Dataplane):
             self.agent.routing = EniRouting()
         return self.agent.routing
 
+    def on_event(self, ev: ObjectEvent) -> bool:
+        if kind_of(ev.key) != "CloudNetwork" or not isinstance(ev.object, CloudNetwork):
+            return False  # a deleted CloudNetwork: the pool runs on until the agent restarts
+        return self.agent.changed(ev.object)
+
     def sync(self, full: bool) -> str:
+        taken = self.agent.take_change()
         pool = self.agent.pool
         if pool is None or self.agent.mode != "shared":
-            return ""
+            return taken
         from podnet.eni.pods import desired_routing, pod_handles
 
         routing = self._routing()
         enis, rules = desired_routing(pool)
-        changes = [c for c in routing.sync(enis, rules) if not c.startswith("waiting")]
+        changes = ([taken] if taken else []) + [c for c in routing.sync(enis, rules) if not c.startswith("waiting")]
         if full:  # a pod's host route is the pod dataplane's; it has no resync of its own
             changes += routing.host_routes(pod_handles(pool), repair=True)
         return "; ".join(changes)

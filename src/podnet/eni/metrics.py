@@ -1,6 +1,8 @@
 """The ENI pool's metrics, read from the pool when scraped (agent/metrics.py yields them):
 
     podnet_eni_pool_ready                          1 once the node's pool runs
+    podnet_eni_config_rejected                     1 while the last change of the node's
+                                                   CloudNetwork is refused (its log says why)
     podnet_eni_addresses{state}                    idle | cooling | assigned pod addresses
     podnet_eni_enis_attached                       ENIs the pool holds pod addresses on
     podnet_eni_allocations_waiting                 ADDs waiting for the cloud now
@@ -67,6 +69,9 @@ class EniMetrics:
         pool = self.agent.pool
         network = self.agent.network.name
         yield GaugeMetricFamily("podnet_eni_pool_ready", "1 once the node's ENI pool runs.", value=int(pool is not None))
+        yield GaugeMetricFamily("podnet_eni_config_rejected", "1 while the last change of the node's CloudNetwork "
+                                "is refused (a subnet or security group the cloud does not know).",
+                                value=int(self.agent.config_problem is not None))
         if pool is None:
             return
         counts = pool.counts()

@@ -75,7 +75,24 @@ class PoolConfig:
     check_interval: float = 5.0  # the watermarks are checked at least this often
     reconcile_interval: float = 60.0
     use_primary_eni: bool = True  # shared mode: the instance's own ENI holds pod addresses too
+    zone: str = ""  # the instance's: a changed CloudNetwork's subnets are chosen from it
     workers: int = 4  # cloud calls of one round in flight at once
+
+
+@dataclass
+class PoolSettings:
+    """What a CloudNetwork change may alter in a running pool (setup.py checks it first)."""
+
+    min_idle: int
+    max_idle: int
+    batch: int
+    window: float
+    cooldown: float
+    leak_grace: float
+    security_groups: list[str]
+    subnets: list[str]  # the node's zone's
+    subnet_cidrs: dict[str, str]
+    rate_limits: dict
 
 
 @dataclass
@@ -237,6 +254,30 @@ class EniPool:
             self._settled.clear()
             self._cond.notify_all()
         return self._settled.wait(timeout)
+
+    def reconfigure(self, settings: PoolSettings) -> list[str]:
+        """A changed CloudNetwork's settings, taken while running; what changed. The manager
+        looks at the watermarks again at once (it may grow or give back now)."""
+        cfg = self.cfg
+        changed = []
+        with self._cond:
+            for name in ("min_idle", "max_idle", "batch", "window", "cooldown", "leak_grace", "security_groups"):
+                new = getattr(settings, name)
+                if getattr(cfg, name) != new:
+                    changed.append(f"{name} {getattr(cfg, name)} -> {new}")
+                    setattr(cfg, name, new)
+            if cfg.subnets != settings.subnets:
+                changed.append(f"subnets {', '.join(cfg.subnets)} -> {', '.join(settings.subnets)}")
+                cfg.subnets = list(settings.subnets)
+                self.subnets.set_subnets(settings.subnets)
+            # ENIs in a subnet no longer listed keep their routing until they go
+            cfg.subnet_cidrs = {**cfg.subnet_cidrs, **settings.subnet_cidrs}
+            if self.cloud.limiter is not None:
+                changed += [f"rate limit {api}" for api in self.cloud.limiter.update(settings.rate_limits)]
+            self._blocked = False
+            self._settled.clear()
+            self._cond.notify_all()
+        return changed
 
     def reconcile_soon(self) -> None:
         with self._cond:

@@ -55,8 +55,26 @@ class RateLimiter:
     """The buckets of every API, by the API's group name (model/cloud.py APIS)."""
 
     def __init__(self, limits: dict[str, RateLimit], clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
         self.limits = dict(limits)
         self.buckets = {api: TokenBucket(lim.per_minute, lim.burst, clock) for api, lim in limits.items()}
+
+    def update(self, limits: dict[str, RateLimit]) -> list[str]:
+        """New limits for a running pool (a changed CloudNetwork); the APIs whose changed. A
+        changed bucket keeps the tokens it has (up to its new burst): a change never lets a
+        burst through that the old bucket held back."""
+        changed = []
+        for api, lim in limits.items():
+            old = self.limits.get(api)
+            if old is not None and (old.per_minute, old.burst) == (lim.per_minute, lim.burst):
+                continue
+            bucket = TokenBucket(lim.per_minute, lim.burst, self.clock)
+            if api in self.buckets:
+                bucket._tokens = min(float(lim.burst), self.buckets[api].tokens())
+            self.buckets[api] = bucket
+            self.limits[api] = lim
+            changed.append(api)
+        return changed
 
     def try_take(self, api: str) -> float:
         bucket = self.buckets.get(api)

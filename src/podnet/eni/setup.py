@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from podnet.eni.cloud import CloudClient, Subnet
 from podnet.eni.errors import CONFIG_CODES, CloudError, SetupError
-from podnet.eni.pool import EniPool, PoolConfig
+from podnet.eni.pool import EniPool, PoolConfig, PoolSettings
 from podnet.eni.ratelimit import RateLimiter
 from podnet.eni.reconcile import Reconciler
 from podnet.model.cloud import parse_provider_id
@@ -80,23 +80,51 @@ def build_pool(network: CloudNetwork, node: Node, kv_factory: Callable[[], KeyVa
     inst = ask(f"the instance {instance_id} of Node/{node.name}", lambda: cloud.describe_instance(instance_id))
     limits = ask(f"instance type {inst.instance_type} of Node/{node.name}",
                  lambda: cloud.instance_limits(inst.instance_type))
-    subnets = _check_ids(network, cloud)
-    zone_subnets = [s.id for s in spec.subnets if s.zone == inst.zone]
-    if not zone_subnets:
-        raise SetupError(f"{network.ref}: field spec.subnets: no subnet in zone {inst.zone} of Node/{node.name} "
-                         f"(instance {instance_id}); add one")
+    settings = _settings(network, node.name, inst.zone, cloud, _check_ids(network, cloud))
     cfg = PoolConfig(
         node=node.name, network=network.name, mode=spec.mode, instance_id=instance_id, limits=limits,
-        subnets=zone_subnets, subnet_cidrs={s.id: s.cidr for s in subnets.values()}, security_groups=list(spec.security_groups), min_idle=spec.warm_pool.min_idle,
-        max_idle=spec.warm_pool.max_idle, batch=spec.batch_size, window=spec.batch_window_milliseconds / 1000.0,
-        cooldown=spec.cooldown_seconds, leak_grace=spec.leak_grace_seconds, wait=opts.wait,
+        subnets=settings.subnets, subnet_cidrs=settings.subnet_cidrs, security_groups=settings.security_groups,
+        min_idle=settings.min_idle, max_idle=settings.max_idle, batch=settings.batch, window=settings.window,
+        cooldown=settings.cooldown, leak_grace=settings.leak_grace, wait=opts.wait,
         subnet_skip=opts.subnet_skip, shrink_interval=opts.shrink_interval, check_interval=opts.check_interval,
-        reconcile_interval=opts.reconcile_interval,
+        reconcile_interval=opts.reconcile_interval, zone=inst.zone,
     )
     reconciler = Reconciler(cfg, cloud, kv_factory, attachment_exists)
     pool = EniPool(cfg, cloud, reconciler=reconciler)
     ask("DescribeNetworkInterfaces of the instance", lambda: reconciler(pool))
     return pool.start()
+
+
+def _settings(network: CloudNetwork, node: str, zone: str, cloud: CloudClient,
+              subnets: dict[str, Subnet]) -> PoolSettings:
+    spec = network.spec
+    zone_subnets = [s.id for s in spec.subnets if s.zone == zone]
+    if not zone_subnets:
+        raise SetupError(f"{network.ref}: field spec.subnets: no subnet in zone {zone} of Node/{node}; add one")
+    return PoolSettings(
+        min_idle=spec.warm_pool.min_idle, max_idle=spec.warm_pool.max_idle, batch=spec.batch_size,
+        window=spec.batch_window_milliseconds / 1000.0, cooldown=spec.cooldown_seconds,
+        leak_grace=spec.leak_grace_seconds, security_groups=list(spec.security_groups), subnets=zone_subnets,
+        subnet_cidrs={s.id: s.cidr for s in subnets.values()}, rate_limits=dict(spec.rate_limits))
+
+
+# What a running pool cannot take: the agent logs that such a change waits for its restart.
+RESTART_FIELDS = (("provider", "spec.provider"), ("region", "spec.region"), ("mode", "spec.mode"),
+                  ("endpoint", "spec.endpoint"), ("node_selector", "spec.nodeSelector"))
+
+
+def reconfigure(pool: EniPool, old: CloudNetwork, new: CloudNetwork) -> tuple[list[str], list[str]]:
+    """Take a changed CloudNetwork into the node's running pool: (what changed, the fields
+    that wait for the agent's restart). New subnets and security groups are checked with
+    the cloud first; one it does not know is a SetupError naming the object and the field,
+    and then nothing changes."""
+    later = [f for attr, f in RESTART_FIELDS if getattr(old.spec, attr) != getattr(new.spec, attr)]
+    if (new.spec.subnets, new.spec.security_groups) != (old.spec.subnets, old.spec.security_groups):
+        subnets = _check_ids(new, pool.cloud)
+    else:
+        subnets = {i: Subnet(i, pool.cfg.zone, c, 0) for i, c in pool.cfg.subnet_cidrs.items()}
+    settings = _settings(new, pool.cfg.node, pool.cfg.zone, pool.cloud, subnets)
+    return pool.reconfigure(settings), later
 
 
 def _check_ids(network: CloudNetwork, cloud: CloudClient) -> dict[str, Subnet]:

@@ -21,6 +21,11 @@ class SubnetChooser:
         self._skipped: dict[str, float] = {}
         self._lock = threading.Lock()
 
+    def set_subnets(self, subnets: list[str]) -> None:
+        """The CloudNetwork's subnets changed: new ENIs go to these (skips of those kept stay)."""
+        with self._lock:
+            self.subnets = list(subnets)
+
     def skip(self, subnet: str) -> None:
         with self._lock:
             self._skipped[subnet] = self.clock() + self.skip_seconds
