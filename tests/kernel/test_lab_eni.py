@@ -26,7 +26,7 @@ from podnet.eni import records as rec
 from podnet.lab.cluster import AGENT_METRICS_PORT, node_dns_key, node_runtime, restart_agent
 from podnet.lab.connectivity import probe_all
 from podnet.lab.runtime import RuntimeConf, k8s_args, result_ips
-from podnet.model.objects import ObjectMeta, Pod, PodSpec
+from podnet.model.objects import CloudNetwork, ObjectMeta, Pod, PodSpec
 from tests.kernel.labs import echo_connection, running_lab
 from tests.kernel.test_agent_metrics import scrape, value
 from tests.support.bgp import wait_until
@@ -249,6 +249,53 @@ def test_a_route_of_an_eni_table_deleted_behind_the_agent_comes_back_within_a_re
                       timeout=RESYNC * 3 + 10)
     assert back["gateway"] == route["gateway"]
     b1_reaches_a1(lab)
+
+
+def apply_shared(lab, tmp_path, spec: dict) -> subprocess.CompletedProcess:
+    """`podnet apply -f` of the CloudNetwork "shared" with this spec."""
+    path = tmp_path / f"shared-{secrets.token_hex(3)}.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "podnet.io/v1", "kind": "CloudNetwork",
+                                    "metadata": {"name": "shared"}, "spec": spec}))
+    return subprocess.run([sys.executable, "-m", "podnet.cli.main", "--store", lab.state.data["store"], "apply",
+                           "-f", str(path)], capture_output=True, text=True, cwd=ROOT)
+
+
+def idle(lab, node: str) -> float:
+    return value(eni_metrics(lab, node), "podnet_eni_addresses", network="shared", state="idle")
+
+
+def test_a_changed_cloud_network_is_taken_without_a_restart_and_a_bad_one_is_refused(lab, tmp_path):
+    st = lab.state
+    agents = {n: st.process_pid(st.process(f"agent-{n}")) for n in ("node-1", "node-2")}
+    running = lab.store().get(CloudNetwork, "shared")
+    original = running.spec.to_dict()
+    try:
+        # bad values: refused when applied, naming the object and the field; the store keeps the old
+        bad = apply_shared(lab, tmp_path, {**original, "warmPool": {"minIdle": 9, "maxIdle": 3}})
+        assert bad.returncode == 1
+        assert "(CloudNetwork/shared): field spec.warmPool: maxIdle 3 is below minIdle 9" in bad.stderr, bad.stderr
+        assert lab.store().get(CloudNetwork, "shared").spec == running.spec
+        # new watermarks: both agents fill their warm pools to them, no restart
+        done = apply_shared(lab, tmp_path, {**original, "warmPool": {"minIdle": 8, "maxIdle": 8}})
+        assert done.returncode == 0, done.stderr
+        for node in agents:
+            wait_until(lambda n=node: idle(lab, n) == 8, f"{node}'s warm pool at the new watermarks", timeout=60)
+        # a subnet the cloud does not know: the agents refuse the change, and say so
+        unknown = {"id": "subnet-00000000000000000", "zone": original["subnets"][0]["zone"]}
+        done = apply_shared(lab, tmp_path, {**original, "warmPool": {"minIdle": 3, "maxIdle": 3},
+                                            "subnets": [*original["subnets"], unknown]})
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: value(eni_metrics(lab, "node-1"), "podnet_eni_config_rejected") == 1,
+                   "node-1's agent refusing the unknown subnet", timeout=60)
+        log = open(lab.node("node-1")["log"]).read()
+        assert "CloudNetwork/shared: field spec.subnets[1].id: subnet subnet-00000000000000000 does not exist" in log
+        assert idle(lab, "node-1") == 8  # nothing of that change taken, its watermarks neither
+        assert {n: st.process_pid(st.process(f"agent-{n}")) for n in agents} == agents
+    finally:
+        assert apply_shared(lab, tmp_path, original).returncode == 0
+    for node in agents:  # back to the example's watermarks (2..6): the surplus goes back to the cloud
+        wait_until(lambda n=node: value(eni_metrics(lab, n), "podnet_eni_config_rejected") == 0
+                   and idle(lab, n) <= 6, f"{node} back at the original settings", timeout=60)
 
 
 def test_with_the_cloud_api_down_pods_keep_working_and_the_warm_pool_still_serves(lab):
