@@ -16,6 +16,7 @@
 
 #define SVC_F_NO_EP_DROP 0x1     /* no endpoints: drop (else reject) */
 #define SVC_F_AFFINITY   0x2     /* sessionAffinity ClientIP */
+#define SVC_F_MASQ       0x4     /* SNAT to the node (NodePort, external IPs under eTP Cluster) */
 #define SVC_SCHED_SHIFT  8       /* scheduler in bits 8..11 */
 #define SVC_SCHED_RANDOM 0
 #define SVC_SCHED_LC     1       /* least connection: the backend with the fewest open TCP flows */
@@ -27,6 +28,10 @@
  * endpoints) carry this mark; the agent's small nftables table answers them with a TCP
  * reset or an ICMP port unreachable, as the nftables backend does. */
 #define SVC_REJECT_MARK  0x00200000
+/* Flows to masquerade carry kube-proxy's mark; the same table's postrouting chain
+ * masquerades them, and the kernel's conntrack undoes it on the replies before
+ * podnet_svc_to_pod restores the frontend (services/model.py MASQUERADE_MARK). */
+#define SVC_MASQ_MARK    0x00004000
 
 #define CT_DIR_FWD 0
 #define CT_DIR_REV 1
@@ -139,6 +144,16 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_svc_cluster_ips SEC(".maps");
+
+/* the node's addresses: a packet to one of them may be for a NodePort (address 0) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podnet_svc_node_ips SEC(".maps");
 
 /* the Service CIDRs: an address there that no Service has is dropped */
 struct {
@@ -288,6 +303,10 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 	fk.port = pkt.dport;
 	fk.proto = pkt.proto;
 	fe = bpf_map_lookup_elem(&podnet_svc_frontends, &fk);
+	if (!fe && bpf_map_lookup_elem(&podnet_svc_node_ips, &pkt.daddr)) {
+		fk.addr = 0;  /* a NodePort: on every address of the node */
+		fe = bpf_map_lookup_elem(&podnet_svc_frontends, &fk);
+	}
 	if (!fe) {
 		struct cidr_key ck = { .prefixlen = 32, .addr = pkt.daddr };
 
@@ -348,6 +367,10 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 
 		bpf_map_update_elem(&podnet_svc_ct, &rkey, &rev, BPF_ANY);
 	}
+	/* hairpin: a pod that reaches itself must see the node as the client, or its reply
+	 * would go straight back to itself, unknown to the connection it made */
+	if ((fe->flags & SVC_F_MASQ) || entry.addr == pkt.saddr)
+		skb->mark |= SVC_MASQ_MARK;
 	if (podnet_rewrite(skb, &pkt, 1, entry.addr, entry.port) < 0)
 		return TC_ACT_SHOT;
 	return TC_ACT_UNSPEC;

@@ -404,8 +404,7 @@ def test_no_endpoints_is_refused_fast_and_unused_service_ips_time_out(topo):
     assert res[0][0] == "refused"
 
 
-def test_nodeport_from_outside_and_from_the_node_is_masqueraded(topo, request):
-    ebpf_lacks(topo, request, "NodePort")
+def test_nodeport_from_outside_and_from_the_node_is_masqueraded(topo):
     objs = [service("np", "10.96.0.14", type="NodePort",
                     ports=[{"port": 80, "targetPort": 8080, "nodePort": 30080},
                            {"name": "u", "port": 53, "protocol": "UDP", "targetPort": UDP_PORT, "nodePort": 30053}]),
@@ -417,6 +416,7 @@ def test_nodeport_from_outside_and_from_the_node_is_masqueraded(topo, request):
     assert set(names(outside)) == {"b1", "b2"}
     assert {x.split()[1] for x in outside} == {"10.20.0.1"}  # masqueraded to the node
     assert set(names(topo.probe("10.10.0.1", 30053, "udp", count=10))) <= {"b1", "b2"}
+    ebpf_stops_here(topo, "traffic from the node itself (cgroup connect hooks)")
     for addr in NODE_IPS:  # from the node itself, on each of its addresses (output hook)
         res = json.loads(py_in(topo.node, PROBE.replace(
             "sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])",
@@ -460,8 +460,7 @@ def test_session_affinity_sticks_to_one_backend(topo):
     assert len(set(moved)) == 1 and moved[0] != chosen
 
 
-def test_external_traffic_policy_local_keeps_the_client_address(topo, request):
-    ebpf_lacks(topo, request, "NodePort")
+def test_external_traffic_policy_local_keeps_the_client_address(topo):
     svc = service("local", "10.96.0.17", type="NodePort", externalTrafficPolicy="Local",
                   healthCheckNodePort=31999, ports=[{"port": 80, "targetPort": 8080, "nodePort": 30082}])
     objs = [svc, slice_("local", [endpoint("b1"), endpoint("b2", node="n2")], ports=[{"port": 8080}])]
@@ -491,8 +490,7 @@ def test_internal_traffic_policy_local(topo):
     assert topo.probe("10.96.0.18", 80, timeout=0.7) == ["timeout"]
 
 
-def test_hairpin_a_pod_reaches_itself_through_its_service(topo, request):
-    ebpf_lacks(topo, request, "hairpin (SNAT of a pod reaching itself)")
+def test_hairpin_a_pod_reaches_itself_through_its_service(topo):
     objs = [service("self", "10.96.0.19"), slice_("self", [endpoint("b4")], ports=[{"port": 8080}])]
     topo.driver.apply(objs)
     res = topo.probe("10.96.0.19", 80, src=topo.backends["b4"], count=3)
@@ -727,11 +725,10 @@ def test_a_clusterip_rejects_ports_it_does_not_have(topo):
     check_invalid_clusterip_ports_are_rejected(topo)
 
 
-def test_session_affinity_is_shared_by_clusterip_nodeport_and_external_ips(topo, request):
-    ebpf_lacks(topo, request, "NodePort")
+def test_session_affinity_is_shared_by_clusterip_nodeport_and_external_ips(topo):
     check_affinity_is_shared_by_the_frontends_of_a_port(topo)
 
 
 def test_pods_reach_external_addresses_of_local_policy_services_without_a_local_endpoint(topo, request):
-    ebpf_lacks(topo, request, "NodePort and clients arriving on the underlay (eTP Local drops them)")
+    ebpf_lacks(topo, request, "telling the node's pods from clients on the underlay (eTP Local)")
     check_external_local_short_circuit(topo)

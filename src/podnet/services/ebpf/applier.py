@@ -63,6 +63,10 @@ table ip {REJECT_TABLE} {{
     type filter hook input priority -10; policy accept;
     meta mark & {m.REJECT_MARK:#x} == {m.REJECT_MARK:#x} goto refuse
   }}
+  chain nat_out {{
+    type nat hook postrouting priority srcnat; policy accept;
+    meta mark & {m.MASQ_MARK:#x} == {m.MASQ_MARK:#x} masquerade
+  }}
 }}
 """
 
@@ -79,6 +83,14 @@ def pod_interfaces(ipr: IPRoute, prefix: str = HOST_PREFIX) -> dict[str, int]:
     return out
 
 
+def underlay_interfaces(ipr: IPRoute, node_ips: tuple[str, ...]) -> dict[str, int]:
+    """The interfaces that hold one of the node's addresses (not loopback): name -> ifindex."""
+    wanted = set(node_ips)
+    idx = {a["index"] for a in ipr.get_addr(family=2) if a.get_attr("IFA_ADDRESS") in wanted}
+    idx.discard(1)
+    return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links() if link["index"] in idx}
+
+
 class EbpfServiceApplier:
     """podnet's tc eBPF Service dataplane (ServiceApplier)."""
 
@@ -93,6 +105,8 @@ class EbpfServiceApplier:
         self.metrics = metrics
         self.obj: LoadedObject | None = None
         self._ipr: IPRoute | None = None  # one rtnetlink socket, in the namespace of the first sync
+        self._underlay: dict[str, int] = {}
+        self._underlay_for: tuple[str, ...] | None = None
         self.maps: dict[str, Map] = {}
         self.applied: dict[str, dict[bytes, bytes]] | None = None  # what the maps hold, as far as podnet knows
         self.applied_state: ServiceState | None = None  # the state they hold (None: read them back next)
@@ -116,12 +130,16 @@ class EbpfServiceApplier:
             self.obj = obj
         return self.obj
 
-    def _attach_all(self, check: bool) -> int:
-        """Attach to every pod interface not yet done (check: look at every one's filters).
-        Returns how many were (re)attached."""
+    def _attach_all(self, check: bool, node_ips: tuple[str, ...] = ()) -> int:
+        """Attach to every pod interface and to the interfaces holding the node's addresses
+        (NodePorts, external IPs: clients arriving there; their replies leave there) not yet
+        done (check: look at every one's filters). Returns how many were (re)attached."""
         obj = self.load()
         ipr = self.ipr()
-        links = self.interfaces(ipr)
+        if check or node_ips != self._underlay_for:
+            self._underlay = underlay_interfaces(ipr, node_ips)
+            self._underlay_for = node_ips
+        links = {**self.interfaces(ipr), **self._underlay}
         current = set(links.values())
         for gone in [i for i in self.attached if i not in current]:
             del self.attached[gone]
@@ -200,13 +218,10 @@ class EbpfServiceApplier:
             out[m.CLUSTER_IPS][m.address_key(fe.ip)] = b"\x01"  # type: ignore[arg-type]
         if not _unsupported(r):
             sid = self._sid(fe)
-            # the programs see this node's pods only: for them an externalIP or LoadBalancer IP
-            # is as a ClusterIP (no masquerade; with eTP Local every endpoint, kube-proxy's
-            # short-circuit)
             backends = _programmed(r)
             backends = weighted_slots(backends, r.weights) if r.scheduler == "wrr" else backends
             flags = (F_DROP if r.no_endpoints == "drop" else 0) | (m.F_AFFINITY if r.affinity_timeout else 0) | \
-                (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
+                (m.F_MASQ if r.masquerade else 0) | (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
             out[m.FRONTENDS][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags,
                                                                      r.affinity_timeout or 0, r.affinity_key)
             for slot, b in enumerate(backends):
@@ -230,6 +245,7 @@ class EbpfServiceApplier:
             for name, entries in part.items():
                 desired[name].update(entries)
         desired[m.CIDRS] = {m.cidr_key(c): b"\x01" for c in state.service_cidrs}
+        desired[m.NODE_IPS] = {m.address_key(ip): b"\x01" for ip in state.node_ips}
         self._note_unsupported(state.frontends.values())
         live = {r.frontend for r in self._rendered}
         for fe in [fe for fe in self.sids if fe not in live]:
@@ -280,13 +296,14 @@ class EbpfServiceApplier:
             for backend in _programmed(b):
                 if backend not in keep:
                     self.bids.pop((b.frontend, backend), None)
-        if old.service_cidrs != new.service_cidrs:
-            was = {m.cidr_key(c) for c in old.service_cidrs}
-            now = {m.cidr_key(c) for c in new.service_cidrs}
-            if now - was:
-                come[m.CIDRS] = {k: b"\x01" for k in now - was}
-            if was - now:
-                gone[m.CIDRS] = was - now
+        for name, key, was_list, now_list in ((m.CIDRS, m.cidr_key, old.service_cidrs, new.service_cidrs),
+                                              (m.NODE_IPS, m.address_key, old.node_ips, new.node_ips)):
+            if was_list != now_list:
+                was, now = set(map(key, was_list)), set(map(key, now_list))
+                if now - was:
+                    come[name] = {k: b"\x01" for k in now - was}
+                if was - now:
+                    gone[name] = was - now
         # a key one frontend gave up and another took in the same change stays
         removed = {name: [k for k in keys if k not in come.get(name, {})] for name, keys in gone.items()}
         return come, {name: keys for name, keys in removed.items() if keys}
@@ -346,7 +363,7 @@ class EbpfServiceApplier:
             if fixed:
                 log.warning("services: %s; pinned again", ", ".join(fixed))
             self.nft(REJECT_SCRIPT)
-        self._attach_all(check=first or resync)
+        self._attach_all(first or resync, tuple(state.node_ips))
         if self.applied is None or resync or self.applied_state is None:
             # whole: the maps read back and compared with the state
             current = self.read_maps()
@@ -522,6 +539,12 @@ def weighted_slots(backends: tuple[Backend, ...], weights: tuple[tuple[str, int]
 
 
 def _programmed(r: FrontendRule) -> tuple[Backend, ...]:
+    """The endpoints a frontend balances over here. An externalIP or LoadBalancer IP of an
+    eTP Local Service: every endpoint (kube-proxy's short-circuit for the node's pods),
+    since the programs cannot yet tell a pod's packet from an external client's at the
+    underlay; a NodePort: the local ones (what external clients must get)."""
+    if r.frontend.ip is None:
+        return r.backends
     return r.short_circuit or r.backends
 
 
@@ -530,8 +553,6 @@ def _unsupported(r: FrontendRule) -> str:
     fe = r.frontend
     if fe.proto not in m.PROTOS:
         return f"{fe.proto.upper()} frontends"
-    if fe.ip is None:
-        return "NodePorts"
     if r.source_ranges:
         return "LoadBalancer frontends with source ranges"
     return ""

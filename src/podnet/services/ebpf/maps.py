@@ -19,11 +19,12 @@ BACKENDS = "podnet_svc_backends"
 CONNS = "podnet_svc_conns"
 CLUSTER_IPS = "podnet_svc_cluster_ips"
 CIDRS = "podnet_svc_cidrs"
+NODE_IPS = "podnet_svc_node_ips"
 CT = "podnet_svc_ct"
 AFFINITY = "podnet_svc_affinity"
 # the maps the agent owns (written from the desired state); CT, AFFINITY and the values
 # of CONNS are the programs'
-DESIRED = (BACKENDS, SLOTS, FRONTENDS, CLUSTER_IPS, CIDRS)
+DESIRED = (BACKENDS, SLOTS, FRONTENDS, CLUSTER_IPS, CIDRS, NODE_IPS)
 ALL = (*DESIRED, CONNS, CT, AFFINITY)
 
 PROTOS = {"tcp": 6, "udp": 17}
@@ -31,6 +32,8 @@ PROTO_NAMES = {v: k for k, v in PROTOS.items()}
 
 F_NO_EP_DROP = 0x1
 F_AFFINITY = 0x2
+F_MASQ = 0x4
+MASQ_MARK = 0x00004000  # SVC_MASQ_MARK (kube-proxy's, services/model.py MASQUERADE_MARK)
 SCHED_SHIFT = 8
 SCHEDULERS = {"random": 0, "lc": 1, "sh": 2, "wrr": 3}
 REJECT_MARK = 0x00200000  # SVC_REJECT_MARK
