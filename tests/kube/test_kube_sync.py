@@ -6,66 +6,14 @@ writes are fenced; a ready agent's Node gets NetworkUnavailable=False."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-import yaml
 
 from podnet.kube.client import KubeClient, KubeConfig
-from podnet.kube.crds import render
-from podnet.kube.sync import KubeSync, KubeSyncConfig, Reporter, StoreWriter
+from podnet.kube.sync import Reporter, StoreWriter
 from podnet.store import open_store
 from podnet.store.layout import AGENTS
 from podnet.store.objects import OBJECTS_PREFIX
-
-FAST = dict(lease_duration=2.0, renew_deadline=1.5, retry=0.2)
-
-
-@pytest.fixture
-def store_url(tmp_path):
-    url = f"sqlite://{tmp_path}/store.db"
-    open_store(url, create=True).close()
-    return url
-
-
-@pytest.fixture
-def crds(api):
-    for doc in yaml.safe_load_all(render()):
-        api.create(doc)
-
-
-class Running:
-    def __init__(self, sync: KubeSync):
-        self.sync = sync
-        self.thread = threading.Thread(target=sync.run, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.sync.stop()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
-
-
-@pytest.fixture
-def start(api, kubeconfig, store_url):
-    running: list[Running] = []
-
-    def go(identity: str = "a", **cfg) -> KubeSync:
-        client = KubeClient(KubeConfig.load(kubeconfig))
-        sync = KubeSync(client, lambda: open_store(store_url, create=False),
-                        KubeSyncConfig(identity=identity, **{**FAST, **cfg}))
-        running.append(Running(sync))
-        return sync
-
-    yield go
-    for r in running:
-        r.stop()
-
-
-def stored(store_url: str, kind: str) -> dict[str, dict]:
-    with open_store(store_url, create=False) as kv:
-        records, _ = kv.list(f"{OBJECTS_PREFIX}{kind}/")
-    return {r.key[len(OBJECTS_PREFIX) + len(kind) + 1:]: r.value for r in records}
+from tests.kube.conftest import stored
 
 
 def full_pod(name: str) -> dict:

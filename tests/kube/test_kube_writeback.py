@@ -14,7 +14,7 @@ from podnet.multinet import ANNOTATION_STATUS
 from podnet.multinet.status import write_status
 from podnet.store import open_store
 from podnet.store.objects import OBJECTS_PREFIX
-from tests.kube.test_kube_sync import crds, start, store_url, stored  # noqa: F401 - fixtures
+from tests.kube.conftest import stored
 
 ENTRIES = [{"name": "podnet", "interface": "eth0", "ips": ["10.244.0.5"], "default": True, "dns": {}},
            {"name": "shop/underlay", "interface": "net1", "ips": ["10.97.0.70"], "dns": {}}]
@@ -32,7 +32,7 @@ def api_annotation(api, name: str) -> str | None:
     return ((obj or {}).get("metadata") or {}).get("annotations", {}).get(ANNOTATION_STATUS)
 
 
-def store_record(store_url: str, name: str):  # noqa: F811 - the fixture's value
+def store_record(store_url: str, name: str):
     with open_store(store_url, create=False) as kv:
         return kv.get(f"{OBJECTS_PREFIX}Pod/shop/{name}")
 
@@ -42,7 +42,7 @@ def shop(api):
     api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
 
 
-def test_the_agents_network_status_reaches_the_api_pod_once(api, crds, shop, start, store_url):  # noqa: F811
+def test_the_agents_network_status_reaches_the_api_pod_once(api, crds, shop, start, store_url):
     api.create(pod("db-1"))
     sync = start()
     assert sync.synced.wait(30)
@@ -81,7 +81,7 @@ def test_the_agents_network_status_reaches_the_api_pod_once(api, crds, shop, sta
 
 
 def test_an_annotation_written_while_kube_sync_was_away_is_patched_on_its_return(
-        api, crds, shop, start, store_url):  # noqa: F811
+        api, crds, shop, start, store_url):
     api.create(pod("db-2"))
     first = start("one")
     assert first.synced.wait(30)
@@ -96,7 +96,7 @@ def test_an_annotation_written_while_kube_sync_was_away_is_patched_on_its_return
     assert json.loads(api_annotation(api, "db-2")) == ENTRIES
 
 
-def test_network_attachment_definitions_reach_the_store(api, crds, shop, start, store_url):  # noqa: F811
+def test_network_attachment_definitions_reach_the_store(api, crds, shop, start, store_url):
     api.create(network_attachment_definition_crd())
     config = '{"cniVersion": "1.0.0", "type": "macvlan", "master": "data0", "ipam": {"type": "dhcp"}}'
     api.create({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
