@@ -310,3 +310,35 @@ def test_the_iptables_backend_balances_a_large_service_too(topo):
         node.ask(op="remove")
     finally:
         node.close()
+
+
+def test_the_ebpf_backend_balances_a_large_service_and_a_resync_restores_a_deleted_entry(topo):
+    from podnet.ebpf.bpffs import ensure_shared_bpffs, remove_netns_pins
+
+    ensure_shared_bpffs()  # the agent (ip netns exec) pins there
+    node = Node(topo.node, proxy="ebpf")
+    try:
+        ips = [endpoint_ip(i) for i in range(N)]
+        r = node.ask(op="put", objects=big_objects(ips))
+        assert r["summary"].startswith("table rebuilt (maps empty)"), r
+        got = topo.probe(CLUSTER_IP, count=2000)
+        assert set(got) <= set(ips) and len(set(got)) >= 700, len(set(got))  # every slot is reachable
+        nodeport = topo.probe("10.10.0.1", NODE_PORT, count=300)  # (the node's address on the client's side)
+        assert set(nodeport) <= set(ips) and len(set(nodeport)) >= 200
+        # one endpoint replaced: its slot, and its backend entry, in each frontend (ClusterIP, NodePort)
+        ips[10] = endpoint_ip(N + 1)
+        r = node.ask(op="put", objects=[slice_("big", 0, ips[:250], 2)])
+        assert r["summary"] == "table updated: +4 -2 elements", r
+        # the ClusterIP's frontend entry deleted behind the agent: the next resync restores it
+        key = "0a 60 00 0a 00 50 06 00"  # 10.96.0.10, port 80, tcp
+        pins = f"/run/podnet/bpf/podnet/n1-{os.stat(f'/run/netns/{topo.node}').st_ino}"
+        sh("bpftool", "map", "delete", "pinned", f"{pins}/maps/podnet_svc_frontends", "key", "hex", *key.split())
+        assert topo.probe(CLUSTER_IP, count=1) == ["refused"]
+        assert node.ask(op="verify")["drift"]
+        assert node.ask(op="sync", full=True)["summary"] == "table updated: +1 -0 elements"
+        got = topo.probe_until_seen(CLUSTER_IP, endpoint_ip(N + 1))
+        assert endpoint_ip(N + 1) in got and endpoint_ip(10) not in got and set(got) <= set(ips)
+        node.ask(op="remove")
+    finally:
+        node.close()
+        remove_netns_pins(os.stat(f"/run/netns/{topo.node}").st_ino)

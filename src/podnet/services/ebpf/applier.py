@@ -46,8 +46,9 @@ log = logging.getLogger("podnet.services")
 NFT_TABLE = "podnet-svc"  # the nftables backend's table: removed once eBPF programs Services
 REJECT_TABLE = "podnet-svc-ebpf"
 # Packets the program marks for rejection get a TCP reset or an ICMP port unreachable
-# (as from the nftables backend): generating those replies in the program would be a
-# packet builder of its own; the kernel's reject does it right.
+# (as from the nftables backend) in prerouting, before a route is looked up for an address
+# nothing answers: generating those replies in the program would be a packet builder of
+# its own; the kernel's reject does it right.
 REJECT_SCRIPT = f"""table ip {REJECT_TABLE} {{}}
 delete table ip {REJECT_TABLE}
 table ip {REJECT_TABLE} {{
@@ -55,12 +56,8 @@ table ip {REJECT_TABLE} {{
     meta l4proto tcp reject with tcp reset
     reject
   }}
-  chain forward {{
-    type filter hook forward priority -10; policy accept;
-    meta mark & {m.REJECT_MARK:#x} == {m.REJECT_MARK:#x} goto refuse
-  }}
-  chain input {{
-    type filter hook input priority -10; policy accept;
+  chain prerouting {{
+    type filter hook prerouting priority -10; policy accept;
     meta mark & {m.REJECT_MARK:#x} == {m.REJECT_MARK:#x} goto refuse
   }}
   chain nat_out {{
