@@ -107,3 +107,16 @@ def test_network_attachment_definitions_reach_the_store(api, crds, shop, start, 
     assert stored(store_url, "NetworkAttachmentDefinition")["shop/underlay"]["spec"]["config"] == config
     api.delete("k8s.cni.cncf.io/v1", "NetworkAttachmentDefinition", "underlay", "shop")
     assert sync.wait(lambda: "shop/underlay" not in stored(store_url, "NetworkAttachmentDefinition"), 20)
+
+
+def test_a_failed_patch_is_tried_again(api, crds, shop, start, store_url):
+    api.create(pod("db-3"))
+    sync = start()
+    assert sync.synced.wait(30)
+    api.faults.fail_next = [("patch", 503), ("patch", 500)]  # an API server that is briefly unwell
+    uid = api.get("v1", "Pod", "db-3", "shop")["metadata"]["uid"]
+    with open_store(store_url, create=False) as kv:
+        assert write_status(kv, "shop", "db-3", uid, ENTRIES)
+    with api.changed:
+        assert api.changed.wait_for(lambda: api_annotation(api, "db-3") is not None, 30)
+    assert api.faults.fail_next == []

@@ -211,18 +211,30 @@ class Reporter:
         if self.enabled:
             self._queue.put(lambda: self._patch_network_status(namespace, name, uid, text))
 
-    def _patch_network_status(self, namespace: str, name: str, uid: str, text: str) -> None:
+    def _patch_network_status(self, namespace: str, name: str, uid: str, text: str, attempt: int = 0) -> None:
         with self._lock:
             self._statuses.pop(f"{namespace}/{name}", None)  # sent from now on: a later loss asks again
         try:
             self.client.patch(PODS, name, podstatus.patch(uid, text), namespace)
         except ApiError as e:
-            if e.code not in (404, 409):
-                raise
-            # gone, or made again under the same name (the uid precondition)
-            log.info("Pod %s/%s: network-status not patched: %s", namespace, name, e.message)
+            if e.code in (404, 409):  # gone, or made again under the same name (the uid precondition)
+                log.info("Pod %s/%s: network-status not patched: %s", namespace, name, e.message)
+                return
+            self._patch_later(namespace, name, uid, text, attempt, e)
+            return
+        except KubeError as e:
+            self._patch_later(namespace, name, uid, text, attempt, e)
             return
         log.info("Pod %s/%s: network-status annotation patched from the store", namespace, name)
+
+    def _patch_later(self, namespace: str, name: str, uid: str, text: str, attempt: int, err: KubeError) -> None:
+        """Nothing else would ask again until the Pod changes: retry with a capped backoff."""
+        delay = min(30.0, 0.5 * 2 ** attempt)
+        log.warning("Pod %s/%s: patching its network-status failed (%s); again in %.1f s", namespace, name, err, delay)
+        timer = threading.Timer(delay, lambda: self._queue.put(
+            lambda: self._patch_network_status(namespace, name, uid, text, attempt + 1)))
+        timer.daemon = True
+        timer.start()
 
     # ------------------------------------------------------------ NetworkUnavailable
 
