@@ -239,7 +239,8 @@ def test_reconcile_releases_what_leaked_after_the_grace_period_and_adopts_the_re
                                              TagSpecifications=tags(int(_time.time()) - 3600))["NetworkInterface"]
     young = ec2.admin.create_network_interface(SubnetId=subnet, PrivateIpAddress="10.18.1.201",
                                                TagSpecifications=tags(int(_time.time())))["NetworkInterface"]
-    np = start_pool(ec2, world, tmp_path, cloud_network(world, leakGraceSeconds=60))
+    # a cooldown far longer than the test: the released address must still be cooling when looked at
+    np = start_pool(ec2, world, tmp_path, cloud_network(world, leakGraceSeconds=60, cooldownSeconds=600))
     ipam = np.ipam()
     try:
         gone = ipam.allocate("gone-pod", "n").address  # its pod went and no DEL came
