@@ -37,6 +37,7 @@
 #define POL_MAX_RULES 65536 /* bound of one group's rule walk */
 #define POL_TCP_IDLE_NS (6ULL * 3600 * 1000000000ULL)
 #define POL_OTHER_IDLE_NS (180ULL * 1000000000ULL)
+#define POL_REFRESH_NS 1000000000ULL /* a flow's last-seen time is kept to the second */
 
 struct pol_pod {
 	__u64 group[2]; /* by POL_INGRESS / POL_EGRESS; 0: not isolated */
@@ -270,7 +271,8 @@ static __always_inline int pol_flow_known(struct podnet_pkt *p, __u8 dir, __u64 
 	}
 	if (!seen || now - *seen > idle)
 		return 0;
-	*seen = now;
+	if (now - *seen > POL_REFRESH_NS)
+		*seen = now; /* not on every packet: a written cache line is shared by every CPU */
 	return 1;
 }
 
@@ -331,6 +333,9 @@ static __always_inline int pol_enforce(struct __sk_buff *skb, __u8 dir)
 	other = pod->group[!dir];
 	if (!group && !other)
 		return TC_ACT_UNSPEC; /* open both ways: no flow to remember */
+	if (!group && p.proto == IPPROTO_TCP &&
+	    (p.tcp_flags & (PODNET_TCP_SYN | PODNET_TCP_ACK)) != PODNET_TCP_SYN)
+		return TC_ACT_UNSPEC; /* open this way: of TCP, only a connection's first packet is remembered */
 	now = bpf_ktime_get_ns();
 	if (pol_flow_known(&p, dir, now))
 		return TC_ACT_UNSPEC;
