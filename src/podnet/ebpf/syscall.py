@@ -27,6 +27,8 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 
@@ -94,6 +96,8 @@ class ProgInfo:
     id: int
     tag: str
     name: str
+    run_time_ns: int = 0  # counted only while run-time statistics are on (enable_stats)
+    run_cnt: int = 0
 
 
 def _info(fd: int, size: int, what: str) -> bytes:
@@ -109,9 +113,16 @@ def map_info(fd: int) -> MapInfo:
 
 
 def prog_info(fd: int) -> ProgInfo:
-    raw = _info(fd, 208, "reading a program's info")  # struct bpf_prog_info up to its name
+    raw = _info(fd, 208, "reading a program's info")  # struct bpf_prog_info up to run_cnt
     return ProgInfo(int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little"),
-                    raw[8:16].hex(), raw[64:80].split(b"\0")[0].decode())
+                    raw[8:16].hex(), raw[64:80].split(b"\0")[0].decode(),
+                    int.from_bytes(raw[192:200], "little"), int.from_bytes(raw[200:208], "little"))
+
+
+def enable_stats() -> int:
+    """Turn on the kernel's per-program run-time statistics until the returned file
+    descriptor is closed (BPF_ENABLE_STATS: nothing to restore, unlike the sysctl)."""
+    return _call(BPF_ENABLE_STATS, [(0, 4, BPF_STATS_RUN_TIME)], "enabling run-time statistics")
 
 
 class Map:
