@@ -225,16 +225,35 @@ PodDataplane(1500).add("srv", "eth0", "/run/netns/{srv}", "10.64.0.2")
     return node, cli
 
 
+def _program_runs(pins: str) -> tuple[int, int]:
+    """Run time (ns) and runs of the policy programs pinned under `pins`, summed."""
+    from podnet.ebpf.syscall import obj_get, prog_info
+
+    total = [0, 0]
+    for pin in Path(pins).glob("podnet/bench/progs/policy-*/podnet_pol_*"):
+        fd = obj_get(str(pin))
+        try:
+            info = prog_info(fd)
+        finally:
+            os.close(fd)
+        total[0] += info.run_time_ns
+        total[1] += info.run_cnt
+    return total[0], total[1]
+
+
 def connect_latency(n_policies: int, n_pods: int, connects: int, rounds: int,
                     backends: tuple[str, ...] = BACKENDS) -> dict[str, list[dict]]:
     """Client and server pods behind one node per backend; rounds alternate between the
     backends and between no policy and `n_policies` (so load drift on a shared machine
     hits all alike); median of rounds. backend -> [row with 0 policies, row with n]."""
+    from podnet.ebpf.syscall import enable_stats
+
     tag = f"pnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
     made: list[str] = []
     servers: list[subprocess.Popen] = []
     pins = tempfile.mkdtemp(prefix="pnbpf")
     mounted = False
+    stats: int | None = None
     try:
         if "ebpf" in backends:
             sh("mount", "-t", "bpf", "bpf", pins)
@@ -268,17 +287,28 @@ print(json.dumps({{"elements": pp.state.element_count(),
 
         samples: dict[tuple[str, int], list[dict]] = {(b, n): [] for b in backends for n in (0, n_policies)}
         info: dict[tuple[str, int], dict] = {}
+        if "ebpf" in backends:
+            stats = enable_stats()  # the programs' run time is counted while this is open
         for _ in range(rounds):
             for b in backends:
                 for n in (0, n_policies):
                     info[(b, n)] = program(b, n)
-                    out = sh("ip", "netns", "exec", nodes[b][1], PY, "-c", CLIENT, "10.64.0.2", str(connects)).stdout
-                    samples[(b, n)].append(json.loads(out))
+                    before = _program_runs(pins) if b == "ebpf" else None
+                    out = json.loads(sh("ip", "netns", "exec", nodes[b][1], PY, "-c", CLIENT, "10.64.0.2",
+                                        str(connects)).stdout)
+                    if before is not None:
+                        after = _program_runs(pins)
+                        out["prog_ns"] = (after[0] - before[0]) / max(1, after[1] - before[1])
+                        out["prog_runs_per_connect"] = (after[1] - before[1]) / connects
+                    samples[(b, n)].append(out)
+        keys = ("mean_us", "p50_us", "p99_us", "prog_ns", "prog_runs_per_connect")
         return {b: [{"backend": b, "policies": n, "pods": n_pods, "connects": connects, "rounds": rounds,
                      **info[(b, n)], **{k: round(statistics.median(r[k] for r in samples[(b, n)]), 1)
-                                        for k in ("mean_us", "p50_us", "p99_us")}}
+                                        for k in keys if k in samples[(b, n)][0]}}
                     for n in (0, n_policies)] for b in backends}
     finally:
+        if stats is not None:
+            os.close(stats)
         for server in servers:
             server.terminate()
             server.wait(timeout=5)
@@ -343,6 +373,12 @@ def main() -> int:
     for b, rows in by_backend.items():
         print(f"  {b}: 1000 vs 0 policies {100 * (ratios[b] - 1):+.1f}% at p50, "
               f"{100 * (rows[1]['mean_us'] / rows[0]['mean_us'] - 1):+.1f}% mean (target < 5%)")
+    e0, e1 = by_backend["ebpf"]
+    print(f"  ebpf programs: {e0['prog_ns']:.0f} -> {e1['prog_ns']:.0f} ns per run, "
+          f"{e1['prog_runs_per_connect']:.1f} runs per connect: "
+          f"+{(e1['prog_ns'] - e0['prog_ns']) * e1['prog_runs_per_connect'] / 1000:.2f} us per connect, "
+          f"{100 * (e1['prog_ns'] - e0['prog_ns']) * e1['prog_runs_per_connect'] / 1000 / e0['p50_us']:+.1f}% "
+          f"of the p50 connect")
     lat = by_backend["nftables"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result = {"command": "bench/bench_policy.py" + (" --quick" if args.quick else ""), "shapes": rows,
