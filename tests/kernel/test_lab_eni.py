@@ -170,15 +170,7 @@ def test_kill_9_of_an_agent_keeps_pods_working_and_hands_out_no_address_twice(la
         assert roundtrip("after") == "after"
     # a pod started after the restart gets an address no other pod holds, from the same pool
     store = lab.store()
-    uid = str(uuid.uuid4())
-    store.apply([Pod(metadata=ObjectMeta(name="late-1", namespace="default", uid=uid), spec=PodSpec(node_name="node-1"))])
-    netns = f"pneni-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
-        cid = secrets.token_hex(32)
-        conf = RuntimeConf(container_id=cid, netns=f"/run/netns/{netns}", args=k8s_args("default", "late-1", cid, uid))
-        runtime = node_runtime(lab.state, lab.node("node-1"))
-        late = result_ips(runtime.add(conf))[0]
+    with late_pod(lab, "node-1", "late-1") as (runtime, conf, late):
         assert late.startswith("10.40.") and late not in {ip(lab, p["name"]) for p in lab.pods}
         held = rec.read(store.kv, "node-1")
         assert sorted(held.handles.values()) == sorted({*held.handles.values()})  # one pod per address
@@ -190,8 +182,6 @@ def test_kill_9_of_an_agent_keeps_pods_working_and_hands_out_no_address_twice(la
         assert late not in after.handles.values()
         assert after.addresses[late].handle is None and after.addresses[late].cooling_until  # cooling down
         assert cloud_state(lab)["duplicates"] == []
-    finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
 
 
 def ip_json(netns: str, *args: str) -> list[dict]:
@@ -304,20 +294,9 @@ def test_with_the_cloud_api_down_pods_keep_working_and_the_warm_pool_still_serve
     lab.state.stop_process(entry)
     rows = [r for r in probe_all(lab, timeout=3, include_nodes=False) if r.src == "default/a-1"]
     assert rows and all(r.ok for r in rows), rows
-    store = lab.store()
-    uid = str(uuid.uuid4())
-    store.apply([Pod(metadata=ObjectMeta(name="late-2", namespace="default", uid=uid), spec=PodSpec(node_name="node-2"))])
-    netns = f"pneni-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
-        cid = secrets.token_hex(32)
-        conf = RuntimeConf(container_id=cid, netns=f"/run/netns/{netns}", args=k8s_args("default", "late-2", cid, uid))
-        runtime = node_runtime(lab.state, lab.node("node-2"))
-        late = result_ips(runtime.add(conf))[0]  # an idle address of node-2's warm pool: no cloud call
+    with late_pod(lab, "node-2", "late-2") as (runtime, conf, late):  # from node-2's warm pool: no cloud call
         assert late.startswith("10.40.")
         runtime.delete(conf)
-    finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
 
 
 def test_node_cleanup_removes_the_eni_rules_and_tables_and_leaves_the_enis_ready_to_detach(lab):
