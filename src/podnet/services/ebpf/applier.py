@@ -109,7 +109,7 @@ class EbpfServiceApplier:
         self.applied_state: ServiceState | None = None  # the state they hold (None: read them back next)
         self.attached: dict[int, str] = {}  # ifindex -> name of the interfaces our programs are on
         self.sids: dict[Frontend, int] = {}
-        self.bids: dict[tuple[Frontend, Backend], int] = {}
+        self.bids: dict[Frontend, dict[Backend, int]] = {}  # per frontend: endpoint -> backend id
         self._next_sid = self._next_bid = 1
         self._rendered: dict[FrontendRule, dict[str, dict[bytes, bytes]]] = {}
         self.unsupported: dict[str, int] = {}  # frontend kinds not programmed yet -> how many
@@ -196,10 +196,10 @@ class EbpfServiceApplier:
             self._next_sid += 1
         return sid
 
-    def _bid(self, fe: Frontend, b: Backend) -> int:
-        bid = self.bids.get((fe, b))
+    def _bid(self, ids: dict[Backend, int], b: Backend) -> int:
+        bid = ids.get(b)
         if bid is None:
-            bid = self.bids[(fe, b)] = self._next_bid
+            bid = ids[b] = self._next_bid
             self._next_bid += 1
         return bid
 
@@ -221,8 +221,9 @@ class EbpfServiceApplier:
                 (m.F_MASQ if r.masquerade else 0) | (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
             out[m.FRONTENDS][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags,
                                                                      r.affinity_timeout or 0, r.affinity_key)
+            ids = self.bids.setdefault(fe, {})
             for slot, b in enumerate(backends):
-                bid = self._bid(fe, b)
+                bid = self._bid(ids, b)
                 out[m.SLOTS][m.slot_key(sid, slot)] = m.u32(bid)
                 out[m.BACKENDS][m.u32(bid)] = m.backend_value(b, fe.proto)
         self._rendered[r] = out
@@ -244,12 +245,17 @@ class EbpfServiceApplier:
         desired[m.CIDRS] = {m.cidr_key(c): b"\x01" for c in state.service_cidrs}
         desired[m.NODE_IPS] = {m.address_key(ip): b"\x01" for ip in state.node_ips}
         self._note_unsupported(state.frontends.values())
-        live = {r.frontend for r in self._rendered}
+        live = {r.frontend: r for r in self._rendered}
         for fe in [fe for fe in self.sids if fe not in live]:
             del self.sids[fe]
-        keep = {(r.frontend, b) for r in self._rendered for b in _programmed(r)}
-        for k in [k for k in self.bids if k not in keep]:
-            del self.bids[k]
+        for fe in [fe for fe in self.bids if fe not in live]:
+            del self.bids[fe]
+        for fe, ids in self.bids.items():
+            programmed = _programmed(live[fe])
+            if len(ids) > len(programmed):  # (an endpoint gone; wrr repeats are one id)
+                keep = set(programmed)
+                for b in [b for b in ids if b not in keep]:
+                    del ids[b]
         return desired
 
     def _note_unsupported(self, rules) -> None:
@@ -289,10 +295,13 @@ class EbpfServiceApplier:
                 continue
             if a is None:
                 self.sids.pop(b.frontend, None)
-            keep = set(_programmed(a)) if a is not None else set()
-            for backend in _programmed(b):
-                if backend not in keep:
-                    self.bids.pop((b.frontend, backend), None)
+            if a is None:
+                self.bids.pop(b.frontend, None)
+                continue
+            ids = self.bids.get(b.frontend, {})
+            keep = set(_programmed(a))
+            for backend in [x for x in ids if x not in keep]:
+                del ids[backend]
         for name, key, was_list, now_list in ((m.CIDRS, m.cidr_key, old.service_cidrs, new.service_cidrs),
                                               (m.NODE_IPS, m.address_key, old.node_ips, new.node_ips)):
             if was_list != now_list:
@@ -331,7 +340,7 @@ class EbpfServiceApplier:
             for _, bid in slots.get(sid, ()):
                 b = backends.get(bid)
                 if b is not None:
-                    self.bids.setdefault((fe, b), bid)
+                    self.bids.setdefault(fe, {}).setdefault(b, bid)
         top_bid = max([top_bid, *backends, *(bid for s in slots.values() for _, bid in s)])
         self._next_sid = max(self._next_sid, top_sid + 1)
         self._next_bid = max(self._next_bid, top_bid + 1)
