@@ -369,10 +369,10 @@ def main() -> int:
         nf, eb = by_backend["nftables"][i], by_backend["ebpf"][i]
         print(f"  {nf['policies']:>8} {nf['p50_us']:>10.0f} us {nf['mean_us']:>11.0f} us {eb['p50_us']:>6.0f} us "
               f"{eb['mean_us']:>7.0f} us  ({nf['server_chains']}, {nf['client_chains']})")
-    ratios = {b: rows[1]["p50_us"] / rows[0]["p50_us"] for b, rows in by_backend.items()}
-    for b, rows in by_backend.items():
+    ratios = {b: pair[1]["p50_us"] / pair[0]["p50_us"] for b, pair in by_backend.items()}
+    for b, pair in by_backend.items():
         print(f"  {b}: 1000 vs 0 policies {100 * (ratios[b] - 1):+.1f}% at p50, "
-              f"{100 * (rows[1]['mean_us'] / rows[0]['mean_us'] - 1):+.1f}% mean (target < 5%)")
+              f"{100 * (pair[1]['mean_us'] / pair[0]['mean_us'] - 1):+.1f}% mean (target < 5%)")
     e0, e1 = by_backend["ebpf"]
     print(f"  ebpf programs: {e0['prog_ns']:.0f} -> {e1['prog_ns']:.0f} ns per run, "
           f"{e1['prog_runs_per_connect']:.1f} runs per connect: "
