@@ -46,11 +46,11 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))  # tests.support: the fake API server, etcd members
 sys.path.insert(0, str(HERE))
 
-from bench_cluster import PY, AgentUnderTest, relay_store  # noqa: E402
-from common import pct  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from tests.support.fake_apiserver import FakeApiServer  # noqa: E402
 
+from bench_cluster import PY, AgentUnderTest, relay_store  # noqa: E402
+from common import pct  # noqa: E402
 from podnet.kube.crds import render  # noqa: E402
 from podnet.store import open_store  # noqa: E402
 
@@ -139,7 +139,7 @@ class KernelWatch:
 
     def __init__(self, netns: str):
         self.seen: dict[str, float] = {}
-        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, "nft", "monitor", "new", "elements"],
+        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, "stdbuf", "-oL", "nft", "monitor", "new", "elements"],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -278,6 +278,7 @@ def run_backend(backend: str, args) -> dict:
                                "start_cpu_s": round(agent.cpu_seconds(), 2), "rss_mib": round(agent.rss_mib(), 1)})
                 log(f"{backend}: {agent.node} synced in {start_s:.2f}s, RSS {starts[-1]['rss_mib']:.0f} MiB")
 
+            # stdbuf: nft writes its stdout in blocks to a pipe; each line must come when the kernel says it
             watches = [KernelWatch(a.netns) for a in agents]
             time.sleep(1)  # nft monitor subscribed (it prints nothing when ready)
             hist0 = [programming_histogram(a) for a in agents]
@@ -294,7 +295,7 @@ def run_backend(backend: str, args) -> dict:
         lat = []  # seconds, every (change, node)
         missing = 0
         per_node = []
-        for a, w in zip(agents, watches):
+        for a, w in zip(agents, watches, strict=True):
             mine = [w.seen[ip] - t for ip, t in written.items() if ip in w.seen]
             missing += len(written) - len(mine)
             lat += mine
@@ -302,7 +303,7 @@ def run_backend(backend: str, args) -> dict:
                              "max_ms": round(max(mine) * 1000, 1) if mine else None})
         hop = [in_store[ip] - t for ip, t in written.items() if ip in in_store]
         hist = []
-        for a, h0, h1 in zip(agents, hist0, hist1):
+        for a, h0, h1 in zip(agents, hist0, hist1, strict=True):
             n = h1["count"] - h0["count"]
             under = {le: h1["buckets"].get(le, 0) - h0["buckets"].get(le, 0) for le in h1["buckets"]}
             hist.append({"node": a.node, "observed": n, "mean_ms": round((h1["sum"] - h0["sum"]) / n * 1000, 1)
@@ -375,12 +376,14 @@ def main() -> int:
     import logging
 
     logging.getLogger("podnet").setLevel(logging.ERROR)
-    rows = [run_backend(b, args) for b in args.backends.split(",")]
-    print_table(rows)
+    rows = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "bench/bench_programming.py " + " ".join(sys.argv[1:]), "rows": rows,
-                               "machine": {"cpus": os.cpu_count()}}, indent=1) + "\n")
+    for backend in args.backends.split(","):  # each store's rows printed and written as soon as measured
+        rows.append(run_backend(backend, args))
+        print_table(rows)
+        out.write_text(json.dumps({"command": "bench/bench_programming.py " + " ".join(sys.argv[1:]), "rows": rows,
+                                   "machine": {"cpus": os.cpu_count()}}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 
