@@ -10,9 +10,9 @@
  * podnet_pol_rules  (group, generation, index) -> one rule: peer set x port match
  * podnet_pol_peers  LPM trie (set, address/prefix): pod selectors and ipBlocks minus except
  * podnet_pol_ports  (set, address, port): named ports resolved on their pods
- * podnet_pol_flows  LRU (5-tuple, direction): connections a policy admitted, so their
- *                   replies pass the other direction (our own table, not the kernel's
- *                   conntrack: see docs/ebpf.md)
+ * podnet_pol_flows  LRU (5-tuple, ends in a fixed order) -> which (direction, orientation)
+ *                   a policy admitted, so later packets and the replies pass with one
+ *                   lookup (our own table, not the kernel's conntrack: see docs/ebpf.md)
  * podnet_pol_verdicts LRU (group, generation, epoch, local, peer, port, protocol) -> the
  *                   walk's verdict: a new connection between the same two pods and port
  *                   skips the walk. The programmer bumps podnet_pol_epoch after every
@@ -78,14 +78,23 @@ struct pol_port_key {
 	__u16 pad;
 };
 
+/* One entry per connection: the lower address (then port) first, whichever end sent
+ * the packet, so a packet and its reply find the same entry. */
 struct pol_flow_key {
-	__u32 saddr;
-	__u32 daddr;
-	__u16 sport;
-	__u16 dport;
+	__u32 addr_a;
+	__u32 addr_b;
+	__u16 port_a;
+	__u16 port_b;
 	__u8 proto;
-	__u8 dir; /* the direction whose policy admitted it */
-	__u16 pad;
+	__u8 pad[3];
+};
+
+struct pol_flow {
+	__u64 seen;  /* last seen, ns since boot (kept to the second) */
+	__u32 admitted; /* bit (direction * 2 + orientation): 1 orientation = sent by end b */
+	__u32 pad;
+	/* `admitted` is or-ed without an atomic: two sides admitting at the same instant may
+	 * lose one bit, and that side's next packet is judged again (a cached verdict). */
 };
 
 struct {
@@ -137,7 +146,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct pol_flow_key);
-	__type(value, __u64); /* last seen, ns since boot */
+	__type(value, struct pol_flow);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_pol_flows SEC(".maps");
 
@@ -251,39 +260,53 @@ static __always_inline int pol_group_allows(__u64 group, __u32 local, struct pol
 	return verdict;
 }
 
-/* A flow already admitted in this direction, or a reply to one admitted the other way. */
+/* The packet's connection key; returns the packet's orientation (0: sent by end a). */
+static __always_inline __u32 pol_flow_key_of(struct podnet_pkt *p, struct pol_flow_key *k)
+{
+	__u32 b_first = p->saddr > p->daddr || (p->saddr == p->daddr && p->sport > p->dport);
+
+	k->addr_a = b_first ? p->daddr : p->saddr;
+	k->addr_b = b_first ? p->saddr : p->daddr;
+	k->port_a = b_first ? p->dport : p->sport;
+	k->port_b = b_first ? p->sport : p->dport;
+	k->proto = p->proto;
+	return b_first;
+}
+
+#define POL_ADMITTED(dir, orient) (1U << ((dir) * 2 + (orient)))
+
+/* Admitted already in this direction and orientation, or a reply: admitted the other
+ * way round in the other direction. One lookup either way. */
 static __always_inline int pol_flow_known(struct podnet_pkt *p, __u8 dir, __u64 now)
 {
-	struct pol_flow_key k = {
-		.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
-		.proto = p->proto, .dir = dir,
-	};
+	struct pol_flow_key k = {};
+	__u32 o = pol_flow_key_of(p, &k);
 	__u64 idle = p->proto == IPPROTO_TCP ? POL_TCP_IDLE_NS : POL_OTHER_IDLE_NS;
-	__u64 *seen = bpf_map_lookup_elem(&podnet_pol_flows, &k);
+	struct pol_flow *f = bpf_map_lookup_elem(&podnet_pol_flows, &k);
 
-	if (!seen) {
-		k.saddr = p->daddr;
-		k.daddr = p->saddr;
-		k.sport = p->dport;
-		k.dport = p->sport;
-		k.dir = !dir;
-		seen = bpf_map_lookup_elem(&podnet_pol_flows, &k);
-	}
-	if (!seen || now - *seen > idle)
+	if (!f || now - f->seen > idle)
 		return 0;
-	if (now - *seen > POL_REFRESH_NS)
-		*seen = now; /* not on every packet: a written cache line is shared by every CPU */
+	if (!(f->admitted & (POL_ADMITTED(dir, o) | POL_ADMITTED(!dir, !o))))
+		return 0;
+	if (now - f->seen > POL_REFRESH_NS)
+		f->seen = now; /* not on every packet: a written cache line is shared by every CPU */
 	return 1;
 }
 
 static __always_inline void pol_flow_admit(struct podnet_pkt *p, __u8 dir, __u64 now)
 {
-	struct pol_flow_key k = {
-		.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
-		.proto = p->proto, .dir = dir,
-	};
+	struct pol_flow_key k = {};
+	__u32 o = pol_flow_key_of(p, &k);
+	struct pol_flow *f = bpf_map_lookup_elem(&podnet_pol_flows, &k);
+	struct pol_flow fresh = { .seen = now, .admitted = POL_ADMITTED(dir, o) };
 
-	bpf_map_update_elem(&podnet_pol_flows, &k, &now, BPF_ANY);
+	if (f && now - f->seen <= (p->proto == IPPROTO_TCP ? POL_TCP_IDLE_NS : POL_OTHER_IDLE_NS)) {
+		/* the other end's pod (same node) admitted it already: add this side in place */
+		f->admitted |= POL_ADMITTED(dir, o);
+		f->seen = now;
+		return;
+	}
+	bpf_map_update_elem(&podnet_pol_flows, &k, &fresh, BPF_ANY);
 }
 
 /* ICMP echo's identifier stands in for both ports, so a ping's reply finds its flow. */
