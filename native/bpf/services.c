@@ -145,6 +145,31 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_svc_cluster_ips SEC(".maps");
 
+/* Who is asking: the role of the interface a packet came in on (podnet_svc_ifaces), and
+ * for a frontend whose endpoints differ for clients from the underlay (externalIPs,
+ * LoadBalancer IPs and NodePorts of an externalTrafficPolicy Local Service: only this
+ * node's endpoints, while the node's pods may use every one) that other view. */
+#define IF_ROLE_POD      1
+#define IF_ROLE_UNDERLAY 2
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podnet_svc_ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct frontend_key);
+	__type(value, struct frontend);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podnet_svc_external SEC(".maps");
+
 /* the node's addresses: a packet to one of them may be for a NodePort (address 0) */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -315,6 +340,17 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 		if (bpf_map_lookup_elem(&podnet_svc_cidrs, &ck))
 			return TC_ACT_SHOT;
 		return TC_ACT_UNSPEC;
+	}
+	{
+		__u32 ifindex = skb->ifindex;
+		__u8 *role = bpf_map_lookup_elem(&podnet_svc_ifaces, &ifindex);
+
+		if (role && *role == IF_ROLE_UNDERLAY) {
+			struct frontend *ext = bpf_map_lookup_elem(&podnet_svc_external, &fk);
+
+			if (ext)
+				fe = ext;
+		}
 	}
 	if (fe->count == 0)
 		return (fe->flags & SVC_F_NO_EP_DROP) ? TC_ACT_SHOT : reject(skb);

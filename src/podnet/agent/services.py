@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from podnet.agent.contract import Dataplane
 from podnet.model.objects import EndpointSlice, Service
 from podnet.model.records import ServiceRecord, SliceRecord
+from podnet.policy.model import PodInfo
 from podnet.services.applier import NftServiceApplier, ServiceApplier
 from podnet.services.compiler import ServiceCompiler, SliceInfo, same_version
 from podnet.services.conntrack import ConntrackSizing, apply_conntrack_sizing
@@ -108,6 +109,8 @@ class ServiceDataplane(Dataplane):
         if isinstance(obj, (SliceRecord, EndpointSlice)):
             self._set_slice(obj)
             return True
+        if self.proxy == "ebpf" and isinstance(obj, PodInfo) and obj.node == self.compiler.node_name:
+            return True  # a pod of this node: its interface gets the Service programs at the sync
         if ev.type != "DELETED":
             return False
         parts = split_object_key(ev.key)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from pyroute2 import IPRoute
 
@@ -38,7 +38,7 @@ from podnet.ebpf.syscall import BpfError, Map, obj_pin
 from podnet.services.applier import SyncResult
 from podnet.services.ebpf import maps as m
 from podnet.services.metrics import ServiceMetrics
-from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState
+from podnet.services.model import Backend, FrontendRule, ServiceState
 from podnet.services.nftables.elements import changed_rules
 
 log = logging.getLogger("podnet.services")
@@ -92,11 +92,14 @@ class EbpfServiceApplier:
     """podnet's tc eBPF Service dataplane (ServiceApplier)."""
 
     def __init__(self, node: str = "node", *, pins: PinDir | None = None,
-                 interfaces: Callable[[IPRoute], dict[str, int]] = pod_interfaces, object_file: str | None = None,
+                 interfaces: Callable[[IPRoute], dict[str, int]] = pod_interfaces,
+                 underlay: Callable[[IPRoute, tuple[str, ...]], dict[str, int]] | None = None,
+                 object_file: str | None = None,
                  nft: Callable[[str], None] = nft_apply, metrics: ServiceMetrics | None = None):
         self.node = node
         self.pins = pins
-        self.interfaces = interfaces
+        self.interfaces = interfaces  # this node's pods' interfaces
+        self.underlay = underlay or underlay_interfaces  # where other clients arrive (by the node's addresses)
         self.object_file = object_file or str(object_path(m.OBJECT))
         self.nft = nft
         self.metrics = metrics
@@ -108,8 +111,9 @@ class EbpfServiceApplier:
         self.applied: dict[str, dict[bytes, bytes]] | None = None  # what the maps hold, as far as podnet knows
         self.applied_state: ServiceState | None = None  # the state they hold (None: read them back next)
         self.attached: dict[int, str] = {}  # ifindex -> name of the interfaces our programs are on
-        self.sids: dict[Frontend, int] = {}
-        self.bids: dict[Frontend, dict[Backend, int]] = {}  # per frontend: endpoint -> backend id
+        # ids per view of a frontend (the Frontend itself, or ("external", Frontend): see _views)
+        self.sids: dict[Hashable, int] = {}
+        self.bids: dict[Hashable, dict[Backend, int]] = {}  # per view: endpoint -> backend id
         self._next_sid = self._next_bid = 1
         self._rendered: dict[FrontendRule, dict[str, dict[bytes, bytes]]] = {}
         self.unsupported: dict[str, int] = {}  # frontend kinds not programmed yet -> how many
@@ -134,17 +138,21 @@ class EbpfServiceApplier:
         obj = self.load()
         ipr = self.ipr()
         if check or node_ips != self._underlay_for:
-            self._underlay = underlay_interfaces(ipr, node_ips)
+            self._underlay = self.underlay(ipr, node_ips)
             self._underlay_for = node_ips
-        links = {**self.interfaces(ipr), **self._underlay}
+        pods = self.interfaces(ipr)
+        links = {**self._underlay, **pods}
         current = set(links.values())
         for gone in [i for i in self.attached if i not in current]:
             del self.attached[gone]
+            self.maps[m.IFACES].delete(m.u32(gone))
         n = 0
         names = {d: obj.filter_name(p) for d, p in (("ingress", m.FROM_POD), ("egress", m.TO_POD))}
         for ifname, idx in links.items():
             if idx in self.attached and not check:
                 continue
+            role = m.ROLE_POD if ifname in pods else m.ROLE_UNDERLAY
+            self.maps[m.IFACES].update(m.u32(idx), bytes((role,)))  # before the program can meet it
             if check and idx in self.attached:
                 ing = attach.attached(ipr, idx, "ingress").get(attach.hook("services", "ingress").prio)
                 eg = attach.attached(ipr, idx, "egress").get(attach.hook("services", "egress").prio)
@@ -189,7 +197,7 @@ class EbpfServiceApplier:
 
     # -- rendering
 
-    def _sid(self, fe: Frontend) -> int:
+    def _sid(self, fe: Hashable) -> int:
         sid = self.sids.get(fe)
         if sid is None:
             sid = self.sids[fe] = self._next_sid
@@ -209,19 +217,19 @@ class EbpfServiceApplier:
         cached = self._rendered.get(r)
         if cached is not None:
             return cached
-        out: dict[str, dict[bytes, bytes]] = {m.FRONTENDS: {}, m.SLOTS: {}, m.BACKENDS: {}, m.CLUSTER_IPS: {}}
+        out: dict[str, dict[bytes, bytes]] = {m.FRONTENDS: {}, m.EXTERNAL: {}, m.SLOTS: {}, m.BACKENDS: {},
+                                              m.CLUSTER_IPS: {}}
         fe = r.frontend
         if r.owns_cluster_ip:  # (also when the frontend itself is not programmed: its other ports reject)
             out[m.CLUSTER_IPS][m.address_key(fe.ip)] = b"\x01"  # type: ignore[arg-type]
-        if not _unsupported(r):
-            sid = self._sid(fe)
-            backends = _programmed(r)
+        flags = (F_DROP if r.no_endpoints == "drop" else 0) | (m.F_AFFINITY if r.affinity_timeout else 0) | \
+            (m.F_MASQ if r.masquerade else 0) | (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
+        for view, name, backends in _views(r):
+            sid = self._sid(view)
             backends = weighted_slots(backends, r.weights) if r.scheduler == "wrr" else backends
-            flags = (F_DROP if r.no_endpoints == "drop" else 0) | (m.F_AFFINITY if r.affinity_timeout else 0) | \
-                (m.F_MASQ if r.masquerade else 0) | (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
-            out[m.FRONTENDS][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags,
-                                                                     r.affinity_timeout or 0, r.affinity_key)
-            ids = self.bids.setdefault(fe, {})
+            out[name][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags, r.affinity_timeout or 0,
+                                                             r.affinity_key)
+            ids = self.bids.setdefault(view, {})
             for slot, b in enumerate(backends):
                 bid = self._bid(ids, b)
                 out[m.SLOTS][m.slot_key(sid, slot)] = m.u32(bid)
@@ -245,15 +253,14 @@ class EbpfServiceApplier:
         desired[m.CIDRS] = {m.cidr_key(c): b"\x01" for c in state.service_cidrs}
         desired[m.NODE_IPS] = {m.address_key(ip): b"\x01" for ip in state.node_ips}
         self._note_unsupported(state.frontends.values())
-        live = {r.frontend: r for r in self._rendered}
-        for fe in [fe for fe in self.sids if fe not in live]:
-            del self.sids[fe]
-        for fe in [fe for fe in self.bids if fe not in live]:
-            del self.bids[fe]
-        for fe, ids in self.bids.items():
-            programmed = _programmed(live[fe])
-            if len(ids) > len(programmed):  # (an endpoint gone; wrr repeats are one id)
-                keep = set(programmed)
+        live = {view: backends for r in self._rendered for view, _, backends in _views(r)}
+        for view in [v for v in self.sids if v not in live]:
+            del self.sids[view]
+        for view in [v for v in self.bids if v not in live]:
+            del self.bids[view]
+        for view, ids in self.bids.items():
+            if len(ids) > len(live[view]):  # (an endpoint gone; wrr repeats are one id)
+                keep = set(live[view])
                 for b in [b for b in ids if b not in keep]:
                     del ids[b]
         return desired
@@ -282,7 +289,7 @@ class EbpfServiceApplier:
                 before = self._part(b)
                 self._rendered.pop(b, None)
             after = self._part(a) if a is not None else {}
-            for name in (m.FRONTENDS, m.SLOTS, m.BACKENDS, m.CLUSTER_IPS):
+            for name in (m.FRONTENDS, m.EXTERNAL, m.SLOTS, m.BACKENDS, m.CLUSTER_IPS):
                 was, now = (before or {}).get(name, {}), after.get(name, {})
                 for k, v in now.items():
                     if was.get(k) != v:
@@ -290,18 +297,19 @@ class EbpfServiceApplier:
                 for k in was:
                     if k not in now:
                         gone.setdefault(name, set()).add(k)
-        for b, a in changed:  # ids of frontends and endpoints gone
+        for b, a in changed:  # ids of views and endpoints gone
             if b is None:
                 continue
-            if a is None:
-                self.sids.pop(b.frontend, None)
-            if a is None:
-                self.bids.pop(b.frontend, None)
-                continue
-            ids = self.bids.get(b.frontend, {})
-            keep = set(_programmed(a))
-            for backend in [x for x in ids if x not in keep]:
-                del ids[backend]
+            now = {view: backends for view, _, backends in _views(a)} if a is not None else {}
+            for view, _, _ in _views(b):
+                if view not in now:
+                    self.sids.pop(view, None)
+                    self.bids.pop(view, None)
+                    continue
+                ids = self.bids.get(view, {})
+                keep = set(now[view])
+                for backend in [x for x in ids if x not in keep]:
+                    del ids[backend]
         for name, key, was_list, now_list in ((m.CIDRS, m.cidr_key, old.service_cidrs, new.service_cidrs),
                                               (m.NODE_IPS, m.address_key, old.node_ips, new.node_ips)):
             if was_list != now_list:
@@ -332,15 +340,17 @@ class EbpfServiceApplier:
         self.bids.clear()
         self._rendered.clear()
         top_sid = top_bid = 0
-        for k, v in kernel[m.FRONTENDS].items():
-            fe = m.decode_frontend_key(k)
-            sid = m.decode_frontend_value(v)[0]
-            self.sids[fe] = sid
-            top_sid = max(top_sid, sid)
-            for _, bid in slots.get(sid, ()):
-                b = backends.get(bid)
-                if b is not None:
-                    self.bids.setdefault(fe, {}).setdefault(b, bid)
+        for name, external in ((m.FRONTENDS, False), (m.EXTERNAL, True)):
+            for k, v in kernel[name].items():
+                fe = m.decode_frontend_key(k)
+                view: Hashable = ("external", fe) if external else fe
+                sid = m.decode_frontend_value(v)[0]
+                self.sids[view] = sid
+                top_sid = max(top_sid, sid)
+                for _, bid in slots.get(sid, ()):
+                    b = backends.get(bid)
+                    if b is not None:
+                        self.bids.setdefault(view, {}).setdefault(b, bid)
         top_bid = max([top_bid, *backends, *(bid for s in slots.values() for _, bid in s)])
         self._next_sid = max(self._next_sid, top_sid + 1)
         self._next_bid = max(self._next_bid, top_bid + 1)
@@ -544,14 +554,16 @@ def weighted_slots(backends: tuple[Backend, ...], weights: tuple[tuple[str, int]
     return tuple(b for b, c in zip(backends, counts, strict=True) for _ in range(c))
 
 
-def _programmed(r: FrontendRule) -> tuple[Backend, ...]:
-    """The endpoints a frontend balances over here. An externalIP or LoadBalancer IP of an
-    eTP Local Service: every endpoint (kube-proxy's short-circuit for the node's pods),
-    since the programs cannot yet tell a pod's packet from an external client's at the
-    underlay; a NodePort: the local ones (what external clients must get)."""
-    if r.frontend.ip is None:
-        return r.backends
-    return r.short_circuit or r.backends
+def _views(r: FrontendRule) -> list[tuple[Hashable, str, tuple[Backend, ...]]]:
+    """(id key, map, endpoints) of each view of a programmed frontend: the one for this
+    node's pods (for an externalIP, LoadBalancer IP or NodePort of an eTP Local Service,
+    every endpoint: kube-proxy's short-circuit) and, where it differs, the one for clients
+    from the underlay (only this node's endpoints; none: dropped)."""
+    if _unsupported(r):
+        return []
+    if r.short_circuit:
+        return [(r.frontend, m.FRONTENDS, r.short_circuit), (("external", r.frontend), m.EXTERNAL, r.backends)]
+    return [(r.frontend, m.FRONTENDS, r.backends)]
 
 
 def _unsupported(r: FrontendRule) -> str:

@@ -20,12 +20,15 @@ CONNS = "podnet_svc_conns"
 CLUSTER_IPS = "podnet_svc_cluster_ips"
 CIDRS = "podnet_svc_cidrs"
 NODE_IPS = "podnet_svc_node_ips"
+EXTERNAL = "podnet_svc_external"  # a frontend's view for clients from the underlay, where it differs
+IFACES = "podnet_svc_ifaces"  # ifindex -> ROLE_POD | ROLE_UNDERLAY
+ROLE_POD, ROLE_UNDERLAY = 1, 2
 CT = "podnet_svc_ct"
 AFFINITY = "podnet_svc_affinity"
 # the maps the agent owns (written from the desired state); CT, AFFINITY and the values
 # of CONNS are the programs'
-DESIRED = (BACKENDS, SLOTS, FRONTENDS, CLUSTER_IPS, CIDRS, NODE_IPS)
-ALL = (*DESIRED, CONNS, CT, AFFINITY)
+DESIRED = (BACKENDS, SLOTS, FRONTENDS, EXTERNAL, CLUSTER_IPS, CIDRS, NODE_IPS)
+ALL = (*DESIRED, CONNS, CT, AFFINITY, IFACES)
 
 PROTOS = {"tcp": 6, "udp": 17}
 PROTO_NAMES = {v: k for k, v in PROTOS.items()}
