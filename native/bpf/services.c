@@ -17,6 +17,7 @@
 #define SVC_F_NO_EP_DROP 0x1     /* no endpoints: drop (else reject) */
 #define SVC_F_AFFINITY   0x2     /* sessionAffinity ClientIP */
 #define SVC_F_MASQ       0x4     /* SNAT to the node (NodePort, external IPs under eTP Cluster) */
+#define SVC_F_SRC_RANGES 0x8     /* loadBalancerSourceRanges: only sources in podnet_svc_src_ranges */
 #define SVC_SCHED_SHIFT  8       /* scheduler in bits 8..11 */
 #define SVC_SCHED_RANDOM 0
 #define SVC_SCHED_LC     1       /* least connection: the backend with the fewest open TCP flows */
@@ -169,6 +170,22 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_svc_external SEC(".maps");
+
+/* loadBalancerSourceRanges: (service id, source prefix); the prefix length counts the id's 32 bits */
+struct src_range_key {
+	__u32 prefixlen;
+	__u32 id;
+	__u32 addr;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__type(key, struct src_range_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podnet_svc_src_ranges SEC(".maps");
 
 /* the node's addresses: a packet to one of them may be for a NodePort (address 0) */
 struct {
@@ -351,6 +368,12 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 			if (ext)
 				fe = ext;
 		}
+	}
+	if (fe->flags & SVC_F_SRC_RANGES) {
+		struct src_range_key sk = { .prefixlen = 64, .id = fe->id, .addr = pkt.saddr };
+
+		if (!bpf_map_lookup_elem(&podnet_svc_src_ranges, &sk))
+			return TC_ACT_SHOT;  /* as kube-proxy: a source outside the ranges is dropped */
 	}
 	if (fe->count == 0)
 		return (fe->flags & SVC_F_NO_EP_DROP) ? TC_ACT_SHOT : reject(skb);

@@ -438,13 +438,12 @@ def test_external_ips_and_load_balancer_source_ranges(topo):
     objs = [lb, slice_("lb", [endpoint("b3")], ports=[{"port": 8080}])]
     topo.driver.apply(objs)
     assert names(topo.probe("198.51.100.5", 80)) == ["b3"]
-    ebpf_stops_here(topo, "LoadBalancer source ranges")
     assert names(topo.probe("203.0.113.7", 80)) == ["b3"]
     assert topo.probe("203.0.113.7", 80, src=topo.client2, timeout=0.7) == ["timeout"]  # not in the ranges
     assert names(topo.probe("198.51.100.5", 80, src=topo.client2)) == ["b3"]  # ranges are for LB IPs only
     lb["spec"]["loadBalancerSourceRanges"] = ["10.10.0.0/24"]
     r = topo.driver.apply(objs)
-    assert not r["full"] and 0 < len(r["script"].splitlines()) < 10, r["script"]
+    assert not r["full"] and (0 < len(r["script"].splitlines()) < 10 if topo.backend == "nft" else r["sent"]), r
     assert names(topo.probe("203.0.113.7", 80, src=topo.client2)) == ["b3"]
 
 

@@ -218,14 +218,17 @@ class EbpfServiceApplier:
         if cached is not None:
             return cached
         out: dict[str, dict[bytes, bytes]] = {m.FRONTENDS: {}, m.EXTERNAL: {}, m.SLOTS: {}, m.BACKENDS: {},
-                                              m.CLUSTER_IPS: {}}
+                                              m.CLUSTER_IPS: {}, m.SRC_RANGES: {}}
         fe = r.frontend
         if r.owns_cluster_ip:  # (also when the frontend itself is not programmed: its other ports reject)
             out[m.CLUSTER_IPS][m.address_key(fe.ip)] = b"\x01"  # type: ignore[arg-type]
         flags = (F_DROP if r.no_endpoints == "drop" else 0) | (m.F_AFFINITY if r.affinity_timeout else 0) | \
-            (m.F_MASQ if r.masquerade else 0) | (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
+            (m.F_MASQ if r.masquerade else 0) | (m.F_SRC_RANGES if r.source_ranges else 0) | \
+            (m.SCHEDULERS[r.scheduler or "random"] << m.SCHED_SHIFT)
         for view, name, backends in _views(r):
             sid = self._sid(view)
+            for cidr in r.source_ranges:
+                out[m.SRC_RANGES][m.src_range_key(sid, cidr)] = b"\x01"
             backends = weighted_slots(backends, r.weights) if r.scheduler == "wrr" else backends
             out[name][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags, r.affinity_timeout or 0,
                                                              r.affinity_key)
@@ -289,7 +292,7 @@ class EbpfServiceApplier:
                 before = self._part(b)
                 self._rendered.pop(b, None)
             after = self._part(a) if a is not None else {}
-            for name in (m.FRONTENDS, m.EXTERNAL, m.SLOTS, m.BACKENDS, m.CLUSTER_IPS):
+            for name in (m.FRONTENDS, m.EXTERNAL, m.SLOTS, m.BACKENDS, m.CLUSTER_IPS, m.SRC_RANGES):
                 was, now = (before or {}).get(name, {}), after.get(name, {})
                 for k, v in now.items():
                     if was.get(k) != v:
@@ -571,6 +574,4 @@ def _unsupported(r: FrontendRule) -> str:
     fe = r.frontend
     if fe.proto not in m.PROTOS:
         return f"{fe.proto.upper()} frontends"
-    if r.source_ranges:
-        return "LoadBalancer frontends with source ranges"
     return ""

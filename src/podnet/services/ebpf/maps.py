@@ -22,12 +22,13 @@ CIDRS = "podnet_svc_cidrs"
 NODE_IPS = "podnet_svc_node_ips"
 EXTERNAL = "podnet_svc_external"  # a frontend's view for clients from the underlay, where it differs
 IFACES = "podnet_svc_ifaces"  # ifindex -> ROLE_POD | ROLE_UNDERLAY
+SRC_RANGES = "podnet_svc_src_ranges"  # LPM: (service id, source prefix) -> 1
 ROLE_POD, ROLE_UNDERLAY = 1, 2
 CT = "podnet_svc_ct"
 AFFINITY = "podnet_svc_affinity"
 # the maps the agent owns (written from the desired state); CT, AFFINITY and the values
 # of CONNS are the programs'
-DESIRED = (BACKENDS, SLOTS, FRONTENDS, EXTERNAL, CLUSTER_IPS, CIDRS, NODE_IPS)
+DESIRED = (BACKENDS, SLOTS, SRC_RANGES, FRONTENDS, EXTERNAL, CLUSTER_IPS, CIDRS, NODE_IPS)
 ALL = (*DESIRED, CONNS, CT, AFFINITY, IFACES)
 
 PROTOS = {"tcp": 6, "udp": 17}
@@ -36,6 +37,7 @@ PROTO_NAMES = {v: k for k, v in PROTOS.items()}
 F_NO_EP_DROP = 0x1
 F_AFFINITY = 0x2
 F_MASQ = 0x4
+F_SRC_RANGES = 0x8
 MASQ_MARK = 0x00004000  # SVC_MASQ_MARK (kube-proxy's, services/model.py MASQUERADE_MARK)
 SCHED_SHIFT = 8
 SCHEDULERS = {"random": 0, "lc": 1, "sh": 2, "wrr": 3}
@@ -105,6 +107,12 @@ def address_key(ip: str) -> bytes:
 def cidr_key(cidr: str) -> bytes:
     net, _, plen = cidr.partition("/")
     return _U32.pack(int(plen or 32)) + socket.inet_aton(net)
+
+
+def src_range_key(sid: int, cidr: str) -> bytes:
+    """struct src_range_key: the prefix length covers the id (32 bits) and the CIDR's."""
+    net, _, plen = cidr.partition("/")
+    return _U32.pack(32 + int(plen or 32)) + _U32.pack(sid) + socket.inet_aton(net)
 
 
 def ct_backend_id(value: bytes) -> int:
