@@ -2,7 +2,14 @@
 addresses recorded per block under a handle. See allocator.py for the API."""
 
 from podnet.ipam.allocator import IPAM, Allocation, BlockInfo, NodeRelease
-from podnet.ipam.errors import AddressUnavailable, IPAMError, IPAMExhausted, NoPool, TooManyConflicts, TryLater
+from podnet.ipam.errors import (
+    AddressUnavailable,
+    IPAMError,
+    IPAMExhausted,
+    NoPool,
+    TooManyConflicts,
+    TryLater,
+)
 from podnet.ipam.selection import ANNOTATION_ADDRESS, ANNOTATION_POOLS
 
 __all__ = [
