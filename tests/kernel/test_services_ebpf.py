@@ -310,3 +310,59 @@ def test_incremental_changes_leave_the_maps_as_written_from_empty(tmp_path):
     finally:
         applier.remove()
         pins.remove()
+
+
+CLEANUP_PROGRAM = r"""
+import json, sys
+from pyroute2 import IPRoute
+from podnet.model.objects import EndpointSlice, Service
+from podnet.services.compiler import compile_services
+from podnet.services.ebpf.applier import EbpfServiceApplier
+from podnet.services.model import ServiceConfig
+objects = json.loads(sys.argv[1])
+with IPRoute() as ipr:
+    idx = ipr.link_lookup(ifname="pntest0")[0]
+applier = EbpfServiceApplier("cleanme", interfaces=lambda ipr: {"pntest0": idx})
+state = compile_services([Service.model_validate(objects[0])], [EndpointSlice.model_validate(objects[1])],
+                         "n1", ["10.66.0.1"], ServiceConfig(service_cidrs=("10.96.0.0/16",)))
+r = applier.apply(state)
+print(json.dumps({"pins": str(applier.pins.root), "added": r.added}))
+"""
+CLEANUP = r"""
+import json, sys
+from podnet.dataplane.cleanup import NodeCleanup
+r = NodeCleanup(socket=sys.argv[1]).run()
+print(json.dumps({"done": r.done, "errors": r.errors}))
+"""
+
+
+def test_node_cleanup_removes_the_programs_filters_and_pins(tmp_path):
+    import json
+
+    from podnet.ebpf.bpffs import ensure_shared_bpffs
+
+    ensure_shared_bpffs()
+    objs = [service("c", "10.96.7.1"), slice_("c", [endpoint("b1")], ports=[{"port": 8080}])]
+    with namespaces() as ns:
+        node, pod = ns.new("node"), ns.new("pod")
+        in_ns(node, "ip", "link", "add", "pntest0", "type", "veth", "peer", "name", "eth0", "netns", pod)
+        in_ns(node, "ip", "addr", "add", "10.66.0.1/24", "dev", "pntest0")
+        in_ns(node, "ip", "link", "set", "pntest0", "up")
+        out = json.loads(in_ns(node, PYTHON, "-c", CLEANUP_PROGRAM, json.dumps(objs)).stdout)
+        pins = out["pins"]
+        try:
+            assert out["added"] > 0 and os.path.isdir(pins)
+            assert "podnet_svc_from_pod" in in_ns(node, "tc", "filter", "show", "dev", "pntest0", "ingress").stdout
+            sock = str(tmp_path / "agent.sock")
+            report = json.loads(in_ns(node, PYTHON, "-c", CLEANUP, sock).stdout)
+            assert not report["errors"], report
+            for what in ("tc filter podnet_svc_from_pod:", "tc filter podnet_svc_to_pod:", f"eBPF pins {pins}",
+                         "nft table ip podnet-svc-ebpf"):
+                assert any(d.startswith(what) for d in report["done"]), (what, report)
+            assert "bpf" not in in_ns(node, "tc", "filter", "show", "dev", "pntest0", "ingress").stdout
+            assert "bpf" not in in_ns(node, "tc", "filter", "show", "dev", "pntest0", "egress").stdout
+            assert not os.path.exists(pins)
+            again = json.loads(in_ns(node, PYTHON, "-c", CLEANUP, sock).stdout)
+            assert again == {"done": [], "errors": []}  # nothing left to do
+        finally:
+            shutil.rmtree(pins, ignore_errors=True)

@@ -18,6 +18,9 @@ What podnet writes on a node, and how each is recognised as podnet's:
   the agent by design: stopped here), the routes it installed (protocol 12, `persist`
   keeps them after BIRD stops; only when that directory shows BIRD was podnet's), and
   the directory;
+- the eBPF dataplanes (`--service-proxy ebpf`, `--policy-dataplane ebpf`): tc filters
+  named `podnet_*` on any interface, and the pins of this namespace's agents
+  (`<bpffs>/podnet/<node>-<netns inode>/`, ebpf/bpffs.py);
 - the agent's files next to its CNI socket: the socket, `.synced`, `.lock`;
 - on an ENI node (eni/routing.py): the `ip rule`s of protocol 0xe1 (each pod's two), the
   routes of that protocol in the per-ENI tables (100 + device index), and the ENI links
@@ -111,7 +114,8 @@ class NodeCleanup:
 
     def plan(self) -> list[Step]:
         """Every step, read from the kernel now (the later steps are read again as they run)."""
-        return [*self._bird_steps(), *self._table_steps(), *self._link_steps(), *self._route_steps(),
+        return [*self._bird_steps(), *self._table_steps(), *self._ebpf_steps(), *self._link_steps(),
+                *self._route_steps(),
                 *self._eni_steps(), *self._address_steps(), *self._iptables_steps(), *self._file_steps()]
 
     def run(self, say: Callable[[str], None] = lambda _: None) -> Report:
@@ -120,7 +124,8 @@ class NodeCleanup:
         report = Report()
         tables = _nft_tables()
         dns = self._dns_candidates(tables)  # before the NOTRACK table naming them goes
-        for group in (self._bird_steps, self._table_steps, self._link_steps, self._route_steps, self._eni_steps,
+        for group in (self._bird_steps, self._table_steps, self._ebpf_steps, self._link_steps, self._route_steps,
+                      self._eni_steps,
                       lambda: self._address_steps(dns), self._iptables_steps, self._file_steps):
             for step in group():
                 try:
@@ -165,6 +170,30 @@ class NodeCleanup:
             if a not in out:
                 out.append(a)
         return out
+
+    # -- eBPF programs and pins
+
+    def _ebpf_steps(self) -> list[Step]:
+        from podnet.ebpf import attach
+        from podnet.ebpf.bpffs import BPFFS, ROOT, SHARED_BPFFS, is_bpffs
+
+        steps = []
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                name, index = link.get_attr("IFLA_IFNAME"), link["index"]
+                for direction in ("ingress", "egress"):
+                    for prio, filter_name in attach.attached(ipr, index, direction).items():
+                        if filter_name.startswith("podnet_"):
+                            steps.append(Step(f"tc filter {filter_name} on {name} {direction}",
+                                              lambda i=index, d=direction, p=prio: _del_filter(i, d, p)))
+        inode = os.stat("/proc/self/ns/net").st_ino
+        for base in dict.fromkeys((os.environ.get("PODNET_BPFFS") or SHARED_BPFFS, SHARED_BPFFS, BPFFS)):
+            if os.path.isdir(os.path.join(base, ROOT)) and is_bpffs(base):
+                for d in sorted(os.listdir(os.path.join(base, ROOT))):
+                    if d.endswith(f"-{inode}"):
+                        path = os.path.join(base, ROOT, d)
+                        steps.append(Step(f"eBPF pins {path}", lambda p=path: shutil.rmtree(p)))
+        return steps
 
     # -- links, routes, addresses
 
@@ -403,6 +432,13 @@ def _nft(script: str) -> None:
     proc = subprocess.run(dies_with_parent(["nft", "-f", "-"]), input=script, capture_output=True, text=True)
     if proc.returncode != 0 and "No such file or directory" not in proc.stderr:  # gone meanwhile: fine
         raise PodnetError(f"nft: {proc.stderr.strip()}")
+
+
+def _del_filter(index: int, direction: str, prio: int) -> None:
+    from podnet.ebpf import attach
+
+    with IPRoute() as ipr:
+        attach.detach_prio(ipr, index, direction, prio)
 
 
 def _del_link(index: int) -> None:

@@ -104,11 +104,15 @@ def attached(ipr: IPRoute, ifindex: int, direction: str) -> dict[int, str]:
 
 def detach(ipr: IPRoute, ifindex: int, owner: str, direction: str) -> bool:
     """Remove owner's filter in direction; False if there was none."""
-    h = hook(owner, direction)
+    return detach_prio(ipr, ifindex, direction, hook(owner, direction).prio)
+
+
+def detach_prio(ipr: IPRoute, ifindex: int, direction: str, prio: int) -> bool:
+    """Remove the filter at prio in direction; False if there was none."""
     try:
-        ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=PARENTS[direction], prio=h.prio, protocol=ETH_P_ALL)
+        ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=PARENTS[direction], prio=prio, protocol=ETH_P_ALL)
     except NetlinkError as e:
         if e.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
             return False
-        raise AttachError(f"interface {ifindex}: cannot detach {owner} {direction}: {e}") from None
+        raise AttachError(f"interface {ifindex}: cannot detach the filter at {direction} prio {prio}: {e}") from None
     return True
