@@ -18,6 +18,8 @@ from podnet.lab.cluster import down_by_name, up
 from podnet.lab.connectivity import Lab
 from podnet.lab.spec import parse_lab
 
+REPAIR_RESYNC = 2.0  # seconds: the agents' full reconcile period in the labs that test repairs
+
 
 @contextmanager
 def running_lab(spec: dict, prefix: str, timeout: float = 90, source: str = "store") -> Iterator[Lab]:
@@ -86,3 +88,26 @@ def log_since(lab: Lab, node: str, offsets: dict[str, int]) -> str:
     """What the agent of `node` logged after log_offsets was taken."""
     path = Path(next(n["log"] for n in lab.nodes if n["name"] == node))
     return path.read_bytes()[offsets[node]:].decode(errors="replace")
+
+
+def ip_of(lab: Lab, pod: str) -> str:
+    return lab.pod(pod)["ips"][0]
+
+
+def reaches(lab: Lab, pod: str, target: str) -> bool:
+    return bool(lab.probe(pod, [target], timeout=1)[0].get("ok"))
+
+
+def node_sh(lab: Lab, node: str, *argv: str) -> str:
+    proc = lab.exec_node(node, list(argv))
+    assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr}"
+    return proc.stdout
+
+
+def wait_for(condition: Callable[[], bool], what: str, within: float = REPAIR_RESYNC * 3 + 10) -> float:
+    """Poll until the condition holds; how long it took."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < within, f"not repaired within {within:g}s: {what}"
+        time.sleep(0.1)
+    return time.monotonic() - start

@@ -5,18 +5,17 @@ isolated once it is repaired), routes, NAT, Services and node DNS."""
 import json
 import os
 import time
-from collections.abc import Callable
 
 import pytest
 
 from podnet.lab.cluster import restart_agent
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
-from tests.kernel.labs import log_offsets, log_since, running_lab
+from tests.kernel.labs import REPAIR_RESYNC as RESYNC
+from tests.kernel.labs import ip_of, log_offsets, log_since, node_sh, reaches, running_lab, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
-RESYNC = 2.0  # seconds: the agents' full reconcile period in this lab
 WEB = [{"name": "http", "containerPort": 8080}]
 MANIFESTS = [
     {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
@@ -40,29 +39,6 @@ def lab():
             "manifests": MANIFESTS}
     with running_lab(spec, "dr") as lab:
         yield lab
-
-
-def ip_of(lab: Lab, pod: str) -> str:
-    return lab.pod(pod)["ips"][0]
-
-
-def reaches(lab: Lab, pod: str, target: str) -> bool:
-    return bool(lab.probe(pod, [target], timeout=1)[0].get("ok"))
-
-
-def node_sh(lab: Lab, node: str, *argv: str) -> str:
-    proc = lab.exec_node(node, list(argv))
-    assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr}"
-    return proc.stdout
-
-
-def wait_for(condition: Callable[[], bool], what: str, within: float = RESYNC * 3 + 10) -> float:
-    """Poll until the condition holds; how long it took."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < within, f"not repaired within {within:g}s: {what}"
-        time.sleep(0.1)
-    return time.monotonic() - start
 
 
 def repaired(lab: Lab, node: str, dataplane: str, since: dict[str, int]) -> bool:

@@ -5,18 +5,17 @@ and an agent killed with -9 leaves policy enforced and its restart writes nothin
 
 import os
 import time
-from collections.abc import Callable
 
 import pytest
 
 from podnet.lab.cluster import restart_agent
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
-from tests.kernel.labs import log_offsets, log_since, running_lab
+from tests.kernel.labs import REPAIR_RESYNC as RESYNC
+from tests.kernel.labs import ip_of, log_offsets, log_since, node_sh, reaches, running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
-RESYNC = 2.0  # seconds: the agents' full reconcile period in this lab
 WEB = [{"name": "http", "containerPort": 8080}]
 OTHER = [{"containerPort": 9000}]
 MANIFESTS = [
@@ -47,27 +46,6 @@ def lab():
             "manifests": MANIFESTS}
     with running_lab(spec, "pe") as lab:
         yield lab
-
-
-def ip_of(lab: Lab, pod: str) -> str:
-    return lab.pod(pod)["ips"][0]
-
-
-def reaches(lab: Lab, pod: str, target: str) -> bool:
-    return bool(lab.probe(pod, [target], timeout=1)[0].get("ok"))
-
-
-def node_sh(lab: Lab, node: str, *argv: str) -> str:
-    proc = lab.exec_node(node, list(argv))
-    assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr}"
-    return proc.stdout
-
-
-def wait_for(condition: Callable[[], bool], what: str, within: float = RESYNC * 3 + 10) -> None:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < within, f"not within {within:g}s: {what}"
-        time.sleep(0.1)
 
 
 def service(lab: Lab) -> str:
