@@ -301,6 +301,23 @@ static __always_inline void note_close(struct podnet_pkt *pkt, struct ct_key *fw
 	count_open(fwd->backend_id, -1);
 }
 
+/* A TCP or UDP packet the programs balance (the first fragment: ports are there), and its
+ * flow key in one direction; 0 for anything else (passed on untouched). */
+static __always_inline int flow_of(struct __sk_buff *skb, struct podnet_pkt *pkt, __u8 dir, struct ct_key *key)
+{
+	if (podnet_parse(skb, pkt) < 0 || !pkt->first_frag)
+		return 0;
+	if (pkt->proto != IPPROTO_TCP && pkt->proto != IPPROTO_UDP)
+		return 0;
+	key->src = pkt->saddr;
+	key->dst = pkt->daddr;
+	key->sport = pkt->sport;
+	key->dport = pkt->dport;
+	key->proto = pkt->proto;
+	key->dir = dir;
+	return 1;
+}
+
 SEC("tc")
 int podnet_svc_from_pod(struct __sk_buff *skb)
 {
@@ -312,17 +329,8 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 	struct backend *be = 0;
 	__u32 backend_id = 0, slot;
 
-	if (podnet_parse(skb, &pkt) < 0 || !pkt.first_frag)
+	if (!flow_of(skb, &pkt, CT_DIR_FWD, &key))
 		return TC_ACT_UNSPEC;
-	if (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
-		return TC_ACT_UNSPEC;
-
-	key.src = pkt.saddr;
-	key.dst = pkt.daddr;
-	key.sport = pkt.sport;
-	key.dport = pkt.dport;
-	key.proto = pkt.proto;
-	key.dir = CT_DIR_FWD;
 	ct = bpf_map_lookup_elem(&podnet_svc_ct, &key);
 	if (ct) {
 		/* the flow's backend, while it is still one (a removed backend's id is gone) */
@@ -442,16 +450,8 @@ int podnet_svc_to_pod(struct __sk_buff *skb)
 	struct ct_key key = {};
 	struct ct_entry *ct;
 
-	if (podnet_parse(skb, &pkt) < 0 || !pkt.first_frag)
+	if (!flow_of(skb, &pkt, CT_DIR_REV, &key))
 		return TC_ACT_UNSPEC;
-	if (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
-		return TC_ACT_UNSPEC;
-	key.src = pkt.saddr;
-	key.dst = pkt.daddr;
-	key.sport = pkt.sport;
-	key.dport = pkt.dport;
-	key.proto = pkt.proto;
-	key.dir = CT_DIR_REV;
 	ct = bpf_map_lookup_elem(&podnet_svc_ct, &key);
 	if (!ct)
 		return TC_ACT_UNSPEC;
