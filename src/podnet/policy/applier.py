@@ -44,7 +44,7 @@ from podnet.policy.compiler import (
     EMPTY_STATE,
     POLICY_TABLE,
     TABLE,
-    PolicyCompiler,
+    LivePolicyCompiler,
     PolicyState,
     chain_rule_objects,
     chain_rules,
@@ -338,11 +338,10 @@ class PolicyProgrammer:
     def __init__(self, run: Callable[[str], None] = nft_apply, nft=None,
                  reader: Callable[[], Ruleset | None] = read_policy_table):
         self.inputs = InputCache()
-        self.compiler = PolicyCompiler()
+        self.compiler = LivePolicyCompiler()
         self.applier = PolicyApplier(run, nft=nft)
         self.reader = reader
         self.state: PolicyState = EMPTY_STATE
-        self._restart = False
 
     def sync(
         self,
@@ -358,15 +357,7 @@ class PolicyProgrammer:
     def sync_live(self, live: LiveInputs) -> PolicyChanges:
         """The agent's way: inputs kept current from events, compiled from what changed.
         If a compile fails half-way, the next one starts over from every input."""
-        inputs, delta = live.take()
-        if self._restart:
-            self.compiler, delta = PolicyCompiler(), None
-        try:
-            self.state = self.compiler.compile(inputs, delta)
-        except BaseException:
-            self._restart = True
-            raise
-        self._restart = False
+        self.state, _ = self.compiler.compile_live(live)
         return self._apply()
 
     def verify(self) -> list[str]:

@@ -42,6 +42,7 @@ from podnet.policy.model import (
     CidrPeer,
     Delta,
     Inputs,
+    LiveInputs,
     PeerSelector,
     PodInfo,
     PolicyInfo,
@@ -490,6 +491,32 @@ class PolicyCompiler:
             s = SetDef(name, "addrport", elements, f"port {pname}/{proto}")
         self._set_cache[name] = s
         return s
+
+
+class LivePolicyCompiler:
+    """The compiler both policy dataplanes hold: `compile(inputs)` from every input,
+    `compile_live(live)` (the agent's way) from what changed. A compile that fails half-way
+    leaves the incremental compiler's indexes half-updated, so the next one starts over from
+    every input."""
+
+    def __init__(self) -> None:
+        self._compiler = PolicyCompiler()
+        self._restart = False
+
+    def compile(self, inputs: Inputs) -> PolicyState:
+        return self._compiler.compile(inputs)
+
+    def compile_live(self, live: LiveInputs) -> tuple[PolicyState, Inputs]:
+        inputs, delta = live.take()
+        if self._restart:
+            self._compiler, delta = PolicyCompiler(), None
+        try:
+            state = self._compiler.compile(inputs, delta)
+        except BaseException:
+            self._restart = True
+            raise
+        self._restart = False
+        return state, inputs
 
 
 # ------------------------------------------------------------------ rendering (the typed nftables layer)

@@ -30,7 +30,7 @@ from pyroute2 import IPRoute
 
 from podnet.ebpf.bpffs import PinDir
 from podnet.model.objects import Namespace, NetworkPolicy, Pod
-from podnet.policy.compiler import EMPTY_STATE, PolicyCompiler, PolicyState
+from podnet.policy.compiler import EMPTY_STATE, LivePolicyCompiler, PolicyState
 from podnet.policy.ebpf import maps as m
 from podnet.policy.ebpf.kernel import (
     EbpfPolicyError,
@@ -130,7 +130,7 @@ class EbpfPolicyProgrammer:
         self.maps = PolicyMaps(pins, object_file)
         self.interfaces = interfaces  # () -> the pod veths to attach to, name -> index
         self.inputs = InputCache()
-        self.compiler = PolicyCompiler()
+        self.compiler = LivePolicyCompiler()
         self.state: PolicyState = EMPTY_STATE
         self.contents = m.MapContents()
         self._gens: dict[int, tuple] = {}  # group -> what desired_contents wrote for it last
@@ -138,7 +138,6 @@ class EbpfPolicyProgrammer:
         self.local: frozenset[str] = frozenset()
         self.applied: Contents | None = None  # what the maps hold; None: read them back first
         self.attached_to: set[str] = set()
-        self._restart = False
 
     # ---- the PolicyProgrammer calls
 
@@ -150,15 +149,7 @@ class EbpfPolicyProgrammer:
         return self._apply()
 
     def sync_live(self, live: LiveInputs) -> EbpfChanges:
-        inputs, delta = live.take()
-        if self._restart:
-            self.compiler, delta = PolicyCompiler(), None
-        try:
-            self.state = self.compiler.compile(inputs, delta)
-        except BaseException:
-            self._restart = True
-            raise
-        self._restart = False
+        self.state, inputs = self.compiler.compile_live(live)
         self.local = frozenset(inputs.local_ips)
         return self._apply()
 
