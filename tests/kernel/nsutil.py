@@ -110,3 +110,23 @@ def start_cni_server(ns: str, sock: str, url: str, node: str, procs: list[subpro
         p.kill()
         raise AssertionError(f"CNI server did not start: {line!r} {p.stderr.read() if p.stderr else ''}")
     return p
+
+
+def data_segment(ns: Namespaces, host_ip: str) -> tuple[str, str]:
+    """A second underlay segment: a bridge (br0, in a namespace of its own) with an external host
+    on it (its eth0 at host_ip/24). Nodes join it with join_segment. (segment, host) namespaces."""
+    seg, ext = ns.new("seg"), ns.new("ext")
+    in_ns(seg, "ip", "link", "add", "br0", "type", "bridge")
+    in_ns(seg, "ip", "link", "set", "br0", "up")
+    in_ns(seg, "ip", "link", "add", "p-ext", "type", "veth", "peer", "name", "eth0", "netns", ext)
+    in_ns(seg, "ip", "link", "set", "p-ext", "master", "br0", "up")
+    in_ns(ext, "ip", "addr", "add", f"{host_ip}/24", "dev", "eth0")
+    in_ns(ext, "ip", "link", "set", "eth0", "up")
+    return seg, ext
+
+
+def join_segment(seg: str, node: str, port: str) -> None:
+    """The node's data0, plugged into the segment's bridge at port `port`."""
+    in_ns(seg, "ip", "link", "add", port, "type", "veth", "peer", "name", "data0", "netns", node)
+    in_ns(seg, "ip", "link", "set", port, "master", "br0", "up")
+    in_ns(node, "ip", "link", "set", "data0", "up")

@@ -41,7 +41,7 @@ from podnet.model.objects import IPPool, NetworkAttachmentDefinition, Pod  # noq
 from podnet.multinet import ANNOTATION_NETWORKS, ANNOTATION_STATUS  # noqa: E402
 from podnet.store import open_store  # noqa: E402
 from podnet.store.objects import ObjectStore  # noqa: E402
-from tests.kernel.nsutil import in_ns, namespaces, start_cni_server, stop  # noqa: E402
+from tests.kernel.nsutil import data_segment, in_ns, join_segment, namespaces, start_cni_server, stop  # noqa: E402
 
 REFERENCE = "/usr/lib/cni"
 NETWORK = "podnet"
@@ -88,13 +88,7 @@ def nad(name: str, config: dict) -> NetworkAttachmentDefinition:
 def lab(tmp_path):
     procs: list[subprocess.Popen] = []
     with namespaces() as ns:
-        seg, ext = ns.new("seg"), ns.new("ext")
-        in_ns(seg, "ip", "link", "add", "br0", "type", "bridge")
-        in_ns(seg, "ip", "link", "set", "br0", "up")
-        in_ns(seg, "ip", "link", "add", "p-ext", "type", "veth", "peer", "name", "eth0", "netns", ext)
-        in_ns(seg, "ip", "link", "set", "p-ext", "master", "br0", "up")
-        in_ns(ext, "ip", "addr", "add", f"{EXT_IP}/24", "dev", "eth0")
-        in_ns(ext, "ip", "link", "set", "eth0", "up")
+        seg, ext = data_segment(ns, EXT_IP)
         url = "sqlite://" + str(tmp_path / "podnet.db")
         kv = open_store(url)
         objects = ObjectStore(kv)
@@ -125,9 +119,7 @@ def lab(tmp_path):
         nodes = {}
         for i in (1, 2):
             node = ns.new(f"n{i}")
-            in_ns(seg, "ip", "link", "add", f"p-n{i}", "type", "veth", "peer", "name", "data0", "netns", node)
-            in_ns(seg, "ip", "link", "set", f"p-n{i}", "master", "br0", "up")
-            in_ns(node, "ip", "link", "set", "data0", "up")
+            join_segment(seg, node, f"p-n{i}")
             in_ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             sock = str(tmp_path / f"n{i}.sock")
             start_cni_server(node, sock, url, f"node-{i}", procs)
