@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from podnet.agent.cache import ObjectCache
@@ -292,35 +293,47 @@ def run(url: str, synced_file: Path, ready_file: Path | None, stopping: threadin
         watcher.start()
         stop_waiting = threading.Thread(target=lambda: (stopping.wait(), ctl.on_change(0, [])), daemon=True)
         stop_waiting.start()
-        written = -1
-        ready = False
-        while True:
-            got = ctl.take(stopping, written)
-            if got is None:
-                return
-            batch, rev = got
-            failed: dict[ServiceRef, float] = {}
-            for ref, when in sorted(batch.items()):
-                try:
-                    done = ctl.reconcile(kv, ref, when)
-                except PodnetError as e:  # the store is away or busy: keep the Service for the next round
-                    log.warning("Service %s/%s: %s", *ref, e)
-                    failed[ref] = when
-                    continue
-                if done:
-                    log.info("Service %s/%s: %s", *ref, done)
-            if failed:
-                ctl.again(failed)
-                stopping.wait(RETRY_SECONDS)
-                continue
-            write_atomically(synced_file, f"{rev}\n")
-            written = rev
-            if not ready and ready_file is not None:
-                write_atomically(ready_file, f"{rev}\n")
-                ready = True
+        reconcile_rounds(ctl, stopping, lambda ref, when: ctl.reconcile(kv, ref, when), synced_file, ready_file)
     finally:
         follower.stop()
         kv.close()
+
+
+
+def reconcile_rounds(ctl: EndpointController, stopping: threading.Event,
+                     reconcile: Callable[[ServiceRef, float], str], synced_file: Path,
+                     ready_file: Path | None) -> None:
+    """Reconcile the Services each change touched, round after round, until `stopping`; after a
+    round, the revision whose changes are all in the slices goes to `synced_file` (and, the
+    first time, to `ready_file`). A Service whose slices could not be written (the store or the
+    API server away or busy) is kept for the next round."""
+    written = -1
+    ready = False
+    while True:
+        got = ctl.take(stopping, written)
+        if got is None:
+            return
+        batch, rev = got
+        failed: dict[ServiceRef, float] = {}
+        for ref, when in sorted(batch.items()):
+            try:
+                done = reconcile(ref, when)
+            except PodnetError as e:
+                log.warning("Service %s/%s: %s", *ref, e)
+                failed[ref] = when
+                continue
+            if done:
+                log.info("Service %s/%s: %s", *ref, done)
+        if failed:
+            ctl.again(failed)
+            stopping.wait(RETRY_SECONDS)
+            continue
+        if rev:
+            write_atomically(synced_file, f"{rev}\n")
+            if not ready and ready_file is not None:
+                write_atomically(ready_file, f"{rev}\n")
+                ready = True
+        written = rev
 
 
 def main(argv: list[str] | None = None) -> int:

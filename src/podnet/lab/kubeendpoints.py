@@ -31,11 +31,10 @@ from podnet.kube.reflector import Change, Reflector
 from podnet.kube.sync import resource_of
 from podnet.lab.endpointcontroller import (
     CAS_ATTEMPTS,
-    RETRY_SECONDS,
     EndpointController,
     ServiceRef,
     describe,
-    write_atomically,
+    reconcile_rounds,
 )
 from podnet.model.objects import EndpointSlice, KubeObject, Node, Pod, Service
 from podnet.store.objects import kind_prefix, object_key, stored_form
@@ -171,33 +170,7 @@ def run(kubeconfig: str, synced_file: Path, ready_file: Path | None, stopping: t
         ctl.on_change(0, [])  # wake take() to see stopping
 
     threading.Thread(target=follow_bookmarks, daemon=True).start()
-    written = -1
-    ready = False
-    while True:
-        got = ctl.take(stopping, written)
-        if got is None:
-            return
-        batch, rev = got
-        failed: dict[ServiceRef, float] = {}
-        for ref, when in sorted(batch.items()):
-            try:
-                done = ctl.reconcile_api(ref, when)
-            except PodnetError as e:
-                log.warning("%s", e)
-                failed[ref] = when
-                continue
-            if done:
-                log.info("Service %s/%s: %s", *ref, done)
-        if failed:
-            ctl.again(failed)
-            stopping.wait(RETRY_SECONDS)
-            continue
-        if rev:
-            write_atomically(synced_file, f"{rev}\n")
-            if not ready and ready_file is not None:
-                write_atomically(ready_file, f"{rev}\n")
-                ready = True
-        written = rev
+    reconcile_rounds(ctl, stopping, ctl.reconcile_api, synced_file, ready_file)
 
 
 def main(argv: list[str] | None = None) -> int:
