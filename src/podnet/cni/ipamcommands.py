@@ -91,42 +91,51 @@ def ipam_result(version: str, cfg: PodnetIpamConfig, address: str) -> dict[str, 
             "dns": dict(cfg.dns or {})}
 
 
+def allocate_on_link(ipam: Any, cfg: PodnetIpamConfig, handle: str, node: str, *, namespace: str, pod: str,
+                     address: str | None, where: str) -> str:
+    """A podnet-ipam address for `handle` from cfg's pools, with the prefix its interface gets
+    (podnet-ipam run by a runtime, and additional networks of podnet's own). CNI errors start
+    with `where`; a pool that cannot serve attachments, or one outside the subnet, is bad
+    configuration (the address handed out goes back)."""
+    from podnet.ipam import IPAMError, IPAMExhausted, NoPool, TooManyConflicts, TryLater
+    from podnet.model.objects import ATTACHMENT, IPPool
+
+    try:
+        got = ipam.allocate(handle, node, namespace=namespace, pod=pod, pools=list(cfg.pools), address=address,
+                            use=ATTACHMENT)
+    except IPAMExhausted as e:
+        raise CNIError(E_IPAM_EXHAUSTED, f"{where}: {e}") from None
+    except NoPool as e:
+        raise CNIError(E_INVALID_CONFIG, f"{where}: {e}") from None
+    except (TooManyConflicts, TryLater) as e:
+        raise CNIError(E_TRY_AGAIN, f"{where}: {e}") from None
+    except StoreUnavailable as e:
+        raise CNIError(E_TRY_AGAIN, f"{where}: store unavailable: {e}") from None
+    except IPAMError as e:
+        raise CNIError(E_IPAM, f"{where}: {e}") from None
+    pool = ipam.objects.get(IPPool, got.pool)
+    try:
+        return on_link(cfg, got.address, pool.spec.cidr if pool is not None else f"{got.address}/{got.prefix_len}")
+    except ValueError as e:
+        store_call(lambda: ipam.release(handle))  # nothing half-made: the address goes back
+        raise CNIError(E_INVALID_CONFIG, f"{where}: IPPool {got.pool} gave {got.address}, but {e}: the pool "
+                       "must lie inside ipam.subnet") from None
+
+
 class IpamCommands:
     """The podnet-ipam commands, for one node. The handler sets these attributes."""
 
     node: str
     _sessions: Sessions
-    _node_handles_under: Callable[[Any, str], list[str]]  # Commands': handles under a prefix, on this node
+    _release_unkept: Callable[..., int]  # Commands': GC of this node's handles under a prefix
 
     def _ipam_add(self, req: Request) -> tuple[int, str]:
-        from podnet.ipam import IPAMError, IPAMExhausted, NoPool, TooManyConflicts, TryLater
-        from podnet.model.objects import ATTACHMENT, IPPool
-
         cfg = ipam_config(req)
         handle = ipam_handle(req.network, req.container_id, req.ifname)
         where = f"network {req.network}: {PODNET_IPAM} (IPPool {', '.join(cfg.pools)})"
         with self._sessions.session() as (_, ipam):
-            try:
-                got = ipam.allocate(handle, self.node, namespace=req.namespace, pod=req.pod, pools=list(cfg.pools),
-                                    address=requested_address(requested_ips(req.config)), use=ATTACHMENT)
-            except IPAMExhausted as e:
-                raise CNIError(E_IPAM_EXHAUSTED, f"{where}: {e}") from None
-            except NoPool as e:
-                raise CNIError(E_INVALID_CONFIG, f"network {req.network}: {PODNET_IPAM}: {e}") from None
-            except (TooManyConflicts, TryLater) as e:
-                raise CNIError(E_TRY_AGAIN, f"{where}: {e}") from None
-            except StoreUnavailable as e:
-                raise CNIError(E_TRY_AGAIN, f"{where}: store unavailable: {e}") from None
-            except IPAMError as e:
-                raise CNIError(E_IPAM, f"{where}: {e}") from None
-            pool = ipam.objects.get(IPPool, got.pool)
-            try:
-                address = on_link(cfg, got.address, pool.spec.cidr if pool is not None
-                                  else f"{got.address}/{got.prefix_len}")
-            except ValueError as e:
-                store_call(lambda: ipam.release(handle))  # nothing half-made: the address goes back
-                raise CNIError(E_INVALID_CONFIG, f"network {req.network}: {PODNET_IPAM}: IPPool {got.pool} gave "
-                               f"{got.address}, but {e}: the pool must lie inside ipam.subnet") from None
+            address = allocate_on_link(ipam, cfg, handle, self.node, namespace=req.namespace, pod=req.pod,
+                                       address=requested_address(requested_ips(req.config)), where=where)
         return 0, json.dumps(ipam_result(req.version, cfg, address))
 
     def _ipam_del(self, req: Request) -> tuple[int, str]:
@@ -170,16 +179,8 @@ class IpamCommands:
     def _ipam_gc(self, req: Request, valid: set[tuple[str, str]]) -> tuple[int, str]:
         keep = {ipam_handle(req.network, cid, ifname) for cid, ifname in valid}
         failures: list[str] = []
-        released = 0
         with self._sessions.session() as (kv, ipam):
-            for handle in self._node_handles_under(kv, network_prefix(req.network)):
-                if handle in keep:
-                    continue
-                try:
-                    ipam.release(handle)
-                    released += 1
-                except Exception as e:
-                    failures.append(f"releasing {handle} failed: {e}")
+            released = self._release_unkept(kv, ipam, network_prefix(req.network), keep, failures)
         log.info("podnet-ipam GC %s on %s: %d attachments kept, %d addresses released", req.network, self.node,
                  len(valid), released)
         if failures:

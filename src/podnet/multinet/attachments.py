@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from podnet.cni.errors import CNIError
+from podnet.cni.ipamcommands import allocate_on_link
 from podnet.model.names import is_dns1123_label
 from podnet.multinet import delegate
 from podnet.multinet.delegate import NetworkAttachment
 from podnet.multinet.invoke import Invocation
 from podnet.multinet.plan import DEFAULT_GLOBAL_NAMESPACES, PlanError, PodRef, plan_networks, read_pod
-from podnet.multinet.podipam import on_link, requested_address
+from podnet.multinet.podipam import requested_address
 from podnet.multinet.results import merge
 from podnet.multinet.routes import present_interfaces, set_default_route
 from podnet.multinet.status import network_status, write_status
@@ -190,29 +191,11 @@ class Multinet:
         return [*pools, cluster_config(kv).service_cidr, f"{NODE_DNS_ADDRESS}/32"]
 
     def _allocate(self, ipam: Any, att: NetworkAttachment, ref: PodRef, where: str) -> str:
-        from podnet.ipam import IPAMError, IPAMExhausted, TooManyConflicts, TryLater
-        from podnet.model.objects import ATTACHMENT, IPPool
-
         cfg = att.podnet_ipam()
         assert cfg is not None and att.handle is not None
         wanted = requested_address(att.capability_args.get("ips")) if self._declares_ips(att) else None
-        try:
-            got = ipam.allocate(att.handle, self.node, namespace=ref.namespace, pod=ref.name, pools=list(cfg.pools),
-                                address=wanted, use=ATTACHMENT)
-        except IPAMExhausted as e:
-            raise CNIError(E_IPAM_EXHAUSTED, f"{where}: podnet-ipam: {e}") from None
-        except (TooManyConflicts, TryLater) as e:
-            raise CNIError(E_TRY_AGAIN, f"{where}: podnet-ipam: {e}") from None
-        except StoreUnavailable as e:
-            raise CNIError(E_TRY_AGAIN, f"{where}: podnet-ipam: store unavailable: {e}") from None
-        except IPAMError as e:
-            raise CNIError(E_IPAM, f"{where}: podnet-ipam: {e}") from None
-        pool = ipam.objects.get(IPPool, got.pool)
-        try:
-            return on_link(cfg, got.address, pool.spec.cidr if pool is not None else f"{got.address}/{got.prefix_len}")
-        except ValueError as e:
-            raise CNIError(E_IPAM, f"{where}: podnet-ipam: IPPool {got.pool} gave {got.address}, but {e}: the "
-                           "pool must lie inside the subnet") from None
+        return allocate_on_link(ipam, cfg, att.handle, self.node, namespace=ref.namespace, pod=ref.name,
+                                address=wanted, where=f"{where}: podnet-ipam")
 
     @staticmethod
     def _declares_ips(att: NetworkAttachment) -> bool:
