@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any, Protocol
 
 from podnet.cni.attachments import attachment_handle, attachment_key, node_attachments_prefix
@@ -355,14 +355,7 @@ class Commands:
                 except Exception as e:
                     failures.append(f"removing the pod interface {ifname} of {cid} failed: {e}")
             # Addresses without a record.
-            for handle in self._node_handles(kv, ipam, req.network):
-                if handle in valid_handles:
-                    continue
-                try:
-                    ipam.release(handle)
-                    removed += 1
-                except Exception as e:
-                    failures.append(f"releasing {handle} failed: {e}")
+            removed += self._release_unkept(kv, ipam, f"{req.network}.", valid_handles, failures)
         log.info("CNI GC %s on %s: %d attachments kept, %d resources removed", req.network, self.node,
                  len(valid), removed)
         if failures:
@@ -387,9 +380,20 @@ class Commands:
                 out.add((item["containerID"], item["ifname"]))
         return out
 
-    def _node_handles(self, kv: KeyValueStore, ipam: Any, network: str) -> list[str]:
-        """IPAM handles of this network whose addresses are allocated for this node."""
-        return self._node_handles_under(kv, f"{network}.")
+    def _release_unkept(self, kv: KeyValueStore, ipam: Any, handle_prefix: str, keep: Container[str],
+                        failures: list[str]) -> int:
+        """GC: release this node's addresses whose handles start with handle_prefix and are not
+        in keep; how many. A failure is noted in failures and the rest still go."""
+        released = 0
+        for handle in self._node_handles_under(kv, handle_prefix):
+            if handle in keep:
+                continue
+            try:
+                ipam.release(handle)
+                released += 1
+            except Exception as e:
+                failures.append(f"releasing {handle} failed: {e}")
+        return released
 
     def _node_handles_under(self, kv: KeyValueStore, handle_prefix: str) -> list[str]:
         """IPAM handles that start with handle_prefix and hold an address allocated for this node."""
