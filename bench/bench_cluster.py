@@ -396,20 +396,26 @@ def update_slice(kv, world: dict, i: int, gen: int) -> int:
     return kv.put(key, value)
 
 
+
+def bench_store(backend: str, work: Path):
+    """The store a benchmark loads: a SQLite file in work, or 3 etcd members on loopback with
+    room for the whole cluster (its owner exits them). (url, the etcd cluster or None)."""
+    if backend != "etcd":
+        return f"sqlite://{work / 'store.db'}", None
+    from tests.support.etcd import EtcdCluster
+
+    cluster = EtcdCluster(3, base_dir=str(work / "etcd"), die_with_parent=True,
+                          extra_args=["--quota-backend-bytes", str(8 << 30)])
+    cluster.__enter__()
+    return cluster.url, cluster
+
+
 def run_scale(scale: float, backend: str, args) -> dict:
     shape = Shape(scale)
     work = Path(tempfile.mkdtemp(prefix="pnbc-"))
     agent = relay = cluster = None
     try:
-        if backend == "etcd":
-            from tests.support.etcd import EtcdCluster
-
-            cluster = EtcdCluster(3, base_dir=str(work / "etcd"), die_with_parent=True,
-                                  extra_args=["--quota-backend-bytes", str(8 << 30)])
-            cluster.__enter__()
-            url = cluster.url
-        else:
-            url = f"sqlite://{work / 'store.db'}"
+        url, cluster = bench_store(backend, work)
         kv = open_store(url)
         t0 = time.monotonic()
         world = generate(shape, kv, batch=100 if backend == "etcd" else 5000)

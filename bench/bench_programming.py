@@ -53,7 +53,7 @@ sys.path.insert(0, str(HERE))
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from tests.support.fake_apiserver import FakeApiServer  # noqa: E402
 
-from bench_cluster import PY, AgentUnderTest, relay_store  # noqa: E402
+from bench_cluster import PY, AgentUnderTest, bench_store, relay_store  # noqa: E402
 from common import pct  # noqa: E402
 from podnet.kube.crds import render  # noqa: E402
 from podnet.store import open_store  # noqa: E402
@@ -229,15 +229,7 @@ def run_backend(backend: str, args) -> dict:
             addresses = load_api(api, args.services, args.nodes)
             log(f"{backend}: API server holds {args.services} Services, {args.services * ENDPOINTS} endpoints "
                 f"({time.monotonic() - t0:.0f}s)")
-            if backend == "etcd":
-                from tests.support.etcd import EtcdCluster
-
-                cluster = EtcdCluster(3, base_dir=str(work / "etcd"), die_with_parent=True,
-                                      extra_args=["--quota-backend-bytes", str(8 << 30)])
-                cluster.__enter__()
-                url = cluster.url
-            else:
-                url = f"sqlite://{work / 'store.db'}"
+            url, cluster = bench_store(backend, work)
             open_store(url, create=True).close()
             # kube-sync in a process of its own, as deployed (the API server is this process)
             kubeconfig = api.kubeconfig(str(work / "kubeconfig"))
