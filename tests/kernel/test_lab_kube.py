@@ -103,7 +103,9 @@ def test_the_demo_lab_with_the_kubernetes_api_as_source_behaves_as_with_the_stor
 
 
 def _routes(netns: str) -> set[str]:
-    out = subprocess.run(["ip", "-n", netns, "route", "show", "table", "all"], capture_output=True, text=True,
+    # IPv4 only: the kernel adds IPv6 link-local routes on its own, late, when an interface's
+    # address finishes duplicate address detection; podnet programs IPv4.
+    out = subprocess.run(["ip", "-n", netns, "-4", "route", "show", "table", "all"], capture_output=True, text=True,
                          check=True).stdout
     return {line.strip() for line in out.splitlines() if line.strip()}
 
