@@ -160,9 +160,12 @@ def test_a_deposed_leader_cannot_write(api, kubeconfig, store_url):
         assert kv1.get(f"{OBJECTS_PREFIX}Namespace/late") is None
 
 
-def test_a_ready_agent_makes_its_node_network_available(api, crds, start, store_url):
+@pytest.mark.parametrize("unwell", [False, True], ids=["api-well", "api-briefly-unwell"])
+def test_a_ready_agent_makes_its_node_network_available(api, crds, start, store_url, unwell):
     api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
                 "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    if unwell:  # the condition's patch fails twice: nothing else would ask again, so it is retried
+        api.faults.fail_next = [("patch", 503), ("patch", 500)]
     sync = start()
     assert sync.synced.wait(30)
     with open_store(store_url, create=False) as kv:
@@ -177,6 +180,7 @@ def test_a_ready_agent_makes_its_node_network_available(api, crds, start, store_
     assert network()["status"] == "False" and network()["reason"] == "PodnetIsUp"
     assert [c["type"] for c in api.get("v1", "Node", "node-1")["status"]["conditions"]] == [
         "Ready", "NetworkUnavailable"]  # merged by type, the kubelet's condition kept
+    assert api.faults.fail_next == []
 
 
 def test_queued_watch_events_are_written_in_one_transaction_and_in_order(api, kubeconfig, store_url):

@@ -220,19 +220,21 @@ class Reporter:
             if e.code in (404, 409):  # gone, or made again under the same name (the uid precondition)
                 log.info("Pod %s/%s: network-status not patched: %s", namespace, name, e.message)
                 return
-            self._patch_later(namespace, name, uid, text, attempt, e)
+            self._again_later(f"Pod {namespace}/{name}: patching its network-status", e, attempt,
+                              lambda: self._patch_network_status(namespace, name, uid, text, attempt + 1))
             return
         except KubeError as e:
-            self._patch_later(namespace, name, uid, text, attempt, e)
+            self._again_later(f"Pod {namespace}/{name}: patching its network-status", e, attempt,
+                              lambda: self._patch_network_status(namespace, name, uid, text, attempt + 1))
             return
         log.info("Pod %s/%s: network-status annotation patched from the store", namespace, name)
 
-    def _patch_later(self, namespace: str, name: str, uid: str, text: str, attempt: int, err: KubeError) -> None:
-        """Nothing else would ask again until the Pod changes: retry with a capped backoff."""
+    def _again_later(self, what: str, err: KubeError, attempt: int, job: Callable[[], None]) -> None:
+        """A write-back that failed for a transient reason: nothing else would ask again until
+        the object changes, so queue it again after a capped backoff."""
         delay = min(30.0, 0.5 * 2 ** attempt)
-        log.warning("Pod %s/%s: patching its network-status failed (%s); again in %.1f s", namespace, name, err, delay)
-        timer = threading.Timer(delay, lambda: self._queue.put(
-            lambda: self._patch_network_status(namespace, name, uid, text, attempt + 1)))
+        log.warning("%s failed (%s); again in %.1f s", what, err, delay)
+        timer = threading.Timer(delay, lambda: self._queue.put(job) if self.enabled else None)
         timer.daemon = True
         timer.start()
 
@@ -260,7 +262,7 @@ class Reporter:
         if due and self.enabled:
             self._queue.put(lambda: self._network_available(node))
 
-    def _network_available(self, node: str) -> None:
+    def _network_available(self, node: str, attempt: int = 0) -> None:
         with self._lock:
             if node in self._available:
                 return
@@ -274,7 +276,13 @@ class Reporter:
             if e.code == 404:
                 log.info("Node %s is not in the API yet: its NetworkUnavailable condition waits for it", node)
                 return
-            raise
+            self._again_later(f"Node {node}: setting NetworkUnavailable=False", e, attempt,
+                              lambda: self._network_available(node, attempt + 1))
+            return
+        except KubeError as e:
+            self._again_later(f"Node {node}: setting NetworkUnavailable=False", e, attempt,
+                              lambda: self._network_available(node, attempt + 1))
+            return
         with self._lock:
             self._available.add(node)
         log.info("Node %s: NetworkUnavailable=False (its agent is ready)", node)
