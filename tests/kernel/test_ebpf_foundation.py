@@ -96,6 +96,10 @@ def test_map_operations_and_named_errors(pins):
         assert m.delete(struct.pack("=I", 7)) and not m.delete(struct.pack("=I", 7))
         assert m.lookup(struct.pack("=I", 7)) is None
         assert m.delete_many([struct.pack("=I", i) for i in (1, 2, 7)]) == 2
+        # batched: a missing key (7, 9999) in the middle or at either end is skipped, the rest deleted
+        gone = [7, *range(10, 2000), 9999, *range(2000, 4000), 9999]
+        assert m.delete_many([struct.pack("=I", i) for i in gone]) == 3990
+        assert set(m.items()) == {struct.pack("=I", i) for i in (3, 4, 5, 6, 8, 9, *range(4000, 5001))}
         with pytest.raises(ValueError, match="podnet_svc_backends: key of 2 bytes"):
             m.lookup(b"\0\0")
     with pytest.raises(BpfError, match="ENOENT") as e:

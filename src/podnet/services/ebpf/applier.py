@@ -280,11 +280,13 @@ class EbpfServiceApplier:
         self.unsupported = unsupported
 
     def delta(self, old: ServiceState, new: ServiceState) -> tuple[dict[str, dict[bytes, bytes]],
-                                                                  dict[str, list[bytes]]]:
-        """(entries to write, keys to delete) from old to new, from the frontends the
-        compiler says changed: work in proportion to the change."""
+                                                                  dict[str, list[bytes]], set[bytes]]:
+        """(entries to write, keys to delete, the deleted backends of frontends with
+        session affinity) from old to new, from the frontends the compiler says changed:
+        work in proportion to the change."""
         come: dict[str, dict[bytes, bytes]] = {}
         gone: dict[str, set[bytes]] = {}
+        sticky: set[bytes] = set()
         changed = list(changed_rules(old, new))
         for b, a in changed:
             before = self._rendered.pop(b, None) if b is not None else None
@@ -300,6 +302,8 @@ class EbpfServiceApplier:
                 for k in was:
                     if k not in now:
                         gone.setdefault(name, set()).add(k)
+                        if name == m.BACKENDS and b is not None and b.affinity_timeout:
+                            sticky.add(k)
         for b, a in changed:  # ids of views and endpoints gone
             if b is None:
                 continue
@@ -323,7 +327,7 @@ class EbpfServiceApplier:
                     gone[name] = was - now
         # a key one frontend gave up and another took in the same change stays
         removed = {name: [k for k in keys if k not in come.get(name, {})] for name, keys in gone.items()}
-        return come, {name: keys for name, keys in removed.items() if keys}
+        return come, {name: keys for name, keys in removed.items() if keys}, sticky - come.get(m.BACKENDS, {}).keys()
 
     # -- reading back
 
@@ -403,11 +407,12 @@ class EbpfServiceApplier:
             have_conns = current.get(m.CONNS, {})
             gone_conns = [k for k in have_conns if k not in desired[m.BACKENDS]]
             current_backends = current[m.BACKENDS]
+            sticky = set(removed.get(m.BACKENDS, ()))  # (whose they were is not known here)
             result.full = first and not any(current.get(n) for n in m.DESIRED)
         else:
             # incremental: the frontends that changed since the state applied last
             desired = self.applied
-            added, removed = self.delta(self.applied_state, state)
+            added, removed, sticky = self.delta(self.applied_state, state)
             have_conns = self.applied[m.CONNS]
             gone_conns = [k for k in removed.get(m.BACKENDS, ()) if k in have_conns]
             current_backends = self.applied[m.BACKENDS]
@@ -427,13 +432,15 @@ class EbpfServiceApplier:
         # Flows and affinity entries of removed endpoints: the programs choose again when they
         # meet one (its backend id is gone); UDP flows (kube-proxy clears those too) and
         # affinity entries are deleted now, so that the count is known and no entry lingers.
+        # Each is a walk of a program-kept LRU map (every bucket, even when empty: 0.5 ms at
+        # 262 144), so only for what can be there: UDP endpoints, endpoints of sticky frontends.
         gone_udp = {m.decode_u32(k) for k in removed.get(m.BACKENDS, ())
                     if current_backends.get(k, b"")[6:7] == bytes((m.PROTOS["udp"],))}
-        gone_bids = {m.decode_u32(k) for k in removed.get(m.BACKENDS, ())}
+        gone_sticky = {m.decode_u32(k) for k in sticky}
         if gone_udp:
             result.stale_flows = self._delete_entries(m.CT, gone_udp, m.ct_backend_id)
-        if gone_bids:
-            result.affinity_cleared = self._delete_entries(m.AFFINITY, gone_bids, m.affinity_backend_id)
+        if gone_sticky:
+            result.affinity_cleared = self._delete_entries(m.AFFINITY, gone_sticky, m.affinity_backend_id)
         if desired is self.applied:
             for name, entries in added.items():
                 desired[name].update(entries)
