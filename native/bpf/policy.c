@@ -22,7 +22,10 @@
  * they outlive the agent, so a restart keeps every admitted connection.
  *
  * Fails closed: a local address without an entry, a group without a header or a rule
- * list with a hole drops the packet.
+ * list with a hole drops the packet. Every packet policy passes carries POL_PASSED_MARK
+ * to the guard (last filter at both hooks), which clears it and drops what lacks it: a
+ * policy filter deleted behind the agent's back drops until the agent re-attaches it,
+ * where the other filters of the hook would pass the packet.
  */
 #include "podnet_bpf.h"
 
@@ -33,6 +36,10 @@
 #define POL_ANY_PORT 0x02 /* no port match: every protocol and port */
 #define POL_RANGE 0x04    /* ports lo..hi of proto (neither flag: every port of proto) */
 #define POL_NAMED 0x08    /* destination address . port in port_set */
+
+/* Set by policy on a passed packet, cleared by the guard in the same hook run (a mark
+ * does not cross into the pod's namespace: the veth scrubs it). Reserved for this. */
+#define POL_PASSED_MARK 0x00400000
 
 #define POL_MAX_RULES 65536 /* bound of one group's rule walk */
 #define POL_TCP_IDLE_NS (6ULL * 3600 * 1000000000ULL)
@@ -337,7 +344,7 @@ static __always_inline int pol_to_node(struct __sk_buff *skb, struct podnet_pkt 
 	return bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED;
 }
 
-static __always_inline int pol_enforce(struct __sk_buff *skb, __u8 dir)
+static __always_inline int pol_judge(struct __sk_buff *skb, __u8 dir)
 {
 	struct podnet_pkt p;
 	struct pol_pod *pod;
@@ -378,6 +385,15 @@ static __always_inline int pol_enforce(struct __sk_buff *skb, __u8 dir)
 	return TC_ACT_UNSPEC;
 }
 
+static __always_inline int pol_enforce(struct __sk_buff *skb, __u8 dir)
+{
+	int verdict = pol_judge(skb, dir);
+
+	if (verdict == TC_ACT_UNSPEC)
+		skb->mark |= POL_PASSED_MARK;
+	return verdict;
+}
+
 SEC("tc")
 int podnet_pol_from_pod(struct __sk_buff *skb)
 {
@@ -388,6 +404,16 @@ SEC("tc")
 int podnet_pol_to_pod(struct __sk_buff *skb)
 {
 	return pol_enforce(skb, POL_INGRESS);
+}
+
+/* Last at both hooks: only what policy passed goes on (policy's filter missing: drop). */
+SEC("tc")
+int podnet_pol_guard(struct __sk_buff *skb)
+{
+	if (!(skb->mark & POL_PASSED_MARK))
+		return TC_ACT_SHOT;
+	skb->mark &= ~POL_PASSED_MARK;
+	return TC_ACT_UNSPEC;
 }
 
 char _license[] SEC("license") = "GPL";

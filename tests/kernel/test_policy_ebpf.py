@@ -239,10 +239,13 @@ def test_an_unpinned_map_and_a_detached_program_are_restored(node):
     veth = in_ns(node.ns, "ip", "-j", "route", "get", PODS["b"]).stdout
     dev = json.loads(veth)[0]["dev"]
     in_ns(node.ns, "tc", "filter", "del", "dev", dev, "egress", "prio", "1")
-    # one program gone: x/b's replies still meet its egress program, which knows no such flow
-    assert not node.reaches_b("c")
+    # x/b's ingress program gone: the guard drops what policy did not judge, x/a's too
+    assert not node.reaches_b("c") and not node.reaches_b("a")
     in_ns(node.ns, "tc", "filter", "del", "dev", dev, "ingress", "prio", "2")
-    assert node.reaches_b("c")  # no program, no policy: the resync is what closes it
+    assert not node.reaches_b("c")
+    for direction in ("ingress", "egress"):  # every policy filter gone: open until put back
+        in_ns(node.ns, "tc", "filter", "del", "dev", dev, direction, "prio", "3")
+    assert node.reaches_b("c")
     drift = node.programmer.ask(op="verify")["drift"]
     assert any(dev in d and "egress" in d for d in drift), drift
     ch = node.sync()

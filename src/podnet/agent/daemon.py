@@ -186,8 +186,8 @@ class Agent:
         self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs,
                                          tuple(self.dns_addresses()), proxy=self.cfg.service_proxy)
         self.bgp = BgpDataplane(self.cfg.node, self.cache, Bird(self.cfg.bgp_dir or self.cfg.socket + ".bird"))
-        self.dataplanes = [self.routes, NatDataplane(self.cache), self.services,
-                           PolicyDataplane(self.cfg.node, self._policy_programmer()), self.bgp]
+        policy = PolicyDataplane(self.cfg.node, self._policy_programmer())
+        self.dataplanes = [self.routes, NatDataplane(self.cache), self.services, policy, self.bgp]
         if self.dns_addresses():
             if self.cfg.dns_server == "inprocess":
                 from podnet.dns.index import ClusterIndex
@@ -208,6 +208,7 @@ class Agent:
             self.eni.dataplane.on_mark(self.workers[self.eni.dataplane.name].mark)
             self.eni.start()  # on a thread: a cloud that fails keeps no other dataplane waiting
         self.bgp.supervise(self.workers[self.bgp.name].mark)  # a crashed BIRD is started again at once
+        policy.supervise(self.workers[policy.name].mark)  # eBPF: a filter deleted is put back at once
 
     def _policy_programmer(self):
         """NetworkPolicy's backend: None for nftables (PolicyDataplane's own), else the eBPF

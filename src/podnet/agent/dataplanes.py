@@ -166,6 +166,7 @@ class PolicyDataplane(Dataplane):
         self.node = node
         self.live = LiveInputs(node)
         self.programmer = programmer or PolicyProgrammer()
+        self._watch = None
 
     def on_event(self, ev: ObjectEvent) -> bool:
         parts = split_object_key(ev.key)
@@ -191,6 +192,23 @@ class PolicyDataplane(Dataplane):
     def verify(self) -> list[str]:
         diffs = self.programmer.verify()
         return [] if diffs == ["nothing applied yet"] else diffs
+
+    def supervise(self, wake: Callable[[], None]) -> None:
+        """eBPF: call `wake` as soon as netlink shows a policy filter gone from a pod veth
+        (or a new pod veth), so the next sync re-attaches between resyncs."""
+        if not hasattr(self.programmer, "in_doubt"):
+            return  # nftables: its table is checked by the resync
+        from podnet.policy.ebpf.watch import AttachmentWatch
+
+        def changed(ifindexes: frozenset[int] | None) -> None:
+            self.programmer.in_doubt(ifindexes)
+            wake()
+
+        self._watch = AttachmentWatch(self.programmer.attached_indexes, changed).start()
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
 
 
 class DnsDataplane(Dataplane):

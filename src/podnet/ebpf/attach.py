@@ -1,14 +1,17 @@
 """THE hook layout of podnet's tc programs on a pod's host-side veth, and attaching
 them there (tc clsact, cls_bpf direct-action, through pyroute2's netlink).
 
-    ingress hook (packets from the pod):  services prio 1, then policy prio 2
-    egress  hook (packets to the pod):    policy prio 1, then services (reverse NAT) prio 2
+    ingress hook (packets from the pod):  services prio 1, then policy prio 2, policy's guard prio 3
+    egress  hook (packets to the pod):    policy prio 1, then services (reverse NAT) prio 2, guard prio 3
 
 A program returns TC_ACT_UNSPEC to hand the packet to the next filter (and then to
 the stack), TC_ACT_SHOT to drop it. Services run first from the pod so that policy
 sees the backend the packet really goes to (as NetworkPolicy is specified for
 Services: against the endpoint, after DNAT); towards the pod policy runs first, on the
 packet as the backend sent it, before reverse NAT hides the backend's address.
+
+The guard (attached with policy, last at both hooks) drops a packet policy has not
+passed: a policy filter deleted behind the agent's back then drops, it never opens.
 
 Every filter has handle 1 at its prio; attaching is a tc `replace` of that filter, so
 a new build takes over a hook atomically (no packet meets an empty hook). A filter's
@@ -28,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from podnet.errors import PodnetError
 
 Direction = Literal["ingress", "egress"]
-Owner = Literal["services", "policy"]
+Owner = Literal["services", "policy", "policy-guard"]
 
 # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)
 PARENTS: dict[str, int] = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
@@ -49,6 +52,8 @@ LAYOUT: tuple[Hook, ...] = (
     Hook("policy", "ingress", 2),
     Hook("policy", "egress", 1),
     Hook("services", "egress", 2),
+    Hook("policy-guard", "ingress", 3),
+    Hook("policy-guard", "egress", 3),
 )
 
 

@@ -27,8 +27,12 @@ OBJECT = "policy"
 MAPS = ("podnet_pol_pods", "podnet_pol_groups", "podnet_pol_rules", "podnet_pol_peers", "podnet_pol_ports",
         "podnet_pol_flows", "podnet_pol_verdicts", "podnet_pol_epoch")
 EPOCH_KEY = (0).to_bytes(4, "little")
-FROM_POD, TO_POD = "podnet_pol_from_pod", "podnet_pol_to_pod"
+FROM_POD, TO_POD, GUARD = "podnet_pol_from_pod", "podnet_pol_to_pod", "podnet_pol_guard"
 PROGRAMS = {"ingress": FROM_POD, "egress": TO_POD}  # tc direction on the host-side veth -> program
+# (owner in the layout, tc direction, program), in attach order: policy before its guard, so
+# a veth being attached drops at most (the guard alone), never passes unjudged
+FILTERS = (("policy", "ingress", FROM_POD), ("policy", "egress", TO_POD),
+           ("policy-guard", "ingress", GUARD), ("policy-guard", "egress", GUARD))
 POD_ALIAS_PREFIX = "podnet:"  # dataplane/pods.py marks every host-side veth it makes
 
 
@@ -134,11 +138,12 @@ def pod_interfaces() -> dict[str, int]:
 
 
 def attachment_problems(ipr: IPRoute, ifname: str, ifindex: int, loaded: LoadedObject) -> list[str]:
-    """What is wrong with the policy filters of one interface ([] if both are this build's)."""
+    """What is wrong with the policy filters of one interface ([] if all are this build's)."""
     out = []
-    for direction, prog in PROGRAMS.items():
-        prio = tc.hook("policy", direction).prio
-        have = tc.attached(ipr, ifindex, direction).get(prio)
+    held = {d: tc.attached(ipr, ifindex, d) for d in PROGRAMS}
+    for owner, direction, prog in FILTERS:
+        prio = tc.hook(owner, direction).prio
+        have = held[direction].get(prio)
         if have != loaded.filter_name(prog):
             out.append(f"{ifname}: {direction} prio {prio} holds {have or 'no filter'}, "
                        f"not {loaded.filter_name(prog)}")
@@ -146,5 +151,5 @@ def attachment_problems(ipr: IPRoute, ifname: str, ifindex: int, loaded: LoadedO
 
 
 def attach_policy(ipr: IPRoute, ifindex: int, loaded: LoadedObject) -> None:
-    for direction, prog in PROGRAMS.items():
-        tc.attach(ipr, ifindex, "policy", direction, loaded.fd(prog), loaded.filter_name(prog))
+    for owner, direction, prog in FILTERS:
+        tc.attach(ipr, ifindex, owner, direction, loaded.fd(prog), loaded.filter_name(prog))

@@ -21,6 +21,7 @@ drift is repaired by writing exactly what differs.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -137,7 +138,9 @@ class EbpfPolicyProgrammer:
         self.desired: m.Desired = m.EMPTY
         self.local: frozenset[str] = frozenset()
         self.applied: Contents | None = None  # what the maps hold; None: read them back first
-        self.attached_to: set[str] = set()
+        self.attached_to: dict[str, int] = {}  # pod veth -> the ifindex its filters were checked on
+        self._in_doubt_lock = threading.Lock()
+        self._in_doubt: frozenset[int] | None = frozenset()  # ifindexes to check again (None: all)
 
     # ---- the PolicyProgrammer calls
 
@@ -182,13 +185,29 @@ class EbpfPolicyProgrammer:
                              else [f"{ifname}: programs not loaded"])
         if diffs:
             self.applied = None
-            self.attached_to = set()
+            self.attached_to = {}
         return diffs
 
     def resync(self) -> EbpfChanges:
         self.applied = None
-        self.attached_to = set()
+        self.attached_to = {}
         return self._apply()
+
+    # ---- between resyncs: the attachments netlink tells about (watch.py)
+
+    def attached_indexes(self) -> frozenset[int]:
+        return frozenset(self.attached_to.values())
+
+    def in_doubt(self, ifindexes: frozenset[int] | None) -> None:
+        """These interfaces' filters may have changed (None: any): the next sync checks
+        them and re-attaches. Called from the watch's thread."""
+        with self._in_doubt_lock:
+            self._in_doubt = None if ifindexes is None or self._in_doubt is None else self._in_doubt | ifindexes
+
+    def _take_in_doubt(self) -> frozenset[int] | None:
+        with self._in_doubt_lock:
+            doubt, self._in_doubt = self._in_doubt, frozenset()
+        return doubt
 
     # ---- applying
 
@@ -220,10 +239,12 @@ class EbpfPolicyProgrammer:
             self.maps.bump_epoch()  # verdicts cached from the old state are not used again
         self.applied = want
         # attach after the maps hold the state: a pod's program never sees its pod missing
+        doubt = self._take_in_doubt()
         ifaces = self.interfaces()
         loaded = self.maps.loaded
         assert loaded is not None
-        todo = sorted((n, i) for n, i in ifaces.items() if ch.loaded or n not in self.attached_to)
+        todo = sorted((n, i) for n, i in ifaces.items()
+                      if ch.loaded or self.attached_to.get(n) != i or doubt is None or i in doubt)
         if todo:
             with IPRoute() as ipr:
                 for ifname, ifindex in todo:
@@ -231,6 +252,6 @@ class EbpfPolicyProgrammer:
                     if ch.loaded or attachment_problems(ipr, ifname, ifindex, loaded):
                         attach_policy(ipr, ifindex, loaded)
                         ch.attached += 1
-        self.attached_to = set(ifaces)
+        self.attached_to = dict(ifaces)
         ch.seconds = time.perf_counter() - start
         return ch
