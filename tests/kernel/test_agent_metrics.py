@@ -33,7 +33,7 @@ import dns.query  # noqa: E402
 import dns.rcode  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from podnet.cni.install import install_plugin  # noqa: E402
+from podnet.cni.install import IPAM_NAME, PLUGIN_NAME, install_plugin  # noqa: E402
 from podnet.dataplane.netns import in_netns  # noqa: E402
 from tests.kernel.nsutil import in_ns, namespaces  # noqa: E402
 
@@ -242,15 +242,26 @@ def test_cni_ipam_dns_and_drift_move_their_metrics_and_the_listener_binds_the_no
         assert code != 0 and out["code"] == 100, out  # podnet's code for an exhausted IPAM
         after, _ = scrape(n1)
         h = "podnet_cni_request_duration_seconds_count"
-        assert value(after, h, command="ADD", result="ok") - value(before, h, command="ADD", result="ok") == 2
-        assert value(after, h, command="ADD", result="ipam_exhausted") - \
-            value(before, h, command="ADD", result="ipam_exhausted") == 1
-        assert value(after, "podnet_cni_request_duration_seconds_bucket", command="ADD", result="ok", le="+Inf") \
-            == value(after, h, command="ADD", result="ok")
+        assert value(after, h, plugin=PLUGIN_NAME, command="ADD", result="ok") - \
+            value(before, h, plugin=PLUGIN_NAME, command="ADD", result="ok") == 2
+        assert value(after, h, plugin=PLUGIN_NAME, command="ADD", result="ipam_exhausted") - \
+            value(before, h, plugin=PLUGIN_NAME, command="ADD", result="ipam_exhausted") == 1
+        assert value(after, "podnet_cni_request_duration_seconds_bucket", plugin=PLUGIN_NAME, command="ADD",
+                     result="ok", le="+Inf") == value(after, h, plugin=PLUGIN_NAME, command="ADD", result="ok")
         assert value(after, "podnet_ipam_exhausted_total", pool="tiny") - \
             value(before, "podnet_ipam_exhausted_total", pool="tiny") == 1
         assert value(after, "podnet_ipam_allocations_total", pool="tiny") - \
             value(before, "podnet_ipam_allocations_total", pool="tiny") == 2
+        # the IPAM plugin of another network's delegate is counted under its own name
+        ipam = {"cniVersion": "1.1.0", "name": "extra", "type": "macvlan", "master": "eth0",
+                "ipam": {"type": IPAM_NAME, "pools": ["tiny"], "agentSocket": str(sock)}}
+        status = subprocess.run([str(Path(plugin).with_name(IPAM_NAME))], input=json.dumps(ipam), env={
+            "CNI_COMMAND": "STATUS", "CNI_PATH": "/opt/cni/bin", "PATH": os.environ["PATH"]}, capture_output=True,
+            text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        again, _ = scrape(n1)
+        assert value(again, h, plugin=IPAM_NAME, command="STATUS", result="ok") - \
+            value(after, h, plugin=IPAM_NAME, command="STATUS", result="ok") == 1
 
         # DNS: an A record of a Service, twice (the second from the fast path), and a name that is not there
         before = after
@@ -275,7 +286,8 @@ def test_cni_ipam_dns_and_drift_move_their_metrics_and_the_listener_binds_the_no
         for i in range(3):
             assert cni(plugin, sock, "DEL", f"pod{i}", pods[i])[0] == 0
         after, _ = scrape(n1)
-        assert value(after, h, command="DEL", result="ok") - value(before, h, command="DEL", result="ok") == 3
+        assert value(after, h, plugin=PLUGIN_NAME, command="DEL", result="ok") - \
+            value(before, h, plugin=PLUGIN_NAME, command="DEL", result="ok") == 3
         assert value(after, "podnet_ipam_releases_total") - value(before, "podnet_ipam_releases_total") == 2
     finally:
         stop(agent, log)

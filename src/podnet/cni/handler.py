@@ -22,6 +22,7 @@ from typing import Any
 from podnet.cni import metrics as cni_metrics
 from podnet.cni.commands import Commands, Dataplane
 from podnet.cni.errors import CNIError
+from podnet.cni.install import IPAM_NAME, PLUGIN_NAME
 from podnet.cni.ipamcommands import IpamCommands, ipam_handle
 from podnet.cni.netns import netns_problem
 from podnet.cni.sessions import Sessions
@@ -125,7 +126,7 @@ class CNIHandler(Commands, IpamCommands):
         return self._answer(env, stdin, self._dispatch)
 
     def handle_ipam(self, env: dict[str, str], stdin: str) -> tuple[int, str]:
-        """A request of the podnet-ipam plugin (not counted in the CNI request metrics)."""
+        """A request of the podnet-ipam plugin."""
         return self._answer(env, stdin, self._dispatch_ipam, ipam=True)
 
     def _answer(self, env: dict[str, str], stdin: str, dispatch: Callable[[Request], tuple[int, str]],
@@ -133,8 +134,7 @@ class CNIHandler(Commands, IpamCommands):
         started = time.monotonic()
         version = LATEST
         command = env.get("CNI_COMMAND", "") if isinstance(env, dict) else ""
-        if ipam:
-            command = f"podnet-ipam {command}"
+        plugin = IPAM_NAME if ipam else PLUGIN_NAME
         handle = ""
         try:
             req = parse_request(env, stdin)
@@ -144,17 +144,16 @@ class CNIHandler(Commands, IpamCommands):
         except CNIError as e:
             code, output = e.code, error_output(e.code, e.msg, e.details, e.version or version)
         except Exception as e:  # never let a request take the agent down, nor go unanswered
-            log.exception("CNI %s %s: internal error", command, handle)
+            log.exception("%s %s %s: internal error", plugin, command, handle)
             code = E_INTERNAL
             output = error_output(E_INTERNAL, f"podnet agent internal error: {type(e).__name__}: {e}", "", version)
         seconds = time.monotonic() - started
-        if not ipam:
-            cni_metrics.observe(command, code, seconds)
+        cni_metrics.observe(plugin, command, code, seconds)
         elapsed = seconds * 1000
         if code:
-            log.info("CNI %s %s: code %d in %.1f ms: %s", command, handle, code, elapsed, output)
+            log.info("%s %s %s: code %d in %.1f ms: %s", plugin, command, handle, code, elapsed, output)
         else:
-            log.info("CNI %s %s: ok in %.1f ms", command, handle, elapsed)
+            log.info("%s %s %s: ok in %.1f ms", plugin, command, handle, elapsed)
         return code, output
 
     @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """The CNI requests' metrics (process-wide; the agent registers COLLECTORS):
 
-    podnet_cni_request_duration_seconds{command,result}   the agent's time to answer one request
+    podnet_cni_request_duration_seconds{plugin,command,result}   the agent's time to answer one request
 
-command: ADD, DEL, CHECK, STATUS, GC, VERSION (anything else: "other"); result: "ok" or
+plugin: podnet-cni (the pod's interface) or podnet-ipam (the IPAM plugin of another
+network's delegate); command: ADD, DEL, CHECK, STATUS, GC, VERSION (anything else: "other"); result: "ok" or
 the name of the CNI error code the runtime got (spec.py), e.g. ipam_exhausted, try_again,
 not_ready, invalid_netns, internal.
 """
@@ -35,13 +36,13 @@ RESULTS = {
 
 REQUEST_DURATION = Histogram(
     "podnet_cni_request_duration_seconds",
-    "Time the agent took to answer one CNI request, by command and result (ok or the error code's name).",
-    ["command", "result"], buckets=BUCKETS, registry=None)
+    "Time the agent took to answer one CNI request, by plugin, command and result (ok or the error code's name).",
+    ["plugin", "command", "result"], buckets=BUCKETS, registry=None)
 
 
 COLLECTORS = (REQUEST_DURATION,)
 
 
-def observe(command: str, code: int, seconds: float) -> None:
-    REQUEST_DURATION.labels(command if command in spec.COMMANDS else "other",
+def observe(plugin: str, command: str, code: int, seconds: float) -> None:
+    REQUEST_DURATION.labels(plugin, command if command in spec.COMMANDS else "other",
                             RESULTS.get(code, "error")).observe(seconds)
