@@ -51,7 +51,7 @@ def walk_tree(layout: nt.Layout, els: nt.Elements, kind: str, key: str) -> str:
     """Follow the tier tree's rules for one frontend: the leaf chain it ends in."""
     chains = layout.chains()
     chain = f"{kind}_t"
-    while chain in chains and not chains[chain][0].startswith("dnat"):
+    while chain in chains and not re.fullmatch(rf"{kind}_\d+", chain):
         first, second = chains[chain]
         bit_set = re.search(r"@(\w+)", first).group(1)
         chain = (first if key in els.get(bit_set, {}) else second).split()[-1]
@@ -65,8 +65,12 @@ def test_the_tier_tree_leads_every_endpoint_count_to_its_own_chain(kind, ip):
         r = rule(ip, 80, *(f"10.1.{i // 200}.{i % 200 + 1}" for i in range(n)))
         leaf = walk_tree(layout, nt.elements(state(r)), kind, nt.fe_key(r.frontend))
         assert leaf == f"{kind}_{n}"
-        assert layout.chains()[leaf] == [f"dnat ip to {'ip daddr . ' if ip else ''}meta l4proto . th dport . "
-                                         f"numgen random mod {n} map @{'backends' if ip else 'nodeport_backends'}_{n}"]
+        key = f"{'ip daddr . ' if ip else ''}meta l4proto . th dport"
+        slots = f"map @{'backends' if ip else 'nodeport_backends'}_{n}"
+        assert layout.chains()[leaf] == [
+            f"{key} @{'sh_ips' if ip else 'sh_nodeports'} dnat ip to {key} . jhash ip saddr mod {n} seed 0x706f646e "
+            f"{slots}",
+            f"dnat ip to {key} . numgen random mod {n} {slots}"]
 
 
 def many_backends(n: int) -> list[str]:
@@ -241,7 +245,7 @@ def test_check_layout_names_what_is_wrong():
     assert nt.check_layout(layout, nt.KernelTable({**table.chains, "svc_large200": 1}, table.sets, {}, {})) == \
         "chain svc_large200 is not part of the layout"
     assert nt.check_layout(layout, nt.KernelTable({**table.chains, "svc_1": 0}, table.sets, {}, {})) == \
-        "chain svc_1 has 0 rules, expected 1"
+        "chain svc_1 has 0 rules, expected 2"
     assert nt.check_layout(layout, nt.KernelTable(table.chains, table.sets - {"backends_7"}, {}, {})) == \
         "set/map backends_7 is missing"
     other = nt.Layout(0x8000)
@@ -441,7 +445,7 @@ def test_the_table_and_its_elements_as_a_ruleset():
     assert table.sets["affinity_ips"].elements == {"10.96.0.10 . tcp . 80 : jump aff_t30"}
     assert table.sets["lb_source_ranges"].elements == {"203.0.113.7 . tcp . 80 . 10.0.0.0/8"}
     assert table.sets["service_cidrs"].elements == {"10.96.0.0/16"}
-    assert table.chains["aff_t30"].count == 1 and table.chains["svc_2"].rules == [
+    assert table.chains["aff_t30"].count == 1 and table.chains["svc_2"].rules[1:] == [
         "dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 2 map @backends_2"]
     assert table.chains["nat_prerouting"].spec == "type nat hook prerouting priority -100; policy accept;"
     # the Service goes: only its elements leave

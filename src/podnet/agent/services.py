@@ -22,13 +22,17 @@ from podnet.services.compiler import ServiceCompiler, SliceInfo, same_version
 from podnet.services.conntrack import ConntrackSizing, apply_conntrack_sizing
 from podnet.services.health import HealthCheckServer
 from podnet.services.iptables import IptablesServiceApplier
+from podnet.services.iptables import scheduler_problem as iptables_scheduler_problem
 from podnet.services.metrics import ServiceMetrics
-from podnet.services.model import ServiceConfig
+from podnet.services.model import Frontend, FrontendRule, ServiceConfig, ServiceState
+from podnet.services.nftables.schedulers import scheduler_problem as nftables_scheduler_problem
 from podnet.store.objects import ObjectEvent, key_of, object_key, split_object_key
 
 KINDS = ("Service", "EndpointSlice")
 CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 log = logging.getLogger("podnet.agent")
+# proxy -> why a frontend's podnet.io/scheduler is not followed ("" if it is); eBPF has every scheduler
+SCHEDULER_PROBLEMS = {"nftables": nftables_scheduler_problem, "iptables": iptables_scheduler_problem}
 DEEP_RESYNC_EVERY = 60  # full syncs between element read-backs (an hour at the default 60 s resync)
 
 
@@ -92,6 +96,9 @@ class ServiceDataplane(Dataplane):
         self._full_syncs = 0
         self._drifted = False  # verify() found a problem: the next sync re-reads the kernel
         self._started = False  # the first sync is done (it starts from the kernel's slot orders)
+        # frontend -> (Service port, why it balances at random): its podnet.io/scheduler is not this backend's
+        self.scheduler_fallbacks: dict[Frontend, tuple[str, str]] = {}
+        self._checked: ServiceState | None = None  # the last state _check_schedulers looked at
 
     # -- inputs
 
@@ -104,7 +111,6 @@ class ServiceDataplane(Dataplane):
                 old = self.compiler.service_info(obj.namespace, obj.name)
                 if not same_version(old, obj):
                     self.compiler.set_service(obj)
-                    self._warn_scheduler(obj.namespace, obj.name)
             return True
         if isinstance(obj, (SliceRecord, EndpointSlice)):
             self._set_slice(obj)
@@ -125,13 +131,31 @@ class ServiceDataplane(Dataplane):
                 self._triggers.pop(f"{namespace or 'default'}/{name}", None)
         return True
 
-    def _warn_scheduler(self, namespace: str | None, name: str) -> None:
-        """podnet.io/scheduler is the eBPF backend's: the others balance at random and say so."""
-        info = self.compiler.service_info(namespace, name)
-        scheduler = getattr(info, "scheduler", "")
-        if scheduler and self.proxy != "ebpf":
-            log.warning("services: %s/%s: podnet.io/scheduler %s needs --service-proxy ebpf; the %s backend "
-                        "balances at random", namespace or "default", name, scheduler, self.proxy)
+    def _check_schedulers(self, state: ServiceState) -> None:
+        """The frontends whose podnet.io/scheduler this backend cannot do (they balance at
+        random): kept in `scheduler_fallbacks`, counted in the metrics, and each new reason
+        logged once per Service port. Checks the frontends that changed since the last
+        state checked (all of them the first time); the sync goes on whatever it finds."""
+        problem_of = SCHEDULER_PROBLEMS.get(self.proxy)
+        if problem_of is None or state is self._checked:
+            return
+        changed = state.changed_since(self._checked) if self._checked is not None else None
+        if changed is None:
+            fallbacks: dict[Frontend, tuple[str, str]] = {}
+            rules: Iterable[FrontendRule | None] = state.rules
+        else:
+            fallbacks = dict(self.scheduler_fallbacks)
+            for fe in changed:
+                fallbacks.pop(fe, None)
+            rules = map(state.rule, changed)
+        for r in rules:
+            if r is not None and r.scheduler and (why := problem_of(r)):
+                fallbacks[r.frontend] = (r.service, why)
+        for service, why in sorted(set(fallbacks.values()) - set(self.scheduler_fallbacks.values())):
+            log.warning("services: %s: %s", service, why)
+        self.scheduler_fallbacks = fallbacks
+        self.metrics.scheduler_fallbacks.set(len({service for service, _ in fallbacks.values()}))
+        self._checked = state
 
     def _set_slice(self, sl: SliceRecord | EndpointSlice) -> None:
         with self._lock:
@@ -199,6 +223,7 @@ class ServiceDataplane(Dataplane):
         with self._lock:
             state = self.compiler.state()
             triggers, self._triggers = self._triggers, {}
+        self._check_schedulers(state)
         try:
             result = self.applier.apply(state, resync=resync)
             self.health.sync(state.health_checks)

@@ -16,6 +16,10 @@ Frontends of a Service port with the same endpoints share one KUBE-SVC chain, he
 `recent` affinity lists: a client keeps its endpoint across ClusterIP, NodePort and
 external addresses, as with kube-proxy.
 
+podnet.io/scheduler wrr: the endpoints' `--probability` follow their weights (weight 0: no
+rule, so no new flows; a client held by affinity keeps its endpoint). sh and lc are not
+possible here and the Service port balances at random (scheduler_problem says why).
+
 Every sync with a change rewrites all chains with one `iptables-restore
 --noflush` (kube-proxy's full sync): matching is linear in the number of
 Services and every change costs the whole table. That is the point of having it.
@@ -35,6 +39,7 @@ from podnet.services.applier import SyncResult
 from podnet.services.conntrack import Cleaner, delete_stale_flows
 from podnet.services.metrics import ServiceMetrics
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState, stale_udp_flows
+from podnet.services.weights import slot_counts
 
 log = logging.getLogger("podnet.services")
 
@@ -62,6 +67,25 @@ def chain_name(prefix: str, *parts: str) -> str:
     return prefix + base64.b32encode(digest).decode()[:16]
 
 
+def scheduler_problem(rule: FrontendRule) -> str:
+    """Why this backend balances the frontend at random despite its podnet.io/scheduler
+    ("" when it follows it)."""
+    if rule.scheduler in ("", "wrr"):
+        return ""
+    why = {"sh": "iptables has no source-hash choice but xt_HMARK, which overwrites the packet mark that "
+                 "carries the masquerade bit",
+           "lc": "iptables keeps no count of the connections each endpoint holds"}.get(rule.scheduler, "")
+    return (f"podnet.io/scheduler {rule.scheduler} is not available on the iptables backend"
+            + (f" ({why})" if why else "") + "; balanced at random (--service-proxy ebpf has it)")
+
+
+def _choices(rule: FrontendRule, backends: tuple[Backend, ...]) -> list[int]:
+    """Each endpoint's share of new flows: its weight under wrr, else 1."""
+    if rule.scheduler == "wrr":
+        return slot_counts(backends, rule.weights)
+    return [1] * len(backends)
+
+
 def _ep(fe_proto: str, rule_key: str, b: Backend) -> str:
     return chain_name("KUBE-SEP-", rule_key, fe_proto, str(b))
 
@@ -87,25 +111,28 @@ def render(state: ServiceState, stale: set[str] = frozenset()) -> Rendered:  # t
     groups: dict[tuple, str] = {}
 
     def svc_chain(rule: FrontendRule) -> str:
-        key = (rule.service, rule.frontend.proto, rule.backends, rule.affinity_timeout)
+        shares = _choices(rule, rule.backends)
+        key = (rule.service, rule.frontend.proto, rule.backends, rule.affinity_timeout, tuple(shares))
         name = groups.get(key)
         if name is not None:
             return name
         name = chain_name("KUBE-SVC-", rule.service, rule.frontend.proto, *map(str, rule.backends),
-                          str(rule.affinity_timeout))
+                          str(rule.affinity_timeout), *([] if rule.scheduler != "wrr" else map(str, shares)))
         groups[key] = name
-        n = len(rule.backends)
         rules = nat.setdefault(name, [])
         eps = [_ep(rule.frontend.proto, name, b) for b in rule.backends]
         if rule.affinity_timeout:
             for ep in eps:
                 rules.append(f"-m recent --name {ep} --mask 255.255.255.255 --rsource --rcheck "
                              f"--seconds {rule.affinity_timeout} --reap -j {ep}")
-        for i, (b, ep) in enumerate(zip(rule.backends, eps, strict=True)):
-            if i < n - 1:
-                rules.append(f"-m statistic --mode random --probability {1.0 / (n - i):.10f} -j {ep}")
-            else:
+        left = sum(shares)  # each endpoint takes its share of what the ones before it left
+        last = max((i for i, w in enumerate(shares) if w), default=-1)
+        for i, (b, ep, share) in enumerate(zip(rule.backends, eps, shares, strict=True)):
+            if i < last and share:
+                rules.append(f"-m statistic --mode random --probability {share / left:.10f} -j {ep}")
+            elif i == last:
                 rules.append(f"-j {ep}")
+            left -= share
             sep = nat.setdefault(ep, [])
             sep.append(f"-s {b.ip}/32 -j KUBE-MARK-MASQ")
             if rule.affinity_timeout:
@@ -127,7 +154,7 @@ def render(state: ServiceState, stale: set[str] = frozenset()) -> Rendered:  # t
                 (nodeports if fe.ip is None else nat["KUBE-SERVICES"]).append(f"{comment} {match} {source} -j {every}")
         if rule.owns_cluster_ip:
             cluster_ips.append(f"-d {fe.ip}/32 -j REJECT")
-        if not rule.backends:
+        if not rule.backends or not any(_choices(rule, rule.backends)):  # (wrr: every weight 0)
             verdict = "REJECT" if rule.no_endpoints == "reject" else "DROP"
             local = "-m addrtype --dst-type LOCAL " if fe.ip is None else ""
             flt["KUBE-SERVICES"].append(f"{comment} {local}{match} -j {verdict}")

@@ -16,6 +16,8 @@ The values are kept once; the names are chosen when they are collected. podnet's
     podnet_service_sync_failures_total                  kubeproxy_sync_proxy_rules_nftables_sync_failures_total
                                                         (iptables proxy: ..._iptables_restore_failures_total)
     podnet_service_elements_changed_total               (podnet's own, under either choice)
+    podnet_service_scheduler_fallbacks                  (podnet's own: Service ports balanced at random
+                                                         because the backend cannot do their podnet.io/scheduler)
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ KUBE_PROXY_NAMES = {
     "podnet_service_network_programming_duration_seconds": "kubeproxy_network_programming_duration_seconds",
     "podnet_service_sync_failures": None,
     "podnet_service_elements_changed": None,
+    "podnet_service_scheduler_fallbacks": None,
 }
 KUBE_PROXY_FAILURES = {"nftables": "kubeproxy_sync_proxy_rules_nftables_sync_failures",
                        "iptables": "kubeproxy_sync_proxy_rules_iptables_restore_failures"}
@@ -82,6 +85,9 @@ class ServiceMetrics:
         self.elements_changed = Counter("podnet_service_elements_changed",
                                         "Map and set elements (nftables) or rules (iptables) added or removed",
                                         registry=None)
+        self.scheduler_fallbacks = Gauge("podnet_service_scheduler_fallbacks",
+                                         "Service ports balanced at random because this backend cannot do their "
+                                         "podnet.io/scheduler (the agent's log says why)", registry=None)
         self._seen: dict[str, float] = {}  # slice -> trigger time already observed
 
     def record_sync(self, seconds: float, ok: bool = True, changed: int = 0, now: float | None = None) -> None:
@@ -125,7 +131,8 @@ class ServiceMetrics:
         return []
 
     def collect(self, kube_proxy_names: bool = False, proxy: str | None = None) -> Iterator[Metric]:
-        for m in (self.sync_duration, self.programming, self.last_sync, self.failures, self.elements_changed):
+        for m in (self.sync_duration, self.programming, self.last_sync, self.failures, self.elements_changed,
+                  self.scheduler_fallbacks):
             for family in m.collect():
                 if kube_proxy_names:
                     name = KUBE_PROXY_NAMES.get(family.name)

@@ -25,6 +25,7 @@ from podnet.services.nftables.layout import (
     slot_map,
     slot_map_of,
 )
+from podnet.services.nftables.schedulers import frontend_slots, short_circuit_slots, source_hashed
 
 
 def fe_key(fe: Frontend) -> str:
@@ -63,7 +64,12 @@ def rule_items(rule: FrontendRule, large_slots: bool = True) -> Iterator[Item]:
     large_slots False: without the slots of a large frontend (see large_slot_changes)."""
     fe = rule.frontend
     np = fe.ip is None
-    n = len(rule.backends)
+    backends, short = rule.backends, rule.short_circuit
+    if rule.scheduler:  # wrr fills more slots; sh marks the frontend for the leaf's hash
+        backends, short = frontend_slots(rule), short_circuit_slots(rule)
+        if (backends or short) and source_hashed(rule):
+            yield ("sh_nodeports" if np else "sh_ips"), fe, None, None
+    n = len(backends)
     if n:
         if n > TIER_MAX:
             yield LARGE_MAPS[np], fe, None, f"goto {large_chain(np, False, n)}"
@@ -79,7 +85,7 @@ def rule_items(rule: FrontendRule, large_slots: bool = True) -> Iterator[Item]:
                 i += 1
             slots = slot_map(np, n)
         if slots:
-            for i, b in enumerate(rule.backends):
+            for i, b in enumerate(backends):
                 yield slots, fe, i, b
         if rule.masquerade:
             yield ("masq_nodeports" if np else "masq_ips"), fe, None, None
@@ -89,7 +95,6 @@ def rule_items(rule: FrontendRule, large_slots: bool = True) -> Iterator[Item]:
     else:
         verdict = "reject" if rule.no_endpoints == "reject" else "drop"
         yield (f"{verdict}_nodeports" if np else f"{verdict}_ips"), fe, None, None
-    short = rule.short_circuit
     if short:
         m = len(short)  # never n (the compiler's rule): the slots cannot clash with the frontend's own
         if m > TIER_MAX:

@@ -14,8 +14,9 @@
         fib daddr local, meta l4proto . th dport vmap @large_nodeports -> goto np_large<N>
       svc_t...: a binary tree of chains that finds the endpoint count N of the frontend,
         one bit per level (@svc_bit<i> holds the frontends whose N-1 has bit i set)
-      svc_<N>: dnat to (ip daddr . l4proto . dport . numgen random mod N) @backends_<N>
-      np_<N>:  dnat to (l4proto . dport . numgen random mod N) @nodeport_backends_<N>
+      svc_<N>: @sh_ips: dnat to (ip daddr . l4proto . dport . jhash ip saddr mod N) @backends_<N>
+               dnat to (ip daddr . l4proto . dport . numgen random mod N) @backends_<N>
+      np_<N>:  the same with (l4proto . dport) keys, @sh_nodeports, @nodeport_backends_<N>
       svc_large<N>, np_large<N> (one per endpoint count above the tree's, while in use):
                dnat to (... . numgen random mod N) @backends_large / @nodeport_backends_large
       nat postrouting: record affinity (@affinity_ips/@affinity_nodeports -> jump aff_t<T>,
@@ -36,7 +37,9 @@ number of set lookups per new connection (TIER_BITS), whatever the number of Ser
 
 A Service port with N <= 256 endpoints is one @service_ips element, one @svc_bit<i>
 element per bit set in N-1, and N @backends_<N> slot elements. The tree is fixed: it
-has 2^TIER_BITS leaves, whatever the Services.
+has 2^TIER_BITS leaves, whatever the Services. podnet.io/scheduler sh is one more
+element (@sh_ips: the leaf hashes the client address instead of drawing at random), wrr
+more slots (an endpoint's repeated by its weight); see schedulers.py.
 
 A frontend with more endpoints (a *large* one) is one @large_ips element `goto
 svc_large<N>` and N slot elements in the one @backends_large map, keyed by its slot.
@@ -111,6 +114,8 @@ SETS: dict[str, Set] = {s.name: s for s in (
     Set("service_nodeports", type=K2),
     *(Set(f"svc_bit{i}", type=K3) for i in range(TIER_BITS)),
     *(Set(f"np_bit{i}", type=K2) for i in range(TIER_BITS)),
+    Set("sh_ips", type=K3),
+    Set("sh_nodeports", type=K2),
     Set("masq_ips", type=K3),
     Set("masq_nodeports", type=K2),
     Set("reject_ips", type=K3),
@@ -146,6 +151,10 @@ DIGEST = "digest"
 NOT_ELEMENTS = (DYNAMIC, DIGEST)  # sets whose contents are not Service elements
 
 Elements = dict[str, dict[str, str | None]]  # set/map name -> element key -> value (None for sets)
+
+# The source hash's seed (sh): fixed, so that a client keeps its endpoint when the table
+# is rebuilt (without one the kernel draws a seed per rule).
+SH_SEED = 0x706F646E
 
 LOCAL_NODEPORT = "fib daddr type local ip daddr != 127.0.0.0/8"
 # This node's pods: their host-side interfaces (podnet.dataplane.pods.HOST_PREFIX).
@@ -241,8 +250,13 @@ def _tree_chains() -> dict[str, list[str]]:
                 if len(prefix) + 1 < bits:
                     nxt += [prefix + "0", prefix + "1"]
             frontier = nxt
+        sh = "sh_nodeports" if nodeport else "sh_ips"
         for v in range(2 ** bits):
-            out[f"{kind}_{v + 1}"] = [f"dnat ip to {key} . numgen random mod {v + 1} map @{slot_map(nodeport, v + 1)}"]
+            slots = f"map @{slot_map(nodeport, v + 1)}"
+            out[f"{kind}_{v + 1}"] = [
+                f"{key} @{sh} dnat ip to {key} . jhash ip saddr mod {v + 1} seed {SH_SEED:#x} {slots}",
+                f"dnat ip to {key} . numgen random mod {v + 1} {slots}",
+            ]
     return out
 
 
