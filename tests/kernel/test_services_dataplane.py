@@ -402,7 +402,6 @@ def test_no_endpoints_is_refused_fast_and_unused_service_ips_time_out(topo):
     assert udp == "refused" and t_udp < 0.5
     (unused, t_unused), = topo.probe_timed("10.96.0.250", 80, timeout=0.7)
     assert unused == "timeout" and t_unused >= 0.6
-    ebpf_stops_here(topo, "traffic from the node itself (cgroup connect hooks)")
     # from the node itself, too
     res = json.loads(py_in(topo.node, PROBE.replace(
         "sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])",
@@ -422,7 +421,6 @@ def test_nodeport_from_outside_and_from_the_node_is_masqueraded(topo):
     assert set(names(outside)) == {"b1", "b2"}
     assert {x.split()[1] for x in outside} == {"10.20.0.1"}  # masqueraded to the node
     assert set(names(topo.probe("10.10.0.1", 30053, "udp", count=10))) <= {"b1", "b2"}
-    ebpf_stops_here(topo, "traffic from the node itself (cgroup connect hooks)")
     for addr in NODE_IPS:  # from the node itself, on each of its addresses (output hook)
         res = json.loads(py_in(topo.node, PROBE.replace(
             "sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])",
@@ -677,8 +675,7 @@ def check_invalid_clusterip_ports_are_rejected(topo) -> None:
     assert names(topo.probe("10.96.0.30", 81)) == ["b1"]
     assert topo.probe("10.96.0.30", 82) == ["refused"]  # a real ClusterIP, a port it does not have
     assert topo.probe("10.96.0.30", 82, "udp") == ["refused"]
-    if getattr(topo, "backend", "") != "ebpf":  # (the eBPF backend sees pods' packets only, so far)
-        assert from_node(topo, "10.96.0.30", 82) == ["refused"]
+    assert from_node(topo, "10.96.0.30", 82) == ["refused"]
     assert topo.probe("10.96.0.31", 82, timeout=0.7) == ["timeout"]  # an unallocated address: dropped
     # the port that carried the address goes; the address stays rejected while a port needs it
     svc["spec"]["ports"] = svc["spec"]["ports"][1:]
@@ -717,8 +714,7 @@ def check_external_local_short_circuit(topo) -> None:
         assert topo.probe(target, port, timeout=0.7) == ["timeout"], target  # external client: dropped
         got = topo.probe(target, port, count=8, src=pod)
         assert set(names(got)) <= {"b1", "b2"} and all(x.split()[1] == POD for x in got), (target, got)
-    if getattr(topo, "backend", "") != "ebpf":  # (the eBPF backend sees pods' packets only, so far)
-        assert set(names(from_node(topo, "203.0.113.33", 80, count=4))) <= {"b1", "b2"}
+    assert set(names(from_node(topo, "203.0.113.33", 80, count=4))) <= {"b1", "b2"}
     # with a local endpoint, pods too use the Service's endpoints everywhere; external clients the local one
     objs[1] = slice_("sc", [endpoint("b1", node="n2"), endpoint("b2", node="n2"), endpoint("b3")],
                      ports=[{"port": 8080}])

@@ -27,7 +27,10 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
 BPF_ENABLE_STATS = 32
+BPF_LINK_DETACH = 34
 BPF_STATS_RUN_TIME = 0
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
@@ -77,6 +80,37 @@ def obj_get(path: str) -> int:
 def obj_pin(fd: int, path: str) -> None:
     p = ctypes.create_string_buffer(os.fsencode(path))
     _call(BPF_OBJ_PIN, [(0, 8, _addr(p)), (8, 4, fd)], f"pinning at {path}")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> int:
+    """A bpf_link of the program to the target (a cgroup's fd): attached while the link
+    is pinned or a descriptor of it is open; others' programs at the hook stay (multi)."""
+    return _call(BPF_LINK_CREATE, [(0, 4, prog_fd), (4, 4, target_fd), (8, 4, attach_type)], what)
+
+
+def link_update(link_fd: int, prog_fd: int, what: str) -> None:
+    """The link runs prog_fd from now on (one atomic swap: no moment without a program)."""
+    _call(BPF_LINK_UPDATE, [(0, 4, link_fd), (4, 4, prog_fd)], what)
+
+
+def link_detach(link_fd: int, what: str) -> None:
+    """Detach the link from its hook now (the link itself stays, defunct)."""
+    _call(BPF_LINK_DETACH, [(0, 4, link_fd)], what)
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+    cgroup_id: int  # cgroup links: 0 once detached
+    attach_type: int
+
+
+def link_info(fd: int) -> LinkInfo:
+    raw = _info(fd, 32, "reading a link's info")  # struct bpf_link_info: type, id, prog_id, cgroup {id, type}
+    u32 = [int.from_bytes(raw[i:i + 4], "little") for i in (0, 4, 8, 24)]
+    return LinkInfo(u32[0], u32[1], u32[2], int.from_bytes(raw[16:24], "little"), u32[3])
 
 
 @dataclass(frozen=True)

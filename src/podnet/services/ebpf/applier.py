@@ -33,10 +33,12 @@ from podnet.dataplane.pods import HOST_PREFIX
 from podnet.ebpf import attach
 from podnet.ebpf.bpffs import PinDir, instance_name
 from podnet.ebpf.build import object_path
-from podnet.ebpf.programs import LoadedObject, load_object
+from podnet.ebpf.cgroup import CgroupError
+from podnet.ebpf.programs import LoadedObject, ProgramLoadError, load_object
 from podnet.ebpf.syscall import BpfError, Map, obj_pin
 from podnet.services.applier import SyncResult
 from podnet.services.ebpf import maps as m
+from podnet.services.ebpf.sock import DROP_MARK, NodeSocketHooks
 from podnet.services.metrics import ServiceMetrics
 from podnet.services.model import Backend, FrontendRule, ServiceState
 from podnet.services.nftables.elements import changed_rules
@@ -59,6 +61,10 @@ table ip {REJECT_TABLE} {{
   chain prerouting {{
     type filter hook prerouting priority -10; policy accept;
     meta mark & {m.REJECT_MARK:#x} == {m.REJECT_MARK:#x} goto refuse
+  }}
+  chain output {{
+    type filter hook output priority -10; policy accept;
+    meta mark & {DROP_MARK:#x} == {DROP_MARK:#x} drop
   }}
   chain nat_out {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -95,7 +101,8 @@ class EbpfServiceApplier:
                  interfaces: Callable[[IPRoute], dict[str, int]] = pod_interfaces,
                  underlay: Callable[[IPRoute, tuple[str, ...]], dict[str, int]] | None = None,
                  object_file: str | None = None,
-                 nft: Callable[[str], None] = nft_apply, metrics: ServiceMetrics | None = None):
+                 nft: Callable[[str], None] = nft_apply, metrics: ServiceMetrics | None = None,
+                 node_sockets: bool = True, cgroup_root: str | None = None):
         self.node = node
         self.pins = pins
         self.interfaces = interfaces  # this node's pods' interfaces
@@ -118,6 +125,11 @@ class EbpfServiceApplier:
         self._rendered: dict[FrontendRule, dict[str, dict[bytes, bytes]]] = {}
         self.unsupported: dict[str, int] = {}  # frontend kinds not programmed yet -> how many
         self.last_delta: tuple[dict, dict] = ({}, {})
+        # the node's own processes: socket programs on the cgroup2 root (sock.py)
+        self.node_sockets = node_sockets
+        self.cgroup_root = cgroup_root
+        self.sockets: NodeSocketHooks | None = None
+        self.sockets_error = ""  # why they are not there (logged once per new reason)
 
     # -- loading and attaching
 
@@ -171,6 +183,26 @@ class EbpfServiceApplier:
         if n:
             obj.prune_other_builds()
         return n
+
+    def _ensure_sockets(self) -> None:
+        """Load, attach or repair the socket programs; if they cannot be, warn and go on:
+        the pods' and the underlay's traffic is the tc programs' and keeps working."""
+        if not self.node_sockets:
+            return
+        assert self.pins is not None
+        try:
+            if self.sockets is None:
+                self.sockets = NodeSocketHooks(self.pins, self.cgroup_root)
+            done = self.sockets.ensure()
+        except (ProgramLoadError, CgroupError, BpfError, OSError) as e:
+            if str(e) != self.sockets_error:
+                log.warning("services: the socket programs for the node's own traffic are not attached (%s): "
+                            "processes of the node reach Services' addresses untranslated (docs/ebpf.md)", e)
+            self.sockets_error = str(e)
+            return
+        self.sockets_error = ""
+        if done:
+            log.info("services: socket programs: %s", ", ".join(done))
 
     def ipr(self) -> IPRoute:
         if self._ipr is None:
@@ -387,6 +419,8 @@ class EbpfServiceApplier:
                 log.warning("services: %s; pinned again", ", ".join(fixed))
             self.nft(REJECT_SCRIPT)
         self._attach_all(first or resync, tuple(state.node_ips))
+        if first or resync:
+            self._ensure_sockets()
         if self.applied is None or resync or self.applied_state is None:
             # whole: the maps read back and compared with the state
             current = self.read_maps()
@@ -499,6 +533,10 @@ class EbpfServiceApplier:
                 continue
             if have != self.obj.filter_name(m.FROM_POD):
                 return f"interface {ifname}: the Service program is not attached"
+        if self.sockets is not None and not self.sockets_error:
+            problem = self.sockets.verify()
+            if problem:
+                return problem
         for name in m.DESIRED:
             try:
                 have = self.maps[name].items()
@@ -522,6 +560,9 @@ class EbpfServiceApplier:
                 except attach.AttachError:
                     pass
         self.attached.clear()
+        if self.sockets is not None:
+            self.sockets.remove()
+            self.sockets = None
         for mp in self.maps.values():
             mp.close()
         self.maps.clear()
