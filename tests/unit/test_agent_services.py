@@ -249,3 +249,50 @@ def test_a_node_address_inside_the_service_cidr_is_said_at_start_with_the_fix(ca
     with caplog.at_level("WARNING", logger="podnet.agent"):
         ServiceDataplane("n1", "192.168.0.11", ("10.96.0.0/12",), applier=Applier(), health=Health())
     assert not [r for r in caplog.records if "Service CIDR" in r.getMessage()]
+
+
+def fallbacks(dp: ServiceDataplane) -> float:
+    return next(s.value for f in dp.metrics.scheduler_fallbacks.collect() for s in f.samples)
+
+
+def annotated(service: Service, rv: str, **annotations: str) -> Service:
+    body = service.model_dump(by_alias=True, exclude_none=True)
+    body["metadata"].update(resourceVersion=rv, annotations={f"podnet.io/{k}": v for k, v in annotations.items()})
+    return Service.model_validate(body)
+
+
+@pytest.mark.parametrize("proxy", ["nftables", "iptables"])
+def test_a_scheduler_the_backend_cannot_do_is_said_once_counted_and_balanced_at_random(proxy, caplog):
+    applier = Applier()
+    dp = ServiceDataplane("n1", "192.168.1.10", ("10.96.0.0/16",), applier=applier, health=Health(), proxy=proxy)
+    dp.on_event(added(annotated(svc("lc", "10.96.0.1"), "1", scheduler="lc")))
+    dp.on_event(added(eps("lc-a", "lc", ["10.1.0.1", "10.1.0.2"])))
+    dp.on_event(added(annotated(svc("w", "10.96.0.2"), "1", scheduler="wrr", weights="10.1.0.3=3")))
+    dp.on_event(added(eps("w-a", "w", ["10.1.0.3", "10.1.0.4"])))
+    with caplog.at_level("WARNING", logger="podnet.agent"):
+        assert dp.sync() != ""  # the sync goes on
+    said = [r.getMessage() for r in caplog.records if "podnet.io/scheduler" in r.getMessage()]
+    assert said == [f"services: default/lc:http: podnet.io/scheduler lc is not available on the {proxy} backend ("
+                    + ("nftables" if proxy == "nftables" else "iptables")
+                    + " keeps no count of the connections each endpoint holds); balanced at random "
+                    "(--service-proxy ebpf has it)"]
+    assert fallbacks(dp) == 1  # wrr is done by both
+    assert set(dp.scheduler_fallbacks) == {Frontend("10.96.0.1", "tcp", 80)}
+    assert len(applier.states[-1].rule(Frontend("10.96.0.1", "tcp", 80)).backends) == 2  # still balanced
+    # another change elsewhere: nothing said again; the annotation removed: no fallback left
+    caplog.clear()
+    dp.on_event(added(eps("w-a", "w", ["10.1.0.3"], rv="2")))
+    dp.sync()
+    assert not [r for r in caplog.records if "podnet.io/scheduler" in r.getMessage()]
+    dp.on_event(added(annotated(svc("lc", "10.96.0.1"), "2")))
+    dp.sync()
+    assert dp.scheduler_fallbacks == {} and fallbacks(dp) == 0
+
+
+def test_the_ebpf_backend_has_every_scheduler():
+    applier = Applier()
+    dp = ServiceDataplane("n1", "192.168.1.10", ("10.96.0.0/16",), applier=applier, health=Health(), proxy="ebpf")
+    dp.on_event(added(annotated(svc("lc", "10.96.0.1"), "1", scheduler="lc")))
+    dp.on_event(added(eps("lc-a", "lc", ["10.1.0.1"])))
+    dp.sync()
+    assert dp.scheduler_fallbacks == {}

@@ -83,6 +83,7 @@ class AgentConfig:
     node_ip: str | None = None
     service_cidrs: tuple[str, ...] = ("10.96.0.0/12",)
     service_proxy: str = "nftables"  # or "iptables" (kube-proxy's layout), "ebpf" (tc programs)
+    cgroup_root: str | None = None  # ebpf: where the socket programs attach (None: the cgroup2 mount)
     policy_dataplane: str = "nftables"  # or "ebpf" (tc programs at the pods' veths, maps from the same compiler)
     conntrack: ConntrackSizing = field(default_factory=lambda: ConntrackSizing(max_per_core=0))  # 0: leave alone
     dns_address: str | None = NODE_DNS_ADDRESS  # None: no node DNS server
@@ -184,7 +185,8 @@ class Agent:
         self.routes = RoutesDataplane(self.cfg.node, self.cache, RouteProgrammer(self.cfg.node, self.node_ip))
         size_conntrack(self.cfg.conntrack)
         self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs,
-                                         tuple(self.dns_addresses()), proxy=self.cfg.service_proxy)
+                                         tuple(self.dns_addresses()), proxy=self.cfg.service_proxy,
+                                         cgroup_root=self.cfg.cgroup_root)
         self.bgp = BgpDataplane(self.cfg.node, self.cache, Bird(self.cfg.bgp_dir or self.cfg.socket + ".bird"))
         policy = PolicyDataplane(self.cfg.node, self._policy_programmer())
         self.dataplanes = [self.routes, NatDataplane(self.cache), self.services, policy, self.bgp]

@@ -72,7 +72,7 @@ def warn_node_in_service_cidrs(node_ip: str, service_cidrs: tuple[str, ...]) -> 
 class ServiceDataplane(Dataplane):
     def __init__(self, node: str, node_ip: str, service_cidrs: tuple[str, ...], local_dns: tuple[str, ...] = (),
                  applier: ServiceApplier | None = None, health: HealthCheckServer | None = None,
-                 proxy: str = "nftables"):
+                 proxy: str = "nftables", cgroup_root: str | None = None):
         self.metrics = ServiceMetrics()
         self.proxy = proxy
         warn_node_in_service_cidrs(node_ip, service_cidrs)
@@ -85,7 +85,7 @@ class ServiceDataplane(Dataplane):
                 from podnet.services.ebpf.applier import EbpfServiceApplier
                 from podnet.services.ebpf.fallback import EbpfWithNftablesFloor
 
-                applier = EbpfWithNftablesFloor(EbpfServiceApplier(node, metrics=self.metrics),
+                applier = EbpfWithNftablesFloor(EbpfServiceApplier(node, metrics=self.metrics, cgroup_root=cgroup_root),
                                                 NftServiceApplier(metrics=self.metrics))
             else:
                 applier = NftServiceApplier(metrics=self.metrics)

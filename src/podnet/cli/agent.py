@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Service dataplane: podnet's nftables maps, kube-proxy's iptables layout for hosts "
                         "without nftables, or eBPF programs on tc at the pods' interfaces (nftables while "
                         "they do not load; docs/ebpf.md) (default %(default)s)")
+    p.add_argument("--cgroup-root", metavar="DIR",
+                   help="--service-proxy ebpf: the cgroup2 directory whose processes' sockets to Services are "
+                        "balanced (the node's own traffic; only sockets of the agent's network namespace) "
+                        "(default: the cgroup2 mount found in /proc/self/mountinfo)")
     p.add_argument("--policy-dataplane", choices=("nftables", "ebpf"), default="nftables",
                    help="NetworkPolicy dataplane: podnet's nftables table on the forward hook, or eBPF programs "
                         "on tc at the pods' interfaces with maps from the same compiled state (docs/ebpf.md) "
@@ -91,7 +95,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       pod_wait=args.pod_wait,
                       node_ip=args.node_ip,
                       resync_interval=args.resync,
-                      service_cidrs=service_cidrs, service_proxy=args.service_proxy,
+                      service_cidrs=service_cidrs, service_proxy=args.service_proxy, cgroup_root=args.cgroup_root,
                       policy_dataplane=args.policy_dataplane,
                       conntrack=ConntrackSizing(args.conntrack_max_per_core, args.conntrack_min),
                       dns_address=args.dns_address or None, cluster_dns_ips=tuple(args.cluster_dns_ip),
