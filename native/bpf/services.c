@@ -13,6 +13,7 @@
  * network byte order, the rest in host order.
  */
 #include "svc_lb.h"
+#include "sctp_crc.h"
 
 /* Packets the program wants rejected (a ClusterIP without that port, a Service without
  * endpoints) carry this mark; the agent's small nftables table answers them with a TCP
@@ -114,14 +115,22 @@ static __always_inline void note_close(struct podnet_pkt *pkt, struct ct_key *fw
 	count_open(fwd->backend_id, -1);
 }
 
-/* A TCP or UDP packet the programs balance (the first fragment: ports are there), and its
- * flow key in one direction; 0 for anything else (passed on untouched). */
+/* A TCP, UDP or SCTP packet the programs balance (the first fragment: ports are there),
+ * and its flow key in one direction; 0 for anything else (passed on untouched). */
 static __always_inline int flow_of(struct __sk_buff *skb, struct podnet_pkt *pkt, __u8 dir, struct ct_key *key)
 {
 	if (podnet_parse(skb, pkt) < 0 || !pkt->first_frag)
 		return 0;
-	if (pkt->proto != IPPROTO_TCP && pkt->proto != IPPROTO_UDP)
+	if (pkt->proto == IPPROTO_SCTP) {  /* (podnet_parse reads TCP's and UDP's ports only) */
+		__u16 ports[2];
+
+		if (bpf_skb_load_bytes(skb, pkt->l4_off, ports, sizeof(ports)) < 0)
+			return 0;
+		pkt->sport = ports[0];
+		pkt->dport = ports[1];
+	} else if (pkt->proto != IPPROTO_TCP && pkt->proto != IPPROTO_UDP) {
 		return 0;
+	}
 	key->src = pkt->saddr;
 	key->dst = pkt->daddr;
 	key->sport = pkt->sport;
@@ -129,6 +138,18 @@ static __always_inline int flow_of(struct __sk_buff *skb, struct podnet_pkt *pkt
 	key->proto = pkt->proto;
 	key->dir = dir;
 	return 1;
+}
+
+/* podnet_rewrite, and SCTP's checksum computed again when a port changed (sctp_crc.h) */
+static __always_inline int rewrite(struct __sk_buff *skb, struct podnet_pkt *pkt, int which, __u32 addr, __u16 port)
+{
+	__u16 old_port = which ? pkt->dport : pkt->sport;
+
+	if (podnet_rewrite(skb, pkt, which, addr, port) < 0)
+		return -1;
+	if (pkt->proto == IPPROTO_SCTP && port && port != old_port)
+		return sctp_crc_fix(skb, pkt->l4_off);
+	return 0;
 }
 
 SEC("tc")
@@ -152,7 +173,7 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 			      !(pkt.tcp_flags & PODNET_TCP_ACK) && (ct->flags & CT_F_CLOSED);
 		if (be && be->addr == ct->addr && be->port == ct->port && !new_syn) {
 			note_close(&pkt, &key);
-			if (podnet_rewrite(skb, &pkt, 1, ct->addr, ct->port) < 0)
+			if (rewrite(skb, &pkt, 1, ct->addr, ct->port) < 0)
 				return TC_ACT_SHOT;
 			return TC_ACT_UNSPEC;
 		}
@@ -220,7 +241,7 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 	 * would go straight back to itself, unknown to the connection it made */
 	if ((fe->flags & SVC_F_MASQ) || entry.addr == pkt.saddr)
 		skb->mark |= SVC_MASQ_MARK;
-	if (podnet_rewrite(skb, &pkt, 1, entry.addr, entry.port) < 0)
+	if (rewrite(skb, &pkt, 1, entry.addr, entry.port) < 0)
 		return TC_ACT_SHOT;
 	return TC_ACT_UNSPEC;
 }
@@ -244,7 +265,7 @@ int podnet_svc_to_pod(struct __sk_buff *skb)
 		};
 		note_close(&pkt, &fwd);
 	}
-	if (podnet_rewrite(skb, &pkt, 0, ct->addr, ct->port) < 0)
+	if (rewrite(skb, &pkt, 0, ct->addr, ct->port) < 0)
 		return TC_ACT_SHOT;
 	return TC_ACT_UNSPEC;
 }

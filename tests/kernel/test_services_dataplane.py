@@ -67,8 +67,15 @@ while True:
             ihl = (data[0] & 15) * 4
             dport = int.from_bytes(data[ihl + 2:ihl + 4], "big")
             dst = socket.inet_ntoa(data[16:20])
+            sctp = data[ihl:ihl + 8] + bytes(4) + data[ihl + 12:]  # its CRC32c, computed with the field 0
+            crc = 0xFFFFFFFF
+            for b in sctp:
+                crc ^= b
+                for _ in range(8):
+                    crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+            good = (crc ^ 0xFFFFFFFF).to_bytes(4, "little") == data[ihl + 8:ihl + 12]
             with open(f"/tmp/{sys.argv[2]}-sctp", "a") as f:
-                f.write(f"{name} {peer[0]} {dst} {dport}\n")
+                f.write(f"{name} {peer[0]} {dst} {dport} {'crc-ok' if good else 'crc-bad'}\n")
 """
 
 # Runs inside the node namespace: reads one JSON command per line, answers one JSON line.
@@ -358,8 +365,7 @@ def test_multiple_ports_and_named_target_ports(topo):
     assert topo.probe("10.96.0.11", 82, timeout=0.5) == ["refused"]  # not a port of the Service: rejected
 
 
-def test_sctp_is_dnated_to_a_backend(topo, request):
-    ebpf_lacks(topo, request, "SCTP")
+def test_sctp_is_dnated_to_a_backend(topo):
     objs = [service("sig", "10.96.0.12", [{"port": 9000, "protocol": "SCTP", "targetPort": 7777}]),
             slice_("sig", [endpoint("b4")], ports=[{"port": 7777, "protocol": "SCTP"}])]
     topo.driver.apply(objs)
@@ -372,8 +378,8 @@ def test_sctp_is_dnated_to_a_backend(topo, request):
     while time.monotonic() < deadline and not os.path.exists(log):
         time.sleep(0.05)
     assert os.path.exists(log), "no SCTP packet reached a backend"
-    name, src, dst, dport = open(log).read().split("\n")[0].split()
-    assert (name, src, dst, int(dport)) == ("b4", CLIENT, BACKENDS["b4"], 7777)
+    name, src, dst, dport, crc = open(log).read().split("\n")[0].split()
+    assert (name, src, dst, int(dport), crc) == ("b4", CLIENT, BACKENDS["b4"], 7777, "crc-ok")
 
 
 SCTP_INIT_SENDER = r"""

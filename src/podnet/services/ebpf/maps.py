@@ -31,7 +31,7 @@ AFFINITY = "podnet_svc_affinity"
 DESIRED = (BACKENDS, SLOTS, SRC_RANGES, FRONTENDS, EXTERNAL, CLUSTER_IPS, CIDRS, NODE_IPS)
 ALL = (*DESIRED, CONNS, CT, AFFINITY, IFACES)
 
-PROTOS = {"tcp": 6, "udp": 17}
+PROTOS = {"tcp": 6, "udp": 17, "sctp": 132}
 PROTO_NAMES = {v: k for k, v in PROTOS.items()}
 
 F_NO_EP_DROP = 0x1
