@@ -17,6 +17,7 @@ import subprocess
 
 import pytest
 
+from podnet.ebpf.bpffs import ensure_shared_bpffs
 from podnet.services.ebpf.sock import NETNS, PROGRAMS
 from tests.kernel.nsutil import PYTHON, in_ns, namespaces, py_in, sh
 from tests.kernel.test_services_dataplane import Node, Topology, endpoint, service, slice_
@@ -206,3 +207,44 @@ def test_removing_the_pins_detaches_the_programs(topo):
     assert not ids & links
     assert from_node(topo, CIP, 80)[0][0] == "refused"  # untranslated: the wan's reset
     topo.driver = Node(topo.node, "ebpf", topo.pins)  # (for the fixture's cleanup)
+
+
+WITHOUT_SOCKETS = r"""
+import io, json, logging
+from podnet.ebpf.bpffs import PinDir
+from podnet.model.objects import Service
+from podnet.services.compiler import compile_services
+from podnet.services.ebpf.applier import EbpfServiceApplier
+from podnet.services.model import ServiceConfig
+logs = io.StringIO()
+logging.basicConfig(stream=logs, level=logging.WARNING)
+svc = Service.model_validate({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a", "namespace": "d"},
+                              "spec": {"clusterIP": "10.96.9.1", "ports": [{"port": 80}]}})
+state = compile_services([svc], [], "n1", ["10.10.0.1"], ServiceConfig(service_cidrs=("10.96.0.0/16",)), [])
+a = EbpfServiceApplier("n", pins=PinDir.for_instance(PINS), interfaces=lambda ipr: {},
+                       underlay=lambda ipr, ips: {}, cgroup_root=CGROUP)
+try:
+    r = a.apply(state)
+    again = a.apply(state, resync=True)
+    print(json.dumps({"errors": r.errors, "frontends": len(a.maps["podnet_svc_frontends"].items()),
+                      "problem": a.verify(), "sent_again": again.sent, "log": logs.getvalue()}))
+finally:
+    a.remove()
+"""
+
+
+def test_without_a_cgroup2_hierarchy_the_tc_dataplane_goes_on_with_a_warning(tmp_path):
+    pin_root = ensure_shared_bpffs()  # (the process started by ip netns exec pins there)
+    with namespaces() as ns:
+        node = ns.new("nocg")
+        pins = f"test-{ns.tag}-nocg"
+        code = WITHOUT_SOCKETS.replace("PINS", repr(pins)).replace("CGROUP", repr(str(tmp_path)))
+        try:
+            out = json.loads(py_in(node, code).stdout)
+        finally:
+            sh("rm", "-rf", f"{pin_root}/podnet/{pins}", check=False)
+    assert not out["errors"] and out["frontends"] == 1 and out["problem"] is None and not out["sent_again"], out
+    warnings = [ln for ln in out["log"].splitlines() if "socket programs" in ln]
+    assert len(warnings) == 1, out["log"]  # once, not at every resync
+    assert f"--cgroup-root {tmp_path}: not a cgroup2 directory" in warnings[0]
+    assert "untranslated" in warnings[0]
