@@ -8,7 +8,8 @@
  * podnet_pol_pods   every local pod's address -> its group per direction (0: open)
  * podnet_pol_groups group -> (rule count, generation): the set of policies selecting a pod
  * podnet_pol_rules  (group, generation, index) -> one rule: peer set x port match
- * podnet_pol_peers  LPM trie (set, address/prefix): pod selectors and ipBlocks minus except
+ * podnet_pol_peers  LPM trie (set, address/prefix): pod selectors and ipBlocks minus except;
+ *                   set 0: the Service CIDRs
  * podnet_pol_ports  (set, address, port): named ports resolved on their pods
  * podnet_pol_flows  LRU (5-tuple, ends in a fixed order) -> which (direction, orientation)
  *                   a policy admitted, so later packets and the replies pass with one
@@ -40,6 +41,9 @@
 /* Set by policy on a passed packet, cleared by the guard in the same hook run (a mark
  * does not cross into the pod's namespace: the veth scrubs it). Reserved for this. */
 #define POL_PASSED_MARK 0x00400000
+
+/* The peer set holding the Service CIDRs (compiled sets are numbered by a hash, never 0) */
+#define POL_SERVICE_CIDRS 0
 
 #define POL_MAX_RULES 65536 /* bound of one group's rule walk */
 #define POL_TCP_IDLE_NS (6ULL * 3600 * 1000000000ULL)
@@ -192,6 +196,8 @@ struct pol_eval {
 	__u16 dport; /* network byte order */
 	__u8 proto;
 	__u8 allowed;
+	__u8 egress;
+	__u8 pad[3];
 };
 
 static __always_inline int pol_in_set(__u64 set, __u32 addr)
@@ -261,7 +267,11 @@ static __always_inline int pol_group_allows(__u64 group, __u32 local, struct pol
 	e->group = group;
 	e->gen = g->gen;
 	e->allowed = 0;
-	bpf_loop(g->count < POL_MAX_RULES ? g->count : POL_MAX_RULES, pol_eval_rule, e, 0);
+	/* A Service address seen here was not translated (no eBPF Service program in front:
+	 * its nftables floor DNATs after tc): its endpoints cannot be judged, so an isolated
+	 * pod's egress to it is dropped, never admitted by an ipBlock that covers it. */
+	if (!(e->egress && pol_in_set(POL_SERVICE_CIDRS, e->peer)))
+		bpf_loop(g->count < POL_MAX_RULES ? g->count : POL_MAX_RULES, pol_eval_rule, e, 0);
 	verdict = e->allowed;
 	bpf_map_update_elem(&podnet_pol_verdicts, &vk, &verdict, BPF_ANY);
 	return verdict;
@@ -376,6 +386,7 @@ static __always_inline int pol_judge(struct __sk_buff *skb, __u8 dir)
 			e.dst = p.daddr;
 			e.dport = p.first_frag ? p.dport : 0;
 			e.proto = p.proto;
+			e.egress = dir == POL_EGRESS;
 			if (!pol_group_allows(group, local, &e))
 				return TC_ACT_SHOT;
 		}
@@ -410,6 +421,8 @@ int podnet_pol_to_pod(struct __sk_buff *skb)
 SEC("tc")
 int podnet_pol_guard(struct __sk_buff *skb)
 {
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_UNSPEC; /* policy passes it too (ARP keeps the neighbours resolved) */
 	if (!(skb->mark & POL_PASSED_MARK))
 		return TC_ACT_SHOT;
 	skb->mark &= ~POL_PASSED_MARK;

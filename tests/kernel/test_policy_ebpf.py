@@ -28,19 +28,42 @@ PODS = {"a": "10.244.7.1", "b": "10.244.7.2", "c": "10.244.7.3"}
 PORT = 90
 
 PROGRAMMER = r"""
-import dataclasses, json, sys
+import dataclasses, json, sys, threading
 from podnet.ebpf.bpffs import PinDir, instance_name
 from podnet.model.objects import Namespace, NetworkPolicy, Pod
 from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer
+from podnet.policy.ebpf.watch import AttachmentWatch
 pp = EbpfPolicyProgrammer(PinDir.for_instance(instance_name("node"), bpffs=sys.argv[1]))
+woken = threading.Event()  # the watch's wake-up: what marks the agent's policy worker
+named = []  # the interfaces every wake-up named
+def changed(ifindexes):
+    pp.in_doubt(ifindexes)
+    named.append(sorted(ifindexes))
+    woken.set()
+world = None
 for line in sys.stdin:
     cmd = json.loads(line)
     try:
         if cmd["op"] == "sync":
+            world = cmd
             ch = pp.sync([Pod.model_validate(x) for x in cmd["pods"]],
                          [Namespace.model_validate(x) for x in cmd["namespaces"]],
                          [NetworkPolicy.model_validate(x) for x in cmd["policies"]], cmd["local"])
             out = {"changes": dataclasses.asdict(ch)}
+        elif cmd["op"] == "watch":
+            AttachmentWatch(pp.attached_indexes, changed).start()
+            out = {}
+        elif cmd["op"] == "sync-when-woken":  # as the agent's worker: a sync once the watch wakes it
+            if not woken.wait(cmd["within"]):
+                out = {"error": "the watch did not wake"}
+            else:
+                woken.clear()
+                ch = pp.sync([Pod.model_validate(x) for x in world["pods"]],
+                             [Namespace.model_validate(x) for x in world["namespaces"]],
+                             [NetworkPolicy.model_validate(x) for x in world["policies"]], world["local"])
+                out = {"changes": dataclasses.asdict(ch)}
+        elif cmd["op"] == "named":
+            out = {"named": named}
         elif cmd["op"] == "verify":
             out = {"drift": pp.verify()}
         elif cmd["op"] == "pins":
@@ -251,6 +274,34 @@ def test_an_unpinned_map_and_a_detached_program_are_restored(node):
     ch = node.sync()
     assert ch["attached"] >= 1, ch
     _isolated_as_written(node)
+
+
+def test_a_deleted_filter_wakes_the_programmer_which_puts_it_back_without_a_resync(node):
+    node.sync()
+    node.programmer.ask(op="watch")
+    veth = json.loads(in_ns(node.ns, "ip", "-j", "route", "get", PODS["b"]).stdout)[0]["dev"]
+    in_ns(node.ns, "tc", "filter", "del", "dev", veth, "egress", "prio", "1")
+    assert not node.reaches_b("c") and not node.reaches_b("a"), "the guard drops while it is gone"
+    ch = node.programmer.ask(op="sync-when-woken", within=10)["changes"]
+    # no verify() ran: the sync checked the interface netlink named, and put the filter back
+    assert not ch["full"] and ch["attached"] == 1 and ch["written"] == 0, ch
+    _isolated_as_written(node)
+    # its own attach woke it once more; that sync finds everything in place
+    ch = node.programmer.ask(op="sync-when-woken", within=10)["changes"]
+    assert (ch["attached"], ch["written"]) == (0, 0), ch
+    # a filter on another interface is not policy's concern (which prios are: test_policy_watch.py)
+    index = int(in_ns(node.ns, "cat", f"/sys/class/net/{veth}/ifindex").stdout)
+    in_ns(node.ns, "tc", "qdisc", "add", "dev", "lo", "clsact")
+    in_ns(node.ns, "tc", "filter", "add", "dev", "lo", "ingress", "prio", "2", "protocol", "all",
+          "bpf", "bytecode", "1,6 0 0 0,")  # classic BPF "no match": the packet goes on
+    in_ns(node.ns, "tc", "filter", "del", "dev", "lo", "ingress", "prio", "2")
+    in_ns(node.ns, "tc", "qdisc", "del", "dev", "lo", "clsact")
+    # ... the guard is; its wake-up comes after the events of lo on the one socket
+    in_ns(node.ns, "tc", "filter", "del", "dev", veth, "ingress", "prio", "3")
+    ch = node.programmer.ask(op="sync-when-woken", within=10)["changes"]
+    assert ch["attached"] == 1, ch
+    named = node.programmer.ask(op="named")["named"]
+    assert named and all(n == [index] for n in named), named
 
 
 def test_a_policy_change_is_a_few_map_updates(node):
