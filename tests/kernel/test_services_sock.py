@@ -18,6 +18,7 @@ import subprocess
 import pytest
 
 from podnet.ebpf.bpffs import ensure_shared_bpffs
+from podnet.ebpf.build import object_path
 from podnet.services.ebpf.sock import NETNS, PROGRAMS
 from tests.kernel.nsutil import PYTHON, in_ns, namespaces, py_in, sh
 from tests.kernel.test_services_dataplane import Node, Topology, endpoint, service, slice_
@@ -248,3 +249,42 @@ def test_without_a_cgroup2_hierarchy_the_tc_dataplane_goes_on_with_a_warning(tmp
     assert len(warnings) == 1, out["log"]  # once, not at every resync
     assert f"--cgroup-root {tmp_path}: not a cgroup2 directory" in warnings[0]
     assert "untranslated" in warnings[0]
+
+
+HOOKS = r"""
+import json
+from podnet.ebpf.bpffs import PinDir
+from podnet.services.ebpf.sock import NodeSocketHooks
+from podnet.ebpf.syscall import link_info
+h = NodeSocketHooks(PinDir.for_instance(PINS), object_file=OBJECT)
+done = h.ensure()
+print(json.dumps({"done": done, "links": {p: [link_info(fd).id, link_info(fd).prog_id] for p, fd in h.links.items()},
+                  "builds": sorted(d.name for d in h.pins.progs.iterdir()), "problem": h.verify()}))
+"""
+
+
+def test_a_new_build_takes_over_the_pinned_links_in_place(tmp_path):
+    """An agent started with another build of sock.o moves each link to it (BPF_LINK_UPDATE:
+    no moment without a program) and unpins the old build."""
+    pin_root = ensure_shared_bpffs()
+    new_build = tmp_path / "sock.o"
+    new_build.write_bytes(object_path("sock").read_bytes() + b"\0")  # another digest, the same programs
+    with namespaces() as ns:
+        node = ns.new("upg")
+        pins = f"test-{ns.tag}-upg"
+
+        def run(obj) -> dict:
+            return json.loads(py_in(node, HOOKS.replace("PINS", repr(pins)).replace("OBJECT", repr(str(obj)))).stdout)
+
+        try:
+            first = run(object_path("sock"))
+            second = run(new_build)
+            third = run(new_build)
+        finally:
+            sh("rm", "-rf", f"{pin_root}/podnet/{pins}", check=False)
+    assert first["problem"] is None and all(d.endswith("linked") for d in first["done"][1:]), first
+    assert {p: v[0] for p, v in second["links"].items()} == {p: v[0] for p, v in first["links"].items()}
+    assert all(second["links"][p][1] != first["links"][p][1] for p in PROGRAMS)  # the same links, new programs
+    assert sorted(second["done"]) == sorted(f"{p}: moved to this build" for p in PROGRAMS), second
+    assert len(second["builds"]) == 1 and second["builds"] != first["builds"] and second["problem"] is None
+    assert third["done"] == [] and third["links"] == second["links"]  # adopted as it is
