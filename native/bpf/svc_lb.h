@@ -21,7 +21,6 @@
 #define SVC_SCHED_LC     1       /* least connection: the backend with the fewest open TCP flows */
 #define SVC_SCHED_SH     2       /* source hash: a client address always gets the same slot */
 #define SVC_SCHED_WRR    3       /* weighted: the agent repeats a backend's slot by its weight */
-#define LC_SCAN_MAX      64      /* least connection looks at this many slots at most */
 
 struct frontend_key {
 	__u32 addr;
@@ -152,32 +151,38 @@ static __always_inline struct backend *backend_of_slot(__u32 id, __u32 slot, __u
 	return bpf_map_lookup_elem(&podnet_svc_backends, bid);
 }
 
-/* least connection: the first slot with the fewest open flows among the first LC_SCAN_MAX */
+/* least connection: the first slot with the fewest open flows, over every slot (bpf_loop:
+ * a frontend may have thousands; an unrolled or bounded loop would look at the first few) */
+struct lc_scan {
+	__u32 id;
+	__u32 best;
+	__s64 best_n;
+};
+
+static long lc_visit(__u32 slot, void *ctx)
+{
+	struct lc_scan *s = ctx;
+	struct slot_key sk = { .id = s->id, .slot = slot };
+	__u32 *bid = bpf_map_lookup_elem(&podnet_svc_slots, &sk);
+	__s64 *n, open;
+
+	if (!bid)
+		return 0;
+	n = bpf_map_lookup_elem(&podnet_svc_conns, bid);
+	open = n ? *n : 0;
+	if (open < s->best_n) {
+		s->best_n = open;
+		s->best = slot;
+	}
+	return 0;
+}
+
 static __always_inline __u32 least_connection_slot(struct frontend *fe)
 {
-	__u32 best = 0;
-	__s64 best_n = 0x7fffffffffffffffLL;
+	struct lc_scan s = { .id = fe->id, .best = 0, .best_n = 0x7fffffffffffffffLL };
 
-	for (__u32 i = 0; i < LC_SCAN_MAX; i++) {
-		struct slot_key sk = { .id = fe->id, .slot = i };
-		__u32 *bid;
-		__s64 *n;
-
-		if (i >= fe->count)
-			break;
-		bid = bpf_map_lookup_elem(&podnet_svc_slots, &sk);
-		if (!bid)
-			continue;
-		n = bpf_map_lookup_elem(&podnet_svc_conns, bid);
-		if (n && *n < best_n) {
-			best_n = *n;
-			best = i;
-		} else if (!n && best_n > 0) {
-			best_n = 0;
-			best = i;
-		}
-	}
-	return best;
+	bpf_loop(fe->count, lc_visit, &s, 0);
+	return s.best;
 }
 
 static __always_inline __u32 hash_u32(__u32 x)

@@ -213,6 +213,61 @@ def test_least_connection_follows_the_connections_held_open(topo, echo):
             c.wait()
 
 
+def open_flows(topo, frontend_key: bytes) -> dict[str, tuple[bytes, int]]:
+    """The programs' open-flow count of each endpoint of one frontend: address -> (the
+    backend id's key in podnet_svc_conns, its count)."""
+    from podnet.ebpf.syscall import Map
+    from podnet.services.ebpf import maps as m
+
+    maps = {}
+    for name in (m.FRONTENDS, m.SLOTS, m.BACKENDS, m.CONNS):
+        with Map.pinned(f"{pin_dir(topo)}/maps/{name}") as mp:
+            maps[name] = mp.items()
+    sid, count, _, _, _ = m.decode_frontend_value(maps[m.FRONTENDS][frontend_key])
+    out = {}
+    for slot in range(count):
+        bid = maps[m.SLOTS][m.slot_key(sid, slot)]
+        out[m.decode_backend_value(maps[m.BACKENDS][bid])[0].ip] = (bid, m.decode_conns(maps[m.CONNS][bid]))
+    return out
+
+
+def test_least_connection_looks_past_64_slots_and_a_resync_recounts_the_open_flows(topo, echo):
+    from podnet.ebpf.syscall import Map
+    from podnet.services.ebpf import maps as m
+    from podnet.services.model import Frontend
+
+    # 70 endpoints that answer nothing, in the slots before b1's and b2's (slots are in address order)
+    idle = [f"10.19.0.{i}" for i in range(1, 71)]
+    eps = [{"addresses": [a], "nodeName": "n1", "conditions": {}} for a in idle] + [endpoint("b1"), endpoint("b2")]
+    objs = [annotated(service("lcwide", "10.96.5.8", [{"port": 70, "targetPort": ECHO_PORT}]), scheduler="lc"),
+            slice_("lcwide", eps, ports=[{"port": ECHO_PORT}])]
+    topo.driver.apply(objs)
+    fe = m.frontend_key(Frontend("10.96.5.8", "tcp", 70))
+    flows = open_flows(topo, fe)
+    assert list(flows)[70:] == ["10.20.0.11", "10.20.0.12"]
+    # the 70 look busy: counts drifted up, as when flows end without a FIN the programs see
+    with Map.pinned(f"{pin_dir(topo)}/maps/{m.CONNS}") as conns:
+        conns.update_many({flows[a][0]: m.conns_value(10) for a in idle})
+    clients = []
+    try:
+        got = []
+        for _ in range(4):  # slots 70 and 71 have the fewest: they get every new connection
+            clients.append(held(topo, "10.96.5.8", 70))
+            got.append(say(clients[-1], "x").split()[0])
+        assert got == ["b1", "b2", "b1", "b2"], got
+        flows = open_flows(topo, fe)
+        assert (flows["10.20.0.11"][1], flows["10.20.0.12"][1]) == (2, 2)
+        # a resync counts again from the flow map: the drift is gone, the held flows stay counted
+        r = topo.driver.apply(objs, resync=True)
+        assert not r.get("error") and not r["errors"], r
+        flows = open_flows(topo, fe)
+        assert {a: n for a, (_, n) in flows.items()} == {**{a: 0 for a in idle}, "10.20.0.11": 2, "10.20.0.12": 2}
+    finally:
+        for c in clients:
+            c.kill()
+            c.wait()
+
+
 def test_source_hash_and_weights_choose_by_annotation(topo):
     sh_svc = annotated(service("sh", "10.96.5.5"), scheduler="sh")
     objs = [sh_svc, slice_("sh", [endpoint("b1"), endpoint("b2"), endpoint("b3")], ports=[{"port": 8080}])]

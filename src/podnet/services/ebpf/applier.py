@@ -495,8 +495,32 @@ class EbpfServiceApplier:
         if result.full:
             result.reason = "maps empty"
         self.last_delta = (added, removed)
+        if (first or resync) and any(r.scheduler == "lc" for r in state.frontends.values()):
+            recounted = self.recount_open_flows()
+            if recounted:
+                log.info("services: open-flow counts of %d backends recounted from the flow map", recounted)
         if first:
             self._remove_nftables_table()
+
+    def recount_open_flows(self) -> int:
+        """Set each backend's open-flow count (least connection) to the open TCP flows the
+        flow map holds for it; returns how many counts changed. The programs count +1 at a
+        new flow and -1 at its first FIN or RST, so a flow that ends otherwise (its entries
+        evicted from the LRU map, a lost FIN) would stay counted for good. A count that
+        moved while the flow map was read is left for the next resync: the programs are
+        counting meanwhile, and only a count steady around the read matches it."""
+        conns, ct = self.maps[m.CONNS], self.maps[m.CT]
+        before = conns.items()
+        counted: dict[bytes, int] = {}
+        for k, v in ct.items().items():
+            bid = m.ct_open_tcp_backend(k, v)
+            if bid is not None:
+                key = m.u32(bid)
+                counted[key] = counted.get(key, 0) + 1
+        after = conns.items()
+        fixed = {k: m.conns_value(counted.get(k, 0)) for k, v in after.items()
+                 if before.get(k) == v and m.decode_conns(v) != counted.get(k, 0)}
+        return conns.update_many(fixed)
 
     def _delete_entries(self, name: str, bids: set[int], backend_of: Callable[[bytes], int]) -> int:
         """Entries of a program-kept map (ct, affinity) that point at removed backend ids."""

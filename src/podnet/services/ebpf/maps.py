@@ -120,5 +120,18 @@ def ct_backend_id(value: bytes) -> int:
     return _CT_VAL.unpack(value)[3]
 
 
+CT_DIR_FWD = 0
+CT_F_CLOSED = 0x1  # a FIN or RST was seen: the flow is no longer counted as open
+
+
+def ct_open_tcp_backend(key: bytes, value: bytes) -> int | None:
+    """The backend id of a forward TCP flow the programs count as open (struct ct_key's
+    proto and dir, struct ct_entry's flags), else None."""
+    if key[12] != PROTOS["tcp"] or key[13] != CT_DIR_FWD:
+        return None
+    _, _, flags, backend_id, _ = _CT_VAL.unpack(value)
+    return None if flags & CT_F_CLOSED else backend_id
+
+
 def affinity_backend_id(value: bytes) -> int:
     return _AFF_VAL.unpack(value)[1]
