@@ -163,7 +163,7 @@ struct {
 
 struct pol_verdict_key {
 	__u64 group;
-	__u32 gen;
+	__u32 gen; /* 0: the epoch retires verdicts of every change (kept: the map's key size) */
 	__u32 epoch;
 	__u32 local;
 	__u32 peer;
@@ -196,8 +196,6 @@ struct pol_eval {
 	__u16 dport; /* network byte order */
 	__u8 proto;
 	__u8 allowed;
-	__u8 egress;
-	__u8 pad[3];
 };
 
 static __always_inline int pol_in_set(__u64 set, __u32 addr)
@@ -245,34 +243,67 @@ static long pol_eval_rule(__u32 index, void *data)
 	return 0;
 }
 
-static __always_inline int pol_group_allows(__u64 group, __u32 local, struct pol_eval *e)
+/* Is addr one of this node's own addresses? (the kernel would not forward it) */
+static __always_inline int pol_to_node(struct __sk_buff *skb, struct podnet_pkt *p)
 {
-	struct pol_group *g = bpf_map_lookup_elem(&podnet_pol_groups, &group);
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = 2; /* AF_INET */
+	fib.ifindex = skb->ingress_ifindex;
+	fib.ipv4_src = p->saddr;
+	fib.ipv4_dst = p->daddr;
+	fib.l4_protocol = p->proto;
+	fib.tot_len = skb->len - ETH_HLEN;
+	return bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
+/* The local pod's group's verdict on this packet: cached per (group, epoch, local pod,
+ * peer, port, protocol), else walked. No generation in the key (the field stays 0): the
+ * programmer bumps the epoch after every change, rule changes included, so the group's
+ * header is only read on a miss. */
+static __always_inline int pol_verdict(struct __sk_buff *skb, struct podnet_pkt *p, __u8 dir, __u64 group,
+				       __u32 local)
+{
 	__u32 zero = 0, *epoch = bpf_map_lookup_elem(&podnet_pol_epoch, &zero);
 	struct pol_verdict_key vk = {};
-	__u32 *cached, verdict;
+	struct pol_eval e = {};
+	struct pol_group *g;
+	__u32 *cached, verdict = 0;
 
-	if (!g || !epoch)
+	if (!epoch)
 		return 0;
 	vk.group = group;
-	vk.gen = g->gen;
 	vk.epoch = *epoch;
 	vk.local = local;
-	vk.peer = e->peer;
-	vk.dport = e->dport;
-	vk.proto = e->proto;
+	vk.peer = dir == POL_INGRESS ? p->saddr : p->daddr;
+	vk.dport = p->first_frag ? p->dport : 0;
+	vk.proto = p->proto;
 	cached = bpf_map_lookup_elem(&podnet_pol_verdicts, &vk);
 	if (cached)
 		return *cached;
-	e->group = group;
-	e->gen = g->gen;
-	e->allowed = 0;
-	/* A Service address seen here was not translated (no eBPF Service program in front:
-	 * its nftables floor DNATs after tc): its endpoints cannot be judged, so an isolated
-	 * pod's egress to it is dropped, never admitted by an ipBlock that covers it. */
-	if (!(e->egress && pol_in_set(POL_SERVICE_CIDRS, e->peer)))
-		bpf_loop(g->count < POL_MAX_RULES ? g->count : POL_MAX_RULES, pol_eval_rule, e, 0);
-	verdict = e->allowed;
+	if (dir == POL_EGRESS) {
+		/* A Service address seen here was not translated (no eBPF Service program in
+		 * front: its nftables floor DNATs after tc): its endpoints cannot be judged, so it
+		 * is dropped, never admitted by an ipBlock that covers it nor as unrouted. */
+		if (pol_in_set(POL_SERVICE_CIDRS, p->daddr))
+			goto cache;
+		/* a pod and its own node always reach each other; not cached (the node's
+		 * addresses change without an epoch bump, and a stale "node" would admit) */
+		if (pol_to_node(skb, p))
+			return 1;
+	}
+	g = bpf_map_lookup_elem(&podnet_pol_groups, &group);
+	if (!g)
+		return 0; /* not cached: the header may be on its way */
+	e.group = group;
+	e.gen = g->gen;
+	e.peer = vk.peer;
+	e.dst = p->daddr;
+	e.dport = vk.dport;
+	e.proto = p->proto;
+	bpf_loop(g->count < POL_MAX_RULES ? g->count : POL_MAX_RULES, pol_eval_rule, &e, 0);
+	verdict = e.allowed;
+cache:
 	bpf_map_update_elem(&podnet_pol_verdicts, &vk, &verdict, BPF_ANY);
 	return verdict;
 }
@@ -292,40 +323,6 @@ static __always_inline __u32 pol_flow_key_of(struct podnet_pkt *p, struct pol_fl
 
 #define POL_ADMITTED(dir, orient) (1U << ((dir) * 2 + (orient)))
 
-/* Admitted already in this direction and orientation, or a reply: admitted the other
- * way round in the other direction. One lookup either way. */
-static __always_inline int pol_flow_known(struct podnet_pkt *p, __u8 dir, __u64 now)
-{
-	struct pol_flow_key k = {};
-	__u32 o = pol_flow_key_of(p, &k);
-	__u64 idle = p->proto == IPPROTO_TCP ? POL_TCP_IDLE_NS : POL_OTHER_IDLE_NS;
-	struct pol_flow *f = bpf_map_lookup_elem(&podnet_pol_flows, &k);
-
-	if (!f || now - f->seen > idle)
-		return 0;
-	if (!(f->admitted & (POL_ADMITTED(dir, o) | POL_ADMITTED(!dir, !o))))
-		return 0;
-	if (now - f->seen > POL_REFRESH_NS)
-		f->seen = now; /* not on every packet: a written cache line is shared by every CPU */
-	return 1;
-}
-
-static __always_inline void pol_flow_admit(struct podnet_pkt *p, __u8 dir, __u64 now)
-{
-	struct pol_flow_key k = {};
-	__u32 o = pol_flow_key_of(p, &k);
-	struct pol_flow *f = bpf_map_lookup_elem(&podnet_pol_flows, &k);
-	struct pol_flow fresh = { .seen = now, .admitted = POL_ADMITTED(dir, o) };
-
-	if (f && now - f->seen <= (p->proto == IPPROTO_TCP ? POL_TCP_IDLE_NS : POL_OTHER_IDLE_NS)) {
-		/* the other end's pod (same node) admitted it already: add this side in place */
-		f->admitted |= POL_ADMITTED(dir, o);
-		f->seen = now;
-		return;
-	}
-	bpf_map_update_elem(&podnet_pol_flows, &k, &fresh, BPF_ANY);
-}
-
 /* ICMP echo's identifier stands in for both ports, so a ping's reply finds its flow. */
 static __always_inline void pol_icmp_ports(struct __sk_buff *skb, struct podnet_pkt *p)
 {
@@ -340,27 +337,15 @@ static __always_inline void pol_icmp_ports(struct __sk_buff *skb, struct podnet_
 	}
 }
 
-/* Is addr one of this node's own addresses? (the kernel would not forward it) */
-static __always_inline int pol_to_node(struct __sk_buff *skb, struct podnet_pkt *p)
-{
-	struct bpf_fib_lookup fib = {};
-
-	fib.family = 2; /* AF_INET */
-	fib.ifindex = skb->ingress_ifindex;
-	fib.ipv4_src = p->saddr;
-	fib.ipv4_dst = p->daddr;
-	fib.l4_protocol = p->proto;
-	fib.tot_len = skb->len - ETH_HLEN;
-	return bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED;
-}
-
 static __always_inline int pol_judge(struct __sk_buff *skb, __u8 dir)
 {
 	struct podnet_pkt p;
 	struct pol_pod *pod;
-	struct pol_eval e = {};
-	__u32 local;
-	__u64 now, group, other;
+	struct pol_flow_key k = {};
+	struct pol_flow *f;
+	__u32 local, o, bit;
+	__u64 now, group, other, idle;
+	int live;
 
 	if (podnet_parse(skb, &p) < 0)
 		return TC_ACT_UNSPEC; /* not IPv4: NetworkPolicy here is IPv4's */
@@ -376,23 +361,35 @@ static __always_inline int pol_judge(struct __sk_buff *skb, __u8 dir)
 	if (!group && p.proto == IPPROTO_TCP &&
 	    (p.tcp_flags & (PODNET_TCP_SYN | PODNET_TCP_ACK)) != PODNET_TCP_SYN)
 		return TC_ACT_UNSPEC; /* open this way: of TCP, only a connection's first packet is remembered */
-	now = bpf_ktime_get_ns();
-	if (pol_flow_known(&p, dir, now))
+
+	/* Admitted already in this direction and orientation, or a reply: admitted the other
+	 * way round in the other direction. One lookup, kept for the admission below. The
+	 * coarse clock (a tick's resolution) is enough for idle times of minutes and hours. */
+	now = bpf_ktime_get_coarse_ns();
+	idle = p.proto == IPPROTO_TCP ? POL_TCP_IDLE_NS : POL_OTHER_IDLE_NS;
+	o = pol_flow_key_of(&p, &k);
+	bit = POL_ADMITTED(dir, o);
+	f = bpf_map_lookup_elem(&podnet_pol_flows, &k);
+	live = f && (__s64)(now - f->seen) <= (__s64)idle; /* (seen ahead of now: live) */
+	if (live && (f->admitted & (bit | POL_ADMITTED(!dir, !o)))) {
+		if ((__s64)(now - f->seen) > (__s64)POL_REFRESH_NS)
+			f->seen = now; /* not on every packet: a written cache line is shared by every CPU */
 		return TC_ACT_UNSPEC;
-	if (group) {
-		/* a pod and its own node always reach each other */
-		if (dir == POL_INGRESS ? skb->ingress_ifindex != 0 : !pol_to_node(skb, &p)) {
-			e.peer = dir == POL_INGRESS ? p.saddr : p.daddr;
-			e.dst = p.daddr;
-			e.dport = p.first_frag ? p.dport : 0;
-			e.proto = p.proto;
-			e.egress = dir == POL_EGRESS;
-			if (!pol_group_allows(group, local, &e))
-				return TC_ACT_SHOT;
-		}
 	}
+	/* a pod and its own node always reach each other (from the node: no input interface) */
+	if (group && !(dir == POL_INGRESS && skb->ingress_ifindex == 0) &&
+	    !pol_verdict(skb, &p, dir, group, local))
+		return TC_ACT_SHOT;
 	/* remembered: later packets skip the rules, and the reply passes the other way */
-	pol_flow_admit(&p, dir, now);
+	if (live) {
+		/* the other end's pod (same node) admitted it already: add this side in place */
+		f->admitted |= bit;
+		f->seen = now;
+	} else {
+		struct pol_flow fresh = { .seen = now, .admitted = bit };
+
+		bpf_map_update_elem(&podnet_pol_flows, &k, &fresh, BPF_ANY);
+	}
 	return TC_ACT_UNSPEC;
 }
 

@@ -1,8 +1,11 @@
-"""NetworkPolicy by the agent's eBPF dataplane (`policyDataplane: ebpf`) in a lab: the
-rules judged on real packets (ingress from another node, through a Service there, and
-a local pod's egress), a map entry deleted behind the agent repaired within a resync,
-and an agent killed with -9 leaves policy enforced and its restart writes nothing."""
+"""NetworkPolicy by the agent's eBPF dataplane (`policyDataplane: ebpf`, with the eBPF
+Services it needs) in a lab: the rules judged on real packets (ingress from another
+node, through a Service there, and a local pod's egress, also through a Service), a
+map entry deleted behind the agent repaired within a resync, a policy filter deleted
+dropping until the agent puts it back at once (not at a resync), and an agent killed
+with -9 leaves policy enforced and its restart writes nothing."""
 
+import json
 import os
 import time
 
@@ -12,7 +15,7 @@ from podnet.lab.cluster import restart_agent
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
 from tests.kernel.labs import REPAIR_RESYNC as RESYNC
-from tests.kernel.labs import ip_of, log_offsets, log_since, node_sh, reaches, running_lab
+from tests.kernel.labs import ip_of, log_offsets, log_since, node_sh, reaches, running_lab, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -36,7 +39,7 @@ MANIFESTS = [
 @pytest.fixture(scope="module")
 def lab():
     spec = {"underlay": {"cidr": "10.99.0.0/24"}, "resyncSeconds": RESYNC, "dnsServer": "inprocess",
-            "nodes": [{"name": "node-1", "policyDataplane": "ebpf"}, {"name": "node-2"}],
+            "nodes": [{"name": "node-1", "policyDataplane": "ebpf", "serviceProxy": "ebpf"}, {"name": "node-2"}],
             "pods": [{"name": "web", "node": "node-1", "labels": {"app": "web"}, "ports": WEB},
                      {"name": "local-client", "node": "node-1", "labels": {"app": "local-client", "role": "client"},
                       "ports": OTHER},
@@ -70,9 +73,10 @@ def enforced(lab: Lab) -> None:
 
 def test_rules_on_real_packets(lab):
     enforced(lab)
-    # the local client's egress: web on its named port, nothing else (through web's Service
-    # it would take the eBPF Services: with nftables the DNAT comes after tc, docs/ebpf.md)
+    # the local client's egress: web on its named port, also through web's Service (the
+    # eBPF Service program translates it before policy judges it), nothing else
     assert reaches(lab, "local-client", f"tcp:{ip_of(lab, 'web')}:8080")
+    assert reaches(lab, "local-client", service(lab))
     assert not reaches(lab, "local-client", f"tcp:{ip_of(lab, 'intruder')}:9000")
     assert reaches(lab, "intruder", f"tcp:{ip_of(lab, 'client')}:9000")  # node-2 has no policy for them
 
@@ -90,6 +94,26 @@ def test_a_deleted_pod_entry_drops_until_the_resync_restores_it(lab):
         assert not reaches(lab, "intruder", web)
         assert time.monotonic() < deadline, "web's entry was not restored"
     enforced(lab)
+
+
+def test_a_deleted_policy_filter_drops_and_is_put_back_at_once(lab):
+    web_ip = ip_of(lab, "web")
+    web = f"tcp:{web_ip}:8080"
+    veth = json.loads(node_sh(lab, "node-1", "ip", "-j", "route", "get", web_ip))[0]["dev"]
+
+    def ingress_program() -> str:  # web's ingress rules: policy's filter at egress prio 1
+        return node_sh(lab, "node-1", "tc", "filter", "show", "dev", veth, "egress", "prio", "1")
+
+    assert "podnet_pol_to_pod" in ingress_program()
+    since = log_offsets(lab)
+    node_sh(lab, "node-1", "tc", "filter", "del", "dev", veth, "egress", "prio", "1")
+    # racing with the repair: without policy's filter the guard drops, so the intruder's
+    # probe is dropped whether it comes before or after the filter is back
+    assert not reaches(lab, "intruder", web)
+    wait_for(lambda: "podnet_pol_to_pod" in ingress_program(), "web's policy filter back")
+    enforced(lab)
+    # (that the watch, not the resync, puts it back: test_policy_ebpf.py, where no resync runs)
+    assert "attached to 1 interfaces" in log_since(lab, "node-1", since)
 
 
 def test_an_agent_killed_with_9_leaves_policy_enforced_and_its_restart_writes_nothing(lab):

@@ -33,7 +33,8 @@ from podnet.ebpf.bpffs import PinDir, instance_name
 from podnet.model.objects import Namespace, NetworkPolicy, Pod
 from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer
 from podnet.policy.ebpf.watch import AttachmentWatch
-pp = EbpfPolicyProgrammer(PinDir.for_instance(instance_name("node"), bpffs=sys.argv[1]))
+pp = EbpfPolicyProgrammer(PinDir.for_instance(instance_name("node"), bpffs=sys.argv[1]),
+                          service_cidrs=tuple(sys.argv[2:]))
 woken = threading.Event()  # the watch's wake-up: what marks the agent's policy worker
 named = []  # the interfaces every wake-up named
 def changed(ifindexes):
@@ -133,8 +134,8 @@ class Node:
     programmer: NsDriver
     clients: dict[str, NsDriver]
 
-    def start_programmer(self) -> None:
-        self.programmer = NsDriver(self.ns, PROGRAMMER, self.bpffs)
+    def start_programmer(self, *service_cidrs: str) -> None:
+        self.programmer = NsDriver(self.ns, PROGRAMMER, self.bpffs, *service_cidrs)
 
     def sync(self) -> dict:
         return self.programmer.ask(op="sync", **objects())["changes"]
@@ -302,6 +303,39 @@ def test_a_deleted_filter_wakes_the_programmer_which_puts_it_back_without_a_resy
     assert ch["attached"] == 1, ch
     named = node.programmer.ask(op="named")["named"]
     assert named and all(n == [index] for n in named), named
+
+
+CLUSTER_IP = "10.96.0.10"
+NFT_SERVICE = f"""table ip pntest-svc {{
+    chain prerouting {{ type nat hook prerouting priority dstnat; ip daddr {CLUSTER_IP} tcp dport {PORT} dnat to {PODS["b"]}:{PORT}; }}
+}}"""
+
+
+def test_a_service_address_policy_sees_untranslated_is_dropped_for_an_egress_isolated_pod(node):
+    """The node's Services on nftables (the eBPF Service programs did not load): the DNAT
+    comes after tc, so the policy program sees the ClusterIP. x/a may send anywhere by
+    ipBlock 0.0.0.0/0, which covers the ClusterIP but says nothing of its endpoints."""
+    in_ns(node.ns, "nft", "-f", "-", input=NFT_SERVICE)
+    world = objects()
+    world["policies"].append({"metadata": {"name": "a-out", "namespace": "x"},
+                              "spec": {"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                                       "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}})
+
+    def through_the_service() -> bool:
+        out = node.clients["a"].ask(op="try", host=CLUSTER_IP, port=PORT)
+        assert out["ok"] or out["reason"] in ("TimeoutError", "timeout"), out
+        return out["ok"]
+
+    node.programmer.close()
+    node.start_programmer()  # without the Service CIDRs: the ipBlock admits the ClusterIP
+    node.programmer.ask(op="sync", **world)
+    assert node.reaches_b("a") and through_the_service()
+    node.programmer.close()
+    node.start_programmer("10.96.0.0/12")  # as the agent starts it
+    ch = node.programmer.ask(op="sync", **world)["changes"]
+    assert ch["written"] == 1, ch  # the Service CIDR, in peer set 0
+    assert node.reaches_b("a"), "x/a's egress to x/b's own address is judged as before"
+    assert not through_the_service(), "an untranslated Service address is dropped, not admitted by the ipBlock"
 
 
 def test_a_policy_change_is_a_few_map_updates(node):

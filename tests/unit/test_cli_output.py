@@ -295,6 +295,12 @@ def test_exit_codes(store, capsys):
     assert run(capsys, "ipam", "check", "--store", store)[0] == 0
 
 
+def test_the_ebpf_policy_without_the_ebpf_services_is_refused_naming_both_options(capsys):
+    code, out, err = run(capsys, "agent", "--node", "n1", "--policy-dataplane", "ebpf", "--store", "sqlite:///nowhere")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "--policy-dataplane ebpf needs --service-proxy ebpf, not nftables" in err
+
+
 def test_an_unexpected_failure_is_still_one_line(store, capsys, monkeypatch):
     import podnet.cli.ipam as ipam
 

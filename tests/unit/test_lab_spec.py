@@ -95,6 +95,8 @@ def test_error_names_file_lab_and_field():
     ({"cni": {"chain": ["podnet-cni"]}}, "spec.cni.chain", "always first"),
     ({"cni": {"plugin": "flannel"}}, "spec.cni.plugin", "podnet"),
     ({"serviceCIDR": "10.99.0.0/16"}, "spec.serviceCIDR", "overlaps"),
+    ({"nodes": [{"name": "n", "policyDataplane": "ebpf", "serviceProxy": "iptables"}]}, "spec.nodes[0]",
+     "policyDataplane: ebpf needs serviceProxy: ebpf, not iptables"),
 ])
 def test_spec_errors_name_the_field(change, field, text):
     e = error(lab(**change))

@@ -217,14 +217,17 @@ class Agent:
         programs at the pods' veths with their maps pinned in this agent's bpffs directory."""
         if self.cfg.policy_dataplane != "ebpf":
             return None
-        if self.cfg.service_proxy != "ebpf":
-            log.warning("--policy-dataplane ebpf with --service-proxy %s: the Service DNAT comes after tc, so "
-                        "pods' egress rules see a ClusterIP, not its endpoints, and do not admit Service "
-                        "traffic by pod selector; use --service-proxy ebpf (docs/ebpf.md)", self.cfg.service_proxy)
         from podnet.ebpf.bpffs import PinDir, instance_name
+        from podnet.policy.ebpf import combination_error
         from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer
 
-        return EbpfPolicyProgrammer(PinDir.for_instance(instance_name(self.cfg.node)))
+        error = combination_error(self.cfg.service_proxy, "--policy-dataplane", "--service-proxy")
+        if error:
+            raise PodnetError(error)
+        # the Service CIDRs: an isolated pod's egress to an address there that policy sees
+        # untranslated (the eBPF Services fell back to nftables) is dropped
+        return EbpfPolicyProgrammer(PinDir.for_instance(instance_name(self.cfg.node)),
+                                    service_cidrs=tuple(self.cfg.service_cidrs))
 
     def _eni_agent(self):
         """The node's ENI part if a CloudNetwork selects it (podnet.eni.agent), else None."""

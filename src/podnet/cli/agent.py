@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the cgroup2 mount found in /proc/self/mountinfo)")
     p.add_argument("--policy-dataplane", choices=("nftables", "ebpf"), default="nftables",
                    help="NetworkPolicy dataplane: podnet's nftables table on the forward hook, or eBPF programs "
-                        "on tc at the pods' interfaces with maps from the same compiled state (docs/ebpf.md) "
-                        "(default %(default)s)")
+                        "on tc at the pods' interfaces with maps from the same compiled state (needs --service-proxy "
+                        "ebpf; docs/ebpf.md) (default %(default)s)")
     p.add_argument("--conntrack-max-per-core", type=int, default=0, metavar="N",
                    help="raise nf_conntrack_max to max(N x cores, --conntrack-min) at start, as kube-proxy "
                         "(0: leave it alone; default %(default)s)")
@@ -79,6 +79,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from podnet.agent.daemon import AgentConfig, run_agent
     from podnet.cli.common import store_credentials
     from podnet.cluster import agent_settings
+    from podnet.policy.ebpf import combination_error
     from podnet.services.conntrack import ConntrackSizing
     from podnet.store import open_store
 
@@ -86,6 +87,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         stream=sys.stderr, level=args.log_level.upper(),
         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s",
     )
+    if args.policy_dataplane == "ebpf" and (error := combination_error(args.service_proxy, "--policy-dataplane",
+                                                                       "--service-proxy")):
+        raise PodnetError(error)
     # The cluster's settings, as `podnet apply` used them; the flags override them on this node.
     creds = store_credentials(args)
     with open_store(args.store, create=False, credentials=creds) as kv:

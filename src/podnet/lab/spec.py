@@ -15,7 +15,7 @@
                                            # (`podnet dns serve`, survives the agent) | inprocess
       nodes:
         - {name: node-1, labels: {zone: a}}     # serviceProxy: nftables (default) | iptables
-        # policyDataplane: nftables (default) | ebpf (NetworkPolicy by tc programs, docs/ebpf.md)
+        # policyDataplane: nftables (default) | ebpf (NetworkPolicy by tc programs, with serviceProxy: ebpf; docs/ebpf.md)
         # BGP: `bgp: {}` (or true) gives the Node spec.bgp (asNumber, routeReflectorClusterID):
         # its agent runs BIRD; `rack: NAME` puts the node on that rack's segment
       router: {asNumber: 65000}            # optional; BIRD on the gateway (the external host's
@@ -241,6 +241,15 @@ class LabNode(Schema):
     @classmethod
     def _bgp(cls, v: Any) -> Any:
         return {} if v is True else None if v is False else v
+
+    @model_validator(mode="after")
+    def _policy_needs_ebpf_services(self) -> LabNode:
+        from podnet.policy.ebpf import combination_error
+
+        if self.policy_dataplane == "ebpf" and (error := combination_error(self.service_proxy, "policyDataplane:",
+                                                                           "serviceProxy:")):
+            raise ValueError(error)
+        return self
 
     @field_validator("name")
     @classmethod

@@ -41,6 +41,7 @@ PEER_KEY = struct.Struct("<III4s")  # struct pol_peer_key: prefixlen, set_lo, se
 PORT_KEY = struct.Struct("<Q4s2sH")  # struct pol_port_key: set, addr, port (network order), pad
 FLAG_VALUE = struct.Struct("<I")  # the value of peers and ports: present
 SET_BITS = 64
+SERVICE_CIDRS_SET = 0  # POL_SERVICE_CIDRS: compiled sets are numbered by object_id, never 0
 
 
 @lru_cache(maxsize=1 << 16)
@@ -163,6 +164,13 @@ class MapContents:
 
 
 EMPTY = Desired({}, {}, {}, {}, {})
+
+
+def service_cidr_entries(cidrs: tuple[str, ...] | list[str]) -> dict[bytes, bytes]:
+    """The Service CIDRs as peer set 0: the program drops an isolated pod's egress to an
+    address in them (one it sees untranslated, as behind nftables Services)."""
+    return {peer_key(SERVICE_CIDRS_SET, str(ipaddress.ip_network(c, strict=False))): FLAG_VALUE.pack(1)
+            for c in cidrs if ipaddress.ip_network(c, strict=False).version == 4}
 
 
 # ------------------------------------------------------------------ keys and values

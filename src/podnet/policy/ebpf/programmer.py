@@ -127,8 +127,10 @@ class EbpfPolicyProgrammer:
     `verify()` now and then, `resync()` to rewrite. The compiled state is the same value
     (`state`), so `podnet policy explain` and the nftables backend read the same thing."""
 
-    def __init__(self, pins: PinDir, interfaces=pod_interfaces, object_file: str | Path | None = None):
+    def __init__(self, pins: PinDir, interfaces=pod_interfaces, object_file: str | Path | None = None,
+                 service_cidrs: tuple[str, ...] = ()):
         self.maps = PolicyMaps(pins, object_file)
+        self.service_cidrs = m.service_cidr_entries(service_cidrs)
         self.interfaces = interfaces  # () -> the pod veths to attach to, name -> index
         self.inputs = InputCache()
         self.compiler = LivePolicyCompiler()
@@ -218,6 +220,7 @@ class EbpfPolicyProgrammer:
         start = time.perf_counter()
         ch = EbpfChanges()
         self.desired = self.contents.build(self.state, self.local)
+        self.desired.peers.update(self.service_cidrs)
         ch.loaded = self.maps.load()
         if ch.loaded or self.applied is None:
             ch.full = True
