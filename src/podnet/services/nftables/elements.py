@@ -96,7 +96,9 @@ def rule_items(rule: FrontendRule, large_slots: bool = True) -> Iterator[Item]:
         verdict = "reject" if rule.no_endpoints == "reject" else "drop"
         yield (f"{verdict}_nodeports" if np else f"{verdict}_ips"), fe, None, None
     if short:
-        m = len(short)  # never n (the compiler's rule): the slots cannot clash with the frontend's own
+        # never n (the compiler's rule; weighted, short_circuit_slots drops a list equal to the
+        # frontend's): the slots cannot clash with the frontend's own
+        m = len(short)
         if m > TIER_MAX:
             chain, slots = large_chain(np, True, m), LARGE_SLOT_MAPS[np, True] if large_slots else ""
         else:
