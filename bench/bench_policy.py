@@ -225,12 +225,13 @@ PodDataplane(1500).add("srv", "eth0", "/run/netns/{srv}", "10.64.0.2")
     return node, cli
 
 
-def _program_runs(pins: str) -> tuple[int, int]:
-    """Run time (ns) and runs of the policy programs pinned under `pins`, summed."""
+def _program_runs(pins: str, programs: str = "podnet_pol_*_pod") -> tuple[int, int]:
+    """Run time (ns) and runs of the policy programs pinned under `pins` (those named like
+    `programs`: the two policy programs by default, podnet_pol_guard for the guard), summed."""
     from podnet.ebpf.syscall import obj_get, prog_info
 
     total = [0, 0]
-    for pin in Path(pins).glob("podnet/bench/progs/policy-*/podnet_pol_*"):
+    for pin in Path(pins).glob(f"podnet/bench/progs/policy-*/{programs}"):
         fd = obj_get(str(pin))
         try:
             info = prog_info(fd)
@@ -294,14 +295,17 @@ print(json.dumps({{"elements": pp.state.element_count(),
                 for n in (0, n_policies):
                     info[(b, n)] = program(b, n)
                     before = _program_runs(pins) if b == "ebpf" else None
+                    guard_before = _program_runs(pins, "podnet_pol_guard") if b == "ebpf" else None
                     out = json.loads(sh("ip", "netns", "exec", nodes[b][1], PY, "-c", CLIENT, "10.64.0.2",
                                         str(connects)).stdout)
-                    if before is not None:
+                    if before is not None and guard_before is not None:
                         after = _program_runs(pins)
                         out["prog_ns"] = (after[0] - before[0]) / max(1, after[1] - before[1])
                         out["prog_runs_per_connect"] = (after[1] - before[1]) / connects
+                        guard_after = _program_runs(pins, "podnet_pol_guard")
+                        out["guard_ns_per_connect"] = (guard_after[0] - guard_before[0]) / connects
                     samples[(b, n)].append(out)
-        keys = ("mean_us", "p50_us", "p99_us", "prog_ns", "prog_runs_per_connect")
+        keys = ("mean_us", "p50_us", "p99_us", "prog_ns", "prog_runs_per_connect", "guard_ns_per_connect")
         return {b: [{"backend": b, "policies": n, "pods": n_pods, "connects": connects, "rounds": rounds,
                      **info[(b, n)], **{k: round(statistics.median(r[k] for r in samples[(b, n)]), 1)
                                         for k in keys if k in samples[(b, n)][0]}}
@@ -333,6 +337,7 @@ def run_shape(n_pods: int, n_policies: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="three shapes and fewer connects")
+    ap.add_argument("--connect-only", action="store_true", help="only the connect latency (no program shapes)")
     ap.add_argument("--inner", nargs=2, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "policy.json"))
     args = ap.parse_args()
@@ -343,7 +348,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_policy needs root (network namespaces)", file=sys.stderr)
         return 1
-    shapes = ([(100, 10), (1000, 100), (5000, 1000)] if args.quick
+    shapes = ([] if args.connect_only else [(100, 10), (1000, 100), (5000, 1000)] if args.quick
               else [(p, q) for p in (100, 1000, 5000) for q in (10, 100, 1000)])
     rows = []
     print(f"{'pods':>5} {'policies':>8} {'apply':>9} {'policy chg (cpu)':>17} {'label chg (cpu)':>16} "
@@ -379,9 +384,14 @@ def main() -> int:
           f"+{(e1['prog_ns'] - e0['prog_ns']) * e1['prog_runs_per_connect'] / 1000:.2f} us per connect, "
           f"{100 * (e1['prog_ns'] - e0['prog_ns']) * e1['prog_runs_per_connect'] / 1000 / e0['p50_us']:+.1f}% "
           f"of the p50 connect")
+    alone = (e0["prog_ns"] * e0["prog_runs_per_connect"] + e0["guard_ns_per_connect"]) / 1000
+    print(f"  ebpf with 0 policies against no programs at all: policy {e0['prog_ns'] * e0['prog_runs_per_connect'] / 1000:.2f}"
+          f" us + guard {e0['guard_ns_per_connect'] / 1000:.2f} us per connect ({100 * alone / e0['p50_us']:.1f}% of the"
+          f" p50; in-program time, the tc hook's own call not counted)")
     lat = by_backend["nftables"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": "bench/bench_policy.py" + (" --quick" if args.quick else ""), "shapes": rows,
+    result = {"command": "bench/bench_policy.py" + (" --quick" if args.quick else "")
+              + (" --connect-only" if args.connect_only else ""), "shapes": rows,
               "load_average": os.getloadavg(),
               "connect_latency": lat, "connect_p50_ratio": round(ratios["nftables"], 3),
               "connect_latency_ebpf": by_backend["ebpf"], "connect_p50_ratio_ebpf": round(ratios["ebpf"], 3),
