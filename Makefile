@@ -20,7 +20,8 @@ demo: setup
 # Benchmarks print a table, write bench/results/<name>.json and compare against a
 # baseline measured in the same run. BENCH_ARGS=--quick for a short run.
 bench: bench-ipam bench-scale bench-cni bench-throughput bench-services bench-endpoints bench-policy bench-dns \
-	bench-cluster bench-externaldns bench-eni bench-bgp bench-multinet bench-conntrack bench-programming
+	bench-cluster bench-externaldns bench-eni bench-bgp bench-multinet bench-conntrack bench-programming \
+	bench-sockets
 
 bench-%: setup
 	$(PY) bench/bench_$*.py $(BENCH_ARGS)
