@@ -1,6 +1,6 @@
 """The node's own connections to a Service: connect latency from a process of the node.
 
-    .venv/bin/python bench/bench_sockets.py [--connects N] [--rounds R]
+    .venv/bin/python bench/bench_sockets.py [--connects N] [--rounds R] [--quick]
 
 Runs as root; everything happens in network namespaces it creates and deletes. A node
 namespace with one backend (a routed veth, as podnet's pods) and a ClusterIP in front
@@ -143,7 +143,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--connects", type=int, default=2000, help="per case and round (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=5, help="fresh namespaces each (default %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="2 rounds of 500 connects")
     args = ap.parse_args()
+    if args.quick:
+        args.connects, args.rounds = 500, 2
     if os.geteuid() != 0:
         print("needs root (network namespaces, bpf)", file=sys.stderr)
         return 1
