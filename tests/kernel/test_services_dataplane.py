@@ -316,21 +316,6 @@ def names(results: list[str]) -> list[str]:
     return [r.split()[0] for r in results]
 
 
-EBPF_TODO = "eBPF Services: {} not implemented yet (docs/ebpf.md, Status)"
-
-
-def ebpf_lacks(topo, request, what: str) -> None:
-    """The whole test needs what the eBPF backend does not do yet: it runs and must fail."""
-    if topo.backend == "ebpf":
-        request.applymarker(pytest.mark.xfail(reason=EBPF_TODO.format(what), strict=True))
-
-
-def ebpf_stops_here(topo, what: str) -> None:
-    """What the test checked so far the eBPF backend does; from here on it lacks `what`."""
-    if topo.backend == "ebpf":
-        pytest.xfail(EBPF_TODO.format(what))
-
-
 def nft_only(topo, why: str) -> None:
     if topo.backend != "nft":
         pytest.skip(f"nftables internals: {why}")
