@@ -11,6 +11,7 @@ found by verify() and repaired by a resync; removing the pins detaches the progr
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -189,6 +190,13 @@ def test_resync_repairs_links_and_the_namespace_cookie_changed_behind_the_agent(
     assert "not pinned" in topo.driver.ask(verify=True)["problem"]
     topo.driver.apply(OBJECTS, resync=True)
     assert os.path.exists(link_path(topo, connect)) and topo.driver.ask(verify=True)["problem"] is None
+    # the socket programs' pins and the namespace map's pin deleted: pinned again from what the agent holds
+    sh("rm", "-rf", *glob.glob(f"{topo.pin_root}/podnet/{topo.pins}/progs/sock-*"),
+       f"{topo.pin_root}/podnet/{topo.pins}/maps/{NETNS}")
+    assert "not pinned" in topo.driver.ask(verify=True)["problem"]
+    topo.driver.apply(OBJECTS, resync=True)
+    assert topo.driver.ask(verify=True)["problem"] is None and reaches_backends(topo)
+    assert glob.glob(f"{topo.pin_root}/podnet/{topo.pins}/progs/sock-*/podnet_sock_connect4")
     # the namespace's cookie zeroed: the programs act for no namespace
     sh("bpftool", "map", "update", "pinned", f"{topo.pin_root}/podnet/{topo.pins}/maps/{NETNS}",
        "key", "0", "0", "0", "0", "value", *["0"] * 8)

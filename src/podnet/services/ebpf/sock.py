@@ -81,6 +81,12 @@ class NodeSocketHooks:
             if not os.path.exists(path):
                 obj_pin(mp.fd, path)
                 done.append(f"map {name} pinned again")
+        for prog, fd in self.obj.programs.items():  # likewise a program's pin (a restart adopts it there)
+            path = self.obj.prog_dir / prog
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                obj_pin(fd, str(path))
+                done.append(f"program {prog} pinned again")
         netns = self.maps[NETNS]
         if netns.lookup(_ZERO) != self.cookie.to_bytes(8, "little"):
             netns.update(_ZERO, self.cookie.to_bytes(8, "little"))
@@ -134,6 +140,9 @@ class NodeSocketHooks:
         for name in MAPS:
             if not os.path.exists(self.pins.map_path(name)):
                 return f"map {name} is not pinned"
+        for prog in self.obj.programs:
+            if not (self.obj.prog_dir / prog).exists():
+                return f"program {prog} is not pinned"
         if self.maps[NETNS].lookup(_ZERO) != self.cookie.to_bytes(8, "little"):
             return f"map {NETNS} does not hold this network namespace's cookie"
         for prog, attach_type in PROGRAMS.items():
