@@ -24,30 +24,49 @@ class CgroupError(PodnetError):
     pass
 
 
-def cgroup2_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
-    """Mount points of the cgroup2 hierarchy's root, in mount order."""
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _mounts(mountinfo: str) -> list[tuple[str, str, str]]:
+    """(mount point, root within the file system, file system type) in mount order."""
     out = []
     with open(mountinfo) as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            if fields[sep + 1] == "cgroup2" and fields[3] == "/":
-                out.append(fields[4].replace("\\040", " "))
+            out.append((fields[4].replace("\\040", " "), fields[3], fields[sep + 1]))
     return out
+
+
+def cgroup2_mounts(mountinfo: str = MOUNTINFO) -> list[str]:
+    """Mount points of the cgroup2 hierarchy's root, in mount order."""
+    return [point for point, root, fstype in _mounts(mountinfo) if fstype == "cgroup2" and root == "/"]
+
+
+def _fs_type(path: str, mountinfo: str) -> str:
+    """The file system type path is on (its longest mount point; the last mount there wins)."""
+    path = os.path.realpath(path)
+    best, fstype = "", ""
+    for point, _, t in _mounts(mountinfo):
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, t
+    return fstype
 
 
 def is_cgroup2_root(path: str) -> bool:
     return os.path.realpath(path) in {os.path.realpath(p) for p in cgroup2_mounts()}
 
 
-def cgroup2_root(override: str | None = None) -> str:
+def cgroup2_root(override: str | None = None, mountinfo: str = MOUNTINFO) -> str:
     """The cgroup2 root to attach to: override (--cgroup-root) if given, else the first
     cgroup2 mount, else one mounted at /run/podnet/cgroup2 for this process."""
     if override:
-        if not os.path.isfile(os.path.join(override, "cgroup.procs")):
-            raise CgroupError(f"--cgroup-root {override}: not a cgroup2 directory (no cgroup.procs)")
+        if not os.path.isdir(override) or _fs_type(override, mountinfo) != "cgroup2":
+            raise CgroupError(f"--cgroup-root {override}: not a cgroup2 directory "
+                              f"(on {_fs_type(override, mountinfo) or 'nothing mounted'})")
         return override
-    mounts = cgroup2_mounts()
+    mounts = cgroup2_mounts(mountinfo)
     if mounts:
         return mounts[0]
     os.makedirs(OWN_MOUNT, exist_ok=True)
