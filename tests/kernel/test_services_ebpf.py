@@ -328,9 +328,10 @@ def test_incremental_changes_leave_the_maps_as_written_from_empty(tmp_path):
 
     rnd = random.Random(7)
     pins = PinDir.for_instance(f"test-{uuid.uuid4().hex[:10]}")
-    # no interfaces and no nftables: only the maps (in this test's own pin directory)
+    # no interfaces, no nftables and no socket programs (this process is in the root network
+    # namespace, which no test may change): only the maps (in this test's own pin directory)
     applier = EbpfServiceApplier("t", pins=pins, interfaces=lambda ipr: {},
-                                 nft=lambda script: None)
+                                 nft=lambda script: None, node_sockets=False)
     compiler = ServiceCompiler("n1", ["10.10.0.1"], ServiceConfig(service_cidrs=("10.96.0.0/16",)))
     eps = [f"10.20.{i // 200}.{i % 200 + 1}" for i in range(60)]
     try:
