@@ -286,24 +286,30 @@ class Map:
     def update_many(self, entries: dict[bytes, bytes] | list[tuple[bytes, bytes]], chunk: int = 8192) -> int:
         """Write entries: BPF_MAP_UPDATE_BATCH for hash maps (one syscall per chunk),
         one update each otherwise. Returns how many were written."""
-        pairs = list(entries.items()) if isinstance(entries, dict) else list(entries)
-        if not pairs:
+        if not entries:
             return 0
         if self.info.type not in BATCHABLE:
-            for k, v in pairs:
+            for k, v in (entries.items() if isinstance(entries, dict) else entries):
                 self.update(k, v)
-            return len(pairs)
+            return len(entries)
+        if isinstance(entries, dict) and len(entries) <= chunk:
+            # (the common case: keys and values joined straight from the dict, no pairs made)
+            self._update_batch(len(entries), b"".join(entries), b"".join(entries.values()))
+            return len(entries)
+        pairs = list(entries.items()) if isinstance(entries, dict) else list(entries)
         for i in range(0, len(pairs), chunk):
             part = pairs[i:i + chunk]
-            keys = b"".join(k for k, _ in part)
-            values = b"".join(v for _, v in part)
-            if len(keys) != len(part) * self.info.key_size or len(values) != len(part) * self.info.value_size:
-                raise ValueError(f"map {self.name}: a key or value of the wrong size in a batch")
-            kb = ctypes.create_string_buffer(keys, len(keys))
-            vb = ctypes.create_string_buffer(values, len(values))
-            _call(BPF_MAP_UPDATE_BATCH, [(16, 8, _addr(kb)), (24, 8, _addr(vb)), (32, 4, len(part)),
-                                         (36, 4, self.fd)], f"map {self.name}: batch update")
+            self._update_batch(len(part), b"".join([k for k, _ in part]), b"".join([v for _, v in part]))
         return len(pairs)
+
+    def _update_batch(self, n: int, keys: bytes, values: bytes) -> None:
+        if len(keys) != n * self.info.key_size or len(values) != n * self.info.value_size:
+            raise ValueError(f"map {self.name}: a key or value of the wrong size in a batch")
+        # the kernel only reads them: the bytes objects' own buffers, no copy
+        kp = ctypes.cast(ctypes.c_char_p(keys), ctypes.c_void_p).value or 0
+        vp = ctypes.cast(ctypes.c_char_p(values), ctypes.c_void_p).value or 0
+        _call(BPF_MAP_UPDATE_BATCH, [(16, 8, kp), (24, 8, vp), (32, 4, n), (36, 4, self.fd)],
+              f"map {self.name}: batch update")
 
     def delete_many(self, keys: list[bytes]) -> int:
         """Delete keys (missing ones are skipped); how many were there. Hash maps:

@@ -265,10 +265,12 @@ class EbpfServiceApplier:
             out[name][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags, r.affinity_timeout or 0,
                                                              r.affinity_key)
             ids = self.bids.setdefault(view, {})
-            for slot, b in enumerate(backends):
-                bid = self._bid(ids, b)
-                out[m.SLOTS][m.slot_key(sid, slot)] = m.u32(bid)
-                out[m.BACKENDS][m.u32(bid)] = m.backend_value(b, fe.proto)
+            slots, values = out[m.SLOTS], out[m.BACKENDS]
+            for slot, b in enumerate(backends):  # (the loop of a full load: kept to a few calls)
+                bid = ids.get(b) or self._bid(ids, b)
+                key = m.u32(bid)
+                slots[m.slot_key(sid, slot)] = key
+                values[key] = m.backend_value(b, fe.proto)
         self._rendered[r] = out
         return out
 
@@ -432,7 +434,7 @@ class EbpfServiceApplier:
             removed: dict[str, list[bytes]] = {}
             for name in m.DESIRED:
                 have, want = current.get(name, {}), desired[name]
-                upd = {k: v for k, v in want.items() if have.get(k) != v}
+                upd = {k: v for k, v in want.items() if have.get(k) != v} if have else dict(want)
                 if upd:
                     added[name] = upd
                 dels = [k for k in have if k not in want]

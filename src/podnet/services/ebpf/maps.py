@@ -83,8 +83,11 @@ def decode_u32(b: bytes) -> int:
     return _U32.unpack(b)[0]
 
 
+_BACKEND = struct.Struct(">4sHBx")  # address and port in network order, protocol, pad
+
+
 def backend_value(b: Backend, proto: str) -> bytes:
-    return socket.inet_aton(b.ip) + b.port.to_bytes(2, "big") + bytes((PROTOS[proto], 0))
+    return _BACKEND.pack(socket.inet_aton(b.ip), b.port, PROTOS[proto])
 
 
 def decode_backend_value(value: bytes) -> tuple[Backend, str]:
