@@ -166,7 +166,8 @@ for step in range(25):
     a, b = logical(inc), logical(whole)
     whole.maps.close()
     whole.maps.pins.remove()
-    report.append({"step": step, "what": what, "loaded": ch.loaded, "changed": ch.written + ch.deleted,
+    report.append({"step": step, "what": what, "loaded": ch.loaded, "full": ch.full,
+                   "changed": ch.written + ch.deleted,
                    "verify": inc.verify(), "same": a == b, "stray": a["stray_rules"],
                    "entries": sum(len(v) for k, v in a.items() if k != "stray_rules")})
 print(json.dumps(report))
@@ -187,4 +188,5 @@ def test_random_changes_to_ebpf_maps_equal_maps_written_from_empty(seed, tmp_pat
     assert sum(1 for r in report[1:] if r["changed"]) >= 10, "too few steps changed the maps"
     for r in report:
         assert not r["loaded"] or r["step"] == 0, r
+        assert not r["full"] or r["step"] == 0, r  # after the first: only what the change touched
         assert r["verify"] == [] and r["same"] and r["stray"] == 0, r

@@ -20,8 +20,8 @@ import hashlib
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 from podnet.policy.compiler import EGRESS, INGRESS, PolicyState, Rule, SetDef
 
@@ -108,62 +108,96 @@ def set_entries(s: SetDef) -> tuple[str, dict[bytes, bytes]]:
 @dataclass
 class Desired:
     """The maps' contents for a compiled state, before generations are given: every
-    local pod's entry, each group's packed rules, the peer and named-port elements."""
+    local pod's entry, each group's packed rules, each set's elements (peer and
+    named-port entries), and what differs from the build before it."""
 
     pods: dict[bytes, bytes]
     groups: dict[int, tuple[bytes, ...]]
-    peers: dict[bytes, bytes]
-    ports: dict[bytes, bytes]
+    sets: dict[str, tuple[str, dict[bytes, bytes]]]  # set name -> (its map, its entries)
     names: dict[int, str]  # group number -> the compiler's name (for messages)
+    # against the build before: set name -> (its map and entries then, its map and entries
+    # now; None where it was or is not), and the groups added, changed or gone (the
+    # programmer writes only these when the maps hold that build)
+    changed_sets: dict[str, tuple[tuple[str, dict[bytes, bytes]] | None, tuple[str, dict[bytes, bytes]] | None]] \
+        = field(default_factory=dict)
+    changed_groups: frozenset[int] = frozenset()
+
+    def entries(self, map_name: str) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for kind, entries in self.sets.values():
+            if kind == map_name:
+                out.update(entries)
+        return out
+
+    @cached_property
+    def peers(self) -> dict[bytes, bytes]:
+        return self.entries("podnet_pol_peers")
+
+    @cached_property
+    def ports(self) -> dict[bytes, bytes]:
+        return self.entries("podnet_pol_ports")
 
     def entry_count(self) -> int:
         return (len(self.pods) + len(self.groups) + sum(len(r) for r in self.groups.values())
-                + len(self.peers) + len(self.ports))
+                + sum(len(e) for _, e in self.sets.values()))
 
 
 class MapContents:
     """Builds `Desired` from compiled states. The compiler hands back the same set and
     chain objects while they do not change, so each set's entries and each group's
     rules are kept by the identity of the objects they came from: a label change
-    converts the sets it touched, not every set."""
+    converts the sets it touched, not every set, and says which ones it touched.
+    `extra_sets`: set name -> (map, entries) written along with every state (the
+    Service CIDRs)."""
 
-    def __init__(self) -> None:
-        self._sets: dict[str, tuple[SetDef, str, dict[bytes, bytes]]] = {}
+    def __init__(self, extra_sets: dict[str, tuple[str, dict[bytes, bytes]]] | None = None) -> None:
+        self.extra_sets = dict(extra_sets or {})
+        self._sets: dict[str, tuple[object, str, dict[bytes, bytes]]] = {}  # name -> (source, map, entries)
         self._groups: dict[str, tuple[tuple, tuple[bytes, ...]]] = {}
 
     def build(self, state: PolicyState, local_ips: frozenset[str] | set[str]) -> Desired:
         groups: dict[int, tuple[bytes, ...]] = {}
         names: dict[int, str] = {}
         kept_groups = {}
+        changed_groups = set()
         for name, g in state.groups.items():
             chains = tuple(state.policy_chains[c] for c in g.policy_chains)
             cached = self._groups.get(name)
             if cached is None or len(cached[0]) != len(chains) or any(
                     a is not b for a, b in zip(cached[0], chains, strict=True)):
                 cached = (chains, tuple(map_rule(r).pack() for c in chains for r in c.rules))
+                changed_groups.add(object_id(name))
             kept_groups[name] = cached
             gid = object_id(name)
             groups[gid] = cached[1]
             names[gid] = name
+        changed_groups.update(object_id(n) for n in self._groups.keys() - kept_groups.keys())
         self._groups = kept_groups
-        peers: dict[bytes, bytes] = {}
-        ports: dict[bytes, bytes] = {}
+        sets: dict[str, tuple[str, dict[bytes, bytes]]] = {}
+        changed_sets: dict = {}
         kept_sets = {}
-        for name, s in state.sets.items():
+        sources = [(name, s, None) for name, s in state.sets.items()]
+        sources += [(name, entries, kind) for name, (kind, entries) in self.extra_sets.items()]
+        for name, source, kind in sources:
             cached_set = self._sets.get(name)
-            if cached_set is None or cached_set[0] is not s:
-                cached_set = (s, *set_entries(s))
+            if cached_set is None or cached_set[0] is not source:
+                fresh = (source, *(set_entries(source) if kind is None else (kind, source)))
+                if cached_set is None or cached_set[1:] != fresh[1:]:
+                    changed_sets[name] = (cached_set[1:] if cached_set else None, fresh[1:])
+                cached_set = fresh
             kept_sets[name] = cached_set
-            (peers if cached_set[1] == "podnet_pol_peers" else ports).update(cached_set[2])
+            sets[name] = (cached_set[1], cached_set[2])
+        for name in self._sets.keys() - kept_sets.keys():
+            changed_sets[name] = (self._sets[name][1:], None)
         self._sets = kept_sets
         ing, eg = state.dispatch[INGRESS], state.dispatch[EGRESS]
         pods = {pod_key(ip): POD_VALUE.pack(object_id(ing[ip]) if ip in ing else 0,
                                             object_id(eg[ip]) if ip in eg else 0)
                 for ip in (*local_ips, *ing, *eg)}
-        return Desired(pods, groups, peers, ports, names)
+        return Desired(pods, groups, sets, names, changed_sets, frozenset(changed_groups))
 
 
-EMPTY = Desired({}, {}, {}, {}, {})
+EMPTY = Desired({}, {}, {}, {})
 
 
 def service_cidr_entries(cidrs: tuple[str, ...] | list[str]) -> dict[bytes, bytes]:

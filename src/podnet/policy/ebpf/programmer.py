@@ -76,38 +76,90 @@ class EbpfChanges:
 Contents = dict[str, dict[bytes, bytes]]  # map name -> key -> value
 
 
+def group_contents(gid: int, packed: tuple[bytes, ...], have_groups: dict[bytes, bytes],
+                   have_rules: dict[bytes, bytes], known: dict[int, tuple] | None,
+                   names: dict[int, str]) -> tuple[bytes, bytes, dict[bytes, bytes]]:
+    """One group's header key, header and rule entries. It keeps the generation the kernel
+    has it under when its rules there are the same; otherwise it gets the next one."""
+    if len(packed) > m.MAX_RULES:
+        raise EbpfPolicyError(f"group {names.get(gid, gid)}: {len(packed)} rules, "
+                              f"the program walks at most {m.MAX_RULES}")
+    key = m.GROUP_KEY.pack(gid)
+    head = have_groups.get(key)
+    last = known.get(gid) if known is not None else None
+    if last is not None and last[0] is packed and head == last[2]:
+        gen, header, entries = last[1], last[2], last[3]  # written last time, still there
+    else:
+        gen = 1
+        if head is not None:
+            count, kgen = m.GROUP_VALUE.unpack(head)
+            same = count == len(packed) and all(have_rules.get(m.rule_key(gid, kgen, i)) == v
+                                                for i, v in enumerate(packed))
+            gen = kgen if same else (kgen + 1) & 0xFFFFFFFF
+        header = m.group_value(len(packed), gen)
+        entries = {m.rule_key(gid, gen, i): v for i, v in enumerate(packed)}
+    if known is not None:
+        known[gid] = (packed, gen, header, entries)
+    return key, header, entries
+
+
 def desired_contents(want: m.Desired, kernel: Contents,
                      known: dict[int, tuple] | None = None) -> Contents:
-    """The maps' contents for `want`. A group keeps the generation the kernel has it
-    under when its rules there are the same; otherwise it gets the next one. `known`:
+    """The maps' contents for `want` (each group as group_contents gives it). `known`:
     group -> (rules, generation, header, rule entries) as last written to `kernel`,
     filled in here (a group whose rules are the very same object is not built again)."""
     out: Contents = {"podnet_pol_pods": want.pods, "podnet_pol_peers": want.peers, "podnet_pol_ports": want.ports,
                      "podnet_pol_groups": {}, "podnet_pol_rules": {}}
     have_groups, have_rules = kernel.get("podnet_pol_groups", {}), kernel.get("podnet_pol_rules", {})
     for gid, packed in want.groups.items():
-        if len(packed) > m.MAX_RULES:
-            raise EbpfPolicyError(f"group {want.names.get(gid, gid)}: {len(packed)} rules, "
-                                  f"the program walks at most {m.MAX_RULES}")
-        key = m.GROUP_KEY.pack(gid)
-        head = have_groups.get(key)
-        last = known.get(gid) if known is not None else None
-        if last is not None and last[0] is packed and head == last[2]:
-            gen, header, entries = last[1], last[2], last[3]  # written last time, still there
-        else:
-            gen = 1
-            if head is not None:
-                count, kgen = m.GROUP_VALUE.unpack(head)
-                same = count == len(packed) and all(have_rules.get(m.rule_key(gid, kgen, i)) == v
-                                                    for i, v in enumerate(packed))
-                gen = kgen if same else (kgen + 1) & 0xFFFFFFFF
-            header = m.group_value(len(packed), gen)
-            entries = {m.rule_key(gid, gen, i): v for i, v in enumerate(packed)}
-        if known is not None:
-            known[gid] = (packed, gen, header, entries)
+        key, header, entries = group_contents(gid, packed, have_groups, have_rules, known, want.names)
         out["podnet_pol_groups"][key] = header
         out["podnet_pol_rules"].update(entries)
     return out
+
+
+def delta_ops(want: m.Desired, have: Contents, known: dict[int, tuple]) -> list[MapOp]:
+    """What turns `have` (the maps holding the build before `want`) into `want`, looking
+    only at what `want` says changed since: the sets and groups it names, and the pods'
+    entries (one per local pod). The same order as diff_ops."""
+    writes: Contents = {name: {} for name in WRITE_ORDER}
+    deletes: dict[str, set[bytes]] = {name: set() for name in DELETE_ORDER}
+    pods = have["podnet_pol_pods"]
+    writes["podnet_pol_pods"] = dict(want.pods.items() - pods.items())
+    deletes["podnet_pol_pods"] = pods.keys() - want.pods.keys()
+    for before, now in want.changed_sets.values():
+        new = now[1] if now else {}
+        if now:
+            held = have[now[0]]
+            writes[now[0]].update((k, v) for k, v in new.items() if held.get(k) != v)
+        if before:
+            deletes[before[0]].update(k for k in before[1] if k not in new or (now and now[0] != before[0]))
+    have_groups, have_rules = have["podnet_pol_groups"], have["podnet_pol_rules"]
+    for gid in want.changed_groups:
+        key = m.GROUP_KEY.pack(gid)
+        head = have_groups.get(key)
+        old = set()
+        if head is not None:  # the rules the kernel reads now
+            count, gen = m.GROUP_VALUE.unpack(head)
+            old = {m.rule_key(gid, gen, i) for i in range(count)}
+        packed = want.groups.get(gid)
+        if packed is None:
+            known.pop(gid, None)
+            if head is not None:
+                deletes["podnet_pol_groups"].add(key)
+            deletes["podnet_pol_rules"].update(old)
+            continue
+        key, header, entries = group_contents(gid, packed, have_groups, have_rules, known, want.names)
+        if head != header:
+            writes["podnet_pol_groups"][key] = header
+        writes["podnet_pol_rules"].update((k, v) for k, v in entries.items() if have_rules.get(k) != v)
+        deletes["podnet_pol_rules"].update(old - entries.keys())
+    ops = []
+    for name in WRITE_ORDER:
+        ops.extend(MapOp(name, k, v) for k, v in sorted(writes[name].items()))
+    for name in DELETE_ORDER:
+        ops.extend(MapOp(name, k, None) for k in sorted(deletes[name]))
+    return ops
 
 
 def diff_ops(have: Contents, want: Contents) -> list[MapOp]:
@@ -130,12 +182,12 @@ class EbpfPolicyProgrammer:
     def __init__(self, pins: PinDir, interfaces=pod_interfaces, object_file: str | Path | None = None,
                  service_cidrs: tuple[str, ...] = ()):
         self.maps = PolicyMaps(pins, object_file)
-        self.service_cidrs = m.service_cidr_entries(service_cidrs)
         self.interfaces = interfaces  # () -> the pod veths to attach to, name -> index
         self.inputs = InputCache()
         self.compiler = LivePolicyCompiler()
         self.state: PolicyState = EMPTY_STATE
-        self.contents = m.MapContents()
+        self.contents = m.MapContents({"podnet:service-cidrs": ("podnet_pol_peers",
+                                                               m.service_cidr_entries(service_cidrs))})
         self._gens: dict[int, tuple] = {}  # group -> what desired_contents wrote for it last
         self.desired: m.Desired = m.EMPTY
         self.local: frozenset[str] = frozenset()
@@ -219,23 +271,31 @@ class EbpfPolicyProgrammer:
     def _apply(self) -> EbpfChanges:
         start = time.perf_counter()
         ch = EbpfChanges()
-        self.desired = self.contents.build(self.state, self.local)
-        self.desired.peers.update(self.service_cidrs)
-        ch.loaded = self.maps.load()
-        if ch.loaded or self.applied is None:
-            ch.full = True
-            have = self._read()
-        else:
-            have = self.applied
-        if have is not self.applied:
-            self._gens = {}
-        want = desired_contents(self.desired, have, self._gens)
-        ops = diff_ops(have, want)
         try:
+            # the build says what changed since the build before, which the maps hold
+            # when `applied` is known: then only that is looked at (O(change), not
+            # O(entries)); else the maps are read back and compared whole
+            self.desired = self.contents.build(self.state, self.local)
+            ch.loaded = self.maps.load()
+            if ch.loaded or self.applied is None:
+                ch.full = True
+                have = self._read()
+                self._gens = {}
+                want = desired_contents(self.desired, have, self._gens)
+                ops = diff_ops(have, want)
+            else:
+                want = self.applied
+                ops = delta_ops(self.desired, want, self._gens)
             self.maps.apply(ops)
-        except EbpfPolicyError:
-            self.applied = None  # some of it landed: read the maps back next time
+        except Exception:
+            self.applied = None  # some of it may have landed, or the build ran ahead: read back next time
             raise
+        if want is self.applied:  # keep what the maps hold (verify() compares with it)
+            for op in ops:
+                if op.value is None:
+                    want[op.map].pop(op.key, None)
+                else:
+                    want[op.map][op.key] = op.value
         ch.written = sum(1 for op in ops if op.value is not None)
         ch.deleted = len(ops) - ch.written
         if ops:
