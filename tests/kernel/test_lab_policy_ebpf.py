@@ -81,6 +81,16 @@ def test_rules_on_real_packets(lab):
     assert reaches(lab, "intruder", f"tcp:{ip_of(lab, 'client')}:9000")  # node-2 has no policy for them
 
 
+def test_an_egress_isolated_pod_reaches_the_dns_its_node_answers_on_the_kube_dns_cluster_ip(lab):
+    """The node's DNS answers on the kube-dns ClusterIP itself (no DNAT): a pod reaches its
+    own node whatever its egress rules, so the Service CIDR drop leaves that address out."""
+    dns = lab.store().get(Service, "kube-dns", "kube-system")
+    assert dns is not None and dns.spec.cluster_ip
+    answer = lab.exec("local-client", ["dig", "+short", "+tries=1", "+time=3", f"@{dns.spec.cluster_ip}",
+                                       "web.default.svc.cluster.local"], timeout=20)
+    assert answer.returncode == 0 and answer.stdout.split() == [service(lab).split(":")[1]], answer
+
+
 def test_a_deleted_pod_entry_drops_until_the_resync_restores_it(lab):
     web_ip = ip_of(lab, "web")
     web = f"tcp:{web_ip}:8080"

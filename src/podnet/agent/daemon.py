@@ -224,10 +224,14 @@ class Agent:
         error = combination_error(self.cfg.service_proxy, "--policy-dataplane", "--service-proxy")
         if error:
             raise PodnetError(error)
+        from podnet.services.compiler import balanced_cidrs
+        from podnet.services.model import ServiceConfig
+
         # the Service CIDRs: an isolated pod's egress to an address there that policy sees
-        # untranslated (the eBPF Services fell back to nftables) is dropped
-        return EbpfPolicyProgrammer(PinDir.for_instance(instance_name(self.cfg.node)),
-                                    service_cidrs=tuple(self.cfg.service_cidrs))
+        # untranslated (the eBPF Services fell back to nftables) is dropped; less the
+        # addresses the node's DNS answers itself, never translated (a pod reaches its node)
+        cidrs = balanced_cidrs(ServiceConfig(tuple(self.cfg.service_cidrs), local_dns=tuple(self.dns_addresses())))
+        return EbpfPolicyProgrammer(PinDir.for_instance(instance_name(self.cfg.node)), service_cidrs=cidrs)
 
     def _eni_agent(self):
         """The node's ENI part if a CloudNetwork selects it (podnet.eni.agent), else None."""
