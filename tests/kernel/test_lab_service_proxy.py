@@ -33,6 +33,10 @@ def test_a_node_on_another_service_proxy_serves_the_same_service(proxy):
             got = Counter(r.get("name") if r.get("ok") else "timeout"
                           for r in lab.probe(client, [f"tcp:{svc.spec.cluster_ip}:80"] * 30, timeout=3))
             assert set(got) == {"web-1", "web-2"}, (client, got)
+        for node in ("node-1", "node-2"):  # the nodes' own processes (eBPF: the socket programs of its agent)
+            got = Counter(r.get("name") if r.get("ok") else "timeout"
+                          for r in lab.probe_node(node, [f"tcp:{svc.spec.cluster_ip}:80"] * 30, timeout=3))
+            assert set(got) == {"web-1", "web-2"}, (node, got)
         ns = {n["name"]: n["netns"] for n in lab.state.data["nodes"]}
         # each node programs its own layout, and only that one
         if proxy == "iptables":
