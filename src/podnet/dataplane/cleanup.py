@@ -20,7 +20,8 @@ What podnet writes on a node, and how each is recognised as podnet's:
   the directory;
 - the eBPF dataplanes (`--service-proxy ebpf`, `--policy-dataplane ebpf`): tc filters
   named `podnet_*` on any interface, and the pins of this namespace's agents
-  (`<bpffs>/podnet/<node>-<netns inode>/`, ebpf/bpffs.py);
+  (`<bpffs>/podnet/<node>-<netns inode>/`, ebpf/bpffs.py; with them the pinned links of
+  the Service socket programs on the cgroup2 root, which unpinning detaches);
 - the agent's files next to its CNI socket: the socket, `.synced`, `.lock`;
 - on an ENI node (eni/routing.py): the `ip rule`s of protocol 0xe1 (each pod's two), the
   routes of that protocol in the per-ENI tables (100 + device index), and the ENI links
