@@ -24,6 +24,7 @@ process). Prints a table and writes bench/results/services.json.
     .venv/bin/python bench/bench_services.py --sizes 1,1000,5000,10000,20000
     .venv/bin/python bench/bench_services.py --quick
     .venv/bin/python bench/bench_services.py --backends nft-maps,ebpf --sizes 1,1000,10000 --large
+    .venv/bin/python bench/bench_services.py --backends nft-maps,ebpf --sizes 1000 --alternate 8
 """
 
 from __future__ import annotations
@@ -512,6 +513,48 @@ def run_case(backend: str, n: int, reps: int, probes: int, iperf_seconds: int) -
         return row
 
 
+def alternate(backends: list[str], n: int, rounds: int, probes: int, seconds: int) -> dict:
+    """Every backend's node alive at once, the traffic measurements taken in rounds that
+    go through the backends in turn: load from other work on a shared machine then
+    falls on all alike, and each round gives a ratio to the first backend (the cases
+    of run_case are minutes apart, so their ratios carry the load's drift)."""
+    labs: dict[str, Lab] = {}
+    workers: dict[str, subprocess.Popen] = {}
+    out: dict = {"services": n, "rounds": [], "backends": backends}
+    try:
+        for b in backends:
+            labs[b] = Lab().__enter__()
+            workers[b] = labs[b].start_worker(b, n, 1)
+            ask(workers[b], {"op": "all"}, f"({b}, {n} Services)")
+        first = str(ipaddress.IPv4Address(CLUSTER_BASE))
+        last = str(ipaddress.IPv4Address(CLUSTER_BASE + n - 1))
+        for _ in range(rounds):
+            row = {}
+            for b in backends:
+                lat = labs[b].probe(first, last, probes)
+                udp = labs[b].udp_rate(first, seconds) or {}
+                row[b] = {"connect_last_p50_us": pct(lat["last"], 0.5) * 1e6 if lat["last"] else None,
+                          **{k: udp.get(k) for k in ("udp64_first_kpps", "udp64_us_per_packet", "udp64_program_ns")}}
+            out["rounds"].append(row)
+    finally:
+        for w in workers.values():
+            try:
+                ask(w, {"op": "remove"})
+            except (RuntimeError, BrokenPipeError):
+                pass
+        for lab in labs.values():
+            lab.__exit__()
+    base = backends[0]
+    out["ratios"] = {}
+    for b in backends[1:]:
+        for key in ("connect_last_p50_us", "udp64_us_per_packet", "udp64_first_kpps"):
+            rs = [r[b][key] / r[base][key] for r in out["rounds"] if r[b].get(key) and r[base].get(key)]
+            if rs:
+                out["ratios"][f"{b}/{base} {key}"] = {"median": round(statistics.median(rs), 2),
+                                                      "min": round(min(rs), 2), "max": round(max(rs), 2)}
+    return out
+
+
 def fmt(v, unit: str = "s") -> str:
     if v is None:
         return "-"
@@ -630,6 +673,9 @@ def main() -> int:
     ap.add_argument("--iperf", type=int, default=2, help="seconds of iperf3 per target (0: skip)")
     ap.add_argument("--quick", action="store_true", help="sizes 1,1000; one rep; 100 probes; no iperf")
     ap.add_argument("--large", action="store_true", help="also 50 000 Services")
+    ap.add_argument("--alternate", type=int, metavar="ROUNDS",
+                    help="only the traffic measurements (connect latency, small UDP), every backend's node at "
+                         "once, in ROUNDS rounds through the backends in turn, at the first size; ratios per round")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "services.json"))
     ap.add_argument("--plots", default=os.path.join(ROOT, "docs", "img"),
                     help="directory for the PNG plots (needs matplotlib; empty: no plots)")
@@ -650,6 +696,23 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_services needs root (network namespaces)", file=sys.stderr)
         return 1
+    if args.alternate:
+        n = int(args.sizes.split(",")[0])
+        backends = [b for b in args.backends.split(",") if b]
+        result = alternate(backends, n, args.alternate, args.probes, args.iperf or 1)
+        for i, r in enumerate(result["rounds"]):
+            print(f"round {i + 1}: " + "; ".join(
+                f"{b} connect p50 {fmt(v['connect_last_p50_us'], 'us')}, udp {fmt(v['udp64_first_kpps'], 'k')}pps "
+                f"{fmt(v['udp64_us_per_packet'], 'f2')} us/pkt" for b, v in r.items()))
+        for k, v in result["ratios"].items():
+            print(f"{k}: median {v['median']} ({v['min']}-{v['max']})")
+        result["command"] = " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+        result["host"] = {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {os.path.relpath(args.out, ROOT)}")
+        return 0
     if args.quick:
         args.sizes, args.reps, args.probes, args.iperf = "1,1000", 1, 100, 0
     caps = dict(DEFAULT_CAPS)
