@@ -19,10 +19,12 @@ every process started after sees that same bpffs. A DaemonSet mounts the host's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +109,15 @@ class PinDir:
 
     def map_path(self, name: str) -> str:
         return str(self.maps / name)
+
+    def unpin_object(self, name: str, maps: Iterable[str]) -> None:
+        """Unpin one object's maps and every pinned build of its programs (programs still
+        attached or linked stay so until detached: the kernel holds its own reference)."""
+        for m in maps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.map_path(m))
+        for d in self.progs.glob(f"{name}-*"):
+            shutil.rmtree(d, ignore_errors=True)
 
     def remove(self) -> None:
         """Unpin everything of this instance (a program still attached stays attached

@@ -13,13 +13,20 @@ from math import gcd
 from podnet.services.model import Backend
 
 
-def slot_counts(backends: tuple[Backend, ...], weights: tuple[tuple[str, int], ...]) -> list[int]:
+def slot_counts(backends: tuple[Backend, ...], weights: tuple[tuple[str, int], ...],
+                cap: int | None = None) -> list[int]:
     """Each endpoint's slots: its weight (an address not listed: 1; 0: no new flows),
-    divided by the weights' greatest common divisor."""
+    divided by the weights' greatest common divisor; with a cap, scaled down to about
+    that many slots (a weighted endpoint keeps at least one)."""
     w = dict(weights)
     counts = [w.get(b.ip, 1) for b in backends]
     common = reduce(gcd, counts, 0)
-    return [c // common for c in counts] if common > 1 else counts
+    if common > 1:
+        counts = [c // common for c in counts]
+    total = sum(counts)
+    if cap is not None and total > cap:
+        counts = [max(1, c * cap // total) if c else 0 for c in counts]
+    return counts
 
 
 def weighted_slots(backends: tuple[Backend, ...], counts: list[int]) -> tuple[Backend, ...]:

@@ -42,6 +42,7 @@ from podnet.services.ebpf.sock import DROP_MARK, NodeSocketHooks
 from podnet.services.metrics import ServiceMetrics
 from podnet.services.model import Backend, FrontendRule, ServiceState
 from podnet.services.nftables.elements import changed_rules
+from podnet.services.weights import slot_counts, weighted_slots
 
 log = logging.getLogger("podnet.services")
 
@@ -261,7 +262,8 @@ class EbpfServiceApplier:
             sid = self._sid(view)
             for cidr in r.source_ranges:
                 out[m.SRC_RANGES][m.src_range_key(sid, cidr)] = b"\x01"
-            backends = weighted_slots(backends, r.weights) if r.scheduler == "wrr" else backends
+            backends = (weighted_slots(backends, slot_counts(backends, r.weights, MAX_WEIGHTED_SLOTS))
+                        if r.scheduler == "wrr" else backends)
             out[name][m.frontend_key(fe)] = m.frontend_value(sid, len(backends), flags, r.affinity_timeout or 0,
                                                              r.affinity_key)
             ids = self.bids.setdefault(view, {})
@@ -596,15 +598,7 @@ class EbpfServiceApplier:
             self.obj.close()
             self.obj = None
         if self.pins is not None:
-            for name in m.ALL:
-                try:
-                    os.unlink(self.pins.map_path(name))
-                except FileNotFoundError:
-                    pass
-            for d in self.pins.progs.glob(f"{m.OBJECT}-*"):
-                for f in d.iterdir():
-                    f.unlink()
-                d.rmdir()
+            self.pins.unpin_object(m.OBJECT, m.ALL)
         try:
             self.nft(f"table ip {REJECT_TABLE} {{}}\ndelete table ip {REJECT_TABLE}\n")
         except NftError:
@@ -618,17 +612,6 @@ class EbpfServiceApplier:
 
 F_DROP = m.F_NO_EP_DROP
 MAX_WEIGHTED_SLOTS = 4096  # a wrr frontend's slots at most (weights scaled down beyond)
-
-
-def weighted_slots(backends: tuple[Backend, ...], weights: tuple[tuple[str, int], ...]) -> tuple[Backend, ...]:
-    """wrr: each backend repeated by its weight (the program picks a slot at random, so a
-    backend gets new flows in proportion to its weight; weight 0: none)."""
-    w = dict(weights)
-    counts = [w.get(b.ip, 1) for b in backends]
-    total = sum(counts)
-    if total > MAX_WEIGHTED_SLOTS:
-        counts = [max(1, c * MAX_WEIGHTED_SLOTS // total) if c else 0 for c in counts]
-    return tuple(b for b, c in zip(backends, counts, strict=True) for _ in range(c))
 
 
 def _views(r: FrontendRule) -> list[tuple[Hashable, str, tuple[Backend, ...]]]:

@@ -174,15 +174,7 @@ class NodeSocketHooks:
         if self.obj is not None:
             self.obj.close()
             self.obj = None
-        for name in MAPS:
-            try:
-                os.unlink(self.pins.map_path(name))
-            except FileNotFoundError:
-                pass
-        for d in self.pins.progs.glob(f"{OBJECT}-*"):
-            for f in d.iterdir():
-                f.unlink()
-            d.rmdir()
+        self.pins.unpin_object(OBJECT, MAPS)
         try:
             self.links_dir.rmdir()
         except OSError as e:
