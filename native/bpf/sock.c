@@ -26,7 +26,7 @@
 /* Sockets to an address of the Service CIDRs that no Service has carry this mark: the
  * agent's nftables table drops their packets in output, as the nftables backend does (a
  * TCP connect times out, a UDP send fails with EPERM). */
-#define SOCK_DROP_MARK 0x00400000
+#define SOCK_DROP_MARK 0x00800000  /* not policy's POL_PASSED_MARK (0x00400000) */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -38,7 +38,7 @@ PROGRAMS = {
 NETNS = "podnet_sock_netns"  # [0] -> the cookie of the network namespace the programs act for
 REV = "podnet_sock_rev"      # (socket cookie, backend) -> frontend, written by the programs
 MAPS = (NETNS, REV)
-DROP_MARK = 0x00400000       # SOCK_DROP_MARK: a socket to an unused Service address
+DROP_MARK = 0x00800000       # SOCK_DROP_MARK: a socket to an unused Service address
 SO_NETNS_COOKIE = 71         # (not in Python's socket module)
 _ZERO = (0).to_bytes(4, "little")
 
