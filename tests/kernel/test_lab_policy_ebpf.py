@@ -2,8 +2,9 @@
 Services it needs) in a lab: the rules judged on real packets (ingress from another
 node, through a Service there, and a local pod's egress, also through a Service), a
 map entry deleted behind the agent repaired within a resync, a policy filter deleted
-dropping until the agent puts it back at once (not at a resync), and an agent killed
-with -9 leaves policy enforced and its restart writes nothing."""
+dropping until the agent puts it back at once (not at a resync), an agent killed
+with -9 leaves policy enforced and its restart writes nothing, and a node switched back
+to nftables loses the eBPF programs (they would act on maps nobody writes)."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from podnet.lab.cluster import restart_agent
+from podnet.lab.cluster import restart_agent, wait_programmed
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
 from tests.kernel.labs import REPAIR_RESYNC as RESYNC
@@ -141,3 +142,30 @@ def test_an_agent_killed_with_9_leaves_policy_enforced_and_its_restart_writes_no
     assert "serving CNI" in fresh and "policy: maps" not in fresh, fresh  # adopted, nothing written
     after = node_sh(lab, "node-1", "bpftool", "-j", "map", "dump", "pinned", f"{policy_maps(lab)}/podnet_pol_pods")
     assert after == before
+
+
+def podnet_filters(lab: Lab, node: str) -> list[str]:
+    """The podnet eBPF filters on every interface of the node: 'interface direction program'."""
+    found = []
+    for link in json.loads(node_sh(lab, node, "ip", "-j", "link", "show")):
+        for direction in ("ingress", "egress"):
+            out = lab.exec_node(node, ["tc", "filter", "show", "dev", link["ifname"], direction]).stdout
+            found += [f"{link['ifname']} {direction} {word}" for word in out.split() if word.startswith("podnet_")]
+    return found
+
+
+def test_a_node_switched_back_to_nftables_loses_the_ebpf_programs_and_enforces_by_nftables(lab):
+    """(Last in this module: node-1 runs nftables from here on.)"""
+    pins = os.path.dirname(policy_maps(lab))
+    assert podnet_filters(lab, "node-1") and os.listdir(f"{pins}/progs")
+    since = log_offsets(lab)
+    restart_agent(lab.state, "node-1", options={"--service-proxy": "nftables", "--policy-dataplane": "nftables"})
+    wait_programmed(lab.state, lab.store().kv.revision(), 30)
+    fresh = log_since(lab, "node-1", since)
+    assert "the eBPF services dataplane this node ran before is removed" in fresh, fresh
+    assert "the eBPF policy dataplane this node ran before is removed" in fresh, fresh
+    assert podnet_filters(lab, "node-1") == []
+    assert not os.path.exists(f"{pins}/links") and os.listdir(f"{pins}/progs") == []
+    enforced(lab)
+    assert reaches(lab, "local-client", service(lab))
+    assert not reaches(lab, "local-client", f"tcp:{ip_of(lab, 'intruder')}:9000")

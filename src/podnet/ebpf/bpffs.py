@@ -125,6 +125,16 @@ class PinDir:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def existing_pin_dir(instance: str) -> PinDir | None:
+    """The instance's pins where an earlier agent left them, without mounting anything
+    (an agent that runs no eBPF dataplane looks for what one left behind)."""
+    for base in dict.fromkeys((os.environ.get("PODNET_BPFFS") or SHARED_BPFFS, SHARED_BPFFS, BPFFS)):
+        root = Path(base) / ROOT / instance
+        if root.is_dir() and is_bpffs(base):
+            return PinDir(root)
+    return None
+
+
 def remove_netns_pins(netns_inode: int, bpffs: str | None = None) -> list[str]:
     """Unpin every agent instance of a network namespace about to be deleted (the lab's
     nodes): their programs go with the namespace's interfaces, the pins would stay."""

@@ -592,13 +592,21 @@ def agent_status(st: LabState, node: dict, timeout: float = 5.0) -> CNIError | N
 
 
 def restart_agent(st: LabState, node_name: str, timeout: float = 60.0, kill: bool = False,
-                  while_down: Callable[[], None] = lambda: None) -> dict:
+                  while_down: Callable[[], None] = lambda: None, options: dict[str, str] | None = None) -> dict:
     """Stop a node's agent (`kill`: with SIGKILL, as a crash), run `while_down`, and start it
-    again with the same command; returns the new record."""
+    again with the same command, or with `options` (flag -> value) given other values (a
+    node switched to another dataplane); returns the new record."""
     node = find_node(st, node_name)
     entry = st.process(f"agent-{node_name}")
     if entry is None:
         raise PodnetError(f"lab {st.name} has no agent on node {node_name!r}")
+    if options:
+        command = list(entry["command"])
+        for flag, value in options.items():
+            if flag not in command:
+                raise PodnetError(f"agent {node_name}: its command has no {flag}")
+            command[command.index(flag) + 1] = value
+        entry = {**entry, "command": command}
     new = _restart(st, entry, kill, while_down)
     wait_agent(st, node, timeout)
     return new

@@ -153,3 +153,11 @@ def attachment_problems(ipr: IPRoute, ifname: str, ifindex: int, loaded: LoadedO
 def attach_policy(ipr: IPRoute, ifindex: int, loaded: LoadedObject) -> None:
     for owner, direction, prog in FILTERS:
         tc.attach(ipr, ifindex, owner, direction, loaded.fd(prog), loaded.filter_name(prog))
+
+
+def retire_left_behind(node: str) -> list[str]:
+    """This node ran `--policy-dataplane ebpf` before and nftables now: the policy filters
+    and the guard, its maps and builds go (ebpf/retire.py)."""
+    from podnet.ebpf.retire import retire
+
+    return retire(node, "policy", {OBJECT: MAPS})

@@ -632,3 +632,18 @@ def _unsupported(r: FrontendRule) -> str:
     if fe.proto not in m.PROTOS:
         return f"{fe.proto.upper()} frontends"
     return ""
+
+
+def retire_left_behind(node: str) -> list[str]:
+    """This node ran `--service-proxy ebpf` before and runs nftables or iptables now: its
+    filters, socket links, maps and builds go, and its reject table (ebpf/retire.py)."""
+    from podnet.ebpf.retire import retire
+    from podnet.services.ebpf import sock
+
+    done = retire(node, "services", {m.OBJECT: m.ALL, sock.OBJECT: sock.MAPS}, pin_dirs=(sock.LINKS,))
+    if done:
+        try:
+            nft_apply(f"table ip {REJECT_TABLE} {{}}\ndelete table ip {REJECT_TABLE}\n")
+        except NftError:
+            pass
+    return done

@@ -38,6 +38,7 @@ PROGRAMS = {
 NETNS = "podnet_sock_netns"  # [0] -> the cookie of the network namespace the programs act for
 REV = "podnet_sock_rev"      # (socket cookie, backend) -> frontend, written by the programs
 MAPS = (NETNS, REV)
+LINKS = "links"  # the pins' subdirectory of the programs' cgroup links
 DROP_MARK = 0x00800000       # SOCK_DROP_MARK: a socket to an unused Service address
 SO_NETNS_COOKIE = 71         # (not in Python's socket module)
 _ZERO = (0).to_bytes(4, "little")
@@ -63,7 +64,7 @@ class NodeSocketHooks:
 
     @property
     def links_dir(self) -> Path:
-        return self.pins.root / "links"
+        return self.pins.root / LINKS
 
     def ensure(self) -> list[str]:
         """Load (or adopt) the programs, keep the namespace's cookie in its map and every
