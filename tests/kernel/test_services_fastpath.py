@@ -236,3 +236,30 @@ def test_with_nftables_policy_the_fast_path_is_off_and_policy_denies():
         assert t.tracked(PODS["a"], PODS["b"]), "the node's path, where nftables policy judges"
         assert t.probe("c", CLUSTER_IP, timeout=0.7) == "timeout"
 
+
+
+UDP_WITH_TTL = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, int(sys.argv[2]))
+s.settimeout(1.0)
+s.connect((sys.argv[1], 53))
+s.send(b"hi")
+try:
+    print(s.recv(256).decode())
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def test_the_fast_path_decrements_the_ttl_as_routing_would():
+    with lab(fast=True) as t:
+        def answer(ttl: int) -> str:
+            return subprocess.run(["ip", "netns", "exec", t.pods["a"], PYTHON, "-c", UDP_WITH_TTL, CLUSTER_IP,
+                                   str(ttl)], capture_output=True, text=True, timeout=30).stdout.strip()
+
+        assert answer(2) == f"b {PODS['a']}"
+        assert not t.tracked(PODS["a"], PODS["b"]), "TTL 2: on the fast path"
+        # TTL 1 would reach the pod if the redirect kept it; the node's path drops it
+        # (ICMP time exceeded), as a routed hop does
+        assert answer(1) != f"b {PODS['a']}"
