@@ -13,6 +13,7 @@ itself (its replies pass by policy's flow table only).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -23,6 +24,8 @@ import pytest
 from tests.kernel.nsutil import PYTHON, NsDriver, in_ns, namespaces, py_in, stop
 from tests.kernel.test_policy_ebpf import bpffs
 from tests.kernel.test_services_dataplane import BACKEND_SERVER, PROBE
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces and bpffs")
 
 PODS = {"a": "10.244.7.1", "b": "10.244.7.2", "c": "10.244.7.3"}
 FAR = "10.244.9.1"  # behind the node's plain veth far0: a backend that is no local pod
