@@ -3,8 +3,12 @@
 For N Services (5 endpoints each) and each backend
 
     nft-maps       podnet: fixed chains, Services as map elements, element deltas
-    ebpf           podnet: tc programs on the client's interface, Services as BPF map
-                   entries written with the batch syscalls (kernel time: not split out)
+    ebpf           podnet: tc programs on the pods' interfaces, Services as BPF map
+                   entries written with the batch syscalls (kernel time: not split out);
+                   with the fast path on (no NetworkPolicy on the bench's node): the
+                   client's and the endpoints' veths are local pods, their flows go veth
+                   to veth, past the node's netfilter and conntrack
+    ebpf-nofast    the same with the fast path off (every packet through the node's stack)
     iptables       kube-proxy iptables layout, iptables-restore full rewrite per sync
     kp-nft         kube-proxy nftables layout: a chain per Service and per endpoint,
                    partial syncs with a table listing each sync (as upstream)
@@ -49,8 +53,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(1, ROOT)  # tests.support
 
-BACKENDS = ("nft-maps", "ebpf", "iptables", "kp-nft")
-DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "iptables": 5000, "kp-nft": 10000}
+BACKENDS = ("nft-maps", "ebpf", "iptables", "kp-nft")  # the default set (ebpf-nofast: on request)
+DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "ebpf-nofast": 10**9, "iptables": 5000, "kp-nft": 10000}
 REAL_EPS = [f"10.20.0.{11 + i}" for i in range(5)]
 CLUSTER_BASE = int(ipaddress.IPv4Address("10.96.0.10"))
 FAKE_EP_BASE = int(ipaddress.IPv4Address("10.128.0.1"))
@@ -134,12 +138,15 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
         from podnet.services.applier import NftServiceApplier
 
         applier = NftServiceApplier(conntrack=None)
-    elif backend == "ebpf":
+    elif backend in ("ebpf", "ebpf-nofast"):
         from podnet.ebpf.bpffs import PinDir
         from podnet.services.ebpf.applier import EbpfServiceApplier
 
+        # the client's and the endpoints' veths are the node's pods; no NetworkPolicy runs
+        # here, so the fast path may be on (as the agent has it with --policy-dataplane ebpf)
         applier = EbpfServiceApplier("bench", pins=PinDir.for_instance(pins),
-                                     interfaces=lambda ipr: {"vcl": _ifindex("vcl")})
+                                     interfaces=lambda ipr: {"vcl": _ifindex("vcl"), "vsrv": _ifindex("vsrv")},
+                                     fast_path=backend == "ebpf")
     elif backend == "iptables":
         from podnet.services.iptables import IptablesServiceApplier
 
@@ -176,6 +183,7 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
             out["rss_bytes"] = _rss_bytes()
             out["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             gc.freeze()  # as the agent does after its first sync: routine collections skip this state
+            out["fast_path"] = getattr(applier, "fast_path", None)
         elif op == "ops":
             results: dict[str, list[dict]] = {"add": [], "delete": [], "change": []}
             for rep in range(reps):
@@ -314,7 +322,11 @@ class Lab:
             sh("ip", "-n", self.node, "addr", "add", "10.20.0.1/32", "dev", "vsrv")
             sh("ip", "-n", self.node, "link", "set", "vsrv", "up")
             sh("ip", "-n", self.node, "route", "add", "10.20.0.0/24", "dev", "vsrv")
+            # routed as podnet's pods are: a /32 per pod address to its veth (the eBPF
+            # fast path knows the node's pods by these routes)
+            sh("ip", "-n", self.node, "route", "add", "10.10.0.2/32", "dev", "vcl")
             for ip in REAL_EPS:
+                sh("ip", "-n", self.node, "route", "add", f"{ip}/32", "dev", "vsrv")
                 sh("ip", "-n", self.srv, "addr", "add", f"{ip}/24", "dev", "eth0")
             sh("ip", "-n", self.srv, "link", "set", "eth0", "up")
             sh("ip", "-n", self.srv, "route", "add", "default", "via", "10.20.0.1")
@@ -471,6 +483,8 @@ def run_case(backend: str, n: int, reps: int, probes: int, iperf_seconds: int) -
         t0 = time.monotonic()
         full = ask(w, {"op": "all"}, f"({backend}, {n} Services)")
         wall_all = time.monotonic() - t0
+        if full.get("fast_path") is not None:
+            print(f"# {backend}: eBPF Services fast path {'on' if full['fast_path'] else 'off'}", flush=True)
         first = str(ipaddress.IPv4Address(CLUSTER_BASE))
         last = str(ipaddress.IPv4Address(CLUSTER_BASE + n - 1))
         lat = lab.probe(first, last, probes) if probes else {"first": [], "last": [], "errors": 0}
@@ -481,6 +495,7 @@ def run_case(backend: str, n: int, reps: int, probes: int, iperf_seconds: int) -
             "apply_all_compile_s": full["compile_s"], "apply_all_lines": full["lines"], "apply_all_wall_s": wall_all,
             "rss_start_mb": full["rss_start_bytes"] / 2**20, "rss_objects_mb": full["rss_objects_bytes"] / 2**20,
             "rss_mb": full["rss_bytes"] / 2**20, "maxrss_mb": full["maxrss_bytes"] / 2**20,
+            "fast_path": full.get("fast_path"),
         }
         for op in ("add", "change", "delete"):
             runs = ops.get(op) or []
@@ -525,7 +540,10 @@ def alternate(backends: list[str], n: int, rounds: int, probes: int, seconds: in
         for b in backends:
             labs[b] = Lab().__enter__()
             workers[b] = labs[b].start_worker(b, n, 1)
-            ask(workers[b], {"op": "all"}, f"({b}, {n} Services)")
+            full = ask(workers[b], {"op": "all"}, f"({b}, {n} Services)")
+            if full.get("fast_path") is not None:
+                out.setdefault("fast_path", {})[b] = full["fast_path"]
+                print(f"# {b}: eBPF Services fast path {'on' if full['fast_path'] else 'off'}", flush=True)
         first = str(ipaddress.IPv4Address(CLUSTER_BASE))
         last = str(ipaddress.IPv4Address(CLUSTER_BASE + n - 1))
         for _ in range(rounds):

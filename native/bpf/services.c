@@ -6,6 +6,12 @@
  * connection map `ct` so every later packet of the flow goes to the same backend.
  * podnet_svc_to_pod (egress, prio 2): a reply of such a flow gets the frontend's address and
  * port back (reverse NAT) before the pod sees it.
+ * podnet_svc_redirect (ingress, prio 4, after policy and its guard): the fast path. A flow
+ * between two pods of this node that needs nothing of the node's netfilter (no masquerade)
+ * is sent straight to the other pod's host-side veth (its egress: policy's to-pod program,
+ * the reverse NAT and the guard still run there), skipping the node's routing, netfilter
+ * hooks and conntrack. Only while the agent has switched it on (podnet_svc_config): it is
+ * safe only where no nftables NetworkPolicy would have judged the packet (docs/ebpf.md).
  *
  * The maps are the desired state podnet's agent writes (src/podnet/services/ebpf/,
  * whose maps.py mirrors every struct here) plus what the programs keep themselves
@@ -27,6 +33,15 @@
 #define CT_DIR_FWD 0
 #define CT_DIR_REV 1
 #define CT_F_CLOSED 0x1          /* a FIN or RST was seen: no longer counted as open */
+#define CT_F_FAST   0x2          /* both ends are local pods, no masquerade: the fast path's */
+
+/* podnet_svc_from_pod marks a packet for the fast path; podnet_svc_redirect, last at the
+ * hook, takes the mark off and redirects. A packet policy drops never gets there; one that
+ * keeps the mark (the redirect filter missing) just takes the node's path. */
+#define SVC_FAST_MARK    0x00800000
+
+/* podnet_svc_config's one entry: CFG_FAST_PATH switches the fast path on (default off) */
+#define CFG_FAST_PATH    0x1
 
 struct ct_key {
 	__u32 src;
@@ -95,6 +110,50 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } podnet_svc_ct SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podnet_svc_config SEC(".maps");
+
+/* this node's pods: address -> the ifindex of its host-side veth (the agent's, from the routes) */
+struct local_pod {
+	__u32 ifindex;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct local_pod);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} podnet_svc_local SEC(".maps");
+
+static __always_inline int fast_path_on(void)
+{
+	__u32 zero = 0;
+	__u32 *cfg = bpf_map_lookup_elem(&podnet_svc_config, &zero);
+
+	return cfg && (*cfg & CFG_FAST_PATH);
+}
+
+/* A new flow may take the fast path: switched on, no masquerade, the client a pod of this
+ * node that sent from its own veth (not a spoofed address), the backend a pod of this node. */
+static __always_inline int fast_eligible(struct __sk_buff *skb, __u32 client, __u32 backend, int masq)
+{
+	struct local_pod *lp;
+
+	if (masq || !fast_path_on())
+		return 0;
+	lp = bpf_map_lookup_elem(&podnet_svc_local, &client);
+	if (!lp || lp->ifindex != skb->ifindex)
+		return 0;
+	return bpf_map_lookup_elem(&podnet_svc_local, &backend) != 0;
+}
+
 static __always_inline int reject(struct __sk_buff *skb)
 {
 	skb->mark |= SVC_REJECT_MARK;
@@ -162,6 +221,7 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 	struct frontend *fe;
 	struct backend *be = 0;
 	__u32 backend_id = 0;
+	int masq, fast;
 
 	if (!flow_of(skb, &pkt, CT_DIR_FWD, &key))
 		return TC_ACT_UNSPEC;
@@ -172,9 +232,13 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 		int new_syn = pkt.proto == IPPROTO_TCP && (pkt.tcp_flags & PODNET_TCP_SYN) &&
 			      !(pkt.tcp_flags & PODNET_TCP_ACK) && (ct->flags & CT_F_CLOSED);
 		if (be && be->addr == ct->addr && be->port == ct->port && !new_syn) {
+			int keep_fast = (ct->flags & CT_F_FAST) && fast_path_on();
+
 			note_close(&pkt, &key);
 			if (rewrite(skb, &pkt, 1, ct->addr, ct->port) < 0)
 				return TC_ACT_SHOT;
+			if (keep_fast)
+				skb->mark |= SVC_FAST_MARK;
 			return TC_ACT_UNSPEC;
 		}
 		if (!(ct->flags & CT_F_CLOSED))
@@ -192,7 +256,17 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 
 		if (miss == SVC_MISS_REJECT)
 			return reject(skb);
-		return miss == SVC_MISS_DROP ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+		if (miss == SVC_MISS_DROP)
+			return TC_ACT_SHOT;
+		/* a backend's reply to a fast-path flow: straight to the client's veth too
+		 * (its reverse NAT runs at that veth's egress, as on the node's path) */
+		if (fast_path_on()) {
+			key.dir = CT_DIR_REV;
+			ct = bpf_map_lookup_elem(&podnet_svc_ct, &key);
+			if (ct && (ct->flags & CT_F_FAST))
+				skb->mark |= SVC_FAST_MARK;
+		}
+		return TC_ACT_UNSPEC;
 	}
 	{
 		__u32 ifindex = skb->ifindex;
@@ -223,6 +297,12 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 	entry.backend_id = backend_id;
 	entry.svc_id = fe->id;
 	entry.flags = pkt.proto == IPPROTO_TCP ? 0 : CT_F_CLOSED;  /* only TCP flows are counted */
+	/* hairpin: a pod that reaches itself must see the node as the client, or its reply
+	 * would go straight back to itself, unknown to the connection it made */
+	masq = (fe->flags & SVC_F_MASQ) || entry.addr == pkt.saddr;
+	fast = fast_eligible(skb, pkt.saddr, entry.addr, masq);
+	if (fast)
+		entry.flags |= CT_F_FAST;
 	bpf_map_update_elem(&podnet_svc_ct, &key, &entry, BPF_ANY);
 	if (pkt.proto == IPPROTO_TCP)
 		count_open(backend_id, 1);
@@ -233,16 +313,17 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 		};
 		struct ct_entry rev = {
 			.addr = pkt.daddr, .port = pkt.dport, .backend_id = backend_id, .svc_id = fe->id,
+			.flags = fast ? CT_F_FAST : 0,
 		};
 
 		bpf_map_update_elem(&podnet_svc_ct, &rkey, &rev, BPF_ANY);
 	}
-	/* hairpin: a pod that reaches itself must see the node as the client, or its reply
-	 * would go straight back to itself, unknown to the connection it made */
-	if ((fe->flags & SVC_F_MASQ) || entry.addr == pkt.saddr)
+	if (masq)
 		skb->mark |= SVC_MASQ_MARK;
 	if (rewrite(skb, &pkt, 1, entry.addr, entry.port) < 0)
 		return TC_ACT_SHOT;
+	if (fast)
+		skb->mark |= SVC_FAST_MARK;
 	return TC_ACT_UNSPEC;
 }
 
@@ -268,6 +349,39 @@ int podnet_svc_to_pod(struct __sk_buff *skb)
 	if (rewrite(skb, &pkt, 0, ct->addr, ct->port) < 0)
 		return TC_ACT_SHOT;
 	return TC_ACT_UNSPEC;
+}
+
+/* The fast path's last step (see the top): a packet podnet_svc_from_pod marked, which
+ * policy and its guard (prio 2 and 3) let through, goes to the destination pod's host-side
+ * veth as the node's routing would send it: TTL less one, Ethernet addresses from the
+ * kernel's neighbour entry of that veth (bpf_redirect_neigh with the pod as next hop: the
+ * same entry routing uses, no route lookup), out of that veth's egress hook. */
+SEC("tc")
+int podnet_svc_redirect(struct __sk_buff *skb)
+{
+	struct bpf_redir_neigh nh = { .nh_family = 2 /* AF_INET */ };
+	struct local_pod *lp;
+	struct iphdr ip;
+	__u16 old, new;
+
+	if (!(skb->mark & SVC_FAST_MARK))
+		return TC_ACT_UNSPEC;
+	skb->mark &= ~SVC_FAST_MARK;
+	if (skb->protocol != bpf_htons(ETH_P_IP) ||
+	    bpf_skb_load_bytes(skb, PODNET_L3_OFF, &ip, sizeof(ip)) < 0)
+		return TC_ACT_UNSPEC;
+	lp = bpf_map_lookup_elem(&podnet_svc_local, &ip.daddr);
+	if (!lp || ip.ttl <= 1)
+		return TC_ACT_UNSPEC;  /* gone meanwhile, or TTL out: the node's path (and its ICMP) */
+	/* the TTL shares a 16-bit word with the protocol: the checksum is updated over both */
+	old = *(__u16 *)&ip.ttl;
+	ip.ttl--;
+	new = *(__u16 *)&ip.ttl;
+	if (bpf_l3_csum_replace(skb, PODNET_IP_CSUM_OFF, old, new, sizeof(new)) < 0 ||
+	    bpf_skb_store_bytes(skb, PODNET_L3_OFF + offsetof(struct iphdr, ttl), &ip.ttl, 1, 0) < 0)
+		return TC_ACT_SHOT;
+	nh.ipv4_nh = ip.daddr;
+	return bpf_redirect_neigh(lp->ifindex, &nh, sizeof(nh), 0);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -67,7 +67,7 @@ def test_load_pins_maps_per_agent_and_a_restart_adopts_them(pins):
     obj = load_object(object_path("services"), pins)
     try:
         assert not obj.adopted
-        assert set(obj.programs) == {"podnet_svc_from_pod", "podnet_svc_to_pod"}
+        assert set(obj.programs) == {"podnet_svc_from_pod", "podnet_svc_to_pod", "podnet_svc_redirect"}
         assert (pins.maps / "podnet_svc_frontends").exists()
         with obj.map("podnet_svc_cluster_ips") as m:
             key = bytes([10, 96, 0, 1])
@@ -158,5 +158,7 @@ def test_a_program_the_verifier_refuses_is_reported_and_nothing_is_pinned(pins, 
 def test_layout_is_one_table():
     assert attach.hook("services", "ingress").prio < attach.hook("policy", "ingress").prio
     assert attach.hook("policy", "egress").prio < attach.hook("services", "egress").prio
+    # the fast path's redirect comes after policy and its guard: it never skips them
+    assert attach.hook("policy-guard", "ingress").prio < attach.hook("services-redirect", "ingress").prio
     with pytest.raises(ValueError):
         attach.hook("dns", "ingress")

@@ -187,7 +187,10 @@ class Agent:
         self._retire_unused_ebpf()
         self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs,
                                          tuple(self.dns_addresses()), proxy=self.cfg.service_proxy,
-                                         cgroup_root=self.cfg.cgroup_root)
+                                         cgroup_root=self.cfg.cgroup_root,
+                                         # pod-to-local-pod flows may skip netfilter only where
+                                         # no nftables NetworkPolicy would judge them
+                                         fast_path=self.cfg.policy_dataplane == "ebpf")
         self.bgp = BgpDataplane(self.cfg.node, self.cache, Bird(self.cfg.bgp_dir or self.cfg.socket + ".bird"))
         policy = PolicyDataplane(self.cfg.node, self._policy_programmer())
         self.dataplanes = [self.routes, NatDataplane(self.cache), self.services, policy, self.bgp]

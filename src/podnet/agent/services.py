@@ -72,7 +72,7 @@ def warn_node_in_service_cidrs(node_ip: str, service_cidrs: tuple[str, ...]) -> 
 class ServiceDataplane(Dataplane):
     def __init__(self, node: str, node_ip: str, service_cidrs: tuple[str, ...], local_dns: tuple[str, ...] = (),
                  applier: ServiceApplier | None = None, health: HealthCheckServer | None = None,
-                 proxy: str = "nftables", cgroup_root: str | None = None):
+                 proxy: str = "nftables", cgroup_root: str | None = None, fast_path: bool = False):
         self.metrics = ServiceMetrics()
         self.proxy = proxy
         warn_node_in_service_cidrs(node_ip, service_cidrs)
@@ -85,7 +85,8 @@ class ServiceDataplane(Dataplane):
                 from podnet.services.ebpf.applier import EbpfServiceApplier
                 from podnet.services.ebpf.fallback import EbpfWithNftablesFloor
 
-                applier = EbpfWithNftablesFloor(EbpfServiceApplier(node, metrics=self.metrics, cgroup_root=cgroup_root),
+                applier = EbpfWithNftablesFloor(EbpfServiceApplier(node, metrics=self.metrics, cgroup_root=cgroup_root,
+                                                                   fast_path=fast_path),
                                                 NftServiceApplier(metrics=self.metrics))
             else:
                 applier = NftServiceApplier(metrics=self.metrics)

@@ -1,7 +1,8 @@
 """THE hook layout of podnet's tc programs on a pod's host-side veth, and attaching
 them there (tc clsact, cls_bpf direct-action, through pyroute2's netlink).
 
-    ingress hook (packets from the pod):  services prio 1, then policy prio 2, policy's guard prio 3
+    ingress hook (packets from the pod):  services prio 1, then policy prio 2, policy's guard prio 3,
+                                          the Services fast path's redirect prio 4
     egress  hook (packets to the pod):    policy prio 1, then services (reverse NAT) prio 2, guard prio 3
 
 A program returns TC_ACT_UNSPEC to hand the packet to the next filter (and then to
@@ -10,8 +11,11 @@ sees the backend the packet really goes to (as NetworkPolicy is specified for
 Services: against the endpoint, after DNAT); towards the pod policy runs first, on the
 packet as the backend sent it, before reverse NAT hides the backend's address.
 
-The guard (attached with policy, last at both hooks) drops a packet policy has not
-passed: a policy filter deleted behind the agent's back then drops, it never opens.
+The guard (attached with policy, last but one at ingress, last at egress) drops a packet
+policy has not passed: a policy filter deleted behind the agent's back then drops, it
+never opens. The Services fast path redirects a packet to another pod's veth only after
+policy and the guard passed it (prio 4), and the redirect lands at that veth's egress
+hook, where the destination's policy runs as for a routed packet.
 
 Every filter has handle 1 at its prio; attaching is a tc `replace` of that filter, so
 a new build takes over a hook atomically (no packet meets an empty hook). A filter's
@@ -31,7 +35,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from podnet.errors import PodnetError
 
 Direction = Literal["ingress", "egress"]
-Owner = Literal["services", "policy", "policy-guard"]
+Owner = Literal["services", "policy", "policy-guard", "services-redirect"]
 
 # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)
 PARENTS: dict[str, int] = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
@@ -53,6 +57,7 @@ LAYOUT: tuple[Hook, ...] = (
     Hook("policy", "egress", 1),
     Hook("services", "egress", 2),
     Hook("policy-guard", "ingress", 3),
+    Hook("services-redirect", "ingress", 4),
     Hook("policy-guard", "egress", 3),
 )
 

@@ -103,8 +103,12 @@ class EbpfServiceApplier:
                  underlay: Callable[[IPRoute, tuple[str, ...]], dict[str, int]] | None = None,
                  object_file: str | None = None,
                  nft: Callable[[str], None] = nft_apply, metrics: ServiceMetrics | None = None,
-                 node_sockets: bool = True, cgroup_root: str | None = None):
+                 node_sockets: bool = True, cgroup_root: str | None = None, fast_path: bool = False):
         self.node = node
+        # The fast path (docs/ebpf.md): flows between two pods of this node skip the node's
+        # netfilter, so nftables NetworkPolicy would not see them. Only the caller knows
+        # whether any runs: on only when NetworkPolicy is eBPF's (or there is none).
+        self.fast_path = fast_path
         self.pins = pins
         self.interfaces = interfaces  # this node's pods' interfaces
         self.underlay = underlay or underlay_interfaces  # where other clients arrive (by the node's addresses)
@@ -119,6 +123,8 @@ class EbpfServiceApplier:
         self.applied: dict[str, dict[bytes, bytes]] | None = None  # what the maps hold, as far as podnet knows
         self.applied_state: ServiceState | None = None  # the state they hold (None: read them back next)
         self.attached: dict[int, str] = {}  # ifindex -> name of the interfaces our programs are on
+        self._local: dict[bytes, bytes] | None = None  # what the map LOCAL holds (None: read it)
+        self._local_for: frozenset[int] | None = None  # the pod interfaces it was made for
         # ids per view of a frontend (the Frontend itself, or ("external", Frontend): see _views)
         self.sids: dict[Hashable, int] = {}
         self.bids: dict[Hashable, dict[Backend, int]] = {}  # per view: endpoint -> backend id
@@ -159,21 +165,27 @@ class EbpfServiceApplier:
         for gone in [i for i in self.attached if i not in current]:
             del self.attached[gone]
             self.maps[m.IFACES].delete(m.u32(gone))
+        if check or frozenset(pods.values()) != self._local_for:
+            self._sync_local_pods(ipr, pods)
         n = 0
         names = {d: obj.filter_name(p) for d, p in (("ingress", m.FROM_POD), ("egress", m.TO_POD))}
+        redirect = obj.filter_name(m.REDIRECT)
         for ifname, idx in links.items():
             if idx in self.attached and not check:
                 continue
             role = m.ROLE_POD if ifname in pods else m.ROLE_UNDERLAY
             self.maps[m.IFACES].update(m.u32(idx), bytes((role,)))  # before the program can meet it
             if check and idx in self.attached:
-                ing = attach.attached(ipr, idx, "ingress").get(attach.hook("services", "ingress").prio)
+                ing = attach.attached(ipr, idx, "ingress")
                 eg = attach.attached(ipr, idx, "egress").get(attach.hook("services", "egress").prio)
-                if ing == names["ingress"] and eg == names["egress"]:
+                if ing.get(attach.hook("services", "ingress").prio) == names["ingress"] and eg == names["egress"] \
+                        and (role != m.ROLE_POD or ing.get(attach.hook("services-redirect", "ingress").prio) == redirect):
                     continue
             try:
                 attach.attach(ipr, idx, "services", "ingress", obj.fd(m.FROM_POD), names["ingress"])
                 attach.attach(ipr, idx, "services", "egress", obj.fd(m.TO_POD), names["egress"])
+                if role == m.ROLE_POD:  # (only a pod's packets are ever marked for the fast path)
+                    attach.attach(ipr, idx, "services-redirect", "ingress", obj.fd(m.REDIRECT), redirect)
             except attach.AttachError as e:
                 if ifname in self.interfaces(ipr):  # not just gone meanwhile
                     raise
@@ -184,6 +196,28 @@ class EbpfServiceApplier:
         if n:
             obj.prune_other_builds()
         return n
+
+    def _sync_local_pods(self, ipr: IPRoute, pods: dict[str, int]) -> None:
+        """The map LOCAL: each pod address this node routes to a pod interface (its /32 route,
+        as dataplane/pods.py makes it) -> that interface; the fast path's only targets."""
+        ours = set(pods.values())
+        want = {}
+        for r in ipr.get_routes(family=2, table=254):
+            oif = r.get_attr("RTA_OIF")
+            if r["dst_len"] == 32 and oif in ours and not r.get_attr("RTA_GATEWAY"):
+                want[m.address_key(r.get_attr("RTA_DST"))] = m.local_pod_value(oif)
+        mp = self.maps[m.LOCAL]
+        have = self._local if self._local is not None else mp.items()
+        upd = {k: v for k, v in want.items() if have.get(k) != v}
+        if upd:
+            mp.update_many(upd)
+        gone = [k for k in have if k not in want]
+        if gone:
+            mp.delete_many(gone)
+        self._local, self._local_for = want, frozenset(ours)
+
+    def _write_config(self) -> None:
+        self.maps[m.CONFIG].update(m.u32(0), m.config_value(self.fast_path))
 
     def _ensure_sockets(self) -> None:
         """Load, attach or repair the socket programs; if they cannot be, warn and go on:
@@ -422,6 +456,7 @@ class EbpfServiceApplier:
             if fixed:
                 log.warning("services: %s; pinned again", ", ".join(fixed))
             self.nft(REJECT_SCRIPT)
+            self._write_config()
         self._attach_all(first or resync, tuple(state.node_ips))
         if first or resync:
             self._ensure_sockets()
@@ -561,6 +596,8 @@ class EbpfServiceApplier:
                 continue
             if have != self.obj.filter_name(m.FROM_POD):
                 return f"interface {ifname}: the Service program is not attached"
+        if self.maps[m.CONFIG].lookup(m.u32(0)) != m.config_value(self.fast_path):
+            return f"map {m.CONFIG}: the fast path is not {'on' if self.fast_path else 'off'}"
         if self.sockets is not None and not self.sockets_error:
             problem = self.sockets.verify()
             if problem:
@@ -582,9 +619,9 @@ class EbpfServiceApplier:
         """Detach from every interface, unpin everything, drop the reject table."""
         ipr = self.ipr()
         for idx in list(self.attached):
-            for d in ("ingress", "egress"):
+            for owner, d in (("services", "ingress"), ("services", "egress"), ("services-redirect", "ingress")):
                 try:
-                    attach.detach(ipr, idx, "services", d)
+                    attach.detach(ipr, idx, owner, d)
                 except attach.AttachError:
                     pass
         self.attached.clear()
@@ -605,6 +642,7 @@ class EbpfServiceApplier:
             pass
         self.applied = None
         self.applied_state = None
+        self._local = self._local_for = None
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None

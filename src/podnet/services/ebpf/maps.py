@@ -12,6 +12,7 @@ from podnet.services.model import Backend, Frontend
 
 OBJECT = "services"
 FROM_POD, TO_POD = "podnet_svc_from_pod", "podnet_svc_to_pod"
+REDIRECT = "podnet_svc_redirect"  # the fast path's last step (ingress, after policy)
 
 FRONTENDS = "podnet_svc_frontends"
 SLOTS = "podnet_svc_slots"
@@ -24,12 +25,15 @@ EXTERNAL = "podnet_svc_external"  # a frontend's view for clients from the under
 IFACES = "podnet_svc_ifaces"  # ifindex -> ROLE_POD | ROLE_UNDERLAY
 SRC_RANGES = "podnet_svc_src_ranges"  # LPM: (service id, source prefix) -> 1
 ROLE_POD, ROLE_UNDERLAY = 1, 2
+CONFIG = "podnet_svc_config"  # one entry: CFG_FAST_PATH
+LOCAL = "podnet_svc_local"  # this node's pod addresses -> their host-side veth (the fast path's targets)
+CFG_FAST_PATH = 0x1
 CT = "podnet_svc_ct"
 AFFINITY = "podnet_svc_affinity"
 # the maps the agent owns (written from the desired state); CT, AFFINITY and the values
 # of CONNS are the programs'
 DESIRED = (BACKENDS, SLOTS, SRC_RANGES, FRONTENDS, EXTERNAL, CLUSTER_IPS, CIDRS, NODE_IPS)
-ALL = (*DESIRED, CONNS, CT, AFFINITY, IFACES)
+ALL = (*DESIRED, CONNS, CT, AFFINITY, IFACES, CONFIG, LOCAL)
 
 PROTOS = {"tcp": 6, "udp": 17, "sctp": 132}
 PROTO_NAMES = {v: k for k, v in PROTOS.items()}
@@ -118,6 +122,15 @@ def src_range_key(sid: int, cidr: str) -> bytes:
     return _U32.pack(32 + int(plen or 32)) + _U32.pack(sid) + socket.inet_aton(net)
 
 
+def config_value(fast_path: bool) -> bytes:
+    return _U32.pack(CFG_FAST_PATH if fast_path else 0)
+
+
+def local_pod_value(ifindex: int) -> bytes:
+    """struct local_pod"""
+    return _U32.pack(ifindex)
+
+
 def ct_backend_id(value: bytes) -> int:
     """struct ct_entry's backend_id."""
     return _CT_VAL.unpack(value)[3]
@@ -125,6 +138,7 @@ def ct_backend_id(value: bytes) -> int:
 
 CT_DIR_FWD = 0
 CT_F_CLOSED = 0x1  # a FIN or RST was seen: the flow is no longer counted as open
+CT_F_FAST = 0x2  # the flow takes the fast path (both ends local pods, no masquerade)
 
 
 def ct_open_tcp_backend(key: bytes, value: bytes) -> int | None:
