@@ -111,3 +111,23 @@ def wait_for(condition: Callable[[], bool], what: str, within: float = REPAIR_RE
         assert time.monotonic() - start < within, f"not repaired within {within:g}s: {what}"
         time.sleep(0.1)
     return time.monotonic() - start
+
+
+def agent_maps(lab: Lab, node: str) -> str:
+    """The directory of a node's agent's pinned maps: named by node and netns inode."""
+    from podnet.ebpf.bpffs import ROOT, pin_root
+
+    inode = node_sh(lab, node, "stat", "-L", "-c", "%i", "/proc/self/ns/net").strip()
+    return f"{pin_root()}/{ROOT}/{node}-{inode}/maps"
+
+
+def services_fast_path(lab: Lab, node: str) -> bool:
+    """Whether the node's eBPF Services take local pod flows past the node's netfilter (on
+    only with eBPF policy: nftables policy would be skipped)."""
+    import json
+
+    from podnet.services.ebpf import maps as m
+
+    entry = json.loads(node_sh(lab, node, "bpftool", "-j", "map", "lookup", "pinned",
+                               f"{agent_maps(lab, node)}/{m.CONFIG}", "key", "0", "0", "0", "0"))
+    return bool(int(entry["value"][0], 16) & m.CFG_FAST_PATH)

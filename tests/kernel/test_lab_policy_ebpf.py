@@ -16,7 +16,17 @@ from podnet.lab.cluster import restart_agent, wait_programmed
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
 from tests.kernel.labs import REPAIR_RESYNC as RESYNC
-from tests.kernel.labs import ip_of, log_offsets, log_since, node_sh, reaches, running_lab, wait_for
+from tests.kernel.labs import (
+    agent_maps,
+    ip_of,
+    log_offsets,
+    log_since,
+    node_sh,
+    reaches,
+    running_lab,
+    services_fast_path,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -59,11 +69,7 @@ def service(lab: Lab) -> str:
 
 
 def policy_maps(lab: Lab) -> str:
-    """node-1's agent's policy maps: its pin directory is named by node and netns inode."""
-    from podnet.ebpf.bpffs import ROOT, pin_root
-
-    inode = node_sh(lab, "node-1", "stat", "-L", "-c", "%i", "/proc/self/ns/net").strip()
-    return f"{pin_root()}/{ROOT}/node-1-{inode}/maps"
+    return agent_maps(lab, "node-1")
 
 
 def enforced(lab: Lab) -> None:
@@ -73,6 +79,7 @@ def enforced(lab: Lab) -> None:
 
 
 def test_rules_on_real_packets(lab):
+    assert services_fast_path(lab, "node-1")  # eBPF policy runs before the redirect: on
     enforced(lab)
     # the local client's egress: web on its named port, also through web's Service (the
     # eBPF Service program translates it before policy judges it), nothing else
