@@ -176,24 +176,15 @@ class NodeCleanup:
 
     def _ebpf_steps(self) -> list[Step]:
         from podnet.ebpf import attach
-        from podnet.ebpf.bpffs import BPFFS, ROOT, SHARED_BPFFS, is_bpffs
+        from podnet.ebpf.bpffs import mounted_pin_roots
 
-        steps = []
         with IPRoute() as ipr:
-            for link in ipr.get_links():
-                name, index = link.get_attr("IFLA_IFNAME"), link["index"]
-                for direction in ("ingress", "egress"):
-                    for prio, filter_name in attach.attached(ipr, index, direction).items():
-                        if filter_name.startswith("podnet_"):
-                            steps.append(Step(f"tc filter {filter_name} on {name} {direction}",
-                                              lambda i=index, d=direction, p=prio: _del_filter(i, d, p)))
+            steps = [Step(f"tc filter {f.name} on {f.ifname} {f.direction}",
+                          lambda f=f: _del_filter(f.ifindex, f.direction, f.prio)) for f in attach.podnet_filters(ipr)]
         inode = os.stat("/proc/self/ns/net").st_ino
-        for base in dict.fromkeys((os.environ.get("PODNET_BPFFS") or SHARED_BPFFS, SHARED_BPFFS, BPFFS)):
-            if os.path.isdir(os.path.join(base, ROOT)) and is_bpffs(base):
-                for d in sorted(os.listdir(os.path.join(base, ROOT))):
-                    if d.endswith(f"-{inode}"):
-                        path = os.path.join(base, ROOT, d)
-                        steps.append(Step(f"eBPF pins {path}", lambda p=path: shutil.rmtree(p)))
+        for root in mounted_pin_roots():
+            for d in sorted(root.glob(f"*-{inode}")):
+                steps.append(Step(f"eBPF pins {d}", lambda p=d: shutil.rmtree(p)))
         return steps
 
     # -- links, routes, addresses

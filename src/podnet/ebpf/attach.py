@@ -112,6 +112,27 @@ def attached(ipr: IPRoute, ifindex: int, direction: str) -> dict[int, str]:
     return out
 
 
+@dataclass(frozen=True)
+class PodnetFilter:
+    ifname: str
+    ifindex: int
+    direction: str
+    prio: int
+    name: str  # <program>:<build>
+
+
+def podnet_filters(ipr: IPRoute) -> list[PodnetFilter]:
+    """podnet's bpf filters (named `podnet_*`) on every interface of this namespace."""
+    out = []
+    for link in ipr.get_links():
+        ifname, index = link.get_attr("IFLA_IFNAME"), link["index"]
+        for direction in PARENTS:
+            for prio, name in attached(ipr, index, direction).items():
+                if name.startswith("podnet_"):
+                    out.append(PodnetFilter(ifname, index, direction, prio, name))
+    return out
+
+
 def detach(ipr: IPRoute, ifindex: int, owner: str, direction: str) -> bool:
     """Remove owner's filter in direction; False if there was none."""
     return detach_prio(ipr, ifindex, direction, hook(owner, direction).prio)

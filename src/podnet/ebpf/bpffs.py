@@ -125,13 +125,19 @@ class PinDir:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def mounted_pin_roots() -> list[Path]:
+    """The `podnet` directories of the bpffs mounts an agent may have pinned in (see
+    pin_root), those that exist, without mounting anything: for what agents left behind."""
+    bases = dict.fromkeys((os.environ.get("PODNET_BPFFS") or SHARED_BPFFS, SHARED_BPFFS, BPFFS))
+    return [Path(base) / ROOT for base in bases if (Path(base) / ROOT).is_dir() and is_bpffs(base)]
+
+
 def existing_pin_dir(instance: str) -> PinDir | None:
-    """The instance's pins where an earlier agent left them, without mounting anything
-    (an agent that runs no eBPF dataplane looks for what one left behind)."""
-    for base in dict.fromkeys((os.environ.get("PODNET_BPFFS") or SHARED_BPFFS, SHARED_BPFFS, BPFFS)):
-        root = Path(base) / ROOT / instance
-        if root.is_dir() and is_bpffs(base):
-            return PinDir(root)
+    """The instance's pins where an earlier agent left them (an agent that runs no eBPF
+    dataplane looks for what one left behind)."""
+    for root in mounted_pin_roots():
+        if (root / instance).is_dir():
+            return PinDir(root / instance)
     return None
 
 

@@ -32,16 +32,12 @@ def detach_owner(owner: str) -> list[str]:
     """Detach podnet's filters at the prios `owner` holds in the layout (its own and those
     of owners named `<owner>-...`, e.g. policy's guard), on every interface of this
     namespace; what was detached."""
-    hooks = [h for h in attach.LAYOUT if h.owner == owner or h.owner.startswith(f"{owner}-")]
+    hooks = {(h.direction, h.prio) for h in attach.LAYOUT if h.owner == owner or h.owner.startswith(f"{owner}-")}
     done = []
     with IPRoute() as ipr:
-        for link in ipr.get_links():
-            name, index = link.get_attr("IFLA_IFNAME"), link["index"]
-            held = {d: attach.attached(ipr, index, d) for d in {h.direction for h in hooks}}
-            for h in hooks:
-                filter_name = held[h.direction].get(h.prio, "")
-                if filter_name.startswith("podnet_") and attach.detach_prio(ipr, index, h.direction, h.prio):
-                    done.append(f"{name} {h.direction} {filter_name}")
+        for f in attach.podnet_filters(ipr):
+            if (f.direction, f.prio) in hooks and attach.detach_prio(ipr, f.ifindex, f.direction, f.prio):
+                done.append(f"{f.ifname} {f.direction} {f.name}")
     return done
 
 
