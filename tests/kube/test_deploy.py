@@ -77,6 +77,29 @@ def test_every_manifest_is_a_kubernetes_object_with_no_unknown_field():
             f"{doc['kind']}/{doc['metadata']['name']}: a field the Kubernetes model does not know"
 
 
+def test_only_privileged_containers_carry_bidirectional_mounts():
+    """The API server refuses a Pod (and so a DaemonSet's template) with a Bidirectional mount in
+    a container that is not privileged (ValidateVolumeMounts in Kubernetes' validation); the
+    fake API server does not check Pod specs, so the rule is checked here."""
+    offenders, agent = [], None
+    for doc in manifests():
+        if doc["kind"] not in ("DaemonSet", "Deployment"):
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            privileged = (c.get("securityContext") or {}).get("privileged") is True
+            for m in c.get("volumeMounts", []):
+                if m.get("mountPropagation") == "Bidirectional" and not privileged:
+                    offenders.append(f"{doc['kind']}/{doc['metadata']['name']} container {c['name']}: {m['name']}")
+            if doc["metadata"]["name"] == "podnet-agent" and c["name"] == "agent":
+                agent = c
+    assert offenders == []
+    # The agent itself stays unprivileged and still sees the host's bpffs (its pins outlive it).
+    assert agent["securityContext"]["privileged"] is False
+    assert {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"} in \
+        agent["volumeMounts"]
+
+
 def test_the_crds_are_made_from_the_models():
     assert (DEPLOY / "crds.yaml").read_text() == render(), "regenerate: python -m podnet.kube.crds > deploy/crds.yaml"
 
