@@ -15,7 +15,7 @@ from podnet.cni.attachments import ATTACHMENTS_PREFIX, attachment_handle, attach
 from podnet.cni.handler import CNIHandler
 from podnet.cni.netns import netns_problem
 from podnet.ipam import IPAM
-from podnet.model.objects import IPPool
+from podnet.model.objects import IPPool, Pod
 from podnet.store import open_store
 from podnet.store.objects import ObjectStore
 
@@ -471,3 +471,41 @@ def test_gc_reports_what_it_could_not_remove(handler, kv, dataplane):
     code, out = handler.handle({"CNI_COMMAND": "GC", "CNI_PATH": "/bin"}, gc)
     assert code == 102 and "stuck" in error_of(out)["msg"]
     assert records(kv) == [attachment_key(NODE, attachment_handle(NET, "stuck", "eth0"))]  # fine is gone
+
+
+# ---------------------------------------------------------------- a Pod the store does not know yet
+
+
+def annotated_pod(pools: str) -> Pod:
+    return Pod.model_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "web-1", "namespace": "default", "annotations": {"podnet.io/ippools": pools}}, "spec": {}})
+
+
+def test_add_waits_for_a_pod_the_store_does_not_know_yet(handler, kv, dataplane):
+    """With the Kubernetes API as the source the kubelet's ADD may come before kube-sync has
+    written the Pod: the ADD waits for it, then allocates as the Pod asks (its pool annotation
+    picks other-pool, which an ADD that did not wait would never use: default-pool sorts first)."""
+    ObjectStore(kv).apply([pool("other-pool", "10.250.0.0/16", 26)])
+    handler.pod_wait = 30.0
+    answers: list[tuple[int, str]] = []
+    t = threading.Thread(target=lambda: answers.append(handler.handle(env("ADD"), conf())))
+    t.start()
+    try:
+        t.join(1.0)
+        assert t.is_alive() and dataplane.calls == [] and records(kv) == []  # waiting, nothing made
+        ObjectStore(kv).apply([annotated_pod('["other-pool"]')])
+    finally:
+        t.join(30)
+    assert not t.is_alive()
+    code, out = answers[0]
+    assert code == 0, out
+    assert json.loads(out)["ips"][0]["address"].startswith("10.250.")
+
+
+def test_add_for_a_pod_that_never_comes_is_try_again_later_and_makes_nothing(handler, kv, dataplane):
+    handler.pod_wait = 0.2
+    code, out = handler.handle(env("ADD"), conf())
+    msg = error_of(out)["msg"]
+    assert code == 11 and "pod default/web-1 is not in podnet's store" in msg, out
+    assert dataplane.calls == [] and records(kv) == []
+    assert IPAM(kv).lookup(attachment_handle(NET, "c0ffee01", "eth0")) is None
