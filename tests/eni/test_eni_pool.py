@@ -261,3 +261,37 @@ def test_reconcile_releases_what_leaked_after_the_grace_period_and_adopts_the_re
     finally:
         ipam.kv.close()
         np.pool.stop()
+
+
+def test_enis_carry_podnets_tags_and_the_periodic_reconcile_follows_the_cloud(ec2, tmp_path):
+    """The ENI podnet makes is tagged as podnet's (reconcile finds its own by them); with no
+    call from the test, the periodic reconcile adopts an address the node got out of band and
+    drops an idle one the cloud took away behind the pool's back."""
+    from podnet.eni.cloud import MANAGED_BY, TAG_INSTANCE, TAG_MANAGED, TAG_NETWORK, TAG_NODE
+    from tests.support.bgp import wait_until
+
+    world = ec2.world(instance_type="m5.large", vpc_cidr="10.19.0.0/16", node_subnet="10.19.9.0/24",
+                      subnets=[("10.19.9.0/24", "us-east-1a"), ("10.19.1.0/24", "us-east-1a")])
+    network = cloud_network(world, subnets=["10.19.1.0/24"], warmPool={"minIdle": 3, "maxIdle": 8})
+    np = start_pool(ec2, world, tmp_path, network, reconcile_interval=0.5)
+    try:
+        assert np.pool.wait_settled(30), np.pool.counts()
+        (ours,) = [e for e in ec2.enis(instance=world.instances[0]) if e["Attachment"]["DeviceIndex"] > 0]
+        tags = {t["Key"]: t["Value"] for t in ours["TagSet"]}
+        assert tags[TAG_MANAGED] == MANAGED_BY and tags[TAG_NODE] == "node-0", tags
+        assert tags[TAG_INSTANCE] == world.instances[0] and tags[TAG_NETWORK] == "vpc", tags
+        eni_id = ours["NetworkInterfaceId"]
+        taken = sorted(np.pool.state.idle)[0]
+        ec2.admin.unassign_private_ip_addresses(NetworkInterfaceId=eni_id, PrivateIpAddresses=[taken])
+        ec2.admin.assign_private_ip_addresses(NetworkInterfaceId=eni_id, PrivateIpAddresses=["10.19.1.200"])
+        wait_until(lambda: "10.19.1.200" in np.pool.state.idle and taken not in np.pool.state.eni_of,
+                   "the periodic reconcile adopting 10.19.1.200 and dropping the address the cloud took", timeout=20)
+        ipam = np.ipam()
+        try:
+            got = {ipam.allocate(f"p{i}", "n").address for i in range(6)}
+            assert taken not in got and len(got) == 6  # never an address the node no longer holds
+        finally:
+            ipam.kv.close()
+        assert ec2.duplicates() == [] and not ec2.limit_errors
+    finally:
+        np.pool.stop()
