@@ -8,7 +8,9 @@ import threading
 
 import pytest
 from tests.eni.pools import cloud_network, node, start_pool
+from tests.support.bgp import wait_until
 
+from podnet.eni.cloud import MANAGED_BY, TAG_INSTANCE, TAG_MANAGED, TAG_NETWORK, TAG_NODE
 from podnet.eni.errors import PoolExhausted, PoolUnavailable, SetupError
 from podnet.eni.metrics import call_results
 from podnet.eni.setup import PoolOptions, build_pool
@@ -267,9 +269,6 @@ def test_enis_carry_podnets_tags_and_the_periodic_reconcile_follows_the_cloud(ec
     """The ENI podnet makes is tagged as podnet's (reconcile finds its own by them); with no
     call from the test, the periodic reconcile adopts an address the node got out of band and
     drops an idle one the cloud took away behind the pool's back."""
-    from podnet.eni.cloud import MANAGED_BY, TAG_INSTANCE, TAG_MANAGED, TAG_NETWORK, TAG_NODE
-    from tests.support.bgp import wait_until
-
     world = ec2.world(instance_type="m5.large", vpc_cidr="10.19.0.0/16", node_subnet="10.19.9.0/24",
                       subnets=[("10.19.9.0/24", "us-east-1a"), ("10.19.1.0/24", "us-east-1a")])
     network = cloud_network(world, subnets=["10.19.1.0/24"], warmPool={"minIdle": 3, "maxIdle": 8})
