@@ -3,7 +3,10 @@ proxy, node-2 with the iptables one. After the node's agent and DNS process are
 stopped, nothing of podnet's is left in the node's namespace (read back with `nft -j`,
 `ip -j` and `iptables-save`): tables, routes of protocols 88 and 89, the VXLAN device,
 the pods' veths, the DNS addresses on lo, the Service chains and the agent's files.
-Until then it refuses, naming what still runs."""
+Until then it refuses, naming what still runs.
+
+Before that, node-2 is switched to the nftables proxy and back: each start removes what
+the other proxy left (it would go on DNAT-ing with its last endpoints)."""
 
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from podnet.lab.cluster import node_dns_key
+from podnet.lab.cluster import node_dns_key, restart_agent, wait_programmed
 from podnet.lab.connectivity import Lab
-from tests.kernel.labs import running_lab
+from podnet.model.objects import Service
+from tests.kernel.labs import log_offsets, log_since, reaches, running_lab
 
 pytestmark = [
     pytest.mark.root,
@@ -63,6 +67,30 @@ def podnet_state(lab: Lab, node: str) -> dict:
 def cleanup(lab: Lab, node: str, *args: str):
     sock = lab.node(node)["socket"]
     return lab.exec_node(node, [*PODNET, "node", "cleanup", "--socket", sock, *args], timeout=120)
+
+
+def test_a_node_switched_between_service_proxies_keeps_only_the_one_it_runs(lab):
+    svc = lab.store().get(Service, "web", "default")
+    target = f"tcp:{svc.spec.cluster_ip}:80"
+    assert reaches(lab, "b", target)
+
+    def switch(proxy: str) -> str:
+        since = log_offsets(lab)
+        restart_agent(lab.state, "node-2", options={"--service-proxy": proxy})
+        wait_programmed(lab.state, lab.store().kv.revision(), 30)
+        return log_since(lab, "node-2", since)
+
+    log = switch("nftables")
+    assert "the iptables Service proxy this node ran before is removed" in log, log
+    state = podnet_state(lab, "node-2")
+    assert state["kube_chains"] == [] and "podnet-svc" in state["tables"], state
+    assert reaches(lab, "b", target)
+
+    log = switch("iptables")  # and back: the state the cleanup test below expects
+    assert "the nftables Service proxy this node ran before is removed" in log, log
+    state = podnet_state(lab, "node-2")
+    assert "podnet-svc" not in state["tables"] and "KUBE-SERVICES" in state["kube_chains"], state
+    assert reaches(lab, "b", target)
 
 
 @pytest.mark.parametrize("node", ["node-1", "node-2"])

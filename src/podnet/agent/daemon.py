@@ -184,7 +184,7 @@ class Agent:
 
         self.routes = RoutesDataplane(self.cfg.node, self.cache, RouteProgrammer(self.cfg.node, self.node_ip))
         size_conntrack(self.cfg.conntrack)
-        self._retire_unused_ebpf()
+        self._retire_unused_dataplanes()
         self.services = ServiceDataplane(self.cfg.node, self.node_ip, self.cfg.service_cidrs,
                                          tuple(self.dns_addresses()), proxy=self.cfg.service_proxy,
                                          cgroup_root=self.cfg.cgroup_root,
@@ -216,19 +216,29 @@ class Agent:
         self.bgp.supervise(self.workers[self.bgp.name].mark)  # a crashed BIRD is started again at once
         policy.supervise(self.workers[policy.name].mark)  # eBPF: a filter deleted is put back at once
 
-    def _retire_unused_ebpf(self) -> None:
-        """An eBPF dataplane this node ran before and runs no more: its programs would go on
-        acting on maps nobody writes (ebpf/retire.py), so they go before the first sync."""
+    def _retire_unused_dataplanes(self) -> None:
+        """A Service proxy or eBPF dataplane this node ran before and runs no more would go
+        on acting on the node's traffic with what it last knew (the other proxy's DNAT to old
+        endpoints; eBPF programs reading maps nobody writes: ebpf/retire.py), so it goes
+        before the first sync."""
         from podnet.ebpf.retire import retire_quietly
 
+        if self.cfg.service_proxy != "iptables":
+            from podnet.services.iptables import retire_left_behind as retire_iptables
+
+            retire_quietly("iptables Service proxy", retire_iptables)
+        else:
+            from podnet.services.applier import retire_left_behind as retire_nftables
+
+            retire_quietly("nftables Service proxy", retire_nftables)
         if self.cfg.service_proxy != "ebpf":
             from podnet.services.ebpf.applier import retire_left_behind as retire_services
 
-            retire_quietly("Services", lambda: retire_services(self.cfg.node))
+            retire_quietly("eBPF Services dataplane", lambda: retire_services(self.cfg.node))
         if self.cfg.policy_dataplane != "ebpf":
             from podnet.policy.ebpf.kernel import retire_left_behind as retire_policy
 
-            retire_quietly("policy", lambda: retire_policy(self.cfg.node))
+            retire_quietly("eBPF policy dataplane", lambda: retire_policy(self.cfg.node))
 
     def _policy_programmer(self):
         """NetworkPolicy's backend: None for nftables (PolicyDataplane's own), else the eBPF

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
-import json
 import os
 import shutil
 import signal
@@ -57,7 +56,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from podnet.dataplane.localdns import DNS_TABLE
-from podnet.dataplane.nft import dies_with_parent
+from podnet.dataplane.nft import dies_with_parent, list_tables, nft_json
 from podnet.dataplane.pods import ALIAS_PREFIX, HOST_PREFIX
 from podnet.dataplane.routing import RTPROT_PODNET, RTPROT_PODNET_POD, VXLAN_IFNAME
 from podnet.dataplane.rtnl import RTN_BLACKHOLE, Rtnl, route_request
@@ -106,7 +105,7 @@ class NodeCleanup:
                        f"(it holds {self.socket}.lock)")
         elif _answers(self.socket):
             why.append(f"a process serves the CNI socket {self.socket} (a podnet agent?)")
-        listening = [f"{a}:53" for a in self._dns_candidates(_nft_tables()) if _udp_listening(a, 53)]
+        listening = [f"{a}:53" for a in self._dns_candidates(list_tables(TABLE_PREFIX)) if _udp_listening(a, 53)]
         if listening:
             why.append(f"a DNS server listens on {', '.join(listening)} (the node's `podnet dns serve`?)")
         return why
@@ -123,7 +122,7 @@ class NodeCleanup:
         """Take every step; each group is read from the kernel when its turn comes (links go
         before routes: a pod's /32 goes with its veth)."""
         report = Report()
-        tables = _nft_tables()
+        tables = list_tables(TABLE_PREFIX)
         dns = self._dns_candidates(tables)  # before the NOTRACK table naming them goes
         for group in (self._bird_steps, self._table_steps, self._ebpf_steps, self._link_steps, self._route_steps,
                       self._eni_steps,
@@ -162,7 +161,7 @@ class NodeCleanup:
 
     def _table_steps(self) -> list[Step]:
         return [Step(f"nft table {family} {name}", lambda f=family, n=name: _nft(f"delete table {f} {n}\n"))
-                for family, name in _nft_tables()]
+                for family, name in list_tables(TABLE_PREFIX)]
 
     def _dns_candidates(self, tables: list[tuple[str, str]]) -> list[str]:
         named = _notrack_addresses() if ("ip", DNS_TABLE) in tables else []
@@ -250,7 +249,7 @@ class NodeCleanup:
 
     def _address_steps(self, candidates: list[str] | None = None) -> list[Step]:
         if candidates is None:
-            candidates = self._dns_candidates(_nft_tables())
+            candidates = self._dns_candidates(list_tables(TABLE_PREFIX))
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
             have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=lo, family=socket.AF_INET)
@@ -260,15 +259,9 @@ class NodeCleanup:
     # -- iptables
 
     def _iptables_ours(self) -> list[tuple[str, str, list[str]]]:
-        """podnet's jumps from the built-in chains to its Service chains (exactly as it writes
-        them: kube-proxy's own carry a comment, so `-C` never matches those)."""
-        from podnet.services.iptables import JUMPS
+        from podnet.services.iptables import podnet_jumps
 
-        if shutil.which(self.iptables) is None:
-            return []
-        return [(table, chain, spec) for table, chain, spec in JUMPS
-                if subprocess.run([self.iptables, "-w", "-t", table, "-C", chain, *spec],
-                                  capture_output=True).returncode == 0]
+        return podnet_jumps(self.iptables)
 
     def _iptables_steps(self) -> list[Step]:
         if not self._iptables_ours():
@@ -309,26 +302,11 @@ def _iptables_chains(binary: str, table: str) -> set[str]:
     return {line[1:].split()[0] for line in proc.stdout.splitlines() if line.startswith(":")}
 
 
-def _nft_json(*args: str) -> list[dict]:
-    proc = subprocess.run(dies_with_parent(["nft", "-j", *args]), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PodnetError(f"nft -j {' '.join(args)}: {proc.stderr.strip()}")
-    return json.loads(proc.stdout or "{}").get("nftables", [])
-
-
-def _nft_tables() -> list[tuple[str, str]]:
-    """(family, name) of every podnet table in this namespace."""
-    if shutil.which("nft") is None:
-        return []
-    return [(t["table"]["family"], t["table"]["name"]) for t in _nft_json("list", "tables")
-            if "table" in t and t["table"]["name"].startswith(TABLE_PREFIX)]
-
-
 def _notrack_addresses() -> list[str]:
     """The addresses the DNS NOTRACK table's rules name (the node DNS addresses it was given)."""
     out: list[str] = []
     try:
-        items = _nft_json("list", "table", "ip", DNS_TABLE)
+        items = nft_json("list", "table", "ip", DNS_TABLE)
     except PodnetError:
         return out
     for item in items:

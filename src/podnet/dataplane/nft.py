@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -25,3 +26,19 @@ def nft_apply(script: str) -> None:
     if proc.returncode != 0:
         raise NftError(f"nft rejected the ruleset: {proc.stderr.strip()}")
 
+
+
+def nft_json(*args: str) -> list[dict]:
+    """`nft -j ARGS`'s items (for small listings: `list tables`, one small table)."""
+    proc = subprocess.run(dies_with_parent(["nft", "-j", *args]), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NftError(f"nft -j {' '.join(args)}: {proc.stderr.strip()}")
+    return json.loads(proc.stdout or "{}").get("nftables", [])
+
+
+def list_tables(prefix: str = "") -> list[tuple[str, str]]:
+    """(family, name) of the namespace's tables whose name starts with `prefix` ([] without nft)."""
+    if shutil.which("nft") is None:
+        return []
+    return [(t["table"]["family"], t["table"]["name"]) for t in nft_json("list", "tables")
+            if "table" in t and t["table"]["name"].startswith(prefix)]

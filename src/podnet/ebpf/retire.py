@@ -65,5 +65,5 @@ def retire_quietly(what: str, run: Callable[[], list[str]]) -> None:
     try:
         run()
     except (PodnetError, OSError, NetlinkError) as e:
-        log.warning("the eBPF %s dataplane this node ran before could not be removed (%s): its programs may "
-                    "still act on old maps; `podnet node cleanup` removes them", what, e)
+        log.warning("the %s this node ran before could not be removed (%s): it may still act on the node's "
+                    "traffic with what it last knew; `podnet node cleanup` removes it", what, e)

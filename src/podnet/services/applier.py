@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from podnet.dataplane import nfnetlink as nl
-from podnet.dataplane.nft import NftError, nft_apply
+from podnet.dataplane.nft import NftError, list_tables, nft_apply
 from podnet.services import nftables as nt
 from podnet.services.conntrack import Cleaner, delete_stale_flows
 from podnet.services.metrics import ServiceMetrics
@@ -85,6 +85,13 @@ class NetlinkKernel:
 
     def counts(self, names: Iterable[str]) -> dict[str, int]:
         return nt.read_counts(self.link(), names)
+
+    def rule_counts(self) -> dict[str, int]:
+        """chain -> its number of rules (chains without rules left out), one dump."""
+        try:
+            return self.link().rule_counts(nt.TABLE)
+        except OSError:
+            return {}
 
     def generation(self) -> int | None:
         try:
@@ -163,8 +170,8 @@ class NftServiceApplier:
 
     def verify(self) -> str | None:
         """A cheap check: why the kernel's table differs from what was applied, or None. The
-        chain names (no rules), and the number of elements of every set (counted in a dump,
-        not decoded): an element deleted behind podnet's back shows here, and the next
+        chain names, each chain's number of rules, and the number of elements of every set
+        (counted in a dump, not decoded): an element deleted behind podnet's back shows here, and the next
         resync reads the elements back and repairs them. When nothing but podnet's own
         transactions were committed to nf_tables since the last check (the namespace's
         generation grew by their number), nothing else can have changed and nothing is read."""
@@ -181,6 +188,14 @@ class NftServiceApplier:
         for name in [*self.layout.chain_rule_counts(), *self.chains]:
             if name not in names:
                 return f"chain {name} is missing"
+        # A flushed chain or a deleted rule leaves every name and element count as it was:
+        # count the rules too (one dump of rules, none of elements).
+        rules = self.kernel.rule_counts()
+        expected = {**self.layout.chain_rule_counts(),
+                    **{name: len(nt.dynamic_chain_rules(name)) for name in self.chains}}
+        for name, count in expected.items():
+            if rules.get(name, 0) != count:
+                return f"chain {name} has {rules.get(name, 0)} rules, {count} expected"
         # (an empty slot map is left out: an element there is reached by no frontend, and the
         # hourly read-back finds it; 512 dumps fewer)
         names = [name for name, n in self.counts.items() if n or not nt.slot_map_of(name)]
@@ -442,3 +457,14 @@ def _affinity_valid(valid: dict[int, set[Backend]], key: str, value: str) -> boo
         return Backend(bip, int(bport)) in valid.get(int(mark, 0), ())
     except ValueError:
         return False
+
+
+def retire_left_behind() -> list[str]:
+    """This node ran the nftables Service proxy before and runs iptables now: the old
+    table would go on DNAT-ing Service traffic to the endpoints of its last sync, ahead
+    of the iptables chains, so it goes before the first sync. What was removed."""
+    if (nt.FAMILY, nt.TABLE) not in list_tables(nt.TABLE):
+        return []
+    nft_apply(nt.remove_script())
+    log.warning("the nftables Service proxy this node ran before is removed (table %s %s)", nt.FAMILY, nt.TABLE)
+    return [f"nft table {nt.FAMILY} {nt.TABLE}"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -61,6 +62,27 @@ JUMPS = (
     ("filter", "OUTPUT", ["-j", "KUBE-FIREWALL"]),
 )
 
+
+
+def podnet_jumps(binary: str = "iptables") -> list[tuple[str, str, list[str]]]:
+    """podnet's jumps from the built-in chains to its Service chains that exist in this
+    namespace (exactly as it writes them: kube-proxy's own carry a comment, so `-C` never
+    matches those); [] without the binary."""
+    if shutil.which(binary) is None:
+        return []
+    return [(table, chain, spec) for table, chain, spec in JUMPS
+            if subprocess.run([binary, "-w", "-t", table, "-C", chain, *spec], capture_output=True).returncode == 0]
+
+
+def retire_left_behind(binary: str = "iptables") -> list[str]:
+    """This node ran `--service-proxy iptables` before and runs nftables or eBPF now: the
+    old chains would go on DNAT-ing Service traffic to the endpoints of their last sync
+    (and reject what has none), so they go before the first sync. What was removed."""
+    if not podnet_jumps(binary):
+        return []
+    IptablesServiceApplier(binary=binary, conntrack=None).remove()
+    log.warning("the iptables Service proxy this node ran before is removed (its KUBE-* chains and jumps)")
+    return [f"{binary} Service chains"]
 
 def chain_name(prefix: str, *parts: str) -> str:
     digest = hashlib.sha256("|".join(parts).encode()).digest()
