@@ -285,6 +285,7 @@ class FakeKernel:
         self.batches: list = []
         self.fail_next = False
         self.chain_names: list[str] = []
+        self.rules: dict[str, int] = {}  # chain -> its rules
         self.held: dict[str, int] = {}
         self.gen = 0  # the nf_tables generation: one more per committed transaction
         self.counted = 0
@@ -322,6 +323,14 @@ class FakeKernel:
 
     def chains(self) -> list[str]:
         return self.chain_names
+
+    def rule_counts(self) -> dict[str, int]:
+        return self.rules
+
+    def as_written(self, a: NftServiceApplier) -> None:
+        """The chains and their rules as the applier wrote them."""
+        self.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
+        self.rules = {**a.layout.chain_rule_counts(), **{c: len(nt.dynamic_chain_rules(c)) for c in a.chains}}
 
     def affinity(self) -> list:
         return []
@@ -384,7 +393,7 @@ def test_a_large_service_is_element_changes_and_verify_checks_chains_and_element
     assert what[:2] == ["adding chain podnet-svc svc_large301", "adding a rule to podnet-svc svc_large301"]
     assert what[-1] == "deleting chain podnet-svc svc_large300" and a.chains == {"svc_large301"}
     assert (r.added, r.removed) == (2, 1)  # slot 300 and the new goto; the old goto
-    k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
+    k.as_written(a)
     assert a.verify() is None and k.held["backends_large"] == 301 and k.counted == 1
     assert a.verify() is None and k.counted == 1  # no transaction since the check: nothing to read
     k.held["backends_large"] -= 1  # an element deleted behind the applier's back ...
@@ -401,14 +410,21 @@ def test_a_large_service_is_element_changes_and_verify_checks_chains_and_element
     assert a.verify() == f"chain {missing} is missing"
     k.chain_names = []
     assert a.verify() == "table missing"
+    # a flushed chain or a deleted rule: every name and element count stays as it was
+    k.as_written(a)
+    k.rules["services"] = 0
+    assert a.verify() == f"chain services has 0 rules, {a.layout.chain_rule_counts()['services']} expected"
+    k.as_written(a)
+    k.rules["svc_large301"] -= 1
+    assert a.verify() == "chain svc_large301 has 0 rules, 1 expected"
     # the table right again; the applier's own transactions do not make verify() read it
-    k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
+    k.as_written(a)
     assert a.verify() is None and a.generation == k.gen
     counted = k.counted
     a.apply(state(rule("10.96.0.10", 80, *many_backends(302))))
     assert a.verify() is None and k.counted == counted
     k.gen += 1  # someone else's
-    k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
+    k.as_written(a)
     assert a.verify() is None and k.counted == counted + 1
 
 

@@ -172,9 +172,10 @@ class NftServiceApplier:
         """A cheap check: why the kernel's table differs from what was applied, or None. The
         chain names, each chain's number of rules, and the number of elements of every set
         (counted in a dump, not decoded): a flushed chain or an element deleted behind
-        podnet's back shows here, and the next resync reads the elements back and repairs them. When nothing but podnet's own
-        transactions were committed to nf_tables since the last check (the namespace's
-        generation grew by their number), nothing else can have changed and nothing is read."""
+        podnet's back shows here, and the next resync reads the elements back and repairs
+        them. When nothing but podnet's own transactions were committed to nf_tables since
+        the last check (the namespace's generation grew by their number), nothing else can
+        have changed and nothing is read."""
         if self.layout is None:
             return "never applied"
         generation = self.kernel.generation()
