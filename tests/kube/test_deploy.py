@@ -100,6 +100,43 @@ def test_only_privileged_containers_carry_bidirectional_mounts():
         agent["volumeMounts"]
 
 
+def _workload(name: str) -> dict:
+    (doc,) = [d for d in manifests() if d["kind"] == "DaemonSet" and d["metadata"]["name"] == name]
+    return doc
+
+
+def test_node_dns_runs_apart_from_the_agent_with_the_same_addresses_and_store():
+    """Pods' DNS outlives the agent (tests/kernel/test_lab_dns_outage.py shows it with the
+    processes): the agent leaves answering to `podnet dns serve`, which runs in a DaemonSet of
+    its own (an upgrade of the agent replaces the agent's pod whole), on the same DNS
+    addresses, from the same store with the same credentials; its update starts the new pod
+    before it stops the old one, and it never resolves through itself."""
+    from podnet.cli.main import build_parser
+
+    agent_ds, dns_ds = _workload("podnet-agent"), _workload("podnet-node-dns")
+    (agent,) = [c for c in agent_ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent"]
+    dns_pod = dns_ds["spec"]["template"]["spec"]
+    (dns,) = dns_pod["containers"]
+    parse = build_parser().parse_args
+    agent_args, dns_args = parse(agent["args"]), parse(dns["args"])
+    assert agent_args.dns_server == "separate"
+    assert (dns_args.command, dns_args.dns_command) == ("dns", "serve")
+    assert dns_args.node == agent_args.node == "$(NODE_NAME)"
+    assert (dns_args.dns_address, dns_args.cluster_dns_ip) == (agent_args.dns_address, agent_args.cluster_dns_ip)
+    assert dns["env"] == agent["env"]  # NODE_NAME, the store and its credentials
+    mount = {"name": "etcd-tls", "mountPath": "/etc/podnet/etcd", "readOnly": True}
+    assert mount in dns["volumeMounts"] and mount in agent["volumeMounts"]
+    assert [v for v in dns_pod["volumes"] if v["name"] == "etcd-tls"] == \
+        [v for v in agent_ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "etcd-tls"]
+    assert dns_pod["hostNetwork"] is True and dns_pod["dnsPolicy"] == "Default"
+    assert dns_ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    # Ready once it listens: the file it writes then, which its probe reads.
+    assert dns_args.ready_file and dns_args.ready_file in " ".join(dns["readinessProbe"]["exec"]["command"])
+    assert dns_args.metrics_port is None  # a surge pod could not bind the old pod's port
+    assert dns["securityContext"]["privileged"] is False
+    assert dns["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}
+
+
 def test_the_crds_are_made_from_the_models():
     assert (DEPLOY / "crds.yaml").read_text() == render(), "regenerate: python -m podnet.kube.crds > deploy/crds.yaml"
 

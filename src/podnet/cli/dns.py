@@ -1,5 +1,5 @@
 """`podnet dns serve --node NAME`: the node's DNS server as its own process (beside
-`podnet agent --dns-server separate`, as a second container of the agent's DaemonSet)."""
+`podnet agent --dns-server separate`, as a DaemonSet of its own: deploy/node-dns.yaml)."""
 
 from __future__ import annotations
 
