@@ -87,3 +87,26 @@ def test_kube_proxy_parity_invalid_ports_shared_affinity_and_local_short_circuit
     check_invalid_clusterip_ports_are_rejected(topo)
     check_affinity_is_shared_by_the_frontends_of_a_port(topo)
     check_external_local_short_circuit(topo)
+
+
+def test_flushed_chains_and_a_deleted_jump_are_found_by_verify_and_rewritten(topo):
+    # chain names stay: only the rules go, which a check of names alone would miss
+    objs = [service("kept", "10.96.0.30"), slice_("kept", [endpoint("b1")], ports=[{"port": 8080}])]
+    topo.driver.apply(objs)
+    assert names(topo.probe("10.96.0.30", 80)) == ["b1"]
+    assert topo.driver.ask(verify=True)["problem"] is None
+    ipt = topo.driver.backend
+    in_ns(topo.node, ipt, "-w", "-t", "nat", "-F", "KUBE-SERVICES")
+    assert topo.probe("10.96.0.30", 80, timeout=0.5) != ["b1"]  # nothing DNATs it any more
+    problem = topo.driver.ask(verify=True)["problem"]
+    assert problem and problem.startswith("chain KUBE-SERVICES (nat) has 0 rules"), problem
+    r = topo.driver.apply(objs, resync=True)
+    assert r["sent"] and r["full"], r
+    assert names(topo.probe("10.96.0.30", 80)) == ["b1"]
+    assert topo.driver.ask(verify=True)["problem"] is None
+    in_ns(topo.node, ipt, "-w", "-t", "nat", "-D", "PREROUTING", "-j", "KUBE-SERVICES")
+    assert topo.probe("10.96.0.30", 80, timeout=0.5) != ["b1"]
+    assert topo.driver.ask(verify=True)["problem"] == "the jump from PREROUTING (nat) to KUBE-SERVICES is missing"
+    topo.driver.apply(objs, resync=True)
+    assert names(topo.probe("10.96.0.30", 80)) == ["b1"]
+    assert topo.driver.ask(verify=True)["problem"] is None

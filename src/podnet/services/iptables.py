@@ -33,6 +33,7 @@ import logging
 import shutil
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,6 +118,34 @@ class Rendered:
     text: str
     nat_chains: set[str]
     rules: int
+
+
+def rule_counts(text: str) -> Counter[tuple[str, str]]:
+    """(table, chain) -> its `-A` lines, in iptables-save or iptables-restore text."""
+    counts: Counter[tuple[str, str]] = Counter()
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A "):
+            counts[(table, line.split(None, 2)[1])] += 1
+    return counts
+
+
+def jump_counts(text: str) -> Counter[tuple[str, str, str]]:
+    """(table, built-in chain, target) -> podnet's jumps to its fixed chains in iptables-save
+    text (kube-proxy's own carry a comment and are not counted)."""
+    own = set(FIXED_NAT) | set(FIXED_FILTER)
+    counts: Counter[tuple[str, str, str]] = Counter()
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A ") and "--comment" not in line:
+            words = line.split()
+            if len(words) >= 4 and words[-2] == "-j" and words[-1] in own:
+                counts[(table, words[1], words[-1])] += 1
+    return counts
 
 
 def render(state: ServiceState, stale: set[str] = frozenset()) -> Rendered:  # type: ignore[assignment]
@@ -229,6 +258,7 @@ class IptablesServiceApplier:
         self.metrics = metrics
         self.applied_state: ServiceState | None = None
         self.chains: set[str] | None = None  # our nat chains in the kernel
+        self.rules: Counter[tuple[str, str]] = Counter()  # (table, chain) -> rules, as last written
         self.last_script = ""
 
     def _restore_bin(self) -> str:
@@ -248,11 +278,25 @@ class IptablesServiceApplier:
                          text=True, check=True)
 
     def verify(self) -> str | None:
-        """Cheap check: why the next apply should re-read the kernel, or None."""
+        """Why the next apply should rewrite the chains, or None: a chain of ours missing, one
+        whose number of rules is not what was written (flushed, a rule deleted or added), or
+        a jump from a built-in chain missing. One iptables-save, as every check needs."""
         if self.chains is None:
             return "never applied"
-        missing = sorted(set(FIXED_NAT) - self._existing_chains())
-        return f"chain {missing[0]} is missing" if missing else None
+        saved = self.run([self.binary + "-save"], capture_output=True, text=True).stdout
+        chains = {line[1:].split()[0] for line in saved.splitlines() if line.startswith(":")}
+        missing = sorted(set(FIXED_NAT) - chains)
+        if missing:
+            return f"chain {missing[0]} is missing"
+        have = rule_counts(saved)
+        for (table, chain), n in sorted(self.rules.items()):
+            if have[(table, chain)] != n:
+                return f"chain {chain} ({table}) has {have[(table, chain)]} rules, {n} expected"
+        jumps = jump_counts(saved)
+        for table, chain, spec in JUMPS:
+            if not jumps[(table, chain, spec[-1])]:
+                return f"the jump from {chain} ({table}) to {spec[-1]} is missing"
+        return None
 
     def slot_orders(self) -> dict[Frontend, tuple[tuple[Backend, ...], tuple[Backend, ...]]]:
         """Nothing to keep: every sync rewrites the chains whole."""
@@ -281,6 +325,7 @@ class IptablesServiceApplier:
         result.sent, result.added, result.lines = True, rendered.rules, rendered.text.count("\n")
         old = self.applied_state
         self.chains, self.applied_state = rendered.nat_chains, state
+        self.rules = rule_counts(rendered.text)
         if self.conntrack is not None and old is not None:
             flows = stale_udp_flows(old, state)
             if flows:
@@ -300,4 +345,5 @@ class IptablesServiceApplier:
         self.run([self._restore_bin(), "--noflush", "-w"], input="\n".join(script) + "\n", capture_output=True,
                  text=True)
         self.applied_state, self.chains = None, None
+        self.rules = Counter()
 
