@@ -46,3 +46,17 @@ def test_the_cli(capsys):
     assert "max pods            29 = 3 x (10 - 1) + 2" in capsys.readouterr().out
     assert main(["plan", "--cloud", "aws", "--nodes", "x"]) == 1
     assert "--nodes: expected a whole number" in capsys.readouterr().err
+
+
+def test_the_comparison_is_the_shared_table(capsys):
+    """The one table printer of every command: upper-case headers, columns three spaces
+    apart, each cell read back under its header."""
+    assert main(["plan", "--cloud", "aws", "--nodes", "500", "--instance-type", "m5.large", "--max-pods-per-node",
+                 "20", "--min-idle", "2", "--max-idle", "5", "--zones", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("  PER-NODE              PODNET   AWS-VPC-CNI")
+    rows = {line[2:24].strip(): line[24:].split() for line in lines[start + 1:start + 8]}
+    assert rows == {"idle pinned (empty)": ["2-5", "9"], "idle at full load": ["5", "9"],
+                    "ENIs at full load": ["3", "3"], "subnet addresses": ["25", "29"],
+                    "cluster addresses": ["12500", "14500"], "per zone": ["6250", "7250"],
+                    "zone subnet needed": ["/19", "/19"]}

@@ -158,6 +158,8 @@ def plan_cloud(inp: CloudPlanInput) -> CloudPlan:
 
 
 def render(p: CloudPlan) -> str:
+    from podnet.cli.output import Column, table  # the one table printer of every command
+
     inp, lim, a, b = p.input, p.limits, p.podnet, p.aws_default
     lines = [f"Cloud plan: {inp.nodes} nodes of {lim.instance_type} in {inp.zones} zones, {inp.mode} mode"
              + (f", growth {inp.growth_percent:g}%: sized for {p.nodes_planned} nodes" if inp.growth_percent else ""),
@@ -168,8 +170,7 @@ def render(p: CloudPlan) -> str:
              + (f"{lim.max_enis} x ({lim.ips_per_eni} - 1) + 2" if inp.mode == "shared" else f"{lim.max_enis} - 1 + 2"),
              f"  pods planned        {p.pods_planned}",
              "",
-             f"  {'':<20}{'podnet':>18}{'AWS VPC CNI':>20}",
-             f"  {'':<20}{f'idle {inp.min_idle}..{inp.max_idle}':>18}{'WARM_ENI_TARGET=1':>20}"]
+             f"podnet (idle {inp.min_idle}..{inp.max_idle}) beside AWS VPC CNI (WARM_ENI_TARGET=1)"]
     rows = [("idle pinned (empty)", f"{a.idle_min}-{a.idle_max}", f"{b.idle_max}"),
             ("idle at full load", a.idle_at_full_load, b.idle_at_full_load),
             ("ENIs at full load", a.enis_at_full_load, b.enis_at_full_load),
@@ -177,7 +178,8 @@ def render(p: CloudPlan) -> str:
             ("cluster addresses", a.subnet_addresses_total, b.subnet_addresses_total),
             ("per zone", a.per_zone, b.per_zone),
             ("zone subnet needed", f"/{a.zone_prefix}", f"/{b.zone_prefix}")]
-    for name, x, y in rows:
-        lines.append(f"  {name:<20}{x!s:>18}{y!s:>20}")
+    columns = [Column("per-node", lambda r: r[0]), Column("podnet", lambda r: r[1]),
+               Column("aws-vpc-cni", lambda r: r[2])]
+    lines.append(table(columns, rows, indent="  "))
     lines += ["", "Warnings"] + ([f"  - {w}" for w in p.warnings] or ["  none"])
     return "\n".join(lines)
