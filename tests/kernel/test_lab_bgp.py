@@ -8,6 +8,8 @@ on the underlay's gateway (the external host's side).
   with disableBGPExport; the router learns the Service range from every node;
 - a block a node claims later (its first pod) is routable from every node and from
   the external host;
+- an address a node borrowed from another node's block is announced as a /32 and
+  reached at the borrowing node from the block's owner, a third node and outside;
 - BIRD killed with SIGKILL and an agent killed and restarted: an established TCP
   connection keeps flowing (graceful restart), sessions and routes come back;
 - a peer that never answers leaves the other sessions working; the node reports it
@@ -20,6 +22,7 @@ import secrets
 import signal
 import subprocess
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -28,7 +31,7 @@ from podnet.lab import bgp as lab_bgp
 from podnet.lab.cluster import agent_status, node_runtime, restart_agent, wait_programmed
 from podnet.lab.runtime import RuntimeConf, k8s_args, result_ips
 from podnet.model.bgp import NodeBGPSpec
-from podnet.model.objects import BGPPeer, Node, ObjectMeta, Pod, PodSpec
+from podnet.model.objects import BGPPeer, IPPool, Namespace, Node, ObjectMeta, Pod, PodSpec
 from tests.kernel.labs import echo_connection, log_offsets, log_since, running_lab
 from tests.support.bgp import established, route_to, routes, wait_until
 
@@ -156,28 +159,54 @@ def test_external_host_reaches_global_pool_without_nat_not_private_pool(lab):
     assert via == {n["address"] for n in lab.nodes}  # every node announces it: ECMP
 
 
-def add_pod(lab, name, node):
+def add_pod(lab, name, node, namespace="default"):
     """A pod the lab did not start with: the object, a sandbox and CNI ADD through the node's agent."""
     store = lab.store()
     uid = str(uuid.uuid4())
-    store.apply([Pod(metadata=ObjectMeta(name=name, namespace="default", uid=uid),
+    store.apply([Pod(metadata=ObjectMeta(name=name, namespace=namespace, uid=uid),
                      spec=PodSpec(node_name=node))])
     netns = f"pnbgp-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
     cid = secrets.token_hex(32)
-    conf = RuntimeConf(container_id=cid, netns=f"/run/netns/{netns}", args=k8s_args("default", name, cid, uid))
+    conf = RuntimeConf(container_id=cid, netns=f"/run/netns/{netns}", args=k8s_args(namespace, name, cid, uid))
     runtime = node_runtime(lab.state, lab.node(node))
-    return netns, conf, runtime, result_ips(runtime.add(conf))[0]
+    try:
+        return netns, conf, runtime, result_ips(runtime.add(conf))[0]
+    except BaseException:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+        raise
+
+
+@contextmanager
+def serving_pod(lab, name, node, namespace="default"):
+    """A pod added as add_pod() does, answering its name on TCP 8080 once it listens; yields
+    (netns, address). Its server, CNI DEL and namespace are undone on the way out."""
+    netns, conf, runtime, pod_ip = add_pod(lab, name, node, namespace)
+    server = subprocess.Popen(["ip", "netns", "exec", netns, "socat", "TCP-LISTEN:8080,reuseaddr,fork",
+                               f"SYSTEM:echo {name}"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: subprocess.run(["ip", "netns", "exec", netns, "ss", "-ltn", "sport = :8080"],
+                                          capture_output=True, text=True).stdout.count("8080"), f"{name} listens")
+        yield netns, pod_ip
+    finally:
+        server.kill()
+        server.wait(10)
+        runtime.delete(conf)
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def answer_from(netns, target, bind=None):
+    """What the server at target (an address, port 8080) answers to a connection from netns."""
+    dst = f"TCP:{target}:8080" + (f",bind={bind}" if bind else "")
+    return subprocess.run(["ip", "netns", "exec", netns, "socat", "-T", "3", "-", dst], input="",
+                          capture_output=True, text=True).stdout.strip()
 
 
 def test_new_block_is_routable_from_every_node_and_outside(lab):
     since = {n["name"]: {s.name: s.since for s in sessions(ctl(lab, n["name"]))} for n in lab.nodes}
-    netns, conf, runtime, pod_ip = add_pod(lab, "late-3", "node-3")  # node-3's first pod: a new block
-    server = subprocess.Popen(["ip", "netns", "exec", netns, "socat", "TCP-LISTEN:8080,reuseaddr,fork",
-                               "SYSTEM:echo late-3"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
+    with serving_pod(lab, "late-3", "node-3") as (_, pod_ip):  # node-3's first pod: a new block
         block = block_of(pod_ip)
         for n in lab.nodes:
             if n["name"] != "node-3":
@@ -185,21 +214,53 @@ def test_new_block_is_routable_from_every_node_and_outside(lab):
                            f"{n['name']}: route to node-3's new block {block}")
         ul = lab.state.data["underlay_netns"]
         wait_until(lambda: route_to(ul, block), "the router: route to the new block")
-        wait_until(lambda: subprocess.run(["ip", "netns", "exec", netns, "ss", "-ltn", "sport = :8080"],
-                                          capture_output=True, text=True).stdout.count("8080"), "socat listens")
         for pod in ("g-1", "g-2"):
             out = lab.exec(pod, ["socat", "-T", "3", "-", f"TCP:{pod_ip}:8080"], input="")
             assert out.stdout.strip() == "late-3", out
-        out = subprocess.run(["ip", "netns", "exec", ul, "socat", "-T", "3", "-",
-                              f"TCP:{pod_ip}:8080,bind={lab.external_ip}"], input="", capture_output=True, text=True)
-        assert out.stdout.strip() == "late-3", out
+        assert answer_from(ul, pod_ip, bind=lab.external_ip) == "late-3"
         # node-3 reloaded BIRD with the new block (and its import filters changed): no session was reset
         assert {n["name"]: {s.name: s.since for s in sessions(ctl(lab, n["name"]))} for n in lab.nodes} == since
+
+
+def test_a_borrowed_address_is_announced_as_a_32_and_reached_at_its_node(lab):
+    """A pool of one block: node-1 claims it with its first pod, node-2's pod borrows from it.
+    Node-1 holds a blackhole for the whole block, so only node-2's /32 (from BIRD; the agent
+    routes no borrowed address on a BGP node) brings the packets to node-2."""
+    suffix = secrets.token_hex(3)
+    ns, pool = f"tiny-{suffix}", f"tiny-{suffix}"
+    store = lab.store()
+    rev, _ = store.apply([Namespace.model_validate({"metadata": {"name": ns, "labels": {"pool": pool}}}),
+                 IPPool.model_validate({"metadata": {"name": pool},
+                                        "spec": {"cidr": "10.243.0.0/26", "blockSize": 26, "encapsulation": "None",
+                                                 "namespaceSelector": {"matchLabels": {"pool": pool}}}})])
+    wait_programmed(lab.state, rev, 60)  # every agent has the pool before a pod asks for an address
+    nodes = {n["name"]: n for n in lab.nodes}
+    ul = lab.state.data["underlay_netns"]
+    try:
+        with serving_pod(lab, "owner-1", "node-1", ns) as (_, owner_ip), \
+                serving_pod(lab, "borrower-2", "node-2", ns) as (_, borrowed):
+            assert block_of(owner_ip) == block_of(borrowed) == "10.243.0.0/26"  # one block: node-2 borrowed
+            for name in ("node-1", "node-3"):
+                r = wait_until(lambda name=name: (x if (x := route_to(nodes[name]["netns"], f"{borrowed}/32"))
+                                                  and x.get("protocol") == "bird" else None),
+                               f"{name}: the /32 of node-2's borrowed address")
+                assert r["gateway"] == nodes["node-2"]["address"], r
+            r = wait_until(lambda: route_to(nodes["node-3"]["netns"], "10.243.0.0/26"), "node-3: node-1's block")
+            assert r["gateway"] == nodes["node-1"]["address"], r
+            wait_until(lambda: route_to(ul, f"{borrowed}/32"), "the router: the borrowed /32")
+            out = lab.exec("g-1", ["socat", "-T", "3", "-", f"TCP:{borrowed}:8080"], input="")
+            assert out.stdout.strip() == "borrower-2", out  # from the block's owner
+            assert answer_from(nodes["node-3"]["netns"], borrowed) == "borrower-2"
+            assert answer_from(nodes["node-3"]["netns"], owner_ip) == "owner-1"
+            assert answer_from(ul, borrowed, bind=lab.external_ip) == "borrower-2"
+        # the borrower gone: its /32 is withdrawn everywhere
+        for name in ("node-1", "node-3"):
+            wait_until(lambda name=name: route_to(nodes[name]["netns"], f"{borrowed}/32") is None,
+                       f"{name}: the borrowed /32 withdrawn")
+        wait_until(lambda: route_to(ul, f"{borrowed}/32") is None, "the router: the borrowed /32 withdrawn")
     finally:
-        server.kill()
-        server.wait(10)
-        runtime.delete(conf)
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        store.delete_all([IPPool.model_validate({"metadata": {"name": pool}, "spec": {"cidr": "10.243.0.0/26"}}),
+                          Namespace.model_validate({"metadata": {"name": ns}})])
 
 
 def test_kill_bird_and_restart_agent_keep_a_tcp_connection(lab):
