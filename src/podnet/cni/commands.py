@@ -219,14 +219,20 @@ class Commands:
             netns = None
         with self._sessions.session() as (kv, ipam):
             record = store_call(lambda: kv.get(key))
-            if netns is None and record is not None and record.value.get("netns"):
-                recorded = record.value["netns"]
-                if self.verify_netns(recorded) is None:
-                    netns = recorded
+            if netns is None and record is not None:
+                netns = self._recorded_netns(record.value)
             self._teardown(kv, ipam, req.container_id, req.ifname, netns, req.handle, key,
                            record.value if record is not None else None, req.cni_path,
                            MultinetConfig.from_netconf(req.config))
         return 0, ""
+
+    def _recorded_netns(self, record: dict[str, Any]) -> str | None:
+        """The pod's namespace as its record names it, if it still is one: a DEL or GC without
+        a usable CNI_NETNS still removes the additional networks' interfaces inside it (their
+        addresses are released, so an interface left behind would hold an address another pod
+        may get)."""
+        recorded = record.get("netns")
+        return recorded if recorded and self.verify_netns(recorded) is None else None
 
     def _teardown(self, kv: KeyValueStore, ipam: Any, container_id: str, ifname: str, netns: str | None,
                   handle: str, key: str, record: dict[str, Any] | None = None, cni_path: tuple[str, ...] = (),
@@ -335,8 +341,9 @@ class Commands:
                     valid_handles |= self.multinet.handles(value)  # its additional networks' addresses
                     continue
                 try:
-                    self._teardown(kv, ipam, cid, ifname, None, value.get("handle") or rec.key.rpartition("/")[2],
-                                   rec.key, value, req.cni_path, config)
+                    self._teardown(kv, ipam, cid, ifname, self._recorded_netns(value),
+                                   value.get("handle") or rec.key.rpartition("/")[2], rec.key, value, req.cni_path,
+                                   config)
                     removed += 1
                 except CNIError as e:
                     failures.append(e.msg)
