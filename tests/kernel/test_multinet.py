@@ -13,8 +13,9 @@ node moved into the pod and back) delegates, with podnet-ipam addresses.
 Checked: net1 reaches the external host from the pool address with no NAT while eth0 still
 carries pod-to-pod traffic; the network-status annotation; addresses unique across nodes
 under 20 concurrent ADDs; bad input fails the ADD naming the pod and the network and leaves
-nothing (interfaces, addresses, host-local leases, records); DEL also when the netns is gone;
-kill -9 of the server in the middle of an ADD, then a retry.
+nothing (interfaces, addresses, host-local leases, records); DEL also when the netns is gone
+or a delegate's DEL fails; GC of pods the runtime lost (namespace kept or gone); kill -9 of the
+server in the middle of an ADD, then a retry.
 """
 
 from __future__ import annotations
@@ -78,6 +79,23 @@ if os.environ["CNI_COMMAND"] == "ADD":
 """
 
 
+# A plugin chained after macvlan whose DEL fails while its fail file exists (a delegate that
+# errors on DEL, e.g. a device still busy); ADD and CHECK pass the previous result on.
+FAILING_DEL = r"""#!PYTHON
+import json, os, sys
+conf = json.load(sys.stdin)
+cmd = os.environ["CNI_COMMAND"]
+failed = cmd == "DEL" and os.path.exists(conf["failFile"])
+with open(conf["log"], "a") as f:
+    f.write(cmd + (":failed" if failed else "") + "\n")
+if failed:
+    print(json.dumps({"cniVersion": conf["cniVersion"], "code": 999, "msg": "device busy"}))
+    sys.exit(1)
+if cmd == "ADD":
+    print(json.dumps(conf["prevResult"]))
+"""
+
+
 def nad(name: str, config: dict) -> NetworkAttachmentDefinition:
     return NetworkAttachmentDefinition.model_validate({
         "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
@@ -116,6 +134,9 @@ def lab(tmp_path):
         blocker = bindir / "blocker"
         blocker.write_text(BLOCKER.replace("PYTHON", sys.executable))
         blocker.chmod(0o755)
+        failing_del = bindir / "failing-del"
+        failing_del.write_text(FAILING_DEL.replace("PYTHON", sys.executable))
+        failing_del.chmod(0o755)
         nodes = {}
         for i in (1, 2):
             node = ns.new(f"n{i}")
@@ -268,6 +289,7 @@ def test_bad_input_fails_the_add_and_leaves_nothing(lab, networks, code, words):
     with pytest.raises(CNIError) as err:
         node["runtime"].add(conf)
     assert err.value.code == code and words in err.value.msg, err.value
+    assert err.value.msg.startswith("pod default/bad: "), err.value  # the pod, then what is wrong with which network
     assert links(pod) == ["lo"]
     # The bridge plugin makes the node's bridge once and never removes it (as with any runtime).
     assert [ln for ln in links(node["ns"]) if ln != "pnbr-test"] == before
@@ -289,6 +311,59 @@ def test_del_removes_every_attachment_when_the_netns_is_gone(lab):
     assert handles(lab["kv"]) == [] and leases(lab) == []
     assert lab["kv"].list(ATTACHMENTS_PREFIX)[0] == []
     assert not [ln for ln in links(node["ns"]) if ln.startswith(("pn", "veth")) and ln != "pnbr-test"]
+
+
+def test_del_removes_every_attachment_past_a_delegate_that_errors(lab):
+    """DEL in reverse: net2's list fails in its chained plugin, and its macvlan, its podnet-ipam
+    address, net1 (bridge + host-local run after it) and eth0 go all the same. Nothing of net2
+    is left in the pod, so there is nothing for a repeated DEL to do (when the interface stays,
+    the DEL answers 104 and keeps that network: tests/unit/test_multinet_handler.py)."""
+    node = lab["nodes"][1]
+    fail, log = lab["tmp"] / "fail-del", lab["tmp"] / "failing-del.log"
+    fail.write_text("")
+    lab["objects"].apply([nad("sticky", {"cniVersion": "1.0.0", "name": "sticky", "plugins": [
+        {"type": "macvlan", "master": "data0", "mode": "bridge",
+         "ipam": {"type": "podnet-ipam", "pools": ["global"], "subnet": SUBNET}},
+        {"type": "failing-del", "failFile": str(fail), "log": str(log)}]})])
+    pod, conf = new_pod(lab, "sticky", "pod-bridge, sticky")
+    node["runtime"].add(conf)
+    assert links(pod) == ["eth0", "lo", "net1", "net2"] and len(leases(lab)) == 1 and len(handles(lab["kv"])) == 2
+    node["runtime"].delete(conf)
+    assert log.read_text().split() == ["ADD", "DEL:failed"]  # the delegate did fail
+    assert links(pod) == ["lo"] and handles(lab["kv"]) == [] and leases(lab) == []
+    assert lab["kv"].list(ATTACHMENTS_PREFIX)[0] == []
+    assert not [ln for ln in links(node["ns"]) if ln.startswith(("pn", "veth")) and ln != "pnbr-test"]
+
+
+def test_gc_frees_the_attachments_of_vanished_pods_and_keeps_the_listed_ones(lab):
+    """The runtime lost two pods (no cached result; one pod's namespace is gone too): GC with
+    the list of live attachments removes their networks, addresses, leases and records, and
+    the listed pod keeps its own and its traffic."""
+    node = lab["nodes"][2]
+    rt = CniRuntime({"cniVersion": "1.1.0", "name": NETWORK,
+                     "plugins": [{"type": "podnet-cni", "agentSocket": node["sock"]}]},
+                    cni_path=[str(lab["bindir"]), REFERENCE], cache_dir=lab["tmp"] / "cache-gc",
+                    host_netns=node["ns"], timeout=60)
+    keep_ns, keep = new_pod(lab, "gk", "underlay, pod-bridge")
+    lost_ns, lost = new_pod(lab, "gl", "underlay, pod-bridge")
+    gone_ns, gone = new_pod(lab, "gg", "underlay, pod-bridge")
+    for c in (keep, lost, gone):
+        rt.add(c)
+    assert len(leases(lab)) == 3 and len(handles(lab["kv"])) == 6  # eth0 and net1 (podnet-ipam) each
+    for c in (lost, gone):
+        rt._cache_file(c).unlink()  # the runtime forgot them: only GC can clean up
+    in_ns(gone_ns, "true")
+    subprocess.run(["ip", "netns", "del", gone_ns], check=True)
+    lab["ns"].created.remove(gone_ns)
+    rt.gc([(keep.container_id, "eth0")])
+    assert links(lost_ns) == ["lo"] and links(keep_ns) == ["eth0", "lo", "net1", "net2"]
+    assert sorted(h.rsplit(".", 1)[1] for h in handles(lab["kv"])) == ["eth0", "net1"]
+    assert all(keep.container_id in h for h in handles(lab["kv"]))
+    assert len(leases(lab)) == 1 and len(lab["kv"].list(ATTACHMENTS_PREFIX)[0]) == 1
+    in_ns(keep_ns, "ping", "-c1", "-W2", EXT_IP)
+    rt.delete(keep)
+    assert links(keep_ns) == ["lo"] and handles(lab["kv"]) == [] and leases(lab) == []
+    assert lab["kv"].list(ATTACHMENTS_PREFIX)[0] == []
 
 
 def test_kill_9_in_the_middle_of_an_add_then_a_retry(lab):
