@@ -102,10 +102,32 @@ def test_a_deleted_service_table_comes_back(lab):
     wait_for(lambda: reaches(lab, "client", target), "the Service through node-2")
 
 
+def test_a_flushed_service_chain_is_refilled_by_one_resync(lab):
+    # names and element counts stay as they were: only the rules are gone
+    svc = lab.store().get(Service, "web", "default")
+    assert svc is not None and svc.spec.cluster_ip
+    target = f"tcp:{svc.spec.cluster_ip}:80"
+    assert reaches(lab, "client", target)
+    since = log_offsets(lab)
+    node_sh(lab, "node-2", "nft", "flush", "chain", "ip", "podnet-svc", "services")
+    # (until the next resync nothing is DNATed; asserting that would race with it)
+    wait_for(lambda: repaired(lab, "node-2", "services", since), "the flushed Service chain found")
+    wait_for(lambda: reaches(lab, "client", target), "the Service through node-2")
+
+
 def test_a_removed_node_dns_address_comes_back(lab):
     node_sh(lab, "node-2", "ip", "addr", "del", "169.254.20.10/32", "dev", "lo")
     query = ["dig", "+short", "+time=1", "+tries=1", "@169.254.20.10", "web.default.svc.cluster.local"]
     wait_for(lambda: lab.exec("client", query).stdout.strip() != "", "node DNS on 169.254.20.10")
+
+
+def test_a_deleted_node_dns_notrack_table_comes_back(lab):
+    since = log_offsets(lab)
+    node_sh(lab, "node-2", "nft", "delete", "table", "ip", "podnet-dns")
+    wait_for(lambda: repaired(lab, "node-2", "dns", since), "the node DNS drift found")
+    assert node_sh(lab, "node-2", "nft", "list", "table", "ip", "podnet-dns").count("notrack") == 3
+    query = ["dig", "+short", "+time=1", "+tries=1", "@169.254.20.10", "web.default.svc.cluster.local"]
+    assert lab.exec("client", query).stdout.strip() != ""
 
 
 def test_an_agent_killed_with_9_leaves_policy_closed_and_its_restart_changes_nothing(lab):
