@@ -137,6 +137,28 @@ def test_node_dns_runs_apart_from_the_agent_with_the_same_addresses_and_store():
     assert dns["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}
 
 
+def test_containers_can_read_the_secrets_they_mount():
+    """A Secret's files belong to root with the volume's defaultMode (0644 unless set); a
+    container running as another user reads them only if the mode lets others read, or through
+    the pod's fsGroup (the kubelet gives the files that group, and group read)."""
+    unreadable = []
+    for doc in manifests():
+        if doc["kind"] not in ("DaemonSet", "Deployment"):
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        pod_sc = spec.get("securityContext") or {}
+        secrets = {v["name"]: v["secret"].get("defaultMode", 0o644) for v in spec.get("volumes", []) if "secret" in v}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            user = (c.get("securityContext") or {}).get("runAsUser", pod_sc.get("runAsUser", 0))
+            for m in c.get("volumeMounts", []):
+                mode = secrets.get(m["name"])
+                if mode is None or user == 0 or mode & 0o004 or "fsGroup" in pod_sc:
+                    continue
+                unreadable.append(f"{doc['kind']}/{doc['metadata']['name']} container {c['name']} (user {user}): "
+                                  f"{m['name']} mode {mode:o}")
+    assert unreadable == []
+
+
 def test_the_crds_are_made_from_the_models():
     assert (DEPLOY / "crds.yaml").read_text() == render(), "regenerate: python -m podnet.kube.crds > deploy/crds.yaml"
 
