@@ -146,6 +146,7 @@ POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
         (POD + "spec: {containers: [{name: c, ports: [{containerPort: 80, hostport: 8080}]}]}\n",
          "spec.containers[0].ports[0].hostport"),
         ("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCidr: 10.0.0.0/24}\n", "spec.podCidr"),
+        ("apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\nspec: {finalizer: [kubernetes]}\n", "spec.finalizer"),
     ],
 )
 def test_unknown_fields_are_refused_naming_them(text, field):
@@ -160,9 +161,10 @@ def test_fields_upstream_defines_but_podnet_does_not_use_are_accepted():
               " loadBalancerIP: 192.0.2.1, trafficDistribution: PreferClose}\n---\n"
         + POD + "spec: {restartPolicy: Always, dnsPolicy: ClusterFirst, tolerations: [], containers: [{name: c,"
                 " image: nginx, command: [sh], env: [{name: A, value: b}], resources: {}, imagePullPolicy: Always}]}\n"
-        + "---\napiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {providerID: x, taints: []}\n",
+        + "---\napiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {providerID: x, taints: []}\n"
+        + "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: n}\nspec: {finalizers: [kubernetes]}\n",
         "x.yaml")
-    assert errs == [] and [o.kind for o in objs] == ["Service", "Pod", "Node"]
+    assert errs == [] and [o.kind for o in objs] == ["Service", "Pod", "Node", "Namespace"]
     assert objs[0].spec.selector == {"app": "web"}
 
 

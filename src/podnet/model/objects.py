@@ -163,6 +163,12 @@ class KubeObject(Schema):
 # ---------------------------------------------------------------- core/v1
 
 
+class NamespaceSpec(Partial):
+    """Upstream's only field, finalizers, which podnet does not read."""
+
+    UPSTREAM_ONLY = frozenset({"finalizers"})
+
+
 class Namespace(KubeObject):
     KIND = "Namespace"
     API_VERSIONS = ("v1",)
@@ -171,7 +177,7 @@ class Namespace(KubeObject):
     SHORT_NAMES = ("ns",)
     kind: Literal["Namespace"] = "Namespace"
     api_version: str = "v1"
-    spec: dict[str, Any] | None = None
+    spec: NamespaceSpec | None = None
     status: dict[str, Any] | None = None
 
     @field_validator("metadata")
