@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from podnet.errors import PodnetError
+from podnet.model.names import is_dns1123_subdomain
 from podnet.store.base import AlreadyExists, KeyValueStore, Op
 
 CLUSTER_CONFIG_KEY = "/podnet/cluster/config"
@@ -48,8 +49,9 @@ def _decode(value: object) -> ClusterConfig:
     cidr, domain = value.get("serviceCIDR"), value.get("clusterDomain", DEFAULT_CLUSTER_DOMAIN)
     if not isinstance(cidr, str):
         raise PodnetError(f"{where}: field serviceCIDR is missing or not a string")
-    if not isinstance(domain, str) or not domain:
-        raise PodnetError(f"{where}: field clusterDomain is not a domain name")
+    if not isinstance(domain, str) or not is_dns1123_subdomain(domain):
+        raise PodnetError(f"{where}: field clusterDomain {domain!r} is not a domain name "
+                          "(lowercase DNS labels joined by dots, as cluster.local)")
     return ClusterConfig(service_network(cidr, f"{where}: field serviceCIDR"), domain)
 
 
@@ -110,6 +112,10 @@ def agent_settings(kv: KeyValueStore, service_cidrs: list[str] | None, cluster_d
     if cidrs and cidrs != (config.service_cidr,):
         warn(f"--service-cidr {', '.join(cidrs)} overrides the cluster's Service CIDR {config.service_cidr} "
              f"(store key {CLUSTER_CONFIG_KEY}): Services applied with the cluster's are not served here")
+    if cluster_domain is not None and not is_dns1123_subdomain(cluster_domain):
+        # it becomes every pod's resolv.conf search path and the zone the node answers
+        raise PodnetError(f"--cluster-domain {cluster_domain!r} is not a domain name "
+                          "(lowercase DNS labels joined by dots, as cluster.local)")
     if cluster_domain and cluster_domain != config.cluster_domain:
         warn(f"--cluster-domain {cluster_domain} overrides the cluster's domain {config.cluster_domain} "
              f"(store key {CLUSTER_CONFIG_KEY})")

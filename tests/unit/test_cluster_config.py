@@ -77,3 +77,13 @@ def test_a_damaged_cluster_configuration_is_named(store):
         with pytest.raises(PodnetError, match=f"store key {CLUSTER_CONFIG_KEY}: field serviceCIDR '10.96.0.1/12' "
                                               "is not a valid CIDR"):
             agent_settings(kv, None, None, print)
+        # the domain goes into every pod's resolv.conf: a trailing newline would split its search line
+        kv.put(CLUSTER_CONFIG_KEY, {"serviceCIDR": "10.96.0.0/12", "clusterDomain": "cluster.local\n"})
+        with pytest.raises(PodnetError) as e:
+            agent_settings(kv, None, None, print)
+        assert str(e.value).startswith(f"store key {CLUSTER_CONFIG_KEY}: field clusterDomain "
+                                       "'cluster.local\\n' is not a domain name")
+        kv.put(CLUSTER_CONFIG_KEY, {"serviceCIDR": "10.96.0.0/12"})
+        for bad in ("cluster.local\n", "Cluster.Local", "a..b", ""):
+            with pytest.raises(PodnetError, match="--cluster-domain .* is not a domain name"):
+                agent_settings(kv, None, bad, print)

@@ -36,6 +36,8 @@ def test_limits_and_validation():
         render("ns", "not-an-ip")
     with pytest.raises(ValueError):
         render("ns", "10.0.0.10", host_search=["bad domain"])
+    with pytest.raises(ValueError, match="is not a valid domain name"):  # would end the search line early
+        render("ns", "10.0.0.10", zone="cluster.local\n")
     with pytest.raises(ValueError):
         render("ns", [])
 

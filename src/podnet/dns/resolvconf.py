@@ -41,7 +41,7 @@ def render(namespace: str, nameservers: list[str] | str, zone: str = "cluster.lo
         raise ValueError(f"ndots {ndots} is out of range: expected 0-15 (glibc caps it at 15)")
     search = search_path(namespace, zone, host_search)
     for d in search:
-        if len(d) > 253 or not _DOMAIN.match(d):
+        if len(d) > 253 or not _DOMAIN.fullmatch(d):  # (match's `$` takes a trailing newline)
             raise ValueError(f"search domain {d!r} is not a valid domain name")
     while len(search) > MAX_SEARCH or len(" ".join(search)) > MAX_SEARCH_CHARS:
         search.pop()  # as kubelet: host domains beyond the limits are dropped
