@@ -1,5 +1,6 @@
 """BIRD supervised in a network namespace: checked before use, reloaded only on change, a refused
-configuration never loaded, restarted after a crash, adopted by a new supervisor."""
+configuration never loaded, restarted after a crash, adopted by a new supervisor; a node's
+rendered filters against a router that announces more than it should take."""
 
 import os
 import pwd
@@ -10,10 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from podnet.agent.view import BlockRecord
 from podnet.bgp.bird import Bird, ConfigRefused
+from podnet.bgp.config import compile_node
 from podnet.bgp.control import command
-from tests.kernel.nsutil import namespaces
-from tests.support.bgp import wait_until
+from podnet.bgp.render import render
+from tests.kernel.nsutil import in_ns, namespaces
+from tests.support.bgp import established, routes, wait_until
+from tests.unit.test_bgp_config import POOLS, bgppeer, config, node
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -24,9 +29,14 @@ def conf(router_id: str, statics: list[str]) -> str:
             f"protocol static podnet_routes {{\n  ipv4;\n{routes}}}\n")
 
 
-def static_routes(bird: Bird) -> set[str]:
-    reply = command(bird.ctl, "show route protocol podnet_routes")
+def prefixes(bird: Bird, show: str) -> set[str]:
+    """The prefixes of a `show route ...` answer."""
+    reply = command(bird.ctl, show)
     return {text.split()[0] for code, text in reply if code == 1007 and text and text[0].isdigit()}
+
+
+def static_routes(bird: Bird) -> set[str]:
+    return prefixes(bird, "show route protocol podnet_routes")
 
 
 @pytest.fixture
@@ -85,3 +95,63 @@ def test_restart_after_kill_and_adoption(bird):
     assert adopter.running() and adopter.apply(text) == ""
     assert adopter.pid() == new_pid
     assert adopter.stop() and bird.pid() is None
+
+
+def learnt(bird: Bird, protocol: str) -> set[str]:
+    """The prefixes BIRD holds from `protocol` (what passed its import filter)."""
+    return prefixes(bird, f"show route protocol {protocol}")
+
+
+def exported(bird: Bird, protocol: str) -> set[str]:
+    """The prefixes BIRD's export filter to `protocol` passes now, over its whole table."""
+    return prefixes(bird, f"show route export {protocol}")
+
+
+def test_a_router_gets_blocks_and_service_ranges_and_the_kernel_only_pool_routes():
+    """A node (as the agent renders it, without the agent) and a router peering over eBGP.
+    The router hears one route per announced block and the Service range; not the block of a
+    disableBGPExport pool, not a pod's /32 or other kernel routes of the node. The router
+    announces a pool block, a VXLAN pool's block, a prefix outside every pool and the node's
+    own block: the node takes neither its own block nor a route outside the pools into its
+    kernel, nor one of a pool BGP does not route."""
+    with namespaces() as ns:
+        a, r = ns.new("node"), ns.new("router")
+        in_ns(a, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", r)
+        for name, addr in ((a, "10.0.0.11/24"), (r, "10.0.0.1/24")):
+            in_ns(name, "ip", "addr", "add", addr, "dev", "eth0")
+            in_ns(name, "ip", "link", "set", "eth0", "up")
+        in_ns(a, "ip", "route", "add", "10.244.1.5/32", "dev", "eth0")  # as a pod's route
+        in_ns(a, "ip", "route", "add", "192.0.2.0/24", "via", "10.0.0.1")  # the node's own business
+        d = Path(tempfile.mkdtemp(prefix="pnbird-"))
+        os.chmod(d, 0o755)
+        birds = [Bird(d / "node", netns=a), Bird(d / "router", netns=r)]
+        try:
+            blocks = [BlockRecord("10.244.1.0/26", "global", "a", ()),  # global: exported
+                      BlockRecord("10.245.0.0/26", "private", "a", ()),  # disableBGPExport
+                      BlockRecord("10.246.0.0/26", "overlay", "a", ())]  # VXLAN, exported
+            cfg = compile_node("a", [node("a", "10.0.0.11")], config(serviceClusterIPs=[{"cidr": "10.96.0.0/16"}]),
+                               [bgppeer("edge", peerIP="10.0.0.1", asNumber=65000)], POOLS, blocks)
+            birds[0].apply(render(cfg, birds[0].log_file))
+            announced = ("10.244.7.0/26", "10.246.7.0/26", "198.51.100.0/24", "10.244.1.0/26")
+            statics = "".join(f"  route {p} blackhole;\n" for p in announced)
+            birds[1].apply("router id 10.0.0.1;\nprotocol device { }\n"
+                           f"protocol static announced {{\n  ipv4;\n{statics}}}\n"
+                           "protocol bgp node_a {\n  local 10.0.0.1 as 65000;\n  neighbor 10.0.0.11 as 64512;\n"
+                           "  ipv4 { import all; export all; };\n}\n")
+            wait_until(lambda: established(birds[0].ctl, peers=1), "the node's session with the router", 60)
+            expected = {"10.244.1.0/26", "10.246.0.0/26", "10.96.0.0/16"}
+            wait_until(lambda: learnt(birds[1], "node_a") >= expected, "the router heard the node's routes")
+            assert exported(birds[0], "Global_10_0_0_1") == expected  # the filter on the node's whole table
+            assert learnt(birds[1], "node_a") == expected
+
+            from_router = {"10.244.7.0/26", "10.246.7.0/26", "198.51.100.0/24"}  # not the node's own block
+            wait_until(lambda: learnt(birds[0], "Global_10_0_0_1") == from_router, "the node took the router's routes")
+            route = wait_until(lambda: next((x for x in routes(a) if x["dst"] == "10.244.7.0/26"), None),
+                               "the pool route in the node's kernel")
+            assert route["protocol"] == "bird" and route["gateway"] == "10.0.0.1"
+            assert exported(birds[0], "podnet_kernel") == {"10.244.7.0/26"}
+            assert {x["dst"] for x in routes(a) if x.get("protocol") == "bird"} == {"10.244.7.0/26"}
+        finally:
+            for b in birds:
+                b.stop()
+            shutil.rmtree(d, ignore_errors=True)
