@@ -94,6 +94,7 @@ class FakeEC2:
         self.calls: collections.Counter[str] = collections.Counter()
         self.limit_errors: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
+        self.in_flight = 0  # calls received and not answered yet (a caller killed meanwhile never hears back)
         self.refused_keys: set[str] = set()
         self._throttle_next: collections.Counter[str] = collections.Counter()
         self._buckets: dict[str, _Bucket] = {}
@@ -266,7 +267,8 @@ class FakeEC2:
             if method == "GET" and path == "/_fake/state":
                 with self._count_lock:
                     return 200, {"calls": dict(self.calls), "limit_errors": dict(self.limit_errors),
-                                 "errors": dict(self.errors), "duplicates": self.duplicates()}
+                                 "errors": dict(self.errors), "in_flight": self.in_flight,
+                                 "duplicates": self.duplicates()}
             if method == "PUT" and path == "/_fake/control":
                 if doc.get("reset"):
                     self.reset_counts()
@@ -295,6 +297,15 @@ class FakeEC2:
         action = p.get("Action", "")
         with self._count_lock:
             self.calls[action] += 1
+            self.in_flight += 1
+        try:
+            return self._answer(action, headers, p, params)
+        finally:
+            with self._count_lock:
+                self.in_flight -= 1
+
+    def _answer(self, action: str, headers: dict[str, str], p: dict[str, str],
+                params: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str]], bytes]:
         delay = self.latency.get(action, 0.0)
         if delay:
             time.sleep(delay)
