@@ -17,6 +17,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -26,7 +27,7 @@ from podnet.eni import records as rec
 from podnet.lab.cluster import AGENT_METRICS_PORT, node_dns_key, node_runtime, restart_agent
 from podnet.lab.connectivity import probe_all
 from podnet.lab.runtime import RuntimeConf, k8s_args, result_ips
-from podnet.model.objects import CloudNetwork, ObjectMeta, Pod, PodSpec
+from podnet.model.objects import CloudNetwork, Node, ObjectMeta, Pod, PodSpec
 from tests.kernel.labs import echo_connection, running_lab
 from tests.kernel.test_agent_metrics import scrape, value
 from tests.support.bgp import wait_until
@@ -56,14 +57,38 @@ def ip(lab, pod: str) -> str:
     return lab.pod(pod)["ips"][0]
 
 
-def cloud_state(lab) -> dict:
-    """The EC2 server's counters and duplicates, asked from the underlay namespace it serves in."""
-    code = ("import json, sys; from tests.support.fake_ec2 import FakeEC2Client; "
-            "print(json.dumps(FakeEC2Client(sys.argv[1]).state()))")
+def in_cloud(lab, code: str, *args: str):
+    """`code` run with the lab's EC2 endpoint as sys.argv[1] (then `args`) in the underlay
+    namespace the server serves in; what it printed, as JSON."""
     out = subprocess.run(["ip", "netns", "exec", lab.state.data["underlay_netns"], sys.executable, "-c", code,
-                          lab.state.data["cloud"]["endpoint"]], capture_output=True, text=True, check=True,
+                          lab.state.data["cloud"]["endpoint"], *args], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
     return json.loads(out.stdout)
+
+
+def cloud_state(lab) -> dict:
+    """The EC2 server's counters, calls in flight and duplicates."""
+    return in_cloud(lab, "import json, sys; from tests.support.fake_ec2 import FakeEC2Client; "
+                         "print(json.dumps(FakeEC2Client(sys.argv[1]).state()))")
+
+
+def cloud_latency(lab, latency: dict[str, float]) -> None:
+    """Set the EC2 server's injected latency per call (an empty dict: none)."""
+    in_cloud(lab, "import json, sys; from tests.support.fake_ec2 import FakeEC2Client; "
+                  "FakeEC2Client(sys.argv[1]).control(latency=json.loads(sys.argv[2])); print('{}')",
+             json.dumps(latency))
+
+
+def cloud_addresses(lab, node: str) -> list[str]:
+    """The secondary addresses the cloud has on the ENIs attached to the node's instance."""
+    instance = lab.store().get(Node, node).spec.provider_id.rsplit("/", 1)[-1]
+    return in_cloud(lab, "import json, sys, boto3; from tests.support.fake_ec2 import ACCESS_KEY, REGION, SECRET_KEY; "
+                         "ec2 = boto3.client('ec2', endpoint_url=sys.argv[1], region_name=REGION, "
+                         "aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY); "
+                         "nis = ec2.describe_network_interfaces(Filters=[{'Name': 'attachment.instance-id', "
+                         "'Values': [sys.argv[2]]}])['NetworkInterfaces']; "
+                         "print(json.dumps(sorted(p['PrivateIpAddress'] for n in nis "
+                         "for p in n['PrivateIpAddresses'] if not p['Primary'])))", instance)
 
 
 def test_pods_reach_pods_and_the_vpc_host_by_their_vpc_addresses(lab):
@@ -116,21 +141,33 @@ def test_the_dataplane_of_each_mode(lab):
 
 
 @contextlib.contextmanager
-def late_pod(lab, node: str, name: str):
-    """A pod added to `node` through its runtime after the lab came up; (runtime, conf, address).
-    Its namespace goes afterwards (a DEL not made by the test is GC's)."""
-    uid = str(uuid.uuid4())
-    lab.store().apply([Pod(metadata=ObjectMeta(name=name, namespace="default", uid=uid),
-                           spec=PodSpec(node_name=node))])
-    netns = f"pneni-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+def pods_to_add(lab, node: str, names: list[str]):
+    """Pods of `node` ready for its runtime's ADD: (runtime, [conf per name]). Their namespaces
+    go afterwards (a DEL not made by the test is GC's)."""
+    uids = {name: str(uuid.uuid4()) for name in names}
+    lab.store().apply([Pod(metadata=ObjectMeta(name=name, namespace="default", uid=uid), spec=PodSpec(node_name=node))
+                       for name, uid in uids.items()])
+    made: list[str] = []
     try:
-        cid = secrets.token_hex(32)
-        conf = RuntimeConf(container_id=cid, netns=f"/run/netns/{netns}", args=k8s_args("default", name, cid, uid))
-        runtime = node_runtime(lab.state, lab.node(node))
-        yield runtime, conf, result_ips(runtime.add(conf))[0]
+        confs = []
+        for name, uid in uids.items():
+            netns = f"pneni-{secrets.token_hex(3)}"
+            subprocess.run(["ip", "netns", "add", netns], check=True)
+            made.append(netns)
+            cid = secrets.token_hex(32)
+            confs.append(RuntimeConf(container_id=cid, netns=f"/run/netns/{netns}",
+                                     args=k8s_args("default", name, cid, uid)))
+        yield node_runtime(lab.state, lab.node(node)), confs
     finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+        for netns in made:
+            subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+@contextlib.contextmanager
+def late_pod(lab, node: str, name: str):
+    """A pod added to `node` through its runtime after the lab came up; (runtime, conf, address)."""
+    with pods_to_add(lab, node, [name]) as (runtime, (conf,)):
+        yield runtime, conf, result_ips(runtime.add(conf))[0]
 
 
 def eni_metrics(lab, node: str) -> dict:
@@ -182,6 +219,60 @@ def test_kill_9_of_an_agent_keeps_pods_working_and_hands_out_no_address_twice(la
         assert late not in after.handles.values()
         assert after.addresses[late].handle is None and after.addresses[late].cooling_until  # cooling down
         assert cloud_state(lab)["duplicates"] == []
+
+
+def test_kill_9_of_an_agent_mid_burst_leaks_no_address_and_hands_out_none_twice(lab):
+    """node-2's agent killed with -9 while a burst of ADDs waits for an Assign call the cloud
+    is still answering (1.5 s injected), then started again: the ADDs that failed are deleted
+    as the kubelet does; every pod holds an address of its own that the node has in the cloud,
+    and every address the node has in the cloud is a pod's or in its pool: none leaked."""
+    node, held_before = "node-2", set(rec.read(lab.store().kv, "node-2").handles.values())
+    answers: dict[str, str | Exception] = {}
+
+    def add(runtime, conf) -> None:
+        try:
+            answers[conf.container_id] = result_ips(runtime.add(conf))[0]
+        except Exception as e:  # noqa: BLE001 - an ADD the kill cut short: looked at below
+            answers[conf.container_id] = e
+
+    with pods_to_add(lab, node, [f"burst-{i}" for i in range(10)]) as (runtime, confs):
+        try:
+            cloud_latency(lab, {"AssignPrivateIpAddresses": 1.5})
+            assigns = cloud_state(lab)["calls"].get("AssignPrivateIpAddresses", 0)
+            threads = [threading.Thread(target=add, args=(runtime, conf)) for conf in confs]
+            for t in threads:
+                t.start()
+            wait_until(lambda: cloud_state(lab)["calls"].get("AssignPrivateIpAddresses", 0) > assigns,
+                       "an Assign call of the burst sent", timeout=30)
+            # the new agent starts once the cloud has done what the killed one asked for: the
+            # address it got and never recorded is the cloud's, for the start's reconcile to find
+            restart_agent(lab.state, node, kill=True, while_down=lambda: wait_until(
+                lambda: cloud_state(lab)["in_flight"] == 0, "the killed agent's calls answered", timeout=30))
+            for t in threads:
+                t.join(90)
+        finally:
+            cloud_latency(lab, {})
+        assert len(answers) == len(confs) and any(isinstance(a, Exception) for a in answers.values()), answers
+        for conf in confs:
+            if isinstance(answers[conf.container_id], Exception):
+                runtime.delete(conf)  # the kubelet's DEL after a failed ADD
+        store = lab.store()
+        held = rec.read(store.kv, node).handles
+        got = [a for a in answers.values() if isinstance(a, str)]
+        assert sorted(held.values()) == sorted(set(held.values())), held  # one pod per address
+        assert set(got) | held_before == set(held.values()) and not set(got) & held_before, (got, held)
+        assert set(held.values()) <= set(cloud_addresses(lab, node))
+
+        def accounted() -> bool:  # the restarted agent's pool: every address of the node's in the cloud
+            samples = eni_metrics(lab, node)
+            count = lambda state: value(samples, "podnet_eni_addresses", network="shared", state=state)  # noqa: E731
+            return (count("assigned") == len(held)
+                    and count("assigned") + count("idle") + count("cooling") == len(cloud_addresses(lab, node)))
+        wait_until(accounted, f"{node}'s pool accounting for every address it has in the cloud", timeout=60)
+        assert cloud_state(lab)["duplicates"] == []
+        for conf in confs:
+            if isinstance(answers[conf.container_id], str):
+                runtime.delete(conf)
 
 
 def ip_json(netns: str, *args: str) -> list[dict]:
