@@ -470,7 +470,8 @@ def _store_key(cls: type[KubeObject], api_key: str) -> str:
 
 
 def _kind_of_store_key(key: str) -> str:
-    return key.split("/")[3] if key.count("/") >= 4 else ""
+    parts = split_object_key(key)
+    return parts[0] if parts else ""
 
 
 # ---------------------------------------------------------------- the controller
