@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 
 from podnet.eni import watermarks
+from podnet.eni.errors import SetupError
 from podnet.eni.limits import InstanceLimits
+from podnet.eni.setup import select
 from podnet.errors import ValidationError
 from podnet.model.cloud import parse_provider_id
 from podnet.model.manifests import ManifestErrors, parse_documents
+from podnet.model.objects import Node
 
 GOOD = """
 apiVersion: podnet.io/v1
@@ -104,3 +107,15 @@ def test_aws_settings_map_onto_the_watermarks():
     assert watermarks.from_aws(ips_per_eni=10, warm_ip_target=5, minimum_ip_target=10).model_dump() == \
         {"min_idle": 5, "max_idle": 10}
     assert watermarks.from_aws(ips_per_eni=10).model_dump() == {"min_idle": 9, "max_idle": 17}  # WARM_ENI_TARGET=1
+
+
+def test_a_node_takes_the_cloud_network_its_labels_select_and_two_are_an_error_naming_both():
+    aws = parse(GOOD)
+    other = parse(GOOD.replace("vpc-main", "vpc-other").replace("podnet.io/cloud: aws", "pool: b"))
+    node = lambda **labels: Node.model_validate({"metadata": {"name": "n1", "labels": labels}})  # noqa: E731
+    assert select([aws, other], node(**{"podnet.io/cloud": "aws"})) is aws
+    assert select([aws, other], node(pool="b")) is other
+    assert select([aws, other], node(pool="c")) is None  # the node keeps podnet's own IPAM
+    with pytest.raises(SetupError, match=r"Node/n1 is selected by more than one CloudNetwork "
+                                         r"\(CloudNetwork/vpc-main, CloudNetwork/vpc-other\)"):
+        select([aws, other], node(**{"podnet.io/cloud": "aws", "pool": "b"}))
