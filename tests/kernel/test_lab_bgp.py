@@ -13,7 +13,8 @@ on the underlay's gateway (the external host's side).
 - BIRD killed with SIGKILL and an agent killed and restarted: an established TCP
   connection keeps flowing (graceful restart), sessions and routes come back;
 - a peer that never answers leaves the other sessions working; the node reports it
-  in its health (CNI STATUS) and `podnet bgp status`.
+  in its health (CNI STATUS, the agent's /readyz), its metrics (sessions by state, per
+  peer, routes per session) and `podnet bgp status` (exit 3).
 """
 
 import ipaddress
@@ -21,6 +22,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import uuid
 from contextlib import contextmanager
 
@@ -28,11 +30,12 @@ import pytest
 
 from podnet.bgp.status import sessions
 from podnet.lab import bgp as lab_bgp
-from podnet.lab.cluster import agent_status, node_runtime, restart_agent, wait_programmed
+from podnet.lab.cluster import AGENT_METRICS_PORT, agent_status, node_runtime, restart_agent, wait_programmed
 from podnet.lab.runtime import RuntimeConf, k8s_args, result_ips
 from podnet.model.bgp import NodeBGPSpec
 from podnet.model.objects import BGPPeer, IPPool, Namespace, Node, ObjectMeta, Pod, PodSpec
 from tests.kernel.labs import echo_connection, log_offsets, log_since, running_lab
+from tests.kernel.test_agent_metrics import get, scrape, value
 from tests.support.bgp import established, route_to, routes, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
@@ -288,6 +291,7 @@ def test_kill_bird_and_restart_agent_keep_a_tcp_connection(lab):
 
 def test_a_peer_that_never_answers(lab):
     store = lab.store()
+    n3 = lab.node("node-3")
     store.apply([BGPPeer.model_validate({"metadata": {"name": "nobody"},
                                          "spec": {"peerIP": "10.97.10.250", "asNumber": 65099, "node": "node-3"}})])
     try:
@@ -298,8 +302,37 @@ def test_a_peer_that_never_answers(lab):
         err = wait_until(lambda: agent_status(lab.state, lab.node("node-3")), "node-3 reported unhealthy")
         assert "BGP not established with 10.97.10.250" in str(err.msg)
         assert agent_status(lab.state, lab.node("node-1")) is None
+        status, body = readyz(lab, "node-3")
+        assert status == 503 and "BGP not established with 10.97.10.250" in body, body
+        assert readyz(lab, "node-1")[0] == 200
+        # the agent's metrics, read from its BIRD when scraped
+        samples, _ = scrape(n3["netns"], n3["address"], AGENT_METRICS_PORT)
+        assert value(samples, "podnet_bgp_bird_up") == 1
+        assert value(samples, "podnet_bgp_sessions", state="established") == 3
+        assert value(samples, "podnet_bgp_sessions", state="other") == 1
+        assert value(samples, "podnet_bgp_session_established", peer="10.97.10.250",
+                     protocol="Node_10_97_10_250") == 0
+        n1 = lab.node("node-1")["address"]
+        mesh = f"Mesh_{n1.replace('.', '_')}"
+        assert value(samples, "podnet_bgp_session_established", peer=n1, protocol=mesh) == 1
+        assert value(samples, "podnet_bgp_routes", peer=n1, protocol=mesh, direction="imported") >= 1  # g-1's block
+        assert value(samples, "podnet_bgp_routes", peer=GATEWAY, protocol=f"Global_{GATEWAY.replace('.', '_')}",
+                     direction="exported") >= 1  # at least the Service range
         (r,) = lab.probe("g-1", [f"tcp:{ip(lab, 'g-2')}:8080"], timeout=5)
         assert r["ok"]
+        proc = subprocess.run([sys.executable, "-m", "podnet.cli.main", "bgp", "status", "--lab", lab.name],
+                              capture_output=True, text=True,
+                              env={**os.environ, "PODNET_LAB_ROOT": str(lab.state.dir.parent)})
+        assert proc.returncode == 3, proc.stderr  # a session is not Established
+        down = [line.split() for line in proc.stdout.splitlines() if "10.97.10.250" in line]
+        assert len(down) == 1 and down[0][0] == "node-3" and "Established" not in down[0], proc.stdout
     finally:
         store.delete_all([store.get(BGPPeer, "nobody")])
     wait_until(lambda: agent_status(lab.state, lab.node("node-3")) is None, "node-3 healthy again")
+    wait_until(lambda: readyz(lab, "node-3")[0] == 200, "node-3's /readyz 200 again")
+
+
+def readyz(lab, node):
+    """The status and body of a node's agent's /readyz."""
+    n = lab.node(node)
+    return get(n["netns"], "/readyz", n["address"], AGENT_METRICS_PORT)
