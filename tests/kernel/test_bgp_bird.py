@@ -107,38 +107,49 @@ def exported(bird: Bird, protocol: str) -> set[str]:
     return prefixes(bird, f"show route export {protocol}")
 
 
-def test_a_router_gets_blocks_and_service_ranges_and_the_kernel_only_pool_routes():
-    """A node (as the agent renders it, without the agent) and a router peering over eBGP.
-    The router hears one route per announced block and the Service range; not the block of a
-    disableBGPExport pool, not a pod's /32 or other kernel routes of the node. The router
-    announces a pool block, a VXLAN pool's block, a prefix outside every pool and the node's
-    own block: the node takes neither its own block nor a route outside the pools into its
-    kernel, nor one of a pool BGP does not route."""
+def router_conf(address: str, asn: int, announced: list[str]) -> str:
+    """A plain BIRD router peering with node a (10.0.0.11, AS 64512), announcing `announced`."""
+    statics = "".join(f"  route {p} blackhole;\n" for p in announced)
+    return (f"router id {address};\nprotocol device {{ }}\n"
+            f"protocol static announced {{\n  ipv4;\n{statics}}}\n"
+            f"protocol bgp node_a {{\n  local {address} as {asn};\n  neighbor 10.0.0.11 as 64512;\n"
+            "  ipv4 { import all; export all; };\n}\n")
+
+
+def test_routers_get_blocks_and_service_ranges_and_the_kernel_only_pool_routes():
+    """A node (as the agent renders it, without the agent) and two routers on its segment,
+    eBGP. A router hears one route per announced block and the Service range; not the block
+    of a disableBGPExport pool, not a pod's /32 or other kernel routes of the node. The first
+    router announces a pool block, a VXLAN pool's block, a prefix outside every pool and the
+    node's own block: the node takes neither its own block nor a route outside the pools into
+    its kernel, nor one of a pool BGP does not route. The second announces the same pool block:
+    the node's kernel route has both routers as next hops (ECMP)."""
     with namespaces() as ns:
-        a, r = ns.new("node"), ns.new("router")
-        in_ns(a, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", r)
-        for name, addr in ((a, "10.0.0.11/24"), (r, "10.0.0.1/24")):
+        fabric, a, r1, r2 = ns.new("fabric"), ns.new("node"), ns.new("r1"), ns.new("r2")
+        in_ns(fabric, "ip", "link", "add", "br0", "type", "bridge")
+        in_ns(fabric, "ip", "link", "set", "br0", "up")
+        for i, (name, addr) in enumerate(((a, "10.0.0.11/24"), (r1, "10.0.0.1/24"), (r2, "10.0.0.2/24"))):
+            in_ns(fabric, "ip", "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", name)
+            in_ns(fabric, "ip", "link", "set", f"p{i}", "master", "br0", "up")
             in_ns(name, "ip", "addr", "add", addr, "dev", "eth0")
             in_ns(name, "ip", "link", "set", "eth0", "up")
         in_ns(a, "ip", "route", "add", "10.244.1.5/32", "dev", "eth0")  # as a pod's route
         in_ns(a, "ip", "route", "add", "192.0.2.0/24", "via", "10.0.0.1")  # the node's own business
         d = Path(tempfile.mkdtemp(prefix="pnbird-"))
         os.chmod(d, 0o755)
-        birds = [Bird(d / "node", netns=a), Bird(d / "router", netns=r)]
+        birds = [Bird(d / "node", netns=a), Bird(d / "r1", netns=r1), Bird(d / "r2", netns=r2)]
         try:
             blocks = [BlockRecord("10.244.1.0/26", "global", "a", ()),  # global: exported
                       BlockRecord("10.245.0.0/26", "private", "a", ()),  # disableBGPExport
                       BlockRecord("10.246.0.0/26", "overlay", "a", ())]  # VXLAN, exported
             cfg = compile_node("a", [node("a", "10.0.0.11")], config(serviceClusterIPs=[{"cidr": "10.96.0.0/16"}]),
-                               [bgppeer("edge", peerIP="10.0.0.1", asNumber=65000)], POOLS, blocks)
+                               [bgppeer("edge-1", peerIP="10.0.0.1", asNumber=65000),
+                                bgppeer("edge-2", peerIP="10.0.0.2", asNumber=65001)], POOLS, blocks)
             birds[0].apply(render(cfg, birds[0].log_file))
-            announced = ("10.244.7.0/26", "10.246.7.0/26", "198.51.100.0/24", "10.244.1.0/26")
-            statics = "".join(f"  route {p} blackhole;\n" for p in announced)
-            birds[1].apply("router id 10.0.0.1;\nprotocol device { }\n"
-                           f"protocol static announced {{\n  ipv4;\n{statics}}}\n"
-                           "protocol bgp node_a {\n  local 10.0.0.1 as 65000;\n  neighbor 10.0.0.11 as 64512;\n"
-                           "  ipv4 { import all; export all; };\n}\n")
-            wait_until(lambda: established(birds[0].ctl, peers=1), "the node's session with the router", 60)
+            birds[1].apply(router_conf("10.0.0.1", 65000,
+                                       ["10.244.7.0/26", "10.246.7.0/26", "198.51.100.0/24", "10.244.1.0/26"]))
+            birds[2].apply(router_conf("10.0.0.2", 65001, ["10.244.7.0/26"]))
+            wait_until(lambda: established(birds[0].ctl, peers=2), "the node's sessions with the routers", 60)
             expected = {"10.244.1.0/26", "10.246.0.0/26", "10.96.0.0/16"}
             wait_until(lambda: learnt(birds[1], "node_a") >= expected, "the router heard the node's routes")
             assert exported(birds[0], "Global_10_0_0_1") == expected  # the filter on the node's whole table
@@ -146,9 +157,10 @@ def test_a_router_gets_blocks_and_service_ranges_and_the_kernel_only_pool_routes
 
             from_router = {"10.244.7.0/26", "10.246.7.0/26", "198.51.100.0/24"}  # not the node's own block
             wait_until(lambda: learnt(birds[0], "Global_10_0_0_1") == from_router, "the node took the router's routes")
-            route = wait_until(lambda: next((x for x in routes(a) if x["dst"] == "10.244.7.0/26"), None),
-                               "the pool route in the node's kernel")
-            assert route["protocol"] == "bird" and route["gateway"] == "10.0.0.1"
+            route = wait_until(lambda: next((x for x in routes(a) if x["dst"] == "10.244.7.0/26"
+                                             and len(x.get("nexthops", [])) == 2), None),
+                               "the pool route in the node's kernel, through both routers")
+            assert route["protocol"] == "bird" and {h["gateway"] for h in route["nexthops"]} == {"10.0.0.1", "10.0.0.2"}
             assert exported(birds[0], "podnet_kernel") == {"10.244.7.0/26"}
             assert {x["dst"] for x in routes(a) if x.get("protocol") == "bird"} == {"10.244.7.0/26"}
         finally:
