@@ -4,20 +4,25 @@ the node-to-node mesh off, one BGPPeer selecting the reflectors.
 - a client has one session per reflector (2, not n-1); a reflector has one with the other
   reflector and one per client; reflected routes keep the originating node as next hop;
 - a node joining (its Node gets spec.bgp) converges: its block appears on every node; a
-  node leaving (its Node deleted) has its block withdrawn everywhere and its BIRD stopped.
+  node leaving (its Node deleted) has its block withdrawn everywhere and its BIRD stopped;
+- one reflector down (its agent and BIRD killed): a block claimed meanwhile reaches the
+  other client through the second reflector; the first comes back with its sessions.
 """
 
 import ipaddress
+import json
 import os
+import secrets
+import signal
 
 import pytest
 
 from podnet.bgp.status import sessions
 from podnet.lab import bgp as lab_bgp
-from podnet.lab.cluster import wait_programmed
-from podnet.model.objects import Node
+from podnet.lab.cluster import restart_agent, wait_programmed
+from podnet.model.objects import IPPool, Namespace, Node
 from tests.kernel.labs import running_lab
-from tests.kernel.test_lab_bgp import enable_bgp, stop_birds
+from tests.kernel.test_lab_bgp import enable_bgp, serving_pod, stop_birds
 from tests.support.bgp import established, route_to, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
@@ -104,3 +109,41 @@ def test_a_node_joins_and_leaves(lab):
     for n in REFLECTORS:
         wait_until(lambda n=n: len(sessions(ctl(lab, n))) == 3, f"{n}: n-3's session gone")
     wait_until(lambda: n3.pid() is None, "n-3's agent stopped its BIRD")
+
+
+def test_one_reflector_down_the_other_carries_a_new_block(lab):
+    """The block comes from a pool of its own (named by its namespace's annotation), so n-2
+    claims a new block for one pod."""
+    suffix = secrets.token_hex(3)
+    ns, pool = f"more-{suffix}", f"more-{suffix}"
+    store = lab.store()
+    rev, _ = store.apply([
+        Namespace.model_validate({"metadata": {"name": ns, "labels": {"pool": pool},
+                                               "annotations": {"podnet.io/ippools": json.dumps([pool])}}}),
+        IPPool.model_validate({"metadata": {"name": pool},
+                               "spec": {"cidr": "10.243.0.0/16", "blockSize": 26, "encapsulation": "None",
+                                        "namespaceSelector": {"matchLabels": {"pool": pool}}}})])
+    wait_programmed(lab.state, rev, 60)
+    rr1 = lab_bgp.node_bird(lab.node("rr-1"))
+
+    def while_rr1_is_down():
+        os.kill(rr1.pid(), signal.SIGKILL)
+        for n in CLIENTS[:2]:
+            wait_until(lambda n=n: not next(s for s in sessions(ctl(lab, n)) if s.neighbor == address(lab, "rr-1"))
+                       .established, f"{n}: the session with rr-1 down")
+        with serving_pod(lab, "late-n-2", "n-2", ns) as (_, pod_ip):
+            new_block = str(ipaddress.ip_network(f"{pod_ip}/26", strict=False))
+            assert new_block.startswith("10.243.")
+            r = wait_until(lambda: route_to(lab.node("n-1")["netns"], new_block), "n-1: n-2's new block through rr-2")
+            assert r["protocol"] == "bird" and r["gateway"] == address(lab, "n-2"), r
+            out = lab.exec("p-n-1", ["socat", "-T", "3", "-", f"TCP:{pod_ip}:8080"], input="")
+            assert out.stdout.strip() == "late-n-2", out
+
+    try:
+        restart_agent(lab.state, "rr-1", kill=True, while_down=while_rr1_is_down)
+        wait_until(lambda: established(ctl(lab, "rr-1"), peers=3), "rr-1 back with its 3 sessions", 60)
+        for n in CLIENTS[:2]:
+            wait_until(lambda n=n: established(ctl(lab, n), peers=2), f"{n}: both reflectors again", 60)
+    finally:
+        store.delete_all([IPPool.model_validate({"metadata": {"name": pool}, "spec": {"cidr": "10.243.0.0/16"}}),
+                          Namespace.model_validate({"metadata": {"name": ns}})])
