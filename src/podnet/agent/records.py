@@ -47,6 +47,8 @@ def pod_record(data: dict, version: str | None = None) -> PodInfo:
     status = data.get("status") or {}
     host_network = spec.get("hostNetwork") is True
     pod_ip = status.get("podIP")
+    if pod_ip.__class__ is str:  # one string per address, shared with the slices that list it
+        pod_ip = _intern(pod_ip)
     pod_ips = status.get("podIPs")
     ips: tuple[str, ...] = ()
     if not host_network:

@@ -63,7 +63,8 @@ def slice_record(data: dict, version: str | None = None) -> SliceRecord:
                        p.get("port")) for p in data["ports"])
     endpoints = []
     for ep in data.get("endpoints") or ():
-        addresses = tuple(ep["addresses"])
+        # interned: one string per address for the pod's record and every slice listing it
+        addresses = tuple([_intern(a) if a.__class__ is str else a for a in ep["addresses"]])
         if not addresses:
             raise ValueError("an endpoint without addresses")
         c = ep.get("conditions") or {}

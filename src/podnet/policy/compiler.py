@@ -176,7 +176,10 @@ class PolicyCompiler:
     def __init__(self) -> None:
         self.inp = Inputs()
         self.ns_pods: dict[str, set[str]] = defaultdict(set)  # namespace -> pod keys
-        self.ip_pods: dict[str, set[str]] = defaultdict(set)  # address -> pod keys
+        # address -> its pod's key, or a set of keys while several pods hold it (a pod that
+        # finished and the pod its address went to): a set per pod was most of this
+        # compiler's memory on an agent (216 bytes for each pod of the cluster)
+        self.ip_pods: dict[str, str | set[str]] = {}
         self.ns_policies: dict[str, set[str]] = defaultdict(set)  # namespace -> policy keys
         # peer selectors in use: members (pod keys) and how many policy rules use them
         self.members: dict[PeerSelector, set[str]] = {}
@@ -212,6 +215,28 @@ class PolicyCompiler:
         elif not (ns_ok if ns_ok is not None else selector_matches(sel.ns_selector, self._ns_labels(pod.namespace))):
             return False
         return selector_matches(sel.pod_selector, pod.label_map)
+
+    def _index_ip(self, ip: str, key: str) -> None:
+        held = self.ip_pods.get(ip)
+        if held is None or held == key:
+            self.ip_pods[ip] = key
+        elif isinstance(held, set):
+            held.add(key)
+        else:
+            self.ip_pods[ip] = {held, key}
+
+    def _unindex_ip(self, ip: str, key: str) -> None:
+        held = self.ip_pods.get(ip)
+        if held == key:
+            del self.ip_pods[ip]
+        elif isinstance(held, set):
+            held.discard(key)
+            if len(held) == 1:
+                self.ip_pods[ip] = next(iter(held))
+
+    def _pods_at(self, ip: str) -> tuple[str, ...] | set[str]:
+        held = self.ip_pods.get(ip)
+        return () if held is None else (held,) if isinstance(held, str) else held
 
     def _compute_members(self, sel: PeerSelector) -> set[str]:
         pods = self.inp.pods
@@ -279,9 +304,7 @@ class PolicyCompiler:
             if o is not None:
                 self.ns_pods[o.namespace].discard(k)
                 if o.ip:
-                    self.ip_pods[o.ip].discard(k)
-                    if not self.ip_pods[o.ip]:
-                        del self.ip_pods[o.ip]
+                    self._unindex_ip(o.ip, k)
                 for name, proto, _ in o.named_ports:
                     if self.named[(name, proto)].pop(k, None) is not None:
                         dirty.add(named_set_name(name, proto))
@@ -289,7 +312,7 @@ class PolicyCompiler:
             if n is not None:
                 self.ns_pods[n.namespace].add(k)
                 if n.ip:
-                    self.ip_pods[n.ip].add(k)
+                    self._index_ip(n.ip, k)
                     for name, proto, num in n.named_ports:
                         self.named[(name, proto)].setdefault(k, num)
                         dirty.add(named_set_name(name, proto))
@@ -339,7 +362,7 @@ class PolicyCompiler:
             self._combo_cache.clear()
 
         # local pods and the policies selecting them
-        local = {k for ip in new.local_ips for k in self.ip_pods.get(ip, ())}
+        local = {k for ip in new.local_ips for k in self._pods_at(ip)}
         for k in self.local - local:
             self.pod_policies.pop(k, None)
         for k in local:

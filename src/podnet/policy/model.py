@@ -76,27 +76,56 @@ def short_hash(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True, slots=True)
 class PodInfo:
-    """A pod as policy sees it. Slotted, with label sets shared between pods that have the
-    same labels (a ReplicaSet's pods): an agent keeps one for every pod of the cluster."""
+    """A pod as policy sees it (and DNS: every address, the node). An agent keeps one for
+    every pod of the cluster, so it holds as little as it can: slots; label sets shared
+    between pods with the same labels (a ReplicaSet's pods); the "ns/name" key as the one
+    string of the name (`name` is read from it); `ips` stored only when it is not just
+    (ip,), the common case (a tuple per pod was 7 MiB at 150 000 pods). Treated as
+    immutable: equal by value (not `ips`), hashable; never changed after it is made (a change of a pod is a new
+    PodInfo), which is not enforced: a guard on every attribute would cost each of them a
+    Python call when an agent decodes the cluster's pods."""
 
-    namespace: str
-    name: str
-    ip: str | None  # IPv4 only; None = not addressable by policy (pending, hostNetwork, finished)
-    labels: tuple[tuple[str, str], ...]
-    named_ports: tuple[tuple[str, str, int], ...]  # (name, protocol, number)
-    host_network: bool = False
-    node: str | None = None
-    ips: tuple[str, ...] = field(default=(), compare=False)  # every address (DNS); () on the host's network
-    label_map: dict[str, str] = field(init=False, compare=False, repr=False)
-    key: str = field(init=False, compare=False, repr=False)  # "ns/name"
+    __slots__ = ("namespace", "key", "ip", "labels", "label_map", "named_ports", "host_network", "node", "_ips")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key", f"{self.namespace}/{self.name}")
-        labels, label_map = _shared_labels(self.labels)
-        object.__setattr__(self, "labels", labels)
-        object.__setattr__(self, "label_map", label_map)
+    def __init__(self, namespace: str, name: str, ip: str | None, labels: tuple[tuple[str, str], ...],
+                 named_ports: tuple[tuple[str, str, int], ...], host_network: bool = False,
+                 node: str | None = None, ips: tuple[str, ...] = ()):
+        self.namespace = namespace
+        self.key = f"{namespace}/{name}"
+        self.ip = ip  # IPv4 only; None = not addressable by policy (pending, hostNetwork, finished)
+        self.labels, self.label_map = _shared_labels(labels)
+        self.named_ports = named_ports  # (name, protocol, number)
+        self.host_network = host_network
+        self.node = node
+        self._ips = None if ip is not None and len(ips) == 1 and ips[0] == ip else tuple(ips)
+
+    @property
+    def name(self) -> str:
+        return self.key[len(self.namespace) + 1:]
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        """Every address (DNS); () on the host's network."""
+        return (self.ip,) if self._ips is None else self._ips  # type: ignore[return-value]
+
+    def _identity(self) -> tuple:
+        return (self.key, self.ip, self.labels, self.named_ports, self.host_network, self.node)
+
+    def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
+        if not isinstance(other, PodInfo):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
+
+    def __repr__(self) -> str:
+        return (f"PodInfo(namespace={self.namespace!r}, name={self.name!r}, ip={self.ip!r}, labels={self.labels!r}, "
+                f"named_ports={self.named_ports!r}, host_network={self.host_network!r}, node={self.node!r}, "
+                f"ips={self.ips!r})")
 
     def named_port(self, name: str, protocol: str) -> int | None:
         for n, p, num in self.named_ports:
