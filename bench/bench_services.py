@@ -9,6 +9,8 @@ For N Services (5 endpoints each) and each backend
                    client's and the endpoints' veths are local pods, their flows go veth
                    to veth, past the node's netfilter and conntrack
     ebpf-nofast    the same with the fast path off (every packet through the node's stack)
+    ebpf-base      ebpf with the Services object given by --base-object (another build: a
+                   program change's before, in the same run)
     iptables       kube-proxy iptables layout, iptables-restore full rewrite per sync
     kp-nft         kube-proxy nftables layout: a chain per Service and per endpoint,
                    partial syncs with a table listing each sync (as upstream)
@@ -57,7 +59,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(1, ROOT)  # tests.support
 
 BACKENDS = ("nft-maps", "ebpf", "iptables", "kp-nft")  # the default set (ebpf-nofast: on request)
-DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "ebpf-nofast": 10**9, "iptables": 5000, "kp-nft": 10000}
+DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "ebpf-nofast": 10**9, "ebpf-base": 10**9, "iptables": 5000, "kp-nft": 10000}
 REAL_EPS = [f"10.20.0.{11 + i}" for i in range(5)]
 CLUSTER_BASE = int(ipaddress.IPv4Address("10.96.0.10"))
 FAKE_EP_BASE = int(ipaddress.IPv4Address("10.128.0.1"))
@@ -65,6 +67,9 @@ SERVICE_CIDR = "10.96.0.0/12"
 PYTHON = sys.executable
 UDP_TABLE = "pnbench_udp"  # the endpoint namespace's counter of the small-datagram test
 UDP_RUNS = 3
+# ebpf-base: the ebpf column with another build of the Services programs (--base-object),
+# a program change's before and after in one run
+BASE_OBJECT_ENV = "PODNET_BENCH_BASE_OBJECT"
 
 
 # ---------------------------------------------------------------- worker (runs inside the node namespace)
@@ -141,7 +146,7 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
         from podnet.services.applier import NftServiceApplier
 
         applier = NftServiceApplier(conntrack=None)
-    elif backend in ("ebpf", "ebpf-nofast"):
+    elif backend in ("ebpf", "ebpf-nofast", "ebpf-base"):
         from podnet.ebpf.bpffs import PinDir
         from podnet.services.ebpf.applier import EbpfServiceApplier
 
@@ -149,7 +154,8 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
         # here, so the fast path may be on (as the agent has it with --policy-dataplane ebpf)
         applier = EbpfServiceApplier("bench", pins=PinDir.for_instance(pins),
                                      interfaces=lambda ipr: {"vcl": _ifindex("vcl"), "vsrv": _ifindex("vsrv")},
-                                     fast_path=backend == "ebpf")
+                                     fast_path=backend != "ebpf-nofast",
+                                     object_file=os.environ[BASE_OBJECT_ENV] if backend == "ebpf-base" else None)
     elif backend == "iptables":
         from podnet.services.iptables import IptablesServiceApplier
 
@@ -817,6 +823,8 @@ def main() -> int:
     ap.add_argument("--udp-seconds", type=int, default=1, help="seconds per run of --udp-rounds")
     ap.add_argument("--cpu", type=int, default=min(1, (os.cpu_count() or 1) - 1),
                     help="the CPU --udp-rounds pins the sender to")
+    ap.add_argument("--base-object", help="the services.o the ebpf-base column loads (e.g. built from an "
+                                          "earlier commit with python -m podnet.ebpf.build --build-dir)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "services.json"))
     ap.add_argument("--plots", default=os.path.join(ROOT, "docs", "img"),
                     help="directory for the PNG plots (needs matplotlib; empty: no plots)")
@@ -834,6 +842,11 @@ def main() -> int:
             for path in plot(json.load(f)["rows"], args.plots):
                 print(f"wrote {os.path.relpath(path, ROOT)}")
         return 0
+    if args.base_object:
+        os.environ[BASE_OBJECT_ENV] = os.path.abspath(args.base_object)  # the workers inherit it
+    elif "ebpf-base" in args.backends.split(","):
+        print("the ebpf-base column needs --base-object", file=sys.stderr)
+        return 1
     if os.geteuid() != 0:
         print("bench_services needs root (network namespaces)", file=sys.stderr)
         return 1
