@@ -9,6 +9,8 @@ For N Services (5 endpoints each) and each backend
                    client's and the endpoints' veths are local pods, their flows go veth
                    to veth, past the node's netfilter and conntrack
     ebpf-nofast    the same with the fast path off (every packet through the node's stack)
+    ebpf-base      ebpf with the Services object given by --base-object (another build: a
+                   program change's before, in the same run)
     iptables       kube-proxy iptables layout, iptables-restore full rewrite per sync
     kp-nft         kube-proxy nftables layout: a chain per Service and per endpoint,
                    partial syncs with a table listing each sync (as upstream)
@@ -29,6 +31,7 @@ process). Prints a table and writes bench/results/services.json.
     .venv/bin/python bench/bench_services.py --quick
     .venv/bin/python bench/bench_services.py --backends nft-maps,ebpf --sizes 1,1000,10000 --large
     .venv/bin/python bench/bench_services.py --backends nft-maps,ebpf --sizes 1000 --alternate 8
+    .venv/bin/python bench/bench_services.py --backends nft-maps,ebpf --sizes 1000 --udp-rounds 30
 """
 
 from __future__ import annotations
@@ -48,13 +51,15 @@ import sys
 import time
 import uuid
 
+from path_cpu import ksoftirqd_pid, runtime_ns
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(1, ROOT)  # tests.support
 
 BACKENDS = ("nft-maps", "ebpf", "iptables", "kp-nft")  # the default set (ebpf-nofast: on request)
-DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "ebpf-nofast": 10**9, "iptables": 5000, "kp-nft": 10000}
+DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "ebpf-nofast": 10**9, "ebpf-base": 10**9, "iptables": 5000, "kp-nft": 10000}
 REAL_EPS = [f"10.20.0.{11 + i}" for i in range(5)]
 CLUSTER_BASE = int(ipaddress.IPv4Address("10.96.0.10"))
 FAKE_EP_BASE = int(ipaddress.IPv4Address("10.128.0.1"))
@@ -62,6 +67,9 @@ SERVICE_CIDR = "10.96.0.0/12"
 PYTHON = sys.executable
 UDP_TABLE = "pnbench_udp"  # the endpoint namespace's counter of the small-datagram test
 UDP_RUNS = 3
+# ebpf-base: the ebpf column with another build of the Services programs (--base-object),
+# a program change's before and after in one run
+BASE_OBJECT_ENV = "PODNET_BENCH_BASE_OBJECT"
 
 
 # ---------------------------------------------------------------- worker (runs inside the node namespace)
@@ -138,7 +146,7 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
         from podnet.services.applier import NftServiceApplier
 
         applier = NftServiceApplier(conntrack=None)
-    elif backend in ("ebpf", "ebpf-nofast"):
+    elif backend in ("ebpf", "ebpf-nofast", "ebpf-base"):
         from podnet.ebpf.bpffs import PinDir
         from podnet.services.ebpf.applier import EbpfServiceApplier
 
@@ -146,7 +154,8 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
         # here, so the fast path may be on (as the agent has it with --policy-dataplane ebpf)
         applier = EbpfServiceApplier("bench", pins=PinDir.for_instance(pins),
                                      interfaces=lambda ipr: {"vcl": _ifindex("vcl"), "vsrv": _ifindex("vsrv")},
-                                     fast_path=backend == "ebpf")
+                                     fast_path=backend != "ebpf-nofast",
+                                     object_file=os.environ[BASE_OBJECT_ENV] if backend == "ebpf-base" else None)
     elif backend == "iptables":
         from podnet.services.iptables import IptablesServiceApplier
 
@@ -390,15 +399,8 @@ class Lab:
         ebpf column, the program's own run time per packet (kernel statistics) too."""
         if not shutil.which("iperf3"):
             return None
-        # (iperf3's UDP start is a 4-byte datagram answered by its server: only the 64-byte
-        # ones, UDP length 72, are counted and dropped)
-        sh("ip", "netns", "exec", self.srv, "nft", "-f", "-", input=f"""table inet {UDP_TABLE} {{
-  chain pre {{ type filter hook prerouting priority -300; udp dport 5201 udp length 72 counter drop; }}
-}}""")
-        server = subprocess.Popen(["ip", "netns", "exec", self.srv, "iperf3", "-s", "-p", "5201"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.udp_sink_up()
         try:
-            time.sleep(0.3)
             measured = self._udp_send(target, seconds)
             if measured is None:
                 return None
@@ -409,35 +411,81 @@ class Lab:
             # done in its context): steadier than the rate when other work takes the CPU.
             if cpu:
                 row["udp64_us_per_packet"] = s["seconds"] * cpu / 100 / counted * 1e6
-            # The program's own time in a second, shorter run: the kernel's run-time
-            # statistics add two clock reads to every program run, which the rate above
-            # must not pay (nftables has nothing alike switched on).
-            runs0 = self._program_runs()
-            if runs0 is not None:
-                from podnet.ebpf.syscall import enable_stats
-
-                stats = enable_stats()
-                try:
-                    runs0 = self._program_runs()
-                    self._udp_send(target, 1)
-                    runs1 = self._program_runs()
-                finally:
-                    os.close(stats)
-                if runs0 is not None and runs1 is not None and runs1[1] > runs0[1]:
-                    row["udp64_program_ns"] = (runs1[0] - runs0[0]) / (runs1[1] - runs0[1])
+            program_ns = self.udp_program_ns(target)
+            if program_ns is not None:
+                row["udp64_program_ns"] = program_ns
             return row
         except (json.JSONDecodeError, subprocess.TimeoutExpired, KeyError, ZeroDivisionError):
             return None
         finally:
+            self.udp_sink_down()
+
+    def udp_sink_up(self) -> None:
+        """The endpoint's side of the small-datagram test: the counter that drops the
+        64-byte datagrams and an iperf3 server (it answers iperf3's control connection and
+        4-byte UDP start, which are not counted: only UDP length 72 is)."""
+        sh("ip", "netns", "exec", self.srv, "nft", "-f", "-", input=f"""table inet {UDP_TABLE} {{
+  chain pre {{ type filter hook prerouting priority -300; udp dport 5201 udp length 72 counter drop; }}
+}}""")
+        self.udp_server = subprocess.Popen(["ip", "netns", "exec", self.srv, "iperf3", "-s", "-p", "5201"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(self.udp_server)
+        time.sleep(0.3)  # iperf3 prints nothing to wait on; a client retrying too early just fails a round
+
+    def udp_sink_down(self) -> None:
+        server = getattr(self, "udp_server", None)
+        if server is not None:
             server.kill()
             server.wait()
-            sh("ip", "netns", "exec", self.srv, "nft", "delete", "table", "inet", UDP_TABLE, check=False)
+            self.procs.remove(server)
+            self.udp_server = None
+        sh("ip", "netns", "exec", self.srv, "nft", "delete", "table", "inet", UDP_TABLE, check=False)
 
-    def _udp_send(self, target: str, seconds: int) -> tuple[int, dict, float | None] | None:
+    def udp_program_ns(self, target: str) -> float | None:
+        """The Service program's own time per packet, in a one-second run of its own: the
+        kernel's run-time statistics add two clock reads to every program run, which the
+        measured rate must not pay (nftables has nothing alike switched on). None without
+        the ebpf backend's pins."""
+        if self._program_runs() is None:
+            return None
+        from podnet.ebpf.syscall import enable_stats
+
+        stats = enable_stats()
+        try:
+            runs0 = self._program_runs()
+            self._udp_send(target, 1)
+            runs1 = self._program_runs()
+        finally:
+            os.close(stats)
+        if runs0 is None or runs1 is None or runs1[1] <= runs0[1]:
+            return None
+        return (runs1[0] - runs0[0]) / (runs1[1] - runs0[1])
+
+    def udp_path_cost(self, target: str, seconds: int, cpu: int) -> dict | None:
+        """One run of the small-datagram test with the sender pinned to `cpu`: the CPU the
+        whole path took per datagram counted at the endpoint (the sender's own time plus
+        that CPU's ksoftirqd, bench/path_cpu.py), and the rate. Needs udp_sink_up()."""
+        softirqd = ksoftirqd_pid(cpu)
+        soft0 = runtime_ns(softirqd)
+        measured = self._udp_send(target, seconds, cpu=cpu)
+        soft_s = (runtime_ns(softirqd) - soft0) / 1e9
+        if measured is None:
+            return None
+        counted, s, cpu_percent = measured
+        if not cpu_percent:
+            return None
+        sender_s = s["seconds"] * cpu_percent / 100
+        return {"udp64_first_kpps": counted / s["seconds"] / 1e3,
+                "udp64_path_us_per_packet": (sender_s + soft_s) / counted * 1e6,
+                "udp64_us_per_packet": sender_s / counted * 1e6,
+                "ksoftirqd_share": soft_s / (sender_s + soft_s)}
+
+    def _udp_send(self, target: str, seconds: int, cpu: int | None = None) -> tuple[int, dict, float | None] | None:
         """One iperf3 run of 64-byte datagrams: (datagrams counted at the endpoint, iperf3's
-        sum, the sender's CPU percent)."""
+        sum, the sender's CPU percent); the sender pinned to `cpu` if given."""
+        pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
         counted0 = self._udp_counted()
-        out = sh("ip", "netns", "exec", self.client, "iperf3", "-c", target, "-p", "5201", "-u", "-b", "0",
+        out = sh("ip", "netns", "exec", self.client, *pin, "iperf3", "-c", target, "-p", "5201", "-u", "-b", "0",
                  "-l", "64", "-t", str(seconds), "-J", check=False, timeout=seconds + 30)
         counted = self._udp_counted() - counted0
         end = json.loads(out.stdout or "{}").get("end", {})
@@ -583,6 +631,71 @@ def alternate(backends: list[str], n: int, rounds: int, probes: int, seconds: in
     return out
 
 
+def udp_rounds(backends: list[str], n: int, rounds: int, seconds: int, cpu: int) -> dict:
+    """The small-datagram path cost, interleaved: every backend's node alive at once, each
+    round one short run per backend (the order reversed every other round, so a drift
+    within a round falls on both ends), the sender pinned to one CPU and the cost counted
+    as the sender's CPU plus that CPU's ksoftirqd per datagram (bench/path_cpu.py). The
+    ratio of each round to the first backend is the figure: the same measurement for
+    every column, seconds apart."""
+    labs: dict[str, Lab] = {}
+    workers: dict[str, subprocess.Popen] = {}
+    out: dict = {"services": n, "rounds": [], "backends": backends, "seconds": seconds, "cpu": cpu}
+    first = str(ipaddress.IPv4Address(CLUSTER_BASE))
+    try:
+        for b in backends:
+            labs[b] = Lab().__enter__()
+            workers[b] = labs[b].start_worker(b, n, 1)
+            full = ask(workers[b], {"op": "all"}, f"({b}, {n} Services)")
+            if full.get("fast_path") is not None:
+                out.setdefault("fast_path", {})[b] = full["fast_path"]
+                print(f"# {b}: eBPF Services fast path {'on' if full['fast_path'] else 'off'}", flush=True)
+            labs[b].udp_sink_up()
+        for i in range(rounds):
+            row = {}
+            for b in (backends if i % 2 == 0 else backends[::-1]):
+                row[b] = labs[b].udp_path_cost(first, seconds, cpu) or {}
+            out["rounds"].append(row)
+            print(f"round {i + 1}: " + "; ".join(
+                f"{b} {fmt(row[b].get('udp64_path_us_per_packet'), 'f2')} us/pkt "
+                f"({fmt(row[b].get('udp64_first_kpps'), 'k')}pps, ksoftirqd "
+                f"{fmt((row[b].get('ksoftirqd_share') or 0) * 100, 'ns')}%)" for b in backends), flush=True)
+        for b in backends:
+            program_ns = labs[b].udp_program_ns(first)
+            if program_ns is not None:
+                out.setdefault("program_ns", {})[b] = round(program_ns)
+    finally:
+        for w in workers.values():
+            try:
+                ask(w, {"op": "remove"})
+            except (RuntimeError, BrokenPipeError):
+                pass
+        for lab in labs.values():
+            lab.udp_sink_down()
+            lab.__exit__()
+    out["ratios"] = {}
+    out["costs"] = {}
+    for b in backends:
+        for key in ("udp64_path_us_per_packet", "udp64_us_per_packet"):
+            vals = [r[b][key] for r in out["rounds"] if r[b].get(key)]
+            if vals:
+                out["costs"][f"{b} {key}"] = _spread(vals)
+    base = backends[0]
+    for b in backends[1:]:
+        for key in ("udp64_path_us_per_packet", "udp64_us_per_packet", "udp64_first_kpps"):
+            rs = [r[b][key] / r[base][key] for r in out["rounds"] if r[b].get(key) and r[base].get(key)]
+            if rs:
+                out["ratios"][f"{b}/{base} {key}"] = _spread(rs)
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    """Median, quartiles and range of a list (quartiles by statistics.quantiles, n >= 2)."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": round(statistics.median(values), 3), "q1": round(q[0], 3), "q3": round(q[2], 3),
+            "min": round(min(values), 3), "max": round(max(values), 3), "n": len(values)}
+
+
 def fmt(v, unit: str = "s") -> str:
     if v is None:
         return "-"
@@ -704,6 +817,14 @@ def main() -> int:
     ap.add_argument("--alternate", type=int, metavar="ROUNDS",
                     help="only the traffic measurements (connect latency, small UDP), every backend's node at "
                          "once, in ROUNDS rounds through the backends in turn, at the first size; ratios per round")
+    ap.add_argument("--udp-rounds", type=int, metavar="ROUNDS",
+                    help="only the small-datagram path cost (sender + its CPU's ksoftirqd per datagram), every "
+                         "backend's node at once, ROUNDS interleaved rounds of --udp-seconds each, at the first size")
+    ap.add_argument("--udp-seconds", type=int, default=1, help="seconds per run of --udp-rounds")
+    ap.add_argument("--cpu", type=int, default=min(1, (os.cpu_count() or 1) - 1),
+                    help="the CPU --udp-rounds pins the sender to")
+    ap.add_argument("--base-object", help="the services.o the ebpf-base column loads (e.g. built from an "
+                                          "earlier commit with python -m podnet.ebpf.build --build-dir)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "services.json"))
     ap.add_argument("--plots", default=os.path.join(ROOT, "docs", "img"),
                     help="directory for the PNG plots (needs matplotlib; empty: no plots)")
@@ -721,9 +842,34 @@ def main() -> int:
             for path in plot(json.load(f)["rows"], args.plots):
                 print(f"wrote {os.path.relpath(path, ROOT)}")
         return 0
+    if args.base_object:
+        os.environ[BASE_OBJECT_ENV] = os.path.abspath(args.base_object)  # the workers inherit it
+    elif "ebpf-base" in args.backends.split(","):
+        print("the ebpf-base column needs --base-object", file=sys.stderr)
+        return 1
     if os.geteuid() != 0:
         print("bench_services needs root (network namespaces)", file=sys.stderr)
         return 1
+    if args.udp_rounds:
+        n = int(args.sizes.split(",")[0])
+        backends = [b for b in args.backends.split(",") if b]
+        load_start = os.getloadavg()
+        result = udp_rounds(backends, n, args.udp_rounds, args.udp_seconds, args.cpu)
+        for k, v in {**result["costs"], **result["ratios"]}.items():
+            print(f"{k}: median {v['median']} (quartiles {v['q1']}-{v['q3']}, range {v['min']}-{v['max']}, "
+                  f"{v['n']} rounds)")
+        if result.get("program_ns"):
+            print("program ns per packet (podnet_svc_from_pod, run-time statistics): " +
+                  ", ".join(f"{b} {v}" for b, v in result["program_ns"].items()))
+        result["command"] = " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+        result["host"] = {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_start": load_start,
+                          "loadavg_end": os.getloadavg()}
+        print(f"load average at the start {load_start[0]:.2f}, at the end {os.getloadavg()[0]:.2f}")
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {os.path.relpath(args.out, ROOT)}")
+        return 0
     if args.alternate:
         n = int(args.sizes.split(",")[0])
         backends = [b for b in args.backends.split(",") if b]

@@ -5,7 +5,8 @@
  * backend's address and port before the node routes it; the choice is kept in the
  * connection map `ct` so every later packet of the flow goes to the same backend.
  * podnet_svc_to_pod (egress, prio 2): a reply of such a flow gets the frontend's address and
- * port back (reverse NAT) before the pod sees it.
+ * port back (reverse NAT) before the pod sees it; a fast-path flow's forward packet passes
+ * it at once (SVC_FAST_FWD_MARK).
  * podnet_svc_redirect (ingress, prio 4, after policy and its guard): the fast path. A flow
  * between two pods of this node that needs nothing of the node's netfilter (no masquerade)
  * is sent straight to the other pod's host-side veth (its egress: policy's to-pod program,
@@ -39,6 +40,13 @@
  * hook, takes the mark off and redirects. A packet policy drops never gets there; one that
  * keeps the mark (the redirect filter missing) just takes the node's path. */
 #define SVC_FAST_MARK    0x00800000
+
+/* A forward packet of a fast-path flow (client to backend) also carries this from
+ * podnet_svc_from_pod to the backend's veth egress: podnet_svc_to_pod has nothing to
+ * undo on it (the reverse NAT is for the backend's replies) and returns at once, without
+ * parsing the packet or looking up the connection map. podnet_svc_redirect takes it off
+ * a packet it does not redirect, so it only ever reaches the veth the redirect chose. */
+#define SVC_FAST_FWD_MARK 0x01000000
 
 /* podnet_svc_config's one entry: CFG_FAST_PATH switches the fast path on (default off) */
 #define CFG_FAST_PATH    0x1
@@ -238,7 +246,7 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 			if (rewrite(skb, &pkt, 1, ct->addr, ct->port) < 0)
 				return TC_ACT_SHOT;
 			if (keep_fast)
-				skb->mark |= SVC_FAST_MARK;
+				skb->mark |= SVC_FAST_MARK | SVC_FAST_FWD_MARK;
 			return TC_ACT_UNSPEC;
 		}
 		if (!(ct->flags & CT_F_CLOSED))
@@ -323,7 +331,7 @@ int podnet_svc_from_pod(struct __sk_buff *skb)
 	if (rewrite(skb, &pkt, 1, entry.addr, entry.port) < 0)
 		return TC_ACT_SHOT;
 	if (fast)
-		skb->mark |= SVC_FAST_MARK;
+		skb->mark |= SVC_FAST_MARK | SVC_FAST_FWD_MARK;
 	return TC_ACT_UNSPEC;
 }
 
@@ -334,6 +342,10 @@ int podnet_svc_to_pod(struct __sk_buff *skb)
 	struct ct_key key = {};
 	struct ct_entry *ct;
 
+	if (skb->mark & SVC_FAST_FWD_MARK) {  /* a fast-path flow's forward packet: nothing to undo */
+		skb->mark &= ~SVC_FAST_FWD_MARK;
+		return TC_ACT_UNSPEC;
+	}
 	if (!flow_of(skb, &pkt, CT_DIR_REV, &key))
 		return TC_ACT_UNSPEC;
 	ct = bpf_map_lookup_elem(&podnet_svc_ct, &key);
@@ -369,10 +381,10 @@ int podnet_svc_redirect(struct __sk_buff *skb)
 	skb->mark &= ~SVC_FAST_MARK;
 	if (skb->protocol != bpf_htons(ETH_P_IP) ||
 	    bpf_skb_load_bytes(skb, PODNET_L3_OFF, &ip, sizeof(ip)) < 0)
-		return TC_ACT_UNSPEC;
+		goto node_path;
 	lp = bpf_map_lookup_elem(&podnet_svc_local, &ip.daddr);
 	if (!lp || ip.ttl <= 1)
-		return TC_ACT_UNSPEC;  /* gone meanwhile, or TTL out: the node's path (and its ICMP) */
+		goto node_path;  /* gone meanwhile, or TTL out: the node's path (and its ICMP) */
 	/* the TTL shares a 16-bit word with the protocol: the checksum is updated over both */
 	old = *(__u16 *)&ip.ttl;
 	ip.ttl--;
@@ -382,6 +394,11 @@ int podnet_svc_redirect(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	nh.ipv4_nh = ip.daddr;
 	return bpf_redirect_neigh(lp->ifindex, &nh, sizeof(nh), 0);
+node_path:
+	/* routed, the packet may leave by another veth than the one podnet_svc_from_pod
+	 * found: its reverse NAT must look at it there */
+	skb->mark &= ~SVC_FAST_FWD_MARK;
+	return TC_ACT_UNSPEC;
 }
 
 char LICENSE[] SEC("license") = "GPL";

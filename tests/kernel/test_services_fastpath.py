@@ -266,3 +266,24 @@ def test_the_fast_path_decrements_the_ttl_as_routing_would():
         # TTL 1 would reach the pod if the redirect kept it; the node's path drops it
         # (ICMP time exceeded), as a routed hop does
         assert answer(1) != f"b {PODS['a']}"
+
+
+def test_without_the_redirect_filter_marked_packets_take_the_nodes_path_both_ways():
+    """The redirect filter deleted behind the agent's back: the client's packets still carry
+    the fast path's marks (podnet_svc_from_pod set them) and take the node's path to the
+    backend, whose replies get their reverse NAT at the client's veth; a resync attaches
+    the filter again."""
+    from podnet.dataplane.pods import host_ifname
+
+    with lab(fast=True) as t:
+        veth = host_ifname("c-a", "eth0")
+        in_ns(t.node, "tc", "filter", "del", "dev", veth, "ingress", "prio", "4")
+        assert "podnet_svc_redirect" not in in_ns(t.node, "tc", "filter", "show", "dev", veth, "ingress").stdout
+        assert t.probe("a", CLUSTER_IP) == f"b {PODS['a']}"
+        assert t.probe("a", CLUSTER_IP, "udp") == f"b {PODS['a']}"
+        assert t.tracked(PODS["a"], PODS["b"]), "without the redirect: the node's path"
+        t.apply(resync=True)
+        assert "podnet_svc_redirect" in in_ns(t.node, "tc", "filter", "show", "dev", veth, "ingress").stdout
+        in_ns(t.node, "conntrack", "-F", check=False)
+        assert t.probe("a", CLUSTER_IP, "udp") == f"b {PODS['a']}"
+        assert not t.tracked(PODS["a"], PODS["b"]), "the filter back: veth to veth again"
