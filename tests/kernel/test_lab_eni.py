@@ -371,6 +371,7 @@ def test_a_changed_cloud_network_is_taken_without_a_restart_and_a_bad_one_is_ref
         log = open(lab.node("node-1")["log"]).read()
         assert "CloudNetwork/shared: field spec.subnets[1].id: subnet subnet-00000000000000000 does not exist" in log
         assert idle(lab, "node-1") == 8  # nothing of that change taken, its watermarks neither
+        b1_reaches_a1(lab)  # and the nodes' pods keep working
         assert {n: st.process_pid(st.process(f"agent-{n}")) for n in agents} == agents
     finally:
         assert apply_shared(lab, tmp_path, original).returncode == 0
