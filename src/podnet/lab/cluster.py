@@ -51,6 +51,7 @@ from podnet.services.clusterip import allocate_cluster_ips, release_service
 from podnet.store import Conflict, open_store
 from podnet.store.base import KeyValueStore
 from podnet.store.credentials import EtcdCredentials, from_env
+from podnet.store.layout import SHARED
 from podnet.store.objects import ObjectStore, key_of
 from podnet.store.url import etcd_target, is_etcd
 
@@ -307,7 +308,7 @@ def _up(st: LabState, spec: LabSpec, store_url: str | None, timeout: float, say:
     if slices:
         say(f"endpoint slices: {', '.join(s.namespace + '/' + s.name for s in slices)}")
     if spec.cni.plugin == "podnet":
-        wait_programmed(st, store.kv.revision(), timeout)
+        wait_programmed(st, followed_revision(store.kv), timeout)
 
 
 ENDPOINT_CONTROLLER = "endpoint-controller"
@@ -361,6 +362,16 @@ def wait_endpoints(st: LabState, revision: int, timeout: float) -> None:
             raise PodnetError(f"the endpoint controller has not reconciled store revision {revision} within "
                               f"{timeout:g}s; log {entry['log']}:\n{log_tail(entry['log'])}")
         time.sleep(0.05)
+
+
+def followed_revision(kv: KeyValueStore) -> int:
+    """The revision of the last change under what agents follow (SHARED). The store's own
+    revision can be a later write no agent sees (its readiness record, a CNI attachment
+    record, under ALLOC), which no node's .synced would ever reach: a lab without pods
+    would wait for it to the end of its timeout. Lab up deletes nothing under SHARED, so
+    the newest record there is the last change."""
+    records, _ = kv.list(SHARED)
+    return max((r.revision for r in records), default=0)
 
 
 def wait_programmed(st: LabState, revision: int, timeout: float) -> None:
