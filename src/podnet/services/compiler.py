@@ -28,10 +28,11 @@ import ipaddress
 import logging
 import socket
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from itertools import chain
+from types import MappingProxyType
 
 from podnet.model.objects import EndpointSlice, Pod, Service
 from podnet.model.records import (
@@ -199,7 +200,7 @@ class ServiceInfo:
         self.affinity: int | None = None
         self.health_port: int | None = None
         self.scheduler = ""
-        self.weights: dict[str, int] = {}
+        self.weights: Mapping[str, int] = _NO_WEIGHTS
         if not self.active:
             return
         try:
@@ -232,7 +233,12 @@ class ServiceInfo:
 SCHEDULERS = ("random", "lc", "sh", "wrr")
 
 
-def _scheduler(name: str | None, weights: str | None) -> tuple[str, dict[str, int]]:
+# one empty mapping for every Service without weights (an empty dict each was 64 bytes
+# per Service of the cluster on every agent)
+_NO_WEIGHTS: Mapping[str, int] = MappingProxyType({})
+
+
+def _scheduler(name: str | None, weights: str | None) -> tuple[str, Mapping[str, int]]:
     """The podnet.io/scheduler and podnet.io/weights annotations checked: ("" for random,
     {address: weight}); ValueError naming the annotation."""
     if name is not None and name not in SCHEDULERS:
@@ -250,7 +256,7 @@ def _scheduler(name: str | None, weights: str | None) -> tuple[str, dict[str, in
     if out and name != "wrr":
         raise ValueError(f"metadata.annotations[{WEIGHTS_ANNOTATION}]: weights need "
                          f"{SCHEDULER_ANNOTATION}: wrr")
-    return ("" if name in (None, "random") else name), out  # type: ignore[return-value]
+    return ("" if name in (None, "random") else name), out or _NO_WEIGHTS  # type: ignore[return-value]
 
 
 # endpoint flags (LOCAL: on the compiler's node)
