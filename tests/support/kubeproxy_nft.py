@@ -4,25 +4,30 @@ One chain per Service port (`service-<hash>`: numgen random mod N vmap to the
 endpoint chains) and one per endpoint (`endpoint-<hash>`: hairpin mark, DNAT),
 dispatched from the same kind of verdict maps podnet uses. Syncs follow upstream
 since 1.31: the first sync writes the whole table; later ones ("partial syncs")
-list the table (`nft -j -t list table`, as upstream's ListAll) and rewrite only
-the chains and elements of Services that changed. Session affinity and
-LoadBalancer source ranges are left out: the benchmark does not use them.
+list the table (as upstream's ListAll; here by netlink dumps, the layer's read-back)
+and rewrite only the chains and elements of Services that changed. Session affinity
+and LoadBalancer source ranges are left out: the benchmark does not use them.
+
+Every sync is a transaction of the typed nftables layer (podnet.dataplane.nftables),
+rendered as `nft -f` text and run by an `nft` process, as upstream's knftables does.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import nft_apply
+from podnet.dataplane.nftables import Chain, Elements, Map, Rule, Table, Transaction, read_ruleset
 from podnet.services.applier import SyncResult
 from podnet.services.model import FrontendRule, ServiceState
 
 TABLE = "kube-proxy"
+KP_TABLE = Table(TABLE, "ip")
 
 
 def _hash(*parts: str) -> str:
@@ -31,7 +36,8 @@ def _hash(*parts: str) -> str:
 
 @dataclass
 class Unit:
-    """Everything one Service port owns: its chains and its map elements."""
+    """Everything one Service port owns: its chains (name -> rule texts) and its map
+    elements (map -> key -> verdict)."""
 
     chains: dict[str, list[str]] = field(default_factory=dict)
     elements: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -71,64 +77,71 @@ def _add_rule(unit: Unit, rule: FrontendRule) -> None:
     unit.elements.setdefault("service-nodeports" if np else "service-ips", {})[key] = f"goto {target}"
 
 
-MAPS = {
-    "service-ips": "type ipv4_addr . inet_proto . inet_service : verdict",
-    "service-nodeports": "type inet_proto . inet_service : verdict",
-    "no-endpoint-services": "type ipv4_addr . inet_proto . inet_service : verdict",
-    "no-endpoint-nodeports": "type inet_proto . inet_service : verdict",
-}
+MAPS = {m.name: m for m in (
+    Map("service-ips", type="ipv4_addr . inet_proto . inet_service : verdict"),
+    Map("service-nodeports", type="inet_proto . inet_service : verdict"),
+    Map("no-endpoint-services", type="ipv4_addr . inet_proto . inet_service : verdict"),
+    Map("no-endpoint-nodeports", type="inet_proto . inet_service : verdict"),
+)}
+LOCAL_NODEPORT = "fib daddr type local ip daddr != 127.0.0.0/8"
 
 
-def _base(mark: int) -> str:
+def _base_chains(mark: int) -> list[tuple[Chain, list[str]]]:
+    """The fixed chains, in upstream's order, with their rules."""
     m = f"{mark:#x}"
-    return f"""table ip {TABLE} {{
-  map service-ips {{ {MAPS['service-ips']}; }}
-  map service-nodeports {{ {MAPS['service-nodeports']}; }}
-  map no-endpoint-services {{ {MAPS['no-endpoint-services']}; }}
-  map no-endpoint-nodeports {{ {MAPS['no-endpoint-nodeports']}; }}
-  chain reject-chain {{ reject; }}
-  chain endpoints-check {{
-    ip daddr . meta l4proto . th dport vmap @no-endpoint-services
-    fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @no-endpoint-nodeports
-  }}
-  chain mark-for-masquerade {{ meta mark set meta mark | {m}; }}
-  chain masquerading {{
-    meta mark & {m} == 0 return
-    meta mark set meta mark ^ {m}
-    masquerade fully-random
-  }}
-  chain services {{
-    ip daddr . meta l4proto . th dport vmap @service-ips
-    fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports
-  }}
-  chain filter-input {{ type filter hook input priority -110; policy accept; ct state new jump endpoints-check; }}
-  chain filter-forward {{ type filter hook forward priority -110; policy accept; ct state new jump endpoints-check; }}
-  chain filter-output {{ type filter hook output priority -110; policy accept; ct state new jump endpoints-check; }}
-  chain nat-prerouting {{ type nat hook prerouting priority -100; policy accept; jump services; }}
-  chain nat-output {{ type nat hook output priority -100; policy accept; jump services; }}
-  chain nat-postrouting {{ type nat hook postrouting priority 100; policy accept; jump masquerading; }}
-}}
-"""
+
+    def hooked(name: str, type: str, hook: str, priority: int) -> Chain:
+        return Chain(name, type=type, hook=hook, priority=priority, policy="accept")
+
+    return [
+        (Chain("reject-chain"), ["reject"]),
+        (Chain("endpoints-check"), ["ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
+                                    f"{LOCAL_NODEPORT} meta l4proto . th dport vmap @no-endpoint-nodeports"]),
+        (Chain("mark-for-masquerade"), [f"meta mark set meta mark | {m}"]),
+        (Chain("masquerading"), [f"meta mark & {m} == 0 return", f"meta mark set meta mark ^ {m}",
+                                 "masquerade fully-random"]),
+        (Chain("services"), ["ip daddr . meta l4proto . th dport vmap @service-ips",
+                             f"{LOCAL_NODEPORT} meta l4proto . th dport vmap @service-nodeports"]),
+        (hooked("filter-input", "filter", "input", -110), ["ct state new jump endpoints-check"]),
+        (hooked("filter-forward", "filter", "forward", -110), ["ct state new jump endpoints-check"]),
+        (hooked("filter-output", "filter", "output", -110), ["ct state new jump endpoints-check"]),
+        (hooked("nat-prerouting", "nat", "prerouting", -100), ["jump services"]),
+        (hooked("nat-output", "nat", "output", -100), ["jump services"]),
+        (hooked("nat-postrouting", "nat", "postrouting", 100), ["jump masquerading"]),
+    ]
 
 
-def full_script(state: ServiceState) -> str:
-    lines = [f"add table ip {TABLE}", f"delete table ip {TABLE}", _base(state.masquerade_mark)]
+def _add_chain(tx: Transaction, chain: str, rules: list[str], flush: bool = False) -> None:
+    tx.add(Chain(chain))
+    if flush:
+        tx.flush(Chain(chain))
+    tx.add_all(Rule.many(chain, rules))
+
+
+def full_transaction(state: ServiceState) -> Transaction:
+    """The whole table, replacing whatever is there."""
+    tx = Transaction(KP_TABLE)
+    tx.recreate()
+    tx.add_all(list(MAPS.values()))
+    for chain, rules in _base_chains(state.masquerade_mark):
+        tx.add(chain)
+        tx.add_all(Rule.many(chain.name, rules))
     elements: dict[str, list[str]] = {}
     for unit in units(state).values():
         for chain, rules in unit.chains.items():
-            lines.append(f"add chain ip {TABLE} {chain}")
-            lines += [f"add rule ip {TABLE} {chain} {r}" for r in rules]
+            _add_chain(tx, chain, rules)
         for m, els in unit.elements.items():
             elements.setdefault(m, []).extend(f"{k} : {v}" for k, v in els.items())
     for m, els in elements.items():
-        lines.append(f"add element ip {TABLE} {m} {{ " + ", ".join(els) + " }")
-    return "\n".join(lines) + "\n"
+        tx.add(Elements(MAPS[m], els))
+    return tx
 
 
-def partial_script(old: dict[str, Unit], new: dict[str, Unit]) -> tuple[str, int]:
-    """Rewrite the chains and elements of the Service ports that changed; returns (script, changed units)."""
-    lines: list[str] = []
-    deletes: list[str] = []
+def partial_transaction(old: dict[str, Unit], new: dict[str, Unit]) -> tuple[Transaction, int]:
+    """Rewrite the chains and elements of the Service ports that changed; returns
+    (transaction, changed units)."""
+    tx = Transaction(KP_TABLE)
+    deletes: list[Chain] = []
     changed = 0
     for name in sorted(set(old) | set(new)):
         before, after = old.get(name), new.get(name)
@@ -140,34 +153,31 @@ def partial_script(old: dict[str, Unit], new: dict[str, Unit]) -> tuple[str, int
         b_els = before.elements if before else {}
         a_els = after.elements if after else {}
         for m, els in b_els.items():
-            gone = [k for k, v in els.items() if a_els.get(m, {}).get(k) != v]
-            if gone:
-                lines.append(f"delete element ip {TABLE} {m} {{ " + ", ".join(gone) + " }")
+            tx.delete(Elements(MAPS[m], [k for k, v in els.items() if a_els.get(m, {}).get(k) != v]))
         for chain, rules in a_chains.items():
-            lines += [f"add chain ip {TABLE} {chain}", f"flush chain ip {TABLE} {chain}"]
-            lines += [f"add rule ip {TABLE} {chain} {r}" for r in rules]
+            _add_chain(tx, chain, rules, flush=True)
         for m, els in a_els.items():
-            come = [f"{k} : {v}" for k, v in els.items() if b_els.get(m, {}).get(k) != v]
-            if come:
-                lines.append(f"add element ip {TABLE} {m} {{ " + ", ".join(come) + " }")
+            tx.add(Elements(MAPS[m], [f"{k} : {v}" for k, v in els.items() if b_els.get(m, {}).get(k) != v]))
         for chain in b_chains:
             if chain not in a_chains:
-                lines.append(f"flush chain ip {TABLE} {chain}")
-                deletes.append(f"delete chain ip {TABLE} {chain}")
-    lines += deletes
-    return ("\n".join(lines) + "\n" if lines else ""), changed
+                tx.flush(Chain(chain))
+                deletes.append(Chain(chain))
+    for chain in deletes:  # once nothing jumps to them any more
+        tx.delete(chain)
+    return tx, changed
 
 
 class KubeProxyNftApplier:
     """The per-Service/per-endpoint chain layout, synced as kube-proxy does (benchmark only)."""
 
     def __init__(self, *, nft: Callable[[str], None] = nft_apply, list_each_sync: bool = True):
-        self.nft = nft
+        self.nft = nft  # every transaction as text, through an `nft` process (as knftables)
         self.list_each_sync = list_each_sync  # upstream lists the table on every sync (ListAll)
         self.applied: dict[str, Unit] | None = None
         self.applied_state: ServiceState | None = None
         self.last_script = ""
         self.last_list_seconds = 0.0
+        self._netlink: nl.Netlink | None = None
 
     def apply(self, state: ServiceState, resync: bool = False) -> SyncResult:
         started = time.monotonic()
@@ -176,14 +186,15 @@ class KubeProxyNftApplier:
             return result
         new = self._units(state)
         if self.applied is None or resync:
-            script = full_script(state)
+            tx = full_transaction(state)
             result.full = True
         else:
             if self.list_each_sync:
                 t0 = time.monotonic()
-                subprocess.run(["nft", "-j", "-t", "list", "table", "ip", TABLE], capture_output=True, text=True)
+                self._list()
                 self.last_list_seconds = time.monotonic() - t0
-            script, result.added = partial_script(self.applied, new)
+            tx, result.added = partial_transaction(self.applied, new)
+        script = tx.script()
         if script:
             self.last_script = script
             self.nft(script)
@@ -191,6 +202,12 @@ class KubeProxyNftApplier:
         self.applied, self.applied_state = new, state
         result.seconds = time.monotonic() - started
         return result
+
+    def _list(self) -> None:
+        """The table's chains and maps without their elements (upstream lists with `nft -j`)."""
+        if self._netlink is None:
+            self._netlink = nl.Netlink()  # in the network namespace of the first sync
+        read_ruleset(self._netlink, TABLE, elements=False)
 
     def _units(self, state: ServiceState) -> dict[str, Unit]:
         """units(state), recomputing only the Service ports whose rules changed (Go would be
@@ -209,5 +226,11 @@ class KubeProxyNftApplier:
         return out
 
     def remove(self) -> None:
-        self.nft(f"add table ip {TABLE}\ndelete table ip {TABLE}\n")
+        tx = Transaction(KP_TABLE)
+        tx.add(KP_TABLE)
+        tx.delete(KP_TABLE)
+        self.nft(tx.script())
         self.applied = self.applied_state = None
+        if self._netlink is not None:
+            self._netlink.close()
+            self._netlink = None

@@ -39,7 +39,7 @@ class _Table:
 
 def _refs(rule: str) -> tuple[set[str], set[str]]:
     """(sets, chains) a rule's text refers to."""
-    words = rule.replace("{", " ").replace("}", " ").split()
+    words = rule.replace("{", " ").replace("}", " ").replace(",", " ").split()  # anonymous vmaps too
     sets = {w[1:] for w in words if w.startswith("@")}
     chains = {words[i + 1] for i, w in enumerate(words[:-1]) if w in ("jump", "goto")}
     return sets, chains

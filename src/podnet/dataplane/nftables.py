@@ -36,7 +36,9 @@ __all__ = [
 ]
 
 VERBS = ("add", "create", "insert", "replace", "delete", "flush")
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,255}")
+# an identifier as nft's scanner reads one unquoted (letters, digits, `/ - _ .`; kube-proxy's
+# chains are named `service-<hash>-<namespace>/<name>/<protocol>/<port>`)
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_./\-]{0,255}")
 # rule text: no statement separator, newline, comment or string (nothing can be smuggled in)
 UNSAFE_RULE = re.compile(r"[\n\r\0;#\"\\]")
 ELEMENT_TEXT = re.compile(r"[A-Za-z0-9_.:/, \-]*")
@@ -89,7 +91,7 @@ class Table:
         return f"{self.family} {self.name}"
 
 
-_NAMES = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_.\-]{0,255}\n)*")
+_NAMES = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_./\-]{0,255}\n)*")
 
 
 def check_names(names: Iterable[str], what: str = "name") -> list[str]:
