@@ -11,6 +11,8 @@ For N Services (5 endpoints each) and each backend
     ebpf-nofast    the same with the fast path off (every packet through the node's stack)
     ebpf-base      ebpf with the Services object given by --base-object (another build: a
                    program change's before, in the same run)
+    ebpf-tcx       ebpf with its programs moved from clsact filters onto tcx links after
+                   the first sync (an experiment: the agent attaches with clsact)
     iptables       kube-proxy iptables layout, iptables-restore full rewrite per sync
     kp-nft         kube-proxy nftables layout: a chain per Service and per endpoint,
                    partial syncs with a table listing each sync (as upstream)
@@ -59,7 +61,8 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(1, ROOT)  # tests.support
 
 BACKENDS = ("nft-maps", "ebpf", "iptables", "kp-nft")  # the default set (ebpf-nofast: on request)
-DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "ebpf-nofast": 10**9, "ebpf-base": 10**9, "iptables": 5000, "kp-nft": 10000}
+DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "ebpf-nofast": 10**9, "ebpf-base": 10**9,
+                "ebpf-tcx": 10**9, "iptables": 5000, "kp-nft": 10000}
 REAL_EPS = [f"10.20.0.{11 + i}" for i in range(5)]
 CLUSTER_BASE = int(ipaddress.IPv4Address("10.96.0.10"))
 FAKE_EP_BASE = int(ipaddress.IPv4Address("10.128.0.1"))
@@ -146,7 +149,7 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
         from podnet.services.applier import NftServiceApplier
 
         applier = NftServiceApplier(conntrack=None)
-    elif backend in ("ebpf", "ebpf-nofast", "ebpf-base"):
+    elif backend in ("ebpf", "ebpf-nofast", "ebpf-base", "ebpf-tcx"):
         from podnet.ebpf.bpffs import PinDir
         from podnet.services.ebpf.applier import EbpfServiceApplier
 
@@ -193,6 +196,8 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
             out["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             gc.freeze()  # as the agent does after its first sync: routine collections skip this state
             out["fast_path"] = getattr(applier, "fast_path", None)
+            if backend == "ebpf-tcx":
+                tcx_links = _move_to_tcx(pins)  # noqa: F841 (the links live while their fds are open)
         elif op == "ops":
             results: dict[str, list[dict]] = {"add": [], "delete": [], "change": []}
             for rep in range(reps):
@@ -220,6 +225,37 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
         else:
             out = {"error": f"unknown op {op}"}
         print(json.dumps(out), flush=True)
+
+
+# the kernel's enum bpf_attach_type (6.6+): tcx links, the multi-program tc hooks without qdisc
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+
+
+def _move_to_tcx(pins: str) -> list[int]:
+    """ebpf-tcx: the Services programs of both veths moved from their clsact filters onto
+    tcx links, in the same order (from_pod then redirect at ingress, to_pod at egress), and
+    the filters removed: what tcx instead of clsact and cls_bpf would save per packet, with
+    the same programs (the agent attaches with clsact). The links' fds, kept open."""
+    from pyroute2 import IPRoute
+
+    from podnet.ebpf import attach
+    from podnet.ebpf.bpffs import pin_root
+    from podnet.ebpf.syscall import link_create, obj_get
+
+    def prog(name: str) -> int:
+        return obj_get(glob.glob(os.path.join(pin_root(), "podnet", pins, "progs", "services-*", name))[0])
+
+    links = []
+    with IPRoute() as ipr:
+        for dev in ("vcl", "vsrv"):
+            index = _ifindex(dev)
+            for attach_type, name in ((BPF_TCX_INGRESS, "podnet_svc_from_pod"), (BPF_TCX_INGRESS, "podnet_svc_redirect"),
+                                      (BPF_TCX_EGRESS, "podnet_svc_to_pod")):
+                links.append(link_create(prog(name), index, attach_type, f"{name} on {dev} (tcx)"))  # appended last
+            for owner, direction in (("services", "ingress"), ("services-redirect", "ingress"),
+                                     ("services", "egress")):
+                attach.detach(ipr, index, owner, direction)
+    return links
 
 
 def _ifindex(name: str) -> int:
@@ -680,8 +716,11 @@ def udp_rounds(backends: list[str], n: int, rounds: int, seconds: int, cpu: int)
             vals = [r[b][key] for r in out["rounds"] if r[b].get(key)]
             if vals:
                 out["costs"][f"{b} {key}"] = _spread(vals)
-    base = backends[0]
-    for b in backends[1:]:
+    # to the first column, and the ebpf variants to ebpf itself (a change's before and after)
+    pairs = [(b, backends[0]) for b in backends[1:]]
+    if "ebpf" in backends[1:]:
+        pairs += [(b, "ebpf") for b in backends if b.startswith("ebpf-")]
+    for b, base in pairs:
         for key in ("udp64_path_us_per_packet", "udp64_us_per_packet", "udp64_first_kpps"):
             rs = [r[b][key] / r[base][key] for r in out["rounds"] if r[b].get(key) and r[base].get(key)]
             if rs:
