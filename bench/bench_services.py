@@ -227,6 +227,9 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
         print(json.dumps(out), flush=True)
 
 
+# the Services programs a client's datagram meets on the fast path, the first at its veth's ingress
+PROGRAMS = ("podnet_svc_from_pod", "podnet_svc_redirect", "podnet_svc_to_pod")
+
 # the kernel's enum bpf_attach_type (6.6+): tcx links, the multi-program tc hooks without qdisc
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 
@@ -447,7 +450,7 @@ class Lab:
             # done in its context): steadier than the rate when other work takes the CPU.
             if cpu:
                 row["udp64_us_per_packet"] = s["seconds"] * cpu / 100 / counted * 1e6
-            program_ns = self.udp_program_ns(target)
+            program_ns = self.udp_program_ns(target).get(PROGRAMS[0])
             if program_ns is not None:
                 row["udp64_program_ns"] = program_ns
             return row
@@ -477,25 +480,26 @@ class Lab:
             self.udp_server = None
         sh("ip", "netns", "exec", self.srv, "nft", "delete", "table", "inet", UDP_TABLE, check=False)
 
-    def udp_program_ns(self, target: str) -> float | None:
-        """The Service program's own time per packet, in a one-second run of its own: the
-        kernel's run-time statistics add two clock reads to every program run, which the
-        measured rate must not pay (nftables has nothing alike switched on). None without
-        the ebpf backend's pins."""
-        if self._program_runs() is None:
-            return None
+    def udp_program_ns(self, target: str) -> dict[str, float]:
+        """The Service programs' own time per run (ns), by program, in a one-second run of
+        its own: the kernel's run-time statistics add two clock reads to every program run,
+        which the measured rate must not pay (nftables has nothing alike switched on). In
+        this test every run is one datagram of the client: podnet_svc_from_pod and the
+        redirect at the client's veth, podnet_svc_to_pod at the endpoint's. {} without the
+        ebpf backend's pins."""
+        if self._program_runs(PROGRAMS[0]) is None:
+            return {}
         from podnet.ebpf.syscall import enable_stats
 
         stats = enable_stats()
         try:
-            runs0 = self._program_runs()
+            runs0 = {p: self._program_runs(p) for p in PROGRAMS}
             self._udp_send(target, 1)
-            runs1 = self._program_runs()
+            runs1 = {p: self._program_runs(p) for p in PROGRAMS}
         finally:
             os.close(stats)
-        if runs0 is None or runs1 is None or runs1[1] <= runs0[1]:
-            return None
-        return (runs1[0] - runs0[0]) / (runs1[1] - runs0[1])
+        return {p: (runs1[p][0] - runs0[p][0]) / (runs1[p][1] - runs0[p][1]) for p in PROGRAMS
+                if runs0[p] is not None and runs1[p] is not None and runs1[p][1] > runs0[p][1]}
 
     def udp_path_cost(self, target: str, seconds: int, cpu: int) -> dict | None:
         """One run of the small-datagram test with the sender pinned to `cpu`: the CPU the
@@ -536,14 +540,14 @@ class Lab:
         return sum(e["counter"]["packets"] for item in out["nftables"] for e in item.get("rule", {}).get("expr", [])
                    if "counter" in e)
 
-    def _program_runs(self) -> tuple[int, int] | None:
-        """Run time (ns) and runs of the Service program that meets the client's packets
-        (podnet_svc_from_pod), None without the ebpf backend's pins."""
+    def _program_runs(self, program: str) -> tuple[int, int] | None:
+        """Run time (ns) and runs of a Service program (all its attachments), None without
+        the ebpf backend's pins."""
         from podnet.ebpf.bpffs import pin_root
         from podnet.ebpf.syscall import obj_get, prog_info
 
         pins = sorted(glob.glob(os.path.join(pin_root(), "podnet", self.pins, "progs", "services-*",
-                                             "podnet_svc_from_pod")))
+                                             program)))
         if not pins:
             return None
         fd = obj_get(pins[0])
@@ -698,8 +702,8 @@ def udp_rounds(backends: list[str], n: int, rounds: int, seconds: int, cpu: int)
                 f"{fmt((row[b].get('ksoftirqd_share') or 0) * 100, 'ns')}%)" for b in backends), flush=True)
         for b in backends:
             program_ns = labs[b].udp_program_ns(first)
-            if program_ns is not None:
-                out.setdefault("program_ns", {})[b] = round(program_ns)
+            if program_ns:
+                out.setdefault("program_ns", {})[b] = {p: round(v) for p, v in program_ns.items()}
     finally:
         for w in workers.values():
             try:
@@ -898,8 +902,9 @@ def main() -> int:
             print(f"{k}: median {v['median']} (quartiles {v['q1']}-{v['q3']}, range {v['min']}-{v['max']}, "
                   f"{v['n']} rounds)")
         if result.get("program_ns"):
-            print("program ns per packet (podnet_svc_from_pod, run-time statistics): " +
-                  ", ".join(f"{b} {v}" for b, v in result["program_ns"].items()))
+            print("program ns per run (run-time statistics, a run of its own): " +
+                  "; ".join(f"{b} " + ", ".join(f"{p.removeprefix('podnet_svc_')} {ns}" for p, ns in v.items())
+                            for b, v in result["program_ns"].items()))
         result["command"] = " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
         result["host"] = {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_start": load_start,
                           "loadavg_end": os.getloadavg()}
