@@ -227,8 +227,7 @@ class KubeProxyNftApplier:
 
     def remove(self) -> None:
         tx = Transaction(KP_TABLE)
-        tx.add(KP_TABLE)
-        tx.delete(KP_TABLE)
+        tx.remove()
         self.nft(tx.script())
         self.applied = self.applied_state = None
         if self._netlink is not None:

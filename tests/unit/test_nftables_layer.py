@@ -193,3 +193,14 @@ def test_flush_and_delete_in_the_order_references_allow():
     dump = fake.dump()
     assert "allow" not in dump and "addrs" not in dump and "dispatch" not in dump
     assert "chain ip t input" in dump
+
+
+def test_remove_deletes_the_table_and_is_no_error_without_one():
+    fake = FakeNft()
+    fake.apply(base_tx())
+    for _ in range(2):  # the second time there is no table
+        tx = Transaction(T)
+        tx.remove()
+        fake.apply(tx)
+        assert fake.ruleset("t") is None
+    assert tx.script() == "add table ip t\ndelete table ip t\n"

@@ -56,7 +56,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from podnet.dataplane.localdns import DNS_TABLE
-from podnet.dataplane.nft import dies_with_parent, list_tables, nft_json
+from podnet.dataplane.nft import list_tables, nft_apply, nft_json
+from podnet.dataplane.nftables import Table, Transaction
 from podnet.dataplane.pods import ALIAS_PREFIX, HOST_PREFIX
 from podnet.dataplane.routing import RTPROT_PODNET, RTPROT_PODNET_POD, VXLAN_IFNAME
 from podnet.dataplane.rtnl import RTN_BLACKHOLE, Rtnl, route_request
@@ -160,7 +161,7 @@ class NodeCleanup:
     # -- nftables
 
     def _table_steps(self) -> list[Step]:
-        return [Step(f"nft table {family} {name}", lambda f=family, n=name: _nft(f"delete table {f} {n}\n"))
+        return [Step(f"nft table {family} {name}", lambda f=family, n=name: _delete_table(f, n))
                 for family, name in list_tables(TABLE_PREFIX)]
 
     def _dns_candidates(self, tables: list[tuple[str, str]]) -> list[str]:
@@ -398,10 +399,11 @@ def _udp_listening(address: str, port: int) -> bool:
 # ---------------------------------------------------------------------- kernel writes
 
 
-def _nft(script: str) -> None:
-    proc = subprocess.run(dies_with_parent(["nft", "-f", "-"]), input=script, capture_output=True, text=True)
-    if proc.returncode != 0 and "No such file or directory" not in proc.stderr:  # gone meanwhile: fine
-        raise PodnetError(f"nft: {proc.stderr.strip()}")
+def _delete_table(family: str, name: str) -> None:
+    """Delete one table (gone meanwhile: fine, the transaction adds it first)."""
+    tx = Transaction(Table(name, family))
+    tx.remove()
+    nft_apply(tx.script())
 
 
 def _del_filter(index: int, direction: str, prio: int) -> None:

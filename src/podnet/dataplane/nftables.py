@@ -357,11 +357,15 @@ class Transaction:
     def flush(self, obj: Table | Chain | Set) -> None:
         self._op("flush", obj)
 
+    def remove(self) -> None:
+        """Delete the table if it exists (no error if there is none: it is added first)."""
+        self.add(self.table)
+        self.delete(self.table)
+
     def recreate(self) -> None:
         """Remove the table if it exists and create it empty (the rest of the transaction
         fills it): the whole table is replaced atomically."""
-        self.add(self.table)
-        self.delete(self.table)
+        self.remove()
         self.add(self.table)
 
     # ---- forms

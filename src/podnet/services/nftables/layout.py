@@ -517,7 +517,6 @@ def affinity_chain_script(come: Elements, existing: set[str]) -> str:
 def remove_script() -> str:
     """Delete the whole table (no error if there is none)."""
     tx = Transaction(SVC_TABLE)
-    tx.add(SVC_TABLE)
-    tx.delete(SVC_TABLE)
+    tx.remove()
     return tx.script()
 
