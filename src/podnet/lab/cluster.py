@@ -689,11 +689,7 @@ def _setup_bridge(st: LabState, spec: LabSpec, say: Say) -> None:
             if m is not n:
                 topology.add_route(n["netns"], blocks[m["name"]], m["address"])
         if pool.spec.nat_outgoing:
-            topology.nft(n["netns"], (
-                "table ip podnet-lab {\n chain postrouting {\n"
-                "  type nat hook postrouting priority srcnat; policy accept;\n"
-                f"  ip saddr {pool_net} ip daddr != {pool_net} oifname \"eth0\" masquerade\n"
-                " }\n}\n"))
+            topology.masquerade_pods(n["netns"], str(pool_net))
         say(f"node {n['name']}: pod block {blocks[n['name']]} (bridge cni0, host-local)")
 
 

@@ -32,6 +32,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from podnet.dataplane.nftables import Chain, Rule, Table, Transaction
 from podnet.ebpf.bpffs import remove_netns_pins
 from podnet.errors import PodnetError
 
@@ -198,5 +199,15 @@ def add_route(netns: str, dst: str, gateway: str) -> None:
         ns.route("replace", dst=dst, gateway=gateway)
 
 
-def nft(netns: str, ruleset: str) -> None:
-    run(["nsenter", f"--net={NETNS_DIR / netns}", "--", "nft", "-f", "-"], input=ruleset)
+LAB_NAT = "podnet-lab"
+
+
+def masquerade_pods(netns: str, pool: str) -> None:
+    """NAT for pods of the reference plugins' lab (no agent to do it): traffic from the pool
+    to anywhere outside it leaves the node's underlay interface with the node's address."""
+    table = Table(LAB_NAT)
+    tx = Transaction(table)
+    tx.add(table)
+    tx.add(Chain("postrouting", type="nat", hook="postrouting", priority="srcnat", policy="accept"))
+    tx.add(Rule("postrouting", f"ip saddr {pool} ip daddr != {pool} oifname {NODE_IF} masquerade"))
+    run(["nsenter", f"--net={NETNS_DIR / netns}", "--", "nft", "-f", "-"], input=tx.script())
