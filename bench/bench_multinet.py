@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -46,6 +47,12 @@ BURST = 30
 EXTRA = (0, 1, 3)
 RESULTS = os.path.join(HERE, "results", "multinet.json")
 NAMESPACE = "bench"
+
+
+def quartiles(xs: list[float]) -> dict[str, float]:
+    """Median and quartiles of a sorted list (one value: all three are it)."""
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"q1": round(q[0], 2), "median": round(q[1], 2), "q3": round(q[2], 2)}
 
 
 def ipam_confs(data_dir: str, sock: str) -> list[dict]:
@@ -73,6 +80,21 @@ def invoke(plugin: str, conf: bytes, command: str, cid: str, netns: str, ifname:
     start = time.perf_counter()
     proc = subprocess.run([plugin], input=conf, env=env, capture_output=True)
     return time.perf_counter() - start, proc.stdout, proc.returncode
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of a process and of its children it has waited for (utime, stime, cutime,
+    cstime): the agent's own threads plus every delegate it ran."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def runtime_cpu() -> float:
+    """CPU seconds of this driver (the runtime: it starts podnet-cni, and macvlan itself in the
+    direct case) and of the plugin executables it ran and waited for (with their IPAM)."""
+    return sum(ru.ru_utime + ru.ru_stime for ru in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def burst(fn, n: int) -> tuple[float, list]:
@@ -113,7 +135,7 @@ def driver(args: argparse.Namespace) -> None:
     for k in EXTRA:
         row = out.setdefault(str(k), {"podnet_add": [], "podnet_del": [], "direct_add": [], "direct_del": [],
                                       "podnet_wall": [], "direct_wall": [], "seq_podnet_add": [],
-                                      "seq_direct_add": []})
+                                      "seq_direct_add": [], "rounds": []})
         for r in range(args.rounds):  # one pod at a time, podnet and direct in turn
             netns = f"/run/netns/{pods[0]}"
             cid = f"s{k}r{r}-{uuid.uuid4().hex[:8]}"
@@ -132,8 +154,17 @@ def driver(args: argparse.Namespace) -> None:
             for ifname, conf in reversed(steps):
                 invoke(macvlan, conf, "DEL", "d" + cid, netns, ifname, "direct-0", args.cni_path)
             invoke(args.plugin, podnet_conf, "DEL", "d" + cid, netns, "eth0", "direct-0", args.cni_path)
-        for r in range(args.bursts):
+    # Bursts: in rounds, each round one burst per side and scenario, the side that goes first
+    # alternating, so that the load of the moment weighs on both alike; the difference is
+    # taken per round (podnet's burst against the direct burst next to it).
+    def cpu_now() -> float:
+        return process_cpu(args.agent_pid) + runtime_cpu()
+
+    for r in range(args.bursts):
+        for k in EXTRA:
+            row = out[str(k)]
             cids = [f"k{k}r{r}p{i}-{uuid.uuid4().hex[:8]}" for i in range(len(pods))]
+            dcids = [f"d{c}" for c in cids]
 
             def podnet(command: str, i: int, k=k, cids=cids):
                 dt, so, rc = invoke(args.plugin, podnet_conf, command, cids[i], f"/run/netns/{pods[i]}", "eth0",
@@ -145,14 +176,6 @@ def driver(args: argparse.Namespace) -> None:
                     if names != ["eth0", *[f"net{j}" for j in range(1, k + 1)]]:
                         out["failures"].append(f"podnet ADD k={k}: interfaces {names}")
                 return dt
-
-            wall, dts = burst(lambda i: podnet("ADD", i), len(pods))
-            row["podnet_add"] += dts
-            row["podnet_wall"].append(wall)
-            _, dts = burst(lambda i: podnet("DEL", i), len(pods))
-            row["podnet_del"] += dts
-
-            dcids = [f"d{c}" for c in cids]
 
             def direct(command: str, i: int, k=k, dcids=dcids):
                 netns = f"/run/netns/{pods[i]}"
@@ -169,11 +192,18 @@ def driver(args: argparse.Namespace) -> None:
                     total += dt
                 return total
 
-            wall, dts = burst(lambda i: direct("ADD", i), len(pods))
-            row["direct_add"] += dts
-            row["direct_wall"].append(wall)
-            _, dts = burst(lambda i: direct("DEL", i), len(pods))
-            row["direct_del"] += dts
+            this_round = {}
+            sides = (("podnet", podnet), ("direct", direct))
+            for side, fn in (sides if r % 2 == 0 else sides[::-1]):
+                cpu = cpu_now()
+                wall, dts = burst(lambda i, fn=fn: fn("ADD", i), len(pods))
+                add_cpu = cpu_now() - cpu
+                row[f"{side}_add"] += dts
+                row[f"{side}_wall"].append(wall)
+                _, del_dts = burst(lambda i, fn=fn: fn("DEL", i), len(pods))
+                row[f"{side}_del"] += del_dts
+                this_round[side] = {"add_p50": statistics.median(dts), "add_cpu": add_cpu}
+            row["rounds"].append(this_round)
 
     # The IPAM plugin alone: macvlan with host-local, then with podnet-ipam, in turn.
     ipam = out["ipam"] = {name: {"seq_add": [], "seq_del": [], "add": [], "del": [], "wall": []}
@@ -220,11 +250,14 @@ def driver(args: argparse.Namespace) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one burst per scenario")
+    ap.add_argument("--quick", action="store_true", help="3 rounds of bursts, 10 sequential pods")
+    ap.add_argument("--rounds-of-bursts", type=int, help="rounds of bursts (default 10; --quick 3)")
+    ap.add_argument("--agent-log", help="the agent's log (level info: every request's time and CPU) into this file")
     ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     for name in ("plugin", "podnet-conf", "pods", "networks", "ipam-networks", "cni-path"):
         ap.add_argument(f"--{name}", help=argparse.SUPPRESS)
     ap.add_argument("--bursts", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--agent-pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.driver:
@@ -240,7 +273,8 @@ def main() -> int:
     from podnet.store import open_store
     from podnet.store.objects import ObjectStore
 
-    bursts, rounds = (1, 10) if args.quick else (5, 40)
+    bursts, rounds = (3, 10) if args.quick else (10, 40)
+    bursts = args.rounds_of_bursts or bursts
     tag = f"mnb{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
     created: list[str] = []
     agent: subprocess.Popen | None = None
@@ -280,11 +314,19 @@ def main() -> int:
                 objects.append(Pod.model_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {
                     "name": f"k{k}-{i}", "namespace": NAMESPACE, "annotations": ann},
                     "spec": {"containers": [{"name": "c"}]}}))
+        # the baseline's pods are in the store too (without the annotation): the agent reads
+        # and checks a pod it knows on either side, and only the networks differ
+        objects += [Pod.model_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"direct-{i}", "namespace": NAMESPACE}, "spec": {"containers": [{"name": "c"}]}})
+            for i in range(BURST)]
         ObjectStore(kv).apply(objects)
         kv.close()
         sock = os.path.join(tmp, "cni.sock")
+        agent_log = open(args.agent_log, "w") if args.agent_log else subprocess.DEVNULL  # noqa: SIM115
+        # `ip netns exec` execs the command: agent.pid is the agent's own (the driver reads its CPU)
         agent = subprocess.Popen(["ip", "netns", "exec", node, sys.executable, "-m", "podnet.cni.serve", sock, url,
-                                  "bench-node"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                  "bench-node", "--log-level", "info" if args.agent_log else "warning"],
+                                 stdout=subprocess.PIPE, stderr=agent_log, text=True)
         assert agent.stdout is not None
         if agent.stdout.readline().strip() != "ready":
             raise RuntimeError("the CNI server did not start")
@@ -298,13 +340,16 @@ def main() -> int:
             ["ip", "netns", "exec", node, sys.executable, os.path.abspath(__file__), "--driver", "--plugin", plugin,
              "--podnet-conf", json.dumps(podnet_conf), "--pods", ",".join(pods), "--networks", json.dumps(nets),
              "--ipam-networks", json.dumps(ipam_confs(os.path.join(tmp, "host-local-ipam"), sock)),
-             "--cni-path", f"{bindir}:{REFERENCE}", "--bursts", str(bursts), "--rounds", str(rounds)],
+             "--cni-path", f"{bindir}:{REFERENCE}", "--bursts", str(bursts), "--rounds", str(rounds),
+             "--agent-pid", str(agent.pid)],
             capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             raise RuntimeError(f"driver failed: {proc.stderr.strip()[-2000:]}")
         raw = json.loads(proc.stdout)
         load_after = os.getloadavg()
     finally:
+        if args.agent_log and agent is not None:
+            agent_log.close()
         if agent is not None and agent.poll() is None:
             agent.send_signal(signal.SIGTERM)
             try:
@@ -330,7 +375,7 @@ def main() -> int:
             seq["overhead_per_attachment_ms"] = round((a - b) / k, 2)
         summary.setdefault(str(k), {})["sequential"] = seq
         print(f"{k:>8} {a:13.1f}ms {b:13.1f}ms " + (f"{(a - b) / k:18.1f}ms" if k else f"{'-':>20}"))
-    print(f"\nbursts of {BURST} ({bursts} each)")
+    print(f"\nbursts of {BURST} ({bursts} rounds, each one burst per side, the side that goes first alternating)")
     print(f"{'networks':>8} {'podnet ADD':>21} {'direct ADD':>21} {'overhead/attachment':>20} "
           f"{'podnet DEL':>11} {'direct DEL':>11} {'burst wall':>17}")
     print(f"{'':>8} {'p50':>10} {'p99':>10} {'p50':>10} {'p99':>10} {'p50':>10} {'p99':>9} {'p50':>11} {'p50':>11} "
@@ -344,6 +389,15 @@ def main() -> int:
         if k:
             s["overhead_per_attachment_ms"] = {
                 p: round((s["podnet_add"][f"{p}_ms"] - s["direct_add"][f"{p}_ms"]) / k, 2) for p in ("p50", "p99")}
+        s["rounds"] = row["rounds"]
+        if k:
+            diffs = sorted((rd["podnet"]["add_p50"] - rd["direct"]["add_p50"]) * 1000 / k for rd in row["rounds"])
+            s["round_overhead_per_attachment_ms"] = quartiles(diffs)
+        s["cpu_per_pod_ms"] = {side: round(statistics.median(rd[side]["add_cpu"] for rd in row["rounds"])
+                                           * 1000 / BURST, 1) for side in ("podnet", "direct")}
+        if k:
+            s["cpu_per_attachment_ms"] = quartiles(sorted(
+                (rd["podnet"]["add_cpu"] - rd["direct"]["add_cpu"]) * 1000 / BURST / k for rd in row["rounds"]))
         summary[str(k)]["burst"] = s
         over = s.get("overhead_per_attachment_ms")
         print(f"{k:>8} {s['podnet_add']['p50_ms']:8.1f}ms {s['podnet_add']['p99_ms']:8.1f}ms "
@@ -351,6 +405,25 @@ def main() -> int:
               + (f"{over['p50']:8.1f}ms {over['p99']:7.1f}ms " if over else f"{'-':>10} {'-':>9} ")
               + f"{s['podnet_del']['p50_ms']:9.1f}ms {s['direct_del']['p50_ms']:9.1f}ms "
               f"{s['podnet_wall_ms']:6.0f}ms {s['direct_wall_ms']:6.0f}ms")
+    print(f"\nbursts of {BURST}, podnet against the direct burst of the same round ({bursts} rounds), and CPU: "
+          "the agent (its threads and the delegates it ran), the runtime and the plugins it ran")
+    print(f"{'networks':>8} {'ADD p50 difference/attachment':>30} {'CPU per pod':>19} {'CPU/attachment':>23}")
+    print(f"{'':>8} {'median':>10} {'[q1, q3]':>19} {'podnet':>9} {'direct':>9} {'median':>9} {'[q1, q3]':>13}")
+    for k in EXTRA:
+        s = summary[str(k)]["burst"]
+        cpu = s["cpu_per_pod_ms"]
+        line = f"{k:>8} "
+        if k:
+            d, c = s["round_overhead_per_attachment_ms"], s["cpu_per_attachment_ms"]
+            line += f"{d['median']:+8.1f}ms {'[' + format(d['q1'], '+.1f') + ', ' + format(d['q3'], '+.1f') + ']':>19} "
+        else:
+            line += f"{'-':>10} {'':>19} "
+        line += f"{cpu['podnet']:7.1f}ms {cpu['direct']:7.1f}ms "
+        if k:
+            line += f"{c['median']:+7.1f}ms {'[' + format(c['q1'], '+.1f') + ', ' + format(c['q3'], '+.1f') + ']':>13}"
+        else:
+            line += f"{'-':>9}"
+        print(line)
     print(f"\none macvlan network invoked directly, by its IPAM ({rounds} one at a time, {bursts} burst(s) of {BURST})")
     print(f"{'ipam':>12} {'ADD p50':>10} {'DEL p50':>10} {'burst ADD p50':>14} {'p99':>10} {'burst wall':>11}")
     ipam_summary = {}

@@ -132,6 +132,7 @@ class CNIHandler(Commands, IpamCommands):
     def _answer(self, env: dict[str, str], stdin: str, dispatch: Callable[[Request], tuple[int, str]],
                 ipam: bool = False) -> tuple[int, str]:
         started = time.monotonic()
+        cpu_started = time.thread_time()  # this request's own CPU in the agent (delegates not included)
         version = LATEST
         command = env.get("CNI_COMMAND", "") if isinstance(env, dict) else ""
         plugin = IPAM_NAME if ipam else PLUGIN_NAME
@@ -150,10 +151,12 @@ class CNIHandler(Commands, IpamCommands):
         seconds = time.monotonic() - started
         cni_metrics.observe(plugin, command, code, seconds)
         elapsed = seconds * 1000
+        cpu = (time.thread_time() - cpu_started) * 1000
         if code:
-            log.info("%s %s %s: code %d in %.1f ms: %s", plugin, command, handle, code, elapsed, output)
+            log.info("%s %s %s: code %d in %.1f ms (agent CPU %.1f ms): %s", plugin, command, handle, code, elapsed,
+                     cpu, output)
         else:
-            log.info("%s %s %s: ok in %.1f ms", plugin, command, handle, elapsed)
+            log.info("%s %s %s: ok in %.1f ms (agent CPU %.1f ms)", plugin, command, handle, elapsed, cpu)
         return code, output
 
     @contextlib.contextmanager
