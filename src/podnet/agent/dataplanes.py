@@ -54,7 +54,9 @@ class RoutesDataplane(Dataplane):
         self._lock = threading.Lock()
         self._blocks: dict[str, BlockRecord] = {}  # every block, compact (event-fed)
         self._dirty_blocks: set[str] = set()
-        self._shares: dict[str, tuple[frozenset[Route], frozenset[tuple[str, str]]]] = {}
+        # each block's routes and VTEP entries, as tuples: a frozenset is 216 bytes even for
+        # the one route of another node's block (two per block, 5 000 blocks)
+        self._shares: dict[str, tuple[tuple[Route, ...], tuple[tuple[str, str], ...]]] = {}
         self._inputs: tuple | None = None  # the pools and node addresses the shares were computed with
         self.bgp = False  # this node runs BGP: direct pools' cross-node routes are BIRD's
 
@@ -119,11 +121,11 @@ class RoutesDataplane(Dataplane):
         return f"+{len(changes.added)} -{len(changes.removed)} routing entries" if changes.count else ""
 
     def _share(self, block: BlockRecord, pools: PoolIndex, node_ips: dict[str, str], vxlan: bool,
-               ) -> tuple[frozenset[Route], frozenset[tuple[str, str]]]:
+               ) -> tuple[tuple[Route, ...], tuple[tuple[str, str], ...]]:
         owner, borrowed = block_routing(block, pools)
         d = desired_routing(self.node, [owner] if owner else [], borrowed, node_ips, vxlan,
                             local_ip=self.programmer.node_ip, bgp=self.bgp)
-        return d.routes, d.vteps
+        return tuple(d.routes), tuple(d.vteps)
 
     def verify(self) -> list[str]:
         return self.programmer.drift()

@@ -672,6 +672,12 @@ class ServiceCompiler:
         if old is not None:
             k = old.key  # one key object per Service
             info.key = k
+        else:
+            held = self._slices.pop(k, None)
+            if held is not None:  # its slices came first (they are listed before Services)
+                self._slices[k] = held  # under the Service's key object, not an equal one
+                for sl in held:
+                    sl.service = info.name  # ... and one string of its name
         self._services[k] = info
         self._dirty.add(k)
 
@@ -692,6 +698,10 @@ class ServiceCompiler:
                 old = None
         if owner is None:
             return
+        svc = self._services.get(owner)
+        if svc is not None:  # one key object and one name string per Service
+            owner = svc.key
+            info.service = svc.name
         self._slice_index[sk] = info
         held = self._slices.get(owner, ())
         if old is not None:
@@ -699,7 +709,7 @@ class ServiceCompiler:
             self._slices[owner] = tuple(info if s is old else s for s in held)
         else:
             self._slices[owner] = (*held, info)
-        self._dirty.add(self._services[owner].key if owner in self._services else owner)
+        self._dirty.add(owner)
 
     def delete_slice(self, namespace: str | None, name: str) -> None:
         sk = _key(namespace, name)
@@ -1020,4 +1030,3 @@ def same_version(old: ServiceInfo | SliceInfo | None,
     """Whether the compiler already holds new at its resourceVersion (a replayed list costs nothing)."""
     rv = new.version if isinstance(new, (SliceRecord, ServiceRecord)) else new.metadata.resource_version
     return old is not None and rv is not None and old.version == rv
-

@@ -12,7 +12,6 @@ import socket
 import struct
 from collections import defaultdict
 from collections.abc import Iterable
-from functools import lru_cache
 
 from podnet.dataplane import nfnetlink as nl
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState
@@ -43,9 +42,10 @@ _PORT = struct.Struct("!H2x")  # inet_service, padded to a 32-bit register
 _SLOT = struct.Struct("=I")  # numgen's result: host byte order
 
 
-@lru_cache(maxsize=1 << 16)
 def _frontend_bytes(fe: Frontend) -> bytes:
-    """A frontend's key bytes (cached: its slots and sets share them)."""
+    """A frontend's key bytes (a rule's items share them: _rule_encoded makes them once).
+    Not cached: a cache of every frontend held ~10 MiB at 50 000 Services on every agent,
+    to save ~0.6 us per rule encoded."""
     port = _PORT.pack(fe.port)
     return _PROTO[fe.proto] + port if fe.ip is None else socket.inet_aton(fe.ip) + _PROTO[fe.proto] + port
 
