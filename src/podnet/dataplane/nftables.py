@@ -40,7 +40,15 @@ VERBS = ("add", "create", "insert", "replace", "delete", "flush")
 # chains are named `service-<hash>-<namespace>/<name>/<protocol>/<port>`)
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_./\-]{0,255}")
 # rule text: no statement separator, newline, comment or string (nothing can be smuggled in)
-UNSAFE_RULE = re.compile(r"[\n\r\0;#\"\\]")
+UNSAFE_CHARS = "\n\r\0;#\"\\"
+
+
+def unsafe_text(text: str) -> bool:
+    """Whether text holds a character rule text must not (a substring test per character:
+    over a table's thousands of rules joined, 20x faster than a regex character class)."""
+    return any(c in text for c in UNSAFE_CHARS)
+
+
 ELEMENT_TEXT = re.compile(r"[A-Za-z0-9_.:/, \-]*")
 CHUNK = 2000  # elements per `add element` line
 
@@ -143,8 +151,8 @@ class Chain(_ChainFields):
         """Regular chains by name, checked together."""
         names = list(names)
         check_names(names, "chain")
-        new = tuple.__new__
-        return [new(cls, (name, None, None, None, None, None)) for name in names]
+        none = repeat(None)
+        return list(map(tuple.__new__, repeat(cls), zip(names, none, none, none, none, none)))
 
     def spec(self) -> str:
         if self.hook is None:
@@ -168,7 +176,7 @@ class Rule(_RuleFields):
     def __new__(cls, chain: str, rule: str, comment: str | None = None, handle: int | None = None):
         if chain not in _CHECKED:
             check_name(chain, "chain")
-        if not rule or UNSAFE_RULE.search(rule):
+        if not rule or unsafe_text(rule):
             raise NftDefinitionError(f"rule text {rule!r} in chain {chain} is not safe to render")
         return tuple.__new__(cls, (chain, rule, comment, handle))
 
@@ -181,13 +189,13 @@ class Rule(_RuleFields):
     def bulk(cls, rules: Iterable[tuple[str, str]]) -> list[Rule]:
         """(chain, rule text) pairs, checked together, as rules."""
         pairs = list(rules)
-        check_names({c for c, _ in pairs}, "chain")
+        chains = [c for c, _ in pairs]
+        check_names(set(chains), "chain")
         texts = [text for _, text in pairs]
-        if not all(texts) or UNSAFE_RULE.search(" ".join(texts)):
+        if not all(texts) or unsafe_text(" ".join(texts)):
             for chain, text in pairs:
                 cls(chain, text)  # raises, naming the rule
-        new = tuple.__new__
-        return [new(cls, (chain, text, None, None)) for chain, text in pairs]
+        return list(map(tuple.__new__, repeat(cls), zip(chains, texts, repeat(None), repeat(None))))
 
 
 class _SetFields(NamedTuple):
@@ -217,7 +225,7 @@ class Set(_SetFields):
             raise NftDefinitionError(f"{cls.kind} {name}: give type or typeof")
         decl = type or typeof or ""
         if (cls.kind, decl) not in _CHECKED_DECLS:
-            if UNSAFE_RULE.search(decl) or "{" in decl or "}" in decl:
+            if unsafe_text(decl) or "{" in decl or "}" in decl:
                 raise NftDefinitionError(f"{cls.kind} {name}: type {decl!r} is not safe to render")
             if cls.kind == "map" and " : " not in decl:
                 raise NftDefinitionError(f"map {name}: the type needs a ' : ' between key and value")
@@ -376,7 +384,11 @@ class Transaction:
         out: list[str] = []
         for verb, obj in self.ops:
             if type(obj) is Rule:
-                where = f" handle {obj.handle}" if obj.handle is not None else ""
+                chain, rule, comment, handle = obj
+                if handle is None and comment is None and verb != "delete":  # most rules: one format
+                    out.append(f"{verb} rule {t} {chain} {rule}")
+                    continue
+                where = f" handle {handle}" if handle is not None else ""
                 if verb == "delete":
                     out.append(f"delete rule {t} {obj.chain}{where}")
                 elif obj.comment:

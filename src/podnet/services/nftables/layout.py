@@ -235,28 +235,22 @@ def _tree_chains() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for kind, nodeport in (("svc", False), ("np", True)):
         key = KEYS[nodeport]
-
-        def node(prefix: str, kind: str = kind) -> str:
-            if len(prefix) == bits:
-                return f"{kind}_{int(prefix, 2) + 1}"
-            return f"{kind}_t{prefix}"
-
-        frontier = [""]
-        while frontier:
-            nxt = []
-            for prefix in frontier:
-                bit = bits - 1 - len(prefix)
-                out[node(prefix)] = [f"{key} @{kind}_bit{bit} goto {node(prefix + '1')}", f"goto {node(prefix + '0')}"]
-                if len(prefix) + 1 < bits:
-                    nxt += [prefix + "0", prefix + "1"]
-            frontier = nxt
-        sh = "sh_nodeports" if nodeport else "sh_ips"
-        for v in range(2 ** bits):
-            slots = f"map @{slot_map(nodeport, v + 1)}"
-            out[f"{kind}_{v + 1}"] = [
-                f"{key} @{sh} dnat ip to {key} . jhash ip saddr mod {v + 1} seed {SH_SEED:#x} {slots}",
-                f"dnat ip to {key} . numgen random mod {v + 1} {slots}",
-            ]
+        # level by level, each level's prefixes in ascending order (the order of the
+        # table's chains, and so of the layout's text, which its marker is a hash of)
+        for depth in range(bits):
+            test = f"{key} @{kind}_bit{bits - 1 - depth} goto {kind}_"
+            prefixes = [format(v, f"0{depth}b") for v in range(1 << depth)] if depth else [""]
+            if depth + 1 < bits:
+                for p in prefixes:
+                    out[f"{kind}_t{p}"] = [f"{test}t{p}1", f"goto {kind}_t{p}0"]
+            else:  # children are leaves: prefix v + bit b is N-1 = 2v+b, the leaf of N = 2v+b+1
+                for v, p in enumerate(prefixes):
+                    out[f"{kind}_t{p}"] = [f"{test}{2 * v + 2}", f"goto {kind}_{2 * v + 1}"]
+        pick = f"dnat ip to {key} . "
+        sh = f"{key} @{'sh_nodeports' if nodeport else 'sh_ips'} {pick}jhash ip saddr mod "
+        seed = f" seed {SH_SEED:#x} map @{SLOT_MAPS[nodeport]}_"
+        for n in range(1, 2 ** bits + 1):  # slot_map(nodeport, n) is SLOT_MAPS[nodeport]_n
+            out[f"{kind}_{n}"] = [f"{sh}{n}{seed}{n}", f"{pick}numgen random mod {n} map @{SLOT_MAPS[nodeport]}_{n}"]
     return out
 
 
