@@ -126,3 +126,27 @@ def test_blocks_of_an_attachment_pool_are_not_routed_by_podnet():
                "attributes": []}]
     got = routing_inputs(blocks, pools, [])
     assert [b.cidr for b in got.blocks] == ["10.244.1.0/26"]
+
+
+def test_merging_results_leaves_the_recorded_results_as_they_were():
+    """The merged result and the status entries are built from the delegates' results, which
+    are also the attachment record's result cache (DEL and CHECK send them back as
+    prevResult): building them must not change them (0.4.0 ips keep their "version")."""
+    import copy
+
+    from podnet.multinet.results import merge
+    from podnet.multinet.status import network_status
+
+    primary = {"cniVersion": "0.4.0", "interfaces": [{"name": "eth0", "sandbox": "/run/netns/p"}],
+               "ips": [{"version": "4", "address": "10.244.0.5/32", "interface": 0}], "dns": {}}
+    delegate = {"cniVersion": "0.4.0", "interfaces": [{"name": "net1", "mac": "aa:bb:cc:dd:ee:01", "sandbox": "/p"}],
+                "ips": [{"version": "4", "address": "10.70.0.9/16", "interface": 0, "gateway": "10.70.0.1"}],
+                "routes": [{"dst": "0.0.0.0/0", "gw": "10.70.0.1"}, {"dst": "10.80.0.0/16", "gw": "10.70.0.1"}]}
+    before = copy.deepcopy((primary, delegate))
+    merged = merge(primary, [("net1", delegate, ("10.70.0.1",))], "0.4.0")
+    entries = network_status("podnet", "eth0", primary, [("team-a/underlay", "net1", delegate)])
+    assert (primary, delegate) == before
+    assert [i["name"] for i in merged["interfaces"]] == ["eth0", "net1"]
+    assert merged["ips"][1] == {"version": "4", "address": "10.70.0.9/16", "interface": 1, "gateway": "10.70.0.1"}
+    assert {"dst": "0.0.0.0/0", "gw": "10.70.0.1"} in merged["routes"]
+    assert [e["ips"] for e in entries] == [["10.244.0.5"], ["10.70.0.9"]]
