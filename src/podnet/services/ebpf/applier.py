@@ -29,6 +29,8 @@ from collections.abc import Callable, Hashable
 from pyroute2 import IPRoute
 
 from podnet.dataplane.nft import NftError, nft_apply
+from podnet.dataplane.nftables import Chain, Table, Transaction
+from podnet.dataplane.nftables import Rule as NftRule
 from podnet.dataplane.pods import HOST_PREFIX
 from podnet.ebpf import attach
 from podnet.ebpf.bpffs import PinDir, instance_name
@@ -48,31 +50,39 @@ log = logging.getLogger("podnet.services")
 
 NFT_TABLE = "podnet-svc"  # the nftables backend's table: removed once eBPF programs Services
 REJECT_TABLE = "podnet-svc-ebpf"
+
+
 # Packets the program marks for rejection get a TCP reset or an ICMP port unreachable
 # (as from the nftables backend) in prerouting, before a route is looked up for an address
 # nothing answers: generating those replies in the program would be a packet builder of
 # its own; the kernel's reject does it right.
-REJECT_SCRIPT = f"""table ip {REJECT_TABLE} {{}}
-delete table ip {REJECT_TABLE}
-table ip {REJECT_TABLE} {{
-  chain refuse {{
-    meta l4proto tcp reject with tcp reset
-    reject
-  }}
-  chain prerouting {{
-    type filter hook prerouting priority -10; policy accept;
-    meta mark & {m.REJECT_MARK:#x} == {m.REJECT_MARK:#x} goto refuse
-  }}
-  chain output {{
-    type filter hook output priority -10; policy accept;
-    meta mark & {DROP_MARK:#x} == {DROP_MARK:#x} drop
-  }}
-  chain nat_out {{
-    type nat hook postrouting priority srcnat; policy accept;
-    meta mark & {m.MASQ_MARK:#x} == {m.MASQ_MARK:#x} masquerade
-  }}
-}}
-"""
+def _reject_table() -> Transaction:
+    """The reject table, replacing whatever is there (one transaction)."""
+    tx = Transaction(Table(REJECT_TABLE))
+    tx.recreate()
+    tx.add(Chain("refuse"))
+    tx.add_all(NftRule.many("refuse", ["meta l4proto tcp reject with tcp reset", "reject"]))
+    for chain, rule in (
+        (Chain("prerouting", type="filter", hook="prerouting", priority=-10, policy="accept"),
+         f"meta mark & {m.REJECT_MARK:#x} == {m.REJECT_MARK:#x} goto refuse"),
+        (Chain("output", type="filter", hook="output", priority=-10, policy="accept"),
+         f"meta mark & {DROP_MARK:#x} == {DROP_MARK:#x} drop"),
+        (Chain("nat_out", type="nat", hook="postrouting", priority="srcnat", policy="accept"),
+         f"meta mark & {m.MASQ_MARK:#x} == {m.MASQ_MARK:#x} masquerade"),
+    ):
+        tx.add(chain)
+        tx.add(NftRule(chain.name, rule))
+    return tx
+
+
+def _removal(table: str) -> str:
+    """Delete a table (no error if there is none)."""
+    tx = Transaction(Table(table))
+    tx.remove()
+    return tx.script()
+
+
+REJECT_SCRIPT = _reject_table().script()
 
 
 def pod_interfaces(ipr: IPRoute, prefix: str = HOST_PREFIX) -> dict[str, int]:
@@ -571,7 +581,7 @@ class EbpfServiceApplier:
 
     def _remove_nftables_table(self) -> None:
         try:
-            self.nft(f"table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n")
+            self.nft(_removal(NFT_TABLE))
         except NftError as e:
             log.warning("services: cannot remove the nftables Service table: %s", e)
 
@@ -637,7 +647,7 @@ class EbpfServiceApplier:
         if self.pins is not None:
             self.pins.unpin_object(m.OBJECT, m.ALL)
         try:
-            self.nft(f"table ip {REJECT_TABLE} {{}}\ndelete table ip {REJECT_TABLE}\n")
+            self.nft(_removal(REJECT_TABLE))
         except NftError:
             pass
         self.applied = None
@@ -681,7 +691,7 @@ def retire_left_behind(node: str) -> list[str]:
     done = retire(node, "services", {m.OBJECT: m.ALL, sock.OBJECT: sock.MAPS}, pin_dirs=(sock.LINKS,))
     if done:
         try:
-            nft_apply(f"table ip {REJECT_TABLE} {{}}\ndelete table ip {REJECT_TABLE}\n")
+            nft_apply(_removal(REJECT_TABLE))
         except NftError:
             pass
     return done
