@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from podnet.agent.cache import ObjectCache
-from podnet.agent.contract import Dataplane, kind_of
+from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane, kind_of
 from podnet.agent.view import BlockRecord, compact_block
 from podnet.bgp.bird import Bird, ConfigRefused, digest
 from podnet.bgp.config import NodeBgp, compile_node, default_config
@@ -81,7 +81,9 @@ class BgpDataplane(Dataplane):
                 self._blocks.pop(ev.key, None)
         return self._mine(before) or self._mine(record)
 
-    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
+    def end_reload(self, listed: frozenset[str] | set[str] | AllKeys) -> None:
+        if listed is ALL_KEYS:  # the first list: nothing held before it
+            return
         with self._lock:
             for key in [k for k in self._blocks if k not in listed]:
                 del self._blocks[key]

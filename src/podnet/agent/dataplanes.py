@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pyroute2 import IPRoute
 
 from podnet.agent.cache import ObjectCache
-from podnet.agent.contract import Dataplane, kind_of
+from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane, kind_of
 from podnet.agent.view import (
     BlockRecord,
     PoolIndex,
@@ -72,7 +72,9 @@ class RoutesDataplane(Dataplane):
                 self._dirty_blocks.add(ev.key)
         return kind in self.kinds
 
-    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
+    def end_reload(self, listed: frozenset[str] | set[str] | AllKeys) -> None:
+        if listed is ALL_KEYS:  # the first list: nothing held before it
+            return
         with self._lock:
             for key in [k for k in self._blocks if k not in listed]:
                 del self._blocks[key]
@@ -182,8 +184,9 @@ class PolicyDataplane(Dataplane):
             key = name if kind == "Namespace" else f"{namespace or 'default'}/{name}"
         return self.live.on_event(kind, key, obj)
 
-    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
-        self.live.end_reload(listed)
+    def end_reload(self, listed: frozenset[str] | set[str] | AllKeys) -> None:
+        if listed is not ALL_KEYS:  # (the first list: nothing held before it)
+            self.live.end_reload(listed)
 
     def sync(self, full: bool) -> str:
         ch = self.programmer.sync_live(self.live)
@@ -239,8 +242,8 @@ class DnsDataplane(Dataplane):
         self.index.apply_event(ev)
         return False  # answered from the index: nothing to program
 
-    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
-        if self.index is None:
+    def end_reload(self, listed: frozenset[str] | set[str] | AllKeys) -> None:
+        if self.index is None or listed is ALL_KEYS:  # (the first list: nothing held before it)
             return
         for kind, ns, name in self.index.keys():
             if object_key(KINDS[kind], name, ns) not in listed:

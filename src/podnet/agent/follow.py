@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from podnet.agent.cache import ObjectCache
-from podnet.agent.contract import Dataplane
+from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane
 from podnet.store.base import Compacted, Event, KeyValueStore, Record, StoreUnavailable
 from podnet.store.layout import SHARED
 from podnet.store.objects import ObjectEvent
@@ -37,6 +37,7 @@ class StoreFollower:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._watch_kv: KeyValueStore | None = None  # the watch's own connection, closed by stop()
+        self._fed = False  # the dataplanes were fed (a list began, or an event): they may hold objects
 
     def relist(self, kv: KeyValueStore, attempts: int = 5) -> int:
         """Load everything under the prefix, as one consistent snapshot streamed page by
@@ -45,12 +46,17 @@ class StoreFollower:
         away) starts over, and a failed one deletes nothing."""
         for _ in range(attempts):
             fresh = self.cache.fresh()
-            listed: set[str] = set()
+            first = not self._fed  # nothing was fed before: nothing can be gone
+            self._fed = True  # from here on the dataplanes hold what this list feeds them
+            listed: set[str] | AllKeys = ALL_KEYS if first else set()
             for dp in self.dataplanes:
                 dp.begin_reload()
 
-            def take(r: Record, fresh: ObjectCache = fresh, listed: set[str] = listed) -> None:
-                listed.add(r.key)
+            add = None if isinstance(listed, AllKeys) else listed.add
+
+            def take(r: Record, fresh: ObjectCache = fresh, add: Callable[[str], None] | None = add) -> None:
+                if add is not None:
+                    add(r.key)
                 typed = fresh.apply(Event("ADDED", r.key, r.value, r.revision))
                 self._feed(typed if typed is not None else ObjectEvent("ADDED", None, r.key, r.revision))
 
@@ -79,6 +85,7 @@ class StoreFollower:
         return dirty
 
     def apply(self, ev: Event) -> None:
+        self._fed = True
         typed = self.cache.apply(ev)
         dirty = self._feed(typed if typed is not None else ObjectEvent(ev.type, None, ev.key, ev.revision))
         self.on_change(ev.revision, dirty)

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Iterable
 
-from podnet.agent.contract import Dataplane
+from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane
 from podnet.model.objects import EndpointSlice, Service
 from podnet.model.records import ServiceRecord, SliceRecord
 from podnet.policy.model import PodInfo
@@ -172,8 +172,10 @@ class ServiceDataplane(Dataplane):
 
     name = "services"
 
-    def end_reload(self, listed: frozenset[str] | set[str]) -> None:
+    def end_reload(self, listed: frozenset[str] | set[str] | AllKeys) -> None:
         """A relist fed every object it named (`listed`: their store keys): forget the rest."""
+        if listed is ALL_KEYS:  # the first list: nothing held before it
+            return
         with self._lock:
             for ns, name in [k for k in self.compiler.service_keys() if object_key(Service, k[1], k[0]) not in listed]:
                 self.compiler.delete_service(ns, name)
