@@ -11,6 +11,7 @@ reads the pod's address from eth0, which stays first.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from typing import Any
 
@@ -25,12 +26,10 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def normalize(result: dict[str, Any] | None) -> dict[str, Any]:
-    """{interfaces, ips, routes, dns} in the 1.x shape: new lists and new address entries,
-    the interface, route and dns objects shared with `result` (nothing changes those; a deep
-    copy of every result cost more agent CPU than the rest of a network's bookkeeping)."""
+    """{interfaces, ips, routes, dns} in the 1.x shape (a copy)."""
     if not result:
         return {"interfaces": [], "ips": [], "routes": [], "dns": {}}
-    r = result
+    r = copy.deepcopy(result)
     if "ip4" in r or "ip6" in r:  # 0.1.0 / 0.2.0
         ips, routes = [], []
         for key in ("ip4", "ip6"):
@@ -46,7 +45,8 @@ def normalize(result: dict[str, Any] | None) -> dict[str, Any]:
     ips = []
     for ip in r.get("ips") or []:
         if isinstance(ip, dict) and isinstance(ip.get("address"), str):
-            ips.append({k: v for k, v in ip.items() if k != "version"})
+            ip.pop("version", None)
+            ips.append(ip)
     return {"interfaces": [i for i in r.get("interfaces") or [] if isinstance(i, dict)], "ips": ips,
             "routes": [x for x in r.get("routes") or [] if isinstance(x, dict)], "dns": r.get("dns") or {}}
 
@@ -70,10 +70,11 @@ def merge(primary: dict[str, Any], networks: list[tuple[str, dict[str, Any], tup
           version: str) -> dict[str, Any]:
     """primary (podnet's eth0 result, already in `version`) with each (ifname, delegate result,
     default-route gateways or None) appended."""
-    # new lists (the networks are appended to them); primary's own entries are not changed
-    out = {**primary, **{key: list(primary.get(key) or []) for key in ("interfaces", "ips", "routes")}}
+    out = copy.deepcopy(primary)
     old = _version_tuple(version) < (1, 0, 0)
-    interfaces, ips, routes = out["interfaces"], out["ips"], out["routes"]
+    interfaces = out.setdefault("interfaces", [])
+    ips = out.setdefault("ips", [])
+    routes = out.setdefault("routes", [])
     for ifname, raw, gateways in networks:
         res = normalize(raw)
         offset = len(interfaces)
