@@ -84,6 +84,8 @@ def rss_mb(pid: int) -> float:
 class RouteWatch:
     """`ip -n NS monitor route` in every namespace; when a prefix first appears in each."""
 
+    MARK = "192.0.2.255"  # TEST-NET-1: a route each monitor must report before the watch counts
+
     def __init__(self, netns: list[str]):
         self.cond = threading.Condition()
         self.seen: dict[str, dict[str, float]] = {ns: {} for ns in netns}
@@ -91,6 +93,29 @@ class RouteWatch:
                                        stderr=subprocess.DEVNULL) for ns in netns]
         for ns, p in zip(netns, self.procs, strict=True):
             threading.Thread(target=self._read, args=(ns, p), daemon=True).start()
+        try:
+            self._until_listening(netns)
+        except BaseException:
+            self.close()
+            raise
+
+    def _until_listening(self, netns: list[str], timeout: float = 60) -> None:
+        """A monitor subscribes a while after it starts (long on a loaded machine) and misses
+        what came before: a route to MARK is added in each namespace, and again, until its
+        monitor reports it (a block's route could otherwise arrive unseen)."""
+        deadline = time.monotonic() + timeout
+        pending = list(netns)
+        while pending:
+            for ns in pending:
+                subprocess.run(["ip", "-n", ns, "route", "del", f"{self.MARK}/32", "dev", "lo"], capture_output=True)
+                sh("ip", "-n", ns, "route", "add", f"{self.MARK}/32", "dev", "lo")
+            with self.cond:
+                self.cond.wait_for(lambda waiting=pending: all(self.MARK in self.seen[ns] for ns in waiting), timeout=0.5)
+            pending = [ns for ns in pending if self.MARK not in self.seen[ns]]
+            if pending and time.monotonic() > deadline:
+                raise SystemExit(f"ip monitor route not listening after {timeout:g}s in {', '.join(pending)}")
+        for ns in netns:
+            sh("ip", "-n", ns, "route", "del", f"{self.MARK}/32", "dev", "lo")
 
     def _read(self, ns: str, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
