@@ -373,26 +373,30 @@ int podnet_svc_redirect(struct __sk_buff *skb)
 {
 	struct bpf_redir_neigh nh = { .nh_family = 2 /* AF_INET */ };
 	struct local_pod *lp;
-	struct iphdr ip;
+	struct iphdr *ip;
 	__u16 old, new;
+	__u8 ttl;
 
 	if (!(skb->mark & SVC_FAST_MARK))
 		return TC_ACT_UNSPEC;
 	skb->mark &= ~SVC_FAST_MARK;
-	if (skb->protocol != bpf_htons(ETH_P_IP) ||
-	    bpf_skb_load_bytes(skb, PODNET_L3_OFF, &ip, sizeof(ip)) < 0)
+	/* the header read in place (outside the skb's linear part, rare for a pod's packets:
+	 * the node's path), written through the helpers, which keep the checksum state */
+	ip = (void *)(long)skb->data + PODNET_L3_OFF;
+	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(ip + 1) > (void *)(long)skb->data_end)
 		goto node_path;
-	lp = bpf_map_lookup_elem(&podnet_svc_local, &ip.daddr);
-	if (!lp || ip.ttl <= 1)
-		goto node_path;  /* gone meanwhile, or TTL out: the node's path (and its ICMP) */
+	nh.ipv4_nh = ip->daddr;
+	ttl = ip->ttl;
 	/* the TTL shares a 16-bit word with the protocol: the checksum is updated over both */
-	old = *(__u16 *)&ip.ttl;
-	ip.ttl--;
-	new = *(__u16 *)&ip.ttl;
+	old = *(__u16 *)&ip->ttl;
+	lp = bpf_map_lookup_elem(&podnet_svc_local, &nh.ipv4_nh);
+	if (!lp || ttl <= 1)
+		goto node_path;  /* gone meanwhile, or TTL out: the node's path (and its ICMP) */
+	ttl--;
+	new = bpf_htons(bpf_ntohs(old) - 0x100);  /* the same word with the TTL less one */
 	if (bpf_l3_csum_replace(skb, PODNET_IP_CSUM_OFF, old, new, sizeof(new)) < 0 ||
-	    bpf_skb_store_bytes(skb, PODNET_L3_OFF + offsetof(struct iphdr, ttl), &ip.ttl, 1, 0) < 0)
+	    bpf_skb_store_bytes(skb, PODNET_L3_OFF + offsetof(struct iphdr, ttl), &ttl, 1, 0) < 0)
 		return TC_ACT_SHOT;
-	nh.ipv4_nh = ip.daddr;
 	return bpf_redirect_neigh(lp->ifindex, &nh, sizeof(nh), 0);
 node_path:
 	/* routed, the packet may leave by another veth than the one podnet_svc_from_pod
