@@ -118,3 +118,28 @@ def test_a_first_list_cut_short_is_not_taken_for_a_first_list_again(tmp_path):
         assert _services_answered(index) == ["a"]
     finally:
         kv.close()
+
+
+def test_a_dataplane_that_names_kinds_gets_only_their_events(tmp_path):
+    from podnet.agent.contract import Dataplane
+
+    kv = open_store(f"sqlite://{tmp_path}/store.db")
+    try:
+        kv.put("/podnet/objects/Service/default/a", _service("a", "10.96.0.10"))
+        kv.put("/podnet/objects/Namespace/x", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}})
+
+        class Recording(Dataplane):
+            def __init__(self, kinds):
+                self.kinds = frozenset(kinds)
+                self.seen = []
+
+            def on_event(self, ev):
+                self.seen.append(ev.key)
+                return False
+
+        namespaces, everything = Recording({"Namespace"}), Recording(())
+        StoreFollower(ObjectCache(records=True), [namespaces, everything]).relist(kv)
+        assert namespaces.seen == ["/podnet/objects/Namespace/x"]
+        assert sorted(everything.seen) == ["/podnet/objects/Namespace/x", "/podnet/objects/Service/default/a"]
+    finally:
+        kv.close()

@@ -1,6 +1,8 @@
 """The one contract every dataplane of the agent implements, and its metrics.
 
     on_event(ev)       one object event from the watch; True if this dataplane must sync
+                       (only events of its `kinds`, when it names any: at the start's list
+                       most events concern one or two dataplanes of six)
     begin_reload()     a whole list follows (after a relist or a compacted watch) ...
     end_reload(listed) ... it has been fed; `listed` holds the key of every record it
                        delivered: what the dataplane holds under another key is gone
@@ -51,7 +53,8 @@ ALL_KEYS = AllKeys()
 
 class Dataplane:
     """Base of the agent's dataplanes: `name` for logs and metrics, `kinds` the object kinds
-    whose events concern it ("Block" for IPAM blocks). Subclasses override sync() and
+    whose events concern it ("Block" for IPAM blocks; the follower hands it no others, or
+    every event if it names none). Subclasses override sync() and
     usually verify(); event-fed ones (which keep their own compact copy of objects)
     override on_event() and the reload pair too."""
 

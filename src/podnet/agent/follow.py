@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from podnet.agent.cache import ObjectCache
-from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane
+from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane, kind_of
 from podnet.store.base import Compacted, Event, KeyValueStore, Record, StoreUnavailable
 from podnet.store.layout import SHARED
 from podnet.store.objects import ObjectEvent
@@ -37,6 +37,7 @@ class StoreFollower:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._watch_kv: KeyValueStore | None = None  # the watch's own connection, closed by stop()
+        self._takers: dict[str | None, list[Dataplane]] = {}  # kind -> the dataplanes its events go to
         self._fed = False  # the dataplanes were fed (a list began, or an event): they may hold objects
 
     def relist(self, kv: KeyValueStore, attempts: int = 5) -> int:
@@ -73,9 +74,13 @@ class StoreFollower:
         raise StoreUnavailable(f"listing {self.prefix}: the snapshot was compacted under every attempt")
 
     def _feed(self, ev: ObjectEvent) -> list[Dataplane]:
-        """One event to every dataplane; one failing does not keep it from the others."""
+        """One event to every dataplane of its kind; one failing does not keep it from the others."""
         dirty = []
-        for dp in self.dataplanes:
+        kind = kind_of(ev.key)
+        takers = self._takers.get(kind)
+        if takers is None:  # the contract: a dataplane that names kinds gets only their events
+            takers = self._takers[kind] = [dp for dp in self.dataplanes if not dp.kinds or kind in dp.kinds]
+        for dp in takers:
             try:
                 if dp.on_event(ev):
                     dirty.append(dp)

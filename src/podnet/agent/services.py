@@ -70,11 +70,15 @@ def warn_node_in_service_cidrs(node_ip: str, service_cidrs: tuple[str, ...]) -> 
 
 
 class ServiceDataplane(Dataplane):
+    name = "services"
+    kinds = frozenset(KINDS)  # and Pods under the eBPF Services (__init__)
     def __init__(self, node: str, node_ip: str, service_cidrs: tuple[str, ...], local_dns: tuple[str, ...] = (),
                  applier: ServiceApplier | None = None, health: HealthCheckServer | None = None,
                  proxy: str = "nftables", cgroup_root: str | None = None, fast_path: bool = False):
         self.metrics = ServiceMetrics()
         self.proxy = proxy
+        if proxy == "ebpf":  # a pod of this node: its interface gets the Service programs
+            self.kinds = frozenset({*KINDS, "Pod"})
         warn_node_in_service_cidrs(node_ip, service_cidrs)
         self.compiler = ServiceCompiler(node, [node_ip], ServiceConfig(service_cidrs=service_cidrs,
                                                                        local_dns=local_dns))
@@ -169,8 +173,6 @@ class ServiceDataplane(Dataplane):
             self.compiler.set_slice(info)
             if info.trigger is not None and (old is None or old.trigger != info.trigger):
                 self._triggers[f"{sl.namespace or 'default'}/{sl.name}"] = info.trigger
-
-    name = "services"
 
     def end_reload(self, listed: frozenset[str] | set[str] | AllKeys) -> None:
         """A relist fed every object it named (`listed`: their store keys): forget the rest."""
