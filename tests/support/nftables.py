@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from podnet.dataplane.nft import NftError
 from podnet.dataplane.nftables import (
     Chain,
+    Chains,
     ChainState,
     Elements,
     NftDefinitionError,
@@ -106,7 +107,12 @@ class FakeNft:
         t: _Table | None = tables.get(key)
         if t is None:
             raise NftDefinitionError(f"no table {table.ref}")
-        if isinstance(obj, Chain):
+        if isinstance(obj, Chains):  # every chain, then every rule
+            for c, _ in obj.chains:
+                self._chain(t, verb, c)
+            for r in obj.rules():
+                self._rule(t, verb, r)
+        elif isinstance(obj, Chain):
             self._chain(t, verb, obj)
         elif isinstance(obj, Rule):
             self._rule(t, verb, obj)

@@ -8,6 +8,7 @@ from tests.support.nftables import FakeNft
 from podnet.dataplane.nft import NftError
 from podnet.dataplane.nftables import (
     Chain,
+    Chains,
     Elements,
     Map,
     NftDefinitionError,
@@ -204,3 +205,27 @@ def test_remove_deletes_the_table_and_is_no_error_without_one():
         fake.apply(tx)
         assert fake.ruleset("t") is None
     assert tx.script() == "add table ip t\ndelete table ip t\n"
+
+
+def test_chains_with_their_rules_add_every_chain_before_any_rule():
+    tx = Transaction(T)
+    tx.add(T)
+    tx.add(ADDRS)
+    tx.add(Chains.of([(Chain("first"), ["jump second"]), (Chain("second"), ["ip saddr @addrs accept", "drop"]),
+                      (BASE, ["jump first"])]))
+    assert tx.script().splitlines()[2:] == [
+        "add chain ip t first",
+        "add chain ip t second",
+        "add chain ip t input { type filter hook input priority filter - 1; policy accept; }",
+        "add rule ip t first jump second",  # a jump to a chain listed after it
+        "add rule ip t second ip saddr @addrs accept",
+        "add rule ip t second drop",
+        "add rule ip t input jump first",
+    ]
+    fake = FakeNft()
+    fake.apply(tx)
+    assert fake.ruleset("t").chains["second"].rules == ["ip saddr @addrs accept", "drop"]
+    with pytest.raises(NftDefinitionError, match="chain bad"):
+        Chains.of([(Chain("ok"), ["accept"]), (Chain("bad"), ["accept; flush ruleset"])])
+    with pytest.raises(NftDefinitionError):
+        Transaction(T).delete(Chains.of([(Chain("first"), [])]))

@@ -31,7 +31,7 @@ from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import NftError, nft_apply
 
 __all__ = [
-    "Chain", "Elements", "Map", "NftRunner", "Rule", "Ruleset", "Set", "Table", "Transaction",
+    "Chain", "Chains", "Elements", "Map", "NftRunner", "Rule", "Ruleset", "Set", "Table", "Transaction",
     "read_ruleset",
 ]
 
@@ -152,7 +152,7 @@ class Chain(_ChainFields):
         names = list(names)
         check_names(names, "chain")
         none = repeat(None)
-        return list(map(tuple.__new__, repeat(cls), zip(names, none, none, none, none, none)))
+        return list(map(tuple.__new__, repeat(cls), zip(names, none, none, none, none, none, strict=False)))
 
     def spec(self) -> str:
         if self.hook is None:
@@ -297,7 +297,31 @@ class Elements:
             raise NftDefinitionError("Elements need the Set or Map object they belong to")
 
 
-Object = Table | Chain | Rule | Set | Elements
+class Chains(NamedTuple):
+    """Chains with their rules as one object, for a table's fixed structure (thousands of
+    chains and rules: one object, one check of all the rule text, one pass to render).
+    All the chains are added first, then all the rules in order, so jumps resolve
+    whatever the order of the chains. Made by `Chains.of`."""
+
+    chains: tuple[tuple[Chain, tuple[str, ...]], ...]
+
+    @classmethod
+    def of(cls, chains: Iterable[tuple[Chain, Iterable[str]]]) -> Chains:
+        made = tuple((c, tuple(rules)) for c, rules in chains)
+        if not all(isinstance(c, Chain) for c, _ in made):  # (a Chain checked its name when made)
+            raise NftDefinitionError("Chains are made of Chain objects and their rules")
+        texts = [r for _, rules in made for r in rules]
+        if not all(texts) or unsafe_text(" ".join(texts)):
+            for c, rules in made:
+                Rule.many(c.name, rules)  # raises, naming the rule
+        return tuple.__new__(cls, (made,))
+
+    def rules(self) -> list[Rule]:
+        """The rules as Rule objects (in order)."""
+        return Rule.bulk((c.name, r) for c, rules in self.chains for r in rules)
+
+
+Object = Table | Chain | Rule | Set | Elements | Chains
 
 
 # ------------------------------------------------------------------ the transaction
@@ -317,6 +341,8 @@ class Transaction:
         if verb == "add" and (type(obj) is Rule or type(obj) is Chain):  # the common cases first
             self.ops.append((verb, obj))
             return
+        if isinstance(obj, Chains) and verb != "add":
+            raise NftDefinitionError(f"{verb} does not apply to Chains (add only)")
         if isinstance(obj, Rule):
             if verb in ("replace", "delete") and obj.handle is None:
                 raise NftDefinitionError(f"{verb} rule needs the rule's handle")
@@ -395,8 +421,12 @@ class Transaction:
                     out.append(f"{verb} rule {t} {obj.chain}{where} {obj.rule}{_comment(obj.comment)}")
                 else:
                     out.append(f"{verb} rule {t} {obj.chain}{where} {obj.rule}")
-            elif type(obj) is Chain and obj.hook is None and not obj.comment:
-                out.append(f"{verb} chain {t} {obj.name}")
+            elif type(obj) is Chain:
+                out.append(_chain_line(verb, t, obj))
+            elif type(obj) is Chains:
+                out += [_chain_line(verb, t, c) for c, _ in obj.chains]
+                add = f"{verb} rule {t} "
+                out += [f"{add}{c.name} {r}" for c, rules in obj.chains for r in rules]
             elif isinstance(obj, Elements):
                 items = obj.items if verb != "delete" else [i.partition(" : ")[0] for i in obj.items]
                 for i in range(0, len(items), CHUNK):
@@ -410,13 +440,7 @@ class Transaction:
                 else:
                     out.append(f"{verb} {obj.kind} {t} {obj.name}")
             elif isinstance(obj, Chain):
-                spec = obj.spec()
-                if verb in ("add", "create") and (spec or obj.comment):
-                    inner = " ".join(p for p in (spec, f'comment "{comment_text(obj.comment)}";'
-                                                 if obj.comment else "") if p)
-                    out.append(f"{verb} chain {t} {obj.name} {{ {inner} }}")
-                else:
-                    out.append(f"{verb} chain {t} {obj.name}")
+                out.append(_chain_line(verb, t, obj))
             else:
                 extra = f' {{ comment "{comment_text(obj.comment)}"; }}' if obj.comment and verb in (
                     "add", "create") else ""
@@ -446,6 +470,14 @@ class Transaction:
 
 
 _PLAIN = {Rule, Chain, Set, Map}
+
+
+def _chain_line(verb: str, t: str, c: Chain) -> str:
+    if c.hook is None and not c.comment or verb not in ("add", "create"):
+        return f"{verb} chain {t} {c.name}"
+    spec = c.spec()
+    inner = " ".join(p for p in (spec, f'comment "{comment_text(c.comment)}";' if c.comment else "") if p)
+    return f"{verb} chain {t} {c.name} {{ {inner} }}"
 
 
 # ------------------------------------------------------------------ running it

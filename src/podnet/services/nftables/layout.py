@@ -66,7 +66,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from podnet.dataplane.nftables import Chain, Map, Set, Table, Transaction
+from podnet.dataplane.nftables import Chain, Chains, Map, Set, Table, Transaction
 from podnet.dataplane.nftables import Elements as NftElements
 from podnet.dataplane.nftables import Rule as NftRule
 from podnet.services.model import LARGE_ABOVE, ServiceState
@@ -292,11 +292,9 @@ class Layout:
         tx.add_all(self.sets().values())
         tx.add(AFFINITY_MAP)
         chains = self.chains()
-        tx.add_all(Chain.regular(chains))
-        for name, (typ, hook, prio, _) in _base_chains().items():
-            tx.add(Chain(name, type=typ, hook=hook, priority=prio, policy="accept"))
-        tx.add_all(NftRule.bulk([(name, r) for name, rules in chains.items() for r in rules]
-                                + [(name, r) for name, spec in _base_chains().items() for r in spec[3]]))
+        base = [(Chain(name, type=typ, hook=hook, priority=prio, policy="accept"), rules)
+                for name, (typ, hook, prio, rules) in _base_chains().items()]
+        tx.add(Chains.of([*zip(Chain.regular(chains), chains.values(), strict=True), *base]))
         return tx
 
     @property
