@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,17 +60,16 @@ def run_plugin(conf: dict[str, Any], command: str, inv: Invocation) -> dict[str,
     if inv.args:
         env["CNI_ARGS"] = inv.args
     try:
-        proc = subprocess.run([exe], input=json.dumps(conf).encode(), env=env, capture_output=True,
-                              timeout=inv.timeout, check=False)
+        returncode, stdout, stderr = execute(exe, json.dumps(conf).encode(), env, inv.timeout)
     except subprocess.TimeoutExpired:
         raise CNIError(E_INTERNAL, f"plugin did not answer within {inv.timeout:g}s (killed)",
                        plugin=plugin_type, command=command) from None
     except OSError as e:
         raise CNIError(E_INTERNAL, f"cannot run {exe}: {e.strerror or e}", plugin=plugin_type,
                        command=command) from None
-    stdout = proc.stdout.strip()
-    if proc.returncode != 0:
-        raise plugin_error(plugin_type, command, proc.returncode, stdout, proc.stderr)
+    stdout = stdout.strip()
+    if returncode != 0:
+        raise plugin_error(plugin_type, command, returncode, stdout, stderr)
     if not stdout:
         return None
     try:
@@ -81,6 +81,45 @@ def run_plugin(conf: dict[str, Any], command: str, inv: Invocation) -> dict[str,
         raise CNIError(E_INTERNAL, f"plugin printed JSON that is not an object: {stdout[:200]!r}",
                        plugin=plugin_type, command=command)
     return out
+
+
+def execute(exe: str, stdin: bytes, env: dict[str, str], timeout: float) -> tuple[int, bytes, bytes]:
+    """Run exe with stdin; (exit status, stdout, stderr). TimeoutExpired once it was killed.
+
+    Not subprocess.run: its loop over three pipes is a third of the agent's CPU for a plugin
+    exec (0.72 against 0.48 ms per macvlan ADD), and in a burst every pod's work in the agent
+    shares one interpreter lock. Here stdin, stdout and stderr are memory files (nothing to
+    pump while the plugin runs) and the wait is one poll on the process's pidfd."""
+    files = [os.memfd_create(name, os.MFD_CLOEXEC) for name in ("stdin", "stdout", "stderr")]
+    try:
+        os.write(files[0], stdin)  # a memfd takes it all at once: no reader needed meanwhile
+        os.lseek(files[0], 0, os.SEEK_SET)
+        proc = subprocess.Popen([exe], stdin=files[0], stdout=files[1], stderr=files[2], env=env)
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                exited = select.poll()
+                exited.register(pidfd, select.POLLIN)
+                if not exited.poll(max(1, int(timeout * 1000))):
+                    raise subprocess.TimeoutExpired([exe], timeout)
+            finally:
+                os.close(pidfd)
+        finally:
+            if proc.poll() is None:  # timed out, or interrupted: never leave it running
+                proc.kill()
+            proc.wait()
+        return proc.returncode, _read_all(files[1]), _read_all(files[2])
+    finally:
+        for fd in files:
+            os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def plugin_error(plugin: str, command: str, rc: int, stdout: bytes, stderr: bytes) -> CNIError:
