@@ -452,7 +452,7 @@ class LiveInputs:
         the last take; True if this node's pod addresses changed."""
         held, changed = where
         old = held.get(key)
-        if old == value:
+        if old is value or (old is not None and old == value):  # (a new key: no __eq__ call)
             return False
         changed.setdefault(key, old)
         if value is None:
