@@ -211,7 +211,7 @@ def test_chains_with_their_rules_add_every_chain_before_any_rule():
     tx = Transaction(T)
     tx.add(T)
     tx.add(ADDRS)
-    tx.add(Chains.of([(Chain("first"), ["jump second"]), (Chain("second"), ["ip saddr @addrs accept", "drop"]),
+    tx.add(Chains([(Chain("first"), ["jump second"]), (Chain("second"), ["ip saddr @addrs accept", "drop"]),
                       (BASE, ["jump first"])]))
     assert tx.script().splitlines()[2:] == [
         "add chain ip t first",
@@ -226,6 +226,6 @@ def test_chains_with_their_rules_add_every_chain_before_any_rule():
     fake.apply(tx)
     assert fake.ruleset("t").chains["second"].rules == ["ip saddr @addrs accept", "drop"]
     with pytest.raises(NftDefinitionError, match="chain bad"):
-        Chains.of([(Chain("ok"), ["accept"]), (Chain("bad"), ["accept; flush ruleset"])])
+        Chains([(Chain("ok"), ["accept"]), (Chain("bad"), ["accept; flush ruleset"])])
     with pytest.raises(NftDefinitionError):
-        Transaction(T).delete(Chains.of([(Chain("first"), [])]))
+        Transaction(T).delete(Chains([(Chain("first"), [])]))

@@ -297,16 +297,19 @@ class Elements:
             raise NftDefinitionError("Elements need the Set or Map object they belong to")
 
 
-class Chains(NamedTuple):
+class _ChainsFields(NamedTuple):
+    chains: tuple[tuple[Chain, tuple[str, ...]], ...]
+
+
+class Chains(_ChainsFields):
     """Chains with their rules as one object, for a table's fixed structure (thousands of
     chains and rules: one object, one check of all the rule text, one pass to render).
     All the chains are added first, then all the rules in order, so jumps resolve
-    whatever the order of the chains. Made by `Chains.of`."""
+    whatever the order of the chains. (An immutable tuple, checked when made.)"""
 
-    chains: tuple[tuple[Chain, tuple[str, ...]], ...]
+    __slots__ = ()
 
-    @classmethod
-    def of(cls, chains: Iterable[tuple[Chain, Iterable[str]]]) -> Chains:
+    def __new__(cls, chains: Iterable[tuple[Chain, Iterable[str]]]):
         made = tuple((c, tuple(rules)) for c, rules in chains)
         if not all(isinstance(c, Chain) for c, _ in made):  # (a Chain checked its name when made)
             raise NftDefinitionError("Chains are made of Chain objects and their rules")

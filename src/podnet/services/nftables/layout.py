@@ -294,7 +294,7 @@ class Layout:
         chains = self.chains()
         base = [(Chain(name, type=typ, hook=hook, priority=prio, policy="accept"), rules)
                 for name, (typ, hook, prio, rules) in _base_chains().items()]
-        tx.add(Chains.of([*zip(Chain.regular(chains), chains.values(), strict=True), *base]))
+        tx.add(Chains([*zip(Chain.regular(chains), chains.values(), strict=True), *base]))
         return tx
 
     @property
