@@ -79,6 +79,7 @@ from podnet.model.objects import Namespace, NetworkPolicy, Pod
 from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.netns import in_netns
 from podnet.dataplane.nftables import read_ruleset
+from podnet.dataplane.ruledigest import read_digests
 from podnet.policy.applier import PolicyProgrammer
 
 OTHER = sys.argv[1]
@@ -102,7 +103,8 @@ def rules(listing):
 
 """ + WORLD + r"""
 here, there = nl.Netlink(), in_netns(f"/run/netns/{OTHER}", nl.Netlink)
-inc, whole = PolicyProgrammer(), PolicyProgrammer(run=run_other, reader=lambda: read_ruleset(there, "podnet-policy"))
+inc, whole = PolicyProgrammer(), PolicyProgrammer(run=run_other, reader=lambda: read_ruleset(there, "podnet-policy"),
+                                                   digests=lambda: read_digests(there, "podnet-policy"))
 report = []
 for step in range(25):
     what, args = change()

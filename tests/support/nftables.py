@@ -27,6 +27,7 @@ from podnet.dataplane.nftables import (
     declared_types,
     set_spec,
 )
+from podnet.dataplane.ruledigest import ChainDigest, chain_digests
 
 
 @dataclass
@@ -68,6 +69,14 @@ class FakeNft:
         for sname, s in t.sets.items():
             out.sets[sname] = SetState(s.kind, set_spec(s), set(t.elements[sname].values()))
         return out
+
+    def chain_digests(self, name: str, family: str = "ip") -> dict[str, ChainDigest] | None:
+        """The kernel's per-chain rule digests, taken here over each rule's text (the kernel's
+        are over its expressions: equal texts, equal digests, as there)."""
+        t = self.tables.get((family, name))
+        if t is None:
+            return None
+        return chain_digests((c, r.rule.encode()) for c, rules in t.rules.items() for _, r in rules)
 
     def dump(self, rules: bool = True) -> str:
         return "".join(self.ruleset(n, f).dump(rules) for f, n in sorted(self.tables))  # type: ignore[union-attr]

@@ -8,7 +8,7 @@ import pytest
 from tests.support.nftables import FakeNft
 from tests.support.policy_cases import NAMESPACES, PODS, make_namespace, make_pod, pod_ip
 
-from podnet.dataplane.nftables import Elements, Transaction
+from podnet.dataplane.nftables import Elements, Rule, Transaction
 from podnet.model.objects import NetworkPolicy
 from podnet.policy.applier import (
     PolicyApplier,
@@ -121,7 +121,7 @@ def test_a_changed_policy_rewrites_only_its_chain():
 
 def test_programmer_verifies_against_the_table_read_back():
     fake = FakeNft()
-    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE))
+    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda: fake.chain_digests(TABLE))
     assert pp.sync(PODS_, NSS, [DENY_X, CIDR], LOCAL).full
     assert pp.verify() == []
     # behind podnet's back: an element of the interval set goes, then a dispatch entry
@@ -137,9 +137,45 @@ def test_programmer_verifies_against_the_table_read_back():
     tamper.delete(Elements(DISPATCH_MAPS["ingress"], [ip]))
     fake.apply(tamper)
     assert pp.verify() == ["ingress_dispatch differs"]
-    empty = PolicyProgrammer(nft=FakeNft(), reader=lambda: None)
+    empty = PolicyProgrammer(nft=FakeNft(), reader=lambda: None, digests=lambda: None)
     empty.sync(PODS_, NSS, [DENY_X], LOCAL)
     assert empty.verify() == ["table missing"]
+
+
+def replace_first_rule(fake: FakeNft, chains, rule: str) -> str:
+    """`nft replace rule ip podnet-policy <chain> handle N <rule>` behind podnet's back, in
+    the first of `chains` that has rules; that chain."""
+    held = fake.tables[("ip", TABLE)].rules
+    chain = next(c for c in chains if held[c])
+    tamper = Transaction(POLICY_TABLE)
+    tamper.replace(Rule(chain, rule, handle=held[chain][0][0]))
+    fake.apply(tamper)
+    return chain
+
+
+def test_a_rule_replaced_in_place_is_found_and_the_table_rewritten_not_adopted():
+    fake = FakeNft()
+    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda: fake.chain_digests(TABLE))
+    pp.sync(PODS_, NSS, [DENY_X, CIDR], LOCAL)
+    written = fake.dump()
+    chain = replace_first_rule(fake, pp.state.policy_chains, "accept")  # every chain's count stays
+    assert pp.verify() == [f"chain {chain}: a rule differs from what podnet wrote"]
+    ch = pp.sync(PODS_, NSS, [DENY_X, CIDR], LOCAL)  # the counts alone would adopt the table
+    assert ch.full and fake.dump() == written and pp.verify() == []
+
+
+def test_rule_references_follow_podnets_writes_of_chains_not_element_changes():
+    fake = FakeNft()
+    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda: fake.chain_digests(TABLE))
+    pp.sync(PODS_, NSS, [DENY_X], LOCAL)
+    reference = pp.rules
+    assert not pp.sync(PODS_, NSS, [DENY_X, FROM_Y], LOCAL).netlink  # new chains: a new reference
+    assert pp.rules != reference and pp.verify() == []
+    # an agent restart adopts the table as it is, and what it holds becomes the reference
+    again = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda: fake.chain_digests(TABLE))
+    assert again.sync(PODS_, NSS, [DENY_X, FROM_Y], LOCAL).empty and again.rules == pp.rules
+    replace_first_rule(fake, again.state.policy_chains, "accept")
+    assert again.verify() and again.sync(PODS_, NSS, [DENY_X, FROM_Y], LOCAL).full
 
 
 def test_a_label_change_is_an_element_only_diff_sent_as_one_batch():

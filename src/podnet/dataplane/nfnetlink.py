@@ -429,10 +429,12 @@ class Netlink:
             ))
         return out
 
-    def rule_expressions(self, table: str) -> list[tuple[str, bytes]]:
-        """(chain, the rule's expressions as the kernel encodes them) of every rule of one table."""
+    def rule_expressions(self, table: str, chain: str | None = None) -> list[tuple[str, bytes]]:
+        """(chain, the rule's expressions as the kernel encodes them) of every rule of one table
+        (or of one chain of it: the kernel filters the dump)."""
         out = []
-        for body in self.dump(NFT_MSG_GETRULE, strz(RULE_TABLE, table)):
+        request = strz(RULE_TABLE, table) + (strz(RULE_CHAIN, chain) if chain is not None else b"")
+        for body in self.dump(NFT_MSG_GETRULE, request):
             a = attrs(body)
             if text(a.get(RULE_TABLE)) == table:
                 out.append((text(a.get(RULE_CHAIN)), a.get(RULE_EXPRESSIONS, b"")))

@@ -35,6 +35,7 @@ from podnet.dataplane.nftables import (
     declared_types,
     read_ruleset,
 )
+from podnet.dataplane.ruledigest import ChainDigest, differing, read_table_digests
 from podnet.errors import PodnetError
 from podnet.model.objects import Namespace, NetworkPolicy, Pod
 from podnet.policy.compiler import (
@@ -277,6 +278,11 @@ def read_policy_table() -> Ruleset | None:
         link.close()
 
 
+def read_policy_digests() -> dict[str, ChainDigest] | None:
+    """The policy table's rules, digested per chain (see dataplane.ruledigest)."""
+    return read_table_digests(TABLE)
+
+
 def kernel_view(table: Ruleset | None) -> dict:
     """A table read back: set elements, chain rule counts, dispatch (pod address -> chain)."""
     sets: dict[str, frozenset[str]] = {}
@@ -333,14 +339,20 @@ def compare_with_kernel(state: PolicyState, view: dict) -> list[str]:
 class PolicyProgrammer:
     """`sync(pods, namespaces, policies, local_pod_ips)` after any change (or on a timer);
     `verify()` now and then to catch a table changed behind podnet's back. `reader`
-    returns the table as the kernel holds it (default: netlink dumps in this namespace)."""
+    returns the table as the kernel holds it, `digests` its rules digested per chain
+    (default: netlink dumps in this namespace)."""
 
     def __init__(self, run: Callable[[str], None] = nft_apply, nft=None,
-                 reader: Callable[[], Ruleset | None] = read_policy_table):
+                 reader: Callable[[], Ruleset | None] = read_policy_table,
+                 digests: Callable[[], dict[str, ChainDigest] | None] = read_policy_digests):
         self.inputs = InputCache()
         self.compiler = LivePolicyCompiler()
         self.applier = PolicyApplier(run, nft=nft)
         self.reader = reader
+        self.digests = digests
+        # the rules as the kernel encoded them right after podnet's last write of chains (None:
+        # not known): a rule replaced behind podnet's back keeps every count but not its digest
+        self.rules: dict[str, ChainDigest] | None = None
         self.state: PolicyState = EMPTY_STATE
 
     def sync(
@@ -371,21 +383,38 @@ class PolicyProgrammer:
         return diffs
 
     def _kernel_differs(self, state: PolicyState) -> list[str]:
+        """Sets, dispatch and rule counts against `state`; then, when known, every chain's
+        rules against what the kernel held after podnet's last write (a replaced rule)."""
         try:
             table = self.reader()
+            if table is None:
+                return ["table missing"]
+            diffs = compare_with_kernel(state, kernel_view(table))
+            if not diffs and self.rules is not None:
+                diffs = differing(self.rules, self.digests())
         except (NftError, OSError) as e:
             return [f"table unreadable: {e}"]
-        return ["table missing"] if table is None else compare_with_kernel(state, kernel_view(table))
+        return diffs
 
     def _apply(self) -> PolicyChanges:
         """Apply self.state. With nothing known applied (a start, after drift), a kernel table
         that already is the state is adopted instead of rewritten: an agent restart changes
-        nothing in the kernel."""
+        nothing in the kernel (what its rules say cannot be checked then: nothing was written
+        yet; they become the reference)."""
         if self.applier.applied is None and not self._kernel_differs(self.state):
             self.applier.applied = self.state
-        return self.applier.apply(self.state)
+            if self.rules is None:
+                self.rules = self.digests()
+        return self._noted(self.applier.apply(self.state))
+
+    def _noted(self, ch: PolicyChanges) -> PolicyChanges:
+        """After a write of chains or rules (not of elements only, which leave every rule
+        as it was), the rules as the kernel now holds them become the reference."""
+        if ch.full or (not ch.empty and not ch.netlink):
+            self.rules = self.digests()
+        return ch
 
     def resync(self) -> PolicyChanges:
         """Rewrite the whole table from the last computed state."""
         self.applier.applied = None
-        return self.applier.apply(self.state)
+        return self._noted(self.applier.apply(self.state))
