@@ -9,6 +9,7 @@ import pytest
 
 from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import NftError
+from podnet.dataplane.ruledigest import ChainDigest, chain_digests
 from podnet.services import nftables as nt
 from podnet.services.applier import NftServiceApplier
 from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState, StaleFlow, stale_udp_flows
@@ -285,7 +286,8 @@ class FakeKernel:
         self.batches: list = []
         self.fail_next = False
         self.chain_names: list[str] = []
-        self.rules: dict[str, int] = {}  # chain -> its rules
+        self.written: dict[str, list[bytes]] = {}  # chain -> its rules, as the transactions wrote them
+        self.rules: dict[str, list[bytes]] = {}  # chain -> its rules in "the kernel" (as_written: the same)
         self.held: dict[str, int] = {}
         self.gen = 0  # the nf_tables generation: one more per committed transaction
         self.counted = 0
@@ -298,6 +300,15 @@ class FakeKernel:
         self.gen += 1
         if "delete table ip podnet-svc" in script:
             self.held = {}
+            self.written = {}
+        for line in script.splitlines():
+            verb, _, rest = line.partition(f" ip {nt.TABLE} ")
+            chain, _, rule = rest.partition(" ")
+            if verb == "add chain":
+                self.written.setdefault(chain, [])
+            elif verb == "add rule":
+                self.written[chain].append(rule.encode())
+        self.rules = {c: list(r) for c, r in self.written.items()}
 
     def commit(self, batch) -> None:
         if self.fail_next:
@@ -307,6 +318,15 @@ class FakeKernel:
         self.gen += 1
         for name, n in batch.changes.items():
             self.held[name] = self.held.get(name, 0) + n
+        for _, _, payload, what in batch.messages:
+            chain = what.rpartition(" ")[2]
+            if what.startswith("adding chain "):
+                self.written[chain] = []
+            elif what.startswith("adding a rule to "):
+                self.written[chain].append(payload)
+            elif what.startswith("deleting chain "):
+                del self.written[chain]
+        self.rules = {c: list(r) for c, r in self.written.items()}
 
     def counts(self, names) -> dict[str, int]:
         self.counted += 1
@@ -324,13 +344,13 @@ class FakeKernel:
     def chains(self) -> list[str]:
         return self.chain_names
 
-    def rule_counts(self) -> dict[str, int]:
-        return self.rules
+    def rule_digests(self, chains=None) -> dict[str, ChainDigest]:
+        return chain_digests((c, r) for c in (self.rules if chains is None else chains) for r in self.rules.get(c, ()))
 
     def as_written(self, a: NftServiceApplier) -> None:
         """The chains and their rules as the applier wrote them."""
         self.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
-        self.rules = {**a.layout.chain_rule_counts(), **{c: len(nt.dynamic_chain_rules(c)) for c in a.chains}}
+        self.rules = {c: list(r) for c, r in self.written.items()}
 
     def affinity(self) -> list:
         return []
@@ -412,10 +432,10 @@ def test_a_large_service_is_element_changes_and_verify_checks_chains_and_element
     assert a.verify() == "table missing"
     # a flushed chain or a deleted rule: every name and element count stays as it was
     k.as_written(a)
-    k.rules["services"] = 0
+    k.rules["services"] = []
     assert a.verify() == f"chain services has 0 rules, {a.layout.chain_rule_counts()['services']} expected"
     k.as_written(a)
-    k.rules["svc_large301"] -= 1
+    k.rules["svc_large301"].pop()
     assert a.verify() == "chain svc_large301 has 0 rules, 1 expected"
     # the table right again; the applier's own transactions do not make verify() read it
     k.as_written(a)
@@ -426,6 +446,32 @@ def test_a_large_service_is_element_changes_and_verify_checks_chains_and_element
     k.gen += 1  # someone else's
     k.as_written(a)
     assert a.verify() is None and k.counted == counted + 1
+
+
+def test_a_rule_replaced_in_place_is_found_by_verify_and_the_resync_rebuilds_instead_of_adopting():
+    k = FakeKernel()
+    a = k.applier(conntrack=None)
+    st = state(rule("10.96.0.10", 80, *many_backends(300)))
+    a.apply(state(rule("10.96.0.10", 80, "10.1.0.1")))
+    a.apply(st)  # its large chain comes in an element batch: its reference from a dump of that chain
+    k.as_written(a)
+    assert a.verify() is None
+    k.gen += 1  # someone else's transaction: the same number of rules in every chain
+    k.rules["services"][0] = b"accept"
+    assert a.verify() == "chain services: a rule differs from what podnet wrote"
+    k.as_written(a)
+    k.rules["svc_large300"][0] = b"dnat to 192.0.2.66"
+    assert a.verify() == "chain svc_large300: a rule differs from what podnet wrote"
+    # a table that passes the layout's checks (names, counts) is adopted by a resync only if its
+    # rules are those podnet wrote
+    layout = a.layout
+    k.table = lambda elements=True: nt.KernelTable(
+        {**layout.chain_rule_counts(), "svc_large300": 1}, {*layout.sets(), nt.DYNAMIC},
+        nt.elements(st) if elements else None, {"service_ips": layout.capacity}, a.digest)
+    r = a.apply(st, resync=True)
+    assert r.full and r.reason == "chain svc_large300: a rule differs from what podnet wrote"
+    k.chain_names = [*a.layout.chain_rule_counts(), *a.chains]
+    assert a.verify() is None and not a.apply(st, resync=True).full  # as written: adopted
 
 
 def test_cluster_ips_share_the_capacity_and_services_without_endpoints_count():

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nft import NftError, list_tables, nft_apply
+from podnet.dataplane.ruledigest import ChainDigest, differing, read_digests
 from podnet.services import nftables as nt
 from podnet.services.conntrack import Cleaner, delete_stale_flows
 from podnet.services.metrics import ServiceMetrics
@@ -86,10 +87,11 @@ class NetlinkKernel:
     def counts(self, names: Iterable[str]) -> dict[str, int]:
         return nt.read_counts(self.link(), names)
 
-    def rule_counts(self) -> dict[str, int]:
-        """chain -> its number of rules (chains without rules left out), one dump."""
+    def rule_digests(self, chains: Iterable[str] | None = None) -> dict[str, ChainDigest]:
+        """chain -> its rules' count and digest (chains without rules left out): one dump of
+        the table's rules, or of only these chains'."""
         try:
-            return self.link().rule_counts(nt.TABLE)
+            return read_digests(self.link(), nt.TABLE, chains)
         except OSError:
             return {}
 
@@ -142,6 +144,9 @@ class NftServiceApplier:
         self.generation: int | None = None
         self.transactions = 0
         self.digest: int | None = None  # the digest element in the kernel (see nftables.DIGEST)
+        # chain -> its rules as the kernel encoded them right after podnet wrote them ({}: not
+        # known); a rule replaced behind podnet's back keeps the counts but not the digest
+        self.rules: dict[str, ChainDigest] = {}
         self.last_script = ""  # the last nft text sent (structure, affinity chains)
         self.last_delta: tuple[nt.Elements, nt.Elements] = ({}, {})  # the last incremental element delta
 
@@ -159,7 +164,7 @@ class NftServiceApplier:
         if table is None:
             return nt.Layout(state.masquerade_mark).fit(self.frontends), None, "table missing"
         layout = nt.kernel_layout(state.masquerade_mark, table).fit(self.frontends)
-        problem = nt.check_layout(layout, table)
+        problem = nt.check_layout(layout, table) or self._rules_differ()
         if problem:
             return layout, None, problem
         if not (trust_digest and table.digest is not None and table.digest == nt.state_digest(state, counts)):
@@ -168,12 +173,23 @@ class NftServiceApplier:
                 return layout, None, "table missing"
         return layout, table, ""
 
+    def _rules_differ(self) -> str | None:
+        """Why the kernel's rules are not those podnet wrote (None: they are). With nothing
+        written yet (an agent start adopting the table) what the kernel holds becomes the
+        reference: there is nothing to compare it with."""
+        found = self.kernel.rule_digests()
+        if not self.rules:
+            self.rules = found
+            return None
+        drift = differing(self.rules, found)
+        return drift[0] if drift else None
+
     def verify(self) -> str | None:
         """A cheap check: why the kernel's table differs from what was applied, or None. The
-        chain names, each chain's number of rules, and the number of elements of every set
-        (counted in a dump, not decoded): a flushed chain or an element deleted behind
-        podnet's back shows here, and the next resync reads the elements back and repairs
-        them. When nothing but podnet's own transactions were committed to nf_tables since
+        chain names, each chain's rules (their number and a digest of what they say: a rule
+        replaced in place), and the number of elements of every set (counted in a dump, not
+        decoded): a flushed chain, a replaced rule or an element deleted behind podnet's
+        back shows here, and the next resync reads the table back and repairs it. When nothing but podnet's own transactions were committed to nf_tables since
         the last check (the namespace's generation grew by their number), nothing else can
         have changed and nothing is read."""
         if self.layout is None:
@@ -189,14 +205,18 @@ class NftServiceApplier:
         for name in [*self.layout.chain_rule_counts(), *self.chains]:
             if name not in names:
                 return f"chain {name} is missing"
-        # A flushed chain or a deleted rule leaves every name and element count as it was:
-        # count the rules too (one dump of rules, none of elements).
-        rules = self.kernel.rule_counts()
+        # A flushed chain, a deleted or a replaced rule leaves every name and element count
+        # as it was: the rules too (one dump of rules, none of elements).
+        rules = self.kernel.rule_digests()
         expected = {**self.layout.chain_rule_counts(),
                     **{name: len(nt.dynamic_chain_rules(name)) for name in self.chains}}
         for name, count in expected.items():
-            if rules.get(name, 0) != count:
-                return f"chain {name} has {rules.get(name, 0)} rules, {count} expected"
+            found = rules[name].rules if name in rules else 0
+            if found != count:
+                return f"chain {name} has {found} rules, {count} expected"
+        drift = differing(self.rules, rules, expected)
+        if drift:
+            return drift[0]
         # (an empty slot map is left out: an element there is reached by no frontend, and the
         # hourly read-back finds it; 512 dumps fewer)
         names = [name for name, n in self.counts.items() if n or not nt.slot_map_of(name)]
@@ -285,6 +305,7 @@ class NftServiceApplier:
                         self._commit(batch, result)
                         self.digest = target
                         if pointed or unused:
+                            self._chains_written(pointed - self.chains, unused)
                             self.chains = (self.chains | pointed) - set(unused)
                         self.refs = refs
                         self._count_elements(batch, counts)
@@ -307,6 +328,7 @@ class NftServiceApplier:
                 batch, digest = nt.state_batch(state)
                 result.added = batch.elements - 1  # the digest is not a Service element
                 self._commit(batch, result)
+                self.rules = self.kernel.rule_digests()  # the reference for verify()
                 self.digest = digest
                 self.chains = nt.state_chains(state)
                 self.refs = nt.large_chain_refs(state)
@@ -345,6 +367,14 @@ class NftServiceApplier:
         for name, n in batch.changes.items():
             if name in counts:
                 counts[name] += n
+
+    def _chains_written(self, added: Iterable[str], deleted: Iterable[str]) -> None:
+        """The reference after dynamic chains came (a dump of theirs only) or went."""
+        added = sorted(added)
+        if added:
+            self.rules.update(self.kernel.rule_digests(added))
+        for name in deleted:
+            self.rules.pop(name, None)
 
     def _set_sized(self, sized: dict[str, int]) -> None:
         """The SIZED sets' element counts, from a whole state (deltas count on from there)."""
@@ -402,6 +432,7 @@ class NftServiceApplier:
         self.chains = set()
         self.refs = {}
         self.counts = {}
+        self.rules = {}
 
 
 @lru_cache(maxsize=4)
