@@ -22,7 +22,7 @@ from podnet.agent.view import (
     vxlan_in_use,
 )
 from podnet.dataplane.localdns import DNS_TABLE, DnsAddresses
-from podnet.dataplane.nat import NatProgrammer, read_nat
+from podnet.dataplane.nat import NatProgrammer
 from podnet.dataplane.nfnetlink import Netlink
 from podnet.dataplane.routes import RouteProgrammer
 from podnet.dataplane.routing import VXLAN_OVERHEAD, DesiredRouting, Route, desired_routing
@@ -147,11 +147,10 @@ class NatDataplane(Dataplane):
         return "table updated" if self.programmer.apply(nat_config(self.cache.list(IPPool))) else ""
 
     def verify(self) -> list[str]:
-        applied = self.programmer.applied
-        if applied is None or read_nat() == applied:
-            return []
-        self.programmer.applied = None  # the next apply reads the kernel again and rewrites
-        return ["table podnet-nat differs from the pools"]
+        drift = self.programmer.drift()
+        if drift:
+            self.programmer.applied = None  # the next apply reads the kernel again and rewrites
+        return drift
 
 
 class PolicyDataplane(Dataplane):

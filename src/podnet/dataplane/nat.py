@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from podnet.dataplane import nfnetlink as nl
 from podnet.dataplane.nftables import Chain, Elements, NftRunner, Rule, Set, Table, Transaction, read_ruleset
+from podnet.dataplane.ruledigest import differing, read_table_digests
 
 NAT_TABLE = "podnet-nat"
 TABLE = Table(NAT_TABLE)
@@ -59,17 +60,43 @@ def read_nat(link: nl.Netlink | None = None) -> NatConfig | None:
     return NatConfig(cidrs("nat_pools"), cidrs("all_pools"))
 
 
+def read_nat_digests():
+    """The table's rules digested per chain (see dataplane.ruledigest), None: no table."""
+    return read_table_digests(NAT_TABLE)
+
+
 class NatProgrammer:
-    def __init__(self, nft: NftRunner | None = None, read=read_nat) -> None:
+    """`apply(cfg)` rewrites the table when the pools changed; `drift()` checks the kernel's
+    table against the last one applied: the pools, and what its rule says (a masquerade
+    replaced in place keeps the count of one rule)."""
+
+    def __init__(self, nft: NftRunner | None = None, read=read_nat, digests=read_nat_digests) -> None:
         self.nft = nft or NftRunner()
         self.read = read
+        self.digests = digests
         self.applied: NatConfig | None = None
+        self.rules = None  # the rules' digests right after podnet's last write (None: not known)
 
     def apply(self, cfg: NatConfig) -> bool:
         if self.applied is None:
-            self.applied = self.read()  # after a restart: keep a table that is already right
+            # after a restart: keep a table that is already right (its rules unchecked when
+            # nothing was written yet: they become the reference)
+            self.applied = self.read()
+            if self.applied is not None and self.rules is not None and differing(self.rules, self.digests()):
+                self.applied = None
         if cfg == self.applied:
+            if self.rules is None:
+                self.rules = self.digests()
             return False
         self.nft.apply(nat_transaction(cfg))
         self.applied = cfg
+        self.rules = self.digests()
         return True
+
+    def drift(self) -> list[str]:
+        """What differs from the table last applied ([] when none was)."""
+        if self.applied is None:
+            return []
+        if self.read() != self.applied:
+            return [f"table {NAT_TABLE} differs from the pools"]
+        return differing(self.rules, self.digests()) if self.rules is not None else []
