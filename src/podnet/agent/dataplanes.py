@@ -23,9 +23,9 @@ from podnet.agent.view import (
 )
 from podnet.dataplane.localdns import DNS_TABLE, DnsAddresses
 from podnet.dataplane.nat import NatProgrammer
-from podnet.dataplane.nfnetlink import Netlink
 from podnet.dataplane.routes import RouteProgrammer
 from podnet.dataplane.routing import VXLAN_OVERHEAD, DesiredRouting, Route, desired_routing
+from podnet.dataplane.ruledigest import differing, read_table_digests
 from podnet.errors import PodnetError
 from podnet.model.objects import KINDS, IPPool, Node
 from podnet.policy.model import LiveInputs, PodInfo
@@ -231,6 +231,7 @@ class DnsDataplane(Dataplane):
         self.addresses = addresses or []
         self._ensure = ensure or (DnsAddresses(self.addresses).ensure if self.addresses else None)
         self._ensured = False
+        self._rules = None  # the NOTRACK rules' digests right after podnet wrote them
 
     def on_event(self, ev: ObjectEvent) -> bool:
         if self.index is None:
@@ -256,6 +257,8 @@ class DnsDataplane(Dataplane):
         repair = self._ensured
         self._ensure()
         self._ensured = True
+        if self.addresses:
+            self._rules = read_table_digests(DNS_TABLE)
         return "addresses and NOTRACK rules restored" if repair else ""
 
     def verify(self) -> list[str]:
@@ -269,13 +272,10 @@ class DnsDataplane(Dataplane):
             lo = ipr.link_lookup(ifname="lo")[0]
             have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=lo, family=2)}
         out += [f"address {a} missing from lo" for a in self.addresses if a not in have]
-        nl = Netlink()
-        try:
-            counts = nl.rule_counts(DNS_TABLE)
-        except OSError:
-            counts = {}
-        finally:
-            nl.close()
+        rules = read_table_digests(DNS_TABLE) or {}
+        counts = {chain: d.rules for chain, d in rules.items()}
         if counts.get("prerouting") != 1 or counts.get("output") != 2:
             out.append(f"table {DNS_TABLE} is not as podnet wrote it")
+        elif self._rules is not None:  # a rule replaced in place keeps the counts
+            out += differing(self._rules, rules)
         return out
