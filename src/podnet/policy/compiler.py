@@ -186,8 +186,11 @@ class PolicyCompiler:
         self.refs: dict[PeerSelector, int] = {}
         self.fixed_ns_sels: dict[str, set[PeerSelector]] = defaultdict(set)
         self.ns_sels: set[PeerSelector] = set()
-        # named ports: (name, protocol) -> pod key -> number
-        self.named: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+        # named ports: (name, protocol) -> pod key -> number, for the pairs an egress rule
+        # names (their sets hold every pod of the cluster with the port); made when a rule
+        # first needs it. Ingress sets hold this node's pods only and read the pods' own
+        # ports: an index of every pod for them was ~5 MiB on an agent of 150 000 pods.
+        self.named: dict[tuple[str, str], dict[str, int]] = {}
         # local pods and the policies selecting them
         self.local: set[str] = set()
         self.pod_policies: dict[str, set[str]] = {}
@@ -306,17 +309,20 @@ class PolicyCompiler:
                 if o.ip:
                     self._unindex_ip(o.ip, k)
                 for name, proto, _ in o.named_ports:
-                    if self.named[(name, proto)].pop(k, None) is not None:
+                    dirty.add(named_set_name(name, proto, local=True))
+                    index = self.named.get((name, proto))
+                    if index is not None and index.pop(k, None) is not None:
                         dirty.add(named_set_name(name, proto))
-                        dirty.add(named_set_name(name, proto, local=True))
             if n is not None:
                 self.ns_pods[n.namespace].add(k)
                 if n.ip:
                     self._index_ip(n.ip, k)
                     for name, proto, num in n.named_ports:
-                        self.named[(name, proto)].setdefault(k, num)
-                        dirty.add(named_set_name(name, proto))
                         dirty.add(named_set_name(name, proto, local=True))
+                        index = self.named.get((name, proto))
+                        if index is not None:
+                            index.setdefault(k, num)
+                            dirty.add(named_set_name(name, proto))
         for k in changed_pols:
             if (o := changed_pols[k]) is not None:
                 self.ns_policies[o.namespace].discard(k)
@@ -492,6 +498,17 @@ class PolicyCompiler:
             return PortMatch(p.protocol, named_set=name)
         return PortMatch(p.protocol, p.port, p.end_port if p.end_port is not None else p.port)
 
+    def _named_index(self, name: str, protocol: str) -> dict[str, int]:
+        """Pod key -> number of the named port, for every addressable pod that has it (the
+        first of its containers' ports with the name and protocol); made from the inputs
+        the first time, kept current by compile() after."""
+        index = self.named.get((name, protocol))
+        if index is None:
+            index = self.named[(name, protocol)] = {
+                k: num for k, pod in self.inp.pods.items()
+                if pod.ip and pod.named_ports and (num := pod.named_port(name, protocol)) is not None}
+        return index
+
     def _set(self, name: str) -> SetDef:
         cached = self._set_cache.get(name)
         if cached is not None:
@@ -505,12 +522,12 @@ class PolicyCompiler:
             s = SetDef(name, "cidr", frozenset(cidr_ranges(src)), src.describe())
         elif len(src) == 3:  # type: ignore[arg-type]
             pname, proto, _ = src  # type: ignore[misc]
-            named = self.named.get((pname, proto), {})
-            elements = frozenset(f"{pods[k].ip} . {num}" for k in self.local if (num := named.get(k)) is not None)
+            elements = frozenset(f"{pods[k].ip} . {num}" for k in self.local
+                                 if pods[k].ip and (num := pods[k].named_port(pname, proto)) is not None)
             s = SetDef(name, "addrport", elements, f"port {pname}/{proto} of this node's pods")
         else:
             pname, proto = src  # type: ignore[misc]
-            elements = frozenset(f"{pods[k].ip} . {num}" for k, num in self.named.get((pname, proto), {}).items())
+            elements = frozenset(f"{pods[k].ip} . {num}" for k, num in self._named_index(pname, proto).items())
             s = SetDef(name, "addrport", elements, f"port {pname}/{proto}")
         self._set_cache[name] = s
         return s

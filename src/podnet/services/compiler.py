@@ -312,7 +312,8 @@ class SliceInfo:
             if len(endpoints) > 1:
                 endpoints.sort(key=_first)  # stable: duplicates keep their order
         self.backends: tuple[Backend, ...] = tuple(e[1] for e in endpoints)
-        self.flags = bytes(e[2] for e in endpoints)
+        flags = bytes(e[2] for e in endpoints)
+        self.flags = intern(flags) if len(flags) <= 16 else flags  # a small slice's: one per pattern
         self.refs: tuple[tuple[str, str] | None, ...] | None = \
             tuple(e[3] for e in endpoints) if any(e[3] for e in endpoints) else None
         self.plain = all(e[2] & READY for e in endpoints) and all(
