@@ -1,6 +1,7 @@
 """Every dataplane heals when its kernel state is changed behind the agent's back,
 within one resync period, shown with real packets: policy (and isolated pods stay
-isolated once it is repaired), routes, NAT, Services and node DNS."""
+isolated once it is repaired), routes, NAT, Services and node DNS; a rule replaced
+in place (every count as it was) included."""
 
 import json
 import os
@@ -53,6 +54,29 @@ def test_a_flushed_policy_table_is_rebuilt_and_the_isolated_pod_is_isolated_agai
     node_sh(lab, "node-1", "nft", "flush", "table", "ip", "podnet-policy")
     # (until the next resync the intruder gets through: a flushed table opens the pods)
     wait_for(lambda: repaired(lab, "node-1", "policy", since), "the policy drift found")
+    wait_for(lambda: not reaches(lab, "intruder", web), "the intruder isolated again")
+    for _ in range(3):  # isolated again, across further resyncs, while the client keeps working
+        assert reaches(lab, "client", web) and not reaches(lab, "intruder", web)
+
+
+def replace_rule(lab: Lab, node: str, table: str, chain: str, pick, rule: str) -> None:
+    """`nft replace rule` behind the agent's back: the first rule of `chain` whose expressions
+    `pick` accepts, turned into `rule` (the chain keeps its number of rules)."""
+    doc = json.loads(node_sh(lab, node, "nft", "-j", "-a", "list", "chain", "ip", table, chain))
+    handle = next(item["rule"]["handle"] for item in doc["nftables"] if "rule" in item and pick(item["rule"]["expr"]))
+    node_sh(lab, node, "nft", "replace", "rule", "ip", table, chain, "handle", str(handle), *rule.split())
+
+
+def test_a_policy_rule_replaced_in_place_is_found_and_the_isolated_pod_isolated_again(lab):
+    web = f"tcp:{ip_of(lab, 'web')}:8080"
+    assert reaches(lab, "client", web) and not reaches(lab, "intruder", web)
+    listing = node_sh(lab, "node-1", "nft", "list", "table", "ip", "podnet-policy")
+    group = next(line.split()[1] for line in listing.splitlines() if line.strip().startswith("chain gi_"))
+    since = log_offsets(lab)
+    # the web pod's drop, accept instead: every chain keeps its number of rules
+    replace_rule(lab, "node-1", "podnet-policy", group, lambda expr: {"drop": None} in expr, "accept")
+    # (until the next resync the intruder gets through, as after a flush)
+    wait_for(lambda: repaired(lab, "node-1", "policy", since), "the replaced policy rule found")
     wait_for(lambda: not reaches(lab, "intruder", web), "the intruder isolated again")
     for _ in range(3):  # isolated again, across further resyncs, while the client keeps working
         assert reaches(lab, "client", web) and not reaches(lab, "intruder", web)
@@ -115,6 +139,20 @@ def test_a_flushed_service_chain_is_refilled_by_one_resync(lab):
     wait_for(lambda: reaches(lab, "client", target), "the Service through node-2")
 
 
+def test_a_service_dnat_rule_pointed_elsewhere_is_found_and_the_service_reaches_its_endpoints(lab):
+    svc = lab.store().get(Service, "web", "default")
+    assert svc is not None and svc.spec.cluster_ip
+    target = f"tcp:{svc.spec.cluster_ip}:80"
+    assert reaches(lab, "client", target)
+    since = log_offsets(lab)
+    # one endpoint: the Service goes through chain svc_1, its random pick DNATed to a blackhole
+    replace_rule(lab, "node-2", "podnet-svc", "svc_1", lambda expr: any("numgen" in str(e) for e in expr),
+                 "meta l4proto tcp dnat ip to 192.0.2.66:8080")
+    wait_for(lambda: repaired(lab, "node-2", "services", since), "the replaced Service rule found")
+    wait_for(lambda: reaches(lab, "client", target), "the Service through node-2")
+    assert "192.0.2.66" not in node_sh(lab, "node-2", "nft", "list", "chain", "ip", "podnet-svc", "svc_1")
+
+
 def test_a_removed_node_dns_address_comes_back(lab):
     node_sh(lab, "node-2", "ip", "addr", "del", "169.254.20.10/32", "dev", "lo")
     query = ["dig", "+short", "+time=1", "+tries=1", "@169.254.20.10", "web.default.svc.cluster.local"]
@@ -125,9 +163,22 @@ def test_a_deleted_node_dns_notrack_table_comes_back(lab):
     since = log_offsets(lab)
     node_sh(lab, "node-2", "nft", "delete", "table", "ip", "podnet-dns")
     wait_for(lambda: repaired(lab, "node-2", "dns", since), "the node DNS drift found")
+    # (found is logged before the sync that rewrites it)
+    wait_for(lambda: lab.exec_node("node-2", ["nft", "list", "table", "ip", "podnet-dns"]).returncode == 0,
+             "table podnet-dns")
     assert node_sh(lab, "node-2", "nft", "list", "table", "ip", "podnet-dns").count("notrack") == 3
     query = ["dig", "+short", "+time=1", "+tries=1", "@169.254.20.10", "web.default.svc.cluster.local"]
     assert lab.exec("client", query).stdout.strip() != ""
+
+
+def test_a_replaced_node_dns_notrack_rule_is_found_and_rewritten(lab):
+    since = log_offsets(lab)
+    replace_rule(lab, "node-2", "podnet-dns", "prerouting", lambda expr: True,
+                 "ip daddr 192.0.2.66 meta l4proto udp th dport 53 notrack")
+    wait_for(lambda: repaired(lab, "node-2", "dns", since), "the replaced NOTRACK rule found")
+    wait_for(lambda: "192.0.2.66" not in node_sh(lab, "node-2", "nft", "list", "table", "ip", "podnet-dns"),
+             "the NOTRACK rule rewritten")
+    assert node_sh(lab, "node-2", "nft", "list", "table", "ip", "podnet-dns").count("169.254.20.10") == 3
 
 
 def test_an_agent_killed_with_9_leaves_policy_closed_and_its_restart_changes_nothing(lab):
