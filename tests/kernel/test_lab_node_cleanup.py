@@ -21,7 +21,7 @@ import pytest
 from podnet.lab.cluster import node_dns_key, restart_agent, wait_programmed
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
-from tests.kernel.labs import log_offsets, log_since, reaches, running_lab
+from tests.kernel.labs import log_offsets, log_since, reaches, running_lab, wait_for
 
 pytestmark = [
     pytest.mark.root,
@@ -72,7 +72,7 @@ def cleanup(lab: Lab, node: str, *args: str):
 def test_a_node_switched_between_service_proxies_keeps_only_the_one_it_runs(lab):
     svc = lab.store().get(Service, "web", "default")
     target = f"tcp:{svc.spec.cluster_ip}:80"
-    assert reaches(lab, "b", target)
+    wait_for(lambda: reaches(lab, "b", target), "the Service from node-2", within=30)
 
     def switch(proxy: str) -> str:
         since = log_offsets(lab)
@@ -84,13 +84,13 @@ def test_a_node_switched_between_service_proxies_keeps_only_the_one_it_runs(lab)
     assert "the iptables Service proxy this node ran before is removed" in log, log
     state = podnet_state(lab, "node-2")
     assert state["kube_chains"] == [] and "podnet-svc" in state["tables"], state
-    assert reaches(lab, "b", target)
+    wait_for(lambda: reaches(lab, "b", target), "the Service from node-2", within=30)
 
     log = switch("iptables")  # and back: the state the cleanup test below expects
     assert "the nftables Service proxy this node ran before is removed" in log, log
     state = podnet_state(lab, "node-2")
     assert "podnet-svc" not in state["tables"] and "KUBE-SERVICES" in state["kube_chains"], state
-    assert reaches(lab, "b", target)
+    wait_for(lambda: reaches(lab, "b", target), "the Service from node-2", within=30)
 
 
 @pytest.mark.parametrize("node", ["node-1", "node-2"])
