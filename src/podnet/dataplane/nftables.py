@@ -823,10 +823,11 @@ FLAG_NAMES = ((0x2, "constant"), (0x4, "interval"), (0x10, "timeout"), (0x20, "d
 
 
 def read_ruleset(link: nl.Netlink, table: str, family: str = "ip", elements: bool = True,
-                 skip: Iterable[str] = ()) -> Ruleset | None:
+                 skip: Iterable[str] = (), rules: bool = True) -> Ruleset | None:
     """One table as the kernel holds it (None: there is none), read with netlink dumps:
     chains with their hooks and rule counts, sets and maps with their elements (those in
-    `skip` left empty)."""
+    `skip` left empty). rules=False: no dump of rules, every count 0 (for a caller that
+    dumps them itself)."""
     try:
         chains = link.chain_specs(table)
         sets = link.set_specs(table)
@@ -835,7 +836,7 @@ def read_ruleset(link: nl.Netlink, table: str, family: str = "ip", elements: boo
     if not chains and not sets:
         return None
     out = Ruleset(family, table)
-    counts = link.rule_counts(table)
+    counts = link.rule_counts(table) if rules else {}
     for c in chains:
         spec = ""
         if c.hook is not None:

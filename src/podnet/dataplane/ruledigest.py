@@ -45,6 +45,7 @@ def _quota(data: bytes) -> bytes:
 # bytes; last: nothing of when it last matched)
 _VOLATILE = {b"counter": lambda data: b"", b"quota": _quota, b"last": lambda data: b""}
 _HINTS = tuple(name + b"\0" for name in _VOLATILE)  # their names as dumped: most rules hold none
+assert _HINTS == (b"counter\0", b"quota\0", b"last\0")  # as chain_digests tests them, unrolled
 
 
 class ChainDigest(NamedTuple):
@@ -71,18 +72,13 @@ def masked(expressions: bytes) -> bytes:
 
 def chain_digests(rules: Iterable[tuple[str, bytes]]) -> dict[str, ChainDigest]:
     """(chain, expressions) of every rule, in the kernel's order -> chain -> its digest."""
-    hashes: dict[str, object] = {}
-    counts: dict[str, int] = {}
+    bodies: dict[str, list[bytes]] = {}
     for chain, expressions in rules:
-        h = hashes.get(chain)
-        if h is None:
-            h = hashes[chain] = hashlib.blake2b(digest_size=16)
-            counts[chain] = 0
-        body = masked(expressions)
-        h.update(_LEN.pack(len(body)))  # rule boundaries count: two rules are not one rule of both
-        h.update(body)
-        counts[chain] += 1
-    return {c: ChainDigest(counts[c], h.digest()) for c, h in hashes.items()}  # type: ignore[attr-defined]
+        if b"counter\0" in expressions or b"quota\0" in expressions or b"last\0" in expressions:
+            expressions = masked(expressions)
+        # each rule with its length: two rules are not one rule of both
+        bodies.setdefault(chain, []).append(_LEN.pack(len(expressions)) + expressions)
+    return {c: ChainDigest(len(b), hashlib.blake2b(b"".join(b), digest_size=16).digest()) for c, b in bodies.items()}
 
 
 def read_digests(link: nl.Netlink, table: str, chains: Iterable[str] | None = None) -> dict[str, ChainDigest]:

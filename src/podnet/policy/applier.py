@@ -270,10 +270,11 @@ class PolicyApplier:
 
 
 def read_policy_table() -> Ruleset | None:
-    """The policy table of the current network namespace, by netlink dumps."""
+    """The policy table of the current network namespace, by netlink dumps (its rules are
+    dumped once, by read_policy_digests: they give the counts too)."""
     link = nl.Netlink()
     try:
-        return read_ruleset(link, TABLE)
+        return read_ruleset(link, TABLE, rules=False)
     finally:
         link.close()
 
@@ -283,8 +284,9 @@ def read_policy_digests() -> dict[str, ChainDigest] | None:
     return read_table_digests(TABLE)
 
 
-def kernel_view(table: Ruleset | None) -> dict:
-    """A table read back: set elements, chain rule counts, dispatch (pod address -> chain)."""
+def kernel_view(table: Ruleset | None, rules: dict[str, ChainDigest] | None = None) -> dict:
+    """A table read back: set elements, chain rule counts (from `rules`, its digests, when
+    given), dispatch (pod address -> chain)."""
     sets: dict[str, frozenset[str]] = {}
     dispatch: dict[str, dict[str, str]] = {d: {} for d in DIRECTIONS}
     by_map = {DISPATCH[d]: d for d in DIRECTIONS}
@@ -298,7 +300,9 @@ def kernel_view(table: Ruleset | None) -> dict:
                 dispatch[by_map[name]][ip] = target if word == "jump" and target else "?"
         else:
             sets[name] = frozenset(s.elements)
-    return {"sets": sets, "chains": table.rule_counts(), "dispatch": dispatch}
+    counts = table.rule_counts() if rules is None else \
+        {name: rules[name].rules if name in rules else 0 for name in table.chains}
+    return {"sets": sets, "chains": counts, "dispatch": dispatch}
 
 
 def _norm(s, elements: Iterable[str]) -> frozenset:
@@ -387,11 +391,12 @@ class PolicyProgrammer:
         rules against what the kernel held after podnet's last write (a replaced rule)."""
         try:
             table = self.reader()
-            if table is None:
+            rules = self.digests() if table is not None else None
+            if table is None or rules is None:
                 return ["table missing"]
-            diffs = compare_with_kernel(state, kernel_view(table))
+            diffs = compare_with_kernel(state, kernel_view(table, rules))
             if not diffs and self.rules is not None:
-                diffs = differing(self.rules, self.digests())
+                diffs = differing(self.rules, rules)
         except (NftError, OSError) as e:
             return [f"table unreadable: {e}"]
         return diffs
