@@ -104,7 +104,7 @@ def rules(listing):
 """ + WORLD + r"""
 here, there = nl.Netlink(), in_netns(f"/run/netns/{OTHER}", nl.Netlink)
 inc, whole = PolicyProgrammer(), PolicyProgrammer(run=run_other, reader=lambda: read_ruleset(there, "podnet-policy"),
-                                                   digests=lambda: read_digests(there, "podnet-policy"))
+                                                   digests=lambda chains=None: read_digests(there, "podnet-policy", chains))
 report = []
 for step in range(25):
     what, args = change()

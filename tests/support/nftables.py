@@ -70,13 +70,15 @@ class FakeNft:
             out.sets[sname] = SetState(s.kind, set_spec(s), set(t.elements[sname].values()))
         return out
 
-    def chain_digests(self, name: str, family: str = "ip") -> dict[str, ChainDigest] | None:
-        """The kernel's per-chain rule digests, taken here over each rule's text (the kernel's
-        are over its expressions: equal texts, equal digests, as there)."""
+    def chain_digests(self, name: str, chains=None, family: str = "ip") -> dict[str, ChainDigest] | None:
+        """The kernel's per-chain rule digests (of every chain, or of these), taken here over
+        each rule's text (the kernel's are over its expressions: equal texts, equal digests,
+        as there)."""
         t = self.tables.get((family, name))
         if t is None:
             return None
-        return chain_digests((c, r.rule.encode()) for c, rules in t.rules.items() for _, r in rules)
+        return chain_digests((c, r.rule.encode()) for c in (t.rules if chains is None else chains)
+                             for _, r in t.rules.get(c, ()))
 
     def dump(self, rules: bool = True) -> str:
         return "".join(self.ruleset(n, f).dump(rules) for f, n in sorted(self.tables))  # type: ignore[union-attr]

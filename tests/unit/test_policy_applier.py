@@ -121,7 +121,7 @@ def test_a_changed_policy_rewrites_only_its_chain():
 
 def test_programmer_verifies_against_the_table_read_back():
     fake = FakeNft()
-    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda: fake.chain_digests(TABLE))
+    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda chains=None: fake.chain_digests(TABLE, chains))
     assert pp.sync(PODS_, NSS, [DENY_X, CIDR], LOCAL).full
     assert pp.verify() == []
     # behind podnet's back: an element of the interval set goes, then a dispatch entry
@@ -155,7 +155,7 @@ def replace_first_rule(fake: FakeNft, chains, rule: str) -> str:
 
 def test_a_rule_replaced_in_place_is_found_and_the_table_rewritten_not_adopted():
     fake = FakeNft()
-    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda: fake.chain_digests(TABLE))
+    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda chains=None: fake.chain_digests(TABLE, chains))
     pp.sync(PODS_, NSS, [DENY_X, CIDR], LOCAL)
     written = fake.dump()
     chain = replace_first_rule(fake, pp.state.policy_chains, "accept")  # every chain's count stays
@@ -166,13 +166,19 @@ def test_a_rule_replaced_in_place_is_found_and_the_table_rewritten_not_adopted()
 
 def test_rule_references_follow_podnets_writes_of_chains_not_element_changes():
     fake = FakeNft()
-    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda: fake.chain_digests(TABLE))
+    pp = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda chains=None: fake.chain_digests(TABLE, chains))
     pp.sync(PODS_, NSS, [DENY_X], LOCAL)
     reference = pp.rules
     assert not pp.sync(PODS_, NSS, [DENY_X, FROM_Y], LOCAL).netlink  # new chains: a new reference
     assert pp.rules != reference and pp.verify() == []
+    # after a diff only the chains it wrote are dumped again; the reference is the whole table's
+    changed = pol("from-y", {"podSelector": {"matchLabels": {"pod": "a"}},
+                             "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]})
+    for policies in ([DENY_X, changed], [changed, CIDR], [DENY_X, FROM_Y]):
+        ch = pp.sync(PODS_, NSS, policies, LOCAL)
+        assert not ch.full and ch.commands and pp.rules == fake.chain_digests(TABLE) and pp.verify() == []
     # an agent restart adopts the table as it is, and what it holds becomes the reference
-    again = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda: fake.chain_digests(TABLE))
+    again = PolicyProgrammer(nft=fake, reader=lambda: fake.ruleset(TABLE), digests=lambda chains=None: fake.chain_digests(TABLE, chains))
     assert again.sync(PODS_, NSS, [DENY_X, FROM_Y], LOCAL).empty and again.rules == pp.rules
     replace_first_rule(fake, again.state.policy_chains, "accept")
     assert again.verify() and again.sync(PODS_, NSS, [DENY_X, FROM_Y], LOCAL).full

@@ -82,8 +82,8 @@ def chain_digests(rules: Iterable[tuple[str, bytes]]) -> dict[str, ChainDigest]:
 
 
 def read_digests(link: nl.Netlink, table: str, chains: Iterable[str] | None = None) -> dict[str, ChainDigest]:
-    """One dump of the table's rules (or of only these chains'), as chain digests; chains
-    without rules are left out. Raises OSError if the table (or a chain) is not there."""
+    """One dump of the table's rules (or one per chain of these), as chain digests; chains
+    without rules (or not there) are left out. Raises OSError if the table is not there."""
     if chains is None:
         return chain_digests(link.rule_expressions(table))
     out: dict[str, ChainDigest] = {}
@@ -92,11 +92,12 @@ def read_digests(link: nl.Netlink, table: str, chains: Iterable[str] | None = No
     return out
 
 
-def read_table_digests(table: str) -> dict[str, ChainDigest] | None:
-    """The digests of a table of this network namespace (None: no such table)."""
+def read_table_digests(table: str, chains: Iterable[str] | None = None) -> dict[str, ChainDigest] | None:
+    """The digests of a table of this network namespace, or of these chains of it (None: no
+    such table)."""
     link = nl.Netlink()
     try:
-        return read_digests(link, table)
+        return read_digests(link, table, chains)
     except OSError:
         return None
     finally:

@@ -279,9 +279,19 @@ def read_policy_table() -> Ruleset | None:
         link.close()
 
 
-def read_policy_digests() -> dict[str, ChainDigest] | None:
-    """The policy table's rules, digested per chain (see dataplane.ruledigest)."""
-    return read_table_digests(TABLE)
+def read_policy_digests(chains: Iterable[str] | None = None) -> dict[str, ChainDigest] | None:
+    """The policy table's rules (or these chains'), digested per chain (see dataplane.ruledigest)."""
+    return read_table_digests(TABLE, chains)
+
+
+def written_chains(old: PolicyState, new: PolicyState) -> tuple[list[str], list[str]]:
+    """The chains a diff from `old` to `new` writes (added or rewritten), and those it deletes."""
+    had = {*old.policy_chains, *old.groups}
+    has = {*new.policy_chains, *new.groups}
+    written = [n for n in (*new.policy_chains, *new.groups) if n not in had]
+    written += [n for n, c in new.policy_chains.items()
+                if n in old.policy_chains and c is not old.policy_chains[n] and c.rules != old.policy_chains[n].rules]
+    return written, [n for n in had if n not in has]
 
 
 def kernel_view(table: Ruleset | None, rules: dict[str, ChainDigest] | None = None) -> dict:
@@ -343,12 +353,12 @@ def compare_with_kernel(state: PolicyState, view: dict) -> list[str]:
 class PolicyProgrammer:
     """`sync(pods, namespaces, policies, local_pod_ips)` after any change (or on a timer);
     `verify()` now and then to catch a table changed behind podnet's back. `reader`
-    returns the table as the kernel holds it, `digests` its rules digested per chain
-    (default: netlink dumps in this namespace)."""
+    returns the table as the kernel holds it, `digests(chains=None)` its rules (or these
+    chains') digested per chain (default: netlink dumps in this namespace)."""
 
     def __init__(self, run: Callable[[str], None] = nft_apply, nft=None,
                  reader: Callable[[], Ruleset | None] = read_policy_table,
-                 digests: Callable[[], dict[str, ChainDigest] | None] = read_policy_digests):
+                 digests: Callable[..., dict[str, ChainDigest] | None] = read_policy_digests):
         self.inputs = InputCache()
         self.compiler = LivePolicyCompiler()
         self.applier = PolicyApplier(run, nft=nft)
@@ -410,13 +420,23 @@ class PolicyProgrammer:
             self.applier.applied = self.state
             if self.rules is None:
                 self.rules = self.digests()
-        return self._noted(self.applier.apply(self.state))
+        old = self.applier.applied
+        return self._noted(self.applier.apply(self.state), old)
 
-    def _noted(self, ch: PolicyChanges) -> PolicyChanges:
+    def _noted(self, ch: PolicyChanges, old: PolicyState | None = None) -> PolicyChanges:
         """After a write of chains or rules (not of elements only, which leave every rule
-        as it was), the rules as the kernel now holds them become the reference."""
-        if ch.full or (not ch.empty and not ch.netlink):
+        as it was), the rules as the kernel now holds them become the reference: of the
+        whole table after a rewrite, of the chains written after a diff (a dump per chain:
+        a policy change rewrites one or two of thousands)."""
+        if ch.empty or (ch.netlink and not ch.full):
+            return ch
+        if ch.full or old is None or self.rules is None:
             self.rules = self.digests()
+            return ch
+        written, deleted = written_chains(old, self.state)
+        rules = {n: d for n, d in self.rules.items() if n not in deleted and n not in written}
+        rules.update(self.digests(written) or {})  # (a chain without rules has no digest)
+        self.rules = rules
         return ch
 
     def resync(self) -> PolicyChanges:
