@@ -2,8 +2,10 @@
 
 The Service table's check dumps its rules only when something other than podnet committed
 to nf_tables since the last check; it counted them per chain and now also digests them.
+A rebuild of the table now ends with one such dump (the reference to compare with).
 The policy check reads the whole table every resync; its one dump of rules now gives
-their digests as well as their counts. Both measured in process in a fresh network namespace, before and
+their digests as well as their counts. A policy change now ends with a dump of the
+chains it wrote. Both measured in process in a fresh network namespace, before and
 after interleaved (before: the rule counts / the table read and compared, as the checks
 did; after: the same with the digests), median and minimum of --reps each.
 
@@ -38,7 +40,7 @@ def worker(reps: int, policy_sizes: list[tuple[int, int]]) -> dict:
     from podnet.services.applier import NftServiceApplier
     from podnet.services.model import Backend, Frontend, FrontendRule, ServiceState
 
-    def pair(before, after) -> dict:
+    def pair(before, after, reps: int = reps) -> dict:
         b, a = [], []
         for _ in range(reps):  # interleaved: the machine's load falls on both alike
             t = time.perf_counter()
@@ -61,9 +63,23 @@ def worker(reps: int, policy_sizes: list[tuple[int, int]]) -> dict:
     row.update(pair(lambda: link.rule_counts(nt.TABLE), lambda: read_digests(link, nt.TABLE)))
     rows.append(row)
     applier.remove()
+
+    def rebuild(reference: bool) -> None:
+        """A rebuild into an empty table (an agent start without one), with the reference dump
+        after it or without (the kernel's digests stubbed: the applier as it was)."""
+        fresh = NftServiceApplier(conntrack=None)
+        if not reference:
+            fresh.kernel.rule_digests = lambda chains=None: {}
+        fresh.apply(ServiceState(rules=(rule,)))
+        fresh.remove()
+
+    row = {"table": f"podnet-svc ({rules} rules), 1 Service", "check": "rebuild: + the reference dump"}
+    row.update(pair(lambda: rebuild(False), lambda: rebuild(True), max(3, reps // 3)))
+    rows.append(row)
     for n_pods, n_policies in policy_sizes:
         pp = PolicyProgrammer()
-        pp.sync(*synthetic(n_pods, n_policies))
+        pods, nss, pols, local = synthetic(n_pods, n_policies)
+        pp.sync(pods, nss, pols, local)
         rules = sum(d.rules for d in read_digests(link, "podnet-policy").values())
 
         def before(pp=pp) -> None:  # the check as it was: the table with its rule counts, compared
@@ -80,8 +96,36 @@ def worker(reps: int, policy_sizes: list[tuple[int, int]]) -> dict:
                "check": "verify(): counts -> counts+digests"}
         row.update(pair(before, after))
         rows.append(row)
+        row = {"table": f"podnet-policy ({n_pods} pods, {n_policies} policies, {rules} rules)",
+               "check": "policy change: + the chains' dump"}
+        row.update(policy_change(pp, (pods, nss, pols, local), pair))
+        rows.append(row)
         subprocess.run(["nft", "delete", "table", "ip", "podnet-policy"], check=True)
     return {"rows": rows}
+
+
+def policy_change(pp, world, pair) -> dict:
+    """A policy changed back and forth (its chain rewritten by nft), with the dump of the
+    chains written after it or without (the chain dumps stubbed: the programmer as it was)."""
+    from podnet.model.objects import NetworkPolicy
+
+    pods, nss, pols, local = world
+    first = pols[0].metadata
+    alt = NetworkPolicy.model_validate({"metadata": {"name": first.name, "namespace": first.namespace},
+                                        "spec": {"podSelector": {"matchLabels": {"app": "app0"}},
+                                                 "ingress": [{"ports": [{"port": 81}]}]}})
+    variants = [pols, [alt, *pols[1:]]]
+    real = pp.digests
+
+    def change(reference: bool) -> None:
+        pp.digests = real if reference else (lambda chains=None: {} if chains is not None else real())
+        variants.reverse()
+        assert pp.sync(pods, nss, variants[0], local).commands
+
+    try:
+        return pair(lambda: change(False), lambda: change(True))
+    finally:
+        pp.digests = real
 
 
 def main() -> int:
