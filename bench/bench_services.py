@@ -13,6 +13,11 @@ For N Services (5 endpoints each) and each backend
                    program change's before, in the same run)
     ebpf-tcx       ebpf with its programs moved from clsact filters onto tcx links after
                    the first sync (an experiment: the agent attaches with clsact)
+    ebpf-pol       ebpf with the eBPF policy programs on both veths too, no policy isolating
+                   either pod: the node the agent runs with --policy-dataplane ebpf (the
+                   fast path is on only there), every packet judged by policy as well
+    nft-pol        nft-maps with podnet's nftables policy table for the same pods: the
+                   nftables node with policy, ebpf-pol's counterpart
     iptables       kube-proxy iptables layout, iptables-restore full rewrite per sync
     kp-nft         kube-proxy nftables layout: a chain per Service and per endpoint,
                    partial syncs with a table listing each sync (as upstream)
@@ -34,6 +39,7 @@ process). Prints a table and writes bench/results/services.json.
     .venv/bin/python bench/bench_services.py --backends nft-maps,ebpf --sizes 1,1000,10000 --large
     .venv/bin/python bench/bench_services.py --backends nft-maps,ebpf --sizes 1000 --alternate 8
     .venv/bin/python bench/bench_services.py --backends nft-maps,ebpf --sizes 1000 --udp-rounds 30
+    .venv/bin/python bench/bench_services.py --backends nft-maps,nft-pol,ebpf,ebpf-pol --sizes 1000 --udp-rounds 60
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(1, ROOT)  # tests.support
 
 BACKENDS = ("nft-maps", "ebpf", "iptables", "kp-nft")  # the default set (ebpf-nofast: on request)
-DEFAULT_CAPS = {"nft-maps": 10**9, "ebpf": 10**9, "ebpf-nofast": 10**9, "ebpf-base": 10**9,
+DEFAULT_CAPS = {"nft-maps": 10**9, "nft-pol": 10**9, "ebpf": 10**9, "ebpf-nofast": 10**9, "ebpf-base": 10**9, "ebpf-pol": 10**9,
                 "ebpf-tcx": 10**9, "iptables": 5000, "kp-nft": 10000}
 REAL_EPS = [f"10.20.0.{11 + i}" for i in range(5)]
 CLUSTER_BASE = int(ipaddress.IPv4Address("10.96.0.10"))
@@ -145,11 +151,11 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
             original_mid = sl
     del s, sl
     rss_objects = _rss_bytes()  # the compiler's records of every object
-    if backend == "nft-maps":
+    if backend in ("nft-maps", "nft-pol"):
         from podnet.services.applier import NftServiceApplier
 
         applier = NftServiceApplier(conntrack=None)
-    elif backend in ("ebpf", "ebpf-nofast", "ebpf-base", "ebpf-tcx"):
+    elif backend in ("ebpf", "ebpf-nofast", "ebpf-base", "ebpf-tcx", "ebpf-pol"):
         from podnet.ebpf.bpffs import PinDir
         from podnet.services.ebpf.applier import EbpfServiceApplier
 
@@ -198,6 +204,8 @@ def worker(backend: str, n: int, reps: int, pins: str = "") -> None:
             out["fast_path"] = getattr(applier, "fast_path", None)
             if backend == "ebpf-tcx":
                 tcx_links = _move_to_tcx(pins)  # noqa: F841 (the links live while their fds are open)
+            if backend in ("ebpf-pol", "nft-pol"):
+                policy = _attach_policy(pins, backend)  # noqa: F841 (its maps stay open with it)
         elif op == "ops":
             results: dict[str, list[dict]] = {"add": [], "delete": [], "change": []}
             for rep in range(reps):
@@ -232,6 +240,34 @@ PROGRAMS = ("podnet_svc_from_pod", "podnet_svc_redirect", "podnet_svc_to_pod")
 
 # the kernel's enum bpf_attach_type (6.6+): tcx links, the multi-program tc hooks without qdisc
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+
+
+def _attach_policy(pins: str, backend: str):
+    """ebpf-pol: the eBPF policy programs on both veths, the client and the endpoints as this
+    node's pods in one namespace, no NetworkPolicy: every packet passes policy's programs and
+    its guard, as on a node with --policy-dataplane ebpf and nothing isolated. nft-pol: the
+    nftables policy table for the same pods."""
+    from podnet.ebpf.bpffs import PinDir
+    from podnet.model.objects import Namespace, Pod
+    from podnet.policy.ebpf.programmer import EbpfPolicyProgrammer
+
+    def pod(name: str, ip: str) -> Pod:
+        return Pod.model_validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "bench"},
+                                   "spec": {"nodeName": "n1"}, "status": {"podIP": ip, "podIPs": [{"ip": ip}]}})
+
+    pods = [pod("client", "10.10.0.2"), *(pod(f"ep{i}", ip) for i, ip in enumerate(REAL_EPS))]
+    if backend == "nft-pol":
+        from podnet.policy.applier import PolicyProgrammer
+
+        programmer = PolicyProgrammer()
+    else:
+        programmer = EbpfPolicyProgrammer(PinDir.for_instance(pins),
+                                          interfaces=lambda: {"vcl": _ifindex("vcl"), "vsrv": _ifindex("vsrv")},
+                                          service_cidrs=(SERVICE_CIDR,))
+    programmer.sync(pods, [Namespace.model_validate({"apiVersion": "v1", "kind": "Namespace",
+                                                     "metadata": {"name": "bench"}})], [],
+                    [p.status.pod_ip for p in pods])
+    return programmer
 
 
 def _move_to_tcx(pins: str) -> list[int]:
@@ -724,6 +760,8 @@ def udp_rounds(backends: list[str], n: int, rounds: int, seconds: int, cpu: int)
     pairs = [(b, backends[0]) for b in backends[1:]]
     if "ebpf" in backends[1:]:
         pairs += [(b, "ebpf") for b in backends if b.startswith("ebpf-")]
+    if "ebpf-pol" in backends and "nft-pol" in backends:  # both nodes with their policy dataplane
+        pairs.append(("ebpf-pol", "nft-pol"))
     for b, base in pairs:
         for key in ("udp64_path_us_per_packet", "udp64_us_per_packet", "udp64_first_kpps"):
             rs = [r[b][key] / r[base][key] for r in out["rounds"] if r[b].get(key) and r[base].get(key)]
