@@ -45,6 +45,7 @@ process). Prints a table and writes bench/results/services.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import glob
 import ipaddress
@@ -58,6 +59,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 from path_cpu import ksoftirqd_pid, runtime_ns
 
@@ -662,14 +664,12 @@ def run_case(backend: str, n: int, reps: int, probes: int, iperf_seconds: int) -
         return row
 
 
-def alternate(backends: list[str], n: int, rounds: int, probes: int, seconds: int) -> dict:
-    """Every backend's node alive at once, the traffic measurements taken in rounds that
-    go through the backends in turn: load from other work on a shared machine then
-    falls on all alike, and each round gives a ratio to the first backend (the cases
-    of run_case are minutes apart, so their ratios carry the load's drift)."""
+@contextlib.contextmanager
+def nodes_alive(backends: list[str], n: int, out: dict) -> Iterator[dict[str, Lab]]:
+    """Every backend's node set up with n Services at once (for measurements taken in
+    turns), the fast path's state noted in `out`; all removed again at the end."""
     labs: dict[str, Lab] = {}
     workers: dict[str, subprocess.Popen] = {}
-    out: dict = {"services": n, "rounds": [], "backends": backends}
     try:
         for b in backends:
             labs[b] = Lab().__enter__()
@@ -678,6 +678,24 @@ def alternate(backends: list[str], n: int, rounds: int, probes: int, seconds: in
             if full.get("fast_path") is not None:
                 out.setdefault("fast_path", {})[b] = full["fast_path"]
                 print(f"# {b}: eBPF Services fast path {'on' if full['fast_path'] else 'off'}", flush=True)
+        yield labs
+    finally:
+        for w in workers.values():
+            try:
+                ask(w, {"op": "remove"})
+            except (RuntimeError, BrokenPipeError):
+                pass
+        for lab in labs.values():
+            lab.__exit__()
+
+
+def alternate(backends: list[str], n: int, rounds: int, probes: int, seconds: int) -> dict:
+    """Every backend's node alive at once, the traffic measurements taken in rounds that
+    go through the backends in turn: load from other work on a shared machine then
+    falls on all alike, and each round gives a ratio to the first backend (the cases
+    of run_case are minutes apart, so their ratios carry the load's drift)."""
+    out: dict = {"services": n, "rounds": [], "backends": backends}
+    with nodes_alive(backends, n, out) as labs:
         first = str(ipaddress.IPv4Address(CLUSTER_BASE))
         last = str(ipaddress.IPv4Address(CLUSTER_BASE + n - 1))
         for _ in range(rounds):
@@ -688,14 +706,6 @@ def alternate(backends: list[str], n: int, rounds: int, probes: int, seconds: in
                 row[b] = {"connect_last_p50_us": pct(lat["last"], 0.5) * 1e6 if lat["last"] else None,
                           **{k: udp.get(k) for k in ("udp64_first_kpps", "udp64_us_per_packet", "udp64_program_ns")}}
             out["rounds"].append(row)
-    finally:
-        for w in workers.values():
-            try:
-                ask(w, {"op": "remove"})
-            except (RuntimeError, BrokenPipeError):
-                pass
-        for lab in labs.values():
-            lab.__exit__()
     base = backends[0]
     out["ratios"] = {}
     for b in backends[1:]:
@@ -714,41 +724,28 @@ def udp_rounds(backends: list[str], n: int, rounds: int, seconds: int, cpu: int)
     as the sender's CPU plus that CPU's ksoftirqd per datagram (bench/path_cpu.py). The
     ratio of each round to the first backend is the figure: the same measurement for
     every column, seconds apart."""
-    labs: dict[str, Lab] = {}
-    workers: dict[str, subprocess.Popen] = {}
     out: dict = {"services": n, "rounds": [], "backends": backends, "seconds": seconds, "cpu": cpu}
     first = str(ipaddress.IPv4Address(CLUSTER_BASE))
-    try:
-        for b in backends:
-            labs[b] = Lab().__enter__()
-            workers[b] = labs[b].start_worker(b, n, 1)
-            full = ask(workers[b], {"op": "all"}, f"({b}, {n} Services)")
-            if full.get("fast_path") is not None:
-                out.setdefault("fast_path", {})[b] = full["fast_path"]
-                print(f"# {b}: eBPF Services fast path {'on' if full['fast_path'] else 'off'}", flush=True)
-            labs[b].udp_sink_up()
-        for i in range(rounds):
-            row = {}
-            for b in (backends if i % 2 == 0 else backends[::-1]):
-                row[b] = labs[b].udp_path_cost(first, seconds, cpu) or {}
-            out["rounds"].append(row)
-            print(f"round {i + 1}: " + "; ".join(
-                f"{b} {fmt(row[b].get('udp64_path_us_per_packet'), 'f2')} us/pkt "
-                f"({fmt(row[b].get('udp64_first_kpps'), 'k')}pps, ksoftirqd "
-                f"{fmt((row[b].get('ksoftirqd_share') or 0) * 100, 'ns')}%)" for b in backends), flush=True)
-        for b in backends:
-            program_ns = labs[b].udp_program_ns(first)
-            if program_ns:
-                out.setdefault("program_ns", {})[b] = {p: round(v) for p, v in program_ns.items()}
-    finally:
-        for w in workers.values():
-            try:
-                ask(w, {"op": "remove"})
-            except (RuntimeError, BrokenPipeError):
-                pass
-        for lab in labs.values():
-            lab.udp_sink_down()
-            lab.__exit__()
+    with nodes_alive(backends, n, out) as labs:
+        try:
+            for b in backends:
+                labs[b].udp_sink_up()
+            for i in range(rounds):
+                row = {}
+                for b in (backends if i % 2 == 0 else backends[::-1]):
+                    row[b] = labs[b].udp_path_cost(first, seconds, cpu) or {}
+                out["rounds"].append(row)
+                print(f"round {i + 1}: " + "; ".join(
+                    f"{b} {fmt(row[b].get('udp64_path_us_per_packet'), 'f2')} us/pkt "
+                    f"({fmt(row[b].get('udp64_first_kpps'), 'k')}pps, ksoftirqd "
+                    f"{fmt((row[b].get('ksoftirqd_share') or 0) * 100, 'ns')}%)" for b in backends), flush=True)
+            for b in backends:
+                program_ns = labs[b].udp_program_ns(first)
+                if program_ns:
+                    out.setdefault("program_ns", {})[b] = {p: round(v) for p, v in program_ns.items()}
+        finally:
+            for lab in labs.values():
+                lab.udp_sink_down()
     out["ratios"] = {}
     out["costs"] = {}
     for b in backends:
