@@ -115,11 +115,17 @@ def test_a_deleted_nat_table_comes_back(lab):
     assert "masquerade" in node_sh(lab, "node-1", "nft", "list", "table", "ip", "podnet-nat")
 
 
-def test_a_deleted_service_table_comes_back(lab):
+def web_service_reached(lab) -> str:
+    """The web Service's probe target, reached from the client before the drift."""
     svc = lab.store().get(Service, "web", "default")
     assert svc is not None and svc.spec.cluster_ip
     target = f"tcp:{svc.spec.cluster_ip}:80"
     assert reaches(lab, "client", target)
+    return target
+
+
+def test_a_deleted_service_table_comes_back(lab):
+    target = web_service_reached(lab)
     since = log_offsets(lab)
     node_sh(lab, "node-2", "nft", "delete", "table", "ip", "podnet-svc")
     wait_for(lambda: repaired(lab, "node-2", "services", since), "the Service drift found")
@@ -128,10 +134,7 @@ def test_a_deleted_service_table_comes_back(lab):
 
 def test_a_flushed_service_chain_is_refilled_by_one_resync(lab):
     # names and element counts stay as they were: only the rules are gone
-    svc = lab.store().get(Service, "web", "default")
-    assert svc is not None and svc.spec.cluster_ip
-    target = f"tcp:{svc.spec.cluster_ip}:80"
-    assert reaches(lab, "client", target)
+    target = web_service_reached(lab)
     since = log_offsets(lab)
     node_sh(lab, "node-2", "nft", "flush", "chain", "ip", "podnet-svc", "services")
     # (until the next resync nothing is DNATed; asserting that would race with it)
@@ -140,10 +143,7 @@ def test_a_flushed_service_chain_is_refilled_by_one_resync(lab):
 
 
 def test_a_service_dnat_rule_pointed_elsewhere_is_found_and_the_service_reaches_its_endpoints(lab):
-    svc = lab.store().get(Service, "web", "default")
-    assert svc is not None and svc.spec.cluster_ip
-    target = f"tcp:{svc.spec.cluster_ip}:80"
-    assert reaches(lab, "client", target)
+    target = web_service_reached(lab)
     since = log_offsets(lab)
     # one endpoint: the Service goes through chain svc_1, its random pick DNATed to a blackhole
     replace_rule(lab, "node-2", "podnet-svc", "svc_1", lambda expr: any("numgen" in str(e) for e in expr),
