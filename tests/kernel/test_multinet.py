@@ -102,6 +102,13 @@ def nad(name: str, config: dict) -> NetworkAttachmentDefinition:
         "metadata": {"name": name, "namespace": "default"}, "spec": {"config": json.dumps(config)}})
 
 
+def macvlan_then(name: str, plugin: dict) -> NetworkAttachmentDefinition:
+    """A network of macvlan on data0 with a podnet-ipam address, then `plugin` chained after it."""
+    return nad(name, {"cniVersion": "1.0.0", "name": name, "plugins": [
+        {"type": "macvlan", "master": "data0", "mode": "bridge",
+         "ipam": {"type": "podnet-ipam", "pools": ["global"], "subnet": SUBNET}}, plugin]})
+
+
 @pytest.fixture
 def lab(tmp_path):
     procs: list[subprocess.Popen] = []
@@ -321,10 +328,7 @@ def test_del_removes_every_attachment_past_a_delegate_that_errors(lab):
     node = lab["nodes"][1]
     fail, log = lab["tmp"] / "fail-del", lab["tmp"] / "failing-del.log"
     fail.write_text("")
-    lab["objects"].apply([nad("sticky", {"cniVersion": "1.0.0", "name": "sticky", "plugins": [
-        {"type": "macvlan", "master": "data0", "mode": "bridge",
-         "ipam": {"type": "podnet-ipam", "pools": ["global"], "subnet": SUBNET}},
-        {"type": "failing-del", "failFile": str(fail), "log": str(log)}]})])
+    lab["objects"].apply([macvlan_then("sticky", {"type": "failing-del", "failFile": str(fail), "log": str(log)})])
     pod, conf = new_pod(lab, "sticky", "pod-bridge, sticky")
     node["runtime"].add(conf)
     assert links(pod) == ["eth0", "lo", "net1", "net2"] and len(leases(lab)) == 1 and len(handles(lab["kv"])) == 2
@@ -372,10 +376,7 @@ def test_kill_9_in_the_middle_of_an_add_then_a_retry(lab):
     os.mkfifo(fifo)
     block = lab["tmp"] / "block"
     block.write_text("")
-    lab["objects"].apply([nad("slow", {"cniVersion": "1.0.0", "name": "slow", "plugins": [
-        {"type": "macvlan", "master": "data0", "mode": "bridge",
-         "ipam": {"type": "podnet-ipam", "pools": ["global"], "subnet": SUBNET}},
-        {"type": "blocker", "fifo": str(fifo), "blockFile": str(block)}]})])
+    lab["objects"].apply([macvlan_then("slow", {"type": "blocker", "fifo": str(fifo), "blockFile": str(block)})])
     pod, conf = new_pod(lab, "slowpod", "pod-bridge, slow")
     server = next(p for p in lab["procs"] if node["sock"] in p.args)
     failure: list[BaseException] = []
