@@ -251,12 +251,14 @@ class Topology:
         in_ns(ns, "ip", "route", "add", "default", "via", gw)
 
     def close(self) -> None:
-        self.driver.close()
-        for p in self.procs:
-            p.kill()
-            p.wait()
-        sh("rm", "-f", f"/tmp/{self.nsm.tag}-sctp", check=False)
-        sh("rm", "-rf", f"{self.pin_root}/podnet/{self.pins}", check=False)
+        try:
+            self.driver.close()
+        finally:  # a driver that failed to remove its programs must not leave their pins (links)
+            for p in self.procs:
+                p.kill()
+                p.wait()
+            sh("rm", "-f", f"/tmp/{self.nsm.tag}-sctp", check=False)
+            sh("rm", "-rf", f"{self.pin_root}/podnet/{self.pins}", check=False)
 
     # -- probing
 
