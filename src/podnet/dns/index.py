@@ -41,6 +41,7 @@ from podnet.dns.wire import AAAA, ANY, CNAME, IN, NS, NXDOMAIN, PTR, SOA, SRV, T
 from podnet.model import records
 from podnet.model.addresses import packed_ip
 from podnet.model.objects import EndpointSlice, KubeObject, Namespace, Pod, Service
+from podnet.model.onemany import add_one, discard_one
 from podnet.model.records import SliceRecord, slice_record_of
 from podnet.policy.model import PodInfo, pod_info
 from podnet.store.objects import split_object_key
@@ -367,26 +368,12 @@ class ClusterIndex:
             svc_rec = self._svc.get(ns, {}).get(old.svc)
             if svc_rec is not None and svc_rec[0] == KIND_HEADLESS:  # its kind
                 self._slice_ptrs(ns, old, svc_rec, add=False)
-            skey = (ns, old.svc)
-            names = self._svc_slices.get(skey)
-            if names == name:
-                del self._svc_slices[skey]
-            elif isinstance(names, set):
-                names.discard(name)
-                if len(names) == 1:
-                    self._svc_slices[skey] = next(iter(names))
+            discard_one(self._svc_slices, (ns, old.svc), name)
             del self._slices[key]
             self._changed((ns, old.svc))
         if rec is not None:
             self._slices[key] = rec
-            skey = (ns, rec.svc)
-            names = self._svc_slices.get(skey)
-            if names is None:
-                self._svc_slices[skey] = name
-            elif isinstance(names, set):
-                names.add(name)
-            elif names != name:
-                self._svc_slices[skey] = {names, name}
+            add_one(self._svc_slices, (ns, rec.svc), name)
             svc_rec = self._svc.get(ns, {}).get(rec.svc)
             if svc_rec is not None and svc_rec[0] == KIND_HEADLESS:  # its kind
                 self._slice_ptrs(ns, rec, svc_rec, add=True)

@@ -38,6 +38,7 @@ from functools import lru_cache
 
 from podnet.dataplane.nftables import Chain, Elements, Map, Set, Table, Transaction
 from podnet.dataplane.nftables import Rule as NftRule
+from podnet.model.onemany import add_one, discard_one
 from podnet.policy.model import (
     CidrPeer,
     Delta,
@@ -220,22 +221,10 @@ class PolicyCompiler:
         return selector_matches(sel.pod_selector, pod.label_map)
 
     def _index_ip(self, ip: str, key: str) -> None:
-        held = self.ip_pods.get(ip)
-        if held is None or held == key:
-            self.ip_pods[ip] = key
-        elif isinstance(held, set):
-            held.add(key)
-        else:
-            self.ip_pods[ip] = {held, key}
+        add_one(self.ip_pods, ip, key)
 
     def _unindex_ip(self, ip: str, key: str) -> None:
-        held = self.ip_pods.get(ip)
-        if held == key:
-            del self.ip_pods[ip]
-        elif isinstance(held, set):
-            held.discard(key)
-            if len(held) == 1:
-                self.ip_pods[ip] = next(iter(held))
+        discard_one(self.ip_pods, ip, key)
 
     def _pods_at(self, ip: str) -> tuple[str, ...] | set[str]:
         held = self.ip_pods.get(ip)
