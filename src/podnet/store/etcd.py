@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import queue
 import select
 import socket
 import ssl
@@ -344,6 +345,95 @@ def _read_json(resp: http.client.HTTPResponse) -> dict[str, Any]:
     return doc
 
 
+class _SnapshotCompacted(StoreError):
+    """A page after the first asked for a revision etcd compacted meanwhile."""
+
+
+_END = object()
+
+
+class _PageReader:
+    """The pages of one range listing, each read while the caller decodes the one before.
+
+    A listing is hundreds of requests; without overlap the store waits for the network
+    (and etcd's JSON encoding) and then for its own decoding, one after the other. A
+    thread fetches the pages, through the store's own connection (with its failover and
+    token, one request at a time as every call), at most AHEAD pages before the caller;
+    the caller decodes. Every page after the first is read at the first page's revision
+    (one snapshot). Leaving the `with` block, however it is left, stops the thread and
+    waits for its request in flight, so no thread outlives the listing and the
+    connection is left between requests.
+    """
+
+    AHEAD = 2  # pages waiting for the caller: enough to cover one slow page, little memory
+
+    def __init__(self, store: EtcdStore, prefix: str):
+        self.store = store
+        self.start = prefix.encode()
+        self.end = _b64(prefix_range_end(self.start))
+        self.revision = 0
+        self._pages: queue.Queue[Any] = queue.Queue(self.AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fetch, name=f"etcd-list {prefix}", daemon=True)
+
+    def __enter__(self) -> _PageReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # it may wait to hand over a page: take it
+            try:
+                self._pages.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        """The raw key-values of each page, in key order; raises what reading a page raised."""
+        while True:
+            item = self._pages.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            rev, kvs = item
+            self.revision = rev
+            yield kvs
+
+    def _fetch(self) -> None:
+        rev, key = 0, self.start
+        try:
+            while not self._stop.is_set():
+                request: dict[str, Any] = {"key": _b64(key), "range_end": self.end,
+                                           "limit": str(self.store.page_size)}
+                if rev:
+                    request["revision"] = str(rev)  # every page from the first page's snapshot
+                try:
+                    doc = self.store._call("/v3/kv/range", request)
+                except StoreError as e:
+                    if rev and "compacted" in str(e):
+                        raise _SnapshotCompacted(str(e)) from None
+                    raise
+                rev = rev or int(doc["header"]["revision"])
+                kvs = doc.get("kvs") or []
+                self._hand_over((rev, kvs))
+                if not doc.get("more") or not kvs:
+                    self._hand_over(_END)
+                    return
+                key = _unb64(kvs[-1]["key"]) + b"\x00"
+        except BaseException as e:  # raised to the caller, in its thread
+            self._hand_over(e)
+
+    def _hand_over(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._pages.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+
+
 class EtcdStore(KeyValueStore):
     """endpoints: HOST:PORT, or etcdctl's http://HOST:PORT / https://HOST:PORT (all alike);
     tls: for endpoints without a scheme; credentials: TLS files, user and password (as
@@ -585,60 +675,38 @@ class EtcdStore(KeyValueStore):
         doc = self._call("/v3/kv/range", {"key": _b64(SHARED.encode()), "count_only": True})
         return int(doc["header"]["revision"])
 
+    def identity(self) -> str:
+        """The etcd cluster's ID (a cluster made again with the same members and token has
+        the same: the agent's snapshot also checks a revision and its own Node's)."""
+        doc = self._call("/v3/kv/range", {"key": _b64(SHARED.encode()), "count_only": True})
+        return f"etcd:{doc['header'].get('cluster_id', '')}"
+
     def get(self, key: str) -> Record | None:
         doc = self._call("/v3/kv/range", {"key": _b64(key.encode())})
         kvs = doc.get("kvs") or []
         return _record(kvs[0]) if kvs else None
 
     def list(self, prefix: str) -> tuple[list[Record], int]:
-        start = prefix.encode()
-        end = _b64(prefix_range_end(start))
         for _attempt in range(5):
             records: list[Record] = []
-            rev = 0
-            key = start
             try:
-                while True:
-                    request: dict[str, Any] = {"key": _b64(key), "range_end": end, "limit": str(self.page_size)}
-                    if rev:
-                        request["revision"] = str(rev)  # every page from the first page's snapshot
-                    doc = self._call("/v3/kv/range", request)
-                    if not rev:
-                        rev = int(doc["header"]["revision"])
-                    kvs = doc.get("kvs") or []
-                    records.extend(_record(kv) for kv in kvs)
-                    if not doc.get("more") or not kvs:
-                        return records, rev
-                    key = _unb64(kvs[-1]["key"]) + b"\x00"
-            except StoreError as e:
-                if "compacted" not in str(e):
-                    raise
-                # The snapshot was compacted between pages: read it all again, at a newer revision.
+                with _PageReader(self, prefix) as pages:
+                    for kvs in pages:
+                        records.extend(_record(kv) for kv in kvs)
+                return records, pages.revision
+            except _SnapshotCompacted:
+                pass  # the snapshot was compacted between pages: read it all again, at a newer revision
         raise StoreUnavailable(f"listing {prefix!r}: the store was compacted under every attempt")
 
     def stream(self, prefix: str, sink: Callable[[Record], None]) -> int:
-        start = prefix.encode()
-        end = _b64(prefix_range_end(start))
-        rev = 0
-        key = start
-        while True:
-            request: dict[str, Any] = {"key": _b64(key), "range_end": end, "limit": str(self.page_size)}
-            if rev:
-                request["revision"] = str(rev)  # every page from the first page's snapshot
+        with _PageReader(self, prefix) as pages:
             try:
-                doc = self._call("/v3/kv/range", request)
-            except StoreError as e:
-                if "compacted" in str(e):
-                    raise Compacted(rev, rev + 1) from None
-                raise
-            if not rev:
-                rev = int(doc["header"]["revision"])
-            kvs = doc.get("kvs") or []
-            for kv in kvs:
-                sink(_record(kv))
-            if not doc.get("more") or not kvs:
-                return rev
-            key = _unb64(kvs[-1]["key"]) + b"\x00"
+                for kvs in pages:
+                    for kv in kvs:
+                        sink(_record(kv))
+            except _SnapshotCompacted:
+                raise Compacted(pages.revision, pages.revision + 1) from None
+        return pages.revision
 
     # ------------------------------------------------------------------ writes
 
