@@ -3,9 +3,10 @@
 Every write runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's single
 writer lock before reading the revision counter, so conditional writes from
 concurrent CNI invocations serialise and none is lost. A change log (one row per
-key change, tagged with its revision) feeds watches; watchers poll it cheaply
-through `PRAGMA data_version`, which only changes when another connection
-commits.
+key change, tagged with its revision) feeds watches. A watch sleeps until the store's
+files change (inotify, store/wakeup.py), then asks `PRAGMA data_version`, which only
+changes when another connection commits, whether there is news: a commit in another
+process reaches it at once, and an idle watch costs two checks a second.
 
 Faults are StoreUnavailable errors of one line naming the file: a writer lock held
 elsewhere for longer than BUSY_TIMEOUT ("store PATH is locked by another writer"), and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import sqlite3
@@ -43,6 +45,9 @@ from podnet.store.base import (
     StoreUnavailable,
     check_expect,
 )
+from podnet.store.wakeup import FileWakeup
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -52,13 +57,23 @@ CREATE TABLE IF NOT EXISTS log (
     rev INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL,
     type TEXT NOT NULL, value TEXT, PRIMARY KEY (rev, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
+INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0), ('store_id', abs(random()));
 """
 
 # History kept for watches; older change-log rows are dropped every COMPACT_EVERY revisions.
 HISTORY_KEPT = 200_000
 COMPACT_EVERY = 5_000
+# A watch waits for a file change at most this long before it checks the store anyway: a
+# notification missed (a file system without inotify, or written from another host) costs
+# latency, never an event.
+WATCH_SAFETY_POLL_SECONDS = 0.5
+# A commit writes the -wal file a moment before it shows (SQLite then updates the index in
+# shared memory, which inotify does not see): a wake that found no news looks again this
+# soon, then ever less often up to the safety poll.
+WATCH_RECHECK_SECONDS = 0.001
+# Without inotify (none left for this user: fs.inotify.max_user_instances), watches poll.
 WATCH_POLL_SECONDS = 0.02
+_no_inotify_logged = False
 # Seconds a write waits for the writer lock another process holds (and an open for a new
 # file's first write), then fails naming the store: writes take milliseconds, so a lock
 # held this long is a stuck or long-running writer, not contention.
@@ -124,6 +139,8 @@ class SQLiteStore(KeyValueStore):
                                    "$PODNET_STORE names another)")
         _make_private(path)
         self._closed = False  # close() ends this store's watches too
+        self._wakeups: set[FileWakeup] = set()  # of the watches blocked or running; close() stops them
+        self._wakeups_lock = threading.Lock()
         self._db = self._connect()
         self.file_id = self._file_id()
         self._writer = _writer_lock(path)
@@ -197,17 +214,32 @@ class SQLiteStore(KeyValueStore):
             raise self._fault(e) from None
 
     def close(self) -> None:
-        """Close the connection, and end this store's watches (each closes its own
-        connection within one poll), as etcd's close() does: a process that closes every
+        """Close the connection, and end this store's watches (each wakes at once and
+        closes its own connection), as etcd's close() does: a process that closes every
         store it opened leaves no connection behind, so the last one out checkpoints the
         WAL and removes it."""
-        self._closed = True
+        with self._wakeups_lock:
+            self._closed = True
+            for wakeup in self._wakeups:
+                wakeup.stop()
         self._db.close()
 
     def revision(self) -> int:
         self.check_file()
         with self._faults():
             return self._db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+
+    def identity(self) -> str:
+        """The file's path and a random number drawn when the store was made (a store made
+        again at the path has another; one made before the number existed gets it now)."""
+        self.check_file()
+        with self._faults():
+            row = self._db.execute("SELECT value FROM meta WHERE name='store_id'").fetchone()
+        if row is None:
+            with self._writer, self._faults():
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', abs(random()))")
+                row = self._db.execute("SELECT value FROM meta WHERE name='store_id'").fetchone()
+        return f"sqlite:{os.path.realpath(self.path)}:{row[0]}"
 
     def get(self, key: str) -> Record | None:
         with self._faults():
@@ -313,17 +345,26 @@ class SQLiteStore(KeyValueStore):
         if self._closed:
             return
         db = self._connect()  # a watch blocks: it must not share the caller's connection
+        wakeup = None
         try:
+            wakeup = self._watch_wakeup()
             if start_revision <= 0:
                 start_revision = db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0] + 1
             next_rev = start_revision
             last_version = None
+            timeout = WATCH_SAFETY_POLL_SECONDS
             while not self._closed:
                 version = db.execute("PRAGMA data_version").fetchone()[0]
                 if version == last_version:
-                    time.sleep(WATCH_POLL_SECONDS)
+                    if wakeup is None:
+                        time.sleep(WATCH_POLL_SECONDS)
+                    elif wakeup.wait(timeout):
+                        timeout = WATCH_RECHECK_SECONDS
+                    else:
+                        timeout = min(timeout * 2, WATCH_SAFETY_POLL_SECONDS)
                     continue
                 last_version = version
+                timeout = WATCH_SAFETY_POLL_SECONDS
                 db.execute("BEGIN")
                 try:
                     compacted = db.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
@@ -341,7 +382,29 @@ class SQLiteStore(KeyValueStore):
                     yield Event(typ, key, codec.loads(value) if value is not None else None, rev)
                 next_rev = max(next_rev, head + 1)
         finally:
+            if wakeup is not None:
+                with self._wakeups_lock:
+                    self._wakeups.discard(wakeup)
+                wakeup.close()
             db.close()
+
+    def _watch_wakeup(self) -> FileWakeup | None:
+        """What a watch sleeps on: changes of the database and its -wal file, or close().
+        None when inotify cannot be had: the watch then polls."""
+        global _no_inotify_logged
+        real = os.path.realpath(self.path)  # SQLite names the -wal file after the resolved path
+        try:
+            wakeup = FileWakeup(os.path.dirname(real), {os.path.basename(real), os.path.basename(real) + "-wal"})
+        except OSError as e:
+            if not _no_inotify_logged:
+                _no_inotify_logged = True
+                log.debug("store %s: no inotify (%s); watches poll every %g s", self.path, e, WATCH_POLL_SECONDS)
+            return None
+        with self._wakeups_lock:
+            if self._closed:
+                wakeup.stop()  # closed before this watch began: it ends at its first wait
+            self._wakeups.add(wakeup)
+        return wakeup
 
 
 def _busy(e: BaseException) -> bool:
