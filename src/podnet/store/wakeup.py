@@ -18,9 +18,10 @@ from inotify_simple import INotify
 from inotify_simple import flags as inflags
 
 # A commit writes the -wal file (a checkpoint writes the database file); a new -wal is
-# created, or a file is moved into place. IN_CLOSE_WRITE covers a writer that opens, writes
-# and closes in one go.
-CHANGES = inflags.MODIFY | inflags.CREATE | inflags.MOVED_TO | inflags.CLOSE_WRITE
+# created, or a file is moved into place. Not IN_CLOSE_WRITE: every SQLite connection, a
+# reader's too, reports it on the -wal file when it closes, and it never carries news (the
+# commit's own writes came first), so it would only wake every watch for nothing.
+CHANGES = inflags.MODIFY | inflags.CREATE | inflags.MOVED_TO
 
 
 class FileWakeup:
