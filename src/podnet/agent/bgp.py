@@ -88,6 +88,14 @@ class BgpDataplane(Dataplane):
             for key in [k for k in self._blocks if k not in listed]:
                 del self._blocks[key]
 
+    def snapshot(self) -> object:
+        with self._lock:
+            return dict(self._blocks)
+
+    def restore(self, state: object) -> None:
+        with self._lock:
+            self._blocks = dict(state)  # type: ignore[call-overload]
+
     # -- sync
 
     def compile(self) -> NodeBgp | None:

@@ -110,6 +110,17 @@ class ObjectCache:
                 bucket[ev.key] = typed.object
         return typed
 
+    def snapshot_state(self) -> dict[str, dict[str, KubeObject]]:
+        with self._lock:
+            return {kind: dict(objects) for kind, objects in self._objects.items()}
+
+    def restore_state(self, state: dict[str, dict[str, KubeObject]]) -> list[ObjectEvent]:
+        """Hold what snapshot_state() returned; the objects as ADDED events (for the
+        dataplanes that are fed from events but keep nothing of their own)."""
+        with self._lock:
+            self._objects = {kind: dict(objects) for kind, objects in state.items()}
+        return [ObjectEvent("ADDED", obj, key, 0) for objects in state.values() for key, obj in objects.items()]
+
     def fresh(self) -> ObjectCache:
         """An empty cache that decodes and keeps as this one does (for a relist)."""
         return ObjectCache(self.unkept, self.records)

@@ -13,6 +13,9 @@
     verify()           compare the kernel with what was applied, as cheaply as the
                        dataplane can tell; a non-empty list (the drift found) makes the
                        next sync repair it
+    snapshot()         what it was fed (its compact inputs, picklable), for the restart
+    restore(state)     snapshot (agent/snapshot.py); restore() takes it back instead of
+                       a first list, and the first sync then starts from it
 
 The agent runs each dataplane on its own worker (agent/worker.py): one dataplane's
 slow sync never delays another's, and a change waits only for its own dataplane.
@@ -75,6 +78,14 @@ class Dataplane:
 
     def verify(self) -> list[str]:
         return []
+
+    def snapshot(self) -> object:
+        """What this dataplane holds from events, picklable (None: nothing; it is fed again
+        from the cache's objects after a restore)."""
+        return None
+
+    def restore(self, state: object) -> None:
+        """Hold again what snapshot() returned (on a fresh dataplane, before its first sync)."""
 
     def close(self) -> None:
         pass

@@ -45,6 +45,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from podnet.agent import snapshot
 from podnet.agent.bgp import BgpDataplane
 from podnet.agent.cache import ObjectCache
 from podnet.agent.contract import Dataplane, DataplaneMetrics
@@ -101,6 +102,7 @@ class AgentConfig:
     cloud_instance_id: str | None = None  # ENI pools: this node's instance (default: the Node's providerID)
     cloud_endpoint: str | None = None  # ENI pools: the EC2 endpoint (default: the CloudNetwork's, else AWS's)
     bgp_dir: str | None = None  # BIRD's files (default: `<socket>.bird`)
+    snapshot: bool = True  # a clean stop writes `<socket>.snapshot`, the next start begins from it
 
 
 class Agent:
@@ -158,7 +160,9 @@ class Agent:
         # cyclic collector on, each of its passes walks all that was decoded so far (at 50 000
         # Services, 3 of 5 s of decoding). It stays off until the first sync is done.
         gc.disable()
-        rev = self.follower.relist(self.kv)  # each object goes to its dataplanes as it is decoded
+        rev = self._start_from_snapshot()  # after a clean restart: what this node held then
+        if rev is None:
+            rev = self.follower.relist(self.kv)  # each object goes to its dataplanes as it is decoded
         self._start_dns()
         self._start_cni_server()
         for worker in self.workers.values():  # the first sync: full, one dataplane after another
@@ -269,6 +273,61 @@ class Agent:
         options = PoolOptions(instance_id=self.cfg.cloud_instance_id, endpoint=self.cfg.cloud_endpoint)
         return EniAgent.for_node(self.objects, self.cfg.node, self._open_kv, options)
 
+    # -- the restart snapshot (agent/snapshot.py)
+
+    def _snapshot_identity(self) -> tuple[str, str]:
+        """(the agent's settings, the store) a snapshot must have been written with: the
+        settings and dataplanes that shaped the records, and the store with this node's Node
+        as created there (a store made again and filled anew differs in it)."""
+        from dataclasses import asdict
+
+        from podnet.store.objects import object_key
+
+        config = snapshot.fingerprint({**asdict(self.cfg), "node_ip": self.node_ip,
+                                       "dataplanes": [dp.name for dp in self.dataplanes]})
+        node = self.kv.get(object_key(Node, self.cfg.node))
+        return config, f"{self.kv.identity()} node {node.create_revision if node else 0}"
+
+    def _start_from_snapshot(self) -> int | None:
+        """Restore the snapshot a clean stop left (None: none fits; list the store)."""
+        path = self.cfg.socket + snapshot.SUFFIX
+        if not os.path.exists(path):
+            return None
+        try:
+            config, store = self._snapshot_identity()
+            snap = snapshot.take(path, config, store, self.kv.revision())
+        except Exception as e:  # the store failed to answer: list it as without a snapshot
+            log.warning("not starting from %s: %s", path, e)
+            return None
+        if snap is None:
+            return None
+        started = time.monotonic()
+        rev = self.follower.restore(snap)
+        log.info("started from %s at revision %d (%.2f s); watching the store from there", path, rev,
+                 time.monotonic() - started)
+        return rev
+
+    def _write_snapshot(self) -> None:
+        """At a clean stop, once the watch has ended: what the dataplanes hold, for the next start."""
+        if self.follower is None or not self.synced.is_set() or not self.cfg.snapshot:
+            return
+        busy = [w.name for w in self.workers.values() if w.alive()]
+        if (self.watcher is not None and self.watcher.is_alive()) or busy:
+            log.warning("not writing a snapshot: %s did not stop", ", ".join(busy) or "the watch")
+            return
+        snap = self.follower.snapshot()
+        if snap is None:
+            return
+        path = self.cfg.socket + snapshot.SUFFIX
+        try:
+            started = time.monotonic()
+            config, store = self._snapshot_identity()
+            size = snapshot.write(path, snap, config, store)
+            log.info("wrote %s: revision %d, %.1f MiB in %.2f s", path, snap.revision, size / 2**20,
+                     time.monotonic() - started)
+        except Exception as e:  # the next start lists the store instead
+            log.warning("cannot write %s: %s", path, e)
+
     def _open_kv(self) -> KeyValueStore:
         return open_store(self.cfg.store_url, create=False, credentials=self.cfg.store_credentials)
 
@@ -311,6 +370,7 @@ class Agent:
             self.watcher.join(10)
         for worker in self.workers.values():
             worker.stop()
+        self._write_snapshot()
         handler = self.server.handler if self.server is not None else None
         for closer in (self.server and self.server.stop, handler and handler.close,
                        self.cni_kv and self.cni_kv.close, self.dns and self.dns.stop_thread,

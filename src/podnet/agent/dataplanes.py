@@ -80,6 +80,15 @@ class RoutesDataplane(Dataplane):
                 del self._blocks[key]
                 self._dirty_blocks.add(key)
 
+    def snapshot(self) -> object:
+        with self._lock:
+            return dict(self._blocks)
+
+    def restore(self, state: object) -> None:
+        with self._lock:
+            self._blocks = dict(state)  # type: ignore[call-overload]
+            self._dirty_blocks = set(self._blocks)
+
     def sync(self, full: bool) -> str:
         pools = self.cache.list(IPPool)
         nodes = self.cache.list(Node)
@@ -187,6 +196,12 @@ class PolicyDataplane(Dataplane):
         if listed is not ALL_KEYS:  # (the first list: nothing held before it)
             self.live.end_reload(listed)
 
+    def snapshot(self) -> object:
+        return self.live.snapshot()
+
+    def restore(self, state: object) -> None:
+        self.live.restore(state)
+
     def sync(self, full: bool) -> str:
         ch = self.programmer.sync_live(self.live)
         if ch.errors and not ch.full:
@@ -248,6 +263,13 @@ class DnsDataplane(Dataplane):
         for kind, ns, name in self.index.keys():
             if object_key(KINDS[kind], name, ns) not in listed:
                 self.index.remove_key(kind, ns, name)
+
+    def snapshot(self) -> object:
+        return self.index.snapshot() if self.index is not None else None
+
+    def restore(self, state: object) -> None:
+        if self.index is not None and state is not None:
+            self.index.restore(state)
 
     def sync(self, full: bool) -> str:
         if self._ensure is None or (self._ensured and not full):

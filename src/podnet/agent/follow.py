@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from podnet.agent.cache import ObjectCache
 from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane, kind_of
+from podnet.agent.snapshot import Snapshot
 from podnet.store.base import Compacted, Event, KeyValueStore, Record, StoreUnavailable
 from podnet.store.layout import SHARED
 from podnet.store.objects import ObjectEvent
@@ -39,6 +40,8 @@ class StoreFollower:
         self._watch_kv: KeyValueStore | None = None  # the watch's own connection, closed by stop()
         self._takers: dict[str | None, list[Dataplane]] = {}  # kind -> the dataplanes its events go to
         self._fed = False  # the dataplanes were fed (a list began, or an event): they may hold objects
+        # the store revision the cache and every dataplane hold (0: none, or a list under way)
+        self.revision = 0
 
     def relist(self, kv: KeyValueStore, attempts: int = 5) -> int:
         """Load everything under the prefix, as one consistent snapshot streamed page by
@@ -50,6 +53,7 @@ class StoreFollower:
             first = not self._fed  # nothing was fed before: nothing can be gone
             self._fed = True  # from here on the dataplanes hold what this list feeds them
             listed: set[str] | AllKeys = ALL_KEYS if first else set()
+            self.revision = 0
             for dp in self.dataplanes:
                 dp.begin_reload()
 
@@ -69,9 +73,33 @@ class StoreFollower:
             self.cache.adopt(fresh)
             for dp in self.dataplanes:
                 dp.end_reload(listed)
+            self.revision = rev
             self.on_change(rev, self.dataplanes)
             return rev
         raise StoreUnavailable(f"listing {self.prefix}: the snapshot was compacted under every attempt")
+
+    def snapshot(self) -> Snapshot | None:
+        """What the cache and every dataplane hold, at the revision they hold it (None
+        while a list is under way). Call it with the watch stopped."""
+        if not self.revision:
+            return None
+        return Snapshot(self.revision, self.cache.snapshot_state(),
+                        {dp.name: dp.snapshot() for dp in self.dataplanes})
+
+    def restore(self, snap: Snapshot) -> int:
+        """Hold what `snap` holds instead of a first list; its revision (watch from the next).
+        The cache's objects go as events to the dataplanes (those that keep none of their own
+        learn them so)."""
+        self._fed = True
+        for ev in self.cache.restore_state(snap.cache):
+            self._feed(ev)
+        for dp in self.dataplanes:
+            state = snap.dataplanes.get(dp.name)
+            if state is not None:
+                dp.restore(state)
+        self.revision = snap.revision
+        self.on_change(snap.revision, self.dataplanes)
+        return snap.revision
 
     def _feed(self, ev: ObjectEvent) -> list[Dataplane]:
         """One event to every dataplane of its kind; one failing does not keep it from the others."""
@@ -93,6 +121,8 @@ class StoreFollower:
         self._fed = True
         typed = self.cache.apply(ev)
         dirty = self._feed(typed if typed is not None else ObjectEvent(ev.type, None, ev.key, ev.revision))
+        if self.revision:
+            self.revision = ev.revision
         self.on_change(ev.revision, dirty)
 
     def watch(self, open_kv: Callable[[], KeyValueStore], start_rev: int) -> None:

@@ -186,6 +186,14 @@ class ServiceDataplane(Dataplane):
                 self.compiler.delete_slice(ns, name)
                 self._triggers.pop(f"{ns}/{name}", None)
 
+    def snapshot(self) -> object:
+        with self._lock:
+            return self.compiler.snapshot()
+
+    def restore(self, state: object) -> None:
+        with self._lock:
+            self.compiler.restore(state)
+
     def replace(self, services: Iterable[Service], slices: Iterable[EndpointSlice]) -> None:
         """Make the inputs exactly these objects (unchanged resourceVersions cost nothing)."""
         listed = set()

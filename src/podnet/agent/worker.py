@@ -81,6 +81,9 @@ class DataplaneWorker:
         self._thread = threading.Thread(target=self._loop, name=f"sync-{self.name}", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping.set()
         self.wake.set()

@@ -65,7 +65,7 @@ from podnet.dns.resolvconf import NODE_DNS_ADDRESS
 from podnet.errors import PodnetError
 
 TABLE_PREFIX = "podnet-"
-AGENT_FILES = ("", ".synced", ".synced.tmp", ".lock")  # suffixes of the CNI socket's path
+AGENT_FILES = ("", ".synced", ".synced.tmp", ".lock", ".snapshot")  # suffixes of the CNI socket's path
 BIRD_DIR = ".bird"  # the agent's BIRD files: `<socket>.bird/` (bird.pid, bird.ctl, bird.conf, ...)
 RTPROT_BIRD = 12  # what BIRD's kernel protocol marks its routes with
 

@@ -247,6 +247,23 @@ class ClusterIndex:
         for obj in objects:
             self.apply(obj)
 
+    # what the index was fed, for the agent's restart snapshot (answers are rendered again)
+    _FED = ("_svc", "_slices", "_svc_slices", "_cip_ptr", "_ep_ptr", "_interned", "_pods", "_pod_ips",
+            "_ns_objects", "_ns_count", "local_pods", "_local_by_key")
+
+    def snapshot(self) -> dict[str, object]:
+        with self.lock:
+            return {name: getattr(self, name) for name in self._FED}
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Hold what snapshot() returned, in place (the server keeps this index)."""
+        with self.lock:
+            for name in self._FED:
+                setattr(self, name, state[name])
+            self.generation += 1
+            self.responses.clear()
+            self._groups.clear()
+
     def keys(self) -> list[tuple[str, str | None, str]]:
         """(kind, namespace, name) of every object held ("default" for an empty namespace,
         None for Namespaces): what a reload compares with a fresh list."""

@@ -419,6 +419,25 @@ class LiveInputs:
             else:
                 self._queue.append((RELOADED, "", listed))
 
+    def snapshot(self) -> tuple:
+        """The inputs as of now (the queue applied), for the agent's restart snapshot."""
+        with self._lock:
+            queue, self._queue = self._queue, []
+            delta = self._early if self._early is not None else Delta()  # (restore() marks all as new)
+            for kind, key, value in queue:  # (no compile runs meanwhile: the agent stopped its syncs)
+                self._apply(delta, kind, key, value)
+            return self.inputs.pods, self.inputs.namespaces, self.inputs.policies, self._local
+
+    def restore(self, state: tuple) -> None:
+        """Hold what snapshot() returned (before the first take()): the first compile sees
+        every input as new, as after a first list."""
+        pods, namespaces, policies, local = state
+        with self._lock:
+            self.inputs = Inputs(dict(pods), dict(namespaces), dict(policies))
+            self._local = dict(local)
+            self._early = Delta(dict.fromkeys(pods), dict.fromkeys(namespaces), dict.fromkeys(policies))
+            self._early_local = True
+
     def take(self) -> tuple[Inputs, Delta]:
         with self._lock:
             queue, self._queue = self._queue, []

@@ -664,6 +664,17 @@ class ServiceCompiler:
     def __len__(self) -> int:
         return len(self._services)
 
+    def snapshot(self) -> tuple:
+        """The inputs (records of Services, slices and pods), for the agent's restart
+        snapshot; what is compiled from them is not kept: restore() compiles it again."""
+        return self._services, self._slices, self._slice_index, self._pods
+
+    def restore(self, inputs: tuple) -> None:
+        """Hold the inputs snapshot() returned (on a compiler fed nothing yet); the next
+        state() compiles every Service."""
+        self._services, self._slices, self._slice_index, self._pods = (dict(d) for d in inputs)
+        self._dirty = set(self._services)
+
     # -- events
 
     def set_service(self, svc: Service | ServiceInfo) -> None:

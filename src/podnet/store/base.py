@@ -150,6 +150,11 @@ class KeyValueStore(abc.ABC):
     def revision(self) -> int:
         """The store's current revision."""
 
+    def identity(self) -> str:
+        """Which store this is, for what a process keeps across its restarts (the agent's
+        snapshot): a store made again at the same address must differ."""
+        return self.url
+
     def close(self) -> None:  # noqa: B027 - optional for backends
         """Release the store's connections; its watches end (as if exhausted), so a thread
         blocked in one returns."""

@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS log (
     rev INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL,
     type TEXT NOT NULL, value TEXT, PRIMARY KEY (rev, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
+INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0), ('store_id', abs(random()));
 """
 
 # History kept for watches; older change-log rows are dropped every COMPACT_EVERY revisions.
@@ -228,6 +228,18 @@ class SQLiteStore(KeyValueStore):
         self.check_file()
         with self._faults():
             return self._db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+
+    def identity(self) -> str:
+        """The file's path and a random number drawn when the store was made (a store made
+        again at the path has another; one made before the number existed gets it now)."""
+        self.check_file()
+        with self._faults():
+            row = self._db.execute("SELECT value FROM meta WHERE name='store_id'").fetchone()
+        if row is None:
+            with self._writer, self._faults():
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', abs(random()))")
+                row = self._db.execute("SELECT value FROM meta WHERE name='store_id'").fetchone()
+        return f"sqlite:{os.path.realpath(self.path)}:{row[0]}"
 
     def get(self, key: str) -> Record | None:
         with self._faults():
