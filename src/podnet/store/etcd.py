@@ -360,10 +360,11 @@ class _PageReader:
     """The pages of one range listing, each read while the caller decodes the one before.
 
     A listing is hundreds of requests; without overlap the store waits for the network
-    (and etcd's JSON encoding) and then for its own decoding, one after the other. A
-    thread fetches the pages, through the store's own connection (with its failover and
-    token, one request at a time as every call), at most AHEAD pages ahead of the caller;
-    the caller decodes. Every page after the first is read at the first page's revision
+    (and etcd's JSON encoding) and then for its own decoding, one after the other. The
+    caller reads the first page itself (a listing of one page starts no thread); if more
+    follow, a thread fetches them, through the store's own connection (with its failover
+    and token, one request at a time as every call), at most AHEAD pages ahead of the
+    caller, who decodes. Every page after the first is read at the first page's revision
     (one snapshot). Leaving the `with` block, however it is left, stops the thread and
     waits for its request in flight, so no thread outlives the listing and the
     connection is left between requests.
@@ -378,14 +379,15 @@ class _PageReader:
         self.revision = 0
         self._pages: queue.Queue[Any] = queue.Queue(self.AHEAD)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fetch, name=f"etcd-list {prefix}", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> _PageReader:
-        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._thread is None:
+            return
         while self._thread.is_alive():  # it may wait to hand over a page: take it
             try:
                 self._pages.get(timeout=0.05)
@@ -395,37 +397,45 @@ class _PageReader:
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         """The raw key-values of each page, in key order; raises what reading a page raised."""
+        kvs, after = self._page(self.start)
+        if after is not None:
+            self._thread = threading.Thread(target=self._fetch, args=(after,), daemon=True,
+                                            name=f"etcd list {self.start.decode(errors='replace')}")
+            self._thread.start()
+        yield kvs
+        if after is None:
+            return
         while True:
             item = self._pages.get()
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
-            rev, kvs = item
-            self.revision = rev
-            yield kvs
+            yield item
 
-    def _fetch(self) -> None:
-        rev, key = 0, self.start
+    def _page(self, key: bytes) -> tuple[list[dict[str, Any]], bytes | None]:
+        """One page from key on, and the key the next page starts at (None: this is the last)."""
+        request: dict[str, Any] = {"key": _b64(key), "range_end": self.end, "limit": str(self.store.page_size)}
+        if self.revision:
+            request["revision"] = str(self.revision)  # every page from the first page's snapshot
         try:
-            while not self._stop.is_set():
-                request: dict[str, Any] = {"key": _b64(key), "range_end": self.end,
-                                           "limit": str(self.store.page_size)}
-                if rev:
-                    request["revision"] = str(rev)  # every page from the first page's snapshot
-                try:
-                    doc = self.store._call("/v3/kv/range", request)
-                except StoreError as e:
-                    if rev and "compacted" in str(e):
-                        raise _SnapshotCompacted(str(e)) from None
-                    raise
-                rev = rev or int(doc["header"]["revision"])
-                kvs = doc.get("kvs") or []
-                self._hand_over((rev, kvs))
-                if not doc.get("more") or not kvs:
-                    self._hand_over(_END)
-                    return
-                key = _unb64(kvs[-1]["key"]) + b"\x00"
+            doc = self.store._call("/v3/kv/range", request)
+        except StoreError as e:
+            if self.revision and "compacted" in str(e):
+                raise _SnapshotCompacted(str(e)) from None
+            raise
+        self.revision = self.revision or int(doc["header"]["revision"])
+        kvs = doc.get("kvs") or []
+        if not doc.get("more") or not kvs:
+            return kvs, None
+        return kvs, _unb64(kvs[-1]["key"]) + b"\x00"
+
+    def _fetch(self, key: bytes | None) -> None:
+        try:
+            while key is not None and not self._stop.is_set():
+                kvs, key = self._page(key)
+                self._hand_over(kvs)
+            self._hand_over(_END)
         except BaseException as e:  # raised to the caller, in its thread
             self._hand_over(e)
 
