@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -66,6 +67,42 @@ def test_stream_of_many_pages_gives_every_key_once_in_order_from_one_snapshot(li
     assert all(r.revision == rev for r in got)
     records, now = store.list(prefix)  # a new listing sees the writes
     assert now == rev + 1 and len(records) == KEYS - 10 + 1
+
+
+def test_the_next_page_is_read_while_the_sink_takes_this_one(listed):
+    store, other, prefix, rev = listed
+    real_call = store._call
+    calls = []
+
+    def call(path, request, **kw):
+        calls.append(request)
+        return real_call(path, request, **kw)
+
+    store._call = call
+    before = threads()
+    during = []
+
+    def sink(record) -> None:
+        if not during:  # the first page's first record: the second page is asked for meanwhile
+            deadline = time.monotonic() + 10
+            while len(calls) < 2:
+                assert time.monotonic() < deadline, "the second page was not asked for while the first was taken"
+                time.sleep(0.01)
+            during.append(threads() - before)
+
+    assert store.stream(prefix, sink) == rev
+    assert len(during[0]) == 1  # one thread reads ahead, and it is gone after
+    assert threads() == before
+    assert [c.get("revision") for c in calls] == [None] + [str(rev)] * (len(calls) - 1)
+
+
+def test_a_listing_of_one_page_starts_no_thread(listed):
+    store, other, prefix, rev = listed
+    store.page_size = KEYS
+    before = threads()
+    during = []
+    assert store.stream(prefix, lambda r: during.append(threads() - before)) == rev
+    assert len(during) == KEYS and not any(during)
 
 
 @pytest.mark.parametrize("fail_at", [1, PAGE * 3 + 2, KEYS])
