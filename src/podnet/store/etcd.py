@@ -79,10 +79,10 @@ RETRY_FOR = 10.0
 # How long a watch keeps trying to reconnect before giving up.
 WATCH_RECONNECT_FOR = 60.0
 # Values per range request of a listing. etcd's time goes to encoding bytes, not to
-# requests: 500 to 100 000 a page list alike (bench/bench_etcd_client.py), and the
-# gateway takes answers of any size. 2 000 halves the round trips of 1 000 while the
-# pages in memory at once (one decoded, one waiting, one arriving) stay a few MiB.
-PAGE_SIZE = 2000
+# requests (bench/bench_etcd_client.py: 500 to 100 000 a page list in the same time
+# within the noise, and the gateway takes answers of any size), while each page in
+# memory at once costs: 2 000 a page left an agent's start ~10 MiB larger for good.
+PAGE_SIZE = 1000
 
 HEADERS = {
     "Content-Type": "application/json",
