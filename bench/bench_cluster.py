@@ -18,6 +18,8 @@ that the agent reaches through a relay into its namespace); one agent (node-0000
   churn R/s       EndpointSlice updates at R per second for a while: lag p50 / p99, agent CPU
   pod churn R/s   label updates of pods on other nodes at R per second: policy lag, agent CPU
   idle cpu        the agent's CPU while nothing changes (between resyncs)
+  restart         a clean stop (SIGTERM: the agent writes its snapshot) and start: start ->
+                  first sync, and -> a change made while it was down programmed
   resync          the time of one periodic full resync, per dataplane (from its metrics)
 
 The baseline is the smallest scale of the same run: the ratio columns say how each
@@ -253,9 +255,9 @@ class AgentUnderTest:
         for dev in ("lo", "ul0", "ul1"):
             sh(*self.ns, "ip", "link", "set", dev, "up")
 
-    def start(self, url: str) -> None:
+    def start(self, url: str, log_mode: str = "w") -> None:
         self.started = time.monotonic()
-        with open(self.log, "w") as logf:
+        with open(self.log, log_mode) as logf:
             self.proc = subprocess.Popen([*self.ns, PY, "-m", "podnet.cli.main", "--store", url, "agent",
                                           "--node", self.node, "--socket", str(self.socket), "--resync", str(self.resync),
                                           "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1"],
@@ -279,6 +281,26 @@ class AgentUnderTest:
                                  + self.log.read_text()[-3000:])
             time.sleep(0.001)
         return time.monotonic() - t0
+
+    def restart(self, url: str, while_down) -> dict:
+        """A clean restart (SIGTERM, as a DaemonSet rollout): how long the stop took (the
+        snapshot written), then start -> first sync and start -> the change `while_down()`
+        made (its revision) programmed; whether the start used the snapshot."""
+        snap = Path(str(self.socket) + ".snapshot")
+        t0 = time.monotonic()
+        self.proc.terminate()
+        self.proc.wait(timeout=120)
+        stop_s = time.monotonic() - t0
+        snap_mib = snap.stat().st_size / 2**20 if snap.exists() else 0.0
+        rev = while_down()
+        self.synced_path.unlink(missing_ok=True)
+        offset = self.log.stat().st_size
+        self.start(url, log_mode="a")
+        first = self.wait_synced(1)
+        current = first + self.wait_synced(rev)
+        return {"stop_s": round(stop_s, 2), "snapshot_mib": round(snap_mib, 1), "first_sync_s": round(first, 2),
+                "current_s": round(current, 2), "cpu_s": round(self.cpu_seconds(), 2), "rss_mib": round(self.rss_mib(), 1),
+                "from_snapshot": "started from" in self.log.read_text()[offset:]}
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -488,6 +510,7 @@ def run_scale(scale: float, backend: str, args) -> dict:
         time.sleep(args.idle_seconds)  # the measurement window: nothing changes
         idle_cpu = (agent.cpu_seconds() - cpu0) / (time.monotonic() - t_idle) * 100
         sums = sync_sums(agent.metrics())
+        restart = agent.restart(url, lambda: update_slice(kv, world, rng.randrange(len(world["slices"])), 5000))
         row = {
             "backend": backend, "scale": scale, "nodes": shape.nodes, "pods": shape.pods, "services": shape.services,
             "policies": shape.policies, "keys": world["keys"], "store_mib": round(size / 2**20, 1),
@@ -500,6 +523,7 @@ def run_scale(scale: float, backend: str, args) -> dict:
             "new_pod_ms": round(statistics.median(pod_ms), 1),
             "churn": churns, "pod_churn": pod_churn, "idle_cpu_pct": round(idle_cpu, 2),
             "sync_seconds": {k: {"sum": round(v[0], 3), "count": v[1]} for k, v in sums.items()},
+            "restart": restart,
         }
         return row
     finally:
@@ -538,6 +562,10 @@ def print_table(rows: list[dict]) -> None:
         print(f"scale {r['scale']:g} pod label churn (lag p50/p99/max ms, agent CPU %): " + ", ".join(
             f"{k}/s {v['p50_ms']:g}/{v['p99_ms']:g}/{v['max_ms']}, {v['cpu_pct']:g}%" for k, v in r["pod_churn"].items())
             + "; slice churn CPU %: " + ", ".join(f"{k}/s {v['cpu_pct']:g}%" for k, v in r["churn"].items()))
+        rs = r["restart"]
+        print(f"scale {r['scale']:g} clean restart: stop {rs['stop_s']:g} s (snapshot {rs['snapshot_mib']:g} MiB), "
+              f"start -> first sync {rs['first_sync_s']:g} s, -> a change made while down {rs['current_s']:g} s, "
+              f"CPU {rs['cpu_s']:g} s, RSS {rs['rss_mib']:g} MiB, from the snapshot: {rs['from_snapshot']}")
         print(f"scale {r['scale']:g} sync seconds (sum/count): " + ", ".join(
             f"{k} {v['sum']:.2f}/{v['count']}" for k, v in r["sync_seconds"].items()))
 

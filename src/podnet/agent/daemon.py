@@ -293,6 +293,7 @@ class Agent:
         path = self.cfg.socket + snapshot.SUFFIX
         if not os.path.exists(path):
             return None
+        started = time.monotonic()
         try:
             config, store = self._snapshot_identity()
             snap = snapshot.take(path, config, store, self.kv.revision())
@@ -301,7 +302,6 @@ class Agent:
             return None
         if snap is None:
             return None
-        started = time.monotonic()
         rev = self.follower.restore(snap)
         log.info("started from %s at revision %d (%.2f s); watching the store from there", path, rev,
                  time.monotonic() - started)

@@ -197,10 +197,17 @@ class PolicyDataplane(Dataplane):
             self.live.end_reload(listed)
 
     def snapshot(self) -> object:
-        return self.live.snapshot()
+        # the compiler's indexes too: compiling 150 000 pods' worth of selectors again is
+        # most of a restarted agent's first policy sync
+        compiler = getattr(self.programmer, "compiler", None)
+        return {"live": self.live.snapshot(), "compiler": compiler.snapshot() if compiler is not None else None}
 
     def restore(self, state: object) -> None:
-        self.live.restore(state)
+        compiled = state["compiler"]  # type: ignore[index]
+        compiler = getattr(self.programmer, "compiler", None)
+        if compiled is not None and compiler is not None:
+            compiler.restore(compiled)
+        self.live.restore(state["live"], compiled=compiled is not None and compiler is not None)  # type: ignore[index]
 
     def sync(self, full: bool) -> str:
         ch = self.programmer.sync_live(self.live)

@@ -17,6 +17,7 @@ from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane
 from podnet.model.objects import EndpointSlice, Service
 from podnet.model.records import ServiceRecord, SliceRecord
 from podnet.policy.model import PodInfo
+from podnet.services import nftables as nt
 from podnet.services.applier import NftServiceApplier, ServiceApplier
 from podnet.services.compiler import ServiceCompiler, SliceInfo, same_version
 from podnet.services.conntrack import ConntrackSizing, apply_conntrack_sizing
@@ -101,6 +102,7 @@ class ServiceDataplane(Dataplane):
         self._full_syncs = 0
         self._drifted = False  # verify() found a problem: the next sync re-reads the kernel
         self._started = False  # the first sync is done (it starts from the kernel's slot orders)
+        self._restored = False  # fed from a restart snapshot: compiled with the slots it had then
         # frontend -> (Service port, why it balances at random): its podnet.io/scheduler is not this backend's
         self.scheduler_fallbacks: dict[Frontend, tuple[str, str]] = {}
         self._checked: ServiceState | None = None  # the last state _check_schedulers looked at
@@ -187,12 +189,23 @@ class ServiceDataplane(Dataplane):
                 self._triggers.pop(f"{ns}/{name}", None)
 
     def snapshot(self) -> object:
+        """The compiler's records and rules, and (nftables) the digest of the state they
+        make: a restarted agent compares it with the table's own digest instead of hashing
+        every element again (~2 s at 50 000 Services), and adopts a table that matches."""
         with self._lock:
-            return self.compiler.snapshot()
+            state = self.compiler.state()  # (what was pending compiled now, not at the next start)
+            digest = None
+            if isinstance(self.applier, NftServiceApplier):
+                counts: dict[str, int] = {}
+                digest = (nt.state_digest(state, counts), counts)
+            return {"compiler": self.compiler.snapshot(), "digest": digest}
 
     def restore(self, state: object) -> None:
         with self._lock:
-            self.compiler.restore(state)
+            self.compiler.restore(state["compiler"])  # type: ignore[index]
+            if state["digest"] is not None and isinstance(self.applier, NftServiceApplier):  # type: ignore[index]
+                self.applier.expected = state["digest"]  # type: ignore[index]
+            self._restored = True  # the compiled large frontends keep the kernel's slots already
 
     def replace(self, services: Iterable[Service], slices: Iterable[EndpointSlice]) -> None:
         """Make the inputs exactly these objects (unchanged resourceVersions cost nothing)."""
@@ -226,7 +239,7 @@ class ServiceDataplane(Dataplane):
         if full:
             self._full_syncs += 1
             resync = resync or self._full_syncs % DEEP_RESYNC_EVERY == 0
-        if not self._started:
+        if not self._started and not self._restored:
             # after an agent restart the large frontends keep the slots the kernel has: a
             # table that is right stays as it is
             orders = self.applier.slot_orders()

@@ -535,6 +535,14 @@ class LivePolicyCompiler:
     def compile(self, inputs: Inputs) -> PolicyState:
         return self._compiler.compile(inputs)
 
+    def snapshot(self) -> PolicyCompiler | None:
+        """The incremental compiler (its indexes and last state) for the agent's restart
+        snapshot; None if the next compile starts over anyway."""
+        return None if self._restart else self._compiler
+
+    def restore(self, compiler: PolicyCompiler) -> None:
+        self._compiler, self._restart = compiler, False
+
     def compile_live(self, live: LiveInputs) -> tuple[PolicyState, Inputs]:
         inputs, delta = live.take()
         if self._restart:

@@ -420,23 +420,29 @@ class LiveInputs:
                 self._queue.append((RELOADED, "", listed))
 
     def snapshot(self) -> tuple:
-        """The inputs as of now (the queue applied), for the agent's restart snapshot."""
+        """For the agent's restart snapshot: the inputs (the queue applied), this node's pod
+        addresses, and what changed since the last take() (the compiler has not seen it)."""
         with self._lock:
             queue, self._queue = self._queue, []
-            delta = self._early if self._early is not None else Delta()  # (restore() marks all as new)
+            if self._early is None:
+                self._early = Delta()
             for kind, key, value in queue:  # (no compile runs meanwhile: the agent stopped its syncs)
-                self._apply(delta, kind, key, value)
-            return self.inputs.pods, self.inputs.namespaces, self.inputs.policies, self._local
+                self._early_local |= self._apply(self._early, kind, key, value)
+            return self.inputs, self._local, self._early, self._early_local
 
-    def restore(self, state: tuple) -> None:
-        """Hold what snapshot() returned (before the first take()): the first compile sees
-        every input as new, as after a first list."""
-        pods, namespaces, policies, local = state
+    def restore(self, state: tuple, compiled: bool) -> None:
+        """Hold what snapshot() returned (before the first take()). `compiled`: the compiler
+        that compiled these inputs was restored too, and sees only what it had not; else
+        the first compile sees every input as new, as after a first list."""
+        inputs, local, pending, pending_local = state
         with self._lock:
-            self.inputs = Inputs(dict(pods), dict(namespaces), dict(policies))
-            self._local = dict(local)
-            self._early = Delta(dict.fromkeys(pods), dict.fromkeys(namespaces), dict.fromkeys(policies))
-            self._early_local = True
+            self.inputs, self._local = inputs, local
+            if compiled:
+                self._early, self._early_local = pending, pending_local
+            else:
+                self._early = Delta(dict.fromkeys(inputs.pods), dict.fromkeys(inputs.namespaces),
+                                    dict.fromkeys(inputs.policies))
+                self._early_local = True
 
     def take(self) -> tuple[Inputs, Delta]:
         with self._lock:

@@ -144,6 +144,9 @@ class NftServiceApplier:
         self.generation: int | None = None
         self.transactions = 0
         self.digest: int | None = None  # the digest element in the kernel (see nftables.DIGEST)
+        # (digest, element count per set) of the state the first apply will be given, when
+        # known without hashing it (an agent restarted from its snapshot)
+        self.expected: tuple[int, dict[str, int]] | None = None
         # chain -> its rules as the kernel encoded them right after podnet wrote them ({}: not
         # known); a rule replaced behind podnet's back keeps the counts but not the digest
         self.rules: dict[str, ChainDigest] = {}
@@ -159,6 +162,7 @@ class NftServiceApplier:
         read only if the kernel's digest differs from the state's (or trust_digest is
         False); table.elements None means they are exactly the state's (and `counts`, if
         given, holds the state's element count per set)."""
+        expected, self.expected = self.expected, None  # (for this first state only)
         self._set_sized(nt.state_sizes(state))
         table = self.kernel.table(elements=False)
         if table is None:
@@ -167,7 +171,11 @@ class NftServiceApplier:
         problem = nt.check_layout(layout, table) or self._rules_differ()
         if problem:
             return layout, None, problem
-        if not (trust_digest and table.digest is not None and table.digest == nt.state_digest(state, counts)):
+        if expected is not None and counts is not None:
+            counts.update(expected[1])
+        digest = expected[0] if expected is not None else None
+        if not (trust_digest and table.digest is not None and table.digest == (
+                digest if digest is not None else nt.state_digest(state, counts))):
             table = self.kernel.table(elements=True)
             if table is None:
                 return layout, None, "table missing"

@@ -664,16 +664,21 @@ class ServiceCompiler:
     def __len__(self) -> int:
         return len(self._services)
 
-    def snapshot(self) -> tuple:
-        """The inputs (records of Services, slices and pods), for the agent's restart
-        snapshot; what is compiled from them is not kept: restore() compiles it again."""
-        return self._services, self._slices, self._slice_index, self._pods
+    # what snapshot() keeps: the inputs and what was compiled from them (not the states
+    # handed out, which restore() makes anew from the same rules)
+    _SNAPSHOT = ("_services", "_slices", "_slice_index", "_pods", "_outs", "_claims", "_rules", "_health",
+                 "_dirty", "_raw", "_slot_hints", "skipped")
 
-    def restore(self, inputs: tuple) -> None:
-        """Hold the inputs snapshot() returned (on a compiler fed nothing yet); the next
-        state() compiles every Service."""
-        self._services, self._slices, self._slice_index, self._pods = (dict(d) for d in inputs)
-        self._dirty = set(self._services)
+    def snapshot(self) -> dict[str, object]:
+        """For the agent's restart snapshot: the records and the rules compiled from them."""
+        return {name: getattr(self, name) for name in self._SNAPSHOT}
+
+    def restore(self, held: dict[str, object]) -> None:
+        """Hold what snapshot() returned (on a compiler fed nothing yet): the next state()
+        compiles only what was pending then."""
+        for name in self._SNAPSHOT:
+            setattr(self, name, held[name])
+        self._state, self._states = None, []
 
     # -- events
 
@@ -887,7 +892,7 @@ class ServiceCompiler:
                 live[fe] = rule
         old = self._state
         health = old.health_checks if old is not None else ()
-        if health_changed:
+        if health_changed or old is None:  # (the first state of a compiler restored from a snapshot has some)
             by_port: dict[int, HealthCheck] = {}
             for k in sorted(health_checks):
                 by_port.setdefault(health_checks[k].port, health_checks[k])
