@@ -25,26 +25,38 @@ from podnet.agent.records import DECODERS, decode_record
 from podnet.ipam.keys import BLOCKS
 from podnet.model.objects import KINDS, KubeObject
 from podnet.store.base import Event, Record
-from podnet.store.objects import ObjectEvent, UndecodableObject, object_event, split_object_key
+from podnet.store.objects import OBJECTS_PREFIX, ObjectEvent, UndecodableObject, object_event
 
 log = logging.getLogger("podnet.agent")
 
 T = TypeVar("T", bound=KubeObject)
+_KIND_AT = len(OBJECTS_PREFIX)
 
 
 def record_event(kind: str, ev: Event) -> ObjectEvent:
     """The event with the object's record; one that does not decode (logged) reads as the
     object going away, as object_event does with the models."""
+    return _record_event(kind, ev.type, ev.key, ev.value, ev.revision)
+
+
+def _record_event(kind: str, type_: str, key: str, value: object, revision: int) -> ObjectEvent:
     try:
-        return ObjectEvent(ev.type, decode_record(kind, ev.key, ev.value, ev.revision), ev.key, ev.revision)  # type: ignore[arg-type]
+        return ObjectEvent(type_, decode_record(kind, key, value, revision), key, revision)  # type: ignore[arg-type]
     except UndecodableObject as e:
         log.warning("skipping %s", e)
-        return ObjectEvent("DELETED", None, ev.key, ev.revision)
+        return ObjectEvent("DELETED", None, key, revision)
 
 
 def kind_of_key(key: str) -> str | None:
-    parts = split_object_key(key)
-    return parts[0] if parts else None
+    """The kind of an object key (split_object_key's first part, without splitting the
+    whole key: asked of every event); None for any other key."""
+    if not key.startswith(OBJECTS_PREFIX):
+        return None
+    end = key.find("/", _KIND_AT)
+    # <Kind>/<name> or <Kind>/<namespace>/<name>, as split_object_key
+    if end < 0 or key.count("/", end + 1) > 1:
+        return None
+    return key[_KIND_AT:end]
 
 
 class ObjectCache:
@@ -84,30 +96,38 @@ class ObjectCache:
 
     def apply(self, ev: Event) -> ObjectEvent | None:
         """Apply one store event; returns it typed if it concerned a Kubernetes-shaped object."""
-        if ev.key.startswith(BLOCKS):  # not kept here: the routes dataplane keeps what it needs
-            return ObjectEvent(ev.type, None, ev.key, ev.revision, raw=ev.value if ev.type != "DELETED" else None)
-        kind = kind_of_key(ev.key)
+        return self.apply_change(ev.type, ev.key, ev.value, ev.revision)
+
+    def apply_change(self, type_: str, key: str, value: object, revision: int,
+                     kind: str | None = None) -> ObjectEvent | None:
+        """apply() of an event given by its parts; `kind`: kind_of_key(key) if the caller
+        has it. (The first list hands on every object of the cluster: no Event made for
+        each, and its kind found once.)"""
+        if key.startswith(BLOCKS):  # not kept here: the routes dataplane keeps what it needs
+            return ObjectEvent(type_, None, key, revision, raw=value if type_ != "DELETED" else None)  # type: ignore[arg-type]
         if kind is None:
-            return None
+            kind = kind_of_key(key)
+            if kind is None:
+                return None
         if kind not in KINDS:
             if kind not in self._unknown_kinds:
                 self._unknown_kinds.add(kind)
-                log.warning("ignoring stored objects of unknown kind %r (first: %s)", kind, ev.key)
+                log.warning("ignoring stored objects of unknown kind %r (first: %s)", kind, key)
             return None
-        if ev.type == "DELETED":
-            typed = ObjectEvent("DELETED", None, ev.key, ev.revision)
+        if type_ == "DELETED":
+            typed = ObjectEvent("DELETED", None, key, revision)
         elif kind in self.records:
-            typed = record_event(kind, ev)
+            typed = _record_event(kind, type_, key, value, revision)
         else:
-            typed = object_event(ev)
+            typed = object_event(Event(type_, key, value, revision))  # type: ignore[arg-type]
         if kind in self.unkept:
             return typed
         with self._lock:
             bucket = self._objects.setdefault(kind, {})
             if typed.object is None:
-                bucket.pop(ev.key, None)
+                bucket.pop(key, None)
             else:
-                bucket[ev.key] = typed.object
+                bucket[key] = typed.object
         return typed
 
     def snapshot_state(self) -> dict[str, dict[str, KubeObject]]:

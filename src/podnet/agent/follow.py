@@ -60,10 +60,12 @@ class StoreFollower:
             add = None if isinstance(listed, AllKeys) else listed.add
 
             def take(r: Record, fresh: ObjectCache = fresh, add: Callable[[str], None] | None = add) -> None:
+                key = r.key
                 if add is not None:
-                    add(r.key)
-                typed = fresh.apply(Event("ADDED", r.key, r.value, r.revision))
-                self._feed(typed if typed is not None else ObjectEvent("ADDED", None, r.key, r.revision))
+                    add(key)
+                kind = kind_of(key)  # once, for the cache and the dataplanes
+                typed = fresh.apply_change("ADDED", key, r.value, r.revision, kind)
+                self._feed(typed if typed is not None else ObjectEvent("ADDED", None, key, r.revision), kind)
 
             try:
                 rev = kv.stream(self.prefix, take)
@@ -101,10 +103,12 @@ class StoreFollower:
         self.on_change(snap.revision, self.dataplanes)
         return snap.revision
 
-    def _feed(self, ev: ObjectEvent) -> list[Dataplane]:
-        """One event to every dataplane of its kind; one failing does not keep it from the others."""
+    def _feed(self, ev: ObjectEvent, kind: str | None = None) -> list[Dataplane]:
+        """One event to every dataplane of its kind (`kind`: kind_of(ev.key) if the caller
+        has it); one failing does not keep it from the others."""
         dirty = []
-        kind = kind_of(ev.key)
+        if kind is None:
+            kind = kind_of(ev.key)
         takers = self._takers.get(kind)
         if takers is None:  # the contract: a dataplane that names kinds gets only their events
             takers = self._takers[kind] = [dp for dp in self.dataplanes if not dp.kinds or kind in dp.kinds]

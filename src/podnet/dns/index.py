@@ -29,6 +29,7 @@ objects behind them change.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ from podnet.policy.model import PodInfo, pod_info
 from podnet.store.objects import split_object_key
 
 SCHEMA_VERSION = "1.1.0"
+_inet_pton, _AF_INET = socket.inet_pton, socket.AF_INET
 
 KIND_CLUSTERIP, KIND_HEADLESS, KIND_EXTERNAL = 0, 1, 2
 POD_MODES = ("insecure", "verified", "disabled")
@@ -198,7 +200,16 @@ class ClusterIndex:
 
     def apply(self, obj: KubeObject) -> None:
         """Add or replace one object (other kinds are ignored)."""
-        if isinstance(obj, records.ServiceRecord):  # the agent's record of a Service
+        # The agent's records first, by their exact class: an agent's first list brings every
+        # pod of the cluster, and isinstance against the models' classes is an ABC check each.
+        cls = obj.__class__
+        if cls is PodInfo:  # the agent's record of a Pod (agent/records.py)
+            self._set_pod_ips(obj.namespace, obj.name, obj.ips, obj.node, obj.key)  # type: ignore[attr-defined]
+        elif cls is SliceRecord:
+            self._apply_slice(obj)  # type: ignore[arg-type]
+        elif cls is records.ServiceRecord:
+            self._apply_service(obj)  # type: ignore[arg-type]
+        elif isinstance(obj, records.ServiceRecord):  # the agent's record of a Service
             self._apply_service(obj)
         elif isinstance(obj, Service):
             self._apply_service(records.service_record_of(obj))
@@ -364,7 +375,10 @@ class ClusterIndex:
         for addresses, is_ready, _, _, _, hostname, _ in es.endpoints:
             host = hostname.lower() if hostname else None
             for a in addresses:
-                addrs += packed_ip(a)
+                try:  # packed_ip's first try inlined: every endpoint of the cluster passes here
+                    addrs += _inet_pton(_AF_INET, a)
+                except (OSError, TypeError):
+                    addrs += packed_ip(a)
                 if is_ready is not False:
                     ready |= 1 << i
                 hosts.append(host)

@@ -62,17 +62,27 @@ def slice_record(data: dict, version: str | None = None) -> SliceRecord:
         ports = tuple((_intern(p["name"]) if p.get("name") else None, _intern(p.get("protocol") or "TCP"),
                        p.get("port")) for p in data["ports"])
     endpoints = []
+    append = endpoints.append
+    # Runs for every endpoint of the cluster at an agent's start: one lookup per field
+    # (the conditions read only when present).
     for ep in data.get("endpoints") or ():
         # interned: one string per address for the pod's record and every slice listing it
-        addresses = tuple([_intern(a) if a.__class__ is str else a for a in ep["addresses"]])
-        if not addresses:
-            raise ValueError("an endpoint without addresses")
-        c = ep.get("conditions") or {}
+        addresses = ep["addresses"]
+        if addresses.__class__ is list and len(addresses) == 1 and addresses[0].__class__ is str:
+            addresses = (_intern(addresses[0]),)
+        else:
+            addresses = tuple([_intern(a) if a.__class__ is str else a for a in addresses])
+            if not addresses:
+                raise ValueError("an endpoint without addresses")
+        c = ep.get("conditions")
+        if c:
+            ready, serving, terminating = c.get("ready"), c.get("serving"), c.get("terminating")
+        else:
+            ready = serving = terminating = None
         node = ep.get("nodeName")
         ref = ep.get("targetRef")
-        endpoints.append((addresses, c.get("ready"), c.get("serving"), c.get("terminating"),
-                          _intern(node) if node else None, ep.get("hostname"),
-                          (ref.get("namespace"), ref["name"]) if ref and ref.get("name") else None))
+        append((addresses, ready, serving, terminating, _intern(node) if node else None, ep.get("hostname"),
+                (ref.get("namespace"), ref["name"]) if ref and ref.get("name") else None))
     namespace = meta.get("namespace")
     return SliceRecord(_intern(namespace) if namespace else namespace, meta["name"],
                        version if version is not None else meta.get("resourceVersion"),

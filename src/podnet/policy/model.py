@@ -458,6 +458,8 @@ class LiveInputs:
     def _apply(self, delta: Delta, kind: str, key: str, value: object) -> bool:
         """One queued change into the inputs, recorded in `delta`; True if this node's pod
         addresses changed."""
+        if kind == "Pod":  # (most events: no lookup of the field by name)
+            return self._put((self.inputs.pods, delta.pods), kind, key, value)
         if kind != RELOADED:
             field_name = _INPUT_FIELDS[kind]
             return self._put((getattr(self.inputs, field_name), getattr(delta, field_name)), kind, key, value)

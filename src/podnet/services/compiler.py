@@ -241,6 +241,8 @@ _NO_WEIGHTS: Mapping[str, int] = MappingProxyType({})
 def _scheduler(name: str | None, weights: str | None) -> tuple[str, Mapping[str, int]]:
     """The podnet.io/scheduler and podnet.io/weights annotations checked: ("" for random,
     {address: weight}); ValueError naming the annotation."""
+    if name is None and not weights:  # most Services (asked of each at an agent's start)
+        return "", _NO_WEIGHTS
     if name is not None and name not in SCHEDULERS:
         raise ValueError(f"metadata.annotations[{SCHEDULER_ANNOTATION}]: {name!r} is not one of "
                          f"{', '.join(SCHEDULERS)}")
@@ -261,6 +263,7 @@ def _scheduler(name: str | None, weights: str | None) -> tuple[str, Mapping[str,
 
 # endpoint flags (LOCAL: on the compiler's node)
 READY, SERVING, TERMINATING, LOCAL = 1, 2, 4, 8
+READY_ALL = frozenset(f for f in range(16) if f & READY)  # the flag values with READY
 
 
 class SliceInfo:
@@ -290,6 +293,7 @@ class SliceInfo:
             port = self.ports[0][2] if self.ports and _valid_port(self.ports[0][2]) else 0
             with_refs = not self.ports  # a Pod reference only matters for a slice without ports
             default_ns = sl.namespace or "default"
+            append = endpoints.append
             for addresses, ready, serving, terminating, ep_node, _, target in sl.endpoints:
                 ip = addresses[0]  # upstream: consumers use the first address only
                 try:  # _ipv4 inlined: this loop runs for every endpoint of the cluster at start
@@ -308,16 +312,24 @@ class SliceInfo:
                 ref = None
                 if with_refs and target is not None:
                     ref = (target[0] or default_ns, target[1])
-                endpoints.append((packed, Backend(ip, port), flags, ref))
+                # tuple.__new__ is Backend(ip, port) without the Python-level __new__ of a NamedTuple
+                append((packed, _new_tuple(Backend, (ip, port)), flags, ref))
             if len(endpoints) > 1:
                 endpoints.sort(key=_first)  # stable: duplicates keep their order
-        self.backends: tuple[Backend, ...] = tuple(e[1] for e in endpoints)
-        flags = bytes(e[2] for e in endpoints)
+        if endpoints:
+            # one pass each over the endpoints' columns (no generator per column)
+            packed_all, backends, flags_all, refs = zip(*endpoints)
+            self.backends: tuple[Backend, ...] = backends
+            flags = bytes(flags_all)
+            self.refs: tuple[tuple[str, str] | None, ...] | None = refs if any(refs) else None
+            # plain: every endpoint ready, no address twice
+            self.plain = READY_ALL.issuperset(flags) and len(set(packed_all)) == len(packed_all)
+        else:
+            self.backends = ()
+            flags = b""
+            self.refs = None
+            self.plain = True
         self.flags = intern(flags) if len(flags) <= 16 else flags  # a small slice's: one per pattern
-        self.refs: tuple[tuple[str, str] | None, ...] | None = \
-            tuple(e[3] for e in endpoints) if any(e[3] for e in endpoints) else None
-        self.plain = all(e[2] & READY for e in endpoints) and all(
-            endpoints[i][0] != endpoints[i + 1][0] for i in range(len(endpoints) - 1))
         self._set: frozenset[Backend] | None = None
 
     def backend_set(self) -> frozenset[Backend]:
@@ -336,6 +348,7 @@ class SliceInfo:
 
 
 _inet_pton, _inet_ntoa, _AF_INET = socket.inet_pton, socket.inet_ntoa, socket.AF_INET
+_new_tuple = tuple.__new__
 
 
 def _first(e: tuple) -> bytes:
