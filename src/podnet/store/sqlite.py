@@ -71,6 +71,9 @@ WATCH_SAFETY_POLL_SECONDS = 0.5
 # shared memory, which inotify does not see): a wake that found no news looks again this
 # soon, then ever less often up to the safety poll.
 WATCH_RECHECK_SECONDS = 0.001
+# A watch reads the log at most once per this interval: a lone commit goes at once, a burst
+# (hundreds of commits a second) is read a few commits at a time instead of one read each.
+WATCH_MIN_INTERVAL_SECONDS = 0.005
 # Without inotify (none left for this user: fs.inotify.max_user_instances), watches poll.
 WATCH_POLL_SECONDS = 0.02
 _no_inotify_logged = False
@@ -353,6 +356,7 @@ class SQLiteStore(KeyValueStore):
             next_rev = start_revision
             last_version = None
             timeout = WATCH_SAFETY_POLL_SECONDS
+            last_read = 0.0
             while not self._closed:
                 version = db.execute("PRAGMA data_version").fetchone()[0]
                 if version == last_version:
@@ -360,11 +364,13 @@ class SQLiteStore(KeyValueStore):
                         time.sleep(WATCH_POLL_SECONDS)
                     elif wakeup.wait(timeout):
                         timeout = WATCH_RECHECK_SECONDS
+                        time.sleep(max(0.0, last_read + WATCH_MIN_INTERVAL_SECONDS - time.monotonic()))
                     else:
                         timeout = min(timeout * 2, WATCH_SAFETY_POLL_SECONDS)
                     continue
                 last_version = version
                 timeout = WATCH_SAFETY_POLL_SECONDS
+                last_read = time.monotonic()
                 db.execute("BEGIN")
                 try:
                     compacted = db.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
