@@ -293,6 +293,10 @@ class Agent:
         path = self.cfg.socket + snapshot.SUFFIX
         if not os.path.exists(path):
             return None
+        if not self.cfg.snapshot:  # (one an earlier run left would be stale by the next)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None
         started = time.monotonic()
         try:
             config, store = self._snapshot_identity()

@@ -195,9 +195,13 @@ class ServiceDataplane(Dataplane):
         with self._lock:
             state = self.compiler.state()  # (what was pending compiled now, not at the next start)
             digest = None
-            if isinstance(self.applier, NftServiceApplier):
-                counts: dict[str, int] = {}
-                digest = (nt.state_digest(state, counts), counts)
+            applier = self.applier
+            if isinstance(applier, NftServiceApplier):
+                if applier.applied_state is state and applier.digest is not None and applier.counts:
+                    digest = (applier.digest, dict(applier.counts))  # the kernel's, as last applied
+                else:
+                    counts: dict[str, int] = {}
+                    digest = (nt.state_digest(state, counts), counts)
             return {"compiler": self.compiler.snapshot(), "digest": digest}
 
     def restore(self, state: object) -> None:

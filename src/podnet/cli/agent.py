@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pod-wait", type=float, default=0.0, metavar="SECONDS",
                    help="a CNI ADD for a Pod not yet in the store waits for it this long, then answers 'try again' "
                         "(with the Kubernetes API as the source: kube-sync may be an event behind; default 0: no wait)")
+    p.add_argument("--no-snapshot", dest="snapshot", action="store_false",
+                   help="neither write the restart snapshot (<socket>.snapshot) at a clean stop nor start from one: "
+                        "every start lists the store")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_agent)
 
@@ -107,5 +110,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       dns_upstreams=[_dns_upstream(u) for u in args.dns_upstream],
                       cluster_domain=cluster_domain, metrics_port=args.metrics_port,
                       metrics_address=args.metrics_address, metrics_kube_proxy_names=args.metrics_kube_proxy_names,
-                      cloud_instance_id=args.instance_id, cloud_endpoint=args.cloud_endpoint)
+                      cloud_instance_id=args.instance_id, cloud_endpoint=args.cloud_endpoint,
+                      snapshot=args.snapshot)
     return run_agent(cfg)
