@@ -1,17 +1,20 @@
-"""EtcdStore's listings against a real etcd member: many pages, each read while the one
-before is decoded, all from one snapshot; a sink that fails, a page that fails and a
-snapshot compacted in the middle leave no thread behind and the store usable."""
+"""EtcdStore's listings against a real etcd member: many pages, each asked for before the
+one before is decoded, all from one snapshot; a sink that fails, a connection lost, a
+closed store and a snapshot compacted in the middle: every key once, or the error, no
+thread left and the store usable."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from podnet.store import etcd
 from podnet.store.base import Compacted, Op, StoreUnavailable
 from podnet.store.etcd import EtcdStore
 
@@ -22,7 +25,7 @@ pytestmark = [
 ]
 
 KEYS = 200
-PAGE = 7  # 29 pages: many more than the pages read ahead
+PAGE = 7  # 29 pages
 
 
 class SinkFailed(Exception):
@@ -47,6 +50,36 @@ def threads() -> set[threading.Thread]:
     return set(threading.enumerate())
 
 
+class RangeRequests:
+    """The range requests of one prefix as they leave, on whichever connection; `before_send`
+    runs before each one goes out."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.sent: list[tuple[etcd._Connection, dict]] = []
+        self.before_send = lambda n: None
+
+    def revisions(self) -> list[str | None]:
+        return [request.get("revision") for _, request in self.sent]
+
+
+@pytest.fixture
+def ranges(listed, monkeypatch) -> RangeRequests:
+    seen = RangeRequests(listed[2])
+    real_send = etcd._Connection.send
+
+    def send(conn, path, body, token=None):
+        if path == etcd.RANGE:
+            request = json.loads(body)
+            if etcd._unb64(request["key"]).decode().startswith(seen.prefix) and "range_end" in request:
+                seen.before_send(len(seen.sent) + 1)
+                seen.sent.append((conn, request))
+        return real_send(conn, path, body, token)
+
+    monkeypatch.setattr(etcd._Connection, "send", send)
+    return seen
+
+
 def test_stream_of_many_pages_gives_every_key_once_in_order_from_one_snapshot(listed):
     store, other, prefix, rev = listed
     got = []
@@ -69,40 +102,39 @@ def test_stream_of_many_pages_gives_every_key_once_in_order_from_one_snapshot(li
     assert now == rev + 1 and len(records) == KEYS - 10 + 1
 
 
-def test_the_next_page_is_read_while_the_sink_takes_this_one(listed):
+def test_the_next_page_is_asked_for_before_the_sink_takes_this_one(listed, ranges):
     store, other, prefix, rev = listed
-    real_call = store._call
-    calls = []
-
-    def call(path, request, **kw):
-        calls.append(request)
-        return real_call(path, request, **kw)
-
-    store._call = call
+    asked = []
     before = threads()
-    during = []
-
-    def sink(record) -> None:
-        if not during:  # the first page's first record: the second page is asked for meanwhile
-            deadline = time.monotonic() + 10
-            while len(calls) < 2:
-                assert time.monotonic() < deadline, "the second page was not asked for while the first was taken"
-                time.sleep(0.01)
-            during.append(threads() - before)
-
-    assert store.stream(prefix, sink) == rev
-    assert len(during[0]) == 1  # one thread reads ahead, and it is gone after
-    assert threads() == before
-    assert [c.get("revision") for c in calls] == [None] + [str(rev)] * (len(calls) - 1)
+    assert store.stream(prefix, lambda r: asked.append(len(ranges.sent))) == rev
+    assert threads() == before  # pipelined: no thread
+    pages = -(-KEYS // PAGE)
+    assert len(ranges.sent) == pages
+    # while the sink takes page n (n from 1), page n+1 has been asked for; the last asks nothing more
+    assert asked == [min(i // PAGE + 2, pages) for i in range(KEYS)]
+    assert ranges.revisions() == [None] + [str(rev)] * (pages - 1)
 
 
-def test_a_listing_of_one_page_starts_no_thread(listed):
+def test_a_listing_of_one_page_asks_once(listed, ranges):
     store, other, prefix, rev = listed
     store.page_size = KEYS
-    before = threads()
-    during = []
-    assert store.stream(prefix, lambda r: during.append(threads() - before)) == rev
-    assert len(during) == KEYS and not any(during)
+    got = []
+    assert store.stream(prefix, got.append) == rev
+    assert len(got) == KEYS and len(ranges.sent) == 1
+
+
+def test_a_lost_connection_between_pages_asks_for_the_page_again(listed, ranges):
+    store, other, prefix, rev = listed
+    got = []
+
+    def sink(record) -> None:
+        got.append(record.key)
+        if len(got) in (PAGE + 1, 10 * PAGE + 3):  # the listing's connection dies under a pipelined request
+            ranges.sent[-1][0].sock.shutdown(socket.SHUT_RDWR)
+
+    assert store.stream(prefix, sink) == rev
+    assert got == [f"{prefix}{i:03d}" for i in range(KEYS)]
+    assert set(ranges.revisions()[1:]) == {str(rev)}
 
 
 @pytest.mark.parametrize("fail_at", [1, PAGE * 3 + 2, KEYS])
@@ -126,26 +158,20 @@ def test_a_failing_sink_leaves_no_thread_and_the_store_usable(listed, fail_at):
     assert at == rev + 1 and len(records) == KEYS + 1
 
 
-def test_a_failing_page_raises_its_error_and_leaves_no_thread(listed):
+def test_a_store_closed_between_pages_raises_and_leaves_no_thread(listed):
     store, other, prefix, rev = listed
-    real_call = store._call
-    calls = []
-
-    def call(path, request, **kw):
-        calls.append(request)
-        if len(calls) == 5:
-            raise StoreUnavailable("etcd 127.0.0.1:1: no answer (page 5)")
-        return real_call(path, request, **kw)
-
-    store._call = call
     got = []
+
+    def sink(record) -> None:
+        got.append(record.key)
+        if len(got) == 3 * PAGE:
+            store.close()
+
     before = threads()
-    with pytest.raises(StoreUnavailable, match=r"no answer \(page 5\)"):
-        store.stream(prefix, lambda r: got.append(r.key))
+    with pytest.raises(StoreUnavailable, match="is closed"):
+        store.stream(prefix, sink)
     assert threads() == before
-    assert got == [f"{prefix}{i:03d}" for i in range(4 * PAGE)]  # the pages before it, all of them
-    del store._call
-    assert len(store.list(prefix)[0]) == KEYS
+    assert got == [f"{prefix}{i:03d}" for i in range(4 * PAGE)]  # the page already answered, no more
 
 
 def test_a_snapshot_compacted_while_streaming_raises_compacted(listed):
@@ -169,24 +195,22 @@ def test_a_snapshot_compacted_while_streaming_raises_compacted(listed):
     assert len(got) == KEYS + 1
 
 
-def test_a_list_whose_snapshot_is_compacted_starts_over_at_a_newer_revision(listed):
+def test_a_list_whose_snapshot_is_compacted_starts_over_at_a_newer_revision(listed, ranges):
     store, other, prefix, rev = listed
-    real_call = store._call
-    calls = []
 
-    def call(path, request, **kw):
-        calls.append(request)
-        if len(calls) == 3:  # between pages 2 and 3 of the first attempt
+    def before_send(n: int) -> None:
+        if n == 3:  # before the first attempt's third page goes out
             other.compact(other.delete(f"{prefix}{0:03d}"))
-        return real_call(path, request, **kw)
 
-    store._call = call
+    ranges.before_send = before_send
     before = threads()
     records, at = store.list(prefix)
     assert threads() == before
     assert at == rev + 1
     assert [r.key for r in records] == [f"{prefix}{i:03d}" for i in range(1, KEYS)]
-    assert {c.get("revision") for c in calls[1:3]} == {str(rev)}  # the first attempt, at the first snapshot
-    assert "revision" not in calls[3]  # then every page again, from the newest
-    assert {c.get("revision") for c in calls[4:]} == {str(rev + 1)}
-    assert len(calls) == 3 + -(-(KEYS - 1) // PAGE)
+    revisions = ranges.revisions()
+    # the first attempt: pages 1 and 2, page 3 refused (pipelined, then through the store's call);
+    # then every page again from the newest snapshot
+    assert revisions[:4] == [None, str(rev), str(rev), str(rev)]
+    assert revisions[4] is None and set(revisions[5:]) == {str(rev + 1)}
+    assert len(revisions) == 4 + -(-(KEYS - 1) // PAGE)

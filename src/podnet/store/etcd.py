@@ -41,7 +41,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import queue
 import select
 import socket
 import ssl
@@ -353,99 +352,101 @@ class _SnapshotCompacted(StoreError):
     """A page after the first asked for a revision etcd compacted meanwhile."""
 
 
-_END = object()
+RANGE = "/v3/kv/range"
 
 
 class _PageReader:
-    """The pages of one range listing, each read while the caller decodes the one before.
+    """The pages of one range listing, each prepared by etcd while the caller decodes the
+    one before.
 
-    A listing is hundreds of requests; without overlap the store waits for the network
-    (and etcd's JSON encoding) and then for its own decoding, one after the other. The
-    caller reads the first page itself (a listing of one page starts no thread); if more
-    follow, a thread fetches them, through the store's own connection (with its failover
-    and token, one request at a time as every call), at most AHEAD pages ahead of the
-    caller, who decodes. Every page after the first is read at the first page's revision
-    (one snapshot). Leaving the `with` block, however it is left, stops the thread and
-    waits for its request in flight, so no thread outlives the listing and the
-    connection is left between requests.
+    A listing is hundreds of requests; asked one after the other, the store waits for the
+    network and etcd's JSON encoding of a page, then decodes it, then asks for the next.
+    Here the request for page n+1 goes out before page n is handed to the caller, on a
+    connection of the listing's own (the store's may be needed by other threads meanwhile),
+    so etcd encodes it, and the kernel buffers it, while the caller decodes: pipelining,
+    no thread (a reading thread's allocations and the interpreter lock cost an agent's
+    start more memory and no less time). Every page after the first is read at the
+    first page's revision (one snapshot). A page whose pipelined request fails in any way
+    is asked for again through the store's call, which fails over, authenticates and
+    raises exactly as for any read. Leaving the `with` block closes the connection, an
+    answer still unread with it.
     """
-
-    AHEAD = 1  # pages waiting for the caller (one more may be arriving): memory stays small
 
     def __init__(self, store: EtcdStore, prefix: str):
         self.store = store
         self.start = prefix.encode()
         self.end = _b64(prefix_range_end(self.start))
         self.revision = 0
-        self._pages: queue.Queue[Any] = queue.Queue(self.AHEAD)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._conn: _Connection | None = None
 
     def __enter__(self) -> _PageReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is None:
-            return
-        while self._thread.is_alive():  # it may wait to hand over a page: take it
-            try:
-                self._pages.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self._thread.join()
+        self._drop()
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        """The raw key-values of each page, in key order; raises what reading a page raised."""
-        kvs, after = self._page(self.start)
-        if after is not None:
-            self._thread = threading.Thread(target=self._fetch, args=(after,), daemon=True,
-                                            name=f"etcd list {self.start.decode(errors='replace')}")
-            self._thread.start()
+        """The raw key-values of each page, in key order."""
+        kvs, after = self._read(self._call(self._request(self.start)))
+        while after is not None:
+            request = self._request(after)
+            sent = self._ask(request)  # etcd prepares it while the caller takes this page
+            yield kvs
+            kvs, after = self._read(self._answer(request, sent))
         yield kvs
-        if after is None:
-            return
-        while True:
-            item = self._pages.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
 
-    def _page(self, key: bytes) -> tuple[list[dict[str, Any]], bytes | None]:
-        """One page from key on, and the key the next page starts at (None: this is the last)."""
+    def _request(self, key: bytes) -> dict[str, Any]:
         request: dict[str, Any] = {"key": _b64(key), "range_end": self.end, "limit": str(self.store.page_size)}
         if self.revision:
             request["revision"] = str(self.revision)  # every page from the first page's snapshot
-        try:
-            doc = self.store._call("/v3/kv/range", request)
-        except StoreError as e:
-            if self.revision and "compacted" in str(e):
-                raise _SnapshotCompacted(str(e)) from None
-            raise
+        return request
+
+    def _read(self, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], bytes | None]:
+        """A page's key-values and the key the next page starts at (None: this is the last)."""
         self.revision = self.revision or int(doc["header"]["revision"])
         kvs = doc.get("kvs") or []
         if not doc.get("more") or not kvs:
             return kvs, None
         return kvs, _unb64(kvs[-1]["key"]) + b"\x00"
 
-    def _fetch(self, key: bytes | None) -> None:
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
-            while key is not None and not self._stop.is_set():
-                kvs, key = self._page(key)
-                self._hand_over(kvs)
-            self._hand_over(_END)
-        except BaseException as e:  # raised to the caller, in its thread
-            self._hand_over(e)
+            return self.store._call(RANGE, request)
+        except StoreError as e:
+            if self.revision and "compacted" in str(e):
+                raise _SnapshotCompacted(str(e)) from None
+            raise
 
-    def _hand_over(self, item: Any) -> None:
-        while not self._stop.is_set():
+    def _ask(self, request: dict[str, Any]) -> bool:
+        """Send a page's request on the listing's connection; False if it did not go out."""
+        if self.store._closed:
+            return False  # the store's call says so
+        try:
+            token = self.store._token_now()
+            if self._conn is None:
+                self._conn = self.store._connect(self.store._current)
+            self._conn.send(RANGE, json.dumps(request, separators=(",", ":")).encode(), token)
+            return True
+        except (_NotSent, StoreError):
+            self._drop()
+            return False
+
+    def _answer(self, request: dict[str, Any], sent: bool) -> dict[str, Any]:
+        if sent and self._conn is not None:
             try:
-                self._pages.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                pass
+                resp = self._conn.response()
+                doc = _read_json(resp)
+                if resp.will_close:
+                    self._drop()
+                return doc
+            except (_MaybeSent, _ServerError):
+                self._drop()
+        return self._call(request)
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class EtcdStore(KeyValueStore):
