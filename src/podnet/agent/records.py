@@ -33,11 +33,13 @@ _PORT_SETS_MAX = 1 << 16
 
 
 def _shared_ports(ports: tuple) -> tuple:
+    """The one tuple of these named ports, its strings interned (only the first time a
+    set is seen: every later pod with it takes the tuple kept)."""
     found = _PORT_SETS.get(ports)
     if found is None:
         if len(_PORT_SETS) >= _PORT_SETS_MAX:
             _PORT_SETS.clear()
-        found = _PORT_SETS[ports] = ports
+        found = _PORT_SETS[ports] = tuple([(_intern(n), _intern(p), num) for n, p, num in ports])
     return found
 
 
@@ -80,7 +82,7 @@ def pod_record(data: dict, version: str | None = None) -> PodInfo:
     for c in spec.get("containers") or ():
         for p in c.get("ports") or ():
             if p.get("name"):
-                ports.append((_intern(p["name"]), _intern(p.get("protocol") or "TCP"), int(p["containerPort"])))
+                ports.append((p["name"], p.get("protocol") or "TCP", int(p["containerPort"])))
     labels = meta.get("labels")
     node = spec.get("nodeName")
     return PodInfo(_intern(meta.get("namespace") or "default"), meta["name"], ip,

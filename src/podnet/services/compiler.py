@@ -208,9 +208,10 @@ class ServiceInfo:
             self.cluster_ip = _ipv4(svc.cluster_ip) or next(
                 (ip for ip in map(_ipv4, svc.cluster_ips) if ip), None)
             self.node_ports = svc.type in _NODE_TYPES
-            self.ports = intern(tuple(intern(p) for p in svc.ports))
-            self.named_target = any(isinstance(p[4], str) for p in self.ports)
-            self.external_ips = tuple(ip for x in svc.external_ips if (ip := _ipv4(x)))
+            self.ports = intern(tuple([intern(p) for p in svc.ports]))
+            self.named_target = any([isinstance(p[4], str) for p in self.ports])
+            if svc.external_ips:
+                self.external_ips = tuple(ip for x in svc.external_ips if (ip := _ipv4(x)))
             if svc.type == "LoadBalancer":
                 self.lb_ips = tuple(ip for x in svc.lb_ips if (ip := _ipv4(x)))
             if svc.source_ranges:
