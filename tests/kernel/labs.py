@@ -79,6 +79,14 @@ def echo_connection(server_netns: str, port: int, client_netns: str, target: str
                 proc.wait(timeout=10)
 
 
+def web_client_intruder(web_ports: list[dict]) -> list[dict]:
+    """The policy labs' pods: web (app=web) on node-1; client (app=client) and intruder
+    (app=intruder) on node-2."""
+    return [{"name": "web", "node": "node-1", "labels": {"app": "web"}, "ports": web_ports},
+            {"name": "client", "node": "node-2", "labels": {"app": "client"}, "ports": [{"containerPort": 9000}]},
+            {"name": "intruder", "node": "node-2", "labels": {"app": "intruder"}, "ports": [{"containerPort": 9000}]}]
+
+
 def log_offsets(lab: Lab) -> dict[str, int]:
     """Where each agent's log ends now (see log_since)."""
     return {n["name"]: Path(n["log"]).stat().st_size for n in lab.nodes}

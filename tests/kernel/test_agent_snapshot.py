@@ -12,7 +12,7 @@ import pytest
 from podnet.agent.snapshot import SUFFIX
 from podnet.lab.cluster import followed_revision, restart_agent, wait_endpoints, wait_programmed
 from podnet.model.objects import NetworkPolicy, Service
-from tests.kernel.labs import ip_of, log_offsets, log_since, reaches, running_lab
+from tests.kernel.labs import ip_of, log_offsets, log_since, reaches, running_lab, web_client_intruder
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -40,11 +40,7 @@ POLICY = NetworkPolicy.model_validate({
 def lab():
     spec = {"underlay": {"cidr": "10.99.0.0/24"},
             "nodes": [{"name": "node-1"}, {"name": "node-2"}],
-            "pods": [{"name": "web", "node": "node-1", "labels": {"app": "web"}, "ports": WEB},
-                     {"name": "client", "node": "node-2", "labels": {"app": "client"},
-                      "ports": [{"containerPort": 9000}]},
-                     {"name": "intruder", "node": "node-2", "labels": {"app": "intruder"},
-                      "ports": [{"containerPort": 9000}]}],
+            "pods": web_client_intruder(WEB),
             "manifests": [service_doc("web", 80)]}
     with running_lab(spec, "sn") as lab:
         yield lab

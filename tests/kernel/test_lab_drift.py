@@ -13,7 +13,16 @@ from podnet.lab.cluster import restart_agent
 from podnet.lab.connectivity import Lab
 from podnet.model.objects import Service
 from tests.kernel.labs import REPAIR_RESYNC as RESYNC
-from tests.kernel.labs import ip_of, log_offsets, log_since, node_sh, reaches, running_lab, wait_for
+from tests.kernel.labs import (
+    ip_of,
+    log_offsets,
+    log_since,
+    node_sh,
+    reaches,
+    running_lab,
+    wait_for,
+    web_client_intruder,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -32,11 +41,7 @@ MANIFESTS = [
 def lab():
     spec = {"underlay": {"cidr": "10.99.0.0/24"}, "resyncSeconds": RESYNC,
             "nodes": [{"name": "node-1"}, {"name": "node-2"}],
-            "pods": [{"name": "web", "node": "node-1", "labels": {"app": "web"}, "ports": WEB},
-                     {"name": "client", "node": "node-2", "labels": {"app": "client"},
-                      "ports": [{"containerPort": 9000}]},
-                     {"name": "intruder", "node": "node-2", "labels": {"app": "intruder"},
-                      "ports": [{"containerPort": 9000}]}],
+            "pods": web_client_intruder(WEB),
             "manifests": MANIFESTS}
     with running_lab(spec, "dr") as lab:
         yield lab

@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from podnet.agent.cache import ObjectCache
-from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane, kind_of
+from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane, HoldsBlocks, kind_of
 from podnet.agent.view import BlockRecord, compact_block
 from podnet.bgp.bird import Bird, ConfigRefused, digest
 from podnet.bgp.config import NodeBgp, compile_node, default_config
@@ -46,7 +46,7 @@ log = logging.getLogger("podnet.agent")
 STATUS_TTL = 1.0  # seconds a read of BIRD's sessions serves health checks and metrics
 
 
-class BgpDataplane(Dataplane):
+class BgpDataplane(HoldsBlocks, Dataplane):
     name = "bgp"
     kinds = frozenset({"Node", "IPPool", "Block", "BGPConfiguration", "BGPPeer"})
 
@@ -87,14 +87,6 @@ class BgpDataplane(Dataplane):
         with self._lock:
             for key in [k for k in self._blocks if k not in listed]:
                 del self._blocks[key]
-
-    def snapshot(self) -> object:
-        with self._lock:
-            return dict(self._blocks)
-
-    def restore(self, state: object) -> None:
-        with self._lock:
-            self._blocks = dict(state)  # type: ignore[call-overload]
 
     # -- sync
 

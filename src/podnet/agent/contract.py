@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
@@ -89,6 +90,22 @@ class Dataplane:
 
     def close(self) -> None:
         pass
+
+
+class HoldsBlocks:
+    """The restart snapshot of a dataplane that keeps IPAM blocks as compact records in
+    `_blocks` under `_lock` (routes, BGP); its first sync after restore() recomputes them all."""
+
+    _blocks: dict
+    _lock: Any
+
+    def snapshot(self) -> object:
+        with self._lock:
+            return dict(self._blocks)
+
+    def restore(self, state: object) -> None:
+        with self._lock:
+            self._blocks = dict(state)  # type: ignore[call-overload]
 
 
 @lru_cache(maxsize=256)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pyroute2 import IPRoute
 
 from podnet.agent.cache import ObjectCache
-from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane, kind_of
+from podnet.agent.contract import ALL_KEYS, AllKeys, Dataplane, HoldsBlocks, kind_of
 from podnet.agent.view import (
     BlockRecord,
     PoolIndex,
@@ -34,7 +34,7 @@ from podnet.store.objects import ObjectEvent, object_key, split_object_key
 log = logging.getLogger("podnet.agent")
 
 
-class RoutesDataplane(Dataplane):
+class RoutesDataplane(HoldsBlocks, Dataplane):
     """Cross-node routes, the VXLAN device and its neighbour/FDB entries (on a node that
     runs BGP, direct pools' cross-node routes are BIRD's: agent/bgp.py).
 
@@ -79,15 +79,6 @@ class RoutesDataplane(Dataplane):
             for key in [k for k in self._blocks if k not in listed]:
                 del self._blocks[key]
                 self._dirty_blocks.add(key)
-
-    def snapshot(self) -> object:
-        with self._lock:
-            return dict(self._blocks)
-
-    def restore(self, state: object) -> None:
-        with self._lock:
-            self._blocks = dict(state)  # type: ignore[call-overload]
-            self._dirty_blocks = set(self._blocks)
 
     def sync(self, full: bool) -> str:
         pools = self.cache.list(IPPool)
