@@ -137,6 +137,37 @@ def test_a_lost_connection_between_pages_asks_for_the_page_again(listed, ranges)
     assert set(ranges.revisions()[1:]) == {str(rev)}
 
 
+def test_a_listing_of_nested_keys_asks_group_by_group_and_gives_every_key_once(etcd1_cluster, monkeypatch):
+    prefix = f"/podnet-test/{uuid.uuid4().hex[:12]}/"
+    keys = ([f"{prefix}a"] + [f"{prefix}a/{i:02d}" for i in range(9)] + [f"{prefix}a0"]
+            + [f"{prefix}b/{n}/{i}" for n in "xyz" for i in range(5)] + [f"{prefix}c/0", f"{prefix}d"])
+    store = EtcdStore(etcd1_cluster.endpoints, page_size=4)
+    try:
+        rev = store.txn([Op.create(k, {"k": k}) for k in reversed(keys)])
+        sent = RangeRequests(prefix)
+        real_send = etcd._Connection.send
+
+        def send(conn, path, body, token=None):
+            if path == etcd.RANGE:
+                sent.sent.append((conn, json.loads(body)))
+            return real_send(conn, path, body, token)
+
+        monkeypatch.setattr(etcd._Connection, "send", send)
+        got = []
+        assert store.stream(prefix, got.append) == rev
+        assert [r.key for r in got] == sorted(keys)
+        assert [r.value["k"] for r in got] == sorted(keys)
+        ends = [etcd._unb64(request["range_end"]).decode() for _, request in sent.sent]
+        # after the first page, each request ends with the group its first key is in
+        assert f"{prefix}a0" in ends and f"{prefix}b0" in ends
+        for _, request in sent.sent[1:]:
+            first = etcd._unb64(request["key"]).decode()[len(prefix):]
+            end = etcd._unb64(request["range_end"]).decode()
+            assert end == (f"{prefix}{first.split('/')[0]}0" if "/" in first else prefix[:-1] + "0")
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("fail_at", [1, PAGE * 3 + 2, KEYS])
 def test_a_failing_sink_leaves_no_thread_and_the_store_usable(listed, fail_at):
     store, other, prefix, rev = listed

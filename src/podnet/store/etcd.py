@@ -370,12 +370,18 @@ class _PageReader:
     is asked for again through the store's call, which fails over, authenticates and
     raises exactly as for any read. Leaving the `with` block closes the connection, an
     answer still unread with it.
+
+    Each request ends where the group of its first key ends, one level below the listed
+    prefix (e.g. /podnet/shared/pods/ under /podnet/shared/), not at the prefix's end:
+    etcd 3.4 walks its index from a range's start to its end for every page, whatever its
+    limit, which made a listing quadratic (at 265 000 keys, ~8 s of etcd's CPU); a group
+    that ends early costs one short page.
     """
 
     def __init__(self, store: EtcdStore, prefix: str):
         self.store = store
         self.start = prefix.encode()
-        self.end = _b64(prefix_range_end(self.start))
+        self.end = prefix_range_end(self.start)
         self.revision = 0
         self._conn: _Connection | None = None
 
@@ -387,27 +393,35 @@ class _PageReader:
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         """The raw key-values of each page, in key order."""
-        kvs, after = self._read(self._call(self._request(self.start)))
+        end = self._group_end(self.start)
+        kvs, after = self._read(self._call(self._request(self.start, end)), end)
         while after is not None:
-            request = self._request(after)
+            end = self._group_end(after)
+            request = self._request(after, end)
             sent = self._ask(request)  # etcd prepares it while the caller takes this page
             yield kvs
-            kvs, after = self._read(self._answer(request, sent))
+            kvs, after = self._read(self._answer(request, sent), end)
         yield kvs
 
-    def _request(self, key: bytes) -> dict[str, Any]:
-        request: dict[str, Any] = {"key": _b64(key), "range_end": self.end, "limit": str(self.store.page_size)}
+    def _group_end(self, key: bytes) -> bytes:
+        """The end of key's group one level below the listed prefix (the prefix's end if
+        key is in none)."""
+        slash = key.find(b"/", len(self.start))
+        return prefix_range_end(key[:slash + 1]) if slash >= 0 else self.end
+
+    def _request(self, key: bytes, end: bytes) -> dict[str, Any]:
+        request: dict[str, Any] = {"key": _b64(key), "range_end": _b64(end), "limit": str(self.store.page_size)}
         if self.revision:
             request["revision"] = str(self.revision)  # every page from the first page's snapshot
         return request
 
-    def _read(self, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], bytes | None]:
+    def _read(self, doc: dict[str, Any], end: bytes) -> tuple[list[dict[str, Any]], bytes | None]:
         """A page's key-values and the key the next page starts at (None: this is the last)."""
         self.revision = self.revision or int(doc["header"]["revision"])
         kvs = doc.get("kvs") or []
-        if not doc.get("more") or not kvs:
-            return kvs, None
-        return kvs, _unb64(kvs[-1]["key"]) + b"\x00"
+        if doc.get("more") and kvs:
+            return kvs, _unb64(kvs[-1]["key"]) + b"\x00"
+        return kvs, (end if end != self.end else None)  # the group is done: the next one, if any
 
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
