@@ -374,8 +374,8 @@ class _PageReader:
     Each request ends where the group of its first key ends, one level below the listed
     prefix (e.g. /podnet/shared/pods/ under /podnet/shared/), not at the prefix's end:
     etcd 3.4 walks its index from a range's start to its end for every page, whatever its
-    limit, which made a listing quadratic (at 265 000 keys, ~8 s of etcd's CPU); a group
-    that ends early costs one short page.
+    limit, which made a listing quadratic (the first 1 000 of 200 000 keys: 65 ms to the
+    prefix's end, 17 ms bounded); a group that ends early costs one short page.
     """
 
     def __init__(self, store: EtcdStore, prefix: str):
