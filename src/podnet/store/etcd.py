@@ -1,8 +1,9 @@
 """The cluster store: etcd v3 through its built-in gRPC-gateway (JSON over HTTP/1.1).
 
 Only the standard library is used: one keep-alive http.client connection per
-store object for unary calls, and one more per watch (a watch is a long-lived
-streaming response, so it never blocks the store's other calls).
+store object for unary calls, one more per watch (a watch is a long-lived
+streaming response, so it never blocks the store's other calls), and one per
+listing of several pages while it lasts (its requests are pipelined).
 
 Semantics follow podnet.store.base exactly:
 
