@@ -93,3 +93,18 @@ def test_services_restored_from_a_snapshot_give_the_same_state_and_digest():
     assert nt.state_digest(got, got_counts) == digest and got_counts == counts
     c2.delete_service("default", "s5")  # and it goes on from there
     assert {r.service for r in c2.state().rules} == {r.service for r in want.rules} - {"default/s5:"}
+
+
+def test_slotted_records_come_back_slot_for_slot_unset_ones_unset():
+    from podnet.model.slots import PickledBySlots
+    from podnet.policy.model import PodInfo
+
+    plain = PodInfo("ns", "a", "10.0.0.1", (("app", "x"),), (("http", "TCP", 80),), node="n1")
+    several = PodInfo("ns", "b", "10.0.0.2", (), (), ips=("10.0.0.2", "fd00::2"))
+    records = [plain, several, SliceInfo(eps("s", ep("10.1.0.1"), ep("10.1.0.2", ready=False), name="s-a"), NODE)]
+    for record in records:
+        back = through_disk(record)
+        assert isinstance(record, PickledBySlots) and type(back) is type(record)
+        for name in type(record).__slots__:
+            assert getattr(back, name, "unset") == getattr(record, name, "unset"), name
+    assert through_disk(several).ips == several.ips == ("10.0.0.2", "fd00::2") and through_disk(plain).ips == plain.ips

@@ -44,6 +44,7 @@ from podnet.model.addresses import packed_ip
 from podnet.model.objects import EndpointSlice, KubeObject, Namespace, Pod, Service
 from podnet.model.onemany import add_one, discard_one
 from podnet.model.records import SliceRecord, slice_record_of
+from podnet.model.slots import PickledBySlots
 from podnet.policy.model import PodInfo, pod_info
 from podnet.store.objects import split_object_key
 
@@ -96,7 +97,7 @@ ServiceRecord = tuple[int, tuple[bytes, ...], tuple[NamedPort, ...], bytes | Non
 EndpointName = tuple[str, str, str | None]
 
 
-class _Slice:
+class _Slice(PickledBySlots):
     """One EndpointSlice, compactly: packed addresses, a ready bitmask, hostnames."""
 
     __slots__ = ("svc", "width", "addrs", "ready", "hosts", "ports")

@@ -19,6 +19,7 @@ import ipaddress
 import sys
 
 from podnet.model.objects import EndpointSlice, Service
+from podnet.model.slots import PickledBySlots
 
 _intern = sys.intern
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -29,7 +30,7 @@ Endpoint = tuple[tuple[str, ...], "bool | None", "bool | None", "bool | None", "
                  "tuple[str | None, str] | None"]
 
 
-class SliceRecord:
+class SliceRecord(PickledBySlots):
     """An EndpointSlice: what the Service compiler and the DNS index read of it.
     `ports`: (name|None, protocol, port|None) each; None when the slice has no ports field."""
 
@@ -95,7 +96,7 @@ def slice_record_of(sl: EndpointSlice) -> SliceRecord:
     return slice_record(sl.to_dict(), sl.metadata.resource_version)
 
 
-class ServiceRecord:
+class ServiceRecord(PickledBySlots):
     """A Service: what the Service compiler and the DNS index read of it. `ports`: (name|None,
     protocol, port, nodePort|None, targetPort) each; `lb_ips`: the status's load-balancer
     ingress addresses; `affinity`: the ClientIP affinity timeout in seconds, None without

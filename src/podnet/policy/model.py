@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from podnet.model.addresses import ipv4_or_none
 from podnet.model.objects import IPBlock, Namespace, NetworkPolicy, NetworkPolicyPort, Pod
 from podnet.model.selectors import LabelSelector
+from podnet.model.slots import PickledBySlots
 from podnet.store.objects import OBJECTS_PREFIX
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -76,7 +77,7 @@ def short_hash(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-class PodInfo:
+class PodInfo(PickledBySlots):
     """A pod as policy sees it (and DNS: every address, the node). An agent keeps one for
     every pod of the cluster, so it holds as little as it can: slots; label sets shared
     between pods with the same labels (a ReplicaSet's pods); the "ns/name" key as the one

@@ -43,6 +43,7 @@ from podnet.model.records import (
     service_record_of,
     slice_record_of,
 )
+from podnet.model.slots import PickledBySlots
 from podnet.services.model import (
     LARGE_ABOVE,
     Backend,
@@ -172,7 +173,7 @@ class _Interner:
 _STRINGS = _Interner()
 
 
-class ServiceInfo:
+class ServiceInfo(PickledBySlots):
     """What compiling needs of one Service (ports: (name|None, protocol, port,
     nodePort, targetPort) each). `problem`: why it cannot be compiled (check_service);
     `active` False: it produces nothing (headless, ExternalName)."""
@@ -267,7 +268,7 @@ READY, SERVING, TERMINATING, LOCAL = 1, 2, 4, 8
 READY_ALL = frozenset(f for f in range(16) if f & READY)  # the flag values with READY
 
 
-class SliceInfo:
+class SliceInfo(PickledBySlots):
     """What compiling needs of one EndpointSlice, as seen from node `node_name`: its
     Service, ports ((name|None, protocol, port) each; empty: the slice lists none)
     and, IPv4 slices only, its endpoints in address order: `backends` (first
@@ -319,7 +320,7 @@ class SliceInfo:
                 endpoints.sort(key=_first)  # stable: duplicates keep their order
         if endpoints:
             # one pass each over the endpoints' columns (no generator per column)
-            packed_all, backends, flags_all, refs = zip(*endpoints)
+            packed_all, backends, flags_all, refs = zip(*endpoints, strict=True)
             self.backends: tuple[Backend, ...] = backends
             flags = bytes(flags_all)
             self.refs: tuple[tuple[str, str] | None, ...] | None = refs if any(refs) else None
