@@ -1,6 +1,6 @@
 """The etcd client's two paths an agent depends on: its first list and watch delivery.
 
-Not a test: prints two tables and writes bench/results/etcd_client.json.
+Not a test: prints two tables and writes bench/results/etcd_list.json.
 
 Fills a 3-member etcd on loopback with the cluster of bench_cluster at --scale, then
 reads it from two places: the root namespace, straight to a member, and a network
@@ -23,7 +23,7 @@ write each, as bench_cluster's churn) while one watcher in each place follows th
 commit (the write's request until etcd answered it) and delivery (etcd's answer to
 the write until the event reached the watcher), p50 / p99.
 
-    .venv/bin/python bench/bench_etcd_client.py [--quick] [--scale 0.1] [--pages 500,1000,2000,5000,100000]
+    .venv/bin/python bench/bench_etcdlist.py [--quick] [--scale 0.1] [--pages 500,1000,2000,5000,100000]
                                                         [--repeat 3] [--watch-rate 500] [--watch-seconds 4]
 """
 
@@ -221,7 +221,7 @@ def main() -> int:
     if args.child:
         return child(args)
     if os.geteuid() != 0:
-        raise SystemExit("bench_etcd_client needs root (it reads from a network namespace)")
+        raise SystemExit("bench_etcdlist needs root (it reads from a network namespace)")
     if args.quick:
         args.scale, args.pages, args.repeat, args.watch_seconds = 0.02, "1000,2000", 1, 2
     pages_sizes = [int(x) for x in args.pages.split(",") if x]
@@ -272,7 +272,7 @@ def main() -> int:
                   f"{w['delivery_p99_ms']:6.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "bench/bench_etcd_client.py " + " ".join(sys.argv[1:]), "rows": rows,
+    out.write_text(json.dumps({"command": "bench/bench_etcdlist.py " + " ".join(sys.argv[1:]), "rows": rows,
                                "watch": watch_rows,
                                "machine": {"cpus": os.cpu_count()}}, indent=1) + "\n")
     print(f"wrote {out}")

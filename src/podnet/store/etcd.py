@@ -79,7 +79,7 @@ RETRY_FOR = 10.0
 # How long a watch keeps trying to reconnect before giving up.
 WATCH_RECONNECT_FOR = 60.0
 # Values per range request of a listing. etcd's time goes to encoding bytes, not to
-# requests (bench/bench_etcd_client.py: 500 to 100 000 a page list in the same time
+# requests (bench/bench_etcdlist.py: 500 to 100 000 a page list in the same time
 # within the noise, and the gateway takes answers of any size), while each page in
 # memory at once costs: 2 000 a page left an agent's start ~10 MiB larger for good.
 PAGE_SIZE = 1000
