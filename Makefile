@@ -21,7 +21,7 @@ demo: setup
 # baseline measured in the same run. BENCH_ARGS=--quick for a short run.
 bench: bench-ipam bench-scale bench-cni bench-throughput bench-services bench-endpoints bench-policy bench-dns \
 	bench-cluster bench-externaldns bench-eni bench-bgp bench-multinet bench-conntrack bench-programming \
-	bench-sockets bench-kube bench-etcd_client
+	bench-sockets bench-kube bench-etcdlist
 
 bench-%: setup
 	$(PY) bench/bench_$*.py $(BENCH_ARGS)
