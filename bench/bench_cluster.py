@@ -581,8 +581,14 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, key, label in ((axes[0], "start_s", "start to first complete sync (s)"),
                            (axes[1], "rss_mib", "agent RSS after the first sync (MiB)")):
         for backend in sorted({r["backend"] for r in rows}):
-            pts = sorted((r["nodes"], r[key]) for r in rows if r["backend"] == backend)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+            mine = [r for r in rows if r["backend"] == backend]
+            pts = sorted((r["nodes"], r[key]) for r in mine)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend}, a new node")
+            restarted = {"start_s": "first_sync_s", "rss_mib": "rss_mib"}[key]
+            pts = sorted((r["nodes"], r["restart"][restarted]) for r in mine if r.get("restart"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--",
+                    label=f"{backend}, a clean restart (snapshot)")
+        ax.axhline({"start_s": 5, "rss_mib": 300}[key], color="grey", linestyle=":", label="target")
         ax.set_xlabel("cluster size (nodes; 30 pods and 10 Services per node)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
