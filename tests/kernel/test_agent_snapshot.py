@@ -12,7 +12,15 @@ import pytest
 from podnet.agent.snapshot import SUFFIX
 from podnet.lab.cluster import followed_revision, restart_agent, wait_endpoints, wait_programmed
 from podnet.model.objects import NetworkPolicy, Service
-from tests.kernel.labs import ip_of, log_offsets, log_since, reaches, running_lab, web_client_intruder
+from tests.kernel.labs import (
+    ip_of,
+    log_offsets,
+    log_since,
+    node_sh,
+    reaches,
+    running_lab,
+    web_client_intruder,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
 
@@ -144,3 +152,27 @@ def test_a_snapshot_older_than_the_store_history_ends_in_a_fresh_list(lab):
     assert "started from" in log and "compacted" in log, log
     assert not reaches(lab, "client", gone)
     assert reaches(lab, "client", f"tcp:{cluster_ip(lab, 'web')}:80")
+
+
+def test_kernel_state_changed_while_the_agent_was_down_is_repaired_by_the_first_sync_from_the_snapshot(lab):
+    web_pod = f"tcp:{ip_of(lab, 'web')}:8080"
+    web = f"tcp:{cluster_ip(lab, 'web')}:80"
+    apply(lab, POLICY)
+    caught_up(lab)
+    assert reaches(lab, "client", web_pod) and not reaches(lab, "intruder", web_pod)
+
+    def flush_policy():  # the node's pods open while no agent runs
+        node_sh(lab, "node-1", "nft", "flush", "table", "ip", "podnet-policy")
+
+    def delete_services():
+        node_sh(lab, "node-2", "nft", "delete", "table", "ip", "podnet-svc")
+
+    log = restarted(lab, "node-1", flush_policy)
+    assert "started from" in log, log
+    # closed again by the first sync, before the agent reports ready: no resync waited for
+    assert not reaches(lab, "intruder", web_pod) and reaches(lab, "client", web_pod)
+    log = restarted(lab, "node-2", delete_services)
+    assert "started from" in log, log
+    assert reaches(lab, "client", web)
+    lab.store().delete(NetworkPolicy, "web-from-clients", "default")
+    caught_up(lab)
