@@ -138,7 +138,7 @@ class ObjectCache:
         """Hold what snapshot_state() returned; the objects as ADDED events (for the
         dataplanes that are fed from events but keep nothing of their own)."""
         with self._lock:
-            self._objects = {kind: dict(objects) for kind, objects in state.items()}
+            self._objects = state  # (loaded just now: nothing else holds it)
         return [ObjectEvent("ADDED", obj, key, 0) for objects in state.values() for key, obj in objects.items()]
 
     def fresh(self) -> ObjectCache:

@@ -294,8 +294,7 @@ class Agent:
         if not os.path.exists(path):
             return None
         if not self.cfg.snapshot:  # (one an earlier run left would be stale by the next)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            snapshot.remove(path)
             return None
         started = time.monotonic()
         try:
@@ -303,6 +302,7 @@ class Agent:
             snap = snapshot.take(path, config, store, self.kv.revision())
         except Exception as e:  # the store failed to answer: list it as without a snapshot
             log.warning("not starting from %s: %s", path, e)
+            snapshot.remove(path)  # used once: after this run it would be older than the kernel
             return None
         if snap is None:
             return None

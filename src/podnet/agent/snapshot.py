@@ -128,9 +128,9 @@ def take(path: str, config: str, store: str, store_revision: int) -> Snapshot | 
         return None
     except (OSError, Refused) as e:
         log.warning("not starting from %s: %s; listing the store", path, e)
-        _remove(path)
+        remove(path)
         return None
-    _remove(path)
+    remove(path)
     try:
         return _check(data, config, store, store_revision)
     except Refused as e:
@@ -181,6 +181,7 @@ def _check(data: bytes, config: str, store: str, store_revision: int) -> Snapsho
     return Snapshot(revision, cache, dataplanes)
 
 
-def _remove(path: str) -> None:
+def remove(path: str) -> None:
+    """Remove the snapshot at `path`, if any."""
     with contextlib.suppress(OSError):
         os.unlink(path)
